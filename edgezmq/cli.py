@@ -1,0 +1,278 @@
+"""Command line: `edgezmq node|deploy|submit|status|undeploy|demo|plan`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+log = logging.getLogger("edgezmq")
+
+EPILOG_NODE = """examples:
+  edgezmq node --control tcp://127.0.0.1:5550 --name n0 --threads 2
+  edgezmq node --control tcp://0.0.0.0:5550 --advertise 10.0.0.5 --name board-3
+"""
+EPILOG_DEPLOY = """examples:
+  edgezmq deploy plans/local-3.yaml
+  edgezmq deploy plans/local-3.yaml --json
+"""
+EPILOG_SUBMIT = """examples:
+  edgezmq submit plans/local-3.yaml --random 64 --out logits.npy
+  edgezmq submit plans/local-3.yaml --images ./photos --window 4
+  edgezmq submit plans/local-3.yaml --npy batch.npy
+"""
+EPILOG_DEMO = """examples:
+  edgezmq demo
+  edgezmq demo --model vit_tiny_patch16_224 --nodes 2 --batches 8 --json
+"""
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=max(level, logging.DEBUG), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def progress_bar(total: int, label: str = "", stream=sys.stderr):
+    """A callback(done, samples) that draws a one-line progress bar."""
+    t0 = time.time()
+
+    def update(done: int, samples: int) -> None:
+        width = 30
+        filled = int(width * done / max(total, 1))
+        rate = samples / max(time.time() - t0, 1e-9)
+        stream.write(f"\r{label}[{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
+                     f"batches  {rate:.1f} samples/s")
+        if done >= total:
+            stream.write("\n")
+        stream.flush()
+
+    return update
+
+
+# ---- node -------------------------------------------------------------
+def cmd_node(args: argparse.Namespace) -> int:
+    from . import sockets
+    from .node import READY_PREFIX, Node
+
+    host = sockets.host_of(args.control)
+    if host not in ("127.0.0.1", "localhost", "::1", "[::1]"):
+        log.warning("binding control to %s without encryption: anyone who can reach this "
+                    "address can deploy to and read from this node", host)
+    node = Node(args.control, name=args.name, threads=args.threads,
+                memory_limit=args.memory_limit, advertise=args.advertise)
+    print(f"{READY_PREFIX} name={node.name} control={node.control_endpoint}", flush=True)
+    return node.serve()
+
+
+# ---- deploy / undeploy / status -----------------------------------------
+def _load_plan(path: str):
+    from .bootstrap import load_plan
+
+    return load_plan(path)
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from . import model as models
+    from .bootstrap import deploy, stage_table
+
+    plan = _load_plan(args.plan)
+    t0 = time.time()
+    dep = deploy(plan, load_timeout=args.timeout, progress=None if args.json else
+                 (lambda m: print(m, file=sys.stderr)))
+    if args.json:
+        print(json.dumps({"run": dep.run, "stages": [
+            {"units": list(s.units), "nodes": [n.name for n in s.nodes], "data": dep.endpoints[i]}
+            for i, s in enumerate(plan.stages)], "results": plan.results,
+            "seconds": round(time.time() - t0, 3)}))
+        return 0
+    names = [u.name for u in models.unit_infos(plan.model.name, plan.model.granularity, **plan.model.kwargs)]
+    print(f"deployed run {dep.run}: {plan.model.name} in {len(plan.stages)} stage(s), "
+          f"results to {plan.results} ({time.time() - t0:.1f}s)")
+    print(stage_table(plan, names, dep.endpoints))
+    return 0
+
+
+def cmd_undeploy(args: argparse.Namespace) -> int:
+    from .bootstrap import unload
+
+    plan = _load_plan(args.plan)
+    code = 0
+    for name, r in unload(plan).items():
+        ok = not isinstance(r, Exception)
+        code |= 0 if ok else 1
+        print(f"{name}: {'unloaded' if ok else r}")
+    return code
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from . import control
+    from .rpc import ControlClient
+
+    plan = _load_plan(args.plan)
+    rows = [("stage", "node", "state", "processed", "samples", "compute_s", "wait_s", "send_s", "bad", "rss_MB")]
+    out = []
+    for i, ref in plan.all_nodes:
+        try:
+            with ControlClient(ref.control, timeout=2.0, retries=0, name=ref.name) as c:
+                s = c.call("stats")
+        except control.ControlError as e:
+            s = {"state": "down", "error": e.message}
+        out.append({"stage": i, "node": ref.name, **s})
+        st = s.get("stage", {})
+        rows.append((str(i), ref.name, s["state"], str(st.get("processed", "")), str(st.get("samples", "")),
+                     f"{st['compute_s']:.2f}" if st else "", f"{st['wait_s']:.2f}" if st else "",
+                     f"{st['send_s']:.2f}" if st else "", str(st.get("bad_messages", "")),
+                     f"{s['rss'] / 1e6:.0f}" if "rss" in s else ""))
+    if args.json:
+        print(json.dumps(out))
+    else:
+        widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
+        print("\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in rows))
+    return 0 if all(o["state"] != "down" for o in out) else 1
+
+
+# ---- submit -------------------------------------------------------------
+def _inputs(args: argparse.Namespace, plan) -> tuple:
+    import numpy as np
+
+    from . import model as models
+
+    if args.random is not None:
+        shape = models.input_shape(plan.model.name, args.random, **plan.model.kwargs)
+        return np.random.default_rng(args.seed).standard_normal(shape, dtype=np.float32), None
+    if args.npy is not None:
+        try:
+            x = np.load(args.npy, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--npy {args.npy}: cannot read ({e})") from None
+        if x.ndim == 3:
+            x = x[None]
+        return np.ascontiguousarray(x, dtype=np.float32), None
+    from .images import load_images
+
+    return load_images(args.images, plan.model.name, **plan.model.kwargs)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .client import Client, split
+    from .images import top5
+
+    plan = _load_plan(args.plan)
+    x, names = _inputs(args, plan)
+    batches = split(x, plan.model.microbatch)
+    bar = progress_bar(len(batches)) if not args.quiet else None
+    outs, samples = [], 0
+    t0 = time.time()
+    with Client.from_plan(plan, window=args.window, timeout=args.timeout, retries=args.retries) as c:
+        for y in c.stream(batches):
+            outs.append(y)
+            samples += len(y)
+            if bar:
+                bar(len(outs), samples)
+    dt = time.time() - t0
+    logits = np.concatenate(outs)
+    np.save(args.out, logits)
+    print(f"{len(logits)} samples in {dt:.2f}s ({len(logits) / dt:.2f} samples/s); logits -> {args.out}")
+    for i, row in enumerate(top5(logits)[: args.show]):
+        label = names[i] if names else f"sample {i}"
+        print(f"{label}: " + ", ".join(f"{cls} ({p:.3f})" for cls, p in row))
+    return 0
+
+
+# ---- demo -----------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgezmq", description=__doc__)
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = p.add_subparsers(dest="command", required=True)
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    n = sub.add_parser("node", help="run a stage node daemon", epilog=EPILOG_NODE, formatter_class=fmt)
+    n.add_argument("--control", default="tcp://127.0.0.1:5550", help="REP control address to bind (port 0: any)")
+    n.add_argument("--name", help="node name (default: the control address)")
+    n.add_argument("--threads", type=int, help="torch threads for compute")
+    n.add_argument("--memory-limit", type=int, help="refuse shards that need more than this many bytes")
+    n.add_argument("--advertise", help="host other nodes use to reach this node's data socket")
+    n.set_defaults(func=cmd_node)
+
+    d = sub.add_parser("deploy", help="load a plan onto its nodes", epilog=EPILOG_DEPLOY, formatter_class=fmt)
+    d.add_argument("plan", help="plan YAML (see plans/README.md)")
+    d.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for every shard to load")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=cmd_deploy)
+
+    u = sub.add_parser("undeploy", help="unload every node of a plan")
+    u.add_argument("plan")
+    u.set_defaults(func=cmd_undeploy)
+
+    st = sub.add_parser("status", help="show every node of a plan")
+    st.add_argument("plan")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("submit", help="run inputs through a deployed plan", epilog=EPILOG_SUBMIT, formatter_class=fmt)
+    s.add_argument("plan")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", help="directory of JPEG/PNG images (timm preprocessing)")
+    src.add_argument("--npy", help=".npy file of shape (N, C, H, W)")
+    src.add_argument("--random", type=int, metavar="N", help="N random images")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default="logits.npy", help="where to write the logits")
+    s.add_argument("--window", type=int, default=4, help="microbatches in flight")
+    s.add_argument("--timeout", type=float, default=120.0, help="seconds per microbatch before retry/failure")
+    s.add_argument("--retries", type=int, default=1)
+    s.add_argument("--show", type=int, default=5, help="print top-5 classes of this many samples")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_submit)
+
+    m = sub.add_parser("demo", help="local pipeline on N node processes, verified against the whole model",
+                       epilog=EPILOG_DEMO, formatter_class=fmt)
+    m.add_argument("--model", default="vit_small_patch16_224")
+    m.add_argument("--nodes", type=int, default=3)
+    m.add_argument("--microbatch", type=int, default=8)
+    m.add_argument("--batches", type=int, default=16)
+    m.add_argument("--threads", type=int, help="torch threads per node (default: cores // nodes, at least 1)")
+    m.add_argument("--granularity", default="block", choices=("block", "half", "sublayer"))
+    m.add_argument("--split", default="even", choices=("even", "planner"),
+                   help="how to cut the model")
+    m.add_argument("--window", type=int, help="microbatches in flight (default: nodes + 1)")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--json", action="store_true", help="print one JSON object")
+    m.set_defaults(func=cmd_demo)
+
+    try:
+        from .planner import add_cli
+    except ImportError:  # planner not built yet
+        pass
+    else:
+        add_cli(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from . import bootstrap, control, model
+
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except (bootstrap.PlanFileError, bootstrap.DeployError, control.ControlError,
+            model.ModelError, FileNotFoundError) as e:
+        print(f"edgezmq {args.command}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

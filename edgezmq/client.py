@@ -1,0 +1,201 @@
+"""Submit microbatches to a deployed pipeline and collect results in submission order.
+
+The client PUSHes to every replica of stage 0 and binds the PULL socket the last
+stage sends results to.  At most ``window`` microbatches are in flight (a credit is
+returned by each result), so the pipeline stays full but memory stays bounded.  A
+microbatch with no result after ``timeout`` seconds is resubmitted up to
+``retries`` times (inference is idempotent; ``seq`` drops duplicates), then
+``TimeoutError``.  An ``error`` message for a microbatch raises ``PipelineError``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import zmq
+
+from . import sockets, wire
+from .bootstrap import Plan
+from .control import BAD_STATE, ControlError
+from .rpc import ControlClient
+
+log = logging.getLogger("edgezmq.client")
+
+DEFAULT_WINDOW = 4
+DEFAULT_TIMEOUT_S = 120.0
+POLL_MS = 50
+
+
+class PipelineError(RuntimeError):
+    """The pipeline answered a microbatch with an error."""
+
+    def __init__(self, seq: int, code: str, message: str, stage: int) -> None:
+        super().__init__(f"microbatch {seq} failed at stage {stage}: {code}: {message}")
+        self.seq, self.code, self.message, self.stage = seq, code, message, stage
+
+
+class Client:
+    def __init__(
+        self,
+        entry: list[str],
+        results: str,
+        run: str,
+        *,
+        window: int = DEFAULT_WINDOW,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        retries: int = 0,
+        microbatch: int | None = None,
+        ctx: zmq.Context | None = None,
+    ) -> None:
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.window, self.timeout, self.retries = window, timeout, retries
+        self.microbatch = microbatch
+        self._own_ctx = ctx is None
+        self.ctx = ctx or zmq.Context()
+        self.pull = sockets.make_socket(self.ctx, zmq.PULL, sockets.DATA)
+        self.results_endpoint = sockets.bind(self.pull, results)
+        self.push = sockets.make_socket(self.ctx, zmq.PUSH, sockets.DATA)
+        self.attach(entry, run)
+        self._seq = 0
+        self.ignored = 0  # duplicates, other runs, malformed
+        self.resubmitted = 0
+        self.timestamps: dict[int, list] = {}  # seq -> per-stage [stage, recv, start, end, send]
+
+    def attach(self, entry: list[str], run: str) -> None:
+        """Point the client at a deployment (stage-0 endpoints and run id).
+
+        A client may be made before its deployment (``entry=[]``) so that the
+        results address it binds can be given to the last stage."""
+        for addr in entry:
+            self.push.connect(addr)
+        self.run = run
+
+    @classmethod
+    def from_plan(cls, plan: Plan, **kw: Any) -> Client:
+        """Find the running deployment of ``plan``: ask stage 0's nodes for run id and endpoint."""
+        entry, run = [], None
+        for ref in plan.stages[0].nodes:
+            with ControlClient(ref.control, timeout=3.0, retries=1, name=ref.name) as c:
+                r = c.call("ping")
+            if r.get("state") != "running":
+                raise ControlError(BAD_STATE, f"node {ref.name} is {r.get('state')}, not running: deploy the plan first")
+            entry.append(r["data"])
+            run = r["run"]
+        kw.setdefault("microbatch", plan.model.microbatch)
+        return cls(entry, plan.results, run, **kw)
+
+    # ------------------------------------------------------------------
+    def _check(self, x: np.ndarray) -> np.ndarray:
+        if not isinstance(x, np.ndarray):
+            raise TypeError(f"a batch must be a numpy array, got {type(x).__name__}")
+        if x.dtype != np.float32:
+            x = x.astype(np.float32)
+        if x.ndim != 4:
+            raise ValueError(f"a batch must be (B, C, H, W), got shape {x.shape}")
+        if self.microbatch is not None and not 1 <= x.shape[0] <= self.microbatch:
+            raise ValueError(f"batch of {x.shape[0]} outside 1..{self.microbatch} (the deployment's microbatch)")
+        return np.ascontiguousarray(x)
+
+    def _send(self, seq: int, x: np.ndarray, deadline: float) -> None:
+        frames = wire.encode(wire.Message("act", self.run, seq, -1, [x], t=[[-1, time.time()]]))
+        while True:
+            try:
+                sockets.send_frames(self.push, frames)
+                return
+            except zmq.Again:
+                if time.time() > deadline:
+                    raise TimeoutError(f"stage 0 did not accept microbatch {seq} within {self.timeout:g}s") from None
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        """One batch -> its logits."""
+        return next(iter(self.stream([x])))
+
+    def stream(
+        self, batches: Iterable[np.ndarray], *, on_result: Callable[[int, np.ndarray], None] | None = None
+    ) -> Iterator[np.ndarray]:
+        """Results of ``batches`` in their order, with at most ``window`` in flight."""
+        it = iter(batches)
+        exhausted = False
+        order: deque[int] = deque()  # submitted, not yet yielded
+        pending: dict[int, list] = {}  # seq -> [batch, sent_at, attempts]
+        done: dict[int, np.ndarray] = {}
+        while True:
+            while not exhausted and len(order) < self.window:
+                try:
+                    x = self._check(next(it))
+                except StopIteration:
+                    exhausted = True
+                    break
+                seq = self._seq
+                self._seq += 1
+                now = time.time()
+                self._send(seq, x, now + self.timeout)
+                pending[seq] = [x, now, 1]
+                order.append(seq)
+            while order and order[0] in done:
+                seq = order.popleft()
+                y = done.pop(seq)
+                if on_result:
+                    on_result(seq, y)
+                yield y
+            if exhausted and not order:
+                return
+            frames = sockets.recv_frames(self.pull, POLL_MS)
+            if frames is not None:
+                self._accept(frames, pending, done)
+            self._expire(pending)
+
+    def _accept(self, frames: list, pending: dict, done: dict) -> None:
+        try:
+            msg = wire.decode(frames)
+        except wire.WireError as e:
+            self.ignored += 1
+            log.warning("ignored malformed result: %s", e)
+            return
+        if msg.run != self.run or msg.seq not in pending:
+            self.ignored += 1  # another run's, or a duplicate of a resubmitted microbatch
+            return
+        if msg.kind == "error":
+            err = msg.error or {}
+            raise PipelineError(msg.seq, err.get("code", "?"), err.get("message", ""), msg.stage)
+        if msg.kind != "result" or len(msg.tensors) != 1:
+            self.ignored += 1
+            return
+        pending.pop(msg.seq)
+        self.timestamps[msg.seq] = msg.t + [[-1, time.time()]]
+        done[msg.seq] = msg.tensors[0].copy()  # logits are small; give the caller a writable array
+
+    def _expire(self, pending: dict) -> None:
+        now = time.time()
+        for seq, entry in list(pending.items()):
+            x, sent, attempts = entry
+            if now - sent <= self.timeout:
+                continue
+            if attempts > self.retries:
+                raise TimeoutError(f"no result for microbatch {seq} within {self.timeout:g}s ({attempts} attempt(s))")
+            log.warning("microbatch %d timed out, resubmitting (attempt %d)", seq, attempts + 1)
+            self.resubmitted += 1
+            self._send(seq, x, now + self.timeout)
+            entry[1], entry[2] = time.time(), attempts + 1
+
+    def close(self) -> None:
+        sockets.close_all(self.push, self.pull)
+        if self._own_ctx:
+            self.ctx.term()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def split(x: np.ndarray, microbatch: int) -> list[np.ndarray]:
+    """N samples -> microbatches of at most ``microbatch`` (the last may be short)."""
+    return [x[i:i + microbatch] for i in range(0, len(x), microbatch)]

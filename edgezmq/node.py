@@ -1,0 +1,496 @@
+"""The stage node daemon: a control REP loop plus receive -> compute -> send threads.
+
+States: idle -> loading -> loaded -> running -> (unload) idle; a failed load goes to
+``failed`` (with its error) and may be loaded again.  ``load`` validates
+synchronously (model, unit range, checkpoint, memory), binds the data PULL socket and
+returns its endpoint, then builds the shard in the background; the bootstrapper
+polls ``ping`` until ``loaded``.  ``start`` connects the PUSH socket downstream and
+starts the three data threads.  Bad data messages are counted and turned into
+``error`` messages downstream; nothing a peer sends can stop the node.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zmq
+
+from . import control, device, sockets, wire
+
+log = logging.getLogger("edgezmq.node")
+
+QUEUE_DEPTH = 2  # between threads: enough to overlap compute with transfer, no more
+POLL_MS = 100  # how often blocking loops look at their stop flags
+DRAIN_TIMEOUT_S = 10.0  # SIGTERM: finish in-flight microbatches for at most this long
+READY_PREFIX = "EDGEZMQ-NODE-READY"  # first stdout line, parsed by edgezmq.local
+SUPPORTED_DTYPES = ("float32",)
+BUFFERS_PER_DIRECTION = QUEUE_DEPTH + sockets.DATA_HWM + 1  # for the memory estimate
+_STOP = object()
+
+
+@dataclass
+class Counters:
+    received: int = 0
+    processed: int = 0
+    samples: int = 0
+    sent: int = 0
+    bad_messages: int = 0
+    wrong_run: int = 0
+    compute_errors: int = 0
+    forwarded_errors: int = 0
+    send_retries: int = 0
+    recv_s: float = 0.0  # decoding + validating
+    wait_s: float = 0.0  # compute thread idle, waiting for input
+    compute_s: float = 0.0
+    send_s: float = 0.0  # send thread inside send (includes back-pressure)
+    last_error: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class LoadSpec:
+    run: str
+    model: str
+    start: int
+    end: int
+    stage: int
+    last: bool
+    microbatch: int
+    granularity: str = "block"
+    kwargs: dict = field(default_factory=dict)
+    checkpoint: str | None = None
+    pretrained: bool = False
+    dtype: str = "float32"
+    threads: int | None = None
+
+    @classmethod
+    def from_args(cls, a: dict[str, Any]) -> LoadSpec:
+        units = a["units"]
+        if len(units) != 2 or not all(isinstance(u, int) and not isinstance(u, bool) for u in units):
+            raise control.ControlError(control.BAD_ARGS, f"load.units: expected [start, end] ints, got {units!r}")
+        if a["microbatch"] < 1:
+            raise control.ControlError(control.BAD_ARGS, f"load.microbatch: must be >= 1, got {a['microbatch']}")
+        if a.get("threads") is not None and a["threads"] < 1:
+            raise control.ControlError(control.BAD_ARGS, f"load.threads: must be >= 1, got {a['threads']}")
+        dtype = a.get("dtype", "float32")
+        if dtype not in SUPPORTED_DTYPES:
+            raise control.ControlError(control.BAD_ARGS, f"load.dtype: supported {SUPPORTED_DTYPES}, got {dtype!r}")
+        return cls(
+            run=a["run"], model=a["model"], start=units[0], end=units[1], stage=a["stage"],
+            last=a["last"], microbatch=a["microbatch"], granularity=a.get("granularity", "block"),
+            kwargs=dict(a.get("kwargs") or {}), checkpoint=a.get("checkpoint"),
+            pretrained=bool(a.get("pretrained", False)), dtype=dtype, threads=a.get("threads"),
+        )
+
+
+class StageRuntime:
+    """One loaded shard and its three data threads."""
+
+    def __init__(self, ctx: zmq.Context, spec: LoadSpec, pull: zmq.Socket, endpoint: str) -> None:
+        self.ctx = ctx
+        self.spec = spec
+        self.pull = pull
+        self.endpoint = endpoint
+        self.push: zmq.Socket | None = None
+        self.shard: Any = None
+        self.expected_in: list[tuple[tuple[int, ...], str]] = []
+        self.counters = Counters()
+        self.in_q: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
+        self.out_q: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
+        self.stop = threading.Event()  # hard stop
+        self.draining = threading.Event()  # stop taking input, finish the rest
+        self.threads: list[threading.Thread] = []
+        self.started_at: float | None = None
+
+    # ---- data threads -------------------------------------------------
+    def _put(self, q: queue.Queue, item: Any) -> bool:
+        while not self.stop.is_set():
+            try:
+                q.put(item, timeout=POLL_MS / 1000)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _reject(self, run: str, seq: int, code: str, message: str, t: list | None = None) -> None:
+        c = self.counters
+        c.last_error = f"seq {seq}: {code}: {message}"[:500]
+        log.warning("stage %d: rejected message seq=%s: %s: %s", self.spec.stage, seq, code, message)
+        self._put(self.out_q, wire.error_message(run, seq, self.spec.stage, code, message, t))
+
+    def _recv_loop(self) -> None:
+        c, spec = self.counters, self.spec
+        while not self.stop.is_set() and not self.draining.is_set():
+            try:
+                frames = sockets.recv_frames(self.pull, POLL_MS)
+            except zmq.ZMQError as e:  # e.g. a frame over MAXMSGSIZE drops the peer, not us
+                log.warning("stage %d: receive failed: %s", spec.stage, e)
+                continue
+            if frames is None:
+                continue
+            t_recv = time.time()
+            c.received += 1
+            reply_run = spec.run  # errors go out under the run they belong to
+            try:
+                msg = wire.decode(frames)
+                if msg.kind == "error":  # an upstream stage's error: pass it on untouched
+                    c.forwarded_errors += 1
+                    self._put(self.out_q, msg)
+                    continue
+                if msg.run != spec.run:
+                    c.wrong_run += 1
+                    reply_run = msg.run
+                    raise wire.WireError("wrong_run", f"message of run {msg.run!r}, this stage serves {spec.run!r}", msg.seq)
+                if msg.kind != "act":
+                    raise wire.WireError("bad_kind", f"a stage accepts 'act' messages, got {msg.kind!r}", msg.seq)
+                if msg.stage != spec.stage - 1:
+                    raise wire.WireError("bad_stage", f"stage {spec.stage} takes output of stage {spec.stage - 1}, got stage {msg.stage}", msg.seq)
+                wire.check_tensors(msg.tensors, self.expected_in, max_batch=spec.microbatch, seq=msg.seq)
+                if len({a.shape[0] for a in msg.tensors}) > 1:
+                    raise wire.WireError("bad_shape", "tensors disagree on the batch size", msg.seq)
+            except wire.WireError as e:
+                c.bad_messages += 1
+                self._reject(reply_run, e.seq if e.seq is not None else -1, e.code, e.message)
+                continue
+            finally:
+                c.recv_s += time.time() - t_recv
+            msg.t.append([spec.stage, t_recv, 0.0, 0.0, 0.0])
+            self._put(self.in_q, msg)
+        self._put(self.in_q, _STOP)
+
+    def _compute_loop(self) -> None:
+        import torch
+
+        c, spec = self.counters, self.spec
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
+        while not self.stop.is_set():
+            t0 = time.time()
+            try:
+                msg = self.in_q.get(timeout=POLL_MS / 1000)
+            except queue.Empty:
+                c.wait_s += time.time() - t0
+                continue
+            t1 = time.time()
+            c.wait_s += t1 - t0
+            if msg is _STOP:
+                self._put(self.out_q, _STOP)
+                return
+            try:
+                with warnings.catch_warnings():
+                    # frames are read-only; the shard never writes its inputs
+                    warnings.simplefilter("ignore", UserWarning)
+                    xs = [torch.from_numpy(a if a.flags.aligned else a.copy()) for a in msg.tensors]
+                with torch.inference_mode():
+                    outs = self.shard(*xs)
+                arrays = [np.ascontiguousarray(o.numpy()) for o in outs]
+            except Exception as e:  # a shard failure is this message's error, not the node's
+                c.compute_errors += 1
+                self._reject(spec.run, msg.seq, "compute_failed", f"{type(e).__name__}: {e}", msg.t)
+                continue
+            t2 = time.time()
+            c.compute_s += t2 - t1
+            c.processed += 1
+            c.samples += int(arrays[0].shape[0]) if arrays else 0
+            msg.t[-1][2:4] = [t1, t2]
+            out = wire.Message(
+                kind="result" if spec.last else "act", run=spec.run, seq=msg.seq,
+                stage=spec.stage, tensors=arrays, t=msg.t,
+            )
+            self._put(self.out_q, out)
+
+    def _send_loop(self) -> None:
+        c = self.counters
+        while True:
+            try:
+                msg = self.out_q.get(timeout=POLL_MS / 1000)
+            except queue.Empty:
+                if self.stop.is_set():
+                    return
+                continue
+            if msg is _STOP:
+                return
+            t0 = time.time()
+            if msg.kind != "error" and msg.t:
+                msg.t[-1][4] = t0
+            frames = wire.encode(msg)
+            while True:
+                try:
+                    sockets.send_frames(self.push, frames)
+                    c.sent += 1
+                    break
+                except zmq.Again:  # downstream full or not connected: retry until told to stop
+                    c.send_retries += 1
+                    if self.stop.is_set():
+                        return
+            c.send_s += time.time() - t0
+
+    # ---- lifecycle ---------------------------------------------------
+    def start(self, connect: list[str]) -> None:
+        self.push = sockets.make_socket(self.ctx, zmq.PUSH, sockets.DATA)
+        for addr in connect:
+            self.push.connect(addr)
+        for fn in (self._recv_loop, self._compute_loop, self._send_loop):
+            th = threading.Thread(target=fn, name=f"stage{self.spec.stage}-{fn.__name__[1:]}", daemon=True)
+            th.start()
+            self.threads.append(th)
+        self.started_at = time.time()
+
+    def drain(self, timeout: float = DRAIN_TIMEOUT_S) -> bool:
+        """Stop taking input, finish what is in flight; True if it all went out in time."""
+        self.draining.set()
+        deadline = time.time() + timeout
+        for th in self.threads:
+            th.join(max(0.0, deadline - time.time()))
+        clean = not any(th.is_alive() for th in self.threads)
+        if self.push is not None:
+            # the last messages may still sit in the socket's pipe: give them time to leave
+            self.push.setsockopt(zmq.LINGER, int(max(0.5, deadline - time.time()) * 1000))
+        self.stop.set()
+        for th in self.threads:
+            th.join(2.0)
+        self.pull.close(linger=0)
+        if self.push is not None:
+            self.push.close()
+        return clean
+
+    def close(self) -> None:
+        self.stop.set()
+        for th in self.threads:
+            th.join(2.0)
+        sockets.close_all(self.pull, self.push)
+
+    def stats(self) -> dict[str, Any]:
+        d = self.counters.to_dict()
+        d.update(
+            stage=self.spec.stage, units=[self.spec.start, self.spec.end], model=self.spec.model,
+            run=self.spec.run, in_queue=self.in_q.qsize(), out_queue=self.out_q.qsize(),
+            uptime_s=(time.time() - self.started_at) if self.started_at else 0.0,
+        )
+        return d
+
+
+class Node:
+    """A stage node: serves the control protocol on ``control_address``."""
+
+    def __init__(
+        self,
+        control_address: str,
+        *,
+        name: str | None = None,
+        threads: int | None = None,
+        memory_limit: int | None = None,
+        advertise: str | None = None,
+        ctx: zmq.Context | None = None,
+    ) -> None:
+        self.name = name or control_address
+        self.threads = threads
+        self.memory_limit = memory_limit
+        self.advertise = advertise
+        self._own_ctx = ctx is None
+        self.ctx = ctx or zmq.Context()
+        self.rep = sockets.make_socket(self.ctx, zmq.REP, sockets.CONTROL)
+        self.control_endpoint = sockets.bind(self.rep, control_address)
+        self.state = "idle"
+        self.error: str | None = None
+        self.runtime: StageRuntime | None = None
+        self._loader: threading.Thread | None = None
+        self._exit = threading.Event()
+        self.requests = 0
+        self.bad_requests = 0
+        self.started = time.time()
+
+    # ---- control commands ----------------------------------------------
+    def cmd_ping(self) -> dict[str, Any]:
+        return {"name": self.name, "state": self.state, "error": self.error,
+                "run": self.runtime.spec.run if self.runtime else None,
+                "data": self.runtime.endpoint if self.runtime else None}
+
+    def cmd_info(self) -> dict[str, Any]:
+        return {"name": self.name, "state": self.state, "threads": self.threads,
+                "memory_limit_arg": self.memory_limit, "device": device.describe(),
+                "control": self.control_endpoint}
+
+    def _memory_budget(self) -> int:
+        avail = device.mem_available()
+        for limit in (device.memory_limit(), self.memory_limit):
+            if limit:
+                avail = min(avail, limit - device.rss_bytes())
+        return avail
+
+    def cmd_load(self, **args: Any) -> dict[str, Any]:
+        from . import model as models
+
+        if self.state in ("loading", "running", "loaded"):
+            raise control.ControlError(control.BAD_STATE, f"node {self.name} is {self.state}; unload first")
+        spec = LoadSpec.from_args(args)
+        if spec.threads is None:
+            spec.threads = self.threads
+        try:
+            infos = models.unit_infos(spec.model, spec.granularity, **spec.kwargs)
+            if not 0 <= spec.start < spec.end <= len(infos):
+                raise models.ModelError(
+                    f"unit range [{spec.start}, {spec.end}) out of bounds for {spec.model} at "
+                    f"{spec.granularity} granularity ({len(infos)} units)")
+            specs = models.boundary_specs(spec.model, spec.granularity, spec.microbatch, **spec.kwargs)
+        except (models.ModelError, TypeError, ValueError) as e:
+            raise control.ControlError(control.LOAD_FAILED, f"node {self.name}: {e}") from None
+        if spec.checkpoint is not None and not spec.pretrained:
+            from pathlib import Path
+            if not Path(spec.checkpoint).is_file():
+                raise control.ControlError(control.LOAD_FAILED, f"node {self.name}: checkpoint {spec.checkpoint!r} not found")
+        elif not spec.pretrained:
+            raise control.ControlError(control.BAD_ARGS, "load: give a checkpoint path or pretrained: true")
+        param = sum(u.param_bytes for u in infos[spec.start:spec.end])
+        io = sum(_nbytes(s) for s in specs[spec.start]) + sum(_nbytes(s) for s in specs[spec.end])
+        need = param + BUFFERS_PER_DIRECTION * io
+        budget = self._memory_budget()
+        if need > budget:
+            raise control.ControlError(
+                control.LOAD_FAILED,
+                f"node {self.name}: shard units [{spec.start}, {spec.end}) of {spec.model} needs "
+                f"{need / 1e6:.0f} MB ({param / 1e6:.0f} MB parameters + buffers), "
+                f"the node has {budget / 1e6:.0f} MB available")
+        pull = sockets.make_socket(self.ctx, zmq.PULL, sockets.DATA)
+        bind_addr = args.get("bind") or f"tcp://{sockets.host_of(self.control_endpoint)}:0"
+        try:
+            endpoint = sockets.bind(pull, bind_addr)
+        except (zmq.ZMQError, ValueError) as e:
+            sockets.close_all(pull)
+            raise control.ControlError(control.LOAD_FAILED, f"node {self.name}: cannot bind data socket {bind_addr}: {e}") from None
+        if self.advertise:
+            endpoint = f"tcp://{self.advertise}:{endpoint.rsplit(':', 1)[1]}"
+        rt = StageRuntime(self.ctx, spec, pull, endpoint)
+        rt.expected_in = [(tuple(s), d) for s, d in specs[spec.start]]
+        self.runtime, self.state, self.error = rt, "loading", None
+        self._loader = threading.Thread(target=self._build, args=(rt,), name="loader", daemon=True)
+        self._loader.start()
+        return {"state": self.state, "data": endpoint, "param_bytes": param}
+
+    def _build(self, rt: StageRuntime) -> None:
+        import torch
+
+        from . import model as models
+
+        spec = rt.spec
+        t0 = time.time()
+        try:
+            if spec.threads:
+                torch.set_num_threads(spec.threads)
+            rt.shard = models.build_shard(
+                spec.model, spec.start, spec.end, granularity=spec.granularity,
+                checkpoint=spec.checkpoint, pretrained=spec.pretrained, **spec.kwargs)
+        except Exception as e:  # any failure becomes the node's reported error
+            log.error("load failed: %s", e)
+            if self.runtime is rt:
+                self.error = f"node {self.name}: {type(e).__name__}: {e}"
+                self.state = "failed"
+                rt.close()
+                self.runtime = None
+            return
+        if self.runtime is rt:
+            self.state = "loaded"
+            log.info("loaded %s units [%d, %d) in %.1fs", spec.model, spec.start, spec.end, time.time() - t0)
+
+    def cmd_start(self, connect: list) -> dict[str, Any]:
+        if self.state != "loaded" or self.runtime is None:
+            raise control.ControlError(control.BAD_STATE, f"node {self.name} is {self.state}; start needs a loaded shard")
+        if not connect or not all(isinstance(a, str) for a in connect):
+            raise control.ControlError(control.BAD_ARGS, "start.connect: expected a non-empty list of addresses")
+        try:
+            self.runtime.start(connect)
+        except zmq.ZMQError as e:
+            raise control.ControlError(control.BAD_ARGS, f"start.connect: {e}") from None
+        self.state = "running"
+        return {"state": self.state}
+
+    def cmd_stats(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": self.name, "state": self.state, "error": self.error,
+                             "rss": device.rss_bytes(), "peak_rss": device.peak_rss_bytes(),
+                             "requests": self.requests, "bad_requests": self.bad_requests}
+        if self.runtime is not None:
+            d["stage"] = self.runtime.stats()
+        return d
+
+    def cmd_unload(self) -> dict[str, Any]:
+        self._unload()
+        return {"state": self.state}
+
+    def cmd_shutdown(self) -> dict[str, Any]:
+        self._exit.set()
+        return {"state": "shutting down"}
+
+    def _unload(self) -> None:
+        rt, self.runtime = self.runtime, None
+        if rt is not None:
+            rt.close()
+        if self._loader is not None:
+            self._loader.join(60.0)
+            self._loader = None
+        self.state, self.error = "idle", None
+        import gc
+        gc.collect()
+
+    # ---- serving -------------------------------------------------------
+    def handle(self, raw: Any) -> bytes:
+        """One request -> one reply; never raises."""
+        self.requests += 1
+        try:
+            cmd, args = control.parse_request(raw)
+            fields = getattr(self, f"cmd_{cmd}")(**args)
+            return control.reply_ok(**fields)
+        except control.ControlError as e:
+            self.bad_requests += 1
+            return control.reply_error(e.code, e.message)
+        except Exception as e:  # a bug must not take the control socket down with it
+            self.bad_requests += 1
+            log.exception("control request failed")
+            return control.reply_error(control.INTERNAL, f"{type(e).__name__}: {e}")
+
+    def request_exit(self, *_: Any) -> None:
+        self._exit.set()
+
+    def serve(self) -> int:
+        """Serve until ``shutdown`` or SIGTERM/SIGINT; drain the stage; return the exit code."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self.request_exit)
+            signal.signal(signal.SIGINT, self.request_exit)
+        log.info("node %s serving control on %s", self.name, self.control_endpoint)
+        while not self._exit.is_set():
+            try:
+                if not self.rep.poll(POLL_MS, zmq.POLLIN):
+                    continue
+                raw = self.rep.recv(copy=False)
+            except zmq.ZMQError as e:
+                if e.errno == zmq.EINTR:
+                    continue
+                log.warning("control receive failed: %s", e)
+                continue
+            self.rep.send(self.handle(raw.bytes))
+        return self.close()
+
+    def close(self) -> int:
+        rt, self.runtime = self.runtime, None
+        clean = True
+        if rt is not None:
+            clean = rt.drain() if self.state == "running" else (rt.close() or True)
+        sockets.close_all(self.rep)
+        if self._own_ctx:
+            self.ctx.term()
+        log.info("node %s stopped (%s)", self.name, "drained" if clean else "drain timed out")
+        return 0
+
+
+def _nbytes(spec: tuple) -> int:
+    shape, dtype = spec
+    return int(np.prod(shape)) * np.dtype(dtype).itemsize

@@ -1,0 +1,84 @@
+"""Control-channel client: REQ with the Lazy Pirate pattern (poll, recreate, bounded retries)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import zmq
+
+from . import control, sockets
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 5.0
+DEFAULT_RETRIES = 2
+
+
+class ControlClient:
+    """Talks to one node's REP control socket.
+
+    A request that gets no reply within ``timeout`` is retried on a fresh socket
+    (a REQ socket that lost a reply is stuck in its send/recv lockstep) up to
+    ``retries`` times; then ``ControlError(UNREACHABLE)`` names the address.
+    Only use retries for idempotent commands: ``call(..., retries=0)`` otherwise.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        retries: int = DEFAULT_RETRIES,
+        ctx: zmq.Context | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.address = address
+        self.name = name or address
+        self.timeout = timeout
+        self.retries = retries
+        self._ctx = ctx or zmq.Context.instance()
+        self._sock: zmq.Socket | None = None
+
+    def _socket(self) -> zmq.Socket:
+        if self._sock is None:
+            self._sock = sockets.make_socket(self._ctx, zmq.REQ, sockets.CONTROL)
+            self._sock.connect(self.address)
+        return self._sock
+
+    def _reset(self) -> None:
+        sockets.close_all(self._sock)
+        self._sock = None
+
+    def call(
+        self, cmd: str, *, timeout: float | None = None, retries: int | None = None, **args: Any
+    ) -> dict[str, Any]:
+        """Send one command, return the ok reply's fields; raise ControlError otherwise."""
+        timeout = self.timeout if timeout is None else timeout
+        retries = self.retries if retries is None else retries
+        payload = control.request(cmd, **args)
+        for attempt in range(retries + 1):
+            sock = self._socket()
+            try:
+                sock.send(payload)
+            except zmq.Again:
+                self._reset()
+                continue
+            if sock.poll(int(timeout * 1000), zmq.POLLIN):
+                return control.parse_reply(sock.recv())
+            log.debug("%s: no reply to %s in %.1fs (attempt %d)", self.name, cmd, timeout, attempt + 1)
+            self._reset()
+        raise control.ControlError(
+            control.UNREACHABLE,
+            f"node {self.name} ({self.address}) did not answer {cmd!r} "
+            f"within {timeout:g}s ({retries + 1} attempt(s))",
+        )
+
+    def close(self) -> None:
+        self._reset()
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

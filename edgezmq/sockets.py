@@ -1,0 +1,99 @@
+"""The one place sockets are made: socket options, timeouts, binding, frame I/O.
+
+Every data and control socket of the project comes from ``make_socket`` so that
+LINGER, HWMs, MAXMSGSIZE, timeouts and (later) CURVE keys are set in one place.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from . import wire
+
+# Activations are multi-MB: a few messages of queue per socket bound memory (the
+# default HWM of 1000 would be gigabytes) while keeping the next stage fed.
+DATA_HWM = 2
+CONTROL_HWM = 16
+DATA_MAXMSGSIZE = 1024 * 1024 * 1024  # a whole multipart message (bytes) on the data plane
+CONTROL_MAXMSGSIZE = 4 * 1024 * 1024
+LINGER_MS = 0  # never block close on a dead peer; delivery is acknowledged at the app level
+SEND_TIMEOUT_MS = 500  # send loops retry so that they can notice shutdown
+
+
+@dataclass(frozen=True)
+class SocketSpec:
+    hwm: int
+    maxmsgsize: int
+    immediate: bool = False
+
+
+DATA = SocketSpec(hwm=DATA_HWM, maxmsgsize=DATA_MAXMSGSIZE, immediate=True)
+CONTROL = SocketSpec(hwm=CONTROL_HWM, maxmsgsize=CONTROL_MAXMSGSIZE)
+
+
+def make_socket(ctx: zmq.Context, kind: int, spec: SocketSpec = DATA) -> zmq.Socket:
+    """A socket with every option this project relies on set explicitly."""
+    s = ctx.socket(kind)
+    s.setsockopt(zmq.LINGER, LINGER_MS)
+    s.setsockopt(zmq.SNDHWM, spec.hwm)
+    s.setsockopt(zmq.RCVHWM, spec.hwm)
+    s.setsockopt(zmq.MAXMSGSIZE, spec.maxmsgsize)
+    if kind in (zmq.PUSH, zmq.REQ, zmq.DEALER):
+        s.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
+        # queue only to completed connections, so a message is never parked on a
+        # peer that never came up
+        s.setsockopt(zmq.IMMEDIATE, 1 if spec.immediate else 0)
+    return s
+
+
+_PORT_RE = re.compile(r"^(tcp://[^:]+|tcp://\[[^\]]+\]):(\d+|\*|0)$")
+
+
+def bind(sock: zmq.Socket, address: str) -> str:
+    """Bind to ``address`` (``tcp://HOST:0`` or ``tcp://HOST:*`` picks a free port) and
+    return the endpoint actually bound."""
+    m = _PORT_RE.match(address)
+    if m and m.group(2) in ("0", "*"):
+        sock.bind_to_random_port(m.group(1))
+    else:
+        sock.bind(address)
+    ep = sock.getsockopt(zmq.LAST_ENDPOINT)
+    return ep.decode() if isinstance(ep, bytes) else str(ep)
+
+
+def host_of(address: str) -> str:
+    """'tcp://127.0.0.1:5550' -> '127.0.0.1'."""
+    m = _PORT_RE.match(address)
+    if not m:
+        raise ValueError(f"expected tcp://HOST:PORT, got {address!r}")
+    return m.group(1)[len("tcp://"):]
+
+
+def send_frames(sock: zmq.Socket, frames: Sequence[Any], flags: int = 0) -> None:
+    """Send one multipart message; large frames go zero-copy, small ones by copy."""
+    copies = wire.copy_flags(frames)
+    last = len(frames) - 1
+    for i, (f, c) in enumerate(zip(frames, copies, strict=False)):
+        sock.send(f, flags=flags | (zmq.SNDMORE if i < last else 0), copy=c)
+
+
+def send_message(sock: zmq.Socket, msg: wire.Message, flags: int = 0) -> None:
+    send_frames(sock, wire.encode(msg), flags)
+
+
+def recv_frames(sock: zmq.Socket, timeout_ms: int | None) -> list[zmq.Frame] | None:
+    """Receive one multipart message without copying; None if nothing came in time."""
+    if timeout_ms is not None and not sock.poll(timeout_ms, zmq.POLLIN):
+        return None
+    return sock.recv_multipart(copy=False)
+
+
+def close_all(*socks: zmq.Socket | None) -> None:
+    for s in socks:
+        if s is not None and not s.closed:
+            s.close(linger=0)

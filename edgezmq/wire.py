@@ -1,0 +1,258 @@
+"""Data-plane message format: encode and decode activation messages (pure, no I/O).
+
+One ZeroMQ multipart message per microbatch::
+
+    frame 0      msgpack map (the header)
+                 {v: 1, kind: "act"|"result"|"error", run: str, seq: int, stage: int,
+                  tensors: [{dtype: "float32", shape: [8, 197, 384], enc: "raw"}, ...],
+                  t: [[stage, t_recv, t_start, t_end, t_send], ...],
+                  error: {code: str, message: str}        # kind == "error" only
+                 }
+    frame 1..n   one raw C-contiguous buffer per tensor, in header order
+
+Buffers at or above ``COPY_THRESHOLD`` bytes are sent zero-copy; on receive the
+arrays are ``np.frombuffer`` views on the frames' memory (no copy).  No pickle:
+the header is msgpack of plain scalars, the tensors are raw bytes of a whitelisted
+dtype.  Everything that arrives is validated; anything wrong raises ``WireError``
+(a ``ValueError``), and nothing else.  See docs/wire.md.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+
+VERSION = 1
+KINDS = ("act", "result", "error")
+# dtypes that may cross the wire; anything else (object, void, strings) is refused
+DTYPES = frozenset(
+    {"float32", "float16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool"}
+)
+ENCODINGS = ("raw",)
+
+COPY_THRESHOLD = 64 * 1024  # below this pyzmq copies anyway; zero-copy tracking costs more
+MAX_HEADER_BYTES = 64 * 1024
+MAX_TENSORS = 8
+MAX_NDIM = 8
+MAX_TIMESTAMPS = 256  # one entry per stage hop; bounds header growth along a long pipeline
+MAX_TENSOR_BYTES = 512 * 1024 * 1024  # per tensor; sockets also cap whole messages (MAXMSGSIZE)
+MAX_TEXT = 4096  # run ids, error messages
+
+
+class WireError(ValueError):
+    """A message that does not follow the wire format; ``code`` names the failed check."""
+
+    def __init__(self, code: str, message: str, seq: int | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.seq = seq  # the message's seq when the header was readable, for error replies
+
+
+TensorLike = np.ndarray
+
+
+@dataclass
+class Message:
+    """One microbatch (or its error) travelling the pipeline."""
+
+    kind: str
+    run: str
+    seq: int
+    stage: int
+    tensors: list[np.ndarray] = field(default_factory=list)
+    t: list[list[Any]] = field(default_factory=list)
+    error: dict[str, str] | None = None
+
+    def header(self) -> dict[str, Any]:
+        h: dict[str, Any] = {
+            "v": VERSION,
+            "kind": self.kind,
+            "run": self.run,
+            "seq": self.seq,
+            "stage": self.stage,
+            "tensors": [
+                {"dtype": a.dtype.name, "shape": list(a.shape), "enc": "raw"} for a in self.tensors
+            ],
+            "t": self.t,
+        }
+        if self.error is not None:
+            h["error"] = self.error
+        return h
+
+
+def error_message(
+    run: str, seq: int, stage: int, code: str, message: str, t: list | None = None
+) -> Message:
+    """An ``error`` message: travels downstream to the client in place of a result."""
+    return Message(
+        kind="error",
+        run=run,
+        seq=seq,
+        stage=stage,
+        t=list(t or []),
+        error={"code": str(code)[:MAX_TEXT], "message": str(message)[:MAX_TEXT]},
+    )
+
+
+def encode(msg: Message) -> list[Any]:
+    """Message -> frames: [header bytes, buffer, ...].  Refuses what it cannot send as-is."""
+    if msg.kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {msg.kind!r}")
+    if len(msg.tensors) > MAX_TENSORS:
+        raise ValueError(f"at most {MAX_TENSORS} tensors per message, got {len(msg.tensors)}")
+    frames: list[Any] = [b""]
+    for i, a in enumerate(msg.tensors):
+        if not isinstance(a, np.ndarray):
+            raise TypeError(f"tensor {i}: expected numpy.ndarray, got {type(a).__name__}")
+        if a.dtype.name not in DTYPES:
+            raise TypeError(f"tensor {i}: dtype {a.dtype.name} not allowed on the wire")
+        if not a.flags.c_contiguous:
+            raise ValueError(f"tensor {i}: buffer must be C-contiguous (shape {a.shape})")
+        frames.append(a if a.nbytes >= COPY_THRESHOLD else a.tobytes())
+    frames[0] = msgpack.packb(msg.header(), use_bin_type=True)
+    return frames
+
+
+def copy_flags(frames: Sequence[Any]) -> list[bool]:
+    """Per frame: send by copy (small) or zero-copy (large)."""
+    return [_nbytes(f) < COPY_THRESHOLD for f in frames]
+
+
+def _nbytes(buf: Any) -> int:
+    if isinstance(buf, np.ndarray):
+        return int(buf.nbytes)
+    return memoryview(buf).nbytes
+
+
+def _buffer(frame: Any) -> memoryview:
+    """The bytes of a received frame without copying (zmq.Frame, bytes or memoryview)."""
+    buf = getattr(frame, "buffer", None)  # zmq.Frame
+    return memoryview(buf if buf is not None else frame)
+
+
+def decode_header(raw: Any) -> dict[str, Any]:
+    """Parse and validate frame 0; raises WireError."""
+    mv = _buffer(raw)
+    if mv.nbytes > MAX_HEADER_BYTES:
+        raise WireError("oversize", f"header is {mv.nbytes} bytes, limit {MAX_HEADER_BYTES}")
+    try:
+        h = msgpack.unpackb(
+            mv,
+            raw=False,
+            strict_map_key=False,
+            max_str_len=MAX_TEXT,
+            max_bin_len=0,
+            max_array_len=max(MAX_TIMESTAMPS, MAX_TENSORS, MAX_NDIM, 16),
+            max_map_len=32,
+        )
+    except Exception as e:  # msgpack raises several unrelated types on garbage
+        raise WireError("bad_header", f"frame 0 is not a msgpack header ({type(e).__name__}: {e})") from None
+    if not isinstance(h, dict):
+        raise WireError("bad_header", f"header must be a map, got {type(h).__name__}")
+    seq = h.get("seq") if isinstance(h.get("seq"), int) else None
+    if h.get("v") != VERSION:
+        raise WireError("bad_version", f"expected version {VERSION}, got {h.get('v')!r}", seq)
+    if h.get("kind") not in KINDS:
+        raise WireError("bad_kind", f"kind must be one of {KINDS}, got {h.get('kind')!r}", seq)
+    if not isinstance(h.get("run"), str):
+        raise WireError("bad_field", f"run must be a string, got {type(h.get('run')).__name__}", seq)
+    for key in ("seq", "stage"):
+        v = h.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or not -1 <= v < 2**63:
+            raise WireError("bad_field", f"{key} must be an integer >= -1, got {v!r}", seq)
+    tensors = h.get("tensors")
+    if not isinstance(tensors, list) or len(tensors) > MAX_TENSORS:
+        raise WireError("bad_field", f"tensors must be a list of at most {MAX_TENSORS} entries", seq)
+    for i, spec in enumerate(tensors):
+        _check_spec(i, spec, seq)
+    t = h.get("t", [])
+    if not isinstance(t, list) or not all(isinstance(e, list) and len(e) <= 16 for e in t):
+        raise WireError("bad_field", "t must be a list of timestamp lists", seq)
+    if h["kind"] == "error":
+        err = h.get("error")
+        if not (isinstance(err, dict) and isinstance(err.get("code"), str)
+                and isinstance(err.get("message"), str)):
+            raise WireError("bad_field", "an error message needs error: {code: str, message: str}", seq)
+    return h
+
+
+def _check_spec(i: int, spec: Any, seq: int | None) -> None:
+    if not isinstance(spec, dict):
+        raise WireError("bad_field", f"tensors[{i}] must be a map", seq)
+    if spec.get("enc", "raw") not in ENCODINGS:
+        raise WireError("bad_encoding", f"tensors[{i}].enc: expected one of {ENCODINGS}, got {spec.get('enc')!r}", seq)
+    if spec.get("dtype") not in DTYPES:
+        raise WireError("bad_dtype", f"tensors[{i}].dtype: {spec.get('dtype')!r} is not one of {sorted(DTYPES)}", seq)
+    shape = spec.get("shape")
+    if (not isinstance(shape, list) or len(shape) > MAX_NDIM
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31 for d in shape)):
+        raise WireError("bad_shape", f"tensors[{i}].shape: expected a list of at most {MAX_NDIM} non-negative ints, got {shape!r}", seq)
+    nbytes = math.prod(shape) * np.dtype(spec["dtype"]).itemsize
+    if nbytes > MAX_TENSOR_BYTES:
+        raise WireError("oversize", f"tensors[{i}] declares {nbytes} bytes, limit {MAX_TENSOR_BYTES}", seq)
+
+
+def decode(frames: Sequence[Any]) -> Message:
+    """Frames -> Message.  Tensors are zero-copy read-only views on the frames.
+
+    Raises WireError on anything malformed (frame count, header, buffer length).
+    """
+    if len(frames) < 1:
+        raise WireError("missing_frames", "empty message")
+    h = decode_header(frames[0])
+    seq = h["seq"]
+    specs = h["tensors"]
+    if len(frames) != 1 + len(specs):
+        raise WireError(
+            "missing_frames" if len(frames) < 1 + len(specs) else "extra_frames",
+            f"header declares {len(specs)} tensors, message has {len(frames) - 1} buffer frames",
+            seq,
+        )
+    tensors = []
+    for i, (spec, frame) in enumerate(zip(specs, frames[1:], strict=False)):
+        mv = _buffer(frame)
+        dtype = np.dtype(spec["dtype"])
+        want = math.prod(spec["shape"]) * dtype.itemsize
+        if mv.nbytes != want:
+            raise WireError(
+                "bad_length",
+                f"tensors[{i}]: shape {spec['shape']} {spec['dtype']} needs {want} bytes, frame has {mv.nbytes}",
+                seq,
+            )
+        arr = np.frombuffer(mv, dtype=dtype).reshape(spec["shape"])
+        tensors.append(arr)
+    return Message(
+        kind=h["kind"], run=h["run"], seq=seq, stage=h["stage"], tensors=tensors,
+        t=h.get("t", []), error=h.get("error"),
+    )
+
+
+def check_tensors(
+    tensors: Sequence[np.ndarray],
+    expected: Sequence[tuple[Sequence[int], str]],
+    *,
+    max_batch: int | None = None,
+    seq: int | None = None,
+) -> None:
+    """Check received tensors against what a stage expects: count, dtype, and shape.
+
+    The leading (batch) dimension may be smaller than the microbatch (a short last
+    batch) but not zero or larger; every other dimension must match exactly.
+    """
+    if len(tensors) != len(expected):
+        raise WireError("bad_arity", f"expected {len(expected)} tensors, got {len(tensors)}", seq)
+    for i, (a, (shape, dtype)) in enumerate(zip(tensors, expected, strict=False)):
+        if a.dtype.name != dtype:
+            raise WireError("bad_dtype", f"tensors[{i}]: expected {dtype}, got {a.dtype.name}", seq)
+        shape = tuple(shape)
+        if a.ndim != len(shape) or tuple(a.shape[1:]) != shape[1:]:
+            raise WireError("bad_shape", f"tensors[{i}]: expected shape (B, {', '.join(map(str, shape[1:]))}), got {tuple(a.shape)}", seq)
+        limit = max_batch if max_batch is not None else shape[0]
+        if not 1 <= a.shape[0] <= limit:
+            raise WireError("bad_shape", f"tensors[{i}]: batch {a.shape[0]} outside 1..{limit}", seq)

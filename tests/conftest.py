@@ -1,0 +1,43 @@
+"""Shared fixtures: a ZeroMQ context that fails the test if sockets are left open."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import zmq
+
+RECV_TIMEOUT_MS = 10_000  # every receive in the tests is bounded
+
+# Keep the test checkpoints apart from the user's cache, but reuse them across runs.
+os.environ.setdefault("EDGEZMQ_CACHE", os.path.join(os.path.dirname(__file__), "..", ".cache", "edgezmq"))
+
+
+@pytest.fixture
+def ctx():
+    c = zmq.Context()
+    yield c
+    # closing with linger 0 first: ctx.term() hangs while any socket is open
+    leftover = [s for s in list(getattr(c, "_sockets", []) or []) if not s.closed]
+    for s in leftover:
+        s.close(linger=0)
+    c.term()
+    assert not leftover, f"{len(leftover)} socket(s) left open"
+
+
+@pytest.fixture
+def socks(ctx):
+    """A factory: socks(zmq.PUSH) -> socket, closed at teardown with linger 0."""
+    made = []
+
+    def make(kind):
+        s = ctx.socket(kind)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.RCVTIMEO, RECV_TIMEOUT_MS)
+        s.setsockopt(zmq.SNDTIMEO, RECV_TIMEOUT_MS)
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.close(linger=0)
