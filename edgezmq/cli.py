@@ -260,14 +260,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import bootstrap, control, model
+    from . import bootstrap, client, control  # light modules: no torch for a quick error
 
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
     except (bootstrap.PlanFileError, bootstrap.DeployError, control.ControlError,
-            model.ModelError, FileNotFoundError) as e:
+            client.PipelineError, TimeoutError, FileNotFoundError, ValueError) as e:
+        # ValueError covers model.ModelError, wire.WireError and the planner's PlanError
         print(f"edgezmq {args.command}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -25,6 +25,8 @@ def load_images(directory: str | Path, model_name: str, **kwargs) -> tuple[np.nd
         raise FileNotFoundError(f"--images {directory}: no {'/'.join(IMAGE_SUFFIXES)} files")
     m = models.create_model(model_name, device="meta", **kwargs)
     cfg = timm.data.resolve_model_data_config(m)
+    # the pretrained config names the hub weights' size; the model may be built for another
+    cfg["input_size"] = tuple(models.input_shape(model_name, 1, **kwargs)[1:])
     transform = timm.data.create_transform(**cfg, is_training=False)
     out = []
     for f in files:

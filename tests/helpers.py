@@ -1,0 +1,78 @@
+"""Test helpers: a small model, its checkpoint, an in-process node, and the monolithic reference."""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+
+import numpy as np
+
+from edgezmq import model as models
+from edgezmq.node import Node
+from edgezmq.rpc import ControlClient
+
+# Small enough for 2 cores: 64 px images, 16 px patches -> 17 tokens; 4 blocks.
+MODEL = "vit_tiny_patch16_224"
+KWARGS = {"img_size": 64, "depth": 4}
+MICROBATCH = 2
+N_UNITS = 6  # embed + 4 blocks + head
+
+
+def checkpoint() -> str:
+    return str(models.cached_checkpoint(MODEL, seed=0, **KWARGS))
+
+
+def batches(n: int, seed: int = 0, microbatch: int = MICROBATCH) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    shape = models.input_shape(MODEL, microbatch, **KWARGS)
+    return [rng.standard_normal(shape, dtype=np.float32) for _ in range(n)]
+
+
+def monolithic(xs: list[np.ndarray]) -> list[np.ndarray]:
+    """timm's own forward on the whole model, same checkpoint."""
+    import torch
+    from safetensors.torch import load_file
+
+    m = models.create_model(MODEL, **KWARGS)
+    m.load_state_dict(load_file(checkpoint()))
+    with torch.inference_mode():
+        return [m(torch.from_numpy(x)).numpy() for x in xs]
+
+
+def load_args(run: str = "r1", units=(0, N_UNITS), stage: int = 0, last: bool = True, **over):
+    args = dict(run=run, model=MODEL, units=list(units), stage=stage, last=last,
+                microbatch=MICROBATCH, kwargs=KWARGS, checkpoint=checkpoint(), threads=1)
+    args.update(over)
+    return args
+
+
+@contextmanager
+def inproc_node(name: str = "t0", **kw):
+    """A Node serving in a thread of this process; shut down at exit."""
+    node = Node("tcp://127.0.0.1:0", name=name, **kw)
+    th = threading.Thread(target=node.serve, daemon=True)
+    th.start()
+    try:
+        yield node
+    finally:
+        with ControlClient(node.control_endpoint, timeout=5, retries=0) as c:
+            try:
+                c.call("shutdown")
+            except Exception:
+                pass
+        th.join(30)
+        assert not th.is_alive(), "node did not stop"
+
+
+def wait_state(c: ControlClient, state: str, timeout: float = 60.0) -> dict:
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        r = c.call("ping")
+        if r["state"] == state:
+            return r
+        if r["state"] == "failed" and state != "failed":
+            raise AssertionError(f"load failed: {r['error']}")
+        time.sleep(0.05)
+    raise AssertionError(f"node not {state} after {timeout}s (state {r['state']})")

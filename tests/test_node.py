@@ -1,0 +1,191 @@
+"""node.py: the control protocol over a real REP socket, and the data path of one stage."""
+
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+from helpers import KWARGS, MICROBATCH, MODEL, batches, inproc_node, load_args, monolithic, wait_state
+
+from edgezmq import control, sockets, wire
+from edgezmq.rpc import ControlClient
+
+RECV_MS = 20_000
+
+
+@pytest.fixture
+def node():
+    with inproc_node() as n:
+        yield n
+
+
+@pytest.fixture
+def cc(node):
+    with ControlClient(node.control_endpoint, timeout=10, retries=0) as c:
+        yield c
+
+
+def test_ping_and_info(cc):
+    r = cc.call("ping")
+    assert r["state"] == "idle" and r["name"] == "t0"
+    info = cc.call("info")["device"]
+    assert info["cores"] >= 1 and info["memory_total"] > 0
+    assert {"torch", "timm", "edgezmq"} <= set(info["versions"])
+
+
+def test_bad_requests_get_error_replies_and_socket_keeps_working(node, socks):
+    req = socks(zmq.REQ)
+    req.connect(node.control_endpoint)
+    for raw in [b"garbage\xc1", msgpack.packb([1]), msgpack.packb({"v": 1, "cmd": "format_disk"}),
+                control.request("load", run="r"), control.request("start", connect=[]),
+                control.request("ping", bogus=True), msgpack.packb({"v": 1, "cmd": 3})]:
+        req.send(raw)
+        reply = msgpack.unpackb(req.recv())
+        assert reply["ok"] is False and reply["error"]["code"] in (
+            control.BAD_REQUEST, control.UNKNOWN_COMMAND, control.BAD_ARGS, control.BAD_STATE)
+    req.send(control.request("ping"))
+    assert msgpack.unpackb(req.recv())["ok"] is True
+    assert node.bad_requests == 7
+
+
+@pytest.mark.parametrize(
+    "over, text",
+    [
+        ({"model": "resnet50"}, "resnet50"),
+        ({"model": "no_such_model_xyz"}, "no_such_model_xyz"),
+        ({"units": [3, 99]}, "out of bounds"),
+        ({"units": [4, 2]}, "out of bounds"),
+        ({"checkpoint": "/nonexistent/x.safetensors"}, "not found"),
+        ({"dtype": "int8"}, "dtype"),
+        ({"microbatch": 0}, "microbatch"),
+    ],
+)
+def test_load_refuses_bad_shards_clearly(cc, over, text):
+    with pytest.raises(control.ControlError) as ei:
+        cc.call("load", **load_args(**over))
+    assert text in ei.value.message
+    assert cc.call("ping")["state"] == "idle"  # nothing half-loaded
+
+
+def test_load_refuses_a_shard_that_does_not_fit():
+    with inproc_node(memory_limit=1000) as node, ControlClient(node.control_endpoint, timeout=10) as c:
+        with pytest.raises(control.ControlError) as ei:
+            c.call("load", **load_args())
+        assert ei.value.code == control.LOAD_FAILED
+        assert "needs" in ei.value.message and "available" in ei.value.message and "t0" in ei.value.message
+
+
+def test_start_before_load_is_a_state_error(cc):
+    with pytest.raises(control.ControlError) as ei:
+        cc.call("start", connect=["tcp://127.0.0.1:1"])
+    assert ei.value.code == control.BAD_STATE
+
+
+def _one_stage(cc, socks, **over):
+    """Load the whole model as one stage; return (push into it, pull of its results)."""
+    r = cc.call("load", **load_args(**over))
+    wait_state(cc, "loaded")
+    out = socks(zmq.PULL)
+    out_ep = sockets.bind(out, "tcp://127.0.0.1:0")
+    cc.call("start", connect=[out_ep])
+    push = socks(zmq.PUSH)
+    push.connect(r["data"])
+    return push, out
+
+
+def _recv(sock):
+    frames = sockets.recv_frames(sock, RECV_MS)
+    assert frames is not None, "no message within the timeout"
+    return wire.decode(frames)
+
+
+def test_one_stage_equals_monolithic_and_counts(cc, socks):
+    push, out = _one_stage(cc, socks)
+    xs = batches(3)
+    for i, x in enumerate(xs):
+        sockets.send_message(push, wire.Message("act", "r1", i, -1, [x]))
+    got = {m.seq: m for m in (_recv(out) for _ in xs)}
+    ref = monolithic(xs)
+    for i in range(3):
+        assert got[i].kind == "result" and got[i].stage == 0
+        np.testing.assert_array_equal(got[i].tensors[0], ref[i])
+        assert len(got[i].t) == 1 and got[i].t[0][0] == 0  # this stage's timestamps
+    st = cc.call("stats")["stage"]
+    assert st["processed"] == 3 and st["samples"] == 3 * MICROBATCH and st["compute_s"] > 0
+
+
+def test_short_last_batch_is_accepted(cc, socks):
+    push, out = _one_stage(cc, socks)
+    x = batches(1, microbatch=1)[0]
+    sockets.send_message(push, wire.Message("act", "r1", 0, -1, [x]))
+    m = _recv(out)
+    assert m.kind == "result" and m.tensors[0].shape == (1, 1000)
+
+
+def test_garbage_is_counted_answered_downstream_and_node_keeps_serving(cc, socks):
+    push, out = _one_stage(cc, socks)
+    x = batches(1)[0]
+    bad = [
+        [b"not msgpack"],
+        [msgpack.packb({"v": 1, "kind": "act", "run": "r1", "seq": 5, "stage": -1,
+                        "tensors": [{"dtype": "float32", "shape": [2, 3, 64, 64]}]}), b"short"],
+        wire.encode(wire.Message("act", "r1", 6, -1, [np.zeros((2, 3, 32, 32), np.float32)])),  # wrong shape
+        wire.encode(wire.Message("act", "r1", 7, -1, [np.zeros((2, 3, 64, 64), np.float64)])),  # wrong dtype
+        wire.encode(wire.Message("act", "r1", 8, -1, [x, x])),  # two tensors
+        wire.encode(wire.Message("act", "r1", 9, -1, [np.zeros((3, 3, 64, 64), np.float32)])),  # > microbatch
+        wire.encode(wire.Message("act", "other-run", 10, -1, [x])),
+        wire.encode(wire.Message("result", "r1", 11, -1, [x])),
+        wire.encode(wire.Message("act", "r1", 12, 4, [x])),  # from the wrong stage
+    ]
+    for frames in bad:
+        sockets.send_frames(push, frames)
+    errors = [_recv(out) for _ in bad]
+    assert all(m.kind == "error" for m in errors)
+    assert sorted(m.seq for m in errors) == [-1, 5, 6, 7, 8, 9, 10, 11, 12]
+    codes = {m.seq: m.error["code"] for m in errors}
+    assert codes[6] == "bad_shape" and codes[7] == "bad_dtype" and codes[8] == "bad_arity"
+    assert codes[10] == "wrong_run" and codes[12] == "bad_stage"
+    # still serving: a good message after all that garbage
+    sockets.send_message(push, wire.Message("act", "r1", 100, -1, [x]))
+    good = _recv(out)
+    assert good.kind == "result" and good.seq == 100
+    np.testing.assert_array_equal(good.tensors[0], monolithic([x])[0])
+    st = cc.call("stats")["stage"]
+    assert st["bad_messages"] == len(bad) and st["wrong_run"] == 1 and st["processed"] == 1
+
+
+def test_upstream_errors_are_forwarded_untouched(cc, socks):
+    push, out = _one_stage(cc, socks)
+    sockets.send_message(push, wire.error_message("r1", 3, -1, "compute_failed", "upstream broke"))
+    m = _recv(out)
+    assert m.kind == "error" and m.seq == 3 and m.error["message"] == "upstream broke"
+    assert cc.call("stats")["stage"]["forwarded_errors"] == 1
+
+
+def test_unload_then_load_again(cc, socks):
+    _one_stage(cc, socks)
+    assert cc.call("ping")["state"] == "running"
+    cc.call("unload")
+    assert cc.call("ping")["state"] == "idle"
+    push, out = _one_stage(cc, socks, run="r2")
+    x = batches(1)[0]
+    sockets.send_message(push, wire.Message("act", "r2", 0, -1, [x]))
+    assert _recv(out).kind == "result"
+
+
+def test_load_failure_while_building_is_reported(cc, tmp_path):
+    from safetensors.numpy import save_file
+
+    bad = tmp_path / "wrong.safetensors"
+    save_file({"unrelated": np.zeros(3, np.float32)}, str(bad))
+    cc.call("load", **load_args(checkpoint=str(bad)))
+    r = wait_state(cc, "failed")
+    assert "t0" in r["error"] and "lacks 56 tensor(s)" in r["error"]
+
+
+def test_model_kwargs_reach_the_shard(cc):
+    # same model name, other kwargs: the unit range check follows the kwargs (depth 4 -> 6 units)
+    with pytest.raises(control.ControlError, match="6 units"):
+        cc.call("load", **load_args(units=[0, 7]))
+    assert MODEL and KWARGS["depth"] == 4
