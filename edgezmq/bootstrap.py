@@ -124,6 +124,8 @@ def parse_plan(d: Any, source: str | None = None) -> Plan:
         raise PlanFileError(f"model.granularity: expected one of {GRANULARITIES}, got {model.granularity!r}")
     if model.checkpoint is None and not model.pretrained:
         raise PlanFileError("model.checkpoint: missing (or set model.pretrained: true)")
+    if model.checkpoint is not None:
+        model.checkpoint = str(Path(model.checkpoint).expanduser())
     if model.checkpoint is not None and source is not None and not Path(model.checkpoint).is_absolute():
         # relative to the plan file, so plans can travel with their checkpoint
         model.checkpoint = str((Path(source).parent / model.checkpoint).resolve())

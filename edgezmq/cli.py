@@ -75,10 +75,10 @@ def _load_plan(path: str):
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
+    plan = _load_plan(args.plan)  # a bad file fails fast, before torch is imported
     from . import model as models
     from .bootstrap import deploy, stage_table
 
-    plan = _load_plan(args.plan)
     t0 = time.time()
     dep = deploy(plan, load_timeout=args.timeout, progress=None if args.json else
                  (lambda m: print(m, file=sys.stderr)))
@@ -184,6 +184,18 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- checkpoint ------------------------------------------------------------
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    from . import model as models
+
+    kwargs = json.loads(args.kwargs) if args.kwargs else {}
+    out = Path(args.out).expanduser() if args.out else None
+    path = (models.write_checkpoint(args.model, out, seed=args.seed, **kwargs) if out
+            else models.cached_checkpoint(args.model, seed=args.seed, **kwargs))
+    print(path)
+    return 0
+
+
 # ---- demo -----------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
@@ -234,6 +246,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--show", type=int, default=5, help="print top-5 classes of this many samples")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_submit)
+
+    ck = sub.add_parser("checkpoint", help="write a seeded safetensors checkpoint (no hub needed)",
+                        epilog="examples:\n  edgezmq checkpoint --model vit_small_patch16_224 "
+                               "--out ~/.cache/edgezmq/checkpoints/vit_small_patch16_224.safetensors\n",
+                        formatter_class=fmt)
+    ck.add_argument("--model", required=True)
+    ck.add_argument("--out", help="file to write (default: the cache, path printed)")
+    ck.add_argument("--seed", type=int, default=0)
+    ck.add_argument("--kwargs", help='timm.create_model kwargs as JSON, e.g. \'{"img_size": 64}\'')
+    ck.set_defaults(func=cmd_checkpoint)
 
     m = sub.add_parser("demo", help="local pipeline on N node processes, verified against the whole model",
                        epilog=EPILOG_DEMO, formatter_class=fmt)
