@@ -96,6 +96,7 @@ def middle_stage(ep_q: mp.Queue, downstream: str, n: int, size: int, cpu_q: mp.Q
     torch.set_num_threads(1)
     ctx = zmq.Context()
     pull = sockets.make_socket(ctx, zmq.PULL, sockets.DATA)
+    pull.setsockopt(zmq.RCVTIMEO, 100)  # as Node.cmd_load sets it
     ep = sockets.bind(pull, "tcp://127.0.0.1:0")
     spec = LoadSpec(run=RUN, model="identity", start=0, end=1, stage=1, last=False, microbatch=size // 4)
     rt = StageRuntime(ctx, spec, pull, ep)
@@ -141,11 +142,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=2.0, help="target duration per measurement")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--sizes", type=lambda v: [int(x) * 1024 for x in v.split(",")], default=SIZES,
+                    help="message sizes in KiB, comma-separated (default: 64,256,1024,4096,10240)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "transport.json"))
     ap.add_argument("--plot", default=str(Path(__file__).parent / "results" / "transport.png"))
     args = ap.parse_args()
     rows = []
-    for size in SIZES:
+    for size in args.sizes:
         probe = measure("raw", size, 50)
         n = int(min(20000, max(50, probe["rate"] * args.seconds)))
         r = {k: measure(k, size, n) for k in ("direct", "raw", "stage")}

@@ -16,7 +16,6 @@ import queue
 import signal
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,11 +131,12 @@ class StageRuntime:
         c, spec = self.counters, self.spec
         while not self.stop.is_set() and not self.draining.is_set():
             try:
-                frames = sockets.recv_frames(self.pull, POLL_MS)
-            except zmq.ZMQError as e:  # e.g. a frame over MAXMSGSIZE drops the peer, not us
-                log.warning("stage %d: receive failed: %s", spec.stage, e)
+                # blocking receive with RCVTIMEO: one call per message, no separate poll
+                frames = self.pull.recv_multipart(copy=False)
+            except zmq.Again:
                 continue
-            if frames is None:
+            except zmq.ZMQError as e:
+                log.warning("stage %d: receive failed: %s", spec.stage, e)
                 continue
             t_recv = time.time()
             c.received += 1
@@ -187,10 +187,9 @@ class StageRuntime:
                 self._put(self.out_q, _STOP)
                 return
             try:
-                with warnings.catch_warnings():
-                    # frames are read-only; the shard never writes its inputs
-                    warnings.simplefilter("ignore", UserWarning)
-                    xs = [torch.from_numpy(a if a.flags.aligned else a.copy()) for a in msg.tensors]
+                # received frames are writable, aligned views: no copy; anything else is copied
+                xs = [torch.from_numpy(a if a.flags.aligned and a.flags.writeable else a.copy())
+                      for a in msg.tensors]
                 with torch.inference_mode():
                     outs = self.shard(*xs)
                 arrays = [np.ascontiguousarray(o.numpy()) for o in outs]
@@ -370,6 +369,7 @@ class Node:
             raise control.ControlError(control.LOAD_FAILED, f"node {self.name}: cannot bind data socket {bind_addr}: {e}") from None
         if self.advertise:
             endpoint = f"tcp://{self.advertise}:{endpoint.rsplit(':', 1)[1]}"
+        pull.setsockopt(zmq.RCVTIMEO, POLL_MS)
         rt = StageRuntime(self.ctx, spec, pull, endpoint)
         rt.expected_in = [(tuple(s), d) for s, d in specs[spec.start]]
         self.runtime, self.state, self.error = rt, "loading", None

@@ -35,7 +35,7 @@ DTYPES = frozenset(
 )
 ENCODINGS = ("raw",)
 
-COPY_THRESHOLD = 64 * 1024  # below this pyzmq copies anyway; zero-copy tracking costs more
+COPY_THRESHOLD = 512 * 1024  # measured: below this, copying beats zero-copy tracking (bench/transport.py)
 MAX_HEADER_BYTES = 64 * 1024
 MAX_TENSORS = 8
 MAX_NDIM = 8
