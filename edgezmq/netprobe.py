@@ -1,0 +1,305 @@
+"""Measure the bandwidth and latency of a link over ZeroMQ: a probe server and the prober.
+
+    >>> server = ProbeServer("127.0.0.1").start()             # lives inside a node
+    >>> probe(server.endpoint, bytes_per_msg=4 << 20, seconds=1.0)
+    {'bandwidth_mbps': ..., 'latency_ms': ..., 'rtt_ms_p50': ..., ...}
+    >>> server.stop()
+
+One ROUTER socket serves every prober (a DEALER each). Messages, frame by frame::
+
+    ping   [b"ping", seq]            -> [b"pong", seq]            (echoed at once)
+    bulk   [b"bulk", seq, payload]   -> [b"ack", seq, nbytes]     (after the whole payload arrived)
+    other                            -> [b"err", reason]          (counted; the server goes on)
+
+``seq`` and ``nbytes`` are unsigned 64-bit big-endian. Latency is half the median round
+trip of small pings. Bandwidth is measured with credit flow control: at most ``window``
+bulk messages are unacknowledged at any time, a new one is sent per ack, and the rate is
+the acknowledged bytes over the time from the first send to the last ack, so it counts
+bytes the peer actually received, never bytes parked in a queue. A first ping and a first
+bulk message (connection set-up, TCP slow start) are not counted. Every receive is bounded
+by ``timeout``: an unreachable or silent endpoint raises ``TimeoutError`` naming it.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import struct
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import zmq
+
+from . import sockets
+
+__all__ = ["ProbeServer", "probe", "ProbeError"]
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+DEFAULT_MSG_BYTES = 4 * MiB  # an activation: ViT-B at microbatch 8 is 4.8 MB
+MAX_MSG_BYTES = 256 * MiB  # refused above this on both sides
+DEFAULT_SECONDS = 1.0
+DEFAULT_PINGS = 20
+DEFAULT_TIMEOUT_S = 5.0
+WINDOW = 2  # bulk messages in flight by default, as many as a data socket's HWM
+MAX_WINDOW = 4
+MIN_BULK_MESSAGES = 2  # a rate needs at least this many timed messages
+PAYLOAD_SEED = 0  # incompressible, reproducible payload bytes
+SERVER_POLL_MS = 100  # how often the server loop looks at its stop flag
+START_TIMEOUT_S = 5.0  # the server thread must have bound by then
+P90 = 0.9
+
+PING, PONG, BULK, ACK, ERR = b"ping", b"pong", b"bulk", b"ack", b"err"
+MAX_TAG_BYTES = 4
+REPLY_HWM = 1000  # the server's send queue, of replies only (pongs, acks, errors)
+_U64 = struct.Struct("!Q")
+
+# Small HWMs bound memory (a few multi-MB messages per peer); room for the window plus a ping.
+PROBE_SOCKET = sockets.SocketSpec(hwm=MAX_WINDOW + 1, maxmsgsize=MAX_MSG_BYTES + MiB, immediate=True)
+
+
+class ProbeError(RuntimeError):
+    """The probe server answered with an error or with something that is not the protocol."""
+
+
+def _tag(frame: zmq.Frame) -> bytes | None:
+    return frame.bytes if len(frame) <= MAX_TAG_BYTES else None
+
+
+def _percentile(values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    return float(np.percentile(values, q * 100))
+
+
+class ProbeServer:
+    """Echoes pings and acknowledges bulk messages on one ROUTER socket, in its own thread.
+
+    `host` is the interface to bind (any free port unless `port` is given); `.endpoint`
+    is the address actually bound (with a wildcard host, advertise a routable one instead).
+    """
+
+    def __init__(self, host: str = "127.0.0.1", *, port: int = 0, ctx: zmq.Context | None = None) -> None:
+        self.address = f"tcp://{host}:{port}"
+        self._own_ctx = ctx is None
+        self.ctx = ctx or zmq.Context()
+        self.endpoint: str | None = None
+        self.pings = self.messages = self.bytes = self.bad = self.dropped = 0
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> ProbeServer:
+        """Bind and serve in a background thread; returns self once bound (raises if it cannot bind)."""
+        if self._thread is not None:
+            raise RuntimeError(f"probe server {self.endpoint or self.address} already started")
+        self._thread = threading.Thread(target=self._serve, name="edgezmq-netprobe", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(START_TIMEOUT_S):
+            self.stop()
+            raise TimeoutError(f"probe server on {self.address} not bound within {START_TIMEOUT_S} s")
+        if self._error is not None:
+            err, self._error = self._error, None
+            self.stop()
+            raise OSError(f"probe server cannot bind {self.address}: {err}") from err
+        return self
+
+    def stop(self, timeout: float = START_TIMEOUT_S) -> None:
+        """Stop serving and close the socket (and the context, if the server made it). Idempotent."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():  # pragma: no cover - the loop polls every SERVER_POLL_MS
+                log.warning("probe server %s did not stop within %s s", self.endpoint, timeout)
+                return
+        if self._own_ctx and not self.ctx.closed:
+            self.ctx.term()
+
+    def __enter__(self) -> ProbeServer:
+        return self.start()
+
+    def __exit__(self, *_: Any) -> None:
+        self.stop()
+
+    def stats(self) -> dict[str, Any]:
+        return {"endpoint": self.endpoint, "pings": self.pings, "messages": self.messages,
+                "bytes": self.bytes, "bad": self.bad, "dropped": self.dropped}
+
+    def _serve(self) -> None:
+        sock = None
+        try:
+            sock = sockets.make_socket(self.ctx, zmq.ROUTER, PROBE_SOCKET)
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a reply that cannot go raises, is counted
+            # Replies are a few bytes: a deep send queue costs nothing, while a shallow one
+            # drops acks (libzmq tells a writer of reads only every HWM/2 messages).
+            sock.setsockopt(zmq.SNDHWM, REPLY_HWM)
+            self.endpoint = sockets.bind(sock, self.address)
+        except Exception as e:  # reported by start() in the caller's thread
+            self._error = e
+            sockets.close_all(sock)
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            while not self._stop.is_set():
+                frames = sockets.recv_frames(sock, SERVER_POLL_MS)
+                if frames is not None:
+                    self._answer(sock, frames)
+        finally:
+            sock.close(linger=0)
+
+    def _answer(self, sock: zmq.Socket, frames: list[zmq.Frame]) -> None:
+        ident, body = frames[0], frames[1:]
+        tag = _tag(body[0]) if body else None
+        if tag == PING and len(body) == 2:
+            self.pings += 1
+            reply = [PONG, body[1]]
+        elif tag == BULK and len(body) == 3:
+            n = len(body[2])
+            self.messages += 1
+            self.bytes += n
+            reply = [ACK, body[1], _U64.pack(n)]
+        else:
+            self.bad += 1
+            shape = [len(f) for f in body]
+            reply = [ERR, f"not a netprobe message: {len(body)} frame(s) of {shape} bytes".encode()]
+        try:
+            sock.send_multipart([ident, *reply], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as e:  # peer gone, or its queue full (not reading): never block
+            self.dropped += 1
+            log.debug("probe server %s: reply dropped: %s", self.endpoint, e)
+
+
+class _Prober:
+    """One DEALER connected to a probe server; every wait bounded by `timeout`."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, timeout: float) -> None:
+        self.endpoint, self.timeout = endpoint, timeout
+        self.sock = sockets.make_socket(ctx, zmq.DEALER, PROBE_SOCKET)
+        try:
+            self.sock.connect(endpoint)
+        except zmq.ZMQError as e:
+            self.sock.close(linger=0)
+            raise ValueError(f"netprobe: cannot connect to {endpoint!r}: {e}") from e
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+    def send(self, frames: list[Any], what: str) -> None:
+        # IMMEDIATE: not writable until connected, so an unreachable peer times out here
+        if not self.sock.poll(int(self.timeout * 1000), zmq.POLLOUT):
+            raise TimeoutError(f"netprobe: {self.endpoint} unreachable: cannot send {what} "
+                               f"within {self.timeout} s (no connection, or the peer stopped reading)")
+        sockets.send_frames(self.sock, frames, zmq.NOBLOCK)
+
+    def recv(self, expect: bytes, seq: int, what: str) -> list[zmq.Frame]:
+        frames = sockets.recv_frames(self.sock, int(self.timeout * 1000))
+        if frames is None:
+            raise TimeoutError(f"netprobe: no reply from {self.endpoint} to {what} within {self.timeout} s")
+        tag = _tag(frames[0])
+        if tag == ERR:
+            raise ProbeError(f"netprobe: {self.endpoint} refused {what}: "
+                             f"{frames[-1].bytes.decode(errors='replace')}")
+        if tag != expect or len(frames) < 2 or frames[1].bytes != _U64.pack(seq):
+            raise ProbeError(f"netprobe: {self.endpoint} answered {what} with {tag!r} "
+                             f"({len(frames)} frames), expected {expect!r} for seq {seq}")
+        return frames
+
+    def ping(self, seq: int) -> float:
+        t = time.perf_counter()
+        self.send([PING, _U64.pack(seq)], f"ping {seq}")
+        self.recv(PONG, seq, f"ping {seq}")
+        return time.perf_counter() - t
+
+
+def _check_args(bytes_per_msg: int, seconds: float | None, count: int | None, pings: int,
+                timeout: float, window: int) -> None:
+    if not 1 <= bytes_per_msg <= MAX_MSG_BYTES:
+        raise ValueError(f"bytes_per_msg: expected 1..{MAX_MSG_BYTES}, got {bytes_per_msg}")
+    if count is None and (seconds is None or seconds <= 0):
+        raise ValueError(f"give seconds > 0 or a count: got seconds={seconds}, count={count}")
+    if count is not None and count < MIN_BULK_MESSAGES:
+        raise ValueError(f"count: expected >= {MIN_BULK_MESSAGES}, got {count}")
+    if pings < 1:
+        raise ValueError(f"pings: expected >= 1, got {pings}")
+    if timeout <= 0:
+        raise ValueError(f"timeout: expected > 0 s, got {timeout}")
+    if not 1 <= window <= MAX_WINDOW:
+        raise ValueError(f"window: expected 1..{MAX_WINDOW} (bounded by the sockets' HWM), got {window}")
+
+
+def _bulk(p: _Prober, payload: memoryview, seconds: float | None, count: int | None,
+          window: int, first_seq: int) -> tuple[int, int, float]:
+    """(messages, bytes acknowledged, seconds) of a credit-controlled bulk transfer."""
+    seq, acked, nbytes = first_seq, 0, 0
+    outstanding: list[int] = []
+    t0 = time.perf_counter()
+
+    def more() -> bool:
+        sent = seq - first_seq
+        if count is not None:
+            return sent < count
+        return sent < MIN_BULK_MESSAGES or time.perf_counter() - t0 < seconds
+
+    while True:
+        while len(outstanding) < window and more():
+            p.send([BULK, _U64.pack(seq), payload], f"bulk message {seq}")
+            outstanding.append(seq)
+            seq += 1
+        if not outstanding:
+            break
+        done = outstanding.pop(0)
+        frames = p.recv(ACK, done, f"bulk message {done}")
+        nbytes += _U64.unpack(frames[2].bytes)[0] if len(frames) == 3 else 0
+        acked += 1
+    return acked, nbytes, time.perf_counter() - t0
+
+
+def probe(endpoint: str, *, bytes_per_msg: int = DEFAULT_MSG_BYTES, seconds: float | None = DEFAULT_SECONDS,
+          count: int | None = None, pings: int = DEFAULT_PINGS, timeout: float = DEFAULT_TIMEOUT_S,
+          window: int = WINDOW, ctx: zmq.Context | None = None) -> dict[str, Any]:
+    """Latency (`pings` round trips) then bandwidth (bulk messages of `bytes_per_msg`) to a ProbeServer.
+
+    The bulk phase sends `count` messages when given, else runs for `seconds`. Raises
+    TimeoutError (naming `endpoint`) when any reply takes longer than `timeout` seconds.
+    Bandwidth is in megabits per second (10**6 bit/s); also given in bytes per second.
+    """
+    _check_args(bytes_per_msg, seconds, count, pings, timeout, window)
+    payload = memoryview(np.random.default_rng(PAYLOAD_SEED).bytes(bytes_per_msg))
+    own = ctx is None
+    ctx = ctx or zmq.Context()
+    p = _Prober(ctx, endpoint, timeout)
+    try:
+        p.ping(0)  # connection set-up: not counted
+        rtts = [p.ping(seq) for seq in range(1, pings + 1)]
+        first = pings + 1
+        p.send([BULK, _U64.pack(first), payload], f"bulk message {first}")  # slow start: not counted
+        p.recv(ACK, first, f"bulk message {first}")
+        messages, nbytes, elapsed = _bulk(p, payload, seconds, count, window, first + 1)
+    finally:
+        p.close()
+        if own:
+            ctx.term()
+    if nbytes != messages * bytes_per_msg:
+        raise ProbeError(f"netprobe: {endpoint} acknowledged {nbytes} bytes of {messages} messages, "
+                         f"expected {messages * bytes_per_msg}")
+    rate = nbytes / elapsed
+    rtt_ms = [r * 1e3 for r in rtts]
+    return {
+        "endpoint": endpoint,
+        "bandwidth_mbps": rate * 8 / 1e6,
+        "bandwidth_bytes_per_s": rate,
+        "latency_ms": statistics.median(rtt_ms) / 2,
+        "rtt_ms_p50": statistics.median(rtt_ms),
+        "rtt_ms_p90": _percentile(rtt_ms, P90),
+        "rtt_ms_min": min(rtt_ms),
+        "pings": len(rtt_ms),
+        "bytes": nbytes,
+        "messages": messages,
+        "bytes_per_msg": bytes_per_msg,
+        "seconds": elapsed,
+        "window": window,
+    }

@@ -1,0 +1,286 @@
+"""Measure, on this device, the compute time and memory of every unit of a model, one unit at a time.
+
+    >>> prof = profile_units("vit_tiny_patch16_224", microbatch=8, threads=1)
+    >>> [(u["name"], u["time_s"], u["work_bytes"]) for u in prof["units"]]
+
+Each unit is built alone (``build_shard(name, i, i + 1)``), run on a random input of the
+shape that enters it (``boundary_specs``), timed, measured and freed before the next one
+is built: the process never holds more than one unit, so a device can profile a model it
+cannot hold. Weights are the checkpoint's when one is given, otherwise ``build_shard``'s
+seeded placeholder weights (same shapes, same kernels, same time).
+
+Timing: ``warmup`` untimed forwards, then ``reps`` timed ones under ``inference_mode``;
+``time_s`` is their median.
+
+Working memory (``work_bytes``): the growth of the process's resident set during one
+extra forward, above its level just before, so it counts every allocation the unit makes
+(activations, the output it returns, kernel scratch) but not its parameters or its input.
+CPU torch has no caching allocator, but glibc keeps freed memory mapped, so the RSS of a
+repeated forward barely moves; hence, before the measured forward, ``malloc_trim(0)``
+returns every free page to the kernel, the kernel's RSS high-water mark (VmHWM) is reset by
+writing ``5`` to ``/proc/self/clear_refs`` (Linux >= 4.0), and VmHWM is read after the
+forward: exact to a page (4 KiB here), plus whatever slack malloc's arenas had left (small: the
+trim releases it). Where that file cannot be written, a thread samples RSS every
+``SAMPLE_INTERVAL_S`` instead (peaks shorter than that can be missed; reported as
+``work_method: "sampled"``). The measure is process-wide: other threads allocating
+meanwhile (a running stage) are counted too, so profile an idle node. The measured forward
+is separate from the timed ones because the trim makes its page faults slower. Resetting
+VmHWM also resets the process's ``ru_maxrss``: after a profile, ``device.peak_rss_bytes()``
+is the peak since the last unit was measured, not since the process started.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import gc
+import logging
+import math
+import os
+import platform
+import socket
+import statistics
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import device
+from . import model as models
+
+__all__ = ["DTYPE", "ProgressFn", "device_identity", "profile_units", "format_profile"]
+
+log = logging.getLogger(__name__)
+
+DTYPE = "float32"  # the only dtype profiled (and served) so far
+TORCH_DTYPE = torch.float32
+INPUT_SEED = 0  # random inputs are seeded so that two profiles run on identical data
+SAMPLE_INTERVAL_S = 0.0005  # RSS sampling period of the fallback memory meter
+CLEAR_REFS = Path("/proc/self/clear_refs")
+CLEAR_REFS_RESET_HWM = "5"  # resets VmHWM to the current RSS (proc(5), Linux >= 4.0)
+PROC_STATUS = Path("/proc/self/status")
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")  # resolution of the VmHWM meter
+
+ProgressFn = Callable[[int, int, str, float], None]
+
+
+def device_identity() -> dict[str, Any]:
+    """What makes a profile valid on this device and no other: the cache key's device part.
+
+    Only stable facts: no free memory, no RSS.
+    """
+    return {
+        "hostname": socket.gethostname(),
+        "machine": platform.machine(),
+        "cpu": device.cpu_model(),
+        "cores": device.cores(),
+        "cpu_quota": device.cpu_quota(),
+        "memory_total": device.mem_total(),
+        "memory_limit": device.memory_limit(),
+    }
+
+
+# ---------------------------------------------------------------- memory meter
+
+
+def _malloc_trim() -> Callable[[], None]:
+    """glibc's malloc_trim(0), or a no-op on other C libraries."""
+    name = ctypes.util.find_library("c")
+    try:
+        fn = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        fn = None
+    if fn is None:
+        return lambda: None
+    fn.argtypes = [ctypes.c_size_t]
+
+    def trim() -> None:
+        fn(0)
+
+    return trim
+
+
+def _vmhwm() -> int:
+    for line in PROC_STATUS.read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"no VmHWM line in {PROC_STATUS}")
+
+
+def _reset_hwm() -> bool:
+    try:
+        CLEAR_REFS.write_text(CLEAR_REFS_RESET_HWM)
+        _vmhwm()
+    except OSError:
+        return False
+    return True
+
+
+class _PeakMeter:
+    """Peak resident-set growth of this process while a callable runs (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.trim = _malloc_trim()
+        self.method = "vmhwm" if _reset_hwm() else "sampled"
+        self.resolution_bytes = PAGE_BYTES if self.method == "vmhwm" else None
+
+    def __call__(self, fn: Callable[[], Any]) -> tuple[Any, int]:
+        self.trim()
+        if self.method == "vmhwm":
+            _reset_hwm()
+            base = _vmhwm()
+            out = fn()
+            return out, max(0, _vmhwm() - base)
+        return self._sampled(fn)
+
+    @staticmethod
+    def _sampled(fn: Callable[[], Any]) -> tuple[Any, int]:
+        base = device.rss_bytes()
+        peak = [base]
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.wait(SAMPLE_INTERVAL_S):
+                peak[0] = max(peak[0], device.rss_bytes())
+
+        t = threading.Thread(target=sample, name="edgezmq-rss-sampler", daemon=True)
+        t.start()
+        try:
+            out = fn()
+            peak[0] = max(peak[0], device.rss_bytes())  # the output is still alive here
+        finally:
+            done.set()
+            t.join()
+        return out, max(0, peak[0] - base)
+
+
+# ---------------------------------------------------------------- profiling
+
+
+def _nbytes(specs: list[tuple[tuple[int, ...], str]]) -> int:
+    return sum(math.prod(shape) * getattr(torch, dt).itemsize for shape, dt in specs)
+
+
+def _jsonable(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """kwargs as plain JSON/msgpack values (a class such as mlp_layer=SwiGLU becomes its repr)."""
+    plain = (str, int, float, bool, type(None))
+    return {k: v if isinstance(v, plain) else repr(v) for k, v in sorted(kwargs.items())}
+
+
+def _check_counts(threads: int | None, warmup: int, reps: int) -> None:
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads: expected >= 1 or None, got {threads}")
+    if warmup < 0:
+        raise ValueError(f"warmup: expected >= 0, got {warmup}")
+    if reps < 1:
+        raise ValueError(f"reps: expected >= 1, got {reps}")
+
+
+def _profile_unit(model: str, i: int, *, granularity: str, specs: list, warmup: int, reps: int,
+                  kwargs: dict[str, Any], checkpoint: str | Path | None, gen: torch.Generator,
+                  meter: _PeakMeter) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    shard = models.build_shard(model, i, i + 1, granularity=granularity, checkpoint=checkpoint,
+                               dtype=TORCH_DTYPE, **kwargs)
+    build_s = time.perf_counter() - t0
+    xs = [torch.randn(shape, generator=gen, dtype=getattr(torch, dt)) for shape, dt in specs[i]]
+    times = []
+    with torch.inference_mode():
+        for _ in range(warmup):
+            shard(*xs)
+        for _ in range(reps):
+            t = time.perf_counter()
+            shard(*xs)
+            times.append(time.perf_counter() - t)
+        out, work = meter(functools.partial(shard, *xs))
+    got = [(tuple(y.shape), str(y.dtype).removeprefix("torch.")) for y in out]
+    want = [(tuple(s), dt) for s, dt in specs[i + 1]]
+    if got != want:  # pragma: no cover - guards model.boundary_specs
+        raise models.ModelError(f"{model} unit {i} ({shard.units[0].name}): output {got}, "
+                                f"boundary_specs says {want}")
+    entry = {
+        "index": i,
+        "name": shard.units[0].name,
+        "time_s": statistics.median(times),
+        "times_s": times,
+        "in_bytes": _nbytes(specs[i]),
+        "out_bytes": _nbytes(specs[i + 1]),
+        "param_bytes": shard.param_bytes(),
+        "work_bytes": work,
+        "build_s": build_s,
+    }
+    del shard, xs, out
+    gc.collect()  # free the unit before the next is built (never two units at once)
+    return entry
+
+
+def profile_units(model: str, *, granularity: str = "block", microbatch: int = 8,
+                  threads: int | None = None, warmup: int = 1, reps: int = 3,
+                  kwargs: Mapping[str, Any] | None = None, checkpoint: str | Path | None = None,
+                  progress: ProgressFn | None = None) -> dict[str, Any]:
+    """Time and measure every unit of `model` at `microbatch` on this device, one unit at a time.
+
+    `threads`: torch intra-op threads while profiling (None: the current setting); the
+    previous setting is restored afterwards. `progress(i, n, unit_name, time_s)` is
+    called after each unit. Returns plain values only (JSON- and msgpack-ready).
+    """
+    _check_counts(threads, warmup, reps)
+    kw = dict(kwargs or {})
+    specs = models.boundary_specs(model, granularity, microbatch, dtype=TORCH_DTYPE, **kw)
+    n = len(specs) - 1
+    previous = torch.get_num_threads()
+    used = threads or previous
+    meter = _PeakMeter()
+    gen = torch.Generator().manual_seed(INPUT_SEED)
+    base_rss = device.rss_bytes()
+    started = time.perf_counter()
+    units = []
+    try:
+        torch.set_num_threads(used)
+        for i in range(n):
+            entry = _profile_unit(model, i, granularity=granularity, specs=specs, warmup=warmup,
+                                  reps=reps, kwargs=kw, checkpoint=checkpoint, gen=gen, meter=meter)
+            units.append(entry)
+            log.debug("%s unit %d/%d %s: %.4f s, work %d B", model, i + 1, n, entry["name"],
+                      entry["time_s"], entry["work_bytes"])
+            if progress is not None:
+                progress(i, n, entry["name"], entry["time_s"])
+    finally:
+        torch.set_num_threads(previous)
+    return {
+        "model": model,
+        "granularity": granularity,
+        "microbatch": microbatch,
+        "threads": used,
+        "dtype": DTYPE,
+        "kwargs": _jsonable(kw),
+        "checkpoint": str(checkpoint) if checkpoint is not None else None,
+        "device": device_identity(),
+        "warmup": warmup,
+        "reps": reps,
+        "work_method": meter.method,
+        "work_resolution_bytes": meter.resolution_bytes,
+        "base_rss_bytes": base_rss,  # the process before any unit: the runtime's own footprint
+        "units": units,
+        "input_bytes": _nbytes(specs[0]),
+        "total_time_s": sum(u["time_s"] for u in units),
+        "profile_s": time.perf_counter() - started,
+    }
+
+
+def format_profile(prof: Mapping[str, Any]) -> str:
+    """A profile as an aligned text table (one line per unit, then the total)."""
+    mib = 1024 * 1024
+    lines = [f"{prof['model']} {prof['granularity']} microbatch {prof['microbatch']} "
+             f"threads {prof['threads']} {prof['dtype']}",
+             f"{'#':>3}  {'unit':<20} {'time ms':>9} {'out MiB':>8} {'param MiB':>9} {'work MiB':>8}"]
+    for u in prof["units"]:
+        lines.append(f"{u['index']:>3}  {u['name']:<20} {u['time_s'] * 1e3:>9.2f} "
+                     f"{u['out_bytes'] / mib:>8.2f} {u['param_bytes'] / mib:>9.2f} "
+                     f"{u['work_bytes'] / mib:>8.2f}")
+    lines.append(f"{'':>3}  {'total':<20} {prof['total_time_s'] * 1e3:>9.2f}")
+    return "\n".join(lines)
