@@ -61,6 +61,25 @@ COMMANDS: dict[str, dict[str, Arg]] = {
         "connect": Arg((list,), True, "downstream data addresses (next stage replicas or the client)"),
     },
     "stats": {},
+    "profile": {
+        "model": Arg((str,), True, "timm model name"),
+        "microbatch": Arg(_ANY_INT, True, "microbatch size to time each unit at"),
+        "granularity": Arg((str,), False, "block | half | sublayer (default block)"),
+        "kwargs": Arg((dict,), False, "extra timm.create_model keyword arguments"),
+        "threads": Arg(_ANY_INT, False, "torch threads (default: the node's)"),
+        "warmup": Arg(_ANY_INT, False, "untimed forwards per unit (default 1)"),
+        "reps": Arg(_ANY_INT, False, "timed forwards per unit; the median is reported (default 3)"),
+        "reprofile": Arg((bool,), False, "ignore the node's profile cache"),
+    },
+    "netprobe": {
+        "peer": Arg((str,), True, "a probe endpoint (another node's `info.probe`)"),
+        "bytes_per_msg": Arg(_ANY_INT, False, "bulk message size (default 4 MiB)"),
+        "seconds": Arg(_NUM, False, "bulk transfer duration (default 1)"),
+        "pings": Arg(_ANY_INT, False, "round trips for the latency (default 20)"),
+    },
+    "job": {
+        "id": Arg((str,), True, "job id returned by profile or netprobe"),
+    },
     "unload": {},
     "shutdown": {},
 }

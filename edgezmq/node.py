@@ -32,6 +32,7 @@ DRAIN_TIMEOUT_S = 10.0  # SIGTERM: finish in-flight microbatches for at most thi
 READY_PREFIX = "EDGEZMQ-NODE-READY"  # first stdout line, parsed by edgezmq.local
 SUPPORTED_DTYPES = ("float32",)
 BUFFERS_PER_DIRECTION = QUEUE_DEPTH + sockets.DATA_HWM + 1  # for the memory estimate
+MAX_JOBS_KEPT = 16  # finished jobs remembered for `job` queries
 _STOP = object()
 
 
@@ -90,6 +91,21 @@ class LoadSpec:
             kwargs=dict(a.get("kwargs") or {}), checkpoint=a.get("checkpoint"),
             pretrained=bool(a.get("pretrained", False)), dtype=dtype, threads=a.get("threads"),
         )
+
+
+@dataclass
+class Job:
+    """A long command (profile, netprobe) running beside the control loop."""
+
+    id: str
+    kind: str
+    state: str = "running"  # running | done | failed
+    progress: list = field(default_factory=list)  # profile: [done, total, unit name, time_s]
+    result: dict | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
 
 
 class StageRuntime:
@@ -308,6 +324,18 @@ class Node:
         self.requests = 0
         self.bad_requests = 0
         self.started = time.time()
+        self.jobs: dict[str, Job] = {}
+        self._job_seq = 0
+        from .netprobe import ProbeServer
+
+        # always on: peers and the bootstrapper measure their links to this node through it
+        self.probe = ProbeServer(sockets.host_of(self.control_endpoint), ctx=self.ctx).start()
+        self.probe_endpoint = self._advertised(self.probe.endpoint)
+
+    def _advertised(self, endpoint: str) -> str:
+        if self.advertise:
+            return f"tcp://{self.advertise}:{endpoint.rsplit(':', 1)[1]}"
+        return endpoint
 
     # ---- control commands ----------------------------------------------
     def cmd_ping(self) -> dict[str, Any]:
@@ -318,7 +346,84 @@ class Node:
     def cmd_info(self) -> dict[str, Any]:
         return {"name": self.name, "state": self.state, "threads": self.threads,
                 "memory_limit_arg": self.memory_limit, "device": device.describe(),
-                "control": self.control_endpoint}
+                "control": self.control_endpoint, "probe": self.probe_endpoint}
+
+    # ---- jobs: profile and netprobe run beside the control loop ----------
+    def _start_job(self, kind: str, fn, progress: bool = False) -> Job:
+        busy = [j for j in self.jobs.values() if j.state == "running"]
+        if busy:
+            raise control.ControlError(control.BAD_STATE, f"node {self.name} is busy with {busy[0].kind} job {busy[0].id}")
+        self._job_seq += 1
+        job = Job(id=f"{kind}-{self._job_seq}", kind=kind)
+        self.jobs[job.id] = job
+        for old in list(self.jobs)[:-MAX_JOBS_KEPT]:
+            if self.jobs[old].state != "running":
+                del self.jobs[old]
+
+        def run() -> None:
+            try:
+                job.result = fn(job)
+                job.state = "done"
+            except Exception as e:  # the job's failure is reported, not raised
+                log.warning("%s job %s failed: %s", kind, job.id, e)
+                job.error, job.state = f"node {self.name}: {type(e).__name__}: {e}", "failed"
+
+        threading.Thread(target=run, name=job.id, daemon=True).start()
+        return job
+
+    def cmd_profile(self, **a: Any) -> dict[str, Any]:
+        import torch
+
+        from . import cache
+        from . import model as models
+        from .profile import profile_units
+
+        if self.state in ("loading", "running"):
+            raise control.ControlError(
+                control.BAD_STATE, f"node {self.name} is {self.state}: profiling measures the whole "
+                "process, so profile before deploying (or unload first)")
+        granularity, kwargs = a.get("granularity", "block"), dict(a.get("kwargs") or {})
+        threads = a.get("threads") or self.threads or torch.get_num_threads()
+        for k in ("microbatch", "threads", "reps"):
+            if k in a and a[k] < 1:
+                raise control.ControlError(control.BAD_ARGS, f"profile.{k}: must be >= 1, got {a[k]}")
+        try:
+            models.unit_infos(a["model"], granularity, **kwargs)
+        except (models.ModelError, TypeError) as e:
+            raise control.ControlError(control.BAD_ARGS, f"node {self.name}: {e}") from None
+        key = cache.profile_key(a["model"], granularity=granularity, microbatch=a["microbatch"],
+                                threads=threads, kwargs=kwargs)
+        if not a.get("reprofile"):
+            hit = cache.get(key)
+            if hit is not None:
+                return {"state": "done", "cached": True, "result": hit, "job": None}
+
+        def work(job: Job) -> dict:
+            def report(i: int, n: int, name: str, t: float) -> None:
+                job.progress = [i + 1, n, name, t]  # units done, of n
+
+            prof = profile_units(
+                a["model"], granularity=granularity, microbatch=a["microbatch"], threads=threads,
+                kwargs=kwargs, warmup=a.get("warmup", 1), reps=a.get("reps", 3), progress=report)
+            cache.put(key, prof)
+            return prof
+
+        job = self._start_job("profile", work)
+        return {"state": job.state, "cached": False, "job": job.id}
+
+    def cmd_netprobe(self, peer: str, **a: Any) -> dict[str, Any]:
+        from . import netprobe
+
+        if not isinstance(peer, str) or not peer.startswith("tcp://"):
+            raise control.ControlError(control.BAD_ARGS, f"netprobe.peer: expected tcp://HOST:PORT, got {peer!r}")
+        job = self._start_job("netprobe", lambda job: netprobe.probe(peer, ctx=self.ctx, **a))
+        return {"state": job.state, "job": job.id}
+
+    def cmd_job(self, id: str) -> dict[str, Any]:  # noqa: A002 - the protocol's field name
+        job = self.jobs.get(id)
+        if job is None:
+            raise control.ControlError(control.BAD_ARGS, f"job.id: no job {id!r} on node {self.name}")
+        return job.to_dict()
 
     def _memory_budget(self) -> int:
         avail = device.mem_available()
@@ -367,8 +472,7 @@ class Node:
         except (zmq.ZMQError, ValueError) as e:
             sockets.close_all(pull)
             raise control.ControlError(control.LOAD_FAILED, f"node {self.name}: cannot bind data socket {bind_addr}: {e}") from None
-        if self.advertise:
-            endpoint = f"tcp://{self.advertise}:{endpoint.rsplit(':', 1)[1]}"
+        endpoint = self._advertised(endpoint)
         pull.setsockopt(zmq.RCVTIMEO, POLL_MS)
         rt = StageRuntime(self.ctx, spec, pull, endpoint)
         rt.expected_in = [(tuple(s), d) for s, d in specs[spec.start]]
@@ -484,6 +588,7 @@ class Node:
         clean = True
         if rt is not None:
             clean = rt.drain() if self.state == "running" else (rt.close() or True)
+        self.probe.stop()
         sockets.close_all(self.rep)
         if self._own_ctx:
             self.ctx.term()

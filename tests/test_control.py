@@ -12,7 +12,8 @@ LOAD = dict(run="r", model="vit_tiny_patch16_224", units=[0, 3], stage=0, last=F
 
 def test_every_command_round_trips():
     for cmd, schema in control.COMMANDS.items():
-        args = {k: v for k, v in {**LOAD, "connect": ["tcp://127.0.0.1:1"]}.items() if k in schema}
+        sample = {**LOAD, "connect": ["tcp://127.0.0.1:1"], "peer": "tcp://127.0.0.1:2", "id": "profile-1"}
+        args = {k: v for k, v in sample.items() if k in schema and schema[k].required}
         got_cmd, got_args = control.parse_request(control.request(cmd, **args))
         assert got_cmd == cmd and got_args == args
 

@@ -189,3 +189,61 @@ def test_model_kwargs_reach_the_shard(cc):
     with pytest.raises(control.ControlError, match="6 units"):
         cc.call("load", **load_args(units=[0, 7]))
     assert MODEL and KWARGS["depth"] == 4
+
+
+def _job(cc, r, timeout=120.0):
+    import time
+
+    if r.get("job") is None:
+        return r
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        j = cc.call("job", id=r["job"])
+        if j["state"] != "running":
+            return j
+        time.sleep(0.05)
+    raise AssertionError(f"job {r['job']} still running after {timeout}s")
+
+
+def test_profile_command_runs_as_a_job_and_is_cached(cc, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEZMQ_CACHE", str(tmp_path))
+    args = dict(model=MODEL, microbatch=MICROBATCH, kwargs=KWARGS, threads=1, reps=1)
+    first = cc.call("profile", **args)
+    assert first["cached"] is False and first["state"] == "running"
+    j = _job(cc, first)
+    assert j["state"] == "done", j["error"]
+    units = j["result"]["units"]
+    assert [u["name"] for u in units] == ["embed", "blocks.0", "blocks.1", "blocks.2", "blocks.3", "head"]
+    assert all(u["time_s"] > 0 for u in units)
+    assert j["progress"][:2] == [6, 6]
+    again = cc.call("profile", **args)
+    assert again["cached"] is True and again["result"]["units"] == units
+    # another thread count is another device, as far as the cache is concerned
+    assert cc.call("profile", **{**args, "threads": 2})["cached"] is False
+
+
+def test_profile_refuses_bad_args_and_busy_states(cc, socks):
+    with pytest.raises(control.ControlError, match="no_such"):
+        cc.call("profile", model="no_such_vit", microbatch=2)
+    with pytest.raises(control.ControlError, match="microbatch"):
+        cc.call("profile", model=MODEL, microbatch=0)
+    with pytest.raises(control.ControlError, match="no job"):
+        cc.call("job", id="profile-99")
+    _one_stage(cc, socks)
+    with pytest.raises(control.ControlError) as ei:
+        cc.call("profile", model=MODEL, microbatch=2, kwargs=KWARGS)
+    assert ei.value.code == control.BAD_STATE
+
+
+def test_netprobe_between_two_nodes(cc):
+    with inproc_node("t1") as other, ControlClient(other.control_endpoint, timeout=10) as oc:
+        peer = oc.call("info")["probe"]
+        j = _job(cc, cc.call("netprobe", peer=peer, seconds=0.3, bytes_per_msg=1 << 20, pings=5))
+    assert j["state"] == "done", j["error"]
+    assert j["result"]["bandwidth_mbps"] > 0 and j["result"]["latency_ms"] > 0
+
+
+def test_netprobe_to_nowhere_fails_as_a_job_not_a_node(cc):
+    j = _job(cc, cc.call("netprobe", peer="tcp://127.0.0.1:1", seconds=0.2, pings=2))
+    assert j["state"] == "failed" and "t0" in j["error"]
+    assert cc.call("ping")["state"] == "idle"
