@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 
 log = logging.getLogger("edgezmq")
 
@@ -17,6 +18,8 @@ EPILOG_NODE = """examples:
 EPILOG_DEPLOY = """examples:
   edgezmq deploy plans/local-3.yaml
   edgezmq deploy plans/local-3.yaml --json
+  edgezmq deploy cluster.yaml --model vit_large_patch16_224 --dry-run --plan-out plan.yaml
+  edgezmq deploy cluster.yaml --model vit_base_patch16_224 --checkpoint /data/vit_base.safetensors
 """
 EPILOG_SUBMIT = """examples:
   edgezmq submit plans/local-3.yaml --random 64 --out logits.npy
@@ -27,6 +30,10 @@ EPILOG_DEMO = """examples:
   edgezmq demo
   edgezmq demo --model vit_tiny_patch16_224 --nodes 2 --batches 8 --json
 """
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
 
 
 def _setup_logging(verbose: int) -> None:
@@ -74,24 +81,94 @@ def _load_plan(path: str):
     return load_plan(path)
 
 
-def cmd_deploy(args: argparse.Namespace) -> int:
-    plan = _load_plan(args.plan)  # a bad file fails fast, before torch is imported
-    from . import model as models
-    from .bootstrap import deploy, stage_table
+def _read_yaml(path: str):
+    import yaml
 
+    from .bootstrap import PlanFileError
+
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise PlanFileError(f"{path}: cannot read file ({e.strerror})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise PlanFileError(f"{path}: not valid YAML ({e})") from None
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from .cluster import is_cluster_file
+
+    d = _read_yaml(args.file)  # a bad file fails fast, before torch is imported
+    if is_cluster_file(d):
+        return _deploy_cluster(args, d)
+    if args.model or args.dry_run or args.plan_out:
+        raise SystemExit(f"edgezmq deploy: {args.file} is a plan; --model/--dry-run/--plan-out "
+                         "apply to a cluster inventory")
+    from .bootstrap import parse_plan
+
+    plan = parse_plan(d, source=args.file)
     t0 = time.time()
-    dep = deploy(plan, load_timeout=args.timeout, progress=None if args.json else
-                 (lambda m: print(m, file=sys.stderr)))
+    from .bootstrap import deploy
+
+    dep = deploy(plan, load_timeout=args.timeout, progress=None if args.json else _stderr)
+    _print_deployed(args, plan, dep, time.time() - t0)
+    return 0
+
+
+def _print_deployed(args: argparse.Namespace, plan, dep, seconds: float, extra: dict | None = None) -> None:
+    from . import model as models
+    from .bootstrap import stage_table
+
     if args.json:
-        print(json.dumps({"run": dep.run, "stages": [
-            {"units": list(s.units), "nodes": [n.name for n in s.nodes], "data": dep.endpoints[i]}
+        print(json.dumps({"run": dep.run if dep else None, "stages": [
+            {"units": list(s.units), "nodes": [n.name for n in s.nodes],
+             "data": dep.endpoints[i] if dep else None}
             for i, s in enumerate(plan.stages)], "results": plan.results,
-            "seconds": round(time.time() - t0, 3)}))
-        return 0
+            "seconds": round(seconds, 3), **(extra or {})}))
+        return
     names = [u.name for u in models.unit_infos(plan.model.name, plan.model.granularity, **plan.model.kwargs)]
-    print(f"deployed run {dep.run}: {plan.model.name} in {len(plan.stages)} stage(s), "
-          f"results to {plan.results} ({time.time() - t0:.1f}s)")
-    print(stage_table(plan, names, dep.endpoints))
+    if dep:
+        print(f"deployed run {dep.run}: {plan.model.name} in {len(plan.stages)} stage(s), "
+              f"results to {plan.results} ({seconds:.1f}s)")
+    print(stage_table(plan, names, dep.endpoints if dep else None))
+
+
+def _deploy_cluster(args: argparse.Namespace, d: dict) -> int:
+    import yaml
+
+    from . import model as models
+    from .autodeploy import autodeploy
+    from .bootstrap import ModelSpec
+    from .cluster import parse_cluster
+
+    cluster = parse_cluster(d, source=args.file)
+    if not args.model:
+        raise SystemExit(f"edgezmq deploy: {args.file} is a cluster inventory: give --model")
+    kwargs = json.loads(args.kwargs) if args.kwargs else {}
+    checkpoint = args.checkpoint
+    if checkpoint is None and not args.pretrained:
+        checkpoint = str(models.cached_checkpoint(args.model, **kwargs))
+        print(f"checkpoint: seeded {checkpoint} (every node must have this file; "
+              "pass --checkpoint or --pretrained otherwise)", file=sys.stderr)
+    spec = ModelSpec(name=args.model, microbatch=args.microbatch, granularity=args.granularity,
+                     checkpoint=checkpoint, pretrained=args.pretrained, kwargs=kwargs)
+    t0 = time.time()
+    dep, plan, problem, planned, g = autodeploy(
+        cluster, spec, reprofile=args.reprofile, dry_run=args.dry_run, time_limit_s=args.time_limit,
+        say=_stderr, load_timeout=args.timeout, replication=not args.no_replication)
+    predicted = {"throughput_per_s": planned.throughput_per_s, "bottleneck_s": planned.bottleneck_s,
+                 "latency_s": planned.latency_s, "optimal": planned.optimal,
+                 "bottleneck_at": planned.bottleneck_at}
+    if args.plan_out:
+        Path(args.plan_out).write_text(yaml.safe_dump(
+            {**plan.to_dict(), "predicted": predicted, "problem": g.problem}, sort_keys=False))
+        _stderr(f"plan and problem written to {args.plan_out}")
+    if not args.json:
+        print(planned.table(problem))
+        print(f"predicted: {planned.throughput_per_s:.2f} samples/s (bottleneck {planned.bottleneck_at}, "
+              f"{planned.bottleneck_s * 1e3:.1f} ms per microbatch{', optimal' if planned.optimal else ''})")
+    _print_deployed(args, plan, dep, time.time() - t0, {"predicted": predicted})
     return 0
 
 
@@ -217,10 +294,23 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--advertise", help="host other nodes use to reach this node's data socket")
     n.set_defaults(func=cmd_node)
 
-    d = sub.add_parser("deploy", help="load a plan onto its nodes", epilog=EPILOG_DEPLOY, formatter_class=fmt)
-    d.add_argument("plan", help="plan YAML (see plans/README.md)")
+    d = sub.add_parser("deploy", help="deploy a plan, or measure + plan + deploy a cluster inventory",
+                       epilog=EPILOG_DEPLOY, formatter_class=fmt)
+    d.add_argument("file", help="plan YAML, or cluster inventory YAML with --model (see plans/README.md)")
     d.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for every shard to load")
     d.add_argument("--json", action="store_true")
+    g = d.add_argument_group("cluster inventory")
+    g.add_argument("--model", help="timm model name")
+    g.add_argument("--checkpoint", help="safetensors file present on every node (default: the seeded one)")
+    g.add_argument("--pretrained", action="store_true", help="timm pretrained weights (needs a hub)")
+    g.add_argument("--microbatch", type=int, default=8)
+    g.add_argument("--granularity", default="block", choices=("block", "half", "sublayer"))
+    g.add_argument("--kwargs", help="timm.create_model kwargs as JSON")
+    g.add_argument("--reprofile", action="store_true", help="ignore cached profiles")
+    g.add_argument("--dry-run", action="store_true", help="stop after planning")
+    g.add_argument("--no-replication", action="store_true", help="one node per stage")
+    g.add_argument("--plan-out", help="write the plan (with its problem and prediction) here")
+    g.add_argument("--time-limit", type=float, default=20.0, help="planner time limit, seconds")
     d.set_defaults(func=cmd_deploy)
 
     u = sub.add_parser("undeploy", help="unload every node of a plan")

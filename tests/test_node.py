@@ -6,7 +6,16 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
-from helpers import KWARGS, MICROBATCH, MODEL, batches, inproc_node, load_args, monolithic, wait_state
+from helpers import (
+    KWARGS,
+    MICROBATCH,
+    MODEL,
+    batches,
+    inproc_node,
+    load_args,
+    monolithic,
+    wait_state,
+)
 
 from edgezmq import control, sockets, wire
 from edgezmq.rpc import ControlClient

@@ -16,7 +16,16 @@ from helpers import KWARGS, MICROBATCH, MODEL, N_UNITS, batches, checkpoint, mon
 
 from edgezmq import model as models
 from edgezmq import sockets
-from edgezmq.bootstrap import DeployError, ModelSpec, NodeRef, Plan, PlanFileError, StagePlan, deploy, unload
+from edgezmq.bootstrap import (
+    DeployError,
+    ModelSpec,
+    NodeRef,
+    Plan,
+    PlanFileError,
+    StagePlan,
+    deploy,
+    unload,
+)
 from edgezmq.client import Client
 from edgezmq.local import LocalCluster
 from edgezmq.rpc import ControlClient

@@ -1,0 +1,275 @@
+"""Deploy from a cluster inventory: info -> profile -> netprobe -> plan -> load -> READY.
+
+``gather`` asks every node what it is, has one node of each device type profile the
+model's units on its own hardware (cached on the node), measures the links the planner
+needs (all pairs for small clusters, one sample per type pair for large ones, and the
+client's link to every node), and builds the planner's problem (#3's format).
+``autodeploy`` then plans, prints the plan with its predicted throughput and deploys it
+through ``edgezmq.bootstrap``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from . import control, netprobe
+from .bootstrap import DeployError, Deployment, ModelSpec, NodeRef, Plan, StagePlan, deploy
+from .cluster import CLIENT, Cluster, NodeEntry
+from .node import BUFFERS_PER_DIRECTION
+from .rpc import ControlClient
+
+log = logging.getLogger("edgezmq.autodeploy")
+
+INFO_TIMEOUT_S = 5.0
+JOB_POLL_S = 0.2
+PROFILE_TIMEOUT_S = 3600.0  # ViT-Huge unit by unit on a slow board
+PLAN_TIME_LIMIT_S = 20.0
+
+Say = Callable[[str], None]
+
+
+@dataclass
+class Gathered:
+    """Everything measured about a cluster for one model: the planner's problem and its sources."""
+
+    problem: dict[str, Any]
+    infos: dict[str, dict]
+    profiles: dict[str, dict]  # device type -> profile
+    links: dict[tuple[str, str], dict]  # measured (a, b) -> netprobe result
+    seconds: float
+
+
+def _parallel(items: list, fn: Callable, workers: int | None = None) -> list:
+    with ThreadPoolExecutor(max_workers=workers or max(1, min(16, len(items)))) as ex:
+        return list(ex.map(fn, items))
+
+
+def _call(n: NodeEntry, cmd: str, timeout: float = INFO_TIMEOUT_S, **args: Any) -> dict:
+    with ControlClient(n.control, timeout=timeout, retries=1, name=n.name) as c:
+        return c.call(cmd, **args)
+
+
+def _wait_job(n: NodeEntry, reply: dict, timeout: float, on_progress: Callable[[list], None] | None = None) -> dict:
+    """Poll a node's job until it ends; returns its result or raises DeployError."""
+    if reply.get("job") is None:
+        return reply["result"]
+    deadline = time.time() + timeout
+    seen: list = []
+    with ControlClient(n.control, timeout=INFO_TIMEOUT_S, retries=2, name=n.name) as c:
+        while time.time() < deadline:
+            j = c.call("job", id=reply["job"])
+            if on_progress and j.get("progress") and j["progress"] != seen:
+                seen = j["progress"]
+                on_progress(seen)
+            if j["state"] == "done":
+                return j["result"]
+            if j["state"] == "failed":
+                raise DeployError(f"{n.name}: {j['error']}", {n.name: j["error"]})
+            time.sleep(JOB_POLL_S)
+    raise DeployError(f"{n.name}: job {reply['job']} did not finish in {timeout:g}s",
+                      {n.name: "job timed out"})
+
+
+def device_type_of(n: NodeEntry) -> str:
+    """Nodes that share a `type` label share one profile; untyped nodes are their own type."""
+    return n.type or n.name
+
+
+def _usable_memory(n: NodeEntry, info: dict) -> tuple[int, int]:
+    """(memory the node may use in all, of which the runtime already holds), in bytes."""
+    dev = info["device"]
+    rss = int(dev["rss"])
+    total = int(dev["memory_available"]) + rss
+    for cap in (n.memory_bytes, dev.get("memory_limit"), info.get("memory_limit_arg")):
+        if cap:
+            total = min(total, int(cap))
+    return total, rss
+
+
+def gather(
+    cluster: Cluster, *, model: str, microbatch: int, granularity: str = "block",
+    kwargs: dict | None = None, reprofile: bool = False, replication: bool = True, say: Say | None = None,
+) -> Gathered:
+    say = say or (lambda m: log.info("%s", m))
+    t0 = time.time()
+    kwargs = dict(kwargs or {})
+    nodes = cluster.nodes
+
+    # 1. info
+    def info(n: NodeEntry) -> Any:
+        try:
+            return _call(n, "info")
+        except control.ControlError as e:
+            return e
+
+    infos_l = _parallel(nodes, info)
+    errors = {n.name: r.message for n, r in zip(nodes, infos_l) if isinstance(r, Exception)}
+    if errors:
+        raise DeployError("unreachable node(s):\n" + "\n".join(f"  {k}: {v}" for k, v in errors.items()), errors)
+    infos = {n.name: r for n, r in zip(nodes, infos_l)}
+    for n in nodes:
+        d = infos[n.name]["device"]
+        quota = f" (quota {d['cpu_quota']:.2f} CPU)" if d.get("cpu_quota") else ""
+        say(f"{n.name}: {d['cpu']}, {d['cores']} cores{quota}, "
+            f"{_usable_memory(n, infos[n.name])[0] / 1e9:.2f} GB usable, threads {infos[n.name]['threads']}")
+
+    # 2. profiles: one representative per device type
+    reps: dict[str, NodeEntry] = {}
+    for n in nodes:
+        reps.setdefault(device_type_of(n), n)
+    hosts = {infos[n.name]["device"]["hostname"] for n in nodes}
+    # on one machine the nodes share its cores: profiling them at once would skew every time
+    workers = 1 if len(hosts) == 1 else None
+
+    def prof(item: tuple[str, NodeEntry]) -> dict:
+        typ, n = item
+        r = _call(n, "profile", timeout=60.0, model=model, microbatch=microbatch,
+                  granularity=granularity, kwargs=kwargs, reprofile=reprofile)
+        if r.get("cached"):
+            say(f"{n.name}: profile of {model} from the node's cache")
+        return _wait_job(n, r, PROFILE_TIMEOUT_S, lambda p: say(
+            f"{n.name}: profiled unit {p[0]}/{p[1]} {p[2]}: {p[3] * 1e3:.1f} ms"))
+
+    profiles = dict(zip(reps, _parallel(list(reps.items()), prof, workers)))
+
+    # 3. links
+    measured: dict[tuple[str, str], dict] = {}
+    pairs = _pairs_to_measure(cluster)
+    for a, b in pairs:
+        na = cluster.node(a)
+        r = _call(na, "netprobe", peer=infos[b]["probe"], seconds=cluster.probe_seconds,
+                  bytes_per_msg=cluster.probe_bytes, pings=cluster.pings)
+        measured[(a, b)] = _wait_job(na, r, 60.0)
+        say(f"link {a} <-> {b}: {measured[(a, b)]['bandwidth_mbps']:.0f} Mbit/s, "
+            f"{measured[(a, b)]['latency_ms']:.2f} ms")
+    for n in nodes:  # the client's own links, measured from here
+        if cluster.link_overrides.get(frozenset((CLIENT, n.name))) or cluster.default_link:
+            continue
+        measured[(CLIENT, n.name)] = netprobe.probe(
+            infos[n.name]["probe"], seconds=cluster.probe_seconds, bytes_per_msg=cluster.probe_bytes,
+            pings=cluster.pings)
+        say(f"link {CLIENT} <-> {n.name}: {measured[(CLIENT, n.name)]['bandwidth_mbps']:.0f} Mbit/s")
+
+    problem = build_problem(cluster, infos, profiles, measured, model=model, microbatch=microbatch,
+                            granularity=granularity, kwargs=kwargs, replication=replication)
+    return Gathered(problem, infos, profiles, measured, time.time() - t0)
+
+
+def _pairs_to_measure(cluster: Cluster) -> list[tuple[str, str]]:
+    """Unordered node pairs whose link is not configured: all of them for small clusters,
+    else one sample pair per pair of device types (its figure stands for the type pair)."""
+    nodes = cluster.nodes
+    unknown = [(a.name, b.name) for a, b in itertools.combinations(nodes, 2) if cluster.known_link(a.name, b.name) is None]
+    if len(nodes) <= cluster.all_pairs_up_to:
+        return unknown
+    sample: dict[frozenset, tuple[str, str]] = {}
+    for a, b in unknown:
+        key = frozenset((device_type_of(cluster.node(a)), device_type_of(cluster.node(b))))
+        sample.setdefault(key, (a, b))
+    return list(sample.values())
+
+
+def _figure(r: dict) -> dict:
+    return {"mbps": round(float(r["bandwidth_mbps"]), 3), "latency_ms": round(float(r["latency_ms"]), 4)}
+
+
+def build_problem(
+    cluster: Cluster, infos: dict, profiles: dict, measured: dict, *, model: str, microbatch: int,
+    granularity: str, kwargs: dict, replication: bool = True,
+) -> dict[str, Any]:
+    """The planner's problem dict (docs/planner.md) from what was measured."""
+    first = next(iter(profiles.values()))
+    units = []
+    for i, u in enumerate(first["units"]):
+        work = max(int(p["units"][i]["work_bytes"]) for p in profiles.values())
+        units.append({"name": u["name"], "out_bytes": int(u["out_bytes"]), "param_bytes": int(u["param_bytes"]),
+                      "work_bytes": work})
+    device_types, devices = {}, []
+    for n in cluster.nodes:
+        typ = device_type_of(n)
+        mem, rss = _usable_memory(n, infos[n.name])
+        if typ not in device_types:
+            device_types[typ] = {"memory_bytes": mem, "reserved_bytes": rss,
+                                 "unit_times_s": [float(u["time_s"]) for u in profiles[typ]["units"]]}
+        devices.append({"name": n.name, "type": typ, "control": n.control, "memory_bytes": mem,
+                        "reserved_bytes": rss})
+    # links: configured figures win; measured pairs become overrides; a sampled type pair
+    # stands for every pair of those types
+    overrides: list[dict] = []
+    for pair, fig in cluster.link_overrides.items():
+        a, b = sorted(pair)
+        overrides.append({"a": a, "b": b, "mbps": fig.mbps, "latency_ms": fig.latency_ms})
+    if len(cluster.nodes) > cluster.all_pairs_up_to:
+        typed = {}
+        for (a, b), r in measured.items():
+            if CLIENT in (a, b):
+                continue
+            ta, tb = device_type_of(cluster.node(a)), device_type_of(cluster.node(b))
+            typed[frozenset((ta, tb))] = r
+        for a, b in itertools.combinations(cluster.nodes, 2):
+            if cluster.known_link(a.name, b.name) is None:
+                r = typed.get(frozenset((device_type_of(a), device_type_of(b))))
+                if r is not None:
+                    overrides.append({"a": a.name, "b": b.name, **_figure(r)})
+        node_measured = {k: v for k, v in measured.items() if CLIENT in k}
+    else:
+        node_measured = measured
+    for (a, b), r in node_measured.items():
+        overrides.append({"a": a, "b": b, **_figure(r)})
+    if cluster.default_link is not None:
+        default = {"mbps": cluster.default_link.mbps, "latency_ms": cluster.default_link.latency_ms}
+    elif measured:
+        default = {"mbps": statistics.median(float(r["bandwidth_mbps"]) for r in measured.values()),
+                   "latency_ms": statistics.median(float(r["latency_ms"]) for r in measured.values())}
+    else:  # a single node with configured client links
+        default = {"mbps": 1000.0, "latency_ms": 0.5}
+    return {
+        "model": {"name": model, "microbatch": microbatch, "granularity": granularity, "kwargs": kwargs,
+                  "input_bytes": int(first["input_bytes"]), "units": units},
+        "device_types": device_types,
+        "devices": devices,
+        "links": {"default": default, "overrides": overrides},
+        "options": {"replication": replication, "buffers": BUFFERS_PER_DIRECTION},
+    }
+
+
+def plan_problem(problem_dict: dict, *, time_limit_s: float = PLAN_TIME_LIMIT_S):
+    """(Problem, planner Plan) for a problem dict."""
+    from .planner import Problem, solve
+
+    problem = Problem.from_dict(problem_dict)
+    return problem, solve(problem, time_limit_s=time_limit_s)
+
+
+def to_deploy_plan(
+    cluster: Cluster, planned, *, model: ModelSpec, results: str | None = None,
+) -> Plan:
+    stages = [StagePlan(units=(s.units[0], s.units[1]),
+                        nodes=[NodeRef(d, cluster.node(d).control, cluster.node(d).threads) for d in s.devices])
+              for s in planned.stages]
+    return Plan(model=model, stages=stages, results=results or cluster.results)
+
+
+def autodeploy(
+    cluster: Cluster, model: ModelSpec, *, reprofile: bool = False, dry_run: bool = False,
+    results: str | None = None, time_limit_s: float = PLAN_TIME_LIMIT_S, say: Say | None = None,
+    load_timeout: float = 600.0, replication: bool = True,
+) -> tuple[Deployment | None, Plan, Any, Any, Gathered]:
+    """Measure, plan, deploy. Returns (deployment or None when dry_run, deploy plan,
+    planner problem, planner plan, what was gathered)."""
+    say = say or (lambda m: log.info("%s", m))
+    g = gather(cluster, model=model.name, microbatch=model.microbatch, granularity=model.granularity,
+               kwargs=model.kwargs, reprofile=reprofile, replication=replication, say=say)
+    problem, planned = plan_problem(g.problem, time_limit_s=time_limit_s)
+    plan = to_deploy_plan(cluster, planned, model=model, results=results)
+    if dry_run:
+        return None, plan, problem, planned, g
+    return deploy(plan, load_timeout=load_timeout, progress=say), plan, problem, planned, g
+
