@@ -68,6 +68,13 @@ def cmd_node(args: argparse.Namespace) -> int:
     if host not in ("127.0.0.1", "localhost", "::1", "[::1]"):
         log.warning("binding control to %s without encryption: anyone who can reach this "
                     "address can deploy to and read from this node", host)
+    # import the heavy libraries before announcing readiness, so that the first
+    # commands (info, load) answer within the control timeouts
+    import timm  # noqa: F401
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     node = Node(args.control, name=args.name, threads=args.threads,
                 memory_limit=args.memory_limit, advertise=args.advertise)
     print(f"{READY_PREFIX} name={node.name} control={node.control_endpoint}", flush=True)
@@ -207,7 +214,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(out))
     else:
         widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
-        print("\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in rows))
+        print("\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows))
     return 0 if all(o["state"] != "down" for o in out) else 1
 
 
@@ -355,8 +362,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--batches", type=int, default=16)
     m.add_argument("--threads", type=int, help="torch threads per node (default: cores // nodes, at least 1)")
     m.add_argument("--granularity", default="block", choices=("block", "half", "sublayer"))
-    m.add_argument("--split", default="even", choices=("even", "planner"),
-                   help="how to cut the model")
+    m.add_argument("--split", default="planner", choices=("planner", "even"),
+                   help="how to cut the model: profile + plan (default), or equal unit counts")
+    m.add_argument("--replication", action="store_true",
+                   help="let the planner replicate stages (on identical local nodes it then "
+                        "prefers whole-model replicas: data parallelism, not a pipeline)")
     m.add_argument("--window", type=int, help="microbatches in flight (default: nodes + 1)")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--json", action="store_true", help="print one JSON object")

@@ -1,8 +1,9 @@
 """`edgezmq demo`: a real pipeline on N local node processes, verified against timm's whole model.
 
 Steps: write (once, cached) a seeded safetensors checkpoint; start N node
-processes on loopback; split the model (even split, or the planner on a local
-profile); deploy over the control channel; stream the batches; then run timm's own
+processes on loopback; split the model (by default the planner, on each node's own
+profile of the model and measured links, as `edgezmq deploy cluster.yaml` does; or an
+even split); deploy over the control channel; stream the batches; then run timm's own
 monolithic forward on the same checkpoint and inputs and compare every output.
 
 Speedup is pipeline throughput over the monolithic model on one device of the same
@@ -23,11 +24,14 @@ import numpy as np
 
 from . import device
 from . import model as models
+from .autodeploy import autodeploy
 from .bootstrap import ModelSpec, NodeRef, Plan, StagePlan, deploy, stage_table, unload
 from .client import Client
+from .cluster import Cluster, NodeEntry
 from .local import LocalCluster
 
 MAX_ABS_DIFF = 1e-4  # the demo fails above this (float32 kernels agree far tighter)
+PROBE_SECONDS = 0.2  # loopback links: a short probe is plenty
 
 
 def even_split(n_units: int, n_stages: int) -> list[tuple[int, int]]:
@@ -59,6 +63,10 @@ def monolithic(name: str, checkpoint: str, batches: list[np.ndarray], threads: i
     return outs, sum(len(x) for x in batches) / dt
 
 
+def _quiet(_: str) -> None:
+    pass
+
+
 def run_demo(args: argparse.Namespace) -> int:
     say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     threads = args.threads or max(1, device.cores() // args.nodes)
@@ -71,18 +79,24 @@ def run_demo(args: argparse.Namespace) -> int:
     batches = [rng.standard_normal(shape, dtype=np.float32) for _ in range(args.batches)]
 
     say(f"starting {args.nodes} node processes ({threads} thread(s) each) ...")
+    spec = ModelSpec(name=args.model, microbatch=args.microbatch, granularity=args.granularity, checkpoint=ckpt)
+    predicted = None
     with LocalCluster(args.nodes, threads=threads) as cluster, \
             Client([], "tcp://127.0.0.1:0", run="", window=window, microbatch=args.microbatch) as client:
-        ranges = even_split(len(infos), args.nodes)
-        plan = Plan(
-            model=ModelSpec(name=args.model, microbatch=args.microbatch, granularity=args.granularity,
-                            checkpoint=ckpt),
-            stages=[StagePlan(units=r, nodes=[NodeRef(n.name, n.control, threads)])
-                    for r, n in zip(ranges, cluster.nodes, strict=False)],
-            results=client.results_endpoint,
-        )
         t0 = time.perf_counter()
-        dep = deploy(plan)
+        if args.split == "planner":
+            inventory = Cluster(nodes=[NodeEntry(n.name, n.control, threads=threads) for n in cluster.nodes],
+                                probe_seconds=PROBE_SECONDS)
+            dep, plan, problem, planned, _ = autodeploy(
+                inventory, spec, results=client.results_endpoint, replication=args.replication,
+                say=say if not args.json else _quiet)
+            predicted = planned.throughput_per_s
+            say(planned.table(problem))
+        else:
+            plan = Plan(model=spec, results=client.results_endpoint,
+                        stages=[StagePlan(units=r, nodes=[NodeRef(n.name, n.control, threads)])
+                                for r, n in zip(even_split(len(infos), args.nodes), cluster.nodes)])
+            dep = deploy(plan)
         say(f"deployed in {time.perf_counter() - t0:.1f}s:")
         say(stage_table(plan, [u.name for u in infos], dep.endpoints))
         client.attach(dep.entry, dep.run)
@@ -100,7 +114,7 @@ def run_demo(args: argparse.Namespace) -> int:
     mono_all = mono_sps
     if all_cores != threads:
         _, mono_all = monolithic(args.model, ckpt, batches, all_cores)
-    diff = max(float(np.max(np.abs(a - b))) for a, b in zip(outs, ref, strict=False))
+    diff = max(float(np.max(np.abs(a - b))) for a, b in zip(outs, ref))
     result: dict[str, Any] = {
         "model": args.model, "nodes": args.nodes, "microbatch": args.microbatch,
         "batches": args.batches, "granularity": args.granularity, "threads_per_node": threads,
@@ -111,7 +125,10 @@ def run_demo(args: argparse.Namespace) -> int:
         "speedup_vs_all_cores": round(pipe_sps / mono_all, 3),
         "machine_cores": all_cores,
         "max_abs_diff": diff,
-        "stages": [{"node": n.name, "units": list(r)} for r, n in zip(ranges, cluster.nodes, strict=False)],
+        "split": args.split,
+        "predicted_samples_per_s": round(predicted, 3) if predicted else None,
+        "stages": [{"node": ",".join(n.name for n in st.nodes), "nodes": [n.name for n in st.nodes],
+                    "units": list(st.units)} for st in plan.stages],
     }
     if args.json:
         print(json.dumps(result))
