@@ -254,4 +254,15 @@ def test_demo_json(tmp_path):
                 "monolithic_samples_per_s", "speedup", "max_abs_diff", "stages"):
         assert key in d
     assert d["max_abs_diff"] <= 1e-4 and d["nodes"] == 2
-    assert [s["units"] for s in d["stages"]] == [[0, 7], [7, 14]]
+    assert d["split"] == "planner" and d["predicted_samples_per_s"] > 0
+    units = [s["units"] for s in d["stages"]]
+    assert units[0][0] == 0 and units[-1][1] == 14  # the planner's cut covers the model
+    assert all(a[1] == b[0] for a, b in zip(units, units[1:]))
+
+
+def test_demo_even_split_json():
+    r = _cli("demo", "--model", "vit_tiny_patch16_224", "--nodes", "2", "--batches", "2",
+             "--microbatch", "2", "--split", "even", "--json", timeout=600)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert [s["units"] for s in d["stages"]] == [[0, 7], [7, 14]] and d["max_abs_diff"] <= 1e-4

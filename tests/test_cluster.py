@@ -1,0 +1,133 @@
+"""cluster.py: inventory parsing; autodeploy: info -> profile -> netprobe -> plan -> deploy on real nodes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+from helpers import KWARGS, MICROBATCH, MODEL, batches, checkpoint, monolithic
+
+from edgezmq.autodeploy import autodeploy, gather
+from edgezmq.bootstrap import ModelSpec, load_plan, unload
+from edgezmq.client import Client
+from edgezmq.cluster import ClusterError, parse_cluster
+from edgezmq.local import LocalCluster
+
+GOOD = {"nodes": [{"name": "a", "control": "tcp://127.0.0.1:5551", "type": "rpi", "memory_bytes": "2GB"},
+                  {"name": "b", "control": "tcp://127.0.0.1:5552", "threads": 2}],
+        "client": {"address": "127.0.0.1", "results_port": 5999},
+        "links": {"default": {"mbps": 100, "latency_ms": 1},
+                  "overrides": [{"a": "a", "b": "client", "mbps": 5, "latency_ms": 3}]},
+        "measure": {"seconds": 0.1}}
+
+
+def test_parse_good_inventory():
+    c = parse_cluster(GOOD)
+    assert [n.name for n in c.nodes] == ["a", "b"]
+    assert c.node("a").memory_bytes == 2_000_000_000 and c.node("b").threads == 2
+    assert c.results == "tcp://127.0.0.1:5999"
+    assert c.known_link("client", "a").mbps == 5 and c.known_link("a", "b").mbps == 100
+    assert c.probe_seconds == 0.1
+
+
+@pytest.mark.parametrize(
+    "mutate, text",
+    [
+        (lambda d: d.update(nodes=[]), "nodes: expected a non-empty list"),
+        (lambda d: d["nodes"][1].update(name="a"), "nodes[1].name: duplicate"),
+        (lambda d: d["nodes"][0].update(name="client"), "nodes[0].name"),
+        (lambda d: d["nodes"][0].update(control="10.0.0.1:5"), "nodes[0].control: expected tcp://"),
+        (lambda d: d["nodes"][0].update(memory_bytes="lots"), "nodes[0].memory_bytes"),
+        (lambda d: d["nodes"][1].update(threads=0), "nodes[1].threads: must be > 0"),
+        (lambda d: d["nodes"][0].update(colour="red"), "nodes[0]: unknown field"),
+        (lambda d: d["links"]["overrides"][0].update(b="ghost"), "links.overrides[0].b: unknown node 'ghost'"),
+        (lambda d: d["links"]["default"].pop("mbps"), "links.default.mbps: missing"),
+        (lambda d: d["links"]["default"].update(mbps=-1), "links.default.mbps: must be > 0"),
+    ],
+)
+def test_bad_inventories_name_the_field(mutate, text):
+    d = json.loads(json.dumps(GOOD))
+    mutate(d)
+    with pytest.raises(ClusterError, match=None) as ei:
+        parse_cluster(d)
+    assert text in str(ei.value)
+
+
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory):
+    with LocalCluster(3, threads=1, log_dir=tmp_path_factory.mktemp("logs")) as c:
+        yield c
+
+
+def _inventory(nodes, **extra):
+    return {"nodes": [{"name": n.name, "control": n.control} for n in nodes.nodes],
+            "measure": {"seconds": 0.1, "pings": 3, "bytes_per_msg": 1 << 20}, **extra}
+
+
+def test_gather_builds_a_valid_problem(nodes):
+    from edgezmq.planner import Problem
+
+    cluster = parse_cluster(_inventory(nodes))
+    g = gather(cluster, model=MODEL, microbatch=MICROBATCH, kwargs=KWARGS)
+    p = g.problem
+    assert [u["name"] for u in p["model"]["units"]] == ["embed", "blocks.0", "blocks.1", "blocks.2", "blocks.3", "head"]
+    assert len(p["devices"]) == 3 and set(p["device_types"]) == {n.name for n in nodes.nodes}
+    # every pair of nodes measured, plus the client's link to each node
+    assert len(g.links) == 3 + 3 and all(r["bandwidth_mbps"] > 0 for r in g.links.values())
+    Problem.from_dict(p)  # the planner accepts it
+    # typed nodes share one profile, and configured links are not measured again
+    typed = _inventory(nodes, links={"default": {"mbps": 1000, "latency_ms": 0.2}})
+    for n in typed["nodes"]:
+        n["type"] = "same"
+    g2 = gather(parse_cluster(typed), model=MODEL, microbatch=MICROBATCH, kwargs=KWARGS)
+    assert list(g2.profiles) == ["same"] and g2.links == {}
+
+
+def test_autodeploy_runs_and_equals_monolithic(nodes):
+    cluster = parse_cluster(_inventory(nodes))
+    spec = ModelSpec(name=MODEL, microbatch=MICROBATCH, checkpoint=checkpoint(), kwargs=KWARGS)
+    with Client([], "tcp://127.0.0.1:0", run="", window=4, microbatch=MICROBATCH, timeout=60) as c:
+        dep, plan, problem, planned, _ = autodeploy(cluster, spec, results=c.results_endpoint, replication=False)
+        try:
+            assert planned.throughput_per_s > 0 and plan.stages[0].units[0] == 0
+            c.attach(dep.entry, dep.run)
+            xs = batches(4, seed=11)
+            outs = list(c.stream(xs))
+        finally:
+            unload(plan)
+    for a, b in zip(outs, monolithic(xs)):
+        assert float(np.max(np.abs(a - b))) <= 1e-5
+
+
+def test_cli_deploy_cluster_dry_run_writes_a_deployable_plan(nodes, tmp_path):
+    inv = tmp_path / "cluster.yaml"
+    inv.write_text(yaml.safe_dump(_inventory(nodes)))
+    out = tmp_path / "plan.yaml"
+    env = dict(os.environ)
+    r = subprocess.run([sys.executable, "-m", "edgezmq", "deploy", str(inv), "--model", MODEL,
+                        "--kwargs", json.dumps(KWARGS), "--microbatch", str(MICROBATCH),
+                        "--checkpoint", checkpoint(), "--dry-run", "--plan-out", str(out), "--reprofile"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "predicted:" in r.stdout and "profiled unit" in r.stderr and "link node0 <-> node1" in r.stderr
+    plan = load_plan(out)  # the written plan is a deployable plan file
+    assert plan.stages[0].units[0] == 0 and plan.stages[-1].units[1] == 6
+    d = yaml.safe_load(out.read_text())
+    assert d["predicted"]["throughput_per_s"] > 0 and "device_types" in d["problem"]
+    for n in nodes.nodes:  # dry run: nothing loaded
+        from edgezmq.rpc import ControlClient
+
+        with ControlClient(n.control, timeout=5) as cc:
+            assert cc.call("ping")["state"] == "idle"
+
+
+def test_cli_deploy_cluster_needs_a_model(tmp_path):
+    inv = tmp_path / "cluster.yaml"
+    inv.write_text(yaml.safe_dump({"nodes": [{"name": "x", "control": "tcp://127.0.0.1:1"}]}))
+    r = subprocess.run([sys.executable, "-m", "edgezmq", "deploy", str(inv)], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "give --model" in r.stderr
