@@ -56,7 +56,7 @@ def _call(n: NodeEntry, cmd: str, timeout: float = INFO_TIMEOUT_S, **args: Any) 
         return c.call(cmd, **args)
 
 
-def _wait_job(n: NodeEntry, reply: dict, timeout: float, on_progress: Callable[[list], None] | None = None) -> dict:
+def wait_job(n: NodeEntry, reply: dict, timeout: float, on_progress: Callable[[list], None] | None = None) -> dict:
     """Poll a node's job until it ends; returns its result or raises DeployError."""
     if reply.get("job") is None:
         return reply["result"]
@@ -134,7 +134,7 @@ def gather(
                   granularity=granularity, kwargs=kwargs, reprofile=reprofile)
         if r.get("cached"):
             say(f"{n.name}: profile of {model} from the node's cache")
-        return _wait_job(n, r, PROFILE_TIMEOUT_S, lambda p: say(
+        return wait_job(n, r, PROFILE_TIMEOUT_S, lambda p: say(
             f"{n.name}: profiled unit {p[0]}/{p[1]} {p[2]}: {p[3] * 1e3:.1f} ms"))
 
     profiles = dict(zip(reps, _parallel(list(reps.items()), prof, workers)))
@@ -146,7 +146,7 @@ def gather(
         na = cluster.node(a)
         r = _call(na, "netprobe", peer=infos[b]["probe"], seconds=cluster.probe_seconds,
                   bytes_per_msg=cluster.probe_bytes, pings=cluster.pings)
-        measured[(a, b)] = _wait_job(na, r, 60.0)
+        measured[(a, b)] = wait_job(na, r, 60.0)
         say(f"link {a} <-> {b}: {measured[(a, b)]['bandwidth_mbps']:.0f} Mbit/s, "
             f"{measured[(a, b)]['latency_ms']:.2f} ms")
     for n in nodes:  # the client's own links, measured from here

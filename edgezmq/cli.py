@@ -268,6 +268,63 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- profile / netprobe ------------------------------------------------------
+def cmd_profile(args: argparse.Namespace) -> int:
+    from .cluster import NodeEntry
+    from .profile import format_profile
+
+    kwargs = json.loads(args.kwargs) if args.kwargs else {}
+
+    def progress(p: list) -> None:  # on stderr, so --json output stays clean
+        _stderr(f"unit {p[0]}/{p[1]} {p[2]}: {p[3] * 1e3:.1f} ms")
+
+    if args.node:
+        from .autodeploy import PROFILE_TIMEOUT_S, wait_job
+        from .rpc import ControlClient
+
+        node = NodeEntry(name=args.node, control=args.node)
+        req = dict(model=args.model, microbatch=args.microbatch, granularity=args.granularity,
+                   kwargs=kwargs, reprofile=args.reprofile, reps=args.reps)
+        if args.threads:
+            req["threads"] = args.threads
+        with ControlClient(args.node, timeout=60.0, retries=0) as c:
+            reply = c.call("profile", **req)
+        if reply.get("cached"):
+            _stderr(f"{args.node}: from the node's profile cache (--reprofile to measure again)")
+        prof = wait_job(node, reply, PROFILE_TIMEOUT_S, progress)
+    else:
+        from .profile import profile_units
+
+        prof = profile_units(args.model, granularity=args.granularity, microbatch=args.microbatch,
+                             threads=args.threads, reps=args.reps, kwargs=kwargs,
+                             progress=lambda i, n, name, t: progress([i + 1, n, name, t]))
+    print(json.dumps(prof) if args.json else format_profile(prof))
+    return 0
+
+
+def cmd_netprobe(args: argparse.Namespace) -> int:
+    from . import netprobe
+    from .autodeploy import wait_job
+    from .cluster import NodeEntry
+    from .rpc import ControlClient
+
+    with ControlClient(args.to, timeout=10.0, name=args.to) as c:
+        peer = c.call("info")["probe"]
+    opts = dict(seconds=args.seconds, bytes_per_msg=args.bytes, pings=args.pings)
+    if args.src:
+        with ControlClient(args.src, timeout=10.0, retries=0, name=args.src) as c:
+            reply = c.call("netprobe", peer=peer, **opts)
+        r = wait_job(NodeEntry(args.src, args.src), reply, 60.0 + args.seconds)
+    else:
+        r = netprobe.probe(peer, **opts)
+    if args.json:
+        print(json.dumps(r))
+    else:
+        print(f"{args.src or 'here'} -> {args.to}: {r['bandwidth_mbps']:.1f} Mbit/s, "
+              f"latency {r['latency_ms']:.3f} ms (rtt p50 {r['rtt_ms_p50']:.3f} ms, p90 {r['rtt_ms_p90']:.3f} ms)")
+    return 0
+
+
 # ---- checkpoint ------------------------------------------------------------
 def cmd_checkpoint(args: argparse.Namespace) -> int:
     from . import model as models
@@ -343,6 +400,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--show", type=int, default=5, help="print top-5 classes of this many samples")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_submit)
+
+    pr = sub.add_parser("profile", help="time every unit of a model on a node (or here)",
+                        epilog="examples:\n  edgezmq profile --node tcp://10.0.0.11:5550 --model vit_large_patch16_224 --microbatch 8\n"
+                               "  edgezmq profile --model vit_tiny_patch16_224 --threads 1\n",
+                        formatter_class=fmt)
+    pr.add_argument("--node", help="control address of the node to profile (default: this machine)")
+    pr.add_argument("--model", required=True)
+    pr.add_argument("--microbatch", type=int, default=8)
+    pr.add_argument("--granularity", default="block", choices=("block", "half", "sublayer"))
+    pr.add_argument("--kwargs", help="timm.create_model kwargs as JSON")
+    pr.add_argument("--threads", type=int)
+    pr.add_argument("--reps", type=int, default=3)
+    pr.add_argument("--reprofile", action="store_true", help="ignore the node's cache")
+    pr.add_argument("--json", action="store_true")
+    pr.set_defaults(func=cmd_profile)
+
+    npb = sub.add_parser("netprobe", help="measure bandwidth and latency to a node",
+                         epilog="examples:\n  edgezmq netprobe --to tcp://10.0.0.12:5550\n"
+                                "  edgezmq netprobe --from tcp://10.0.0.11:5550 --to tcp://10.0.0.12:5550\n",
+                         formatter_class=fmt)
+    npb.add_argument("--to", required=True, help="control address of the node measured to")
+    npb.add_argument("--from", dest="src", help="control address of the node measuring (default: here)")
+    npb.add_argument("--seconds", type=float, default=1.0)
+    npb.add_argument("--bytes", type=int, default=4 * 1024 * 1024, help="bulk message size")
+    npb.add_argument("--pings", type=int, default=20)
+    npb.add_argument("--json", action="store_true")
+    npb.set_defaults(func=cmd_netprobe)
 
     ck = sub.add_parser("checkpoint", help="write a seeded safetensors checkpoint (no hub needed)",
                         epilog="examples:\n  edgezmq checkpoint --model vit_small_patch16_224 "

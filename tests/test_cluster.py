@@ -131,3 +131,22 @@ def test_cli_deploy_cluster_needs_a_model(tmp_path):
     inv.write_text(yaml.safe_dump({"nodes": [{"name": "x", "control": "tcp://127.0.0.1:1"}]}))
     r = subprocess.run([sys.executable, "-m", "edgezmq", "deploy", str(inv)], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "give --model" in r.stderr
+
+
+def _cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "edgezmq", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_profile_a_node_and_netprobe(nodes):
+    a, b = nodes.nodes[0].control, nodes.nodes[1].control
+    r = _cli("profile", "--node", a, "--model", MODEL, "--kwargs", json.dumps(KWARGS),
+             "--microbatch", str(MICROBATCH), "--reps", "1", "--reprofile", "--json")
+    assert r.returncode == 0, r.stderr
+    prof = json.loads(r.stdout)
+    assert len(prof["units"]) == 6 and prof["threads"] == 1
+    assert r.stderr.count("unit ") >= 1  # per-unit progress lines
+    r = _cli("netprobe", "--from", a, "--to", b, "--seconds", "0.2", "--bytes", str(1 << 20), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["bandwidth_mbps"] > 0
+    r = _cli("netprobe", "--to", b, "--seconds", "0.2", "--bytes", str(1 << 20))
+    assert r.returncode == 0 and "Mbit/s" in r.stdout
