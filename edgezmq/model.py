@@ -1,0 +1,691 @@
+"""Cut a timm Vision Transformer into a chain of units, and build or load one shard of them.
+
+A model is a chain of units u0..u(L-1): ``embed``, then the transformer blocks at one of
+three granularities, then ``head``. A shard is units [start, end): it is built on the
+``meta`` device, pruned to its own units, and only their tensors are read from a
+safetensors checkpoint, one tensor at a time. See docs/model.md.
+
+    >>> infos = unit_infos("vit_tiny_patch16_224", "half")       # 2 + 2*12 units, no weights
+    >>> path = cached_checkpoint("vit_tiny_patch16_224", seed=0)  # seeded random init, written once
+    >>> shard = build_shard("vit_tiny_patch16_224", 5, 13, granularity="half", checkpoint=path)
+    >>> (y,) = shard(x)                                           # shards always return a tuple
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import functools
+import hashlib
+import json
+import logging
+import os
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from timm.layers import Attention, GluMlp, Mlp, SwiGLU
+from timm.models.vision_transformer import Block, ResPostBlock, VisionTransformer
+from torch import nn
+
+__all__ = [
+    "GRANULARITIES", "ModelError", "UnitInfo", "Shard", "create_model", "unit_infos", "num_units",
+    "input_shape", "boundary_specs", "build_shard", "write_checkpoint", "cached_checkpoint",
+    "cache_root", "run_units",
+]
+
+log = logging.getLogger(__name__)
+
+GRANULARITIES = ("block", "half", "sublayer")
+EMBED_UNIT = "embed"
+HEAD_UNIT = "head"
+
+# Top-level members of a VisionTransformer owned by the first and the last unit; anything
+# else at the top level (besides `blocks`) is an unknown layout and is refused.
+EMBED_MEMBERS = ("patch_embed", "cls_token", "reg_token", "dist_token", "pos_embed", "pos_drop",
+                 "patch_drop", "norm_pre")
+HEAD_MEMBERS = ("norm", "attn_pool", "fc_norm", "head_drop", "head", "head_dist")
+REQUIRED_ATTRS = ("patch_embed", "_pos_embed", "patch_drop", "norm_pre", "blocks", "norm", "forward_head")
+
+# How a block splits in two halves: (core module, modules before it, modules after it);
+# a half computes x + post(core(pre(x))). Exact types only: a subclass may change forward.
+HALF_SPECS: dict[type, tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...]] = {
+    Block: (("attn", ("norm1",), ("ls1", "drop_path1")), ("mlp", ("norm2",), ("ls2", "drop_path2"))),
+    ResPostBlock: (("attn", (), ("norm1", "drop_path1")), ("mlp", (), ("norm2", "drop_path2"))),
+}
+# Sublayer cut inside a core: its forward ends with these two children (projection, dropout),
+# so the core with them replaced by Identity yields the tensor entering the projection.
+ATTN_TAILS: dict[type, tuple[str, str]] = {Attention: ("proj", "proj_drop")}
+MLP_TAILS: dict[type, tuple[str, str]] = {Mlp: ("fc2", "drop2"), GluMlp: ("fc2", "drop2"), SwiGLU: ("fc2", "drop2")}
+try:  # newer timm only
+    from timm.layers import DiffAttention
+    ATTN_TAILS[DiffAttention] = ("proj", "proj_drop")
+except ImportError:  # pragma: no cover
+    pass
+try:  # ViTamin's MLP lives with its model
+    from timm.models.vitamin import GeGluMlp
+    MLP_TAILS[GeGluMlp] = ("w2", "drop2")
+except ImportError:  # pragma: no cover
+    pass
+
+CACHE_ENV = "EDGEZMQ_CACHE"
+DEFAULT_CACHE_ROOT = Path("~/.cache/edgezmq")
+CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_MODE = 0o644  # safetensors writes 0600; node daemons may run as another user
+KWARGS_HASH_CHARS = 12
+INFO_CACHE_SIZE = 64
+PLACEHOLDER_STD = 0.02  # weights of a shard built without a checkpoint (profiling only)
+PLACEHOLDER_SEED = 0
+SUGGESTIONS = 3  # registry names offered for an unknown model
+SUGGESTION_CUTOFF = 0.75
+MAX_LISTED = 5  # names listed in an error message before "..."
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+                torch.float64: "float64"}
+
+
+class ModelError(ValueError):
+    """Unknown or unsupported model, bad unit range, or a checkpoint that does not fit."""
+
+
+@dataclass(frozen=True)
+class UnitInfo:
+    """One unit of the chain: its position, name, and the checkpoint tensors it owns."""
+
+    index: int
+    name: str
+    param_names: tuple[str, ...]
+    param_bytes: int  # bytes of its tensors at the model's own dtype (float32 for timm)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "param_names", tuple(self.param_names))
+        if self.index < 0:
+            raise ModelError(f"UnitInfo.index: expected >= 0, got {self.index}")
+        if not self.name:
+            raise ModelError("UnitInfo.name: expected a non-empty name")
+        if self.param_bytes < 0:
+            raise ModelError(f"UnitInfo.param_bytes: expected >= 0, got {self.param_bytes}")
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """How one unit is computed from the model, and the dotted names it owns."""
+
+    name: str
+    kind: str  # embed | block | half | context | output | head
+    owns: tuple[str, ...]
+    block: int = -1
+    core: str = ""
+    pre: tuple[str, ...] = ()
+    post: tuple[str, ...] = ()
+    tail: tuple[str, ...] = ()
+
+    @property
+    def arity_in(self) -> int:
+        return 2 if self.kind == "output" else 1
+
+
+def _listed(names: Iterable[str]) -> str:
+    names = list(names)
+    more = f", ... ({len(names)} in all)" if len(names) > MAX_LISTED else ""
+    return ", ".join(names[:MAX_LISTED]) + more
+
+
+def _check_granularity(granularity: str) -> None:
+    if granularity not in GRANULARITIES:
+        raise ModelError(f"unknown granularity {granularity!r}: expected one of {GRANULARITIES}")
+
+
+def _model_name(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return str(cfg.get("architecture") or type(model).__name__)
+
+
+def _check_vit(model: nn.Module, name: str) -> None:
+    missing = [a for a in REQUIRED_ATTRS if not hasattr(model, a)]
+    if missing:
+        raise ModelError(
+            f"{name} ({type(model).__name__}) is not a ViT-family model: missing attributes "
+            f"{missing} (a ViT has {list(REQUIRED_ATTRS)})")
+    cls = type(model)
+    if (not isinstance(model, VisionTransformer) or cls.forward is not VisionTransformer.forward
+            or cls.forward_features is not VisionTransformer.forward_features):
+        raise ModelError(
+            f"{name} ({cls.__name__}) has the ViT attributes but not timm VisionTransformer's "
+            "forward (its blocks may take extra inputs such as rotary or relative position "
+            "embeddings); supported: VisionTransformer and subclasses that keep its forward")
+
+
+def _close_names(name: str, names: list[str]) -> list[str]:
+    """Registry names nearest to a typo: whole-name or same-length-prefix similarity."""
+    def score(m: str) -> float:
+        return max(difflib.SequenceMatcher(None, name, m).ratio(),
+                   difflib.SequenceMatcher(None, name, m[:len(name)]).ratio())
+    ranked = sorted(names, key=score, reverse=True)[:SUGGESTIONS]
+    return [m for m in ranked if score(m) >= SUGGESTION_CUTOFF]
+
+
+def create_model(name: str, *, pretrained: bool = False, device: str | torch.device = "cpu",
+                 **kwargs: Any) -> nn.Module:
+    """timm.create_model(name, pretrained=..., **kwargs) on `device`, in eval mode; ViT family only."""
+    if not timm.is_model(name):
+        close = _close_names(name, timm.list_models())
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ModelError(f"unknown model {name!r}: not in timm {timm.__version__}'s registry{hint}")
+    try:
+        with torch.device(device):
+            model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except Exception as e:  # timm raises many types for bad kwargs, offline hubs, bad files
+        what = "pretrained weights for " if pretrained else ""
+        raise ModelError(f"cannot create {what}{name} with kwargs {kwargs}: {type(e).__name__}: {e}") from e
+    _check_vit(model, name)
+    return model.eval()
+
+
+# ---------------------------------------------------------------- units: structure
+
+
+def _check_members(module: nn.Module, where: str, allowed: Iterable[str]) -> None:
+    allowed = set(allowed)
+    members = [*module._modules, *module._parameters, *module._buffers]
+    unknown = [m for m in members if m not in allowed]
+    if unknown:
+        raise ModelError(
+            f"{where} ({type(module).__name__}) has members {unknown} outside the known layout "
+            f"{sorted(allowed)}; unsupported variant")
+
+
+def _block_pieces(block: nn.Module, i: int, granularity: str) -> list[_Piece]:
+    prefix = f"blocks.{i}"
+    if granularity == "block":
+        return [_Piece(prefix, "block", (prefix,), block=i)]
+    spec = HALF_SPECS.get(type(block))
+    if spec is None:
+        raise ModelError(
+            f"{prefix} is a {type(block).__name__}: granularity {granularity!r} needs a sequential "
+            f"attention-then-MLP block ({', '.join(t.__name__ for t in HALF_SPECS)}); use 'block'")
+    _check_members(block, prefix, [m for core, pre, post in spec for m in (core, *pre, *post)])
+    pieces = []
+    for core, pre, post in spec:
+        core_name = f"{prefix}.{core}"
+        if granularity == "half":
+            owns = tuple(f"{prefix}.{m}" for m in (*pre, core, *post))
+            pieces.append(_Piece(core_name, "half", owns, i, core, pre, post))
+            continue
+        mod = getattr(block, core)
+        tails = ATTN_TAILS if core == "attn" else MLP_TAILS
+        tail = tails.get(type(mod))
+        if tail is None:
+            raise ModelError(
+                f"{core_name} is a {type(mod).__name__}: granularity 'sublayer' supports "
+                f"{', '.join(t.__name__ for t in tails)} there; use 'half' or 'block'")
+        pre_owns = tuple(f"{prefix}.{m}" for m in (*pre, core))
+        post_owns = tuple(f"{core_name}.{t}" for t in tail) + tuple(f"{prefix}.{m}" for m in post)
+        pieces.append(_Piece(core_name, "context", pre_owns, i, core, pre, (), tail))
+        pieces.append(_Piece(f"{core_name}.{tail[0]}", "output", post_owns, i, core, (), post, tail))
+    return pieces
+
+
+def _pieces(model: nn.Module, granularity: str) -> list[_Piece]:
+    _check_granularity(granularity)
+    _check_members(model, _model_name(model), (*EMBED_MEMBERS, "blocks", *HEAD_MEMBERS))
+    if model._buffers:
+        raise ModelError(f"{_model_name(model)}: top-level buffers {list(model._buffers)} are unsupported")
+    pieces = [_Piece(EMBED_UNIT, "embed", EMBED_MEMBERS)]
+    for i, block in enumerate(model.blocks):
+        pieces.extend(_block_pieces(block, i, granularity))
+    pieces.append(_Piece(HEAD_UNIT, "head", HEAD_MEMBERS))
+    return pieces
+
+
+def _owners(pieces: list[_Piece]) -> Callable[[str], int | None]:
+    """A lookup: dotted tensor name -> index of the unit owning it (longest owned prefix wins)."""
+    table = {p: i for i, piece in enumerate(pieces) for p in piece.owns}
+
+    def owner(key: str) -> int | None:
+        parts = key.split(".")
+        for j in range(len(parts), 0, -1):
+            hit = table.get(".".join(parts[:j]))
+            if hit is not None:
+                return hit
+        return None
+
+    return owner
+
+
+def _infos(model: nn.Module, pieces: list[_Piece]) -> list[UnitInfo]:
+    owner = _owners(pieces)
+    names: list[list[str]] = [[] for _ in pieces]
+    nbytes = [0] * len(pieces)
+    for key, t in model.state_dict(keep_vars=True).items():
+        i = owner(key)
+        if i is None:
+            raise ModelError(f"{_model_name(model)}: tensor {key!r} belongs to no unit; unsupported layout")
+        names[i].append(key)
+        nbytes[i] += t.numel() * t.element_size()
+    for key, _ in model.named_buffers():  # non-persistent ones too: a shard must rebuild them
+        if owner(key) is None:
+            raise ModelError(f"{_model_name(model)}: buffer {key!r} belongs to no unit; unsupported layout")
+    return [UnitInfo(i, p.name, tuple(names[i]), nbytes[i]) for i, p in enumerate(pieces)]
+
+
+def _frozen(kwargs: Mapping[str, Any]) -> tuple | None:
+    """kwargs as a hashable cache key, or None when some value is unhashable."""
+    key = tuple(sorted(kwargs.items()))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+@functools.lru_cache(maxsize=INFO_CACHE_SIZE)
+def _unit_infos_cached(name: str, granularity: str, kwargs_key: tuple) -> tuple[UnitInfo, ...]:
+    return tuple(_unit_infos(name, granularity, dict(kwargs_key)))
+
+
+def _unit_infos(name: str, granularity: str, kwargs: dict[str, Any]) -> list[UnitInfo]:
+    _check_granularity(granularity)
+    model = create_model(name, device="meta", **kwargs)
+    return _infos(model, _pieces(model, granularity))
+
+
+def unit_infos(name: str, granularity: str = "block", **kwargs: Any) -> list[UnitInfo]:
+    """The unit chain of a model, computed on the meta device (no weights allocated)."""
+    key = _frozen(kwargs)
+    if key is None:
+        return _unit_infos(name, granularity, kwargs)
+    return list(_unit_infos_cached(name, granularity, key))
+
+
+def num_units(name: str, granularity: str = "block", **kwargs: Any) -> int:
+    return len(unit_infos(name, granularity, **kwargs))
+
+
+def input_shape(name: str, microbatch: int, **kwargs: Any) -> tuple[int, ...]:
+    """(B, C, H, W) of the images the model takes, from its configuration."""
+    if microbatch < 1:
+        raise ModelError(f"microbatch: expected >= 1, got {microbatch}")
+    model = create_model(name, device="meta", **kwargs)
+    h, w = model.patch_embed.img_size
+    return (microbatch, int(model.in_chans), int(h), int(w))
+
+
+# ---------------------------------------------------------------- units: computation
+
+
+class _Unit:
+    """One unit as a callable over (shared) model modules: tensors in -> tuple of tensors out."""
+
+    modules: tuple[nn.Module, ...] = ()  # modules whose train/eval flag it owns beyond the model's
+
+    def __call__(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+
+class _Embed(_Unit):
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        m = self.model  # the model's own methods, exactly as in VisionTransformer.forward_features
+        x = m.patch_embed(x)
+        x = m._pos_embed(x)
+        x = m.patch_drop(x)
+        x = m.norm_pre(x)
+        return (x,)
+
+
+class _Head(_Unit):
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (self.model.forward_head(self.model.norm(x)),)
+
+
+class _Block(_Unit):
+    def __init__(self, block: nn.Module) -> None:
+        self.block = block
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (self.block(x),)
+
+
+def _apply_seq(mods: tuple[nn.Module, ...], x: torch.Tensor) -> torch.Tensor:
+    for m in mods:
+        x = m(x)
+    return x
+
+
+class _Half(_Unit):
+    """x + post(core(pre(x))): one residual branch of a block, the residual add inside."""
+
+    def __init__(self, pre: tuple[nn.Module, ...], core: nn.Module, post: tuple[nn.Module, ...]) -> None:
+        self.pre, self.core, self.post = pre, core, post
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (x + _apply_seq(self.post, self.core(_apply_seq(self.pre, x))),)
+
+
+class _Context(_Unit):
+    """(core-without-tail(pre(x)), x): the tensor entering the projection, and the residual."""
+
+    def __init__(self, pre: tuple[nn.Module, ...], core: nn.Module, tail: tuple[str, ...]) -> None:
+        # timm's own forward of a shallow copy whose tail children are Identity: parameters and
+        # other children stay shared with the model, so the math is timm's, not a re-implementation.
+        clone = copy.copy(core)
+        clone._modules = dict(core._modules)
+        for t in tail:
+            clone._modules[t] = nn.Identity()
+        self.pre, self.core = pre, clone
+        self.modules = (clone,)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (self.core(_apply_seq(self.pre, x)), x)
+
+
+class _Output(_Unit):
+    """x + post(tail(context)): the projection, layer scale, drop path and residual add."""
+
+    def __init__(self, tail: tuple[nn.Module, ...], post: tuple[nn.Module, ...]) -> None:
+        self.tail, self.post = tail, post
+
+    def __call__(self, ctx: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (x + _apply_seq(self.post, _apply_seq(self.tail, ctx)),)
+
+
+def _make_unit(model: nn.Module, piece: _Piece) -> _Unit:
+    if piece.kind == "embed":
+        return _Embed(model)
+    if piece.kind == "head":
+        return _Head(model)
+    block = model.blocks[piece.block]
+    if piece.kind == "block":
+        return _Block(block)
+    pre = tuple(block.get_submodule(m) for m in piece.pre)
+    post = tuple(block.get_submodule(m) for m in piece.post)
+    core = block.get_submodule(piece.core)
+    if piece.kind == "half":
+        return _Half(pre, core, post)
+    if piece.kind == "context":
+        return _Context(pre, core, piece.tail)
+    return _Output(tuple(core.get_submodule(t) for t in piece.tail), post)
+
+
+def _range_error(name: str, granularity: str, start: int, end: int, n: int) -> ModelError | None:
+    if not 0 <= start < end <= n:
+        why = "out of bounds" if start < 0 or end > n else "empty"
+        return ModelError(
+            f"unit range [{start}, {end}) {why} for {name} at {granularity} granularity ({n} units): "
+            f"expected 0 <= start < end <= {n}")
+    return None
+
+
+def run_units(model: nn.Module, granularity: str, *tensors: torch.Tensor, start: int = 0,
+              end: int | None = None) -> tuple[torch.Tensor, ...]:
+    """Apply units [start, end) of a whole, materialised model one by one (tests, profiling)."""
+    _check_vit(model, _model_name(model))
+    pieces = _pieces(model, granularity)
+    end = len(pieces) if end is None else end
+    err = _range_error(_model_name(model), granularity, start, end, len(pieces))
+    if err:
+        raise err
+    for piece in pieces[start:end]:
+        tensors = _make_unit(model, piece)(*tensors)
+    return tensors
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+@functools.lru_cache(maxsize=INFO_CACHE_SIZE)
+def _boundary_specs_cached(name: str, granularity: str, microbatch: int, dtype: torch.dtype,
+                           kwargs_key: tuple) -> tuple:
+    specs = _boundary_specs(name, granularity, microbatch, dtype, dict(kwargs_key))
+    return tuple(tuple(s) for s in specs)
+
+
+def _boundary_specs(name: str, granularity: str, microbatch: int, dtype: torch.dtype,
+                    kwargs: dict[str, Any]) -> list[list[tuple[tuple[int, ...], str]]]:
+    _check_granularity(granularity)
+    model = create_model(name, device="meta", **kwargs).to(dtype)
+    pieces = _pieces(model, granularity)
+    xs: tuple[torch.Tensor, ...] = (torch.empty(input_shape(name, microbatch, **kwargs), device="meta", dtype=dtype),)
+    specs = []
+    with torch.no_grad():
+        for piece in pieces:
+            specs.append([(tuple(x.shape), _dtype_name(x.dtype)) for x in xs])
+            xs = _make_unit(model, piece)(*xs)
+    specs.append([(tuple(x.shape), _dtype_name(x.dtype)) for x in xs])
+    return specs
+
+
+def boundary_specs(name: str, granularity: str, microbatch: int, *, dtype: torch.dtype = torch.float32,
+                   **kwargs: Any) -> list[list[tuple[tuple[int, ...], str]]]:
+    """Entry i: [(shape, dtype name)] of the tensors entering unit i; entry L: the logits.
+
+    Computed by running the chain on meta tensors: exact shapes, no memory, no weights.
+    """
+    if microbatch < 1:
+        raise ModelError(f"microbatch: expected >= 1, got {microbatch}")
+    key = _frozen(kwargs)
+    if key is None:
+        return _boundary_specs(name, granularity, microbatch, dtype, kwargs)
+    return [list(s) for s in _boundary_specs_cached(name, granularity, microbatch, dtype, key)]
+
+
+# ---------------------------------------------------------------- shards
+
+
+class Shard(nn.Module):
+    """Units [start, end) of a model: holds only their tensors, under their timm names."""
+
+    def __init__(self, name: str, granularity: str, start: int, end: int, units: list[UnitInfo],
+                 model: nn.Module, steps: list[_Unit], arity_in: int) -> None:
+        super().__init__()
+        self.name, self.granularity, self.start, self.end = name, granularity, start, end
+        self.units = list(units)
+        self.arity_in = arity_in
+        # The pruned model's children and top-level parameters, registered here under their own
+        # names: state_dict() keys are exactly the units' param_names (timm's names).
+        for child_name, child in model.named_children():
+            self.add_module(child_name, child)
+        for pname, p in model._parameters.items():
+            if p is not None:
+                self.register_parameter(pname, p)
+        self._steps = tuple(steps)
+        self._extra = (model, *(m for s in steps for m in s.modules))  # not registered: no duplicates
+
+    def train(self, mode: bool = True) -> Shard:
+        super().train(mode)
+        for m in self._extra:
+            m.train(mode)
+        return self
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if len(tensors) != self.arity_in:
+            raise ModelError(
+                f"shard {self.name} [{self.start}, {self.end}) takes {self.arity_in} tensor(s) "
+                f"entering unit {self.units[0].name}, got {len(tensors)}")
+        for step in self._steps:
+            tensors = step(*tensors)
+        return tensors
+
+    def param_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+
+    def extra_repr(self) -> str:
+        return f"{self.name} units [{self.start}, {self.end}) at {self.granularity} granularity"
+
+
+def _prune(model: nn.Module, owner: Callable[[str], int | None], start: int, end: int) -> None:
+    """Drop every parameter and buffer outside units [start, end) (they stay None, never used)."""
+    for mod_name, mod in model.named_modules():
+        for table in (mod._parameters, mod._buffers):
+            for key, t in table.items():
+                i = owner(f"{mod_name}.{key}" if mod_name else key)
+                if t is not None and not (i is not None and start <= i < end):
+                    table[key] = None
+
+
+def _read_checkpoint(path: Path, expected: Mapping[str, torch.Tensor], dtype: torch.dtype,
+                     name: str, mmap: bool) -> dict[str, torch.Tensor]:
+    """The expected tensors, read one by one from a safetensors file (never the whole file).
+
+    safetensors >= 0.8 hands out tensors backed by a private mapping of the file: without
+    `mmap` each is copied into memory the process owns, so the shard neither pages in from
+    disk during its first microbatches nor dies of SIGBUS if the file is rewritten in place.
+    """
+    if not path.is_file():
+        raise ModelError(f"checkpoint file {str(path)!r} not found (expected a safetensors file for {name})")
+    out = {}
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            have = set(f.keys())
+            missing = [k for k in expected if k not in have]
+            if missing:
+                raise ModelError(
+                    f"checkpoint {str(path)!r} lacks {len(missing)} tensor(s) this shard of {name} needs: "
+                    f"{_listed(missing)}")
+            for key, meta in expected.items():
+                t = f.get_tensor(key)
+                if tuple(t.shape) != tuple(meta.shape):
+                    raise ModelError(
+                        f"checkpoint {str(path)!r}: tensor {key!r} has shape {tuple(t.shape)}, "
+                        f"expected {tuple(meta.shape)} for {name}")
+                if t.is_floating_point() != meta.is_floating_point():
+                    raise ModelError(
+                        f"checkpoint {str(path)!r}: tensor {key!r} has dtype {t.dtype}, expected {meta.dtype}")
+                out[key] = t.to(dtype if t.is_floating_point() else meta.dtype, copy=not mmap)
+                del t  # drop the mapped view now: pages are released when the file closes
+    except (SafetensorError, OSError) as e:
+        raise ModelError(f"checkpoint {str(path)!r} is not a readable safetensors file: {e}") from e
+    return out
+
+
+def _placeholder(expected: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Deterministic stand-in weights of the right shapes: for timing and memory, not accuracy."""
+    gen = torch.Generator().manual_seed(PLACEHOLDER_SEED)
+    out = {}
+    for key, meta in expected.items():
+        leaf = key.rsplit(".", 1)[-1]
+        if not meta.is_floating_point():
+            out[key] = torch.zeros(meta.shape, dtype=meta.dtype)
+        elif leaf == "bias" or leaf == "running_mean":
+            out[key] = torch.zeros(meta.shape, dtype=dtype)
+        elif meta.dim() <= 1 and leaf in ("weight", "gamma", "running_var"):
+            out[key] = torch.ones(meta.shape, dtype=dtype)
+        else:
+            out[key] = torch.randn(meta.shape, generator=gen).mul_(PLACEHOLDER_STD).to(dtype)
+    return out
+
+
+def _materialise_non_persistent(model: nn.Module, name: str) -> None:
+    """Rebuild the computed (non-persistent) buffers the shard kept: they are in no checkpoint."""
+    for mod_name, mod in model.named_modules():
+        stale = [k for k, b in mod._buffers.items() if b is not None and b.is_meta]
+        if not stale:
+            continue
+        for k in stale:
+            mod._buffers[k] = torch.empty_like(mod._buffers[k], device="cpu")
+        if hasattr(mod, "init_non_persistent_buffers"):
+            mod.init_non_persistent_buffers()
+        elif any(mod._buffers[k].numel() for k in stale):
+            raise ModelError(
+                f"{name}: {mod_name or '(root)'} ({type(mod).__name__}) has computed buffers {stale} "
+                "and no init_non_persistent_buffers() to rebuild them")
+
+
+def build_shard(name: str, start: int, end: int, *, granularity: str = "block",
+                checkpoint: str | os.PathLike | None = None, pretrained: bool = False,
+                dtype: torch.dtype = torch.float32, mmap: bool = False, **kwargs: Any) -> Shard:
+    """Build units [start, end) of `name` holding only their own tensors.
+
+    Weights: `checkpoint` (a safetensors file; only the shard's tensors are read), or
+    `pretrained` (timm's hub weights: the whole model is created once, then sliced), or
+    neither (deterministic placeholder weights, for profiling compute time and memory).
+    `mmap=True` keeps checkpoint tensors backed by the file's mapping (zero-copy, paged in on
+    first use, shared with the page cache; the file must not be modified in place meanwhile).
+    """
+    if checkpoint is not None and pretrained:
+        raise ModelError(f"{name}: give a checkpoint or pretrained=True, not both")
+    model = create_model(name, device="meta", **kwargs)
+    pieces = _pieces(model, granularity)
+    infos = _infos(model, pieces)
+    err = _range_error(name, granularity, start, end, len(infos))
+    if err:
+        raise err
+    _prune(model, _owners(pieces), start, end)
+    expected = model.state_dict(keep_vars=True)
+    if checkpoint is not None:
+        tensors = _read_checkpoint(Path(checkpoint), expected, dtype, name, mmap)
+    elif pretrained:
+        full = create_model(name, pretrained=True, **kwargs).state_dict()
+        tensors = {k: full[k].to(dtype) if full[k].is_floating_point() else full[k] for k in expected}
+        del full
+    else:
+        log.debug("%s units [%d, %d): no checkpoint, placeholder weights", name, start, end)
+        tensors = _placeholder(expected, dtype)
+    model.load_state_dict(tensors, strict=True, assign=True)
+    del tensors
+    _materialise_non_persistent(model, name)
+    left = [k for k, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:  # pragma: no cover - guards the ownership tables above
+        raise ModelError(f"{name} units [{start}, {end}): tensors left unmaterialised: {_listed(left)}")
+    model.requires_grad_(False)
+    steps = [_make_unit(model, p) for p in pieces[start:end]]
+    return Shard(name, granularity, start, end, infos[start:end], model, steps,
+                 pieces[start].arity_in).eval()
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def write_checkpoint(name: str, path: str | os.PathLike, *, seed: int = 0, **kwargs: Any) -> Path:
+    """A seeded random init (timm's own, under torch.manual_seed(seed)) saved as safetensors.
+
+    The write is atomic (temporary file + rename): a reader never sees half a checkpoint.
+    """
+    path = Path(path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = create_model(name, **kwargs)
+    tensors = {k: t.contiguous() for k, t in model.state_dict().items()}
+    meta = {"model": name, "seed": str(seed), "kwargs": _kwargs_json(kwargs), "timm": timm.__version__}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        os.chmod(tmp, CHECKPOINT_MODE)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _kwargs_json(kwargs: Mapping[str, Any]) -> str:
+    return json.dumps(kwargs, sort_keys=True, default=repr)
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The edgezmq cache root: `cache_dir`, else $EDGEZMQ_CACHE, else ~/.cache/edgezmq."""
+    root = cache_dir if cache_dir is not None else os.environ.get(CACHE_ENV) or DEFAULT_CACHE_ROOT
+    return Path(root).expanduser()
+
+
+def cached_checkpoint(name: str, *, seed: int = 0, cache_dir: str | os.PathLike | None = None,
+                      **kwargs: Any) -> Path:
+    """<root>/checkpoints/<name>-<kwargs hash>-seed<seed>.safetensors, written on first use."""
+    digest = hashlib.sha256(_kwargs_json(kwargs).encode()).hexdigest()[:KWARGS_HASH_CHARS]
+    path = cache_root(cache_dir) / CHECKPOINT_DIR / f"{name}-{digest}-seed{seed}.safetensors"
+    if not path.is_file():
+        log.info("writing seeded checkpoint %s", path)
+        write_checkpoint(name, path, seed=seed, **kwargs)
+    return path
