@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .paths import cache_root
 
 __all__ = ["SCHEMA", "VERSIONS_FIELD", "profile_key", "software_versions", "key_hash", "path_for",
            "profiles_dir", "get", "put", "clear"]
@@ -35,8 +36,6 @@ __all__ = ["SCHEMA", "VERSIONS_FIELD", "profile_key", "software_versions", "key_
 log = logging.getLogger(__name__)
 
 SCHEMA = 1  # bump when the entry layout or the profile's meaning changes
-CACHE_ENV = "EDGEZMQ_CACHE"  # the same root as edgezmq.model's checkpoints
-DEFAULT_ROOT = Path("~/.cache/edgezmq")
 PROFILES_DIR = "profiles"
 VERSIONS_FIELD = "versions"
 VERSIONED_PACKAGES = ("torch", "timm")  # plus edgezmq itself
@@ -91,8 +90,7 @@ def key_hash(key: Mapping[str, Any]) -> str:
 
 def profiles_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """<root>/profiles, root = `cache_dir`, else $EDGEZMQ_CACHE, else ~/.cache/edgezmq."""
-    root = cache_dir if cache_dir is not None else os.environ.get(CACHE_ENV) or DEFAULT_ROOT
-    return Path(root).expanduser() / PROFILES_DIR
+    return cache_root(cache_dir) / PROFILES_DIR
 
 
 def path_for(key: Mapping[str, Any], cache_dir: str | os.PathLike | None = None) -> Path:

@@ -34,6 +34,8 @@ from timm.layers import Attention, GluMlp, Mlp, SwiGLU
 from timm.models.vision_transformer import Block, ResPostBlock, VisionTransformer
 from torch import nn
 
+from .paths import CACHE_ENV, cache_root  # noqa: F401 - re-exported
+
 __all__ = [
     "GRANULARITIES", "ModelError", "UnitInfo", "Shard", "create_model", "unit_infos", "num_units",
     "input_shape", "boundary_specs", "build_shard", "write_checkpoint", "cached_checkpoint",
@@ -74,8 +76,6 @@ try:  # ViTamin's MLP lives with its model
 except ImportError:  # pragma: no cover
     pass
 
-CACHE_ENV = "EDGEZMQ_CACHE"
-DEFAULT_CACHE_ROOT = Path("~/.cache/edgezmq")
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_MODE = 0o644  # safetensors writes 0600; node daemons may run as another user
 KWARGS_HASH_CHARS = 12
@@ -672,12 +672,6 @@ def write_checkpoint(name: str, path: str | os.PathLike, *, seed: int = 0, **kwa
 
 def _kwargs_json(kwargs: Mapping[str, Any]) -> str:
     return json.dumps(kwargs, sort_keys=True, default=repr)
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The edgezmq cache root: `cache_dir`, else $EDGEZMQ_CACHE, else ~/.cache/edgezmq."""
-    root = cache_dir if cache_dir is not None else os.environ.get(CACHE_ENV) or DEFAULT_CACHE_ROOT
-    return Path(root).expanduser()
 
 
 def cached_checkpoint(name: str, *, seed: int = 0, cache_dir: str | os.PathLike | None = None,

@@ -8,6 +8,7 @@ import logging
 import pytest
 
 from edgezmq import cache as C
+from edgezmq import paths
 from edgezmq import profile as P
 
 TINY = "vit_tiny_patch16_224"
@@ -155,12 +156,12 @@ def test_clear(root):
 
 
 def test_root_from_environment(tmp_path, monkeypatch):
-    monkeypatch.setenv(C.CACHE_ENV, str(tmp_path / "env"))
+    monkeypatch.setenv(paths.CACHE_ENV, str(tmp_path / "env"))
     assert C.profiles_dir() == tmp_path / "env" / "profiles"
     path = C.put(key(), PROFILE)
     assert path.parent == tmp_path / "env" / "profiles"
-    monkeypatch.delenv(C.CACHE_ENV)
-    assert C.profiles_dir() == C.DEFAULT_ROOT.expanduser() / "profiles"
+    monkeypatch.delenv(paths.CACHE_ENV)
+    assert C.profiles_dir() == paths.DEFAULT_CACHE_ROOT.expanduser() / "profiles"
 
 
 def test_default_key_is_this_device_and_installed_software():
