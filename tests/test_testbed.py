@@ -1,0 +1,519 @@
+"""Tests of the emulated testbed: TESTBED.yaml parsing, and (as root) links, CPU shares, nodes, clean-up."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from edgezmq import testbed as tbm
+from edgezmq.testbed import cgroups, cli, net
+from edgezmq.testbed.config import ConfigError, load_config, parse_bytes, parse_config
+
+CORES = 2  # parsing tests do not depend on this machine
+PREFIX = f"ezt{os.getpid()}"  # every namespace and cgroup of this run starts with it
+PY = sys.executable
+RATE_TOLERANCE = 0.10  # measured payload rate vs configured rate x TCP payload share
+CPU_RATIO_BAND = (3.0, 5.5)  # 0.25 CPU vs 1.0 CPU on the same work: ~4x slower
+BUSY_ITERATIONS = 2_000_000  # ~0.12 s of pure Python at a full core, ~0.5 s at a quarter
+BUSY_REPEATS = 3
+SUBPROCESS_TIMEOUT_S = 60.0
+PROBE_SECONDS = 1.5
+PROBE_MSG_BYTES = 1 << 20
+PAGE = os.sysconf("SC_PAGE_SIZE")
+PERIOD_S = cgroups.PERIOD_US / 1e6
+
+GOOD = {
+    "name": "tb",
+    "devices": [
+        {"name": "fast", "cpu": 1.0, "threads": 1, "memory": "1.5GB", "type": "rcc"},
+        {"name": "slow", "cpu": 0.25, "memory": "512MiB", "type": "minnow", "count": 2},
+    ],
+    "links": {"default": {"mbps": 100, "latency_ms": 2},
+              "overrides": [{"a": "client", "b": "slow-1", "mbps": 20}]},
+}
+
+
+def _doc(**changes):
+    doc = json.loads(json.dumps(GOOD))
+    for path, value in changes.items():
+        node, keys = doc, path.split(".")
+        for k in keys[:-1]:
+            node = node[int(k)] if isinstance(node, list) else node[k]
+        last = keys[-1]
+        if value is _DELETE:
+            del node[last]
+        elif isinstance(node, list):
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return doc
+
+
+_DELETE = object()
+
+
+# ---- TESTBED.yaml parsing (pure) ----------------------------------------------
+def test_parse_good_config():
+    cfg = parse_config(GOOD, cores=CORES)
+    assert cfg.name == "tb"
+    assert [d.name for d in cfg.devices] == ["fast", "slow-0", "slow-1"]
+    assert cfg.hosts == ["client", "fast", "slow-0", "slow-1"]
+    assert cfg.device("fast").memory_bytes == 1_500_000_000
+    assert cfg.device("slow-0").memory_bytes == 512 << 20 and cfg.device("slow-0").threads == 1
+    assert cfg.address("client") == "10.213.0.1" and cfg.address("slow-1") == "10.213.0.4"
+    assert cfg.link("fast", "slow-0") == tbm.config.Link(100, 2)
+    assert cfg.link("slow-1", "client") == tbm.config.Link(20, 2)  # override, latency inherited
+    assert cfg.override_list() == [{"a": "client", "b": "slow-1", "mbps": 20.0, "latency_ms": 2.0}]
+
+
+@pytest.mark.parametrize("text, expected", [
+    (1_000_000_000, 1_000_000_000), ("1.5GB", 1_500_000_000), ("512MiB", 512 << 20),
+    ("2 GiB", 2 << 30), ("100mb", 100_000_000), ("0.5TB", 500_000_000_000),
+])
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("2G", "unknown unit 'G'"), ("lots", "expected bytes"), (512, "at least"), (True, "expected bytes"),
+])
+def test_parse_bytes_refuses(text, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        parse_bytes(text, "devices[0].memory")
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"devices.1.cpu": -1}, "devices[1].cpu: expected a number (fraction of a core) in (0, 2], got -1"),
+    ({"devices.0.cpu": 3}, "devices[0].cpu: expected a number (fraction of a core) in (0, 2], got 3"),
+    ({"devices.0.cpu": "half"}, "devices[0].cpu: expected a number"),
+    ({"devices.0.cpu": _DELETE}, "devices[0].cpu: required"),
+    ({"devices.1.threads": 0}, "devices[1].threads: expected an integer in [1, 256], got 0"),
+    ({"devices.0.memory": "2G"}, "devices[0].memory: unknown unit 'G'"),
+    ({"devices.0.name": "client"}, "devices[0].name: 'client' is reserved"),
+    ({"devices.0.name": "bad name"}, "devices[0].name: expected a name"),
+    ({"devices.0.name": "slow-0"}, "devices: device name 'slow-0' appears twice"),
+    ({"devices.0.cpus": 1}, "devices[0]: unknown field(s) ['cpus']"),
+    ({"devices": []}, "devices: expected a non-empty list"),
+    ({"devices": _DELETE}, "devices: required"),
+    ({"name": "Bad_Name"}, "name: expected lowercase letters"),
+    ({"subnet": "8.8.8.0/24"}, "subnet: expected a private network"),
+    ({"subnet": "10.0.0.0/30"}, "subnet: 10.0.0.0/30 has 2 host addresses, the testbed needs 4"),
+    ({"subnet": "nonsense"}, "subnet: expected an IPv4 network"),
+    ({"control_port": 70000}, "control_port: expected an integer in [1, 65535]"),
+    ({"links": _DELETE}, "links.default: required"),
+    ({"links.default.mbps": 0}, "links.default.mbps: expected a number in [0.01, 10000], got 0"),
+    ({"links.default.mbps": _DELETE}, "links.default.mbps: required"),
+    ({"links.default.latency_ms": -1}, "links.default.latency_ms: expected a number in [0, 60000], got -1"),
+    ({"links.overrides.0.b": "nowhere"}, "links.overrides[0].b: unknown host 'nowhere'"),
+    ({"links.overrides.0.b": "client"}, "links.overrides[0]: a and b are both 'client'"),
+    ({"links.overrides.0.mbps": _DELETE}, "links.overrides[0]: give mbps and/or latency_ms"),
+    ({"links.overrides": [{"a": "fast", "b": "slow-0", "mbps": 5}, {"a": "slow-0", "b": "fast", "mbps": 6}]},
+     "links.overrides[1]: a second override for the pair slow-0-fast"),
+    ({"client": {"cpu": 0}}, "client.cpu: expected a number (fraction of a core) in (0, 2], got 0"),
+])
+def test_bad_fields_name_their_path(changes, message):
+    with pytest.raises(ConfigError) as e:
+        parse_config(_doc(**changes), cores=CORES)
+    assert str(e.value).startswith(message), str(e.value)
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("devices: [\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML.*\(in .*bad.yaml\)"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="cannot read testbed file"):
+        load_config(tmp_path / "missing.yaml")
+    top = tmp_path / "list.yaml"
+    top.write_text("- 1\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(top)
+
+
+def test_load_config_names_the_file_and_default_name(tmp_path):
+    doc = _doc(name=_DELETE)
+    p = tmp_path / "Testbed_Hetero.yaml"
+    p.write_text(yaml.safe_dump(doc))
+    assert load_config(p, cores=CORES).name == "testbed-hetero"
+    assert load_config(p, name="other", cores=CORES).name == "other"
+    p.write_text(yaml.safe_dump(_doc(**{"devices.0.cpu": -1})))
+    with pytest.raises(ConfigError, match=r"^devices\[0\]\.cpu: .* \(in .*Testbed_Hetero.yaml\)$"):
+        load_config(p, cores=CORES)
+
+
+def test_example_plans_parse():
+    plans = sorted(Path(__file__).parent.parent.glob("plans/testbed-*.yaml"))
+    assert plans, "no plans/testbed-*.yaml examples"
+    for p in plans:
+        load_config(p, cores=CORES)
+
+
+# ---- shaping and cgroup details (pure) ------------------------------------------
+def test_htb_batch():
+    text = net.htb_batch(100, [("10.213.0.2", 20), ("10.213.0.3", 1000)])
+    lines = text.splitlines()
+    assert lines[0] == "qdisc add dev eth0 root handle 1: htb default 1"
+    assert "classid 1:1 htb rate 100000kbit ceil 100000kbit" in lines[1]
+    assert "classid 1:10 htb rate 20000kbit ceil 20000kbit" in lines[2]
+    assert lines[3].endswith("u32 match ip dst 10.213.0.2/32 flowid 1:10")
+    assert "classid 1:11 htb rate 1000000kbit" in lines[4] and "burst 125000" in lines[4]
+
+
+@pytest.mark.parametrize("share, expected", [(0.25, (10_000, 2_500)), (1.0, (10_000, 10_000)),
+                                             (2.0, (10_000, 20_000)), (0.05, (20_000, 1_000))])
+def test_cpu_period_quota(share, expected):
+    assert cgroups.cpu_period_quota(share) == expected
+
+
+MOUNTS_V1 = """cgroup /sys/fs/cgroup/cpu cgroup rw,relatime,cpu 0 0
+cgroup /sys/fs/cgroup/cpuacct cgroup rw,relatime,cpuacct 0 0
+cgroup /sys/fs/cgroup/memory cgroup rw,relatime,memory 0 0
+cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
+"""
+SELF_V1 = "4:memory:/session/x\n1:cpu:/\n0::/\n"
+
+
+def test_detect_v1_nests_under_own_cgroup():
+    c = cgroups.detect(MOUNTS_V1, SELF_V1)
+    assert c["cpu"] == cgroups.Controller("cpu", 1, Path("/sys/fs/cgroup/cpu"), Path("/sys/fs/cgroup/cpu"))
+    assert c["memory"].parent == Path("/sys/fs/cgroup/memory/session/x")
+    assert c["memory"].dir_for("t", "d0") == Path("/sys/fs/cgroup/memory/session/x/edgezmq-t/d0")
+
+
+def test_detect_v2_and_create_on_a_fake_tree(tmp_path):
+    (tmp_path / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    (tmp_path / "cgroup.subtree_control").write_text("memory\n")
+    ctrls = cgroups.detect(f"cgroup2 {tmp_path} cgroup2 rw 0 0\n", "0::/user.slice/x\n")
+    assert {c.version for c in ctrls.values()} == {2} and ctrls["cpu"].parent == tmp_path
+    made: list[Path] = []
+    dirs = cgroups.create_host(ctrls, "t", "d0", cpu=0.25, memory=1 << 30, record=made.append)
+    d = tmp_path / "edgezmq-t" / "d0"
+    assert dirs == [d] and made == [tmp_path / "edgezmq-t", d]
+    assert (tmp_path / "cgroup.subtree_control").read_text().strip() == "+cpu"  # memory was on already
+    assert (tmp_path / "edgezmq-t" / "cgroup.subtree_control").read_text().strip() == "+cpu +memory"
+    assert (d / "cpu.max").read_text().strip() == "2500 10000"
+    assert (d / "memory.max").read_text().strip() == str(1 << 30)
+
+
+def test_detect_refuses_without_controllers():
+    with pytest.raises(tbm.PrerequisiteError, match=r"controller\(s\) \['cpu', 'memory'\] not available"):
+        cgroups.detect("cgroup /sys/fs/cgroup/pids cgroup rw,pids 0 0\n", "")
+
+
+# ---- command line: clear errors, exit 2, no traceback -------------------------------
+@pytest.fixture
+def good_file(tmp_path):
+    p = tmp_path / "tb.yaml"
+    p.write_text(yaml.safe_dump(GOOD))
+    return p
+
+
+@pytest.mark.parametrize("command", ["up", "down", "status"])
+def test_cli_needs_root(good_file, monkeypatch, capsys, command):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert cli.main([command, str(good_file), "--state-dir", str(good_file.parent / "s")]) == 2
+    err = capsys.readouterr().err
+    assert "needs root" in err and "Traceback" not in err
+
+
+def test_cli_needs_iproute2(good_file, monkeypatch, capsys):
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(shutil, "which", lambda tool: None if tool in ("ip", "tc") else f"/usr/bin/{tool}")
+    assert cli.main(["up", str(good_file), "--state-dir", str(good_file.parent / "s")]) == 2
+    err = capsys.readouterr().err
+    assert "needs iproute2" in err and "['ip', 'tc']" in err
+
+
+def test_cli_bad_file(tmp_path, capsys):
+    p = tmp_path / "tb.yaml"
+    p.write_text(yaml.safe_dump(_doc(**{"devices.1.cpu": -1})))
+    assert cli.main(["up", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert "devices[1].cpu: expected a number (fraction of a core) in (0," in err
+
+
+def test_add_cli_registers_testbed():
+    import argparse
+
+    p = argparse.ArgumentParser()
+    tbm.add_cli(p.add_subparsers(dest="command"))
+    a = p.parse_args(["testbed", "down", "x.yaml", "--state-dir", "/tmp/s"])
+    assert (a.testbed_command, a.testbed, a.state_dir, a.func) == ("down", "x.yaml", "/tmp/s", cli.run_cli)
+
+
+# ---- real namespaces, shaping, cgroups and nodes (root + iproute2) ------------------
+def _skip_unless_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("testbed tests need root (network namespaces, tc, cgroups)")
+    missing = [t for t in ("ip", "tc", "nsenter") if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"testbed tests need iproute2 and nsenter; missing {missing}")
+    try:
+        cgroups.detect()
+    except tbm.PrerequisiteError as e:
+        pytest.skip(str(e))
+
+
+def leftovers(name: str) -> list[str]:
+    """Anything of testbed `name` still on this machine: namespaces, root-namespace links, cgroups."""
+    out = [f"netns {ns}" for ns in net.netns_list() if ns.startswith(f"{name}-")]
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=True).stdout
+    out += [f"link {line.split(':')[1].strip()}" for line in links.splitlines() if name in line]
+    for c in cgroups.detect().values():
+        for root in {c.parent, c.root}:
+            out += [f"cgroup {p}" for p in root.glob(f"**/{cgroups.GROUP_PREFIX}{name}")]
+    return out
+
+
+def _write_testbed(dirpath: Path, name: str, doc: dict) -> Path:
+    p = dirpath / f"{name}.yaml"
+    p.write_text(yaml.safe_dump({**doc, "name": name}))
+    return p
+
+
+SMOKE = {
+    "client": {"cpu": 1.0},
+    "devices": [{"name": "full", "cpu": 1.0, "threads": 1, "memory": "2GB", "type": "big"},
+                {"name": "quarter", "cpu": 0.25, "threads": 1, "memory": "1GiB", "type": "small"}],
+    "links": {"default": {"mbps": 100, "latency_ms": 1},
+              "overrides": [{"a": "client", "b": "quarter", "mbps": 20, "latency_ms": 5}]},
+}
+
+
+@pytest.fixture(scope="module")
+def testbed(tmp_path_factory):
+    """A 2-device testbed with real nodes; removed (and checked to be gone) at the end."""
+    _skip_unless_root()
+    d = tmp_path_factory.mktemp("testbed")
+    name = f"{PREFIX}-m"
+    tb = tbm.Testbed.from_yaml(_write_testbed(d, name, SMOKE), state_dir=d / "state")
+    try:
+        tb.up()
+        yield tb
+    finally:
+        tb.down()
+        assert leftovers(name) == []
+
+
+def test_up_writes_cluster_and_nodes_answer(testbed):
+    c = testbed.cluster
+    assert yaml.safe_load(testbed.cluster_path.read_text()) == c
+    assert [(n["name"], n["control"], n["type"], n["memory_bytes"], n["threads"]) for n in c["nodes"]] == [
+        ("full", "tcp://10.213.0.2:5550", "big", 2_000_000_000, 1),
+        ("quarter", "tcp://10.213.0.3:5550", "small", 1 << 30, 1)]
+    assert c["links"] == {"default": {"mbps": 100.0, "latency_ms": 1.0},
+                          "overrides": [{"a": "client", "b": "quarter", "mbps": 20.0, "latency_ms": 5.0}]}
+    assert c["client"] == {"namespace": f"{testbed.name}-client", "address": "10.213.0.1", "cpu": 1.0}
+    assert c["testbed"]["latency_enforced"] is False
+    s = testbed.status()
+    assert s["up"] and all(s["namespaces"].values()) and all(s["cgroups"].values()), s
+    assert {n: (v["answers"], v["state"]) for n, v in s["nodes"].items()} == {
+        "full": (True, "idle"), "quarter": (True, "idle")}
+
+
+def test_nodes_run_in_their_namespace_and_cgroups(testbed):
+    for dev, share in (("full", 1.0), ("quarter", 0.25)):
+        pid = testbed.status()["nodes"][dev]["pid"]
+        assert os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(net.NETNS_DIR / testbed.namespace(dev)).st_ino
+        cg = Path(f"/proc/{pid}/cgroup").read_text()
+        assert f"edgezmq-{testbed.name}/{dev}" in cg
+        for d in testbed.host_cgroups(dev):
+            assert str(pid) in (d / "cgroup.procs").read_text().split()
+        probe = "from edgezmq import device; print(device.cpu_quota(), device.memory_limit())"
+        out = subprocess.run(testbed.argv_in(dev, [PY, "-c", probe]), capture_output=True, text=True,
+                             check=True, timeout=SUBPROCESS_TIMEOUT_S).stdout.split()
+        cap = testbed.config.device(dev).memory_bytes
+        assert float(out[0]) == share and cap - PAGE < int(out[1]) <= cap  # the kernel rounds to pages
+
+
+def test_exec_in_client_runs_in_the_client_namespace_and_cgroup(testbed):
+    script = "import os; print(os.stat('/proc/self/ns/net').st_ino); print(open('/proc/self/cgroup').read())"
+    out = testbed.exec_in_client([PY, "-c", script], capture_output=True, text=True, check=True,
+                                 timeout=SUBPROCESS_TIMEOUT_S).stdout
+    inode, cg = out.split("\n", 1)
+    assert int(inode) == os.stat(net.NETNS_DIR / testbed.client_namespace).st_ino
+    assert f"edgezmq-{testbed.name}/client" in cg
+
+
+def test_cli_status(testbed, capsys):
+    args = ["status", testbed.source, "--state-dir", str(testbed.state_dir)]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert f"testbed {testbed.name}: up" in out and out.count("answers (idle)") == 2
+    assert cli.main([*args, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["nodes"]["quarter"]["answers"] is True
+    attached = tbm.Testbed.from_yaml(testbed.source, state_dir=testbed.state_dir)  # e.g. from a bench
+    assert attached.cluster == testbed.cluster
+    assert attached.host_cgroups("quarter") == testbed.host_cgroups("quarter")
+
+
+def test_namespaces_are_isolated_from_the_host(testbed):
+    """No route out: the testbed subnet exists only on the bridge, and no default route anywhere."""
+    for ns in testbed.all_namespaces():
+        routes = net.run(["ip", "-n", ns, "route", "show"])
+        assert "default" not in routes, (ns, routes)
+    host_routes = net.run(["ip", "route", "show"])
+    assert str(testbed.config.subnet) not in host_routes
+
+
+SERVE = ("import sys; from edgezmq.netprobe import ProbeServer; s = ProbeServer(sys.argv[1], port=int(sys.argv[2])).start();"
+         "print('ready', flush=True); sys.stdin.read(); s.stop()")
+PROBE = ("import sys, json; from edgezmq.netprobe import probe; print(json.dumps(probe(sys.argv[1], "
+         "bytes_per_msg=int(sys.argv[2]), seconds=float(sys.argv[3]), timeout=10.0)))")
+PROBE_PORT = 7001
+
+
+def measure_rate(tb, src: str, dst: str) -> dict:
+    """netprobe from `src`'s namespace to a probe server in `dst`'s (both outside the CPU cgroups)."""
+    addr = tb.config.address(dst)
+    srv = subprocess.Popen(tb.argv_in(dst, [PY, "-c", SERVE, addr, str(PROBE_PORT)], limits=False),
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        line: list[str] = []
+        t = threading.Thread(target=lambda: line.append(srv.stdout.readline()), daemon=True)
+        t.start()
+        t.join(SUBPROCESS_TIMEOUT_S)
+        assert line and line[0].startswith("ready"), f"probe server in {dst} did not start: {line}"
+        out = subprocess.run(tb.argv_in(src, [PY, "-c", PROBE, f"tcp://{addr}:{PROBE_PORT}",
+                                              str(PROBE_MSG_BYTES), str(PROBE_SECONDS)], limits=False),
+                             capture_output=True, text=True, check=True, timeout=SUBPROCESS_TIMEOUT_S).stdout
+    finally:
+        srv.stdin.close()
+        try:
+            srv.wait(SUBPROCESS_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            srv.kill()
+            srv.wait()
+    return json.loads(out)
+
+
+@pytest.mark.parametrize("src, dst", [("full", "quarter"), ("client", "quarter"), ("quarter", "client")])
+def test_shaped_link_rate(testbed, src, dst):
+    """htb payload rate: configured rate x 1448/1514 (TCP payload per Ethernet frame), within 10%."""
+    configured = testbed.config.link(src, dst).mbps
+    expected = configured * net.TCP_PAYLOAD_FACTOR
+    r = measure_rate(testbed, src, dst)
+    print(f"{src}->{dst}: configured {configured:g} Mbit/s, expected payload {expected:.2f}, "
+          f"measured {r['bandwidth_mbps']:.2f} ({r['bandwidth_mbps'] / configured:.4f}x configured)")
+    assert abs(r["bandwidth_mbps"] / expected - 1) < RATE_TOLERANCE, (configured, r)
+
+
+BUSY = (f"import time\nt, c = time.perf_counter(), time.process_time()\nx = 0\n"
+        f"for i in range({BUSY_ITERATIONS}):\n    x += i\n"
+        "print(time.perf_counter() - t, time.process_time() - c)")
+
+
+def busy_seconds(tb, devs: list[str]) -> dict[str, tuple[float, float]]:
+    """device -> (wall s, CPU s): fastest of a few runs of a fixed pure-Python loop in its cgroups."""
+    runs: dict[str, list[tuple[float, float]]] = {d: [] for d in devs}
+    for _ in range(BUSY_REPEATS):
+        for d in devs:  # alternate, so that both see the same background load
+            out = subprocess.run(tb.argv_in(d, [PY, "-c", BUSY]), capture_output=True, text=True, check=True,
+                                 timeout=SUBPROCESS_TIMEOUT_S).stdout.split()
+            runs[d].append((float(out[0]), float(out[1])))
+    return {d: (min(w for w, _ in r), min(c for _, c in r)) for d, r in runs.items()}
+
+
+def test_cpu_share_slows_work_by_its_ratio(testbed):
+    """The same work takes ~4x as long at 0.25 CPU as at 1.0.
+
+    "At 1.0" is the work's CPU time in the 1.0 cgroup: on a shared machine other load can
+    keep a 1.0 process from a whole core (its wall time then overstates the time at 1.0),
+    while a 0.25 process is held to its quota either way.  The raw wall-time ratio is
+    printed too, and how often each cgroup was throttled (a 1.0 cgroup is, now and then:
+    the kernel hands out quota to each CPU in 5 ms slices).
+    """
+    throttled = {d: cgroups.usage(testbed.host_cgroups(d))["cpu_throttled"] for d in ("full", "quarter")}
+    t = busy_seconds(testbed, ["full", "quarter"])
+    after = {d: cgroups.usage(testbed.host_cgroups(d))["cpu_throttled"] for d in ("full", "quarter")}
+    ratio, raw = t["quarter"][0] / t["full"][1], t["quarter"][0] / t["full"][0]
+    print(f"busy loop: 1.0 CPU {t['full'][1]:.3f}s of CPU ({t['full'][0]:.3f}s wall), 0.25 CPU "
+          f"{t['quarter'][0]:.3f}s wall: ratio {ratio:.2f} (wall/wall {raw:.2f}), expected ~4")
+    n = {d: after[d] - throttled[d] for d in after}  # periods in which the cgroup hit its quota
+    print(f"throttled periods: {n}")
+    assert n["quarter"] >= t["quarter"][0] / PERIOD_S / 2, n  # the quota held it back in most periods
+    assert CPU_RATIO_BAND[0] <= ratio <= CPU_RATIO_BAND[1], t
+
+
+def test_second_up_of_the_same_testbed_is_refused(testbed, tmp_path):
+    other = tbm.Testbed(testbed.config, state_dir=tmp_path / "state")
+    with pytest.raises(tbm.TestbedError, match="is already up"):
+        other.up()
+    assert testbed.status()["up"]  # the refusal touched nothing
+
+
+def test_down_removes_everything(testbed):
+    r = testbed.down()
+    assert set(r["namespaces"]) == set(testbed.all_namespaces())
+    assert len(r["stopped"]) == 2
+    assert leftovers(testbed.name) == []
+    assert not testbed.state_path.exists() and not testbed.cluster_path.exists()
+    assert testbed.down()["namespaces"] == []  # idempotent
+
+
+def test_failed_up_removes_what_it_made(tmp_path, monkeypatch):
+    _skip_unless_root()
+    name = f"{PREFIX}-f"
+    tb = tbm.Testbed.from_yaml(_write_testbed(tmp_path, name, SMOKE), state_dir=tmp_path / "state")
+
+    def fail(self):
+        deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
+        while not net.netns_pids(self.namespace("full")):  # a node is starting: down must stop it
+            assert time.monotonic() < deadline, "the node never entered its namespace"
+            time.sleep(0.02)
+        raise tbm.TestbedError("injected failure while waiting for the nodes")
+
+    monkeypatch.setattr(type(tb), "_wait_ready", fail)
+    with pytest.raises(tbm.TestbedError, match="injected"):
+        tb.up()
+    assert leftovers(name) == []
+
+
+@pytest.mark.parametrize("keep_state", [True, False])
+def test_down_cleans_up_after_a_killed_up(tmp_path, keep_state):
+    """`up` killed half-way (nodes started, no cluster.yaml): a fresh `down` finds everything,
+    from the state file or, without it, from the names the config implies."""
+    _skip_unless_root()
+    name = f"{PREFIX}-k{int(keep_state)}"
+    path = _write_testbed(tmp_path, name, SMOKE)
+    state = tmp_path / "state"
+    up = subprocess.Popen([PY, "-m", "edgezmq.testbed", "up", str(path), "--state-dir", str(state)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                started = len(json.loads((state / "state.json").read_text())["nodes"]) == 2
+                # without the state file, down finds the nodes by their namespaces: wait till they are in
+                if started and (keep_state or all(net.netns_pids(f"{name}-{d}") for d in ("full", "quarter"))):
+                    break
+            except (OSError, ValueError):
+                pass
+            assert up.poll() is None, f"up exited early with {up.returncode}"
+            time.sleep(0.02)
+        else:
+            pytest.fail("up did not start its nodes in time")
+        up.send_signal(signal.SIGKILL)
+        up.wait(SUBPROCESS_TIMEOUT_S)
+        assert net.netns_exists(f"{name}-quarter")
+        if not keep_state:
+            (state / "state.json").unlink()
+        r = tbm.Testbed.from_yaml(path, state_dir=state).down()
+        assert len(r["stopped"]) == 2 and len(r["namespaces"]) == 4
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+        if leftovers(name):
+            tbm.Testbed.from_yaml(path, state_dir=state).down()
+    assert leftovers(name) == []
