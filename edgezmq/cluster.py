@@ -105,7 +105,7 @@ def _parse_size(s: str, path: str) -> float:
         raise ClusterError(f"{path}: expected a number or a size like '2GB', got {s!r}") from None
 
 
-def _link(d: Any, path: str) -> LinkFigure:
+def _link(d: Any, path: str, payload_factor: float = 1.0) -> LinkFigure:
     if not isinstance(d, dict):
         raise ClusterError(f"{path}: expected {{mbps, latency_ms}}, got {d!r}")
     unknown = set(d) - {"mbps", "latency_ms", "a", "b"}
@@ -113,7 +113,7 @@ def _link(d: Any, path: str) -> LinkFigure:
         raise ClusterError(f"{path}: unknown field(s) {sorted(unknown)}")
     if "mbps" not in d:
         raise ClusterError(f"{path}.mbps: missing")
-    return LinkFigure(mbps=_num(d["mbps"], f"{path}.mbps"),
+    return LinkFigure(mbps=_num(d["mbps"], f"{path}.mbps") * payload_factor,
                       latency_ms=_num(d.get("latency_ms", 0.0), f"{path}.latency_ms", positive=False))
 
 
@@ -157,14 +157,17 @@ def parse_cluster(d: Any, source: str | None = None) -> Cluster:
     if "results_port" in client:
         c.results_port = _num(client["results_port"], "client.results_port", integer=True)
     c.client_namespace = client.get("namespace")
+    # a testbed's cluster.yaml gives configured link rates; TCP payload gets this fraction
+    tb = d.get("testbed") or {}
+    factor = float(tb.get("tcp_payload_factor", 1.0)) if isinstance(tb, dict) else 1.0
     links = d.get("links") or {}
     if not isinstance(links, dict):
         raise ClusterError(f"links: expected a mapping, got {links!r}")
     if links.get("default") is not None:
-        c.default_link = _link(links["default"], "links.default")
+        c.default_link = _link(links["default"], "links.default", factor)
     for j, o in enumerate(links.get("overrides") or []):
         p = f"links.overrides[{j}]"
-        fig = _link(o, p)
+        fig = _link(o, p, factor)
         a, b = o.get("a"), o.get("b")
         for end, v in (("a", a), ("b", b)):
             if v != CLIENT and v not in seen:
