@@ -1,0 +1,85 @@
+"""Shared plumbing of the testbed benches: bring a testbed up, run measure.py inside its
+client namespace, write the JSON result and the PNG plot."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT))
+
+from edgezmq.testbed import Testbed  # noqa: E402
+
+
+def need_root() -> None:
+    if os.geteuid() != 0:
+        raise SystemExit("this bench builds an emulated testbed (network namespaces, cgroups): run it as root")
+
+
+@contextlib.contextmanager
+def testbed(config: dict | str | Path, name: str):
+    """A testbed that is up inside the block and removed after it, whatever happens."""
+    need_root()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "testbed.yaml"
+        if isinstance(config, dict):
+            path.write_text(yaml.safe_dump(config))
+        else:
+            path.write_text(Path(config).read_text())
+        tb = Testbed.from_yaml(path, name=name, state_dir=Path(tmp) / "state")
+        try:
+            tb.up()
+            yield tb
+        finally:
+            tb.down()
+
+
+def measure(tb: Testbed, *, timeout: float = 3600, **kw: Any) -> dict[str, Any]:
+    """Run bench/measure.py in the testbed's client namespace; its JSON result."""
+    argv = [sys.executable, str(ROOT / "bench" / "measure.py"), "--cluster", str(tb.cluster_path)]
+    for k, v in kw.items():
+        flag = "--" + k.replace("_", "-")
+        if v is True:
+            argv.append(flag)
+        elif v not in (None, False):
+            argv += [flag, json.dumps(v) if isinstance(v, dict) else str(v)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = tb.exec_in_client(argv, capture_output=True, text=True, timeout=timeout, env=env)
+    if r.returncode != 0:
+        raise RuntimeError(f"measure.py failed ({r.returncode}):\n{r.stderr[-4000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def save(name: str, result: dict[str, Any], as_json: bool) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"{name}.json"
+    out.write_text(json.dumps(result, indent=1))
+    if as_json:
+        print(json.dumps(result))
+    return out
+
+
+def pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib missing (pip install -e '.[bench]'): no plot", file=sys.stderr)
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def run_quiet(argv: list[str]) -> str:
+    return subprocess.run(argv, capture_output=True, text=True, check=True).stdout

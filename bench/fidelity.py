@@ -1,0 +1,87 @@
+"""Does the planner's prediction come true?  Predicted vs measured steady-state throughput
+on an emulated cluster of devices of different speeds (cgroup CPU shares), several models
+and cluster shapes, all in one run.
+
+    python bench/fidelity.py [--json] [--batches 8] [--quick]
+
+Needs root (network namespaces, cgroups). Writes bench/results/fidelity.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from common import measure, pyplot, save, testbed
+
+# shares add up to 1.7 of the machine's 2 cores: every device gets its share
+TESTBED = {
+    "name": "fid",
+    "devices": [
+        {"name": "d0", "cpu": 0.6, "threads": 1, "memory": "3GB"},
+        {"name": "d1", "cpu": 0.45, "threads": 1, "memory": "3GB"},
+        {"name": "d2", "cpu": 0.35, "threads": 1, "memory": "3GB"},
+        {"name": "d3", "cpu": 0.3, "threads": 1, "memory": "3GB"},
+    ],
+    "links": {"default": {"mbps": 1000, "latency_ms": 0.2}},
+}
+ROWS = [  # (model, granularity, nodes)
+    ("vit_tiny_patch16_224", "block", ["d0", "d3"]),
+    ("vit_tiny_patch16_224", "half", ["d0", "d1", "d2", "d3"]),
+    ("vit_small_patch16_224", "block", ["d1", "d2", "d3"]),
+    ("vit_small_patch16_224", "half", ["d0", "d1", "d2", "d3"]),
+]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--batches", type=int, default=8)
+    ap.add_argument("--quick", action="store_true", help="only the vit_tiny rows")
+    args = ap.parse_args()
+    rows = []
+    with testbed(TESTBED, "fid") as tb:
+        for model, gran, nodes in ROWS:
+            if args.quick and "tiny" not in model:
+                continue
+            r = measure(tb, model=model, granularity=gran, microbatch=8, batches=args.batches,
+                        warmup=2, nodes=",".join(nodes))
+            row = {"model": model, "granularity": gran, "nodes": nodes,
+                   "cpu": [next(d["cpu"] for d in TESTBED["devices"] if d["name"] == n) for n in nodes],
+                   "stages": r["stages"], "bottleneck_at": r["bottleneck_at"],
+                   "predicted_samples_per_s": round(r["predicted_samples_per_s"], 3),
+                   "measured_samples_per_s": round(r["measured_samples_per_s"], 3)}
+            row["error"] = round(row["measured_samples_per_s"] / row["predicted_samples_per_s"] - 1, 4)
+            rows.append(row)
+            if not args.json:
+                print(f"{model:<24} {gran:<6} {len(nodes)} nodes  predicted {row['predicted_samples_per_s']:7.2f}"
+                      f"  measured {row['measured_samples_per_s']:7.2f} samples/s  ({row['error']:+.1%})",
+                      flush=True)
+    result = {"bench": "fidelity", "testbed": TESTBED, "rows": rows,
+              "max_abs_error": max(abs(r["error"]) for r in rows)}
+    save("fidelity", result, args.json)
+    plot(rows)
+    return 0
+
+
+def plot(rows: list[dict]) -> None:
+    plt = pyplot()
+    if plt is None:
+        return
+    from common import RESULTS
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    labels = [f"{r['model'].split('_')[1]} {r['granularity']}\n{len(r['nodes'])} nodes" for r in rows]
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], [r["predicted_samples_per_s"] for r in rows], 0.4, label="predicted")
+    ax.bar([i + 0.2 for i in x], [r["measured_samples_per_s"] for r in rows], 0.4, label="measured")
+    ax.set_xticks(list(x), labels)
+    ax.set_ylabel("samples/s")
+    ax.set_title("Planner prediction vs measurement (emulated devices)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "fidelity.png", dpi=100)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

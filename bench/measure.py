@@ -1,0 +1,136 @@
+"""One measured run on a cluster: gather -> plan (ours or a baseline) -> deploy -> stream -> stats.
+
+Run on the client side of the cluster (on a testbed: inside its client namespace, e.g.
+``testbed.exec_in_client([python, "bench/measure.py", ...])``); prints one JSON object.
+The benches (fidelity, scaling, hetero, memory) are built on it.
+
+    python bench/measure.py --cluster CLUSTER.yaml --model vit_small_patch16_224 \
+        --microbatch 8 --batches 8 [--method ours|even|pipeedge|pipedream] [--verify]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from edgezmq import model as models  # noqa: E402
+from edgezmq.autodeploy import gather, to_deploy_plan  # noqa: E402
+from edgezmq.bootstrap import ModelSpec, deploy, unload  # noqa: E402
+from edgezmq.client import Client  # noqa: E402
+from edgezmq.cluster import load_cluster  # noqa: E402
+from edgezmq.rpc import ControlClient  # noqa: E402
+
+METHODS = ("ours", "even", "pipeedge", "pipedream")
+
+
+def plan_with(problem, method: str, time_limit_s: float):
+    from edgezmq.planner import baseline, solve
+
+    if method == "ours":
+        return solve(problem, time_limit_s=time_limit_s)
+    return baseline(problem, method)
+
+
+def reference(name: str, checkpoint: str, xs: list[np.ndarray], kwargs: dict) -> list[np.ndarray]:
+    """timm's own forward of the whole model (run where memory allows: the client side)."""
+    import torch
+    from safetensors.torch import load_file
+
+    m = models.create_model(name, **kwargs)
+    m.load_state_dict(load_file(checkpoint))
+    with torch.inference_mode():
+        return [m(torch.from_numpy(x)).numpy() for x in xs]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cluster", required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--microbatch", type=int, default=8)
+    ap.add_argument("--granularity", default="block")
+    ap.add_argument("--kwargs", default="{}")
+    ap.add_argument("--checkpoint")
+    ap.add_argument("--batches", type=int, default=8, help="timed microbatches")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed microbatches first")
+    ap.add_argument("--method", default="ours", choices=METHODS)
+    ap.add_argument("--no-replication", action="store_true")
+    ap.add_argument("--nodes", help="comma-separated subset of the cluster's nodes to use")
+    ap.add_argument("--time-limit", type=float, default=20.0)
+    ap.add_argument("--verify", action="store_true", help="compare every output with timm's forward")
+    args = ap.parse_args()
+
+    from edgezmq.planner import Problem
+
+    kwargs = json.loads(args.kwargs)
+    cluster = load_cluster(args.cluster)
+    if args.nodes:
+        keep = args.nodes.split(",")
+        cluster.nodes = [n for n in cluster.nodes if n.name in keep]
+    ckpt = args.checkpoint or str(models.cached_checkpoint(args.model, **kwargs))
+    t0 = time.time()
+    g = gather(cluster, model=args.model, microbatch=args.microbatch, granularity=args.granularity,
+               kwargs=kwargs, replication=not args.no_replication, say=lambda m: print(m, file=sys.stderr))
+    problem = Problem.from_dict(g.problem)
+    planned = plan_with(problem, args.method, args.time_limit)
+    print(planned.table(problem), file=sys.stderr)
+    spec = ModelSpec(name=args.model, microbatch=args.microbatch, granularity=args.granularity,
+                     checkpoint=ckpt, kwargs=kwargs)
+    rng = np.random.default_rng(0)
+    shape = models.input_shape(args.model, args.microbatch, **kwargs)
+    xs = [rng.standard_normal(shape, dtype=np.float32) for _ in range(args.batches)]
+    window = 2 * len(planned.stages) + 1
+    with Client([], f"tcp://{cluster.client_address}:0", run="", window=window,
+                microbatch=args.microbatch, timeout=600) as client:
+        plan = to_deploy_plan(cluster, planned, model=spec, results=client.results_endpoint)
+        t_deploy = time.time()
+        dep = deploy(plan, load_timeout=900)
+        deploy_s = time.time() - t_deploy
+        try:
+            client.attach(dep.entry, dep.run)
+            if args.warmup:
+                list(client.stream(xs[: args.warmup]))
+            t1 = time.perf_counter()
+            outs = list(client.stream(xs))
+            dt = time.perf_counter() - t1
+            stats = {}
+            for _, ref in plan.all_nodes:
+                with ControlClient(ref.control, timeout=10) as c:
+                    stats[ref.name] = c.call("stats")
+        finally:
+            unload(plan)
+    result = {
+        "model": args.model, "microbatch": args.microbatch, "granularity": args.granularity,
+        "method": args.method, "nodes": [n.name for n in cluster.nodes],
+        "stages": [{"units": list(s.units), "devices": list(s.devices)} for s in planned.stages],
+        "predicted_samples_per_s": planned.throughput_per_s,
+        "predicted_bottleneck_s": planned.bottleneck_s,
+        "bottleneck_at": planned.bottleneck_at,
+        "optimal": planned.optimal,
+        "measured_samples_per_s": args.batches * args.microbatch / dt,
+        "measured_seconds": dt,
+        "deploy_seconds": deploy_s,
+        "gather_seconds": g.seconds,
+        "total_seconds": time.time() - t0,
+        "node_stats": {k: {"peak_rss": v.get("peak_rss"), "rss": v.get("rss"),
+                           "compute_s": v.get("stage", {}).get("compute_s"),
+                           "wait_s": v.get("stage", {}).get("wait_s"),
+                           "send_s": v.get("stage", {}).get("send_s"),
+                           "processed": v.get("stage", {}).get("processed")} for k, v in stats.items()},
+        "memory_limits": {d["name"]: d["memory_bytes"] for d in g.problem["devices"]},
+    }
+    if args.verify:
+        ref = reference(args.model, ckpt, xs, kwargs)
+        result["max_abs_diff"] = max(float(np.max(np.abs(a - b))) for a, b in zip(outs, ref))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
