@@ -124,6 +124,7 @@ def main() -> int:
                            "send_s": v.get("stage", {}).get("send_s"),
                            "processed": v.get("stage", {}).get("processed")} for k, v in stats.items()},
         "memory_limits": {d["name"]: d["memory_bytes"] for d in g.problem["devices"]},
+        "problem": g.problem,
     }
     if args.verify:
         ref = reference(args.model, ckpt, xs, kwargs)

@@ -1,0 +1,131 @@
+"""Planner speed and quality: solve time, certificate and baselines vs cluster size.
+
+For each model (ViT-Base/Large/Huge) and granularity (block, half-block) profile in
+plans/edgepipe-*.problem.yaml, a cluster of N devices (N = 8, 16, 32, 64, 256) is built:
+half RCC-VE, half MinnowBoard (the testbed's two board types), the testbed's type-level
+links (RCC-VE <-> RCC-VE 30 Mbps, else 10 Mbps, client <-> RCC-VE 30 Mbps), plus N/8
+seeded random slow pairs (5 Mbps, 2 ms) that split their ends into classes of their own.
+Each is solved with the time limit (default 60 s) and a target gap of 0 (prove
+optimality); we report the solve time, whether optimality was proven, the lower bound
+and the gap, and the bottleneck of the three baselines under the same model.
+
+    python bench/planner.py [--sizes 8 16 32 64 256] [--models vit-base vit-large vit-huge]
+                            [--granularity block half] [--time-limit 60] [--no-baselines]
+                            [--json] [--out bench/results/planner.json]
+
+Goals (issue 3): optimal in <= 1 s at 16 devices x ViT-Huge half-blocks; at 256 devices
+<= 60 s with a proven lower bound within 5 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import yaml  # noqa: E402
+
+from edgezmq.planner import Problem, solve  # noqa: E402
+from edgezmq.planner.baselines import BASELINES, baseline  # noqa: E402
+
+SIZES = (8, 16, 32, 64, 256)
+MODELS = ("vit-base", "vit-large", "vit-huge")
+GRANULARITIES = ("block", "half")
+SLOW_PAIR_EVERY = 8             # one slow pair per this many devices
+SLOW_MBPS, SLOW_LATENCY_MS = 5, 2
+SEED = 3
+
+
+def cluster(profile: dict[str, Any], n: int, seed: int = SEED) -> dict[str, Any]:
+    """The profile problem's model and board types on n devices (module doc)."""
+    rng = random.Random(seed * 1000 + n)
+    half = n // 2
+    devices = [{"name": f"rcc-{i}", "type": "rcc-ve"} for i in range(1, n - half + 1)]
+    devices += [{"name": f"mb-{i}", "type": "minnowboard"} for i in range(1, half + 1)]
+    names = [d["name"] for d in devices]
+    overrides = [o for o in profile["links"]["overrides"] if o["a"] in ("client", "rcc-ve", "minnowboard")
+                 and o["b"] in ("rcc-ve", "minnowboard")]
+    pairs: set[frozenset[str]] = set()
+    while len(pairs) < max(1, n // SLOW_PAIR_EVERY):
+        pairs.add(frozenset(rng.sample(names, 2)))
+    for a, b in sorted(tuple(sorted(p)) for p in pairs):
+        overrides.append({"a": a, "b": b, "mbps": SLOW_MBPS, "latency_ms": SLOW_LATENCY_MS})
+    return {**profile, "devices": devices, "links": {"default": profile["links"]["default"],
+                                                      "overrides": overrides}}
+
+
+def run(model: str, gran: str, n: int, time_limit: float, baselines: bool) -> dict[str, Any]:
+    profile = yaml.safe_load((ROOT / "plans" / f"edgepipe-{model}-{gran}.problem.yaml").read_text())
+    problem = Problem.from_dict(cluster(profile, n))
+    t0 = time.perf_counter()
+    plan = solve(problem, time_limit_s=time_limit)
+    dt = time.perf_counter() - t0
+    row = {"model": model, "granularity": gran, "units": problem.num_units, "devices": n,
+           "classes": plan.stats.get("classes"), "solve_s": round(dt, 3),
+           "bottleneck_s": plan.bottleneck_s, "lower_bound_s": plan.lower_bound_s, "gap": plan.gap,
+           "optimal": plan.optimal, "latency_optimal": plan.latency_optimal,
+           "latency_s": plan.latency_s, "stages": len(plan.stages), "used_devices": plan.num_devices}
+    if baselines:
+        for name in BASELINES:
+            b = baseline(problem, name, time_limit_s=time_limit)
+            row[name] = {"bottleneck_s": b.bottleneck_s, "feasible": b.feasible}
+    return row
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = ["model", "gran", "units", "devices", "classes", "solve s", "optimal", "gap", "B s",
+            "LB s", "stages", "used", *(f"{b} B s" for b in BASELINES)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["model"], r["granularity"], r["units"], r["devices"], r["classes"], f"{r['solve_s']:.2f}",
+                 "yes" if r["optimal"] else "no", f"{r['gap']:.2%}" if r["gap"] is not None else "-",
+                 f"{r['bottleneck_s']:.4g}", f"{r['lower_bound_s']:.4g}", r["stages"], r["used_devices"]]
+        for b in BASELINES:
+            if b in r:
+                cells.append(f"{r[b]['bottleneck_s']:.4g}" + ("" if r[b]["feasible"] else " (OOM)"))
+            else:
+                cells.append("-")
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    ap.add_argument("--granularity", nargs="+", default=list(GRANULARITIES), choices=GRANULARITIES)
+    ap.add_argument("--time-limit", type=float, default=60.0)
+    ap.add_argument("--no-baselines", action="store_true")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    ap.add_argument("--out", type=Path, help="also write the JSON here")
+    args = ap.parse_args(argv)
+    rows = []
+    for model in args.models:
+        for gran in args.granularity:
+            for n in args.sizes:
+                rows.append(run(model, gran, n, args.time_limit, not args.no_baselines))
+                if not args.json:
+                    print(table(rows[-1:]).splitlines()[-1], flush=True)
+    result = {"bench": "planner", "python": platform.python_version(), "machine": platform.machine(),
+              "time_limit_s": args.time_limit, "rows": rows}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print()
+        print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
