@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from . import control
+from . import control, security
 from .rpc import ControlClient
 
 log = logging.getLogger("edgezmq.bootstrap")
@@ -73,6 +73,12 @@ class Plan:
     results: str = DEFAULT_RESULTS
     run: str | None = None
     source: str | None = None
+    keyring: security.Keyring | None = None  # from the plan's `keys:` section: CurveZMQ
+    keys: dict | None = None  # that section, paths resolved
+
+    def curve(self, n: NodeRef) -> security.Curve | None:
+        """How to reach node ``n``'s control socket: CURVE client of its key, or plaintext."""
+        return self.keyring.client_of(n.name) if self.keyring else None
 
     @property
     def all_nodes(self) -> list[tuple[int, NodeRef]]:
@@ -89,6 +95,7 @@ class Plan:
                         **({"threads": s.nodes[0].threads} if s.nodes[0].threads else {})}
                        for s in self.stages],
             "results": self.results,
+            **({"keys": self.keys} if self.keys else {}),
         }
 
 
@@ -168,7 +175,39 @@ def parse_plan(d: Any, source: str | None = None) -> Plan:
             nodes.append(ref)
         stages.append(StagePlan(units=(units[0], units[1]), nodes=nodes))
     results = _need(d, "results", str, "plan", DEFAULT_RESULTS)
-    return Plan(model=model, stages=stages, results=results, run=_need(d, "run", str, "plan", None), source=source)
+    keys, keyring = _parse_keys(d, [n.name for st in stages for n in st.nodes], source)
+    return Plan(model=model, stages=stages, results=results, run=_need(d, "run", str, "plan", None),
+                source=source, keyring=keyring, keys=keys)
+
+
+def _parse_keys(d: dict, names: list[str], source: str | None) -> tuple[dict | None, security.Keyring | None]:
+    """The plan's optional ``keys:`` section (plans/README.md) -> (resolved section, Keyring)."""
+    k = _need(d, "keys", dict, "plan", None)
+    if k is None:
+        return None, None
+    unknown = sorted(set(k) - {"client", "nodes", "results"})
+    if unknown:
+        raise PlanFileError(f"keys: unknown field(s) {unknown}; expected client, nodes, results")
+    base = Path(source).parent if source is not None else Path.cwd()
+
+    def path(field: str) -> str | None:
+        v = _need(k, field, str, "keys", None)
+        return None if v is None else str((base / Path(v).expanduser()).resolve())
+
+    resolved = {f: path(f) for f in ("client", "nodes", "results")}
+    if resolved["client"] is None or resolved["nodes"] is None:
+        raise PlanFileError("keys: needs client (this side's .key_secret file) and nodes (directory of <node>.key)")
+    try:
+        own = security.load_keypair(resolved["client"])
+        nodes = security.load_public_dir(resolved["nodes"])
+        results = security.load_public(resolved["results"]) if resolved["results"] else None
+    except security.KeyFileError as e:
+        raise PlanFileError(f"keys: {e}") from None
+    missing = [n for n in names if n not in nodes]
+    if missing:
+        raise PlanFileError(f"keys.nodes: no public key for node(s) {missing} in {resolved['nodes']} "
+                            f"(expected <name>{security.PUBLIC_SUFFIX})")
+    return {f: v for f, v in resolved.items() if v}, security.Keyring(own=own, nodes=nodes, results_key=results)
 
 
 def load_plan(path: str | Path) -> Plan:
@@ -207,10 +246,15 @@ class Deployment:
     plan: Plan
     run: str
     endpoints: list[list[str]]  # per stage: data PULL endpoint of each replica
+    server_keys: list[list[bytes]] | None = None  # per stage: each replica's public key (secured)
 
     @property
     def entry(self) -> list[str]:
         return self.endpoints[0]
+
+    @property
+    def entry_keys(self) -> list[bytes] | None:
+        return self.server_keys[0] if self.server_keys else None
 
 
 def _each(nodes: list[tuple[int, NodeRef]], fn) -> dict[str, Any]:
@@ -236,7 +280,7 @@ def unload(plan: Plan, *, timeout: float = PING_TIMEOUT_S, only: list[str] | Non
     nodes = [(i, n) for i, n in plan.all_nodes if only is None or n.name in only]
 
     def one(_: int, n: NodeRef) -> Any:
-        with ControlClient(n.control, timeout=timeout, retries=0, name=n.name) as c:
+        with ControlClient(n.control, timeout=timeout, retries=0, name=n.name, curve=plan.curve(n)) as c:
             return c.call("unload")
 
     return _each(nodes, one)
@@ -253,7 +297,7 @@ def deploy(
     say = progress or (lambda msg: log.info("%s", msg))
 
     def ping(_: int, n: NodeRef) -> dict:
-        with ControlClient(n.control, timeout=ping_timeout, retries=1, name=n.name) as c:
+        with ControlClient(n.control, timeout=ping_timeout, retries=1, name=n.name, curve=plan.curve(n)) as c:
             r = c.call("ping")
             if r.get("state") not in ("idle", "failed"):
                 c.call("unload", retries=0, timeout=30.0)
@@ -274,8 +318,14 @@ def deploy(
             checkpoint=m.checkpoint, pretrained=m.pretrained, dtype=m.dtype)
         if n.threads:
             args["threads"] = n.threads
-        with ControlClient(n.control, timeout=60.0, retries=0, name=n.name) as c:
-            return c.call("load", **args)
+        with ControlClient(n.control, timeout=60.0, retries=0, name=n.name, curve=plan.curve(n)) as c:
+            r = c.call("load", **args)
+        if plan.keyring and r.get("public_key") != plan.keyring.node_key(n.name).decode():
+            # the node answered, so it holds the secret of the key we used; a mismatch is a
+            # misconfigured keys directory, not an attack, but deploying on it would be a guess
+            raise control.ControlError(control.BAD_STATE, f"node {n.name} reports public key "
+                                       f"{r.get('public_key')!r}, the plan's keys say {plan.keyring.node_key(n.name).decode()!r}")
+        return r
 
     say(f"loading {len(nodes)} node(s)")
     loaded = _each(nodes, load)
@@ -287,7 +337,8 @@ def deploy(
     # wait until every shard is built
     deadline = time.time() + load_timeout
     waiting = {n.name: n for _, n in nodes}
-    clients = {n.name: ControlClient(n.control, timeout=ping_timeout, retries=2, name=n.name) for _, n in nodes}
+    clients = {n.name: ControlClient(n.control, timeout=ping_timeout, retries=2, name=n.name, curve=plan.curve(n))
+               for _, n in nodes}
     try:
         while waiting:
             for name in list(waiting):
@@ -318,18 +369,24 @@ def deploy(
         raise DeployError(_summary("load failed", errors), errors)
 
     endpoints = [[loaded[n.name]["data"] for n in st.nodes] for st in plan.stages]
+    ring = plan.keyring
+    keys = [[ring.node_key(n.name) for n in st.nodes] for st in plan.stages] if ring else None
 
     def start(i: int, n: NodeRef) -> dict:
         downstream = endpoints[i + 1] if i + 1 < n_stages else [plan.results]
-        with ControlClient(n.control, timeout=ping_timeout, retries=0, name=n.name) as c:
-            return c.call("start", connect=downstream)
+        args: dict[str, Any] = {"connect": downstream}
+        if keys is not None and ring is not None:
+            down_keys = keys[i + 1] if i + 1 < n_stages else [ring.results_public]
+            args["server_keys"] = [k.decode() for k in down_keys]
+        with ControlClient(n.control, timeout=ping_timeout, retries=0, name=n.name, curve=plan.curve(n)) as c:
+            return c.call("start", **args)
 
     started = _each(nodes, start)
     errors = _fail(started)
     if errors:
         unload(plan)
         raise DeployError(_summary("start failed", errors), errors)
-    return Deployment(plan=plan, run=run, endpoints=endpoints)
+    return Deployment(plan=plan, run=run, endpoints=endpoints, server_keys=keys)
 
 
 def _summary(what: str, errors: dict[str, str]) -> str:
@@ -347,4 +404,4 @@ def stage_table(plan: Plan, unit_names: list[str] | None = None, endpoints: list
         data = ", ".join(endpoints[i]) if endpoints else ""
         rows.append((str(i), f"[{a}, {b})", layers, ", ".join(n.name for n in st.nodes), data))
     widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in rows)
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)

@@ -6,6 +6,8 @@ returned by each result), so the pipeline stays full but memory stays bounded.  
 microbatch with no result after ``timeout`` seconds is resubmitted up to
 ``retries`` times (inference is idempotent; ``seq`` drops duplicates), then
 ``TimeoutError``.  An ``error`` message for a microbatch raises ``PipelineError``.
+With a ``Keyring`` both sockets speak CurveZMQ: the results PULL is a CURVE server
+that admits only the nodes' keys, the PUSH a CURVE client of each stage-0 node.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from . import sockets, wire
+from . import security, sockets, wire
 from .bootstrap import Plan
 from .control import BAD_STATE, ControlError
 from .rpc import ControlClient
@@ -51,6 +53,8 @@ class Client:
         retries: int = 0,
         microbatch: int | None = None,
         ctx: zmq.Context | None = None,
+        keyring: security.Keyring | None = None,
+        entry_keys: list[bytes] | None = None,
     ) -> None:
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
@@ -58,22 +62,35 @@ class Client:
         self.microbatch = microbatch
         self._own_ctx = ctx is None
         self.ctx = ctx or zmq.Context()
-        self.pull = sockets.make_socket(self.ctx, zmq.PULL, sockets.DATA)
+        self.keyring = keyring
+        self.auth = None
+        server = push = None
+        if keyring is not None:
+            # only the nodes may deliver results; one ZAP handler per context
+            self.auth = security.Authenticator(self.ctx, allow=list(keyring.nodes.values()))
+            server = keyring.server
+            # a placeholder server key: attach() sets each stage-0 node's before connecting
+            push = security.Curve(keyring.own, server_key=next(iter(keyring.nodes.values()), keyring.own.public))
+        self.pull = sockets.make_socket(self.ctx, zmq.PULL, sockets.DATA, curve=server)
         self.results_endpoint = sockets.bind(self.pull, results)
-        self.push = sockets.make_socket(self.ctx, zmq.PUSH, sockets.DATA)
-        self.attach(entry, run)
+        self.push = sockets.make_socket(self.ctx, zmq.PUSH, sockets.DATA, curve=push)
+        self.attach(entry, run, entry_keys)
         self._seq = 0
         self.ignored = 0  # duplicates, other runs, malformed
         self.resubmitted = 0
         self.timestamps: dict[int, list] = {}  # seq -> per-stage [stage, recv, start, end, send]
 
-    def attach(self, entry: list[str], run: str) -> None:
-        """Point the client at a deployment (stage-0 endpoints and run id).
+    def attach(self, entry: list[str], run: str, entry_keys: list[bytes] | None = None) -> None:
+        """Point the client at a deployment (stage-0 endpoints and run id; with a keyring,
+        ``entry_keys`` are their public keys, ``Deployment.entry_keys``).
 
         A client may be made before its deployment (``entry=[]``) so that the
         results address it binds can be given to the last stage."""
-        for addr in entry:
-            self.push.connect(addr)
+        if self.keyring is not None and entry and (entry_keys is None or len(entry_keys) != len(entry)):
+            raise ValueError(f"a secured client needs one public key per stage-0 endpoint: "
+                             f"{len(entry)} endpoint(s), {0 if entry_keys is None else len(entry_keys)} key(s)")
+        for i, addr in enumerate(entry):
+            sockets.connect(self.push, addr, entry_keys[i] if self.keyring is not None and entry_keys else None)
         self.run = run
 
     @classmethod
@@ -81,13 +98,16 @@ class Client:
         """Find the running deployment of ``plan``: ask stage 0's nodes for run id and endpoint."""
         entry, run = [], None
         for ref in plan.stages[0].nodes:
-            with ControlClient(ref.control, timeout=3.0, retries=1, name=ref.name) as c:
+            with ControlClient(ref.control, timeout=3.0, retries=1, name=ref.name, curve=plan.curve(ref)) as c:
                 r = c.call("ping")
             if r.get("state") != "running":
                 raise ControlError(BAD_STATE, f"node {ref.name} is {r.get('state')}, not running: deploy the plan first")
             entry.append(r["data"])
             run = r["run"]
         kw.setdefault("microbatch", plan.model.microbatch)
+        if plan.keyring is not None:
+            kw.setdefault("keyring", plan.keyring)
+            kw.setdefault("entry_keys", [plan.keyring.node_key(r.name) for r in plan.stages[0].nodes])
         return cls(entry, plan.results, run, **kw)
 
     # ------------------------------------------------------------------
@@ -186,6 +206,8 @@ class Client:
 
     def close(self) -> None:
         sockets.close_all(self.push, self.pull)
+        if self.auth is not None:
+            self.auth.stop()
         if self._own_ctx:
             self.ctx.term()
 

@@ -59,6 +59,7 @@ COMMANDS: dict[str, dict[str, Arg]] = {
     },
     "start": {
         "connect": Arg((list,), True, "downstream data addresses (next stage replicas or the client)"),
+        "server_keys": Arg((list,), False, "secured nodes: the Z85 public key of each connect address"),
     },
     "stats": {},
     "profile": {
@@ -73,6 +74,7 @@ COMMANDS: dict[str, dict[str, Arg]] = {
     },
     "netprobe": {
         "peer": Arg((str,), True, "a probe endpoint (another node's `info.probe`)"),
+        "peer_key": Arg((str,), False, "secured nodes: the peer's Z85 public key (`info.public_key`)"),
         "bytes_per_msg": Arg(_ANY_INT, False, "bulk message size (default 4 MiB)"),
         "seconds": Arg(_NUM, False, "bulk transfer duration (default 1)"),
         "pings": Arg(_ANY_INT, False, "round trips for the latency (default 20)"),

@@ -33,6 +33,7 @@ import numpy as np
 import zmq
 
 from . import sockets
+from .security import Curve
 
 __all__ = ["ProbeServer", "probe", "ProbeError"]
 
@@ -81,8 +82,10 @@ class ProbeServer:
     is the address actually bound (with a wildcard host, advertise a routable one instead).
     """
 
-    def __init__(self, host: str = "127.0.0.1", *, port: int = 0, ctx: zmq.Context | None = None) -> None:
+    def __init__(self, host: str = "127.0.0.1", *, port: int = 0, ctx: zmq.Context | None = None,
+                 curve: Curve | None = None) -> None:
         self.address = f"tcp://{host}:{port}"
+        self.curve = curve  # a CURVE server: its context must run a security.Authenticator
         self._own_ctx = ctx is None
         self.ctx = ctx or zmq.Context()
         self.endpoint: str | None = None
@@ -131,7 +134,7 @@ class ProbeServer:
     def _serve(self) -> None:
         sock = None
         try:
-            sock = sockets.make_socket(self.ctx, zmq.ROUTER, PROBE_SOCKET)
+            sock = sockets.make_socket(self.ctx, zmq.ROUTER, PROBE_SOCKET, curve=self.curve)
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a reply that cannot go raises, is counted
             # Replies are a few bytes: a deep send queue costs nothing, while a shallow one
             # drops acks (libzmq tells a writer of reads only every HWM/2 messages).
@@ -176,9 +179,9 @@ class ProbeServer:
 class _Prober:
     """One DEALER connected to a probe server; every wait bounded by `timeout`."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, timeout: float) -> None:
+    def __init__(self, ctx: zmq.Context, endpoint: str, timeout: float, curve: Curve | None = None) -> None:
         self.endpoint, self.timeout = endpoint, timeout
-        self.sock = sockets.make_socket(ctx, zmq.DEALER, PROBE_SOCKET)
+        self.sock = sockets.make_socket(ctx, zmq.DEALER, PROBE_SOCKET, curve=curve)
         try:
             self.sock.connect(endpoint)
         except zmq.ZMQError as e:
@@ -260,18 +263,19 @@ def _bulk(p: _Prober, payload: memoryview, seconds: float | None, count: int | N
 
 def probe(endpoint: str, *, bytes_per_msg: int = DEFAULT_MSG_BYTES, seconds: float | None = DEFAULT_SECONDS,
           count: int | None = None, pings: int = DEFAULT_PINGS, timeout: float = DEFAULT_TIMEOUT_S,
-          window: int = WINDOW, ctx: zmq.Context | None = None) -> dict[str, Any]:
+          window: int = WINDOW, ctx: zmq.Context | None = None, curve: Curve | None = None) -> dict[str, Any]:
     """Latency (`pings` round trips) then bandwidth (bulk messages of `bytes_per_msg`) to a ProbeServer.
 
     The bulk phase sends `count` messages when given, else runs for `seconds`. Raises
     TimeoutError (naming `endpoint`) when any reply takes longer than `timeout` seconds.
     Bandwidth is in megabits per second (10**6 bit/s); also given in bytes per second.
+    With ``curve`` (a client of the server's public key) the probe runs over CurveZMQ.
     """
     _check_args(bytes_per_msg, seconds, count, pings, timeout, window)
     payload = memoryview(np.random.default_rng(PAYLOAD_SEED).bytes(bytes_per_msg))
     own = ctx is None
     ctx = ctx or zmq.Context()
-    p = _Prober(ctx, endpoint, timeout)
+    p = _Prober(ctx, endpoint, timeout, curve)
     try:
         p.ping(0)  # connection set-up: not counted
         rtts = [p.ping(seq) for seq in range(1, pings + 1)]

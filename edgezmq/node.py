@@ -5,7 +5,8 @@ States: idle -> loading -> loaded -> running -> (unload) idle; a failed load goe
 synchronously (model, unit range, checkpoint, memory), binds the data PULL socket and
 returns its endpoint, then builds the shard in the background; the bootstrapper
 polls ``ping`` until ``loaded``.  ``start`` connects the PUSH socket downstream and
-starts the three data threads.  Bad data messages are counted and turned into
+starts the three data threads.  With a key pair and an allow-list every socket of the
+node speaks CurveZMQ (docs/security.md).  Bad data messages are counted and turned into
 ``error`` messages downstream; nothing a peer sends can stop the node.
 """
 
@@ -16,13 +17,14 @@ import queue
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import zmq
 
-from . import control, device, sockets, wire
+from . import control, device, security, sockets, wire
 
 log = logging.getLogger("edgezmq.node")
 
@@ -33,6 +35,8 @@ READY_PREFIX = "EDGEZMQ-NODE-READY"  # first stdout line, parsed by edgezmq.loca
 SUPPORTED_DTYPES = ("float32",)
 BUFFERS_PER_DIRECTION = QUEUE_DEPTH + sockets.DATA_HWM + 1  # for the memory estimate
 MAX_JOBS_KEPT = 16  # finished jobs remembered for `job` queries
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+WIRE_SEQ_LIMIT = 2**63  # wire.decode_header accepts seq in [-1, 2**63)
 _STOP = object()
 
 
@@ -47,6 +51,8 @@ class Counters:
     compute_errors: int = 0
     forwarded_errors: int = 0
     send_retries: int = 0
+    bytes_in: int = 0  # data-plane frames received, header included
+    bytes_out: int = 0
     recv_s: float = 0.0  # decoding + validating
     wait_s: float = 0.0  # compute thread idle, waiting for input
     compute_s: float = 0.0
@@ -111,8 +117,10 @@ class Job:
 class StageRuntime:
     """One loaded shard and its three data threads."""
 
-    def __init__(self, ctx: zmq.Context, spec: LoadSpec, pull: zmq.Socket, endpoint: str) -> None:
+    def __init__(self, ctx: zmq.Context, spec: LoadSpec, pull: zmq.Socket, endpoint: str,
+                 keys: security.KeyPair | None = None) -> None:
         self.ctx = ctx
+        self.keys = keys  # the node's: the PUSH downstream is then a CURVE client
         self.spec = spec
         self.pull = pull
         self.endpoint = endpoint
@@ -126,6 +134,9 @@ class StageRuntime:
         self.draining = threading.Event()  # stop taking input, finish the rest
         self.threads: list[threading.Thread] = []
         self.started_at: float | None = None
+        # called by the send thread with each sent microbatch's [stage, t_recv, t_start,
+        # t_end, t_send] and its send seconds (edgezmq.metrics histograms)
+        self.observers: list[Callable[[list, float], None]] = []
 
     # ---- data threads -------------------------------------------------
     def _put(self, q: queue.Queue, item: Any) -> bool:
@@ -137,7 +148,12 @@ class StageRuntime:
                 continue
         return False
 
-    def _reject(self, run: str, seq: int, code: str, message: str, t: list | None = None) -> None:
+    def _reject(self, run: str, seq: Any, code: str, message: str, t: list | None = None) -> None:
+        # the error must itself be a valid message: a seq out of the wire's range (read from a
+        # header that failed validation) becomes -1, texts are cut to the wire's byte limit
+        if not isinstance(seq, int) or isinstance(seq, bool) or not -1 <= seq < WIRE_SEQ_LIMIT:
+            seq = -1
+        message = message.encode()[:wire.MAX_TEXT].decode(errors="ignore")
         c = self.counters
         c.last_error = f"seq {seq}: {code}: {message}"[:500]
         log.warning("stage %d: rejected message seq=%s: %s: %s", self.spec.stage, seq, code, message)
@@ -156,6 +172,7 @@ class StageRuntime:
                 continue
             t_recv = time.time()
             c.received += 1
+            c.bytes_in += sum(len(f) for f in frames)
             reply_run = spec.run  # errors go out under the run they belong to
             try:
                 msg = wire.decode(frames)
@@ -243,18 +260,31 @@ class StageRuntime:
                 try:
                     sockets.send_frames(self.push, frames)
                     c.sent += 1
+                    c.bytes_out += sum(memoryview(f).nbytes for f in frames)
                     break
                 except zmq.Again:  # downstream full or not connected: retry until told to stop
                     c.send_retries += 1
                     if self.stop.is_set():
                         return
-            c.send_s += time.time() - t0
+            dt = time.time() - t0
+            c.send_s += dt
+            if self.observers and msg.kind != "error" and msg.t:
+                self._observe(msg.t[-1], dt)
+
+    def _observe(self, entry: list, send_s: float) -> None:
+        for fn in self.observers:
+            try:
+                fn(entry, send_s)
+            except Exception:  # an observer must never stop the send thread
+                log.exception("stage %d: observer failed", self.spec.stage)
 
     # ---- lifecycle ---------------------------------------------------
-    def start(self, connect: list[str]) -> None:
-        self.push = sockets.make_socket(self.ctx, zmq.PUSH, sockets.DATA)
-        for addr in connect:
-            self.push.connect(addr)
+    def start(self, connect: list[str], server_keys: list[bytes] | None = None) -> None:
+        keys = server_keys or [None] * len(connect)
+        curve = security.Curve(self.keys, server_key=keys[0]) if self.keys is not None else None
+        self.push = sockets.make_socket(self.ctx, zmq.PUSH, sockets.DATA, curve=curve)
+        for addr, key in zip(connect, keys):
+            sockets.connect(self.push, addr, key)
         for fn in (self._recv_loop, self._compute_loop, self._send_loop):
             th = threading.Thread(target=fn, name=f"stage{self.spec.stage}-{fn.__name__[1:]}", daemon=True)
             th.start()
@@ -307,14 +337,22 @@ class Node:
         memory_limit: int | None = None,
         advertise: str | None = None,
         ctx: zmq.Context | None = None,
+        keys: security.KeyPair | None = None,
+        allow_dir: str | None = None,
     ) -> None:
+        if (keys is None) != (allow_dir is None):
+            raise ValueError(f"a secured node needs both a key pair and an allow-list directory "
+                             f"(got keys={keys is not None}, allow_dir={allow_dir!r})")
         self.name = name or control_address
         self.threads = threads
         self.memory_limit = memory_limit
         self.advertise = advertise
         self._own_ctx = ctx is None
         self.ctx = ctx or zmq.Context()
-        self.rep = sockets.make_socket(self.ctx, zmq.REP, sockets.CONTROL)
+        self.keys = keys
+        self.curve = security.Curve(keys) if keys is not None else None  # every bound socket: a CURVE server
+        self.auth = security.Authenticator(self.ctx, allow_dir) if allow_dir is not None else None
+        self.rep = sockets.make_socket(self.ctx, zmq.REP, sockets.CONTROL, curve=self.curve)
         self.control_endpoint = sockets.bind(self.rep, control_address)
         self.state = "idle"
         self.error: str | None = None
@@ -324,12 +362,13 @@ class Node:
         self.requests = 0
         self.bad_requests = 0
         self.started = time.time()
+        self.observers: list[Callable[[list, float], None]] = []  # handed to every stage loaded
         self.jobs: dict[str, Job] = {}
         self._job_seq = 0
         from .netprobe import ProbeServer
 
         # always on: peers and the bootstrapper measure their links to this node through it
-        self.probe = ProbeServer(sockets.host_of(self.control_endpoint), ctx=self.ctx).start()
+        self.probe = ProbeServer(sockets.host_of(self.control_endpoint), ctx=self.ctx, curve=self.curve).start()
         self.probe_endpoint = self._advertised(self.probe.endpoint)
 
     def _advertised(self, endpoint: str) -> str:
@@ -341,12 +380,17 @@ class Node:
     def cmd_ping(self) -> dict[str, Any]:
         return {"name": self.name, "state": self.state, "error": self.error,
                 "run": self.runtime.spec.run if self.runtime else None,
-                "data": self.runtime.endpoint if self.runtime else None}
+                "data": self.runtime.endpoint if self.runtime else None,
+                "time": time.time()}  # this node's clock, for trace clock offsets
 
     def cmd_info(self) -> dict[str, Any]:
         return {"name": self.name, "state": self.state, "threads": self.threads,
                 "memory_limit_arg": self.memory_limit, "device": device.describe(),
-                "control": self.control_endpoint, "probe": self.probe_endpoint}
+                "control": self.control_endpoint, "probe": self.probe_endpoint,
+                "public_key": self._public_key()}
+
+    def _public_key(self) -> str | None:
+        return self.keys.public_text if self.keys is not None else None
 
     # ---- jobs: profile and netprobe run beside the control loop ----------
     def _start_job(self, kind: str, fn, progress: bool = False) -> Job:
@@ -411,12 +455,17 @@ class Node:
         job = self._start_job("profile", work)
         return {"state": job.state, "cached": False, "job": job.id}
 
-    def cmd_netprobe(self, peer: str, **a: Any) -> dict[str, Any]:
+    def cmd_netprobe(self, peer: str, peer_key: str | None = None, **a: Any) -> dict[str, Any]:
         from . import netprobe
 
         if not isinstance(peer, str) or not peer.startswith("tcp://"):
             raise control.ControlError(control.BAD_ARGS, f"netprobe.peer: expected tcp://HOST:PORT, got {peer!r}")
-        job = self._start_job("netprobe", lambda job: netprobe.probe(peer, ctx=self.ctx, **a))
+        curve = None
+        if self.keys is not None:
+            if peer_key is None:
+                raise control.ControlError(control.BAD_ARGS, "netprobe.peer_key: this node is secured; give the peer's public key")
+            curve = security.Curve(self.keys, server_key=self._key_arg(peer_key, "netprobe.peer_key"))
+        job = self._start_job("netprobe", lambda job: netprobe.probe(peer, ctx=self.ctx, curve=curve, **a))
         return {"state": job.state, "job": job.id}
 
     def cmd_job(self, id: str) -> dict[str, Any]:  # noqa: A002 - the protocol's field name
@@ -465,21 +514,25 @@ class Node:
                 f"node {self.name}: shard units [{spec.start}, {spec.end}) of {spec.model} needs "
                 f"{need / 1e6:.0f} MB ({param / 1e6:.0f} MB parameters + buffers), "
                 f"the node has {budget / 1e6:.0f} MB available")
-        pull = sockets.make_socket(self.ctx, zmq.PULL, sockets.DATA)
+        pull = sockets.make_socket(self.ctx, zmq.PULL, sockets.DATA, curve=self.curve)
         bind_addr = args.get("bind") or f"tcp://{sockets.host_of(self.control_endpoint)}:0"
         try:
             endpoint = sockets.bind(pull, bind_addr)
         except (zmq.ZMQError, ValueError) as e:
             sockets.close_all(pull)
             raise control.ControlError(control.LOAD_FAILED, f"node {self.name}: cannot bind data socket {bind_addr}: {e}") from None
+        if self.keys is None and sockets.host_of(endpoint) not in LOOPBACK:
+            log.warning("node %s: data socket %s bound without encryption: anyone who can reach it "
+                        "can inject activations and read results (docs/security.md)", self.name, endpoint)
         endpoint = self._advertised(endpoint)
         pull.setsockopt(zmq.RCVTIMEO, POLL_MS)
-        rt = StageRuntime(self.ctx, spec, pull, endpoint)
+        rt = StageRuntime(self.ctx, spec, pull, endpoint, keys=self.keys)
         rt.expected_in = [(tuple(s), d) for s, d in specs[spec.start]]
+        rt.observers = self.observers
         self.runtime, self.state, self.error = rt, "loading", None
         self._loader = threading.Thread(target=self._build, args=(rt,), name="loader", daemon=True)
         self._loader.start()
-        return {"state": self.state, "data": endpoint, "param_bytes": param}
+        return {"state": self.state, "data": endpoint, "param_bytes": param, "public_key": self._public_key()}
 
     def _build(self, rt: StageRuntime) -> None:
         import torch
@@ -506,13 +559,31 @@ class Node:
             self.state = "loaded"
             log.info("loaded %s units [%d, %d) in %.1fs", spec.model, spec.start, spec.end, time.time() - t0)
 
-    def cmd_start(self, connect: list) -> dict[str, Any]:
+    def _key_arg(self, key: Any, what: str) -> bytes:
+        if not isinstance(key, str):
+            raise control.ControlError(control.BAD_ARGS, f"{what}: expected a Z85 public key string, got {type(key).__name__}")
+        try:
+            return security.check_key(key, what)
+        except security.KeyFileError as e:
+            raise control.ControlError(control.BAD_ARGS, str(e)) from None
+
+    def cmd_start(self, connect: list, server_keys: list | None = None) -> dict[str, Any]:
         if self.state != "loaded" or self.runtime is None:
             raise control.ControlError(control.BAD_STATE, f"node {self.name} is {self.state}; start needs a loaded shard")
         if not connect or not all(isinstance(a, str) for a in connect):
             raise control.ControlError(control.BAD_ARGS, "start.connect: expected a non-empty list of addresses")
+        keys = None
+        if self.keys is not None:
+            if server_keys is None or len(server_keys) != len(connect):
+                raise control.ControlError(
+                    control.BAD_ARGS, f"start.server_keys: this node is secured; expected one public key per "
+                    f"address ({len(connect)}), got {None if server_keys is None else len(server_keys)}")
+            keys = [self._key_arg(k, f"start.server_keys[{i}]") for i, k in enumerate(server_keys)]
+        elif server_keys is not None:
+            raise control.ControlError(control.BAD_ARGS, f"start.server_keys: node {self.name} has no key pair "
+                                       "(start it with --secret-key and --allow)")
         try:
-            self.runtime.start(connect)
+            self.runtime.start(connect, keys)
         except zmq.ZMQError as e:
             raise control.ControlError(control.BAD_ARGS, f"start.connect: {e}") from None
         self.state = "running"
@@ -574,13 +645,23 @@ class Node:
             try:
                 if not self.rep.poll(POLL_MS, zmq.POLLIN):
                     continue
-                raw = self.rep.recv(copy=False)
+                # the whole message: a REP socket that left parts unread cannot reply
+                parts = self.rep.recv_multipart(copy=False)
             except zmq.ZMQError as e:
                 if e.errno == zmq.EINTR:
                     continue
                 log.warning("control receive failed: %s", e)
                 continue
-            self.rep.send(self.handle(raw.bytes))
+            if len(parts) == 1:
+                reply = self.handle(parts[0].bytes)
+            else:
+                self.requests += 1
+                self.bad_requests += 1
+                reply = control.reply_error(control.BAD_REQUEST, f"a request is 1 frame, got {len(parts)}")
+            try:
+                self.rep.send(reply)
+            except zmq.ZMQError as e:  # never let one reply take the control loop down
+                log.warning("control reply failed: %s", e)
         return self.close()
 
     def close(self) -> int:
@@ -590,6 +671,8 @@ class Node:
             clean = rt.drain() if self.state == "running" else (rt.close() or True)
         self.probe.stop()
         sockets.close_all(self.rep)
+        if self.auth is not None:
+            self.auth.stop()
         if self._own_ctx:
             self.ctx.term()
         log.info("node %s stopped (%s)", self.name, "drained" if clean else "drain timed out")

@@ -8,6 +8,7 @@ from typing import Any
 import zmq
 
 from . import control, sockets
+from .security import Curve
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +23,8 @@ class ControlClient:
     (a REQ socket that lost a reply is stuck in its send/recv lockstep) up to
     ``retries`` times; then ``ControlError(UNREACHABLE)`` names the address.
     Only use retries for idempotent commands: ``call(..., retries=0)`` otherwise.
+    With ``curve`` (a client of the node's public key) the channel is CurveZMQ; a node
+    that does not know our key never answers, which looks like UNREACHABLE.
     """
 
     def __init__(
@@ -32,17 +35,19 @@ class ControlClient:
         retries: int = DEFAULT_RETRIES,
         ctx: zmq.Context | None = None,
         name: str | None = None,
+        curve: Curve | None = None,
     ) -> None:
         self.address = address
         self.name = name or address
         self.timeout = timeout
         self.retries = retries
+        self.curve = curve
         self._ctx = ctx or zmq.Context.instance()
         self._sock: zmq.Socket | None = None
 
     def _socket(self) -> zmq.Socket:
         if self._sock is None:
-            self._sock = sockets.make_socket(self._ctx, zmq.REQ, sockets.CONTROL)
+            self._sock = sockets.make_socket(self._ctx, zmq.REQ, sockets.CONTROL, curve=self.curve)
             self._sock.connect(self.address)
         return self._sock
 

@@ -1,7 +1,7 @@
 """The one place sockets are made: socket options, timeouts, binding, frame I/O.
 
 Every data and control socket of the project comes from ``make_socket`` so that
-LINGER, HWMs, MAXMSGSIZE, timeouts and (later) CURVE keys are set in one place.
+LINGER, HWMs, MAXMSGSIZE, timeouts and CURVE keys are set in one place.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 import zmq
 
 from . import wire
+from .security import Curve
 
 # Activations are multi-MB: a few messages of queue per socket bound memory (the
 # default HWM of 1000 would be gigabytes) while keeping the next stage fed.
@@ -36,9 +37,14 @@ DATA = SocketSpec(hwm=DATA_HWM, maxmsgsize=DATA_MAXMSGSIZE, immediate=True)
 CONTROL = SocketSpec(hwm=CONTROL_HWM, maxmsgsize=CONTROL_MAXMSGSIZE)
 
 
-def make_socket(ctx: zmq.Context, kind: int, spec: SocketSpec = DATA) -> zmq.Socket:
-    """A socket with every option this project relies on set explicitly."""
+def make_socket(ctx: zmq.Context, kind: int, spec: SocketSpec = DATA, curve: Curve | None = None) -> zmq.Socket:
+    """A socket with every option this project relies on set explicitly.
+
+    With ``curve`` the socket speaks CurveZMQ: a server (binds; its context needs a
+    ``security.Authenticator``) or a client of ``curve.server_key`` (connects)."""
     s = ctx.socket(kind)
+    if curve is not None:
+        set_curve(s, curve)
     s.setsockopt(zmq.LINGER, LINGER_MS)
     s.setsockopt(zmq.SNDHWM, spec.hwm)
     s.setsockopt(zmq.RCVHWM, spec.hwm)
@@ -49,6 +55,24 @@ def make_socket(ctx: zmq.Context, kind: int, spec: SocketSpec = DATA) -> zmq.Soc
         # peer that never came up
         s.setsockopt(zmq.IMMEDIATE, 1 if spec.immediate else 0)
     return s
+
+
+def set_curve(s: zmq.Socket, curve: Curve) -> None:
+    """CURVE options of ``s``; a client may call it again to change the server key before
+    its next ``connect`` (each connection keeps the key it was made with)."""
+    s.setsockopt(zmq.CURVE_SECRETKEY, curve.keys.secret)
+    s.setsockopt(zmq.CURVE_PUBLICKEY, curve.keys.public)
+    if curve.is_server:
+        s.setsockopt(zmq.CURVE_SERVER, 1)
+    else:
+        s.setsockopt(zmq.CURVE_SERVERKEY, curve.server_key)
+
+
+def connect(s: zmq.Socket, address: str, server_key: bytes | None = None) -> None:
+    """Connect, to a CURVE server of public ``server_key`` when given (``s`` has CURVE keys)."""
+    if server_key is not None:
+        s.setsockopt(zmq.CURVE_SERVERKEY, server_key)
+    s.connect(address)
 
 
 _PORT_RE = re.compile(r"^(tcp://[^:]+|tcp://\[[^\]]+\]):(\d+|\*|0)$")
@@ -78,7 +102,7 @@ def send_frames(sock: zmq.Socket, frames: Sequence[Any], flags: int = 0) -> None
     """Send one multipart message; large frames go zero-copy, small ones by copy."""
     copies = wire.copy_flags(frames)
     last = len(frames) - 1
-    for i, (f, c) in enumerate(zip(frames, copies, strict=False)):
+    for i, (f, c) in enumerate(zip(frames, copies)):
         sock.send(f, flags=flags | (zmq.SNDMORE if i < last else 0), copy=c)
 
 

@@ -114,7 +114,7 @@ def encode(msg: Message) -> list[Any]:
             raise TypeError(f"tensor {i}: dtype {a.dtype.name} not allowed on the wire")
         if not a.flags.c_contiguous:
             raise ValueError(f"tensor {i}: buffer must be C-contiguous (shape {a.shape})")
-        frames.append(a if a.nbytes >= COPY_THRESHOLD else a.tobytes())
+        frames.append(a)  # small ones are copied once, by zmq, when sent (copy_flags)
     frames[0] = msgpack.packb(msg.header(), use_bin_type=True)
     return frames
 
@@ -215,7 +215,7 @@ def decode(frames: Sequence[Any]) -> Message:
             seq,
         )
     tensors = []
-    for i, (spec, frame) in enumerate(zip(specs, frames[1:], strict=False)):
+    for i, (spec, frame) in enumerate(zip(specs, frames[1:])):
         mv = _buffer(frame)
         dtype = np.dtype(spec["dtype"])
         want = math.prod(spec["shape"]) * dtype.itemsize
@@ -247,7 +247,7 @@ def check_tensors(
     """
     if len(tensors) != len(expected):
         raise WireError("bad_arity", f"expected {len(expected)} tensors, got {len(tensors)}", seq)
-    for i, (a, (shape, dtype)) in enumerate(zip(tensors, expected, strict=False)):
+    for i, (a, (shape, dtype)) in enumerate(zip(tensors, expected)):
         if a.dtype.name != dtype:
             raise WireError("bad_dtype", f"tensors[{i}]: expected {dtype}, got {a.dtype.name}", seq)
         shape = tuple(shape)
