@@ -1,4 +1,4 @@
-"""Command line: `edgezmq node|deploy|submit|status|undeploy|demo|plan`."""
+"""Command line: `edgezmq node|deploy|submit|status|undeploy|profile|netprobe|demo|plan|testbed|trace|...`."""
 
 from __future__ import annotations
 
@@ -12,8 +12,11 @@ from pathlib import Path
 log = logging.getLogger("edgezmq")
 
 EPILOG_NODE = """examples:
+  edgezmq node --config /etc/edgezmq/board-1.yaml           # what the systemd unit runs (nodes/)
   edgezmq node --control tcp://127.0.0.1:5550 --name n0 --threads 2
   edgezmq node --control tcp://0.0.0.0:5550 --advertise 10.0.0.5 --name board-3
+  edgezmq node --control tcp://0.0.0.0:5550 --name board-3 \
+      --secret-key keys/board-3.key_secret --allow keys/   # CurveZMQ, see docs/security.md
 """
 EPILOG_DEPLOY = """examples:
   edgezmq deploy plans/local-3.yaml
@@ -63,9 +66,20 @@ def progress_bar(total: int, label: str = "", stream=sys.stderr):
 def cmd_node(args: argparse.Namespace) -> int:
     from . import sockets
     from .node import READY_PREFIX, Node
+    from .ops_cli import node_args_from, start_metrics
 
+    args = argparse.Namespace(**{**vars(args), **node_args_from(args)})  # --config FILE under the flags
+    keys = None
+    if (args.secret_key is None) != (args.allow is None):
+        raise ValueError("--secret-key and --allow go together (a secured node needs both)")
+    if args.secret_key is not None:
+        from .security import load_keypair, load_public_dir
+
+        keys = load_keypair(args.secret_key)
+        if not load_public_dir(args.allow):
+            log.warning("allow-list %s holds no public keys: nobody can connect", args.allow)
     host = sockets.host_of(args.control)
-    if host not in ("127.0.0.1", "localhost", "::1", "[::1]"):
+    if keys is None and host not in ("127.0.0.1", "localhost", "::1", "[::1]"):
         log.warning("binding control to %s without encryption: anyone who can reach this "
                     "address can deploy to and read from this node", host)
     # import the heavy libraries before announcing readiness, so that the first
@@ -76,9 +90,28 @@ def cmd_node(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     node = Node(args.control, name=args.name, threads=args.threads,
-                memory_limit=args.memory_limit, advertise=args.advertise)
-    print(f"{READY_PREFIX} name={node.name} control={node.control_endpoint}", flush=True)
-    return node.serve()
+                memory_limit=args.memory_limit, advertise=args.advertise,
+                keys=keys, allow_dir=args.allow)
+    try:
+        metrics = start_metrics(node, vars(args))  # None unless metrics_port is set
+    except ValueError:
+        node.close()
+        raise
+    print(f"{READY_PREFIX} name={node.name} control={node.control_endpoint}"
+          + (f" metrics={metrics.url}" if metrics else ""), flush=True)
+    try:
+        return node.serve()
+    finally:
+        if metrics:
+            metrics.stop()
+
+
+def cmd_keys_generate(args: argparse.Namespace) -> int:
+    from .security import generate
+
+    pub, sec = generate(args.dir, args.name)
+    print(f"public key: {pub}\nsecret key: {sec} (keep it on this machine; copy only the public key)")
+    return 0
 
 
 # ---- deploy / undeploy / status -----------------------------------------
@@ -189,33 +222,6 @@ def cmd_undeploy(args: argparse.Namespace) -> int:
         code |= 0 if ok else 1
         print(f"{name}: {'unloaded' if ok else r}")
     return code
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    from . import control
-    from .rpc import ControlClient
-
-    plan = _load_plan(args.plan)
-    rows = [("stage", "node", "state", "processed", "samples", "compute_s", "wait_s", "send_s", "bad", "rss_MB")]
-    out = []
-    for i, ref in plan.all_nodes:
-        try:
-            with ControlClient(ref.control, timeout=2.0, retries=0, name=ref.name) as c:
-                s = c.call("stats")
-        except control.ControlError as e:
-            s = {"state": "down", "error": e.message}
-        out.append({"stage": i, "node": ref.name, **s})
-        st = s.get("stage", {})
-        rows.append((str(i), ref.name, s["state"], str(st.get("processed", "")), str(st.get("samples", "")),
-                     f"{st['compute_s']:.2f}" if st else "", f"{st['wait_s']:.2f}" if st else "",
-                     f"{st['send_s']:.2f}" if st else "", str(st.get("bad_messages", "")),
-                     f"{s['rss'] / 1e6:.0f}" if "rss" in s else ""))
-    if args.json:
-        print(json.dumps(out))
-    else:
-        widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
-        print("\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows))
-    return 0 if all(o["state"] != "down" for o in out) else 1
 
 
 # ---- submit -------------------------------------------------------------
@@ -345,6 +351,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .ops_cli import add_cli as add_ops_cli
+    from .ops_cli import add_node_options
+    from .planner import add_cli as add_plan_cli
+    from .testbed import add_cli as add_testbed_cli
+
     p = argparse.ArgumentParser(prog="edgezmq", description=__doc__)
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -356,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--threads", type=int, help="torch threads for compute")
     n.add_argument("--memory-limit", type=int, help="refuse shards that need more than this many bytes")
     n.add_argument("--advertise", help="host other nodes use to reach this node's data socket")
+    n.add_argument("--secret-key", metavar="FILE", help="this node's NAME.key_secret: all sockets use CurveZMQ")
+    n.add_argument("--allow", metavar="DIR", help="directory of public keys (*.key) allowed to connect")
+    add_node_options(n)
     n.set_defaults(func=cmd_node)
 
     d = sub.add_parser("deploy", help="deploy a plan, or measure + plan + deploy a cluster inventory",
@@ -380,11 +394,6 @@ def build_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("undeploy", help="unload every node of a plan")
     u.add_argument("plan")
     u.set_defaults(func=cmd_undeploy)
-
-    st = sub.add_parser("status", help="show every node of a plan")
-    st.add_argument("plan")
-    st.add_argument("--json", action="store_true")
-    st.set_defaults(func=cmd_status)
 
     s = sub.add_parser("submit", help="run inputs through a deployed plan", epilog=EPILOG_SUBMIT, formatter_class=fmt)
     s.add_argument("plan")
@@ -456,12 +465,17 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true", help="print one JSON object")
     m.set_defaults(func=cmd_demo)
 
-    try:
-        from .planner import add_cli
-    except ImportError:  # planner not built yet
-        pass
-    else:
-        add_cli(sub)
+    kg = sub.add_parser("keys", help="CurveZMQ key pairs (docs/security.md)")
+    kg_sub = kg.add_subparsers(dest="keys_command", required=True)
+    kgg = kg_sub.add_parser("generate", help="write NAME.key (public) and NAME.key_secret (mode 0600)")
+    kgg.add_argument("--dir", required=True, help="directory to write the key files into")
+    kgg.add_argument("--name", default="client", help="key name (a node's: its --name)")
+    kgg.set_defaults(func=cmd_keys_generate)
+
+
+    add_plan_cli(sub)
+    add_testbed_cli(sub)
+    add_ops_cli(sub)
     return p
 
 

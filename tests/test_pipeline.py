@@ -207,9 +207,9 @@ def test_cli_deploy_submit_status_undeploy(cluster, tmp_path):
 
     r = _cli("status", str(pf), "--json")
     assert r.returncode == 0, r.stderr
-    st = json.loads(r.stdout)
+    st = json.loads(r.stdout)["nodes"]
     assert [s["state"] for s in st] == ["running", "running"]
-    assert st[0]["stage"]["processed"] == 3 + 2  # 3 npy microbatches + 2 image microbatches
+    assert st[0]["processed"] == 3 + 2  # 3 npy microbatches + 2 image microbatches
 
     r = _cli("undeploy", str(pf))
     assert r.returncode == 0 and "unloaded" in r.stdout

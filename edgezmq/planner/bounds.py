@@ -1,0 +1,134 @@
+"""Admissible bounds on what the rest of a plan can achieve (internal; used by search.py).
+
+Capacity bound. Pick a reference profile t_ref (each distinct class profile in turn) and,
+for class k, rho_k = max_u t_ref(u) / t_k(u): a device of class k does at most rho_k
+seconds of reference work per second of its own time. A stage of |R| replicas on units
+[a, b) has max_d t_d(a, b) <= |R| * B, so its reference work t_ref(a, b) <= min_d
+rho_d t_d(a, b) <= B * sum_{d in R} rho_d. Summed over the stages covering [b, L):
+B >= t_ref(b, L) / sum(rho of the devices left). Without replication at most L - b
+devices can still be used, so only the best L - b count. A plan also needs its
+parameters to fit: sum(params[b:L]) <= sum of the remaining devices' memory, else inf.
+
+Latency bound. Every remaining unit runs on some available class, unreplicated, and the
+last stage sends the result to the client: sum_u min_k t_k(u) + min_k client-out latency.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+
+import numpy as np
+
+from .classes import ClassModel
+
+__all__ = ["Bounds"]
+
+
+class Bounds:
+    """Capacity and latency lower bounds for states of one class model."""
+
+    def __init__(self, cm: ClassModel) -> None:
+        self.cm = cm
+        self.L = cm.num_units
+        self.K = cm.num_classes
+        times = cm.times
+        profiles: dict[bytes, int] = {}
+        refs = []
+        for k in range(self.K):
+            key = times[k].tobytes()
+            if key not in profiles:
+                profiles[key] = len(refs)
+                refs.append(times[k])
+        # suffix sums of each reference profile; W[j][b] = t_ref_j(b, L)
+        self.W = [[*np.concatenate([np.cumsum(r[::-1])[::-1], [0.0]]).tolist()] for r in refs]
+        # negated, ascending, for bisect
+        self._negW = [[-w for w in W] for W in self.W]
+        self.rho = [[_ratio(refs[j], times[k]) for j in range(len(refs))] for k in range(self.K)]
+        self.order = [sorted(range(self.K), key=lambda k, j=j: -self.rho[k][j]) for j in range(len(refs))]
+        self.param_suffix = np.concatenate(
+            [np.cumsum(cm.param_bytes[::-1])[::-1], [0.0]]).tolist()
+        self.cap_pos = [max(c, 0.0) for c in cm.cap]
+        self._lat_cache: dict[int, tuple[list[float], float]] = {}
+
+    def _capacity_sum(self, j: int, rem: tuple[int, ...], b: int) -> float:
+        if self.cm.replication:
+            return sum(rem[k] * self.rho[k][j] for k in range(self.K) if rem[k])
+        left, total = self.L - b, 0.0
+        for k in self.order[j]:
+            if left <= 0:
+                break
+            take = min(rem[k], left)
+            if take:
+                total += take * self.rho[k][j]
+                left -= take
+        return total
+
+    def capacity(self, b: int, rem: tuple[int, ...]) -> float:
+        """Lower bound on the bottleneck of covering units [b, L) with ``rem`` devices."""
+        if b >= self.L:
+            return 0.0
+        if not any(rem):
+            return math.inf
+        if self.param_suffix[b] > sum(r * c for r, c in zip(rem, self.cap_pos)):
+            return math.inf
+        best = 0.0
+        for j, W in enumerate(self.W):
+            w = W[b]
+            if w <= 0.0:
+                continue
+            c = self._capacity_sum(j, rem, b)
+            if c <= 0.0:
+                return math.inf
+            v = w / c
+            if v > best:
+                best = v
+        return best
+
+    def first_b(self, lo: int, hi: int, rem: tuple[int, ...], bound: float) -> int:
+        """Smallest b in [lo, hi] that may satisfy capacity(b, rem) <= bound (a safe window:
+        every b below it fails). Without replication the bound is not monotone in b: lo."""
+        if not self.cm.replication or lo >= hi:
+            return lo
+        b = lo
+        mem = sum(r * c for r, c in zip(rem, self.cap_pos))
+        # params suffix is non-increasing in b
+        if self.param_suffix[b] > mem:
+            negp = [-p for p in self.param_suffix]
+            b = max(b, bisect.bisect_left(negp, -mem, b, hi + 1))
+        for j, negW in enumerate(self._negW):
+            c = self._capacity_sum(j, rem, b)
+            if math.isinf(c):
+                continue
+            # smallest b with W[b] <= bound * c
+            b = max(b, bisect.bisect_left(negW, -bound * c, b, hi + 1))
+            if b > hi:
+                return hi + 1
+        return b
+
+    def latency(self, b: int, rem: tuple[int, ...]) -> float:
+        """Lower bound on the latency still to come after a stage ending at b (b < L)."""
+        mask = sum(1 << k for k in range(self.K) if rem[k])
+        hit = self._lat_cache.get(mask)
+        if hit is None:
+            ks = [k for k in range(self.K) if rem[k]]
+            if not ks:
+                hit = ([math.inf] * (self.L + 1), math.inf)
+            else:
+                best = self.cm.times[ks].min(axis=0)
+                suffix = np.concatenate([np.cumsum(best[::-1])[::-1], [0.0]]).tolist()
+                out = min(self.cm.lat[k + 1, 0] + self.cm.cut_bytes[-1] * self.cm.spb[k + 1, 0] for k in ks)
+                hit = (suffix, float(out))
+            self._lat_cache[mask] = hit
+        suffix, out = hit
+        return suffix[b] + out
+
+
+def _ratio(ref: np.ndarray, t: np.ndarray) -> float:
+    """max_u ref[u] / t[u] over units where ref does work (inf if t does it for free)."""
+    pos = ref > 0
+    if not pos.any():
+        return 0.0
+    if (t[pos] <= 0).any():
+        return math.inf
+    return float((ref[pos] / t[pos]).max())

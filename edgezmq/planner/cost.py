@@ -1,0 +1,124 @@
+"""The cost model: ``evaluate(problem, stages)`` prices any plan exactly (the reference).
+
+Per stage s with units [a, b) on replicas R:
+  compute C_s = max_{d in R} sum(times_d[a:b]) / |R|
+  memory, every d in R: params[a:b] + max(work[a:b]) + buffers * (in_bytes + out_bytes)
+                        + reserved_d <= memory_d
+Per link between consecutive groups X, Y (the client is a group of one) carrying n bytes:
+  time    max_{x, y} n * 8 / (mbps(x, y) * 1e6) / (|X| * |Y|)
+  latency max_{x, y} latency(x, y) + n * 8 / (mbps(x, y) * 1e6)
+Bottleneck B = max of every C_s and every link time; throughput = microbatch / B;
+latency = sum of max_{d in R} sum(times_d[a:b]) over stages + sum of link latencies.
+The solver uses the same formulas (on classes of devices); the tests hold both to this one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .plan import LinkCost, Plan, Stage, StageCost, stage_list
+from .problem import CLIENT, PlanError, Problem
+
+__all__ = ["evaluate", "stage_memory_bytes", "in_bytes"]
+
+
+def in_bytes(problem: Problem, a: int) -> int:
+    """Bytes of one microbatch entering unit a (the client's input for unit 0)."""
+    return problem.model.input_bytes if a == 0 else problem.units[a - 1].out_bytes
+
+
+def stage_memory_bytes(problem: Problem, a: int, b: int) -> int:
+    """Memory a device needs to run units [a, b), excluding the runtime's reserved bytes."""
+    units = problem.units[a:b]
+    io = in_bytes(problem, a) + problem.units[b - 1].out_bytes
+    return (sum(u.param_bytes for u in units) + max(u.work_bytes for u in units)
+            + problem.options.buffers * io)
+
+
+def _check(problem: Problem, stages: list[Stage]) -> None:
+    if not stages:
+        raise PlanError("stages: expected at least one stage")
+    n_units = problem.num_units
+    known = {d.name for d in problem.devices}
+    used: dict[str, int] = {}
+    expect = 0
+    for i, s in enumerate(stages):
+        p = f"stages[{i}]"
+        if len(s.units) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in s.units):
+            raise PlanError(f"{p}.units: expected [a, b] with whole numbers, got {list(s.units)}")
+        a, b = s.units
+        if a != expect:
+            raise PlanError(f"{p}.units: expected to start at unit {expect} (stages must be contiguous "
+                            f"from 0), got [{a}, {b}]")
+        if not a < b <= n_units:
+            raise PlanError(f"{p}.units: expected {a} < b <= {n_units}, got [{a}, {b}]")
+        expect = b
+        if not s.devices:
+            raise PlanError(f"{p}.devices: expected at least one device")
+        for dev in s.devices:
+            if dev not in known:
+                raise PlanError(f"{p}.devices: unknown device {dev!r}")
+            if dev in used:
+                raise PlanError(f"{p}.devices: device {dev!r} is already used by stages[{used[dev]}]")
+            used[dev] = i
+        if len(s.devices) > 1 and not problem.options.replication:
+            raise PlanError(f"{p}.devices: {len(s.devices)} replicas but options.replication is false")
+    if expect != n_units:
+        raise PlanError(f"stages: cover units [0, {expect}), expected [0, {n_units})")
+
+
+def _link(problem: Problem, src: Sequence[str], dst: Sequence[str], nbytes: int,
+          labels: tuple[str, str]) -> LinkCost:
+    rows = [problem.node_index(x) for x in src]
+    cols = [problem.node_index(y) for y in dst]
+    transfer = nbytes * problem.spb[np.ix_(rows, cols)]
+    worst = np.unravel_index(int(np.argmax(transfer)), transfer.shape)
+    latency = problem.latency_s[np.ix_(rows, cols)] + transfer
+    return LinkCost(labels[0], labels[1], nbytes, float(transfer[worst]) / (len(src) * len(dst)),
+                    float(latency.max()), (src[worst[0]], dst[worst[1]]))
+
+
+def evaluate(problem: Problem, stages: Sequence[Any], *, method: str = "evaluate") -> Plan:
+    """Price a plan exactly. Structural errors raise ``PlanError``; memory overruns are listed
+    in ``Plan.violations`` (the plan is then not ``feasible``) so baselines can still be shown."""
+    stages = stage_list(stages)
+    _check(problem, stages)
+    by_name = {d.name: d for d in problem.devices}
+    costs, violations = [], []
+    for i, s in enumerate(stages):
+        a, b = s.units
+        times = {d: math.fsum(by_name[d].unit_times_s[a:b]) for d in s.devices}
+        slowest = max(times.values())
+        need = stage_memory_bytes(problem, a, b)
+        tight = min(s.devices, key=lambda d: by_name[d].capacity_bytes)
+        for d in s.devices:
+            dev = by_name[d]
+            if need + dev.reserved_bytes > dev.memory_bytes:
+                violations.append(
+                    f"stage {i} units [{a},{b}): {d} needs {need + dev.reserved_bytes} bytes "
+                    f"({need} + {dev.reserved_bytes} reserved), has {dev.memory_bytes}")
+        costs.append(StageCost(slowest / len(s.devices), slowest, need + by_name[tight].reserved_bytes,
+                               by_name[tight].memory_bytes, tight))
+    groups = [(CLIENT,), *(s.devices for s in stages), (CLIENT,)]
+    labels = [CLIENT, *(f"stage {i}" for i in range(len(stages))), CLIENT]
+    links = []
+    for k in range(len(groups) - 1):
+        nbytes = (problem.model.input_bytes if k == 0 else problem.units[stages[k - 1].units[1] - 1].out_bytes)
+        links.append(_link(problem, groups[k], groups[k + 1], nbytes, (labels[k], labels[k + 1])))
+
+    bottleneck, where = -1.0, ""
+    for i, c in enumerate(costs):
+        if c.compute_s > bottleneck:
+            bottleneck, where = c.compute_s, f"stage {i}"
+    for link in links:
+        if link.time_s > bottleneck:
+            bottleneck, where = link.time_s, f"link {link.src}->{link.dst}"
+    latency = math.fsum([c.unreplicated_s for c in costs] + [k.latency_s for k in links])
+    mb = problem.model.microbatch
+    throughput = mb / bottleneck if bottleneck > 0 else math.inf
+    return Plan(stages, costs, links, bottleneck, throughput, latency, where, mb, violations,
+                method=method)

@@ -1,0 +1,335 @@
+"""``solve(problem)``: the throughput-optimal plan, with a certificate when it is not proven.
+
+Strategy (docs/planner.md has the why):
+1. Check that every unit fits some device and the model fits them all (clear errors).
+2. Incumbent: depth-first probes on the *pessimistic* merged model (classes.py: few
+   classes, links taken worst, so its plans cost no more in reality than there).
+3. A* on that model: its optimum, and the proof itself when the model is exact.
+4. Otherwise the proof: A* on the *optimistic* merged model (nothing below the incumbent
+   proves it optimal, else its optimum is a lower bound), then on the exact twin-class
+   model when that is small enough.
+5. At the optimal bottleneck, the least latency, then the fewest devices.
+If the time limit hits first, the best plan is returned with ``optimal = False`` and the
+largest proven lower bound (``lower_bound_s``, ``gap``); ``stats["history"]`` records how
+the bounds moved.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from .classes import (
+    ClassModel,
+    DeviceArrays,
+    device_arrays,
+    exact_model,
+    memory_table,
+    merged_model,
+)
+from .cost import evaluate, stage_memory_bytes
+from .plan import Plan, Stage, format_bytes
+from .problem import PlanError, Problem
+from .search import BudgetExceeded, Result, Search, Timeout
+
+__all__ = ["solve", "solve_arrays", "optimise_model", "plan_stages", "check_memory"]
+
+DEFAULT_TIME_LIMIT_S = 60.0
+PROBE_BUDGET = 1000             # expansions per depth-first probe
+PROBE_LADDER = (1.1, 1.5, 3.0, math.inf)   # first probes, as multiples of the lower bound
+MAX_PROBES = 12
+PROBE_TOLERANCE = 1e-3          # stop probing once incumbent and probe floor are this close
+# deadlines, as shares of the time limit: incumbent probes, the pessimistic model's A* when
+# it is not exact, all bottleneck search; the latency search gets at most LATENCY_SHARE
+PROBE_SHARE, PESSIMISTIC_SHARE, PHASE1_SHARE, LATENCY_SHARE = 0.25, 0.4, 0.8, 0.2
+TIE_RTOL = 1e-9                 # bottlenecks within this relative distance are equal
+# Exact search over twin classes only when the root has at most this many (class set,
+# replica count) moves; above it the merged models are searched and carry a proven bound.
+MAX_EXACT_CLASSES = 12
+MAX_EXACT_BRANCHING = 3000
+
+
+def check_memory(problem: Problem) -> None:
+    """Raise ``PlanError`` when a unit fits no device in any stage, or the parameters fit nowhere."""
+    devices = problem.devices
+    best = max(devices, key=lambda d: d.capacity_bytes)
+    arr = device_arrays(problem)
+    cut = (float(arr.input_bytes), *arr.out_bytes.tolist())
+    table = memory_table(arr.param_bytes, arr.work_bytes, cut, arr.buffers)
+    for i, u in enumerate(problem.units):
+        # the buffers depend on where the stage is cut: the unit's cheapest stage decides
+        need = float(table[:i + 1, i + 1:].min())
+        if not any(need + d.reserved_bytes <= d.memory_bytes for d in devices):
+            alone = stage_memory_bytes(problem, i, i + 1)
+            raise PlanError(
+                f"unit {i} ({u.name}) needs {format_bytes(need)} in any stage holding it (alone: "
+                f"parameters {format_bytes(u.param_bytes)}, work {format_bytes(u.work_bytes)}, "
+                f"{problem.options.buffers} buffers each way = {format_bytes(alone)}), the largest device "
+                f"has {format_bytes(best.capacity_bytes)} ({best.name}: {format_bytes(best.memory_bytes)} "
+                f"minus {format_bytes(best.reserved_bytes)} reserved)")
+    total = sum(u.param_bytes for u in problem.units)
+    offered = sum(max(d.capacity_bytes, 0) for d in devices)
+    if total > offered:
+        raise PlanError(f"the model's parameters need {format_bytes(total)}, all {len(devices)} devices "
+                        f"together offer {format_bytes(offered)} after reserved memory")
+
+
+def plan_stages(cm: ClassModel, result: Result, names: list[str]) -> list[Stage]:
+    """Concrete stages of a class-level plan: each class's devices taken in file order."""
+    pools = [list(m) for m in cm.members]
+    stages = []
+    for mv in result.moves:
+        devs = []
+        for k, c in enumerate(mv.counts):
+            devs.extend(names[d] for d in pools[k][:c])
+            del pools[k][:c]
+        stages.append(Stage((mv.a, mv.b), tuple(sorted(devs, key=names.index))))
+    return stages
+
+
+def _incumbent(search: Search, lower: float, deadline: float,
+               hard_deadline: float | None = None) -> tuple[Result | None, float]:
+    """A plan by depth-first probes at growing bounds (until ``hard_deadline`` if none is
+    found sooner), then tightened by bisection until ``deadline``. Cheap probes (few class
+    mixes) go first; full probes only if they find nothing.
+
+    Returns (best plan or None, proven floor): a full probe that exhausts its space proves
+    its bound infeasible *for this model*; the caller decides whether that binds reality.
+    """
+    search.deadline = hard_deadline or deadline
+    best, floor = None, lower
+    for cheap in (True, False):
+        for factor in PROBE_LADDER:
+            try:
+                best = search.probe(lower * factor if lower > 0 else math.inf, PROBE_BUDGET, cheap)
+            except BudgetExceeded:
+                continue
+            except Timeout:
+                return None, floor
+            if best is not None:
+                break
+            if not cheap:
+                floor = max(floor, lower * factor)
+        if best is not None:
+            break
+    if best is None:
+        return None, floor
+    lo = floor
+    for i in range(MAX_PROBES):
+        hi = best.bottleneck
+        now = time.monotonic()
+        if hi <= 0 or (hi - lo) / hi <= PROBE_TOLERANCE or now > deadline:
+            break
+        mid = (lo + hi) / 2
+        search.deadline = now + (deadline - now) / (MAX_PROBES - i)   # a fair slice each
+        try:
+            found = search.probe(mid, math.inf, cheap=True)
+        except Timeout:
+            found = None
+        if found is None:
+            lo = mid        # not a proof (cheap probe, or out of time): where to look next
+        else:
+            best = found
+    return best, floor
+
+
+def optimise_model(cm: ClassModel, time_limit_s: float) -> Result | None:
+    """The optimal plan of a class model by its own costs (or the best found in the time
+    limit); None when it has none. The baselines use it on their simplified models."""
+    deadline = time.monotonic() + time_limit_s
+    search = Search(cm, deadline)
+    best, _ = _incumbent(search, search.bounds.capacity(0, cm.counts), deadline)
+    try:
+        better = search.astar(best.bottleneck if best else math.inf)
+    except Timeout:
+        return best
+    return better or best
+
+
+def solve(problem: Problem, *, time_limit_s: float = DEFAULT_TIME_LIMIT_S, gap: float = 0.0,
+          replication: bool | None = None) -> Plan:
+    """The plan of least bottleneck (then latency, then devices) for ``problem``.
+
+    ``gap``: stop once the plan is proven within this relative distance of optimal (0:
+    prove optimality, up to ``time_limit_s``). ``replication`` overrides the problem's
+    option. ``Plan.optimal`` is true only when minimality was proven.
+    """
+    arr = device_arrays(problem)
+    if replication is not None:
+        arr = arr.with_(replication=replication)
+    return solve_arrays(problem, arr, time_limit_s=time_limit_s, gap=gap)
+
+
+class _Run:
+    """One solve: the models, the best real plan so far, the proven floor, the clock."""
+
+    def __init__(self, problem: Problem, arr: DeviceArrays, time_limit_s: float, gap: float,
+                 method: str) -> None:
+        self.problem, self.arr, self.gap, self.method = problem, arr, gap, method
+        self.t0 = time.monotonic()
+        self.limit = time_limit_s
+        self.names = [d.name for d in problem.devices]
+        self.exact = exact_model(arr)
+        self.pess = merged_model(arr, "pessimistic")
+        # the merged model *is* the exact one when every group has at most two twin classes
+        self.split = self.exact.num_classes != self.pess.num_classes
+        self.plan: Plan | None = None
+        self.lower = 0.0
+        self.proven = False
+        self.history: list[tuple[float, float, float]] = []   # (elapsed s, upper, lower bound)
+        self.stats: dict[str, object] = {"classes": self.exact.num_classes,
+                                         "merged_classes": self.pess.num_classes,
+                                         "history": self.history}
+
+    def _log(self) -> None:
+        entry = (round(time.monotonic() - self.t0, 4), self.ub(), self.lower)
+        if not self.history or self.history[-1][1:] != entry[1:]:
+            self.history.append(entry)
+
+    def at(self, share: float) -> float:
+        """The deadline at this share of the time limit."""
+        return self.t0 + self.limit * share
+
+    def ub(self) -> float:
+        return self.plan.bottleneck_s if self.plan else math.inf
+
+    def consider(self, cm: ClassModel, res: Result | None) -> None:
+        if res is None:
+            return
+        plan = evaluate(self.problem, plan_stages(cm, res, self.names), method=self.method)
+        if plan.violations:      # cannot happen: the search checks memory per class
+            raise AssertionError(f"solver produced an infeasible plan: {plan.violations}")
+        if self.plan is None or plan.bottleneck_s < self.plan.bottleneck_s:
+            self.plan = plan
+            self._log()
+
+    def raise_floor(self, x: float) -> None:
+        if x > self.lower:
+            self.lower = x
+            self._log()
+
+    def done(self) -> bool:
+        if self.proven:
+            return True
+        if self.plan is None:
+            return False
+        ub = self.plan.bottleneck_s
+        return ub <= 0 or (ub - self.lower) / ub <= max(self.gap, TIE_RTOL)
+
+    def no_plan(self) -> PlanError:
+        return PlanError(_no_plan_message(self.problem, self.arr))
+
+
+def solve_arrays(problem: Problem, arr: DeviceArrays, *, time_limit_s: float = DEFAULT_TIME_LIMIT_S,
+                 gap: float = 0.0, method: str = "solve") -> Plan:
+    """``solve`` on the problem's numbers as given in ``arr``; the returned plan is costed by
+    ``evaluate`` on the real ``problem``."""
+    check_memory(problem)
+    run = _Run(problem, arr, time_limit_s, gap, method)
+    s_pess = Search(run.pess)
+    run.raise_floor(s_pess.bounds.capacity(0, run.pess.counts))   # the same in every model
+
+    # 1. an incumbent (pessimistic plans never cost more in reality than in their model)
+    res, floor = _incumbent(s_pess, run.lower, run.at(PROBE_SHARE), run.at(PHASE1_SHARE))
+    run.consider(run.pess, res)
+    if not run.split:
+        run.raise_floor(floor)          # the model is exact: its proofs are real
+    # 2. the pessimistic model's optimum (the proof itself when the model is exact)
+    if not run.done():
+        s_pess.deadline = run.at(PHASE1_SHARE if not run.split else PESSIMISTIC_SHARE)
+        try:
+            run.consider(run.pess, s_pess.astar(run.ub()))
+            if run.plan is None:        # links never make a plan infeasible: memory does
+                raise run.no_plan()
+            run.proven = not run.split
+        except Timeout as t:
+            run.stats["timed_out"] = True
+            if not run.split:
+                run.raise_floor(t.lower_bound)
+    # 3. lower bounds that bind reality: the optimistic model, then the exact one
+    if run.split and not run.done() and run.plan is not None:
+        _prove(run)
+    if run.plan is None:
+        raise PlanError(f"no plan found within the time limit of {time_limit_s:g} s "
+                        f"(lower bound {run.lower:.4g} s); raise it")
+    if not run.proven and run.done() and gap == 0:
+        run.proven = True               # upper and lower bound meet (within TIE_RTOL)
+    plan = run.plan
+    plan.optimal = run.proven
+    if run.proven:
+        run.raise_floor(plan.bottleneck_s)
+    plan.lower_bound_s = plan.bottleneck_s if run.proven else min(run.lower, plan.bottleneck_s)
+    if run.proven:
+        plan = _least_latency(run, plan)
+    plan.method = method
+    run.stats["solve_time_s"] = round(time.monotonic() - run.t0, 4)
+    plan.stats = run.stats
+    return plan
+
+
+def _prove(run: _Run) -> None:
+    opt = merged_model(run.arr, "optimistic")
+    try:
+        s_opt = Search(opt, run.at(PHASE1_SHARE))
+        res = s_opt.astar(run.ub())
+        if res is None:             # nothing in the relaxation beats the incumbent
+            run.proven = True
+            return
+        run.raise_floor(res.bottleneck)
+        run.stats["optimistic_bound_s"] = res.bottleneck
+        run.consider(opt, res)      # its realisation may already cost the bound
+        if not run.done() and _small(run.exact):
+            run.consider(run.exact, Search(run.exact, run.at(PHASE1_SHARE)).astar(run.ub()))
+            run.proven = True
+    except Timeout as t:            # optimistic and exact bounds both bind reality
+        run.stats["timed_out"] = True
+        run.raise_floor(t.lower_bound)
+
+
+def _least_latency(run: _Run, plan: Plan) -> Plan:
+    """Among plans with the optimal bottleneck, the least latency, then fewest devices.
+
+    Exact on the twin-class model when its branching is small; otherwise on the
+    pessimistic model (its plans cost no more in reality), and not claimed optimal.
+    """
+    bound = plan.bottleneck_s * (1 + TIE_RTOL)
+    exact_ok = not run.split or _small(run.exact)
+    cm = run.exact if exact_ok else run.pess
+    deadline = min(run.at(1.0), time.monotonic() + run.limit * LATENCY_SHARE)
+    try:
+        res = Search(cm, deadline).astar_latency(bound)
+    except Timeout:
+        run.stats["latency_timed_out"] = True
+        return plan
+    if res is None:
+        return plan
+    cand = evaluate(run.problem, plan_stages(cm, res, run.names), method=run.method)
+    if cand.violations or cand.bottleneck_s > bound:
+        return plan
+    if (round(cand.latency_s, 9), cand.num_devices) <= (round(plan.latency_s, 9), plan.num_devices):
+        cand.optimal, cand.lower_bound_s = plan.optimal, plan.lower_bound_s
+        plan = cand
+    plan.latency_optimal = exact_ok
+    return plan
+
+
+def _small(cm: ClassModel) -> bool:
+    """Whether exact search over this model is affordable: its root branching is bounded."""
+    if cm.num_classes > MAX_EXACT_CLASSES:
+        return False
+    search = Search(cm)
+    moves = 0
+    for mask in search.masks(cm.counts):
+        _, _, forced, free = search.mask_info(mask)
+        moves += 1 + sum(cm.counts[k] - 1 for k in free) if cm.replication else 1
+        if moves > MAX_EXACT_BRANCHING:
+            return False
+    return True
+
+
+def _no_plan_message(problem: Problem, arr: DeviceArrays) -> str:
+    n = len(problem.devices)
+    rep = "with" if arr.replication else "without"
+    return (f"no plan fits the devices' memory: the {problem.num_units} units cannot be split into "
+            f"contiguous stages over the {n} devices ({rep} replication) so that every stage fits "
+            f"its devices (buffers: {problem.options.buffers} each way)")
