@@ -16,10 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from . import control, security
 from .rpc import ControlClient
+from .yamlfile import read_yaml
 
 log = logging.getLogger("edgezmq.bootstrap")
 
@@ -212,14 +211,7 @@ def _parse_keys(d: dict, names: list[str], source: str | None) -> tuple[dict | N
 
 def load_plan(path: str | Path) -> Plan:
     p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise PlanFileError(f"{path}: cannot read plan file ({e.strerror})") from None
-    try:
-        d = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise PlanFileError(f"{path}: not valid YAML ({e})") from None
+    d = read_yaml(p, PlanFileError, "plan file")
     if not isinstance(d, dict):
         raise PlanFileError(f"{path}: expected a mapping at the top level, got {type(d).__name__}")
     return parse_plan(d, source=str(p))

@@ -121,25 +121,12 @@ def _load_plan(path: str):
     return load_plan(path)
 
 
-def _read_yaml(path: str):
-    import yaml
-
-    from .bootstrap import PlanFileError
-
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise PlanFileError(f"{path}: cannot read file ({e.strerror})") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise PlanFileError(f"{path}: not valid YAML ({e})") from None
-
-
 def cmd_deploy(args: argparse.Namespace) -> int:
+    from .bootstrap import PlanFileError
     from .cluster import is_cluster_file
+    from .yamlfile import read_yaml
 
-    d = _read_yaml(args.file)  # a bad file fails fast, before torch is imported
+    d = read_yaml(args.file, PlanFileError)  # a bad file fails fast, before torch is imported
     if is_cluster_file(d):
         return _deploy_cluster(args, d)
     if args.model or args.dry_run or args.plan_out:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from .yamlfile import read_yaml
 
 CLIENT = "client"  # the client's name in link tables (as in the planner's problem files)
 DEFAULT_RESULTS_PORT = 5560
@@ -190,14 +190,7 @@ def parse_cluster(d: Any, source: str | None = None) -> Cluster:
 
 
 def load_cluster(path: str | Path) -> Cluster:
-    p = Path(path)
-    try:
-        d = yaml.safe_load(p.read_text())
-    except OSError as e:
-        raise ClusterError(f"{path}: cannot read cluster file ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        raise ClusterError(f"{path}: not valid YAML ({e})") from None
-    return parse_cluster(d, source=str(p))
+    return parse_cluster(read_yaml(path, ClusterError, "cluster file"), source=str(path))
 
 
 def is_cluster_file(d: Any) -> bool:

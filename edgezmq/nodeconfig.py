@@ -28,9 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .paths import CACHE_ENV
+from .yamlfile import read_yaml
 
 CONFIG_DIR = "/etc/edgezmq"
 UNIT_DIR = "/etc/systemd/system"
@@ -154,16 +153,7 @@ def _path(v: Any, where: str) -> str:
 
 def load_node_config(path: str | os.PathLike) -> dict[str, Any]:
     """Read and validate a node config file; NodeConfigError names the file and field."""
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise NodeConfigError(f"{path}: cannot read node config ({e.strerror})") from None
-    try:
-        d = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise NodeConfigError(f"{path}: not valid YAML ({e})") from None
-    return parse_node_config(d, source=str(path))
+    return parse_node_config(read_yaml(path, NodeConfigError, "node config"), source=str(path))
 
 
 def apply_to_args(cfg: dict[str, Any], args: argparse.Namespace) -> argparse.Namespace:
