@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -269,11 +270,12 @@ def test_solve_small_by_hand():
     plan = solve(Problem.from_dict(d))
     assert plan.bottleneck_s == pytest.approx(4) and plan.num_devices == 1   # then fewer devices
     assert solve(Problem.from_dict({**d, "options": {}}), replication=False).num_devices == 1
+    assert solve(Problem.from_dict(d), replication=True).bottleneck_s == pytest.approx(2)
 
 
 def test_plan_to_dict_is_json():
     p = Problem.from_dict(small())
-    out = json.loads(json.dumps(solve(p).to_dict()))
+    out = json.loads(json.dumps(solve(p).to_dict(), allow_nan=False))   # strict JSON
     for key in ("bottleneck_s", "throughput_per_s", "latency_s", "optimal", "lower_bound_s", "stages"):
         assert key in out
     assert all(set(s) >= {"units", "devices"} for s in out["stages"])
@@ -281,17 +283,20 @@ def test_plan_to_dict_is_json():
 
 
 def test_time_limited_solve_keeps_a_certificate():
-    profile = load_problem(PLANS / "edgepipe-vit-base-half.problem.yaml")
     d = yaml.safe_load((PLANS / "edgepipe-vit-base-half.problem.yaml").read_text())
     d["devices"] = [{"name": f"r{i}", "type": "rcc-ve"} for i in range(48)] + \
                    [{"name": f"m{i}", "type": "minnowboard"} for i in range(48)]
     d["links"]["overrides"] += [{"a": "r1", "b": "m2", "mbps": 5}, {"a": "r3", "b": "r4", "mbps": 5}]
     p = Problem.from_dict(d)
     plan = solve(p, time_limit_s=0.5)
-    assert plan.feasible and profile.num_units == p.num_units
-    assert plan.lower_bound_s <= plan.bottleneck_s * (1 + 1e-9)
-    assert plan.optimal == (plan.gap == 0) or plan.optimal
-    assert not plan.optimal or plan.lower_bound_s == plan.bottleneck_s
+    assert plan.feasible
+    assert 0 < plan.lower_bound_s <= plan.bottleneck_s
+    if plan.optimal:
+        assert plan.gap == 0
+    else:
+        assert plan.gap == pytest.approx((plan.bottleneck_s - plan.lower_bound_s) / plan.bottleneck_s)
+    history = plan.stats["history"]
+    assert all(lb <= (ub if ub is not None else math.inf) * (1 + 1e-9) for _, ub, lb in history)
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
@@ -445,11 +450,18 @@ def test_cli_refuses_to_write_an_oom_plan(problem_file, tmp_path, capsys):
     assert not (tmp_path / "o.yaml").exists()
 
 
-def test_examples_are_current():
-    """The committed example problems parse and match what their generator describes."""
+def test_examples_are_current(tmp_path):
+    """The committed example problems parse, and match their generator's output."""
     assert len(EXAMPLES) >= 4
     for path in EXAMPLES:
         p = load_problem(path)
         assert p.units[0].name == "embed" and p.units[-1].name == "head"
         assert all(len(d.unit_times_s) == p.num_units for d in p.devices)
-        assert math.isclose(sum(p.devices[0].unit_times_s), sum(p.device_types[p.devices[0].type].unit_times_s))
+    spec = importlib.util.spec_from_file_location("make_problems", PLANS / "make_problems.py")
+    make = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make)
+    if not make.DEFAULT_PROFILES.exists():
+        pytest.skip(f"board profiles not here ({make.DEFAULT_PROFILES})")
+    assert make.main(["--out", str(tmp_path)]) == 0
+    for path in EXAMPLES:
+        assert (tmp_path / path.name).read_text() == path.read_text(), f"{path.name}: rerun make_problems.py"

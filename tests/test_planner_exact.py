@@ -68,6 +68,35 @@ def random_problem(seed: int, *, max_devices: int = 6, max_units: int = 10,
     }
 
 
+def dominance_problem(seed: int) -> dict:
+    """Board types that are faster, bigger and better connected in order (a dominance chain),
+    a few devices each: stages mixing types, which the solver restricts by dominance."""
+    rng = random.Random(seed)
+    n_units = rng.randint(2, 8)
+    base = [round(rng.uniform(0.1, 2), 3) for _ in range(n_units)]
+    n_types = rng.randint(2, 3)
+    link_mbps = (2.0, 1.0, 0.5)
+    types = {f"t{t}": {"memory_bytes": IO_ROOM + rng.randint(100, 400) * (n_types - t), "reserved_bytes": 0,
+                       "unit_times_s": [round(x * (1.0, 1.7, 3.0)[t], 4) for x in base]}
+             for t in range(n_types)}
+    overrides = []
+    for a in range(n_types):
+        overrides.append({"a": "client", "b": f"t{a}", "mbps": link_mbps[a], "latency_ms": 1})
+        for b in range(a, n_types):
+            overrides.append({"a": f"t{a}", "b": f"t{b}", "latency_ms": 1,
+                              "mbps": min(link_mbps[a], link_mbps[b]) * rng.choice([1, 0.5])})
+    return {
+        "model": {"name": "chain", "microbatch": 8, "input_bytes": 20_000,
+                  "units": [{"name": f"u{i}", "out_bytes": rng.randint(1, 50) * 1000,
+                             "param_bytes": rng.randint(10, 100), "work_bytes": rng.randint(0, 10)}
+                            for i in range(n_units)]},
+        "device_types": types,
+        "devices": [{"name": f"d{i}", "type": f"t{rng.randrange(n_types)}"} for i in range(rng.randint(3, 6))],
+        "links": {"default": {"mbps": 1}, "overrides": overrides},
+        "options": {"replication": True, "buffers": 1},
+    }
+
+
 class BruteForce:
     """Every plan of a problem, costed from the definitions; (bottleneck, latency) minimal."""
 
@@ -240,6 +269,19 @@ def test_solve_is_exact_with_big_classes(seed):
     d = random_problem(3000 + seed, pair_overrides=False)
     d["options"]["replication"] = True
     problem = Problem.from_dict(d)
+    expected = BruteForce(problem).solve()
+    if expected is None:
+        return
+    plan = solve(problem, time_limit_s=30)
+    assert plan.optimal
+    assert math.isclose(plan.bottleneck_s, expected[0], rel_tol=RTOL), (plan.bottleneck_s, expected[0])
+    assert math.isclose(plan.latency_s, expected[1], rel_tol=RTOL), (plan.latency_s, expected[1])
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_solve_is_exact_with_dominance(seed):
+    """Types ordered by speed, memory and links: the dominance restriction loses nothing."""
+    problem = Problem.from_dict(dominance_problem(seed))
     expected = BruteForce(problem).solve()
     if expected is None:
         return

@@ -1,6 +1,6 @@
 """Admissible bounds on what the rest of a plan can achieve (internal; used by search.py).
 
-Capacity bound. Pick a reference profile t_ref (each distinct class profile in turn) and,
+Capacity bound. Pick a reference profile t_ref (a few class profiles in turn) and,
 for class k, rho_k = max_u t_ref(u) / t_k(u): a device of class k does at most rho_k
 seconds of reference work per second of its own time. A stage of |R| replicas on units
 [a, b) has max_d t_d(a, b) <= |R| * B, so its reference work t_ref(a, b) <= min_d
@@ -15,7 +15,6 @@ last stage sends the result to the client: sum_u min_k t_k(u) + min_k client-out
 
 from __future__ import annotations
 
-import bisect
 import math
 
 import numpy as np
@@ -23,6 +22,8 @@ import numpy as np
 from .classes import ClassModel
 
 __all__ = ["Bounds"]
+
+MAX_REFERENCES = 4     # reference profiles tried per bound (each costs a pass over the classes)
 
 
 class Bounds:
@@ -33,17 +34,16 @@ class Bounds:
         self.L = cm.num_units
         self.K = cm.num_classes
         times = cm.times
-        profiles: dict[bytes, int] = {}
+        # any set of references gives a valid bound; the biggest classes' profiles, a few
+        profiles: set[bytes] = set()
         refs = []
-        for k in range(self.K):
+        for k in sorted(range(self.K), key=lambda k: -cm.counts[k]):
             key = times[k].tobytes()
-            if key not in profiles:
-                profiles[key] = len(refs)
+            if key not in profiles and len(refs) < MAX_REFERENCES:
+                profiles.add(key)
                 refs.append(times[k])
         # suffix sums of each reference profile; W[j][b] = t_ref_j(b, L)
         self.W = [[*np.concatenate([np.cumsum(r[::-1])[::-1], [0.0]]).tolist()] for r in refs]
-        # negated, ascending, for bisect
-        self._negW = [[-w for w in W] for W in self.W]
         self.rho = [[_ratio(refs[j], times[k]) for j in range(len(refs))] for k in range(self.K)]
         self.order = [sorted(range(self.K), key=lambda k, j=j: -self.rho[k][j]) for j in range(len(refs))]
         self.param_suffix = np.concatenate(
@@ -84,27 +84,6 @@ class Bounds:
             if v > best:
                 best = v
         return best
-
-    def first_b(self, lo: int, hi: int, rem: tuple[int, ...], bound: float) -> int:
-        """Smallest b in [lo, hi] that may satisfy capacity(b, rem) <= bound (a safe window:
-        every b below it fails). Without replication the bound is not monotone in b: lo."""
-        if not self.cm.replication or lo >= hi:
-            return lo
-        b = lo
-        mem = sum(r * c for r, c in zip(rem, self.cap_pos))
-        # params suffix is non-increasing in b
-        if self.param_suffix[b] > mem:
-            negp = [-p for p in self.param_suffix]
-            b = max(b, bisect.bisect_left(negp, -mem, b, hi + 1))
-        for j, negW in enumerate(self._negW):
-            c = self._capacity_sum(j, rem, b)
-            if math.isinf(c):
-                continue
-            # smallest b with W[b] <= bound * c
-            b = max(b, bisect.bisect_left(negW, -bound * c, b, hi + 1))
-            if b > hi:
-                return hi + 1
-        return b
 
     def latency(self, b: int, rem: tuple[int, ...]) -> float:
         """Lower bound on the latency still to come after a stage ending at b (b < L)."""

@@ -6,11 +6,11 @@ interchangeable in every plan, so the solver tracks how many of each class are u
 (PipeEdge's count vector) and stays exact: a per-pair override makes its two ends
 differ from their type-mates, which splits them into classes of their own.
 
-``merged_model`` builds coarser models for bounds, with at most two classes per group of
-devices of equal times and memory: the group's largest twin class, and the rest merged
-into one class whose links are the worst (``pessimistic``: a plan costs at least as much
-there as in reality, so its plans are upper bounds) or the best (``optimistic``: its
-optimum is a lower bound on the real one) over the merged pairs.
+``merged_model`` builds coarser models for bounds, with at most two classes per device
+type: the type's largest twin class, and the rest merged into one class whose times,
+memory and links are the worst (``pessimistic``: a plan costs at least as much there as
+in reality, so its plans are upper bounds) or the best (``optimistic``: its optimum is a
+lower bound on the real one) of its members'.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ class DeviceArrays:
     input_bytes: int
     buffers: int
     replication: bool
+    types: tuple[str, ...] = ()  # device type names (merged models group by them)
 
     def with_(self, **kw: object) -> DeviceArrays:
         return replace(self, **kw)
@@ -55,7 +56,7 @@ def device_arrays(problem: Problem) -> DeviceArrays:
         param_bytes=np.array([x.param_bytes for x in u], dtype=float),
         work_bytes=np.array([x.work_bytes for x in u], dtype=float),
         input_bytes=problem.model.input_bytes, buffers=problem.options.buffers,
-        replication=problem.options.replication)
+        replication=problem.options.replication, types=tuple(d.type for d in problem.devices))
 
 
 @dataclass(frozen=True)
@@ -199,14 +200,18 @@ def exact_model(arr: DeviceArrays) -> ClassModel:
 
 
 def merged_model(arr: DeviceArrays, mode: str) -> ClassModel:
-    """A coarser model for bounds (module doc): in each group of devices with equal times and
-    memory, the largest twin class stays as it is and the rest of the group is merged into
-    one class whose links are the worst (pessimistic) or best (optimistic) of its members."""
+    """A coarser model for bounds (module doc): in each device type, the largest twin class
+    stays as it is and the rest of the type is merged into one class whose times, memory and
+    links are the worst (pessimistic) or the best (optimistic) of its members'. Grouping by
+    type (not by equal figures) keeps measured, slightly different devices few classes."""
     classes: list[list[int]] = []
     twins = twin_classes(arr)
-    for group in compute_groups(arr):
-        members = set(group)
-        mine = [c for c in twins if c[0] in members]
+    types = arr.types or tuple("" for _ in range(arr.times.shape[0]))
+    by_type: dict[str, list[list[int]]] = {}
+    for c in twins:
+        # a twin class may hold devices of several types only if they are identical: use the first
+        by_type.setdefault(types[c[0]], []).append(c)
+    for mine in by_type.values():
         bulk = max(mine, key=len)
         rest = sorted(d for c in mine if c is not bulk for d in c)
         classes.append(bulk)

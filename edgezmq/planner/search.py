@@ -100,9 +100,12 @@ class Result:
 class Search:
     """Search plans of one class model; one instance answers many queries (caches persist)."""
 
-    def __init__(self, cm: ClassModel, deadline: float = math.inf) -> None:
+    def __init__(self, cm: ClassModel, deadline: float = math.inf, max_mix: int | None = None) -> None:
         self.cm = cm
         self.deadline = deadline
+        # at most this many classes in one stage (None: any); only then is the search complete
+        self.max_mix = cm.num_classes if max_mix is None else max_mix
+        self.complete = self.max_mix >= cm.num_classes
         self.L = cm.num_units
         self.K = cm.num_classes
         self.n = cm.counts
@@ -175,7 +178,7 @@ class Search:
         if not self.cm.replication:
             yield from (1 << k for k in avail)
             return
-        for size in range(1, len(avail) + 1):
+        for size in range(1, min(len(avail), self.max_mix) + 1):
             for combo in itertools.combinations(avail, size):
                 mask = sum(1 << k for k in combo)
                 if not cheap or size == 1 or len(self.mask_info(mask)[3]) <= 1:

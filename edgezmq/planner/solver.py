@@ -16,9 +16,11 @@ the bounds moved.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
+from .bounds import Bounds
 from .classes import (
     ClassModel,
     DeviceArrays,
@@ -47,6 +49,8 @@ TIE_RTOL = 1e-9                 # bottlenecks within this relative distance are 
 # replica count) moves; above it the merged models are searched and carry a proven bound.
 MAX_EXACT_CLASSES = 12
 MAX_EXACT_BRANCHING = 3000
+MAX_MIX = 10                    # merged models with more classes than this are searched
+RESTRICTED_MIX = 2              # ... with stages of at most this many classes (no proofs)
 
 
 def check_memory(problem: Problem) -> None:
@@ -154,10 +158,10 @@ def solve(problem: Problem, *, time_limit_s: float = DEFAULT_TIME_LIMIT_S, gap: 
     prove optimality, up to ``time_limit_s``). ``replication`` overrides the problem's
     option. ``Plan.optimal`` is true only when minimality was proven.
     """
-    arr = device_arrays(problem)
-    if replication is not None:
-        arr = arr.with_(replication=replication)
-    return solve_arrays(problem, arr, time_limit_s=time_limit_s, gap=gap)
+    if replication is not None and replication != problem.options.replication:
+        problem = dataclasses.replace(problem, options=dataclasses.replace(problem.options,
+                                                                           replication=replication))
+    return solve_arrays(problem, device_arrays(problem), time_limit_s=time_limit_s, gap=gap)
 
 
 class _Run:
@@ -176,13 +180,15 @@ class _Run:
         self.plan: Plan | None = None
         self.lower = 0.0
         self.proven = False
-        self.history: list[tuple[float, float, float]] = []   # (elapsed s, upper, lower bound)
+        # (elapsed s, upper bound or None before the first plan, lower bound)
+        self.history: list[tuple[float, float | None, float]] = []
         self.stats: dict[str, object] = {"classes": self.exact.num_classes,
                                          "merged_classes": self.pess.num_classes,
                                          "history": self.history}
 
     def _log(self) -> None:
-        entry = (round(time.monotonic() - self.t0, 4), self.ub(), self.lower)
+        ub = self.ub()
+        entry = (round(time.monotonic() - self.t0, 4), ub if math.isfinite(ub) else None, self.lower)
         if not self.history or self.history[-1][1:] != entry[1:]:
             self.history.append(entry)
 
@@ -226,28 +232,30 @@ def solve_arrays(problem: Problem, arr: DeviceArrays, *, time_limit_s: float = D
     ``evaluate`` on the real ``problem``."""
     check_memory(problem)
     run = _Run(problem, arr, time_limit_s, gap, method)
-    s_pess = Search(run.pess)
-    run.raise_floor(s_pess.bounds.capacity(0, run.pess.counts))   # the same in every model
+    # with many classes, stages mix at most MAX_MIX of them: plans stay valid, proofs do not
+    s_pess = Search(run.pess, max_mix=_mix(run.pess))
+    run.raise_floor(Bounds(run.exact).capacity(0, run.exact.counts))
 
     # 1. an incumbent (pessimistic plans never cost more in reality than in their model)
     res, floor = _incumbent(s_pess, run.lower, run.at(PROBE_SHARE), run.at(PHASE1_SHARE))
     run.consider(run.pess, res)
-    if not run.split:
+    exact_pess = not run.split and s_pess.complete
+    if exact_pess:
         run.raise_floor(floor)          # the model is exact: its proofs are real
     # 2. the pessimistic model's optimum (the proof itself when the model is exact)
     if not run.done():
         s_pess.deadline = run.at(PHASE1_SHARE if not run.split else PESSIMISTIC_SHARE)
         try:
             run.consider(run.pess, s_pess.astar(run.ub()))
-            if run.plan is None:        # links never make a plan infeasible: memory does
+            if run.plan is None and s_pess.complete:   # links never make a plan infeasible
                 raise run.no_plan()
-            run.proven = not run.split
+            run.proven = exact_pess and run.plan is not None
         except Timeout as t:
             run.stats["timed_out"] = True
-            if not run.split:
+            if exact_pess:
                 run.raise_floor(t.lower_bound)
     # 3. lower bounds that bind reality: the optimistic model, then the exact one
-    if run.split and not run.done() and run.plan is not None:
+    if not exact_pess and not run.done() and run.plan is not None:
         _prove(run)
     if run.plan is None:
         raise PlanError(f"no plan found within the time limit of {time_limit_s:g} s "
@@ -269,6 +277,9 @@ def solve_arrays(problem: Problem, arr: DeviceArrays, *, time_limit_s: float = D
 
 def _prove(run: _Run) -> None:
     opt = merged_model(run.arr, "optimistic")
+    if opt.num_classes > MAX_MIX:   # a search restricted to fewer mixes proves nothing
+        run.stats["bound"] = "capacity only: too many device types to search the relaxation"
+        return
     try:
         s_opt = Search(opt, run.at(PHASE1_SHARE))
         res = s_opt.astar(run.ub())
@@ -293,11 +304,11 @@ def _least_latency(run: _Run, plan: Plan) -> Plan:
     pessimistic model (its plans cost no more in reality), and not claimed optimal.
     """
     bound = plan.bottleneck_s * (1 + TIE_RTOL)
-    exact_ok = not run.split or _small(run.exact)
+    exact_ok = _small(run.exact)
     cm = run.exact if exact_ok else run.pess
     deadline = min(run.at(1.0), time.monotonic() + run.limit * LATENCY_SHARE)
     try:
-        res = Search(cm, deadline).astar_latency(bound)
+        res = Search(cm, deadline, max_mix=_mix(cm)).astar_latency(bound)
     except Timeout:
         run.stats["latency_timed_out"] = True
         return plan
@@ -311,6 +322,11 @@ def _least_latency(run: _Run, plan: Plan) -> Plan:
         plan = cand
     plan.latency_optimal = exact_ok
     return plan
+
+
+def _mix(cm: ClassModel) -> int:
+    """Classes one stage may mix: all of them, or (too many to enumerate) pairs."""
+    return cm.num_classes if cm.num_classes <= MAX_MIX else RESTRICTED_MIX
 
 
 def _small(cm: ClassModel) -> bool:
