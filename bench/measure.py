@@ -58,7 +58,7 @@ def main() -> int:
     ap.add_argument("--kwargs", default="{}")
     ap.add_argument("--checkpoint")
     ap.add_argument("--batches", type=int, default=8, help="timed microbatches")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed microbatches first")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed microbatches first (same stream)")
     ap.add_argument("--method", default="ours", choices=METHODS)
     ap.add_argument("--no-replication", action="store_true")
     ap.add_argument("--nodes", help="comma-separated subset of the cluster's nodes to use")
@@ -84,8 +84,8 @@ def main() -> int:
                      checkpoint=ckpt, kwargs=kwargs)
     rng = np.random.default_rng(0)
     shape = models.input_shape(args.model, args.microbatch, **kwargs)
-    xs = [rng.standard_normal(shape, dtype=np.float32) for _ in range(args.batches)]
-    window = 2 * len(planned.stages) + 1
+    xs = [rng.standard_normal(shape, dtype=np.float32) for _ in range(args.warmup + args.batches)]
+    window = 2 * sum(len(s.devices) for s in planned.stages) + 2  # every replica busy + queued
     with Client([], f"tcp://{cluster.client_address}:0", run="", window=window,
                 microbatch=args.microbatch, timeout=600) as client:
         plan = to_deploy_plan(cluster, planned, model=spec, results=client.results_endpoint)
@@ -94,11 +94,14 @@ def main() -> int:
         deploy_s = time.time() - t_deploy
         try:
             client.attach(dep.entry, dep.run)
-            if args.warmup:
-                list(client.stream(xs[: args.warmup]))
+            # one continuous stream: the pipeline stays full; steady state is timed from the
+            # last warm-up result to the last result (fill and drain excluded)
+            arrivals: list[float] = []
             t1 = time.perf_counter()
-            outs = list(client.stream(xs))
-            dt = time.perf_counter() - t1
+            outs = list(client.stream(xs, on_result=lambda seq, y: arrivals.append(time.perf_counter())))
+            start = arrivals[args.warmup - 1] if args.warmup else t1
+            dt = arrivals[-1] - start
+            outs = outs[args.warmup:]
             stats = {}
             for _, ref in plan.all_nodes:
                 with ControlClient(ref.control, timeout=10) as c:
@@ -127,7 +130,7 @@ def main() -> int:
         "problem": g.problem,
     }
     if args.verify:
-        ref = reference(args.model, ckpt, xs, kwargs)
+        ref = reference(args.model, ckpt, xs[args.warmup:], kwargs)
         result["max_abs_diff"] = max(float(np.max(np.abs(a - b))) for a, b in zip(outs, ref))
     print(json.dumps(result))
     return 0

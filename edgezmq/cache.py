@@ -35,7 +35,7 @@ __all__ = ["SCHEMA", "VERSIONS_FIELD", "profile_key", "software_versions", "key_
 
 log = logging.getLogger(__name__)
 
-SCHEMA = 1  # bump when the entry layout or the profile's meaning changes
+SCHEMA = 2  # bump when the entry layout or the profile's meaning changes (2: timed rounds)
 PROFILES_DIR = "profiles"
 VERSIONS_FIELD = "versions"
 VERSIONED_PACKAGES = ("torch", "timm")  # plus edgezmq itself

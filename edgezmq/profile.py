@@ -9,8 +9,11 @@ is built: the process never holds more than one unit, so a device can profile a 
 cannot hold. Weights are the checkpoint's when one is given, otherwise ``build_shard``'s
 seeded placeholder weights (same shapes, same kernels, same time).
 
-Timing: ``warmup`` untimed forwards, then ``reps`` timed ones under ``inference_mode``;
-``time_s`` is their median.
+Timing: ``warmup`` untimed forwards, then ``reps`` timed rounds under ``inference_mode``;
+a round runs the unit back to back for at least ``MIN_ROUND_S`` and counts the mean, and
+``time_s`` is the median of the rounds. Rounds, not single forwards, because on a device
+under a CPU quota (a cgroup's CFS period is ~10 ms) a short unit timed alone either
+slips through unthrottled or pays a whole throttle: either way not what a busy stage sees.
 
 Working memory (``work_bytes``): the growth of the process's resident set during one
 extra forward, above its level just before, so it counts every allocation the unit makes
@@ -59,6 +62,8 @@ log = logging.getLogger(__name__)
 DTYPE = "float32"  # the only dtype profiled (and served) so far
 TORCH_DTYPE = torch.float32
 INPUT_SEED = 0  # random inputs are seeded so that two profiles run on identical data
+MIN_ROUND_S = 0.2  # a timed rep spans >= 20 periods of a 10 ms CFS quota (cgroups, testbed)
+MAX_ROUND_ITERS = 1000
 SAMPLE_INTERVAL_S = 0.0005  # RSS sampling period of the fallback memory meter
 CLEAR_REFS = Path("/proc/self/clear_refs")
 CLEAR_REFS_RESET_HWM = "5"  # resets VmHWM to the current RSS (proc(5), Linux >= 4.0)
@@ -193,9 +198,16 @@ def _profile_unit(model: str, i: int, *, granularity: str, specs: list, warmup: 
         for _ in range(warmup):
             shard(*xs)
         for _ in range(reps):
-            t = time.perf_counter()
-            shard(*xs)
-            times.append(time.perf_counter() - t)
+            # one rep = as many back-to-back forwards as fill MIN_ROUND_S: a unit shorter than
+            # a CFS period would otherwise dodge a CPU quota's throttling (or pay all of it)
+            n, t = 0, time.perf_counter()
+            while True:
+                shard(*xs)
+                n += 1
+                elapsed = time.perf_counter() - t
+                if elapsed >= MIN_ROUND_S or n >= MAX_ROUND_ITERS:
+                    break
+            times.append(elapsed / n)
         out, work = meter(functools.partial(shard, *xs))
     got = [(tuple(y.shape), str(y.dtype).removeprefix("torch.")) for y in out]
     want = [(tuple(s), dt) for s, dt in specs[i + 1]]
