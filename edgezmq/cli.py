@@ -378,7 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--time-limit", type=float, default=20.0, help="planner time limit, seconds")
     d.set_defaults(func=cmd_deploy)
 
-    u = sub.add_parser("undeploy", help="unload every node of a plan")
+    u = sub.add_parser("undeploy", help="unload every node of a plan", formatter_class=fmt,
+                       epilog="examples:\n  edgezmq undeploy plans/local-3.yaml\n")
     u.add_argument("plan")
     u.set_defaults(func=cmd_undeploy)
 
@@ -452,7 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true", help="print one JSON object")
     m.set_defaults(func=cmd_demo)
 
-    kg = sub.add_parser("keys", help="CurveZMQ key pairs (docs/security.md)")
+    kg = sub.add_parser("keys", help="CurveZMQ key pairs (docs/security.md)", formatter_class=fmt,
+                        epilog="examples:\n  edgezmq keys generate --dir /etc/edgezmq/keys --name board-1\n"
+                               "  edgezmq keys generate --dir ~/.edgezmq --name client\n")
     kg_sub = kg.add_subparsers(dest="keys_command", required=True)
     kgg = kg_sub.add_parser("generate", help="write NAME.key (public) and NAME.key_secret (mode 0600)")
     kgg.add_argument("--dir", required=True, help="directory to write the key files into")

@@ -30,7 +30,11 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 def add_cli(subparsers: Any) -> None:
     """Register ``plan`` on an argparse subparsers object (its handler returns an exit code)."""
     p = subparsers.add_parser("plan", help="choose stages and devices for the most throughput",
-                              description=__doc__.splitlines()[0])
+                              description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog="examples:\n"
+                                     "  edgezmq plan plans/edgepipe-vit-large-half.problem.yaml\n"
+                                     "  edgezmq plan plans/edgepipe-vit-large-half.problem.yaml --baseline pipeedge --json\n"
+                                     "  edgezmq plan plans/home-vit-large-half.problem.yaml -o plan.yaml --checkpoint vit_l.safetensors\n")
     p.add_argument("problem", type=Path, help="problem file (YAML or JSON, see docs/planner.md)")
     p.add_argument("--baseline", choices=BASELINES, help="plan as this baseline would, costed by our model")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
