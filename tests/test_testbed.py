@@ -30,7 +30,7 @@ SUBPROCESS_TIMEOUT_S = 60.0
 PROBE_SECONDS = 1.5
 PROBE_MSG_BYTES = 1 << 20
 PAGE = os.sysconf("SC_PAGE_SIZE")
-PERIOD_S = cgroups.PERIOD_US / 1e6
+QUARTER_PERIOD_S = cgroups.cpu_period_quota(0.25)[0] / 1e6  # the CFS period a 0.25 share gets
 
 GOOD = {
     "name": "tb",
@@ -169,8 +169,9 @@ def test_htb_batch():
     assert "classid 1:11 htb rate 1000000kbit" in lines[4] and "burst 125000" in lines[4]
 
 
-@pytest.mark.parametrize("share, expected", [(0.25, (10_000, 2_500)), (1.0, (10_000, 10_000)),
-                                             (2.0, (10_000, 20_000)), (0.05, (20_000, 1_000))])
+@pytest.mark.parametrize("share, expected", [(0.25, (80_000, 20_000)), (1.0, (20_000, 20_000)),
+                                             (2.0, (10_000, 20_000)), (0.05, (400_000, 20_000)),
+                                             (0.01, (1_000_000, 10_000))])
 def test_cpu_period_quota(share, expected):
     assert cgroups.cpu_period_quota(share) == expected
 
@@ -201,7 +202,7 @@ def test_detect_v2_and_create_on_a_fake_tree(tmp_path):
     assert dirs == [d] and made == [tmp_path / "edgezmq-t", d]
     assert (tmp_path / "cgroup.subtree_control").read_text().strip() == "+cpu"  # memory was on already
     assert (tmp_path / "edgezmq-t" / "cgroup.subtree_control").read_text().strip() == "+cpu +memory"
-    assert (d / "cpu.max").read_text().strip() == "2500 10000"
+    assert (d / "cpu.max").read_text().strip() == "20000 80000"
     assert (d / "memory.max").read_text().strip() == str(1 << 30)
 
 
@@ -441,7 +442,7 @@ def test_cpu_share_slows_work_by_its_ratio(testbed):
           f"{t['quarter'][0]:.3f}s wall: ratio {ratio:.2f} (wall/wall {raw:.2f}), expected ~4")
     n = {d: after[d] - throttled[d] for d in after}  # periods in which the cgroup hit its quota
     print(f"throttled periods: {n}")
-    assert n["quarter"] >= t["quarter"][0] / PERIOD_S / 2, n  # the quota held it back in most periods
+    assert n["quarter"] >= t["quarter"][0] / QUARTER_PERIOD_S / 2, n  # the quota held it back in most periods
     assert CPU_RATIO_BAND[0] <= ratio <= CPU_RATIO_BAND[1], t
 
 

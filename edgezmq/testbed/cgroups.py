@@ -18,6 +18,11 @@ __all__ = ["Controller", "detect", "group_dir", "host_dirs", "create_host", "pid
 GROUP_PREFIX = "edgezmq-"  # one directory per testbed per controller: edgezmq-<testbed>/<host>
 PERIOD_US = 10_000  # 10 ms: a 100 ms period stalls a throttled process for up to 75 ms at a time
 MIN_QUOTA_US = 1_000  # the kernel refuses a smaller CFS quota
+# The kernel lets each CPU keep up to ~1 ms of unused runtime across periods (per-cpu
+# slices are not expired), so a multi-threaded process spread over the CPUs can overrun a
+# small quota by a lot (measured: 2 ms per 10 ms ran ~50% fast). A quota of >= 20 ms per
+# period keeps that carry-over within ~10%; the price is longer throttled stretches.
+ACCURATE_QUOTA_US = 20_000
 MAX_PERIOD_US = 1_000_000  # ... and a longer period
 CONTROLLERS = ("cpu", "memory")
 REMOVE_TIMEOUT_S = 5.0  # a killed process takes a moment to leave its cgroup
@@ -92,10 +97,11 @@ def detect(mounts: str | None = None, self_cgroup: str | None = None) -> dict[st
 
 
 def cpu_period_quota(share: float) -> tuple[int, int]:
-    """(period_us, quota_us) for a CPU share in cores: a 10 ms period unless the share is tiny."""
+    """(period_us, quota_us) for a CPU share in cores: at least a 10 ms period, long enough
+    for a quota of ACCURATE_QUOTA_US (so 0.25 of a core is 20 ms every 80 ms)."""
     if share <= 0:
         raise ValueError(f"cpu share: expected > 0 cores, got {share}")
-    period = min(max(PERIOD_US, math.ceil(MIN_QUOTA_US / share)), MAX_PERIOD_US)
+    period = min(max(PERIOD_US, math.ceil(ACCURATE_QUOTA_US / share)), MAX_PERIOD_US)
     return period, max(round(share * period), MIN_QUOTA_US)
 
 
