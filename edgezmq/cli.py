@@ -212,13 +212,14 @@ def cmd_undeploy(args: argparse.Namespace) -> int:
 
 
 # ---- submit -------------------------------------------------------------
-def _inputs(args: argparse.Namespace, plan) -> tuple:
+def _inputs(args: argparse.Namespace, model) -> tuple:
+    """(N, C, H, W) float32 inputs from --random/--npy/--images for a ModelSpec, and names."""
     import numpy as np
 
     from . import model as models
 
     if args.random is not None:
-        shape = models.input_shape(plan.model.name, args.random, **plan.model.kwargs)
+        shape = models.input_shape(model.name, args.random, **model.kwargs)
         return np.random.default_rng(args.seed).standard_normal(shape, dtype=np.float32), None
     if args.npy is not None:
         try:
@@ -230,27 +231,23 @@ def _inputs(args: argparse.Namespace, plan) -> tuple:
         return np.ascontiguousarray(x, dtype=np.float32), None
     from .images import load_images
 
-    return load_images(args.images, plan.model.name, **plan.model.kwargs)
+    return load_images(args.images, model.name, **model.kwargs)
 
 
-def cmd_submit(args: argparse.Namespace) -> int:
+def _collect(args: argparse.Namespace, stream, n_batches: int, names) -> int:
+    """Drain a result stream with a progress bar; write the logits; print top-5."""
     import numpy as np
 
-    from .client import Client, split
     from .images import top5
 
-    plan = _load_plan(args.plan)
-    x, names = _inputs(args, plan)
-    batches = split(x, plan.model.microbatch)
-    bar = progress_bar(len(batches)) if not args.quiet else None
+    bar = progress_bar(n_batches) if not args.quiet else None
     outs, samples = [], 0
     t0 = time.time()
-    with Client.from_plan(plan, window=args.window, timeout=args.timeout, retries=args.retries) as c:
-        for y in c.stream(batches):
-            outs.append(y)
-            samples += len(y)
-            if bar:
-                bar(len(outs), samples)
+    for y in stream:
+        outs.append(y)
+        samples += len(y)
+        if bar:
+            bar(len(outs), samples)
     dt = time.time() - t0
     logits = np.concatenate(outs)
     np.save(args.out, logits)
@@ -259,6 +256,39 @@ def cmd_submit(args: argparse.Namespace) -> int:
         label = names[i] if names else f"sample {i}"
         print(f"{label}: " + ", ".join(f"{cls} ({p:.3f})" for cls, p in row))
     return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from .client import Client, split
+
+    plan = _load_plan(args.plan)
+    x, names = _inputs(args, plan.model)
+    batches = split(x, plan.model.microbatch)
+    with Client.from_plan(plan, window=args.window, timeout=args.timeout, retries=args.retries) as c:
+        return _collect(args, c.stream(batches), len(batches), names)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Deploy on a cluster inventory and run inputs through it, failing over on dead nodes."""
+    from . import model as models
+    from .bootstrap import ModelSpec
+    from .client import split
+    from .cluster import load_cluster
+    from .failover import ResilientPipeline
+
+    cluster = load_cluster(args.cluster)
+    kwargs = json.loads(args.kwargs) if args.kwargs else {}
+    checkpoint = args.checkpoint or (None if args.pretrained else str(models.cached_checkpoint(args.model, **kwargs)))
+    spec = ModelSpec(name=args.model, microbatch=args.microbatch, granularity=args.granularity,
+                     checkpoint=checkpoint, pretrained=args.pretrained, kwargs=kwargs)
+    x, names = _inputs(args, spec)
+    batches = split(x, spec.microbatch)
+    with ResilientPipeline(cluster, spec, window=args.window, timeout=args.timeout,
+                           interval=args.heartbeat, replication=not args.no_replication, say=_stderr) as rp:
+        code = _collect(args, rp.stream(batches), len(batches), names)
+        if rp.failovers:
+            _stderr(f"{rp.failovers} failover(s); dead: {sorted(rp.dead)}; replayed {rp.client.replayed} microbatch(es)")
+    return code
 
 
 # ---- profile / netprobe ------------------------------------------------------
@@ -397,6 +427,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--show", type=int, default=5, help="print top-5 classes of this many samples")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_submit)
+
+    rn = sub.add_parser("run", help="deploy on a cluster inventory and run inputs, failing over on dead nodes",
+                        epilog="examples:\n  edgezmq run cluster.yaml --model vit_base_patch16_224 --random 256\n"
+                               "  edgezmq run cluster.yaml --model vit_small_patch16_224 --images ./photos --heartbeat 0.5\n",
+                        formatter_class=fmt)
+    rn.add_argument("cluster", help="cluster inventory YAML (plans/README.md)")
+    rn.add_argument("--model", required=True)
+    rn.add_argument("--checkpoint")
+    rn.add_argument("--pretrained", action="store_true")
+    rn.add_argument("--microbatch", type=int, default=8)
+    rn.add_argument("--granularity", default="block", choices=("block", "half", "sublayer"))
+    rn.add_argument("--kwargs", help="timm.create_model kwargs as JSON")
+    rn.add_argument("--no-replication", action="store_true")
+    rn.add_argument("--heartbeat", type=float, default=1.0, help="seconds between heartbeats (3 missed: dead)")
+    rsrc = rn.add_mutually_exclusive_group(required=True)
+    rsrc.add_argument("--images")
+    rsrc.add_argument("--npy")
+    rsrc.add_argument("--random", type=int, metavar="N")
+    rn.add_argument("--seed", type=int, default=0)
+    rn.add_argument("--out", default="logits.npy")
+    rn.add_argument("--window", type=int, default=4)
+    rn.add_argument("--timeout", type=float, default=120.0)
+    rn.add_argument("--show", type=int, default=5)
+    rn.add_argument("-q", "--quiet", action="store_true")
+    rn.set_defaults(func=cmd_run)
 
     pr = sub.add_parser("profile", help="time every unit of a model on a node (or here)",
                         epilog="examples:\n  edgezmq profile --node tcp://10.0.0.11:5550 --model vit_large_patch16_224 --microbatch 8\n"

@@ -13,6 +13,7 @@ that admits only the nodes' keys, the PUSH a CURVE client of each stage-0 node.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -31,6 +32,10 @@ log = logging.getLogger("edgezmq.client")
 DEFAULT_WINDOW = 4
 DEFAULT_TIMEOUT_S = 120.0
 POLL_MS = 50
+
+
+class _Failover(Exception):
+    """Raised inside the stream loop when the deployment must be replaced (a node died)."""
 
 
 class PipelineError(RuntimeError):
@@ -74,8 +79,14 @@ class Client:
         self.pull = sockets.make_socket(self.ctx, zmq.PULL, sockets.DATA, curve=server)
         self.results_endpoint = sockets.bind(self.pull, results)
         self.push = sockets.make_socket(self.ctx, zmq.PUSH, sockets.DATA, curve=push)
+        self._entry: list[str] = []
         self.attach(entry, run, entry_keys)
         self._seq = 0
+        # failover (edgezmq.failover): set `failed` from any thread; the stream loop then
+        # calls `recover()` -> (entry, run), re-attaches and replays every unanswered microbatch
+        self.failed = threading.Event()
+        self.recover: Callable[[], tuple[list[str], str]] | None = None
+        self.replayed = 0
         self.ignored = 0  # duplicates, other runs, malformed
         self.resubmitted = 0
         self.timestamps: dict[int, list] = {}  # seq -> per-stage [stage, recv, start, end, send]
@@ -89,8 +100,14 @@ class Client:
         if self.keyring is not None and entry and (entry_keys is None or len(entry_keys) != len(entry)):
             raise ValueError(f"a secured client needs one public key per stage-0 endpoint: "
                              f"{len(entry)} endpoint(s), {0 if entry_keys is None else len(entry_keys)} key(s)")
+        for addr in self._entry:  # a new deployment replaces the old entry points
+            try:
+                self.push.disconnect(addr)
+            except zmq.ZMQError:
+                pass
         for i, addr in enumerate(entry):
             sockets.connect(self.push, addr, entry_keys[i] if self.keyring is not None and entry_keys else None)
+        self._entry = list(entry)
         self.run = run
 
     @classmethod
@@ -129,6 +146,8 @@ class Client:
                 sockets.send_frames(self.push, frames)
                 return
             except zmq.Again:
+                if self.failed.is_set() and self.recover is not None:
+                    raise _Failover() from None
                 if time.time() > deadline:
                     raise TimeoutError(f"stage 0 did not accept microbatch {seq} within {self.timeout:g}s") from None
 
@@ -146,18 +165,24 @@ class Client:
         pending: dict[int, list] = {}  # seq -> [batch, sent_at, attempts]
         done: dict[int, np.ndarray] = {}
         while True:
-            while not exhausted and len(order) < self.window:
-                try:
-                    x = self._check(next(it))
-                except StopIteration:
-                    exhausted = True
-                    break
-                seq = self._seq
-                self._seq += 1
-                now = time.time()
-                self._send(seq, x, now + self.timeout)
-                pending[seq] = [x, now, 1]
-                order.append(seq)
+            try:
+                if self.failed.is_set() and self.recover is not None:
+                    raise _Failover()
+                while not exhausted and len(order) < self.window:
+                    try:
+                        x = self._check(next(it))
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    seq = self._seq
+                    self._seq += 1
+                    now = time.time()
+                    pending[seq] = [x, now, 1]
+                    order.append(seq)
+                    self._send(seq, x, now + self.timeout)
+            except _Failover:
+                self._fail_over(pending)
+                continue
             while order and order[0] in done:
                 seq = order.popleft()
                 y = done.pop(seq)
@@ -169,7 +194,29 @@ class Client:
             frames = sockets.recv_frames(self.pull, POLL_MS)
             if frames is not None:
                 self._accept(frames, pending, done)
-            self._expire(pending)
+            if not (self.failed.is_set() and self.recover is not None):
+                self._expire(pending)
+
+    def _fail_over(self, pending: dict) -> None:
+        """Move to a new deployment and send every unanswered microbatch again (same seq)."""
+        self.failed.clear()
+        assert self.recover is not None
+        try:
+            entry, run = self.recover()
+        except Exception as e:
+            seqs = sorted(pending)
+            raise PipelineError(seqs[0] if seqs else -1, "failover_failed",
+                                f"{e}; unanswered microbatches: {seqs}", -1) from e
+        self.attach(entry, run)
+        now = time.time()
+        for seq, entry_ in sorted(pending.items()):
+            entry_[1] = now
+            try:
+                self._send(seq, entry_[0], now + self.timeout)
+            except _Failover:  # another node died meanwhile: the loop fails over again
+                return
+        self.replayed += len(pending)
+        log.warning("failed over to run %s: replayed %d microbatch(es)", run, len(pending))
 
     def _accept(self, frames: list, pending: dict, done: dict) -> None:
         try:
