@@ -81,5 +81,22 @@ def pyplot():
     return plt
 
 
+def bars(labels: list[str], predicted: list[float], measured: list[float], title: str, path: Path) -> None:
+    """Predicted vs measured samples/s side by side, one pair per label."""
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    x = range(len(labels))
+    ax.bar([i - 0.2 for i in x], predicted, 0.4, label="predicted")
+    ax.bar([i + 0.2 for i in x], measured, 0.4, label="measured")
+    ax.set_xticks(list(x), labels)
+    ax.set_ylabel("samples/s")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
 def run_quiet(argv: list[str]) -> str:
     return subprocess.run(argv, capture_output=True, text=True, check=True).stdout

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from common import measure, pyplot, save, testbed
+from common import RESULTS, bars, measure, save, testbed
 
 # shares add up to 1.7 of the machine's 2 cores: every device gets its share
 TESTBED = {
@@ -65,22 +65,9 @@ def main() -> int:
 
 
 def plot(rows: list[dict]) -> None:
-    plt = pyplot()
-    if plt is None:
-        return
-    from common import RESULTS
-
-    fig, ax = plt.subplots(figsize=(6, 4))
     labels = [f"{r['model'].split('_')[1]} {r['granularity']}\n{len(r['nodes'])} nodes" for r in rows]
-    x = range(len(rows))
-    ax.bar([i - 0.2 for i in x], [r["predicted_samples_per_s"] for r in rows], 0.4, label="predicted")
-    ax.bar([i + 0.2 for i in x], [r["measured_samples_per_s"] for r in rows], 0.4, label="measured")
-    ax.set_xticks(list(x), labels)
-    ax.set_ylabel("samples/s")
-    ax.set_title("Planner prediction vs measurement (emulated devices)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(RESULTS / "fidelity.png", dpi=100)
+    bars(labels, [r["predicted_samples_per_s"] for r in rows], [r["measured_samples_per_s"] for r in rows],
+         "Planner prediction vs measurement (emulated devices)", RESULTS / "fidelity.png")
 
 
 if __name__ == "__main__":

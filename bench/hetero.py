@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from common import RESULTS, ROOT, measure, pyplot, save, testbed
+from common import RESULTS, ROOT, bars, measure, save, testbed
 
 METHODS = ("ours", "even", "pipeedge", "pipedream")
 TESTBED = ROOT / "plans" / "testbed-hetero.yaml"
@@ -51,20 +51,9 @@ def main() -> int:
 
 
 def plot(result: dict) -> None:
-    plt = pyplot()
-    if plt is None:
-        return
     rows = result["rows"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    x = range(len(rows))
-    ax.bar([i - 0.2 for i in x], [r["predicted_samples_per_s"] for r in rows], 0.4, label="predicted")
-    ax.bar([i + 0.2 for i in x], [r["measured_samples_per_s"] for r in rows], 0.4, label="measured")
-    ax.set_xticks(list(x), [r["method"] for r in rows])
-    ax.set_ylabel("samples/s")
-    ax.set_title(f"{result['model']} on a mixed testbed")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(RESULTS / "hetero.png", dpi=100)
+    bars([r["method"] for r in rows], [r["predicted_samples_per_s"] for r in rows],
+         [r["measured_samples_per_s"] for r in rows], f"{result['model']} on a mixed testbed", RESULTS / "hetero.png")
 
 
 if __name__ == "__main__":

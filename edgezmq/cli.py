@@ -367,6 +367,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def _add_io_args(p: argparse.ArgumentParser) -> None:
+    """Inputs, outputs and flow control shared by `submit` and `run`."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", help="directory of JPEG/PNG images (timm preprocessing)")
+    src.add_argument("--npy", help=".npy file of shape (N, C, H, W)")
+    src.add_argument("--random", type=int, metavar="N", help="N random images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="logits.npy", help="where to write the logits")
+    p.add_argument("--window", type=int, default=4, help="microbatches in flight")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per microbatch before retry/failure")
+    p.add_argument("--show", type=int, default=5, help="print top-5 classes of this many samples")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .ops_cli import add_cli as add_ops_cli
     from .ops_cli import add_node_options
@@ -415,17 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("submit", help="run inputs through a deployed plan", epilog=EPILOG_SUBMIT, formatter_class=fmt)
     s.add_argument("plan")
-    src = s.add_mutually_exclusive_group(required=True)
-    src.add_argument("--images", help="directory of JPEG/PNG images (timm preprocessing)")
-    src.add_argument("--npy", help=".npy file of shape (N, C, H, W)")
-    src.add_argument("--random", type=int, metavar="N", help="N random images")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", default="logits.npy", help="where to write the logits")
-    s.add_argument("--window", type=int, default=4, help="microbatches in flight")
-    s.add_argument("--timeout", type=float, default=120.0, help="seconds per microbatch before retry/failure")
+    _add_io_args(s)
     s.add_argument("--retries", type=int, default=1)
-    s.add_argument("--show", type=int, default=5, help="print top-5 classes of this many samples")
-    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_submit)
 
     rn = sub.add_parser("run", help="deploy on a cluster inventory and run inputs, failing over on dead nodes",
@@ -441,16 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--kwargs", help="timm.create_model kwargs as JSON")
     rn.add_argument("--no-replication", action="store_true")
     rn.add_argument("--heartbeat", type=float, default=1.0, help="seconds between heartbeats (3 missed: dead)")
-    rsrc = rn.add_mutually_exclusive_group(required=True)
-    rsrc.add_argument("--images")
-    rsrc.add_argument("--npy")
-    rsrc.add_argument("--random", type=int, metavar="N")
-    rn.add_argument("--seed", type=int, default=0)
-    rn.add_argument("--out", default="logits.npy")
-    rn.add_argument("--window", type=int, default=4)
-    rn.add_argument("--timeout", type=float, default=120.0)
-    rn.add_argument("--show", type=int, default=5)
-    rn.add_argument("-q", "--quiet", action="store_true")
+    _add_io_args(rn)
     rn.set_defaults(func=cmd_run)
 
     pr = sub.add_parser("profile", help="time every unit of a model on a node (or here)",
