@@ -6,9 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +14,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+BENCH_STATE = Path("/run/edgezmq/bench")  # testbed files of running benches
 sys.path.insert(0, str(ROOT))
 
 from edgezmq.testbed import Testbed  # noqa: E402
@@ -30,18 +29,21 @@ def need_root() -> None:
 def testbed(config: dict | str | Path, name: str):
     """A testbed that is up inside the block and removed after it, whatever happens."""
     need_root()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "testbed.yaml"
-        if isinstance(config, dict):
-            path.write_text(yaml.safe_dump(config))
-        else:
-            path.write_text(Path(config).read_text())
-        tb = Testbed.from_yaml(path, name=name, state_dir=Path(tmp) / "state")
-        try:
-            tb.up()
-            yield tb
-        finally:
-            tb.down()
+    # the file and the state stay in the testbed's default state directory, so that a bench
+    # killed mid-run can be cleaned with `edgezmq testbed down BENCH_DIR/testbed.yaml`
+    tb = Testbed.from_yaml(_config_file(config, name), name=name)
+    try:
+        tb.up()
+        yield tb
+    finally:
+        tb.down()
+
+
+def _config_file(config: dict | str | Path, name: str) -> Path:
+    path = BENCH_STATE / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config) if isinstance(config, dict) else Path(config).read_text())
+    return path
 
 
 def measure(tb: Testbed, *, timeout: float = 3600, **kw: Any) -> dict[str, Any]:
@@ -97,6 +99,3 @@ def bars(labels: list[str], predicted: list[float], measured: list[float], title
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
-
-def run_quiet(argv: list[str]) -> str:
-    return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
