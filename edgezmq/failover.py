@@ -43,9 +43,13 @@ class Heartbeat:
     once per node that misses ``liveness`` heartbeats in a row or stops running its stage."""
 
     def __init__(self, nodes: dict[str, str], on_dead: Callable[[str], None], *,
-                 interval: float = HEARTBEAT_S, liveness: int = LIVENESS) -> None:
+                 interval: float = HEARTBEAT_S, liveness: int = LIVENESS,
+                 standby: dict[str, str] | None = None, on_back: Callable[[str], None] | None = None) -> None:
         self.nodes = dict(nodes)
         self.on_dead = on_dead
+        # nodes out of the deployment (dead before): pinged too; `on_back` when one answers idle
+        self.standby = dict(standby or {})
+        self.on_back = on_back
         self.interval, self.liveness = interval, liveness
         self.misses = dict.fromkeys(nodes, 0)
         self.dead: set[str] = set()
@@ -61,12 +65,15 @@ class Heartbeat:
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(self.interval * 3 + 1)
 
-    def _beat(self, name: str) -> bool:
+    def _state(self, address: str, name: str) -> str | None:
         try:
-            with ControlClient(self.nodes[name], timeout=self.interval, retries=0, name=name) as c:
-                return c.call("ping").get("state") == "running"
+            with ControlClient(address, timeout=self.interval, retries=0, name=name) as c:
+                return c.call("ping").get("state")
         except control.ControlError:
-            return False
+            return None
+
+    def _beat(self, name: str) -> bool:
+        return self._state(self.nodes[name], name) == "running"
 
     def _run(self) -> None:
         with ThreadPoolExecutor(max_workers=max(1, min(16, len(self.nodes)))) as ex:
@@ -79,6 +86,12 @@ class Heartbeat:
                         log.warning("node %s missed %d heartbeats (every %.1fs): declared dead",
                                     name, self.misses[name], self.interval)
                         self.on_dead(name)
+                if self.on_back is not None:
+                    for name, address in list(self.standby.items()):
+                        if not self._stop.is_set() and self._state(address, name) in ("idle", "failed"):
+                            del self.standby[name]
+                            log.warning("node %s answers again: rejoining", name)
+                            self.on_back(name)
 
 
 class ResilientPipeline:
@@ -86,12 +99,14 @@ class ResilientPipeline:
 
     def __init__(self, cluster: Cluster, model: ModelSpec, *, window: int = 4, timeout: float = 120.0,
                  interval: float = HEARTBEAT_S, liveness: int = LIVENESS, replication: bool = True,
-                 say: Callable[[str], None] | None = None) -> None:
+                 rejoin: bool = True, say: Callable[[str], None] | None = None) -> None:
         self.cluster, self.model = cluster, model
         self.window, self.timeout = window, timeout
         self.interval, self.liveness, self.replication = interval, liveness, replication
         self.say = say or (lambda m: log.info("%s", m))
         self.dead: set[str] = set()
+        self.rejoin = rejoin  # a dead node that answers again is planned back in
+        self.rejoined: list[str] = []
         self.plan: Plan | None = None
         self.planned: Any = None
         self.failovers = 0
@@ -120,9 +135,18 @@ class ResilientPipeline:
         assert dep is not None
         self.plan, self.planned = plan, planned
         nodes = {ref.name: ref.control for _, ref in plan.all_nodes}
-        self._heartbeat = Heartbeat(nodes, self._on_dead, interval=self.interval, liveness=self.liveness).start()
+        standby = {n.name: n.control for n in self.cluster.nodes if n.name in self.dead} if self.rejoin else None
+        self._heartbeat = Heartbeat(nodes, self._on_dead, interval=self.interval, liveness=self.liveness,
+                                    standby=standby, on_back=self._on_back if self.rejoin else None).start()
         self.say(f"deployed run {dep.run} on {sorted(nodes)}")
         return dep.entry, dep.run
+
+    def _on_back(self, name: str) -> None:
+        """A dead node answers again: re-plan with it (the same path as a failover)."""
+        self.dead.discard(name)
+        self.rejoined.append(name)
+        if self.client is not None:
+            self.client.failed.set()
 
     def _on_dead(self, name: str) -> None:
         self.dead.add(name)
@@ -133,7 +157,8 @@ class ResilientPipeline:
         if self._heartbeat is not None:
             self._heartbeat.stop()
         self.failovers += 1
-        self.say(f"failover {self.failovers}: re-planning without {sorted(self.dead)}")
+        self.say(f"failover {self.failovers}: re-planning without {sorted(self.dead)}"
+                 + (f", with {self.rejoined[-1]} back" if self.rejoined else ""))
         if self.plan is not None:  # the old run is broken: free the survivors (and let them profile)
             unload(self.plan, only=[ref.name for _, ref in self.plan.all_nodes if ref.name not in self.dead])
         return self._deploy()

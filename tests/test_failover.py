@@ -105,3 +105,45 @@ def test_cli_run_on_an_inventory(tmp_path):
                            capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert np.load(tmp_path / "y.npy").shape == (5, 1000) and "deployed run" in r.stderr
+
+
+def test_a_node_that_comes_back_rejoins(tmp_path):
+    import subprocess
+    import sys
+
+    with LocalCluster(3, threads=1, log_dir=tmp_path) as local:
+        xs = batches(12, seed=8)
+        with ResilientPipeline(inventory(local), spec(), window=2, timeout=60, interval=INTERVAL,
+                               replication=False) as rp:
+            victim = rp.plan.stages[0].nodes[0].name
+            node = next(n for n in local.nodes if n.name == victim)
+            restarted: list[subprocess.Popen] = []
+
+            def inputs():
+                for i, x in enumerate(xs):
+                    if i == 6:  # let the failover finish, then bring the node back at its address
+                        deadline = time.time() + 60
+                        while rp.failovers < 1 and time.time() < deadline:
+                            time.sleep(0.05)
+                        restarted.append(subprocess.Popen(
+                            [sys.executable, "-m", "edgezmq", "node", "--control", node.control,
+                             "--name", victim, "--threads", "1"], stdout=subprocess.DEVNULL))
+                        while not rp.rejoined and time.time() < deadline + 60:
+                            time.sleep(0.05)
+                    yield x
+
+            def kill(seq: int, _y: np.ndarray) -> None:
+                if seq == 1 and node.proc.poll() is None:
+                    node.proc.kill()
+
+            try:
+                outs = list(rp.stream(inputs(), on_result=kill))
+                assert rp.rejoined == [victim] and victim not in rp.dead
+                assert victim in {ref.name for _, ref in rp.plan.all_nodes}  # planned back in
+            finally:
+                for p in restarted:
+                    p.terminate()
+                    p.wait(30)
+    assert len(outs) == len(xs)
+    for a, b in zip(outs, monolithic(xs)):
+        assert float(np.max(np.abs(a - b))) <= 1e-5
