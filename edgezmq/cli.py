@@ -161,25 +161,32 @@ def _print_deployed(args: argparse.Namespace, plan, dep, seconds: float, extra: 
     print(stage_table(plan, names, dep.endpoints if dep else None))
 
 
+def _model_spec(args: argparse.Namespace):
+    """The ModelSpec of --model/--kwargs/--checkpoint/--pretrained/--microbatch/--granularity;
+    without weights given, the seeded checkpoint (which every node must have)."""
+    from . import model as models
+    from .bootstrap import ModelSpec
+
+    kwargs = json.loads(args.kwargs) if args.kwargs else {}
+    checkpoint = args.checkpoint
+    if checkpoint is None and not args.pretrained:
+        checkpoint = str(models.cached_checkpoint(args.model, **kwargs))
+        _stderr(f"checkpoint: seeded {checkpoint} (every node must have this file; "
+                "pass --checkpoint or --pretrained otherwise)")
+    return ModelSpec(name=args.model, microbatch=args.microbatch, granularity=args.granularity,
+                     checkpoint=checkpoint, pretrained=args.pretrained, kwargs=kwargs)
+
+
 def _deploy_cluster(args: argparse.Namespace, d: dict) -> int:
     import yaml
 
-    from . import model as models
     from .autodeploy import autodeploy
-    from .bootstrap import ModelSpec
     from .cluster import parse_cluster
 
     cluster = parse_cluster(d, source=args.file)
     if not args.model:
         raise SystemExit(f"edgezmq deploy: {args.file} is a cluster inventory: give --model")
-    kwargs = json.loads(args.kwargs) if args.kwargs else {}
-    checkpoint = args.checkpoint
-    if checkpoint is None and not args.pretrained:
-        checkpoint = str(models.cached_checkpoint(args.model, **kwargs))
-        print(f"checkpoint: seeded {checkpoint} (every node must have this file; "
-              "pass --checkpoint or --pretrained otherwise)", file=sys.stderr)
-    spec = ModelSpec(name=args.model, microbatch=args.microbatch, granularity=args.granularity,
-                     checkpoint=checkpoint, pretrained=args.pretrained, kwargs=kwargs)
+    spec = _model_spec(args)
     t0 = time.time()
     dep, plan, problem, planned, g = autodeploy(
         cluster, spec, reprofile=args.reprofile, dry_run=args.dry_run, time_limit_s=args.time_limit,
@@ -270,17 +277,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Deploy on a cluster inventory and run inputs through it, failing over on dead nodes."""
-    from . import model as models
-    from .bootstrap import ModelSpec
     from .client import split
     from .cluster import load_cluster
     from .failover import ResilientPipeline
 
     cluster = load_cluster(args.cluster)
-    kwargs = json.loads(args.kwargs) if args.kwargs else {}
-    checkpoint = args.checkpoint or (None if args.pretrained else str(models.cached_checkpoint(args.model, **kwargs)))
-    spec = ModelSpec(name=args.model, microbatch=args.microbatch, granularity=args.granularity,
-                     checkpoint=checkpoint, pretrained=args.pretrained, kwargs=kwargs)
+    spec = _model_spec(args)
     x, names = _inputs(args, spec)
     batches = split(x, spec.microbatch)
     with ResilientPipeline(cluster, spec, window=args.window, timeout=args.timeout,
