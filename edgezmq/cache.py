@@ -35,7 +35,7 @@ __all__ = ["SCHEMA", "VERSIONS_FIELD", "profile_key", "software_versions", "key_
 
 log = logging.getLogger(__name__)
 
-SCHEMA = 2  # bump when the entry layout or the profile's meaning changes (2: timed rounds)
+SCHEMA = 3  # bump when the entry layout or the profile's meaning changes (2: timed rounds, 3: rounds of 20 CFS periods)
 PROFILES_DIR = "profiles"
 VERSIONS_FIELD = "versions"
 VERSIONED_PACKAGES = ("torch", "timm")  # plus edgezmq itself

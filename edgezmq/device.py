@@ -33,20 +33,32 @@ def _cgroup_paths() -> dict[str, str]:
     return out
 
 
-def cpu_quota() -> float | None:
-    """CPUs this process may use per the cgroup CPU quota (v2 cpu.max or v1 cfs), or None."""
+def cpu_limit() -> tuple[int, int] | None:
+    """This process's cgroup CPU limit as (quota_us, period_us) (v1 cfs or v2 cpu.max), or None."""
     paths = _cgroup_paths()
     if "cpu" in paths:  # v1
         base = CGROUP_ROOT / "cpu" / paths["cpu"].lstrip("/")
         q, p = _read(base / "cpu.cfs_quota_us"), _read(base / "cpu.cfs_period_us")
         if q and p and int(q) > 0 and int(p) > 0:
-            return int(q) / int(p)
+            return int(q), int(p)
     if "" in paths:  # v2
         v = _read(CGROUP_ROOT / paths[""].lstrip("/") / "cpu.max")
         if v and not v.startswith("max"):
             q, p = v.split()
-            return int(q) / int(p)
+            return int(q), int(p)
     return None
+
+
+def cpu_quota() -> float | None:
+    """CPUs this process may use per the cgroup CPU quota, or None when unlimited."""
+    limit = cpu_limit()
+    return limit[0] / limit[1] if limit else None
+
+
+def cpu_period_s() -> float | None:
+    """The cgroup CPU quota's period in seconds (the throttling cycle), or None when unlimited."""
+    limit = cpu_limit()
+    return limit[1] / 1e6 if limit else None
 
 
 def memory_limit() -> int | None:
@@ -115,6 +127,7 @@ def describe() -> dict:
         "cpu": cpu_model(),
         "cores": cores(),
         "cpu_quota": cpu_quota(),
+        "cpu_period_s": cpu_period_s(),
         "memory_total": mem_total(),
         "memory_available": mem_available(),
         "memory_limit": memory_limit(),

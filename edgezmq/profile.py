@@ -10,10 +10,13 @@ cannot hold. Weights are the checkpoint's when one is given, otherwise ``build_s
 seeded placeholder weights (same shapes, same kernels, same time).
 
 Timing: ``warmup`` untimed forwards, then ``reps`` timed rounds under ``inference_mode``;
-a round runs the unit back to back for at least ``MIN_ROUND_S`` and counts the mean, and
+a round runs the unit back to back for at least ``round_seconds()`` and counts the mean, and
 ``time_s`` is the median of the rounds. Rounds, not single forwards, because on a device
-under a CPU quota (a cgroup's CFS period is ~10 ms) a short unit timed alone either
-slips through unthrottled or pays a whole throttle: either way not what a busy stage sees.
+under a CPU quota a short unit timed alone either slips through unthrottled or pays a
+whole throttle: either way not what a busy stage sees. Under a quota a round spans
+``PERIODS_PER_ROUND`` CFS periods: its two ends fall at arbitrary phases of the throttle
+cycle, so a round of k periods is off by up to ~1/k (with 0.3 CPU = 20 ms every 67 ms, a
+0.2 s round was off by up to 25%, and the planner's balanced stages came out 15% slower).
 
 Working memory (``work_bytes``): the growth of the process's resident set during one
 extra forward, above its level just before, so it counts every allocation the unit makes
@@ -62,8 +65,9 @@ log = logging.getLogger(__name__)
 DTYPE = "float32"  # the only dtype profiled (and served) so far
 TORCH_DTYPE = torch.float32
 INPUT_SEED = 0  # random inputs are seeded so that two profiles run on identical data
-MIN_ROUND_S = 0.2  # a timed rep spans >= 20 periods of a 10 ms CFS quota (cgroups, testbed)
-MAX_ROUND_ITERS = 1000
+MIN_ROUND_S = 0.2  # a timed rep lasts at least this long ...
+PERIODS_PER_ROUND = 20  # ... and, under a CPU quota, at least this many CFS periods
+MAX_ROUND_ITERS = 100_000
 SAMPLE_INTERVAL_S = 0.0005  # RSS sampling period of the fallback memory meter
 CLEAR_REFS = Path("/proc/self/clear_refs")
 CLEAR_REFS_RESET_HWM = "5"  # resets VmHWM to the current RSS (proc(5), Linux >= 4.0)
@@ -84,6 +88,7 @@ def device_identity() -> dict[str, Any]:
         "cpu": device.cpu_model(),
         "cores": device.cores(),
         "cpu_quota": device.cpu_quota(),
+        "cpu_period_s": device.cpu_period_s(),
         "memory_total": device.mem_total(),
         "memory_limit": device.memory_limit(),
     }
@@ -166,6 +171,13 @@ class _PeakMeter:
 # ---------------------------------------------------------------- profiling
 
 
+def round_seconds(period_s: float | None = None) -> float:
+    """Length of one timed round on this device: MIN_ROUND_S, or PERIODS_PER_ROUND periods
+    of its CPU quota when that is longer (`period_s` defaults to this process's cgroup's)."""
+    period = device.cpu_period_s() if period_s is None else period_s
+    return max(MIN_ROUND_S, PERIODS_PER_ROUND * period) if period else MIN_ROUND_S
+
+
 def _nbytes(specs: list[tuple[tuple[int, ...], str]]) -> int:
     return sum(math.prod(shape) * getattr(torch, dt).itemsize for shape, dt in specs)
 
@@ -187,7 +199,7 @@ def _check_counts(threads: int | None, warmup: int, reps: int) -> None:
 
 def _profile_unit(model: str, i: int, *, granularity: str, specs: list, warmup: int, reps: int,
                   kwargs: dict[str, Any], checkpoint: str | Path | None, gen: torch.Generator,
-                  meter: _PeakMeter) -> dict[str, Any]:
+                  meter: _PeakMeter, round_s: float) -> dict[str, Any]:
     t0 = time.perf_counter()
     shard = models.build_shard(model, i, i + 1, granularity=granularity, checkpoint=checkpoint,
                                dtype=TORCH_DTYPE, **kwargs)
@@ -198,14 +210,14 @@ def _profile_unit(model: str, i: int, *, granularity: str, specs: list, warmup: 
         for _ in range(warmup):
             shard(*xs)
         for _ in range(reps):
-            # one rep = as many back-to-back forwards as fill MIN_ROUND_S: a unit shorter than
+            # one rep = as many back-to-back forwards as fill round_s: a unit shorter than
             # a CFS period would otherwise dodge a CPU quota's throttling (or pay all of it)
             n, t = 0, time.perf_counter()
             while True:
                 shard(*xs)
                 n += 1
                 elapsed = time.perf_counter() - t
-                if elapsed >= MIN_ROUND_S or n >= MAX_ROUND_ITERS:
+                if elapsed >= round_s or n >= MAX_ROUND_ITERS:
                     break
             times.append(elapsed / n)
         out, work = meter(functools.partial(shard, *xs))
@@ -249,13 +261,15 @@ def profile_units(model: str, *, granularity: str = "block", microbatch: int = 8
     meter = _PeakMeter()
     gen = torch.Generator().manual_seed(INPUT_SEED)
     base_rss = device.rss_bytes()
+    round_s = round_seconds()
     started = time.perf_counter()
     units = []
     try:
         torch.set_num_threads(used)
         for i in range(n):
             entry = _profile_unit(model, i, granularity=granularity, specs=specs, warmup=warmup,
-                                  reps=reps, kwargs=kw, checkpoint=checkpoint, gen=gen, meter=meter)
+                                  reps=reps, kwargs=kw, checkpoint=checkpoint, gen=gen, meter=meter,
+                                  round_s=round_s)
             units.append(entry)
             log.debug("%s unit %d/%d %s: %.4f s, work %d B", model, i + 1, n, entry["name"],
                       entry["time_s"], entry["work_bytes"])
@@ -274,6 +288,7 @@ def profile_units(model: str, *, granularity: str = "block", microbatch: int = 8
         "device": device_identity(),
         "warmup": warmup,
         "reps": reps,
+        "round_s": round_s,
         "work_method": meter.method,
         "work_resolution_bytes": meter.resolution_bytes,
         "base_rss_bytes": base_rss,  # the process before any unit: the runtime's own footprint

@@ -181,3 +181,16 @@ def test_device_identity_is_stable_and_plain():
 def test_format_profile(small_block):
     text = P.format_profile(small_block)
     assert "blocks.1" in text and "total" in text and TINY in text
+
+
+def test_rounds_span_cfs_periods_under_a_quota():
+    # unlimited: the floor; a quota's period stretches rounds to PERIODS_PER_ROUND periods
+    assert P.round_seconds(0) == P.MIN_ROUND_S
+    assert P.round_seconds(0.001) == P.MIN_ROUND_S
+    assert P.round_seconds(0.0667) == pytest.approx(P.PERIODS_PER_ROUND * 0.0667)
+
+
+def test_profile_records_its_round_length(small_block):
+    assert small_block["round_s"] == P.round_seconds()
+    dev = small_block["device"]  # the period is part of the device's identity (cache key)
+    assert (dev["cpu_period_s"] is None) == (dev["cpu_quota"] is None)
