@@ -36,7 +36,7 @@ ROWS = [  # (model, granularity, nodes)
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--batches", type=int, default=8)
+    ap.add_argument("--batches", type=int, default=20, help="timed microbatches per row")
     ap.add_argument("--quick", action="store_true", help="only the vit_tiny rows")
     args = ap.parse_args()
     rows = []
@@ -57,6 +57,10 @@ def main() -> int:
                 print(f"{model:<24} {gran:<6} {len(nodes)} nodes  predicted {row['predicted_samples_per_s']:7.2f}"
                       f"  measured {row['measured_samples_per_s']:7.2f} samples/s  ({row['error']:+.1%})",
                       flush=True)
+                for i, st in enumerate(r["stages"]):
+                    got = ", ".join(f"{d} {t * 1e3:.0f}" for d, t in st["measured_compute_s"].items() if t)
+                    print(f"    stage {i} units {st['units']}: predicted {st['predicted_compute_s'] * 1e3:.0f} ms,"
+                          f" nodes' compute {got} ms per microbatch", flush=True)
     result = {"bench": "fidelity", "testbed": TESTBED, "rows": rows,
               "max_abs_error": max(abs(r["error"]) for r in rows)}
     save("fidelity", result, args.json)

@@ -49,6 +49,11 @@ def reference(name: str, checkpoint: str, xs: list[np.ndarray], kwargs: dict) ->
         return [m(torch.from_numpy(x)).numpy() for x in xs]
 
 
+def _per_mb(stats: dict | None) -> float | None:
+    st = (stats or {}).get("stage") or {}
+    return st["compute_s"] / st["processed"] if st.get("processed") else None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cluster", required=True)
@@ -111,7 +116,12 @@ def main() -> int:
     result = {
         "model": args.model, "microbatch": args.microbatch, "granularity": args.granularity,
         "method": args.method, "nodes": [n.name for n in cluster.nodes],
-        "stages": [{"units": list(s.units), "devices": list(s.devices)} for s in planned.stages],
+        # per stage: the planner's time per microbatch vs the nodes' own compute time per
+        # microbatch (node `stats`): where a prediction error comes from
+        "stages": [{"units": list(s.units), "devices": list(s.devices),
+                    "predicted_compute_s": c.unreplicated_s,
+                    "measured_compute_s": {d: _per_mb(stats.get(d)) for d in s.devices}}
+                   for s, c in zip(planned.stages, planned.stage_costs)],
         "predicted_samples_per_s": planned.throughput_per_s,
         "predicted_bottleneck_s": planned.bottleneck_s,
         "bottleneck_at": planned.bottleneck_at,
@@ -123,6 +133,8 @@ def main() -> int:
         "total_seconds": time.time() - t0,
         "node_stats": {k: {"peak_rss": v.get("peak_rss"), "rss": v.get("rss"),
                            "compute_s": v.get("stage", {}).get("compute_s"),
+                           "compute_cpu_s": v.get("stage", {}).get("compute_cpu_s"),
+                           "cpu_s": v.get("stage", {}).get("cpu_s"),
                            "wait_s": v.get("stage", {}).get("wait_s"),
                            "send_s": v.get("stage", {}).get("send_s"),
                            "processed": v.get("stage", {}).get("processed")} for k, v in stats.items()},

@@ -56,6 +56,7 @@ class Counters:
     recv_s: float = 0.0  # decoding + validating
     wait_s: float = 0.0  # compute thread idle, waiting for input
     compute_s: float = 0.0
+    compute_cpu_s: float = 0.0  # CPU time of the compute thread inside forwards
     send_s: float = 0.0  # send thread inside send (includes back-pressure)
     last_error: str = ""
 
@@ -134,6 +135,7 @@ class StageRuntime:
         self.draining = threading.Event()  # stop taking input, finish the rest
         self.threads: list[threading.Thread] = []
         self.started_at: float | None = None
+        self.started_cpu = 0.0
         # called by the send thread with each sent microbatch's [stage, t_recv, t_start,
         # t_end, t_send] and its send seconds (edgezmq.metrics histograms)
         self.observers: list[Callable[[list, float], None]] = []
@@ -214,7 +216,7 @@ class StageRuntime:
             except queue.Empty:
                 c.wait_s += time.time() - t0
                 continue
-            t1 = time.time()
+            t1, cpu1 = time.time(), time.thread_time()
             c.wait_s += t1 - t0
             if msg is _STOP:
                 self._put(self.out_q, _STOP)
@@ -232,6 +234,7 @@ class StageRuntime:
                 continue
             t2 = time.time()
             c.compute_s += t2 - t1
+            c.compute_cpu_s += time.thread_time() - cpu1
             c.processed += 1
             c.samples += int(arrays[0].shape[0]) if arrays else 0
             msg.t[-1][2:4] = [t1, t2]
@@ -290,6 +293,7 @@ class StageRuntime:
             th.start()
             self.threads.append(th)
         self.started_at = time.time()
+        self.started_cpu = time.process_time()
 
     def drain(self, timeout: float = DRAIN_TIMEOUT_S) -> bool:
         """Stop taking input, finish what is in flight; True if it all went out in time."""
@@ -321,6 +325,9 @@ class StageRuntime:
             stage=self.spec.stage, units=[self.spec.start, self.spec.end], model=self.spec.model,
             run=self.spec.run, in_queue=self.in_q.qsize(), out_queue=self.out_q.qsize(),
             uptime_s=(time.time() - self.started_at) if self.started_at else 0.0,
+            # CPU time of the whole process (all threads) since the stage started: with
+            # compute_cpu_s, what receiving, decoding, encoding and sending cost
+            cpu_s=(time.process_time() - self.started_cpu) if self.started_at else 0.0,
         )
         return d
 

@@ -122,6 +122,8 @@ def test_one_stage_equals_monolithic_and_counts(cc, socks):
         assert len(got[i].t) == 1 and got[i].t[0][0] == 0  # this stage's timestamps
     st = cc.call("stats")["stage"]
     assert st["processed"] == 3 and st["samples"] == 3 * MICROBATCH and st["compute_s"] > 0
+    # CPU accounting: the forwards' CPU is part of the process's, which also pays for the hops
+    assert 0 < st["compute_cpu_s"] < st["cpu_s"]
 
 
 def test_short_last_batch_is_accepted(cc, socks):
