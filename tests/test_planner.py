@@ -53,6 +53,32 @@ def small() -> dict:
 
 # --- the cost model -------------------------------------------------------------------------------
 
+def test_receive_and_send_costs_add_to_stage_time():
+    d = small()
+    d["device_types"]["fast"]["recv_ms_per_mb"] = 500     # 4000 B in: 2 ms
+    d["device_types"]["fast"]["send_ms_per_mb"] = 1000    # 2000 B out: 2 ms
+    d["devices"][1]["send_ms_per_mb"] = 0                 # b overrides its type's send cost
+    p = Problem.from_dict(d)
+    plan = evaluate(p, [Stage((0, 2), ("a", "b")), Stage((2, 3), ("c",))])
+    c0, c1 = plan.stage_costs
+    assert c0.unreplicated_s == pytest.approx(3 + 0.002 + 0.002)   # a is the slower replica
+    assert c0.compute_s == pytest.approx((3 + 0.004) / 2)
+    assert c1.compute_s == pytest.approx(6)                         # slow: no costs given
+    assert plan.latency_s == pytest.approx(sum(k.latency_s for k in plan.links) + 3.004 + 6)
+
+
+@pytest.mark.parametrize("field", ["recv_ms_per_mb", "send_ms_per_mb"])
+def test_bad_receive_send_costs_are_refused(field):
+    d = small()
+    d["device_types"]["slow"][field] = -1
+    with pytest.raises(PlanError, match=rf"device_types\.slow\.{field}: expected a number >= 0"):
+        Problem.from_dict(d)
+    d = small()
+    d["devices"][2][field] = "fast"
+    with pytest.raises(PlanError, match=rf"devices\[2\]\.{field}: expected a number"):
+        Problem.from_dict(d)
+
+
 def test_evaluate_hand_computed():
     p = Problem.from_dict(small())
     plan = evaluate(p, [Stage((0, 2), ("a", "b")), Stage((2, 3), ("c",))])

@@ -59,6 +59,12 @@ def random_problem(seed: int, *, max_devices: int = 6, max_units: int = 10,
     if rng.random() < 0.3 and len(types) > 1:
         ta, tb = rng.sample(sorted(types), 2)
         overrides.append({"a": ta, "b": tb, "mbps": 0.3, "latency_ms": 5})
+    # receive/send costs, large enough (up to 0.5 s per 50 kB) that a stage's time may fall
+    # as it grows past a unit with a small output
+    for holder in [*types.values(), *devices]:
+        if rng.random() < (0.5 if holder in types.values() else 0.15):
+            holder["recv_ms_per_mb"] = rng.choice([0, 1000, 10_000])
+            holder["send_ms_per_mb"] = rng.choice([0, 1000, 10_000])
     return {
         "model": {"name": "rand", "microbatch": rng.choice([1, 8]), "input_bytes": rng.randint(1, 50) * 1000,
                   "units": units},
@@ -125,7 +131,8 @@ class BruteForce:
         members = [d for i, d in enumerate(self.devs) if mask >> i & 1]
         if any(need + d.reserved_bytes > d.memory_bytes for d in members):
             return None
-        slowest = max(sum(d.unit_times_s[a:b]) for d in members)
+        slowest = max(sum(d.unit_times_s[a:b]) + d.recv_s_per_byte * self.cut_bytes(a)
+                      + d.send_s_per_byte * units[-1].out_bytes for d in members)
         return slowest / len(members), slowest
 
     def _link(self, src: int, dst: int, nbytes: int) -> tuple[float, float]:

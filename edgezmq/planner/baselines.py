@@ -4,11 +4,12 @@
   L mod N stages get one unit more; with more devices than units, the first L devices).
 - ``pipeedge``: PipeEdge's ``sched-pipeline`` model, solved exactly: one bandwidth per
   device type (its fastest link to another device: the NIC), a link costs at the
-  slower end's bandwidth, no client links, no latency, no replication. Memory is
+  slower end's bandwidth, no client links, no latency, no replication, no CPU cost of
+  receiving and sending. Memory is
   checked with our memory model. Devices of a type are taken in file order.
 - ``pipedream``: PipeDream's optimizer assumption: every device is a copy of the first
   one (its times and memory) and every link is the default link; replication allowed
-  (if the problem allows it), no client links. Devices are taken in file order.
+  (if the problem allows it), no client links, no CPU cost of receiving and sending. Devices are taken in file order.
 Each choice is then priced by ``evaluate`` on the real problem; a plan that overruns a
 device's memory there is returned with ``violations`` (not ``feasible``).
 """
@@ -75,7 +76,7 @@ def pipeedge_arrays(problem: Problem) -> DeviceArrays:
     spb[0, :] = spb[:, 0] = 0.0       # PipeEdge does not model the client's links
     spb[0, 0] = np.nan
     lat = np.where(np.isnan(arr.lat), np.nan, 0.0)
-    return arr.with_(spb=spb, lat=lat, replication=False)
+    return arr.with_(spb=spb, lat=lat, replication=False, recv=None, send=None)
 
 
 def pipedream_arrays(problem: Problem) -> DeviceArrays:
@@ -89,4 +90,4 @@ def pipedream_arrays(problem: Problem) -> DeviceArrays:
     np.fill_diagonal(spb, np.nan)
     np.fill_diagonal(lat, np.nan)
     return arr.with_(times=np.repeat(arr.times[:1], n, axis=0), cap=np.repeat(arr.cap[:1], n), spb=spb,
-                     lat=lat)
+                     lat=lat, recv=None, send=None)

@@ -1,6 +1,6 @@
 """Collapse devices into classes the solver can count instead of enumerate (internal).
 
-Two devices are *twins* when they have the same unit times and memory, and the same link
+Two devices are *twins* when they have the same unit times, receive/send costs and memory, and the same link
 (bandwidth and latency) to every other node, the client included. Twins are
 interchangeable in every plan, so the solver tracks how many of each class are used
 (PipeEdge's count vector) and stays exact: a per-pair override makes its two ends
@@ -40,6 +40,13 @@ class DeviceArrays:
     buffers: int
     replication: bool
     types: tuple[str, ...] = ()  # device type names (merged models group by them)
+    recv: np.ndarray | None = None  # (N,) stage seconds per byte received (None: all 0)
+    send: np.ndarray | None = None  # (N,) ... per byte sent
+
+    def io(self) -> tuple[np.ndarray, np.ndarray]:
+        n = self.times.shape[0]
+        return (np.zeros(n) if self.recv is None else self.recv,
+                np.zeros(n) if self.send is None else self.send)
 
     def with_(self, **kw: object) -> DeviceArrays:
         return replace(self, **kw)
@@ -56,7 +63,9 @@ def device_arrays(problem: Problem) -> DeviceArrays:
         param_bytes=np.array([x.param_bytes for x in u], dtype=float),
         work_bytes=np.array([x.work_bytes for x in u], dtype=float),
         input_bytes=problem.model.input_bytes, buffers=problem.options.buffers,
-        replication=problem.options.replication, types=tuple(d.type for d in problem.devices))
+        replication=problem.options.replication, types=tuple(d.type for d in problem.devices),
+        recv=np.array([d.recv_s_per_byte for d in problem.devices], dtype=float),
+        send=np.array([d.send_s_per_byte for d in problem.devices], dtype=float))
 
 
 @dataclass(frozen=True)
@@ -80,6 +89,12 @@ class ClassModel:
     replication: bool
     exact: bool                # classes are twins (plans of this model cost exactly this)
     dominates: tuple[tuple[bool, ...], ...] = ()   # [a][b]: class a is at least as good as b
+    recv: tuple[float, ...] = ()   # (K,) stage seconds per byte received (empty: all 0)
+    send: tuple[float, ...] = ()   # (K,) ... per byte sent
+
+    @property
+    def has_io(self) -> bool:
+        return any(self.recv) or any(self.send)
 
     @property
     def num_units(self) -> int:
@@ -134,10 +149,12 @@ def _twins(arr: DeviceArrays, d: int, e: int) -> bool:
 
 
 def compute_groups(arr: DeviceArrays) -> list[list[int]]:
-    """Devices with identical unit times and memory (a device type, usually)."""
-    groups: dict[tuple[bytes, float], list[int]] = {}
+    """Devices with identical unit times, receive/send costs and memory (a device type, usually)."""
+    recv, send = arr.io()
+    groups: dict[tuple[bytes, float, float, float], list[int]] = {}
     for d in range(arr.times.shape[0]):
-        groups.setdefault((arr.times[d].tobytes(), float(arr.cap[d])), []).append(d)
+        key = (arr.times[d].tobytes(), float(arr.cap[d]), float(recv[d]), float(send[d]))
+        groups.setdefault(key, []).append(d)
     return sorted(groups.values(), key=lambda c: c[0])
 
 
@@ -155,21 +172,28 @@ def _build(arr: DeviceArrays, classes: list[list[int]], mode: str) -> ClassModel
             sub_l = arr.lat[np.ix_(idx[i], idx[j])]
             spb[i, j] = agg(sub_s)
             lat[i, j] = agg(sub_l)
+    recv_d, send_d = arr.io()
     if mode == "optimistic":
         times = np.array([arr.times[c].min(axis=0) for c in classes])
         cap = tuple(float(arr.cap[c].max()) for c in classes)
+        recv = tuple(float(recv_d[c].min()) for c in classes)
+        send = tuple(float(send_d[c].min()) for c in classes)
     else:
         times = np.array([arr.times[c].max(axis=0) for c in classes])
         cap = tuple(float(arr.cap[c].min()) for c in classes)
+        recv = tuple(float(recv_d[c].max()) for c in classes)
+        send = tuple(float(send_d[c].max()) for c in classes)
     cut = (float(arr.input_bytes), *(float(x) for x in arr.out_bytes))
     return ClassModel(tuple(tuple(c) for c in classes), tuple(len(c) for c in classes), times, cap,
                       spb, lat, cut, arr.param_bytes, arr.work_bytes, arr.buffers, arr.replication,
-                      exact=(mode == "exact"), dominates=_dominance(times, cap, spb, lat))
+                      exact=(mode == "exact"), dominates=_dominance(times, cap, spb, lat, recv, send),
+                      recv=recv, send=send)
 
 
-def _dominance(times: np.ndarray, cap: tuple[float, ...], spb: np.ndarray,
-               lat: np.ndarray) -> tuple[tuple[bool, ...], ...]:
-    """dom[a][b]: a is no worse than b in every unit time, memory, and link to every node.
+def _dominance(times: np.ndarray, cap: tuple[float, ...], spb: np.ndarray, lat: np.ndarray,
+               recv: tuple[float, ...], send: tuple[float, ...]) -> tuple[tuple[bool, ...], ...]:
+    """dom[a][b]: a is no worse than b in every unit time, receive/send cost, memory, and link
+    to every node.
 
     Then a stage holding both can trade its a's for b's held elsewhere (or unused) without
     any cost, latency or device count getting worse, so the search only considers stages
@@ -180,7 +204,7 @@ def _dominance(times: np.ndarray, cap: tuple[float, ...], spb: np.ndarray,
     dom = [[False] * k for _ in range(k)]
     for a in range(k):
         for b in range(k):
-            if a == b or cap[a] < cap[b] or (times[a] > times[b]).any():
+            if a == b or cap[a] < cap[b] or (times[a] > times[b]).any() or recv[a] > recv[b] or send[a] > send[b]:
                 continue
             ra_s, rb_s, ra_l, rb_l = spb[a + 1], spb[b + 1], lat[a + 1], lat[b + 1]
             ok = True

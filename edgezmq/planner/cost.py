@@ -1,14 +1,15 @@
 """The cost model: ``evaluate(problem, stages)`` prices any plan exactly (the reference).
 
 Per stage s with units [a, b) on replicas R:
-  compute C_s = max_{d in R} sum(times_d[a:b]) / |R|
+  time on d   T_d = sum(times_d[a:b]) + recv_d * in_bytes(a) + send_d * out_bytes(b - 1)
+  compute C_s = max_{d in R} T_d / |R|
   memory, every d in R: params[a:b] + max(work[a:b]) + buffers * (in_bytes + out_bytes)
                         + reserved_d <= memory_d
 Per link between consecutive groups X, Y (the client is a group of one) carrying n bytes:
   time    max_{x, y} n * 8 / (mbps(x, y) * 1e6) / (|X| * |Y|)
   latency max_{x, y} latency(x, y) + n * 8 / (mbps(x, y) * 1e6)
 Bottleneck B = max of every C_s and every link time; throughput = microbatch / B;
-latency = sum of max_{d in R} sum(times_d[a:b]) over stages + sum of link latencies.
+latency = sum of max_{d in R} T_d over stages + sum of link latencies.
 The solver uses the same formulas (on classes of devices); the tests hold both to this one.
 """
 
@@ -91,7 +92,8 @@ def evaluate(problem: Problem, stages: Sequence[Any], *, method: str = "evaluate
     costs, violations = [], []
     for i, s in enumerate(stages):
         a, b = s.units
-        times = {d: math.fsum(by_name[d].unit_times_s[a:b]) for d in s.devices}
+        n_in, n_out = in_bytes(problem, a), problem.units[b - 1].out_bytes
+        times = {d: by_name[d].stage_time_s(a, b, n_in, n_out) for d in s.devices}
         slowest = max(times.values())
         need = stage_memory_bytes(problem, a, b)
         tight = min(s.devices, key=lambda d: by_name[d].capacity_bytes)

@@ -7,8 +7,13 @@ field and raises ``PlanError`` naming the field's path (``devices[3].type: unkno
 
 Two extensions beyond the basic format, both optional:
 - a device may carry its own ``unit_times_s``, a ``speed`` factor over its type's times
-  (times are divided by it), its own ``memory_bytes`` / ``reserved_bytes``, and a
-  ``control`` address used by the deployable plan;
+  (times are divided by it), its own ``memory_bytes`` / ``reserved_bytes`` /
+  ``recv_ms_per_mb`` / ``send_ms_per_mb``, and a ``control`` address used by the
+  deployable plan;
+- a device type (or device) may say what moving activations costs its stage:
+  ``recv_ms_per_mb`` / ``send_ms_per_mb``, milliseconds of the stage's time per MB (10^6
+  bytes) it receives / sends (the CPU its receive and send path takes from compute, on a
+  device that cannot overlap them); both default to 0;
 - a link override may name a device type instead of a device on either end; the most
   specific rule wins: device-device, then device-type, then type-type, then default
   (a name that is both a device and a type means the device).
@@ -34,6 +39,7 @@ DEFAULT_DTYPE = "float32"
 BITS_PER_BYTE = 8
 BITS_PER_MEGABIT = 1e6
 MS_PER_S = 1000.0
+BYTES_PER_MB = 1e6
 
 
 class PlanError(ValueError):
@@ -58,6 +64,8 @@ class DeviceType:
     memory_bytes: int
     reserved_bytes: int
     unit_times_s: tuple[float, ...]
+    recv_s_per_byte: float = 0.0
+    send_s_per_byte: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -70,6 +78,13 @@ class Device:
     reserved_bytes: int
     unit_times_s: tuple[float, ...]
     control: str | None = None
+    recv_s_per_byte: float = 0.0  # stage time per byte received (its input), on top of compute
+    send_s_per_byte: float = 0.0  # ... and per byte sent (its output)
+
+    def stage_time_s(self, a: int, b: int, in_bytes: int, out_bytes: int) -> float:
+        """Time per microbatch of units [a, b) here: compute plus moving its input and output."""
+        return (math.fsum(self.unit_times_s[a:b]) + in_bytes * self.recv_s_per_byte
+                + out_bytes * self.send_s_per_byte)
 
     @property
     def capacity_bytes(self) -> int:
@@ -307,8 +322,17 @@ def _parse_types(m: Mapping[str, Any], n_units: int) -> dict[str, DeviceType]:
         types[name] = DeviceType(
             name, _int(_req(t, "memory_bytes", p), f"{p}.memory_bytes"),
             _int(t.get("reserved_bytes", 0), f"{p}.reserved_bytes"),
-            _times(_req(t, "unit_times_s", p), f"{p}.unit_times_s", n_units))
+            _times(_req(t, "unit_times_s", p), f"{p}.unit_times_s", n_units),
+            *_io_costs(t, p, (0.0, 0.0)))
     return types
+
+
+def _io_costs(m: Mapping[str, Any], path: str, fallback: tuple[float, float]) -> tuple[float, float]:
+    """(recv, send) seconds per byte from optional ``recv_ms_per_mb`` / ``send_ms_per_mb``."""
+    out = []
+    for key, default in zip(("recv_ms_per_mb", "send_ms_per_mb"), fallback):
+        out.append(_number(m[key], f"{path}.{key}") / MS_PER_S / BYTES_PER_MB if key in m else default)
+    return out[0], out[1]
 
 
 def _parse_devices(seq: Sequence[Any], types: Mapping[str, DeviceType], n_units: int) -> tuple[Device, ...]:
@@ -338,7 +362,8 @@ def _parse_devices(seq: Sequence[Any], types: Mapping[str, DeviceType], n_units:
             name, tname,
             _int(d.get("memory_bytes", t.memory_bytes), f"{p}.memory_bytes"),
             _int(d.get("reserved_bytes", t.reserved_bytes), f"{p}.reserved_bytes"),
-            times, None if control is None else _str(control, f"{p}.control")))
+            times, None if control is None else _str(control, f"{p}.control"),
+            *_io_costs(d, p, (t.recv_s_per_byte, t.send_s_per_byte))))
     return tuple(out)
 
 

@@ -110,6 +110,9 @@ class Search:
         self.K = cm.num_classes
         self.n = cm.counts
         self.pre = [[0.0, *itertools.accumulate(row.tolist())] for row in cm.times]
+        self.io = cm.has_io  # stage time = compute + recv * bytes in + send * bytes out
+        self.recv = list(cm.recv) or [0.0] * self.K
+        self.send = list(cm.send) or [0.0] * self.K
         need = cm.memory_table()
         self.need = need.tolist()
         self.min_need = [float(need[a, a + 1:].min()) if a < self.L else 0.0 for a in range(self.L + 1)]
@@ -120,7 +123,7 @@ class Search:
         self.expanded = 0
         self._mask_cache: dict[int, tuple[tuple[int, ...], float, tuple[int, ...], tuple[int, ...]]] = {}
         self._link_cache: dict[tuple[int, int], float] = {}
-        self._t_cache: dict[tuple[int, int], list[float]] = {}
+        self._t_cache: dict[tuple[int, int], tuple[list[float], list[float]]] = {}
         self._minrho: dict[int, tuple[list[float], float]] = {}
 
     # --- pieces of the cost model, per class set --------------------------------------------
@@ -155,19 +158,32 @@ class Search:
 
     def stage_time(self, mask: int, a: int, b: int) -> float:
         """Unreplicated time of units [a, b) on the mask's slowest class."""
-        return self._t_row(a, mask)[b]
+        return self._t_row(a, mask)[0][b]
 
-    def _t_row(self, u: int, mask: int) -> list[float]:
+    def _t_row(self, u: int, mask: int) -> tuple[list[float], list[float]]:
+        """(time of units [u, b) for every b, a lower bound on it that never falls as b grows).
+
+        Compute only grows with b; the cost of sending the stage's output does not (the
+        last units' outputs are small), so the search stops extending a stage on the bound.
+        """
         key = (u, mask)
         hit = self._t_cache.get(key)
         if hit is None:
-            pre, ks = self.pre, self.mask_info(mask)[0]
-            if len(ks) == 1:
-                p = pre[ks[0]]
-                pu = p[u]
-                hit = [p[b] - pu for b in range(self.L + 1)]
+            pre, ks, cut = self.pre, self.mask_info(mask)[0], self.cut
+            if not self.io:
+                if len(ks) == 1:
+                    p = pre[ks[0]]
+                    pu = p[u]
+                    row = [p[b] - pu for b in range(self.L + 1)]
+                else:
+                    row = [max(pre[k][b] - pre[k][u] for k in ks) for b in range(self.L + 1)]
+                hit = (row, row)
             else:
-                hit = [max(pre[k][b] - pre[k][u] for k in ks) for b in range(self.L + 1)]
+                rin = [pre[k][u] - self.recv[k] * cut[u] for k in ks]
+                row = [max(pre[k][b] - r + self.send[k] * cut[b] for k, r in zip(ks, rin))
+                       for b in range(self.L + 1)]
+                mono = [max(pre[k][b] - r for k, r in zip(ks, rin)) for b in range(self.L + 1)]
+                hit = (row, mono)
             if len(self._t_cache) < ROW_CACHE:
                 self._t_cache[key] = hit
         return hit
@@ -282,7 +298,7 @@ class Search:
                 top_m = base_m = 1
             spb = self.link_spb(prev, mask)
             out_spb = self.link_spb(mask, 0)
-            t_row = self._t_row(u, mask)
+            t_row, t_mono = self._t_row(u, mask)
             fixed_add = [0] * K
             for k in forced:
                 fixed_add[k] = n[k]
@@ -307,9 +323,12 @@ class Search:
                     continue
                 cands = []
                 for b in range(u + 1, L + 1):
+                    lb = t_mono[b] / m
+                    if lb > bound or (strict and lb == bound):
+                        break            # this lower bound on the stage time only grows with b
                     sc = t_row[b] / m
                     if sc > bound or (strict and sc == bound):
-                        break            # stage time only grows with b
+                        continue
                     if row[b] > cap:
                         continue
                     cost = base if base >= sc else sc
