@@ -6,6 +6,15 @@ needs (all pairs for small clusters, one sample per type pair for large ones, an
 client's link to every node), and builds the planner's problem (#3's format).
 ``autodeploy`` then plans, prints the plan with its predicted throughput and deploys it
 through ``edgezmq.bootstrap``.
+
+Moving activations costs a stage CPU too (kernel network stack, ZeroMQ's I/O thread,
+copies, decoding), and on a device whose compute already uses all the CPU it has, that
+comes out of compute. ``measure_io`` measures it on one node of each type with activation
+-sized netprobe messages, in both directions against the bootstrapper (CPU seconds per
+byte received and sent), and ``io_costs`` turns it into the stage time per MB the planner
+adds (``recv_ms_per_mb`` / ``send_ms_per_mb``): CPU seconds / the CPUs the node has, when
+its torch threads use them all (a CPU quota, or as many threads as cores); 0 when it has
+CPU to spare, where receiving and sending overlap compute.
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ import statistics
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import control, netprobe
@@ -44,6 +53,7 @@ class Gathered:
     profiles: dict[str, dict]  # device type -> profile
     links: dict[tuple[str, str], dict]  # measured (a, b) -> netprobe result
     seconds: float
+    io: dict[str, dict] = field(default_factory=dict)  # device type -> measure_io's figures
 
 
 def _parallel(items: list, fn: Callable, workers: int | None = None) -> list:
@@ -157,9 +167,53 @@ def gather(
             pings=cluster.pings)
         say(f"link {CLIENT} <-> {n.name}: {measured[(CLIENT, n.name)]['bandwidth_mbps']:.0f} Mbit/s")
 
+    io = measure_io(cluster, reps, infos, profiles, say)
     problem = build_problem(cluster, infos, profiles, measured, model=model, microbatch=microbatch,
-                            granularity=granularity, kwargs=kwargs, replication=replication)
-    return Gathered(problem, infos, profiles, measured, time.time() - t0)
+                            granularity=granularity, kwargs=kwargs, replication=replication, io=io)
+    return Gathered(problem, infos, profiles, measured, time.time() - t0, io)
+
+
+def activation_bytes(profile: dict) -> int:
+    """The typical message between two stages of this model: the median unit output."""
+    return max(1, int(statistics.median(int(u["out_bytes"]) for u in profile["units"])))
+
+
+def measure_io(cluster: Cluster, reps: dict[str, NodeEntry], infos: dict, profiles: dict,
+               say: Say) -> dict[str, dict]:
+    """Per device type (its representative node): CPU seconds per byte it spends receiving
+    (the bootstrapper probes it) and sending (it probes the bootstrapper), with messages the
+    size of the model's activations, and the stage time per MB that makes (``io_costs``)."""
+    out: dict[str, dict] = {}
+    with netprobe.ProbeServer(cluster.client_address) as server:
+        for typ, n in reps.items():
+            nbytes = activation_bytes(profiles[typ])
+            got = netprobe.probe(infos[n.name]["probe"], bytes_per_msg=nbytes, seconds=cluster.probe_seconds,
+                                 pings=1)
+            r = _call(n, "netprobe", peer=server.endpoint, seconds=cluster.probe_seconds,
+                      bytes_per_msg=nbytes, pings=1)
+            sent = wait_job(n, r, 60.0)
+            recv_cpu, send_cpu = got.get("receiver_cpu_s_per_byte"), sent.get("sender_cpu_s_per_byte")
+            fig = {"bytes_per_msg": nbytes, "recv_cpu_s_per_byte": recv_cpu, "send_cpu_s_per_byte": send_cpu,
+                   **io_costs(infos[n.name], recv_cpu, send_cpu)}
+            out[typ] = fig
+            say(f"{n.name}: receiving costs {_ms_mb(recv_cpu)} ms CPU per MB, sending {_ms_mb(send_cpu)};"
+                f" a stage pays {fig['recv_ms_per_mb']:.2f} / {fig['send_ms_per_mb']:.2f} ms per MB")
+    return out
+
+
+def _ms_mb(s_per_byte: float | None) -> str:
+    return "?" if s_per_byte is None else f"{s_per_byte * 1e9:.2f}"
+
+
+def io_costs(info: dict, recv_cpu_s_per_byte: float | None, send_cpu_s_per_byte: float | None) -> dict[str, float]:
+    """A node's receive/send CPU cost as stage time per MB (module doc): divided by the CPUs
+    it has when its torch threads use them all (quota or cores), else 0 (overlapped)."""
+    dev = info["device"]
+    cpus = float(dev.get("cpu_quota") or dev.get("cores") or 1)
+    threads = int(info.get("threads") or dev.get("cores") or 1)
+    scale = 1.0 / cpus if cpus <= threads else 0.0
+    return {"recv_ms_per_mb": (recv_cpu_s_per_byte or 0.0) * scale * 1e9,
+            "send_ms_per_mb": (send_cpu_s_per_byte or 0.0) * scale * 1e9}
 
 
 def _pairs_to_measure(cluster: Cluster) -> list[tuple[str, str]]:
@@ -182,7 +236,7 @@ def _figure(r: dict) -> dict:
 
 def build_problem(
     cluster: Cluster, infos: dict, profiles: dict, measured: dict, *, model: str, microbatch: int,
-    granularity: str, kwargs: dict, replication: bool = True,
+    granularity: str, kwargs: dict, replication: bool = True, io: dict[str, dict] | None = None,
 ) -> dict[str, Any]:
     """The planner's problem dict (docs/planner.md) from what was measured."""
     first = next(iter(profiles.values()))
@@ -198,6 +252,9 @@ def build_problem(
         if typ not in device_types:
             device_types[typ] = {"memory_bytes": mem, "reserved_bytes": rss,
                                  "unit_times_s": [float(u["time_s"]) for u in profiles[typ]["units"]]}
+            if io and typ in io:
+                device_types[typ].update(recv_ms_per_mb=io[typ]["recv_ms_per_mb"],
+                                         send_ms_per_mb=io[typ]["send_ms_per_mb"])
         devices.append({"name": n.name, "type": typ, "control": n.control, "memory_bytes": mem,
                         "reserved_bytes": rss})
     # links: configured figures win; measured pairs become overrides; a sampled type pair

@@ -9,15 +9,22 @@ One ROUTER socket serves every prober (a DEALER each). Messages, frame by frame:
 
     ping   [b"ping", seq]            -> [b"pong", seq]            (echoed at once)
     bulk   [b"bulk", seq, payload]   -> [b"ack", seq, nbytes]     (after the whole payload arrived)
+    cpu    [b"cpu", seq]             -> [b"cpu", seq, seconds]    (the server process's CPU time)
     other                            -> [b"err", reason]          (counted; the server goes on)
 
-``seq`` and ``nbytes`` are unsigned 64-bit big-endian. Latency is half the median round
+``seq`` and ``nbytes`` are unsigned 64-bit big-endian, ``seconds`` a big-endian double. Latency is half the median round
 trip of small pings. Bandwidth is measured with credit flow control: at most ``window``
 bulk messages are unacknowledged at any time, a new one is sent per ack, and the rate is
 the acknowledged bytes over the time from the first send to the last ack, so it counts
 bytes the peer actually received, never bytes parked in a queue. A first ping and a first
 bulk message (connection set-up, TCP slow start) are not counted. Every receive is bounded
 by ``timeout``: an unreachable or silent endpoint raises ``TimeoutError`` naming it.
+
+What moving the bytes costs each end: the prober reads its own process's CPU time and asks
+the server for its own around the timed bulk phase, and reports CPU seconds per byte sent
+(``sender_cpu_s_per_byte``) and received (``receiver_cpu_s_per_byte``): kernel network
+stack, ZeroMQ's I/O thread, copies. Both processes should be otherwise idle (a node is,
+while it is being measured). The planner turns them into a stage's receive/send costs.
 """
 
 from __future__ import annotations
@@ -53,10 +60,11 @@ SERVER_POLL_MS = 100  # how often the server loop looks at its stop flag
 START_TIMEOUT_S = 5.0  # the server thread must have bound by then
 P90 = 0.9
 
-PING, PONG, BULK, ACK, ERR = b"ping", b"pong", b"bulk", b"ack", b"err"
+PING, PONG, BULK, ACK, ERR, CPU = b"ping", b"pong", b"bulk", b"ack", b"err", b"cpu"
 MAX_TAG_BYTES = 4
 REPLY_HWM = 1000  # the server's send queue, of replies only (pongs, acks, errors)
 _U64 = struct.Struct("!Q")
+_F64 = struct.Struct("!d")
 
 # Small HWMs bound memory (a few multi-MB messages per peer); room for the window plus a ping.
 PROBE_SOCKET = sockets.SocketSpec(hwm=MAX_WINDOW + 1, maxmsgsize=MAX_MSG_BYTES + MiB, immediate=True)
@@ -165,6 +173,8 @@ class ProbeServer:
             self.messages += 1
             self.bytes += n
             reply = [ACK, body[1], _U64.pack(n)]
+        elif tag == CPU and len(body) == 2:
+            reply = [CPU, body[1], _F64.pack(time.process_time())]
         else:
             self.bad += 1
             shape = [len(f) for f in body]
@@ -216,6 +226,15 @@ class _Prober:
         self.send([PING, _U64.pack(seq)], f"ping {seq}")
         self.recv(PONG, seq, f"ping {seq}")
         return time.perf_counter() - t
+
+    def cpu(self, seq: int) -> float | None:
+        """The server process's CPU seconds (None from a server that predates the request)."""
+        self.send([CPU, _U64.pack(seq)], f"cpu {seq}")
+        try:
+            frames = self.recv(CPU, seq, f"cpu {seq}")
+        except ProbeError:
+            return None
+        return _F64.unpack(frames[2].bytes)[0] if len(frames) == 3 and len(frames[2]) == _F64.size else None
 
 
 def _check_args(bytes_per_msg: int, seconds: float | None, count: int | None, pings: int,
@@ -282,7 +301,9 @@ def probe(endpoint: str, *, bytes_per_msg: int = DEFAULT_MSG_BYTES, seconds: flo
         first = pings + 1
         p.send([BULK, _U64.pack(first), payload], f"bulk message {first}")  # slow start: not counted
         p.recv(ACK, first, f"bulk message {first}")
-        messages, nbytes, elapsed = _bulk(p, payload, seconds, count, window, first + 1)
+        server_cpu0, own_cpu0 = p.cpu(first + 1), time.process_time()
+        messages, nbytes, elapsed = _bulk(p, payload, seconds, count, window, first + 2)
+        own_cpu, server_cpu1 = time.process_time() - own_cpu0, p.cpu(first + 3 + messages)
     finally:
         p.close()
         if own:
@@ -306,4 +327,7 @@ def probe(endpoint: str, *, bytes_per_msg: int = DEFAULT_MSG_BYTES, seconds: flo
         "bytes_per_msg": bytes_per_msg,
         "seconds": elapsed,
         "window": window,
+        "sender_cpu_s_per_byte": own_cpu / nbytes,
+        "receiver_cpu_s_per_byte": (None if server_cpu0 is None or server_cpu1 is None
+                                    else (server_cpu1 - server_cpu0) / nbytes),
     }

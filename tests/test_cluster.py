@@ -12,7 +12,7 @@ import pytest
 import yaml
 from helpers import KWARGS, MICROBATCH, MODEL, batches, checkpoint, monolithic
 
-from edgezmq.autodeploy import autodeploy, gather
+from edgezmq.autodeploy import autodeploy, gather, io_costs
 from edgezmq.bootstrap import ModelSpec, load_plan, unload
 from edgezmq.client import Client
 from edgezmq.cluster import ClusterError, parse_cluster
@@ -79,6 +79,14 @@ def test_gather_builds_a_valid_problem(nodes):
     assert len(p["devices"]) == 3 and set(p["device_types"]) == {n.name for n in nodes.nodes}
     # every pair of nodes measured, plus the client's link to each node
     assert len(g.links) == 3 + 3 and all(r["bandwidth_mbps"] > 0 for r in g.links.values())
+    # what receiving and sending cost, measured on every type with activation-sized messages
+    act = p["model"]["units"][1]["out_bytes"]
+    for typ, fig in g.io.items():
+        assert fig["bytes_per_msg"] == act
+        assert fig["recv_cpu_s_per_byte"] > 0 and fig["send_cpu_s_per_byte"] > 0
+        assert {k: p["device_types"][typ][k] for k in ("recv_ms_per_mb", "send_ms_per_mb")} == \
+            io_costs(g.infos[next(iter(g.infos))], fig["recv_cpu_s_per_byte"], fig["send_cpu_s_per_byte"])
+    assert set(g.io) == set(p["device_types"])
     Problem.from_dict(p)  # the planner accepts it
     # typed nodes share one profile, and configured links are not measured again
     typed = _inventory(nodes, links={"default": {"mbps": 1000, "latency_ms": 0.2}})
@@ -86,6 +94,19 @@ def test_gather_builds_a_valid_problem(nodes):
         n["type"] = "same"
     g2 = gather(parse_cluster(typed), model=MODEL, microbatch=MICROBATCH, kwargs=KWARGS)
     assert list(g2.profiles) == ["same"] and g2.links == {}
+
+
+@pytest.mark.parametrize("quota, cores, threads, scale", [
+    (0.5, 2, 1, 2.0),     # half a core: every CPU second of I/O is two seconds of the stage's time
+    (1.5, 2, 2, 1 / 1.5),  # threads use the whole quota
+    (None, 2, 2, 0.5),    # as many threads as cores
+    (None, 2, 1, 0.0),    # a spare core: I/O overlaps compute
+    (None, 4, None, 0.25),  # torch's default: a thread per core
+])
+def test_io_costs_scale_by_the_cpus_left(quota, cores, threads, scale):
+    info = {"threads": threads, "device": {"cpu_quota": quota, "cores": cores}}
+    got = io_costs(info, 2e-9, 1e-9)   # 2 and 1 ms of CPU per MB
+    assert got == {"recv_ms_per_mb": pytest.approx(2 * scale), "send_ms_per_mb": pytest.approx(1 * scale)}
 
 
 def test_autodeploy_runs_and_equals_monolithic(nodes):

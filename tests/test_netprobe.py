@@ -31,8 +31,23 @@ def test_loopback_count(server, ctx):
     assert 0 < r["rtt_ms_min"] <= r["rtt_ms_p50"] <= r["rtt_ms_p90"]
     st = server.stats()
     # one uncounted ping and one uncounted bulk message warm the connection up
-    assert st["pings"] == 6 and st["messages"] == 11 and st["bytes"] == 11 * MiB
+    assert st["pings"] == 6 and st["messages"] == 11 and st["bytes"] == 11 * MiB  # + 2 cpu requests
     assert st["bad"] == 0 and st["dropped"] == 0
+
+
+def test_cpu_cost_of_moving_bytes_is_measured(server, ctx, socks):
+    r = N.probe(server.endpoint, bytes_per_msg=MiB, count=10, pings=1, timeout=TIMEOUT_S, ctx=ctx)
+    # both ends live in this process here, so each reads the same clock; a real pair does not.
+    # Moving 10 MiB over loopback costs CPU, but far less than a second per MB
+    for key in ("sender_cpu_s_per_byte", "receiver_cpu_s_per_byte"):
+        assert 0 < r[key] < 1e-6, (key, r[key])
+    d = socks(zmq.DEALER)
+    d.connect(server.endpoint)
+    d.send_multipart([N.CPU, N._U64.pack(7)])
+    tag, seq, seconds = d.recv_multipart()
+    assert tag == N.CPU and seq == N._U64.pack(7) and N._F64.unpack(seconds)[0] > 0
+    d.send_multipart([N.CPU])  # no sequence number: refused, counted
+    assert d.recv_multipart()[0] == N.ERR and server.stats()["bad"] == 1
 
 
 def test_loopback_seconds_default_size(server, ctx):
