@@ -294,6 +294,30 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 # ---- profile / netprobe ------------------------------------------------------
+KEYS_HELP = ("plan or cluster inventory whose keys: section to use: CurveZMQ to its nodes, "
+             "which may then be given by name (plans/README.md)")
+
+
+def _node_arg(flag: str, value: str, keys_file: str | None):
+    """A node given on the command line: a control address, or with ``--keys FILE`` a node of
+    that plan or inventory (by name or address), reached with the file's keys."""
+    from .status import Target, targets
+
+    if keys_file is None:
+        if not value.startswith("tcp://"):
+            raise ValueError(f"{flag}: expected a tcp://HOST:PORT control address, got {value!r} "
+                             "(a node name needs --keys PLAN_OR_CLUSTER.yaml)")
+        return Target(value, value)
+    _, nodes = targets(keys_file)
+    if not any(t.curve is not None for t in nodes):
+        raise ValueError(f"--keys {keys_file}: the file has no keys: section (plans/README.md)")
+    for t in nodes:
+        if value in (t.name, t.control):
+            return t
+    raise ValueError(f"{flag}: {value!r} is not a node of {keys_file} "
+                     f"(its nodes: {', '.join(f'{t.name} {t.control}' for t in nodes)})")
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
     from .cluster import NodeEntry
     from .profile import format_profile
@@ -303,20 +327,22 @@ def cmd_profile(args: argparse.Namespace) -> int:
     def progress(p: list) -> None:  # on stderr, so --json output stays clean
         _stderr(f"unit {p[0]}/{p[1]} {p[2]}: {p[3] * 1e3:.1f} ms")
 
+    if args.keys and not args.node:
+        raise ValueError("--keys: applies to --node (profiling on this machine talks to no node)")
     if args.node:
         from .autodeploy import PROFILE_TIMEOUT_S, wait_job
         from .rpc import ControlClient
 
-        node = NodeEntry(name=args.node, control=args.node)
+        target = _node_arg("--node", args.node, args.keys)
         req = dict(model=args.model, microbatch=args.microbatch, granularity=args.granularity,
                    kwargs=kwargs, reprofile=args.reprofile, reps=args.reps)
         if args.threads:
             req["threads"] = args.threads
-        with ControlClient(args.node, timeout=60.0, retries=0) as c:
+        with ControlClient(target.control, timeout=args.timeout, retries=0, name=target.name, curve=target.curve) as c:
             reply = c.call("profile", **req)
         if reply.get("cached"):
-            _stderr(f"{args.node}: from the node's profile cache (--reprofile to measure again)")
-        prof = wait_job(node, reply, PROFILE_TIMEOUT_S, progress)
+            _stderr(f"{target.name}: from the node's profile cache (--reprofile to measure again)")
+        prof = wait_job(NodeEntry(target.name, target.control), reply, PROFILE_TIMEOUT_S, progress, target.curve)
     else:
         from .profile import profile_units
 
@@ -333,19 +359,23 @@ def cmd_netprobe(args: argparse.Namespace) -> int:
     from .cluster import NodeEntry
     from .rpc import ControlClient
 
-    with ControlClient(args.to, timeout=10.0, name=args.to) as c:
+    to = _node_arg("--to", args.to, args.keys)
+    with ControlClient(to.control, timeout=args.timeout, name=to.name, curve=to.curve) as c:
         peer = c.call("info")["probe"]
     opts = dict(seconds=args.seconds, bytes_per_msg=args.bytes, pings=args.pings)
     if args.src:
-        with ControlClient(args.src, timeout=10.0, retries=0, name=args.src) as c:
+        src = _node_arg("--from", args.src, args.keys)
+        if to.curve is not None:  # the measuring node connects to the peer's probe server as a CURVE client
+            opts["peer_key"] = to.curve.server_key.decode()
+        with ControlClient(src.control, timeout=args.timeout, retries=0, name=src.name, curve=src.curve) as c:
             reply = c.call("netprobe", peer=peer, **opts)
-        r = wait_job(NodeEntry(args.src, args.src), reply, 60.0 + args.seconds)
+        r = wait_job(NodeEntry(src.name, src.control), reply, 60.0 + args.seconds, curve=src.curve)
     else:
-        r = netprobe.probe(peer, **opts)
+        r = netprobe.probe(peer, curve=to.curve, **opts)
     if args.json:
         print(json.dumps(r))
     else:
-        print(f"{args.src or 'here'} -> {args.to}: {r['bandwidth_mbps']:.1f} Mbit/s, "
+        print(f"{src.name if args.src else 'here'} -> {to.name}: {r['bandwidth_mbps']:.1f} Mbit/s, "
               f"latency {r['latency_ms']:.3f} ms (rtt p50 {r['rtt_ms_p50']:.3f} ms, p90 {r['rtt_ms_p90']:.3f} ms)")
     return 0
 
@@ -453,9 +483,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("profile", help="time every unit of a model on a node (or here)",
                         epilog="examples:\n  edgezmq profile --node tcp://10.0.0.11:5550 --model vit_large_patch16_224 --microbatch 8\n"
+                               "  edgezmq profile --node board-1 --keys cluster.yaml --model vit_base_patch16_224\n"
                                "  edgezmq profile --model vit_tiny_patch16_224 --threads 1\n",
                         formatter_class=fmt)
-    pr.add_argument("--node", help="control address of the node to profile (default: this machine)")
+    pr.add_argument("--node", help="control address of the node to profile (default: this machine); "
+                    "a node name with --keys")
+    pr.add_argument("--keys", metavar="PLAN_OR_CLUSTER.yaml", help=KEYS_HELP)
+    pr.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the node's reply (default 60)")
     pr.add_argument("--model", required=True)
     pr.add_argument("--microbatch", type=int, default=8)
     pr.add_argument("--granularity", default="block", choices=("block", "half", "sublayer"))
@@ -468,10 +502,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     npb = sub.add_parser("netprobe", help="measure bandwidth and latency to a node",
                          epilog="examples:\n  edgezmq netprobe --to tcp://10.0.0.12:5550\n"
-                                "  edgezmq netprobe --from tcp://10.0.0.11:5550 --to tcp://10.0.0.12:5550\n",
+                                "  edgezmq netprobe --from tcp://10.0.0.11:5550 --to tcp://10.0.0.12:5550\n"
+                                "  edgezmq netprobe --from board-1 --to board-2 --keys cluster.yaml   # CurveZMQ\n",
                          formatter_class=fmt)
     npb.add_argument("--to", required=True, help="control address of the node measured to")
     npb.add_argument("--from", dest="src", help="control address of the node measuring (default: here)")
+    npb.add_argument("--keys", metavar="PLAN_OR_CLUSTER.yaml", help=KEYS_HELP)
+    npb.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each node's reply (default 10)")
     npb.add_argument("--seconds", type=float, default=1.0)
     npb.add_argument("--bytes", type=int, default=4 * 1024 * 1024, help="bulk message size")
     npb.add_argument("--pings", type=int, default=20)

@@ -35,7 +35,7 @@ class Target:
     control: str
     stage: int | None = None  # planned stage (plans only)
     units: tuple[int, int] | None = None  # planned units (plans only)
-    curve: Any = None  # security.Curve of a secured plan's node (its `keys:` section)
+    curve: Any = None  # security.Curve of a secured plan's or inventory's node (its `keys:` section)
 
 
 def node_curve(plan: Any, ref: Any) -> Any:
@@ -60,7 +60,8 @@ def targets(path: str) -> tuple[str, list[Target]]:
     except yaml.YAMLError as e:
         raise StatusInputError(f"{path}: not valid YAML ({e})") from None
     if is_cluster_file(d):
-        return "cluster", [Target(n.name, n.control) for n in parse_cluster(d, source=path).nodes]
+        cluster = parse_cluster(d, source=path)
+        return "cluster", [Target(n.name, n.control, curve=cluster.curve(n.name)) for n in cluster.nodes]
     if not isinstance(d, dict) or "stages" not in d:
         raise StatusInputError(f"{path}: expected a plan (with stages:) or a cluster inventory (nodes: list)")
     plan = parse_plan(d, source=path)
