@@ -1,4 +1,4 @@
-"""Command line: `edgezmq node|deploy|submit|status|undeploy|profile|netprobe|demo|plan|testbed|trace|...`."""
+"""Command line: `edgezmq node|deploy|submit|run|status|undeploy|profile|netprobe|pause|resume|demo|plan|testbed|trace|...`."""
 
 from __future__ import annotations
 
@@ -285,11 +285,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = _model_spec(args)
     x, names = _inputs(args, spec)
     batches = split(x, spec.microbatch)
-    with ResilientPipeline(cluster, spec, window=args.window, timeout=args.timeout,
-                           interval=args.heartbeat, replication=not args.no_replication, say=_stderr) as rp:
+    with ResilientPipeline(cluster, spec, window=args.window, timeout=args.timeout, interval=args.heartbeat,
+                           replication=not args.no_replication, say=_stderr, stall_floor=args.stall_floor,
+                           stall_factor=args.stall_factor) as rp:
         code = _collect(args, rp.stream(batches), len(batches), names)
         if rp.failovers:
-            _stderr(f"{rp.failovers} failover(s); dead: {sorted(rp.dead)}; replayed {rp.client.replayed} microbatch(es)")
+            dead = ", ".join(f"{n} ({rp.causes.get(n, 'dead')})" for n in sorted(rp.dead)) or "none"
+            _stderr(f"{rp.failovers} failover(s); dead: {dead}; replayed {rp.client.replayed} microbatch(es)")
     return code
 
 
@@ -380,6 +382,17 @@ def cmd_netprobe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pause(args: argparse.Namespace) -> int:
+    """`pause` or `resume` one node's stage (its control socket keeps answering)."""
+    from .rpc import ControlClient
+
+    target = _node_arg("node", args.node, args.keys)
+    with ControlClient(target.control, timeout=args.timeout, retries=0, name=target.name, curve=target.curve) as c:
+        r = c.call(args.command)
+    print(f"{r['name']}: stage {'paused' if r['paused'] else 'resumed'}")
+    return 0
+
+
 # ---- checkpoint ------------------------------------------------------------
 def cmd_checkpoint(args: argparse.Namespace) -> int:
     from . import model as models
@@ -414,6 +427,7 @@ def _add_io_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .failover import HEARTBEAT_S, LIVENESS, STALL_FACTOR, STALL_FLOOR_S
     from .ops_cli import add_cli as add_ops_cli
     from .ops_cli import add_node_options
     from .planner import add_cli as add_plan_cli
@@ -467,6 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rn = sub.add_parser("run", help="deploy on a cluster inventory and run inputs, failing over on dead nodes",
                         epilog="examples:\n  edgezmq run cluster.yaml --model vit_base_patch16_224 --random 256\n"
+                               "  edgezmq run cluster.yaml --model vit_base_patch16_224 --random 256 --stall-floor 10\n"
                                "  edgezmq run cluster.yaml --model vit_small_patch16_224 --images ./photos --heartbeat 0.5\n",
                         formatter_class=fmt)
     rn.add_argument("cluster", help="cluster inventory YAML (plans/README.md)")
@@ -477,7 +492,13 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--granularity", default="block", choices=("block", "half", "sublayer"))
     rn.add_argument("--kwargs", help="timm.create_model kwargs as JSON")
     rn.add_argument("--no-replication", action="store_true")
-    rn.add_argument("--heartbeat", type=float, default=1.0, help="seconds between heartbeats (3 missed: dead)")
+    rn.add_argument("--heartbeat", type=float, default=HEARTBEAT_S,
+                    help=f"seconds between heartbeats ({LIVENESS} missed: dead; default {HEARTBEAT_S:g})")
+    rn.add_argument("--stall-floor", type=float, default=STALL_FLOOR_S, metavar="SECONDS",
+                    help="a stage that holds microbatches but finishes none for max(this, --stall-factor x its "
+                         f"predicted time per microbatch) is declared dead (default {STALL_FLOOR_S:g})")
+    rn.add_argument("--stall-factor", type=float, default=STALL_FACTOR, metavar="K",
+                    help=f"see --stall-floor (default {STALL_FACTOR:g})")
     _add_io_args(rn)
     rn.set_defaults(func=cmd_run)
 
@@ -514,6 +535,17 @@ def build_parser() -> argparse.ArgumentParser:
     npb.add_argument("--pings", type=int, default=20)
     npb.add_argument("--json", action="store_true")
     npb.set_defaults(func=cmd_netprobe)
+
+    for verb, text in (("pause", "hold a running node's stage: it takes no new microbatch, its control "
+                                 "socket keeps answering (a running `edgezmq run` then fails over without it)"),
+                       ("resume", "let a paused node's stage go on")):
+        pz = sub.add_parser(verb, help=text, description=text, formatter_class=fmt,
+                            epilog=f"examples:\n  edgezmq {verb} tcp://10.0.0.12:5550\n"
+                                   f"  edgezmq {verb} board-2 --keys cluster.yaml\n")
+        pz.add_argument("node", help="control address of the node (a node name with --keys)")
+        pz.add_argument("--keys", metavar="PLAN_OR_CLUSTER.yaml", help=KEYS_HELP)
+        pz.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the reply (default 5)")
+        pz.set_defaults(func=cmd_pause)
 
     ck = sub.add_parser("checkpoint", help="write a seeded safetensors checkpoint (no hub needed)",
                         epilog="examples:\n  edgezmq checkpoint --model vit_small_patch16_224 "

@@ -5,7 +5,9 @@ States: idle -> loading -> loaded -> running -> (unload) idle; a failed load goe
 synchronously (model, unit range, checkpoint, memory), binds the data PULL socket and
 returns its endpoint, then builds the shard in the background; the bootstrapper
 polls ``ping`` until ``loaded``.  ``start`` connects the PUSH socket downstream and
-starts the three data threads.  With a key pair and an allow-list every socket of the
+starts the three data threads; ``pause`` holds the compute thread (maintenance: a
+client's heartbeat then sees the stage stop producing and fails over without it),
+``resume`` lets it go on.  With a key pair and an allow-list every socket of the
 node speaks CurveZMQ (docs/security.md).  Bad data messages are counted and turned into
 ``error`` messages downstream; nothing a peer sends can stop the node.
 """
@@ -132,6 +134,7 @@ class StageRuntime:
         self.out_q: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
         self.stop = threading.Event()  # hard stop
         self.draining = threading.Event()  # stop taking input, finish the rest
+        self.paused = threading.Event()  # `pause`: the compute thread takes no new microbatch
         self.threads: list[threading.Thread] = []
         self.started_at: float | None = None
         # called by the send thread with each sent microbatch's [stage, t_recv, t_start,
@@ -208,6 +211,9 @@ class StageRuntime:
         if spec.threads:
             torch.set_num_threads(spec.threads)
         while not self.stop.is_set():
+            if self.paused.is_set():
+                self.stop.wait(POLL_MS / 1000)
+                continue
             t0 = time.time()
             try:
                 msg = self.in_q.get(timeout=POLL_MS / 1000)
@@ -315,12 +321,19 @@ class StageRuntime:
             th.join(2.0)
         sockets.close_all(self.pull, self.push)
 
+    def in_flight(self) -> int:
+        """Microbatches received and not yet through compute (queued, or being computed)."""
+        c = self.counters
+        return max(0, c.received - c.processed - c.compute_errors - c.bad_messages - c.forwarded_errors)
+
     def stats(self) -> dict[str, Any]:
         d = self.counters.to_dict()
         d.update(
             stage=self.spec.stage, units=[self.spec.start, self.spec.end], model=self.spec.model,
             run=self.spec.run, in_queue=self.in_q.qsize(), out_queue=self.out_q.qsize(),
             uptime_s=(time.time() - self.started_at) if self.started_at else 0.0,
+            # a stage whose output queue is full waits on its downstream, not on itself
+            in_flight=self.in_flight(), backpressured=self.out_q.full(), paused=self.paused.is_set(),
         )
         return d
 
@@ -589,6 +602,22 @@ class Node:
         self.state = "running"
         return {"state": self.state}
 
+    def _running(self, cmd: str) -> StageRuntime:
+        if self.state != "running" or self.runtime is None:
+            raise control.ControlError(control.BAD_STATE, f"node {self.name} is {self.state}; {cmd} needs a running stage")
+        return self.runtime
+
+    def cmd_pause(self) -> dict[str, Any]:
+        self._running("pause").paused.set()
+        log.warning("node %s: stage paused (resume with `resume`); a client's heartbeat will declare it stalled",
+                    self.name)
+        return {"name": self.name, "state": self.state, "paused": True}
+
+    def cmd_resume(self) -> dict[str, Any]:
+        self._running("resume").paused.clear()
+        log.warning("node %s: stage resumed", self.name)
+        return {"name": self.name, "state": self.state, "paused": False}
+
     def cmd_stats(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name, "state": self.state, "error": self.error,
                              "rss": device.rss_bytes(), "peak_rss": device.peak_rss_bytes(),
@@ -668,7 +697,8 @@ class Node:
         rt, self.runtime = self.runtime, None
         clean = True
         if rt is not None:
-            clean = rt.drain() if self.state == "running" else (rt.close() or True)
+            # a paused stage's microbatches were given up (failed over): nothing to drain
+            clean = rt.drain() if self.state == "running" and not rt.paused.is_set() else (rt.close() or True)
         self.probe.stop()
         sockets.close_all(self.rep)
         if self.auth is not None:

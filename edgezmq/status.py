@@ -107,7 +107,8 @@ def node_row(t: Target, reply: dict | str, before: dict | str | None = None) -> 
     row.update(stage=st.get("stage"), units=st.get("units"), run=st.get("run"),
                in_queue=st.get("in_queue"), out_queue=st.get("out_queue"),
                processed=st.get("processed"), samples=st.get("samples"),
-               errors=sum(st.get(k, 0) for k in ERROR_FIELDS), last_error=st.get("last_error") or None)
+               errors=sum(st.get(k, 0) for k in ERROR_FIELDS), last_error=st.get("last_error") or None,
+               paused=bool(st.get("paused")))
     if planned is not None and (planned != row["units"] or t.stage != row["stage"]):
         row["mismatch"] = f"serves stage {row['stage']} units {row['units']}, plan says stage {t.stage} units {planned}"
     prev = before.get("stage") if isinstance(before, dict) else None
@@ -173,6 +174,8 @@ def format_report(rep: dict[str, Any]) -> str:
             notes.append(f"{r['name']}: down: {r['error']}")
         elif r.get("error"):
             notes.append(f"{r['name']}: {r['error']}")
+        if r.get("paused"):
+            notes.append(f"{r['name']}: stage paused (edgezmq resume)")
         if r.get("last_error"):
             notes.append(f"{r['name']}: last error: {r['last_error']}")
         if r.get("mismatch"):

@@ -200,3 +200,20 @@ def test_node_probe_with_a_wrong_peer_key_fails_clearly(secured, keys):
     with pytest.raises(DeployError) as ei:  # within the probe's own timeout (netprobe.DEFAULT_TIMEOUT_S)
         wait_job(n0, reply, 30.0, curve=cluster.curve("n0"))
     assert "node n0: TimeoutError: netprobe:" in str(ei.value) and "does not hold the key we expect" in str(ei.value)
+
+
+def test_cli_run_on_a_secured_inventory(secured, keys, tmp_path, capsys):
+    from edgezmq import model as models
+    from edgezmq.client import split
+
+    inv = write(tmp_path, inventory(secured, keys))
+    out = tmp_path / "y.npy"
+    code = cli_main(["run", inv, "--model", MODEL, "--kwargs", json.dumps(KWARGS), "--microbatch", str(MICROBATCH),
+                     "--checkpoint", checkpoint(), "--random", "5", "--seed", "7", "--out", str(out), "-q"])
+    assert code == 0, capsys.readouterr().err
+    x = np.random.default_rng(7).standard_normal(models.input_shape(MODEL, 5, **KWARGS), dtype=np.float32)
+    want = np.concatenate(monolithic(split(x, MICROBATCH)))
+    assert float(np.max(np.abs(np.load(out) - want))) <= 1e-5
+    for n in secured.nodes:  # run unloads when done
+        with ControlClient(n.control, timeout=5, curve=load_cluster(inv).curve(n.name)) as c:
+            assert c.call("ping")["state"] == "idle"
