@@ -536,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     npb.add_argument("--json", action="store_true")
     npb.set_defaults(func=cmd_netprobe)
 
-    for verb, text in (("pause", "hold a running node's stage: it takes no new microbatch, its control "
+    for verb, text in (("pause", "hold a running node's stage: it computes nothing, its control "
                                  "socket keeps answering (a running `edgezmq run` then fails over without it)"),
                        ("resume", "let a paused node's stage go on")):
         pz = sub.add_parser(verb, help=text, description=text, formatter_class=fmt,

@@ -134,7 +134,7 @@ class StageRuntime:
         self.out_q: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
         self.stop = threading.Event()  # hard stop
         self.draining = threading.Event()  # stop taking input, finish the rest
-        self.paused = threading.Event()  # `pause`: the compute thread takes no new microbatch
+        self.paused = threading.Event()  # `pause`: the compute thread computes nothing until `resume`
         self.threads: list[threading.Thread] = []
         self.started_at: float | None = None
         # called by the send thread with each sent microbatch's [stage, t_recv, t_start,
@@ -211,9 +211,6 @@ class StageRuntime:
         if spec.threads:
             torch.set_num_threads(spec.threads)
         while not self.stop.is_set():
-            if self.paused.is_set():
-                self.stop.wait(POLL_MS / 1000)
-                continue
             t0 = time.time()
             try:
                 msg = self.in_q.get(timeout=POLL_MS / 1000)
@@ -225,6 +222,10 @@ class StageRuntime:
             if msg is _STOP:
                 self._put(self.out_q, _STOP)
                 return
+            if self.paused.is_set():  # also holds a microbatch taken just before `pause`
+                if not self._hold_while_paused():
+                    return
+                t1 = time.time()  # paused time is neither waiting for input nor computing
             try:
                 # received frames are writable, aligned views: no copy; anything else is copied
                 xs = [torch.from_numpy(a if a.flags.aligned and a.flags.writeable else a.copy())
@@ -246,6 +247,13 @@ class StageRuntime:
                 stage=spec.stage, tensors=arrays, t=msg.t,
             )
             self._put(self.out_q, out)
+
+    def _hold_while_paused(self) -> bool:
+        """Wait until `resume`; False if the stage is stopped meanwhile."""
+        while self.paused.is_set():
+            if self.stop.wait(POLL_MS / 1000):
+                return False
+        return True
 
     def _send_loop(self) -> None:
         c = self.counters
