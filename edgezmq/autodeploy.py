@@ -5,7 +5,8 @@ model's units on its own hardware (cached on the node), measures the links the p
 needs (all pairs for small clusters, one sample per type pair for large ones, and the
 client's link to every node), and builds the planner's problem (#3's format).
 ``autodeploy`` then plans, prints the plan with its predicted throughput and deploys it
-through ``edgezmq.bootstrap``.
+through ``edgezmq.bootstrap``.  With a ``keys:`` section in the inventory every one of these
+steps speaks CurveZMQ (node <-> node probes too), and so does the plan it deploys.
 
 Moving activations costs a stage CPU too (kernel network stack, ZeroMQ's I/O thread,
 copies, decoding), and on a device whose compute already uses all the CPU it has, that
@@ -19,20 +20,24 @@ CPU to spare, where receiving and sending overlap compute.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import control, netprobe
+import zmq
+
+from . import control, netprobe, security
 from .bootstrap import DeployError, Deployment, ModelSpec, NodeRef, Plan, StagePlan, deploy
 from .cluster import CLIENT, Cluster, NodeEntry
 from .node import BUFFERS_PER_DIRECTION
 from .rpc import ControlClient
+from .security import Curve
 
 log = logging.getLogger("edgezmq.autodeploy")
 
@@ -61,18 +66,20 @@ def _parallel(items: list, fn: Callable, workers: int | None = None) -> list:
         return list(ex.map(fn, items))
 
 
-def _call(n: NodeEntry, cmd: str, timeout: float = INFO_TIMEOUT_S, **args: Any) -> dict:
-    with ControlClient(n.control, timeout=timeout, retries=1, name=n.name) as c:
+def _call(cluster: Cluster, n: NodeEntry, cmd: str, timeout: float = INFO_TIMEOUT_S, **args: Any) -> dict:
+    with ControlClient(n.control, timeout=timeout, retries=1, name=n.name, curve=cluster.curve(n.name)) as c:
         return c.call(cmd, **args)
 
 
-def wait_job(n: NodeEntry, reply: dict, timeout: float, on_progress: Callable[[list], None] | None = None) -> dict:
-    """Poll a node's job until it ends; returns its result or raises DeployError."""
+def wait_job(n: NodeEntry, reply: dict, timeout: float, on_progress: Callable[[list], None] | None = None,
+             curve: Curve | None = None) -> dict:
+    """Poll a node's job until it ends (over CurveZMQ with ``curve``); returns its result or
+    raises DeployError."""
     if reply.get("job") is None:
         return reply["result"]
     deadline = time.time() + timeout
     seen: list = []
-    with ControlClient(n.control, timeout=INFO_TIMEOUT_S, retries=2, name=n.name) as c:
+    with ControlClient(n.control, timeout=INFO_TIMEOUT_S, retries=2, name=n.name, curve=curve) as c:
         while time.time() < deadline:
             j = c.call("job", id=reply["job"])
             if on_progress and j.get("progress") and j["progress"] != seen:
@@ -106,6 +113,7 @@ def _usable_memory(n: NodeEntry, info: dict) -> tuple[int, int]:
 def gather(
     cluster: Cluster, *, model: str, microbatch: int, granularity: str = "block",
     kwargs: dict | None = None, reprofile: bool = False, replication: bool = True, say: Say | None = None,
+    info_timeout: float = INFO_TIMEOUT_S,
 ) -> Gathered:
     say = say or (lambda m: log.info("%s", m))
     t0 = time.time()
@@ -115,7 +123,7 @@ def gather(
     # 1. info
     def info(n: NodeEntry) -> Any:
         try:
-            return _call(n, "info")
+            return _call(cluster, n, "info", timeout=info_timeout)
         except control.ControlError as e:
             return e
 
@@ -140,12 +148,12 @@ def gather(
 
     def prof(item: tuple[str, NodeEntry]) -> dict:
         typ, n = item
-        r = _call(n, "profile", timeout=60.0, model=model, microbatch=microbatch,
+        r = _call(cluster, n, "profile", timeout=60.0, model=model, microbatch=microbatch,
                   granularity=granularity, kwargs=kwargs, reprofile=reprofile)
         if r.get("cached"):
             say(f"{n.name}: profile of {model} from the node's cache")
         return wait_job(n, r, PROFILE_TIMEOUT_S, lambda p: say(
-            f"{n.name}: profiled unit {p[0]}/{p[1]} {p[2]}: {p[3] * 1e3:.1f} ms"))
+            f"{n.name}: profiled unit {p[0]}/{p[1]} {p[2]}: {p[3] * 1e3:.1f} ms"), cluster.curve(n.name))
 
     profiles = dict(zip(reps, _parallel(list(reps.items()), prof, workers)))
 
@@ -154,9 +162,9 @@ def gather(
     pairs = _pairs_to_measure(cluster)
     for a, b in pairs:
         na = cluster.node(a)
-        r = _call(na, "netprobe", peer=infos[b]["probe"], seconds=cluster.probe_seconds,
-                  bytes_per_msg=cluster.probe_bytes, pings=cluster.pings)
-        measured[(a, b)] = wait_job(na, r, 60.0)
+        r = _call(cluster, na, "netprobe", peer=infos[b]["probe"], seconds=cluster.probe_seconds,
+                  bytes_per_msg=cluster.probe_bytes, pings=cluster.pings, **_peer_key(cluster, b))
+        measured[(a, b)] = wait_job(na, r, 60.0, curve=cluster.curve(a))
         say(f"link {a} <-> {b}: {measured[(a, b)]['bandwidth_mbps']:.0f} Mbit/s, "
             f"{measured[(a, b)]['latency_ms']:.2f} ms")
     for n in nodes:  # the client's own links, measured from here
@@ -164,7 +172,7 @@ def gather(
             continue
         measured[(CLIENT, n.name)] = netprobe.probe(
             infos[n.name]["probe"], seconds=cluster.probe_seconds, bytes_per_msg=cluster.probe_bytes,
-            pings=cluster.pings)
+            pings=cluster.pings, curve=cluster.curve(n.name))
         say(f"link {CLIENT} <-> {n.name}: {measured[(CLIENT, n.name)]['bandwidth_mbps']:.0f} Mbit/s")
 
     io = measure_io(cluster, reps, infos, profiles, say)
@@ -184,14 +192,16 @@ def measure_io(cluster: Cluster, reps: dict[str, NodeEntry], infos: dict, profil
     (the bootstrapper probes it) and sending (it probes the bootstrapper), with messages the
     size of the model's activations, and the stage time per MB that makes (``io_costs``)."""
     out: dict[str, dict] = {}
-    with netprobe.ProbeServer(cluster.client_address) as server:
+    with _probe_server(cluster) as server:
         for typ, n in reps.items():
             nbytes = activation_bytes(profiles[typ])
+            curve = cluster.curve(n.name)
             got = netprobe.probe(infos[n.name]["probe"], bytes_per_msg=nbytes, seconds=cluster.probe_seconds,
-                                 pings=1)
-            r = _call(n, "netprobe", peer=server.endpoint, seconds=cluster.probe_seconds,
-                      bytes_per_msg=nbytes, pings=1)
-            sent = wait_job(n, r, 60.0)
+                                 pings=1, curve=curve)
+            secured = {"peer_key": cluster.keyring.own.public_text} if cluster.keyring is not None else {}
+            r = _call(cluster, n, "netprobe", peer=server.endpoint, seconds=cluster.probe_seconds,
+                      bytes_per_msg=nbytes, pings=1, **secured)
+            sent = wait_job(n, r, 60.0, curve=curve)
             recv_cpu, send_cpu = got.get("receiver_cpu_s_per_byte"), sent.get("sender_cpu_s_per_byte")
             fig = {"bytes_per_msg": nbytes, "recv_cpu_s_per_byte": recv_cpu, "send_cpu_s_per_byte": send_cpu,
                    **io_costs(infos[n.name], recv_cpu, send_cpu)}
@@ -199,6 +209,25 @@ def measure_io(cluster: Cluster, reps: dict[str, NodeEntry], infos: dict, profil
             say(f"{n.name}: receiving costs {_ms_mb(recv_cpu)} ms CPU per MB, sending {_ms_mb(send_cpu)};"
                 f" a stage pays {fig['recv_ms_per_mb']:.2f} / {fig['send_ms_per_mb']:.2f} ms per MB")
     return out
+
+
+@contextlib.contextmanager
+def _probe_server(cluster: Cluster) -> Iterator[netprobe.ProbeServer]:
+    """A probe server on the client's address for the nodes to send to: over CurveZMQ, with
+    only the inventory's nodes allowed in, when the inventory has keys."""
+    ctx = zmq.Context()
+    auth = None
+    try:
+        curve = None
+        if cluster.keyring is not None:
+            auth = security.Authenticator(ctx, allow=list(cluster.keyring.nodes.values()))
+            curve = cluster.keyring.server
+        with netprobe.ProbeServer(cluster.client_address, ctx=ctx, curve=curve) as server:
+            yield server
+    finally:
+        if auth is not None:
+            auth.stop()
+        ctx.term()
 
 
 def _ms_mb(s_per_byte: float | None) -> str:
@@ -214,6 +243,12 @@ def io_costs(info: dict, recv_cpu_s_per_byte: float | None, send_cpu_s_per_byte:
     scale = 1.0 / cpus if cpus <= threads else 0.0
     return {"recv_ms_per_mb": (recv_cpu_s_per_byte or 0.0) * scale * 1e9,
             "send_ms_per_mb": (send_cpu_s_per_byte or 0.0) * scale * 1e9}
+
+
+def _peer_key(cluster: Cluster, name: str) -> dict[str, str]:
+    """The ``peer_key`` argument of a node's ``netprobe`` to ``name``: its public key from the
+    inventory's keys (never the key the peer reports about itself), when secured."""
+    return {"peer_key": cluster.keyring.node_key(name).decode()} if cluster.keyring else {}
 
 
 def _pairs_to_measure(cluster: Cluster) -> list[tuple[str, str]]:
@@ -311,7 +346,8 @@ def to_deploy_plan(
     stages = [StagePlan(units=(s.units[0], s.units[1]),
                         nodes=[NodeRef(d, cluster.node(d).control, cluster.node(d).threads) for d in s.devices])
               for s in planned.stages]
-    return Plan(model=model, stages=stages, results=results or cluster.results)
+    return Plan(model=model, stages=stages, results=results or cluster.results,
+                keyring=cluster.keyring, keys=cluster.keys)
 
 
 def autodeploy(

@@ -77,7 +77,7 @@ class Plan:
 
     def curve(self, n: NodeRef) -> security.Curve | None:
         """How to reach node ``n``'s control socket: CURVE client of its key, or plaintext."""
-        return self.keyring.client_of(n.name) if self.keyring else None
+        return security.client_curve(self.keyring, n.name)
 
     @property
     def all_nodes(self) -> list[tuple[int, NodeRef]]:
@@ -184,29 +184,10 @@ def _parse_keys(d: dict, names: list[str], source: str | None) -> tuple[dict | N
     k = _need(d, "keys", dict, "plan", None)
     if k is None:
         return None, None
-    unknown = sorted(set(k) - {"client", "nodes", "results"})
-    if unknown:
-        raise PlanFileError(f"keys: unknown field(s) {unknown}; expected client, nodes, results")
-    base = Path(source).parent if source is not None else Path.cwd()
-
-    def path(field: str) -> str | None:
-        v = _need(k, field, str, "keys", None)
-        return None if v is None else str((base / Path(v).expanduser()).resolve())
-
-    resolved = {f: path(f) for f in ("client", "nodes", "results")}
-    if resolved["client"] is None or resolved["nodes"] is None:
-        raise PlanFileError("keys: needs client (this side's .key_secret file) and nodes (directory of <node>.key)")
     try:
-        own = security.load_keypair(resolved["client"])
-        nodes = security.load_public_dir(resolved["nodes"])
-        results = security.load_public(resolved["results"]) if resolved["results"] else None
+        return security.parse_keys_section(k, names, Path(source).parent if source is not None else Path.cwd())
     except security.KeyFileError as e:
-        raise PlanFileError(f"keys: {e}") from None
-    missing = [n for n in names if n not in nodes]
-    if missing:
-        raise PlanFileError(f"keys.nodes: no public key for node(s) {missing} in {resolved['nodes']} "
-                            f"(expected <name>{security.PUBLIC_SUFFIX})")
-    return {f: v for f, v in resolved.items() if v}, security.Keyring(own=own, nodes=nodes, results_key=results)
+        raise PlanFileError(str(e)) from None
 
 
 def load_plan(path: str | Path) -> Plan:

@@ -1,4 +1,4 @@
-"""Command line: `edgezmq node|deploy|submit|status|undeploy|profile|netprobe|demo|plan|testbed|trace|...`."""
+"""Command line: `edgezmq node|deploy|submit|run|status|undeploy|profile|netprobe|pause|resume|demo|plan|testbed|trace|...`."""
 
 from __future__ import annotations
 
@@ -285,15 +285,41 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = _model_spec(args)
     x, names = _inputs(args, spec)
     batches = split(x, spec.microbatch)
-    with ResilientPipeline(cluster, spec, window=args.window, timeout=args.timeout,
-                           interval=args.heartbeat, replication=not args.no_replication, say=_stderr) as rp:
+    with ResilientPipeline(cluster, spec, window=args.window, timeout=args.timeout, interval=args.heartbeat,
+                           replication=not args.no_replication, say=_stderr, stall_floor=args.stall_floor,
+                           stall_factor=args.stall_factor) as rp:
         code = _collect(args, rp.stream(batches), len(batches), names)
         if rp.failovers:
-            _stderr(f"{rp.failovers} failover(s); dead: {sorted(rp.dead)}; replayed {rp.client.replayed} microbatch(es)")
+            dead = ", ".join(f"{n} ({rp.causes.get(n, 'dead')})" for n in sorted(rp.dead)) or "none"
+            _stderr(f"{rp.failovers} failover(s); dead: {dead}; replayed {rp.client.replayed} microbatch(es)")
     return code
 
 
 # ---- profile / netprobe ------------------------------------------------------
+KEYS_HELP = ("plan or cluster inventory whose keys: section to use: CurveZMQ to its nodes, "
+             "which may then be given by name (plans/README.md)")
+
+
+def _node_arg(flag: str, value: str, keys_file: str | None):
+    """A node given on the command line: a control address, or with ``--keys FILE`` a node of
+    that plan or inventory (by name or address), reached with the file's keys."""
+    from .status import Target, targets
+
+    if keys_file is None:
+        if not value.startswith("tcp://"):
+            raise ValueError(f"{flag}: expected a tcp://HOST:PORT control address, got {value!r} "
+                             "(a node name needs --keys PLAN_OR_CLUSTER.yaml)")
+        return Target(value, value)
+    _, nodes = targets(keys_file)
+    if not any(t.curve is not None for t in nodes):
+        raise ValueError(f"--keys {keys_file}: the file has no keys: section (plans/README.md)")
+    for t in nodes:
+        if value in (t.name, t.control):
+            return t
+    raise ValueError(f"{flag}: {value!r} is not a node of {keys_file} "
+                     f"(its nodes: {', '.join(f'{t.name} {t.control}' for t in nodes)})")
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
     from .cluster import NodeEntry
     from .profile import format_profile
@@ -303,20 +329,22 @@ def cmd_profile(args: argparse.Namespace) -> int:
     def progress(p: list) -> None:  # on stderr, so --json output stays clean
         _stderr(f"unit {p[0]}/{p[1]} {p[2]}: {p[3] * 1e3:.1f} ms")
 
+    if args.keys and not args.node:
+        raise ValueError("--keys: applies to --node (profiling on this machine talks to no node)")
     if args.node:
         from .autodeploy import PROFILE_TIMEOUT_S, wait_job
         from .rpc import ControlClient
 
-        node = NodeEntry(name=args.node, control=args.node)
+        target = _node_arg("--node", args.node, args.keys)
         req = dict(model=args.model, microbatch=args.microbatch, granularity=args.granularity,
                    kwargs=kwargs, reprofile=args.reprofile, reps=args.reps)
         if args.threads:
             req["threads"] = args.threads
-        with ControlClient(args.node, timeout=60.0, retries=0) as c:
+        with ControlClient(target.control, timeout=args.timeout, retries=0, name=target.name, curve=target.curve) as c:
             reply = c.call("profile", **req)
         if reply.get("cached"):
-            _stderr(f"{args.node}: from the node's profile cache (--reprofile to measure again)")
-        prof = wait_job(node, reply, PROFILE_TIMEOUT_S, progress)
+            _stderr(f"{target.name}: from the node's profile cache (--reprofile to measure again)")
+        prof = wait_job(NodeEntry(target.name, target.control), reply, PROFILE_TIMEOUT_S, progress, target.curve)
     else:
         from .profile import profile_units
 
@@ -333,20 +361,35 @@ def cmd_netprobe(args: argparse.Namespace) -> int:
     from .cluster import NodeEntry
     from .rpc import ControlClient
 
-    with ControlClient(args.to, timeout=10.0, name=args.to) as c:
+    to = _node_arg("--to", args.to, args.keys)
+    with ControlClient(to.control, timeout=args.timeout, name=to.name, curve=to.curve) as c:
         peer = c.call("info")["probe"]
     opts = dict(seconds=args.seconds, bytes_per_msg=args.bytes, pings=args.pings)
     if args.src:
-        with ControlClient(args.src, timeout=10.0, retries=0, name=args.src) as c:
+        src = _node_arg("--from", args.src, args.keys)
+        if to.curve is not None:  # the measuring node connects to the peer's probe server as a CURVE client
+            opts["peer_key"] = to.curve.server_key.decode()
+        with ControlClient(src.control, timeout=args.timeout, retries=0, name=src.name, curve=src.curve) as c:
             reply = c.call("netprobe", peer=peer, **opts)
-        r = wait_job(NodeEntry(args.src, args.src), reply, 60.0 + args.seconds)
+        r = wait_job(NodeEntry(src.name, src.control), reply, 60.0 + args.seconds, curve=src.curve)
     else:
-        r = netprobe.probe(peer, **opts)
+        r = netprobe.probe(peer, curve=to.curve, **opts)
     if args.json:
         print(json.dumps(r))
     else:
-        print(f"{args.src or 'here'} -> {args.to}: {r['bandwidth_mbps']:.1f} Mbit/s, "
+        print(f"{src.name if args.src else 'here'} -> {to.name}: {r['bandwidth_mbps']:.1f} Mbit/s, "
               f"latency {r['latency_ms']:.3f} ms (rtt p50 {r['rtt_ms_p50']:.3f} ms, p90 {r['rtt_ms_p90']:.3f} ms)")
+    return 0
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    """`pause` or `resume` one node's stage (its control socket keeps answering)."""
+    from .rpc import ControlClient
+
+    target = _node_arg("node", args.node, args.keys)
+    with ControlClient(target.control, timeout=args.timeout, retries=0, name=target.name, curve=target.curve) as c:
+        r = c.call(args.command)
+    print(f"{r['name']}: stage {'paused' if r['paused'] else 'resumed'}")
     return 0
 
 
@@ -384,6 +427,7 @@ def _add_io_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .failover import HEARTBEAT_S, LIVENESS, STALL_FACTOR, STALL_FLOOR_S
     from .ops_cli import add_cli as add_ops_cli
     from .ops_cli import add_node_options
     from .planner import add_cli as add_plan_cli
@@ -437,6 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rn = sub.add_parser("run", help="deploy on a cluster inventory and run inputs, failing over on dead nodes",
                         epilog="examples:\n  edgezmq run cluster.yaml --model vit_base_patch16_224 --random 256\n"
+                               "  edgezmq run cluster.yaml --model vit_base_patch16_224 --random 256 --stall-floor 10\n"
                                "  edgezmq run cluster.yaml --model vit_small_patch16_224 --images ./photos --heartbeat 0.5\n",
                         formatter_class=fmt)
     rn.add_argument("cluster", help="cluster inventory YAML (plans/README.md)")
@@ -447,15 +492,25 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--granularity", default="block", choices=("block", "half", "sublayer"))
     rn.add_argument("--kwargs", help="timm.create_model kwargs as JSON")
     rn.add_argument("--no-replication", action="store_true")
-    rn.add_argument("--heartbeat", type=float, default=1.0, help="seconds between heartbeats (3 missed: dead)")
+    rn.add_argument("--heartbeat", type=float, default=HEARTBEAT_S,
+                    help=f"seconds between heartbeats ({LIVENESS} missed: dead; default {HEARTBEAT_S:g})")
+    rn.add_argument("--stall-floor", type=float, default=STALL_FLOOR_S, metavar="SECONDS",
+                    help="a stage that holds microbatches but finishes none for max(this, --stall-factor x its "
+                         f"predicted time per microbatch) is declared dead (default {STALL_FLOOR_S:g})")
+    rn.add_argument("--stall-factor", type=float, default=STALL_FACTOR, metavar="K",
+                    help=f"see --stall-floor (default {STALL_FACTOR:g})")
     _add_io_args(rn)
     rn.set_defaults(func=cmd_run)
 
     pr = sub.add_parser("profile", help="time every unit of a model on a node (or here)",
                         epilog="examples:\n  edgezmq profile --node tcp://10.0.0.11:5550 --model vit_large_patch16_224 --microbatch 8\n"
+                               "  edgezmq profile --node board-1 --keys cluster.yaml --model vit_base_patch16_224\n"
                                "  edgezmq profile --model vit_tiny_patch16_224 --threads 1\n",
                         formatter_class=fmt)
-    pr.add_argument("--node", help="control address of the node to profile (default: this machine)")
+    pr.add_argument("--node", help="control address of the node to profile (default: this machine); "
+                    "a node name with --keys")
+    pr.add_argument("--keys", metavar="PLAN_OR_CLUSTER.yaml", help=KEYS_HELP)
+    pr.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the node's reply (default 60)")
     pr.add_argument("--model", required=True)
     pr.add_argument("--microbatch", type=int, default=8)
     pr.add_argument("--granularity", default="block", choices=("block", "half", "sublayer"))
@@ -468,15 +523,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     npb = sub.add_parser("netprobe", help="measure bandwidth and latency to a node",
                          epilog="examples:\n  edgezmq netprobe --to tcp://10.0.0.12:5550\n"
-                                "  edgezmq netprobe --from tcp://10.0.0.11:5550 --to tcp://10.0.0.12:5550\n",
+                                "  edgezmq netprobe --from tcp://10.0.0.11:5550 --to tcp://10.0.0.12:5550\n"
+                                "  edgezmq netprobe --from board-1 --to board-2 --keys cluster.yaml   # CurveZMQ\n",
                          formatter_class=fmt)
     npb.add_argument("--to", required=True, help="control address of the node measured to")
     npb.add_argument("--from", dest="src", help="control address of the node measuring (default: here)")
+    npb.add_argument("--keys", metavar="PLAN_OR_CLUSTER.yaml", help=KEYS_HELP)
+    npb.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each node's reply (default 10)")
     npb.add_argument("--seconds", type=float, default=1.0)
     npb.add_argument("--bytes", type=int, default=4 * 1024 * 1024, help="bulk message size")
     npb.add_argument("--pings", type=int, default=20)
     npb.add_argument("--json", action="store_true")
     npb.set_defaults(func=cmd_netprobe)
+
+    for verb, text in (("pause", "hold a running node's stage: it computes nothing, its control "
+                                 "socket keeps answering (a running `edgezmq run` then fails over without it)"),
+                       ("resume", "let a paused node's stage go on")):
+        pz = sub.add_parser(verb, help=text, description=text, formatter_class=fmt,
+                            epilog=f"examples:\n  edgezmq {verb} tcp://10.0.0.12:5550\n"
+                                   f"  edgezmq {verb} board-2 --keys cluster.yaml\n")
+        pz.add_argument("node", help="control address of the node (a node name with --keys)")
+        pz.add_argument("--keys", metavar="PLAN_OR_CLUSTER.yaml", help=KEYS_HELP)
+        pz.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the reply (default 5)")
+        pz.set_defaults(func=cmd_pause)
 
     ck = sub.add_parser("checkpoint", help="write a seeded safetensors checkpoint (no hub needed)",
                         epilog="examples:\n  edgezmq checkpoint --model vit_small_patch16_224 "

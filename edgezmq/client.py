@@ -82,10 +82,10 @@ class Client:
         self._entry: list[str] = []
         self.attach(entry, run, entry_keys)
         self._seq = 0
-        # failover (edgezmq.failover): set `failed` from any thread; the stream loop then
-        # calls `recover()` -> (entry, run), re-attaches and replays every unanswered microbatch
+        # failover (edgezmq.failover): set `failed` from any thread; the stream loop then calls
+        # `recover()` -> (entry, run, entry_keys), re-attaches and replays every unanswered microbatch
         self.failed = threading.Event()
-        self.recover: Callable[[], tuple[list[str], str]] | None = None
+        self.recover: Callable[[], tuple[list[str], str, list[bytes] | None]] | None = None
         self.replayed = 0
         self.ignored = 0  # duplicates, other runs, malformed
         self.resubmitted = 0
@@ -202,12 +202,12 @@ class Client:
         self.failed.clear()
         assert self.recover is not None
         try:
-            entry, run = self.recover()
+            entry, run, entry_keys = self.recover()
         except Exception as e:
             seqs = sorted(pending)
             raise PipelineError(seqs[0] if seqs else -1, "failover_failed",
                                 f"{e}; unanswered microbatches: {seqs}", -1) from e
-        self.attach(entry, run)
+        self.attach(entry, run, entry_keys)
         now = time.time()
         for seq, entry_ in sorted(pending.items()):
             entry_[1] = now

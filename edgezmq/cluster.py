@@ -9,6 +9,7 @@
       overrides:
         - {a: board-1, b: board-2, mbps: 5, latency_ms: 2}
     measure: {all_pairs_up_to: 8, seconds: 0.5, bytes_per_msg: 4194304, pings: 10}
+    keys: {client: keys/client.key_secret, nodes: keys/nodes/}   # optional: CurveZMQ to every node
 
 Documented in plans/README.md.  Parsing only: measuring and planning live in
 ``edgezmq.autodeploy``.
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import security
 from .yamlfile import read_yaml
 
 CLIENT = "client"  # the client's name in link tables (as in the planner's problem files)
@@ -62,6 +64,12 @@ class Cluster:
     probe_bytes: int = DEFAULT_PROBE_BYTES
     pings: int = DEFAULT_PINGS
     source: str | None = None
+    keyring: security.Keyring | None = None  # from the `keys:` section (as a plan's): CurveZMQ
+    keys: dict | None = None  # that section, paths resolved; carried into the plans made from it
+
+    def curve(self, name: str) -> security.Curve | None:
+        """How to reach node ``name``: a CURVE client of its key, or plaintext."""
+        return security.client_curve(self.keyring, name)
 
     def node(self, name: str) -> NodeEntry:
         for n in self.nodes:
@@ -186,6 +194,12 @@ def parse_cluster(d: Any, source: str | None = None) -> Cluster:
         c.probe_bytes = _num(m["bytes_per_msg"], "measure.bytes_per_msg", integer=True)
     if "pings" in m:
         c.pings = _num(m["pings"], "measure.pings", integer=True)
+    if d.get("keys") is not None:
+        base = Path(source).parent if source is not None else Path.cwd()
+        try:
+            c.keys, c.keyring = security.parse_keys_section(d["keys"], [n.name for n in nodes], base)
+        except security.KeyFileError as e:
+            raise ClusterError(str(e)) from None
     return c
 
 

@@ -82,6 +82,8 @@ COMMANDS: dict[str, dict[str, Arg]] = {
     "job": {
         "id": Arg((str,), True, "job id returned by profile or netprobe"),
     },
+    "pause": {},
+    "resume": {},
     "unload": {},
     "shutdown": {},
 }

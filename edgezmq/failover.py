@@ -1,23 +1,28 @@
-"""Keep a deployment serving: heartbeat every node, and on a dead one re-plan over the
-survivors, redeploy and replay every unanswered microbatch.
+"""Keep a deployment serving: heartbeat every node, and on a dead or stalled one re-plan over
+the survivors, redeploy and replay every unanswered microbatch.
 
     with ResilientPipeline(cluster, ModelSpec(...)) as rp:
         for y in rp.stream(batches):        # every batch answered exactly once, in order
             ...
 
 Heartbeats ride the control channel (never the PUSH data path, where messages to a
-dead peer would just queue): a ``ping`` to every node each ``interval`` seconds with a
-timeout of one interval; a node that misses ``liveness`` in a row, or answers but no
-longer runs its stage (it restarted), is declared dead and logged by name.  Recovery
-uses ``edgezmq.autodeploy`` on the surviving nodes (their profiles come from the nodes'
-caches), so memory limits and speeds are respected; if no plan fits the survivors, the
-stream raises ``PipelineError`` for the unanswered microbatches instead of hanging.
+dead peer would just queue): a ``stats`` request to every node each ``interval`` seconds
+with a timeout of one interval.  A node is declared dead, and logged by name with the
+reason, when it misses ``liveness`` heartbeats in a row, answers but no longer runs its
+stage (it restarted), or **stalls**: it holds microbatches but finishes none for longer
+than its stall limit, ``max(stall_floor, stall_factor x its predicted time per
+microbatch)`` (so slow boards get longer); time blocked on a full downstream does not
+count.  Recovery uses ``edgezmq.autodeploy`` on the surviving nodes (their profiles come
+from the nodes' caches), so memory limits and speeds are respected; if no plan fits the
+survivors, the stream raises ``PipelineError`` for the unanswered microbatches instead of
+hanging.  With a ``keys:`` section in the inventory every socket involved speaks CurveZMQ.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -31,26 +36,61 @@ from .bootstrap import ModelSpec, Plan, unload
 from .client import Client
 from .cluster import Cluster
 from .rpc import ControlClient
+from .security import Keyring, client_curve
 
 log = logging.getLogger("edgezmq.failover")
 
 HEARTBEAT_S = 1.0
 LIVENESS = 3  # missed heartbeats before a node is declared dead
+STALL_FLOOR_S = 5.0  # a stage holding work that finishes none for this long is stalled...
+STALL_FACTOR = 10.0  # ...or for this many times its predicted time per microbatch, when longer
+
+
+def stall_limit(predicted_s: float | None, floor: float = STALL_FLOOR_S, factor: float = STALL_FACTOR) -> float:
+    """Seconds a stage may hold work without finishing any before it is stalled."""
+    return max(floor, factor * (predicted_s or 0.0))
+
+
+class Progress:
+    """How long one stage has held work without finishing any, from its successive
+    ``stats.stage`` replies.  Time without work, and time blocked on a full downstream
+    (``backpressured``: the downstream's stall, not this stage's), restart the clock."""
+
+    def __init__(self) -> None:
+        self.mark: tuple | None = None  # (run, microbatches finished) at the last look
+        self.since: float | None = None  # busy at this mark since
+
+    def stalled_for(self, stage: dict | None, now: float) -> float:
+        busy = bool(stage) and stage.get("in_flight", 0) > 0 and not stage.get("backpressured")
+        mark = (stage.get("run"), stage.get("received", 0) - stage.get("in_flight", 0)) if stage else None
+        if not busy:
+            self.since = None
+        elif mark != self.mark or self.since is None:
+            self.since = now
+        self.mark = mark
+        return 0.0 if self.since is None else now - self.since
 
 
 class Heartbeat:
-    """Pings nodes on the control channel from a background thread; calls ``on_dead(name)``
-    once per node that misses ``liveness`` heartbeats in a row or stops running its stage."""
+    """Asks nodes for ``stats`` on the control channel from a background thread; calls
+    ``on_dead(name, reason)`` once per node that misses ``liveness`` heartbeats in a row,
+    stops running its stage, or stalls longer than its limit (``stall_limits[name]``, else
+    ``stall_floor``; None: no stall check).  ``keyring``: reach the nodes over CurveZMQ."""
 
-    def __init__(self, nodes: dict[str, str], on_dead: Callable[[str], None], *,
+    def __init__(self, nodes: dict[str, str], on_dead: Callable[[str, str], None], *,
                  interval: float = HEARTBEAT_S, liveness: int = LIVENESS,
-                 standby: dict[str, str] | None = None, on_back: Callable[[str], None] | None = None) -> None:
+                 standby: dict[str, str] | None = None, on_back: Callable[[str], None] | None = None,
+                 keyring: Keyring | None = None, stall_limits: dict[str, float] | None = None,
+                 stall_floor: float | None = STALL_FLOOR_S) -> None:
         self.nodes = dict(nodes)
         self.on_dead = on_dead
-        # nodes out of the deployment (dead before): pinged too; `on_back` when one answers idle
+        # nodes out of the deployment (dead before): asked too; `on_back` when one answers idle
         self.standby = dict(standby or {})
         self.on_back = on_back
         self.interval, self.liveness = interval, liveness
+        self.keyring = keyring
+        self.stall_limits = {n: (stall_limits or {}).get(n, stall_floor) for n in nodes}
+        self.progress = {n: Progress() for n in nodes}
         self.misses = dict.fromkeys(nodes, 0)
         self.dead: set[str] = set()
         self._stop = threading.Event()
@@ -65,30 +105,47 @@ class Heartbeat:
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(self.interval * 3 + 1)
 
-    def _state(self, address: str, name: str) -> str | None:
+    def _stats(self, name: str, address: str) -> dict | None:
         try:
-            with ControlClient(address, timeout=self.interval, retries=0, name=name) as c:
-                return c.call("ping").get("state")
+            with ControlClient(address, timeout=self.interval, retries=0, name=name,
+                               curve=client_curve(self.keyring, name)) as c:
+                return c.call("stats")
         except control.ControlError:
             return None
 
-    def _beat(self, name: str) -> bool:
-        return self._state(self.nodes[name], name) == "running"
+    def verdict(self, name: str, reply: dict | None, now: float) -> str | None:
+        """Why node ``name`` is dead after this heartbeat's ``reply`` (None: no reply), or None."""
+        if reply is None or reply.get("state") != "running":
+            self.misses[name] += 1
+            if self.misses[name] < self.liveness:
+                return None
+            if reply is None:
+                return f"missed {self.misses[name]} heartbeats (every {self.interval:.1f}s)"
+            return f"is {reply.get('state')}, not running its stage ({self.misses[name]} heartbeats in a row)"
+        self.misses[name] = 0
+        stalled = self.progress[name].stalled_for(reply.get("stage"), now)
+        limit = self.stall_limits[name]
+        if limit is None or stalled <= limit:
+            return None
+        return (f"stalled: finished no microbatch for {stalled:.1f}s (limit {limit:.1f}s) "
+                f"with {reply['stage']['in_flight']} in flight")
 
     def _run(self) -> None:
         with ThreadPoolExecutor(max_workers=max(1, min(16, len(self.nodes)))) as ex:
             while not self._stop.wait(self.interval):
                 live = [n for n in self.nodes if n not in self.dead]
-                for name, ok in zip(live, ex.map(self._beat, live)):
-                    self.misses[name] = 0 if ok else self.misses[name] + 1
-                    if self.misses[name] >= self.liveness and not self._stop.is_set():
+                replies = list(ex.map(lambda n: self._stats(n, self.nodes[n]), live))
+                now = time.monotonic()
+                for name, reply in zip(live, replies):
+                    why = self.verdict(name, reply, now)
+                    if why is not None and not self._stop.is_set():
                         self.dead.add(name)
-                        log.warning("node %s missed %d heartbeats (every %.1fs): declared dead",
-                                    name, self.misses[name], self.interval)
-                        self.on_dead(name)
+                        log.warning("node %s %s: declared dead", name, why)
+                        self.on_dead(name, why)
                 if self.on_back is not None:
                     for name, address in list(self.standby.items()):
-                        if not self._stop.is_set() and self._state(address, name) in ("idle", "failed"):
+                        r = None if self._stop.is_set() else self._stats(name, address)
+                        if r is not None and r.get("state") in ("idle", "failed"):
                             del self.standby[name]
                             log.warning("node %s answers again: rejoining", name)
                             self.on_back(name)
@@ -99,12 +156,21 @@ class ResilientPipeline:
 
     def __init__(self, cluster: Cluster, model: ModelSpec, *, window: int = 4, timeout: float = 120.0,
                  interval: float = HEARTBEAT_S, liveness: int = LIVENESS, replication: bool = True,
-                 rejoin: bool = True, say: Callable[[str], None] | None = None) -> None:
-        self.cluster, self.model = cluster, model
+                 rejoin: bool = True, say: Callable[[str], None] | None = None,
+                 stall_floor: float | None = STALL_FLOOR_S, stall_factor: float = STALL_FACTOR) -> None:
+        if stall_floor is not None and not stall_floor > 0:
+            raise ValueError(f"stall_floor: expected seconds > 0 (or None: no stall check), got {stall_floor!r}")
+        if not stall_factor >= 0:
+            raise ValueError(f"stall_factor: expected a factor >= 0, got {stall_factor!r}")
+        # the pipeline receives its results itself: a keys.results receiver does not apply
+        self.keyring = replace(cluster.keyring, results_key=None) if cluster.keyring else None
+        self.cluster, self.model = replace(cluster, keyring=self.keyring), model
+        self.stall_floor, self.stall_factor = stall_floor, stall_factor
         self.window, self.timeout = window, timeout
         self.interval, self.liveness, self.replication = interval, liveness, replication
         self.say = say or (lambda m: log.info("%s", m))
         self.dead: set[str] = set()
+        self.causes: dict[str, str] = {}  # dead node -> why the heartbeat declared it dead
         self.rejoin = rejoin  # a dead node that answers again is planned back in
         self.rejoined: list[str] = []
         self.plan: Plan | None = None
@@ -115,17 +181,17 @@ class ResilientPipeline:
 
     def __enter__(self) -> ResilientPipeline:
         self.client = Client([], f"tcp://{self.cluster.client_address}:0", run="", window=self.window,
-                             timeout=self.timeout, microbatch=self.model.microbatch)
+                             timeout=self.timeout, microbatch=self.model.microbatch, keyring=self.keyring)
         try:
-            entry, run = self._deploy()
+            entry, run, keys = self._deploy()
         except BaseException:
             self.client.close()
             raise
-        self.client.attach(entry, run)
+        self.client.attach(entry, run, keys)
         self.client.recover = self._recover
         return self
 
-    def _deploy(self) -> tuple[list[str], str]:
+    def _deploy(self) -> tuple[list[str], str, list[bytes] | None]:
         alive = replace(self.cluster, nodes=[n for n in self.cluster.nodes if n.name not in self.dead])
         if not alive.nodes:
             raise RuntimeError(f"no node left alive (dead: {sorted(self.dead)})")
@@ -136,10 +202,20 @@ class ResilientPipeline:
         self.plan, self.planned = plan, planned
         nodes = {ref.name: ref.control for _, ref in plan.all_nodes}
         standby = {n.name: n.control for n in self.cluster.nodes if n.name in self.dead} if self.rejoin else None
+        limits = self._stall_limits(planned)
         self._heartbeat = Heartbeat(nodes, self._on_dead, interval=self.interval, liveness=self.liveness,
-                                    standby=standby, on_back=self._on_back if self.rejoin else None).start()
+                                    standby=standby, on_back=self._on_back if self.rejoin else None,
+                                    keyring=self.keyring, stall_limits=limits, stall_floor=self.stall_floor).start()
         self.say(f"deployed run {dep.run} on {sorted(nodes)}")
-        return dep.entry, dep.run
+        log.info("stall limits: %s", limits)
+        return dep.entry, dep.run, dep.entry_keys
+
+    def _stall_limits(self, planned: Any) -> dict[str, float] | None:
+        """Node -> seconds its stage may hold work without finishing any (None: no stall check)."""
+        if self.stall_floor is None:
+            return None
+        return {d: stall_limit(cost.unreplicated_s, self.stall_floor, self.stall_factor)
+                for st, cost in zip(planned.stages, planned.stage_costs) for d in st.devices}
 
     def _on_back(self, name: str) -> None:
         """A dead node answers again: re-plan with it (the same path as a failover)."""
@@ -148,12 +224,13 @@ class ResilientPipeline:
         if self.client is not None:
             self.client.failed.set()
 
-    def _on_dead(self, name: str) -> None:
+    def _on_dead(self, name: str, why: str) -> None:
         self.dead.add(name)
+        self.causes[name] = why
         if self.client is not None:
             self.client.failed.set()
 
-    def _recover(self) -> tuple[list[str], str]:
+    def _recover(self) -> tuple[list[str], str, list[bytes] | None]:
         if self._heartbeat is not None:
             self._heartbeat.stop()
         self.failovers += 1

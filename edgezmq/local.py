@@ -49,6 +49,7 @@ class LocalCluster:
         names: list[str] | None = None,
         log_dir: str | Path | None = None,
         extra_args: list[str] | None = None,
+        node_args: dict[str, list[str]] | None = None,
     ) -> None:
         if n < 1:
             raise ValueError(f"need at least one node, got {n}")
@@ -59,7 +60,11 @@ class LocalCluster:
         self.host = host
         self.names = names or [f"node{i}" for i in range(n)]
         self.log_dir = Path(log_dir) if log_dir else None
-        self.extra_args = extra_args or []
+        self.extra_args = extra_args or []  # for every node
+        self.node_args = node_args or {}  # name -> more arguments for that node (e.g. its own --secret-key)
+        unknown = sorted(set(self.node_args) - set(self.names))
+        if unknown:
+            raise ValueError(f"node_args: no node named {unknown} (nodes: {self.names})")
         self.nodes: list[LocalNode] = []
 
     def start(self) -> LocalCluster:
@@ -75,7 +80,7 @@ class LocalCluster:
 
     def _spawn(self, i: int) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "edgezmq", "node", "--control", f"tcp://{self.host}:0",
-               "--name", self.names[i], *self.extra_args]
+               "--name", self.names[i], *self.extra_args, *self.node_args.get(self.names[i], [])]
         if self.threads[i]:
             cmd += ["--threads", str(self.threads[i])]
         stderr = None

@@ -40,7 +40,7 @@ import numpy as np
 import zmq
 
 from . import sockets
-from .security import Curve
+from .security import CURVE_HINT, Curve
 
 __all__ = ["ProbeServer", "probe", "ProbeError"]
 
@@ -191,6 +191,7 @@ class _Prober:
 
     def __init__(self, ctx: zmq.Context, endpoint: str, timeout: float, curve: Curve | None = None) -> None:
         self.endpoint, self.timeout = endpoint, timeout
+        self.hint = CURVE_HINT if curve is not None else ""
         self.sock = sockets.make_socket(ctx, zmq.DEALER, PROBE_SOCKET, curve=curve)
         try:
             self.sock.connect(endpoint)
@@ -205,13 +206,13 @@ class _Prober:
         # IMMEDIATE: not writable until connected, so an unreachable peer times out here
         if not self.sock.poll(int(self.timeout * 1000), zmq.POLLOUT):
             raise TimeoutError(f"netprobe: {self.endpoint} unreachable: cannot send {what} "
-                               f"within {self.timeout} s (no connection, or the peer stopped reading)")
+                               f"within {self.timeout} s (no connection, or the peer stopped reading){self.hint}")
         sockets.send_frames(self.sock, frames, zmq.NOBLOCK)
 
     def recv(self, expect: bytes, seq: int, what: str) -> list[zmq.Frame]:
         frames = sockets.recv_frames(self.sock, int(self.timeout * 1000))
         if frames is None:
-            raise TimeoutError(f"netprobe: no reply from {self.endpoint} to {what} within {self.timeout} s")
+            raise TimeoutError(f"netprobe: no reply from {self.endpoint} to {what} within {self.timeout} s{self.hint}")
         tag = _tag(frames[0])
         if tag == ERR:
             raise ProbeError(f"netprobe: {self.endpoint} refused {what}: "

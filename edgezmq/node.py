@@ -5,7 +5,9 @@ States: idle -> loading -> loaded -> running -> (unload) idle; a failed load goe
 synchronously (model, unit range, checkpoint, memory), binds the data PULL socket and
 returns its endpoint, then builds the shard in the background; the bootstrapper
 polls ``ping`` until ``loaded``.  ``start`` connects the PUSH socket downstream and
-starts the three data threads.  With a key pair and an allow-list every socket of the
+starts the three data threads; ``pause`` holds the compute thread (maintenance: a
+client's heartbeat then sees the stage stop producing and fails over without it),
+``resume`` lets it go on.  With a key pair and an allow-list every socket of the
 node speaks CurveZMQ (docs/security.md).  Bad data messages are counted and turned into
 ``error`` messages downstream; nothing a peer sends can stop the node.
 """
@@ -133,6 +135,7 @@ class StageRuntime:
         self.out_q: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
         self.stop = threading.Event()  # hard stop
         self.draining = threading.Event()  # stop taking input, finish the rest
+        self.paused = threading.Event()  # `pause`: the compute thread computes nothing until `resume`
         self.threads: list[threading.Thread] = []
         self.started_at: float | None = None
         self.started_cpu = 0.0
@@ -221,6 +224,10 @@ class StageRuntime:
             if msg is _STOP:
                 self._put(self.out_q, _STOP)
                 return
+            if self.paused.is_set():  # also holds a microbatch taken just before `pause`
+                if not self._hold_while_paused():
+                    return
+                t1 = time.time()  # paused time is neither waiting for input nor computing
             try:
                 # received frames are writable, aligned views: no copy; anything else is copied
                 xs = [torch.from_numpy(a if a.flags.aligned and a.flags.writeable else a.copy())
@@ -243,6 +250,13 @@ class StageRuntime:
                 stage=spec.stage, tensors=arrays, t=msg.t,
             )
             self._put(self.out_q, out)
+
+    def _hold_while_paused(self) -> bool:
+        """Wait until `resume`; False if the stage is stopped meanwhile."""
+        while self.paused.is_set():
+            if self.stop.wait(POLL_MS / 1000):
+                return False
+        return True
 
     def _send_loop(self) -> None:
         c = self.counters
@@ -319,6 +333,11 @@ class StageRuntime:
             th.join(2.0)
         sockets.close_all(self.pull, self.push)
 
+    def in_flight(self) -> int:
+        """Microbatches received and not yet through compute (queued, or being computed)."""
+        c = self.counters
+        return max(0, c.received - c.processed - c.compute_errors - c.bad_messages - c.forwarded_errors)
+
     def stats(self) -> dict[str, Any]:
         d = self.counters.to_dict()
         d.update(
@@ -328,6 +347,8 @@ class StageRuntime:
             # CPU time of the whole process (all threads) since the stage started: with
             # compute_cpu_s, what receiving, decoding, encoding and sending cost
             cpu_s=(time.process_time() - self.started_cpu) if self.started_at else 0.0,
+            # a stage whose output queue is full waits on its downstream, not on itself
+            in_flight=self.in_flight(), backpressured=self.out_q.full(), paused=self.paused.is_set(),
         )
         return d
 
@@ -596,6 +617,22 @@ class Node:
         self.state = "running"
         return {"state": self.state}
 
+    def _running(self, cmd: str) -> StageRuntime:
+        if self.state != "running" or self.runtime is None:
+            raise control.ControlError(control.BAD_STATE, f"node {self.name} is {self.state}; {cmd} needs a running stage")
+        return self.runtime
+
+    def cmd_pause(self) -> dict[str, Any]:
+        self._running("pause").paused.set()
+        log.warning("node %s: stage paused (resume with `resume`); a client's heartbeat will declare it stalled",
+                    self.name)
+        return {"name": self.name, "state": self.state, "paused": True}
+
+    def cmd_resume(self) -> dict[str, Any]:
+        self._running("resume").paused.clear()
+        log.warning("node %s: stage resumed", self.name)
+        return {"name": self.name, "state": self.state, "paused": False}
+
     def cmd_stats(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name, "state": self.state, "error": self.error,
                              "rss": device.rss_bytes(), "peak_rss": device.peak_rss_bytes(),
@@ -675,7 +712,8 @@ class Node:
         rt, self.runtime = self.runtime, None
         clean = True
         if rt is not None:
-            clean = rt.drain() if self.state == "running" else (rt.close() or True)
+            # a paused stage's microbatches were given up (failed over): nothing to drain
+            clean = rt.drain() if self.state == "running" and not rt.paused.is_set() else (rt.close() or True)
         self.probe.stop()
         sockets.close_all(self.rep)
         if self.auth is not None:

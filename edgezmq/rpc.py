@@ -8,7 +8,7 @@ from typing import Any
 import zmq
 
 from . import control, sockets
-from .security import Curve
+from .security import CURVE_HINT, Curve
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class ControlClient:
         raise control.ControlError(
             control.UNREACHABLE,
             f"node {self.name} ({self.address}) did not answer {cmd!r} "
-            f"within {timeout:g}s ({retries + 1} attempt(s))",
+            f"within {timeout:g}s ({retries + 1} attempt(s))" + (CURVE_HINT if self.curve is not None else ""),
         )
 
     def close(self) -> None:

@@ -7,6 +7,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import zmq
 import zmq.auth
@@ -19,6 +20,10 @@ SECRET_SUFFIX = ".key_secret"
 SECRET_MODE = 0o600
 Z85_KEY_LEN = 40  # a 32-byte Curve25519 key in Z85 text
 ANY_DOMAIN = "*"  # one allow-list for every socket of a context
+SECTION_FIELDS = ("client", "nodes", "results")  # a plan's or inventory's `keys:` section
+# a refused CURVE handshake is silent: say what else than "down" the silence can mean
+CURVE_HINT = ("; over CurveZMQ this also means the peer does not allow our public key "
+              "or does not hold the key we expect (check its --allow directory and the keys: section)")
 
 
 class KeyFileError(ValueError):
@@ -131,6 +136,42 @@ class Keyring:
     @property
     def results_public(self) -> bytes:
         return self.results_key or self.own.public
+
+
+def client_curve(ring: Keyring | None, name: str) -> Curve | None:
+    """How to reach node ``name``'s sockets: a CURVE client of its key, or None (plaintext)."""
+    return ring.client_of(name) if ring is not None else None
+
+
+def parse_keys_section(k: Any, names: list[str], base: str | Path) -> tuple[dict, Keyring]:
+    """A plan's or cluster inventory's ``keys:`` mapping (plans/README.md) -> (the section with
+    its paths resolved against ``base``, the Keyring).  KeyFileError names the field; every
+    node in ``names`` must have its public key in ``keys.nodes``."""
+    if not isinstance(k, dict):
+        raise KeyFileError(f"keys: expected a mapping of {', '.join(SECTION_FIELDS)}, got {k!r}")
+    unknown = sorted(set(k) - set(SECTION_FIELDS))
+    if unknown:
+        raise KeyFileError(f"keys: unknown field(s) {unknown}; expected {', '.join(SECTION_FIELDS)}")
+    resolved: dict[str, str] = {}
+    for f in SECTION_FIELDS:
+        v = k.get(f)
+        if v is not None and not isinstance(v, str):
+            raise KeyFileError(f"keys.{f}: expected str, got {type(v).__name__} {v!r}")
+        if v:
+            resolved[f] = str((Path(base) / Path(v).expanduser()).resolve())
+    if "client" not in resolved or "nodes" not in resolved:
+        raise KeyFileError("keys: needs client (this side's .key_secret file) and nodes (directory of <node>.key)")
+    try:
+        own = load_keypair(resolved["client"])
+        nodes = load_public_dir(resolved["nodes"])
+        results = load_public(resolved["results"]) if "results" in resolved else None
+    except KeyFileError as e:
+        raise KeyFileError(f"keys: {e}") from None
+    missing = [n for n in names if n not in nodes]
+    if missing:
+        raise KeyFileError(f"keys.nodes: no public key for node(s) {missing} in {resolved['nodes']} "
+                           f"(expected <name>{PUBLIC_SUFFIX})")
+    return resolved, Keyring(own=own, nodes=nodes, results_key=results)
 
 
 class Authenticator:

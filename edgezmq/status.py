@@ -35,7 +35,7 @@ class Target:
     control: str
     stage: int | None = None  # planned stage (plans only)
     units: tuple[int, int] | None = None  # planned units (plans only)
-    curve: Any = None  # security.Curve of a secured plan's node (its `keys:` section)
+    curve: Any = None  # security.Curve of a secured plan's or inventory's node (its `keys:` section)
 
 
 def node_curve(plan: Any, ref: Any) -> Any:
@@ -60,7 +60,8 @@ def targets(path: str) -> tuple[str, list[Target]]:
     except yaml.YAMLError as e:
         raise StatusInputError(f"{path}: not valid YAML ({e})") from None
     if is_cluster_file(d):
-        return "cluster", [Target(n.name, n.control) for n in parse_cluster(d, source=path).nodes]
+        cluster = parse_cluster(d, source=path)
+        return "cluster", [Target(n.name, n.control, curve=cluster.curve(n.name)) for n in cluster.nodes]
     if not isinstance(d, dict) or "stages" not in d:
         raise StatusInputError(f"{path}: expected a plan (with stages:) or a cluster inventory (nodes: list)")
     plan = parse_plan(d, source=path)
@@ -106,7 +107,8 @@ def node_row(t: Target, reply: dict | str, before: dict | str | None = None) -> 
     row.update(stage=st.get("stage"), units=st.get("units"), run=st.get("run"),
                in_queue=st.get("in_queue"), out_queue=st.get("out_queue"),
                processed=st.get("processed"), samples=st.get("samples"),
-               errors=sum(st.get(k, 0) for k in ERROR_FIELDS), last_error=st.get("last_error") or None)
+               errors=sum(st.get(k, 0) for k in ERROR_FIELDS), last_error=st.get("last_error") or None,
+               paused=bool(st.get("paused")))
     if planned is not None and (planned != row["units"] or t.stage != row["stage"]):
         row["mismatch"] = f"serves stage {row['stage']} units {row['units']}, plan says stage {t.stage} units {planned}"
     prev = before.get("stage") if isinstance(before, dict) else None
@@ -172,6 +174,8 @@ def format_report(rep: dict[str, Any]) -> str:
             notes.append(f"{r['name']}: down: {r['error']}")
         elif r.get("error"):
             notes.append(f"{r['name']}: {r['error']}")
+        if r.get("paused"):
+            notes.append(f"{r['name']}: stage paused (edgezmq resume)")
         if r.get("last_error"):
             notes.append(f"{r['name']}: last error: {r['last_error']}")
         if r.get("mismatch"):

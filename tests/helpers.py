@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
 import threading
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 
 from edgezmq import model as models
+from edgezmq import security
 from edgezmq.node import Node
 from edgezmq.rpc import ControlClient
 
@@ -76,3 +79,29 @@ def wait_state(c: ControlClient, state: str, timeout: float = 60.0) -> dict:
             raise AssertionError(f"load failed: {r['error']}")
         time.sleep(0.05)
     raise AssertionError(f"node not {state} after {timeout}s (state {r['state']})")
+
+
+def make_keys(root: Path, nodes: list[str]) -> dict[str, Path]:
+    """Key files of a secured cluster under ``root``: ``ring/`` every key pair (client and
+    nodes), ``allow/`` every public key (each node's --allow), ``nodes/`` the nodes' public
+    keys (a keys: section's ``nodes``), ``bad/`` an intruder's pair that nobody allows."""
+    ring, allow, pubs, bad = root / "ring", root / "allow", root / "nodes", root / "bad"
+    for name in ("client", *nodes):
+        security.generate(ring, name)
+    security.generate(bad, "intruder")
+    for d, names in ((allow, ("client", *nodes)), (pubs, nodes)):
+        d.mkdir()
+        for name in names:
+            shutil.copy(ring / f"{name}.key", d / f"{name}.key")
+    return {"ring": ring, "allow": allow, "nodes": pubs, "bad": bad}
+
+
+def secured_node_args(keys: dict[str, Path], names: list[str]) -> dict[str, list[str]]:
+    """``LocalCluster(node_args=...)`` for nodes that run with their own key pair and the shared allow-list."""
+    return {n: ["--secret-key", str(keys["ring"] / f"{n}.key_secret"), "--allow", str(keys["allow"])] for n in names}
+
+
+def keys_section(keys: dict[str, Path], client: str = "client") -> dict[str, str]:
+    """A plan's or inventory's keys: section; ``client="intruder"`` uses the key nobody allows."""
+    secret = keys["bad" if client == "intruder" else "ring"] / f"{client}.key_secret"
+    return {"client": str(secret), "nodes": str(keys["nodes"])}

@@ -1,5 +1,6 @@
-"""failover.py: a node SIGKILLed mid-run -> re-plan over the survivors, redeploy, replay;
-every submitted batch answered exactly once and equal to the monolithic model."""
+"""failover.py: a node SIGKILLed mid-run, or whose stage stalls while it still answers, ->
+re-plan over the survivors, redeploy, replay; every submitted batch answered exactly once
+and equal to the monolithic model (also over CurveZMQ); a slow stage that progresses stays."""
 
 from __future__ import annotations
 
@@ -7,13 +8,24 @@ import time
 
 import numpy as np
 import pytest
-from helpers import KWARGS, MICROBATCH, MODEL, batches, checkpoint, monolithic
+from helpers import (
+    KWARGS,
+    MICROBATCH,
+    MODEL,
+    batches,
+    checkpoint,
+    keys_section,
+    make_keys,
+    monolithic,
+    secured_node_args,
+)
 
 from edgezmq.bootstrap import ModelSpec
 from edgezmq.client import PipelineError
-from edgezmq.cluster import Cluster, NodeEntry
-from edgezmq.failover import Heartbeat, ResilientPipeline
+from edgezmq.cluster import Cluster, NodeEntry, parse_cluster
+from edgezmq.failover import Heartbeat, Progress, ResilientPipeline, stall_limit
 from edgezmq.local import LocalCluster
+from edgezmq.rpc import ControlClient
 
 pytestmark = pytest.mark.slow
 INTERVAL = 0.3  # fast heartbeats: a dead node is out in ~1 s
@@ -24,15 +36,20 @@ def spec() -> ModelSpec:
     return ModelSpec(name=MODEL, microbatch=MICROBATCH, checkpoint=checkpoint(), kwargs=KWARGS)
 
 
-def inventory(local: LocalCluster) -> Cluster:
-    return Cluster(nodes=[NodeEntry(n.name, n.control) for n in local.nodes], probe_seconds=0.1, pings=3)
+def inventory(local: LocalCluster, keys: dict | None = None) -> Cluster:
+    if keys is None:
+        return Cluster(nodes=[NodeEntry(n.name, n.control) for n in local.nodes], probe_seconds=0.1, pings=3)
+    return parse_cluster({"nodes": [{"name": n.name, "control": n.control} for n in local.nodes],
+                          "measure": {"seconds": 0.1, "pings": 3}, "keys": keys_section(keys)})
 
 
-def _run_and_kill(which: str, tmp_path) -> None:
-    with LocalCluster(4, threads=1, log_dir=tmp_path) as local:
+def _run_and_kill(which: str, tmp_path, keys: dict | None = None) -> None:
+    names = [f"node{i}" for i in range(4)]
+    node_args = secured_node_args(keys, names) if keys else None
+    with LocalCluster(4, threads=1, names=names, node_args=node_args, log_dir=tmp_path) as local:
         procs = {n.name: n.proc for n in local.nodes}
         xs = batches(N_BATCHES, seed=21)
-        with ResilientPipeline(inventory(local), spec(), window=4, timeout=60, interval=INTERVAL,
+        with ResilientPipeline(inventory(local, keys), spec(), window=4, timeout=60, interval=INTERVAL,
                                replication=False) as rp:
             stages = rp.plan.stages
             assert len(stages) >= 2, "the test needs a pipeline of several stages"
@@ -46,6 +63,7 @@ def _run_and_kill(which: str, tmp_path) -> None:
 
             outs = list(rp.stream(xs, on_result=kill_after_three))
             assert killed and victim in rp.dead and rp.failovers >= 1
+            assert rp.causes[victim].startswith("missed")
             assert victim not in {ref.name for _, ref in rp.plan.all_nodes}  # re-planned without it
             assert rp.client.replayed >= 1
     assert len(outs) == N_BATCHES  # every batch exactly once, in order
@@ -56,6 +74,10 @@ def _run_and_kill(which: str, tmp_path) -> None:
 @pytest.mark.parametrize("which", ["first", "last", "middle"])
 def test_a_killed_node_loses_nothing(which, tmp_path):
     _run_and_kill(which, tmp_path)
+
+
+def test_a_killed_node_loses_nothing_over_curve(tmp_path):
+    _run_and_kill("middle", tmp_path, keys=make_keys(tmp_path / "keys", [f"node{i}" for i in range(4)]))
 
 
 def test_no_survivor_means_a_clear_error_not_a_hang(tmp_path):
@@ -80,12 +102,13 @@ def test_heartbeat_declares_a_silent_node_dead_by_name(tmp_path):
         dead: list[str] = []
         nodes = {n.name: n.control for n in local.nodes}
         # idle nodes do not run a stage: for a deployment they are as good as dead
-        hb = Heartbeat(nodes, dead.append, interval=0.2, liveness=2).start()
+        hb = Heartbeat(nodes, lambda name, why: dead.append((name, why)), interval=0.2, liveness=2).start()
         deadline = time.time() + 10
         while len(dead) < 2 and time.time() < deadline:
             time.sleep(0.05)
         hb.stop()
-        assert sorted(dead) == sorted(nodes)
+        assert sorted(name for name, _ in dead) == sorted(nodes)
+        assert all(why == "is idle, not running its stage (2 heartbeats in a row)" for _, why in dead)
 
 
 def test_cli_run_on_an_inventory(tmp_path):
@@ -147,3 +170,90 @@ def test_a_node_that_comes_back_rejoins(tmp_path):
     assert len(outs) == len(xs)
     for a, b in zip(outs, monolithic(xs)):
         assert float(np.max(np.abs(a - b))) <= 1e-5
+
+
+# ---- stalls: a node that answers but whose stage stops producing ----------------------------
+def stage_stats(run: str = "r", received: int = 0, in_flight: int = 0, backpressured: bool = False) -> dict:
+    return {"run": run, "received": received, "in_flight": in_flight, "backpressured": backpressured}
+
+
+def test_progress_counts_only_time_holding_work_without_finishing_any():
+    p = Progress()
+    assert p.stalled_for(stage_stats(received=3), 0.0) == 0.0  # no work
+    assert p.stalled_for(stage_stats(received=4, in_flight=1), 1.0) == 0.0  # work arrived: the clock starts
+    assert p.stalled_for(stage_stats(received=5, in_flight=2), 3.0) == 2.0  # more came, none finished
+    assert p.stalled_for(stage_stats(received=5, in_flight=1), 4.0) == 0.0  # one finished: progress
+    assert p.stalled_for(stage_stats(received=5, in_flight=1), 6.5) == 2.5
+    assert p.stalled_for(stage_stats(received=5, in_flight=1, backpressured=True), 7.0) == 0.0  # downstream's fault
+    assert p.stalled_for(stage_stats(received=5, in_flight=1), 8.0) == 0.0
+    assert p.stalled_for(stage_stats(received=5, in_flight=1), 9.0) == 1.0
+    assert p.stalled_for(stage_stats(run="r2", received=5, in_flight=1), 10.0) == 0.0  # another deployment
+    assert p.stalled_for(None, 11.0) == 0.0  # no stage any more
+
+
+def test_stall_limit_scales_with_the_predicted_stage_time():
+    assert stall_limit(0.01, floor=5.0, factor=10.0) == 5.0
+    assert stall_limit(2.0, floor=5.0, factor=10.0) == 20.0  # a slow board
+    assert stall_limit(None, floor=5.0) == 5.0
+    with pytest.raises(ValueError, match="stall_floor: expected seconds > 0"):
+        ResilientPipeline(Cluster(nodes=[]), spec(), stall_floor=0)
+
+
+STALL_FLOOR = 0.5  # the tiny model's stages take milliseconds: their limit is this floor
+
+
+def test_a_stage_that_stops_producing_is_declared_dead_and_failed_over(tmp_path, caplog):
+    """`pause` holds the middle stage's compute thread while its control socket keeps answering."""
+    with LocalCluster(3, threads=1, log_dir=tmp_path) as local:
+        xs = batches(N_BATCHES, seed=33)
+        with ResilientPipeline(inventory(local), spec(), window=4, timeout=60, interval=INTERVAL,
+                               replication=False, stall_floor=STALL_FLOOR) as rp:
+            stages = rp.plan.stages
+            assert len(stages) >= 3, "the test needs a middle stage"
+            victim = stages[1].nodes[0]
+            paused: list[dict] = []
+
+            def pause_after_three(seq: int, _y: np.ndarray) -> None:
+                if seq == 2 and not paused:
+                    with ControlClient(victim.control, timeout=5, retries=0) as c:
+                        paused.append(c.call("pause"))
+
+            with caplog.at_level("WARNING", logger="edgezmq.failover"):
+                outs = list(rp.stream(xs, on_result=pause_after_three))
+            assert paused and rp.dead == {victim.name} and rp.failovers >= 1
+            assert rp.causes[victim.name].startswith("stalled: finished no microbatch")
+            assert victim.name not in {ref.name for _, ref in rp.plan.all_nodes}
+            assert rp.client.replayed >= 1
+            with ControlClient(victim.control, timeout=5, retries=0) as c:  # alive all along, still paused
+                st = c.call("stats")
+            assert st["state"] == "running" and st["stage"]["paused"] and st["stage"]["in_flight"] >= 1
+    assert any(f"node {victim.name} stalled:" in r.getMessage() and "declared dead" in r.getMessage()
+               for r in caplog.records)
+    assert len(outs) == N_BATCHES
+    for a, b in zip(outs, monolithic(xs)):
+        assert float(np.max(np.abs(a - b))) <= 1e-5
+
+
+# A stage of several tenths of a second per microbatch: far above a 0.05 s floor, so only the
+# limit scaled to its predicted time keeps it alive.
+SLOW_MODEL, SLOW_KWARGS, SLOW_MICROBATCH = "vit_small_patch16_224", {"depth": 4}, 8
+SLOW_FLOOR = 0.05
+
+
+def test_a_slow_stage_that_progresses_is_not_declared_dead(tmp_path):
+    from edgezmq import model as models
+
+    ckpt = str(models.cached_checkpoint(SLOW_MODEL, seed=0, **SLOW_KWARGS))
+    slow = ModelSpec(name=SLOW_MODEL, microbatch=SLOW_MICROBATCH, checkpoint=ckpt, kwargs=SLOW_KWARGS)
+    rng = np.random.default_rng(3)
+    xs = [rng.standard_normal(models.input_shape(SLOW_MODEL, SLOW_MICROBATCH, **SLOW_KWARGS), dtype=np.float32)
+          for _ in range(6)]
+    with LocalCluster(1, threads=1, log_dir=tmp_path) as local:
+        with ResilientPipeline(inventory(local), slow, window=3, timeout=60, interval=0.05,
+                               stall_floor=SLOW_FLOOR) as rp:
+            outs = list(rp.stream(xs))
+            with ControlClient(local.nodes[0].control, timeout=5, retries=0) as c:
+                st = c.call("stats")["stage"]
+            assert rp.failovers == 0 and not rp.dead, rp.causes
+    assert len(outs) == len(xs) and st["processed"] == len(xs)
+    assert st["compute_s"] / st["processed"] > 2 * SLOW_FLOOR  # the floor alone would have declared it dead

@@ -174,6 +174,40 @@ def test_upstream_errors_are_forwarded_untouched(cc, socks):
     assert cc.call("stats")["stage"]["forwarded_errors"] == 1
 
 
+def test_pause_holds_the_stage_while_control_answers(node, cc, socks, capsys):
+    from edgezmq.cli import main as cli_main
+
+    with pytest.raises(control.ControlError) as ei:
+        cc.call("pause")
+    assert ei.value.code == control.BAD_STATE and "needs a running stage" in ei.value.message
+    push, out = _one_stage(cc, socks)
+    assert cli_main(["pause", node.control_endpoint]) == 0
+    assert "t0: stage paused" in capsys.readouterr().out
+    xs = batches(2)
+    for i, x in enumerate(xs):
+        sockets.send_message(push, wire.Message("act", "r1", i, -1, [x]))
+    st = _stage_stats_when(cc, lambda st: st["received"] == len(xs))
+    assert st["paused"] and st["in_flight"] == 2 and st["processed"] == 0 and not st["backpressured"]
+    assert sockets.recv_frames(out, 300) is None  # held: nothing comes out
+    assert cc.call("ping")["state"] == "running"
+    assert cc.call("resume")["paused"] is False
+    assert sorted(_recv(out).seq for _ in xs) == [0, 1]
+    st = _stage_stats_when(cc, lambda st: st["processed"] == len(xs))
+    assert st["in_flight"] == 0 and not st["paused"]
+
+
+def _stage_stats_when(cc, ok, timeout: float = 20.0) -> dict:
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        st = cc.call("stats")["stage"]
+        if ok(st):
+            return st
+        time.sleep(0.05)
+    raise AssertionError(f"stage stats never matched in {timeout}s: {st}")
+
+
 def test_unload_then_load_again(cc, socks):
     _one_stage(cc, socks)
     assert cc.call("ping")["state"] == "running"

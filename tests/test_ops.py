@@ -394,6 +394,18 @@ def test_status_bad_input_is_exit_2_without_traceback(tmp_path, capsys):
     assert code == 2 and "--interval" in err and "Traceback" not in err
 
 
+def test_status_notes_a_paused_stage():
+    from edgezmq.status import Target, format_report, report
+
+    stage = {"stage": 0, "units": [0, N_UNITS], "run": "r", "uptime_s": 1.0, "paused": True, "in_flight": 2}
+    rep = report("plan", "p.yaml", [Target("n0", "tcp://127.0.0.1:1")], [{"state": "running", "stage": stage}])
+    assert rep["nodes"][0]["paused"] is True
+    assert "n0: stage paused (edgezmq resume)" in format_report(rep)
+    stage["paused"] = False
+    rep = report("plan", "p.yaml", [Target("n0", "tcp://127.0.0.1:1")], [{"state": "running", "stage": stage}])
+    assert "paused" not in format_report(rep)
+
+
 def test_status_function_with_a_stream(deployed):
     import io
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import stat
 import threading
 import time
@@ -11,7 +10,7 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 import zmq
-from helpers import KWARGS, MICROBATCH, MODEL, N_UNITS, batches, checkpoint, monolithic
+from helpers import KWARGS, MICROBATCH, MODEL, N_UNITS, batches, checkpoint, make_keys, monolithic
 
 from edgezmq import control, security, sockets, wire
 from edgezmq.bootstrap import (
@@ -38,16 +37,7 @@ QUIET_S = 1.0  # how long a stage must stay silent after a refused data message
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
-    root = tmp_path_factory.mktemp("keys")
-    ring, allow, nodes, bad = root / "ring", root / "allow", root / "nodes", root / "bad"
-    for name in ("client", "n0", "n1"):
-        security.generate(ring, name)
-    security.generate(bad, "intruder")
-    for d, names in ((allow, ("client", "n0", "n1")), (nodes, ("n0", "n1"))):
-        d.mkdir()
-        for name in names:
-            shutil.copy(ring / f"{name}.key", d / f"{name}.key")
-    return {"ring": ring, "allow": allow, "nodes": nodes, "bad": bad}
+    return make_keys(tmp_path_factory.mktemp("keys"), ["n0", "n1"])
 
 
 def keyring(keys, secret) -> security.Keyring:
