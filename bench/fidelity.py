@@ -49,6 +49,7 @@ def main() -> int:
             row = {"model": model, "granularity": gran, "nodes": nodes,
                    "cpu": [next(d["cpu"] for d in TESTBED["devices"] if d["name"] == n) for n in nodes],
                    "stages": r["stages"], "bottleneck_at": r["bottleneck_at"],
+                   "io": r.get("io", {}),
                    "predicted_samples_per_s": round(r["predicted_samples_per_s"], 3),
                    "measured_samples_per_s": round(r["measured_samples_per_s"], 3)}
             row["error"] = round(row["measured_samples_per_s"] / row["predicted_samples_per_s"] - 1, 4)
@@ -59,8 +60,11 @@ def main() -> int:
                       flush=True)
                 for i, st in enumerate(r["stages"]):
                     got = ", ".join(f"{d} {t * 1e3:.0f}" for d, t in st["measured_compute_s"].items() if t)
+                    cpu = ", ".join(f"{d} {c[0] * 1e3:.0f} + {c[1] * 1e3:.1f}"
+                                    for d, c in st["measured_cpu_s"].items() if c)
                     print(f"    stage {i} units {st['units']}: predicted {st['predicted_compute_s'] * 1e3:.0f} ms,"
-                          f" nodes' compute {got} ms per microbatch", flush=True)
+                          f" nodes' compute {got} ms per microbatch (CPU ms, forwards + the rest: {cpu})",
+                          flush=True)
     result = {"bench": "fidelity", "testbed": TESTBED, "rows": rows,
               "max_abs_error": max(abs(r["error"]) for r in rows)}
     save("fidelity", result, args.json)

@@ -54,6 +54,14 @@ def _per_mb(stats: dict | None) -> float | None:
     return st["compute_s"] / st["processed"] if st.get("processed") else None
 
 
+def _cpu_per_mb(stats: dict | None) -> list[float] | None:
+    st = (stats or {}).get("stage") or {}
+    if not st.get("processed") or st.get("cpu_s") is None:
+        return None
+    n = st["processed"]
+    return [st["compute_cpu_s"] / n, (st["cpu_s"] - st["compute_cpu_s"]) / n]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cluster", required=True)
@@ -120,7 +128,9 @@ def main() -> int:
         # microbatch (node `stats`): where a prediction error comes from
         "stages": [{"units": list(s.units), "devices": list(s.devices),
                     "predicted_compute_s": c.unreplicated_s,
-                    "measured_compute_s": {d: _per_mb(stats.get(d)) for d in s.devices}}
+                    "measured_compute_s": {d: _per_mb(stats.get(d)) for d in s.devices},
+                    # CPU seconds per microbatch: (in the forwards, everything else: I/O)
+                    "measured_cpu_s": {d: _cpu_per_mb(stats.get(d)) for d in s.devices}}
                    for s, c in zip(planned.stages, planned.stage_costs)],
         "predicted_samples_per_s": planned.throughput_per_s,
         "predicted_bottleneck_s": planned.bottleneck_s,
@@ -130,6 +140,7 @@ def main() -> int:
         "measured_seconds": dt,
         "deploy_seconds": deploy_s,
         "gather_seconds": g.seconds,
+        "io": g.io,
         "total_seconds": time.time() - t0,
         "node_stats": {k: {"peak_rss": v.get("peak_rss"), "rss": v.get("rss"),
                            "compute_s": v.get("stage", {}).get("compute_s"),

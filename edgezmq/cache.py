@@ -35,7 +35,8 @@ __all__ = ["SCHEMA", "VERSIONS_FIELD", "profile_key", "software_versions", "key_
 
 log = logging.getLogger(__name__)
 
-SCHEMA = 3  # bump when the entry layout or the profile's meaning changes (2: timed rounds, 3: rounds of 20 CFS periods)
+SCHEMA = 4  # bump when the entry layout or the profile's meaning changes (2: timed rounds,
+# 3: rounds of 20 CFS periods, 4: the chain factor)
 PROFILES_DIR = "profiles"
 VERSIONS_FIELD = "versions"
 VERSIONED_PACKAGES = ("torch", "timm")  # plus edgezmq itself

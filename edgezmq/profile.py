@@ -5,8 +5,13 @@
 
 Each unit is built alone (``build_shard(name, i, i + 1)``), run on a random input of the
 shape that enters it (``boundary_specs``), timed, measured and freed before the next one
-is built: the process never holds more than one unit, so a device can profile a model it
-cannot hold. Weights are the checkpoint's when one is given, otherwise ``build_shard``'s
+is built: the process holds one unit at a time, so a device can profile a model it
+cannot hold. Then a window of up to ``CHAIN_MAX_UNITS`` middle units that fits in
+``CHAIN_MEMORY_SHARE`` of the free memory is timed back to back, as a stage runs them
+(fresh input, outputs kept alive a while): a unit timed alone keeps its weights in cache
+and recycles its buffers, a stage's units do not, and ``chain.factor`` (back to back ÷
+the sum of the units' own times; 1.05-1.25 measured on this project's machine) is what
+the planner scales unit times by. Weights are the checkpoint's when one is given, otherwise ``build_shard``'s
 seeded placeholder weights (same shapes, same kernels, same time).
 
 Timing: ``warmup`` untimed forwards, then ``reps`` timed rounds under ``inference_mode``;
@@ -37,6 +42,7 @@ is the peak since the last unit was measured, not since the process started.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import ctypes.util
 import functools
@@ -68,6 +74,9 @@ INPUT_SEED = 0  # random inputs are seeded so that two profiles run on identical
 MIN_ROUND_S = 0.2  # a timed rep lasts at least this long ...
 PERIODS_PER_ROUND = 20  # ... and, under a CPU quota, at least this many CFS periods
 MAX_ROUND_ITERS = 100_000
+CHAIN_MAX_UNITS = 8  # units timed back to back for the chain factor ...
+CHAIN_MEMORY_SHARE = 0.25  # ... within this share of the memory the device has free
+CHAIN_HELD_OUTPUTS = 2  # outputs alive at once, as in a stage's send queue
 SAMPLE_INTERVAL_S = 0.0005  # RSS sampling period of the fallback memory meter
 CLEAR_REFS = Path("/proc/self/clear_refs")
 CLEAR_REFS_RESET_HWM = "5"  # resets VmHWM to the current RSS (proc(5), Linux >= 4.0)
@@ -197,6 +206,64 @@ def _check_counts(threads: int | None, warmup: int, reps: int) -> None:
         raise ValueError(f"reps: expected >= 1, got {reps}")
 
 
+def _timed_rounds(fn: Callable[[], Any], warmup: int, reps: int, round_s: float) -> list[float]:
+    """Seconds per call of `fn`: `warmup` untimed calls, then the mean of each of `reps` rounds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        # one rep = as many back-to-back calls as fill round_s: a unit shorter than a CFS
+        # period would otherwise dodge a CPU quota's throttling (or pay all of it)
+        n, t = 0, time.perf_counter()
+        while True:
+            fn()
+            n += 1
+            elapsed = time.perf_counter() - t
+            if elapsed >= round_s or n >= MAX_ROUND_ITERS:
+                break
+        times.append(elapsed / n)
+    return times
+
+
+def chain_window(units: list[dict[str, Any]], budget_bytes: int, max_units: int = CHAIN_MAX_UNITS) -> tuple[int, int] | None:
+    """Units [a, b) to time back to back: the middle of the chain (embedding and head
+    excluded when there is more), at most `max_units`, parameters and peak work within
+    `budget_bytes`; None when fewer than two fit."""
+    n = len(units)
+    a, end = (1, n - 1) if n > 3 else (0, n)
+    b = a
+    while b < min(end, a + max_units):
+        need = sum(u["param_bytes"] for u in units[a:b + 1]) + max(u["work_bytes"] for u in units[a:b + 1])
+        if need > budget_bytes:
+            break
+        b += 1
+    return (a, b) if b - a >= 2 else None
+
+
+def _profile_chain(model: str, window: tuple[int, int], units: list[dict[str, Any]], *, granularity: str,
+                   specs: list, warmup: int, reps: int, kwargs: dict[str, Any],
+                   checkpoint: str | Path | None, gen: torch.Generator, round_s: float) -> dict[str, Any]:
+    """Units [a, b) run as one stage runs them: back to back, each forward's output kept alive
+    while the next ones run (as the send queue keeps it). Alone, a unit finds its weights in
+    cache and its buffers recycled; in a stage it does not, which the ratio to the sum of the
+    units' own times captures."""
+    a, b = window
+    shard = models.build_shard(model, a, b, granularity=granularity, checkpoint=checkpoint,
+                               dtype=TORCH_DTYPE, **kwargs)
+    xs = [torch.randn(shape, generator=gen, dtype=getattr(torch, dt)) for shape, dt in specs[a]]
+    held: collections.deque = collections.deque(maxlen=CHAIN_HELD_OUTPUTS)
+
+    def run() -> None:
+        held.append(shard(*[x.clone() for x in xs]))  # a fresh input, as each message is
+
+    with torch.inference_mode():
+        times = _timed_rounds(run, warmup, reps, round_s)
+    alone = sum(u["time_s"] for u in units[a:b])
+    chained = statistics.median(times)
+    return {"units": [a, b], "time_s": chained, "times_s": times, "units_time_s": alone,
+            "factor": chained / alone if alone > 0 else 1.0}
+
+
 def _profile_unit(model: str, i: int, *, granularity: str, specs: list, warmup: int, reps: int,
                   kwargs: dict[str, Any], checkpoint: str | Path | None, gen: torch.Generator,
                   meter: _PeakMeter, round_s: float) -> dict[str, Any]:
@@ -205,21 +272,8 @@ def _profile_unit(model: str, i: int, *, granularity: str, specs: list, warmup: 
                                dtype=TORCH_DTYPE, **kwargs)
     build_s = time.perf_counter() - t0
     xs = [torch.randn(shape, generator=gen, dtype=getattr(torch, dt)) for shape, dt in specs[i]]
-    times = []
     with torch.inference_mode():
-        for _ in range(warmup):
-            shard(*xs)
-        for _ in range(reps):
-            # one rep = as many back-to-back forwards as fill round_s: a unit shorter than
-            # a CFS period would otherwise dodge a CPU quota's throttling (or pay all of it)
-            n, t = 0, time.perf_counter()
-            while True:
-                shard(*xs)
-                n += 1
-                elapsed = time.perf_counter() - t
-                if elapsed >= round_s or n >= MAX_ROUND_ITERS:
-                    break
-            times.append(elapsed / n)
+        times = _timed_rounds(functools.partial(shard, *xs), warmup, reps, round_s)
         out, work = meter(functools.partial(shard, *xs))
     got = [(tuple(y.shape), str(y.dtype).removeprefix("torch.")) for y in out]
     want = [(tuple(s), dt) for s, dt in specs[i + 1]]
@@ -275,6 +329,11 @@ def profile_units(model: str, *, granularity: str = "block", microbatch: int = 8
                       entry["time_s"], entry["work_bytes"])
             if progress is not None:
                 progress(i, n, entry["name"], entry["time_s"])
+        window = chain_window(units, int(CHAIN_MEMORY_SHARE * _free_memory()))
+        chain = None if window is None else _profile_chain(
+            model, window, units, granularity=granularity, specs=specs, warmup=warmup, reps=reps,
+            kwargs=kw, checkpoint=checkpoint, gen=gen, round_s=round_s)
+        gc.collect()  # the chain's shard is gone with _profile_chain's frame
     finally:
         torch.set_num_threads(previous)
     return {
@@ -293,10 +352,20 @@ def profile_units(model: str, *, granularity: str = "block", microbatch: int = 8
         "work_resolution_bytes": meter.resolution_bytes,
         "base_rss_bytes": base_rss,  # the process before any unit: the runtime's own footprint
         "units": units,
+        # units [a, b) timed back to back: factor = that time / the sum of their own times
+        # (the planner scales every unit's time by it; None: too little memory to measure)
+        "chain": chain,
         "input_bytes": _nbytes(specs[0]),
         "total_time_s": sum(u["time_s"] for u in units),
         "profile_s": time.perf_counter() - started,
     }
+
+
+def _free_memory() -> int:
+    """Bytes this process may still allocate (the cgroup limit, else the machine's available)."""
+    avail = device.mem_available()
+    limit = device.memory_limit()
+    return min(avail, limit - device.rss_bytes()) if limit else avail
 
 
 def format_profile(prof: Mapping[str, Any]) -> str:

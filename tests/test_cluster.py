@@ -87,6 +87,10 @@ def test_gather_builds_a_valid_problem(nodes):
         assert {k: p["device_types"][typ][k] for k in ("recv_ms_per_mb", "send_ms_per_mb")} == \
             io_costs(g.infos[next(iter(g.infos))], fig["recv_cpu_s_per_byte"], fig["send_cpu_s_per_byte"])
     assert set(g.io) == set(p["device_types"])
+    # unit times as a stage sees them: each unit's own time x the profile's chain factor
+    for typ, prof in g.profiles.items():
+        factor = prof["chain"]["factor"]
+        assert p["device_types"][typ]["unit_times_s"] == pytest.approx([u["time_s"] * factor for u in prof["units"]])
     Problem.from_dict(p)  # the planner accepts it
     # typed nodes share one profile, and configured links are not measured again
     typed = _inventory(nodes, links={"default": {"mbps": 1000, "latency_ms": 0.2}})

@@ -138,7 +138,7 @@ def test_default_threads_are_the_current_ones():
     assert prof["threads"] == torch.get_num_threads()
 
 
-def test_one_unit_in_memory_at_a_time(monkeypatch):
+def test_one_unit_in_memory_at_a_time_then_the_chain(monkeypatch):
     real = M.build_shard
     built: list[tuple[int, int, weakref.ref]] = []
 
@@ -149,8 +149,25 @@ def test_one_unit_in_memory_at_a_time(monkeypatch):
         return shard
 
     monkeypatch.setattr(M, "build_shard", spy)
-    P.profile_units(TINY, microbatch=1, threads=1, kwargs=SMALL, warmup=0, reps=1)
-    assert [(a, b) for a, b, _ in built] == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    prof = P.profile_units(TINY, microbatch=1, threads=1, kwargs=SMALL, warmup=0, reps=1)
+    # every unit alone, then the middle units (embedding and head left out) back to back
+    assert [(a, b) for a, b, _ in built] == [(0, 1), (1, 2), (2, 3), (3, 4), (1, 3)]
+    chain = prof["chain"]
+    assert chain["units"] == [1, 3] and chain["time_s"] > 0
+    assert chain["units_time_s"] == pytest.approx(sum(u["time_s"] for u in prof["units"][1:3]))
+    assert chain["factor"] == pytest.approx(chain["time_s"] / chain["units_time_s"])
+
+
+@pytest.mark.parametrize("budget, max_units, window", [
+    (10**9, 8, (1, 5)),      # 6 units: the 4 middle ones
+    (10**9, 2, (1, 3)),      # at most 2
+    (250, 8, (1, 3)),        # 2 x 100 B params + 50 B work fit, 3 do not
+    (200, 8, None),          # not even two
+])
+def test_chain_window(budget, max_units, window):
+    units = [{"param_bytes": 100, "work_bytes": 50} for _ in range(6)]
+    assert P.chain_window(units, budget, max_units) == window
+    assert P.chain_window(units[:3], 10**9) == (0, 3)  # a short chain: all of it
 
 
 def test_checkpoint_weights_time_the_same_units():
