@@ -2,7 +2,7 @@
 on an emulated cluster of devices of different speeds (cgroup CPU shares), several models
 and cluster shapes, all in one run.
 
-    python bench/fidelity.py [--json] [--batches 8] [--quick]
+    python bench/fidelity.py [--json] [--batches 20] [--quick] [--cpu 0.45,0.3,0.25,0.2 --name fidelity-light]
 
 Needs root (network namespaces, cgroups). Writes bench/results/fidelity.json and .png.
 """
@@ -38,7 +38,16 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--batches", type=int, default=20, help="timed microbatches per row")
     ap.add_argument("--quick", action="store_true", help="only the vit_tiny rows")
+    ap.add_argument("--cpu", help="the four devices' CPU shares, comma-separated (default "
+                    + ",".join(str(d["cpu"]) for d in TESTBED["devices"]) + ")")
+    ap.add_argument("--name", default="fidelity", help="results file stem in bench/results/")
     args = ap.parse_args()
+    if args.cpu:
+        shares = [float(x) for x in args.cpu.split(",")]
+        if len(shares) != len(TESTBED["devices"]) or min(shares) <= 0:
+            ap.error(f"--cpu: expected {len(TESTBED['devices'])} positive shares, got {args.cpu!r}")
+        for d, c in zip(TESTBED["devices"], shares):
+            d["cpu"] = c
     rows = []
     with testbed(TESTBED, "fid") as tb:
         for model, gran, nodes in ROWS:
@@ -67,15 +76,15 @@ def main() -> int:
                           flush=True)
     result = {"bench": "fidelity", "testbed": TESTBED, "rows": rows,
               "max_abs_error": max(abs(r["error"]) for r in rows)}
-    save("fidelity", result, args.json)
-    plot(rows)
+    save(args.name, result, args.json)
+    plot(rows, args.name)
     return 0
 
 
-def plot(rows: list[dict]) -> None:
+def plot(rows: list[dict], name: str) -> None:
     labels = [f"{r['model'].split('_')[1]} {r['granularity']}\n{len(r['nodes'])} nodes" for r in rows]
     bars(labels, [r["predicted_samples_per_s"] for r in rows], [r["measured_samples_per_s"] for r in rows],
-         "Planner prediction vs measurement (emulated devices)", RESULTS / "fidelity.png")
+         "Planner prediction vs measurement (emulated devices)", RESULTS / f"{name}.png")
 
 
 if __name__ == "__main__":
