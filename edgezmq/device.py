@@ -75,6 +75,16 @@ def memory_limit() -> int | None:
     return None
 
 
+def memory_budget(*limits: int | None) -> int:
+    """Bytes this process may still allocate: the machine's available memory, capped by the
+    cgroup limit and any further `limits` (each less what the process already holds)."""
+    avail = mem_available()
+    for limit in (memory_limit(), *limits):
+        if limit:
+            avail = min(avail, limit - rss_bytes())
+    return avail
+
+
 def mem_total() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 

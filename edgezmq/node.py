@@ -503,11 +503,7 @@ class Node:
         return job.to_dict()
 
     def _memory_budget(self) -> int:
-        avail = device.mem_available()
-        for limit in (device.memory_limit(), self.memory_limit):
-            if limit:
-                avail = min(avail, limit - device.rss_bytes())
-        return avail
+        return device.memory_budget(self.memory_limit)
 
     def cmd_load(self, **args: Any) -> dict[str, Any]:
         from . import model as models

@@ -329,7 +329,7 @@ def profile_units(model: str, *, granularity: str = "block", microbatch: int = 8
                       entry["time_s"], entry["work_bytes"])
             if progress is not None:
                 progress(i, n, entry["name"], entry["time_s"])
-        window = chain_window(units, int(CHAIN_MEMORY_SHARE * _free_memory()))
+        window = chain_window(units, int(CHAIN_MEMORY_SHARE * device.memory_budget()))
         chain = None if window is None else _profile_chain(
             model, window, units, granularity=granularity, specs=specs, warmup=warmup, reps=reps,
             kwargs=kw, checkpoint=checkpoint, gen=gen, round_s=round_s)
@@ -359,13 +359,6 @@ def profile_units(model: str, *, granularity: str = "block", microbatch: int = 8
         "total_time_s": sum(u["time_s"] for u in units),
         "profile_s": time.perf_counter() - started,
     }
-
-
-def _free_memory() -> int:
-    """Bytes this process may still allocate (the cgroup limit, else the machine's available)."""
-    avail = device.mem_available()
-    limit = device.memory_limit()
-    return min(avail, limit - device.rss_bytes()) if limit else avail
 
 
 def format_profile(prof: Mapping[str, Any]) -> str:

@@ -42,6 +42,13 @@ def monolithic(xs: list[np.ndarray]) -> list[np.ndarray]:
         return [m(torch.from_numpy(x)).numpy() for x in xs]
 
 
+def model_spec():
+    """The test model with its checkpoint, as a deployment names it."""
+    from edgezmq.bootstrap import ModelSpec
+
+    return ModelSpec(name=MODEL, microbatch=MICROBATCH, checkpoint=checkpoint(), kwargs=KWARGS)
+
+
 def load_args(run: str = "r1", units=(0, N_UNITS), stage: int = 0, last: bool = True, **over):
     args = dict(run=run, model=MODEL, units=list(units), stage=stage, last=last,
                 microbatch=MICROBATCH, kwargs=KWARGS, checkpoint=checkpoint(), threads=1)

@@ -10,10 +10,10 @@ import sys
 import numpy as np
 import pytest
 import yaml
-from helpers import KWARGS, MICROBATCH, MODEL, batches, checkpoint, monolithic
+from helpers import KWARGS, MICROBATCH, MODEL, batches, checkpoint, model_spec, monolithic
 
 from edgezmq.autodeploy import autodeploy, gather, io_costs
-from edgezmq.bootstrap import ModelSpec, load_plan, unload
+from edgezmq.bootstrap import load_plan, unload
 from edgezmq.client import Client
 from edgezmq.cluster import ClusterError, parse_cluster
 from edgezmq.local import LocalCluster
@@ -115,7 +115,7 @@ def test_io_costs_scale_by_the_cpus_left(quota, cores, threads, scale):
 
 def test_autodeploy_runs_and_equals_monolithic(nodes):
     cluster = parse_cluster(_inventory(nodes))
-    spec = ModelSpec(name=MODEL, microbatch=MICROBATCH, checkpoint=checkpoint(), kwargs=KWARGS)
+    spec = model_spec()
     with Client([], "tcp://127.0.0.1:0", run="", window=4, microbatch=MICROBATCH, timeout=60) as c:
         dep, plan, problem, planned, _ = autodeploy(cluster, spec, results=c.results_endpoint, replication=False)
         try:

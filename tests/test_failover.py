@@ -16,6 +16,7 @@ from helpers import (
     checkpoint,
     keys_section,
     make_keys,
+    model_spec,
     monolithic,
     secured_node_args,
 )
@@ -32,10 +33,6 @@ INTERVAL = 0.3  # fast heartbeats: a dead node is out in ~1 s
 N_BATCHES = 10
 
 
-def spec() -> ModelSpec:
-    return ModelSpec(name=MODEL, microbatch=MICROBATCH, checkpoint=checkpoint(), kwargs=KWARGS)
-
-
 def inventory(local: LocalCluster, keys: dict | None = None) -> Cluster:
     if keys is None:
         return Cluster(nodes=[NodeEntry(n.name, n.control) for n in local.nodes], probe_seconds=0.1, pings=3)
@@ -49,7 +46,7 @@ def _run_and_kill(which: str, tmp_path, keys: dict | None = None) -> None:
     with LocalCluster(4, threads=1, names=names, node_args=node_args, log_dir=tmp_path) as local:
         procs = {n.name: n.proc for n in local.nodes}
         xs = batches(N_BATCHES, seed=21)
-        with ResilientPipeline(inventory(local, keys), spec(), window=4, timeout=60, interval=INTERVAL,
+        with ResilientPipeline(inventory(local, keys), model_spec(), window=4, timeout=60, interval=INTERVAL,
                                replication=False) as rp:
             stages = rp.plan.stages
             assert len(stages) >= 2, "the test needs a pipeline of several stages"
@@ -84,7 +81,7 @@ def test_no_survivor_means_a_clear_error_not_a_hang(tmp_path):
     with LocalCluster(1, threads=1, log_dir=tmp_path) as local:
         xs = batches(6, seed=4)
         t0 = time.time()
-        with ResilientPipeline(inventory(local), spec(), window=2, timeout=60, interval=INTERVAL) as rp:
+        with ResilientPipeline(inventory(local), model_spec(), window=2, timeout=60, interval=INTERVAL) as rp:
 
             def kill(seq: int, _y: np.ndarray) -> None:
                 if seq == 0:
@@ -136,7 +133,7 @@ def test_a_node_that_comes_back_rejoins(tmp_path):
 
     with LocalCluster(3, threads=1, log_dir=tmp_path) as local:
         xs = batches(12, seed=8)
-        with ResilientPipeline(inventory(local), spec(), window=2, timeout=60, interval=INTERVAL,
+        with ResilientPipeline(inventory(local), model_spec(), window=2, timeout=60, interval=INTERVAL,
                                replication=False) as rp:
             victim = rp.plan.stages[0].nodes[0].name
             node = next(n for n in local.nodes if n.name == victim)
@@ -196,7 +193,7 @@ def test_stall_limit_scales_with_the_predicted_stage_time():
     assert stall_limit(2.0, floor=5.0, factor=10.0) == 20.0  # a slow board
     assert stall_limit(None, floor=5.0) == 5.0
     with pytest.raises(ValueError, match="stall_floor: expected seconds > 0"):
-        ResilientPipeline(Cluster(nodes=[]), spec(), stall_floor=0)
+        ResilientPipeline(Cluster(nodes=[]), model_spec(), stall_floor=0)
 
 
 STALL_FLOOR = 0.5  # the tiny model's stages take milliseconds: their limit is this floor
@@ -206,7 +203,7 @@ def test_a_stage_that_stops_producing_is_declared_dead_and_failed_over(tmp_path,
     """`pause` holds the middle stage's compute thread while its control socket keeps answering."""
     with LocalCluster(3, threads=1, log_dir=tmp_path) as local:
         xs = batches(N_BATCHES, seed=33)
-        with ResilientPipeline(inventory(local), spec(), window=4, timeout=60, interval=INTERVAL,
+        with ResilientPipeline(inventory(local), model_spec(), window=4, timeout=60, interval=INTERVAL,
                                replication=False, stall_floor=STALL_FLOOR) as rp:
             stages = rp.plan.stages
             assert len(stages) >= 3, "the test needs a middle stage"

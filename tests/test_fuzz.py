@@ -12,10 +12,10 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
-from helpers import KWARGS, MICROBATCH, MODEL, N_UNITS, batches, checkpoint, monolithic
+from helpers import MICROBATCH, N_UNITS, batches, model_spec, monolithic
 
 from edgezmq import control, netprobe, sockets, wire
-from edgezmq.bootstrap import ModelSpec, NodeRef, Plan, StagePlan, deploy, unload
+from edgezmq.bootstrap import NodeRef, Plan, StagePlan, deploy, unload
 from edgezmq.local import LocalCluster
 from edgezmq.rpc import ControlClient
 
@@ -38,7 +38,7 @@ def stage(tmp_path_factory):
     results = sockets.bind(sink, "tcp://127.0.0.1:0")
     sink.close(linger=0)  # rebound by the collector thread, which owns its socket
     with LocalCluster(1, threads=1, log_dir=tmp_path_factory.mktemp("logs")) as c:
-        plan = Plan(model=ModelSpec(name=MODEL, microbatch=MICROBATCH, checkpoint=checkpoint(), kwargs=KWARGS),
+        plan = Plan(model=model_spec(),
                     stages=[StagePlan((0, N_UNITS), [NodeRef("n0", c.nodes[0].control, 1)])], results=results)
         collector = Collector(ctx, results)
         dep = deploy(plan, load_timeout=120)

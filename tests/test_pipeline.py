@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 import zmq
-from helpers import KWARGS, MICROBATCH, MODEL, N_UNITS, batches, checkpoint, monolithic
+from helpers import KWARGS, MICROBATCH, MODEL, N_UNITS, batches, checkpoint, model_spec, monolithic
 
 from edgezmq import model as models
 from edgezmq import sockets
@@ -230,7 +230,7 @@ def test_cli_errors_are_clear(tmp_path):
 def test_sigterm_drains_and_exits_zero(tmp_path):
     c = LocalCluster(1, threads=1).start()
     node = c.nodes[0]
-    plan = Plan(model=ModelSpec(name=MODEL, microbatch=MICROBATCH, checkpoint=checkpoint(), kwargs=KWARGS),
+    plan = Plan(model=model_spec(),
                 stages=[StagePlan(units=(0, N_UNITS), nodes=[NodeRef(node.name, node.control, 1)])])
     with Client([], "tcp://127.0.0.1:0", run="", window=4, timeout=60) as client:
         plan.results = client.results_endpoint

@@ -238,6 +238,13 @@ def test_brute_force_matches_enumeration(seed):
         assert math.isclose(plan.latency_s, bf[1], rel_tol=RTOL)
 
 
+def assert_optimal_as_brute_force(plan, expected) -> None:
+    """The solver's plan is proven optimal and has the brute force's bottleneck and latency."""
+    assert plan.optimal
+    assert math.isclose(plan.bottleneck_s, expected[0], rel_tol=RTOL), (plan.bottleneck_s, expected[0])
+    assert math.isclose(plan.latency_s, expected[1], rel_tol=RTOL), (plan.latency_s, expected[1])
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 def test_solve_is_exact(seed):
     problem = Problem.from_dict(random_problem(seed))
@@ -247,12 +254,9 @@ def test_solve_is_exact(seed):
             solve(problem, time_limit_s=30)
         return
     plan = solve(problem, time_limit_s=30)
-    b, lat, _ = expected
     assert plan.feasible
-    assert plan.optimal
-    assert math.isclose(plan.bottleneck_s, b, rel_tol=RTOL), (plan.bottleneck_s, b)
-    assert plan.lower_bound_s == pytest.approx(b, rel=RTOL)
-    assert math.isclose(plan.latency_s, lat, rel_tol=RTOL), (plan.latency_s, lat)
+    assert_optimal_as_brute_force(plan, expected)
+    assert plan.lower_bound_s == pytest.approx(expected[0], rel=RTOL)
 
 
 @pytest.mark.parametrize("seed", range(30))
@@ -264,10 +268,7 @@ def test_solve_is_exact_on_tiny_problems(seed):
         with pytest.raises(ValueError):
             solve(problem)
         return
-    plan = solve(problem)
-    assert plan.optimal
-    assert math.isclose(plan.bottleneck_s, expected[0], rel_tol=RTOL)
-    assert math.isclose(plan.latency_s, expected[1], rel_tol=RTOL)
+    assert_optimal_as_brute_force(solve(problem), expected)
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -279,10 +280,7 @@ def test_solve_is_exact_with_big_classes(seed):
     expected = BruteForce(problem).solve()
     if expected is None:
         return
-    plan = solve(problem, time_limit_s=30)
-    assert plan.optimal
-    assert math.isclose(plan.bottleneck_s, expected[0], rel_tol=RTOL), (plan.bottleneck_s, expected[0])
-    assert math.isclose(plan.latency_s, expected[1], rel_tol=RTOL), (plan.latency_s, expected[1])
+    assert_optimal_as_brute_force(solve(problem, time_limit_s=30), expected)
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -292,10 +290,7 @@ def test_solve_is_exact_with_dominance(seed):
     expected = BruteForce(problem).solve()
     if expected is None:
         return
-    plan = solve(problem, time_limit_s=30)
-    assert plan.optimal
-    assert math.isclose(plan.bottleneck_s, expected[0], rel_tol=RTOL), (plan.bottleneck_s, expected[0])
-    assert math.isclose(plan.latency_s, expected[1], rel_tol=RTOL), (plan.latency_s, expected[1])
+    assert_optimal_as_brute_force(solve(problem, time_limit_s=30), expected)
 
 
 @pytest.mark.parametrize("seed", range(8))

@@ -10,12 +10,20 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 import zmq
-from helpers import KWARGS, MICROBATCH, MODEL, N_UNITS, batches, checkpoint, make_keys, monolithic
+from helpers import (
+    MICROBATCH,
+    MODEL,
+    N_UNITS,
+    batches,
+    checkpoint,
+    make_keys,
+    model_spec,
+    monolithic,
+)
 
 from edgezmq import control, security, sockets, wire
 from edgezmq.bootstrap import (
     DeployError,
-    ModelSpec,
     NodeRef,
     Plan,
     StagePlan,
@@ -69,7 +77,7 @@ def nodes(keys, tmp_path_factory):
 
 def make_plan(nodes, ring) -> Plan:
     n0, n1 = nodes
-    return Plan(model=ModelSpec(name=MODEL, microbatch=MICROBATCH, checkpoint=checkpoint(), kwargs=KWARGS),
+    return Plan(model=model_spec(),
                 stages=[StagePlan((0, 3), [NodeRef("n0", n0.control, 1)]),
                         StagePlan((3, N_UNITS), [NodeRef("n1", n1.control_endpoint, 1)])],
                 results="tcp://127.0.0.1:0", keyring=ring)

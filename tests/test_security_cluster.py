@@ -16,13 +16,14 @@ from helpers import (
     checkpoint,
     keys_section,
     make_keys,
+    model_spec,
     monolithic,
     secured_node_args,
 )
 
 from edgezmq import control, security
 from edgezmq.autodeploy import autodeploy, gather
-from edgezmq.bootstrap import DeployError, ModelSpec, load_plan, unload
+from edgezmq.bootstrap import DeployError, load_plan, unload
 from edgezmq.cli import main as cli_main
 from edgezmq.client import Client
 from edgezmq.cluster import ClusterError, load_cluster, parse_cluster
@@ -56,10 +57,6 @@ def write(tmp_path, d: dict, name: str = "cluster.yaml") -> str:
     path = tmp_path / name
     path.write_text(yaml.safe_dump(d))
     return str(path)
-
-
-def spec() -> ModelSpec:
-    return ModelSpec(name=MODEL, microbatch=MICROBATCH, checkpoint=checkpoint(), kwargs=KWARGS)
 
 
 def test_inventory_keys_section_paths_are_relative_to_the_file(keys, tmp_path):
@@ -110,7 +107,7 @@ def test_secured_inventory_deploys_and_equals_monolithic(secured, keys):
     xs = batches(4, seed=5)
     with Client([], "tcp://127.0.0.1:0", run="", window=4, microbatch=MICROBATCH, timeout=60,
                 keyring=cluster.keyring) as c:
-        dep, plan, _, _, _ = autodeploy(cluster, spec(), results=c.results_endpoint, replication=False)
+        dep, plan, _, _, _ = autodeploy(cluster, model_spec(), results=c.results_endpoint, replication=False)
         try:
             assert plan.keyring is cluster.keyring and len(plan.stages) >= 2
             c.attach(dep.entry, dep.run, dep.entry_keys)
