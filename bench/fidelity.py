@@ -2,7 +2,7 @@
 on an emulated cluster of devices of different speeds (cgroup CPU shares), several models
 and cluster shapes, all in one run.
 
-    python bench/fidelity.py [--json] [--batches 20] [--quick] [--cpu 0.45,0.3,0.25,0.2 --name fidelity-light]
+    python bench/fidelity.py [--json] [--batches 20] [--quick] [--cached] [--cpu 0.45,0.3,0.25,0.2 --name fidelity-light]
 
 Needs root (network namespaces, cgroups). Writes bench/results/fidelity.json and .png.
 """
@@ -41,6 +41,10 @@ def main() -> int:
     ap.add_argument("--cpu", help="the four devices' CPU shares, comma-separated (default "
                     + ",".join(str(d["cpu"]) for d in TESTBED["devices"]) + ")")
     ap.add_argument("--name", default="fidelity", help="results file stem in bench/results/")
+    ap.add_argument("--cached", action="store_true",
+                    help="let nodes reuse cached profiles (default: profile afresh, so that every row "
+                         "predicts from what the devices measure now; on a VM whose speed drifts, an "
+                         "hour-old profile carries that drift)")
     args = ap.parse_args()
     if args.cpu:
         shares = [float(x) for x in args.cpu.split(",")]
@@ -54,7 +58,7 @@ def main() -> int:
             if args.quick and "tiny" not in model:
                 continue
             r = measure(tb, model=model, granularity=gran, microbatch=8, batches=args.batches,
-                        warmup=2, nodes=",".join(nodes))
+                        warmup=2, nodes=",".join(nodes), reprofile=not args.cached)
             row = {"model": model, "granularity": gran, "nodes": nodes,
                    "cpu": [next(d["cpu"] for d in TESTBED["devices"] if d["name"] == n) for n in nodes],
                    "stages": r["stages"], "bottleneck_at": r["bottleneck_at"],
@@ -74,7 +78,7 @@ def main() -> int:
                     print(f"    stage {i} units {st['units']}: predicted {st['predicted_compute_s'] * 1e3:.0f} ms,"
                           f" nodes' compute {got} ms per microbatch (CPU ms, forwards + the rest: {cpu})",
                           flush=True)
-    result = {"bench": "fidelity", "testbed": TESTBED, "rows": rows,
+    result = {"bench": "fidelity", "testbed": TESTBED, "rows": rows, "reprofiled": not args.cached,
               "max_abs_error": max(abs(r["error"]) for r in rows)}
     save(args.name, result, args.json)
     plot(rows, args.name)

@@ -113,7 +113,7 @@ def _usable_memory(n: NodeEntry, info: dict) -> tuple[int, int]:
 def gather(
     cluster: Cluster, *, model: str, microbatch: int, granularity: str = "block",
     kwargs: dict | None = None, reprofile: bool = False, replication: bool = True, say: Say | None = None,
-    info_timeout: float = INFO_TIMEOUT_S,
+    info_timeout: float = INFO_TIMEOUT_S, spot_check: bool = True,
 ) -> Gathered:
     say = say or (lambda m: log.info("%s", m))
     t0 = time.time()
@@ -149,11 +149,17 @@ def gather(
     def prof(item: tuple[str, NodeEntry]) -> dict:
         typ, n = item
         r = _call(cluster, n, "profile", timeout=60.0, model=model, microbatch=microbatch,
-                  granularity=granularity, kwargs=kwargs, reprofile=reprofile)
+                  granularity=granularity, kwargs=kwargs, reprofile=reprofile, check=spot_check)
         if r.get("cached"):
-            say(f"{n.name}: profile of {model} from the node's cache")
-        return wait_job(n, r, PROFILE_TIMEOUT_S, lambda p: say(
+            say(f"{n.name}: profile of {model} from the node's cache" + (", spot check" if r.get("job") else ""))
+        got = wait_job(n, r, PROFILE_TIMEOUT_S, lambda p: say(
             f"{n.name}: profiled unit {p[0]}/{p[1]} {p[2]}: {p[3] * 1e3:.1f} ms"), cluster.curve(n.name))
+        if r.get("cached") and got.get("spot_check"):
+            sc = got["spot_check"]
+            drift = "rescaled" if sc.get("rescaled") else "kept"
+            say(f"{n.name}: units {sc['units'][0]}-{sc['units'][1] - 1} now take {sc['time_s'] * 1e3:.1f} ms,"
+                f" {sc['ratio']:.2f}x the cached {sc['cached_time_s'] * 1e3:.1f} ms: profile {drift}")
+        return got
 
     profiles = dict(zip(reps, _parallel(list(reps.items()), prof)))
 
@@ -361,13 +367,14 @@ def to_deploy_plan(
 def autodeploy(
     cluster: Cluster, model: ModelSpec, *, reprofile: bool = False, dry_run: bool = False,
     results: str | None = None, time_limit_s: float = PLAN_TIME_LIMIT_S, say: Say | None = None,
-    load_timeout: float = 600.0, replication: bool = True,
+    load_timeout: float = 600.0, replication: bool = True, spot_check: bool = True,
 ) -> tuple[Deployment | None, Plan, Any, Any, Gathered]:
     """Measure, plan, deploy. Returns (deployment or None when dry_run, deploy plan,
     planner problem, planner plan, what was gathered)."""
     say = say or (lambda m: log.info("%s", m))
     g = gather(cluster, model=model.name, microbatch=model.microbatch, granularity=model.granularity,
-               kwargs=model.kwargs, reprofile=reprofile, replication=replication, say=say)
+               kwargs=model.kwargs, reprofile=reprofile, replication=replication, say=say,
+               spot_check=spot_check)
     problem, planned = plan_problem(g.problem, time_limit_s=time_limit_s)
     plan = to_deploy_plan(cluster, planned, model=model, results=results)
     if dry_run:

@@ -189,8 +189,8 @@ def _deploy_cluster(args: argparse.Namespace, d: dict) -> int:
     spec = _model_spec(args)
     t0 = time.time()
     dep, plan, problem, planned, g = autodeploy(
-        cluster, spec, reprofile=args.reprofile, dry_run=args.dry_run, time_limit_s=args.time_limit,
-        say=_stderr, load_timeout=args.timeout, replication=not args.no_replication)
+        cluster, spec, reprofile=args.reprofile, spot_check=not args.no_spot_check, dry_run=args.dry_run,
+        time_limit_s=args.time_limit, say=_stderr, load_timeout=args.timeout, replication=not args.no_replication)
     predicted = {"throughput_per_s": planned.throughput_per_s, "bottleneck_s": planned.bottleneck_s,
                  "latency_s": planned.latency_s, "optimal": planned.optimal,
                  "bottleneck_at": planned.bottleneck_at}
@@ -462,6 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--granularity", default="block", choices=("block", "half", "sublayer"))
     g.add_argument("--kwargs", help="timm.create_model kwargs as JSON")
     g.add_argument("--reprofile", action="store_true", help="ignore cached profiles")
+    g.add_argument("--no-spot-check", action="store_true",
+                   help="use cached profiles as they are (default: time one window again on each "
+                        "device type and rescale a profile the device has drifted from)")
     g.add_argument("--dry-run", action="store_true", help="stop after planning")
     g.add_argument("--no-replication", action="store_true", help="one node per stage")
     g.add_argument("--plan-out", help="write the plan (with its problem and prediction) here")

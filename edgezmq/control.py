@@ -71,6 +71,8 @@ COMMANDS: dict[str, dict[str, Arg]] = {
         "warmup": Arg(_ANY_INT, False, "untimed forwards per unit (default 1)"),
         "reps": Arg(_ANY_INT, False, "timed forwards per unit; the median is reported (default 3)"),
         "reprofile": Arg((bool,), False, "ignore the node's profile cache"),
+        "check": Arg((bool,), False, "on a cache hit, time the profile's chain window again and "
+                                     "rescale the profile if the device has drifted (a job)"),
     },
     "netprobe": {
         "peer": Arg((str,), True, "a probe endpoint (another node's `info.probe`)"),

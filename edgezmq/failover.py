@@ -196,8 +196,10 @@ class ResilientPipeline:
         if not alive.nodes:
             raise RuntimeError(f"no node left alive (dead: {sorted(self.dead)})")
         assert self.client is not None
+        # a recovery reuses the profiles as they are: a spot check would add seconds of downtime
         dep, plan, _, planned, _ = autodeploy(alive, self.model, results=self.client.results_endpoint,
-                                              replication=self.replication, say=self.say)
+                                              replication=self.replication, say=self.say,
+                                              spot_check=not self.dead)
         assert dep is not None
         self.plan, self.planned = plan, planned
         nodes = {ref.name: ref.control for _, ref in plan.all_nodes}

@@ -467,8 +467,19 @@ class Node:
                                 threads=threads, kwargs=kwargs)
         if not a.get("reprofile"):
             hit = cache.get(key)
-            if hit is not None:
+            if hit is not None and not a.get("check"):
                 return {"state": "done", "cached": True, "result": hit, "job": None}
+            if hit is not None:  # `check`: time the profile's reference again, rescale on drift
+                def recheck(job: Job) -> dict:
+                    from .profile import rescale, spot_check
+
+                    prof = rescale(hit, spot_check(hit, kwargs=kwargs, warmup=a.get("warmup", 1),
+                                                   reps=a.get("reps", 3)))
+                    cache.put(key, prof)  # the next check compares with this level
+                    return prof
+
+                job = self._start_job("spot-check", recheck)
+                return {"state": job.state, "cached": True, "job": job.id}
 
         def work(job: Job) -> dict:
             def report(i: int, n: int, name: str, t: float) -> None:

@@ -43,6 +43,7 @@ is the peak since the last unit was measured, not since the process started.
 from __future__ import annotations
 
 import collections
+import copy
 import ctypes
 import ctypes.util
 import functools
@@ -64,7 +65,7 @@ import torch
 from . import device
 from . import model as models
 
-__all__ = ["DTYPE", "ProgressFn", "device_identity", "profile_units", "format_profile"]
+__all__ = ["DTYPE", "ProgressFn", "device_identity", "profile_units", "format_profile", "spot_check", "rescale"]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ MAX_ROUND_ITERS = 100_000
 CHAIN_MAX_UNITS = 8  # units timed back to back for the chain factor ...
 CHAIN_MEMORY_SHARE = 0.25  # ... within this share of the memory the device has free
 CHAIN_HELD_OUTPUTS = 2  # outputs alive at once, as in a stage's send queue
+DRIFT_TOLERANCE = 0.05  # a spot check this close to the cached time leaves the profile as it is
 SAMPLE_INTERVAL_S = 0.0005  # RSS sampling period of the fallback memory meter
 CLEAR_REFS = Path("/proc/self/clear_refs")
 CLEAR_REFS_RESET_HWM = "5"  # resets VmHWM to the current RSS (proc(5), Linux >= 4.0)
@@ -240,13 +242,12 @@ def chain_window(units: list[dict[str, Any]], budget_bytes: int, max_units: int 
     return (a, b) if b - a >= 2 else None
 
 
-def _profile_chain(model: str, window: tuple[int, int], units: list[dict[str, Any]], *, granularity: str,
-                   specs: list, warmup: int, reps: int, kwargs: dict[str, Any],
-                   checkpoint: str | Path | None, gen: torch.Generator, round_s: float) -> dict[str, Any]:
-    """Units [a, b) run as one stage runs them: back to back, each forward's output kept alive
-    while the next ones run (as the send queue keeps it). Alone, a unit finds its weights in
-    cache and its buffers recycled; in a stage it does not, which the ratio to the sum of the
-    units' own times captures."""
+def _time_window(model: str, window: tuple[int, int], *, granularity: str, specs: list, warmup: int,
+                 reps: int, kwargs: dict[str, Any], checkpoint: str | Path | None, gen: torch.Generator,
+                 round_s: float) -> list[float]:
+    """Seconds per forward of units [a, b) run as one stage runs them: back to back, on a
+    fresh copy of the input each time (as each message is), each output kept alive while the
+    next ones run (as the send queue keeps it)."""
     a, b = window
     shard = models.build_shard(model, a, b, granularity=granularity, checkpoint=checkpoint,
                                dtype=TORCH_DTYPE, **kwargs)
@@ -254,10 +255,21 @@ def _profile_chain(model: str, window: tuple[int, int], units: list[dict[str, An
     held: collections.deque = collections.deque(maxlen=CHAIN_HELD_OUTPUTS)
 
     def run() -> None:
-        held.append(shard(*[x.clone() for x in xs]))  # a fresh input, as each message is
+        held.append(shard(*[x.clone() for x in xs]))
 
     with torch.inference_mode():
-        times = _timed_rounds(run, warmup, reps, round_s)
+        return _timed_rounds(run, warmup, reps, round_s)
+
+
+def _profile_chain(model: str, window: tuple[int, int], units: list[dict[str, Any]], *, granularity: str,
+                   specs: list, warmup: int, reps: int, kwargs: dict[str, Any],
+                   checkpoint: str | Path | None, gen: torch.Generator, round_s: float) -> dict[str, Any]:
+    """Units [a, b) timed as a stage runs them (``_time_window``). Alone, a unit finds its
+    weights in cache and its buffers recycled; in a stage it does not, which the ratio to the
+    sum of the units' own times captures."""
+    a, b = window
+    times = _time_window(model, window, granularity=granularity, specs=specs, warmup=warmup, reps=reps,
+                         kwargs=kwargs, checkpoint=checkpoint, gen=gen, round_s=round_s)
     alone = sum(u["time_s"] for u in units[a:b])
     chained = statistics.median(times)
     return {"units": [a, b], "time_s": chained, "times_s": times, "units_time_s": alone,
@@ -359,6 +371,59 @@ def profile_units(model: str, *, granularity: str = "block", microbatch: int = 8
         "total_time_s": sum(u["time_s"] for u in units),
         "profile_s": time.perf_counter() - started,
     }
+
+
+def spot_check(prof: Mapping[str, Any], *, kwargs: Mapping[str, Any] | None = None,
+               checkpoint: str | Path | None = None, warmup: int = 1, reps: int = 3) -> dict[str, Any]:
+    """Time a cached profile's reference again, now, on this device: its chain window (or,
+    without one, its slowest unit), as profiling timed it. ``ratio`` = now / then says how
+    the device's speed has moved since (a board that throttles when hot, other tenants, a
+    VM's host): ``rescale`` applies it. Seconds, where a whole profile takes minutes."""
+    kw = dict(kwargs or {})
+    specs = models.boundary_specs(prof["model"], prof["granularity"], prof["microbatch"], dtype=TORCH_DTYPE, **kw)
+    units, chain = prof["units"], prof.get("chain")
+    if chain:
+        window, then = (int(chain["units"][0]), int(chain["units"][1])), float(chain["time_s"])
+    else:
+        i = max(range(len(units)), key=lambda j: units[j]["time_s"])
+        window, then = (i, i + 1), float(units[i]["time_s"])
+    previous = torch.get_num_threads()
+    started = time.perf_counter()
+    try:
+        torch.set_num_threads(int(prof["threads"]))
+        times = _time_window(prof["model"], window, granularity=prof["granularity"], specs=specs, warmup=warmup,
+                             reps=reps, kwargs=kw, checkpoint=checkpoint,
+                             gen=torch.Generator().manual_seed(INPUT_SEED), round_s=round_seconds())
+    finally:
+        torch.set_num_threads(previous)
+    gc.collect()
+    now = statistics.median(times)
+    return {"units": list(window), "time_s": now, "times_s": times, "cached_time_s": then,
+            "ratio": now / then if then > 0 else 1.0, "at": time.time(), "check_s": time.perf_counter() - started}
+
+
+def rescale(prof: Mapping[str, Any], check: Mapping[str, Any], tolerance: float = DRIFT_TOLERANCE) -> dict[str, Any]:
+    """`prof` with `check` (``spot_check``'s) recorded as ``spot_check``; when the device has
+    drifted by more than `tolerance` (``spot_check.rescaled``), every time in it scaled by the
+    check's ratio (the profile's shape stays, its level follows the device) and
+    ``rescaled_by`` (the product of every rescale so far) set."""
+    out = copy.deepcopy(dict(prof))
+    r = float(check["ratio"])
+    drifted = math.isfinite(r) and r > 0 and abs(r - 1) > tolerance
+    out["spot_check"] = {**check, "rescaled": drifted}
+    if not drifted:
+        return out
+    for u in out["units"]:
+        u["time_s"] *= r
+        u["times_s"] = [t * r for t in u["times_s"]]
+    out["total_time_s"] = sum(u["time_s"] for u in out["units"])
+    if out.get("chain"):  # the factor is a ratio of two times: unchanged
+        c = out["chain"]
+        c["time_s"] *= r
+        c["units_time_s"] *= r
+        c["times_s"] = [t * r for t in c["times_s"]]
+    out["rescaled_by"] = float(out.get("rescaled_by") or 1.0) * r
+    return out
 
 
 def format_profile(prof: Mapping[str, Any]) -> str:

@@ -267,6 +267,36 @@ def test_profile_command_runs_as_a_job_and_is_cached(cc, tmp_path, monkeypatch):
     assert cc.call("profile", **{**args, "threads": 2})["cached"] is False
 
 
+def test_profile_check_rescales_a_cached_profile_the_device_has_drifted_from(cc, tmp_path, monkeypatch):
+    from edgezmq import cache
+
+    monkeypatch.setenv("EDGEZMQ_CACHE", str(tmp_path))
+    args = dict(model=MODEL, microbatch=MICROBATCH, kwargs=KWARGS, threads=1, reps=1)
+    j = _job(cc, cc.call("profile", **args))
+    assert j["state"] == "done", j["error"]
+    prof = j["result"]
+    key = cache.profile_key(MODEL, granularity="block", microbatch=MICROBATCH, threads=1, kwargs=KWARGS)
+    assert cache.get(key) == prof
+    # the cache says the device was 20x slower than it is: a spot check sees it and rescales
+    slow = {**prof, "units": [{**u, "time_s": u["time_s"] * 20, "times_s": [t * 20 for t in u["times_s"]]}
+                              for u in prof["units"]],
+            "chain": {**prof["chain"], "time_s": prof["chain"]["time_s"] * 20}}
+    cache.put(key, slow)
+    r = cc.call("profile", **args, check=True)
+    assert r["cached"] is True and r["state"] == "running"
+    j = _job(cc, r)
+    assert j["state"] == "done" and j["kind"] == "spot-check", j["error"]
+    got = j["result"]
+    sc = got["spot_check"]
+    assert sc["units"] == prof["chain"]["units"] and sc["cached_time_s"] == slow["chain"]["time_s"]
+    assert sc["ratio"] < 0.5 and sc["rescaled"] is True
+    assert [u["time_s"] for u in got["units"]] == pytest.approx([u["time_s"] * sc["ratio"] for u in slow["units"]])
+    assert cache.get(key) == got  # the cache now holds the device's current level
+    # without `check` a hit is returned as it is, at once
+    plain = cc.call("profile", **args)
+    assert plain["cached"] is True and plain["job"] is None and plain["result"] == got
+
+
 def test_profile_refuses_bad_args_and_busy_states(cc, socks):
     with pytest.raises(control.ControlError, match="no_such"):
         cc.call("profile", model="no_such_vit", microbatch=2)

@@ -211,3 +211,63 @@ def test_profile_records_its_round_length(small_block):
     assert small_block["round_s"] == P.round_seconds()
     dev = small_block["device"]  # the period is part of the device's identity (cache key)
     assert (dev["cpu_period_s"] is None) == (dev["cpu_quota"] is None)
+
+
+def _doctored(prof, factor):
+    """`prof` as if the device had been `factor` times slower when it was profiled."""
+    import copy
+
+    out = copy.deepcopy(prof)
+    for u in out["units"]:
+        u["time_s"] *= factor
+        u["times_s"] = [t * factor for t in u["times_s"]]
+    out["total_time_s"] *= factor
+    if out.get("chain"):
+        for k in ("time_s", "units_time_s"):
+            out["chain"][k] *= factor
+        out["chain"]["times_s"] = [t * factor for t in out["chain"]["times_s"]]
+    return out
+
+
+def test_spot_check_times_the_chain_window_again_and_rescale_follows_it(small_block):
+    assert small_block["chain"] is not None
+    slow = _doctored(small_block, 20.0)  # "profiled" 20x slower than this device runs
+    check = P.spot_check(slow, kwargs=SMALL, **FAST)
+    assert check["units"] == small_block["chain"]["units"]
+    assert check["cached_time_s"] == slow["chain"]["time_s"]
+    assert check["ratio"] == check["time_s"] / check["cached_time_s"]
+    assert check["ratio"] < 0.5  # the 20x drift is seen (time, not a bound: a factor 10 margin)
+    out = P.rescale(slow, check)
+    assert out["spot_check"]["rescaled"] is True and out["rescaled_by"] == check["ratio"]
+    r = check["ratio"]
+    for u, v in zip(out["units"], slow["units"], strict=True):
+        assert u["time_s"] == pytest.approx(v["time_s"] * r)
+        assert u["times_s"] == pytest.approx([t * r for t in v["times_s"]])
+        assert {k: u[k] for k in u if "time" not in k} == {k: v[k] for k in v if "time" not in k}
+    assert out["total_time_s"] == pytest.approx(sum(u["time_s"] for u in out["units"]))
+    assert out["chain"]["factor"] == slow["chain"]["factor"]  # a ratio of two rescaled times
+    assert out["chain"]["time_s"] == pytest.approx(slow["chain"]["time_s"] * r)
+    assert slow["units"][0]["time_s"] == small_block["units"][0]["time_s"] * 20.0  # input untouched
+    again = P.rescale(out, {**check, "ratio": 0.5})
+    assert again["rescaled_by"] == pytest.approx(r * 0.5)  # cumulative
+
+
+@pytest.mark.parametrize("ratio, rescaled", [
+    (1.0, False), (1.0 + 0.8 * P.DRIFT_TOLERANCE, False), (1.0 - 0.8 * P.DRIFT_TOLERANCE, False), (1.06, True),
+    (0.9, True), (float("nan"), False), (0.0, False), (float("inf"), False),
+])
+def test_rescale_only_beyond_the_tolerance(small_block, ratio, rescaled):
+    check = {"units": [1, 3], "time_s": 1.0, "cached_time_s": 1.0, "ratio": ratio}
+    out = P.rescale(small_block, check)
+    assert out["spot_check"]["rescaled"] is rescaled
+    assert ("rescaled_by" in out) is rescaled
+    if not rescaled:
+        assert out["units"] == small_block["units"] and out["chain"] == small_block["chain"]
+
+
+def test_spot_check_without_a_chain_times_the_slowest_unit(small_block):
+    prof = {**small_block, "chain": None}
+    check = P.spot_check(prof, kwargs=SMALL, **FAST)
+    slowest = max(range(len(prof["units"])), key=lambda i: prof["units"][i]["time_s"])
+    assert check["units"] == [slowest, slowest + 1]
+    assert check["cached_time_s"] == prof["units"][slowest]["time_s"] and check["time_s"] > 0
