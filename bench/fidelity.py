@@ -4,6 +4,9 @@ and cluster shapes, all in one run.
 
     python bench/fidelity.py [--json] [--batches 20] [--quick] [--cached] [--cpu 0.45,0.3,0.25,0.2 --name fidelity-light]
 
+Each row deploys as ``edgezmq deploy`` does: fresh profiles (``--cached``: the nodes' caches,
+spot-checked), plan, deploy, calibration (``edgezmq.calibrate``); it records the prediction
+from the profiles alone and the calibrated one, and measures a separate, longer stream.
 Needs root (network namespaces, cgroups). Writes bench/results/fidelity.json and .png.
 """
 
@@ -64,13 +67,21 @@ def main() -> int:
                    "stages": r["stages"], "bottleneck_at": r["bottleneck_at"],
                    "io": r.get("io", {}),
                    "predicted_samples_per_s": round(r["predicted_samples_per_s"], 3),
-                   "measured_samples_per_s": round(r["measured_samples_per_s"], 3)}
+                   "measured_samples_per_s": round(r["measured_samples_per_s"], 3),
+                   # the first plan's prediction, from the profiles alone, and what calibration did
+                   "predicted_uncalibrated_samples_per_s": round(r["predicted_uncalibrated_samples_per_s"], 3),
+                   "calibration": r.get("calibration")}
             row["error"] = round(row["measured_samples_per_s"] / row["predicted_samples_per_s"] - 1, 4)
             rows.append(row)
             if not args.json:
                 print(f"{model:<24} {gran:<6} {len(nodes)} nodes  predicted {row['predicted_samples_per_s']:7.2f}"
                       f"  measured {row['measured_samples_per_s']:7.2f} samples/s  ({row['error']:+.1%})",
                       flush=True)
+                cal = r.get("calibration")
+                if cal:
+                    print(f"    profiles alone predicted {row['predicted_uncalibrated_samples_per_s']:.2f}; calibration"
+                          f" factors {', '.join(f'{t} x{f:.2f}' for t, f in cal['factors'].items()) or 'none'}"
+                          f"{', redeployed' if cal['redeployed'] else ''}", flush=True)
                 for i, st in enumerate(r["stages"]):
                     got = ", ".join(f"{d} {t * 1e3:.0f}" for d, t in st["measured_compute_s"].items() if t)
                     cpu = ", ".join(f"{d} {c[0] * 1e3:.0f} + {c[1] * 1e3:.1f}"

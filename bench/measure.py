@@ -21,8 +21,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgezmq import model as models  # noqa: E402
-from edgezmq.autodeploy import gather, to_deploy_plan  # noqa: E402
+from edgezmq.autodeploy import device_type_of, gather, to_deploy_plan  # noqa: E402
 from edgezmq.bootstrap import ModelSpec, deploy, unload  # noqa: E402
+from edgezmq.calibrate import CALIBRATION_MICROBATCHES, calibrate  # noqa: E402
 from edgezmq.client import Client  # noqa: E402
 from edgezmq.cluster import load_cluster  # noqa: E402
 from edgezmq.rpc import ControlClient  # noqa: E402
@@ -77,6 +78,8 @@ def main() -> int:
     ap.add_argument("--nodes", help="comma-separated subset of the cluster's nodes to use")
     ap.add_argument("--time-limit", type=float, default=20.0)
     ap.add_argument("--reprofile", action="store_true", help="profile afresh (ignore the nodes' caches)")
+    ap.add_argument("--calibrate", type=int, default=CALIBRATION_MICROBATCHES,
+                    help="microbatches of the deploy's calibration (edgezmq.calibrate; 0: none)")
     ap.add_argument("--verify", action="store_true", help="compare every output with timm's forward")
     args = ap.parse_args()
 
@@ -100,6 +103,8 @@ def main() -> int:
     shape = models.input_shape(args.model, args.microbatch, **kwargs)
     xs = [rng.standard_normal(shape, dtype=np.float32) for _ in range(args.warmup + args.batches)]
     window = 2 * sum(len(s.devices) for s in planned.stages) + 2  # every replica busy + queued
+    predicted_first = planned.throughput_per_s
+    cal = None
     with Client([], f"tcp://{cluster.client_address}:0", run="", window=window,
                 microbatch=args.microbatch, timeout=600) as client:
         plan = to_deploy_plan(cluster, planned, model=spec, results=client.results_endpoint)
@@ -107,6 +112,22 @@ def main() -> int:
         dep = deploy(plan, load_timeout=900)
         deploy_s = time.time() - t_deploy
         try:
+            if args.calibrate:
+                def replan(d: dict):
+                    p = Problem.from_dict(d)
+                    return p, plan_with(p, args.method, args.time_limit)
+
+                def redeploy(new_planned):
+                    unload(plan)
+                    return deploy(to_deploy_plan(cluster, new_planned, model=spec, results=client.results_endpoint),
+                                  load_timeout=900)
+
+                dep, problem, planned, cal = calibrate(
+                    dep, g.problem, problem, planned, client=client, infos=g.infos,
+                    types={n.name: device_type_of(n) for n in cluster.nodes}, replan=replan, redeploy=redeploy,
+                    n=args.calibrate, say=lambda m: print(m, file=sys.stderr))
+                plan = dep.plan
+                print(planned.table(problem), file=sys.stderr)
             client.attach(dep.entry, dep.run)
             # one continuous stream: the pipeline stays full; steady state is timed from the
             # last warm-up result to the last result (fill and drain excluded)
@@ -134,6 +155,9 @@ def main() -> int:
                     "measured_cpu_s": {d: _cpu_per_mb(stats.get(d)) for d in s.devices}}
                    for s, c in zip(planned.stages, planned.stage_costs)],
         "predicted_samples_per_s": planned.throughput_per_s,
+        # the plan first deployed, from the profiles alone (before calibration)
+        "predicted_uncalibrated_samples_per_s": predicted_first,
+        "calibration": cal.to_dict() if cal is not None else None,
         "predicted_bottleneck_s": planned.bottleneck_s,
         "bottleneck_at": planned.bottleneck_at,
         "optimal": planned.optimal,

@@ -33,7 +33,9 @@ from typing import Any
 import zmq
 
 from . import control, netprobe, security
-from .bootstrap import DeployError, Deployment, ModelSpec, NodeRef, Plan, StagePlan, deploy
+from .bootstrap import DeployError, Deployment, ModelSpec, NodeRef, Plan, StagePlan, deploy, unload
+from .calibrate import CALIBRATION_MICROBATCHES
+from .client import Client
 from .cluster import CLIENT, Cluster, NodeEntry
 from .node import BUFFERS_PER_DIRECTION
 from .rpc import ControlClient
@@ -59,6 +61,7 @@ class Gathered:
     links: dict[tuple[str, str], dict]  # measured (a, b) -> netprobe result
     seconds: float
     io: dict[str, dict] = field(default_factory=dict)  # device type -> measure_io's figures
+    calibration: Any = None  # edgezmq.calibrate.Calibration, after autodeploy calibrated
 
 
 def _parallel(items: list, fn: Callable, workers: int | None = None) -> list:
@@ -368,9 +371,12 @@ def autodeploy(
     cluster: Cluster, model: ModelSpec, *, reprofile: bool = False, dry_run: bool = False,
     results: str | None = None, time_limit_s: float = PLAN_TIME_LIMIT_S, say: Say | None = None,
     load_timeout: float = 600.0, replication: bool = True, spot_check: bool = True,
+    calibrate: int = CALIBRATION_MICROBATCHES, client: Client | None = None,
 ) -> tuple[Deployment | None, Plan, Any, Any, Gathered]:
-    """Measure, plan, deploy. Returns (deployment or None when dry_run, deploy plan,
-    planner problem, planner plan, what was gathered)."""
+    """Measure, plan, deploy, calibrate (`calibrate` microbatches through the deployment,
+    ``edgezmq.calibrate``; 0: not), through `client` when given (bound to `results`).
+    Returns (deployment or None when dry_run, deploy plan, planner problem, planner plan,
+    what was gathered, with ``calibration``)."""
     say = say or (lambda m: log.info("%s", m))
     g = gather(cluster, model=model.name, microbatch=model.microbatch, granularity=model.granularity,
                kwargs=model.kwargs, reprofile=reprofile, replication=replication, say=say,
@@ -379,5 +385,46 @@ def autodeploy(
     plan = to_deploy_plan(cluster, planned, model=model, results=results)
     if dry_run:
         return None, plan, problem, planned, g
-    return deploy(plan, load_timeout=load_timeout, progress=say), plan, problem, planned, g
+    dep = deploy(plan, load_timeout=load_timeout, progress=say)
+    if calibrate and client is None and results is not None:
+        say("calibration skipped: the results address is someone else's (pass their client)")
+    elif calibrate:
+        dep, problem, planned = _calibrate(cluster, model, dep, problem, planned, g, n=calibrate, client=client,
+                                           results=results, time_limit_s=time_limit_s, load_timeout=load_timeout,
+                                           say=say)
+    return dep, dep.plan, problem, planned, g
+
+
+def _calibrate(cluster: Cluster, model: ModelSpec, dep: Deployment, problem: Any, planned: Any, g: Gathered, *,
+               n: int, client: Client | None, results: str | None, time_limit_s: float, load_timeout: float,
+               say: Say) -> tuple[Deployment, Any, Any]:
+    """``edgezmq.calibrate`` on a fresh deployment, through `client` or, without one, a client
+    of its own on the plan's results address (the inventory's; closed after); on failure the
+    nodes are unloaded."""
+    from .calibrate import calibrate
+
+    current = [dep]
+
+    def redeploy(new_planned: Any) -> Deployment:
+        unload(current[0].plan)
+        current[0] = deploy(to_deploy_plan(cluster, new_planned, model=model, results=results),
+                            load_timeout=load_timeout, progress=say)
+        return current[0]
+
+    window = 2 * sum(len(s.devices) for s in planned.stages) + 2
+    own = client is None
+    cl = client or Client([], dep.plan.results, run="", window=window, microbatch=model.microbatch,
+                          keyring=dep.plan.keyring)
+    try:
+        dep, problem, planned, g.calibration = calibrate(
+            dep, g.problem, problem, planned, client=cl, infos=g.infos,
+            types={n_.name: device_type_of(n_) for n_ in cluster.nodes},
+            replan=lambda d: plan_problem(d, time_limit_s=time_limit_s), redeploy=redeploy, n=n, say=say)
+    except BaseException:
+        unload(current[0].plan)
+        raise
+    finally:
+        if own:
+            cl.close()
+    return dep, problem, planned
 

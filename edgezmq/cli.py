@@ -187,16 +187,20 @@ def _deploy_cluster(args: argparse.Namespace, d: dict) -> int:
     if not args.model:
         raise SystemExit(f"edgezmq deploy: {args.file} is a cluster inventory: give --model")
     spec = _model_spec(args)
+    if args.calibrate is not None and args.calibrate < 0:
+        raise SystemExit(f"edgezmq deploy: --calibrate: expected >= 0 microbatches, got {args.calibrate}")
+    calibrate = {} if args.calibrate is None else {"calibrate": args.calibrate}
     t0 = time.time()
     dep, plan, problem, planned, g = autodeploy(
         cluster, spec, reprofile=args.reprofile, spot_check=not args.no_spot_check, dry_run=args.dry_run,
-        time_limit_s=args.time_limit, say=_stderr, load_timeout=args.timeout, replication=not args.no_replication)
+        time_limit_s=args.time_limit, say=_stderr, load_timeout=args.timeout, replication=not args.no_replication,
+        **calibrate)
     predicted = {"throughput_per_s": planned.throughput_per_s, "bottleneck_s": planned.bottleneck_s,
                  "latency_s": planned.latency_s, "optimal": planned.optimal,
                  "bottleneck_at": planned.bottleneck_at}
     if args.plan_out:
         Path(args.plan_out).write_text(yaml.safe_dump(
-            {**plan.to_dict(), "predicted": predicted, "problem": g.problem}, sort_keys=False))
+            {**plan.to_dict(), "predicted": predicted, **_solved(g)}, sort_keys=False))
         _stderr(f"plan and problem written to {args.plan_out}")
     if not args.json:
         print(planned.table(problem))
@@ -204,6 +208,15 @@ def _deploy_cluster(args: argparse.Namespace, d: dict) -> int:
               f"{planned.bottleneck_s * 1e3:.1f} ms per microbatch{', optimal' if planned.optimal else ''})")
     _print_deployed(args, plan, dep, time.time() - t0, {"predicted": predicted})
     return 0
+
+
+def _solved(g) -> dict:
+    """The problem the deployed plan solved (calibrated, when calibration corrected it) and
+    what calibration measured."""
+    cal = g.calibration
+    if cal is None:
+        return {"problem": g.problem}
+    return {"problem": cal.problem, "calibration": cal.to_dict()}
 
 
 def cmd_undeploy(args: argparse.Namespace) -> int:
@@ -465,6 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-spot-check", action="store_true",
                    help="use cached profiles as they are (default: time one window again on each "
                         "device type and rescale a profile the device has drifted from)")
+    g.add_argument("--calibrate", type=int, default=None, metavar="N",
+                   help="after deploying, time N microbatches of random input through the pipeline and "
+                        "re-plan with the devices' serving speeds (default 8; 0: not)")
     g.add_argument("--dry-run", action="store_true", help="stop after planning")
     g.add_argument("--no-replication", action="store_true", help="one node per stage")
     g.add_argument("--plan-out", help="write the plan (with its problem and prediction) here")

@@ -79,7 +79,7 @@ class Client:
         self.pull = sockets.make_socket(self.ctx, zmq.PULL, sockets.DATA, curve=server)
         self.results_endpoint = sockets.bind(self.pull, results)
         self.push = sockets.make_socket(self.ctx, zmq.PUSH, sockets.DATA, curve=push)
-        self._entry: list[str] = []
+        self._connected: list[tuple[str, bytes | None]] = []  # (stage-0 endpoint, its key)
         self.attach(entry, run, entry_keys)
         self._seq = 0
         # failover (edgezmq.failover): set `failed` from any thread; the stream loop then calls
@@ -100,14 +100,19 @@ class Client:
         if self.keyring is not None and entry and (entry_keys is None or len(entry_keys) != len(entry)):
             raise ValueError(f"a secured client needs one public key per stage-0 endpoint: "
                              f"{len(entry)} endpoint(s), {0 if entry_keys is None else len(entry_keys)} key(s)")
-        for addr in self._entry:  # a new deployment replaces the old entry points
+        keys = list(entry_keys) if self.keyring is not None and entry_keys else [None] * len(entry)
+        new = list(zip(entry, keys))
+        if new == self._connected:  # the same deployment again: keep the connections (and what is queued)
+            self.run = run
+            return
+        for addr, _ in self._connected:  # a new deployment replaces the old entry points
             try:
                 self.push.disconnect(addr)
             except zmq.ZMQError:
                 pass
-        for i, addr in enumerate(entry):
-            sockets.connect(self.push, addr, entry_keys[i] if self.keyring is not None and entry_keys else None)
-        self._entry = list(entry)
+        for addr, key in new:
+            sockets.connect(self.push, addr, key)
+        self._connected = new
         self.run = run
 
     @classmethod
@@ -158,8 +163,11 @@ class Client:
     def stream(
         self, batches: Iterable[np.ndarray], *, on_result: Callable[[int, np.ndarray], None] | None = None
     ) -> Iterator[np.ndarray]:
-        """Results of ``batches`` in their order, with at most ``window`` in flight."""
+        """Results of ``batches`` in their order, with at most ``window`` in flight;
+        ``on_result(i, y)`` is called with the i-th batch's result (i counts from 0 in each
+        stream; the wire's sequence numbers run on across streams)."""
         it = iter(batches)
+        first = self._seq
         exhausted = False
         order: deque[int] = deque()  # submitted, not yet yielded
         pending: dict[int, list] = {}  # seq -> [batch, sent_at, attempts]
@@ -187,7 +195,7 @@ class Client:
                 seq = order.popleft()
                 y = done.pop(seq)
                 if on_result:
-                    on_result(seq, y)
+                    on_result(seq - first, y)
                 yield y
             if exhausted and not order:
                 return

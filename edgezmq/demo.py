@@ -89,7 +89,7 @@ def run_demo(args: argparse.Namespace) -> int:
                                 probe_seconds=PROBE_SECONDS)
             dep, plan, problem, planned, _ = autodeploy(
                 inventory, spec, results=client.results_endpoint, replication=args.replication,
-                say=say if not args.json else _quiet)
+                say=say if not args.json else _quiet, client=client)
             predicted = planned.throughput_per_s
             say(planned.table(problem))
         else:

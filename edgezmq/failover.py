@@ -33,6 +33,7 @@ import numpy as np
 from . import control
 from .autodeploy import autodeploy
 from .bootstrap import ModelSpec, Plan, unload
+from .calibrate import CALIBRATION_MICROBATCHES
 from .client import Client
 from .cluster import Cluster
 from .rpc import ControlClient
@@ -177,6 +178,7 @@ class ResilientPipeline:
         self.planned: Any = None
         self.failovers = 0
         self.client: Client | None = None
+        self.calibration = None  # the first deployment's (edgezmq.calibrate.Calibration)
         self._heartbeat: Heartbeat | None = None
 
     def __enter__(self) -> ResilientPipeline:
@@ -196,12 +198,17 @@ class ResilientPipeline:
         if not alive.nodes:
             raise RuntimeError(f"no node left alive (dead: {sorted(self.dead)})")
         assert self.client is not None
-        # a recovery reuses the profiles as they are: a spot check would add seconds of downtime
-        dep, plan, _, planned, _ = autodeploy(alive, self.model, results=self.client.results_endpoint,
-                                              replication=self.replication, say=self.say,
-                                              spot_check=not self.dead)
+        # a recovery reuses the profiles as they are and does not calibrate: a spot check or a
+        # calibration would add seconds of downtime
+        first = not self.dead
+        dep, plan, _, planned, g = autodeploy(alive, self.model, results=self.client.results_endpoint,
+                                              replication=self.replication, say=self.say, spot_check=first,
+                                              calibrate=CALIBRATION_MICROBATCHES if first else 0,
+                                              client=self.client)
         assert dep is not None
         self.plan, self.planned = plan, planned
+        if g.calibration is not None:
+            self.calibration = g.calibration
         nodes = {ref.name: ref.control for _, ref in plan.all_nodes}
         standby = {n.name: n.control for n in self.cluster.nodes if n.name in self.dead} if self.rejoin else None
         limits = self._stall_limits(planned)

@@ -117,9 +117,18 @@ def test_autodeploy_runs_and_equals_monolithic(nodes):
     cluster = parse_cluster(_inventory(nodes))
     spec = model_spec()
     with Client([], "tcp://127.0.0.1:0", run="", window=4, microbatch=MICROBATCH, timeout=60) as c:
-        dep, plan, problem, planned, _ = autodeploy(cluster, spec, results=c.results_endpoint, replication=False)
+        dep, plan, problem, planned, g = autodeploy(cluster, spec, results=c.results_endpoint, replication=False,
+                                                    client=c)
         try:
             assert planned.throughput_per_s > 0 and plan.stages[0].units[0] == 0
+            # calibrated: every deployed node measured serving, and the plan in service is the final one
+            cal = g.calibration
+            assert cal is not None and cal.microbatches == 8
+            assert set(cal.devices) == {d for s in planned.stages for d in s.devices}
+            assert all(d["serving_s"] > 0 and d["predicted_s"] > 0 for d in cal.devices.values())
+            assert cal.predicted_after == planned.throughput_per_s
+            assert [(tuple(s.units), [n.name for n in s.nodes]) for s in dep.plan.stages] == \
+                [(tuple(s.units), list(s.devices)) for s in planned.stages]
             c.attach(dep.entry, dep.run)
             xs = batches(4, seed=11)
             outs = list(c.stream(xs))

@@ -107,7 +107,8 @@ def test_secured_inventory_deploys_and_equals_monolithic(secured, keys):
     xs = batches(4, seed=5)
     with Client([], "tcp://127.0.0.1:0", run="", window=4, microbatch=MICROBATCH, timeout=60,
                 keyring=cluster.keyring) as c:
-        dep, plan, _, _, _ = autodeploy(cluster, model_spec(), results=c.results_endpoint, replication=False)
+        dep, plan, _, _, _ = autodeploy(cluster, model_spec(), results=c.results_endpoint, replication=False,
+                                        client=c)
         try:
             assert plan.keyring is cluster.keyring and len(plan.stages) >= 2
             c.attach(dep.entry, dep.run, dep.entry_keys)

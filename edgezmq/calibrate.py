@@ -1,0 +1,202 @@
+"""Calibrate a fresh deployment: run a few microbatches through it, compare what each node's
+stage costs while serving with what the planner assumed, correct the device types and re-plan.
+
+A profile times units on a device on its own; a stage serving in a pipeline does not run on
+its own: other stages (and the client) share the machine's caches and memory bus when the
+devices share a machine, a core given up at every CPU-quota throttle comes back with a cold
+cache, and receiving, decoding, encoding and sending take their share of the device's CPU.
+On this project's emulated devices that made a stage 10-25% slower than its profile said.
+So ``autodeploy``, once the plan is deployed, streams ``CALIBRATION_MICROBATCHES`` random
+inputs through it (after a warm-up that fills the pipeline) and reads each node's counters
+(``stats``) before and after:
+
+- a node's **serving time** per microbatch is what its stage needs when it is the
+  bottleneck: under a CPU quota, the process's CPU seconds per microbatch divided by the
+  quota (a saturated stage runs at its quota); without one, the forwards' wall time, plus
+  the rest of its CPU divided by its cores when its torch threads use them all (else the
+  rest runs on a spare core, overlapped);
+- its **ratio** is serving time / the planner's time for its stage on that device;
+- a stage busy less than ``BUSY`` of the time waited for input or for its downstream: its
+  serving time under-states what it costs when saturated (caches stay warm between
+  microbatches), so its ratio only counts when it says "slower" (>= 1);
+- a device type's factor is the mean ratio of its devices in the plan; every unit time and
+  receive/send cost of the type is multiplied by it (types not in the plan keep theirs).
+
+When some factor differs from 1 by more than ``TOLERANCE`` the problem is solved again with
+the corrected types; a different plan is deployed in place of the first. The prediction
+printed is the corrected plan's: a prediction, still, for the stages it moved.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .bootstrap import Deployment, Plan
+from .client import Client
+from .rpc import ControlClient
+
+log = logging.getLogger("edgezmq.calibrate")
+
+CALIBRATION_MICROBATCHES = 8  # timed microbatches (after the warm-up)
+BUSY = 0.8  # a stage computing at least this share of the time was saturated
+TOLERANCE = 0.05  # factors closer to 1 than this leave the plan as it is
+STATS_TIMEOUT_S = 10.0
+
+Say = Callable[[str], None]
+
+
+@dataclass
+class Calibration:
+    """What a calibration measured and did."""
+
+    microbatches: int  # timed
+    warmup: int  # streamed before them, untimed (the deployment processed warmup + microbatches)
+    devices: dict[str, dict[str, Any]]  # device -> predicted_s, serving_s, busy, ratio, counted
+    factors: dict[str, float]  # device type -> factor applied
+    predicted_before: float  # samples/s the first plan predicted
+    predicted_after: float  # samples/s the corrected plan predicts
+    replanned: bool  # some factor beyond TOLERANCE: the problem was solved again
+    redeployed: bool  # and the new plan differed: deployed in place of the first
+    seconds: float
+    problem: dict[str, Any] = field(default_factory=dict)  # the corrected problem
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d.pop("problem")
+        return d
+
+
+def _stats(plan: Plan) -> dict[str, dict[str, Any]]:
+    out = {}
+    for _, ref in plan.all_nodes:
+        with ControlClient(ref.control, timeout=STATS_TIMEOUT_S, retries=1, name=ref.name, curve=plan.curve(ref)) as c:
+            out[ref.name] = c.call("stats").get("stage") or {}
+    return out
+
+
+def serving_time_s(before: dict, after: dict, device: dict, threads: int | None) -> tuple[float, float] | None:
+    """(seconds per microbatch the stage needs when saturated, share of the time it computed)
+    between two ``stats`` snapshots of a node's stage; None if it processed nothing."""
+    n = int(after.get("processed", 0)) - int(before.get("processed", 0))
+    wall = float(after.get("uptime_s", 0.0)) - float(before.get("uptime_s", 0.0))
+    if n <= 0 or wall <= 0:
+        return None
+    compute = (float(after["compute_s"]) - float(before["compute_s"])) / n
+    cpu = (float(after["cpu_s"]) - float(before["cpu_s"])) / n
+    busy = min(1.0, compute * n / wall)
+    quota = device.get("cpu_quota")
+    if quota:
+        return cpu / float(quota), busy
+    cores = int(device.get("cores") or 1)
+    rest = max(0.0, cpu - (float(after["compute_cpu_s"]) - float(before["compute_cpu_s"])) / n)
+    return compute + (rest / cores if (threads or cores) >= cores else 0.0), busy
+
+
+def factors(problem: Any, planned: Any, timings: dict[str, tuple[float, float]],
+            types: dict[str, str]) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
+    """Device type -> factor, and per device what it was made of (module doc)."""
+    from .planner.cost import in_bytes
+
+    per_type: dict[str, list[float]] = {}
+    devices: dict[str, dict[str, Any]] = {}
+    for s in planned.stages:
+        a, b = s.units
+        for name in s.devices:
+            if name not in timings:
+                continue
+            serving, busy = timings[name]
+            predicted = problem.device(name).stage_time_s(a, b, in_bytes(problem, a), problem.units[b - 1].out_bytes)
+            ratio = serving / predicted if predicted > 0 else 1.0
+            counted = busy >= BUSY or ratio >= 1.0
+            devices[name] = {"units": [a, b], "predicted_s": predicted, "serving_s": serving, "busy": busy,
+                             "ratio": ratio, "counted": counted}
+            if counted:
+                per_type.setdefault(types[name], []).append(ratio)
+    return {t: statistics.fmean(r) for t, r in per_type.items()}, devices
+
+
+def corrected(problem_dict: dict[str, Any], type_factors: dict[str, float]) -> dict[str, Any]:
+    """`problem_dict` with each device type's unit times and receive/send costs scaled by its factor."""
+    out = {**problem_dict, "device_types": {k: dict(v) for k, v in problem_dict["device_types"].items()}}
+    for typ, f in type_factors.items():
+        t = out["device_types"][typ]
+        t["unit_times_s"] = [x * f for x in t["unit_times_s"]]
+        for k in ("recv_ms_per_mb", "send_ms_per_mb"):
+            if k in t:
+                t[k] = t[k] * f
+    return out
+
+
+def burst(client: Client, dep: Deployment, shape: tuple[int, ...], n: int, warmup: int) -> tuple[dict, dict]:
+    """Stream `warmup` microbatches then `n` more of random input through `dep`; node stats
+    when the warm-up's last result arrived and at the end."""
+    plan = dep.plan
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal(shape, dtype=np.float32) for _ in range(min(4, warmup + n))]
+    client.attach(dep.entry, dep.run, dep.entry_keys)
+    first: dict[str, dict] = {}
+
+    def on_result(i: int, _: np.ndarray) -> None:
+        if i == warmup - 1:
+            first.update(_stats(plan))
+
+    for _ in client.stream((xs[i % len(xs)] for i in range(warmup + n)), on_result=on_result):
+        pass
+    return first, _stats(plan)
+
+
+def calibrate(
+    dep: Deployment, problem_dict: dict[str, Any], problem: Any, planned: Any, *, client: Client,
+    infos: dict[str, dict],
+    types: dict[str, str], replan: Callable[[dict[str, Any]], tuple[Any, Any]],
+    redeploy: Callable[[Any], Deployment], n: int = CALIBRATION_MICROBATCHES, say: Say | None = None,
+) -> tuple[Deployment, Any, Any, Calibration]:
+    """Calibrate `dep`, deployed from `planned`, the plan for `problem` (module doc).
+    `replan(problem_dict)` -> (Problem, planner plan);
+    `redeploy(planner plan)` unloads `dep` and deploys the new plan. Returns the deployment in
+    service, the problem and planner plan it follows, and what was measured."""
+    from . import model as models  # torch and timm: only when calibrating
+
+    say = say or (lambda m: log.info("%s", m))
+    t0 = time.time()
+    m = dep.plan.model
+    shape = models.input_shape(m.name, m.microbatch, **m.kwargs)
+    warmup = len(dep.plan.stages) + 1  # fills the pipeline
+    before, after = burst(client, dep, shape, n, warmup)
+    timings = {}
+    for name in after:
+        threads = next((ref.threads for _, ref in dep.plan.all_nodes if ref.name == name), None)
+        got = serving_time_s(before.get(name, {}), after[name], infos[name]["device"], threads or infos[name].get("threads"))
+        if got is not None:
+            timings[name] = got
+    type_factors, devices = factors(problem, planned, timings, types)
+    for name, d in devices.items():
+        say(f"calibration: {name} units {d['units'][0]}-{d['units'][1] - 1}: {d['serving_s'] * 1e3:.0f} ms per "
+            f"microbatch serving, planner said {d['predicted_s'] * 1e3:.0f} ms (x{d['ratio']:.2f}, busy "
+            f"{d['busy']:.0%}{'' if d['counted'] else ', not saturated: not counted'})")
+    before_tp = planned.throughput_per_s
+    drifted = {t: f for t, f in type_factors.items() if abs(f - 1.0) > TOLERANCE}
+    new_dict, new_problem, new_planned, redeployed = problem_dict, problem, planned, False
+    if drifted:
+        new_dict = corrected(problem_dict, drifted)
+        new_problem, new_planned = replan(new_dict)
+        if [(tuple(s.units), tuple(s.devices)) for s in new_planned.stages] != \
+                [(tuple(s.units), tuple(s.devices)) for s in planned.stages]:
+            say("calibration: the corrected speeds give another plan: redeploying")
+            dep = redeploy(new_planned)
+            redeployed = True
+        say(f"calibration: device types x{', x'.join(f'{f:.2f} ({t})' for t, f in drifted.items())}; "
+            f"predicted {before_tp:.2f} -> {new_planned.throughput_per_s:.2f} samples/s")
+    else:
+        say("calibration: every stage within "
+            f"{TOLERANCE:.0%} of the planner's time: plan kept, {before_tp:.2f} samples/s predicted")
+    cal = Calibration(n, warmup, devices, drifted, before_tp, new_planned.throughput_per_s, bool(drifted), redeployed,
+                      time.time() - t0, new_dict)
+    return dep, new_problem, new_planned, cal
