@@ -413,8 +413,12 @@ def _calibrate(cluster: Cluster, model: ModelSpec, dep: Deployment, problem: Any
 
     window = 2 * sum(len(s.devices) for s in planned.stages) + 2
     own = client is None
-    cl = client or Client([], dep.plan.results, run="", window=window, microbatch=model.microbatch,
-                          keyring=dep.plan.keyring)
+    try:
+        cl = client or Client([], dep.plan.results, run="", window=window, microbatch=model.microbatch,
+                              keyring=dep.plan.keyring)
+    except zmq.ZMQError as e:  # deploying from another machine than the inventory's client
+        say(f"calibration skipped: cannot receive results at {dep.plan.results} here ({e})")
+        return dep, problem, planned
     try:
         dep, problem, planned, g.calibration = calibrate(
             dep, g.problem, problem, planned, client=cl, infos=g.infos,

@@ -184,3 +184,25 @@ def test_cli_profile_a_node_and_netprobe(nodes):
     assert json.loads(r.stdout)["bandwidth_mbps"] > 0
     r = _cli("netprobe", "--to", b, "--seconds", "0.2", "--bytes", str(1 << 20))
     assert r.returncode == 0 and "Mbit/s" in r.stdout
+
+
+def test_calibration_is_skipped_when_the_results_address_is_taken(nodes):
+    """`deploy` run away from the inventory's client (here: its results port already bound by
+    someone else) cannot receive results: it deploys without calibrating, and says so."""
+    import zmq
+
+    ctx = zmq.Context()
+    holder = ctx.socket(zmq.PULL)
+    port = holder.bind_to_random_port("tcp://127.0.0.1")
+    said: list[str] = []
+    try:
+        cluster = parse_cluster(_inventory(nodes, client={"address": "127.0.0.1", "results_port": port}))
+        dep, plan, _, planned, g = autodeploy(cluster, model_spec(), replication=False, say=said.append)
+        try:
+            assert g.calibration is None and dep.plan.results == f"tcp://127.0.0.1:{port}"
+            assert any(m.startswith("calibration skipped: cannot receive results at") for m in said), said
+        finally:
+            unload(plan)
+    finally:
+        holder.close(0)
+        ctx.term()
