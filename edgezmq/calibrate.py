@@ -22,14 +22,18 @@ inputs through it (after a warm-up that fills the pipeline) and reads each node'
 - a device type's factor is the mean ratio of its devices in the plan; every unit time and
   receive/send cost of the type is multiplied by it (types not in the plan keep theirs).
 
-When some factor differs from 1 by more than ``TOLERANCE`` the problem is solved again with
-the corrected types; a different plan is deployed in place of the first. The prediction
-printed is the corrected plan's: a prediction, still, for the stages it moved.
+The problem is then solved again with the corrected types. The deployed plan, priced at
+the corrected speeds, stays unless the new plan is more than ``TOLERANCE`` faster (then it
+is deployed in place of the first); the prediction printed is the one of the plan left in
+service, at the corrected speeds: a prediction, still, for every stage a new plan moved.
+The burst is at least ``CALIBRATION_SECONDS`` long at the predicted pace, so that under a
+CPU quota it spans many CFS periods (as a profiling round does).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -44,9 +48,10 @@ from .rpc import ControlClient
 
 log = logging.getLogger("edgezmq.calibrate")
 
-CALIBRATION_MICROBATCHES = 8  # timed microbatches (after the warm-up)
+CALIBRATION_MICROBATCHES = 8  # timed microbatches (after the warm-up), at least ...
+CALIBRATION_SECONDS = 2.0  # ... this long at the predicted pace (up to 4x as many microbatches)
 BUSY = 0.8  # a stage computing at least this share of the time was saturated
-TOLERANCE = 0.05  # factors closer to 1 than this leave the plan as it is
+TOLERANCE = 0.05  # a new plan replaces the deployed one only if this much faster
 STATS_TIMEOUT_S = 10.0
 
 Say = Callable[[str], None]
@@ -62,7 +67,7 @@ class Calibration:
     factors: dict[str, float]  # device type -> factor applied
     predicted_before: float  # samples/s the first plan predicted
     predicted_after: float  # samples/s the corrected plan predicts
-    replanned: bool  # some factor beyond TOLERANCE: the problem was solved again
+    replanned: bool  # some device type was corrected: the problem was solved again
     redeployed: bool  # and the new plan differed: deployed in place of the first
     seconds: float
     problem: dict[str, Any] = field(default_factory=dict)  # the corrected problem
@@ -122,6 +127,10 @@ def factors(problem: Any, planned: Any, timings: dict[str, tuple[float, float]],
     return {t: statistics.fmean(r) for t, r in per_type.items()}, devices
 
 
+def _layout(planned: Any) -> list[tuple[tuple[int, int], tuple[str, ...]]]:
+    return [(tuple(s.units), tuple(s.devices)) for s in planned.stages]
+
+
 def corrected(problem_dict: dict[str, Any], type_factors: dict[str, float]) -> dict[str, Any]:
     """`problem_dict` with each device type's unit times and receive/send costs scaled by its factor."""
     out = {**problem_dict, "device_types": {k: dict(v) for k, v in problem_dict["device_types"].items()}}
@@ -163,12 +172,16 @@ def calibrate(
     `redeploy(planner plan)` unloads `dep` and deploys the new plan. Returns the deployment in
     service, the problem and planner plan it follows, and what was measured."""
     from . import model as models  # torch and timm: only when calibrating
+    from .planner import evaluate
 
     say = say or (lambda m: log.info("%s", m))
     t0 = time.time()
     m = dep.plan.model
     shape = models.input_shape(m.name, m.microbatch, **m.kwargs)
     warmup = len(dep.plan.stages) + 1  # fills the pipeline
+    # under a CPU quota the burst must span many CFS periods (profile.round_seconds), so at
+    # least CALIBRATION_SECONDS at the predicted pace, up to 4 n microbatches
+    n = min(max(n, math.ceil(CALIBRATION_SECONDS / max(planned.bottleneck_s, 1e-9))), 4 * n)
     before, after = burst(client, dep, shape, n, warmup)
     timings = {}
     for name in after:
@@ -182,21 +195,20 @@ def calibrate(
             f"microbatch serving, planner said {d['predicted_s'] * 1e3:.0f} ms (x{d['ratio']:.2f}, busy "
             f"{d['busy']:.0%}{'' if d['counted'] else ', not saturated: not counted'})")
     before_tp = planned.throughput_per_s
-    drifted = {t: f for t, f in type_factors.items() if abs(f - 1.0) > TOLERANCE}
-    new_dict, new_problem, new_planned, redeployed = problem_dict, problem, planned, False
-    if drifted:
-        new_dict = corrected(problem_dict, drifted)
-        new_problem, new_planned = replan(new_dict)
-        if [(tuple(s.units), tuple(s.devices)) for s in new_planned.stages] != \
-                [(tuple(s.units), tuple(s.devices)) for s in planned.stages]:
-            say("calibration: the corrected speeds give another plan: redeploying")
-            dep = redeploy(new_planned)
-            redeployed = True
-        say(f"calibration: device types x{', x'.join(f'{f:.2f} ({t})' for t, f in drifted.items())}; "
-            f"predicted {before_tp:.2f} -> {new_planned.throughput_per_s:.2f} samples/s")
-    else:
-        say("calibration: every stage within "
-            f"{TOLERANCE:.0%} of the planner's time: plan kept, {before_tp:.2f} samples/s predicted")
-    cal = Calibration(n, warmup, devices, drifted, before_tp, new_planned.throughput_per_s, bool(drifted), redeployed,
-                      time.time() - t0, new_dict)
-    return dep, new_problem, new_planned, cal
+    new_dict, new_problem, final, redeployed = problem_dict, problem, planned, False
+    if type_factors:
+        new_dict = corrected(problem_dict, type_factors)
+        new_problem, candidate = replan(new_dict)
+        final = evaluate(new_problem, planned.stages)  # the deployed plan at the corrected speeds
+    if type_factors and _layout(candidate) != _layout(planned) and \
+            candidate.throughput_per_s > final.throughput_per_s * (1 + TOLERANCE):
+        say(f"calibration: at the corrected speeds another plan is "
+            f"{candidate.throughput_per_s / final.throughput_per_s - 1:.0%} faster: redeploying")
+        dep = redeploy(candidate)
+        final, redeployed = candidate, True
+    factors_text = ", ".join(f"{t} x{f:.2f}" for t, f in type_factors.items()) or "none counted"
+    say(f"calibration ({factors_text}): {'new plan' if redeployed else 'plan kept'}, predicted {before_tp:.2f} -> "
+        f"{final.throughput_per_s:.2f} samples/s")
+    cal = Calibration(n, warmup, devices, type_factors, before_tp, final.throughput_per_s, bool(type_factors),
+                      redeployed, time.time() - t0, new_dict)
+    return dep, new_problem, final, cal

@@ -123,7 +123,7 @@ def test_autodeploy_runs_and_equals_monolithic(nodes):
             assert planned.throughput_per_s > 0 and plan.stages[0].units[0] == 0
             # calibrated: every deployed node measured serving, and the plan in service is the final one
             cal = g.calibration
-            assert cal is not None and cal.microbatches == 8
+            assert cal is not None and 8 <= cal.microbatches <= 32
             assert set(cal.devices) == {d for s in planned.stages for d in s.devices}
             assert all(d["serving_s"] > 0 and d["predicted_s"] > 0 for d in cal.devices.values())
             assert cal.predicted_after == planned.throughput_per_s
