@@ -81,7 +81,8 @@ def main() -> int:
                 if cal:
                     print(f"    profiles alone predicted {row['predicted_uncalibrated_samples_per_s']:.2f}; calibration"
                           f" factors {', '.join(f'{t} x{f:.2f}' for t, f in cal['factors'].items()) or 'none'}"
-                          f"{', redeployed' if cal['redeployed'] else ''}", flush=True)
+                          f"{', redeployed' if cal['redeployed'] else ''}; the first plan served"
+                          f" {cal['burst_samples_per_s']:.2f} samples/s in its burst", flush=True)
                 for i, st in enumerate(r["stages"]):
                     got = ", ".join(f"{d} {t * 1e3:.0f}" for d, t in st["measured_compute_s"].items() if t)
                     cpu = ", ".join(f"{d} {c[0] * 1e3:.0f} + {c[1] * 1e3:.1f}"

@@ -70,6 +70,9 @@ class Calibration:
     replanned: bool  # some device type was corrected: the problem was solved again
     redeployed: bool  # and the new plan differed: deployed in place of the first
     seconds: float
+    # samples/s the first plan served during the burst (the stats calls between its ends
+    # included): what that plan measured, not a prediction
+    burst_samples_per_s: float = 0.0
     problem: dict[str, Any] = field(default_factory=dict)  # the corrected problem
 
     def to_dict(self) -> dict[str, Any]:
@@ -143,22 +146,26 @@ def corrected(problem_dict: dict[str, Any], type_factors: dict[str, float]) -> d
     return out
 
 
-def burst(client: Client, dep: Deployment, shape: tuple[int, ...], n: int, warmup: int) -> tuple[dict, dict]:
+def burst(client: Client, dep: Deployment, shape: tuple[int, ...], n: int,
+          warmup: int) -> tuple[dict, dict, float]:
     """Stream `warmup` microbatches then `n` more of random input through `dep`; node stats
-    when the warm-up's last result arrived and at the end."""
+    when the warm-up's last result arrived and at the end, and the seconds between the two."""
     plan = dep.plan
     rng = np.random.default_rng(0)
     xs = [rng.standard_normal(shape, dtype=np.float32) for _ in range(min(4, warmup + n))]
     client.attach(dep.entry, dep.run, dep.entry_keys)
     first: dict[str, dict] = {}
+    t = [0.0, 0.0]
 
     def on_result(i: int, _: np.ndarray) -> None:
+        t[1] = time.perf_counter()
         if i == warmup - 1:
             first.update(_stats(plan))
+            t[0] = time.perf_counter()
 
     for _ in client.stream((xs[i % len(xs)] for i in range(warmup + n)), on_result=on_result):
         pass
-    return first, _stats(plan)
+    return first, _stats(plan), t[1] - t[0]
 
 
 def calibrate(
@@ -182,7 +189,7 @@ def calibrate(
     # under a CPU quota the burst must span many CFS periods (profile.round_seconds), so at
     # least CALIBRATION_SECONDS at the predicted pace, up to 4 n microbatches
     n = min(max(n, math.ceil(CALIBRATION_SECONDS / max(planned.bottleneck_s, 1e-9))), 4 * n)
-    before, after = burst(client, dep, shape, n, warmup)
+    before, after, seconds = burst(client, dep, shape, n, warmup)
     timings = {}
     for name in after:
         threads = next((ref.threads for _, ref in dep.plan.all_nodes if ref.name == name), None)
@@ -210,5 +217,5 @@ def calibrate(
     say(f"calibration ({factors_text}): {'new plan' if redeployed else 'plan kept'}, predicted {before_tp:.2f} -> "
         f"{final.throughput_per_s:.2f} samples/s")
     cal = Calibration(n, warmup, devices, type_factors, before_tp, final.throughput_per_s, bool(type_factors),
-                      redeployed, time.time() - t0, new_dict)
+                      redeployed, time.time() - t0, n * m.microbatch / seconds if seconds > 0 else 0.0, new_dict)
     return dep, new_problem, final, cal

@@ -126,7 +126,7 @@ def test_autodeploy_runs_and_equals_monolithic(nodes):
             assert cal is not None and 8 <= cal.microbatches <= 32
             assert set(cal.devices) == {d for s in planned.stages for d in s.devices}
             assert all(d["serving_s"] > 0 and d["predicted_s"] > 0 for d in cal.devices.values())
-            assert cal.predicted_after == planned.throughput_per_s
+            assert cal.predicted_after == planned.throughput_per_s and cal.burst_samples_per_s > 0
             assert [(tuple(s.units), [n.name for n in s.nodes]) for s in dep.plan.stages] == \
                 [(tuple(s.units), list(s.devices)) for s in planned.stages]
             c.attach(dep.entry, dep.run)
