@@ -1,11 +1,13 @@
-"""Deploy from a cluster inventory: info -> profile -> netprobe -> plan -> load -> READY.
+"""Deploy from a cluster inventory: info -> profile -> netprobe -> plan -> load -> calibrate -> READY.
 
 ``gather`` asks every node what it is, has one node of each device type profile the
-model's units on its own hardware (cached on the node), measures the links the planner
+model's units on its own hardware (cached on the node; a cached profile is spot-checked
+and rescaled when the device has drifted, ``profile.spot_check``), measures the links the planner
 needs (all pairs for small clusters, one sample per type pair for large ones, and the
 client's link to every node), and builds the planner's problem (#3's format).
-``autodeploy`` then plans, prints the plan with its predicted throughput and deploys it
-through ``edgezmq.bootstrap``.  With a ``keys:`` section in the inventory every one of these
+``autodeploy`` then plans, deploys through ``edgezmq.bootstrap`` and calibrates the fresh
+deployment (``edgezmq.calibrate``: a burst of microbatches, the device types corrected to
+what their stages cost serving, a re-plan, a redeploy if a much better plan comes out).  With a ``keys:`` section in the inventory every one of these
 steps speaks CurveZMQ (node <-> node probes too), and so does the plan it deploys.
 
 Moving activations costs a stage CPU too (kernel network stack, ZeroMQ's I/O thread,
@@ -35,6 +37,7 @@ import zmq
 from . import control, netprobe, security
 from .bootstrap import DeployError, Deployment, ModelSpec, NodeRef, Plan, StagePlan, deploy, unload
 from .calibrate import CALIBRATION_MICROBATCHES
+from .calibrate import calibrate as run_calibration
 from .client import Client
 from .cluster import CLIENT, Cluster, NodeEntry
 from .node import BUFFERS_PER_DIRECTION
@@ -401,8 +404,6 @@ def _calibrate(cluster: Cluster, model: ModelSpec, dep: Deployment, problem: Any
     """``edgezmq.calibrate`` on a fresh deployment, through `client` or, without one, a client
     of its own on the plan's results address (the inventory's; closed after); on failure the
     nodes are unloaded."""
-    from .calibrate import calibrate
-
     current = [dep]
 
     def redeploy(new_planned: Any) -> Deployment:
@@ -420,7 +421,7 @@ def _calibrate(cluster: Cluster, model: ModelSpec, dep: Deployment, problem: Any
         say(f"calibration skipped: cannot receive results at {dep.plan.results} here ({e})")
         return dep, problem, planned
     try:
-        dep, problem, planned, g.calibration = calibrate(
+        dep, problem, planned, g.calibration = run_calibration(
             dep, g.problem, problem, planned, client=cl, infos=g.infos,
             types={n_.name: device_type_of(n_) for n_ in cluster.nodes},
             replan=lambda d: plan_problem(d, time_limit_s=time_limit_s), redeploy=redeploy, n=n, say=say)
