@@ -23,7 +23,9 @@ def main() -> int:
     ap.add_argument("--model", default="vit_small_patch16_224")
     ap.add_argument("--granularity", default="half")
     ap.add_argument("--microbatch", type=int, default=8)
-    ap.add_argument("--batches", type=int, default=8)
+    ap.add_argument("--batches", type=int, default=30,
+                    help="timed microbatches: many more than the client window (2 per device + 2), so that"
+                         " the timing is not the drain of queues filled before it")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     rows = []
