@@ -117,15 +117,11 @@ def main() -> int:
                     p = Problem.from_dict(d)
                     return p, plan_with(p, args.method, args.time_limit)
 
-                def redeploy(new_planned):
-                    unload(plan)
-                    return deploy(to_deploy_plan(cluster, new_planned, model=spec, results=client.results_endpoint),
-                                  load_timeout=900)
-
                 dep, problem, planned, cal = calibrate(
                     dep, g.problem, problem, planned, client=client, infos=g.infos,
-                    types={n.name: device_type_of(n) for n in cluster.nodes}, replan=replan, redeploy=redeploy,
-                    n=args.calibrate, say=lambda m: print(m, file=sys.stderr))
+                    types={n.name: device_type_of(n) for n in cluster.nodes}, replan=replan,
+                    to_plan=lambda p: to_deploy_plan(cluster, p, model=spec, results=client.results_endpoint),
+                    n=args.calibrate, load_timeout=900, say=lambda m: print(m, file=sys.stderr))
                 plan = dep.plan
                 print(planned.table(problem), file=sys.stderr)
             client.attach(dep.entry, dep.run)

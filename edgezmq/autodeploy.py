@@ -404,16 +404,7 @@ def _calibrate(cluster: Cluster, model: ModelSpec, dep: Deployment, problem: Any
     """``edgezmq.calibrate`` on a fresh deployment, through `client` or, without one, a client
     of its own on the plan's results address (the inventory's; closed after); on failure the
     nodes are unloaded."""
-    current = [dep]
-
-    def redeploy(new_planned: Any) -> Deployment:
-        unload(current[0].plan)
-        current[0] = deploy(to_deploy_plan(cluster, new_planned, model=model, results=results),
-                            load_timeout=load_timeout, progress=say)
-        return current[0]
-
     window = 2 * sum(len(s.devices) for s in planned.stages) + 2
-    own = client is None
     try:
         cl = client or Client([], dep.plan.results, run="", window=window, microbatch=model.microbatch,
                               keyring=dep.plan.keyring)
@@ -424,12 +415,13 @@ def _calibrate(cluster: Cluster, model: ModelSpec, dep: Deployment, problem: Any
         dep, problem, planned, g.calibration = run_calibration(
             dep, g.problem, problem, planned, client=cl, infos=g.infos,
             types={n_.name: device_type_of(n_) for n_ in cluster.nodes},
-            replan=lambda d: plan_problem(d, time_limit_s=time_limit_s), redeploy=redeploy, n=n, say=say)
+            replan=lambda d: plan_problem(d, time_limit_s=time_limit_s),
+            to_plan=lambda p: to_deploy_plan(cluster, p, model=model, results=results), n=n,
+            load_timeout=load_timeout, say=say)
     except BaseException:
-        unload(current[0].plan)
+        unload(dep.plan)  # the first plan (a failed redeploy has unloaded it and cleaned up itself)
         raise
     finally:
-        if own:
+        if cl is not client:
             cl.close()
     return dep, problem, planned
-

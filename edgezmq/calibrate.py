@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from .bootstrap import Deployment, Plan
+from .bootstrap import Deployment, Plan, deploy, unload
 from .client import Client
 from .rpc import ControlClient
 
@@ -67,16 +67,20 @@ class Calibration:
     factors: dict[str, float]  # device type -> factor applied
     predicted_before: float  # samples/s the first plan predicted
     predicted_after: float  # samples/s the corrected plan predicts
-    replanned: bool  # some device type was corrected: the problem was solved again
-    redeployed: bool  # and the new plan differed: deployed in place of the first
+    redeployed: bool  # a new plan was deployed in place of the first
     seconds: float
     # samples/s the first plan served during the burst (the stats calls between its ends
     # included): what that plan measured, not a prediction
     burst_samples_per_s: float = 0.0
     problem: dict[str, Any] = field(default_factory=dict)  # the corrected problem
 
+    @property
+    def replanned(self) -> bool:
+        """Some device type was corrected, so the problem was solved again."""
+        return bool(self.factors)
+
     def to_dict(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
+        d = dict(self.__dict__, replanned=self.replanned)
         d.pop("problem")
         return d
 
@@ -170,14 +174,14 @@ def burst(client: Client, dep: Deployment, shape: tuple[int, ...], n: int,
 
 def calibrate(
     dep: Deployment, problem_dict: dict[str, Any], problem: Any, planned: Any, *, client: Client,
-    infos: dict[str, dict],
-    types: dict[str, str], replan: Callable[[dict[str, Any]], tuple[Any, Any]],
-    redeploy: Callable[[Any], Deployment], n: int = CALIBRATION_MICROBATCHES, say: Say | None = None,
+    infos: dict[str, dict], types: dict[str, str], replan: Callable[[dict[str, Any]], tuple[Any, Any]],
+    to_plan: Callable[[Any], Plan], n: int = CALIBRATION_MICROBATCHES, load_timeout: float = 600.0,
+    say: Say | None = None,
 ) -> tuple[Deployment, Any, Any, Calibration]:
     """Calibrate `dep`, deployed from `planned`, the plan for `problem` (module doc).
-    `replan(problem_dict)` -> (Problem, planner plan);
-    `redeploy(planner plan)` unloads `dep` and deploys the new plan. Returns the deployment in
-    service, the problem and planner plan it follows, and what was measured."""
+    `replan(problem_dict)` -> (Problem, planner plan); `to_plan(planner plan)` -> the plan to
+    deploy should a new one replace `dep` (which is then unloaded first). Returns the
+    deployment in service, the problem and planner plan it follows, and what was measured."""
     from . import model as models  # torch and timm: only when calibrating
     from .planner import evaluate
 
@@ -190,10 +194,10 @@ def calibrate(
     # least CALIBRATION_SECONDS at the predicted pace, up to 4 n microbatches
     n = min(max(n, math.ceil(CALIBRATION_SECONDS / max(planned.bottleneck_s, 1e-9))), 4 * n)
     before, after, seconds = burst(client, dep, shape, n, warmup)
+    threads = {ref.name: ref.threads or infos[ref.name].get("threads") for _, ref in dep.plan.all_nodes}
     timings = {}
     for name in after:
-        threads = next((ref.threads for _, ref in dep.plan.all_nodes if ref.name == name), None)
-        got = serving_time_s(before.get(name, {}), after[name], infos[name]["device"], threads or infos[name].get("threads"))
+        got = serving_time_s(before.get(name, {}), after[name], infos[name]["device"], threads[name])
         if got is not None:
             timings[name] = got
     type_factors, devices = factors(problem, planned, timings, types)
@@ -207,15 +211,15 @@ def calibrate(
         new_dict = corrected(problem_dict, type_factors)
         new_problem, candidate = replan(new_dict)
         final = evaluate(new_problem, planned.stages)  # the deployed plan at the corrected speeds
-    if type_factors and _layout(candidate) != _layout(planned) and \
-            candidate.throughput_per_s > final.throughput_per_s * (1 + TOLERANCE):
-        say(f"calibration: at the corrected speeds another plan is "
-            f"{candidate.throughput_per_s / final.throughput_per_s - 1:.0%} faster: redeploying")
-        dep = redeploy(candidate)
-        final, redeployed = candidate, True
+        if _layout(candidate) != _layout(planned) and candidate.throughput_per_s > final.throughput_per_s * (1 + TOLERANCE):
+            say(f"calibration: at the corrected speeds another plan is "
+                f"{candidate.throughput_per_s / final.throughput_per_s - 1:.0%} faster: redeploying")
+            unload(dep.plan)
+            dep = deploy(to_plan(candidate), load_timeout=load_timeout, progress=say)
+            final, redeployed = candidate, True
     factors_text = ", ".join(f"{t} x{f:.2f}" for t, f in type_factors.items()) or "none counted"
     say(f"calibration ({factors_text}): {'new plan' if redeployed else 'plan kept'}, predicted {before_tp:.2f} -> "
         f"{final.throughput_per_s:.2f} samples/s")
-    cal = Calibration(n, warmup, devices, type_factors, before_tp, final.throughput_per_s, bool(type_factors),
-                      redeployed, time.time() - t0, n * m.microbatch / seconds if seconds > 0 else 0.0, new_dict)
+    cal = Calibration(n, warmup, devices, type_factors, before_tp, final.throughput_per_s, redeployed,
+                      time.time() - t0, n * m.microbatch / seconds if seconds > 0 else 0.0, new_dict)
     return dep, new_problem, final, cal

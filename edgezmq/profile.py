@@ -43,6 +43,7 @@ is the peak since the last unit was measured, not since the process started.
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import ctypes
 import ctypes.util
@@ -56,7 +57,7 @@ import socket
 import statistics
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +209,17 @@ def _check_counts(threads: int | None, warmup: int, reps: int) -> None:
         raise ValueError(f"reps: expected >= 1, got {reps}")
 
 
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to `n` inside the block, the previous setting restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _timed_rounds(fn: Callable[[], Any], warmup: int, reps: int, round_s: float) -> list[float]:
     """Seconds per call of `fn`: `warmup` untimed calls, then the mean of each of `reps` rounds."""
     for _ in range(warmup):
@@ -322,16 +334,14 @@ def profile_units(model: str, *, granularity: str = "block", microbatch: int = 8
     kw = dict(kwargs or {})
     specs = models.boundary_specs(model, granularity, microbatch, dtype=TORCH_DTYPE, **kw)
     n = len(specs) - 1
-    previous = torch.get_num_threads()
-    used = threads or previous
+    used = threads or torch.get_num_threads()
     meter = _PeakMeter()
     gen = torch.Generator().manual_seed(INPUT_SEED)
     base_rss = device.rss_bytes()
     round_s = round_seconds()
     started = time.perf_counter()
     units = []
-    try:
-        torch.set_num_threads(used)
+    with _torch_threads(used):
         for i in range(n):
             entry = _profile_unit(model, i, granularity=granularity, specs=specs, warmup=warmup,
                                   reps=reps, kwargs=kw, checkpoint=checkpoint, gen=gen, meter=meter,
@@ -346,8 +356,6 @@ def profile_units(model: str, *, granularity: str = "block", microbatch: int = 8
             model, window, units, granularity=granularity, specs=specs, warmup=warmup, reps=reps,
             kwargs=kw, checkpoint=checkpoint, gen=gen, round_s=round_s)
         gc.collect()  # the chain's shard is gone with _profile_chain's frame
-    finally:
-        torch.set_num_threads(previous)
     return {
         "model": model,
         "granularity": granularity,
@@ -387,15 +395,11 @@ def spot_check(prof: Mapping[str, Any], *, kwargs: Mapping[str, Any] | None = No
     else:
         i = max(range(len(units)), key=lambda j: units[j]["time_s"])
         window, then = (i, i + 1), float(units[i]["time_s"])
-    previous = torch.get_num_threads()
     started = time.perf_counter()
-    try:
-        torch.set_num_threads(int(prof["threads"]))
+    with _torch_threads(int(prof["threads"])):
         times = _time_window(prof["model"], window, granularity=prof["granularity"], specs=specs, warmup=warmup,
                              reps=reps, kwargs=kw, checkpoint=checkpoint,
                              gen=torch.Generator().manual_seed(INPUT_SEED), round_s=round_seconds())
-    finally:
-        torch.set_num_threads(previous)
     gc.collect()
     now = statistics.median(times)
     return {"units": list(window), "time_s": now, "times_s": times, "cached_time_s": then,

@@ -92,20 +92,12 @@ def test_a_wrong_profile_is_corrected_replanned_and_redeployed(nodes):
     problem, planned = plan_problem(wrong)
     first = [(tuple(s.units), tuple(s.devices)) for s in planned.stages]
     with Client([], "tcp://127.0.0.1:0", run="", window=6, microbatch=MICROBATCH, timeout=60) as c:
-        plan = to_deploy_plan(cluster, planned, model=spec, results=c.results_endpoint)
-        dep = deploy(plan)
-        live = [dep]
-
-        def redeploy(new_planned):
-            unload(live[0].plan)
-            live[0] = deploy(to_deploy_plan(cluster, new_planned, model=spec, results=c.results_endpoint))
-            return live[0]
-
+        dep = deploy(to_deploy_plan(cluster, planned, model=spec, results=c.results_endpoint))
         try:
             dep, problem2, planned2, cal = C.calibrate(
                 dep, wrong, problem, planned, client=c, infos=g.infos,
-                types={n.name: device_type_of(n) for n in cluster.nodes}, replan=plan_problem, redeploy=redeploy,
-                n=4)
+                types={n.name: device_type_of(n) for n in cluster.nodes}, replan=plan_problem,
+                to_plan=lambda p: to_deploy_plan(cluster, p, model=spec, results=c.results_endpoint), n=4)
             assert cal.devices["node0"]["ratio"] > 5  # 30x, measured: a wide margin
             assert cal.replanned and cal.factors["node0"] == pytest.approx(
                 np.mean([d["ratio"] for n_, d in cal.devices.items() if n_ == "node0"]))
@@ -119,6 +111,6 @@ def test_a_wrong_profile_is_corrected_replanned_and_redeployed(nodes):
             xs = batches(3, seed=5)
             outs = list(c.stream(xs))
         finally:
-            unload(live[0].plan)
+            unload(dep.plan)
     for a, b in zip(outs, monolithic(xs), strict=True):
         assert float(np.max(np.abs(a - b))) <= 1e-5
