@@ -5,7 +5,7 @@ and cluster shapes, all in one run.
     python bench/fidelity.py [--json] [--batches 20] [--quick] [--cached] [--cpu 0.45,0.3,0.25,0.2 --name fidelity-light]
 
 Each row deploys as ``edgezmq deploy`` does: fresh profiles (``--cached``: the nodes' caches,
-spot-checked), plan, deploy, calibration (``edgezmq.calibrate``); it records the prediction
+spot-checked), plan, deploy, calibration (``edgezmq.orchestrate.calibrate``); it records the prediction
 from the profiles alone and the calibrated one, and measures a separate, longer stream.
 Needs root (network namespaces, cgroups). Writes bench/results/fidelity.json and .png.
 """

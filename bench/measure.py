@@ -20,13 +20,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edgezmq import model as models  # noqa: E402
-from edgezmq.autodeploy import device_type_of, gather, to_deploy_plan  # noqa: E402
-from edgezmq.bootstrap import ModelSpec, deploy, unload  # noqa: E402
-from edgezmq.calibrate import CALIBRATION_MICROBATCHES, calibrate  # noqa: E402
 from edgezmq.client import Client  # noqa: E402
-from edgezmq.cluster import load_cluster  # noqa: E402
-from edgezmq.rpc import ControlClient  # noqa: E402
+from edgezmq.model import chain as models  # noqa: E402
+from edgezmq.orchestrate.autodeploy import device_type_of, gather, to_deploy_plan  # noqa: E402
+from edgezmq.orchestrate.calibrate import CALIBRATION_MICROBATCHES, calibrate  # noqa: E402
+from edgezmq.orchestrate.deploy import deploy, unload  # noqa: E402
+from edgezmq.orchestrate.inventory import load_cluster  # noqa: E402
+from edgezmq.orchestrate.planfile import ModelSpec  # noqa: E402
+from edgezmq.transport.rpc import ControlClient  # noqa: E402
 
 METHODS = ("ours", "even", "pipeedge", "pipedream")
 
@@ -79,7 +80,7 @@ def main() -> int:
     ap.add_argument("--time-limit", type=float, default=20.0)
     ap.add_argument("--reprofile", action="store_true", help="profile afresh (ignore the nodes' caches)")
     ap.add_argument("--calibrate", type=int, default=CALIBRATION_MICROBATCHES,
-                    help="microbatches of the deploy's calibration (edgezmq.calibrate; 0: none)")
+                    help="microbatches of the deploy's calibration (edgezmq.orchestrate.calibrate; 0: none)")
     ap.add_argument("--verify", action="store_true", help="compare every output with timm's forward")
     args = ap.parse_args()
 

@@ -26,7 +26,7 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    from edgezmq import model as models
+    from edgezmq.model import chain as models
 
     infos = models.unit_infos(args.model)
     model_bytes = sum(u.param_bytes for u in infos)

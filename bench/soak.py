@@ -22,13 +22,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import RESULTS, pyplot, save  # noqa: E402
 
-from edgezmq import model as models  # noqa: E402
-from edgezmq.autodeploy import autodeploy  # noqa: E402
-from edgezmq.bootstrap import ModelSpec, unload  # noqa: E402
 from edgezmq.client import Client  # noqa: E402
-from edgezmq.cluster import Cluster, NodeEntry  # noqa: E402
-from edgezmq.local import LocalCluster  # noqa: E402
-from edgezmq.rpc import ControlClient  # noqa: E402
+from edgezmq.model import chain as models  # noqa: E402
+from edgezmq.orchestrate.autodeploy import autodeploy  # noqa: E402
+from edgezmq.orchestrate.deploy import unload  # noqa: E402
+from edgezmq.orchestrate.inventory import Cluster, NodeEntry  # noqa: E402
+from edgezmq.orchestrate.local import LocalCluster  # noqa: E402
+from edgezmq.orchestrate.planfile import ModelSpec  # noqa: E402
+from edgezmq.transport.rpc import ControlClient  # noqa: E402
 
 SAMPLE_S = 10.0  # one throughput/RSS sample per interval
 WARMUP_FRACTION = 0.2  # RSS drift is judged after this share of the run

@@ -28,7 +28,8 @@ import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edgezmq import sockets, wire  # noqa: E402
+from edgezmq.protocol import wire  # noqa: E402
+from edgezmq.transport import sockets
 
 SIZES = [64 * 1024, 256 * 1024, 1024 * 1024, 4 * 1024 * 1024, 10 * 1024 * 1024]
 RUN = "bench"
@@ -91,7 +92,7 @@ def middle_raw(ep_q: mp.Queue, downstream: str, n: int, cpu_q: mp.Queue) -> None
 def middle_stage(ep_q: mp.Queue, downstream: str, n: int, size: int, cpu_q: mp.Queue) -> None:
     import torch
 
-    from edgezmq.node import LoadSpec, StageRuntime
+    from edgezmq.node.stage import LoadSpec, StageRuntime
 
     torch.set_num_threads(1)
     ctx = zmq.Context()

@@ -22,12 +22,13 @@ from typing import Any
 import numpy as np
 import zmq
 
-from . import security, sockets, wire
-from .bootstrap import Plan
-from .control import BAD_STATE, ControlError
-from .rpc import ControlClient
+from edgezmq.orchestrate.planfile import Plan
+from edgezmq.protocol import wire
+from edgezmq.protocol.control import BAD_STATE, ControlError
+from edgezmq.transport import security, sockets
+from edgezmq.transport.rpc import ControlClient
 
-log = logging.getLogger("edgezmq.client")
+log = logging.getLogger(__name__)
 
 DEFAULT_WINDOW = 4
 DEFAULT_TIMEOUT_S = 120.0
@@ -82,7 +83,7 @@ class Client:
         self._connected: list[tuple[str, bytes | None]] = []  # (stage-0 endpoint, its key)
         self.attach(entry, run, entry_keys)
         self._seq = 0
-        # failover (edgezmq.failover): set `failed` from any thread; the stream loop then calls
+        # failover (edgezmq.orchestrate.failover): set `failed` from any thread; the stream loop then calls
         # `recover()` -> (entry, run, entry_keys), re-attaches and replays every unanswered microbatch
         self.failed = threading.Event()
         self.recover: Callable[[], tuple[list[str], str, list[bytes] | None]] | None = None

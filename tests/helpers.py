@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from edgezmq import model as models
-from edgezmq import security
-from edgezmq.node import Node
-from edgezmq.rpc import ControlClient
+from edgezmq.model import chain as models
+from edgezmq.node.daemon import Node
+from edgezmq.transport import security
+from edgezmq.transport.rpc import ControlClient
 
 # Small enough for 2 cores: 64 px images, 16 px patches -> 17 tokens; 4 blocks.
 MODEL = "vit_tiny_patch16_224"
@@ -44,7 +44,7 @@ def monolithic(xs: list[np.ndarray]) -> list[np.ndarray]:
 
 def model_spec():
     """The test model with its checkpoint, as a deployment names it."""
-    from edgezmq.bootstrap import ModelSpec
+    from edgezmq.orchestrate.planfile import ModelSpec
 
     return ModelSpec(name=MODEL, microbatch=MICROBATCH, checkpoint=checkpoint(), kwargs=KWARGS)
 

@@ -1,4 +1,4 @@
-"""Tests for edgezmq.cache: hits, misses on any key change, corrupt and stale entries removed."""
+"""Tests for edgezmq.model.profile_cache: hits, misses on any key change, corrupt and stale entries removed."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import logging
 
 import pytest
 
-from edgezmq import cache as C
 from edgezmq import paths
-from edgezmq import profile as P
+from edgezmq.model import profile_cache as C
+from edgezmq.model import profiling as P
 
 TINY = "vit_tiny_patch16_224"
 SMALL = {"img_size": 64, "depth": 2}
@@ -71,7 +71,7 @@ def test_miss_after_a_key_change(root, change):
 def test_version_change_is_stale_and_removed(root, pkg, caplog):
     path = C.put(key(), PROFILE, cache_dir=root)
     newer = {**VERSIONS, pkg: VERSIONS[pkg] + ".post1"}
-    with caplog.at_level(logging.WARNING, logger="edgezmq.cache"):
+    with caplog.at_level(logging.WARNING, logger="edgezmq.model.profile_cache"):
         assert C.get(key(versions=newer), cache_dir=root) is None
     assert "stale" in caplog.text and not path.exists()
     assert C.get(key(), cache_dir=root) is None  # gone for the old versions too
@@ -96,7 +96,7 @@ def _rewrite(path, edit):
 def test_corrupt_entry_is_detected_and_removed(root, corrupt, why, caplog):
     path = C.put(key(), PROFILE, cache_dir=root)
     corrupt(path)
-    with caplog.at_level(logging.WARNING, logger="edgezmq.cache"):
+    with caplog.at_level(logging.WARNING, logger="edgezmq.model.profile_cache"):
         assert C.get(key(), cache_dir=root) is None
     assert why in caplog.text and str(path) in caplog.text
     assert not path.exists()
@@ -109,7 +109,7 @@ def test_entry_under_another_keys_name_is_refused(root, caplog):
     pa = C.put(a, PROFILE, cache_dir=root)
     pb = C.path_for(b, cache_dir=root)
     pb.write_text(pa.read_text())  # valid checksum, wrong key
-    with caplog.at_level(logging.WARNING, logger="edgezmq.cache"):
+    with caplog.at_level(logging.WARNING, logger="edgezmq.model.profile_cache"):
         assert C.get(b, cache_dir=root) is None
     assert "key fields differ" in caplog.text and not pb.exists() and pa.exists()
 

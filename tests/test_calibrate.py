@@ -1,4 +1,4 @@
-"""edgezmq.calibrate: a deployment's serving speed vs the planner's, the corrected problem, and
+"""edgezmq.orchestrate.calibrate: a deployment's serving speed vs the planner's, the corrected problem, and
 a re-plan + redeploy on real nodes when a profile was wrong."""
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ import pytest
 from helpers import KWARGS, MICROBATCH, MODEL, batches, model_spec, monolithic
 from test_planner import small
 
-from edgezmq import calibrate as C
-from edgezmq.autodeploy import device_type_of, gather, plan_problem, to_deploy_plan
-from edgezmq.bootstrap import deploy, unload
 from edgezmq.client import Client
-from edgezmq.cluster import parse_cluster
-from edgezmq.local import LocalCluster
+from edgezmq.orchestrate import calibrate as C
+from edgezmq.orchestrate.autodeploy import device_type_of, gather, plan_problem, to_deploy_plan
+from edgezmq.orchestrate.deploy import deploy, unload
+from edgezmq.orchestrate.inventory import parse_cluster
+from edgezmq.orchestrate.local import LocalCluster
 from edgezmq.planner import Problem, Stage, evaluate
 
 

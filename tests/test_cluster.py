@@ -12,11 +12,12 @@ import pytest
 import yaml
 from helpers import KWARGS, MICROBATCH, MODEL, batches, checkpoint, model_spec, monolithic
 
-from edgezmq.autodeploy import autodeploy, gather, io_costs
-from edgezmq.bootstrap import load_plan, unload
 from edgezmq.client import Client
-from edgezmq.cluster import ClusterError, parse_cluster
-from edgezmq.local import LocalCluster
+from edgezmq.orchestrate.autodeploy import autodeploy, gather, io_costs
+from edgezmq.orchestrate.deploy import unload
+from edgezmq.orchestrate.inventory import ClusterError, parse_cluster
+from edgezmq.orchestrate.local import LocalCluster
+from edgezmq.orchestrate.planfile import load_plan
 
 GOOD = {"nodes": [{"name": "a", "control": "tcp://127.0.0.1:5551", "type": "rpi", "memory_bytes": "2GB"},
                   {"name": "b", "control": "tcp://127.0.0.1:5552", "threads": 2}],
@@ -154,7 +155,7 @@ def test_cli_deploy_cluster_dry_run_writes_a_deployable_plan(nodes, tmp_path):
     d = yaml.safe_load(out.read_text())
     assert d["predicted"]["throughput_per_s"] > 0 and "device_types" in d["problem"]
     for n in nodes.nodes:  # dry run: nothing loaded
-        from edgezmq.rpc import ControlClient
+        from edgezmq.transport.rpc import ControlClient
 
         with ControlClient(n.control, timeout=5) as cc:
             assert cc.call("ping")["state"] == "idle"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from edgezmq import control
+from edgezmq.protocol import control
 
 LOAD = dict(run="r", model="vit_tiny_patch16_224", units=[0, 3], stage=0, last=False, microbatch=8)
 

@@ -21,12 +21,12 @@ from helpers import (
     secured_node_args,
 )
 
-from edgezmq.bootstrap import ModelSpec
 from edgezmq.client import PipelineError
-from edgezmq.cluster import Cluster, NodeEntry, parse_cluster
-from edgezmq.failover import Heartbeat, Progress, ResilientPipeline, stall_limit
-from edgezmq.local import LocalCluster
-from edgezmq.rpc import ControlClient
+from edgezmq.orchestrate.failover import Heartbeat, Progress, ResilientPipeline, stall_limit
+from edgezmq.orchestrate.inventory import Cluster, NodeEntry, parse_cluster
+from edgezmq.orchestrate.local import LocalCluster
+from edgezmq.orchestrate.planfile import ModelSpec
+from edgezmq.transport.rpc import ControlClient
 
 pytestmark = pytest.mark.slow
 INTERVAL = 0.3  # fast heartbeats: a dead node is out in ~1 s
@@ -215,7 +215,7 @@ def test_a_stage_that_stops_producing_is_declared_dead_and_failed_over(tmp_path,
                     with ControlClient(victim.control, timeout=5, retries=0) as c:
                         paused.append(c.call("pause"))
 
-            with caplog.at_level("WARNING", logger="edgezmq.failover"):
+            with caplog.at_level("WARNING", logger="edgezmq.orchestrate.failover"):
                 outs = list(rp.stream(xs, on_result=pause_after_three))
             assert paused and rp.dead == {victim.name} and rp.failovers >= 1
             assert rp.causes[victim.name].startswith("stalled: finished no microbatch")
@@ -238,7 +238,7 @@ SLOW_FLOOR = 0.05
 
 
 def test_a_slow_stage_that_progresses_is_not_declared_dead(tmp_path):
-    from edgezmq import model as models
+    from edgezmq.model import chain as models
 
     ckpt = str(models.cached_checkpoint(SLOW_MODEL, seed=0, **SLOW_KWARGS))
     slow = ModelSpec(name=SLOW_MODEL, microbatch=SLOW_MICROBATCH, checkpoint=ckpt, kwargs=SLOW_KWARGS)

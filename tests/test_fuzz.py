@@ -14,10 +14,12 @@ import pytest
 import zmq
 from helpers import MICROBATCH, N_UNITS, batches, model_spec, monolithic
 
-from edgezmq import control, netprobe, sockets, wire
-from edgezmq.bootstrap import NodeRef, Plan, StagePlan, deploy, unload
-from edgezmq.local import LocalCluster
-from edgezmq.rpc import ControlClient
+from edgezmq.orchestrate.deploy import deploy, unload
+from edgezmq.orchestrate.local import LocalCluster
+from edgezmq.orchestrate.planfile import NodeRef, Plan, StagePlan
+from edgezmq.protocol import control, wire
+from edgezmq.transport import netprobe, sockets
+from edgezmq.transport.rpc import ControlClient
 
 pytestmark = pytest.mark.slow
 N_MESSAGES = int(os.environ.get("EDGEZMQ_FUZZ_N", "10000"))  # per socket

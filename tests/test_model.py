@@ -1,4 +1,4 @@
-"""Tests for edgezmq.model: unit chains equal timm's model, shards load only their own tensors."""
+"""Tests for edgezmq.model.chain: unit chains equal timm's model, shards load only their own tensors."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from safetensors import safe_open as real_safe_open
 from safetensors.torch import load_file, save_file
 from timm.layers import SwiGLU
 
-from edgezmq import model as M
+from edgezmq.model import chain as M
 
 THREADS = 2  # fixed: the same kernels, hence the same bits, on both sides of each comparison
 TINY = "vit_tiny_patch16_224"
@@ -316,7 +316,7 @@ def test_shard_checks_its_input_arity_and_stays_in_eval():
 RSS_SCRIPT = """
 import json, sys
 import torch
-from edgezmq import model as M
+from edgezmq.model import chain as M
 
 def status(field):  # bytes, from /proc/self/status
     for line in open("/proc/self/status"):

@@ -1,4 +1,4 @@
-"""Tests for edgezmq.netprobe: loopback bandwidth and latency, clear failures, a server that survives."""
+"""Tests for edgezmq.transport.netprobe: loopback bandwidth and latency, clear failures, a server that survives."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 import pytest
 import zmq
 
-from edgezmq import netprobe as N
+from edgezmq.transport import netprobe as N
 
 MiB = 1024 * 1024
 TIMEOUT_S = 1.0  # every probe in these tests gives up after this long

@@ -17,8 +17,9 @@ from helpers import (
     wait_state,
 )
 
-from edgezmq import control, sockets, wire
-from edgezmq.rpc import ControlClient
+from edgezmq.protocol import control, wire
+from edgezmq.transport import sockets
+from edgezmq.transport.rpc import ControlClient
 
 RECV_MS = 20_000
 
@@ -175,7 +176,7 @@ def test_upstream_errors_are_forwarded_untouched(cc, socks):
 
 
 def test_pause_holds_the_stage_while_control_answers(node, cc, socks, capsys):
-    from edgezmq.cli import main as cli_main
+    from edgezmq.cli.main import main as cli_main
 
     with pytest.raises(control.ControlError) as ei:
         cc.call("pause")
@@ -268,7 +269,7 @@ def test_profile_command_runs_as_a_job_and_is_cached(cc, tmp_path, monkeypatch):
 
 
 def test_profile_check_rescales_a_cached_profile_the_device_has_drifted_from(cc, tmp_path, monkeypatch):
-    from edgezmq import cache
+    from edgezmq.model import profile_cache as cache
 
     monkeypatch.setenv("EDGEZMQ_CACHE", str(tmp_path))
     args = dict(model=MODEL, microbatch=MICROBATCH, kwargs=KWARGS, threads=1, reps=1)

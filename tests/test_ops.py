@@ -16,12 +16,15 @@ import yaml
 import zmq
 from helpers import KWARGS, MICROBATCH, MODEL, N_UNITS, batches, checkpoint, inproc_node
 
-from edgezmq import node as node_mod
-from edgezmq import nodeconfig, ops_cli
-from edgezmq.bootstrap import deploy, load_plan, unload
+from edgezmq.cli import ops as ops_cli
 from edgezmq.client import Client
-from edgezmq.nodeconfig import NodeConfigError, load_node_config
-from edgezmq.status import status
+from edgezmq.node import config as nodeconfig
+from edgezmq.node import daemon as node_mod
+from edgezmq.node import stage as stage_mod
+from edgezmq.node.config import NodeConfigError, load_node_config
+from edgezmq.ops.status import status
+from edgezmq.orchestrate.deploy import deploy, unload
+from edgezmq.orchestrate.planfile import load_plan
 
 REPO = Path(__file__).resolve().parent.parent
 HTTP_TIMEOUT_S = 10.0
@@ -192,7 +195,7 @@ def test_unit_in_repo_is_the_rendered_template_and_hardened():
                  "CacheDirectory=edgezmq/%i", "StandardError=journal"):
         assert line in text.splitlines(), line
     stop = int(re.search(r"^TimeoutStopSec=(\d+)$", text, re.M).group(1))
-    assert stop > node_mod.DRAIN_TIMEOUT_S  # systemd waits for the drain before SIGKILL
+    assert stop > stage_mod.DRAIN_TIMEOUT_S  # systemd waits for the drain before SIGKILL
 
 
 def test_unit_passes_systemd_analyze_verify(tmp_path):
@@ -274,7 +277,7 @@ def _scrape(url: str) -> dict[str, float]:
 
 def test_metrics_endpoint_serves_counters_that_move_with_traffic(deployed):
     pytest.importorskip("prometheus_client")
-    from edgezmq.metrics import serve_metrics
+    from edgezmq.node.metrics import serve_metrics
 
     _, plan, (n0, _) = deployed
     h = serve_metrics(n0, 0)
@@ -395,7 +398,7 @@ def test_status_bad_input_is_exit_2_without_traceback(tmp_path, capsys):
 
 
 def test_status_notes_a_paused_stage():
-    from edgezmq.status import Target, format_report, report
+    from edgezmq.ops.status import Target, format_report, report
 
     stage = {"stage": 0, "units": [0, N_UNITS], "run": "r", "uptime_s": 1.0, "paused": True, "in_flight": 2}
     rep = report("plan", "p.yaml", [Target("n0", "tcp://127.0.0.1:1")], [{"state": "running", "stage": stage}])
@@ -446,7 +449,7 @@ def test_trace_intervals_are_ordered_and_the_timeline_is_drawn(deployed, tmp_pat
 
 def test_draw_timeline_lanes_for_overlapping_replicas(tmp_path):
     pytest.importorskip("matplotlib")
-    from edgezmq.trace import _lanes, draw_timeline
+    from edgezmq.ops.trace import _lanes, draw_timeline
 
     assert _lanes([(0, 2, 0), (1, 3, 1), (2, 4, 2)]) == {0: 0, 1: 1, 2: 0}
     t = 1000.0
@@ -473,7 +476,7 @@ def test_trace_of_an_undeployed_plan_is_a_clear_error(tmp_path, capsys):
 
 # ---- `edgezmq node --config` (needs the cli.py integration: skipped until then) ---------------
 def _node_cli_has_config() -> bool:
-    from edgezmq.cli import build_parser
+    from edgezmq.cli.main import build_parser
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     return any("--config" in a.option_strings for a in sub.choices["node"]._actions)

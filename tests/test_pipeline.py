@@ -14,21 +14,13 @@ import yaml
 import zmq
 from helpers import KWARGS, MICROBATCH, MODEL, N_UNITS, batches, checkpoint, model_spec, monolithic
 
-from edgezmq import model as models
-from edgezmq import sockets
-from edgezmq.bootstrap import (
-    DeployError,
-    ModelSpec,
-    NodeRef,
-    Plan,
-    PlanFileError,
-    StagePlan,
-    deploy,
-    unload,
-)
 from edgezmq.client import Client
-from edgezmq.local import LocalCluster
-from edgezmq.rpc import ControlClient
+from edgezmq.model import chain as models
+from edgezmq.orchestrate.deploy import DeployError, deploy, unload
+from edgezmq.orchestrate.local import LocalCluster
+from edgezmq.orchestrate.planfile import ModelSpec, NodeRef, Plan, PlanFileError, StagePlan
+from edgezmq.transport import sockets
+from edgezmq.transport.rpc import ControlClient
 
 pytestmark = pytest.mark.slow
 TOL = 1e-5  # separate processes, same kernels and thread count: expect 0, allow float noise

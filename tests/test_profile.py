@@ -1,4 +1,4 @@
-"""Tests for edgezmq.profile: per-unit times and memory, measured one unit at a time."""
+"""Tests for edgezmq.model.profiling: per-unit times and memory, measured one unit at a time."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import msgpack
 import pytest
 import torch
 
-from edgezmq import model as M
-from edgezmq import profile as P
+from edgezmq.model import chain as M
+from edgezmq.model import profiling as P
 
 TINY = "vit_tiny_patch16_224"
 SMALL = {"img_size": 64, "depth": 2}  # every unit kind in milliseconds

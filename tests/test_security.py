@@ -21,21 +21,15 @@ from helpers import (
     monolithic,
 )
 
-from edgezmq import control, security, sockets, wire
-from edgezmq.bootstrap import (
-    DeployError,
-    NodeRef,
-    Plan,
-    StagePlan,
-    deploy,
-    load_plan,
-    unload,
-)
-from edgezmq.cli import main as cli_main
+from edgezmq.cli.main import main as cli_main
 from edgezmq.client import Client
-from edgezmq.local import LocalCluster
-from edgezmq.node import Node
-from edgezmq.rpc import ControlClient
+from edgezmq.node.daemon import Node
+from edgezmq.orchestrate.deploy import DeployError, deploy, unload
+from edgezmq.orchestrate.local import LocalCluster
+from edgezmq.orchestrate.planfile import NodeRef, Plan, StagePlan, load_plan
+from edgezmq.protocol import control, wire
+from edgezmq.transport import security, sockets
+from edgezmq.transport.rpc import ControlClient
 
 pytestmark = pytest.mark.slow
 TOL = 1e-5

@@ -21,14 +21,16 @@ from helpers import (
     secured_node_args,
 )
 
-from edgezmq import control, security
-from edgezmq.autodeploy import autodeploy, gather
-from edgezmq.bootstrap import DeployError, load_plan, unload
-from edgezmq.cli import main as cli_main
+from edgezmq.cli.main import main as cli_main
 from edgezmq.client import Client
-from edgezmq.cluster import ClusterError, load_cluster, parse_cluster
-from edgezmq.local import LocalCluster
-from edgezmq.rpc import ControlClient
+from edgezmq.orchestrate.autodeploy import autodeploy, gather
+from edgezmq.orchestrate.deploy import DeployError, unload
+from edgezmq.orchestrate.inventory import ClusterError, load_cluster, parse_cluster
+from edgezmq.orchestrate.local import LocalCluster
+from edgezmq.orchestrate.planfile import load_plan
+from edgezmq.protocol import control
+from edgezmq.transport import security
+from edgezmq.transport.rpc import ControlClient
 
 pytestmark = pytest.mark.slow
 NAMES = ["n0", "n1", "n2"]
@@ -183,7 +185,7 @@ def test_a_wrong_client_key_is_refused_clearly(secured, keys, tmp_path, capsys):
 
 
 def test_node_probe_with_a_wrong_peer_key_fails_clearly(secured, keys):
-    from edgezmq.autodeploy import wait_job
+    from edgezmq.orchestrate.autodeploy import wait_job
 
     cluster = parse_cluster(inventory(secured, keys))
     n0, n1 = cluster.nodes[0], cluster.nodes[1]
@@ -201,8 +203,8 @@ def test_node_probe_with_a_wrong_peer_key_fails_clearly(secured, keys):
 
 
 def test_cli_run_on_a_secured_inventory(secured, keys, tmp_path, capsys):
-    from edgezmq import model as models
     from edgezmq.client import split
+    from edgezmq.model import chain as models
 
     inv = write(tmp_path, inventory(secured, keys))
     out = tmp_path / "y.npy"

@@ -367,9 +367,9 @@ def test_namespaces_are_isolated_from_the_host(testbed):
     assert str(testbed.config.subnet) not in host_routes
 
 
-SERVE = ("import sys; from edgezmq.netprobe import ProbeServer; s = ProbeServer(sys.argv[1], port=int(sys.argv[2])).start();"
+SERVE = ("import sys; from edgezmq.transport.netprobe import ProbeServer; s = ProbeServer(sys.argv[1], port=int(sys.argv[2])).start();"
          "print('ready', flush=True); sys.stdin.read(); s.stop()")
-PROBE = ("import sys, json; from edgezmq.netprobe import probe; print(json.dumps(probe(sys.argv[1], "
+PROBE = ("import sys, json; from edgezmq.transport.netprobe import probe; print(json.dumps(probe(sys.argv[1], "
          "bytes_per_msg=int(sys.argv[2]), seconds=float(sys.argv[3]), timeout=10.0)))")
 PROBE_PORT = 7001
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import zmq
 
-from edgezmq import sockets, wire
+from edgezmq.protocol import wire
+from edgezmq.transport import sockets
 
 
 def msg(*tensors, **kw):

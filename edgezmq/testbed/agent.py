@@ -10,8 +10,8 @@ PING_TIMEOUT_S = 2.0
 
 def ping_all(addresses: list[str], timeout: float = PING_TIMEOUT_S) -> dict[str, dict]:
     """address -> {"ok": True, "state": ...} or {"ok": False, "error": ...}; one try each."""
-    from ..control import ControlError
-    from ..rpc import ControlClient
+    from edgezmq.protocol.control import ControlError
+    from edgezmq.transport.rpc import ControlClient
 
     out: dict[str, dict] = {}
     for addr in addresses:

@@ -211,7 +211,7 @@ def _devices(v: Any, cores: int) -> list[DeviceSpec]:
 def parse_config(doc: Any, *, default_name: str | None = None, cores: int | None = None) -> TestbedConfig:
     """Validate a loaded TESTBED.yaml document; `cores` bounds each device's CPU share (default: this machine's)."""
     if cores is None:
-        from .. import device
+        from edgezmq.node import device
 
         cores = device.cores()
     top = _map(doc, "", _TOP_KEYS) if doc is not None else {}

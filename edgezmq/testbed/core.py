@@ -15,7 +15,8 @@ from typing import Any
 
 import yaml
 
-from ..node import READY_PREFIX
+from edgezmq.node.daemon import READY_PREFIX
+
 from . import cgroups, net
 from .config import BRIDGE, CLIENT, TestbedConfig, load_config
 from .errors import PrerequisiteError, TestbedError
@@ -425,7 +426,7 @@ class Testbed:
         self.cluster_path.write_text(head + yaml.safe_dump(self.cluster, sort_keys=False))
 
     def _warnings(self) -> list[str]:
-        from .. import device
+        from edgezmq.node import device
 
         total = sum(d.cpu for d in self.config.devices) + (self.config.client.cpu or 0)
         cores = device.cores()

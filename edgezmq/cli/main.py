@@ -64,16 +64,16 @@ def progress_bar(total: int, label: str = "", stream=sys.stderr):
 
 # ---- node -------------------------------------------------------------
 def cmd_node(args: argparse.Namespace) -> int:
-    from . import sockets
-    from .node import READY_PREFIX, Node
-    from .ops_cli import node_args_from, start_metrics
+    from edgezmq.cli.ops import node_args_from, start_metrics
+    from edgezmq.node.daemon import READY_PREFIX, Node
+    from edgezmq.transport import sockets
 
     args = argparse.Namespace(**{**vars(args), **node_args_from(args)})  # --config FILE under the flags
     keys = None
     if (args.secret_key is None) != (args.allow is None):
         raise ValueError("--secret-key and --allow go together (a secured node needs both)")
     if args.secret_key is not None:
-        from .security import load_keypair, load_public_dir
+        from edgezmq.transport.security import load_keypair, load_public_dir
 
         keys = load_keypair(args.secret_key)
         if not load_public_dir(args.allow):
@@ -107,7 +107,7 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_generate(args: argparse.Namespace) -> int:
-    from .security import generate
+    from edgezmq.transport.security import generate
 
     pub, sec = generate(args.dir, args.name)
     print(f"public key: {pub}\nsecret key: {sec} (keep it on this machine; copy only the public key)")
@@ -116,15 +116,15 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
 
 # ---- deploy / undeploy / status -----------------------------------------
 def _load_plan(path: str):
-    from .bootstrap import load_plan
+    from edgezmq.orchestrate.planfile import load_plan
 
     return load_plan(path)
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from .bootstrap import PlanFileError
-    from .cluster import is_cluster_file
-    from .yamlfile import read_yaml
+    from edgezmq.orchestrate.inventory import is_cluster_file
+    from edgezmq.orchestrate.planfile import PlanFileError
+    from edgezmq.yamlfile import read_yaml
 
     d = read_yaml(args.file, PlanFileError)  # a bad file fails fast, before torch is imported
     if is_cluster_file(d):
@@ -132,11 +132,11 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     if args.model or args.dry_run or args.plan_out:
         raise SystemExit(f"edgezmq deploy: {args.file} is a plan; --model/--dry-run/--plan-out "
                          "apply to a cluster inventory")
-    from .bootstrap import parse_plan
+    from edgezmq.orchestrate.planfile import parse_plan
 
     plan = parse_plan(d, source=args.file)
     t0 = time.time()
-    from .bootstrap import deploy
+    from edgezmq.orchestrate.deploy import deploy
 
     dep = deploy(plan, load_timeout=args.timeout, progress=None if args.json else _stderr)
     _print_deployed(args, plan, dep, time.time() - t0)
@@ -144,8 +144,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def _print_deployed(args: argparse.Namespace, plan, dep, seconds: float, extra: dict | None = None) -> None:
-    from . import model as models
-    from .bootstrap import stage_table
+    from edgezmq.model import chain as models
+    from edgezmq.orchestrate.deploy import stage_table
 
     if args.json:
         print(json.dumps({"run": dep.run if dep else None, "stages": [
@@ -164,8 +164,8 @@ def _print_deployed(args: argparse.Namespace, plan, dep, seconds: float, extra: 
 def _model_spec(args: argparse.Namespace):
     """The ModelSpec of --model/--kwargs/--checkpoint/--pretrained/--microbatch/--granularity;
     without weights given, the seeded checkpoint (which every node must have)."""
-    from . import model as models
-    from .bootstrap import ModelSpec
+    from edgezmq.model import chain as models
+    from edgezmq.orchestrate.planfile import ModelSpec
 
     kwargs = json.loads(args.kwargs) if args.kwargs else {}
     checkpoint = args.checkpoint
@@ -180,8 +180,8 @@ def _model_spec(args: argparse.Namespace):
 def _deploy_cluster(args: argparse.Namespace, d: dict) -> int:
     import yaml
 
-    from .autodeploy import autodeploy
-    from .cluster import parse_cluster
+    from edgezmq.orchestrate.autodeploy import autodeploy
+    from edgezmq.orchestrate.inventory import parse_cluster
 
     cluster = parse_cluster(d, source=args.file)
     if not args.model:
@@ -220,7 +220,7 @@ def _solved(g) -> dict:
 
 
 def cmd_undeploy(args: argparse.Namespace) -> int:
-    from .bootstrap import unload
+    from edgezmq.orchestrate.deploy import unload
 
     plan = _load_plan(args.plan)
     code = 0
@@ -236,7 +236,7 @@ def _inputs(args: argparse.Namespace, model) -> tuple:
     """(N, C, H, W) float32 inputs from --random/--npy/--images for a ModelSpec, and names."""
     import numpy as np
 
-    from . import model as models
+    from edgezmq.model import chain as models
 
     if args.random is not None:
         shape = models.input_shape(model.name, args.random, **model.kwargs)
@@ -249,7 +249,7 @@ def _inputs(args: argparse.Namespace, model) -> tuple:
         if x.ndim == 3:
             x = x[None]
         return np.ascontiguousarray(x, dtype=np.float32), None
-    from .images import load_images
+    from edgezmq.model.images import load_images
 
     return load_images(args.images, model.name, **model.kwargs)
 
@@ -258,7 +258,7 @@ def _collect(args: argparse.Namespace, stream, n_batches: int, names) -> int:
     """Drain a result stream with a progress bar; write the logits; print top-5."""
     import numpy as np
 
-    from .images import top5
+    from edgezmq.model.images import top5
 
     bar = progress_bar(n_batches) if not args.quiet else None
     outs, samples = [], 0
@@ -279,7 +279,7 @@ def _collect(args: argparse.Namespace, stream, n_batches: int, names) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from .client import Client, split
+    from edgezmq.client import Client, split
 
     plan = _load_plan(args.plan)
     x, names = _inputs(args, plan.model)
@@ -290,9 +290,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Deploy on a cluster inventory and run inputs through it, failing over on dead nodes."""
-    from .client import split
-    from .cluster import load_cluster
-    from .failover import ResilientPipeline
+    from edgezmq.client import split
+    from edgezmq.orchestrate.failover import ResilientPipeline
+    from edgezmq.orchestrate.inventory import load_cluster
 
     cluster = load_cluster(args.cluster)
     spec = _model_spec(args)
@@ -316,7 +316,7 @@ KEYS_HELP = ("plan or cluster inventory whose keys: section to use: CurveZMQ to 
 def _node_arg(flag: str, value: str, keys_file: str | None):
     """A node given on the command line: a control address, or with ``--keys FILE`` a node of
     that plan or inventory (by name or address), reached with the file's keys."""
-    from .status import Target, targets
+    from edgezmq.ops.status import Target, targets
 
     if keys_file is None:
         if not value.startswith("tcp://"):
@@ -334,8 +334,8 @@ def _node_arg(flag: str, value: str, keys_file: str | None):
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from .cluster import NodeEntry
-    from .profile import format_profile
+    from edgezmq.model.profiling import format_profile
+    from edgezmq.orchestrate.inventory import NodeEntry
 
     kwargs = json.loads(args.kwargs) if args.kwargs else {}
 
@@ -345,8 +345,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if args.keys and not args.node:
         raise ValueError("--keys: applies to --node (profiling on this machine talks to no node)")
     if args.node:
-        from .autodeploy import PROFILE_TIMEOUT_S, wait_job
-        from .rpc import ControlClient
+        from edgezmq.orchestrate.autodeploy import PROFILE_TIMEOUT_S, wait_job
+        from edgezmq.transport.rpc import ControlClient
 
         target = _node_arg("--node", args.node, args.keys)
         req = dict(model=args.model, microbatch=args.microbatch, granularity=args.granularity,
@@ -359,7 +359,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
             _stderr(f"{target.name}: from the node's profile cache (--reprofile to measure again)")
         prof = wait_job(NodeEntry(target.name, target.control), reply, PROFILE_TIMEOUT_S, progress, target.curve)
     else:
-        from .profile import profile_units
+        from edgezmq.model.profiling import profile_units
 
         prof = profile_units(args.model, granularity=args.granularity, microbatch=args.microbatch,
                              threads=args.threads, reps=args.reps, kwargs=kwargs,
@@ -369,10 +369,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_netprobe(args: argparse.Namespace) -> int:
-    from . import netprobe
-    from .autodeploy import wait_job
-    from .cluster import NodeEntry
-    from .rpc import ControlClient
+    from edgezmq.orchestrate.autodeploy import wait_job
+    from edgezmq.orchestrate.inventory import NodeEntry
+    from edgezmq.transport import netprobe
+    from edgezmq.transport.rpc import ControlClient
 
     to = _node_arg("--to", args.to, args.keys)
     with ControlClient(to.control, timeout=args.timeout, name=to.name, curve=to.curve) as c:
@@ -397,7 +397,7 @@ def cmd_netprobe(args: argparse.Namespace) -> int:
 
 def cmd_pause(args: argparse.Namespace) -> int:
     """`pause` or `resume` one node's stage (its control socket keeps answering)."""
-    from .rpc import ControlClient
+    from edgezmq.transport.rpc import ControlClient
 
     target = _node_arg("node", args.node, args.keys)
     with ControlClient(target.control, timeout=args.timeout, retries=0, name=target.name, curve=target.curve) as c:
@@ -408,7 +408,7 @@ def cmd_pause(args: argparse.Namespace) -> int:
 
 # ---- checkpoint ------------------------------------------------------------
 def cmd_checkpoint(args: argparse.Namespace) -> int:
-    from . import model as models
+    from edgezmq.model import chain as models
 
     kwargs = json.loads(args.kwargs) if args.kwargs else {}
     out = Path(args.out).expanduser() if args.out else None
@@ -420,7 +420,7 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
 
 # ---- demo -----------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from edgezmq.orchestrate.demo import run_demo
 
     return run_demo(args)
 
@@ -440,11 +440,11 @@ def _add_io_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .failover import HEARTBEAT_S, LIVENESS, STALL_FACTOR, STALL_FLOOR_S
-    from .ops_cli import add_cli as add_ops_cli
-    from .ops_cli import add_node_options
-    from .planner import add_cli as add_plan_cli
-    from .testbed import add_cli as add_testbed_cli
+    from edgezmq.cli.ops import add_cli as add_ops_cli
+    from edgezmq.cli.ops import add_node_options
+    from edgezmq.orchestrate.failover import HEARTBEAT_S, LIVENESS, STALL_FACTOR, STALL_FLOOR_S
+    from edgezmq.planner import add_cli as add_plan_cli
+    from edgezmq.testbed import add_cli as add_testbed_cli
 
     p = argparse.ArgumentParser(prog="edgezmq", description=__doc__)
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
@@ -611,13 +611,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import bootstrap, client, control  # light modules: no torch for a quick error
+    from edgezmq import client
+    from edgezmq.orchestrate import deploy as bootstrap
+    from edgezmq.orchestrate import planfile
+    from edgezmq.protocol import control  # light modules: no torch for a quick error
 
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
-    except (bootstrap.PlanFileError, bootstrap.DeployError, control.ControlError,
+    except (planfile.PlanFileError, bootstrap.DeployError, control.ControlError,
             client.PipelineError, TimeoutError, FileNotFoundError, ValueError) as e:
         # ValueError covers model.ModelError, wire.WireError and the planner's PlanError
         print(f"edgezmq {args.command}: {e}", file=sys.stderr)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import nodeconfig
+from edgezmq.node import config as nodeconfig
 
 EXIT_BAD_INPUT = 2
 SYSTEMD_RUNNING = Path("/run/systemd/system")  # exists iff PID 1 is systemd
@@ -49,8 +49,8 @@ def _say_errors(command: str) -> Callable:
     """Expected failures -> one line on stderr and exit code 2, never a traceback."""
     import zmq
 
-    from . import control
-    from .metrics import MetricsUnavailable
+    from edgezmq.node.metrics import MetricsUnavailable
+    from edgezmq.protocol import control
 
     def wrap(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
         @functools.wraps(fn)
@@ -90,7 +90,7 @@ def start_metrics(node: Any, opts: dict[str, Any]):
     """The node's metrics endpoint when ``metrics_port`` is set, else None; errors name the field."""
     if opts.get("metrics_port") is None:
         return None
-    from .metrics import MetricsUnavailable, serve_metrics
+    from edgezmq.node.metrics import MetricsUnavailable, serve_metrics
 
     try:
         return serve_metrics(node, opts["metrics_port"], opts.get("metrics_host") or nodeconfig.DEFAULT_METRICS_HOST)
@@ -100,7 +100,7 @@ def start_metrics(node: Any, opts: dict[str, Any]):
 
 # ---- status -------------------------------------------------------------------
 def cmd_status(args: argparse.Namespace) -> int:
-    from .status import status
+    from edgezmq.ops.status import status
 
     return status(args.file, watch=args.watch, interval=args.interval, json=args.json,
                   count=args.count, timeout=args.timeout)
@@ -108,8 +108,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 # ---- trace --------------------------------------------------------------------
 def cmd_trace(args: argparse.Namespace) -> int:
-    from .bootstrap import load_plan
-    from .trace import collect, draw_timeline, save_trace
+    from edgezmq.ops.trace import collect, draw_timeline, save_trace
+    from edgezmq.orchestrate.planfile import load_plan
 
     out = Path(args.out)
     if out.suffix.lower() != ".png":
@@ -182,8 +182,8 @@ def cmd_install_service(args: argparse.Namespace) -> int:
 # ---- registration ---------------------------------------------------------------
 def add_cli(sub: argparse._SubParsersAction) -> None:
     """Register `status`, `trace` and `install-service` on the `edgezmq` subparsers."""
-    from .status import DEFAULT_INTERVAL_S, STATS_TIMEOUT_S
-    from .trace import DEFAULT_TIMEOUT_S
+    from edgezmq.ops.status import DEFAULT_INTERVAL_S, STATS_TIMEOUT_S
+    from edgezmq.ops.trace import DEFAULT_TIMEOUT_S
 
     fmt = argparse.RawDescriptionHelpFormatter
 

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .paths import CACHE_ENV
-from .yamlfile import read_yaml
+from edgezmq.paths import CACHE_ENV
+from edgezmq.yamlfile import read_yaml
 
 CONFIG_DIR = "/etc/edgezmq"
 UNIT_DIR = "/etc/systemd/system"
@@ -37,7 +37,7 @@ UNIT_NAME = "edgezmq-node@.service"  # template: one instance per config, edgezm
 DEFAULT_EXEC = "/opt/edgezmq/bin/edgezmq"  # where nodes/install.sh puts the console script
 DEFAULT_CONTROL = "tcp://127.0.0.1:5550"
 DEFAULT_METRICS_HOST = "127.0.0.1"  # metrics name models and runs: expose to the LAN on purpose only
-STOP_TIMEOUT_S = 30  # node drain (node.DRAIN_TIMEOUT_S, 10 s) + joining its threads + margin
+STOP_TIMEOUT_S = 30  # node drain (stage.DRAIN_TIMEOUT_S, 10 s) + joining its threads + margin
 RESTART_SEC = 5
 LOG_LEVELS = ("debug", "info", "warning", "error")
 KEY_FIELDS = ("secret_key_file", "public_key_file", "allowed_clients_dir")

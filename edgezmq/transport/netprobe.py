@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 import zmq
 
-from . import sockets
-from .security import CURVE_HINT, Curve
+from edgezmq.transport import sockets
+from edgezmq.transport.security import CURVE_HINT, Curve
 
 __all__ = ["ProbeServer", "probe", "ProbeError"]
 

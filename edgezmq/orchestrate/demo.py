@@ -22,13 +22,14 @@ from typing import Any
 
 import numpy as np
 
-from . import device
-from . import model as models
-from .autodeploy import autodeploy
-from .bootstrap import ModelSpec, NodeRef, Plan, StagePlan, deploy, stage_table, unload
-from .client import Client
-from .cluster import Cluster, NodeEntry
-from .local import LocalCluster
+from edgezmq.client import Client
+from edgezmq.model import chain as models
+from edgezmq.node import device
+from edgezmq.orchestrate.autodeploy import autodeploy
+from edgezmq.orchestrate.deploy import deploy, stage_table, unload
+from edgezmq.orchestrate.inventory import Cluster, NodeEntry
+from edgezmq.orchestrate.local import LocalCluster
+from edgezmq.orchestrate.planfile import ModelSpec, NodeRef, Plan, StagePlan
 
 MAX_ABS_DIFF = 1e-4  # the demo fails above this (float32 kernels agree far tighter)
 PROBE_SECONDS = 0.2  # loopback links: a short probe is plenty

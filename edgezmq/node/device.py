@@ -129,7 +129,7 @@ def describe() -> dict:
     import torch
     import zmq
 
-    from . import __version__
+    from edgezmq import __version__
 
     return {
         "hostname": socket.gethostname(),

@@ -15,7 +15,7 @@ def load_images(directory: str | Path, model_name: str, **kwargs) -> tuple[np.nd
     import timm.data
     from PIL import Image, UnidentifiedImageError
 
-    from . import model as models
+    from edgezmq.model import chain as models
 
     d = Path(directory)
     if not d.is_dir():

@@ -12,7 +12,7 @@
     keys: {client: keys/client.key_secret, nodes: keys/nodes/}   # optional: CurveZMQ to every node
 
 Documented in plans/README.md.  Parsing only: measuring and planning live in
-``edgezmq.autodeploy``.
+``edgezmq.orchestrate.autodeploy``.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import security
-from .yamlfile import read_yaml
+from edgezmq.transport import security
+from edgezmq.yamlfile import read_yaml
 
 CLIENT = "client"  # the client's name in link tables (as in the planner's problem files)
 DEFAULT_RESULTS_PORT = 5560

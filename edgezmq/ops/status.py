@@ -12,8 +12,8 @@ from typing import Any, TextIO
 
 import yaml
 
-from . import control
-from .rpc import ControlClient
+from edgezmq.protocol import control
+from edgezmq.transport.rpc import ControlClient
 
 STATS_TIMEOUT_S = 2.0  # per node, per refresh; nodes are asked in parallel
 DEFAULT_INTERVAL_S = 2.0
@@ -50,8 +50,8 @@ def control_client(address: str, *, curve: Any = None, **kw: Any) -> ControlClie
 
 def targets(path: str) -> tuple[str, list[Target]]:
     """("plan" | "cluster", the nodes to ask) from a plan file or a cluster inventory."""
-    from .bootstrap import parse_plan
-    from .cluster import is_cluster_file, parse_cluster
+    from edgezmq.orchestrate.inventory import is_cluster_file, parse_cluster
+    from edgezmq.orchestrate.planfile import parse_plan
 
     try:
         d = yaml.safe_load(Path(path).read_text())

@@ -7,8 +7,9 @@ from typing import Any
 
 import zmq
 
-from . import control, sockets
-from .security import CURVE_HINT, Curve
+from edgezmq.protocol import control
+from edgezmq.transport import sockets
+from edgezmq.transport.security import CURVE_HINT, Curve
 
 log = logging.getLogger(__name__)
 

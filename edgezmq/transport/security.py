@@ -13,7 +13,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-log = logging.getLogger("edgezmq.security")
+log = logging.getLogger(__name__)
 
 PUBLIC_SUFFIX = ".key"  # zmq.auth.create_certificates' names: NAME.key, NAME.key_secret
 SECRET_SUFFIX = ".key_secret"

@@ -12,9 +12,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .node import READY_PREFIX
+from edgezmq.node.daemon import READY_PREFIX
 
-log = logging.getLogger("edgezmq.local")
+log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 60.0  # importing torch on a loaded 2-core box takes a while
 STOP_TIMEOUT_S = 15.0

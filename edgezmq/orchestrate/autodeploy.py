@@ -5,8 +5,8 @@ model's units on its own hardware (cached on the node; a cached profile is spot-
 and rescaled when the device has drifted, ``profile.spot_check``), measures the links the planner
 needs (all pairs for small clusters, one sample per type pair for large ones, and the
 client's link to every node), and builds the planner's problem (#3's format).
-``autodeploy`` then plans, deploys through ``edgezmq.bootstrap`` and calibrates the fresh
-deployment (``edgezmq.calibrate``: a burst of microbatches, the device types corrected to
+``autodeploy`` then plans, deploys through ``edgezmq.orchestrate.deploy`` and calibrates the fresh
+deployment (``edgezmq.orchestrate.calibrate``: a burst of microbatches, the device types corrected to
 what their stages cost serving, a re-plan, a redeploy if a much better plan comes out).  With a ``keys:`` section in the inventory every one of these
 steps speaks CurveZMQ (node <-> node probes too), and so does the plan it deploys.
 
@@ -34,17 +34,19 @@ from typing import Any
 
 import zmq
 
-from . import control, netprobe, security
-from .bootstrap import DeployError, Deployment, ModelSpec, NodeRef, Plan, StagePlan, deploy, unload
-from .calibrate import CALIBRATION_MICROBATCHES
-from .calibrate import calibrate as run_calibration
-from .client import Client
-from .cluster import CLIENT, Cluster, NodeEntry
-from .node import BUFFERS_PER_DIRECTION
-from .rpc import ControlClient
-from .security import Curve
+from edgezmq.client import Client
+from edgezmq.node.daemon import BUFFERS_PER_DIRECTION
+from edgezmq.orchestrate.calibrate import CALIBRATION_MICROBATCHES
+from edgezmq.orchestrate.calibrate import calibrate as run_calibration
+from edgezmq.orchestrate.deploy import DeployError, Deployment, deploy, unload
+from edgezmq.orchestrate.inventory import CLIENT, Cluster, NodeEntry
+from edgezmq.orchestrate.planfile import ModelSpec, NodeRef, Plan, StagePlan
+from edgezmq.protocol import control
+from edgezmq.transport import netprobe, security
+from edgezmq.transport.rpc import ControlClient
+from edgezmq.transport.security import Curve
 
-log = logging.getLogger("edgezmq.autodeploy")
+log = logging.getLogger(__name__)
 
 INFO_TIMEOUT_S = 5.0
 JOB_POLL_S = 0.2
@@ -64,7 +66,7 @@ class Gathered:
     links: dict[tuple[str, str], dict]  # measured (a, b) -> netprobe result
     seconds: float
     io: dict[str, dict] = field(default_factory=dict)  # device type -> measure_io's figures
-    calibration: Any = None  # edgezmq.calibrate.Calibration, after autodeploy calibrated
+    calibration: Any = None  # edgezmq.orchestrate.calibrate.Calibration, after autodeploy calibrated
 
 
 def _parallel(items: list, fn: Callable, workers: int | None = None) -> list:
@@ -354,7 +356,7 @@ def build_problem(
 
 def plan_problem(problem_dict: dict, *, time_limit_s: float = PLAN_TIME_LIMIT_S):
     """(Problem, planner Plan) for a problem dict."""
-    from .planner import Problem, solve
+    from edgezmq.planner import Problem, solve
 
     problem = Problem.from_dict(problem_dict)
     return problem, solve(problem, time_limit_s=time_limit_s)
@@ -377,7 +379,7 @@ def autodeploy(
     calibrate: int = CALIBRATION_MICROBATCHES, client: Client | None = None,
 ) -> tuple[Deployment | None, Plan, Any, Any, Gathered]:
     """Measure, plan, deploy, calibrate (`calibrate` microbatches through the deployment,
-    ``edgezmq.calibrate``; 0: not), through `client` when given (bound to `results`).
+    ``edgezmq.orchestrate.calibrate``; 0: not), through `client` when given (bound to `results`).
     Returns (deployment or None when dry_run, deploy plan, planner problem, planner plan,
     what was gathered, with ``calibration``)."""
     say = say or (lambda m: log.info("%s", m))
@@ -401,7 +403,7 @@ def autodeploy(
 def _calibrate(cluster: Cluster, model: ModelSpec, dep: Deployment, problem: Any, planned: Any, g: Gathered, *,
                n: int, client: Client | None, results: str | None, time_limit_s: float, load_timeout: float,
                say: Say) -> tuple[Deployment, Any, Any]:
-    """``edgezmq.calibrate`` on a fresh deployment, through `client` or, without one, a client
+    """``edgezmq.orchestrate.calibrate`` on a fresh deployment, through `client` or, without one, a client
     of its own on the plan's results address (the inventory's; closed after); on failure the
     nodes are unloaded."""
     window = 2 * sum(len(s.devices) for s in planned.stages) + 2

@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .bootstrap import Plan
-from .status import control_client, node_curve
+from edgezmq.ops.status import control_client, node_curve
+from edgezmq.orchestrate.planfile import Plan
 
 TRACE_VERSION = 1
 OFFSET_PINGS = 5
@@ -119,8 +119,8 @@ def collect(
     """Run ``n_batches`` random microbatches through the running deployment of ``plan``; the trace."""
     import numpy as np
 
-    from . import model as models
-    from .client import Client
+    from edgezmq.client import Client
+    from edgezmq.model import chain as models
 
     if n_batches < 1:
         raise ValueError(f"--batches: must be >= 1, got {n_batches}")

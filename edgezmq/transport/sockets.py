@@ -13,8 +13,8 @@ from typing import Any
 
 import zmq
 
-from . import wire
-from .security import Curve
+from edgezmq.protocol import wire
+from edgezmq.transport.security import Curve
 
 # Activations are multi-MB: a few messages of queue per socket bound memory (the
 # default HWM of 1000 would be gigabytes) while keeping the next stage fed.

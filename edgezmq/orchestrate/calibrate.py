@@ -42,11 +42,12 @@ from typing import Any
 
 import numpy as np
 
-from .bootstrap import Deployment, Plan, deploy, unload
-from .client import Client
-from .rpc import ControlClient
+from edgezmq.client import Client
+from edgezmq.orchestrate.deploy import Deployment, deploy, unload
+from edgezmq.orchestrate.planfile import Plan
+from edgezmq.transport.rpc import ControlClient
 
-log = logging.getLogger("edgezmq.calibrate")
+log = logging.getLogger(__name__)
 
 CALIBRATION_MICROBATCHES = 8  # timed microbatches (after the warm-up), at least ...
 CALIBRATION_SECONDS = 2.0  # ... this long at the predicted pace (up to 4x as many microbatches)
@@ -114,7 +115,7 @@ def serving_time_s(before: dict, after: dict, device: dict, threads: int | None)
 def factors(problem: Any, planned: Any, timings: dict[str, tuple[float, float]],
             types: dict[str, str]) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
     """Device type -> factor, and per device what it was made of (module doc)."""
-    from .planner.cost import in_bytes
+    from edgezmq.planner.cost import in_bytes
 
     per_type: dict[str, list[float]] = {}
     devices: dict[str, dict[str, Any]] = {}
@@ -182,8 +183,8 @@ def calibrate(
     `replan(problem_dict)` -> (Problem, planner plan); `to_plan(planner plan)` -> the plan to
     deploy should a new one replace `dep` (which is then unloaded first). Returns the
     deployment in service, the problem and planner plan it follows, and what was measured."""
-    from . import model as models  # torch and timm: only when calibrating
-    from .planner import evaluate
+    from edgezmq.model import chain as models  # torch and timm: only when calibrating
+    from edgezmq.planner import evaluate
 
     say = say or (lambda m: log.info("%s", m))
     t0 = time.time()

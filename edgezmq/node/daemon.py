@@ -15,7 +15,6 @@ node speaks CurveZMQ (docs/security.md).  Bad data messages are counted and turn
 from __future__ import annotations
 
 import logging
-import queue
 import signal
 import threading
 import time
@@ -26,80 +25,18 @@ from typing import Any
 import numpy as np
 import zmq
 
-from . import control, device, security, sockets, wire
+from edgezmq.node import device
+from edgezmq.node.stage import BUFFERS_PER_DIRECTION, POLL_MS, LoadSpec, StageRuntime
+from edgezmq.protocol import control
+from edgezmq.transport import security, sockets
 
-log = logging.getLogger("edgezmq.node")
+log = logging.getLogger(__name__)
 
-QUEUE_DEPTH = 2  # between threads: enough to overlap compute with transfer, no more
-POLL_MS = 100  # how often blocking loops look at their stop flags
-DRAIN_TIMEOUT_S = 10.0  # SIGTERM: finish in-flight microbatches for at most this long
-READY_PREFIX = "EDGEZMQ-NODE-READY"  # first stdout line, parsed by edgezmq.local
-SUPPORTED_DTYPES = ("float32",)
-BUFFERS_PER_DIRECTION = QUEUE_DEPTH + sockets.DATA_HWM + 1  # for the memory estimate
+READY_PREFIX = "EDGEZMQ-NODE-READY"  # first stdout line, parsed by edgezmq.orchestrate.local
 MAX_JOBS_KEPT = 16  # finished jobs remembered for `job` queries
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
-WIRE_SEQ_LIMIT = 2**63  # wire.decode_header accepts seq in [-1, 2**63)
-_STOP = object()
 
 
-@dataclass
-class Counters:
-    received: int = 0
-    processed: int = 0
-    samples: int = 0
-    sent: int = 0
-    bad_messages: int = 0
-    wrong_run: int = 0
-    compute_errors: int = 0
-    forwarded_errors: int = 0
-    send_retries: int = 0
-    bytes_in: int = 0  # data-plane frames received, header included
-    bytes_out: int = 0
-    recv_s: float = 0.0  # decoding + validating
-    wait_s: float = 0.0  # compute thread idle, waiting for input
-    compute_s: float = 0.0
-    compute_cpu_s: float = 0.0  # CPU time of the compute thread inside forwards
-    send_s: float = 0.0  # send thread inside send (includes back-pressure)
-    last_error: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-@dataclass
-class LoadSpec:
-    run: str
-    model: str
-    start: int
-    end: int
-    stage: int
-    last: bool
-    microbatch: int
-    granularity: str = "block"
-    kwargs: dict = field(default_factory=dict)
-    checkpoint: str | None = None
-    pretrained: bool = False
-    dtype: str = "float32"
-    threads: int | None = None
-
-    @classmethod
-    def from_args(cls, a: dict[str, Any]) -> LoadSpec:
-        units = a["units"]
-        if len(units) != 2 or not all(isinstance(u, int) and not isinstance(u, bool) for u in units):
-            raise control.ControlError(control.BAD_ARGS, f"load.units: expected [start, end] ints, got {units!r}")
-        if a["microbatch"] < 1:
-            raise control.ControlError(control.BAD_ARGS, f"load.microbatch: must be >= 1, got {a['microbatch']}")
-        if a.get("threads") is not None and a["threads"] < 1:
-            raise control.ControlError(control.BAD_ARGS, f"load.threads: must be >= 1, got {a['threads']}")
-        dtype = a.get("dtype", "float32")
-        if dtype not in SUPPORTED_DTYPES:
-            raise control.ControlError(control.BAD_ARGS, f"load.dtype: supported {SUPPORTED_DTYPES}, got {dtype!r}")
-        return cls(
-            run=a["run"], model=a["model"], start=units[0], end=units[1], stage=a["stage"],
-            last=a["last"], microbatch=a["microbatch"], granularity=a.get("granularity", "block"),
-            kwargs=dict(a.get("kwargs") or {}), checkpoint=a.get("checkpoint"),
-            pretrained=bool(a.get("pretrained", False)), dtype=dtype, threads=a.get("threads"),
-        )
 
 
 @dataclass
@@ -115,242 +52,6 @@ class Job:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
-
-
-class StageRuntime:
-    """One loaded shard and its three data threads."""
-
-    def __init__(self, ctx: zmq.Context, spec: LoadSpec, pull: zmq.Socket, endpoint: str,
-                 keys: security.KeyPair | None = None) -> None:
-        self.ctx = ctx
-        self.keys = keys  # the node's: the PUSH downstream is then a CURVE client
-        self.spec = spec
-        self.pull = pull
-        self.endpoint = endpoint
-        self.push: zmq.Socket | None = None
-        self.shard: Any = None
-        self.expected_in: list[tuple[tuple[int, ...], str]] = []
-        self.counters = Counters()
-        self.in_q: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
-        self.out_q: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
-        self.stop = threading.Event()  # hard stop
-        self.draining = threading.Event()  # stop taking input, finish the rest
-        self.paused = threading.Event()  # `pause`: the compute thread computes nothing until `resume`
-        self.threads: list[threading.Thread] = []
-        self.started_at: float | None = None
-        self.started_cpu = 0.0
-        # called by the send thread with each sent microbatch's [stage, t_recv, t_start,
-        # t_end, t_send] and its send seconds (edgezmq.metrics histograms)
-        self.observers: list[Callable[[list, float], None]] = []
-
-    # ---- data threads -------------------------------------------------
-    def _put(self, q: queue.Queue, item: Any) -> bool:
-        while not self.stop.is_set():
-            try:
-                q.put(item, timeout=POLL_MS / 1000)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _reject(self, run: str, seq: Any, code: str, message: str, t: list | None = None) -> None:
-        # the error must itself be a valid message: a seq out of the wire's range (read from a
-        # header that failed validation) becomes -1, texts are cut to the wire's byte limit
-        if not isinstance(seq, int) or isinstance(seq, bool) or not -1 <= seq < WIRE_SEQ_LIMIT:
-            seq = -1
-        message = message.encode()[:wire.MAX_TEXT].decode(errors="ignore")
-        c = self.counters
-        c.last_error = f"seq {seq}: {code}: {message}"[:500]
-        log.warning("stage %d: rejected message seq=%s: %s: %s", self.spec.stage, seq, code, message)
-        self._put(self.out_q, wire.error_message(run, seq, self.spec.stage, code, message, t))
-
-    def _recv_loop(self) -> None:
-        c, spec = self.counters, self.spec
-        while not self.stop.is_set() and not self.draining.is_set():
-            try:
-                # blocking receive with RCVTIMEO: one call per message, no separate poll
-                frames = self.pull.recv_multipart(copy=False)
-            except zmq.Again:
-                continue
-            except zmq.ZMQError as e:
-                log.warning("stage %d: receive failed: %s", spec.stage, e)
-                continue
-            t_recv = time.time()
-            c.received += 1
-            c.bytes_in += sum(len(f) for f in frames)
-            reply_run = spec.run  # errors go out under the run they belong to
-            try:
-                msg = wire.decode(frames)
-                if msg.kind == "error":  # an upstream stage's error: pass it on untouched
-                    c.forwarded_errors += 1
-                    self._put(self.out_q, msg)
-                    continue
-                if msg.run != spec.run:
-                    c.wrong_run += 1
-                    reply_run = msg.run
-                    raise wire.WireError("wrong_run", f"message of run {msg.run!r}, this stage serves {spec.run!r}", msg.seq)
-                if msg.kind != "act":
-                    raise wire.WireError("bad_kind", f"a stage accepts 'act' messages, got {msg.kind!r}", msg.seq)
-                if msg.stage != spec.stage - 1:
-                    raise wire.WireError("bad_stage", f"stage {spec.stage} takes output of stage {spec.stage - 1}, got stage {msg.stage}", msg.seq)
-                wire.check_tensors(msg.tensors, self.expected_in, max_batch=spec.microbatch, seq=msg.seq)
-                if len({a.shape[0] for a in msg.tensors}) > 1:
-                    raise wire.WireError("bad_shape", "tensors disagree on the batch size", msg.seq)
-            except wire.WireError as e:
-                c.bad_messages += 1
-                self._reject(reply_run, e.seq if e.seq is not None else -1, e.code, e.message)
-                continue
-            finally:
-                c.recv_s += time.time() - t_recv
-            msg.t.append([spec.stage, t_recv, 0.0, 0.0, 0.0])
-            self._put(self.in_q, msg)
-        self._put(self.in_q, _STOP)
-
-    def _compute_loop(self) -> None:
-        import torch
-
-        c, spec = self.counters, self.spec
-        if spec.threads:
-            torch.set_num_threads(spec.threads)
-        while not self.stop.is_set():
-            t0 = time.time()
-            try:
-                msg = self.in_q.get(timeout=POLL_MS / 1000)
-            except queue.Empty:
-                c.wait_s += time.time() - t0
-                continue
-            t1, cpu1 = time.time(), time.thread_time()
-            c.wait_s += t1 - t0
-            if msg is _STOP:
-                self._put(self.out_q, _STOP)
-                return
-            if self.paused.is_set():  # also holds a microbatch taken just before `pause`
-                if not self._hold_while_paused():
-                    return
-                t1 = time.time()  # paused time is neither waiting for input nor computing
-            try:
-                # received frames are writable, aligned views: no copy; anything else is copied
-                xs = [torch.from_numpy(a if a.flags.aligned and a.flags.writeable else a.copy())
-                      for a in msg.tensors]
-                with torch.inference_mode():
-                    outs = self.shard(*xs)
-                arrays = [np.ascontiguousarray(o.numpy()) for o in outs]
-            except Exception as e:  # a shard failure is this message's error, not the node's
-                c.compute_errors += 1
-                self._reject(spec.run, msg.seq, "compute_failed", f"{type(e).__name__}: {e}", msg.t)
-                continue
-            t2 = time.time()
-            c.compute_s += t2 - t1
-            c.compute_cpu_s += time.thread_time() - cpu1
-            c.processed += 1
-            c.samples += int(arrays[0].shape[0]) if arrays else 0
-            msg.t[-1][2:4] = [t1, t2]
-            out = wire.Message(
-                kind="result" if spec.last else "act", run=spec.run, seq=msg.seq,
-                stage=spec.stage, tensors=arrays, t=msg.t,
-            )
-            self._put(self.out_q, out)
-
-    def _hold_while_paused(self) -> bool:
-        """Wait until `resume`; False if the stage is stopped meanwhile."""
-        while self.paused.is_set():
-            if self.stop.wait(POLL_MS / 1000):
-                return False
-        return True
-
-    def _send_loop(self) -> None:
-        c = self.counters
-        while True:
-            try:
-                msg = self.out_q.get(timeout=POLL_MS / 1000)
-            except queue.Empty:
-                if self.stop.is_set():
-                    return
-                continue
-            if msg is _STOP:
-                return
-            t0 = time.time()
-            if msg.kind != "error" and msg.t:
-                msg.t[-1][4] = t0
-            frames = wire.encode(msg)
-            while True:
-                try:
-                    sockets.send_frames(self.push, frames)
-                    c.sent += 1
-                    c.bytes_out += sum(memoryview(f).nbytes for f in frames)
-                    break
-                except zmq.Again:  # downstream full or not connected: retry until told to stop
-                    c.send_retries += 1
-                    if self.stop.is_set():
-                        return
-            dt = time.time() - t0
-            c.send_s += dt
-            if self.observers and msg.kind != "error" and msg.t:
-                self._observe(msg.t[-1], dt)
-
-    def _observe(self, entry: list, send_s: float) -> None:
-        for fn in self.observers:
-            try:
-                fn(entry, send_s)
-            except Exception:  # an observer must never stop the send thread
-                log.exception("stage %d: observer failed", self.spec.stage)
-
-    # ---- lifecycle ---------------------------------------------------
-    def start(self, connect: list[str], server_keys: list[bytes] | None = None) -> None:
-        keys = server_keys or [None] * len(connect)
-        curve = security.Curve(self.keys, server_key=keys[0]) if self.keys is not None else None
-        self.push = sockets.make_socket(self.ctx, zmq.PUSH, sockets.DATA, curve=curve)
-        for addr, key in zip(connect, keys):
-            sockets.connect(self.push, addr, key)
-        for fn in (self._recv_loop, self._compute_loop, self._send_loop):
-            th = threading.Thread(target=fn, name=f"stage{self.spec.stage}-{fn.__name__[1:]}", daemon=True)
-            th.start()
-            self.threads.append(th)
-        self.started_at = time.time()
-        self.started_cpu = time.process_time()
-
-    def drain(self, timeout: float = DRAIN_TIMEOUT_S) -> bool:
-        """Stop taking input, finish what is in flight; True if it all went out in time."""
-        self.draining.set()
-        deadline = time.time() + timeout
-        for th in self.threads:
-            th.join(max(0.0, deadline - time.time()))
-        clean = not any(th.is_alive() for th in self.threads)
-        if self.push is not None:
-            # the last messages may still sit in the socket's pipe: give them time to leave
-            self.push.setsockopt(zmq.LINGER, int(max(0.5, deadline - time.time()) * 1000))
-        self.stop.set()
-        for th in self.threads:
-            th.join(2.0)
-        self.pull.close(linger=0)
-        if self.push is not None:
-            self.push.close()
-        return clean
-
-    def close(self) -> None:
-        self.stop.set()
-        for th in self.threads:
-            th.join(2.0)
-        sockets.close_all(self.pull, self.push)
-
-    def in_flight(self) -> int:
-        """Microbatches received and not yet through compute (queued, or being computed)."""
-        c = self.counters
-        return max(0, c.received - c.processed - c.compute_errors - c.bad_messages - c.forwarded_errors)
-
-    def stats(self) -> dict[str, Any]:
-        d = self.counters.to_dict()
-        d.update(
-            stage=self.spec.stage, units=[self.spec.start, self.spec.end], model=self.spec.model,
-            run=self.spec.run, in_queue=self.in_q.qsize(), out_queue=self.out_q.qsize(),
-            uptime_s=(time.time() - self.started_at) if self.started_at else 0.0,
-            # CPU time of the whole process (all threads) since the stage started: with
-            # compute_cpu_s, what receiving, decoding, encoding and sending cost
-            cpu_s=(time.process_time() - self.started_cpu) if self.started_at else 0.0,
-            # a stage whose output queue is full waits on its downstream, not on itself
-            in_flight=self.in_flight(), backpressured=self.out_q.full(), paused=self.paused.is_set(),
-        )
-        return d
 
 
 class Node:
@@ -393,7 +94,7 @@ class Node:
         self.observers: list[Callable[[list, float], None]] = []  # handed to every stage loaded
         self.jobs: dict[str, Job] = {}
         self._job_seq = 0
-        from .netprobe import ProbeServer
+        from edgezmq.transport.netprobe import ProbeServer
 
         # always on: peers and the bootstrapper measure their links to this node through it
         self.probe = ProbeServer(sockets.host_of(self.control_endpoint), ctx=self.ctx, curve=self.curve).start()
@@ -446,9 +147,9 @@ class Node:
     def cmd_profile(self, **a: Any) -> dict[str, Any]:
         import torch
 
-        from . import cache
-        from . import model as models
-        from .profile import profile_units
+        from edgezmq.model import chain as models
+        from edgezmq.model import profile_cache as cache
+        from edgezmq.model.profiling import profile_units
 
         if self.state in ("loading", "running"):
             raise control.ControlError(
@@ -471,7 +172,7 @@ class Node:
                 return {"state": "done", "cached": True, "result": hit, "job": None}
             if hit is not None:  # `check`: time the profile's reference again, rescale on drift
                 def recheck(job: Job) -> dict:
-                    from .profile import rescale, spot_check
+                    from edgezmq.model.profiling import rescale, spot_check
 
                     prof = rescale(hit, spot_check(hit, kwargs=kwargs, warmup=a.get("warmup", 1),
                                                    reps=a.get("reps", 3)))
@@ -495,7 +196,7 @@ class Node:
         return {"state": job.state, "cached": False, "job": job.id}
 
     def cmd_netprobe(self, peer: str, peer_key: str | None = None, **a: Any) -> dict[str, Any]:
-        from . import netprobe
+        from edgezmq.transport import netprobe
 
         if not isinstance(peer, str) or not peer.startswith("tcp://"):
             raise control.ControlError(control.BAD_ARGS, f"netprobe.peer: expected tcp://HOST:PORT, got {peer!r}")
@@ -517,7 +218,7 @@ class Node:
         return device.memory_budget(self.memory_limit)
 
     def cmd_load(self, **args: Any) -> dict[str, Any]:
-        from . import model as models
+        from edgezmq.model import chain as models
 
         if self.state in ("loading", "running", "loaded"):
             raise control.ControlError(control.BAD_STATE, f"node {self.name} is {self.state}; unload first")
@@ -572,7 +273,7 @@ class Node:
     def _build(self, rt: StageRuntime) -> None:
         import torch
 
-        from . import model as models
+        from edgezmq.model import chain as models
 
         spec = rt.spec
         t0 = time.time()

@@ -27,8 +27,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .paths import cache_root
+from edgezmq import __version__
+from edgezmq.paths import cache_root
 
 __all__ = ["SCHEMA", "VERSIONS_FIELD", "profile_key", "software_versions", "key_hash", "path_for",
            "profiles_dir", "get", "put", "clear"]
@@ -63,7 +63,7 @@ def profile_key(model: str, *, granularity: str, microbatch: int, threads: int,
                 versions: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The key of a profile; `device` defaults to this device, `versions` to the installed ones."""
     if device is None:
-        from .profile import device_identity  # torch: only when this device is meant
+        from edgezmq.model.profiling import device_identity  # torch: only when this device is meant
 
         device = device_identity()
     return {

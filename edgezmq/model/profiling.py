@@ -63,8 +63,8 @@ from typing import Any
 
 import torch
 
-from . import device
-from . import model as models
+from edgezmq.model import chain as models
+from edgezmq.node import device
 
 __all__ = ["DTYPE", "ProgressFn", "device_identity", "profile_units", "format_profile", "spot_check", "rescale"]
 

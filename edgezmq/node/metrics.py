@@ -20,7 +20,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-log = logging.getLogger("edgezmq.metrics")
+log = logging.getLogger(__name__)
 
 PREFIX = "edgezmq"
 DEFAULT_HOST = "127.0.0.1"

@@ -12,7 +12,7 @@ reason, when it misses ``liveness`` heartbeats in a row, answers but no longer r
 stage (it restarted), or **stalls**: it holds microbatches but finishes none for longer
 than its stall limit, ``max(stall_floor, stall_factor x its predicted time per
 microbatch)`` (so slow boards get longer); time blocked on a full downstream does not
-count.  Recovery uses ``edgezmq.autodeploy`` on the surviving nodes (their profiles come
+count.  Recovery uses ``edgezmq.orchestrate.autodeploy`` on the surviving nodes (their profiles come
 from the nodes' caches), so memory limits and speeds are respected; if no plan fits the
 survivors, the stream raises ``PipelineError`` for the unanswered microbatches instead of
 hanging.  With a ``keys:`` section in the inventory every socket involved speaks CurveZMQ.
@@ -30,16 +30,17 @@ from typing import Any
 
 import numpy as np
 
-from . import control
-from .autodeploy import autodeploy
-from .bootstrap import ModelSpec, Plan, unload
-from .calibrate import CALIBRATION_MICROBATCHES
-from .client import Client
-from .cluster import Cluster
-from .rpc import ControlClient
-from .security import Keyring, client_curve
+from edgezmq.client import Client
+from edgezmq.orchestrate.autodeploy import autodeploy
+from edgezmq.orchestrate.calibrate import CALIBRATION_MICROBATCHES
+from edgezmq.orchestrate.deploy import unload
+from edgezmq.orchestrate.inventory import Cluster
+from edgezmq.orchestrate.planfile import ModelSpec, Plan
+from edgezmq.protocol import control
+from edgezmq.transport.rpc import ControlClient
+from edgezmq.transport.security import Keyring, client_curve
 
-log = logging.getLogger("edgezmq.failover")
+log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 1.0
 LIVENESS = 3  # missed heartbeats before a node is declared dead
@@ -178,7 +179,7 @@ class ResilientPipeline:
         self.planned: Any = None
         self.failovers = 0
         self.client: Client | None = None
-        self.calibration = None  # the first deployment's (edgezmq.calibrate.Calibration)
+        self.calibration = None  # the first deployment's (edgezmq.orchestrate.calibrate.Calibration)
         self._heartbeat: Heartbeat | None = None
 
     def __enter__(self) -> ResilientPipeline:

@@ -34,7 +34,7 @@ from timm.layers import Attention, GluMlp, Mlp, SwiGLU
 from timm.models.vision_transformer import Block, ResPostBlock, VisionTransformer
 from torch import nn
 
-from .paths import CACHE_ENV, cache_root  # noqa: F401 - re-exported
+from edgezmq.paths import CACHE_ENV, cache_root  # noqa: F401 - re-exported
 
 __all__ = [
     "GRANULARITIES", "ModelError", "UnitInfo", "Shard", "create_model", "unit_infos", "num_units",

@@ -1,0 +1,1 @@
+"""Operating a deployment: status of its nodes, microbatch traces."""

@@ -1,0 +1,1 @@
+"""What runs on the controller: plan files, inventories, deploy, autodeploy, calibration, failover, local nodes."""

@@ -1,0 +1,1 @@
+"""What crosses the wire, defined once, with no I/O: the data-plane message and the control protocol."""
