@@ -1,0 +1,421 @@
+"""Control messages defined once: each command's request and reply as documented frozen dataclasses.
+
+The node's handlers take these requests and build these replies, ``NodeClient`` sends and
+reads them, and docs/control.md's tables are generated from them.  Ranges are checked
+when a request is parsed (``edgezmq.protocol.schema``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from edgezmq.protocol.schema import JSON, JSONMap, Message, SchemaError, field_
+
+MAX_RID = 64  # characters of a request id
+MAX_NAME = 256  # model names, run ids, job ids
+MAX_ADDRESS = 512  # a ZeroMQ endpoint
+MAX_PATH = 4096
+MAX_STAGES = 4096
+MAX_UNITS = 1 << 16  # unit indices of a model
+MAX_MICROBATCH = 4096
+MAX_THREADS = 256
+MAX_CONNECT = 64  # downstream replicas of one stage
+KEY_LEN = 40  # a Z85 CurveZMQ public key
+MiB = 1 << 20
+NETPROBE_MAX_BYTES = 256 * MiB  # edgezmq.transport.netprobe.MAX_MSG_BYTES
+NETPROBE_MAX_SECONDS = 60.0
+NODE_STATES = ("idle", "loading", "loaded", "running", "failed")
+GRANULARITY_DOC = "block | half | sublayer (edgezmq.model.chain.GRANULARITIES)"
+
+
+class Request(Message):
+    """A control request; ``CMD`` is its command name."""
+
+    CMD: ClassVar[str] = ""
+
+    def check(self) -> None:
+        """Constraints between fields (after each field was checked); raises SchemaError."""
+
+
+class Reply(Message):
+    """The fields of a command's ok reply."""
+
+
+# ---------------------------------------------------------------- shared parts
+
+
+@dataclass(frozen=True, kw_only=True)
+class TensorSpec(Message):
+    WIRE_NAME = "tensor"
+    shape: list[int] = field_("dimensions, the batch first (at the microbatch given)")
+    dtype: str = field_("numpy dtype name (float32)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class UnitDesc(Message):
+    WIRE_NAME = "unit"
+    index: int = field_("position in the chain, 0-based")
+    name: str = field_("timm module path it covers (`embed`, `blocks.3`, `blocks.3.attn`, `head`)")
+    param_bytes: int = field_("bytes of its parameters and buffers", unit="bytes")
+    inputs: list[TensorSpec] = field_("the tensors entering it (unit 0: the image batch)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeviceFacts(Message):
+    WIRE_NAME = "device"
+    hostname: str = field_("the node's host name")
+    machine: str = field_("CPU architecture (x86_64, aarch64)")
+    cpu: str = field_("CPU model name")
+    cores: int = field_("CPU cores this process may run on")
+    cpu_quota: float | None = field_("CPUs allowed by the cgroup quota; null: unlimited")
+    cpu_period_s: float | None = field_("the cgroup quota's period (its throttling cycle); null: unlimited",
+                                        unit="s")
+    memory_total: int = field_("physical memory", unit="bytes")
+    memory_available: int = field_("MemAvailable now", unit="bytes")
+    memory_limit: int | None = field_("cgroup memory limit; null: none", unit="bytes")
+    rss: int = field_("resident memory of the node process", unit="bytes")
+    device_type: str = field_("where shards compute: cpu")
+    versions: dict[str, str] = field_("software versions: edgezmq, python, torch, timm, numpy, pyzmq, libzmq")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageStats(Message):
+    """What a loaded stage counts; every counter starts at 0 when the shard is loaded."""
+
+    WIRE_NAME = "stats.stage"
+    received: int = field_("data messages taken off the PULL socket, good or bad")
+    processed: int = field_("microbatches put through the shard")
+    samples: int = field_("samples (batch rows) put through the shard")
+    sent: int = field_("messages sent downstream: activations/results and error messages")
+    bad_messages: int = field_("messages refused, each counted once (every code of docs/wire.md, "
+                               "`wrong_run` included); each became an error message downstream")
+    wrong_run: int = field_("of `bad_messages`, those refused for another `run` (not counted again)")
+    compute_errors: int = field_("microbatches whose forward raised (`compute_failed` downstream)")
+    forwarded_errors: int = field_("error messages of the upstream stage passed on untouched")
+    send_retries: int = field_("sends retried because downstream was full or not connected")
+    bytes_in: int = field_("bytes of data frames received, headers included", unit="bytes")
+    bytes_out: int = field_("bytes of data frames sent, headers included", unit="bytes")
+    recv_s: float = field_("receive thread decoding and validating", unit="s")
+    wait_s: float = field_("compute thread idle, waiting for input", unit="s")
+    compute_s: float = field_("compute thread inside forwards (wall clock)", unit="s")
+    compute_cpu_s: float = field_("CPU time of the compute thread inside forwards", unit="s")
+    send_s: float = field_("send thread inside send (includes back-pressure)", unit="s")
+    last_error: str = field_("the last refusal or compute error (`seq N: code: message`), or empty")
+    stage: int = field_("this shard's stage index")
+    units: list[int] = field_("[start, end) unit range")
+    model: str = field_("timm model name")
+    run: str = field_("deployment id")
+    in_queue: int = field_("microbatches waiting for compute")
+    out_queue: int = field_("messages waiting to be sent")
+    uptime_s: float = field_("since `start`; 0 before", unit="s")
+    cpu_s: float = field_("CPU time of the whole process since `start` (all threads; with "
+                          "`compute_cpu_s`, what receiving and sending cost)", unit="s")
+    in_flight: int = field_("received and not yet through compute: received - processed - "
+                            "compute_errors - bad_messages - forwarded_errors")
+    backpressured: bool = field_("its output queue is full: it waits on its downstream")
+    paused: bool = field_("held by `pause`")
+
+
+# ---------------------------------------------------------------- commands
+
+
+@dataclass(frozen=True, kw_only=True)
+class PingRequest(Request):
+    """Liveness and state; the bootstrapper polls it until a shard is `loaded`."""
+
+    CMD = WIRE_NAME = "ping"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PingReply(Reply):
+    WIRE_NAME = "ping"
+    name: str = field_("the node's name")
+    state: str = field_("idle | loading | loaded | running | failed")
+    error: str | None = field_("why the last load failed (state `failed`), else null")
+    run: str | None = field_("run id of the loaded shard, else null")
+    data: str | None = field_("the shard's data PULL endpoint, else null")
+    time: float = field_("the node's wall clock (Unix time), for trace clock offsets", unit="s")
+
+
+@dataclass(frozen=True, kw_only=True)
+class InfoRequest(Request):
+    """What the node is and where it listens; the device facts a planner needs."""
+
+    CMD = WIRE_NAME = "info"
+
+
+@dataclass(frozen=True, kw_only=True)
+class InfoReply(Reply):
+    WIRE_NAME = "info"
+    name: str = field_("the node's name")
+    state: str = field_("as in `ping`")
+    threads: int | None = field_("the node's `--threads` (torch threads for compute), null: torch's default")
+    memory_limit_arg: int | None = field_("the node's `--memory-limit` in bytes, null: none", unit="bytes")
+    device: DeviceFacts = field_("facts about the device (below)")
+    control: str = field_("the control endpoint it bound")
+    probe: str = field_("its probe server's endpoint (`netprobe.peer` of other nodes)")
+    public_key: str | None = field_("Z85 public key of a secured node, null on a plaintext one")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DescribeRequest(Request):
+    """A model's unit chain as this node's edgezmq cuts it: unit count, names, each unit's input
+    tensors, parameter bytes.  Nothing is loaded (shapes come from meta tensors)."""
+
+    CMD = WIRE_NAME = "describe"
+    model: str = field_("timm model name", max_len=MAX_NAME)
+    granularity: str = field_(GRANULARITY_DOC, default="block", max_len=MAX_NAME)
+    kwargs: dict[str, JSON] = field_("extra timm.create_model keyword arguments", factory=dict,
+                                     default_doc="{}")
+    microbatch: int = field_("batch size of the input specs", default=1, lo=1, hi=MAX_MICROBATCH)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DescribeReply(Reply):
+    WIRE_NAME = "describe"
+    model: str = field_("timm model name")
+    granularity: str = field_("as asked")
+    microbatch: int = field_("as asked")
+    n_units: int = field_("number of units: a `load.units` range lies in [0, n_units]")
+    units: list[UnitDesc] = field_("one entry per unit, in chain order (below)")
+    output: list[TensorSpec] = field_("what the last unit returns (the logits)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadRequest(Request):
+    """Check a shard synchronously, bind its data PULL socket, then build it in the background."""
+
+    CMD = WIRE_NAME = "load"
+    run: str = field_("deployment id; data messages of other runs are refused (`wrong_run`)",
+                      max_len=MAX_NAME)
+    model: str = field_("timm model name", max_len=MAX_NAME)
+    units: tuple[int, int] = field_("[start, end): the unit range of this shard (see `describe`)",
+                                    lo=0, hi=MAX_UNITS)
+    stage: int = field_("this shard's stage index: it accepts activations of stage - 1 (-1: the client)",
+                        lo=0, hi=MAX_STAGES - 1)
+    last: bool = field_("the last stage: sends `result` messages (to the client) instead of `act`")
+    microbatch: int = field_("largest batch a data message may carry", lo=1, hi=MAX_MICROBATCH)
+    granularity: str = field_(GRANULARITY_DOC, default="block", max_len=MAX_NAME)
+    kwargs: dict[str, JSON] = field_("extra timm.create_model keyword arguments (img_size, depth, ...)",
+                                     factory=dict, default_doc="{}")
+    checkpoint: str | None = field_("a safetensors file's path ON THE NODE (only the shard's tensors are "
+                                    "read); exactly one of checkpoint and pretrained", default=None,
+                                    max_len=MAX_PATH)
+    pretrained: bool = field_("timm's hub weights (the node needs a hub); exactly one of checkpoint "
+                              "and pretrained", default=False)
+    dtype: str = field_("compute dtype", default="float32", choices=("float32",))
+    threads: int | None = field_("torch threads for compute", default=None, lo=1, hi=MAX_THREADS,
+                                 default_doc="the node's `--threads`")
+    bind: str | None = field_("data PULL address to bind", default=None, max_len=MAX_ADDRESS,
+                              default_doc="the control host, any port")
+
+    def check(self) -> None:
+        if (self.checkpoint is None) == (not self.pretrained):
+            raise SchemaError("load", "give exactly one of checkpoint (a safetensors path on the node) "
+                              f"or pretrained: true, got checkpoint={self.checkpoint!r}, "
+                              f"pretrained={self.pretrained}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadReply(Reply):
+    WIRE_NAME = "load"
+    state: str = field_("`loading` (a repeat of the same load: the node's state now)")
+    data: str = field_("the data PULL endpoint the upstream (or the client) connects to")
+    param_bytes: int = field_("bytes of the shard's parameters", unit="bytes")
+    public_key: str | None = field_("as in `info`")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StartRequest(Request):
+    """Connect the data PUSH downstream and start the receive, compute and send threads."""
+
+    CMD = WIRE_NAME = "start"
+    connect: tuple[str, ...] = field_("downstream data endpoints: the next stage's replicas, or the "
+                                      "client's results address (last stage)", max_len=MAX_CONNECT)
+    server_keys: tuple[str, ...] | None = field_(
+        "secured nodes (required there, refused elsewhere): the Z85 public key of each `connect` "
+        "address", default=None, max_len=MAX_CONNECT)
+
+    def check(self) -> None:
+        if not self.connect:
+            raise SchemaError("start.connect", "expected a non-empty list of addresses")
+        if any(len(a) > MAX_ADDRESS for a in self.connect):
+            raise SchemaError("start.connect", f"an address is longer than {MAX_ADDRESS} characters")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StartReply(Reply):
+    WIRE_NAME = "start"
+    state: str = field_("`running`")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StatsRequest(Request):
+    """Counters and times of the node and its stage (`edgezmq status`, heartbeats, calibration)."""
+
+    CMD = WIRE_NAME = "stats"
+
+
+@dataclass(frozen=True, kw_only=True)
+class StatsReply(Reply):
+    WIRE_NAME = "stats"
+    name: str = field_("the node's name")
+    state: str = field_("as in `ping`")
+    error: str | None = field_("as in `ping`")
+    rss: int = field_("resident memory of the node process", unit="bytes")
+    peak_rss: int = field_("its peak", unit="bytes")
+    requests: int = field_("control requests received")
+    bad_requests: int = field_("control requests answered with an error")
+    stage: StageStats | None = field_("the loaded shard's counters (below), null when none is loaded")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProfileRequest(Request):
+    """Time each unit of a model on this node (a job), or answer from the node's profile cache."""
+
+    CMD = WIRE_NAME = "profile"
+    model: str = field_("timm model name", max_len=MAX_NAME)
+    microbatch: int = field_("batch size to time each unit at", lo=1, hi=MAX_MICROBATCH)
+    granularity: str = field_(GRANULARITY_DOC, default="block", max_len=MAX_NAME)
+    kwargs: dict[str, JSON] = field_("extra timm.create_model keyword arguments", factory=dict,
+                                     default_doc="{}")
+    threads: int | None = field_("torch threads", default=None, lo=1, hi=MAX_THREADS,
+                                 default_doc="the node's `--threads`, else torch's")
+    warmup: int = field_("untimed forwards per unit", default=1, lo=0, hi=100)
+    reps: int = field_("timed rounds per unit; the median is reported", default=3, lo=1, hi=1000)
+    reprofile: bool = field_("ignore the node's profile cache", default=False)
+    check: bool = field_("on a cache hit, time the profile's chain window again and rescale the "
+                         "profile if the device has drifted (a job)", default=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProfileReply(Reply):
+    WIRE_NAME = "profile"
+    state: str = field_("`done` (a cache hit, `result` set) or `running` (poll `job`)")
+    cached: bool = field_("the profile came from the node's cache")
+    job: str | None = field_("the job's id when one was started, else null")
+    result: JSONMap | None = field_("the profile on a plain cache hit (edgezmq/model/profiling.py), else null")
+
+
+@dataclass(frozen=True, kw_only=True)
+class NetprobeRequest(Request):
+    """Measure this node's link to a peer's probe server: latency, bandwidth, CPU per byte (a job)."""
+
+    CMD = WIRE_NAME = "netprobe"
+    peer: str = field_("a probe endpoint tcp://HOST:PORT (another node's `info.probe`)", max_len=MAX_ADDRESS)
+    peer_key: str | None = field_("secured nodes (required there): the peer's Z85 public key "
+                                  "(`info.public_key`)", default=None, max_len=KEY_LEN)
+    bytes_per_msg: int = field_("bulk message size", default=4 * MiB, lo=1, hi=NETPROBE_MAX_BYTES,
+                                unit="bytes")
+    seconds: float = field_("bulk transfer duration", default=1.0, lo=0, hi=NETPROBE_MAX_SECONDS,
+                            lo_open=True, unit="s")
+    pings: int = field_("round trips timed for the latency", default=20, lo=1, hi=10_000)
+
+    def check(self) -> None:
+        if not self.peer.startswith("tcp://"):
+            raise SchemaError("netprobe.peer", f"expected tcp://HOST:PORT, got {self.peer!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class NetprobeReply(Reply):
+    WIRE_NAME = "netprobe"
+    state: str = field_("`running`")
+    job: str = field_("the job's id (poll `job`)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobRequest(Request):
+    """A job's progress, and at the end its result or its error."""
+
+    CMD = WIRE_NAME = "job"
+    id: str = field_("a job id returned by `profile` or `netprobe`", max_len=MAX_NAME)
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobReply(Reply):
+    WIRE_NAME = "job"
+    id: str = field_("the job's id")
+    kind: str = field_("profile | spot-check | netprobe")
+    state: str = field_("running | done | failed")
+    progress: list[JSON] = field_("profile: [units done, units, last unit's name, its time_s]; else []")
+    result: JSONMap | None = field_("when done: the profile (edgezmq/model/profiling.py) or the link "
+                                    "measurement (edgezmq/transport/netprobe.py)")
+    error: str | None = field_("when failed: why, naming the node")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PauseRequest(Request):
+    """Hold the compute thread (maintenance); sockets stay up, state stays `running`."""
+
+    CMD = WIRE_NAME = "pause"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PauseReply(Reply):
+    WIRE_NAME = "pause"
+    name: str = field_("the node's name")
+    state: str = field_("`running`")
+    paused: bool = field_("true after `pause`, false after `resume`")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResumeRequest(Request):
+    """Let a paused compute thread go on."""
+
+    CMD = WIRE_NAME = "resume"
+
+
+@dataclass(frozen=True, kw_only=True)
+class UnloadRequest(Request):
+    """Stop the stage (no drain), free the shard, go back to `idle`."""
+
+    CMD = WIRE_NAME = "unload"
+
+
+@dataclass(frozen=True, kw_only=True)
+class StateReply(Reply):
+    WIRE_NAME = "state"
+    state: str = field_("the node's state after the command (`idle`; `shutting down`)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShutdownRequest(Request):
+    """Reply, then drain the stage (unless paused) and exit 0."""
+
+    CMD = WIRE_NAME = "shutdown"
+
+
+@dataclass(frozen=True)
+class Command:
+    """One command: its request, its reply, the client's default timeout and what a resend does."""
+
+    request: type[Request]
+    reply: type[Reply]
+    timeout_s: float  # NodeClient's default; the node answers most commands in milliseconds
+    resend: str  # what an identical request sent again gets (without a `rid`)
+
+    @property
+    def name(self) -> str:
+        return self.request.CMD
+
+
+COMMANDS: dict[str, Command] = {c.name: c for c in (
+    Command(PingRequest, PingReply, 3.0, "the state now"),
+    Command(InfoRequest, InfoReply, 5.0, "the facts now"),
+    Command(DescribeRequest, DescribeReply, 60.0, "the same description (the first call of a model "
+            "imports and traces it: seconds)"),
+    Command(LoadRequest, LoadReply, 60.0, "the same endpoint and sizes, with the state now; a "
+            "*different* load while loading/loaded/running is `bad_state`"),
+    Command(StartRequest, StartReply, 3.0, "`running` when started with the same `connect` and "
+            "`server_keys`; other addresses while running are `bad_state`"),
+    Command(StatsRequest, StatsReply, 10.0, "the counters now"),
+    Command(ProfileRequest, ProfileReply, 60.0, "the job already running for the same arguments; a "
+            "cache hit again"),
+    Command(NetprobeRequest, NetprobeReply, 5.0, "the job already running for the same arguments"),
+    Command(JobRequest, JobReply, 5.0, "the job's state now"),
+    Command(PauseRequest, PauseReply, 5.0, "`paused: true` (already paused)"),
+    Command(ResumeRequest, PauseReply, 5.0, "`paused: false` (already going)"),
+    Command(UnloadRequest, StateReply, 30.0, "`idle` (already idle)"),
+    Command(ShutdownRequest, StateReply, 5.0, "`shutting down`"),
+)}
