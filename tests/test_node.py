@@ -168,11 +168,98 @@ def test_garbage_is_counted_answered_downstream_and_node_keeps_serving(cc, socks
 
 
 def test_upstream_errors_are_forwarded_untouched(cc, socks):
-    push, out = _one_stage(cc, socks)
-    sockets.send_message(push, wire.error_message("r1", 3, -1, "compute_failed", "upstream broke"))
+    push, out = _one_stage(cc, socks, stage=1)
+    sockets.send_message(push, wire.error_message("r1", 3, 0, "compute_failed", "upstream broke"))
     m = _recv(out)
     assert m.kind == "error" and m.seq == 3 and m.error["message"] == "upstream broke"
-    assert cc.call("stats")["stage"]["forwarded_errors"] == 1
+    # an error of another stage than the upstream one is refused like an activation of it
+    sockets.send_message(push, wire.error_message("r1", 4, 5, "compute_failed", "not my upstream"))
+    m = _recv(out)
+    assert m.seq == 4 and m.error["code"] == "bad_stage" and m.stage == 1
+    st = cc.call("stats")["stage"]
+    assert st["forwarded_errors"] == 1 and st["bad_messages"] == 1
+
+
+def test_a_client_cannot_forge_errors(cc, socks):
+    # stage 0's upstream is the client (stage -1): errors come from stages only
+    push, out = _one_stage(cc, socks)
+    sockets.send_message(push, wire.error_message("r1", 3, -1, "compute_failed", "invented"))
+    m = _recv(out)
+    assert m.kind == "error" and m.seq == 3 and m.stage == 0
+    assert m.error["code"] == "bad_kind" and "invented" not in m.error["message"]
+    st = cc.call("stats")["stage"]
+    assert st["forwarded_errors"] == 0 and st["bad_messages"] == 1
+
+
+def _drop_reply(ctx, endpoint: str, payload: bytes) -> None:
+    """Send a request and never read its reply: what a client whose timeout fired sees."""
+    req = ctx.socket(zmq.REQ)
+    req.setsockopt(zmq.LINGER, 1000)  # the request must leave before the socket closes
+    req.connect(endpoint)
+    req.send(payload)
+    req.close()
+
+
+def _raw_call(socks, endpoint: str, payload: bytes) -> dict:
+    req = socks(zmq.REQ)
+    req.connect(endpoint)
+    req.send(payload)
+    return msgpack.unpackb(req.recv())
+
+
+def test_a_resent_load_gets_the_first_reply_not_bad_state(node, cc, socks, ctx):
+    payload = control.request("load", rid="deploy-1-load", **load_args())
+    _drop_reply(ctx, node.control_endpoint, payload)
+    wait_state(cc, "loaded")  # the first request was executed
+    again = _raw_call(socks, node.control_endpoint, payload)  # a second client resends it
+    assert again["ok"] is True and again["state"] == "loading" and again["data"].startswith("tcp://")
+    # the same load without the id: the current state's equivalent, same endpoint
+    same = cc.call("load", **load_args())
+    assert same["state"] == "loaded" and same["data"] == again["data"]
+    # another load is still refused, and an id reused for another request is a client bug
+    with pytest.raises(control.ControlError) as ei:
+        cc.call("load", **load_args(run="r2"))
+    assert ei.value.code == control.BAD_STATE
+    reused = _raw_call(socks, node.control_endpoint, control.request("ping", rid="deploy-1-load"))
+    assert reused["ok"] is False and reused["error"]["code"] == control.BAD_REQUEST
+
+
+def test_every_command_is_safe_to_resend(node, cc, socks, ctx):
+    assert cc.call("unload")["state"] == "idle" and cc.call("unload")["state"] == "idle"
+    r = cc.call("load", **load_args())
+    wait_state(cc, "loaded")
+    out = socks(zmq.PULL)
+    out_ep = sockets.bind(out, "tcp://127.0.0.1:0")
+    start = control.request("start", rid="start-1", connect=[out_ep])
+    _drop_reply(ctx, node.control_endpoint, start)
+    assert _raw_call(socks, node.control_endpoint, start)["state"] == "running"
+    assert cc.call("start", connect=[out_ep])["state"] == "running"  # same addresses: running
+    with pytest.raises(control.ControlError) as ei:
+        cc.call("start", connect=["tcp://127.0.0.1:1"])
+    assert ei.value.code == control.BAD_STATE
+    assert cc.call("pause")["paused"] is True and cc.call("pause")["paused"] is True
+    assert cc.call("resume")["paused"] is False and cc.call("resume")["paused"] is False
+    assert cc.call("ping")["data"] == r["data"]
+
+
+def test_node_client_is_typed_and_retries_with_one_request_id(node):
+    from edgezmq.protocol import messages as m
+    from edgezmq.transport.nodeclient import NodeClient
+
+    with NodeClient(node.control_endpoint, name="t0") as c:
+        assert c.ping().state == "idle"
+        assert c.info().device.cores >= 1
+        d = c.describe(MODEL, kwargs=KWARGS, microbatch=MICROBATCH)
+        assert d.n_units == 6 and [u.name for u in d.units][:2] == ["embed", "blocks.0"]
+        assert d.units[0].inputs[0].shape == [MICROBATCH, 3, 64, 64] and d.output[0].shape == [MICROBATCH, 1000]
+        with pytest.raises(control.ControlError) as ei:  # refused before it is sent
+            c.load(m.LoadRequest(**{**load_args(), "units": (0, 6), "microbatch": 0}))
+        assert ei.value.code == control.BAD_ARGS and node.requests == 3
+        r = c.load(m.LoadRequest(**{**load_args(), "units": (0, 6)}))
+        assert r.state == "loading" and r.param_bytes > 0
+        assert c.load(m.LoadRequest(**{**load_args(), "units": (0, 6)})).data == r.data
+        assert c.stats().stage is not None and c.stats().stage.model == MODEL
+        assert c.unload().state == "idle" and c.stats().stage is None
 
 
 def test_pause_holds_the_stage_while_control_answers(node, cc, socks, capsys):

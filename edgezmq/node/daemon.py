@@ -14,10 +14,12 @@ node speaks CurveZMQ (docs/security.md).  Bad data messages are counted and turn
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,15 +30,16 @@ import zmq
 from edgezmq.node import device
 from edgezmq.node.stage import BUFFERS_PER_DIRECTION, POLL_MS, LoadSpec, StageRuntime
 from edgezmq.protocol import control
+from edgezmq.protocol import messages as m
+from edgezmq.protocol.messages import Reply, Request
 from edgezmq.transport import security, sockets
 
 log = logging.getLogger(__name__)
 
 READY_PREFIX = "EDGEZMQ-NODE-READY"  # first stdout line, parsed by edgezmq.orchestrate.local
 MAX_JOBS_KEPT = 16  # finished jobs remembered for `job` queries
+REPLIES_KEPT = 64  # replies remembered by request id: more than any client has requests in flight
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
-
-
 
 
 @dataclass
@@ -45,13 +48,16 @@ class Job:
 
     id: str
     kind: str
+    request: Request  # what started it: an identical request while it runs gets `reply` again
+    reply: Reply | None = None
     state: str = "running"  # running | done | failed
     progress: list = field(default_factory=list)  # profile: [done, total, unit name, time_s]
     result: dict | None = None
     error: str | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+    def to_reply(self) -> m.JobReply:
+        return m.JobReply(id=self.id, kind=self.kind, state=self.state, progress=list(self.progress),
+                          result=self.result, error=self.error)
 
 
 class Node:
@@ -93,6 +99,12 @@ class Node:
         self.started = time.time()
         self.observers: list[Callable[[list, float], None]] = []  # handed to every stage loaded
         self.jobs: dict[str, Job] = {}
+        # request id -> (request bytes, reply bytes): a resent request gets its first reply
+        self._replies: OrderedDict[str, tuple[bytes, bytes]] = OrderedDict()
+        # the load (and start) under way, so that an identical resend answers as the first did
+        self._load_request: m.LoadRequest | None = None
+        self._load_reply: m.LoadReply | None = None
+        self._start_request: m.StartRequest | None = None
         self._job_seq = 0
         from edgezmq.transport.netprobe import ProbeServer
 
@@ -105,29 +117,53 @@ class Node:
             return f"tcp://{self.advertise}:{endpoint.rsplit(':', 1)[1]}"
         return endpoint
 
-    # ---- control commands ----------------------------------------------
-    def cmd_ping(self) -> dict[str, Any]:
-        return {"name": self.name, "state": self.state, "error": self.error,
-                "run": self.runtime.spec.run if self.runtime else None,
-                "data": self.runtime.endpoint if self.runtime else None,
-                "time": time.time()}  # this node's clock, for trace clock offsets
+    # ---- control commands: each takes its typed request, returns its typed reply ----
+    def cmd_ping(self, _: m.PingRequest) -> m.PingReply:
+        return m.PingReply(name=self.name, state=self.state, error=self.error,
+                           run=self.runtime.spec.run if self.runtime else None,
+                           data=self.runtime.endpoint if self.runtime else None,
+                           time=time.time())  # this node's clock, for trace clock offsets
 
-    def cmd_info(self) -> dict[str, Any]:
-        return {"name": self.name, "state": self.state, "threads": self.threads,
-                "memory_limit_arg": self.memory_limit, "device": device.describe(),
-                "control": self.control_endpoint, "probe": self.probe_endpoint,
-                "public_key": self._public_key()}
+    def cmd_info(self, _: m.InfoRequest) -> m.InfoReply:
+        return m.InfoReply(name=self.name, state=self.state, threads=self.threads,
+                           memory_limit_arg=self.memory_limit,
+                           device=m.DeviceFacts.from_wire(device.describe()),
+                           control=self.control_endpoint, probe=self.probe_endpoint,
+                           public_key=self._public_key())
+
+    def cmd_describe(self, req: m.DescribeRequest) -> m.DescribeReply:
+        from edgezmq.model import chain as models
+
+        kwargs: dict[str, Any] = dict(req.kwargs)
+        try:
+            infos = models.unit_infos(req.model, req.granularity, **kwargs)
+            specs = models.boundary_specs(req.model, req.granularity, req.microbatch, **kwargs)
+        except (models.ModelError, TypeError) as e:
+            raise control.ControlError(control.BAD_ARGS, f"node {self.name}: {e}") from None
+
+        def tensors(i: int) -> list[m.TensorSpec]:
+            return [m.TensorSpec(shape=list(shape), dtype=dtype) for shape, dtype in specs[i]]
+
+        return m.DescribeReply(
+            model=req.model, granularity=req.granularity, microbatch=req.microbatch, n_units=len(infos),
+            units=[m.UnitDesc(index=u.index, name=u.name, param_bytes=u.param_bytes, inputs=tensors(i))
+                   for i, u in enumerate(infos)],
+            output=tensors(len(infos)))
 
     def _public_key(self) -> str | None:
         return self.keys.public_text if self.keys is not None else None
 
     # ---- jobs: profile and netprobe run beside the control loop ----------
-    def _start_job(self, kind: str, fn, progress: bool = False) -> Job:
+    def _running_job(self, req: Request) -> Job | None:
+        """The job running for an identical request (a resend), if any."""
+        return next((j for j in self.jobs.values() if j.state == "running" and j.request == req), None)
+
+    def _start_job(self, kind: str, req: Request, fn: Callable[[Job], dict]) -> Job:
         busy = [j for j in self.jobs.values() if j.state == "running"]
         if busy:
             raise control.ControlError(control.BAD_STATE, f"node {self.name} is busy with {busy[0].kind} job {busy[0].id}")
         self._job_seq += 1
-        job = Job(id=f"{kind}-{self._job_seq}", kind=kind)
+        job = Job(id=f"{kind}-{self._job_seq}", kind=kind, request=req)
         self.jobs[job.id] = job
         for old in list(self.jobs)[:-MAX_JOBS_KEPT]:
             if self.jobs[old].state != "running":
@@ -144,87 +180,93 @@ class Node:
         threading.Thread(target=run, name=job.id, daemon=True).start()
         return job
 
-    def cmd_profile(self, **a: Any) -> dict[str, Any]:
+    def cmd_profile(self, req: m.ProfileRequest) -> m.ProfileReply:
         import torch
 
         from edgezmq.model import chain as models
         from edgezmq.model import profile_cache as cache
         from edgezmq.model.profiling import profile_units
 
+        running = self._running_job(req)
+        if running is not None and isinstance(running.reply, m.ProfileReply):
+            return running.reply
         if self.state in ("loading", "running"):
             raise control.ControlError(
                 control.BAD_STATE, f"node {self.name} is {self.state}: profiling measures the whole "
                 "process, so profile before deploying (or unload first)")
-        granularity, kwargs = a.get("granularity", "block"), dict(a.get("kwargs") or {})
-        threads = a.get("threads") or self.threads or torch.get_num_threads()
-        for k in ("microbatch", "threads", "reps"):
-            if k in a and a[k] < 1:
-                raise control.ControlError(control.BAD_ARGS, f"profile.{k}: must be >= 1, got {a[k]}")
+        kwargs: dict[str, Any] = dict(req.kwargs)
+        threads = req.threads or self.threads or torch.get_num_threads()
         try:
-            models.unit_infos(a["model"], granularity, **kwargs)
+            models.unit_infos(req.model, req.granularity, **kwargs)
         except (models.ModelError, TypeError) as e:
             raise control.ControlError(control.BAD_ARGS, f"node {self.name}: {e}") from None
-        key = cache.profile_key(a["model"], granularity=granularity, microbatch=a["microbatch"],
+        key = cache.profile_key(req.model, granularity=req.granularity, microbatch=req.microbatch,
                                 threads=threads, kwargs=kwargs)
-        if not a.get("reprofile"):
+        if not req.reprofile:
             hit = cache.get(key)
-            if hit is not None and not a.get("check"):
-                return {"state": "done", "cached": True, "result": hit, "job": None}
+            if hit is not None and not req.check:
+                return m.ProfileReply(state="done", cached=True, result=hit, job=None)
             if hit is not None:  # `check`: time the profile's reference again, rescale on drift
                 def recheck(job: Job) -> dict:
                     from edgezmq.model.profiling import rescale, spot_check
 
-                    prof = rescale(hit, spot_check(hit, kwargs=kwargs, warmup=a.get("warmup", 1),
-                                                   reps=a.get("reps", 3)))
+                    prof = rescale(hit, spot_check(hit, kwargs=kwargs, warmup=req.warmup, reps=req.reps))
                     cache.put(key, prof)  # the next check compares with this level
                     return prof
 
-                job = self._start_job("spot-check", recheck)
-                return {"state": job.state, "cached": True, "job": job.id}
+                job = self._start_job("spot-check", req, recheck)
+                job.reply = m.ProfileReply(state=job.state, cached=True, job=job.id, result=None)
+                return job.reply
 
         def work(job: Job) -> dict:
             def report(i: int, n: int, name: str, t: float) -> None:
                 job.progress = [i + 1, n, name, t]  # units done, of n
 
             prof = profile_units(
-                a["model"], granularity=granularity, microbatch=a["microbatch"], threads=threads,
-                kwargs=kwargs, warmup=a.get("warmup", 1), reps=a.get("reps", 3), progress=report)
+                req.model, granularity=req.granularity, microbatch=req.microbatch, threads=threads,
+                kwargs=kwargs, warmup=req.warmup, reps=req.reps, progress=report)
             cache.put(key, prof)
             return prof
 
-        job = self._start_job("profile", work)
-        return {"state": job.state, "cached": False, "job": job.id}
+        job = self._start_job("profile", req, work)
+        job.reply = m.ProfileReply(state=job.state, cached=False, job=job.id, result=None)
+        return job.reply
 
-    def cmd_netprobe(self, peer: str, peer_key: str | None = None, **a: Any) -> dict[str, Any]:
+    def cmd_netprobe(self, req: m.NetprobeRequest) -> m.NetprobeReply:
         from edgezmq.transport import netprobe
 
-        if not isinstance(peer, str) or not peer.startswith("tcp://"):
-            raise control.ControlError(control.BAD_ARGS, f"netprobe.peer: expected tcp://HOST:PORT, got {peer!r}")
+        running = self._running_job(req)
+        if running is not None and isinstance(running.reply, m.NetprobeReply):
+            return running.reply
         curve = None
         if self.keys is not None:
-            if peer_key is None:
+            if req.peer_key is None:
                 raise control.ControlError(control.BAD_ARGS, "netprobe.peer_key: this node is secured; give the peer's public key")
-            curve = security.Curve(self.keys, server_key=self._key_arg(peer_key, "netprobe.peer_key"))
-        job = self._start_job("netprobe", lambda job: netprobe.probe(peer, ctx=self.ctx, curve=curve, **a))
-        return {"state": job.state, "job": job.id}
+            curve = security.Curve(self.keys, server_key=self._key_arg(req.peer_key, "netprobe.peer_key"))
+        job = self._start_job("netprobe", req, lambda job: netprobe.probe(
+            req.peer, ctx=self.ctx, curve=curve, bytes_per_msg=req.bytes_per_msg, seconds=req.seconds,
+            pings=req.pings))
+        job.reply = m.NetprobeReply(state=job.state, job=job.id)
+        return job.reply
 
-    def cmd_job(self, id: str) -> dict[str, Any]:  # noqa: A002 - the protocol's field name
-        job = self.jobs.get(id)
+    def cmd_job(self, req: m.JobRequest) -> m.JobReply:
+        job = self.jobs.get(req.id)
         if job is None:
-            raise control.ControlError(control.BAD_ARGS, f"job.id: no job {id!r} on node {self.name}")
-        return job.to_dict()
+            raise control.ControlError(control.BAD_ARGS, f"job.id: no job {req.id!r} on node {self.name}")
+        return job.to_reply()
 
     def _memory_budget(self) -> int:
         return device.memory_budget(self.memory_limit)
 
-    def cmd_load(self, **args: Any) -> dict[str, Any]:
+    def cmd_load(self, req: m.LoadRequest) -> m.LoadReply:
         from edgezmq.model import chain as models
 
         if self.state in ("loading", "running", "loaded"):
+            if req == self._load_request and self._load_reply is not None:
+                # a resend of the load that is under way (its reply was lost): same answer
+                return dataclasses.replace(self._load_reply, state=self.state)
             raise control.ControlError(control.BAD_STATE, f"node {self.name} is {self.state}; unload first")
-        spec = LoadSpec.from_args(args)
-        if spec.threads is None:
-            spec.threads = self.threads
+        spec = LoadSpec.from_request(req, self.threads)
         try:
             infos = models.unit_infos(spec.model, spec.granularity, **spec.kwargs)
             if not 0 <= spec.start < spec.end <= len(infos):
@@ -234,12 +276,10 @@ class Node:
             specs = models.boundary_specs(spec.model, spec.granularity, spec.microbatch, **spec.kwargs)
         except (models.ModelError, TypeError, ValueError) as e:
             raise control.ControlError(control.LOAD_FAILED, f"node {self.name}: {e}") from None
-        if spec.checkpoint is not None and not spec.pretrained:
+        if spec.checkpoint is not None:
             from pathlib import Path
             if not Path(spec.checkpoint).is_file():
                 raise control.ControlError(control.LOAD_FAILED, f"node {self.name}: checkpoint {spec.checkpoint!r} not found")
-        elif not spec.pretrained:
-            raise control.ControlError(control.BAD_ARGS, "load: give a checkpoint path or pretrained: true")
         param = sum(u.param_bytes for u in infos[spec.start:spec.end])
         io = sum(_nbytes(s) for s in specs[spec.start]) + sum(_nbytes(s) for s in specs[spec.end])
         need = param + BUFFERS_PER_DIRECTION * io
@@ -251,7 +291,7 @@ class Node:
                 f"{need / 1e6:.0f} MB ({param / 1e6:.0f} MB parameters + buffers), "
                 f"the node has {budget / 1e6:.0f} MB available")
         pull = sockets.make_socket(self.ctx, zmq.PULL, sockets.DATA, curve=self.curve)
-        bind_addr = args.get("bind") or f"tcp://{sockets.host_of(self.control_endpoint)}:0"
+        bind_addr = req.bind or f"tcp://{sockets.host_of(self.control_endpoint)}:0"
         try:
             endpoint = sockets.bind(pull, bind_addr)
         except (zmq.ZMQError, ValueError) as e:
@@ -266,9 +306,12 @@ class Node:
         rt.expected_in = [(tuple(s), d) for s, d in specs[spec.start]]
         rt.observers = self.observers
         self.runtime, self.state, self.error = rt, "loading", None
+        self._load_request, self._start_request = req, None
+        self._load_reply = m.LoadReply(state=self.state, data=endpoint, param_bytes=param,
+                                       public_key=self._public_key())
         self._loader = threading.Thread(target=self._build, args=(rt,), name="loader", daemon=True)
         self._loader.start()
-        return {"state": self.state, "data": endpoint, "param_bytes": param, "public_key": self._public_key()}
+        return self._load_reply
 
     def _build(self, rt: StageRuntime) -> None:
         import torch
@@ -290,24 +333,24 @@ class Node:
                 self.state = "failed"
                 rt.close()
                 self.runtime = None
+                self._load_request = self._load_reply = None
             return
         if self.runtime is rt:
             self.state = "loaded"
             log.info("loaded %s units [%d, %d) in %.1fs", spec.model, spec.start, spec.end, time.time() - t0)
 
-    def _key_arg(self, key: Any, what: str) -> bytes:
-        if not isinstance(key, str):
-            raise control.ControlError(control.BAD_ARGS, f"{what}: expected a Z85 public key string, got {type(key).__name__}")
+    def _key_arg(self, key: str, what: str) -> bytes:
         try:
             return security.check_key(key, what)
         except security.KeyFileError as e:
             raise control.ControlError(control.BAD_ARGS, str(e)) from None
 
-    def cmd_start(self, connect: list, server_keys: list | None = None) -> dict[str, Any]:
+    def cmd_start(self, req: m.StartRequest) -> m.StartReply:
+        if self.state == "running" and req == self._start_request:
+            return m.StartReply(state=self.state)  # a resend: already started this way
         if self.state != "loaded" or self.runtime is None:
             raise control.ControlError(control.BAD_STATE, f"node {self.name} is {self.state}; start needs a loaded shard")
-        if not connect or not all(isinstance(a, str) for a in connect):
-            raise control.ControlError(control.BAD_ARGS, "start.connect: expected a non-empty list of addresses")
+        connect, server_keys = list(req.connect), req.server_keys
         keys = None
         if self.keys is not None:
             if server_keys is None or len(server_keys) != len(connect):
@@ -322,40 +365,38 @@ class Node:
             self.runtime.start(connect, keys)
         except zmq.ZMQError as e:
             raise control.ControlError(control.BAD_ARGS, f"start.connect: {e}") from None
-        self.state = "running"
-        return {"state": self.state}
+        self.state, self._start_request = "running", req
+        return m.StartReply(state=self.state)
 
     def _running(self, cmd: str) -> StageRuntime:
         if self.state != "running" or self.runtime is None:
             raise control.ControlError(control.BAD_STATE, f"node {self.name} is {self.state}; {cmd} needs a running stage")
         return self.runtime
 
-    def cmd_pause(self) -> dict[str, Any]:
+    def cmd_pause(self, _: m.PauseRequest) -> m.PauseReply:
         self._running("pause").paused.set()
         log.warning("node %s: stage paused (resume with `resume`); a client's heartbeat will declare it stalled",
                     self.name)
-        return {"name": self.name, "state": self.state, "paused": True}
+        return m.PauseReply(name=self.name, state=self.state, paused=True)
 
-    def cmd_resume(self) -> dict[str, Any]:
+    def cmd_resume(self, _: m.ResumeRequest) -> m.PauseReply:
         self._running("resume").paused.clear()
         log.warning("node %s: stage resumed", self.name)
-        return {"name": self.name, "state": self.state, "paused": False}
+        return m.PauseReply(name=self.name, state=self.state, paused=False)
 
-    def cmd_stats(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"name": self.name, "state": self.state, "error": self.error,
-                             "rss": device.rss_bytes(), "peak_rss": device.peak_rss_bytes(),
-                             "requests": self.requests, "bad_requests": self.bad_requests}
-        if self.runtime is not None:
-            d["stage"] = self.runtime.stats()
-        return d
+    def cmd_stats(self, _: m.StatsRequest) -> m.StatsReply:
+        return m.StatsReply(name=self.name, state=self.state, error=self.error,
+                            rss=device.rss_bytes(), peak_rss=device.peak_rss_bytes(),
+                            requests=self.requests, bad_requests=self.bad_requests,
+                            stage=self.runtime.stats() if self.runtime is not None else None)
 
-    def cmd_unload(self) -> dict[str, Any]:
+    def cmd_unload(self, _: m.UnloadRequest) -> m.StateReply:
         self._unload()
-        return {"state": self.state}
+        return m.StateReply(state=self.state)
 
-    def cmd_shutdown(self) -> dict[str, Any]:
+    def cmd_shutdown(self, _: m.ShutdownRequest) -> m.StateReply:
         self._exit.set()
-        return {"state": "shutting down"}
+        return m.StateReply(state="shutting down")
 
     def _unload(self) -> None:
         rt, self.runtime = self.runtime, None
@@ -365,17 +406,38 @@ class Node:
             self._loader.join(60.0)
             self._loader = None
         self.state, self.error = "idle", None
+        self._load_request = self._load_reply = self._start_request = None
         import gc
         gc.collect()
 
     # ---- serving -------------------------------------------------------
     def handle(self, raw: Any) -> bytes:
-        """One request -> one reply; never raises."""
+        """One request -> one reply; never raises.  A repeated request id gets the reply its
+        first request got (the client resent because that reply was lost)."""
         self.requests += 1
+        data = bytes(raw)
         try:
-            cmd, args = control.parse_request(raw)
-            fields = getattr(self, f"cmd_{cmd}")(**args)
-            return control.reply_ok(**fields)
+            req, rid = control.parse_request(data)
+            if rid is not None and rid in self._replies:
+                first, reply = self._replies[rid]
+                if first != data:
+                    raise control.ControlError(control.BAD_REQUEST, f"rid {rid!r} was used for another request")
+                return reply
+            reply = self._dispatch(req)
+        except control.ControlError as e:
+            self.bad_requests += 1
+            reply = control.reply_error(e.code, e.message)
+            rid = None  # an error about the request itself is not this request's answer to keep
+        if rid is not None:
+            self._replies[rid] = (data, reply)
+            while len(self._replies) > REPLIES_KEPT:
+                self._replies.popitem(last=False)
+        return reply
+
+    def _dispatch(self, req: Request) -> bytes:
+        try:
+            handler = getattr(self, f"cmd_{req.CMD}")
+            return control.reply_ok(handler(req))
         except control.ControlError as e:
             self.bad_requests += 1
             return control.reply_error(e.code, e.message)

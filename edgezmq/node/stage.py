@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import zmq
 
-from edgezmq.protocol import control, wire
+from edgezmq.protocol import wire
+from edgezmq.protocol.messages import LoadRequest, StageStats
 from edgezmq.transport import security, sockets
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,6 @@ log = logging.getLogger(__name__)
 QUEUE_DEPTH = 2  # between threads: enough to overlap compute with transfer, no more
 POLL_MS = 100  # how often blocking loops look at their stop flags
 DRAIN_TIMEOUT_S = 10.0  # SIGTERM: finish in-flight microbatches for at most this long
-SUPPORTED_DTYPES = ("float32",)
 BUFFERS_PER_DIRECTION = QUEUE_DEPTH + sockets.DATA_HWM + 1  # for the memory estimate
 WIRE_SEQ_LIMIT = 2**63  # wire.decode_header accepts seq in [-1, 2**63)
 _STOP = object()
@@ -34,6 +34,8 @@ _STOP = object()
 
 @dataclass
 class Counters:
+    """The stage's counters; each is documented where it crosses the wire (protocol.messages.StageStats)."""
+
     received: int = 0
     processed: int = 0
     samples: int = 0
@@ -58,6 +60,8 @@ class Counters:
 
 @dataclass
 class LoadSpec:
+    """What a stage runs: a ``load`` request with the node's defaults filled in."""
+
     run: str
     model: str
     start: int
@@ -73,22 +77,13 @@ class LoadSpec:
     threads: int | None = None
 
     @classmethod
-    def from_args(cls, a: dict[str, Any]) -> LoadSpec:
-        units = a["units"]
-        if len(units) != 2 or not all(isinstance(u, int) and not isinstance(u, bool) for u in units):
-            raise control.ControlError(control.BAD_ARGS, f"load.units: expected [start, end] ints, got {units!r}")
-        if a["microbatch"] < 1:
-            raise control.ControlError(control.BAD_ARGS, f"load.microbatch: must be >= 1, got {a['microbatch']}")
-        if a.get("threads") is not None and a["threads"] < 1:
-            raise control.ControlError(control.BAD_ARGS, f"load.threads: must be >= 1, got {a['threads']}")
-        dtype = a.get("dtype", "float32")
-        if dtype not in SUPPORTED_DTYPES:
-            raise control.ControlError(control.BAD_ARGS, f"load.dtype: supported {SUPPORTED_DTYPES}, got {dtype!r}")
+    def from_request(cls, req: LoadRequest, threads: int | None = None) -> LoadSpec:
+        """``threads``: the node's, used when the request does not say."""
         return cls(
-            run=a["run"], model=a["model"], start=units[0], end=units[1], stage=a["stage"],
-            last=a["last"], microbatch=a["microbatch"], granularity=a.get("granularity", "block"),
-            kwargs=dict(a.get("kwargs") or {}), checkpoint=a.get("checkpoint"),
-            pretrained=bool(a.get("pretrained", False)), dtype=dtype, threads=a.get("threads"),
+            run=req.run, model=req.model, start=req.units[0], end=req.units[1], stage=req.stage,
+            last=req.last, microbatch=req.microbatch, granularity=req.granularity,
+            kwargs=dict(req.kwargs), checkpoint=req.checkpoint, pretrained=req.pretrained,
+            dtype=req.dtype, threads=req.threads if req.threads is not None else threads,
         )
 
 
@@ -156,7 +151,15 @@ class StageRuntime:
             reply_run = spec.run  # errors go out under the run they belong to
             try:
                 msg = wire.decode(frames)
-                if msg.kind == "error":  # an upstream stage's error: pass it on untouched
+                if msg.kind == "error":
+                    # errors come from stages only, so a client cannot fail microbatches with
+                    # invented codes; a stage's error keeps its run (wrong_run names the sender's)
+                    if msg.stage < 0:
+                        raise wire.WireError("bad_kind", f"error messages come from stages; got one from "
+                                             f"stage {msg.stage} (a client)", msg.seq)
+                    if msg.stage != spec.stage - 1:
+                        raise wire.WireError("bad_stage", f"stage {spec.stage} takes errors of stage "
+                                             f"{spec.stage - 1}, got stage {msg.stage}", msg.seq)
                     c.forwarded_errors += 1
                     self._put(self.out_q, msg)
                     continue
@@ -313,9 +316,9 @@ class StageRuntime:
         c = self.counters
         return max(0, c.received - c.processed - c.compute_errors - c.bad_messages - c.forwarded_errors)
 
-    def stats(self) -> dict[str, Any]:
-        d = self.counters.to_dict()
-        d.update(
+    def stats(self) -> StageStats:
+        return StageStats(
+            **self.counters.to_dict(),
             stage=self.spec.stage, units=[self.spec.start, self.spec.end], model=self.spec.model,
             run=self.spec.run, in_queue=self.in_q.qsize(), out_queue=self.out_q.qsize(),
             uptime_s=(time.time() - self.started_at) if self.started_at else 0.0,
@@ -325,6 +328,5 @@ class StageRuntime:
             # a stage whose output queue is full waits on its downstream, not on itself
             in_flight=self.in_flight(), backpressured=self.out_q.full(), paused=self.paused.is_set(),
         )
-        return d
 
 

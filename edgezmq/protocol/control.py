@@ -138,7 +138,7 @@ def parse_request(raw: Any) -> tuple[Request, str | None]:
         raise ControlError(UNKNOWN_COMMAND, f"unknown command {cmd!r}; known: {', '.join(COMMANDS)}"[:1000])
     try:
         req = command.request.from_wire(msg, strict=True, path=cmd)
-        req.check()
+        req.validate()
     except SchemaError as e:
         raise ControlError(BAD_ARGS, str(e)) from None
     return req, rid

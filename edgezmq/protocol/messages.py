@@ -34,7 +34,7 @@ class Request(Message):
 
     CMD: ClassVar[str] = ""
 
-    def check(self) -> None:
+    def validate(self) -> None:
         """Constraints between fields (after each field was checked); raises SchemaError."""
 
 
@@ -210,7 +210,7 @@ class LoadRequest(Request):
     bind: str | None = field_("data PULL address to bind", default=None, max_len=MAX_ADDRESS,
                               default_doc="the control host, any port")
 
-    def check(self) -> None:
+    def validate(self) -> None:
         if (self.checkpoint is None) == (not self.pretrained):
             raise SchemaError("load", "give exactly one of checkpoint (a safetensors path on the node) "
                               f"or pretrained: true, got checkpoint={self.checkpoint!r}, "
@@ -237,7 +237,7 @@ class StartRequest(Request):
         "secured nodes (required there, refused elsewhere): the Z85 public key of each `connect` "
         "address", default=None, max_len=MAX_CONNECT)
 
-    def check(self) -> None:
+    def validate(self) -> None:
         if not self.connect:
             raise SchemaError("start.connect", "expected a non-empty list of addresses")
         if any(len(a) > MAX_ADDRESS for a in self.connect):
@@ -312,7 +312,7 @@ class NetprobeRequest(Request):
                             lo_open=True, unit="s")
     pings: int = field_("round trips timed for the latency", default=20, lo=1, hi=10_000)
 
-    def check(self) -> None:
+    def validate(self) -> None:
         if not self.peer.startswith("tcp://"):
             raise SchemaError("netprobe.peer", f"expected tcp://HOST:PORT, got {self.peer!r}")
 

@@ -10,7 +10,6 @@ back.  The docs' tables are generated from the same definitions (edgezmq.protoco
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import types
 import typing
@@ -19,7 +18,7 @@ from dataclasses import MISSING, dataclass
 from typing import Any, ClassVar, TypeVar, Union
 
 # A msgpack value as it crosses the wire: what the protocol carries where it is free-form.
-JSON = Union[None, bool, int, float, str, list["JSON"], dict[str, "JSON"]]
+JSON = Union[None, bool, int, float, str, list["JSON"], dict[str, "JSON"]]  # noqa: UP007 - a recursive alias needs Union[] at runtime
 JSONMap = dict[str, JSON]
 
 MAX_DEPTH = 32  # nesting of free-form JSON values
@@ -120,8 +119,16 @@ class Message:
 M = TypeVar("M", bound=Message)
 
 
-@functools.cache
+_FIELDS: dict[type, list[FieldDef]] = {}
+
+
 def _fields(cls: type) -> list[FieldDef]:
+    if cls not in _FIELDS:
+        _FIELDS[cls] = _read_fields(cls)
+    return _FIELDS[cls]
+
+
+def _read_fields(cls: type) -> list[FieldDef]:
     hints = typing.get_type_hints(cls, globalns=_namespace(cls))
     out = []
     for f in dataclasses.fields(cls):

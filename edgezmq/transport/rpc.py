@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any
 
 import zmq
@@ -17,13 +18,19 @@ DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_RETRIES = 2
 
 
+def new_rid() -> str:
+    """A request id: unique enough that two clients of one node never share one."""
+    return uuid.uuid4().hex
+
+
 class ControlClient:
     """Talks to one node's REP control socket.
 
     A request that gets no reply within ``timeout`` is retried on a fresh socket
     (a REQ socket that lost a reply is stuck in its send/recv lockstep) up to
-    ``retries`` times; then ``ControlError(UNREACHABLE)`` names the address.
-    Only use retries for idempotent commands: ``call(..., retries=0)`` otherwise.
+    ``retries`` times; then ``ControlError(UNREACHABLE)`` names the address.  Every attempt
+    of one call carries the same request id (``rid``), so a node that did get the request
+    answers the resend with the reply it already gave: every command is safe to retry.
     With ``curve`` (a client of the node's public key) the channel is CurveZMQ; a node
     that does not know our key never answers, which looks like UNREACHABLE.
     """
@@ -60,9 +67,14 @@ class ControlClient:
         self, cmd: str, *, timeout: float | None = None, retries: int | None = None, **args: Any
     ) -> dict[str, Any]:
         """Send one command, return the ok reply's fields; raise ControlError otherwise."""
+        payload = control.request(cmd, rid=new_rid(), **args)
+        return control.parse_reply(self.send(payload, cmd, timeout=timeout, retries=retries))
+
+    def send(self, payload: bytes, cmd: str, *, timeout: float | None = None,
+             retries: int | None = None) -> bytes:
+        """Send request bytes (resent as they are on silence), return the reply's bytes."""
         timeout = self.timeout if timeout is None else timeout
         retries = self.retries if retries is None else retries
-        payload = control.request(cmd, **args)
         for attempt in range(retries + 1):
             sock = self._socket()
             try:
@@ -71,7 +83,7 @@ class ControlClient:
                 self._reset()
                 continue
             if sock.poll(int(timeout * 1000), zmq.POLLIN):
-                return control.parse_reply(sock.recv())
+                return sock.recv()
             log.debug("%s: no reply to %s in %.1fs (attempt %d)", self.name, cmd, timeout, attempt + 1)
             self._reset()
         raise control.ControlError(
