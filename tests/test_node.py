@@ -410,3 +410,13 @@ def test_netprobe_to_nowhere_fails_as_a_job_not_a_node(cc):
     j = _job(cc, cc.call("netprobe", peer="tcp://127.0.0.1:1", seconds=0.2, pings=2))
     assert j["state"] == "failed" and "t0" in j["error"]
     assert cc.call("ping")["state"] == "idle"
+
+
+def test_status_counts_each_bad_message_once():
+    from edgezmq.ops.status import Target, node_row
+
+    # three refused messages, one of them of another run, and one failed forward: 4 errors
+    stage = {"stage": 0, "units": [0, 6], "run": "r1", "bad_messages": 3, "wrong_run": 1,
+             "compute_errors": 1, "uptime_s": 1.0, "samples": 0, "processed": 0}
+    row = node_row(Target("t0", "tcp://127.0.0.1:1"), {"state": "running", "stage": stage})
+    assert row["errors"] == 4

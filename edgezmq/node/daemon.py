@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 
 READY_PREFIX = "EDGEZMQ-NODE-READY"  # first stdout line, parsed by edgezmq.orchestrate.local
 MAX_JOBS_KEPT = 16  # finished jobs remembered for `job` queries
-REPLIES_KEPT = 64  # replies remembered by request id: more than any client has requests in flight
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
@@ -430,7 +429,7 @@ class Node:
             rid = None  # an error about the request itself is not this request's answer to keep
         if rid is not None:
             self._replies[rid] = (data, reply)
-            while len(self._replies) > REPLIES_KEPT:
+            while len(self._replies) > m.REPLIES_KEPT:
                 self._replies.popitem(last=False)
         return reply
 

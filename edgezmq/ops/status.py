@@ -21,7 +21,7 @@ MAX_PARALLEL = 32
 CLEAR_SCREEN = "\x1b[H\x1b[2J"
 MB = 1e6
 PHASES = ("compute", "recv", "wait", "send")  # stats fields <phase>_s
-ERROR_FIELDS = ("bad_messages", "wrong_run", "compute_errors")  # this stage's own errors
+ERROR_FIELDS = ("bad_messages", "compute_errors")  # this stage's own errors; bad_messages includes wrong_run
 BOTTLENECK_MARK = "*"
 
 

@@ -13,6 +13,7 @@ from typing import ClassVar
 from edgezmq.protocol.schema import JSON, JSONMap, Message, SchemaError, field_
 
 MAX_RID = 64  # characters of a request id
+REPLIES_KEPT = 64  # replies a node remembers by request id: more than any client has in flight
 MAX_NAME = 256  # model names, run ids, job ids
 MAX_ADDRESS = 512  # a ZeroMQ endpoint
 MAX_PATH = 4096

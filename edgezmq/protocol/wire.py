@@ -54,7 +54,59 @@ class WireError(ValueError):
         self.seq = seq  # the message's seq when the header was readable, for error replies
 
 
-TensorLike = np.ndarray
+@dataclass(frozen=True)
+class HeaderField:
+    """One field of frame 0 (docs/wire.md's table is generated from ``HEADER``)."""
+
+    name: str
+    type: str
+    required: bool
+    doc: str
+
+
+HEADER: tuple[HeaderField, ...] = (
+    HeaderField("v", "int", True, f"protocol version, {VERSION}"),
+    HeaderField("kind", "str", True, "`act` (activations, between stages), `result` (the last stage's "
+                "output), `error` (in place of either)"),
+    HeaderField("run", "str", True, f"deployment id, at most {MAX_TEXT} bytes; stages refuse other runs "
+                "(`wrong_run`)"),
+    HeaderField("seq", "int", True, "microbatch number, -1 .. 2^63-1 (-1: unknown, in errors about "
+                "unreadable messages); results are reordered and deduplicated by it"),
+    HeaderField("stage", "int", True, "stage that produced it, -1 .. 2^63-1 (-1: the client); a stage "
+                "accepts messages of the stage before it only"),
+    HeaderField("tensors", "[{dtype, shape, enc}]", True, f"one entry per buffer frame, in order, at most "
+                f"{MAX_TENSORS}; `dtype` (required) one of the dtypes below, `shape` (required) a list of at "
+                f"most {MAX_NDIM} ints >= 0, `enc` (optional, default `raw`)"),
+    HeaderField("t", "[[stage, t_recv, t_start, t_end, t_send], ...]", False, f"wall-clock seconds per stage "
+                f"hop, at most {MAX_TIMESTAMPS} entries (default []); the client adds [-1, t_submit] first"),
+    HeaderField("error", "{code: str, message: str}", False, "required when `kind` is `error`, absent "
+                "otherwise"),
+)
+
+# code -> when: what a stage refuses a data message with (it sends an `error` message downstream
+# with this code in the message's place); docs/wire.md's table is generated from it
+ERRORS: dict[str, str] = {
+    "missing_frames": "fewer buffer frames than `tensors` entries (or an empty message)",
+    "extra_frames": "more buffer frames than `tensors` entries",
+    "bad_header": "frame 0 is not a msgpack map (or holds binary fields, or too long a structure)",
+    "bad_version": f"`v` is not {VERSION}",
+    "bad_kind": "`kind` unknown; a stage given a `result`; an `error` sent by a client (stage -1): "
+                "errors come from stages only",
+    "bad_field": "`run`/`seq`/`stage`/`tensors`/`t`/`error` of the wrong type or range, or an error "
+                 "message without `error`",
+    "bad_encoding": "a tensor's `enc` is not `raw`",
+    "bad_dtype": "a tensor's dtype not allowed on the wire, or not the dtype the stage's first unit takes",
+    "bad_shape": "a shape that is not a list of ints, or not what the stage's first unit takes (every "
+                 "dimension but the batch), a batch outside 1..microbatch, tensors disagreeing on the batch",
+    "bad_arity": "not as many tensors as the stage's first unit takes",
+    "bad_length": "a buffer's length is not prod(shape) x itemsize",
+    "oversize": f"header over {MAX_HEADER_BYTES // 1024} KiB or a tensor declared over "
+                f"{MAX_TENSOR_BYTES >> 20} MiB",
+    "wrong_run": "a message of another `run`; the error message carries the SENDER's run id, so that the "
+                 "client of that run (not ours) can attribute it",
+    "bad_stage": "an `act` or `error` message from a stage other than the previous one",
+    "compute_failed": "the shard's forward raised on this microbatch",
+}
 
 
 @dataclass
