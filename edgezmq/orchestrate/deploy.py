@@ -17,7 +17,8 @@ from typing import Any
 
 from edgezmq.orchestrate.planfile import NodeRef, Plan, check_units
 from edgezmq.protocol import control
-from edgezmq.transport.rpc import ControlClient
+from edgezmq.protocol.messages import LoadRequest
+from edgezmq.transport.nodeclient import NodeClient
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,8 @@ def unload(plan: Plan, *, timeout: float = PING_TIMEOUT_S, only: list[str] | Non
     nodes = [(i, n) for i, n in plan.all_nodes if only is None or n.name in only]
 
     def one(_: int, n: NodeRef) -> Any:
-        with ControlClient(n.control, timeout=timeout, retries=0, name=n.name, curve=plan.curve(n)) as c:
-            return c.call("unload")
+        with NodeClient(n.control, timeout=timeout, retries=0, name=n.name, curve=plan.curve(n)) as c:
+            return c.unload()
 
     return _each(nodes, one)
 
@@ -90,10 +91,10 @@ def deploy(
     say = progress or (lambda msg: log.info("%s", msg))
 
     def ping(_: int, n: NodeRef) -> dict:
-        with ControlClient(n.control, timeout=ping_timeout, retries=1, name=n.name, curve=plan.curve(n)) as c:
-            r = c.call("ping")
-            if r.get("state") not in ("idle", "failed"):
-                c.call("unload", retries=0, timeout=30.0)
+        with NodeClient(n.control, timeout=ping_timeout, retries=1, name=n.name, curve=plan.curve(n)) as c:
+            r = c.ping()
+            if r.state not in ("idle", "failed"):
+                c.unload(retries=0, timeout=30.0)
             return r
 
     errors = _fail(_each(nodes, ping))
@@ -103,21 +104,20 @@ def deploy(
     m = plan.model
     n_stages = len(plan.stages)
 
-    def load(i: int, n: NodeRef) -> dict:
+    def load(i: int, n: NodeRef) -> Any:
         st = plan.stages[i]
-        args: dict[str, Any] = dict(
-            run=run, model=m.name, units=list(st.units), stage=i, last=(i == n_stages - 1),
-            microbatch=m.microbatch, granularity=m.granularity, kwargs=m.kwargs,
-            checkpoint=m.checkpoint, pretrained=m.pretrained, dtype=m.dtype)
-        if n.threads:
-            args["threads"] = n.threads
-        with ControlClient(n.control, timeout=60.0, retries=0, name=n.name, curve=plan.curve(n)) as c:
-            r = c.call("load", **args)
-        if plan.keyring and r.get("public_key") != plan.keyring.node_key(n.name).decode():
+        req = LoadRequest(
+            run=run, model=m.name, units=(st.units[0], st.units[1]), stage=i, last=(i == n_stages - 1),
+            microbatch=m.microbatch, granularity=m.granularity, kwargs=dict(m.kwargs),
+            checkpoint=m.checkpoint, pretrained=m.pretrained, dtype=m.dtype, threads=n.threads or None)
+        # a resent load is answered as the first (request id), so it may be retried like any command
+        with NodeClient(n.control, timeout=60.0, retries=1, name=n.name, curve=plan.curve(n)) as c:
+            r = c.load(req)
+        if plan.keyring and r.public_key != plan.keyring.node_key(n.name).decode():
             # the node answered, so it holds the secret of the key we used; a mismatch is a
             # misconfigured keys directory, not an attack, but deploying on it would be a guess
             raise control.ControlError(control.BAD_STATE, f"node {n.name} reports public key "
-                                       f"{r.get('public_key')!r}, the plan's keys say {plan.keyring.node_key(n.name).decode()!r}")
+                                       f"{r.public_key!r}, the plan's keys say {plan.keyring.node_key(n.name).decode()!r}")
         return r
 
     say(f"loading {len(nodes)} node(s)")
@@ -130,22 +130,22 @@ def deploy(
     # wait until every shard is built
     deadline = time.time() + load_timeout
     waiting = {n.name: n for _, n in nodes}
-    clients = {n.name: ControlClient(n.control, timeout=ping_timeout, retries=2, name=n.name, curve=plan.curve(n))
+    clients = {n.name: NodeClient(n.control, timeout=ping_timeout, retries=2, name=n.name, curve=plan.curve(n))
                for _, n in nodes}
     try:
         while waiting:
             for name in list(waiting):
                 try:
-                    r = clients[name].call("ping")
+                    r = clients[name].ping()
                 except control.ControlError as e:
                     errors[name] = e.message
                     waiting.pop(name)
                     continue
-                if r["state"] == "loaded":
+                if r.state == "loaded":
                     waiting.pop(name)
                     say(f"{name}: ready")
-                elif r["state"] == "failed":
-                    errors[name] = r.get("error") or "load failed"
+                elif r.state == "failed":
+                    errors[name] = r.error or "load failed"
                     waiting.pop(name)
             if errors:
                 break
@@ -161,18 +161,18 @@ def deploy(
         unload(plan)
         raise DeployError(_summary("load failed", errors), errors)
 
-    endpoints = [[loaded[n.name]["data"] for n in st.nodes] for st in plan.stages]
+    endpoints = [[loaded[n.name].data for n in st.nodes] for st in plan.stages]
     ring = plan.keyring
     keys = [[ring.node_key(n.name) for n in st.nodes] for st in plan.stages] if ring else None
 
-    def start(i: int, n: NodeRef) -> dict:
+    def start(i: int, n: NodeRef) -> Any:
         downstream = endpoints[i + 1] if i + 1 < n_stages else [plan.results]
-        args: dict[str, Any] = {"connect": downstream}
+        server_keys = None
         if keys is not None and ring is not None:
             down_keys = keys[i + 1] if i + 1 < n_stages else [ring.results_public]
-            args["server_keys"] = [k.decode() for k in down_keys]
-        with ControlClient(n.control, timeout=ping_timeout, retries=0, name=n.name, curve=plan.curve(n)) as c:
-            return c.call("start", **args)
+            server_keys = [k.decode() for k in down_keys]
+        with NodeClient(n.control, timeout=ping_timeout, retries=0, name=n.name, curve=plan.curve(n)) as c:
+            return c.start(downstream, server_keys)
 
     started = _each(nodes, start)
     errors = _fail(started)
