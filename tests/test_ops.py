@@ -398,14 +398,15 @@ def test_status_bad_input_is_exit_2_without_traceback(tmp_path, capsys):
 
 
 def test_status_notes_a_paused_stage():
-    from edgezmq.ops.status import Target, format_report, report
+    from edgezmq.ops.status import format_report, report
+    from edgezmq.orchestrate.address import NodeAddress
 
     stage = {"stage": 0, "units": [0, N_UNITS], "run": "r", "uptime_s": 1.0, "paused": True, "in_flight": 2}
-    rep = report("plan", "p.yaml", [Target("n0", "tcp://127.0.0.1:1")], [{"state": "running", "stage": stage}])
+    rep = report("plan", "p.yaml", [NodeAddress("n0", "tcp://127.0.0.1:1")], [{"state": "running", "stage": stage}])
     assert rep["nodes"][0]["paused"] is True
     assert "n0: stage paused (edgezmq resume)" in format_report(rep)
     stage["paused"] = False
-    rep = report("plan", "p.yaml", [Target("n0", "tcp://127.0.0.1:1")], [{"state": "running", "stage": stage}])
+    rep = report("plan", "p.yaml", [NodeAddress("n0", "tcp://127.0.0.1:1")], [{"state": "running", "stage": stage}])
     assert "paused" not in format_report(rep)
 
 

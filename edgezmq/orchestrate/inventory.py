@@ -17,14 +17,16 @@ Documented in plans/README.md.  Parsing only: measuring and planning live in
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from edgezmq.orchestrate.address import NodeAddress
+from edgezmq.planner.problem import Link
+from edgezmq.terms import CLIENT
 from edgezmq.transport import security
 from edgezmq.yamlfile import read_yaml
 
-CLIENT = "client"  # the client's name in link tables (as in the planner's problem files)
 DEFAULT_RESULTS_PORT = 5560
 DEFAULT_ALL_PAIRS_UP_TO = 8  # beyond this many nodes, links are sampled per type pair
 DEFAULT_PROBE_SECONDS = 0.5
@@ -36,29 +38,23 @@ class ClusterError(ValueError):
     """A cluster inventory that cannot be used; the message carries the field path."""
 
 
-@dataclass
-class NodeEntry:
-    name: str
-    control: str
+@dataclass(frozen=True)
+class InventoryNode(NodeAddress):
+    """A node's address and what the inventory says of it: its device type (nodes of one
+    type share a profile) and a cap on the memory it may use."""
+
     type: str | None = None
     memory_bytes: int | None = None
-    threads: int | None = None
-
-
-@dataclass
-class LinkFigure:
-    mbps: float
-    latency_ms: float = 0.0
 
 
 @dataclass
 class Cluster:
-    nodes: list[NodeEntry]
+    nodes: list[InventoryNode]
     client_address: str = "127.0.0.1"
     results_port: int = DEFAULT_RESULTS_PORT
     client_namespace: str | None = None
-    default_link: LinkFigure | None = None
-    link_overrides: dict[frozenset, LinkFigure] = field(default_factory=dict)
+    default_link: Link | None = None
+    link_overrides: dict[frozenset, Link] = field(default_factory=dict)
     all_pairs_up_to: int = DEFAULT_ALL_PAIRS_UP_TO
     probe_seconds: float = DEFAULT_PROBE_SECONDS
     probe_bytes: int = DEFAULT_PROBE_BYTES
@@ -71,13 +67,13 @@ class Cluster:
         """How to reach node ``name``: a CURVE client of its key, or plaintext."""
         return security.client_curve(self.keyring, name)
 
-    def node(self, name: str) -> NodeEntry:
+    def node(self, name: str) -> InventoryNode:
         for n in self.nodes:
             if n.name == name:
                 return n
         raise KeyError(name)
 
-    def known_link(self, a: str, b: str) -> LinkFigure | None:
+    def known_link(self, a: str, b: str) -> Link | None:
         """The configured figure for a pair, if any (an override, else the default)."""
         return self.link_overrides.get(frozenset((a, b)), self.default_link)
 
@@ -113,7 +109,7 @@ def _parse_size(s: str, path: str) -> float:
         raise ClusterError(f"{path}: expected a number or a size like '2GB', got {s!r}") from None
 
 
-def _link(d: Any, path: str, payload_factor: float = 1.0) -> LinkFigure:
+def _link(d: Any, path: str, payload_factor: float = 1.0) -> Link:
     if not isinstance(d, dict):
         raise ClusterError(f"{path}: expected {{mbps, latency_ms}}, got {d!r}")
     unknown = set(d) - {"mbps", "latency_ms", "a", "b"}
@@ -121,7 +117,7 @@ def _link(d: Any, path: str, payload_factor: float = 1.0) -> LinkFigure:
         raise ClusterError(f"{path}: unknown field(s) {sorted(unknown)}")
     if "mbps" not in d:
         raise ClusterError(f"{path}.mbps: missing")
-    return LinkFigure(mbps=_num(d["mbps"], f"{path}.mbps") * payload_factor,
+    return Link(mbps=_num(d["mbps"], f"{path}.mbps") * payload_factor,
                       latency_ms=_num(d.get("latency_ms", 0.0), f"{path}.latency_ms", positive=False))
 
 
@@ -131,7 +127,7 @@ def parse_cluster(d: Any, source: str | None = None) -> Cluster:
     raw = d.get("nodes")
     if not isinstance(raw, list) or not raw:
         raise ClusterError("nodes: expected a non-empty list of {name, control, ...}")
-    nodes: list[NodeEntry] = []
+    nodes: list[InventoryNode] = []
     seen: set[str] = set()
     for i, n in enumerate(raw):
         p = f"nodes[{i}]"
@@ -153,7 +149,7 @@ def parse_cluster(d: Any, source: str | None = None) -> Cluster:
             raise ClusterError(f"{p}.type: expected a string, got {typ!r}")
         mem = _num(n["memory_bytes"], f"{p}.memory_bytes", integer=True) if n.get("memory_bytes") is not None else None
         thr = _num(n["threads"], f"{p}.threads", integer=True) if n.get("threads") is not None else None
-        nodes.append(NodeEntry(name=name, control=ctl, type=typ, memory_bytes=mem, threads=thr))
+        nodes.append(InventoryNode(name=name, control=ctl, type=typ, memory_bytes=mem, threads=thr))
     c = Cluster(nodes=nodes, source=source)
     client = d.get("client") or {}
     if not isinstance(client, dict):
@@ -200,6 +196,7 @@ def parse_cluster(d: Any, source: str | None = None) -> Cluster:
             c.keys, c.keyring = security.parse_keys_section(d["keys"], [n.name for n in nodes], base)
         except security.KeyFileError as e:
             raise ClusterError(str(e)) from None
+        c.nodes = [replace(n, curve=c.curve(n.name)) for n in nodes]  # each address carries how to reach it
     return c
 
 

@@ -1,20 +1,23 @@
 """Plan files (plans/README.md): the model, the stages and the nodes serving them, parsed and checked.
 
 A plan says which units each stage runs and on which node(s); ``parse_plan`` turns the
-YAML mapping into a ``Plan`` or raises ``PlanFileError`` naming the field.
+YAML mapping into a ``DeployPlan`` or raises ``PlanFileError`` naming the field. (The
+planner's result, the costed ``edgezmq.planner.Plan``, becomes a ``DeployPlan`` through
+``edgezmq.planner.deployable`` or ``edgezmq.orchestrate.autodeploy.to_deploy_plan``.)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from edgezmq.orchestrate.address import NodeAddress
+from edgezmq.terms import GRANULARITIES
 from edgezmq.transport import security
 from edgezmq.yamlfile import read_yaml
 
 DEFAULT_RESULTS = "tcp://127.0.0.1:5560"
-GRANULARITIES = ("block", "half", "sublayer")
 
 
 class PlanFileError(ValueError):
@@ -33,20 +36,15 @@ class ModelSpec:
 
 
 @dataclass
-class NodeRef:
-    name: str
-    control: str
-    threads: int | None = None
-
-
-@dataclass
 class StagePlan:
     units: tuple[int, int]
-    nodes: list[NodeRef]
+    nodes: list[NodeAddress]
 
 
 @dataclass
-class Plan:
+class DeployPlan:
+    """A plan file: the model, its stages and the nodes serving them (plans/README.md)."""
+
     model: ModelSpec
     stages: list[StagePlan]
     results: str = DEFAULT_RESULTS
@@ -55,12 +53,13 @@ class Plan:
     keyring: security.Keyring | None = None  # from the plan's `keys:` section: CurveZMQ
     keys: dict | None = None  # that section, paths resolved
 
-    def curve(self, n: NodeRef) -> security.Curve | None:
-        """How to reach node ``n``'s control socket: CURVE client of its key, or plaintext."""
+    def curve(self, n: NodeAddress) -> security.Curve | None:
+        """How to reach node ``n``'s control socket: CURVE client of its key, or plaintext
+        (from the plan's keyring, so that plans built in code answer it too)."""
         return security.client_curve(self.keyring, n.name)
 
     @property
-    def all_nodes(self) -> list[tuple[int, NodeRef]]:
+    def all_nodes(self) -> list[tuple[int, NodeAddress]]:
         return [(i, n) for i, st in enumerate(self.stages) for n in st.nodes]
 
     def to_dict(self) -> dict[str, Any]:
@@ -92,7 +91,7 @@ def _need(d: Any, key: str, types: type | tuple, path: str, default: Any = ...) 
     return v
 
 
-def parse_plan(d: Any, source: str | None = None) -> Plan:
+def parse_plan(d: Any, source: str | None = None) -> DeployPlan:
     """Validate a plan dict; PlanFileError names the offending field."""
     m = _need({"model": d} if not isinstance(d, dict) else d, "model", dict, "plan")
     model = ModelSpec(
@@ -143,9 +142,9 @@ def parse_plan(d: Any, source: str | None = None) -> Plan:
             if not isinstance(r, str):
                 raise PlanFileError(f"{path}.nodes[{j}]: expected a string, got {r!r}")
             if r in names:
-                ref = NodeRef(name=r, control=names[r], threads=threads)
+                ref = NodeAddress(name=r, control=names[r], threads=threads)
             elif r.startswith("tcp://"):
-                ref = NodeRef(name=r, control=r, threads=threads)
+                ref = NodeAddress(name=r, control=r, threads=threads)
             else:
                 raise PlanFileError(f"{path}.nodes[{j}]: unknown node {r!r} (not in nodes: and not a tcp:// address)")
             if ref.control in seen:
@@ -155,7 +154,10 @@ def parse_plan(d: Any, source: str | None = None) -> Plan:
         stages.append(StagePlan(units=(units[0], units[1]), nodes=nodes))
     results = _need(d, "results", str, "plan", DEFAULT_RESULTS)
     keys, keyring = _parse_keys(d, [n.name for st in stages for n in st.nodes], source)
-    return Plan(model=model, stages=stages, results=results, run=_need(d, "run", str, "plan", None),
+    if keyring is not None:  # each address carries how to reach it
+        stages = [replace(st, nodes=[replace(n, curve=security.client_curve(keyring, n.name)) for n in st.nodes])
+                  for st in stages]
+    return DeployPlan(model=model, stages=stages, results=results, run=_need(d, "run", str, "plan", None),
                 source=source, keyring=keyring, keys=keys)
 
 
@@ -170,7 +172,7 @@ def _parse_keys(d: dict, names: list[str], source: str | None) -> tuple[dict | N
         raise PlanFileError(str(e)) from None
 
 
-def load_plan(path: str | Path) -> Plan:
+def load_plan(path: str | Path) -> DeployPlan:
     p = Path(path)
     d = read_yaml(p, PlanFileError, "plan file")
     if not isinstance(d, dict):
@@ -178,7 +180,7 @@ def load_plan(path: str | Path) -> Plan:
     return parse_plan(d, source=str(p))
 
 
-def check_units(plan: Plan) -> int:
+def check_units(plan: DeployPlan) -> int:
     """Check the stages cover exactly the model's units; returns the unit count."""
     from edgezmq.model import chain as models
 

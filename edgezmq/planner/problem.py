@@ -29,11 +29,11 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["PlanError", "Unit", "DeviceType", "Device", "Link", "ModelSpec", "Options",
+from edgezmq.terms import CLIENT, GRANULARITIES
+
+__all__ = ["PlanError", "Unit", "DeviceType", "Device", "Link", "ModelChain", "Options",
            "Problem", "load_problem", "CLIENT", "GRANULARITIES"]
 
-CLIENT = "client"
-GRANULARITIES = ("block", "half", "sublayer")
 DEFAULT_BUFFERS = 2
 DEFAULT_DTYPE = "float32"
 BITS_PER_BYTE = 8
@@ -105,7 +105,7 @@ class Link:
 
 
 @dataclass(frozen=True)
-class ModelSpec:
+class ModelChain:
     """The model section: name, microbatch, the unit chain, and what a deployment copies through."""
 
     name: str
@@ -135,7 +135,7 @@ class Problem:
     seconds of each link (diagonal NaN).
     """
 
-    model: ModelSpec
+    model: ModelChain
     device_types: Mapping[str, DeviceType]
     devices: tuple[Device, ...]
     default_link: Link
@@ -282,7 +282,7 @@ def _parse_problem(d: Any) -> Problem:
     return Problem(model, types, devices, default, options, mbps, lat)
 
 
-def _parse_model(m: Mapping[str, Any]) -> ModelSpec:
+def _parse_model(m: Mapping[str, Any]) -> ModelChain:
     units = []
     seen: dict[str, int] = {}
     for i, u in enumerate(_seq(_req(m, "units", "model"), "model.units", nonempty=True)):
@@ -301,7 +301,7 @@ def _parse_model(m: Mapping[str, Any]) -> ModelSpec:
     kwargs = m.get("kwargs") or {}
     _mapping(kwargs, "model.kwargs")
     ckpt = m.get("checkpoint")
-    return ModelSpec(
+    return ModelChain(
         name=_str(_req(m, "name", "model"), "model.name"),
         microbatch=_int(_req(m, "microbatch", "model"), "model.microbatch", minimum=1),
         input_bytes=_int(_req(m, "input_bytes", "model"), "model.input_bytes"),

@@ -11,10 +11,12 @@ from typing import Any
 
 import yaml
 
+from edgezmq.planner.problem import Link
+from edgezmq.terms import CLIENT
+
 __all__ = ["ConfigError", "DeviceSpec", "ClientSpec", "Link", "TestbedConfig",
            "parse_config", "load_config", "parse_bytes", "CLIENT"]
 
-CLIENT = "client"  # the host that runs the bootstrapper and the client; reserved name
 BRIDGE = "bridge"  # the namespace holding the bridge; reserved name
 RESERVED_NAMES = (CLIENT, BRIDGE)
 DEFAULT_SUBNET = "10.213.0.0/24"  # private; lives only inside the testbed's namespaces
@@ -48,12 +50,6 @@ class ConfigError(ValueError):
         text = f"{path}: {message}" if path else message
         super().__init__(f"{text} (in {file})" if file else text)
         self.path, self.message, self.file = path, message, file
-
-
-@dataclass(frozen=True)
-class Link:
-    mbps: float
-    latency_ms: float = 0.0
 
 
 @dataclass(frozen=True)
