@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from edgezmq.fields import Fields, prefixed
 from edgezmq.orchestrate.address import NodeAddress
 from edgezmq.terms import GRANULARITIES
 from edgezmq.transport import security
@@ -77,36 +78,23 @@ class DeployPlan:
         }
 
 
-def _need(d: Any, key: str, types: type | tuple, path: str, default: Any = ...) -> Any:
-    if not isinstance(d, dict):
-        raise PlanFileError(f"{path}: expected a mapping, got {type(d).__name__}")
-    if key not in d or d[key] is None:
-        if default is ...:
-            raise PlanFileError(f"{path}.{key}: missing")
-        return default
-    v = d[key]
-    if not isinstance(v, types) or (isinstance(v, bool) and types in (int, (int,))):
-        want = types.__name__ if isinstance(types, type) else " or ".join(t.__name__ for t in types)
-        raise PlanFileError(f"{path}.{key}: expected {want}, got {type(v).__name__} {v!r}")
-    return v
+F = Fields(prefixed(PlanFileError))
 
 
 def parse_plan(d: Any, source: str | None = None) -> DeployPlan:
     """Validate a plan dict; PlanFileError names the offending field."""
-    m = _need({"model": d} if not isinstance(d, dict) else d, "model", dict, "plan")
+    m = F.need({"model": d} if not isinstance(d, dict) else d, "model", dict, "plan")
     model = ModelSpec(
-        name=_need(m, "name", str, "model"),
-        microbatch=_need(m, "microbatch", int, "model", 8),
-        granularity=_need(m, "granularity", str, "model", "block"),
-        dtype=_need(m, "dtype", str, "model", "float32"),
-        checkpoint=_need(m, "checkpoint", str, "model", None),
-        pretrained=_need(m, "pretrained", bool, "model", False),
-        kwargs=_need(m, "kwargs", dict, "model", {}),
+        name=F.need(m, "name", str, "model"),
+        microbatch=F.need(m, "microbatch", int, "model", 8),
+        granularity=F.need(m, "granularity", str, "model", "block"),
+        dtype=F.need(m, "dtype", str, "model", "float32"),
+        checkpoint=F.need(m, "checkpoint", str, "model", None),
+        pretrained=F.need(m, "pretrained", bool, "model", False),
+        kwargs=F.need(m, "kwargs", dict, "model", {}),
     )
-    if model.microbatch < 1:
-        raise PlanFileError(f"model.microbatch: must be >= 1, got {model.microbatch}")
-    if model.granularity not in GRANULARITIES:
-        raise PlanFileError(f"model.granularity: expected one of {GRANULARITIES}, got {model.granularity!r}")
+    F.integer(model.microbatch, "model.microbatch", lo=1)
+    F.choice(model.granularity, "model.granularity", GRANULARITIES)
     if model.checkpoint is None and not model.pretrained:
         raise PlanFileError("model.checkpoint: missing (or set model.pretrained: true)")
     if model.checkpoint is not None:
@@ -114,18 +102,17 @@ def parse_plan(d: Any, source: str | None = None) -> DeployPlan:
     if model.checkpoint is not None and source is not None and not Path(model.checkpoint).is_absolute():
         # relative to the plan file, so plans can travel with their checkpoint
         model.checkpoint = str((Path(source).parent / model.checkpoint).resolve())
-    names = _need(d, "nodes", dict, "plan", {})
+    names = F.need(d, "nodes", dict, "plan", {})
     for k, v in names.items():
-        if not isinstance(k, str) or not isinstance(v, str) or not v.startswith("tcp://"):
-            raise PlanFileError(f"nodes.{k}: expected a tcp:// control address, got {v!r}")
-    raw_stages = _need(d, "stages", list, "plan")
+        F.address(v, f"nodes.{k}")
+    raw_stages = F.need(d, "stages", list, "plan")
     if not raw_stages:
         raise PlanFileError("stages: at least one stage is needed")
     stages: list[StagePlan] = []
     seen: dict[str, str] = {}
     for i, s in enumerate(raw_stages):
         path = f"stages[{i}]"
-        units = _need(s, "units", list, path)
+        units = F.need(s, "units", list, path)
         if len(units) != 2 or not all(isinstance(u, int) and not isinstance(u, bool) for u in units):
             raise PlanFileError(f"{path}.units: expected [start, end] integers, got {units!r}")
         if units[0] >= units[1]:
@@ -133,7 +120,9 @@ def parse_plan(d: Any, source: str | None = None) -> DeployPlan:
         prev_end = stages[-1].units[1] if stages else 0
         if units[0] != prev_end:
             raise PlanFileError(f"{path}.units: starts at {units[0]}, expected {prev_end} (stages must be contiguous from unit 0)")
-        threads = _need(s, "threads", int, path, None)
+        threads = F.need(s, "threads", int, path, None)
+        if threads is not None:
+            F.integer(threads, f"{path}.threads", lo=1)
         refs = s.get("nodes", [s["node"]] if "node" in s else None) if isinstance(s, dict) else None
         if not isinstance(refs, list) or not refs:
             raise PlanFileError(f"{path}.nodes: expected a non-empty list of node names or control addresses")
@@ -152,18 +141,18 @@ def parse_plan(d: Any, source: str | None = None) -> DeployPlan:
             seen[ref.control] = path
             nodes.append(ref)
         stages.append(StagePlan(units=(units[0], units[1]), nodes=nodes))
-    results = _need(d, "results", str, "plan", DEFAULT_RESULTS)
+    results = F.need(d, "results", str, "plan", DEFAULT_RESULTS)
     keys, keyring = _parse_keys(d, [n.name for st in stages for n in st.nodes], source)
     if keyring is not None:  # each address carries how to reach it
         stages = [replace(st, nodes=[replace(n, curve=security.client_curve(keyring, n.name)) for n in st.nodes])
                   for st in stages]
-    return DeployPlan(model=model, stages=stages, results=results, run=_need(d, "run", str, "plan", None),
+    return DeployPlan(model=model, stages=stages, results=results, run=F.need(d, "run", str, "plan", None),
                 source=source, keyring=keyring, keys=keys)
 
 
 def _parse_keys(d: dict, names: list[str], source: str | None) -> tuple[dict | None, security.Keyring | None]:
     """The plan's optional ``keys:`` section (plans/README.md) -> (resolved section, Keyring)."""
-    k = _need(d, "keys", dict, "plan", None)
+    k = F.need(d, "keys", dict, "plan", None)
     if k is None:
         return None, None
     try:
