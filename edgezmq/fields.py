@@ -8,7 +8,8 @@ error class, so that a field is checked, and its error worded, the same way ever
     mb = F.integer(m.get("microbatch", 8), "model.microbatch", lo=1)
 
 Numbers are finite (``.inf`` and ``.nan`` are refused) and within the range the caller
-gives, which its docs state. Pure: no I/O, no dependencies.
+gives, which its docs state. ``read_yaml`` reads the file, its I/O and syntax errors also
+raised as the caller's error. No dependencies but PyYAML, imported when a file is read.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
-__all__ = ["Fields", "prefixed", "REQUIRED", "SIZE_UNITS"]
+__all__ = ["Fields", "prefixed", "read_yaml", "REQUIRED", "SIZE_UNITS"]
 
 ErrorFactory = Callable[[str, str], Exception]  # (field path, message) -> the caller's error
 
@@ -172,3 +173,20 @@ class Fields:
         """A file or directory path; ``~`` and ``$VARS`` expand (``${CREDENTIALS_DIRECTORY}``
         under systemd's ``LoadCredential=``)."""
         return os.path.expandvars(os.path.expanduser(self.string(v, where)))
+
+
+def read_yaml(path: str | os.PathLike, error: type[Exception], what: str = "file") -> Any:
+    """The parsed document; ``error("PATH: cannot read <what> (...)")`` or ``error("PATH: not valid YAML (...)")``."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise error(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not a text file ({e.reason})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise error(f"{path}: not valid YAML ({e})") from None

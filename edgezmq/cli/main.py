@@ -122,9 +122,9 @@ def _load_plan(path: str):
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
+    from edgezmq.fields import read_yaml
     from edgezmq.orchestrate.inventory import is_cluster_file
     from edgezmq.orchestrate.planfile import PlanFileError
-    from edgezmq.yamlfile import read_yaml
 
     d = read_yaml(args.file, PlanFileError)  # a bad file fails fast, before torch is imported
     if is_cluster_file(d):

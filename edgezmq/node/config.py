@@ -28,9 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgezmq.fields import Fields, prefixed
+from edgezmq.fields import Fields, prefixed, read_yaml
 from edgezmq.paths import CACHE_ENV
-from edgezmq.yamlfile import read_yaml
 
 CONFIG_DIR = "/etc/edgezmq"
 UNIT_DIR = "/etc/systemd/system"

@@ -36,9 +36,9 @@ def control_client(address: str, *, curve: Any = None, **kw: Any) -> ControlClie
 def targets(path: str) -> tuple[str, list[NodeAddress], list[Placement | None]]:
     """("plan" | "cluster", the nodes to ask, where the plan puts each (None for an inventory's))
     from a plan file or a cluster inventory; the addresses carry the file's CurveZMQ keys."""
+    from edgezmq.fields import read_yaml
     from edgezmq.orchestrate.inventory import is_cluster_file, parse_cluster
     from edgezmq.orchestrate.planfile import parse_plan
-    from edgezmq.yamlfile import read_yaml
 
     d = read_yaml(path, StatusInputError)
     if is_cluster_file(d):

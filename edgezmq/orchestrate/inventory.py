@@ -21,12 +21,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from edgezmq.fields import Fields, prefixed
+from edgezmq.fields import Fields, prefixed, read_yaml
 from edgezmq.orchestrate.address import NodeAddress
 from edgezmq.planner.problem import Link
 from edgezmq.terms import CLIENT
 from edgezmq.transport import security
-from edgezmq.yamlfile import read_yaml
 
 DEFAULT_RESULTS_PORT = 5560
 DEFAULT_ALL_PAIRS_UP_TO = 8  # beyond this many nodes, links are sampled per type pair

@@ -12,11 +12,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from edgezmq.fields import Fields, prefixed
+from edgezmq.fields import Fields, prefixed, read_yaml
 from edgezmq.orchestrate.address import NodeAddress
 from edgezmq.terms import GRANULARITIES
 from edgezmq.transport import security
-from edgezmq.yamlfile import read_yaml
 
 DEFAULT_RESULTS = "tcp://127.0.0.1:5560"
 

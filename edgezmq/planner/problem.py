@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from edgezmq.fields import Fields, prefixed
+from edgezmq.fields import Fields, prefixed, read_yaml
 from edgezmq.terms import CLIENT, GRANULARITIES
 
 __all__ = ["PlanError", "Unit", "DeviceType", "Device", "Link", "ModelChain", "Options",
@@ -191,17 +191,8 @@ class Problem:
 
 def load_problem(path: str | Path) -> Problem:
     """Read a problem from a YAML (or JSON) file; errors are ``PlanError`` prefixed by the path."""
-    import yaml  # deferred: parsing a dict needs no YAML
-
     p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise PlanError(f"{p}: cannot read ({e.strerror or e})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise PlanError(f"{p}: not valid YAML: {e}") from None
+    data = read_yaml(p, PlanError, "problem file")
     try:
         return Problem.from_dict(data)
     except PlanError as e:
