@@ -26,7 +26,7 @@ from edgezmq.client import Client  # noqa: E402
 from edgezmq.model import chain as models  # noqa: E402
 from edgezmq.orchestrate.autodeploy import autodeploy  # noqa: E402
 from edgezmq.orchestrate.deploy import unload  # noqa: E402
-from edgezmq.orchestrate.inventory import Cluster, NodeEntry  # noqa: E402
+from edgezmq.orchestrate.inventory import Cluster, InventoryNode  # noqa: E402
 from edgezmq.orchestrate.local import LocalCluster  # noqa: E402
 from edgezmq.orchestrate.planfile import ModelSpec  # noqa: E402
 from edgezmq.transport.rpc import ControlClient  # noqa: E402
@@ -59,7 +59,7 @@ def main() -> int:
 
     with LocalCluster(args.nodes, threads=1) as local, \
             Client([], "tcp://127.0.0.1:0", run="", window=2 * args.nodes + 2, microbatch=args.microbatch) as c:
-        inv = Cluster(nodes=[NodeEntry(n.name, n.control) for n in local.nodes], probe_seconds=0.2)
+        inv = Cluster(nodes=[InventoryNode(n.name, n.control) for n in local.nodes], probe_seconds=0.2)
         dep, plan, _, _, _ = autodeploy(inv, spec, results=c.results_endpoint, replication=False)
         c.attach(dep.entry, dep.run)
         stop = threading.Event()

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from edgezmq.orchestrate.planfile import Plan
+from edgezmq.orchestrate.planfile import DeployPlan
 from edgezmq.protocol import wire
 from edgezmq.protocol.control import BAD_STATE, ControlError
 from edgezmq.transport import security, sockets
@@ -117,7 +117,7 @@ class Client:
         self.run = run
 
     @classmethod
-    def from_plan(cls, plan: Plan, **kw: Any) -> Client:
+    def from_plan(cls, plan: DeployPlan, **kw: Any) -> Client:
         """Find the running deployment of ``plan``: ask stage 0's nodes for run id and endpoint."""
         entry, run = [], None
         for ref in plan.stages[0].nodes:

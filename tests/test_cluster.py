@@ -42,13 +42,19 @@ def test_parse_good_inventory():
         (lambda d: d.update(nodes=[]), "nodes: expected a non-empty list"),
         (lambda d: d["nodes"][1].update(name="a"), "nodes[1].name: duplicate"),
         (lambda d: d["nodes"][0].update(name="client"), "nodes[0].name"),
-        (lambda d: d["nodes"][0].update(control="10.0.0.1:5"), "nodes[0].control: expected tcp://"),
+        (lambda d: d["nodes"][0].update(control="10.0.0.1:5"), "nodes[0].control: expected a tcp://HOST:PORT address"),
         (lambda d: d["nodes"][0].update(memory_bytes="lots"), "nodes[0].memory_bytes"),
-        (lambda d: d["nodes"][1].update(threads=0), "nodes[1].threads: must be > 0"),
+        (lambda d: d["nodes"][1].update(threads=0), "nodes[1].threads: expected an integer >= 1, got 0"),
         (lambda d: d["nodes"][0].update(colour="red"), "nodes[0]: unknown field"),
         (lambda d: d["links"]["overrides"][0].update(b="ghost"), "links.overrides[0].b: unknown node 'ghost'"),
         (lambda d: d["links"]["default"].pop("mbps"), "links.default.mbps: missing"),
-        (lambda d: d["links"]["default"].update(mbps=-1), "links.default.mbps: must be > 0"),
+        (lambda d: d["links"]["default"].update(mbps=-1), "links.default.mbps: expected a number > 0, got -1"),
+        # non-finite figures fail here, not as a probe that never ends or a plan of NaNs
+        (lambda d: d.update(measure={"seconds": float("inf")}), "measure.seconds: expected a number in (0, 600], "
+                                                                 "got inf (not a finite number)"),
+        (lambda d: d["links"]["default"].update(latency_ms=float("nan")), "links.default.latency_ms: expected a number"),
+        (lambda d: d["nodes"][0].update(memory_bytes=".inf"), "nodes[0].memory_bytes: expected bytes"),
+        (lambda d: d.update(measure={"pings": 2.5}), "measure.pings: expected an integer, got float 2.5"),
     ],
 )
 def test_bad_inventories_name_the_field(mutate, text):

@@ -23,7 +23,7 @@ from helpers import (
 
 from edgezmq.client import PipelineError
 from edgezmq.orchestrate.failover import Heartbeat, Progress, ResilientPipeline, stall_limit
-from edgezmq.orchestrate.inventory import Cluster, NodeEntry, parse_cluster
+from edgezmq.orchestrate.inventory import Cluster, InventoryNode, parse_cluster
 from edgezmq.orchestrate.local import LocalCluster
 from edgezmq.orchestrate.planfile import ModelSpec
 from edgezmq.transport.rpc import ControlClient
@@ -35,7 +35,7 @@ N_BATCHES = 10
 
 def inventory(local: LocalCluster, keys: dict | None = None) -> Cluster:
     if keys is None:
-        return Cluster(nodes=[NodeEntry(n.name, n.control) for n in local.nodes], probe_seconds=0.1, pings=3)
+        return Cluster(nodes=[InventoryNode(n.name, n.control) for n in local.nodes], probe_seconds=0.1, pings=3)
     return parse_cluster({"nodes": [{"name": n.name, "control": n.control} for n in local.nodes],
                           "measure": {"seconds": 0.1, "pings": 3}, "keys": keys_section(keys)})
 

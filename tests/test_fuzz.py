@@ -14,9 +14,10 @@ import pytest
 import zmq
 from helpers import MICROBATCH, N_UNITS, batches, model_spec, monolithic
 
+from edgezmq.orchestrate.address import NodeAddress
 from edgezmq.orchestrate.deploy import deploy, unload
 from edgezmq.orchestrate.local import LocalCluster
-from edgezmq.orchestrate.planfile import NodeRef, Plan, StagePlan
+from edgezmq.orchestrate.planfile import DeployPlan, StagePlan
 from edgezmq.protocol import control, wire
 from edgezmq.transport import netprobe, sockets
 from edgezmq.transport.rpc import ControlClient
@@ -40,8 +41,8 @@ def stage(tmp_path_factory):
     results = sockets.bind(sink, "tcp://127.0.0.1:0")
     sink.close(linger=0)  # rebound by the collector thread, which owns its socket
     with LocalCluster(1, threads=1, log_dir=tmp_path_factory.mktemp("logs")) as c:
-        plan = Plan(model=model_spec(),
-                    stages=[StagePlan((0, N_UNITS), [NodeRef("n0", c.nodes[0].control, 1)])], results=results)
+        plan = DeployPlan(model=model_spec(),
+                    stages=[StagePlan((0, N_UNITS), [NodeAddress("n0", c.nodes[0].control, 1)])], results=results)
         collector = Collector(ctx, results)
         dep = deploy(plan, load_timeout=120)
         try:

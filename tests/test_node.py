@@ -10,6 +10,7 @@ from helpers import (
     KWARGS,
     MICROBATCH,
     MODEL,
+    N_UNITS,
     batches,
     inproc_node,
     load_args,
@@ -84,6 +85,29 @@ def test_load_refuses_a_shard_that_does_not_fit():
             c.call("load", **load_args())
         assert ei.value.code == control.LOAD_FAILED
         assert "needs" in ei.value.message and "available" in ei.value.message and "t0" in ei.value.message
+
+
+def test_load_counts_the_working_memory_the_planner_counts(tmp_path, monkeypatch):
+    """Parameters + buffers fit, the working memory by the node's own profile does not: refused,
+    naming that term; with a small working memory the same shard is admitted."""
+    from edgezmq.model import profile_cache as cache
+    from edgezmq.node import device
+
+    monkeypatch.setenv("EDGEZMQ_CACHE", str(tmp_path))
+    key = cache.profile_key(MODEL, granularity="block", microbatch=MICROBATCH, threads=1, kwargs=KWARGS)
+    units = [{"name": f"u{i}", "work_bytes": 1000} for i in range(N_UNITS)]
+    huge = 10**12  # far above the limit below, whatever this machine holds
+    cache.put(key, {"units": [*units[:2], {**units[2], "work_bytes": huge}, *units[3:]]})
+    limit = device.rss_bytes() + (1 << 30)  # 1 GiB over what the process holds: the shard's tensors fit
+    with inproc_node(memory_limit=limit) as node, ControlClient(node.control_endpoint, timeout=30) as c:
+        with pytest.raises(control.ControlError) as ei:
+            c.call("load", **load_args())
+        assert ei.value.code == control.LOAD_FAILED
+        assert f"{huge / 1e6:.0f} MB working memory" in ei.value.message, ei.value.message
+        assert c.call("ping")["state"] == "idle"
+        cache.put(key, {"units": units})  # the same shard, a working memory that fits: admitted
+        assert c.call("load", **load_args())["state"] == "loading"
+        wait_state(c, "loaded")
 
 
 def test_start_before_load_is_a_state_error(cc):
@@ -413,10 +437,11 @@ def test_netprobe_to_nowhere_fails_as_a_job_not_a_node(cc):
 
 
 def test_status_counts_each_bad_message_once():
-    from edgezmq.ops.status import Target, node_row
+    from edgezmq.ops.status import node_row
+    from edgezmq.orchestrate.address import NodeAddress
 
     # three refused messages, one of them of another run, and one failed forward: 4 errors
     stage = {"stage": 0, "units": [0, 6], "run": "r1", "bad_messages": 3, "wrong_run": 1,
              "compute_errors": 1, "uptime_s": 1.0, "samples": 0, "processed": 0}
-    row = node_row(Target("t0", "tcp://127.0.0.1:1"), {"state": "running", "stage": stage})
+    row = node_row(NodeAddress("t0", "tcp://127.0.0.1:1"), {"state": "running", "stage": stage})
     assert row["errors"] == 4

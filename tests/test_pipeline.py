@@ -16,9 +16,10 @@ from helpers import KWARGS, MICROBATCH, MODEL, N_UNITS, batches, checkpoint, mod
 
 from edgezmq.client import Client
 from edgezmq.model import chain as models
+from edgezmq.orchestrate.address import NodeAddress
 from edgezmq.orchestrate.deploy import DeployError, deploy, unload
 from edgezmq.orchestrate.local import LocalCluster
-from edgezmq.orchestrate.planfile import ModelSpec, NodeRef, Plan, PlanFileError, StagePlan
+from edgezmq.orchestrate.planfile import DeployPlan, ModelSpec, PlanFileError, StagePlan
 from edgezmq.transport import sockets
 from edgezmq.transport.rpc import ControlClient
 
@@ -37,8 +38,8 @@ def make_plan(cluster, ranges, replicas=None, granularity="block", results="tcp:
     stages = []
     for i, r in enumerate(ranges):
         k = (replicas or {}).get(i, 1)
-        stages.append(StagePlan(units=r, nodes=[NodeRef(n.name, n.control, 1) for n in [next(nodes) for _ in range(k)]]))
-    return Plan(model=ModelSpec(name=MODEL, microbatch=MICROBATCH, granularity=granularity,
+        stages.append(StagePlan(units=r, nodes=[NodeAddress(n.name, n.control, 1) for n in [next(nodes) for _ in range(k)]]))
+    return DeployPlan(model=ModelSpec(name=MODEL, microbatch=MICROBATCH, granularity=granularity,
                                 checkpoint=checkpoint(), kwargs=KWARGS), stages=stages, results=results)
 
 
@@ -93,7 +94,7 @@ def test_deploy_to_dead_node_fails_clearly_and_unloads_the_others(cluster):
         port = s.bind_to_random_port("tcp://127.0.0.1")
         s.close(linger=0)
     plan = make_plan(cluster, [(0, 3), (3, N_UNITS)])
-    plan.stages[1].nodes = [NodeRef("ghost", f"tcp://127.0.0.1:{port}")]
+    plan.stages[1].nodes = [NodeAddress("ghost", f"tcp://127.0.0.1:{port}")]
     t0 = time.time()
     with pytest.raises(DeployError) as ei:
         deploy(plan, ping_timeout=1.0)
@@ -222,8 +223,8 @@ def test_cli_errors_are_clear(tmp_path):
 def test_sigterm_drains_and_exits_zero(tmp_path):
     c = LocalCluster(1, threads=1).start()
     node = c.nodes[0]
-    plan = Plan(model=model_spec(),
-                stages=[StagePlan(units=(0, N_UNITS), nodes=[NodeRef(node.name, node.control, 1)])])
+    plan = DeployPlan(model=model_spec(),
+                stages=[StagePlan(units=(0, N_UNITS), nodes=[NodeAddress(node.name, node.control, 1)])])
     with Client([], "tcp://127.0.0.1:0", run="", window=4, timeout=60) as client:
         plan.results = client.results_endpoint
         dep = deploy(plan)

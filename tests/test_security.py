@@ -24,9 +24,10 @@ from helpers import (
 from edgezmq.cli.main import main as cli_main
 from edgezmq.client import Client
 from edgezmq.node.daemon import Node
+from edgezmq.orchestrate.address import NodeAddress
 from edgezmq.orchestrate.deploy import DeployError, deploy, unload
 from edgezmq.orchestrate.local import LocalCluster
-from edgezmq.orchestrate.planfile import NodeRef, Plan, StagePlan, load_plan
+from edgezmq.orchestrate.planfile import DeployPlan, StagePlan, load_plan
 from edgezmq.protocol import control, wire
 from edgezmq.transport import security, sockets
 from edgezmq.transport.rpc import ControlClient
@@ -69,11 +70,11 @@ def nodes(keys, tmp_path_factory):
         yield c.nodes[0], n1
 
 
-def make_plan(nodes, ring) -> Plan:
+def make_plan(nodes, ring) -> DeployPlan:
     n0, n1 = nodes
-    return Plan(model=model_spec(),
-                stages=[StagePlan((0, 3), [NodeRef("n0", n0.control, 1)]),
-                        StagePlan((3, N_UNITS), [NodeRef("n1", n1.control_endpoint, 1)])],
+    return DeployPlan(model=model_spec(),
+                stages=[StagePlan((0, 3), [NodeAddress("n0", n0.control, 1)]),
+                        StagePlan((3, N_UNITS), [NodeAddress("n1", n1.control_endpoint, 1)])],
                 results="tcp://127.0.0.1:0", keyring=ring)
 
 

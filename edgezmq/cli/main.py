@@ -122,9 +122,9 @@ def _load_plan(path: str):
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
+    from edgezmq.fields import read_yaml
     from edgezmq.orchestrate.inventory import is_cluster_file
     from edgezmq.orchestrate.planfile import PlanFileError
-    from edgezmq.yamlfile import read_yaml
 
     d = read_yaml(args.file, PlanFileError)  # a bad file fails fast, before torch is imported
     if is_cluster_file(d):
@@ -316,14 +316,15 @@ KEYS_HELP = ("plan or cluster inventory whose keys: section to use: CurveZMQ to 
 def _node_arg(flag: str, value: str, keys_file: str | None):
     """A node given on the command line: a control address, or with ``--keys FILE`` a node of
     that plan or inventory (by name or address), reached with the file's keys."""
-    from edgezmq.ops.status import Target, targets
+    from edgezmq.ops.status import targets
+    from edgezmq.orchestrate.address import NodeAddress
 
     if keys_file is None:
         if not value.startswith("tcp://"):
             raise ValueError(f"{flag}: expected a tcp://HOST:PORT control address, got {value!r} "
                              "(a node name needs --keys PLAN_OR_CLUSTER.yaml)")
-        return Target(value, value)
-    _, nodes = targets(keys_file)
+        return NodeAddress(value, value)
+    _, nodes, _ = targets(keys_file)
     if not any(t.curve is not None for t in nodes):
         raise ValueError(f"--keys {keys_file}: the file has no keys: section (plans/README.md)")
     for t in nodes:
@@ -335,8 +336,6 @@ def _node_arg(flag: str, value: str, keys_file: str | None):
 
 def cmd_profile(args: argparse.Namespace) -> int:
     from edgezmq.model.profiling import format_profile
-    from edgezmq.orchestrate.inventory import NodeEntry
-
     kwargs = json.loads(args.kwargs) if args.kwargs else {}
 
     def progress(p: list) -> None:  # on stderr, so --json output stays clean
@@ -357,7 +356,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
             reply = c.call("profile", **req)
         if reply.get("cached"):
             _stderr(f"{target.name}: from the node's profile cache (--reprofile to measure again)")
-        prof = wait_job(NodeEntry(target.name, target.control), reply, PROFILE_TIMEOUT_S, progress, target.curve)
+        prof = wait_job(target, reply, PROFILE_TIMEOUT_S, progress, target.curve)
     else:
         from edgezmq.model.profiling import profile_units
 
@@ -370,7 +369,6 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def cmd_netprobe(args: argparse.Namespace) -> int:
     from edgezmq.orchestrate.autodeploy import wait_job
-    from edgezmq.orchestrate.inventory import NodeEntry
     from edgezmq.transport import netprobe
     from edgezmq.transport.rpc import ControlClient
 
@@ -384,7 +382,7 @@ def cmd_netprobe(args: argparse.Namespace) -> int:
             opts["peer_key"] = to.curve.server_key.decode()
         with ControlClient(src.control, timeout=args.timeout, retries=0, name=src.name, curve=src.curve) as c:
             reply = c.call("netprobe", peer=peer, **opts)
-        r = wait_job(NodeEntry(src.name, src.control), reply, 60.0 + args.seconds, curve=src.curve)
+        r = wait_job(src, reply, 60.0 + args.seconds, curve=src.curve)
     else:
         r = netprobe.probe(peer, curve=to.curve, **opts)
     if args.json:

@@ -35,6 +35,7 @@ from timm.models.vision_transformer import Block, ResPostBlock, VisionTransforme
 from torch import nn
 
 from edgezmq.paths import CACHE_ENV, cache_root  # noqa: F401 - re-exported
+from edgezmq.terms import GRANULARITIES
 
 __all__ = [
     "GRANULARITIES", "ModelError", "UnitInfo", "Shard", "create_model", "unit_infos", "num_units",
@@ -44,7 +45,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-GRANULARITIES = ("block", "half", "sublayer")
 EMBED_UNIT = "embed"
 HEAD_UNIT = "head"
 

@@ -31,7 +31,7 @@ from edgezmq import __version__
 from edgezmq.paths import cache_root
 
 __all__ = ["SCHEMA", "VERSIONS_FIELD", "profile_key", "software_versions", "key_hash", "path_for",
-           "profiles_dir", "get", "put", "clear"]
+           "profiles_dir", "get", "put", "clear", "work_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -185,3 +185,17 @@ def clear(*, cache_dir: str | os.PathLike | None = None) -> int:
         p.unlink(missing_ok=True)
         n += 1
     return n
+
+
+def work_bytes(model: str, start: int, end: int, *, granularity: str, microbatch: int, threads: int | None,
+               kwargs: Mapping[str, Any] | None = None) -> int | None:
+    """Peak working memory of units [start, end) by this device's cached profile of the model
+    at these settings (``threads`` None: torch's current count, as ``profile`` defaults to), or
+    None when this device has not profiled it."""
+    if threads is None:
+        import torch
+
+        threads = torch.get_num_threads()
+    prof = get(profile_key(model, granularity=granularity, microbatch=microbatch, threads=threads, kwargs=kwargs))
+    units = prof["units"][start:end] if prof else []
+    return max(int(u["work_bytes"]) for u in units) if units else None

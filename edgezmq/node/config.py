@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgezmq.fields import Fields, prefixed, read_yaml
 from edgezmq.paths import CACHE_ENV
-from edgezmq.yamlfile import read_yaml
 
 CONFIG_DIR = "/etc/edgezmq"
 UNIT_DIR = "/etc/systemd/system"
@@ -58,9 +58,6 @@ DEFAULTS: dict[str, Any] = {
     "keys": None,
 }
 
-_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # usable as a systemd instance and file name
 
 
@@ -68,32 +65,7 @@ class NodeConfigError(ValueError):
     """A node config that cannot be used; the message names the file and the field."""
 
 
-def _int(v: Any, where: str, lo: int, hi: int | None = None) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
-        rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
-        raise NodeConfigError(f"{where}: expected an integer {rng}, got {v!r}")
-    return v
-
-
-def _str(v: Any, where: str) -> str:
-    if not isinstance(v, str) or not v.strip():
-        raise NodeConfigError(f"{where}: expected a non-empty string, got {v!r}")
-    return v
-
-
-def parse_size(v: Any, where: str) -> int:
-    """Bytes from an int, a float like 6e9, or a string like '6GB' / '512MiB'."""
-    if isinstance(v, bool):
-        raise NodeConfigError(f"{where}: expected bytes or a size like '6GB', got {v!r}")
-    if isinstance(v, (int, float)):
-        n = v
-    elif isinstance(v, str) and (m := _SIZE_RE.match(v)) and m.group(2).upper() in ("", *_SIZE_UNITS):
-        n = float(m.group(1)) * _SIZE_UNITS.get(m.group(2).upper(), 1)
-    else:
-        raise NodeConfigError(f"{where}: expected bytes or a size like '6GB', got {v!r}")
-    if not n > 0:
-        raise NodeConfigError(f"{where}: must be > 0, got {v!r}")
-    return int(n)
+F = Fields(prefixed(NodeConfigError))
 
 
 def parse_node_config(d: Any, source: str = "node config") -> dict[str, Any]:
@@ -111,44 +83,31 @@ def parse_node_config(d: Any, source: str = "node config") -> dict[str, Any]:
             continue
         where = f"{source}: {key}"
         if key == "control":
-            if not isinstance(v, str) or not v.startswith(("tcp://", "ipc://")):
-                raise NodeConfigError(f"{where}: expected a tcp://HOST:PORT address, got {v!r}")
+            F.address(v, where, ("tcp://", "ipc://"))
         elif key == "name":
             if not isinstance(v, str) or not _NAME_RE.match(v):
                 raise NodeConfigError(f"{where}: expected letters, digits, '.', '_' or '-', got {v!r}")
         elif key == "threads":
-            v = _int(v, where, 1)
+            v = F.integer(v, where, lo=1)
         elif key == "memory_limit":
-            v = parse_size(v, where)
+            v = F.size(v, where)
         elif key == "metrics_port":
-            v = _int(v, where, 0, MAX_PORT)
+            v = F.integer(v, where, lo=0, hi=MAX_PORT)
         elif key == "log_level":
-            if not isinstance(v, str) or v.lower() not in LOG_LEVELS:
-                raise NodeConfigError(f"{where}: expected one of {LOG_LEVELS}, got {v!r}")
-            v = v.lower()
+            v = F.choice(v.lower() if isinstance(v, str) else v, where, LOG_LEVELS)
         elif key == "keys":
             v = _keys(v, where)
         elif key == "cache_dir":
-            v = _path(v, where)
+            v = F.path(v, where)
         else:  # advertise, metrics_host
-            v = _str(v, where)
+            v = F.string(v, where)
         out[key] = v
     return out
 
 
 def _keys(v: Any, where: str) -> dict[str, str]:
     # CURVE is a later issue: check the shape now so that configs written today stay valid
-    if not isinstance(v, dict):
-        raise NodeConfigError(f"{where}: expected a mapping of {list(KEY_FIELDS)}, got {v!r}")
-    unknown = sorted(set(map(str, v)) - set(KEY_FIELDS))
-    if unknown:
-        raise NodeConfigError(f"{where}: unknown field(s) {unknown} (known: {list(KEY_FIELDS)})")
-    return {k: _path(p, f"{where}.{k}") for k, p in v.items() if p is not None}
-
-
-def _path(v: Any, where: str) -> str:
-    # $VARS expand, e.g. ${CREDENTIALS_DIRECTORY} under systemd's LoadCredential=
-    return os.path.expandvars(os.path.expanduser(_str(v, where)))
+    return {k: F.path(p, f"{where}.{k}") for k, p in F.mapping(v, where, KEY_FIELDS).items() if p is not None}
 
 
 def load_node_config(path: str | os.PathLike) -> dict[str, Any]:

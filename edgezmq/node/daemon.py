@@ -279,16 +279,24 @@ class Node:
             from pathlib import Path
             if not Path(spec.checkpoint).is_file():
                 raise control.ControlError(control.LOAD_FAILED, f"node {self.name}: checkpoint {spec.checkpoint!r} not found")
+        from edgezmq.model import profile_cache
+        from edgezmq.planner.cost import shard_memory_bytes
+
         param = sum(u.param_bytes for u in infos[spec.start:spec.end])
-        io = sum(_nbytes(s) for s in specs[spec.start]) + sum(_nbytes(s) for s in specs[spec.end])
-        need = param + BUFFERS_PER_DIRECTION * io
+        n_in, n_out = sum(_nbytes(s) for s in specs[spec.start]), sum(_nbytes(s) for s in specs[spec.end])
+        work = profile_cache.work_bytes(spec.model, spec.start, spec.end, granularity=spec.granularity,
+                                        microbatch=spec.microbatch, threads=spec.threads, kwargs=spec.kwargs)
+        need = shard_memory_bytes(param, work or 0, n_in, n_out, BUFFERS_PER_DIRECTION)
         budget = self._memory_budget()
         if need > budget:
+            buffers = need - param - (work or 0)
+            working = (f"{work / 1e6:.0f} MB working memory by this node's profile" if work is not None
+                       else "working memory unknown: not profiled on this node")
             raise control.ControlError(
                 control.LOAD_FAILED,
                 f"node {self.name}: shard units [{spec.start}, {spec.end}) of {spec.model} needs "
-                f"{need / 1e6:.0f} MB ({param / 1e6:.0f} MB parameters + buffers), "
-                f"the node has {budget / 1e6:.0f} MB available")
+                f"{need / 1e6:.0f} MB ({param / 1e6:.0f} MB parameters + {buffers / 1e6:.0f} MB activation "
+                f"buffers + {working}), the node has {budget / 1e6:.0f} MB available")
         pull = sockets.make_socket(self.ctx, zmq.PULL, sockets.DATA, curve=self.curve)
         bind_addr = req.bind or f"tcp://{sockets.host_of(self.control_endpoint)}:0"
         try:

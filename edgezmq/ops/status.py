@@ -6,12 +6,9 @@ import json as jsonlib
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TextIO
 
-import yaml
-
+from edgezmq.orchestrate.address import NodeAddress
 from edgezmq.protocol import control
 from edgezmq.transport.rpc import ControlClient
 
@@ -29,50 +26,34 @@ class StatusInputError(ValueError):
     """The file given to status is neither a readable plan nor a cluster inventory."""
 
 
-@dataclass
-class Target:
-    name: str
-    control: str
-    stage: int | None = None  # planned stage (plans only)
-    units: tuple[int, int] | None = None  # planned units (plans only)
-    curve: Any = None  # security.Curve of a secured plan's or inventory's node (its `keys:` section)
-
-
-def node_curve(plan: Any, ref: Any) -> Any:
-    """How to reach a plan's node: CurveZMQ when the plan has `keys:`, else None (plaintext)."""
-    curve = getattr(plan, "curve", None)
-    return curve(ref) if callable(curve) else None
+Placement = tuple[int, tuple[int, int]]  # (stage, units [a, b)) a plan gives a node
 
 
 def control_client(address: str, *, curve: Any = None, **kw: Any) -> ControlClient:
     return ControlClient(address, **kw, **({"curve": curve} if curve is not None else {}))
 
 
-def targets(path: str) -> tuple[str, list[Target]]:
-    """("plan" | "cluster", the nodes to ask) from a plan file or a cluster inventory."""
+def targets(path: str) -> tuple[str, list[NodeAddress], list[Placement | None]]:
+    """("plan" | "cluster", the nodes to ask, where the plan puts each (None for an inventory's))
+    from a plan file or a cluster inventory; the addresses carry the file's CurveZMQ keys."""
+    from edgezmq.fields import read_yaml
     from edgezmq.orchestrate.inventory import is_cluster_file, parse_cluster
     from edgezmq.orchestrate.planfile import parse_plan
 
-    try:
-        d = yaml.safe_load(Path(path).read_text())
-    except OSError as e:
-        raise StatusInputError(f"{path}: cannot read file ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        raise StatusInputError(f"{path}: not valid YAML ({e})") from None
+    d = read_yaml(path, StatusInputError)
     if is_cluster_file(d):
         cluster = parse_cluster(d, source=path)
-        return "cluster", [Target(n.name, n.control, curve=cluster.curve(n.name)) for n in cluster.nodes]
+        return "cluster", list(cluster.nodes), [None] * len(cluster.nodes)
     if not isinstance(d, dict) or "stages" not in d:
         raise StatusInputError(f"{path}: expected a plan (with stages:) or a cluster inventory (nodes: list)")
     plan = parse_plan(d, source=path)
-    return "plan", [Target(n.name, n.control, i, plan.stages[i].units, node_curve(plan, n))
-                    for i, n in plan.all_nodes]
+    return "plan", [n for _, n in plan.all_nodes], [(i, plan.stages[i].units) for i, _ in plan.all_nodes]
 
 
-def poll(nodes: list[Target], timeout: float = STATS_TIMEOUT_S) -> list[dict[str, Any] | str]:
+def poll(nodes: list[NodeAddress], timeout: float = STATS_TIMEOUT_S) -> list[dict[str, Any] | str]:
     """``stats`` of every node in parallel: its reply, or the error text of a node that is down."""
 
-    def one(t: Target) -> dict[str, Any] | str:
+    def one(t: NodeAddress) -> dict[str, Any] | str:
         try:
             with control_client(t.control, curve=t.curve, timeout=timeout, retries=0, name=t.name) as c:
                 return c.call("stats")
@@ -91,11 +72,14 @@ def _same_stage(now: dict, before: dict) -> bool:
             and now.get("samples", 0) >= before.get("samples", 0))
 
 
-def node_row(t: Target, reply: dict | str, before: dict | str | None = None) -> dict[str, Any]:
-    """One node's status.  Rates are over the last refresh when ``before`` is of the same
-    deployment, else averaged over the stage's uptime (``window_s`` says which)."""
-    row: dict[str, Any] = {"name": t.name, "control": t.control, "stage": t.stage,
-                           "units": list(t.units) if t.units else None, "bottleneck": False}
+def node_row(t: NodeAddress, reply: dict | str, before: dict | str | None = None,
+             planned: Placement | None = None) -> dict[str, Any]:
+    """One node's status (``planned``: where its plan puts it).  Rates are over the last refresh
+    when ``before`` is of the same deployment, else averaged over the stage's uptime
+    (``window_s`` says which)."""
+    stage, units = planned if planned is not None else (None, None)
+    row: dict[str, Any] = {"name": t.name, "control": t.control, "stage": stage,
+                           "units": list(units) if units else None, "bottleneck": False}
     if isinstance(reply, str):
         return {**row, "state": "down", "up": False, "error": reply}
     st = reply.get("stage") or {}
@@ -103,14 +87,14 @@ def node_row(t: Target, reply: dict | str, before: dict | str | None = None) -> 
                peak_rss=reply.get("peak_rss"), stats=reply)
     if not st:
         return row
-    planned = row["units"]
+    plan_units = row["units"]
     row.update(stage=st.get("stage"), units=st.get("units"), run=st.get("run"),
                in_queue=st.get("in_queue"), out_queue=st.get("out_queue"),
                processed=st.get("processed"), samples=st.get("samples"),
                errors=sum(st.get(k, 0) for k in ERROR_FIELDS), last_error=st.get("last_error") or None,
                paused=bool(st.get("paused")))
-    if planned is not None and (planned != row["units"] or t.stage != row["stage"]):
-        row["mismatch"] = f"serves stage {row['stage']} units {row['units']}, plan says stage {t.stage} units {planned}"
+    if plan_units is not None and (plan_units != row["units"] or stage != row["stage"]):
+        row["mismatch"] = f"serves stage {row['stage']} units {row['units']}, plan says stage {stage} units {plan_units}"
     prev = before.get("stage") if isinstance(before, dict) else None
     if prev and _same_stage(st, prev):
         base, window = prev, st["uptime_s"] - prev["uptime_s"]
@@ -124,9 +108,11 @@ def node_row(t: Target, reply: dict | str, before: dict | str | None = None) -> 
     return row
 
 
-def report(kind: str, source: str, nodes: list[Target], replies: list, before: list | None = None) -> dict[str, Any]:
+def report(kind: str, source: str, nodes: list[NodeAddress], replies: list, before: list | None = None,
+           planned: list[Placement | None] | None = None) -> dict[str, Any]:
     """The whole status: rows, counts and the bottleneck (stage with the highest compute share)."""
-    rows = [node_row(t, r, before[i] if before else None) for i, (t, r) in enumerate(zip(nodes, replies))]
+    rows = [node_row(t, r, before[i] if before else None, planned[i] if planned else None)
+            for i, (t, r) in enumerate(zip(nodes, replies))]
     share: dict[int, list[float]] = {}
     for r in rows:
         if r.get("split") and r.get("stage") is not None and r["state"] == "running":
@@ -199,7 +185,7 @@ def status(
         raise StatusInputError(f"--interval: must be > 0, got {interval:g}")
     if count is not None and count < 1:
         raise StatusInputError(f"--count: must be >= 1, got {count}")
-    kind, nodes = targets(path)
+    kind, nodes, planned = targets(path)
     limit = count if watch else 1
     before: list | None = None
     code, n = 0, 0
@@ -208,7 +194,7 @@ def status(
         while limit is None or n < limit:
             t0 = time.monotonic()
             replies = poll(nodes, timeout)
-            rep = report(kind, path, nodes, replies, before)
+            rep = report(kind, path, nodes, replies, before, planned)
             rep["refreshed"] = before is not None
             code = exit_code(rep)
             if json:

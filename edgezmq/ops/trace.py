@@ -24,14 +24,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgezmq.ops.status import control_client, node_curve
-from edgezmq.orchestrate.planfile import Plan
+from edgezmq.ops.status import control_client
+from edgezmq.orchestrate.planfile import DeployPlan
+from edgezmq.terms import CLIENT
 
 TRACE_VERSION = 1
 OFFSET_PINGS = 5
 PING_TIMEOUT_S = 2.0
 DEFAULT_TIMEOUT_S = 120.0
-CLIENT_ROW = "client"
 MIN_LABEL_FRACTION = 0.012  # label a compute bar only when it is at least this share of the x range
 FIG_WIDTH_IN = 13.0
 ROW_HEIGHT_IN = 0.55
@@ -43,14 +43,14 @@ PHASE_STYLE = {  # name -> (lane y offset, bar height, alpha, hatch) within a la
 }
 
 
-def clock_offsets(plan: Plan, pings: int = OFFSET_PINGS, timeout: float = PING_TIMEOUT_S) -> dict[str, dict]:
+def clock_offsets(plan: DeployPlan, pings: int = OFFSET_PINGS, timeout: float = PING_TIMEOUT_S) -> dict[str, dict]:
     """node name -> {offset_s (node clock minus ours), rtt_s}; offset None if the node does not report its time."""
     if pings < 1:
         raise ValueError(f"pings: must be >= 1, got {pings}")
     out: dict[str, dict] = {}
     for _, ref in plan.all_nodes:
         best: tuple[float, float | None] = (float("inf"), None)
-        with control_client(ref.control, curve=node_curve(plan, ref), timeout=timeout, retries=0,
+        with control_client(ref.control, curve=plan.curve(ref), timeout=timeout, retries=0,
                             name=ref.name) as c:
             for _ in range(pings):
                 t0 = time.time()
@@ -64,7 +64,7 @@ def clock_offsets(plan: Plan, pings: int = OFFSET_PINGS, timeout: float = PING_T
     return out
 
 
-def _stage_corrections(plan: Plan, offsets: dict[str, dict]) -> dict[int, float]:
+def _stage_corrections(plan: DeployPlan, offsets: dict[str, dict]) -> dict[int, float]:
     """stage -> seconds to subtract from its timestamps (0 where not significant or not attributable)."""
     corr: dict[int, float] = {}
     for i, st in enumerate(plan.stages):
@@ -113,7 +113,7 @@ def summarize(mbs: list[dict[str, Any]], replicas: list[int]) -> list[dict[str, 
 
 
 def collect(
-    plan: Plan, n_batches: int, *, window: int | None = None, seed: int = 0,
+    plan: DeployPlan, n_batches: int, *, window: int | None = None, seed: int = 0,
     timeout: float = DEFAULT_TIMEOUT_S, correct_clocks: bool = True,
 ) -> dict[str, Any]:
     """Run ``n_batches`` random microbatches through the running deployment of ``plan``; the trace."""
@@ -239,7 +239,7 @@ def draw_timeline(trace: dict[str, Any], path: str | Path, *, title: str | None 
                 ax.text((ms(h["start"]) + ms(h["end"])) / 2, height - row - 1 + off + hh / 2,
                         str(mb["seq"]), ha="center", va="center", fontsize=7, color="white")
     ticks = [height - 0.5] + [height - base[k] - n_lanes[k] / 2 for k in range(n_stages)]
-    labels = [CLIENT_ROW] + [
+    labels = [CLIENT] + [
         f"stage {s['index']} [{s['units'][0]}, {s['units'][1]})\n{', '.join(s['nodes'])}"
         + (" *" if trace.get("bottleneck_stage") == s["index"] else "")
         for s in trace["stages"]]

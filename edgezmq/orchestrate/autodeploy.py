@@ -36,12 +36,14 @@ import zmq
 
 from edgezmq.client import Client
 from edgezmq.node.daemon import BUFFERS_PER_DIRECTION
+from edgezmq.orchestrate.address import NodeAddress
 from edgezmq.orchestrate.calibrate import CALIBRATION_MICROBATCHES
 from edgezmq.orchestrate.calibrate import calibrate as run_calibration
 from edgezmq.orchestrate.deploy import DeployError, Deployment, deploy, unload
-from edgezmq.orchestrate.inventory import CLIENT, Cluster, NodeEntry
-from edgezmq.orchestrate.planfile import ModelSpec, NodeRef, Plan, StagePlan
+from edgezmq.orchestrate.inventory import Cluster, InventoryNode
+from edgezmq.orchestrate.planfile import DeployPlan, ModelSpec, StagePlan
 from edgezmq.protocol import control
+from edgezmq.terms import CLIENT
 from edgezmq.transport import netprobe, security
 from edgezmq.transport.rpc import ControlClient
 from edgezmq.transport.security import Curve
@@ -74,12 +76,12 @@ def _parallel(items: list, fn: Callable, workers: int | None = None) -> list:
         return list(ex.map(fn, items))
 
 
-def _call(cluster: Cluster, n: NodeEntry, cmd: str, timeout: float = INFO_TIMEOUT_S, **args: Any) -> dict:
+def _call(cluster: Cluster, n: NodeAddress, cmd: str, timeout: float = INFO_TIMEOUT_S, **args: Any) -> dict:
     with ControlClient(n.control, timeout=timeout, retries=1, name=n.name, curve=cluster.curve(n.name)) as c:
         return c.call(cmd, **args)
 
 
-def wait_job(n: NodeEntry, reply: dict, timeout: float, on_progress: Callable[[list], None] | None = None,
+def wait_job(n: NodeAddress, reply: dict, timeout: float, on_progress: Callable[[list], None] | None = None,
              curve: Curve | None = None) -> dict:
     """Poll a node's job until it ends (over CurveZMQ with ``curve``); returns its result or
     raises DeployError."""
@@ -102,12 +104,12 @@ def wait_job(n: NodeEntry, reply: dict, timeout: float, on_progress: Callable[[l
                       {n.name: "job timed out"})
 
 
-def device_type_of(n: NodeEntry) -> str:
+def device_type_of(n: InventoryNode) -> str:
     """Nodes that share a `type` label share one profile; untyped nodes are their own type."""
     return n.type or n.name
 
 
-def _usable_memory(n: NodeEntry, info: dict) -> tuple[int, int]:
+def _usable_memory(n: InventoryNode, info: dict) -> tuple[int, int]:
     """(memory the node may use in all, of which the runtime already holds), in bytes."""
     dev = info["device"]
     rss = int(dev["rss"])
@@ -129,7 +131,7 @@ def gather(
     nodes = cluster.nodes
 
     # 1. info
-    def info(n: NodeEntry) -> Any:
+    def info(n: InventoryNode) -> Any:
         try:
             return _call(cluster, n, "info", timeout=info_timeout)
         except control.ControlError as e:
@@ -147,14 +149,14 @@ def gather(
             f"{_usable_memory(n, infos[n.name])[0] / 1e9:.2f} GB usable, threads {infos[n.name]['threads']}")
 
     # 2. profiles: one representative per device type
-    reps: dict[str, NodeEntry] = {}
+    reps: dict[str, InventoryNode] = {}
     for n in nodes:
         reps.setdefault(device_type_of(n), n)
     # all at once: nodes that share a machine's cores (an emulated cluster, or several nodes
     # on one board) are then timed sharing them, as they will while serving (the pipeline
     # keeps every stage busy); it is also N times quicker, so the figures are fresh when used
 
-    def prof(item: tuple[str, NodeEntry]) -> dict:
+    def prof(item: tuple[str, InventoryNode]) -> dict:
         typ, n = item
         r = _call(cluster, n, "profile", timeout=60.0, model=model, microbatch=microbatch,
                   granularity=granularity, kwargs=kwargs, reprofile=reprofile, check=spot_check)
@@ -200,7 +202,7 @@ def activation_bytes(profile: dict) -> int:
     return max(1, int(statistics.median(int(u["out_bytes"]) for u in profile["units"])))
 
 
-def measure_io(cluster: Cluster, reps: dict[str, NodeEntry], infos: dict, profiles: dict,
+def measure_io(cluster: Cluster, reps: dict[str, InventoryNode], infos: dict, profiles: dict,
                say: Say) -> dict[str, dict]:
     """Per device type (its representative node): CPU seconds per byte it spends receiving
     (the bootstrapper probes it) and sending (it probes the bootstrapper), with messages the
@@ -364,12 +366,15 @@ def plan_problem(problem_dict: dict, *, time_limit_s: float = PLAN_TIME_LIMIT_S)
 
 def to_deploy_plan(
     cluster: Cluster, planned, *, model: ModelSpec, results: str | None = None,
-) -> Plan:
-    stages = [StagePlan(units=(s.units[0], s.units[1]),
-                        nodes=[NodeRef(d, cluster.node(d).control, cluster.node(d).threads) for d in s.devices])
+) -> DeployPlan:
+    def address(name: str) -> NodeAddress:
+        n = cluster.node(name)
+        return NodeAddress(n.name, n.control, n.threads, n.curve)
+
+    stages = [StagePlan(units=(s.units[0], s.units[1]), nodes=[address(d) for d in s.devices])
               for s in planned.stages]
-    return Plan(model=model, stages=stages, results=results or cluster.results,
-                keyring=cluster.keyring, keys=cluster.keys)
+    return DeployPlan(model=model, stages=stages, results=results or cluster.results,
+                      keyring=cluster.keyring, keys=cluster.keys)
 
 
 def autodeploy(
@@ -377,7 +382,7 @@ def autodeploy(
     results: str | None = None, time_limit_s: float = PLAN_TIME_LIMIT_S, say: Say | None = None,
     load_timeout: float = 600.0, replication: bool = True, spot_check: bool = True,
     calibrate: int = CALIBRATION_MICROBATCHES, client: Client | None = None,
-) -> tuple[Deployment | None, Plan, Any, Any, Gathered]:
+) -> tuple[Deployment | None, DeployPlan, Any, Any, Gathered]:
     """Measure, plan, deploy, calibrate (`calibrate` microbatches through the deployment,
     ``edgezmq.orchestrate.calibrate``; 0: not), through `client` when given (bound to `results`).
     Returns (deployment or None when dry_run, deploy plan, planner problem, planner plan,

@@ -44,7 +44,7 @@ import numpy as np
 
 from edgezmq.client import Client
 from edgezmq.orchestrate.deploy import Deployment, deploy, unload
-from edgezmq.orchestrate.planfile import Plan
+from edgezmq.orchestrate.planfile import DeployPlan
 from edgezmq.transport.rpc import ControlClient
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class Calibration:
         return d
 
 
-def _stats(plan: Plan) -> dict[str, dict[str, Any]]:
+def _stats(plan: DeployPlan) -> dict[str, dict[str, Any]]:
     out = {}
     for _, ref in plan.all_nodes:
         with ControlClient(ref.control, timeout=STATS_TIMEOUT_S, retries=1, name=ref.name, curve=plan.curve(ref)) as c:
@@ -176,7 +176,7 @@ def burst(client: Client, dep: Deployment, shape: tuple[int, ...], n: int,
 def calibrate(
     dep: Deployment, problem_dict: dict[str, Any], problem: Any, planned: Any, *, client: Client,
     infos: dict[str, dict], types: dict[str, str], replan: Callable[[dict[str, Any]], tuple[Any, Any]],
-    to_plan: Callable[[Any], Plan], n: int = CALIBRATION_MICROBATCHES, load_timeout: float = 600.0,
+    to_plan: Callable[[Any], DeployPlan], n: int = CALIBRATION_MICROBATCHES, load_timeout: float = 600.0,
     say: Say | None = None,
 ) -> tuple[Deployment, Any, Any, Calibration]:
     """Calibrate `dep`, deployed from `planned`, the plan for `problem` (module doc).

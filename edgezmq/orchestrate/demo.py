@@ -25,11 +25,12 @@ import numpy as np
 from edgezmq.client import Client
 from edgezmq.model import chain as models
 from edgezmq.node import device
+from edgezmq.orchestrate.address import NodeAddress
 from edgezmq.orchestrate.autodeploy import autodeploy
 from edgezmq.orchestrate.deploy import deploy, stage_table, unload
-from edgezmq.orchestrate.inventory import Cluster, NodeEntry
+from edgezmq.orchestrate.inventory import Cluster, InventoryNode
 from edgezmq.orchestrate.local import LocalCluster
-from edgezmq.orchestrate.planfile import ModelSpec, NodeRef, Plan, StagePlan
+from edgezmq.orchestrate.planfile import DeployPlan, ModelSpec, StagePlan
 
 MAX_ABS_DIFF = 1e-4  # the demo fails above this (float32 kernels agree far tighter)
 PROBE_SECONDS = 0.2  # loopback links: a short probe is plenty
@@ -86,7 +87,7 @@ def run_demo(args: argparse.Namespace) -> int:
             Client([], "tcp://127.0.0.1:0", run="", window=window, microbatch=args.microbatch) as client:
         t0 = time.perf_counter()
         if args.split == "planner":
-            inventory = Cluster(nodes=[NodeEntry(n.name, n.control, threads=threads) for n in cluster.nodes],
+            inventory = Cluster(nodes=[InventoryNode(n.name, n.control, threads=threads) for n in cluster.nodes],
                                 probe_seconds=PROBE_SECONDS)
             dep, plan, problem, planned, _ = autodeploy(
                 inventory, spec, results=client.results_endpoint, replication=args.replication,
@@ -94,8 +95,8 @@ def run_demo(args: argparse.Namespace) -> int:
             predicted = planned.throughput_per_s
             say(planned.table(problem))
         else:
-            plan = Plan(model=spec, results=client.results_endpoint,
-                        stages=[StagePlan(units=r, nodes=[NodeRef(n.name, n.control, threads)])
+            plan = DeployPlan(model=spec, results=client.results_endpoint,
+                        stages=[StagePlan(units=r, nodes=[NodeAddress(n.name, n.control, threads)])
                                 for r, n in zip(even_split(len(infos), args.nodes), cluster.nodes)])
             dep = deploy(plan)
         say(f"deployed in {time.perf_counter() - t0:.1f}s:")

@@ -15,7 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from edgezmq.orchestrate.planfile import NodeRef, Plan, check_units
+from edgezmq.orchestrate.address import NodeAddress
+from edgezmq.orchestrate.planfile import DeployPlan, check_units
 from edgezmq.protocol import control
 from edgezmq.protocol.messages import LoadRequest
 from edgezmq.transport.nodeclient import NodeClient
@@ -37,7 +38,7 @@ class DeployError(RuntimeError):
 
 @dataclass
 class Deployment:
-    plan: Plan
+    plan: DeployPlan
     run: str
     endpoints: list[list[str]]  # per stage: data PULL endpoint of each replica
     server_keys: list[list[bytes]] | None = None  # per stage: each replica's public key (secured)
@@ -51,7 +52,7 @@ class Deployment:
         return self.server_keys[0] if self.server_keys else None
 
 
-def _each(nodes: list[tuple[int, NodeRef]], fn) -> dict[str, Any]:
+def _each(nodes: list[tuple[int, NodeAddress]], fn) -> dict[str, Any]:
     """Run fn(stage, node) on every node in parallel; node name -> result or Exception."""
     out: dict[str, Any] = {}
     with ThreadPoolExecutor(max_workers=max(1, min(32, len(nodes)))) as ex:
@@ -69,11 +70,11 @@ def _fail(errors: dict[str, Any]) -> dict[str, str]:
             for k, e in errors.items() if isinstance(e, Exception)}
 
 
-def unload(plan: Plan, *, timeout: float = PING_TIMEOUT_S, only: list[str] | None = None) -> dict[str, Any]:
+def unload(plan: DeployPlan, *, timeout: float = PING_TIMEOUT_S, only: list[str] | None = None) -> dict[str, Any]:
     """Unload every (or the named) node of a plan; best effort, returns per-node outcome."""
     nodes = [(i, n) for i, n in plan.all_nodes if only is None or n.name in only]
 
-    def one(_: int, n: NodeRef) -> Any:
+    def one(_: int, n: NodeAddress) -> Any:
         with NodeClient(n.control, timeout=timeout, retries=0, name=n.name, curve=plan.curve(n)) as c:
             return c.unload()
 
@@ -81,7 +82,7 @@ def unload(plan: Plan, *, timeout: float = PING_TIMEOUT_S, only: list[str] | Non
 
 
 def deploy(
-    plan: Plan, *, load_timeout: float = LOAD_TIMEOUT_S, ping_timeout: float = PING_TIMEOUT_S,
+    plan: DeployPlan, *, load_timeout: float = LOAD_TIMEOUT_S, ping_timeout: float = PING_TIMEOUT_S,
     progress=None,
 ) -> Deployment:
     """Load and wire every stage of ``plan``; all or nothing (see module doc)."""
@@ -90,7 +91,7 @@ def deploy(
     nodes = plan.all_nodes
     say = progress or (lambda msg: log.info("%s", msg))
 
-    def ping(_: int, n: NodeRef) -> dict:
+    def ping(_: int, n: NodeAddress) -> dict:
         with NodeClient(n.control, timeout=ping_timeout, retries=1, name=n.name, curve=plan.curve(n)) as c:
             r = c.ping()
             if r.state not in ("idle", "failed"):
@@ -104,7 +105,7 @@ def deploy(
     m = plan.model
     n_stages = len(plan.stages)
 
-    def load(i: int, n: NodeRef) -> Any:
+    def load(i: int, n: NodeAddress) -> Any:
         st = plan.stages[i]
         req = LoadRequest(
             run=run, model=m.name, units=(st.units[0], st.units[1]), stage=i, last=(i == n_stages - 1),
@@ -165,7 +166,7 @@ def deploy(
     ring = plan.keyring
     keys = [[ring.node_key(n.name) for n in st.nodes] for st in plan.stages] if ring else None
 
-    def start(i: int, n: NodeRef) -> Any:
+    def start(i: int, n: NodeAddress) -> Any:
         downstream = endpoints[i + 1] if i + 1 < n_stages else [plan.results]
         server_keys = None
         if keys is not None and ring is not None:
@@ -188,7 +189,7 @@ def _summary(what: str, errors: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def stage_table(plan: Plan, unit_names: list[str] | None = None, endpoints: list[list[str]] | None = None) -> str:
+def stage_table(plan: DeployPlan, unit_names: list[str] | None = None, endpoints: list[list[str]] | None = None) -> str:
     """The stages as a fixed-width text table."""
     rows = [("stage", "units", "layers", "nodes", "data")]
     for i, st in enumerate(plan.stages):

@@ -35,7 +35,7 @@ from edgezmq.orchestrate.autodeploy import autodeploy
 from edgezmq.orchestrate.calibrate import CALIBRATION_MICROBATCHES
 from edgezmq.orchestrate.deploy import unload
 from edgezmq.orchestrate.inventory import Cluster
-from edgezmq.orchestrate.planfile import ModelSpec, Plan
+from edgezmq.orchestrate.planfile import DeployPlan, ModelSpec
 from edgezmq.protocol import control
 from edgezmq.transport.rpc import ControlClient
 from edgezmq.transport.security import Keyring, client_curve
@@ -175,7 +175,7 @@ class ResilientPipeline:
         self.causes: dict[str, str] = {}  # dead node -> why the heartbeat declared it dead
         self.rejoin = rejoin  # a dead node that answers again is planned back in
         self.rejoined: list[str] = []
-        self.plan: Plan | None = None
+        self.plan: DeployPlan | None = None
         self.planned: Any = None
         self.failovers = 0
         self.client: Client | None = None

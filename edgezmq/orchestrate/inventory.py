@@ -17,48 +17,46 @@ Documented in plans/README.md.  Parsing only: measuring and planning live in
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from edgezmq.fields import Fields, prefixed, read_yaml
+from edgezmq.orchestrate.address import NodeAddress
+from edgezmq.planner.problem import Link
+from edgezmq.terms import CLIENT
 from edgezmq.transport import security
-from edgezmq.yamlfile import read_yaml
 
-CLIENT = "client"  # the client's name in link tables (as in the planner's problem files)
 DEFAULT_RESULTS_PORT = 5560
 DEFAULT_ALL_PAIRS_UP_TO = 8  # beyond this many nodes, links are sampled per type pair
 DEFAULT_PROBE_SECONDS = 0.5
 DEFAULT_PROBE_BYTES = 4 * 1024 * 1024
 DEFAULT_PINGS = 10
+MAX_PROBE_SECONDS = 600.0  # a probe longer than ten minutes is a typo
+MAX_PORT = 65535
 
 
 class ClusterError(ValueError):
     """A cluster inventory that cannot be used; the message carries the field path."""
 
 
-@dataclass
-class NodeEntry:
-    name: str
-    control: str
+@dataclass(frozen=True)
+class InventoryNode(NodeAddress):
+    """A node's address and what the inventory says of it: its device type (nodes of one
+    type share a profile) and a cap on the memory it may use."""
+
     type: str | None = None
     memory_bytes: int | None = None
-    threads: int | None = None
-
-
-@dataclass
-class LinkFigure:
-    mbps: float
-    latency_ms: float = 0.0
 
 
 @dataclass
 class Cluster:
-    nodes: list[NodeEntry]
+    nodes: list[InventoryNode]
     client_address: str = "127.0.0.1"
     results_port: int = DEFAULT_RESULTS_PORT
     client_namespace: str | None = None
-    default_link: LinkFigure | None = None
-    link_overrides: dict[frozenset, LinkFigure] = field(default_factory=dict)
+    default_link: Link | None = None
+    link_overrides: dict[frozenset, Link] = field(default_factory=dict)
     all_pairs_up_to: int = DEFAULT_ALL_PAIRS_UP_TO
     probe_seconds: float = DEFAULT_PROBE_SECONDS
     probe_bytes: int = DEFAULT_PROBE_BYTES
@@ -71,13 +69,13 @@ class Cluster:
         """How to reach node ``name``: a CURVE client of its key, or plaintext."""
         return security.client_curve(self.keyring, name)
 
-    def node(self, name: str) -> NodeEntry:
+    def node(self, name: str) -> InventoryNode:
         for n in self.nodes:
             if n.name == name:
                 return n
         raise KeyError(name)
 
-    def known_link(self, a: str, b: str) -> LinkFigure | None:
+    def known_link(self, a: str, b: str) -> Link | None:
         """The configured figure for a pair, if any (an override, else the default)."""
         return self.link_overrides.get(frozenset((a, b)), self.default_link)
 
@@ -86,94 +84,66 @@ class Cluster:
         return f"tcp://{self.client_address}:{self.results_port}"
 
 
-def _num(v: Any, path: str, *, positive: bool = True, integer: bool = False) -> Any:
-    if isinstance(v, str):  # allow 8e9 / "2GB"
-        v = _parse_size(v, path)
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ClusterError(f"{path}: expected a number, got {v!r}")
-    if positive and not v > 0:
-        raise ClusterError(f"{path}: must be > 0, got {v!r}")
-    return int(v) if integer else float(v)
+F = Fields(prefixed(ClusterError))
+LINK_FIELDS = ("mbps", "latency_ms", "a", "b")
+NODE_FIELDS = ("name", "control", "type", "memory_bytes", "threads", "cpu", "namespace", "address")
 
 
-_UNITS = {"KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+def _positive(v: Any, path: str) -> float:
+    """A figure > 0; YAML 1.1 reads 8e9 as text, so numeric strings count."""
+    return F.number(v, path, lo=0, lo_open=True, strings=True)
 
 
-def _parse_size(s: str, path: str) -> float:
-    t = s.strip().upper().replace(" ", "")
-    for suffix in sorted(_UNITS, key=len, reverse=True):
-        if t.endswith(suffix):
-            try:
-                return float(t[: -len(suffix)]) * _UNITS[suffix]
-            except ValueError:
-                break
-    try:
-        return float(t)
-    except ValueError:
-        raise ClusterError(f"{path}: expected a number or a size like '2GB', got {s!r}") from None
+def _count(v: Any, path: str) -> int:
+    return F.integer(v, path, lo=1, strings=True)
 
 
-def _link(d: Any, path: str, payload_factor: float = 1.0) -> LinkFigure:
-    if not isinstance(d, dict):
-        raise ClusterError(f"{path}: expected {{mbps, latency_ms}}, got {d!r}")
-    unknown = set(d) - {"mbps", "latency_ms", "a", "b"}
-    if unknown:
-        raise ClusterError(f"{path}: unknown field(s) {sorted(unknown)}")
-    if "mbps" not in d:
-        raise ClusterError(f"{path}.mbps: missing")
-    return LinkFigure(mbps=_num(d["mbps"], f"{path}.mbps") * payload_factor,
-                      latency_ms=_num(d.get("latency_ms", 0.0), f"{path}.latency_ms", positive=False))
+def _link(d: Any, path: str, payload_factor: float = 1.0) -> Link:
+    d = F.mapping(d, path, LINK_FIELDS)
+    return Link(mbps=_positive(F.need(d, "mbps", (int, float, str), path), f"{path}.mbps") * payload_factor,
+                latency_ms=F.number(d.get("latency_ms", 0.0), f"{path}.latency_ms", lo=0, strings=True))
 
 
 def parse_cluster(d: Any, source: str | None = None) -> Cluster:
-    if not isinstance(d, dict):
-        raise ClusterError(f"cluster: expected a mapping, got {type(d).__name__}")
+    F.mapping(d, "cluster")
     raw = d.get("nodes")
     if not isinstance(raw, list) or not raw:
         raise ClusterError("nodes: expected a non-empty list of {name, control, ...}")
-    nodes: list[NodeEntry] = []
+    nodes: list[InventoryNode] = []
     seen: set[str] = set()
     for i, n in enumerate(raw):
         p = f"nodes[{i}]"
-        if not isinstance(n, dict):
-            raise ClusterError(f"{p}: expected a mapping, got {n!r}")
-        unknown = set(n) - {"name", "control", "type", "memory_bytes", "threads", "cpu", "namespace", "address"}
-        if unknown:
-            raise ClusterError(f"{p}: unknown field(s) {sorted(unknown)}")
+        F.mapping(n, p, NODE_FIELDS)
         name, ctl = n.get("name"), n.get("control")
         if not isinstance(name, str) or not name or name == CLIENT:
             raise ClusterError(f"{p}.name: expected a name other than {CLIENT!r}, got {name!r}")
         if name in seen:
             raise ClusterError(f"{p}.name: duplicate node name {name!r}")
         seen.add(name)
-        if not isinstance(ctl, str) or not ctl.startswith("tcp://"):
-            raise ClusterError(f"{p}.control: expected tcp://HOST:PORT, got {ctl!r}")
+        F.address(ctl, f"{p}.control")
         typ = n.get("type")
-        if typ is not None and not isinstance(typ, str):
-            raise ClusterError(f"{p}.type: expected a string, got {typ!r}")
-        mem = _num(n["memory_bytes"], f"{p}.memory_bytes", integer=True) if n.get("memory_bytes") is not None else None
-        thr = _num(n["threads"], f"{p}.threads", integer=True) if n.get("threads") is not None else None
-        nodes.append(NodeEntry(name=name, control=ctl, type=typ, memory_bytes=mem, threads=thr))
+        if typ is not None:
+            F.string(typ, f"{p}.type")
+        mem = F.size(n["memory_bytes"], f"{p}.memory_bytes") if n.get("memory_bytes") is not None else None
+        thr = _count(n["threads"], f"{p}.threads") if n.get("threads") is not None else None
+        nodes.append(InventoryNode(name=name, control=ctl, type=typ, memory_bytes=mem, threads=thr))
     c = Cluster(nodes=nodes, source=source)
     client = d.get("client") or {}
-    if not isinstance(client, dict):
-        raise ClusterError(f"client: expected a mapping, got {client!r}")
+    F.mapping(client, "client")
     if "address" in client:
-        if not isinstance(client["address"], str):
-            raise ClusterError(f"client.address: expected a host, got {client['address']!r}")
-        c.client_address = client["address"]
+        c.client_address = F.string(client["address"], "client.address")
     if "results_port" in client:
-        c.results_port = _num(client["results_port"], "client.results_port", integer=True)
+        c.results_port = F.integer(client["results_port"], "client.results_port", lo=1, hi=MAX_PORT)
     c.client_namespace = client.get("namespace")
     # a testbed's cluster.yaml gives configured link rates; TCP payload gets this fraction
     tb = d.get("testbed") or {}
-    factor = float(tb.get("tcp_payload_factor", 1.0)) if isinstance(tb, dict) else 1.0
+    factor = (F.number(tb.get("tcp_payload_factor", 1.0), "testbed.tcp_payload_factor", lo=0, hi=1, lo_open=True)
+              if isinstance(tb, dict) else 1.0)
     links = d.get("links") or {}
-    if not isinstance(links, dict):
-        raise ClusterError(f"links: expected a mapping, got {links!r}")
+    F.mapping(links, "links")
     if links.get("default") is not None:
         c.default_link = _link(links["default"], "links.default", factor)
-    for j, o in enumerate(links.get("overrides") or []):
+    for j, o in enumerate(F.seq(links.get("overrides") or [], "links.overrides")):
         p = f"links.overrides[{j}]"
         fig = _link(o, p, factor)
         a, b = o.get("a"), o.get("b")
@@ -184,22 +154,23 @@ def parse_cluster(d: Any, source: str | None = None) -> Cluster:
             raise ClusterError(f"{p}: a link needs two different ends, got {a!r} twice")
         c.link_overrides[frozenset((a, b))] = fig
     m = d.get("measure") or {}
-    if not isinstance(m, dict):
-        raise ClusterError(f"measure: expected a mapping, got {m!r}")
+    F.mapping(m, "measure")
     if "all_pairs_up_to" in m:
-        c.all_pairs_up_to = _num(m["all_pairs_up_to"], "measure.all_pairs_up_to", integer=True)
+        c.all_pairs_up_to = _count(m["all_pairs_up_to"], "measure.all_pairs_up_to")
     if "seconds" in m:
-        c.probe_seconds = _num(m["seconds"], "measure.seconds")
+        c.probe_seconds = F.number(m["seconds"], "measure.seconds", lo=0, hi=MAX_PROBE_SECONDS, lo_open=True,
+                                   strings=True)
     if "bytes_per_msg" in m:
-        c.probe_bytes = _num(m["bytes_per_msg"], "measure.bytes_per_msg", integer=True)
+        c.probe_bytes = F.size(m["bytes_per_msg"], "measure.bytes_per_msg")
     if "pings" in m:
-        c.pings = _num(m["pings"], "measure.pings", integer=True)
+        c.pings = _count(m["pings"], "measure.pings")
     if d.get("keys") is not None:
         base = Path(source).parent if source is not None else Path.cwd()
         try:
             c.keys, c.keyring = security.parse_keys_section(d["keys"], [n.name for n in nodes], base)
         except security.KeyFileError as e:
             raise ClusterError(str(e)) from None
+        c.nodes = [replace(n, curve=c.curve(n.name)) for n in nodes]  # each address carries how to reach it
     return c
 
 

@@ -1,20 +1,23 @@
 """Plan files (plans/README.md): the model, the stages and the nodes serving them, parsed and checked.
 
 A plan says which units each stage runs and on which node(s); ``parse_plan`` turns the
-YAML mapping into a ``Plan`` or raises ``PlanFileError`` naming the field.
+YAML mapping into a ``DeployPlan`` or raises ``PlanFileError`` naming the field. (The
+planner's result, the costed ``edgezmq.planner.Plan``, becomes a ``DeployPlan`` through
+``edgezmq.planner.deployable`` or ``edgezmq.orchestrate.autodeploy.to_deploy_plan``.)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from edgezmq.fields import Fields, prefixed, read_yaml
+from edgezmq.orchestrate.address import NodeAddress
+from edgezmq.terms import GRANULARITIES
 from edgezmq.transport import security
-from edgezmq.yamlfile import read_yaml
 
 DEFAULT_RESULTS = "tcp://127.0.0.1:5560"
-GRANULARITIES = ("block", "half", "sublayer")
 
 
 class PlanFileError(ValueError):
@@ -33,20 +36,15 @@ class ModelSpec:
 
 
 @dataclass
-class NodeRef:
-    name: str
-    control: str
-    threads: int | None = None
-
-
-@dataclass
 class StagePlan:
     units: tuple[int, int]
-    nodes: list[NodeRef]
+    nodes: list[NodeAddress]
 
 
 @dataclass
-class Plan:
+class DeployPlan:
+    """A plan file: the model, its stages and the nodes serving them (plans/README.md)."""
+
     model: ModelSpec
     stages: list[StagePlan]
     results: str = DEFAULT_RESULTS
@@ -55,12 +53,13 @@ class Plan:
     keyring: security.Keyring | None = None  # from the plan's `keys:` section: CurveZMQ
     keys: dict | None = None  # that section, paths resolved
 
-    def curve(self, n: NodeRef) -> security.Curve | None:
-        """How to reach node ``n``'s control socket: CURVE client of its key, or plaintext."""
+    def curve(self, n: NodeAddress) -> security.Curve | None:
+        """How to reach node ``n``'s control socket: CURVE client of its key, or plaintext
+        (from the plan's keyring, so that plans built in code answer it too)."""
         return security.client_curve(self.keyring, n.name)
 
     @property
-    def all_nodes(self) -> list[tuple[int, NodeRef]]:
+    def all_nodes(self) -> list[tuple[int, NodeAddress]]:
         return [(i, n) for i, st in enumerate(self.stages) for n in st.nodes]
 
     def to_dict(self) -> dict[str, Any]:
@@ -78,36 +77,23 @@ class Plan:
         }
 
 
-def _need(d: Any, key: str, types: type | tuple, path: str, default: Any = ...) -> Any:
-    if not isinstance(d, dict):
-        raise PlanFileError(f"{path}: expected a mapping, got {type(d).__name__}")
-    if key not in d or d[key] is None:
-        if default is ...:
-            raise PlanFileError(f"{path}.{key}: missing")
-        return default
-    v = d[key]
-    if not isinstance(v, types) or (isinstance(v, bool) and types in (int, (int,))):
-        want = types.__name__ if isinstance(types, type) else " or ".join(t.__name__ for t in types)
-        raise PlanFileError(f"{path}.{key}: expected {want}, got {type(v).__name__} {v!r}")
-    return v
+F = Fields(prefixed(PlanFileError))
 
 
-def parse_plan(d: Any, source: str | None = None) -> Plan:
+def parse_plan(d: Any, source: str | None = None) -> DeployPlan:
     """Validate a plan dict; PlanFileError names the offending field."""
-    m = _need({"model": d} if not isinstance(d, dict) else d, "model", dict, "plan")
+    m = F.need({"model": d} if not isinstance(d, dict) else d, "model", dict, "plan")
     model = ModelSpec(
-        name=_need(m, "name", str, "model"),
-        microbatch=_need(m, "microbatch", int, "model", 8),
-        granularity=_need(m, "granularity", str, "model", "block"),
-        dtype=_need(m, "dtype", str, "model", "float32"),
-        checkpoint=_need(m, "checkpoint", str, "model", None),
-        pretrained=_need(m, "pretrained", bool, "model", False),
-        kwargs=_need(m, "kwargs", dict, "model", {}),
+        name=F.need(m, "name", str, "model"),
+        microbatch=F.need(m, "microbatch", int, "model", 8),
+        granularity=F.need(m, "granularity", str, "model", "block"),
+        dtype=F.need(m, "dtype", str, "model", "float32"),
+        checkpoint=F.need(m, "checkpoint", str, "model", None),
+        pretrained=F.need(m, "pretrained", bool, "model", False),
+        kwargs=F.need(m, "kwargs", dict, "model", {}),
     )
-    if model.microbatch < 1:
-        raise PlanFileError(f"model.microbatch: must be >= 1, got {model.microbatch}")
-    if model.granularity not in GRANULARITIES:
-        raise PlanFileError(f"model.granularity: expected one of {GRANULARITIES}, got {model.granularity!r}")
+    F.integer(model.microbatch, "model.microbatch", lo=1)
+    F.choice(model.granularity, "model.granularity", GRANULARITIES)
     if model.checkpoint is None and not model.pretrained:
         raise PlanFileError("model.checkpoint: missing (or set model.pretrained: true)")
     if model.checkpoint is not None:
@@ -115,18 +101,17 @@ def parse_plan(d: Any, source: str | None = None) -> Plan:
     if model.checkpoint is not None and source is not None and not Path(model.checkpoint).is_absolute():
         # relative to the plan file, so plans can travel with their checkpoint
         model.checkpoint = str((Path(source).parent / model.checkpoint).resolve())
-    names = _need(d, "nodes", dict, "plan", {})
+    names = F.need(d, "nodes", dict, "plan", {})
     for k, v in names.items():
-        if not isinstance(k, str) or not isinstance(v, str) or not v.startswith("tcp://"):
-            raise PlanFileError(f"nodes.{k}: expected a tcp:// control address, got {v!r}")
-    raw_stages = _need(d, "stages", list, "plan")
+        F.address(v, f"nodes.{k}")
+    raw_stages = F.need(d, "stages", list, "plan")
     if not raw_stages:
         raise PlanFileError("stages: at least one stage is needed")
     stages: list[StagePlan] = []
     seen: dict[str, str] = {}
     for i, s in enumerate(raw_stages):
         path = f"stages[{i}]"
-        units = _need(s, "units", list, path)
+        units = F.need(s, "units", list, path)
         if len(units) != 2 or not all(isinstance(u, int) and not isinstance(u, bool) for u in units):
             raise PlanFileError(f"{path}.units: expected [start, end] integers, got {units!r}")
         if units[0] >= units[1]:
@@ -134,7 +119,9 @@ def parse_plan(d: Any, source: str | None = None) -> Plan:
         prev_end = stages[-1].units[1] if stages else 0
         if units[0] != prev_end:
             raise PlanFileError(f"{path}.units: starts at {units[0]}, expected {prev_end} (stages must be contiguous from unit 0)")
-        threads = _need(s, "threads", int, path, None)
+        threads = F.need(s, "threads", int, path, None)
+        if threads is not None:
+            F.integer(threads, f"{path}.threads", lo=1)
         refs = s.get("nodes", [s["node"]] if "node" in s else None) if isinstance(s, dict) else None
         if not isinstance(refs, list) or not refs:
             raise PlanFileError(f"{path}.nodes: expected a non-empty list of node names or control addresses")
@@ -143,9 +130,9 @@ def parse_plan(d: Any, source: str | None = None) -> Plan:
             if not isinstance(r, str):
                 raise PlanFileError(f"{path}.nodes[{j}]: expected a string, got {r!r}")
             if r in names:
-                ref = NodeRef(name=r, control=names[r], threads=threads)
+                ref = NodeAddress(name=r, control=names[r], threads=threads)
             elif r.startswith("tcp://"):
-                ref = NodeRef(name=r, control=r, threads=threads)
+                ref = NodeAddress(name=r, control=r, threads=threads)
             else:
                 raise PlanFileError(f"{path}.nodes[{j}]: unknown node {r!r} (not in nodes: and not a tcp:// address)")
             if ref.control in seen:
@@ -153,15 +140,18 @@ def parse_plan(d: Any, source: str | None = None) -> Plan:
             seen[ref.control] = path
             nodes.append(ref)
         stages.append(StagePlan(units=(units[0], units[1]), nodes=nodes))
-    results = _need(d, "results", str, "plan", DEFAULT_RESULTS)
+    results = F.need(d, "results", str, "plan", DEFAULT_RESULTS)
     keys, keyring = _parse_keys(d, [n.name for st in stages for n in st.nodes], source)
-    return Plan(model=model, stages=stages, results=results, run=_need(d, "run", str, "plan", None),
+    if keyring is not None:  # each address carries how to reach it
+        stages = [replace(st, nodes=[replace(n, curve=security.client_curve(keyring, n.name)) for n in st.nodes])
+                  for st in stages]
+    return DeployPlan(model=model, stages=stages, results=results, run=F.need(d, "run", str, "plan", None),
                 source=source, keyring=keyring, keys=keys)
 
 
 def _parse_keys(d: dict, names: list[str], source: str | None) -> tuple[dict | None, security.Keyring | None]:
     """The plan's optional ``keys:`` section (plans/README.md) -> (resolved section, Keyring)."""
-    k = _need(d, "keys", dict, "plan", None)
+    k = F.need(d, "keys", dict, "plan", None)
     if k is None:
         return None, None
     try:
@@ -170,7 +160,7 @@ def _parse_keys(d: dict, names: list[str], source: str | None) -> tuple[dict | N
         raise PlanFileError(str(e)) from None
 
 
-def load_plan(path: str | Path) -> Plan:
+def load_plan(path: str | Path) -> DeployPlan:
     p = Path(path)
     d = read_yaml(p, PlanFileError, "plan file")
     if not isinstance(d, dict):
@@ -178,7 +168,7 @@ def load_plan(path: str | Path) -> Plan:
     return parse_plan(d, source=str(p))
 
 
-def check_units(plan: Plan) -> int:
+def check_units(plan: DeployPlan) -> int:
     """Check the stages cover exactly the model's units; returns the unit count."""
     from edgezmq.model import chain as models
 

@@ -26,7 +26,7 @@ from .problem import (
     Device,
     DeviceType,
     Link,
-    ModelSpec,
+    ModelChain,
     Options,
     PlanError,
     Problem,
@@ -37,6 +37,6 @@ from .solver import solve
 
 __all__ = [
     "Problem", "Plan", "Stage", "StageCost", "LinkCost", "PlanError", "Unit", "DeviceType", "Device",
-    "Link", "ModelSpec", "Options", "solve", "evaluate", "baseline", "BASELINES", "load_problem",
+    "Link", "ModelChain", "Options", "solve", "evaluate", "baseline", "BASELINES", "load_problem",
     "deployable", "add_cli",
 ]

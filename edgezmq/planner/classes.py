@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from .cost import shard_memory_bytes
 from .problem import Problem
 
 __all__ = ["DeviceArrays", "ClassModel", "device_arrays", "twin_classes", "exact_model", "merged_model",
@@ -120,7 +121,7 @@ def memory_table(param_bytes: np.ndarray, work_bytes: np.ndarray, cut_bytes: tup
     for a in range(n):
         work = np.maximum.accumulate(work_bytes[a:])
         b = np.arange(a + 1, n + 1)
-        need[a, a + 1:] = pre[b] - pre[a] + work + buffers * (cut[a] + cut[b])
+        need[a, a + 1:] = shard_memory_bytes(pre[b] - pre[a], work, cut[a], cut[b], buffers)
     return need
 
 

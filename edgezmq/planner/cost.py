@@ -4,7 +4,8 @@ Per stage s with units [a, b) on replicas R:
   time on d   T_d = sum(times_d[a:b]) + recv_d * in_bytes(a) + send_d * out_bytes(b - 1)
   compute C_s = max_{d in R} T_d / |R|
   memory, every d in R: params[a:b] + max(work[a:b]) + buffers * (in_bytes + out_bytes)
-                        + reserved_d <= memory_d
+                        + reserved_d <= memory_d          (shard_memory_bytes: the node's
+                        admission check and the solver's memory table use it too)
 Per link between consecutive groups X, Y (the client is a group of one) carrying n bytes:
   time    max_{x, y} n * 8 / (mbps(x, y) * 1e6) / (|X| * |Y|)
   latency max_{x, y} latency(x, y) + n * 8 / (mbps(x, y) * 1e6)
@@ -17,14 +18,26 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from .plan import LinkCost, Plan, Stage, StageCost, stage_list
 from .problem import CLIENT, PlanError, Problem
 
-__all__ = ["evaluate", "stage_memory_bytes", "in_bytes"]
+__all__ = ["evaluate", "shard_memory_bytes", "stage_memory_bytes", "in_bytes"]
+
+Bytes = TypeVar("Bytes", int, float, np.ndarray)
+
+
+def shard_memory_bytes(param_bytes: Bytes, work_bytes: Bytes, in_bytes: Bytes, out_bytes: Bytes,
+                       buffers: int) -> Bytes:
+    """Memory a stage needs on top of what its runtime already holds (a device's reserved
+    bytes; on a live node, its resident set): the shard's parameters, the peak working memory
+    of its units (one runs at a time), and ``buffers`` microbatches in flight each way (its
+    input and its output). The planner's cost model, the exact solver (elementwise, on
+    arrays) and a node's ``load`` admission check all count it here."""
+    return param_bytes + work_bytes + buffers * (in_bytes + out_bytes)
 
 
 def in_bytes(problem: Problem, a: int) -> int:
@@ -35,9 +48,8 @@ def in_bytes(problem: Problem, a: int) -> int:
 def stage_memory_bytes(problem: Problem, a: int, b: int) -> int:
     """Memory a device needs to run units [a, b), excluding the runtime's reserved bytes."""
     units = problem.units[a:b]
-    io = in_bytes(problem, a) + problem.units[b - 1].out_bytes
-    return (sum(u.param_bytes for u in units) + max(u.work_bytes for u in units)
-            + problem.options.buffers * io)
+    return shard_memory_bytes(sum(u.param_bytes for u in units), max(u.work_bytes for u in units),
+                              in_bytes(problem, a), problem.units[b - 1].out_bytes, problem.options.buffers)
 
 
 def _check(problem: Problem, stages: list[Stage]) -> None:

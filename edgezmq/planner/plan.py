@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from edgezmq.terms import CLIENT
+
 if TYPE_CHECKING:
     from .problem import Problem
 
@@ -133,7 +135,7 @@ class Plan:
                 _mark(f"{link.time_s:.4g}", self.bottleneck_at == f"link {link.src}->{link.dst}"),
                 _bytes_pair(c.memory_bytes, c.memory_limit_bytes)))
         out = self.links[-1]
-        rows.append(("->", CLIENT_LABEL, "", "",
+        rows.append(("->", CLIENT, "", "",
                      _mark(f"{out.time_s:.4g}", self.bottleneck_at == f"link {out.src}->{out.dst}"), ""))
         widths = [max(len(r[k]) for r in (head, *rows)) for k in range(len(head))]
         lines = ["  ".join(x.ljust(w) for x, w in zip(r, widths)).rstrip() for r in (head, *rows)]
@@ -149,7 +151,6 @@ class Plan:
         return "\n".join(lines)
 
 
-CLIENT_LABEL = "client"
 BYTE_UNITS = (("GB", 1e9), ("MB", 1e6), ("kB", 1e3), ("B", 1.0))
 
 

@@ -29,11 +29,12 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["PlanError", "Unit", "DeviceType", "Device", "Link", "ModelSpec", "Options",
+from edgezmq.fields import Fields, prefixed, read_yaml
+from edgezmq.terms import CLIENT, GRANULARITIES
+
+__all__ = ["PlanError", "Unit", "DeviceType", "Device", "Link", "ModelChain", "Options",
            "Problem", "load_problem", "CLIENT", "GRANULARITIES"]
 
-CLIENT = "client"
-GRANULARITIES = ("block", "half", "sublayer")
 DEFAULT_BUFFERS = 2
 DEFAULT_DTYPE = "float32"
 BITS_PER_BYTE = 8
@@ -105,7 +106,7 @@ class Link:
 
 
 @dataclass(frozen=True)
-class ModelSpec:
+class ModelChain:
     """The model section: name, microbatch, the unit chain, and what a deployment copies through."""
 
     name: str
@@ -135,7 +136,7 @@ class Problem:
     seconds of each link (diagonal NaN).
     """
 
-    model: ModelSpec
+    model: ModelChain
     device_types: Mapping[str, DeviceType]
     devices: tuple[Device, ...]
     default_link: Link
@@ -190,124 +191,65 @@ class Problem:
 
 def load_problem(path: str | Path) -> Problem:
     """Read a problem from a YAML (or JSON) file; errors are ``PlanError`` prefixed by the path."""
-    import yaml  # deferred: parsing a dict needs no YAML
-
     p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise PlanError(f"{p}: cannot read ({e.strerror or e})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise PlanError(f"{p}: not valid YAML: {e}") from None
+    data = read_yaml(p, PlanError, "problem file")
     try:
         return Problem.from_dict(data)
     except PlanError as e:
         raise PlanError(f"{p}: {e}") from None
 
 
-# --- field validation -------------------------------------------------------------------------
-
-def _kind(v: Any) -> str:
-    return type(v).__name__
-
-
-def _mapping(v: Any, path: str) -> Mapping[str, Any]:
-    if not isinstance(v, Mapping):
-        raise PlanError(f"{path}: expected a mapping, got {_kind(v)} {v!r}")
-    return v
-
-
-def _seq(v: Any, path: str, *, nonempty: bool = False) -> Sequence[Any]:
-    if isinstance(v, (str, bytes)) or not isinstance(v, Sequence):
-        raise PlanError(f"{path}: expected a list, got {_kind(v)} {v!r}")
-    if nonempty and not v:
-        raise PlanError(f"{path}: expected a non-empty list")
-    return v
-
-
-def _req(m: Mapping[str, Any], key: str, path: str) -> Any:
-    if key not in m or m[key] is None:
-        raise PlanError(f"{path}.{key}: required field missing" if path else f"{key}: required field missing")
-    return m[key]
-
-
-def _str(v: Any, path: str) -> str:
-    if not isinstance(v, str) or not v:
-        raise PlanError(f"{path}: expected a non-empty string, got {_kind(v)} {v!r}")
-    return v
-
-
-def _number(v: Any, path: str, *, minimum: float = 0.0, strict: bool = False) -> float:
-    """A finite real >= minimum (> if strict). YAML 1.1 reads ``8e9`` as a string: accept that."""
-    x = v
-    if isinstance(v, str):
-        try:
-            x = float(v)
-        except ValueError:
-            raise PlanError(f"{path}: expected a number, got str {v!r}") from None
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
-        raise PlanError(f"{path}: expected a finite number, got {_kind(v)} {v!r}")
-    if x < minimum or (strict and x == minimum):
-        op = ">" if strict else ">="
-        raise PlanError(f"{path}: expected a number {op} {minimum:g}, got {v!r}")
-    return float(x)
-
-
-def _int(v: Any, path: str, *, minimum: int = 0) -> int:
-    x = _number(v, path, minimum=minimum)
-    if x != int(x):
-        raise PlanError(f"{path}: expected a whole number, got {v!r}")
-    return int(x)
+# --- field validation (edgezmq.fields) ---------------------------------------------------------
+# YAML 1.1 reads 8e9 as text: figures accept numeric strings
+F = Fields(prefixed(PlanError))
 
 
 def _times(v: Any, path: str, n_units: int) -> tuple[float, ...]:
-    seq = _seq(v, path)
+    seq = F.seq(v, path)
     if len(seq) != n_units:
         raise PlanError(f"{path}: expected {n_units} values (one per unit), got {len(seq)}")
-    return tuple(_number(t, f"{path}[{i}]") for i, t in enumerate(seq))
+    return tuple(F.number(t, f"{path}[{i}]", lo=0, strings=True) for i, t in enumerate(seq))
 
 
 # --- sections -----------------------------------------------------------------------------------
 
 def _parse_problem(d: Any) -> Problem:
-    top = _mapping(d, "problem")
-    model = _parse_model(_mapping(_req(top, "model", ""), "model"))
+    top = F.mapping(d, "problem")
+    model = _parse_model(F.mapping(F.need(top, "model", object, ""), "model"))
     n = len(model.units)
-    types = _parse_types(_mapping(_req(top, "device_types", ""), "device_types"), n)
-    devices = _parse_devices(_seq(_req(top, "devices", ""), "devices", nonempty=True), types, n)
-    options = _parse_options(_mapping(top.get("options") or {}, "options"))
-    default, mbps, lat = _parse_links(_mapping(_req(top, "links", ""), "links"), devices, types)
+    types = _parse_types(F.mapping(F.need(top, "device_types", object, ""), "device_types"), n)
+    devices = _parse_devices(F.seq(F.need(top, "devices", object, ""), "devices", nonempty=True), types, n)
+    options = _parse_options(F.mapping(top.get("options") or {}, "options"))
+    default, mbps, lat = _parse_links(F.mapping(F.need(top, "links", object, ""), "links"), devices, types)
     return Problem(model, types, devices, default, options, mbps, lat)
 
 
-def _parse_model(m: Mapping[str, Any]) -> ModelSpec:
+def _parse_model(m: Mapping[str, Any]) -> ModelChain:
     units = []
     seen: dict[str, int] = {}
-    for i, u in enumerate(_seq(_req(m, "units", "model"), "model.units", nonempty=True)):
+    for i, u in enumerate(F.seq(F.need(m, "units", object, "model"), "model.units", nonempty=True)):
         p = f"model.units[{i}]"
-        u = _mapping(u, p)
-        name = _str(_req(u, "name", p), f"{p}.name")
+        u = F.mapping(u, p)
+        name = F.string(F.need(u, "name", object, p), f"{p}.name")
         if name in seen:
             raise PlanError(f"{p}.name: duplicate unit name {name!r} (also model.units[{seen[name]}])")
         seen[name] = i
-        units.append(Unit(name, _int(_req(u, "out_bytes", p), f"{p}.out_bytes"),
-                          _int(_req(u, "param_bytes", p), f"{p}.param_bytes"),
-                          _int(u.get("work_bytes", 0), f"{p}.work_bytes")))
+        units.append(Unit(name, F.integer(F.need(u, "out_bytes", object, p), f"{p}.out_bytes", lo=0, strings=True),
+                          F.integer(F.need(u, "param_bytes", object, p), f"{p}.param_bytes", lo=0, strings=True),
+                          F.integer(u.get("work_bytes", 0), f"{p}.work_bytes", lo=0, strings=True)))
     gran = m.get("granularity")
-    if gran is not None and gran not in GRANULARITIES:
-        raise PlanError(f"model.granularity: expected one of {', '.join(GRANULARITIES)}, got {gran!r}")
+    if gran is not None:
+        F.choice(gran, "model.granularity", GRANULARITIES)
     kwargs = m.get("kwargs") or {}
-    _mapping(kwargs, "model.kwargs")
+    F.mapping(kwargs, "model.kwargs")
     ckpt = m.get("checkpoint")
-    return ModelSpec(
-        name=_str(_req(m, "name", "model"), "model.name"),
-        microbatch=_int(_req(m, "microbatch", "model"), "model.microbatch", minimum=1),
-        input_bytes=_int(_req(m, "input_bytes", "model"), "model.input_bytes"),
+    return ModelChain(
+        name=F.string(F.need(m, "name", object, "model"), "model.name"),
+        microbatch=F.integer(F.need(m, "microbatch", object, "model"), "model.microbatch", lo=1, strings=True),
+        input_bytes=F.integer(F.need(m, "input_bytes", object, "model"), "model.input_bytes", lo=0, strings=True),
         units=tuple(units), granularity=gran,
-        dtype=_str(m.get("dtype", DEFAULT_DTYPE), "model.dtype"),
-        checkpoint=None if ckpt is None else _str(ckpt, "model.checkpoint"),
+        dtype=F.string(m.get("dtype", DEFAULT_DTYPE), "model.dtype"),
+        checkpoint=None if ckpt is None else F.string(ckpt, "model.checkpoint"),
         kwargs=dict(kwargs))
 
 
@@ -317,12 +259,12 @@ def _parse_types(m: Mapping[str, Any], n_units: int) -> dict[str, DeviceType]:
     types = {}
     for name, t in m.items():
         p = f"device_types.{name}"
-        name = _str(name, p)
-        t = _mapping(t, p)
+        name = F.string(name, p)
+        t = F.mapping(t, p)
         types[name] = DeviceType(
-            name, _int(_req(t, "memory_bytes", p), f"{p}.memory_bytes"),
-            _int(t.get("reserved_bytes", 0), f"{p}.reserved_bytes"),
-            _times(_req(t, "unit_times_s", p), f"{p}.unit_times_s", n_units),
+            name, F.integer(F.need(t, "memory_bytes", object, p), f"{p}.memory_bytes", lo=0, strings=True),
+            F.integer(t.get("reserved_bytes", 0), f"{p}.reserved_bytes", lo=0, strings=True),
+            _times(F.need(t, "unit_times_s", object, p), f"{p}.unit_times_s", n_units),
             *_io_costs(t, p, (0.0, 0.0)))
     return types
 
@@ -331,7 +273,7 @@ def _io_costs(m: Mapping[str, Any], path: str, fallback: tuple[float, float]) ->
     """(recv, send) seconds per byte from optional ``recv_ms_per_mb`` / ``send_ms_per_mb``."""
     out = []
     for key, default in zip(("recv_ms_per_mb", "send_ms_per_mb"), fallback):
-        out.append(_number(m[key], f"{path}.{key}") / MS_PER_S / BYTES_PER_MB if key in m else default)
+        out.append(F.number(m[key], f"{path}.{key}", lo=0, strings=True) / MS_PER_S / BYTES_PER_MB if key in m else default)
     return out[0], out[1]
 
 
@@ -340,14 +282,14 @@ def _parse_devices(seq: Sequence[Any], types: Mapping[str, DeviceType], n_units:
     seen: dict[str, int] = {}
     for i, d in enumerate(seq):
         p = f"devices[{i}]"
-        d = _mapping(d, p)
-        name = _str(_req(d, "name", p), f"{p}.name")
+        d = F.mapping(d, p)
+        name = F.string(F.need(d, "name", object, p), f"{p}.name")
         if name == CLIENT:
             raise PlanError(f"{p}.name: {CLIENT!r} is reserved for the client node")
         if name in seen:
             raise PlanError(f"{p}.name: duplicate device name {name!r} (also devices[{seen[name]}])")
         seen[name] = i
-        tname = _str(_req(d, "type", p), f"{p}.type")
+        tname = F.string(F.need(d, "type", object, p), f"{p}.type")
         if tname not in types:
             raise PlanError(f"{p}.type: unknown type {tname!r} (known: {', '.join(types)})")
         t = types[tname]
@@ -355,47 +297,45 @@ def _parse_devices(seq: Sequence[Any], types: Mapping[str, DeviceType], n_units:
         if "unit_times_s" in d:
             times = _times(d["unit_times_s"], f"{p}.unit_times_s", n_units)
         if "speed" in d:
-            speed = _number(d["speed"], f"{p}.speed", strict=True)
+            speed = F.number(d["speed"], f"{p}.speed", lo=0, lo_open=True, strings=True)
             times = tuple(x / speed for x in times)
         control = d.get("control")
         out.append(Device(
             name, tname,
-            _int(d.get("memory_bytes", t.memory_bytes), f"{p}.memory_bytes"),
-            _int(d.get("reserved_bytes", t.reserved_bytes), f"{p}.reserved_bytes"),
-            times, None if control is None else _str(control, f"{p}.control"),
+            F.integer(d.get("memory_bytes", t.memory_bytes), f"{p}.memory_bytes", lo=0, strings=True),
+            F.integer(d.get("reserved_bytes", t.reserved_bytes), f"{p}.reserved_bytes", lo=0, strings=True),
+            times, None if control is None else F.string(control, f"{p}.control"),
             *_io_costs(d, p, (t.recv_s_per_byte, t.send_s_per_byte))))
     return tuple(out)
 
 
 def _parse_options(m: Mapping[str, Any]) -> Options:
-    rep = m.get("replication", True)
-    if not isinstance(rep, bool):
-        raise PlanError(f"options.replication: expected true or false, got {_kind(rep)} {rep!r}")
-    return Options(rep, _int(m.get("buffers", DEFAULT_BUFFERS), "options.buffers"))
+    return Options(F.boolean(m.get("replication", True), "options.replication"),
+                   F.integer(m.get("buffers", DEFAULT_BUFFERS), "options.buffers", lo=0, strings=True))
 
 
 def _parse_link(m: Any, path: str, fallback: Link | None) -> Link:
-    m = _mapping(m, path)
+    m = F.mapping(m, path)
     if fallback is None:
-        mbps = _number(_req(m, "mbps", path), f"{path}.mbps", strict=True)
+        mbps = F.number(F.need(m, "mbps", object, path), f"{path}.mbps", lo=0, lo_open=True, strings=True)
     else:
-        mbps = _number(m.get("mbps", fallback.mbps), f"{path}.mbps", strict=True)
+        mbps = F.number(m.get("mbps", fallback.mbps), f"{path}.mbps", lo=0, lo_open=True, strings=True)
     lat_default = 0.0 if fallback is None else fallback.latency_ms
-    return Link(mbps, _number(m.get("latency_ms", lat_default), f"{path}.latency_ms"))
+    return Link(mbps, F.number(m.get("latency_ms", lat_default), f"{path}.latency_ms", lo=0, strings=True))
 
 
 def _parse_links(m: Mapping[str, Any], devices: tuple[Device, ...],
                  types: Mapping[str, DeviceType]) -> tuple[Link, np.ndarray, np.ndarray]:
-    default = _parse_link(_req(m, "default", "links"), "links.default", None)
+    default = _parse_link(F.need(m, "default", object, "links"), "links.default", None)
     names = {d.name for d in devices} | {CLIENT}
     # specificity: 2 = both ends named nodes, 1 = a node and a type, 0 = two types
     rules: list[dict[frozenset[str], tuple[Link, str]]] = [{}, {}, {}]
-    for i, o in enumerate(_seq(m.get("overrides") or [], "links.overrides")):
+    for i, o in enumerate(F.seq(m.get("overrides") or [], "links.overrides")):
         p = f"links.overrides[{i}]"
-        o = _mapping(o, p)
+        o = F.mapping(o, p)
         ends = []
         for key in ("a", "b"):
-            e = _str(_req(o, key, p), f"{p}.{key}")
+            e = F.string(F.need(o, key, object, p), f"{p}.{key}")
             if e not in names and e not in types:
                 raise PlanError(f"{p}.{key}: unknown device or type {e!r}")
             ends.append(e)

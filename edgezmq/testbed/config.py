@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,10 +10,13 @@ from typing import Any
 
 import yaml
 
+from edgezmq.fields import Fields
+from edgezmq.planner.problem import Link
+from edgezmq.terms import CLIENT
+
 __all__ = ["ConfigError", "DeviceSpec", "ClientSpec", "Link", "TestbedConfig",
            "parse_config", "load_config", "parse_bytes", "CLIENT"]
 
-CLIENT = "client"  # the host that runs the bootstrapper and the client; reserved name
 BRIDGE = "bridge"  # the namespace holding the bridge; reserved name
 RESERVED_NAMES = (CLIENT, BRIDGE)
 DEFAULT_SUBNET = "10.213.0.0/24"  # private; lives only inside the testbed's namespaces
@@ -25,12 +27,12 @@ MIN_MBPS = 0.01  # htb's rate is given in kbit/s: 10 kbit/s is the smallest we p
 MAX_MBPS = 10_000.0  # an unshaped veth moves ~10 Gbit/s here: above that shaping is moot
 MAX_LATENCY_MS = 60_000.0
 MAX_COUNT = 64
+MAX_THREADS = 256
+MAX_PORT = 65535
+CPU_SHARE = "a number (fraction of a core)"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 TESTBED_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,23}$")  # prefixes namespaces and cgroups
 
-_DECIMAL = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
-_BINARY = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
-_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*$")
 
 _TOP_KEYS = ("name", "subnet", "control_port", "client", "devices", "links")
 _DEVICE_KEYS = ("name", "cpu", "threads", "memory", "type", "count")
@@ -48,12 +50,6 @@ class ConfigError(ValueError):
         text = f"{path}: {message}" if path else message
         super().__init__(f"{text} (in {file})" if file else text)
         self.path, self.message, self.file = path, message, file
-
-
-@dataclass(frozen=True)
-class Link:
-    mbps: float
-    latency_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -113,29 +109,7 @@ class TestbedConfig:
 
 
 # ---- field readers: each names the path it reads --------------------------
-def _map(v: Any, path: str, keys: tuple[str, ...]) -> dict[str, Any]:
-    if not isinstance(v, dict):
-        raise ConfigError(path, f"expected a mapping with keys {list(keys)}, got {type(v).__name__} {v!r}")
-    unknown = [k for k in v if k not in keys]
-    if unknown:
-        raise ConfigError(path, f"unknown field(s) {unknown} (known: {list(keys)})")
-    return v
-
-
-def _number(v: Any, path: str, lo: float, hi: float, *, lo_open: bool = True, what: str = "a number") -> float:
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    if ok:
-        ok = (v > lo if lo_open else v >= lo) and v <= hi
-    if not ok:
-        lb = "(" if lo_open else "["
-        raise ConfigError(path, f"expected {what} in {lb}{lo:g}, {hi:g}], got {v!r}")
-    return float(v)
-
-
-def _int(v: Any, path: str, lo: int, hi: int) -> int:
-    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-        raise ConfigError(path, f"expected an integer in [{lo}, {hi}], got {v!r}")
-    return v
+F = Fields(ConfigError)
 
 
 def _name(v: Any, path: str) -> str:
@@ -146,34 +120,20 @@ def _name(v: Any, path: str) -> str:
 
 
 def parse_bytes(v: Any, path: str = "memory") -> int:
-    """``1500000000``, ``"1.5GB"`` (decimal) or ``"512MiB"`` (binary) -> bytes."""
-    if isinstance(v, int) and not isinstance(v, bool):
-        n = v
-    elif isinstance(v, str) and (m := _SIZE_RE.match(v)):
-        unit = m.group(2).lower() or "b"
-        scale = _DECIMAL.get(unit) or _BINARY.get(unit)
-        if scale is None:
-            raise ConfigError(path, f"unknown unit {m.group(2)!r} in {v!r}: use B, KB, MB, GB, TB "
-                                    "(powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024)")
-        n = int(float(m.group(1)) * scale)
-    else:
-        raise ConfigError(path, f"expected bytes as an integer or a size like '1.5GB' or '512MiB', got {v!r}")
-    if n < MIN_MEMORY_BYTES:
-        raise ConfigError(path, f"expected at least {MIN_MEMORY_BYTES} bytes ({MIN_MEMORY_BYTES >> 20} MiB), "
-                                f"got {v!r} = {n} bytes")
-    return n
+    """``1500000000``, ``"1.5GB"`` (decimal) or ``"512MiB"`` (binary) -> bytes, at least ``MIN_MEMORY_BYTES``."""
+    return F.size(v, path, lo=MIN_MEMORY_BYTES)
 
 
 def _link(v: Any, path: str, base: Link | None) -> Link:
     keys = _OVERRIDE_KEYS if base is not None else _LINK_KEYS
-    m = _map(v, path, keys)
+    m = F.mapping(v, path, keys)
     if base is None and "mbps" not in m:
         raise ConfigError(f"{path}.mbps", "required (the link rate in Mbit/s)")
     if base is not None and "mbps" not in m and "latency_ms" not in m:
         raise ConfigError(path, "give mbps and/or latency_ms (otherwise the override changes nothing)")
-    mbps = _number(m["mbps"], f"{path}.mbps", MIN_MBPS, MAX_MBPS, lo_open=False) if "mbps" in m else base.mbps
+    mbps = F.number(m["mbps"], f"{path}.mbps", lo=MIN_MBPS, hi=MAX_MBPS) if "mbps" in m else base.mbps
     lat_default = base.latency_ms if base is not None else 0.0
-    lat = (_number(m["latency_ms"], f"{path}.latency_ms", 0.0, MAX_LATENCY_MS, lo_open=False)
+    lat = (F.number(m["latency_ms"], f"{path}.latency_ms", lo=0.0, hi=MAX_LATENCY_MS)
            if "latency_ms" in m else lat_default)
     return Link(mbps=mbps, latency_ms=lat)
 
@@ -184,20 +144,20 @@ def _devices(v: Any, cores: int) -> list[DeviceSpec]:
     out: list[DeviceSpec] = []
     for i, d in enumerate(v):
         p = f"devices[{i}]"
-        m = _map(d, p, _DEVICE_KEYS)
+        m = F.mapping(d, p, _DEVICE_KEYS)
         for req in ("name", "cpu"):
             if req not in m:
                 raise ConfigError(f"{p}.{req}", "required")
         name = _name(m["name"], f"{p}.name")
         if name in RESERVED_NAMES:
             raise ConfigError(f"{p}.name", f"{name!r} is reserved (reserved: {list(RESERVED_NAMES)})")
-        cpu = _number(m["cpu"], f"{p}.cpu", 0.0, float(cores), what="a number (fraction of a core)")
-        threads = _int(m.get("threads", DEFAULT_THREADS), f"{p}.threads", 1, 256)
+        cpu = F.number(m["cpu"], f"{p}.cpu", lo=0.0, hi=cores, lo_open=True, what=CPU_SHARE)
+        threads = F.integer(m.get("threads", DEFAULT_THREADS), f"{p}.threads", lo=1, hi=MAX_THREADS)
         mem = parse_bytes(m["memory"], f"{p}.memory") if m.get("memory") is not None else None
         typ = m.get("type")
         if typ is not None and not isinstance(typ, str):
             raise ConfigError(f"{p}.type", f"expected a string label, got {typ!r}")
-        count = _int(m.get("count", 1), f"{p}.count", 1, MAX_COUNT)
+        count = F.integer(m.get("count", 1), f"{p}.count", lo=1, hi=MAX_COUNT)
         names = [name] if "count" not in m else [f"{name}-{k}" for k in range(count)]
         out += [DeviceSpec(n, cpu, threads, mem, typ) for n in names]
     seen: dict[str, int] = {}
@@ -214,7 +174,7 @@ def parse_config(doc: Any, *, default_name: str | None = None, cores: int | None
         from edgezmq.node import device
 
         cores = device.cores()
-    top = _map(doc, "", _TOP_KEYS) if doc is not None else {}
+    top = F.mapping(doc, "", _TOP_KEYS) if doc is not None else {}
     if "devices" not in top:
         raise ConfigError("devices", "required (a list of devices)")
     name = top.get("name", default_name)
@@ -236,16 +196,16 @@ def parse_config(doc: Any, *, default_name: str | None = None, cores: int | None
     if subnet.num_addresses - 2 < need:
         raise ConfigError("subnet", f"{subnet} has {max(subnet.num_addresses - 2, 0)} host addresses, "
                                     f"the testbed needs {need} (client + {len(devices)} devices)")
-    port = _int(top.get("control_port", DEFAULT_CONTROL_PORT), "control_port", 1, 65535)
+    port = F.integer(top.get("control_port", DEFAULT_CONTROL_PORT), "control_port", lo=1, hi=MAX_PORT)
 
-    client_m = _map(top.get("client") or {}, "client", _CLIENT_KEYS)
+    client_m = F.mapping(top.get("client") or {}, "client", _CLIENT_KEYS)
     client = ClientSpec(
-        cpu=(_number(client_m["cpu"], "client.cpu", 0.0, float(cores), what="a number (fraction of a core)")
+        cpu=(F.number(client_m["cpu"], "client.cpu", lo=0.0, hi=cores, lo_open=True, what=CPU_SHARE)
              if client_m.get("cpu") is not None else None),
         memory_bytes=parse_bytes(client_m["memory"], "client.memory") if client_m.get("memory") is not None else None,
     )
 
-    links = _map(top.get("links"), "links", ("default", "overrides")) if "links" in top else None
+    links = F.mapping(top.get("links"), "links", ("default", "overrides")) if "links" in top else None
     if links is None or "default" not in links:
         raise ConfigError("links.default", "required ({mbps: ..., latency_ms: ...} for every pair not overridden)")
     default = _link(links["default"], "links.default", None)
@@ -256,7 +216,7 @@ def parse_config(doc: Any, *, default_name: str | None = None, cores: int | None
         raise ConfigError("links.overrides", f"expected a list of {{a, b, mbps, latency_ms}}, got {ov!r}")
     for i, o in enumerate(ov):
         p = f"links.overrides[{i}]"
-        m = _map(o, p, _OVERRIDE_KEYS)
+        m = F.mapping(o, p, _OVERRIDE_KEYS)
         for end in ("a", "b"):
             if end not in m:
                 raise ConfigError(f"{p}.{end}", "required (a device name or 'client')")
