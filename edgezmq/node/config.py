@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgezmq.errors import EdgezmqError
 from edgezmq.paths import CACHE_ENV
 from edgezmq.yamlfile import read_yaml
 
@@ -64,7 +65,7 @@ _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # usable as a systemd instance and file name
 
 
-class NodeConfigError(ValueError):
+class NodeConfigError(EdgezmqError, ValueError):
     """A node config that cannot be used; the message names the file and the field."""
 
 

@@ -12,6 +12,7 @@ from typing import Any, TextIO
 
 import yaml
 
+from edgezmq.errors import EdgezmqError
 from edgezmq.protocol import control
 from edgezmq.transport.rpc import ControlClient
 
@@ -25,7 +26,7 @@ ERROR_FIELDS = ("bad_messages", "wrong_run", "compute_errors")  # this stage's o
 BOTTLENECK_MARK = "*"
 
 
-class StatusInputError(ValueError):
+class StatusInputError(EdgezmqError, ValueError):
     """The file given to status is neither a readable plan nor a cluster inventory."""
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgezmq.errors import EdgezmqError
 from edgezmq.transport import security
 from edgezmq.yamlfile import read_yaml
 
@@ -32,7 +33,7 @@ DEFAULT_PROBE_BYTES = 4 * 1024 * 1024
 DEFAULT_PINGS = 10
 
 
-class ClusterError(ValueError):
+class ClusterError(EdgezmqError, ValueError):
     """A cluster inventory that cannot be used; the message carries the field path."""
 
 

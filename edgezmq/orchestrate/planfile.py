@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgezmq.errors import EdgezmqError
 from edgezmq.transport import security
 from edgezmq.yamlfile import read_yaml
 
@@ -17,7 +18,7 @@ DEFAULT_RESULTS = "tcp://127.0.0.1:5560"
 GRANULARITIES = ("block", "half", "sublayer")
 
 
-class PlanFileError(ValueError):
+class PlanFileError(EdgezmqError, ValueError):
     """A plan file that cannot be deployed; the message carries the field path."""
 
 

@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from edgezmq.errors import EdgezmqError
+
 __all__ = ["PlanError", "Unit", "DeviceType", "Device", "Link", "ModelSpec", "Options",
            "Problem", "load_problem", "CLIENT", "GRANULARITIES"]
 
@@ -42,7 +44,7 @@ MS_PER_S = 1000.0
 BYTES_PER_MB = 1e6
 
 
-class PlanError(ValueError):
+class PlanError(EdgezmqError, ValueError):
     """A problem file, a plan or a request the planner cannot accept (message says which field)."""
 
 

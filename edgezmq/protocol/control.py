@@ -14,6 +14,8 @@ from typing import Any
 
 import msgpack
 
+from edgezmq.errors import EdgezmqError
+
 VERSION = 1
 MAX_REQUEST_BYTES = 1024 * 1024  # control messages are small; weights never ride here
 
@@ -91,7 +93,7 @@ COMMANDS: dict[str, dict[str, Arg]] = {
 }
 
 
-class ControlError(Exception):
+class ControlError(EdgezmqError):
     """A control request failed; ``code`` is one of the module's error codes."""
 
     def __init__(self, code: str, message: str) -> None:

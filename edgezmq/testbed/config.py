@@ -11,6 +11,8 @@ from typing import Any
 
 import yaml
 
+from edgezmq.errors import EdgezmqError
+
 __all__ = ["ConfigError", "DeviceSpec", "ClientSpec", "Link", "TestbedConfig",
            "parse_config", "load_config", "parse_bytes", "CLIENT"]
 
@@ -39,7 +41,7 @@ _LINK_KEYS = ("mbps", "latency_ms")
 _OVERRIDE_KEYS = ("a", "b", "mbps", "latency_ms")
 
 
-class ConfigError(ValueError):
+class ConfigError(EdgezmqError, ValueError):
     """A TESTBED.yaml problem; the message starts with the field path (``devices[2].cpu: ...``)."""
 
     __test__ = False  # not a pytest test class
