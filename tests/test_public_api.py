@@ -32,6 +32,8 @@ ERRORS = {
     "edgezmq.testbed.config.ConfigError": (ValueError, EXIT_BAD_INPUT),
     "edgezmq.testbed.errors.TestbedError": (RuntimeError, EXIT_FAILED),
     "edgezmq.testbed.errors.PrerequisiteError": (RuntimeError, EXIT_BAD_INPUT),  # not root / no iproute2
+    "edgezmq.cli.args.UsageError": (ValueError, EXIT_BAD_INPUT),
+    "edgezmq.cli.args.CommandFailed": (RuntimeError, EXIT_FAILED),
 }
 
 
