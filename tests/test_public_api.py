@@ -1,15 +1,27 @@
-"""The package's public surface: one error root for everything it raises on purpose."""
+"""The package's public surface: the names `edgezmq` exports, and one error root for everything it raises on purpose."""
 
 from __future__ import annotations
 
 import importlib
 import inspect
 import pkgutil
+import subprocess
+import sys
 
 import pytest
 
 import edgezmq
 from edgezmq.errors import EXIT_BAD_INPUT, EXIT_FAILED, EdgezmqError
+
+PUBLIC = [
+    "EdgezmqError", "__version__",
+    "load_plan", "ModelSpec", "deploy", "unload",                  # plan files and deployment
+    "load_cluster", "autodeploy", "ResilientPipeline", "LocalCluster",  # inventories, planning, failover, local nodes
+    "Client", "split",                                             # submitting work
+    "Node",                                                        # the node daemon, in-process
+    "load_problem", "solve",                                       # the planner alone
+]
+IMPORT_TIMEOUT_S = 60.0
 
 # control flow inside one module, never seen by a caller: outside the root on purpose
 INTERNAL = {"edgezmq.client._Failover", "edgezmq.planner.search.Timeout", "edgezmq.planner.search.BudgetExceeded"}
@@ -65,3 +77,24 @@ def test_error_mixes_in_its_builtin_and_maps_to_its_exit_code(name):
     assert issubclass(cls, EdgezmqError) and issubclass(cls, builtin)
     err = cls.__new__(cls)  # constructors differ (code, message, seq...); the mapping is the class's
     assert err.exit_code == code
+
+
+def test_all_is_pinned_and_every_name_resolves():
+    assert sorted(edgezmq.__all__) == sorted(PUBLIC) and len(set(edgezmq.__all__)) == len(edgezmq.__all__)
+    assert set(edgezmq._LAZY) == set(PUBLIC) - {"EdgezmqError", "__version__"}  # each lazy name is exported
+    for name in PUBLIC:
+        assert getattr(edgezmq, name) is not None, name
+    assert edgezmq.deploy.__module__ == "edgezmq.orchestrate.deploy" and inspect.isfunction(edgezmq.deploy)
+    assert edgezmq.Client.__module__ == "edgezmq.client" and inspect.isclass(edgezmq.Client)
+    assert set(PUBLIC) <= set(dir(edgezmq))
+    with pytest.raises(AttributeError, match="no_such_name"):
+        edgezmq.no_such_name  # noqa: B018
+
+
+@pytest.mark.slow
+def test_import_edgezmq_loads_neither_torch_nor_zmq():
+    code = ("import sys, edgezmq, edgezmq.planner; "
+            "print(sorted(m for m in ('torch', 'timm', 'zmq', 'edgezmq.client') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=IMPORT_TIMEOUT_S)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
