@@ -197,7 +197,10 @@ def collect(args: argparse.Namespace, stream: Iterator, n_batches: int, names) -
             bar(len(outs), samples)
     dt = time.time() - t0
     logits = np.concatenate(outs)
-    np.save(args.out, logits)
+    try:
+        np.save(args.out, logits)
+    except OSError as e:
+        raise UsageError(f"--out {args.out}: cannot write ({e.strerror or e})") from None
     print(f"{len(logits)} samples in {dt:.2f}s ({len(logits) / dt:.2f} samples/s); logits -> {args.out}")
     for i, row in enumerate(top5(logits)[: args.show]):
         label = names[i] if names else f"sample {i}"

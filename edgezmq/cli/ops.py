@@ -70,8 +70,11 @@ def cmd_trace(args: argparse.Namespace) -> int:
     plan = load_plan(args.plan)
     trace = collect(plan, args.batches, window=args.window, seed=args.seed, timeout=args.timeout,
                     correct_clocks=not args.no_clock_offsets)
-    save_trace(trace, json_path)
-    draw_timeline(trace, out)
+    try:
+        save_trace(trace, json_path)
+        draw_timeline(trace, out)
+    except OSError as e:
+        raise UsageError(f"--out/--trace-json: cannot write {e.filename or out} ({e.strerror or e})") from None
     if args.json:
         print(json.dumps({"png": str(out), "trace": str(json_path),
                           **{k: trace[k] for k in ("model", "run", "batches", "samples", "samples_per_s",
