@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import zmq
 
+from edgezmq.errors import EdgezmqError
 from edgezmq.orchestrate.planfile import DeployPlan
 from edgezmq.protocol import wire
 from edgezmq.protocol.control import BAD_STATE, ControlError
@@ -39,7 +40,7 @@ class _Failover(Exception):
     """Raised inside the stream loop when the deployment must be replaced (a node died)."""
 
 
-class PipelineError(RuntimeError):
+class PipelineError(EdgezmqError, RuntimeError):
     """The pipeline answered a microbatch with an error."""
 
     def __init__(self, seq: int, code: str, message: str, stage: int) -> None:

@@ -16,7 +16,9 @@ import yaml
 import zmq
 from helpers import KWARGS, MICROBATCH, MODEL, N_UNITS, batches, checkpoint, inproc_node
 
+from edgezmq.cli import node as node_cli
 from edgezmq.cli import ops as ops_cli
+from edgezmq.cli.main import main as cli_main
 from edgezmq.client import Client
 from edgezmq.node import config as nodeconfig
 from edgezmq.node import daemon as node_mod
@@ -79,8 +81,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(argv: list[str], capsys) -> tuple[int, str, str]:
-    args = _parser().parse_args(argv)
-    code = args.func(args)
+    code = cli_main(argv)  # with the exit-code policy
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -142,7 +143,7 @@ def test_missing_node_config_is_a_clear_error(tmp_path):
 
 
 def _node_parser() -> argparse.ArgumentParser:
-    """`edgezmq node`'s flags as cli.py declares them, plus ops_cli.add_node_options."""
+    """`edgezmq node`'s flags as cli/node.py declares them, plus node_cli.add_node_options."""
     p = argparse.ArgumentParser()
     p.add_argument("-v", "--verbose", action="count", default=0)
     p.add_argument("--control", default="tcp://127.0.0.1:5550")
@@ -150,7 +151,7 @@ def _node_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int)
     p.add_argument("--memory-limit", type=int)
     p.add_argument("--advertise")
-    ops_cli.add_node_options(p)
+    node_cli.add_node_options(p)
     return p
 
 
@@ -159,15 +160,15 @@ def test_command_line_flags_override_the_config_file(tmp_path, monkeypatch):
     f = tmp_path / "board-1.yaml"
     f.write_text(FULL_CONFIG.replace("/var/cache/edgezmq/board-1", str(tmp_path / "cache")))
     p = _node_parser()
-    opts = ops_cli.node_args_from(p.parse_args(["--config", str(f), "--threads", "2", "--control", "tcp://127.0.0.1:0"]))
+    opts = node_cli.node_args_from(p.parse_args(["--config", str(f), "--threads", "2", "--control", "tcp://127.0.0.1:0"]))
     assert opts["threads"] == 2 and opts["control"] == "tcp://127.0.0.1:0"  # flags win
     assert opts["name"] == "board-1" and opts["memory_limit"] == 6 * 10**9  # the file fills the rest
     assert opts["keys"]["public_key_file"] == "/etc/edgezmq/keys/b1.key"
     import os
     assert os.environ["EDGEZMQ_CACHE"] == str(tmp_path / "cache")  # cache_dir reaches the cache code
-    opts = ops_cli.node_args_from(p.parse_args(["--config", str(f)]))
+    opts = node_cli.node_args_from(p.parse_args(["--config", str(f)]))
     assert opts["control"] == "tcp://0.0.0.0:5551" and opts["threads"] == 4
-    opts = ops_cli.node_args_from(p.parse_args([]))  # no file: the defaults, as before
+    opts = node_cli.node_args_from(p.parse_args([]))  # no file: the defaults, as before
     assert opts["control"] == nodeconfig.DEFAULT_CONTROL and opts["threads"] is None
     assert opts["metrics_port"] is None and opts["metrics_host"] == "127.0.0.1"
     # the CurveZMQ fields map onto `edgezmq node --secret-key / --allow`, flags winning
@@ -175,10 +176,10 @@ def test_command_line_flags_override_the_config_file(tmp_path, monkeypatch):
     p.add_argument("--secret-key")
     p.add_argument("--allow")
     f.write_text("keys:\n  secret_key_file: ${CREDENTIALS_DIRECTORY}/node.key_secret\n  allowed_clients_dir: /k/c\n")
-    opts = ops_cli.node_args_from(p.parse_args(["--config", str(f)]))
+    opts = node_cli.node_args_from(p.parse_args(["--config", str(f)]))
     assert opts["secret_key"] == "/run/credentials/edgezmq-node@board-1.service/node.key_secret"
     assert opts["allow"] == "/k/c"
-    opts = ops_cli.node_args_from(p.parse_args(["--config", str(f), "--allow", "/mine"]))
+    opts = node_cli.node_args_from(p.parse_args(["--config", str(f), "--allow", "/mine"]))
     assert opts["allow"] == "/mine" and opts["secret_key"].endswith("node.key_secret")
     ns = argparse.Namespace(threads=8, name=None)
     nodeconfig.apply_to_args({"threads": 3, "name": "x"}, ns)
@@ -313,13 +314,13 @@ def test_metrics_endpoint_serves_counters_that_move_with_traffic(deployed):
 def test_metrics_port_in_use_is_a_config_error(deployed):
     pytest.importorskip("prometheus_client")
     _, _, (n0, _) = deployed
-    h = ops_cli.start_metrics(n0, {"metrics_port": 0, "metrics_host": "127.0.0.1"})
+    h = node_cli.start_metrics(n0, {"metrics_port": 0, "metrics_host": "127.0.0.1"})
     try:
         with pytest.raises(NodeConfigError, match="metrics_port: .*cannot listen"):
-            ops_cli.start_metrics(n0, {"metrics_port": h.port, "metrics_host": "127.0.0.1"})
+            node_cli.start_metrics(n0, {"metrics_port": h.port, "metrics_host": "127.0.0.1"})
     finally:
         h.stop()
-    assert ops_cli.start_metrics(n0, {"metrics_port": None}) is None
+    assert node_cli.start_metrics(n0, {"metrics_port": None}) is None
 
 
 # ---- status --------------------------------------------------------------------------
@@ -470,7 +471,7 @@ def test_trace_of_an_undeployed_plan_is_a_clear_error(tmp_path, capsys):
     f = tmp_path / "p.yaml"
     f.write_text(yaml.safe_dump(d))
     code, _, err = _run(["trace", str(f), "--batches", "2", "--out", str(tmp_path / "x.png")], capsys)
-    assert code == 2 and "did not answer" in err and "Traceback" not in err
+    assert code == 1 and "did not answer" in err and "Traceback" not in err  # a node unreachable: failed
     code, _, err = _run(["trace", str(f), "--batches", "2", "--out", str(tmp_path / "x.jpg")], capsys)
     assert code == 2 and "--out: expected a .png" in err
 

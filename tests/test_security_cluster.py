@@ -176,7 +176,7 @@ def test_a_wrong_client_key_is_refused_clearly(secured, keys, tmp_path, capsys):
     t = str(REFUSED_TIMEOUT_S)
     for argv in (["netprobe", "--to", "n0", "--keys", inv, "--timeout", t],
                  ["profile", "--node", "n1", "--keys", inv, "--model", MODEL, "--timeout", t]):
-        assert cli_main(argv) == 2
+        assert cli_main(argv) == 1  # the node refused us: the operation failed
         err = capsys.readouterr().err
         assert "did not answer" in err and "does not allow our public key" in err
     assert cli_main(["status", inv, "--timeout", t, "--json"]) == 1

@@ -1,21 +1,26 @@
-"""Operations commands: `edgezmq status`, `edgezmq trace`, `edgezmq install-service`, and `edgezmq node --config`."""
+"""Operations commands: `edgezmq status`, `edgezmq trace`, `edgezmq install-service`."""
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
+from edgezmq.cli.args import (
+    FMT,
+    CommandFailed,
+    UsageError,
+    node_failures,
+    positive_float,
+    positive_int,
+)
+from edgezmq.errors import EXIT_FAILED
 from edgezmq.node import config as nodeconfig
 
-EXIT_BAD_INPUT = 2
 SYSTEMD_RUNNING = Path("/run/systemd/system")  # exists iff PID 1 is systemd
 
 EPILOG_STATUS = """examples:
@@ -41,64 +46,10 @@ EPILOG_INSTALL = """examples:
   edgezmq install-service board-1 --config board-1.yaml --dry-run  # print what would be written
   edgezmq install-service board-1 --root /tmp/img --no-start       # into an image's root filesystem
 """
-NODE_CONFIG_HELP = ("node config YAML (e.g. /etc/edgezmq/NAME.yaml, see nodes/example-node.yaml); "
-                    "flags given here win over the file")
-
-
-def _say_errors(command: str) -> Callable:
-    """Expected failures -> one line on stderr and exit code 2, never a traceback."""
-    import zmq
-
-    from edgezmq.node.metrics import MetricsUnavailable
-    from edgezmq.protocol import control
-
-    def wrap(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-        @functools.wraps(fn)
-        def run(args: argparse.Namespace) -> int:
-            try:
-                return fn(args)
-            except (ValueError, OSError, control.ControlError, MetricsUnavailable, TimeoutError,
-                    zmq.ZMQError) as e:  # ZMQError: e.g. the results address is taken
-                print(f"edgezmq {command}: {e}", file=sys.stderr)
-                return EXIT_BAD_INPUT
-        return run
-
-    return wrap
-
-
-# ---- edgezmq node --config ---------------------------------------------------
-def add_node_options(p: argparse.ArgumentParser) -> None:
-    """Add --config and the config-only settings to `edgezmq node` (its existing flags stay)."""
-    p.add_argument("--config", metavar="FILE", help=NODE_CONFIG_HELP)
-    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0: any; needs edgezmq[metrics])")
-    p.add_argument("--metrics-host", help=f"address the metrics endpoint binds (default {nodeconfig.DEFAULT_METRICS_HOST})")
-    p.add_argument("--cache-dir", help="profiles and seeded checkpoints (default $EDGEZMQ_CACHE or ~/.cache/edgezmq)")
-    p.add_argument("--log-level", choices=nodeconfig.LOG_LEVELS, help="edgezmq log level (-v wins)")
-    # a flag counts as given when it is not None, so the file can fill what the command line left out
-    p.set_defaults(control=None)
-
-
-def node_args_from(args: argparse.Namespace) -> dict[str, Any]:
-    """`edgezmq node` settings: flags, then --config FILE, then defaults.  Also applies the
-    process-wide ones (cache dir -> $EDGEZMQ_CACHE, log level).  NodeConfigError on a bad file."""
-    opts = nodeconfig.resolve(args)
-    nodeconfig.apply_process_settings(opts, verbose=getattr(args, "verbose", 0))
-    return opts
-
-
-def start_metrics(node: Any, opts: dict[str, Any]):
-    """The node's metrics endpoint when ``metrics_port`` is set, else None; errors name the field."""
-    if opts.get("metrics_port") is None:
-        return None
-    from edgezmq.node.metrics import MetricsUnavailable, serve_metrics
-
-    try:
-        return serve_metrics(node, opts["metrics_port"], opts.get("metrics_host") or nodeconfig.DEFAULT_METRICS_HOST)
-    except (MetricsUnavailable, OSError) as e:
-        raise nodeconfig.NodeConfigError(f"metrics_port: {e}") from None
 
 
 # ---- status -------------------------------------------------------------------
+@node_failures
 def cmd_status(args: argparse.Namespace) -> int:
     from edgezmq.ops.status import status
 
@@ -107,19 +58,23 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 # ---- trace --------------------------------------------------------------------
+@node_failures
 def cmd_trace(args: argparse.Namespace) -> int:
     from edgezmq.ops.trace import collect, draw_timeline, save_trace
     from edgezmq.orchestrate.planfile import load_plan
 
     out = Path(args.out)
     if out.suffix.lower() != ".png":
-        raise ValueError(f"--out: expected a .png path, got {args.out!r}")
+        raise UsageError(f"--out: expected a .png path, got {args.out!r}")
     json_path = Path(args.trace_json) if args.trace_json else out.with_suffix(".json")
     plan = load_plan(args.plan)
     trace = collect(plan, args.batches, window=args.window, seed=args.seed, timeout=args.timeout,
                     correct_clocks=not args.no_clock_offsets)
-    save_trace(trace, json_path)
-    draw_timeline(trace, out)
+    try:
+        save_trace(trace, json_path)
+        draw_timeline(trace, out)
+    except OSError as e:
+        raise UsageError(f"--out/--trace-json: cannot write {e.filename or out} ({e.strerror or e})") from None
     if args.json:
         print(json.dumps({"png": str(out), "trace": str(json_path),
                           **{k: trace[k] for k in ("model", "run", "batches", "samples", "samples_per_s",
@@ -149,6 +104,13 @@ def default_exec() -> str:
     return shutil.which("edgezmq") or nodeconfig.DEFAULT_EXEC
 
 
+def absolute_path(text: str) -> str:
+    """--exec: systemd's ExecStart takes an absolute path only."""
+    if not os.path.isabs(text):
+        raise argparse.ArgumentTypeError(f"expected an absolute path (ExecStart needs one), got {text!r}")
+    return text
+
+
 def cmd_install_service(args: argparse.Namespace) -> int:
     exec_path = args.exec_path or default_exec()
     plan = nodeconfig.plan_install(args.name, args.config, root=args.root, exec_path=exec_path)
@@ -158,12 +120,15 @@ def cmd_install_service(args: argparse.Namespace) -> int:
         print("# then run:\n" + "\n".join(" ".join(c) for c in plan.commands))
         return 0
     if plan.config_path.exists() and plan.config_path.read_text() != plan.config_text and not args.force:
-        raise ValueError(f"{plan.config_path} exists and differs from {args.config or 'the example config'} "
+        raise UsageError(f"{plan.config_path} exists and differs from {args.config or 'the example config'} "
                          "(--force to overwrite)")
     for path, text, mode in ((plan.unit_path, plan.unit_text, 0o644), (plan.config_path, plan.config_text, 0o644)):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        path.chmod(mode)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            path.chmod(mode)
+        except OSError as e:  # typically: not root
+            raise CommandFailed(f"{path}: cannot write ({e.strerror or e})") from None
         print(f"wrote {path}")
     live = Path(args.root).resolve() == Path("/") and SYSTEMD_RUNNING.is_dir()
     if args.no_start or not live:
@@ -174,7 +139,7 @@ def cmd_install_service(args: argparse.Namespace) -> int:
         r = subprocess.run(c, capture_output=True, text=True, timeout=120)
         if r.returncode != 0:
             print(f"edgezmq install-service: {' '.join(c)} failed: {r.stderr.strip()}", file=sys.stderr)
-            return 1
+            return EXIT_FAILED
     print(f"started edgezmq-node@{args.name}; logs: journalctl -u edgezmq-node@{args.name} -f")
     return 0
 
@@ -185,10 +150,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     from edgezmq.ops.status import DEFAULT_INTERVAL_S, STATS_TIMEOUT_S
     from edgezmq.ops.trace import DEFAULT_TIMEOUT_S
 
-    fmt = argparse.RawDescriptionHelpFormatter
-
     st = sub.add_parser("status", help="every node of a plan or cluster: up/down, shard, samples/s, time split",
-                        epilog=EPILOG_STATUS, formatter_class=fmt)
+                        epilog=EPILOG_STATUS, formatter_class=FMT)
     st.add_argument("file", metavar="PLAN_OR_CLUSTER.yaml", help="a plan file or a cluster inventory")
     st.add_argument("--watch", action="store_true", help="refresh live until Ctrl-C")
     st.add_argument("--interval", type=float, default=DEFAULT_INTERVAL_S,
@@ -197,29 +160,29 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     st.add_argument("--timeout", type=float, default=STATS_TIMEOUT_S,
                     help=f"seconds to wait for each node (default {STATS_TIMEOUT_S:g})")
     st.add_argument("--json", action="store_true", help="JSON (one object per refresh)")
-    st.set_defaults(func=_say_errors("status")(cmd_status))
+    st.set_defaults(func=cmd_status)
 
     tr = sub.add_parser("trace", help="trace microbatches through a deployed plan; draw the timeline PNG",
-                        epilog=EPILOG_TRACE, formatter_class=fmt)
+                        epilog=EPILOG_TRACE, formatter_class=FMT)
     tr.add_argument("plan", metavar="PLAN.yaml")
-    tr.add_argument("--batches", type=int, required=True, help="random microbatches to send")
+    tr.add_argument("--batches", type=positive_int, required=True, help="random microbatches to send")
     tr.add_argument("--out", default="trace.png", help="timeline PNG (default trace.png)")
     tr.add_argument("--trace-json", help="raw trace JSON (default: --out with .json)")
-    tr.add_argument("--window", type=int, help="microbatches in flight (default: stages + 1)")
+    tr.add_argument("--window", type=positive_int, help="microbatches in flight (default: stages + 1)")
     tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per microbatch")
+    tr.add_argument("--timeout", type=positive_float, default=DEFAULT_TIMEOUT_S, help="seconds per microbatch")
     tr.add_argument("--no-clock-offsets", action="store_true", help="do not estimate per-node clock offsets")
     tr.add_argument("--json", action="store_true", help="print a JSON summary")
-    tr.set_defaults(func=_say_errors("trace")(cmd_trace))
+    tr.set_defaults(func=cmd_trace)
 
     ins = sub.add_parser("install-service", help="install the systemd unit and a node config for this board",
-                         epilog=EPILOG_INSTALL, formatter_class=fmt)
+                         epilog=EPILOG_INSTALL, formatter_class=FMT)
     ins.add_argument("name", help="instance name: edgezmq-node@NAME, config /etc/edgezmq/NAME.yaml")
     ins.add_argument("--config", help="node config to install (default: a minimal one)")
     ins.add_argument("--root", default="/", help="filesystem root to install under (default /)")
-    ins.add_argument("--exec", dest="exec_path", help="absolute path of the edgezmq script for ExecStart "
+    ins.add_argument("--exec", dest="exec_path", type=absolute_path, help="absolute path of the edgezmq script for ExecStart "
                      "(default: this installation's)")
     ins.add_argument("--dry-run", action="store_true", help="print the files and commands, write nothing")
     ins.add_argument("--force", action="store_true", help="overwrite an existing, different config")
     ins.add_argument("--no-start", action="store_true", help="write the files only")
-    ins.set_defaults(func=_say_errors("install-service")(cmd_install_service))
+    ins.set_defaults(func=cmd_install_service)

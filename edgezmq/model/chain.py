@@ -34,6 +34,7 @@ from timm.layers import Attention, GluMlp, Mlp, SwiGLU
 from timm.models.vision_transformer import Block, ResPostBlock, VisionTransformer
 from torch import nn
 
+from edgezmq.errors import EdgezmqError
 from edgezmq.paths import CACHE_ENV, cache_root  # noqa: F401 - re-exported
 from edgezmq.terms import GRANULARITIES
 
@@ -89,7 +90,7 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat
                 torch.float64: "float64"}
 
 
-class ModelError(ValueError):
+class ModelError(EdgezmqError, ValueError):
     """Unknown or unsupported model, bad unit range, or a checkpoint that does not fit."""
 
 

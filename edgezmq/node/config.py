@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgezmq.errors import EdgezmqError
 from edgezmq.fields import Fields, prefixed, read_yaml
 from edgezmq.paths import CACHE_ENV
 
@@ -61,7 +62,7 @@ DEFAULTS: dict[str, Any] = {
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # usable as a systemd instance and file name
 
 
-class NodeConfigError(ValueError):
+class NodeConfigError(EdgezmqError, ValueError):
     """A node config that cannot be used; the message names the file and the field."""
 
 

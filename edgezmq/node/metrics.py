@@ -20,6 +20,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from edgezmq.errors import EdgezmqError
+
 log = logging.getLogger(__name__)
 
 PREFIX = "edgezmq"
@@ -36,7 +38,7 @@ MIN_PROMETHEUS_CLIENT = "0.20"  # start_http_server returns (server, thread) so 
 INSTALL_HINT = f"Prometheus metrics need prometheus_client >= {MIN_PROMETHEUS_CLIENT}: pip install 'edgezmq[metrics]'"
 
 
-class MetricsUnavailable(RuntimeError):
+class MetricsUnavailable(EdgezmqError, RuntimeError):
     """prometheus_client is not installed."""
 
 

@@ -8,6 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TextIO
 
+from edgezmq.errors import EdgezmqError
 from edgezmq.orchestrate.address import NodeAddress
 from edgezmq.protocol import control
 from edgezmq.transport.rpc import ControlClient
@@ -22,7 +23,7 @@ ERROR_FIELDS = ("bad_messages", "compute_errors")  # this stage's own errors; ba
 BOTTLENECK_MARK = "*"
 
 
-class StatusInputError(ValueError):
+class StatusInputError(EdgezmqError, ValueError):
     """The file given to status is neither a readable plan nor a cluster inventory."""
 
 

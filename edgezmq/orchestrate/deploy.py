@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from edgezmq.errors import EdgezmqError
 from edgezmq.orchestrate.address import NodeAddress
 from edgezmq.orchestrate.planfile import DeployPlan, check_units
 from edgezmq.protocol import control
@@ -28,7 +29,7 @@ LOAD_TIMEOUT_S = 600.0  # building a ViT-Huge shard on a slow board takes minute
 LOAD_POLL_S = 0.2
 
 
-class DeployError(RuntimeError):
+class DeployError(EdgezmqError, RuntimeError):
     """Deployment failed; ``errors`` maps node name -> what went wrong there."""
 
     def __init__(self, message: str, errors: dict[str, str] | None = None) -> None:

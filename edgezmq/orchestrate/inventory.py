@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from edgezmq.errors import EdgezmqError
 from edgezmq.fields import Fields, prefixed, read_yaml
 from edgezmq.orchestrate.address import NodeAddress
 from edgezmq.planner.problem import Link
@@ -36,7 +37,7 @@ MAX_PROBE_SECONDS = 600.0  # a probe longer than ten minutes is a typo
 MAX_PORT = 65535
 
 
-class ClusterError(ValueError):
+class ClusterError(EdgezmqError, ValueError):
     """A cluster inventory that cannot be used; the message carries the field path."""
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from edgezmq.errors import EdgezmqError
 from edgezmq.fields import Fields, prefixed, read_yaml
 from edgezmq.orchestrate.address import NodeAddress
 from edgezmq.terms import GRANULARITIES
@@ -20,7 +21,7 @@ from edgezmq.transport import security
 DEFAULT_RESULTS = "tcp://127.0.0.1:5560"
 
 
-class PlanFileError(ValueError):
+class PlanFileError(EdgezmqError, ValueError):
     """A plan file that cannot be deployed; the message carries the field path."""
 
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from edgezmq.errors import EdgezmqError
 from edgezmq.fields import Fields, prefixed, read_yaml
 from edgezmq.terms import CLIENT, GRANULARITIES
 
@@ -43,7 +44,7 @@ MS_PER_S = 1000.0
 BYTES_PER_MB = 1e6
 
 
-class PlanError(ValueError):
+class PlanError(EdgezmqError, ValueError):
     """A problem file, a plan or a request the planner cannot accept (message says which field)."""
 
 

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import msgpack
 
+from edgezmq.errors import EdgezmqError
 from edgezmq.protocol.messages import (
     COMMANDS,
     MAX_RID,
@@ -71,7 +72,7 @@ CLIENT_ERRORS: dict[str, str] = {
 }
 
 
-class ControlError(Exception):
+class ControlError(EdgezmqError):
     """A control request failed; ``code`` is one of ``ERRORS`` or ``CLIENT_ERRORS``."""
 
     def __init__(self, code: str, message: str) -> None:

@@ -27,6 +27,8 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from edgezmq.errors import EdgezmqError
+
 VERSION = 1
 KINDS = ("act", "result", "error")
 # dtypes that may cross the wire; anything else (object, void, strings) is refused
@@ -44,7 +46,7 @@ MAX_TENSOR_BYTES = 512 * 1024 * 1024  # per tensor; sockets also cap whole messa
 MAX_TEXT = 4096  # run ids, error messages
 
 
-class WireError(ValueError):
+class WireError(EdgezmqError, ValueError):
     """A message that does not follow the wire format; ``code`` names the failed check."""
 
     def __init__(self, code: str, message: str, seq: int | None = None) -> None:

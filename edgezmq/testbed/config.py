@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from edgezmq.errors import EdgezmqError
 from edgezmq.fields import Fields
 from edgezmq.planner.problem import Link
 from edgezmq.terms import CLIENT
@@ -41,7 +42,7 @@ _LINK_KEYS = ("mbps", "latency_ms")
 _OVERRIDE_KEYS = ("a", "b", "mbps", "latency_ms")
 
 
-class ConfigError(ValueError):
+class ConfigError(EdgezmqError, ValueError):
     """A TESTBED.yaml problem; the message starts with the field path (``devices[2].cpu: ...``)."""
 
     __test__ = False  # not a pytest test class

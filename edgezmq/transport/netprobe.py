@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import zmq
 
+from edgezmq.errors import EdgezmqError
 from edgezmq.transport import sockets
 from edgezmq.transport.security import CURVE_HINT, Curve
 
@@ -70,7 +71,7 @@ _F64 = struct.Struct("!d")
 PROBE_SOCKET = sockets.SocketSpec(hwm=MAX_WINDOW + 1, maxmsgsize=MAX_MSG_BYTES + MiB, immediate=True)
 
 
-class ProbeError(RuntimeError):
+class ProbeError(EdgezmqError, RuntimeError):
     """The probe server answered with an error or with something that is not the protocol."""
 
 

@@ -13,6 +13,8 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+from edgezmq.errors import EdgezmqError
+
 log = logging.getLogger(__name__)
 
 PUBLIC_SUFFIX = ".key"  # zmq.auth.create_certificates' names: NAME.key, NAME.key_secret
@@ -26,7 +28,7 @@ CURVE_HINT = ("; over CurveZMQ this also means the peer does not allow our publi
               "or does not hold the key we expect (check its --allow directory and the keys: section)")
 
 
-class KeyFileError(ValueError):
+class KeyFileError(EdgezmqError, ValueError):
     """A key file or key that cannot be used; the message names the file or key."""
 
 

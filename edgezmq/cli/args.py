@@ -1,0 +1,210 @@
+"""What the command groups share: the CLI's own errors, argument types and helpers (--keys, --kwargs, inputs, progress bar)."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from edgezmq.errors import EdgezmqError
+from edgezmq.orchestrate.planfile import GRANULARITIES
+
+FMT = argparse.RawDescriptionHelpFormatter
+KEYS_HELP = ("plan or cluster inventory whose keys: section to use: CurveZMQ to its nodes, "
+             "which may then be given by name (plans/README.md)")
+PROGRESS_WIDTH = 30  # characters of the bar
+
+
+class UsageError(EdgezmqError, ValueError):
+    """A command-line argument that cannot be used; the message names the flag."""
+
+
+class CommandFailed(EdgezmqError, RuntimeError):
+    """A command's operation failed where the library reports it with a builtin (see :func:`node_failures`)."""
+
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def node_failures(fn: Command) -> Command:
+    """A command that talks to nodes or a pipeline: a timeout or a socket that cannot bind is
+    its operation failing (exit 1, one line), not a bug.  client.py and transport/netprobe.py
+    still raise ``TimeoutError`` for these and zmq raises ``ZMQError`` (e.g. an address in use)."""
+    import zmq
+
+    @functools.wraps(fn)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except (TimeoutError, zmq.ZMQError) as e:
+            raise CommandFailed(str(e)) from e
+
+    return run
+
+
+def stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+# ---- argument types: argparse rejects these with exit code 2 and the flag's name ----------
+def int_in(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in lo..hi (no upper bound without hi)."""
+    def parse(text: str) -> int:
+        n = int(text)
+        if n < lo or (hi is not None and n > hi):
+            raise argparse.ArgumentTypeError(f"expected an integer {f'in {lo}..{hi}' if hi is not None else f'>= {lo}'}"
+                                             f", got {text}")
+        return n
+
+    parse.__name__ = "integer"  # argparse says "invalid integer value: 'x'"
+    return parse
+
+
+positive_int = int_in(1)
+nonnegative_int = int_in(0)
+
+
+def positive_float(text: str) -> float:
+    x = float(text)
+    if not 0 < x < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+    return x
+
+
+def nonnegative_float(text: str) -> float:
+    x = float(text)
+    if not 0 <= x < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return x
+
+
+def json_object(flag: str, text: str | None) -> dict[str, Any]:
+    """A flag's JSON object (``--kwargs '{"img_size": 64}'``); {} when not given."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise UsageError(f"{flag}: expected a JSON object, got {text!r} ({e})") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{flag}: expected a JSON object, got {type(value).__name__} {text!r}")
+    return value
+
+
+def add_model_args(p: argparse._ActionsContainer, *, model_required: bool = True) -> None:
+    """--model/--microbatch/--granularity/--kwargs, as every model-taking command spells them."""
+    p.add_argument("--model", required=model_required, help="timm model name")
+    p.add_argument("--microbatch", type=positive_int, default=8)
+    p.add_argument("--granularity", default="block", choices=GRANULARITIES)
+    p.add_argument("--kwargs", help="timm.create_model kwargs as JSON")
+
+
+# ---- --keys: a node by name, with the file's CurveZMQ keys ---------------------------------
+def node_arg(flag: str, value: str, keys_file: str | None):
+    """A node given on the command line: a control address, or with ``--keys FILE`` a node of
+    that plan or inventory (by name or address), reached with the file's keys."""
+    from edgezmq.ops.status import targets
+    from edgezmq.orchestrate.address import NodeAddress
+
+    if keys_file is None:
+        if not value.startswith("tcp://"):
+            raise UsageError(f"{flag}: expected a tcp://HOST:PORT control address, got {value!r} "
+                             "(a node name needs --keys PLAN_OR_CLUSTER.yaml)")
+        return NodeAddress(value, value)
+    _, nodes, _ = targets(keys_file)
+    if not any(t.curve is not None for t in nodes):
+        raise UsageError(f"--keys {keys_file}: the file has no keys: section (plans/README.md)")
+    for t in nodes:
+        if value in (t.name, t.control):
+            return t
+    raise UsageError(f"{flag}: {value!r} is not a node of {keys_file} "
+                     f"(its nodes: {', '.join(f'{t.name} {t.control}' for t in nodes)})")
+
+
+# ---- inputs and results of `submit` and `run` ------------------------------------------------
+def add_io_args(p: argparse.ArgumentParser) -> None:
+    """Inputs, outputs and flow control shared by `submit` and `run`."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", help="directory of JPEG/PNG images (timm preprocessing)")
+    src.add_argument("--npy", help=".npy file of shape (N, C, H, W)")
+    src.add_argument("--random", type=positive_int, metavar="N", help="N random images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="logits.npy", help="where to write the logits")
+    p.add_argument("--window", type=positive_int, default=4, help="microbatches in flight")
+    p.add_argument("--timeout", type=positive_float, default=120.0,
+                   help="seconds per microbatch before retry/failure")
+    p.add_argument("--show", type=int, default=5, help="print top-5 classes of this many samples")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def inputs(args: argparse.Namespace, model) -> tuple:
+    """(N, C, H, W) float32 inputs from --random/--npy/--images for a ModelSpec, and names."""
+    import numpy as np
+
+    from edgezmq.model import chain as models
+
+    if args.random is not None:
+        shape = models.input_shape(model.name, args.random, **model.kwargs)
+        return np.random.default_rng(args.seed).standard_normal(shape, dtype=np.float32), None
+    if args.npy is not None:
+        try:
+            x = np.load(args.npy, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--npy {args.npy}: cannot read ({e})") from None
+        if x.ndim == 3:
+            x = x[None]
+        return np.ascontiguousarray(x, dtype=np.float32), None
+    from edgezmq.model.images import load_images
+
+    try:
+        return load_images(args.images, model.name, **model.kwargs)
+    except (OSError, ValueError) as e:  # images.py says which: not a directory, no images, an unreadable file
+        raise UsageError(str(e)) from None
+
+
+def progress_bar(total: int, label: str = "", stream=sys.stderr):
+    """A callback(done, samples) that draws a one-line progress bar."""
+    t0 = time.time()
+
+    def update(done: int, samples: int) -> None:
+        filled = int(PROGRESS_WIDTH * done / max(total, 1))
+        rate = samples / max(time.time() - t0, 1e-9)
+        stream.write(f"\r{label}[{'#' * filled}{'.' * (PROGRESS_WIDTH - filled)}] {done}/{total} "
+                     f"batches  {rate:.1f} samples/s")
+        if done >= total:
+            stream.write("\n")
+        stream.flush()
+
+    return update
+
+
+def collect(args: argparse.Namespace, stream: Iterator, n_batches: int, names) -> int:
+    """Drain a result stream with a progress bar; write the logits; print top-5."""
+    import numpy as np
+
+    from edgezmq.model.images import top5
+
+    bar = progress_bar(n_batches) if not args.quiet else None
+    outs, samples = [], 0
+    t0 = time.time()
+    for y in stream:
+        outs.append(y)
+        samples += len(y)
+        if bar:
+            bar(len(outs), samples)
+    dt = time.time() - t0
+    logits = np.concatenate(outs)
+    try:
+        np.save(args.out, logits)
+    except OSError as e:
+        raise UsageError(f"--out {args.out}: cannot write ({e.strerror or e})") from None
+    print(f"{len(logits)} samples in {dt:.2f}s ({len(logits) / dt:.2f} samples/s); logits -> {args.out}")
+    for i, row in enumerate(top5(logits)[: args.show]):
+        label = names[i] if names else f"sample {i}"
+        print(f"{label}: " + ", ".join(f"{cls} ({p:.3f})" for cls, p in row))
+    return 0
+
