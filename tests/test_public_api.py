@@ -30,6 +30,8 @@ INTERNAL = {"edgezmq.client._Failover", "edgezmq.planner.search.Timeout", "edgez
 ERRORS = {
     "edgezmq.protocol.wire.WireError": (ValueError, EXIT_BAD_INPUT),
     "edgezmq.protocol.control.ControlError": (Exception, EXIT_FAILED),
+    "edgezmq.protocol.schema.SchemaError": (ValueError, EXIT_BAD_INPUT),
+    "edgezmq.transport.nodeclient.JobFailed": (Exception, EXIT_FAILED),
     "edgezmq.transport.security.KeyFileError": (ValueError, EXIT_BAD_INPUT),
     "edgezmq.transport.netprobe.ProbeError": (RuntimeError, EXIT_FAILED),
     "edgezmq.model.chain.ModelError": (ValueError, EXIT_BAD_INPUT),

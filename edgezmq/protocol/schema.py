@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from dataclasses import MISSING, dataclass
 from typing import Any, ClassVar, TypeVar, Union
 
+from edgezmq.errors import EdgezmqError
+
 # A msgpack value as it crosses the wire: what the protocol carries where it is free-form.
 JSON = Union[None, bool, int, float, str, list["JSON"], dict[str, "JSON"]]  # noqa: UP007 - a recursive alias needs Union[] at runtime
 JSONMap = dict[str, JSON]
@@ -24,7 +26,7 @@ JSONMap = dict[str, JSON]
 MAX_DEPTH = 32  # nesting of free-form JSON values
 
 
-class SchemaError(ValueError):
+class SchemaError(EdgezmqError, ValueError):
     """A field that does not match its definition; ``path`` names it (``load.microbatch``)."""
 
     def __init__(self, path: str, message: str) -> None:
