@@ -167,11 +167,14 @@ def parse_bytes(v: Any, path: str = "memory") -> int:
 def _link(v: Any, path: str, base: Link | None) -> Link:
     keys = _OVERRIDE_KEYS if base is not None else _LINK_KEYS
     m = _map(v, path, keys)
-    if base is None and "mbps" not in m:
-        raise ConfigError(f"{path}.mbps", "required (the link rate in Mbit/s)")
     if base is not None and "mbps" not in m and "latency_ms" not in m:
         raise ConfigError(path, "give mbps and/or latency_ms (otherwise the override changes nothing)")
-    mbps = _number(m["mbps"], f"{path}.mbps", MIN_MBPS, MAX_MBPS, lo_open=False) if "mbps" in m else base.mbps
+    if "mbps" in m:
+        mbps = _number(m["mbps"], f"{path}.mbps", MIN_MBPS, MAX_MBPS, lo_open=False)
+    elif base is not None:
+        mbps = base.mbps
+    else:
+        raise ConfigError(f"{path}.mbps", "required (the link rate in Mbit/s)")
     lat_default = base.latency_ms if base is not None else 0.0
     lat = (_number(m["latency_ms"], f"{path}.latency_ms", 0.0, MAX_LATENCY_MS, lo_open=False)
            if "latency_ms" in m else lat_default)
