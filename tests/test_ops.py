@@ -275,6 +275,7 @@ def _scrape(url: str) -> dict[str, float]:
     return out
 
 
+@pytest.mark.slow
 def test_metrics_endpoint_serves_counters_that_move_with_traffic(deployed):
     pytest.importorskip("prometheus_client")
     from edgezmq.node.metrics import serve_metrics
@@ -310,6 +311,7 @@ def test_metrics_endpoint_serves_counters_that_move_with_traffic(deployed):
         urllib.request.urlopen(h.url, timeout=2)
 
 
+@pytest.mark.slow
 def test_metrics_port_in_use_is_a_config_error(deployed):
     pytest.importorskip("prometheus_client")
     _, _, (n0, _) = deployed
@@ -323,6 +325,7 @@ def test_metrics_port_in_use_is_a_config_error(deployed):
 
 
 # ---- status --------------------------------------------------------------------------
+@pytest.mark.slow
 def test_status_of_a_running_plan(deployed, capsys):
     pf, plan, _ = deployed
     _submit(plan, 4, seed=2)
@@ -346,6 +349,7 @@ def test_status_of_a_running_plan(deployed, capsys):
     assert rep["bottleneck_stage"] in (0, 1) and sum(r["bottleneck"] for r in rep["nodes"]) == 1
 
 
+@pytest.mark.slow
 def test_status_shows_a_dead_node_as_down_without_hanging(deployed, tmp_path, capsys):
     pf, _, (n0, n1) = deployed
     d = yaml.safe_load(pf.read_text())
@@ -375,6 +379,7 @@ def test_status_shows_a_dead_node_as_down_without_hanging(deployed, tmp_path, ca
         ("s0", "running", 0), ("s1", "running", 1), ("ghost", "down", None)]
 
 
+@pytest.mark.slow
 def test_status_watch_refreshes_count_times_with_rates_over_the_refresh(deployed, capsys):
     pf, _, _ = deployed
     code, out, _ = _run(["status", str(pf), "--watch", "--interval", "0.2", "--count", "2", "--json"], capsys)
@@ -409,6 +414,7 @@ def test_status_notes_a_paused_stage():
     assert "paused" not in format_report(rep)
 
 
+@pytest.mark.slow
 def test_status_function_with_a_stream(deployed):
     import io
 
@@ -419,6 +425,7 @@ def test_status_function_with_a_stream(deployed):
 
 
 # ---- trace ---------------------------------------------------------------------------
+@pytest.mark.slow
 def test_trace_intervals_are_ordered_and_the_timeline_is_drawn(deployed, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     pf, _, _ = deployed
@@ -482,6 +489,7 @@ def _node_cli_has_config() -> bool:
     return any("--config" in a.option_strings for a in sub.choices["node"]._actions)
 
 
+@pytest.mark.slow
 def test_node_process_reads_its_config_and_serves_metrics(tmp_path):
     import os
     import signal
