@@ -204,8 +204,7 @@ def test_unit_passes_systemd_analyze_verify(tmp_path):
         pytest.skip("systemd-analyze not installed")
     # verify checks that ExecStart exists: point it at this installation's script
     exe = ops_cli.default_exec()
-    if not Path(exe).is_file():
-        pytest.skip(f"no edgezmq script to point ExecStart at (looked for {exe})")
+    assert Path(exe).is_file(), f"no edgezmq script to point ExecStart at (looked for {exe}): is edgezmq installed?"
     unit = tmp_path / "edgezmq-node@t1.service"
     unit.write_text(nodeconfig.render_unit(exe))
     r = subprocess.run([tool, "verify", "--man=no", str(unit)], capture_output=True, text=True,
@@ -277,7 +276,6 @@ def _scrape(url: str) -> dict[str, float]:
 
 @pytest.mark.slow
 def test_metrics_endpoint_serves_counters_that_move_with_traffic(deployed):
-    pytest.importorskip("prometheus_client")
     from edgezmq.node.metrics import serve_metrics
 
     _, plan, (n0, _) = deployed
@@ -313,7 +311,6 @@ def test_metrics_endpoint_serves_counters_that_move_with_traffic(deployed):
 
 @pytest.mark.slow
 def test_metrics_port_in_use_is_a_config_error(deployed):
-    pytest.importorskip("prometheus_client")
     _, _, (n0, _) = deployed
     h = ops_cli.start_metrics(n0, {"metrics_port": 0, "metrics_host": "127.0.0.1"})
     try:
@@ -427,7 +424,6 @@ def test_status_function_with_a_stream(deployed):
 # ---- trace ---------------------------------------------------------------------------
 @pytest.mark.slow
 def test_trace_intervals_are_ordered_and_the_timeline_is_drawn(deployed, tmp_path, capsys):
-    pytest.importorskip("matplotlib")
     pf, _, _ = deployed
     png = tmp_path / "t.png"
     code, out, err = _run(["trace", str(pf), "--batches", "6", "--out", str(png), "--json"], capsys)
@@ -455,7 +451,6 @@ def test_trace_intervals_are_ordered_and_the_timeline_is_drawn(deployed, tmp_pat
 
 
 def test_draw_timeline_lanes_for_overlapping_replicas(tmp_path):
-    pytest.importorskip("matplotlib")
     from edgezmq.ops.trace import _lanes, draw_timeline
 
     assert _lanes([(0, 2, 0), (1, 3, 1), (2, 4, 2)]) == {0: 0, 1: 1, 2: 0}
@@ -481,14 +476,7 @@ def test_trace_of_an_undeployed_plan_is_a_clear_error(tmp_path, capsys):
     assert code == 2 and "--out: expected a .png" in err
 
 
-# ---- `edgezmq node --config` (needs the cli.py integration: skipped until then) ---------------
-def _node_cli_has_config() -> bool:
-    from edgezmq.cli.main import build_parser
-
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return any("--config" in a.option_strings for a in sub.choices["node"]._actions)
-
-
+# ---- `edgezmq node --config` ---------------------------------------------------------------
 @pytest.mark.slow
 def test_node_process_reads_its_config_and_serves_metrics(tmp_path):
     import os
@@ -496,9 +484,6 @@ def test_node_process_reads_its_config_and_serves_metrics(tmp_path):
     import sys
     import threading
 
-    if not _node_cli_has_config():
-        pytest.skip("edgezmq node has no --config yet (cli.py integration of ops_cli pending)")
-    pytest.importorskip("prometheus_client")
     cfg = tmp_path / "n1.yaml"
     cfg.write_text(f"control: tcp://127.0.0.1:0\nname: from-config\nthreads: 1\nmetrics_port: 0\n"
                    f"cache_dir: {tmp_path / 'cache'}\n")
