@@ -17,6 +17,7 @@ Documented in plans/README.md.  Parsing only: measuring and planning live in
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,8 @@ def _num(v: Any, path: str, *, positive: bool = True, integer: bool = False) -> 
         v = _parse_size(v, path)
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise ClusterError(f"{path}: expected a number, got {v!r}")
+    if not math.isfinite(v):
+        raise ClusterError(f"{path}: expected a finite number, got {v!r}")
     if positive and not v > 0:
         raise ClusterError(f"{path}: must be > 0, got {v!r}")
     return int(v) if integer else float(v)
@@ -118,7 +121,7 @@ def _link(d: Any, path: str, payload_factor: float = 1.0) -> LinkFigure:
         raise ClusterError(f"{path}: expected {{mbps, latency_ms}}, got {d!r}")
     unknown = set(d) - {"mbps", "latency_ms", "a", "b"}
     if unknown:
-        raise ClusterError(f"{path}: unknown field(s) {sorted(unknown)}")
+        raise ClusterError(f"{path}: unknown field(s) {sorted(unknown, key=repr)}")
     if "mbps" not in d:
         raise ClusterError(f"{path}.mbps: missing")
     return LinkFigure(mbps=_num(d["mbps"], f"{path}.mbps") * payload_factor,
@@ -139,7 +142,7 @@ def parse_cluster(d: Any, source: str | None = None) -> Cluster:
             raise ClusterError(f"{p}: expected a mapping, got {n!r}")
         unknown = set(n) - {"name", "control", "type", "memory_bytes", "threads", "cpu", "namespace", "address"}
         if unknown:
-            raise ClusterError(f"{p}: unknown field(s) {sorted(unknown)}")
+            raise ClusterError(f"{p}: unknown field(s) {sorted(unknown, key=repr)}")
         name, ctl = n.get("name"), n.get("control")
         if not isinstance(name, str) or not name or name == CLIENT:
             raise ClusterError(f"{p}.name: expected a name other than {CLIENT!r}, got {name!r}")
@@ -167,18 +170,21 @@ def parse_cluster(d: Any, source: str | None = None) -> Cluster:
     c.client_namespace = client.get("namespace")
     # a testbed's cluster.yaml gives configured link rates; TCP payload gets this fraction
     tb = d.get("testbed") or {}
-    factor = float(tb.get("tcp_payload_factor", 1.0)) if isinstance(tb, dict) else 1.0
+    factor = _num(tb.get("tcp_payload_factor", 1.0), "testbed.tcp_payload_factor") if isinstance(tb, dict) else 1.0
     links = d.get("links") or {}
     if not isinstance(links, dict):
         raise ClusterError(f"links: expected a mapping, got {links!r}")
     if links.get("default") is not None:
         c.default_link = _link(links["default"], "links.default", factor)
-    for j, o in enumerate(links.get("overrides") or []):
+    overrides = links.get("overrides") or []
+    if not isinstance(overrides, list):
+        raise ClusterError(f"links.overrides: expected a list, got {overrides!r}")
+    for j, o in enumerate(overrides):
         p = f"links.overrides[{j}]"
         fig = _link(o, p, factor)
         a, b = o.get("a"), o.get("b")
         for end, v in (("a", a), ("b", b)):
-            if v != CLIENT and v not in seen:
+            if v != CLIENT and (not isinstance(v, str) or v not in seen):
                 raise ClusterError(f"{p}.{end}: unknown node {v!r} (known: {sorted(seen)} and {CLIENT!r})")
         if a == b:
             raise ClusterError(f"{p}: a link needs two different ends, got {a!r} twice")
