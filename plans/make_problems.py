@@ -1,6 +1,6 @@
 """Write the example planning problems in plans/ from the EdgePipe board profiles.
 
-    python plans/make_problems.py [--profiles edge-board-profiles.json] [--out plans/]
+    python plans/make_problems.py [--profiles plans/profiles/edge-board-profiles.json] [--out plans/]
 
 Source: per-sublayer times and memory of ViT-Base/Large measured by PipeEdge's authors on
 the EdgePipe testbed boards (MinnowBoard E3845 2 GB, RCC-VE C2558 8 GB), microbatch 8,
@@ -40,8 +40,8 @@ from typing import Any
 
 import yaml
 
-DEFAULT_PROFILES = Path("/work/shared/data/edge-board-profiles.json")
 HERE = Path(__file__).resolve().parent
+DEFAULT_PROFILES = HERE / "profiles" / "edge-board-profiles.json"  # in the repo: the test regenerates from it
 MICROBATCH = 8
 FP32 = 4
 IMAGE_FLOATS = 3 * 224 * 224

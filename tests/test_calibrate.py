@@ -79,6 +79,7 @@ def nodes(tmp_path_factory):
         yield c
 
 
+@pytest.mark.slow
 def test_a_wrong_profile_is_corrected_replanned_and_redeployed(nodes):
     """The problem says node0 is 30x faster than it is: the plan piles units on it; calibration
     sees node0 serve ~30x slower than planned, re-plans and redeploys; outputs stay exact."""

@@ -76,6 +76,7 @@ def _inventory(nodes, **extra):
             "measure": {"seconds": 0.1, "pings": 3, "bytes_per_msg": 1 << 20}, **extra}
 
 
+@pytest.mark.slow
 def test_gather_builds_a_valid_problem(nodes):
     from edgezmq.planner import Problem
 
@@ -120,6 +121,7 @@ def test_io_costs_scale_by_the_cpus_left(quota, cores, threads, scale):
     assert got == {"recv_ms_per_mb": pytest.approx(2 * scale), "send_ms_per_mb": pytest.approx(1 * scale)}
 
 
+@pytest.mark.slow
 def test_autodeploy_runs_and_equals_monolithic(nodes):
     cluster = parse_cluster(_inventory(nodes))
     spec = model_spec()
@@ -145,6 +147,7 @@ def test_autodeploy_runs_and_equals_monolithic(nodes):
         assert float(np.max(np.abs(a - b))) <= 1e-5
 
 
+@pytest.mark.slow
 def test_cli_deploy_cluster_dry_run_writes_a_deployable_plan(nodes, tmp_path):
     inv = tmp_path / "cluster.yaml"
     inv.write_text(yaml.safe_dump(_inventory(nodes)))
@@ -167,6 +170,7 @@ def test_cli_deploy_cluster_dry_run_writes_a_deployable_plan(nodes, tmp_path):
             assert cc.call("ping")["state"] == "idle"
 
 
+@pytest.mark.slow
 def test_cli_deploy_cluster_needs_a_model(tmp_path):
     inv = tmp_path / "cluster.yaml"
     inv.write_text(yaml.safe_dump({"nodes": [{"name": "x", "control": "tcp://127.0.0.1:1"}]}))
@@ -178,6 +182,7 @@ def _cli(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "edgezmq", *args], capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_cli_profile_a_node_and_netprobe(nodes):
     a, b = nodes.nodes[0].control, nodes.nodes[1].control
     r = _cli("profile", "--node", a, "--model", MODEL, "--kwargs", json.dumps(KWARGS),
@@ -193,6 +198,7 @@ def test_cli_profile_a_node_and_netprobe(nodes):
     assert r.returncode == 0 and "Mbit/s" in r.stdout
 
 
+@pytest.mark.slow
 def test_calibration_is_skipped_when_the_results_address_is_taken(nodes):
     """`deploy` run away from the inventory's client (here: its results port already bound by
     someone else) cannot receive results: it deploys without calibrating, and says so."""

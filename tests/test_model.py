@@ -43,7 +43,7 @@ VARIANTS = {
     "vitamin-geglu": ("vitamin_small_224", SMALL),
 }
 # PipeEdge's published per-sample output floats of vit-base-patch16-224's four sublayers
-# (/work/shared/data/edge-board-profiles.json): (context, residual), x, (hidden, residual), x.
+# (plans/profiles/edge-board-profiles.json): (context, residual), x, (hidden, residual), x.
 PIPEEDGE_SUBLAYER_OUT = (302592, 151296, 756480, 151296)
 
 

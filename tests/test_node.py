@@ -22,6 +22,8 @@ from edgezmq.protocol import control, wire
 from edgezmq.transport import sockets
 from edgezmq.transport.rpc import ControlClient
 
+pytestmark = pytest.mark.slow  # every test here serves a node daemon (sockets, model loads)
+
 RECV_MS = 20_000
 
 

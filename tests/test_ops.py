@@ -205,8 +205,7 @@ def test_unit_passes_systemd_analyze_verify(tmp_path):
         pytest.skip("systemd-analyze not installed")
     # verify checks that ExecStart exists: point it at this installation's script
     exe = ops_cli.default_exec()
-    if not Path(exe).is_file():
-        pytest.skip(f"no edgezmq script to point ExecStart at (looked for {exe})")
+    assert Path(exe).is_file(), f"no edgezmq script to point ExecStart at (looked for {exe}): is edgezmq installed?"
     unit = tmp_path / "edgezmq-node@t1.service"
     unit.write_text(nodeconfig.render_unit(exe))
     r = subprocess.run([tool, "verify", "--man=no", str(unit)], capture_output=True, text=True,
@@ -276,8 +275,8 @@ def _scrape(url: str) -> dict[str, float]:
     return out
 
 
+@pytest.mark.slow
 def test_metrics_endpoint_serves_counters_that_move_with_traffic(deployed):
-    pytest.importorskip("prometheus_client")
     from edgezmq.node.metrics import serve_metrics
 
     _, plan, (n0, _) = deployed
@@ -311,8 +310,8 @@ def test_metrics_endpoint_serves_counters_that_move_with_traffic(deployed):
         urllib.request.urlopen(h.url, timeout=2)
 
 
+@pytest.mark.slow
 def test_metrics_port_in_use_is_a_config_error(deployed):
-    pytest.importorskip("prometheus_client")
     _, _, (n0, _) = deployed
     h = node_cli.start_metrics(n0, {"metrics_port": 0, "metrics_host": "127.0.0.1"})
     try:
@@ -324,6 +323,7 @@ def test_metrics_port_in_use_is_a_config_error(deployed):
 
 
 # ---- status --------------------------------------------------------------------------
+@pytest.mark.slow
 def test_status_of_a_running_plan(deployed, capsys):
     pf, plan, _ = deployed
     _submit(plan, 4, seed=2)
@@ -347,6 +347,7 @@ def test_status_of_a_running_plan(deployed, capsys):
     assert rep["bottleneck_stage"] in (0, 1) and sum(r["bottleneck"] for r in rep["nodes"]) == 1
 
 
+@pytest.mark.slow
 def test_status_shows_a_dead_node_as_down_without_hanging(deployed, tmp_path, capsys):
     pf, _, (n0, n1) = deployed
     d = yaml.safe_load(pf.read_text())
@@ -376,6 +377,7 @@ def test_status_shows_a_dead_node_as_down_without_hanging(deployed, tmp_path, ca
         ("s0", "running", 0), ("s1", "running", 1), ("ghost", "down", None)]
 
 
+@pytest.mark.slow
 def test_status_watch_refreshes_count_times_with_rates_over_the_refresh(deployed, capsys):
     pf, _, _ = deployed
     code, out, _ = _run(["status", str(pf), "--watch", "--interval", "0.2", "--count", "2", "--json"], capsys)
@@ -411,6 +413,7 @@ def test_status_notes_a_paused_stage():
     assert "paused" not in format_report(rep)
 
 
+@pytest.mark.slow
 def test_status_function_with_a_stream(deployed):
     import io
 
@@ -421,8 +424,8 @@ def test_status_function_with_a_stream(deployed):
 
 
 # ---- trace ---------------------------------------------------------------------------
+@pytest.mark.slow
 def test_trace_intervals_are_ordered_and_the_timeline_is_drawn(deployed, tmp_path, capsys):
-    pytest.importorskip("matplotlib")
     pf, _, _ = deployed
     png = tmp_path / "t.png"
     code, out, err = _run(["trace", str(pf), "--batches", "6", "--out", str(png), "--json"], capsys)
@@ -450,7 +453,6 @@ def test_trace_intervals_are_ordered_and_the_timeline_is_drawn(deployed, tmp_pat
 
 
 def test_draw_timeline_lanes_for_overlapping_replicas(tmp_path):
-    pytest.importorskip("matplotlib")
     from edgezmq.ops.trace import _lanes, draw_timeline
 
     assert _lanes([(0, 2, 0), (1, 3, 1), (2, 4, 2)]) == {0: 0, 1: 1, 2: 0}
@@ -476,23 +478,14 @@ def test_trace_of_an_undeployed_plan_is_a_clear_error(tmp_path, capsys):
     assert code == 2 and "--out: expected a .png" in err
 
 
-# ---- `edgezmq node --config` (needs the cli.py integration: skipped until then) ---------------
-def _node_cli_has_config() -> bool:
-    from edgezmq.cli.main import build_parser
-
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return any("--config" in a.option_strings for a in sub.choices["node"]._actions)
-
-
+# ---- `edgezmq node --config` ---------------------------------------------------------------
+@pytest.mark.slow
 def test_node_process_reads_its_config_and_serves_metrics(tmp_path):
     import os
     import signal
     import sys
     import threading
 
-    if not _node_cli_has_config():
-        pytest.skip("edgezmq node has no --config yet (cli.py integration of ops_cli pending)")
-    pytest.importorskip("prometheus_client")
     cfg = tmp_path / "n1.yaml"
     cfg.write_text(f"control: tcp://127.0.0.1:0\nname: from-config\nthreads: 1\nmetrics_port: 0\n"
                    f"cache_dir: {tmp_path / 'cache'}\n")

@@ -306,6 +306,7 @@ def testbed(tmp_path_factory):
         assert leftovers(name) == []
 
 
+@pytest.mark.slow
 def test_up_writes_cluster_and_nodes_answer(testbed):
     c = testbed.cluster
     assert yaml.safe_load(testbed.cluster_path.read_text()) == c
@@ -322,6 +323,7 @@ def test_up_writes_cluster_and_nodes_answer(testbed):
         "full": (True, "idle"), "quarter": (True, "idle")}
 
 
+@pytest.mark.slow
 def test_nodes_run_in_their_namespace_and_cgroups(testbed):
     for dev, share in (("full", 1.0), ("quarter", 0.25)):
         pid = testbed.status()["nodes"][dev]["pid"]
@@ -337,6 +339,7 @@ def test_nodes_run_in_their_namespace_and_cgroups(testbed):
         assert float(out[0]) == share and cap - PAGE < int(out[1]) <= cap  # the kernel rounds to pages
 
 
+@pytest.mark.slow
 def test_exec_in_client_runs_in_the_client_namespace_and_cgroup(testbed):
     script = "import os; print(os.stat('/proc/self/ns/net').st_ino); print(open('/proc/self/cgroup').read())"
     out = testbed.exec_in_client([PY, "-c", script], capture_output=True, text=True, check=True,
@@ -346,6 +349,7 @@ def test_exec_in_client_runs_in_the_client_namespace_and_cgroup(testbed):
     assert f"edgezmq-{testbed.name}/client" in cg
 
 
+@pytest.mark.slow
 def test_cli_status(testbed, capsys):
     args = ["status", testbed.source, "--state-dir", str(testbed.state_dir)]
     assert cli.main(args) == 0
@@ -358,6 +362,7 @@ def test_cli_status(testbed, capsys):
     assert attached.host_cgroups("quarter") == testbed.host_cgroups("quarter")
 
 
+@pytest.mark.slow
 def test_namespaces_are_isolated_from_the_host(testbed):
     """No route out: the testbed subnet exists only on the bridge, and no default route anywhere."""
     for ns in testbed.all_namespaces():
@@ -398,6 +403,7 @@ def measure_rate(tb, src: str, dst: str) -> dict:
     return json.loads(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("src, dst", [("full", "quarter"), ("client", "quarter"), ("quarter", "client")])
 def test_shaped_link_rate(testbed, src, dst):
     """htb payload rate: configured rate x 1448/1514 (TCP payload per Ethernet frame), within 10%."""
@@ -425,6 +431,7 @@ def busy_seconds(tb, devs: list[str]) -> dict[str, tuple[float, float]]:
     return {d: (min(w for w, _ in r), min(c for _, c in r)) for d, r in runs.items()}
 
 
+@pytest.mark.slow
 def test_cpu_share_slows_work_by_its_ratio(testbed):
     """The same work takes ~4x as long at 0.25 CPU as at 1.0.
 
@@ -446,6 +453,7 @@ def test_cpu_share_slows_work_by_its_ratio(testbed):
     assert CPU_RATIO_BAND[0] <= ratio <= CPU_RATIO_BAND[1], t
 
 
+@pytest.mark.slow
 def test_second_up_of_the_same_testbed_is_refused(testbed, tmp_path):
     other = tbm.Testbed(testbed.config, state_dir=tmp_path / "state")
     with pytest.raises(tbm.TestbedError, match="is already up"):
@@ -453,6 +461,7 @@ def test_second_up_of_the_same_testbed_is_refused(testbed, tmp_path):
     assert testbed.status()["up"]  # the refusal touched nothing
 
 
+@pytest.mark.slow
 def test_down_removes_everything(testbed):
     r = testbed.down()
     assert set(r["namespaces"]) == set(testbed.all_namespaces())
@@ -462,6 +471,7 @@ def test_down_removes_everything(testbed):
     assert testbed.down()["namespaces"] == []  # idempotent
 
 
+@pytest.mark.slow
 def test_failed_up_removes_what_it_made(tmp_path, monkeypatch):
     _skip_unless_root()
     name = f"{PREFIX}-f"
@@ -480,6 +490,7 @@ def test_failed_up_removes_what_it_made(tmp_path, monkeypatch):
     assert leftovers(name) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("keep_state", [True, False])
 def test_down_cleans_up_after_a_killed_up(tmp_path, keep_state):
     """`up` killed half-way (nodes started, no cluster.yaml): a fresh `down` finds everything,

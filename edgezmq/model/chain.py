@@ -147,7 +147,8 @@ def _model_name(model: nn.Module) -> str:
     return str(cfg.get("architecture") or type(model).__name__)
 
 
-def _check_vit(model: nn.Module, name: str) -> None:
+def _check_vit(model: nn.Module, name: str) -> VisionTransformer:
+    """`model` as a timm VisionTransformer whose forward the units reproduce, or ModelError."""
     missing = [a for a in REQUIRED_ATTRS if not hasattr(model, a)]
     if missing:
         raise ModelError(
@@ -155,11 +156,12 @@ def _check_vit(model: nn.Module, name: str) -> None:
             f"{missing} (a ViT has {list(REQUIRED_ATTRS)})")
     cls = type(model)
     if (not isinstance(model, VisionTransformer) or cls.forward is not VisionTransformer.forward
-            or cls.forward_features is not VisionTransformer.forward_features):
+            or getattr(cls, "forward_features", None) is not VisionTransformer.forward_features):
         raise ModelError(
             f"{name} ({cls.__name__}) has the ViT attributes but not timm VisionTransformer's "
             "forward (its blocks may take extra inputs such as rotary or relative position "
             "embeddings); supported: VisionTransformer and subclasses that keep its forward")
+    return model
 
 
 def _close_names(name: str, names: list[str]) -> list[str]:
@@ -172,7 +174,7 @@ def _close_names(name: str, names: list[str]) -> list[str]:
 
 
 def create_model(name: str, *, pretrained: bool = False, device: str | torch.device = "cpu",
-                 **kwargs: Any) -> nn.Module:
+                 **kwargs: Any) -> VisionTransformer:
     """timm.create_model(name, pretrained=..., **kwargs) on `device`, in eval mode; ViT family only."""
     if not timm.is_model(name):
         close = _close_names(name, timm.list_models())
@@ -184,8 +186,7 @@ def create_model(name: str, *, pretrained: bool = False, device: str | torch.dev
     except Exception as e:  # timm raises many types for bad kwargs, offline hubs, bad files
         what = "pretrained weights for " if pretrained else ""
         raise ModelError(f"cannot create {what}{name} with kwargs {kwargs}: {type(e).__name__}: {e}") from e
-    _check_vit(model, name)
-    return model.eval()
+    return _check_vit(model, name).eval()
 
 
 # ---------------------------------------------------------------- units: structure
@@ -232,7 +233,7 @@ def _block_pieces(block: nn.Module, i: int, granularity: str) -> list[_Piece]:
     return pieces
 
 
-def _pieces(model: nn.Module, granularity: str) -> list[_Piece]:
+def _pieces(model: VisionTransformer, granularity: str) -> list[_Piece]:
     _check_granularity(granularity)
     _check_members(model, _model_name(model), (*EMBED_MEMBERS, "blocks", *HEAD_MEMBERS))
     if model._buffers:
@@ -325,12 +326,13 @@ class _Unit:
 
     modules: tuple[nn.Module, ...] = ()  # modules whose train/eval flag it owns beyond the model's
 
-    def __call__(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        raise NotImplementedError
+    # Each kind takes its own number of tensors (its piece's arity_in), so the base declares
+    # only the return type; a method here would make every narrower override an LSP error.
+    __call__: Callable[..., tuple[torch.Tensor, ...]]
 
 
 class _Embed(_Unit):
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: VisionTransformer) -> None:
         self.model = model
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -343,7 +345,7 @@ class _Embed(_Unit):
 
 
 class _Head(_Unit):
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: VisionTransformer) -> None:
         self.model = model
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -401,7 +403,7 @@ class _Output(_Unit):
         return (x + _apply_seq(self.post, _apply_seq(self.tail, ctx)),)
 
 
-def _make_unit(model: nn.Module, piece: _Piece) -> _Unit:
+def _make_unit(model: VisionTransformer, piece: _Piece) -> _Unit:
     if piece.kind == "embed":
         return _Embed(model)
     if piece.kind == "head":
@@ -431,14 +433,14 @@ def _range_error(name: str, granularity: str, start: int, end: int, n: int) -> M
 def run_units(model: nn.Module, granularity: str, *tensors: torch.Tensor, start: int = 0,
               end: int | None = None) -> tuple[torch.Tensor, ...]:
     """Apply units [start, end) of a whole, materialised model one by one (tests, profiling)."""
-    _check_vit(model, _model_name(model))
-    pieces = _pieces(model, granularity)
+    vit = _check_vit(model, _model_name(model))
+    pieces = _pieces(vit, granularity)
     end = len(pieces) if end is None else end
-    err = _range_error(_model_name(model), granularity, start, end, len(pieces))
+    err = _range_error(_model_name(vit), granularity, start, end, len(pieces))
     if err:
         raise err
     for piece in pieces[start:end]:
-        tensors = _make_unit(model, piece)(*tensors)
+        tensors = _make_unit(vit, piece)(*tensors)
     return tensors
 
 

@@ -162,10 +162,6 @@ def save_trace(trace: dict[str, Any], path: str | Path) -> Path:
     return p
 
 
-def load_trace(path: str | Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())
-
-
 def _lanes(spans: list[tuple[float, float, int]]) -> dict[int, int]:
     """Greedy interval partitioning: seq -> lane, so that overlapping computes (replicas) get their own lane."""
     ends: list[float] = []

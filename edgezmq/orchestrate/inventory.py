@@ -149,7 +149,7 @@ def parse_cluster(d: Any, source: str | None = None) -> Cluster:
         fig = _link(o, p, factor)
         a, b = o.get("a"), o.get("b")
         for end, v in (("a", a), ("b", b)):
-            if v != CLIENT and v not in seen:
+            if v != CLIENT and (not isinstance(v, str) or v not in seen):
                 raise ClusterError(f"{p}.{end}: unknown node {v!r} (known: {sorted(seen)} and {CLIENT!r})")
         if a == b:
             raise ClusterError(f"{p}: a link needs two different ends, got {a!r} twice")

@@ -36,7 +36,7 @@ class Bounds:
         times = cm.times
         # any set of references gives a valid bound; the biggest classes' profiles, a few
         profiles: set[bytes] = set()
-        refs = []
+        refs: list[np.ndarray] = []
         for k in sorted(range(self.K), key=lambda k: -cm.counts[k]):
             key = times[k].tobytes()
             if key not in profiles and len(refs) < MAX_REFERENCES:
@@ -45,7 +45,7 @@ class Bounds:
         # suffix sums of each reference profile; W[j][b] = t_ref_j(b, L)
         self.W = [[*np.concatenate([np.cumsum(r[::-1])[::-1], [0.0]]).tolist()] for r in refs]
         self.rho = [[_ratio(refs[j], times[k]) for j in range(len(refs))] for k in range(self.K)]
-        self.order = [sorted(range(self.K), key=lambda k, j=j: -self.rho[k][j]) for j in range(len(refs))]
+        self.order = [sorted(range(self.K), key=lambda k: -self.rho[k][j]) for j in range(len(refs))]
         self.param_suffix = np.concatenate(
             [np.cumsum(cm.param_bytes[::-1])[::-1], [0.0]]).tolist()
         self.cap_pos = [max(c, 0.0) for c in cm.cap]

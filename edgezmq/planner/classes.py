@@ -16,6 +16,7 @@ lower bound on the real one) of its members'.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -49,7 +50,7 @@ class DeviceArrays:
         return (np.zeros(n) if self.recv is None else self.recv,
                 np.zeros(n) if self.send is None else self.send)
 
-    def with_(self, **kw: object) -> DeviceArrays:
+    def with_(self, **kw: Any) -> DeviceArrays:
         return replace(self, **kw)
 
 

@@ -92,7 +92,7 @@ def _link(problem: Problem, src: Sequence[str], dst: Sequence[str], nbytes: int,
     worst = np.unravel_index(int(np.argmax(transfer)), transfer.shape)
     latency = problem.latency_s[np.ix_(rows, cols)] + transfer
     return LinkCost(labels[0], labels[1], nbytes, float(transfer[worst]) / (len(src) * len(dst)),
-                    float(latency.max()), (src[worst[0]], dst[worst[1]]))
+                    float(latency.max()), (src[int(worst[0])], dst[int(worst[1])]))
 
 
 def evaluate(problem: Problem, stages: Sequence[Any], *, method: str = "evaluate") -> Plan:

@@ -338,7 +338,7 @@ def _parse_links(m: Mapping[str, Any], devices: tuple[Device, ...],
         for key in ("a", "b"):
             e = F.string(F.need(o, key, object, p), f"{p}.{key}")
             if e not in names and e not in types:
-                raise PlanError(f"{p}.{key}: unknown device or type {e!r}")
+                raise PlanError(f"{p}.{end}: unknown device or type {e!r}")
             ends.append(e)
         a, b = ends
         if a == b and a in names:
@@ -368,8 +368,8 @@ def _resolve(x: tuple[str, str | None], y: tuple[str, str | None],
     hit = rules[2].get(frozenset((xn, yn)))
     if hit:
         return hit[0]
-    cands = [rules[1].get(frozenset((f"n:{a}", f"t:{t}"))) for a, t in ((xn, yt), (yn, xt)) if t]
-    cands = [c for c in cands if c]
+    found = (rules[1].get(frozenset((f"n:{a}", f"t:{t}"))) for a, t in ((xn, yt), (yn, xt)) if t)
+    cands = [c for c in found if c]
     if len(cands) == 2 and cands[0][0] != cands[1][0]:
         raise PlanError(f"{cands[0][1]} and {cands[1][1]} both set the link {xn!r} <-> {yn!r} "
                         f"differently; add a device-device override for it")

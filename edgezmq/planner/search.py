@@ -424,7 +424,7 @@ class Search:
 
     # --- bottleneck: depth-first probe ----------------------------------------------------------
 
-    def probe(self, bound: float, budget: int, cheap: bool = False) -> Result | None:
+    def probe(self, bound: float, budget: float, cheap: bool = False) -> Result | None:
         """A plan with bottleneck <= bound, or None when there is none. Raises
         ``BudgetExceeded`` after ``budget`` expansions, ``Timeout`` late. ``cheap`` probes
         (see ``masks``) are fast at scale, but their None proves nothing."""

@@ -83,7 +83,7 @@ def plan_stages(cm: ClassModel, result: Result, names: list[str]) -> list[Stage]
     pools = [list(m) for m in cm.members]
     stages = []
     for mv in result.moves:
-        devs = []
+        devs: list[str] = []
         for k, c in enumerate(mv.counts):
             devs.extend(names[d] for d in pools[k][:c])
             del pools[k][:c]

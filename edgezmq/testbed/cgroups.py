@@ -192,7 +192,7 @@ def create_host(ctrls: dict[str, Controller], testbed: str, host: str, *, cpu: f
                 if ctl.version == 2 and p == group:
                     _enable_v2(group, list(CONTROLLERS))
         if c == "cpu":
-            if cpu_now:
+            if cpu_now and cpu is not None:  # "cpu" is wanted only with a share: for mypy
                 limit_cpu(ctrls, testbed, host, cpu)
         elif memory is not None:
             if ctl.version == 1:

@@ -151,7 +151,7 @@ def parse_keys_section(k: Any, names: list[str], base: str | Path) -> tuple[dict
     node in ``names`` must have its public key in ``keys.nodes``."""
     if not isinstance(k, dict):
         raise KeyFileError(f"keys: expected a mapping of {', '.join(SECTION_FIELDS)}, got {k!r}")
-    unknown = sorted(set(k) - set(SECTION_FIELDS))
+    unknown = sorted(set(k) - set(SECTION_FIELDS), key=repr)  # YAML keys may be any scalar
     if unknown:
         raise KeyFileError(f"keys: unknown field(s) {unknown}; expected {', '.join(SECTION_FIELDS)}")
     resolved: dict[str, str] = {}
