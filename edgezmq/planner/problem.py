@@ -338,7 +338,7 @@ def _parse_links(m: Mapping[str, Any], devices: tuple[Device, ...],
         for key in ("a", "b"):
             e = F.string(F.need(o, key, object, p), f"{p}.{key}")
             if e not in names and e not in types:
-                raise PlanError(f"{p}.{end}: unknown device or type {e!r}")
+                raise PlanError(f"{p}.{key}: unknown device or type {e!r}")
             ends.append(e)
         a, b = ends
         if a == b and a in names:
