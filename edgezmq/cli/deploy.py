@@ -176,7 +176,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                            replication=not args.no_replication, say=stderr, stall_floor=args.stall_floor,
                            stall_factor=args.stall_factor) as rp:
         code = collect(args, rp.stream(batches), len(batches), names)
-        if rp.failovers:
+        if rp.failovers and rp.client is not None:
             dead = ", ".join(f"{n} ({rp.causes.get(n, 'dead')})" for n in sorted(rp.dead)) or "none"
             stderr(f"{rp.failovers} failover(s); dead: {dead}; replayed {rp.client.replayed} microbatch(es)")
     return code

@@ -70,7 +70,7 @@ def _stage_corrections(plan: DeployPlan, offsets: dict[str, dict]) -> dict[int, 
     for i, st in enumerate(plan.stages):
         o = offsets.get(st.nodes[0].name) if len(st.nodes) == 1 else None
         off = o.get("offset_s") if o else None
-        corr[i] = off if off is not None and abs(off) > o["rtt_s"] / 2 else 0.0
+        corr[i] = off if o is not None and off is not None and abs(off) > o["rtt_s"] / 2 else 0.0
     return corr
 
 

@@ -92,6 +92,7 @@ def run_demo(args: argparse.Namespace) -> int:
             dep, plan, problem, planned, _ = autodeploy(
                 inventory, spec, results=client.results_endpoint, replication=args.replication,
                 say=say if not args.json else _quiet, client=client)
+            assert dep is not None  # not a dry run
             predicted = planned.throughput_per_s
             say(planned.table(problem))
         else:

@@ -63,7 +63,7 @@ class Progress:
         self.since: float | None = None  # busy at this mark since
 
     def stalled_for(self, stage: dict | None, now: float) -> float:
-        busy = bool(stage) and stage.get("in_flight", 0) > 0 and not stage.get("backpressured")
+        busy = stage is not None and stage.get("in_flight", 0) > 0 and not stage.get("backpressured")
         mark = (stage.get("run"), stage.get("received", 0) - stage.get("in_flight", 0)) if stage else None
         if not busy:
             self.since = None

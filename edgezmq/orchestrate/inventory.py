@@ -25,6 +25,7 @@ from edgezmq.errors import EdgezmqError
 from edgezmq.fields import Fields, prefixed, read_yaml
 from edgezmq.orchestrate.address import NodeAddress
 from edgezmq.planner.problem import Link
+from edgezmq.protocol.messages import NETPROBE_MAX_SECONDS
 from edgezmq.terms import CLIENT
 from edgezmq.transport import security
 
@@ -33,7 +34,6 @@ DEFAULT_ALL_PAIRS_UP_TO = 8  # beyond this many nodes, links are sampled per typ
 DEFAULT_PROBE_SECONDS = 0.5
 DEFAULT_PROBE_BYTES = 4 * 1024 * 1024
 DEFAULT_PINGS = 10
-MAX_PROBE_SECONDS = 600.0  # a probe longer than ten minutes is a typo
 MAX_PORT = 65535
 
 
@@ -159,7 +159,7 @@ def parse_cluster(d: Any, source: str | None = None) -> Cluster:
     if "all_pairs_up_to" in m:
         c.all_pairs_up_to = _count(m["all_pairs_up_to"], "measure.all_pairs_up_to")
     if "seconds" in m:
-        c.probe_seconds = F.number(m["seconds"], "measure.seconds", lo=0, hi=MAX_PROBE_SECONDS, lo_open=True,
+        c.probe_seconds = F.number(m["seconds"], "measure.seconds", lo=0, hi=NETPROBE_MAX_SECONDS, lo_open=True,
                                    strings=True)
     if "bytes_per_msg" in m:
         c.probe_bytes = F.size(m["bytes_per_msg"], "measure.bytes_per_msg")

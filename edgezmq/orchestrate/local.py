@@ -92,7 +92,9 @@ class LocalCluster:
 
     def _wait_ready(self, name: str, p: subprocess.Popen, threads: int | None) -> LocalNode:
         line: list[str] = []
-        reader = threading.Thread(target=lambda: line.append(p.stdout.readline()), daemon=True)
+        out = p.stdout
+        assert out is not None  # started with stdout=PIPE
+        reader = threading.Thread(target=lambda: line.append(out.readline()), daemon=True)
         reader.start()
         reader.join(START_TIMEOUT_S)
         text = line[0].strip() if line else ""

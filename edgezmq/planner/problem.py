@@ -344,11 +344,11 @@ def _parse_links(m: Mapping[str, Any], devices: tuple[Device, ...],
         if a == b and a in names:
             raise PlanError(f"{p}: a link needs two different nodes, got {a!r} twice")
         level = sum(e in names for e in ends)
-        key = frozenset((a, b)) if level != 1 else frozenset((f"n:{a if a in names else b}",
-                                                                 f"t:{b if a in names else a}"))
-        if key in rules[level]:
-            raise PlanError(f"{p}: duplicate override for {a!r} <-> {b!r} (also {rules[level][key][1]})")
-        rules[level][key] = (_parse_link(o, p, default), p)
+        pair = frozenset((a, b)) if level != 1 else frozenset((f"n:{a if a in names else b}",
+                                                                  f"t:{b if a in names else a}"))
+        if pair in rules[level]:
+            raise PlanError(f"{p}: duplicate override for {a!r} <-> {b!r} (also {rules[level][pair][1]})")
+        rules[level][pair] = (_parse_link(o, p, default), p)
 
     nodes = [(CLIENT, None)] + [(d.name, d.type) for d in devices]
     n = len(nodes)

@@ -132,7 +132,11 @@ def _link(v: Any, path: str, base: Link | None) -> Link:
         raise ConfigError(f"{path}.mbps", "required (the link rate in Mbit/s)")
     if base is not None and "mbps" not in m and "latency_ms" not in m:
         raise ConfigError(path, "give mbps and/or latency_ms (otherwise the override changes nothing)")
-    mbps = F.number(m["mbps"], f"{path}.mbps", lo=MIN_MBPS, hi=MAX_MBPS) if "mbps" in m else base.mbps
+    if "mbps" in m:
+        mbps = F.number(m["mbps"], f"{path}.mbps", lo=MIN_MBPS, hi=MAX_MBPS)
+    else:
+        assert base is not None  # checked above: a default link names its rate
+        mbps = base.mbps
     lat_default = base.latency_ms if base is not None else 0.0
     lat = (F.number(m["latency_ms"], f"{path}.latency_ms", lo=0.0, hi=MAX_LATENCY_MS)
            if "latency_ms" in m else lat_default)

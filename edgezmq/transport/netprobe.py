@@ -40,6 +40,7 @@ import numpy as np
 import zmq
 
 from edgezmq.errors import EdgezmqError
+from edgezmq.protocol.messages import NETPROBE_MAX_BYTES, NETPROBE_MAX_SECONDS
 from edgezmq.transport import sockets
 from edgezmq.transport.security import CURVE_HINT, Curve
 
@@ -49,7 +50,8 @@ log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 DEFAULT_MSG_BYTES = 4 * MiB  # an activation: ViT-B at microbatch 8 is 4.8 MB
-MAX_MSG_BYTES = 256 * MiB  # refused above this on both sides
+MAX_MSG_BYTES = NETPROBE_MAX_BYTES  # refused above this on both sides
+MAX_SECONDS = NETPROBE_MAX_SECONDS  # a bulk transfer's duration: bounded, a node's probe job ends
 DEFAULT_SECONDS = 1.0
 DEFAULT_PINGS = 20
 DEFAULT_TIMEOUT_S = 5.0
@@ -166,6 +168,7 @@ class ProbeServer:
     def _answer(self, sock: zmq.Socket, frames: list[zmq.Frame]) -> None:
         ident, body = frames[0], frames[1:]
         tag = _tag(body[0]) if body else None
+        reply: list[Any]
         if tag == PING and len(body) == 2:
             self.pings += 1
             reply = [PONG, body[1]]
@@ -243,8 +246,8 @@ def _check_args(bytes_per_msg: int, seconds: float | None, count: int | None, pi
                 timeout: float, window: int) -> None:
     if not 1 <= bytes_per_msg <= MAX_MSG_BYTES:
         raise ValueError(f"bytes_per_msg: expected 1..{MAX_MSG_BYTES}, got {bytes_per_msg}")
-    if count is None and (seconds is None or seconds <= 0):
-        raise ValueError(f"give seconds > 0 or a count: got seconds={seconds}, count={count}")
+    if count is None and (seconds is None or not 0 < seconds <= MAX_SECONDS):
+        raise ValueError(f"give seconds in (0, {MAX_SECONDS:g}] or a count: got seconds={seconds}, count={count}")
     if count is not None and count < MIN_BULK_MESSAGES:
         raise ValueError(f"count: expected >= {MIN_BULK_MESSAGES}, got {count}")
     if pings < 1:
@@ -266,6 +269,7 @@ def _bulk(p: _Prober, payload: memoryview, seconds: float | None, count: int | N
         sent = seq - first_seq
         if count is not None:
             return sent < count
+        assert seconds is not None  # _check_args: a count or seconds
         return sent < MIN_BULK_MESSAGES or time.perf_counter() - t0 < seconds
 
     while True:

@@ -64,8 +64,10 @@ def set_curve(s: zmq.Socket, curve: Curve) -> None:
     s.setsockopt(zmq.CURVE_PUBLICKEY, curve.keys.public)
     if curve.is_server:
         s.setsockopt(zmq.CURVE_SERVER, 1)
-    else:
+    elif curve.server_key is not None:
         s.setsockopt(zmq.CURVE_SERVERKEY, curve.server_key)
+    else:
+        raise ValueError("a CURVE client needs the server's public key")
 
 
 def connect(s: zmq.Socket, address: str, server_key: bytes | None = None) -> None:
