@@ -12,6 +12,7 @@ from typing import Any, TextIO
 
 import yaml
 
+from edgezmq import yamlfile
 from edgezmq.protocol import control
 from edgezmq.transport.rpc import ControlClient
 
@@ -54,7 +55,7 @@ def targets(path: str) -> tuple[str, list[Target]]:
     from edgezmq.orchestrate.planfile import parse_plan
 
     try:
-        d = yaml.safe_load(Path(path).read_text())
+        d = yamlfile.safe_load(Path(path).read_text())
     except OSError as e:
         raise StatusInputError(f"{path}: cannot read file ({e.strerror})") from None
     except yaml.YAMLError as e:

@@ -192,13 +192,15 @@ def load_problem(path: str | Path) -> Problem:
     """Read a problem from a YAML (or JSON) file; errors are ``PlanError`` prefixed by the path."""
     import yaml  # deferred: parsing a dict needs no YAML
 
+    from edgezmq import yamlfile
+
     p = Path(path)
     try:
         text = p.read_text()
     except OSError as e:
         raise PlanError(f"{p}: cannot read ({e.strerror or e})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yamlfile.safe_load(text)
     except yaml.YAMLError as e:
         raise PlanError(f"{p}: not valid YAML: {e}") from None
     try:

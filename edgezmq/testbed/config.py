@@ -11,6 +11,8 @@ from typing import Any
 
 import yaml
 
+from edgezmq import yamlfile
+
 __all__ = ["ConfigError", "DeviceSpec", "ClientSpec", "Link", "TestbedConfig",
            "parse_config", "load_config", "parse_bytes", "CLIENT"]
 
@@ -288,7 +290,7 @@ def load_config(path: str | Path, *, name: str | None = None, cores: int | None 
     except OSError as e:
         raise ConfigError("", f"cannot read testbed file: {e.strerror or e}", str(p)) from None
     try:
-        doc = yaml.safe_load(text)
+        doc = yamlfile.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from edgezmq import yamlfile
 from edgezmq.node.daemon import READY_PREFIX
 
 from . import cgroups, net
@@ -126,7 +127,7 @@ class Testbed:
         self._procs: dict[str, subprocess.Popen] = {}
         self._state: dict[str, Any] = self._load_state() or self._new_state()
         if self._state["phase"] == "up" and self.cluster_path.exists():  # attached to a running testbed
-            self.cluster = yaml.safe_load(self.cluster_path.read_text())
+            self.cluster = yamlfile.safe_load(self.cluster_path.read_text())
 
     @classmethod
     def from_yaml(cls, path: str | Path, *, name: str | None = None, **kw: Any) -> Testbed:
