@@ -62,3 +62,46 @@ def test_the_expansion_limit_counts_values(n):
             yamlfile.safe_load(text, limit=100)
     else:
         assert len(yamlfile.safe_load(text, limit=100)["x"]) == n
+
+
+# ---- model kwargs from peers and files: architecture only ------------------------------------
+
+from edgezmq.model.kwargs import ALLOWED, ModelKwargsError, check_model_kwargs  # noqa: E402
+
+FETCHING_KWARGS = [  # what timm.create_model would act on beyond the architecture
+    {"pretrained_cfg_overlay": {"url": "http://198.51.100.1/x.pth"}},
+    {"cache_dir": "/usr/lib/python3/site-packages"},
+    {"pretrained_cfg": {"file": "/etc/shadow"}},
+    {"checkpoint_path": "/etc/passwd"},
+    {"mlp_layer": "timm.layers.SwiGLU"},
+    {"weight_init": "jax"},
+    {1: 2},
+]
+
+
+@pytest.mark.parametrize("kw", FETCHING_KWARGS, ids=lambda k: str(next(iter(k))))
+def test_non_architecture_kwargs_are_refused(kw):
+    with pytest.raises(ModelKwargsError, match=r"model\.kwargs\.\S+: not an architecture argument"):
+        check_model_kwargs(kw, "model.kwargs")
+
+
+def _out_of_range(name):
+    a = ALLOWED[name]
+    if a.kind == "bool":
+        return [0, "yes", None] if not a.nullable else [0, "yes"]
+    if a.kind == "choice":
+        return ["x" * 10_000, 1]
+    return [a.lo - 1, a.hi + 1, float("inf"), float("nan"), 2**64, "8", True, [1, 2, 3] if a.kind == "size" else [1]]
+
+
+@pytest.mark.parametrize("name, bad", [(n, b) for n in sorted(ALLOWED) for b in _out_of_range(n)])
+def test_every_allowed_kwarg_is_typed_and_bounded(name, bad):
+    with pytest.raises(ModelKwargsError) as e:
+        check_model_kwargs({name: bad}, "kwargs")
+    assert str(e.value).startswith(f"kwargs.{name}: ") and len(str(e.value)) < 400
+
+
+def test_architecture_kwargs_pass_unchanged():
+    kw = {"img_size": [64, 48], "depth": 4, "mlp_ratio": 2.5, "init_values": None, "global_pool": "avg",
+          "class_token": False, "num_classes": 0}
+    assert check_model_kwargs(kw) == kw
