@@ -17,6 +17,7 @@ RESULTS = ROOT / "bench" / "results"
 BENCH_STATE = Path("/run/edgezmq/bench")  # testbed files of running benches
 sys.path.insert(0, str(ROOT))
 
+from edgezmq.interrupts import sigterm_interrupts  # noqa: E402
 from edgezmq.testbed import Testbed  # noqa: E402
 
 
@@ -32,11 +33,12 @@ def testbed(config: dict | str | Path, name: str):
     # the file and the state stay in the testbed's default state directory, so that a bench
     # killed mid-run can be cleaned with `edgezmq testbed down BENCH_DIR/testbed.yaml`
     tb = Testbed.from_yaml(_config_file(config, name), name=name)
-    try:
-        tb.up()
-        yield tb
-    finally:
-        tb.down()
+    with sigterm_interrupts():  # `timeout` and CI stop benches with SIGTERM: clean up as after Ctrl-C
+        try:
+            tb.up(reclaim=True)  # a testbed of this bench's name is a killed run's leftover
+            yield tb
+        finally:
+            tb.down()
 
 
 def _config_file(config: dict | str | Path, name: str) -> Path:

@@ -92,6 +92,9 @@ def _rewrite(path, edit):
     (lambda p: _rewrite(p, lambda e: e.update(profile=[1])), "JSON objects"),
     (lambda p: _rewrite(p, lambda e: e["profile"]["units"][0].update(time_s=9.0)), "checksum"),
     (lambda p: p.write_text(p.read_text()[: len(p.read_text()) // 2]), "not JSON"),
+    # NaN / Infinity: Python's json reads them, the cache never writes them
+    (lambda p: p.write_text(p.read_text().replace('"time_s": 0.001234567891', '"time_s": NaN', 1)), "non-finite number NaN"),
+    (lambda p: p.write_text(p.read_text().replace('"time_s": 0.001234567891', '"time_s": -Infinity', 1)), "non-finite"),
 ])
 def test_corrupt_entry_is_detected_and_removed(root, corrupt, why, caplog):
     path = C.put(key(), PROFILE, cache_dir=root)

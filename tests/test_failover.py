@@ -255,3 +255,34 @@ def test_a_slow_stage_that_progresses_is_not_declared_dead(tmp_path):
         cal = rp.calibration  # the first deployment ran its calibration through the stage too
     assert len(outs) == len(xs) and st["processed"] == len(xs) + cal.warmup + cal.microbatches
     assert st["compute_s"] / st["processed"] > 2 * SLOW_FLOOR  # the floor alone would have declared it dead
+
+
+def test_a_node_killed_during_the_first_calibration_is_failed_over(tmp_path):
+    """Liveness covers the calibration burst too: the dead node is named and planned out,
+    instead of the client waiting out its timeout for a result that never comes."""
+    with LocalCluster(4, threads=1, log_dir=tmp_path) as local:
+        procs = {n.name: n.proc for n in local.nodes}
+        ready: list[str] = []
+        killed: list[str] = []
+        said: list[str] = []
+
+        def say(msg: str) -> None:
+            said.append(msg)
+            if msg.endswith(": ready"):
+                ready.append(msg.split(":")[0])
+            elif msg.startswith("started") and not killed:  # deployed: calibration streams next
+                victim = ready[len(ready) // 2]
+                procs[victim].kill()
+                killed.append(victim)
+
+        xs = batches(N_BATCHES, seed=5)
+        with ResilientPipeline(inventory(local), model_spec(), window=4, timeout=600, interval=INTERVAL,
+                               replication=False, say=say) as rp:
+            assert killed and killed[0] in rp.dead, said
+            assert rp.causes[killed[0]].startswith("missed"), rp.causes
+            assert any(m.startswith(f"node {killed[0]} lost while calibrating") for m in said), said
+            assert killed[0] not in {ref.name for _, ref in rp.plan.all_nodes}
+            outs = list(rp.stream(xs))
+    assert len(outs) == N_BATCHES
+    for a, b in zip(outs, monolithic(xs)):
+        assert float(np.max(np.abs(a - b))) <= 1e-5

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import subprocess
@@ -541,3 +542,20 @@ def test_timm_vit_family_has_no_non_persistent_buffers_today():
     for name in (TINY, "deit_tiny_distilled_patch16_224", "vit_wee_patch16_reg1_gap_256"):
         model = M.create_model(name, device="meta", **SMALL)
         assert {k for k, _ in model.named_buffers()} <= set(model.state_dict()), name
+
+
+@pytest.mark.parametrize("damage", ["truncate", "other_model"])
+def test_cached_checkpoint_that_is_damaged_is_written_again(tmp_path, damage, caplog):
+    from safetensors.torch import load_file
+
+    p = M.cached_checkpoint(TINY, seed=0, cache_dir=tmp_path, **SMALL)
+    weights = {k: t.clone() for k, t in load_file(p).items()}  # not views of a file we damage
+    if damage == "truncate":
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    else:  # a checkpoint of other kwargs under this name (a renamed file)
+        p.write_bytes(M.cached_checkpoint(TINY, seed=0, cache_dir=tmp_path, **{**SMALL, "depth": 1}).read_bytes())
+    with caplog.at_level(logging.WARNING, logger="edgezmq.model.chain"):
+        assert M.cached_checkpoint(TINY, seed=0, cache_dir=tmp_path, **SMALL) == p
+    assert "writing it again" in caplog.text
+    again = {k: t.clone() for k, t in load_file(p).items()}  # seeded: the same weights again
+    assert again.keys() == weights.keys() and all(torch.equal(again[k], weights[k]) for k in weights)

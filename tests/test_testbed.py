@@ -529,3 +529,51 @@ def test_down_cleans_up_after_a_killed_up(tmp_path, keep_state):
         if leftovers(name):
             tbm.Testbed.from_yaml(path, state_dir=state).down()
     assert leftovers(name) == []
+
+
+@pytest.mark.slow
+def test_sigterm_during_up_removes_everything_as_ctrl_c_does(tmp_path):
+    """`timeout`/CI stop a command with SIGTERM: `up` cleans up after it as after Ctrl-C."""
+    _skip_unless_root()
+    name = f"{PREFIX}-term"
+    path = _write_testbed(tmp_path, name, SMOKE)
+    state = tmp_path / "state"
+    up = subprocess.Popen([PY, "-m", "edgezmq.testbed", "up", str(path), "--state-dir", str(state)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
+        while not (net.netns_exists(f"{name}-quarter") and net.netns_pids(f"{name}-quarter")):
+            assert up.poll() is None, f"up exited early with {up.returncode}"
+            assert time.monotonic() < deadline, "up did not start its nodes in time"
+            time.sleep(0.02)
+        up.send_signal(signal.SIGTERM)
+        _, err = up.communicate(timeout=SUBPROCESS_TIMEOUT_S)
+        assert up.returncode == 128 + signal.SIGTERM, err
+        assert "terminated" in err and "Traceback" not in err
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+        left = leftovers(name)
+        if left:
+            tbm.Testbed.from_yaml(path, state_dir=state).down()
+    assert left == []
+
+
+@pytest.mark.slow
+def test_up_reclaims_a_half_dead_testbed_of_its_own_name(tmp_path):
+    _skip_unless_root()
+    name = f"{PREFIX}-recl"
+    path = _write_testbed(tmp_path, name, SMOKE)
+    state = tmp_path / "state"
+    net.add_netns(f"{name}-full")  # what a killed run left: one device's namespace
+    try:
+        with pytest.raises(tbm.TestbedError, match="already up.*--reclaim"):
+            tbm.Testbed.from_yaml(path, state_dir=state).up()
+        tb = tbm.Testbed.from_yaml(path, state_dir=state)
+        cluster = tb.up(reclaim=True)
+        assert {n["name"] for n in cluster["nodes"]} == {"full", "quarter"}
+        assert all(a["ok"] for a in tb.ping_nodes().values())
+    finally:
+        tbm.Testbed.from_yaml(path, state_dir=state).down()
+    assert leftovers(name) == []

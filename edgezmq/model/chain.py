@@ -682,7 +682,31 @@ def cached_checkpoint(name: str, *, seed: int = 0, cache_dir: str | os.PathLike 
     """<root>/checkpoints/<name>-<kwargs hash>-seed<seed>.safetensors, written on first use."""
     digest = hashlib.sha256(_kwargs_json(kwargs).encode()).hexdigest()[:KWARGS_HASH_CHARS]
     path = cache_root(cache_dir) / CHECKPOINT_DIR / f"{name}-{digest}-seed{seed}.safetensors"
-    if not path.is_file():
-        log.info("writing seeded checkpoint %s", path)
+    why = _cached_checkpoint_problem(path, name, seed, kwargs)
+    if why is not None:
+        if path.exists():
+            log.warning("seeded checkpoint %s %s: writing it again", path, why)
+        else:
+            log.info("writing seeded checkpoint %s", path)
         write_checkpoint(name, path, seed=seed, **kwargs)
     return path
+
+
+def _cached_checkpoint_problem(path: Path, name: str, seed: int, kwargs: Mapping[str, Any]) -> str | None:
+    """Why the cached seeded checkpoint at `path` cannot be used as it is, or None.
+
+    Opening the file makes safetensors check its header against the file's length, so a
+    truncated or overwritten file is caught here, not when a node loads it.
+    """
+    if not path.is_file():
+        return "is missing"
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        return f"is not a readable safetensors file ({e})"
+    want = {"model": name, "seed": str(seed), "kwargs": _kwargs_json(kwargs)}
+    got = {k: meta.get(k) for k in want}
+    if got != want:
+        return f"was written for {got}, not {want}"
+    return None

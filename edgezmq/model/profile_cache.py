@@ -132,6 +132,11 @@ def _problem(entry: Any, key: Any) -> str | None:
     return None
 
 
+def _non_finite(name: str) -> Any:
+    # put() never writes NaN/Infinity (allow_nan=False): a file holding one was altered
+    raise ValueError(f"non-finite number {name} (the cache writes only finite numbers)")
+
+
 def get(key: Mapping[str, Any], *, cache_dir: str | os.PathLike | None = None) -> dict[str, Any] | None:
     """The cached profile for `key`, or None; a corrupt or stale entry is logged and removed."""
     path = path_for(key, cache_dir)
@@ -143,11 +148,14 @@ def get(key: Mapping[str, Any], *, cache_dir: str | os.PathLike | None = None) -
         _discard(path, f"unreadable: {e}")
         return None
     try:
-        entry = json.loads(text)
+        entry = json.loads(text, parse_constant=_non_finite)
     except ValueError as e:
         _discard(path, f"not JSON: {e}")
         return None
-    why = _problem(entry, key)
+    try:
+        why = _problem(entry, key)
+    except (ValueError, TypeError) as e:  # any entry this module did not write must not fail a deploy
+        why = f"unusable entry ({type(e).__name__}: {e})"
     if why:
         _discard(path, why)
         return None

@@ -405,6 +405,15 @@ def autodeploy(
     return dep, dep.plan, problem, planned, g
 
 
+def _liveness(dep: Deployment, client: Client, cluster: Cluster, planned: Any) -> contextlib.AbstractContextManager[None]:
+    """Heartbeats over `dep` while calibration streams through it (failover.watched)."""
+    from edgezmq.orchestrate.failover import stall_limit, watched  # failover builds on this module
+
+    limits = {d: stall_limit(cost.unreplicated_s)
+              for st, cost in zip(planned.stages, planned.stage_costs) for d in st.devices}
+    return watched(dep, client, keyring=cluster.keyring, stall_limits=limits)
+
+
 def _calibrate(cluster: Cluster, model: ModelSpec, dep: Deployment, problem: Any, planned: Any, g: Gathered, *,
                n: int, client: Client | None, results: str | None, time_limit_s: float, load_timeout: float,
                say: Say) -> tuple[Deployment, Any, Any]:
@@ -424,7 +433,7 @@ def _calibrate(cluster: Cluster, model: ModelSpec, dep: Deployment, problem: Any
             types={n_.name: device_type_of(n_) for n_ in cluster.nodes},
             replan=lambda d: plan_problem(d, time_limit_s=time_limit_s),
             to_plan=lambda p: to_deploy_plan(cluster, p, model=model, results=results), n=n,
-            load_timeout=load_timeout, say=say)
+            load_timeout=load_timeout, say=say, watch=lambda d: _liveness(d, cl, cluster, planned))
     except BaseException:
         unload(dep.plan)  # the first plan (a failed redeploy has unloaded it and cleaned up itself)
         raise

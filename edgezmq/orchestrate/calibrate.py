@@ -37,6 +37,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -177,11 +178,12 @@ def calibrate(
     dep: Deployment, problem_dict: dict[str, Any], problem: Any, planned: Any, *, client: Client,
     infos: dict[str, dict], types: dict[str, str], replan: Callable[[dict[str, Any]], tuple[Any, Any]],
     to_plan: Callable[[Any], DeployPlan], n: int = CALIBRATION_MICROBATCHES, load_timeout: float = 600.0,
-    say: Say | None = None,
+    say: Say | None = None, watch: Callable[[Deployment], AbstractContextManager[Any]] | None = None,
 ) -> tuple[Deployment, Any, Any, Calibration]:
     """Calibrate `dep`, deployed from `planned`, the plan for `problem` (module doc).
     `replan(problem_dict)` -> (Problem, planner plan); `to_plan(planner plan)` -> the plan to
-    deploy should a new one replace `dep` (which is then unloaded first). Returns the
+    deploy should a new one replace `dep` (which is then unloaded first); `watch(dep)`, a
+    context manager around the burst, keeps the deployment's nodes under liveness. Returns the
     deployment in service, the problem and planner plan it follows, and what was measured."""
     from edgezmq.model import chain as models  # torch and timm: only when calibrating
     from edgezmq.planner import evaluate
@@ -194,7 +196,8 @@ def calibrate(
     # under a CPU quota the burst must span many CFS periods (profile.round_seconds), so at
     # least CALIBRATION_SECONDS at the predicted pace, up to 4 n microbatches
     n = min(max(n, math.ceil(CALIBRATION_SECONDS / max(planned.bottleneck_s, 1e-9))), 4 * n)
-    before, after, seconds = burst(client, dep, shape, n, warmup)
+    with watch(dep) if watch is not None else nullcontext():
+        before, after, seconds = burst(client, dep, shape, n, warmup)
     threads = {ref.name: ref.threads or infos[ref.name].get("threads") for _, ref in dep.plan.all_nodes}
     timings = {}
     for name in after:

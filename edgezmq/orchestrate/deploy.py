@@ -181,6 +181,7 @@ def deploy(
     if errors:
         unload(plan)
         raise DeployError(_summary("start failed", errors), errors)
+    say(f"started {n_stages} stage(s) on {len(nodes)} node(s): run {run}")
     return Deployment(plan=plan, run=run, endpoints=endpoints, server_keys=keys)
 
 

@@ -25,15 +25,16 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
-from edgezmq.client import Client
+from edgezmq.client import Client, PipelineError
 from edgezmq.orchestrate.autodeploy import autodeploy
 from edgezmq.orchestrate.calibrate import CALIBRATION_MICROBATCHES
-from edgezmq.orchestrate.deploy import unload
+from edgezmq.orchestrate.deploy import Deployment, unload
 from edgezmq.orchestrate.inventory import Cluster
 from edgezmq.orchestrate.planfile import DeployPlan, ModelSpec
 from edgezmq.protocol import control
@@ -71,6 +72,47 @@ class Progress:
             self.since = now
         self.mark = mark
         return 0.0 if self.since is None else now - self.since
+
+
+class NodeLost(RuntimeError):
+    """A node of a deployment died (or stalled) while the deployment was being set up."""
+
+    def __init__(self, name: str, why: str) -> None:
+        super().__init__(f"node {name} lost during calibration: {why}")
+        self.name, self.why = name, why
+
+
+@contextmanager
+def watched(dep: Deployment, client: Client, *, keyring: Keyring | None = None,
+            stall_limits: dict[str, float] | None = None, interval: float = HEARTBEAT_S,
+            liveness: int = LIVENESS, stall_floor: float | None = STALL_FLOOR_S) -> Iterator[None]:
+    """Heartbeat `dep`'s nodes while `client` streams through it outside a ResilientPipeline
+    (the calibration burst): a node that dies or stalls ends the stream at once with
+    ``NodeLost`` naming it, instead of the client waiting out its timeout."""
+    lost: list[tuple[str, str]] = []
+
+    def on_dead(name: str, why: str) -> None:
+        lost.append((name, why))
+        client.failed.set()
+
+    def give_up() -> tuple[list[str], str, list[bytes] | None]:
+        raise NodeLost(*lost[0])
+
+    nodes = {ref.name: ref.control for _, ref in dep.plan.all_nodes}
+    hb = Heartbeat(nodes, on_dead, interval=interval, liveness=liveness, keyring=keyring,
+                   stall_limits=stall_limits, stall_floor=stall_floor).start()
+    saved = client.recover
+    client.recover = give_up  # the stream notices `failed` and "recovers": by raising NodeLost
+    try:
+        yield
+    except PipelineError as e:
+        if isinstance(e.__cause__, NodeLost):
+            raise e.__cause__ from None
+        raise
+    finally:
+        hb.stop()
+        client.recover = saved
+        client.failed.clear()
 
 
 class Heartbeat:
@@ -202,10 +244,16 @@ class ResilientPipeline:
         # a recovery reuses the profiles as they are and does not calibrate: a spot check or a
         # calibration would add seconds of downtime
         first = not self.dead
-        dep, plan, _, planned, g = autodeploy(alive, self.model, results=self.client.results_endpoint,
-                                              replication=self.replication, say=self.say, spot_check=first,
-                                              calibrate=CALIBRATION_MICROBATCHES if first else 0,
-                                              client=self.client)
+        try:
+            dep, plan, _, planned, g = autodeploy(alive, self.model, results=self.client.results_endpoint,
+                                                  replication=self.replication, say=self.say, spot_check=first,
+                                                  calibrate=CALIBRATION_MICROBATCHES if first else 0,
+                                                  client=self.client)
+        except NodeLost as e:  # died during the first calibration: fail over as at any other time
+            self.say(f"node {e.name} lost while calibrating ({e.why}): re-planning without it")
+            self._on_dead(e.name, e.why)
+            self.client.failed.clear()
+            return self._deploy()
         assert dep is not None
         self.plan, self.planned = plan, planned
         if g.calibration is not None:

@@ -16,7 +16,7 @@ from edgezmq.node.daemon import READY_PREFIX
 
 log = logging.getLogger(__name__)
 
-START_TIMEOUT_S = 60.0  # importing torch on a loaded 2-core box takes a while
+START_TIMEOUT_S = 180.0  # importing torch takes 5 s on a quiet 2-core box, over 60 s on a busy one
 STOP_TIMEOUT_S = 15.0
 
 

@@ -8,6 +8,8 @@ import logging
 import sys
 from typing import Any
 
+from edgezmq.interrupts import Terminated, sigterm_interrupts
+
 from .config import ConfigError
 from .errors import PrerequisiteError, TestbedError
 
@@ -74,7 +76,8 @@ def run_cli(args: argparse.Namespace) -> int:
         tb = Testbed.from_yaml(args.testbed, name=args.name, state_dir=args.state_dir,
                                **({"start_timeout": args.timeout} if getattr(args, "timeout", None) else {}))
         if what == "up":
-            cluster = tb.up()
+            with sigterm_interrupts():  # SIGTERM removes what up made, as Ctrl-C does
+                cluster = tb.up(reclaim=args.reclaim)
             if args.json:
                 print(json.dumps(cluster, indent=1))
             else:
@@ -100,6 +103,9 @@ def run_cli(args: argparse.Namespace) -> int:
     except TestbedError as e:
         print(f"edgezmq testbed {what}: {e}", file=sys.stderr)
         return EXIT_FAILED
+    except Terminated as e:  # up() has already cleaned up after itself
+        print(f"edgezmq testbed {what}: terminated", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:  # up() has already cleaned up after itself
         print(f"edgezmq testbed {what}: interrupted", file=sys.stderr)
         return 130
@@ -120,6 +126,8 @@ def _add_commands(parent: argparse.ArgumentParser) -> None:
         p.add_argument("--json", action="store_true", help="print one JSON object")
         if cmd == "up":
             p.add_argument("--timeout", type=float, help="seconds for every node to be ready (default 90)")
+            p.add_argument("--reclaim", action="store_true",
+                           help="a testbed of this name is (half) up: take it down first instead of failing")
     parent.set_defaults(func=run_cli)
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from edgezmq.errors import EdgezmqError
-from edgezmq.fields import Fields
+from edgezmq.fields import Fields, safe_load
 from edgezmq.planner.problem import Link
 from edgezmq.terms import CLIENT
 
@@ -253,7 +253,7 @@ def load_config(path: str | Path, *, name: str | None = None, cores: int | None 
     except OSError as e:
         raise ConfigError("", f"cannot read testbed file: {e.strerror or e}", str(p)) from None
     try:
-        doc = yaml.safe_load(text)
+        doc = safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from edgezmq import fields
 from edgezmq.node.daemon import READY_PREFIX
 
 from . import cgroups, net
@@ -126,7 +127,7 @@ class Testbed:
         self._procs: dict[str, subprocess.Popen] = {}
         self._state: dict[str, Any] = self._load_state() or self._new_state()
         if self._state["phase"] == "up" and self.cluster_path.exists():  # attached to a running testbed
-            self.cluster = yaml.safe_load(self.cluster_path.read_text())
+            self.cluster = fields.safe_load(self.cluster_path.read_text())
 
     @classmethod
     def from_yaml(cls, path: str | Path, *, name: str | None = None, **kw: Any) -> Testbed:
@@ -245,16 +246,22 @@ class Testbed:
         return subprocess.Popen(self.client_argv(argv), **kw)
 
     # ---- up -------------------------------------------------------------
-    def up(self) -> dict[str, Any]:
+    def up(self, *, reclaim: bool = False) -> dict[str, Any]:
         """Create everything, start the nodes, check them from the client; returns the cluster dict.
 
         On any failure (or Ctrl-C) everything made so far is removed before the error propagates.
+        A testbed of this name that is already (or half) up is an error, unless `reclaim`: then it
+        is taken down first (a bench reclaiming what a killed run of its own left behind).
         """
         self._ctrls = check_prerequisites()
         present = [ns for ns in self.all_namespaces() if net.netns_exists(ns)]
-        if present:
+        if present and reclaim:
+            log.warning("testbed %s: namespace(s) %s left from an earlier run: taking them down first",
+                        self.name, present)
+            self.down()
+        elif present:
             raise TestbedError(f"testbed {self.name!r} is already up (namespace(s) {present} exist): "
-                               f"run `edgezmq testbed down` first")
+                               f"run `edgezmq testbed down` first, or `up --reclaim`")
         if self.state_path.exists():  # a stale record (e.g. of a crashed up): clean what it names
             self.down()
         self._state = self._new_state()
