@@ -178,6 +178,11 @@ class StageRuntime:
                 c.bad_messages += 1
                 self._reject(reply_run, e.seq if e.seq is not None else -1, e.code, e.message)
                 continue
+            except Exception as e:  # a decoder bug must cost one message, never the receive thread
+                log.exception("stage %d: decoding a message failed", spec.stage)
+                c.bad_messages += 1
+                self._reject(reply_run, -1, "bad_message", f"undecodable message ({type(e).__name__})")
+                continue
             finally:
                 c.recv_s += time.time() - t_recv
             msg.t.append([spec.stage, t_recv, 0.0, 0.0, 0.0])

@@ -108,6 +108,8 @@ ERRORS: dict[str, str] = {
                  "client of that run (not ours) can attribute it",
     "bad_stage": "an `act` or `error` message from a stage other than the previous one",
     "compute_failed": "the shard's forward raised on this microbatch",
+    "bad_message": "a message the decoder failed on in a way it does not name (a decoder bug: the stage "
+                   "refuses the message and keeps serving; its log holds the traceback)",
 }
 
 
@@ -239,9 +241,11 @@ def decode_header(raw: Any) -> dict[str, Any]:
 def _check_spec(i: int, spec: Any, seq: int | None) -> None:
     if not isinstance(spec, dict):
         raise WireError("bad_field", f"tensors[{i}] must be a map", seq)
-    if spec.get("enc", "raw") not in ENCODINGS:
+    enc, dtype = spec.get("enc", "raw"), spec.get("dtype")
+    # isinstance first: `x in a_set` hashes x, and a list or a map is unhashable (TypeError)
+    if not isinstance(enc, str) or enc not in ENCODINGS:
         raise WireError("bad_encoding", f"tensors[{i}].enc: expected one of {ENCODINGS}, got {spec.get('enc')!r}", seq)
-    if spec.get("dtype") not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise WireError("bad_dtype", f"tensors[{i}].dtype: {spec.get('dtype')!r} is not one of {sorted(DTYPES)}", seq)
     shape = spec.get("shape")
     if (not isinstance(shape, list) or len(shape) > MAX_NDIM
