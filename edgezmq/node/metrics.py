@@ -4,7 +4,7 @@
     ...
     handle.stop()
 
-Counters and gauges are read from ``node.cmd_stats()`` at scrape time (nothing is
+Counters and gauges are read from ``node.cmd_stats`` at scrape time (nothing is
 added to the data path).  The per-phase histograms come from the node's send thread,
 which hands every microbatch's timestamp entry to ``node.observers``; a node without
 that hook serves everything but the histograms.  A stage's counters restart at zero on
@@ -51,7 +51,7 @@ def _prometheus():
 
 
 class StatsCollector:
-    """A prometheus_client collector over ``node.cmd_stats()``."""
+    """A prometheus_client collector over ``node.cmd_stats``."""
 
     def __init__(self, node: Any) -> None:
         self.node = node
@@ -59,7 +59,9 @@ class StatsCollector:
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        s = self.node.cmd_stats()
+        from edgezmq.protocol.messages import StatsRequest
+
+        s = self.node.cmd_stats(StatsRequest()).to_wire()
         st = s.get("stage") or {}
         name = str(s.get("name"))
 
