@@ -50,7 +50,7 @@ def test_parse_good_inventory():
         (lambda d: d["links"]["default"].pop("mbps"), "links.default.mbps: missing"),
         (lambda d: d["links"]["default"].update(mbps=-1), "links.default.mbps: expected a number > 0, got -1"),
         # non-finite figures fail here, not as a probe that never ends or a plan of NaNs
-        (lambda d: d.update(measure={"seconds": float("inf")}), "measure.seconds: expected a number in (0, 600], "
+        (lambda d: d.update(measure={"seconds": float("inf")}), "measure.seconds: expected a number in (0, 60], "
                                                                  "got inf (not a finite number)"),
         (lambda d: d["links"]["default"].update(latency_ms=float("nan")), "links.default.latency_ms: expected a number"),
         (lambda d: d["nodes"][0].update(memory_bytes=".inf"), "nodes[0].memory_bytes: expected bytes"),

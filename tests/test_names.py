@@ -11,7 +11,7 @@ import edgezmq
 
 PACKAGE = Path(edgezmq.__file__).parent
 SHARED = ("CLIENT", "GRANULARITIES")  # defined in edgezmq/terms.py only
-PLANNER_MAY_IMPORT = ("edgezmq.planner", "edgezmq.terms", "edgezmq.fields")  # pure, dependency-free
+PLANNER_MAY_IMPORT = ("edgezmq.planner", "edgezmq.terms", "edgezmq.fields", "edgezmq.errors")  # pure, dependency-free
 
 
 def _modules() -> dict[str, ast.Module]:

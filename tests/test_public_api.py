@@ -24,7 +24,11 @@ PUBLIC = [
 IMPORT_TIMEOUT_S = 60.0
 
 # control flow inside one module, never seen by a caller: outside the root on purpose
-INTERNAL = {"edgezmq.client._Failover", "edgezmq.planner.search.Timeout", "edgezmq.planner.search.BudgetExceeded"}
+INTERNAL = {"edgezmq.client._Failover", "edgezmq.planner.search.Timeout", "edgezmq.planner.search.BudgetExceeded",
+            # a yaml.YAMLError: read_yaml turns it into the caller's error like any syntax error
+            "edgezmq.fields.ExpansionError",
+            # a KeyboardInterrupt: SIGTERM takes Ctrl-C's way out (exit 143)
+            "edgezmq.interrupts.Terminated"}
 
 # every error class, with the builtin its callers catch and the exit code it maps to
 ERRORS = {
@@ -35,6 +39,8 @@ ERRORS = {
     "edgezmq.transport.security.KeyFileError": (ValueError, EXIT_BAD_INPUT),
     "edgezmq.transport.netprobe.ProbeError": (RuntimeError, EXIT_FAILED),
     "edgezmq.model.chain.ModelError": (ValueError, EXIT_BAD_INPUT),
+    "edgezmq.model.kwargs.ModelKwargsError": (ValueError, EXIT_BAD_INPUT),
+    "edgezmq.orchestrate.failover.NodeLost": (RuntimeError, EXIT_FAILED),
     "edgezmq.node.config.NodeConfigError": (ValueError, EXIT_BAD_INPUT),
     "edgezmq.node.metrics.MetricsUnavailable": (RuntimeError, EXIT_FAILED),
     "edgezmq.orchestrate.planfile.PlanFileError": (ValueError, EXIT_BAD_INPUT),

@@ -14,10 +14,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from edgezmq.errors import EdgezmqError
+
 MAX_SHOWN = 80  # characters of an offending value echoed in an error
 
 
-class ModelKwargsError(ValueError):
+class ModelKwargsError(EdgezmqError, ValueError):
     """A model keyword argument outside the allow-list, or out of its range."""
 
 

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from edgezmq.client import Client, PipelineError
+from edgezmq.errors import EdgezmqError
 from edgezmq.orchestrate.autodeploy import autodeploy
 from edgezmq.orchestrate.calibrate import CALIBRATION_MICROBATCHES
 from edgezmq.orchestrate.deploy import Deployment, unload
@@ -74,7 +75,7 @@ class Progress:
         return 0.0 if self.since is None else now - self.since
 
 
-class NodeLost(RuntimeError):
+class NodeLost(EdgezmqError, RuntimeError):
     """A node of a deployment died (or stalled) while the deployment was being set up."""
 
     def __init__(self, name: str, why: str) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from edgezmq.protocol import control, wire
 from edgezmq.protocol import messages as m
-from edgezmq.protocol.schema import MISSING, FieldDef, Message, type_text
+from edgezmq.protocol.schema import MISSING, FieldDef, Record, type_text
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 BEGIN = "<!-- BEGIN GENERATED {} -->"
@@ -56,14 +56,14 @@ def _limits(f: FieldDef) -> str:
     return ", ".join(parts) or "–"
 
 
-def argument_table(cls: type[Message]) -> list[str]:
+def argument_table(cls: type[Record]) -> list[str]:
     rows = ["| argument | type | required / default | range, unit | meaning |", "|---|---|---|---|---|"]
     for f in cls.fields():
         rows.append(f"| `{f.name}` | {_cell(type_text(f.type))} | {_default(f)} | {_limits(f)} | {_cell(f.meta.doc)} |")
     return rows
 
 
-def field_table(cls: type[Message]) -> list[str]:
+def field_table(cls: type[Record]) -> list[str]:
     rows = ["| field | type | unit | meaning |", "|---|---|---|---|"]
     for f in cls.fields():
         rows.append(f"| `{f.name}` | {_cell(type_text(f.type))} | {f.meta.unit or '–'} | {_cell(f.meta.doc)} |")

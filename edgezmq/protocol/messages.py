@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from edgezmq.protocol.schema import JSON, JSONMap, Message, SchemaError, field_
+from edgezmq.protocol.schema import JSON, JSONMap, Record, SchemaError, field_
 
 MAX_RID = 64  # characters of a request id
 REPLIES_KEPT = 64  # replies a node remembers by request id: more than any client has in flight
@@ -30,7 +30,7 @@ NODE_STATES = ("idle", "loading", "loaded", "running", "failed")
 GRANULARITY_DOC = "block | half | sublayer (edgezmq.model.chain.GRANULARITIES)"
 
 
-class Request(Message):
+class Request(Record):
     """A control request; ``CMD`` is its command name."""
 
     CMD: ClassVar[str] = ""
@@ -39,7 +39,7 @@ class Request(Message):
         """Constraints between fields (after each field was checked); raises SchemaError."""
 
 
-class Reply(Message):
+class Reply(Record):
     """The fields of a command's ok reply."""
 
 
@@ -47,14 +47,14 @@ class Reply(Message):
 
 
 @dataclass(frozen=True, kw_only=True)
-class TensorSpec(Message):
+class TensorSpec(Record):
     WIRE_NAME = "tensor"
     shape: list[int] = field_("dimensions, the batch first (at the microbatch given)")
     dtype: str = field_("numpy dtype name (float32)")
 
 
 @dataclass(frozen=True, kw_only=True)
-class UnitDesc(Message):
+class UnitDesc(Record):
     WIRE_NAME = "unit"
     index: int = field_("position in the chain, 0-based")
     name: str = field_("timm module path it covers (`embed`, `blocks.3`, `blocks.3.attn`, `head`)")
@@ -63,7 +63,7 @@ class UnitDesc(Message):
 
 
 @dataclass(frozen=True, kw_only=True)
-class DeviceFacts(Message):
+class DeviceFacts(Record):
     WIRE_NAME = "device"
     hostname: str = field_("the node's host name")
     machine: str = field_("CPU architecture (x86_64, aarch64)")
@@ -81,7 +81,7 @@ class DeviceFacts(Message):
 
 
 @dataclass(frozen=True, kw_only=True)
-class StageStats(Message):
+class StageStats(Record):
     """What a loaded stage counts; every counter starts at 0 when the shard is loaded."""
 
     WIRE_NAME = "stats.stage"

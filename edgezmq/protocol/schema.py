@@ -83,7 +83,7 @@ class FieldDef:
     default: Any
 
 
-class Message:
+class Record:
     """Base of every typed message; subclasses are frozen dataclasses of ``field_``s."""
 
     WIRE_NAME: ClassVar[str] = ""  # how errors and docs name it (`load`, `stats.stage`)
@@ -114,11 +114,11 @@ class Message:
         return cls(**kw)
 
     def to_wire(self) -> JSONMap:
-        """Message -> a map of plain msgpack values (nested messages become maps)."""
+        """Record -> a map of plain msgpack values (nested messages become maps)."""
         return {f.name: _plain(getattr(self, f.name)) for f in self.fields()}
 
 
-M = TypeVar("M", bound=Message)
+M = TypeVar("M", bound=Record)
 
 
 _FIELDS: dict[type, list[FieldDef]] = {}
@@ -163,7 +163,7 @@ def type_text(tp: Any) -> str:
     if tp is type(None):
         return "null"
     if isinstance(tp, type):
-        if issubclass(tp, Message):
+        if issubclass(tp, Record):
             return tp.WIRE_NAME or tp.__name__
         return {"bool": "bool", "int": "int", "float": "float", "str": "str"}.get(tp.__name__, tp.__name__)
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -216,7 +216,7 @@ def _check(tp: Any, v: Any, path: str, meta: Meta | None, strict: bool) -> Any:
         if not isinstance(v, dict) or not all(isinstance(k, str) for k in v):
             raise SchemaError(path, f"expected a map with string keys, got {_tname(v)}")
         return {k: _check(args[1], x, f"{path}.{k}", None, strict) for k, x in v.items()}
-    if isinstance(tp, type) and issubclass(tp, Message):
+    if isinstance(tp, type) and issubclass(tp, Record):
         return tp.from_wire(v, strict=strict, path=path)
     if tp is bool:
         if not isinstance(v, bool):
@@ -288,7 +288,7 @@ def _check_json(v: Any, path: str, depth: int) -> None:
 
 
 def _plain(v: Any) -> Any:
-    if isinstance(v, Message):
+    if isinstance(v, Record):
         return v.to_wire()
     if isinstance(v, (list, tuple)):
         return [_plain(x) for x in v]
