@@ -120,7 +120,8 @@ class Client:
     @classmethod
     def from_plan(cls, plan: DeployPlan, **kw: Any) -> Client:
         """Find the running deployment of ``plan``: ask stage 0's nodes for run id and endpoint."""
-        entry, run = [], None
+        entry: list[str] = []
+        run = ""  # every node of stage 0 reports it
         for ref in plan.stages[0].nodes:
             with ControlClient(ref.control, timeout=3.0, retries=1, name=ref.name, curve=plan.curve(ref)) as c:
                 r = c.call("ping")

@@ -15,6 +15,7 @@ node speaks CurveZMQ (docs/security.md).  Bad data messages are counted and turn
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import signal
 import threading
@@ -109,6 +110,7 @@ class Node:
 
         # always on: peers and the bootstrapper measure their links to this node through it
         self.probe = ProbeServer(sockets.host_of(self.control_endpoint), ctx=self.ctx, curve=self.curve).start()
+        assert self.probe.endpoint is not None  # start() returns once bound
         self.probe_endpoint = self._advertised(self.probe.endpoint)
 
     def _advertised(self, endpoint: str) -> str:
@@ -469,7 +471,7 @@ class Node:
                 # the whole message: a REP socket that left parts unread cannot reply
                 parts = self.rep.recv_multipart(copy=False)
             except zmq.ZMQError as e:
-                if e.errno == zmq.EINTR:
+                if e.errno == errno.EINTR:
                     continue
                 log.warning("control receive failed: %s", e)
                 continue
@@ -490,7 +492,10 @@ class Node:
         clean = True
         if rt is not None:
             # a paused stage's microbatches were given up (failed over): nothing to drain
-            clean = rt.drain() if self.state == "running" and not rt.paused.is_set() else (rt.close() or True)
+            if self.state == "running" and not rt.paused.is_set():
+                clean = rt.drain()
+            else:
+                rt.close()
         self.probe.stop()
         sockets.close_all(self.rep)
         if self.auth is not None:

@@ -256,6 +256,7 @@ class StageRuntime:
             if msg.kind != "error" and msg.t:
                 msg.t[-1][4] = t0
             frames = wire.encode(msg)
+            assert self.push is not None  # made by start() before the threads
             while True:
                 try:
                     sockets.send_frames(self.push, frames)
@@ -280,7 +281,7 @@ class StageRuntime:
 
     # ---- lifecycle ---------------------------------------------------
     def start(self, connect: list[str], server_keys: list[bytes] | None = None) -> None:
-        keys = server_keys or [None] * len(connect)
+        keys: list[bytes | None] = list(server_keys) if server_keys else [None] * len(connect)
         curve = security.Curve(self.keys, server_key=keys[0]) if self.keys is not None else None
         self.push = sockets.make_socket(self.ctx, zmq.PUSH, sockets.DATA, curve=curve)
         for addr, key in zip(connect, keys):

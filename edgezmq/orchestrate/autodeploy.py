@@ -76,7 +76,7 @@ def _parallel(items: list, fn: Callable, workers: int | None = None) -> list:
         return list(ex.map(fn, items))
 
 
-def _call(cluster: Cluster, n: NodeAddress, cmd: str, timeout: float = INFO_TIMEOUT_S, **args: Any) -> dict:
+def _call(cluster: Cluster, n: NodeAddress, cmd: str, *, timeout: float = INFO_TIMEOUT_S, **args: Any) -> dict:
     with ControlClient(n.control, timeout=timeout, retries=1, name=n.name, curve=cluster.curve(n.name)) as c:
         return c.call(cmd, **args)
 
@@ -138,7 +138,7 @@ def gather(
             return e
 
     infos_l = _parallel(nodes, info)
-    errors = {n.name: r.message for n, r in zip(nodes, infos_l) if isinstance(r, Exception)}
+    errors = {n.name: r.message for n, r in zip(nodes, infos_l) if isinstance(r, control.ControlError)}
     if errors:
         raise DeployError("unreachable node(s):\n" + "\n".join(f"  {k}: {v}" for k, v in errors.items()), errors)
     infos = {n.name: r for n, r in zip(nodes, infos_l)}
@@ -214,7 +214,7 @@ def measure_io(cluster: Cluster, reps: dict[str, InventoryNode], infos: dict, pr
             curve = cluster.curve(n.name)
             got = netprobe.probe(infos[n.name]["probe"], bytes_per_msg=nbytes, seconds=cluster.probe_seconds,
                                  pings=1, curve=curve)
-            secured = {"peer_key": cluster.keyring.own.public_text} if cluster.keyring is not None else {}
+            secured: dict[str, Any] = {"peer_key": cluster.keyring.own.public_text} if cluster.keyring is not None else {}
             r = _call(cluster, n, "netprobe", peer=server.endpoint, seconds=cluster.probe_seconds,
                       bytes_per_msg=nbytes, pings=1, **secured)
             sent = wait_job(n, r, 60.0, curve=curve)
@@ -261,7 +261,7 @@ def io_costs(info: dict, recv_cpu_s_per_byte: float | None, send_cpu_s_per_byte:
             "send_ms_per_mb": (send_cpu_s_per_byte or 0.0) * scale * 1e9}
 
 
-def _peer_key(cluster: Cluster, name: str) -> dict[str, str]:
+def _peer_key(cluster: Cluster, name: str) -> dict[str, Any]:
     """The ``peer_key`` argument of a node's ``netprobe`` to ``name``: its public key from the
     inventory's keys (never the key the peer reports about itself), when secured."""
     return {"peer_key": cluster.keyring.node_key(name).decode()} if cluster.keyring else {}

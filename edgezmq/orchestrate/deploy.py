@@ -92,7 +92,7 @@ def deploy(
     nodes = plan.all_nodes
     say = progress or (lambda msg: log.info("%s", msg))
 
-    def ping(_: int, n: NodeAddress) -> dict:
+    def ping(_: int, n: NodeAddress) -> Any:
         with NodeClient(n.control, timeout=ping_timeout, retries=1, name=n.name, curve=plan.curve(n)) as c:
             r = c.ping()
             if r.state not in ("idle", "failed"):
