@@ -13,6 +13,7 @@ that admits only the nodes' keys, the PUSH a CURVE client of each stage-0 node.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from collections import deque
@@ -32,6 +33,7 @@ from edgezmq.transport.rpc import ControlClient
 log = logging.getLogger(__name__)
 
 DEFAULT_WINDOW = 4
+SESSION_BYTES = 8  # 16 hex characters: collisions between clients of one deployment are not a concern
 DEFAULT_TIMEOUT_S = 120.0
 POLL_MS = 50
 
@@ -90,6 +92,10 @@ class Client:
         self.recover: Callable[[], tuple[list[str], str, list[bytes] | None]] | None = None
         self.replayed = 0
         self.ignored = 0  # duplicates, other runs, malformed
+        # who this client is on the wire: stages echo it, so that results left in the pipeline by
+        # a client that gave up are not taken by the next one on the same results address
+        self.session = secrets.token_hex(SESSION_BYTES)
+        self.foreign = 0  # results and errors of other sessions, dropped
         self.resubmitted = 0
         self.timestamps: dict[int, list] = {}  # seq -> per-stage [stage, recv, start, end, send]
 
@@ -148,7 +154,7 @@ class Client:
         return np.ascontiguousarray(x)
 
     def _send(self, seq: int, x: np.ndarray, deadline: float) -> None:
-        frames = wire.encode(wire.Message("act", self.run, seq, -1, [x], t=[[-1, time.time()]]))
+        frames = wire.encode(wire.Message("act", self.run, seq, -1, [x], t=[[-1, time.time()]], session=self.session))
         while True:
             try:
                 sockets.send_frames(self.push, frames)
@@ -236,6 +242,10 @@ class Client:
             self.ignored += 1
             log.warning("ignored malformed result: %s", e)
             return
+        if msg.session != self.session:
+            self.foreign += 1  # another client's (one that gave up on this address), or forged
+            log.warning("dropped a %s message of another client session (seq %d)", msg.kind, msg.seq)
+            return
         if msg.run != self.run or msg.seq not in pending:
             self.ignored += 1  # another run's, or a duplicate of a resubmitted microbatch
             return
@@ -263,6 +273,9 @@ class Client:
             entry[1], entry[2] = time.time(), attempts + 1
 
     def close(self) -> None:
+        """Close the sockets (and the context the client made); a second call does nothing."""
+        if self.pull.closed:
+            return
         sockets.close_all(self.push, self.pull)
         if self.auth is not None:
             self.auth.stop()

@@ -259,3 +259,31 @@ def test_demo_even_split_json():
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert [s["units"] for s in d["stages"]] == [[0, 7], [7, 14]] and d["max_abs_diff"] <= 1e-4
+
+
+def test_a_client_never_takes_results_of_a_client_that_gave_up(cluster):
+    """A client that gives up leaves microbatches in the pipeline; the next client on the same
+    results address, whose seq restarts at 0, must drop them (and count them), not return them."""
+    from edgezmq.transport.nodeclient import NodeClient
+
+    plan = make_plan(cluster, [(0, 3), (3, N_UNITS)])
+    last = plan.stages[-1].nodes[0]
+    abandoned, mine = batches(3, seed=11), batches(3, seed=12)
+    first = Client([], "tcp://127.0.0.1:0", run="", window=4, microbatch=MICROBATCH, timeout=60)
+    plan.results = first.results_endpoint
+    try:
+        dep = deploy(plan, load_timeout=120)
+        first.attach(dep.entry, dep.run)
+        with NodeClient(last.control, name=last.name) as nc:
+            nc.pause()  # hold the first client's microbatches until it is gone
+            for i, x in enumerate(abandoned):  # submitted, never collected: the client gives up
+                first._send(i, first._check(x), time.time() + 60)
+            first.close()
+            with Client(dep.entry, plan.results, dep.run, window=4, microbatch=MICROBATCH, timeout=60) as second:
+                nc.resume()  # the abandoned results now reach the new client first, as seq 0..2
+                outs = list(second.stream(mine))
+                assert second.foreign == len(abandoned)
+    finally:
+        first.close()
+        unload(plan)
+    assert_close(outs, monolithic(mine))

@@ -123,7 +123,8 @@ class StageRuntime:
                 continue
         return False
 
-    def _reject(self, run: str, seq: Any, code: str, message: str, t: list | None = None) -> None:
+    def _reject(self, run: str, seq: Any, code: str, message: str, t: list | None = None,
+                session: str | None = None) -> None:
         # the error must itself be a valid message: a seq out of the wire's range (read from a
         # header that failed validation) becomes -1, texts are cut to the wire's byte limit
         if not isinstance(seq, int) or isinstance(seq, bool) or not -1 <= seq < WIRE_SEQ_LIMIT:
@@ -132,7 +133,7 @@ class StageRuntime:
         c = self.counters
         c.last_error = f"seq {seq}: {code}: {message}"[:500]
         log.warning("stage %d: rejected message seq=%s: %s: %s", self.spec.stage, seq, code, message)
-        self._put(self.out_q, wire.error_message(run, seq, self.spec.stage, code, message, t))
+        self._put(self.out_q, wire.error_message(run, seq, self.spec.stage, code, message, t, session))
 
     def _recv_loop(self) -> None:
         c, spec = self.counters, self.spec
@@ -149,8 +150,10 @@ class StageRuntime:
             c.received += 1
             c.bytes_in += sum(len(f) for f in frames)
             reply_run = spec.run  # errors go out under the run they belong to
+            session = None  # ... and to the client session of the message they answer
             try:
                 msg = wire.decode(frames)
+                session = msg.session
                 if msg.kind == "error":
                     # errors come from stages only, so a client cannot fail microbatches with
                     # invented codes; a stage's error keeps its run (wrong_run names the sender's)
@@ -176,7 +179,8 @@ class StageRuntime:
                     raise wire.WireError("bad_shape", "tensors disagree on the batch size", msg.seq)
             except wire.WireError as e:
                 c.bad_messages += 1
-                self._reject(reply_run, e.seq if e.seq is not None else -1, e.code, e.message)
+                self._reject(reply_run, e.seq if e.seq is not None else -1, e.code, e.message,
+                             session=e.session if e.session is not None else session)
                 continue
             except Exception as e:  # a decoder bug must cost one message, never the receive thread
                 log.exception("stage %d: decoding a message failed", spec.stage)
@@ -220,7 +224,7 @@ class StageRuntime:
                 arrays = [np.ascontiguousarray(o.numpy()) for o in outs]
             except Exception as e:  # a shard failure is this message's error, not the node's
                 c.compute_errors += 1
-                self._reject(spec.run, msg.seq, "compute_failed", f"{type(e).__name__}: {e}", msg.t)
+                self._reject(spec.run, msg.seq, "compute_failed", f"{type(e).__name__}: {e}", msg.t, msg.session)
                 continue
             t2 = time.time()
             c.compute_s += t2 - t1
@@ -230,7 +234,7 @@ class StageRuntime:
             msg.t[-1][2:4] = [t1, t2]
             out = wire.Message(
                 kind="result" if spec.last else "act", run=spec.run, seq=msg.seq,
-                stage=spec.stage, tensors=arrays, t=msg.t,
+                stage=spec.stage, tensors=arrays, t=msg.t, session=msg.session,
             )
             self._put(self.out_q, out)
 

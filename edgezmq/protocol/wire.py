@@ -6,8 +6,9 @@ One ZeroMQ multipart message per microbatch::
                  {v: 1, kind: "act"|"result"|"error", run: str, seq: int, stage: int,
                   tensors: [{dtype: "float32", shape: [8, 197, 384], enc: "raw"}, ...],
                   t: [[stage, t_recv, t_start, t_end, t_send], ...],
-                  error: {code: str, message: str}        # kind == "error" only
-                 }
+                  error: {code: str, message: str},       # kind == "error" only
+                  session: str}                           # optional: the submitting client's
+
     frame 1..n   one raw C-contiguous buffer per tensor, in header order
 
 Buffers at or above ``COPY_THRESHOLD`` bytes are sent zero-copy; on receive the
@@ -44,16 +45,18 @@ MAX_NDIM = 8
 MAX_TIMESTAMPS = 256  # one entry per stage hop; bounds header growth along a long pipeline
 MAX_TENSOR_BYTES = 512 * 1024 * 1024  # per tensor; sockets also cap whole messages (MAXMSGSIZE)
 MAX_TEXT = 4096  # run ids, error messages
+MAX_SESSION = 64  # a client session id: what tells one client's results from another's
 
 
 class WireError(EdgezmqError, ValueError):
     """A message that does not follow the wire format; ``code`` names the failed check."""
 
-    def __init__(self, code: str, message: str, seq: int | None = None) -> None:
+    def __init__(self, code: str, message: str, seq: int | None = None, session: str | None = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
         self.seq = seq  # the message's seq when the header was readable, for error replies
+        self.session = session  # ... and its client session, so that the error reaches that client
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,10 @@ HEADER: tuple[HeaderField, ...] = (
                 f"hop, at most {MAX_TIMESTAMPS} entries (default []); the client adds [-1, t_submit] first"),
     HeaderField("error", "{code: str, message: str}", False, "required when `kind` is `error`, absent "
                 "otherwise"),
+    HeaderField("session", "str", False, f"the submitting client's session id, 1..{MAX_SESSION} characters, "
+                "random per client; every stage copies it onto what it sends for that message (`error` "
+                "messages included), so a client takes only its own results and drops (and counts) the "
+                "rest: run and seq alone do not tell a client from the one before it on the same address"),
 )
 
 # code -> when: what a stage refuses a data message with (it sends an `error` message downstream
@@ -124,6 +131,7 @@ class Message:
     tensors: list[np.ndarray] = field(default_factory=list)
     t: list[list[Any]] = field(default_factory=list)
     error: dict[str, str] | None = None
+    session: str | None = None
 
     def header(self) -> dict[str, Any]:
         h: dict[str, Any] = {
@@ -139,13 +147,16 @@ class Message:
         }
         if self.error is not None:
             h["error"] = self.error
+        if self.session is not None:
+            h["session"] = self.session
         return h
 
 
 def error_message(
-    run: str, seq: int, stage: int, code: str, message: str, t: list | None = None
+    run: str, seq: int, stage: int, code: str, message: str, t: list | None = None,
+    session: str | None = None,
 ) -> Message:
-    """An ``error`` message: travels downstream to the client in place of a result."""
+    """An ``error`` message: travels downstream to the client (of `session`) in place of a result."""
     return Message(
         kind="error",
         run=run,
@@ -153,6 +164,7 @@ def error_message(
         stage=stage,
         t=list(t or []),
         error={"code": str(code)[:MAX_TEXT], "message": str(message)[:MAX_TEXT]},
+        session=session,
     )
 
 
@@ -212,6 +224,17 @@ def decode_header(raw: Any) -> dict[str, Any]:
     if not isinstance(h, dict):
         raise WireError("bad_header", f"header must be a map, got {type(h).__name__}")
     seq = h.get("seq") if isinstance(h.get("seq"), int) else None
+    session = h.get("session")
+    if session is not None and not (isinstance(session, str) and 1 <= len(session) <= MAX_SESSION):
+        raise WireError("bad_field", f"session must be a string of 1..{MAX_SESSION} characters", seq)
+    try:
+        return _check_header(h, seq)
+    except WireError as e:  # its error message must reach the client that sent it
+        e.session = session
+        raise
+
+
+def _check_header(h: dict[str, Any], seq: int | None) -> dict[str, Any]:
     if h.get("v") != VERSION:
         raise WireError("bad_version", f"expected version {VERSION}, got {h.get('v')!r}", seq)
     if h.get("kind") not in KINDS:
@@ -264,13 +287,13 @@ def decode(frames: Sequence[Any]) -> Message:
     if len(frames) < 1:
         raise WireError("missing_frames", "empty message")
     h = decode_header(frames[0])
-    seq = h["seq"]
+    seq, session = h["seq"], h.get("session")
     specs = h["tensors"]
     if len(frames) != 1 + len(specs):
         raise WireError(
             "missing_frames" if len(frames) < 1 + len(specs) else "extra_frames",
             f"header declares {len(specs)} tensors, message has {len(frames) - 1} buffer frames",
-            seq,
+            seq, session,
         )
     tensors = []
     for i, (spec, frame) in enumerate(zip(specs, frames[1:])):
@@ -281,13 +304,13 @@ def decode(frames: Sequence[Any]) -> Message:
             raise WireError(
                 "bad_length",
                 f"tensors[{i}]: shape {spec['shape']} {spec['dtype']} needs {want} bytes, frame has {mv.nbytes}",
-                seq,
+                seq, session,
             )
         arr = np.frombuffer(mv, dtype=dtype).reshape(spec["shape"])
         tensors.append(arr)
     return Message(
         kind=h["kind"], run=h["run"], seq=seq, stage=h["stage"], tensors=tensors,
-        t=h.get("t", []), error=h.get("error"),
+        t=h.get("t", []), error=h.get("error"), session=session,
     )
 
 
