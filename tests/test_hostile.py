@@ -66,7 +66,7 @@ def test_the_expansion_limit_counts_values(n):
 
 # ---- model kwargs from peers and files: architecture only ------------------------------------
 
-from edgezmq.model.kwargs import ALLOWED, ModelKwargsError, check_model_kwargs  # noqa: E402
+from edgezmq.protocol.model_kwargs import ALLOWED, ModelKwargsError, check_model_kwargs  # noqa: E402
 
 FETCHING_KWARGS = [  # what timm.create_model would act on beyond the architecture
     {"pretrained_cfg_overlay": {"url": "http://198.51.100.1/x.pth"}},
@@ -105,3 +105,28 @@ def test_architecture_kwargs_pass_unchanged():
     kw = {"img_size": [64, 48], "depth": 4, "mlp_ratio": 2.5, "init_values": None, "global_pool": "avg",
           "class_token": False, "num_classes": 0}
     assert check_model_kwargs(kw) == kw
+
+
+@pytest.mark.parametrize("kw", FETCHING_KWARGS[:4], ids=lambda k: str(next(iter(k))))
+def test_a_plan_file_with_fetching_kwargs_is_refused_at_parse_time(kw):
+    from edgezmq.orchestrate.planfile import parse_plan
+
+    plan = {"model": {"name": "vit_tiny_patch16_224", "checkpoint": "/x.safetensors", "kwargs": kw},
+            "stages": [{"units": [0, 14], "nodes": ["tcp://127.0.0.1:5550"]}]}
+    with pytest.raises(PlanFileError, match=r"model\.kwargs\.\w+: not an architecture argument"):
+        parse_plan(plan)
+
+
+@pytest.mark.parametrize("cmd", ["load", "profile", "describe"])
+@pytest.mark.parametrize("kw", FETCHING_KWARGS[:4], ids=lambda k: str(next(iter(k))))
+def test_a_control_request_with_fetching_kwargs_is_bad_args(cmd, kw):
+    from edgezmq.protocol import control
+
+    args = {"model": "vit_tiny_patch16_224", "kwargs": kw}
+    if cmd == "load":
+        args.update(run="r", units=[0, 1], stage=0, last=True, microbatch=1, checkpoint="/x.safetensors")
+    if cmd == "profile":
+        args.update(microbatch=1)
+    with pytest.raises(control.ControlError) as e:
+        control.parse_request(control.request(cmd, **args))
+    assert e.value.code == control.BAD_ARGS and f"{cmd}.kwargs." in e.value.message

@@ -18,6 +18,7 @@ from helpers import (
     wait_state,
 )
 
+from edgezmq.paths import checkpoints_dir
 from edgezmq.protocol import control, wire
 from edgezmq.transport import sockets
 from edgezmq.transport.rpc import ControlClient
@@ -69,7 +70,10 @@ def test_bad_requests_get_error_replies_and_socket_keeps_working(node, socks):
         ({"model": "no_such_model_xyz"}, "no_such_model_xyz"),
         ({"units": [3, 99]}, "out of bounds"),
         ({"units": [4, 2]}, "out of bounds"),
-        ({"checkpoint": "/nonexistent/x.safetensors"}, "not found"),
+        ({"checkpoint": "/nonexistent/x.safetensors"}, "outside this node's weights directories"),
+        ({"checkpoint": "/etc/passwd"}, "outside this node's weights directories"),
+        ({"checkpoint": str(checkpoints_dir() / ".." / ".." / "x.safetensors")}, "outside this node's weights"),
+        ({"checkpoint": str(checkpoints_dir() / "no-such.safetensors")}, "not found"),
         ({"dtype": "int8"}, "dtype"),
         ({"microbatch": 0}, "microbatch"),
     ],
@@ -336,10 +340,13 @@ def test_unload_then_load_again(cc, socks):
 def test_load_failure_while_building_is_reported(cc, tmp_path):
     from safetensors.numpy import save_file
 
-    bad = tmp_path / "wrong.safetensors"
+    bad = checkpoints_dir() / f"wrong-{tmp_path.name}.safetensors"  # where the node reads weights
     save_file({"unrelated": np.zeros(3, np.float32)}, str(bad))
-    cc.call("load", **load_args(checkpoint=str(bad)))
-    r = wait_state(cc, "failed")
+    try:
+        cc.call("load", **load_args(checkpoint=str(bad)))
+        r = wait_state(cc, "failed")
+    finally:
+        bad.unlink()
     assert "t0" in r["error"] and "lacks 56 tensor(s)" in r["error"]
 
 
@@ -447,3 +454,29 @@ def test_status_counts_each_bad_message_once():
              "compute_errors": 1, "uptime_s": 1.0, "samples": 0, "processed": 0}
     row = node_row(NodeAddress("t0", "tcp://127.0.0.1:1"), {"state": "running", "stage": stage})
     assert row["errors"] == 4
+
+
+def test_a_symlink_out_of_the_weights_directory_is_refused(cc, tmp_path):
+    link = checkpoints_dir() / f"escape-{tmp_path.name}.safetensors"
+    link.symlink_to(checkpoint_outside := tmp_path / "elsewhere.safetensors")
+    checkpoint_outside.write_bytes(b"")
+    try:
+        with pytest.raises(control.ControlError, match="outside this node's weights directories") as e:
+            cc.call("load", **load_args(checkpoint=str(link)))
+        assert e.value.code == control.LOAD_FAILED
+    finally:
+        link.unlink()
+
+
+def test_weights_directories_are_the_nodes_to_choose(tmp_path):
+    from safetensors.numpy import save_file
+
+    mine = tmp_path / "weights"
+    mine.mkdir()
+    ckpt = mine / "other.safetensors"
+    save_file({"unrelated": np.zeros(3, np.float32)}, str(ckpt))
+    with inproc_node(weights_dirs=[str(mine)]) as node, ControlClient(node.control_endpoint, timeout=30) as c:
+        c.call("load", **load_args(checkpoint=str(ckpt)))  # accepted: read (and found wanting) later
+        assert wait_state(c, "failed")["state"] == "failed"
+        with pytest.raises(control.ControlError, match="outside"):  # the cache is no longer a weights dir
+            c.call("load", **load_args())

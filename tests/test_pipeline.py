@@ -20,6 +20,7 @@ from edgezmq.orchestrate.address import NodeAddress
 from edgezmq.orchestrate.deploy import DeployError, deploy, unload
 from edgezmq.orchestrate.local import LocalCluster
 from edgezmq.orchestrate.planfile import DeployPlan, ModelSpec, PlanFileError, StagePlan
+from edgezmq.paths import checkpoints_dir
 from edgezmq.transport import sockets
 from edgezmq.transport.rpc import ControlClient
 
@@ -108,12 +109,15 @@ def test_deploy_to_dead_node_fails_clearly_and_unloads_the_others(cluster):
 def test_deploy_failure_on_one_node_unloads_the_loaded_ones(cluster, tmp_path):
     from safetensors.numpy import save_file
 
-    bad = tmp_path / "partial.safetensors"  # holds nothing the last shard needs
+    bad = checkpoints_dir() / f"partial-{tmp_path.name}.safetensors"  # holds nothing the last shard needs
     save_file({"x": np.zeros(1, np.float32)}, str(bad))
     plan = make_plan(cluster, [(0, 3), (3, N_UNITS)])
     plan.model.checkpoint = str(bad)
-    with pytest.raises(DeployError) as ei:
-        deploy(plan, load_timeout=60)
+    try:
+        with pytest.raises(DeployError) as ei:
+            deploy(plan, load_timeout=60)
+    finally:
+        bad.unlink()
     assert set(ei.value.errors) == {cluster.nodes[0].name, cluster.nodes[1].name}
     for n in cluster.nodes[:2]:
         with ControlClient(n.control, timeout=5) as c:

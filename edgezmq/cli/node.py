@@ -30,6 +30,9 @@ def add_node_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0: any; needs edgezmq[metrics])")
     p.add_argument("--metrics-host", help=f"address the metrics endpoint binds (default {nodeconfig.DEFAULT_METRICS_HOST})")
     p.add_argument("--cache-dir", help="profiles and seeded checkpoints (default $EDGEZMQ_CACHE or ~/.cache/edgezmq)")
+    p.add_argument("--weights-dir", dest="weights_dirs", action="append", metavar="DIR",
+                   help="a directory `load` may read checkpoints from (repeatable; default: the cache's "
+                        "checkpoints/); a peer cannot make the node read a file elsewhere (docs/security.md)")
     p.add_argument("--log-level", choices=nodeconfig.LOG_LEVELS, help="edgezmq log level (-v wins)")
     # a flag counts as given when it is not None, so the file can fill what the command line left out
     p.set_defaults(control=None)
@@ -88,7 +91,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         node = Node(args.control, name=args.name, threads=args.threads,
-                    memory_limit=args.memory_limit, advertise=args.advertise,
+                    memory_limit=args.memory_limit, advertise=args.advertise, weights_dirs=args.weights_dirs,
                     keys=keys, allow_dir=args.allow)
     except zmq.ZMQError as e:  # e.g. the control address is taken
         raise CommandFailed(f"--control {args.control}: cannot bind ({e})") from None

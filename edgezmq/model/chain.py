@@ -35,7 +35,7 @@ from timm.models.vision_transformer import Block, ResPostBlock, VisionTransforme
 from torch import nn
 
 from edgezmq.errors import EdgezmqError
-from edgezmq.paths import CACHE_ENV, cache_root  # noqa: F401 - re-exported
+from edgezmq.paths import CACHE_ENV, CHECKPOINT_DIR, cache_root, checkpoints_dir  # noqa: F401 - re-exported
 from edgezmq.terms import GRANULARITIES
 
 __all__ = [
@@ -77,7 +77,6 @@ try:  # ViTamin's MLP lives with its model
 except ImportError:  # pragma: no cover
     pass
 
-CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_MODE = 0o644  # safetensors writes 0600; node daemons may run as another user
 KWARGS_HASH_CHARS = 12
 INFO_CACHE_SIZE = 64
@@ -681,7 +680,7 @@ def cached_checkpoint(name: str, *, seed: int = 0, cache_dir: str | os.PathLike 
                       **kwargs: Any) -> Path:
     """<root>/checkpoints/<name>-<kwargs hash>-seed<seed>.safetensors, written on first use."""
     digest = hashlib.sha256(_kwargs_json(kwargs).encode()).hexdigest()[:KWARGS_HASH_CHARS]
-    path = cache_root(cache_dir) / CHECKPOINT_DIR / f"{name}-{digest}-seed{seed}.safetensors"
+    path = checkpoints_dir(cache_dir) / f"{name}-{digest}-seed{seed}.safetensors"
     why = _cached_checkpoint_problem(path, name, seed, kwargs)
     if why is not None:
         if path.exists():

@@ -53,6 +53,7 @@ DEFAULTS: dict[str, Any] = {
     "memory_limit": None,
     "advertise": None,
     "cache_dir": None,
+    "weights_dirs": None,
     "metrics_port": None,
     "metrics_host": DEFAULT_METRICS_HOST,
     "log_level": None,
@@ -100,6 +101,8 @@ def parse_node_config(d: Any, source: str = "node config") -> dict[str, Any]:
             v = _keys(v, where)
         elif key == "cache_dir":
             v = F.path(v, where)
+        elif key == "weights_dirs":
+            v = [F.path(d, f"{where}[{i}]") for i, d in enumerate(F.seq(v, where, nonempty=True))]
         else:  # advertise, metrics_host
             v = F.string(v, where)
         out[key] = v

@@ -23,6 +23,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,7 @@ import zmq
 
 from edgezmq.node import device
 from edgezmq.node.stage import BUFFERS_PER_DIRECTION, POLL_MS, LoadSpec, StageRuntime
+from edgezmq.paths import checkpoints_dir
 from edgezmq.protocol import control
 from edgezmq.protocol import messages as m
 from edgezmq.protocol.messages import Reply, Request
@@ -74,7 +76,11 @@ class Node:
         ctx: zmq.Context | None = None,
         keys: security.KeyPair | None = None,
         allow_dir: str | None = None,
+        weights_dirs: list[str] | None = None,
     ) -> None:
+        # where `load` may read checkpoints: a peer names a file, the node decides where files may be
+        self.weights_dirs = [Path(d).expanduser().resolve() for d in
+                             (weights_dirs or [str(checkpoints_dir())])]
         if (keys is None) != (allow_dir is None):
             raise ValueError(f"a secured node needs both a key pair and an allow-list directory "
                              f"(got keys={keys is not None}, allow_dir={allow_dir!r})")
@@ -278,9 +284,7 @@ class Node:
         except (models.ModelError, TypeError, ValueError) as e:
             raise control.ControlError(control.LOAD_FAILED, f"node {self.name}: {e}") from None
         if spec.checkpoint is not None:
-            from pathlib import Path
-            if not Path(spec.checkpoint).is_file():
-                raise control.ControlError(control.LOAD_FAILED, f"node {self.name}: checkpoint {spec.checkpoint!r} not found")
+            self._check_weights_path(spec.checkpoint)
         from edgezmq.model import profile_cache
         from edgezmq.planner.cost import shard_memory_bytes
 
@@ -321,6 +325,16 @@ class Node:
         self._loader = threading.Thread(target=self._build, args=(rt,), name="loader", daemon=True)
         self._loader.start()
         return self._load_reply
+
+    def _check_weights_path(self, checkpoint: str) -> None:
+        """A checkpoint inside one of the node's weights directories (symlinks resolved), or refused."""
+        path = Path(checkpoint).expanduser().resolve()
+        if not any(path.is_relative_to(d) for d in self.weights_dirs):
+            raise control.ControlError(
+                control.LOAD_FAILED, f"node {self.name}: checkpoint {checkpoint!r} is outside this node's "
+                f"weights directories {[str(d) for d in self.weights_dirs]} (edgezmq node --weights-dir)")
+        if not path.is_file():
+            raise control.ControlError(control.LOAD_FAILED, f"node {self.name}: checkpoint {checkpoint!r} not found")
 
     def _build(self, rt: StageRuntime) -> None:
         import torch

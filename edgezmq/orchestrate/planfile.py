@@ -15,6 +15,7 @@ from typing import Any
 from edgezmq.errors import EdgezmqError
 from edgezmq.fields import Fields, prefixed, read_yaml
 from edgezmq.orchestrate.address import NodeAddress
+from edgezmq.protocol.model_kwargs import ModelKwargsError, check_model_kwargs
 from edgezmq.terms import GRANULARITIES
 from edgezmq.transport import security
 
@@ -81,6 +82,15 @@ class DeployPlan:
 F = Fields(prefixed(PlanFileError))
 
 
+def _model_kwargs(kwargs: dict) -> dict:
+    """Architecture arguments only (the nodes refuse anything else: docs/security.md), checked here
+    so that a bad plan fails before any node is asked."""
+    try:
+        return check_model_kwargs(kwargs, "model.kwargs")
+    except ModelKwargsError as e:
+        raise PlanFileError(str(e)) from None
+
+
 def parse_plan(d: Any, source: str | None = None) -> DeployPlan:
     """Validate a plan dict; PlanFileError names the offending field."""
     m = F.need({"model": d} if not isinstance(d, dict) else d, "model", dict, "plan")
@@ -91,7 +101,7 @@ def parse_plan(d: Any, source: str | None = None) -> DeployPlan:
         dtype=F.need(m, "dtype", str, "model", "float32"),
         checkpoint=F.need(m, "checkpoint", str, "model", None),
         pretrained=F.need(m, "pretrained", bool, "model", False),
-        kwargs=F.need(m, "kwargs", dict, "model", {}),
+        kwargs=_model_kwargs(F.need(m, "kwargs", dict, "model", {})),
     )
     F.integer(model.microbatch, "model.microbatch", lo=1)
     F.choice(model.granularity, "model.granularity", GRANULARITIES)

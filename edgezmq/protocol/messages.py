@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from edgezmq.protocol.model_kwargs import ModelKwargsError, check_model_kwargs
 from edgezmq.protocol.schema import JSON, JSONMap, Record, SchemaError, field_
+from edgezmq.terms import GRANULARITIES
 
 MAX_RID = 64  # characters of a request id
 REPLIES_KEPT = 64  # replies a node remembers by request id: more than any client has in flight
@@ -27,7 +29,7 @@ MiB = 1 << 20
 NETPROBE_MAX_BYTES = 256 * MiB  # a netprobe bulk message (edgezmq.transport.netprobe)
 NETPROBE_MAX_SECONDS = 60.0
 NODE_STATES = ("idle", "loading", "loaded", "running", "failed")
-GRANULARITY_DOC = "block | half | sublayer (edgezmq.model.chain.GRANULARITIES)"
+GRANULARITY_DOC = "how the model is cut into units: block | half | sublayer (docs/model.md)"
 
 
 class Request(Record):
@@ -41,6 +43,19 @@ class Request(Record):
 
 class Reply(Record):
     """The fields of a command's ok reply."""
+
+
+KWARGS_DOC = ("timm architecture arguments (img_size, depth, num_classes, ...): only those of "
+              "`edgezmq.protocol.model_kwargs.ALLOWED`, each in its range; anything else (a URL, a "
+              "cache directory, a layer class) is refused")
+
+
+def _check_kwargs(kwargs: dict[str, JSON], cmd: str) -> None:
+    try:
+        check_model_kwargs(kwargs, f"{cmd}.kwargs")
+    except ModelKwargsError as e:  # the error names the field: `load.kwargs.cache_dir: ...`
+        path, _, message = str(e).partition(": ")
+        raise SchemaError(path, message) from None
 
 
 # ---------------------------------------------------------------- shared parts
@@ -166,10 +181,13 @@ class DescribeRequest(Request):
 
     CMD = WIRE_NAME = "describe"
     model: str = field_("timm model name", max_len=MAX_NAME)
-    granularity: str = field_(GRANULARITY_DOC, default="block", max_len=MAX_NAME)
-    kwargs: dict[str, JSON] = field_("extra timm.create_model keyword arguments", factory=dict,
+    granularity: str = field_(GRANULARITY_DOC, default="block", choices=GRANULARITIES)
+    kwargs: dict[str, JSON] = field_(KWARGS_DOC, factory=dict,
                                      default_doc="{}")
     microbatch: int = field_("batch size of the input specs", default=1, lo=1, hi=MAX_MICROBATCH)
+
+    def validate(self) -> None:
+        _check_kwargs(self.kwargs, self.CMD)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -197,8 +215,8 @@ class LoadRequest(Request):
                         lo=0, hi=MAX_STAGES - 1)
     last: bool = field_("the last stage: sends `result` messages (to the client) instead of `act`")
     microbatch: int = field_("largest batch a data message may carry", lo=1, hi=MAX_MICROBATCH)
-    granularity: str = field_(GRANULARITY_DOC, default="block", max_len=MAX_NAME)
-    kwargs: dict[str, JSON] = field_("extra timm.create_model keyword arguments (img_size, depth, ...)",
+    granularity: str = field_(GRANULARITY_DOC, default="block", choices=GRANULARITIES)
+    kwargs: dict[str, JSON] = field_(KWARGS_DOC,
                                      factory=dict, default_doc="{}")
     checkpoint: str | None = field_("a safetensors file's path ON THE NODE (only the shard's tensors are "
                                     "read); exactly one of checkpoint and pretrained", default=None,
@@ -212,6 +230,7 @@ class LoadRequest(Request):
                               default_doc="the control host, any port")
 
     def validate(self) -> None:
+        _check_kwargs(self.kwargs, self.CMD)
         if (self.checkpoint is None) == (not self.pretrained):
             raise SchemaError("load", "give exactly one of checkpoint (a safetensors path on the node) "
                               f"or pretrained: true, got checkpoint={self.checkpoint!r}, "
@@ -278,8 +297,8 @@ class ProfileRequest(Request):
     CMD = WIRE_NAME = "profile"
     model: str = field_("timm model name", max_len=MAX_NAME)
     microbatch: int = field_("batch size to time each unit at", lo=1, hi=MAX_MICROBATCH)
-    granularity: str = field_(GRANULARITY_DOC, default="block", max_len=MAX_NAME)
-    kwargs: dict[str, JSON] = field_("extra timm.create_model keyword arguments", factory=dict,
+    granularity: str = field_(GRANULARITY_DOC, default="block", choices=GRANULARITIES)
+    kwargs: dict[str, JSON] = field_(KWARGS_DOC, factory=dict,
                                      default_doc="{}")
     threads: int | None = field_("torch threads", default=None, lo=1, hi=MAX_THREADS,
                                  default_doc="the node's `--threads`, else torch's")
@@ -288,6 +307,9 @@ class ProfileRequest(Request):
     reprofile: bool = field_("ignore the node's profile cache", default=False)
     check: bool = field_("on a cache hit, time the profile's chain window again and rescale the "
                          "profile if the device has drifted (a job)", default=False)
+
+    def validate(self) -> None:
+        _check_kwargs(self.kwargs, self.CMD)
 
 
 @dataclass(frozen=True, kw_only=True)
