@@ -286,3 +286,41 @@ def test_a_node_killed_during_the_first_calibration_is_failed_over(tmp_path):
     assert len(outs) == N_BATCHES
     for a, b in zip(outs, monolithic(xs)):
         assert float(np.max(np.abs(a - b))) <= 1e-5
+
+
+def test_sigterm_to_run_unloads_its_nodes(tmp_path):
+    """A `run` stopped by SIGTERM (systemd, `timeout`) cleans up as after Ctrl-C: no node is left
+    running a run nobody drives."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+
+    with LocalCluster(2, threads=1, log_dir=tmp_path) as local:
+        inv = tmp_path / "cluster.yaml"
+        inv.write_text(yaml.safe_dump({"nodes": [{"name": n.name, "control": n.control} for n in local.nodes],
+                                       "measure": {"seconds": 0.1, "pings": 3}}))
+        run = subprocess.Popen([sys.executable, "-m", "edgezmq", "run", str(inv), "--model", MODEL,
+                                "--kwargs", json.dumps(KWARGS), "--microbatch", str(MICROBATCH),
+                                "--checkpoint", checkpoint(), "--random", "100000", "--out", str(tmp_path / "y.npy")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            clients = [ControlClient(n.control, timeout=5, name=n.name) for n in local.nodes]
+            deadline = time.monotonic() + 300
+            while not all(c.call("ping")["state"] == "running" for c in clients):  # deployed, streaming
+                assert run.poll() is None, run.stderr.read() if run.stderr else ""
+                assert time.monotonic() < deadline, "run never deployed"
+                time.sleep(0.2)
+            run.send_signal(signal.SIGTERM)
+            _, err = run.communicate(timeout=120)
+            assert run.returncode == 128 + signal.SIGTERM, err
+            assert "terminated" in err and "Traceback" not in err
+            assert [c.call("ping")["state"] for c in clients] == ["idle", "idle"]
+        finally:
+            if run.poll() is None:
+                run.kill()
+                run.wait()
+            for c in clients:
+                c.close()

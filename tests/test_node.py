@@ -480,3 +480,19 @@ def test_weights_directories_are_the_nodes_to_choose(tmp_path):
         assert wait_state(c, "failed")["state"] == "failed"
         with pytest.raises(control.ControlError, match="outside"):  # the cache is no longer a weights dir
             c.call("load", **load_args())
+
+
+def test_messages_larger_than_the_stages_input_are_dropped_by_libzmq(cc, socks):
+    """The data socket's MAXMSGSIZE is the stage's own input plus a header, not 1 GiB: an oversized
+    message never reaches Python (not counted, no memory), and the stage goes on serving."""
+    push, out = _one_stage(cc, socks)
+    x = batches(1)[0]
+    big = np.zeros((MICROBATCH * 64, *x.shape[1:]), np.float32)  # 64x the input the stage takes
+    sockets.send_message(push, wire.Message("act", "r1", 0, -1, [big]))
+    again = socks(zmq.PUSH)  # libzmq closed the oversized sender's connection
+    again.connect(cc.call("ping")["data"])
+    sockets.send_message(again, wire.Message("act", "r1", 1, -1, [x]))
+    m = _recv(out)
+    assert m.kind == "result" and m.seq == 1
+    st = cc.call("stats")["stage"]
+    assert st["received"] == 1 and st["bad_messages"] == 0 and st["bytes_in"] < big.nbytes

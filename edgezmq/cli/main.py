@@ -1,7 +1,8 @@
 """The `edgezmq` command: builds the parser from the command groups, runs the command, applies the exit-code policy.
 
 Exit codes (docs/operations.md "Exit codes"): 0 done; 1 the operation ran and failed; 2 bad
-input (argparse's own 2 included); 130 interrupted.  Only an :class:`~edgezmq.errors.EdgezmqError`
+input (argparse's own 2 included); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM, after the
+same clean-up as Ctrl-C).  Only an :class:`~edgezmq.errors.EdgezmqError`
 becomes one line on stderr; anything else is a bug and keeps its traceback.
 """
 
@@ -12,6 +13,7 @@ import logging
 import sys
 
 from edgezmq.errors import EXIT_INTERRUPTED, EdgezmqError
+from edgezmq.interrupts import Terminated, sigterm_interrupts
 
 DESCRIPTION = ("Pipeline-parallel inference of vision transformers across edge devices over ZeroMQ. "
                "Exit codes: 0 done, 1 failed, 2 bad input, 130 interrupted (docs/operations.md).")
@@ -45,9 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # bad usage: argparse exits 2
     _setup_logging(args.verbose)
     try:
-        return int(args.func(args) or 0)
+        # SIGTERM (systemd, `timeout`, `kill`) takes Ctrl-C's way out, so that the same clean-up
+        # runs: a `run` unloads its nodes, a testbed `up` removes what it made
+        with sigterm_interrupts():
+            return int(args.func(args) or 0)
     except EdgezmqError as e:
         print(f"edgezmq {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
+    except Terminated as e:
+        print(f"edgezmq {args.command}: terminated", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED

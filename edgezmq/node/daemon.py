@@ -32,7 +32,7 @@ import zmq
 from edgezmq.node import device
 from edgezmq.node.stage import BUFFERS_PER_DIRECTION, POLL_MS, LoadSpec, StageRuntime
 from edgezmq.paths import checkpoints_dir
-from edgezmq.protocol import control
+from edgezmq.protocol import control, wire
 from edgezmq.protocol import messages as m
 from edgezmq.protocol.messages import Reply, Request
 from edgezmq.transport import security, sockets
@@ -303,7 +303,10 @@ class Node:
                 f"node {self.name}: shard units [{spec.start}, {spec.end}) of {spec.model} needs "
                 f"{need / 1e6:.0f} MB ({param / 1e6:.0f} MB parameters + {buffers / 1e6:.0f} MB activation "
                 f"buffers + {working}), the node has {budget / 1e6:.0f} MB available")
-        pull = sockets.make_socket(self.ctx, zmq.PULL, sockets.DATA, curve=self.curve)
+        # the largest message this stage accepts is its input at the microbatch plus a header: libzmq
+        # drops anything bigger before Python reads it (a flood of 1 GiB messages costs nothing)
+        inbound = dataclasses.replace(sockets.DATA, maxmsgsize=n_in + wire.MAX_HEADER_BYTES)
+        pull = sockets.make_socket(self.ctx, zmq.PULL, inbound, curve=self.curve)
         bind_addr = req.bind or f"tcp://{sockets.host_of(self.control_endpoint)}:0"
         try:
             endpoint = sockets.bind(pull, bind_addr)
