@@ -219,3 +219,24 @@ def test_calibration_is_skipped_when_the_results_address_is_taken(nodes):
     finally:
         holder.close(0)
         ctx.term()
+
+
+@pytest.mark.slow
+def test_undeploy_an_inventory_unloads_whatever_its_nodes_serve(nodes, tmp_path):
+    """A run nobody drives any more (its client killed) is unloaded by `undeploy CLUSTER.yaml`."""
+    from edgezmq.cli.main import main as cli_main
+    from edgezmq.orchestrate.address import NodeAddress
+    from edgezmq.orchestrate.deploy import deploy
+    from edgezmq.orchestrate.planfile import DeployPlan, StagePlan
+    from edgezmq.transport.rpc import ControlClient
+
+    plan = DeployPlan(model=model_spec(), results="tcp://127.0.0.1:1",  # a client that is gone
+                      stages=[StagePlan((0, 3), [NodeAddress(nodes.nodes[0].name, nodes.nodes[0].control, 1)]),
+                              StagePlan((3, 6), [NodeAddress(nodes.nodes[1].name, nodes.nodes[1].control, 1)])])
+    deploy(plan, load_timeout=120)
+    inv = tmp_path / "cluster.yaml"
+    inv.write_text(yaml.safe_dump(_inventory(nodes)))
+    assert cli_main(["undeploy", str(inv)]) == 0
+    for n in nodes.nodes:
+        with ControlClient(n.control, timeout=5) as cc:
+            assert cc.call("ping")["state"] == "idle"

@@ -138,11 +138,19 @@ def _solved(g) -> dict:
 
 
 def cmd_undeploy(args: argparse.Namespace) -> int:
-    from edgezmq.orchestrate.deploy import unload
+    """Unload every node of a plan, or of a cluster inventory (whatever run they serve)."""
+    from edgezmq.fields import read_yaml
+    from edgezmq.orchestrate.deploy import unload, unload_nodes
+    from edgezmq.orchestrate.inventory import is_cluster_file, parse_cluster
+    from edgezmq.orchestrate.planfile import PlanFileError
 
-    plan = _load_plan(args.plan)
+    d = read_yaml(args.plan, PlanFileError, "plan or cluster file")
+    if is_cluster_file(d):
+        outcome = unload_nodes(list(parse_cluster(d, source=args.plan).nodes))
+    else:
+        outcome = unload(_load_plan(args.plan))
     code = 0
-    for name, r in unload(plan).items():
+    for name, r in outcome.items():
         ok = not isinstance(r, Exception)
         code |= 0 if ok else 1
         print(f"{name}: {'unloaded' if ok else r}")
@@ -220,9 +228,10 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--time-limit", type=positive_float, default=20.0, help="planner time limit, seconds")
     d.set_defaults(func=cmd_deploy)
 
-    u = sub.add_parser("undeploy", help="unload every node of a plan", formatter_class=FMT,
-                       epilog="examples:\n  edgezmq undeploy plans/local-3.yaml\n")
-    u.add_argument("plan")
+    u = sub.add_parser("undeploy", help="unload every node of a plan or a cluster inventory", formatter_class=FMT,
+                       epilog="examples:\n  edgezmq undeploy plans/local-3.yaml\n"
+                              "  edgezmq undeploy plans/cluster-local.yaml   # every node, whatever run it serves\n")
+    u.add_argument("plan", metavar="PLAN_OR_CLUSTER.yaml")
     u.set_defaults(func=cmd_undeploy)
 
     s = sub.add_parser("submit", help="run inputs through a deployed plan", epilog=EPILOG_SUBMIT, formatter_class=FMT)

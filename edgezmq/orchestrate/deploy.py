@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ from edgezmq.orchestrate.address import NodeAddress
 from edgezmq.orchestrate.planfile import DeployPlan, check_units
 from edgezmq.protocol import control
 from edgezmq.protocol.messages import LoadRequest
+from edgezmq.transport import security
 from edgezmq.transport.nodeclient import NodeClient
 
 log = logging.getLogger(__name__)
@@ -73,13 +75,20 @@ def _fail(errors: dict[str, Any]) -> dict[str, str]:
 
 def unload(plan: DeployPlan, *, timeout: float = PING_TIMEOUT_S, only: list[str] | None = None) -> dict[str, Any]:
     """Unload every (or the named) node of a plan; best effort, returns per-node outcome."""
-    nodes = [(i, n) for i, n in plan.all_nodes if only is None or n.name in only]
+    nodes = [n for _, n in plan.all_nodes if only is None or n.name in only]
+    return unload_nodes(nodes, timeout=timeout, curve=plan.curve)
+
+
+def unload_nodes(nodes: list[NodeAddress], *, timeout: float = PING_TIMEOUT_S,
+                 curve: Callable[[NodeAddress], security.Curve | None] = lambda n: n.curve) -> dict[str, Any]:
+    """Unload each node, whatever it serves (a stale run nobody drives included); best effort:
+    node name -> its reply or the exception."""
 
     def one(_: int, n: NodeAddress) -> Any:
-        with NodeClient(n.control, timeout=timeout, retries=0, name=n.name, curve=plan.curve(n)) as c:
+        with NodeClient(n.control, timeout=timeout, retries=0, name=n.name, curve=curve(n)) as c:
             return c.unload()
 
-    return _each(nodes, one)
+    return _each([(0, n) for n in nodes], one)
 
 
 def deploy(
