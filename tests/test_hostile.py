@@ -130,3 +130,57 @@ def test_a_control_request_with_fetching_kwargs_is_bad_args(cmd, kw):
     with pytest.raises(control.ControlError) as e:
         control.parse_request(control.request(cmd, **args))
     assert e.value.code == control.BAD_ARGS and f"{cmd}.kwargs." in e.value.message
+
+
+# ---- the CLI's own inputs: one line naming the flag, exit 2, nothing written ----------------
+
+def _npy(tmp_path, name, array=None, raw=None):
+    import numpy as np
+
+    p = tmp_path / name
+    if raw is not None:
+        p.write_bytes(raw)
+    else:
+        np.save(p, array)
+    return str(p)
+
+
+def _bad_cli_inputs(tmp_path):
+    import numpy as np
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("model: {name: vit_tiny_patch16_224, checkpoint: /n/x.safetensors, microbatch: 2}\n"
+                    "stages: [{units: [0, 14], nodes: ['tcp://127.0.0.1:1']}]\n")
+    nan = np.zeros((1, 3, 8, 8), np.float32)
+    nan[0, 0, 0, 0] = np.nan
+    return {
+        "empty .npy": (["submit", str(plan), "--npy", _npy(tmp_path, "empty.npy", raw=b"")], "--npy"),
+        "complex .npy": (["submit", str(plan), "--npy", _npy(tmp_path, "c.npy", np.zeros((1, 3, 8, 8), np.complex64))],
+                         "real numbers"),
+        "NaN in .npy": (["submit", str(plan), "--npy", _npy(tmp_path, "nan.npy", nan)], "NaN"),
+        "object .npy": (["submit", str(plan), "--npy", _npy(tmp_path, "o.npy", raw=b"\x93NUMPY garbage")], "--npy"),
+        "2-D .npy": (["submit", str(plan), "--npy", _npy(tmp_path, "flat.npy", np.zeros((4, 4), np.float32))],
+                     "(N, C, H, W)"),
+        "--kwargs not an object": (["checkpoint", "--model", "vit_tiny_patch16_224", "--kwargs", "[1]"], "--kwargs"),
+        "checkpoint --out a directory": (["checkpoint", "--model", "vit_tiny_patch16_224", "--out", str(tmp_path)],
+                                         "is a directory"),
+        "undeploy an alias bomb": (["undeploy", _bomb(tmp_path)], "expands to more than"),
+    }
+
+
+def _bomb(tmp_path):
+    p = tmp_path / "bomb.yaml"
+    p.write_text(alias_bomb(9, top="nodes"))
+    return str(p)
+
+
+def test_bad_cli_inputs_are_one_line_and_exit_2(tmp_path, capsys):
+    from edgezmq.cli.main import main as cli_main
+    from edgezmq.errors import EXIT_BAD_INPUT
+
+    for what, (argv, text) in _bad_cli_inputs(tmp_path).items():
+        code = cli_main(argv)
+        err = capsys.readouterr().err
+        assert code == EXIT_BAD_INPUT, (what, code, err)
+        assert err.count("\n") == 1 and "Traceback" not in err and text in err, (what, err)
+        assert len(err) < MAX_ERROR_CHARS, what

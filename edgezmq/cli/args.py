@@ -153,17 +153,37 @@ def inputs(args: argparse.Namespace, model) -> tuple:
     if args.npy is not None:
         try:
             x = np.load(args.npy, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise UsageError(f"--npy {args.npy}: cannot read ({e})") from None
-        if x.ndim == 3:
-            x = x[None]
-        return np.ascontiguousarray(x, dtype=np.float32), None
+        except (OSError, ValueError, EOFError) as e:  # EOFError: an empty file
+            raise UsageError(f"--npy {args.npy}: cannot read a .npy array ({type(e).__name__}: {e})"[:300]) from None
+        return check_images(x, f"--npy {args.npy}"), None
     from edgezmq.model.images import load_images
 
     try:
         return load_images(args.images, model.name, **model.kwargs)
     except (OSError, ValueError) as e:  # images.py says which: not a directory, no images, an unreadable file
         raise UsageError(str(e)) from None
+
+
+def check_images(x: Any, what: str) -> Any:
+    """Input images as float32 (N, C, H, W), or UsageError naming `what`: a real number type only
+    (a complex or object array is not silently cast), finite values only (a NaN gives NaN logits)."""
+    import numpy as np
+
+    if not isinstance(x, np.ndarray) or x.dtype.kind not in "fiub":
+        raise UsageError(f"{what}: expected real numbers, got {getattr(x, 'dtype', type(x).__name__)}")
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4 or 0 in x.shape:
+        raise UsageError(f"{what}: expected images of shape (N, C, H, W) or (C, H, W), got {x.shape}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise UsageError(f"{what}: {int((~np.isfinite(x)).sum())} value(s) are NaN or infinite")
+    return x
+
+
+def npy_path(path: str) -> str:
+    """Where ``np.save(path)`` writes: it appends .npy to a name without it."""
+    return path if path.endswith(".npy") else path + ".npy"
 
 
 def progress_bar(total: int, label: str = "", stream=sys.stderr):
@@ -198,11 +218,12 @@ def collect(args: argparse.Namespace, stream: Iterator, n_batches: int, names) -
             bar(len(outs), samples)
     dt = time.time() - t0
     logits = np.concatenate(outs)
+    out = npy_path(args.out)
     try:
-        np.save(args.out, logits)
+        np.save(out, logits)
     except OSError as e:
         raise UsageError(f"--out {args.out}: cannot write ({e.strerror or e})") from None
-    print(f"{len(logits)} samples in {dt:.2f}s ({len(logits) / dt:.2f} samples/s); logits -> {args.out}")
+    print(f"{len(logits)} samples in {dt:.2f}s ({len(logits) / dt:.2f} samples/s); logits -> {out}")
     for i, row in enumerate(top5(logits)[: args.show]):
         label = names[i] if names else f"sample {i}"
         print(f"{label}: " + ", ".join(f"{cls} ({p:.3f})" for cls, p in row))

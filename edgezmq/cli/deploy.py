@@ -196,6 +196,9 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
 
     kwargs = json_object("--kwargs", args.kwargs)
     out = Path(args.out).expanduser() if args.out else None
+    if out is not None and (out.is_dir() or not out.parent.is_dir()):
+        raise UsageError(f"--out {args.out}: expected a file path in an existing directory"
+                         f"{' (it is a directory)' if out.is_dir() else ''}")
     path = (models.write_checkpoint(args.model, out, seed=args.seed, **kwargs) if out
             else models.cached_checkpoint(args.model, seed=args.seed, **kwargs))
     print(path)

@@ -118,6 +118,9 @@ class Node:
         self.probe = ProbeServer(sockets.host_of(self.control_endpoint), ctx=self.ctx, curve=self.curve).start()
         assert self.probe.endpoint is not None  # start() returns once bound
         self.probe_endpoint = self._advertised(self.probe.endpoint)
+        if self.keys is None and sockets.host_of(self.probe.endpoint) not in LOOPBACK:
+            log.warning("node %s: probe server %s bound without encryption: anyone who can reach it can "
+                        "use this node's bandwidth (docs/security.md)", self.name, self.probe.endpoint)
 
     def _advertised(self, endpoint: str) -> str:
         if self.advertise:
