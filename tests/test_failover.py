@@ -108,21 +108,27 @@ def test_heartbeat_declares_a_silent_node_dead_by_name(tmp_path):
         assert all(why == "is idle, not running its stage (2 heartbeats in a row)" for _, why in dead)
 
 
-def test_cli_run_on_an_inventory(tmp_path):
+def run_argv(local: LocalCluster, tmp_path, n_random: int) -> list[str]:
+    """`edgezmq run` on an inventory of `local`'s nodes, with `n_random` random inputs."""
     import json
-    import subprocess
     import sys
 
     import yaml
 
+    inv = tmp_path / "cluster.yaml"
+    inv.write_text(yaml.safe_dump({"nodes": [{"name": n.name, "control": n.control} for n in local.nodes],
+                                   "measure": {"seconds": 0.1, "pings": 3}}))
+    return [sys.executable, "-m", "edgezmq", "run", str(inv), "--model", MODEL, "--kwargs", json.dumps(KWARGS),
+            "--microbatch", str(MICROBATCH), "--checkpoint", checkpoint(), "--random", str(n_random),
+            "--out", str(tmp_path / "y.npy")]
+
+
+def test_cli_run_on_an_inventory(tmp_path):
+    import subprocess
+
+
     with LocalCluster(2, threads=1, log_dir=tmp_path) as local:
-        inv = tmp_path / "cluster.yaml"
-        inv.write_text(yaml.safe_dump({"nodes": [{"name": n.name, "control": n.control} for n in local.nodes],
-                                       "measure": {"seconds": 0.1, "pings": 3}}))
-        r = subprocess.run([sys.executable, "-m", "edgezmq", "run", str(inv), "--model", MODEL,
-                            "--kwargs", json.dumps(KWARGS), "--microbatch", str(MICROBATCH),
-                            "--checkpoint", checkpoint(), "--random", "5", "--out", str(tmp_path / "y.npy"), "-q"],
-                           capture_output=True, text=True, timeout=300)
+        r = subprocess.run(run_argv(local, tmp_path, 5) + ["-q"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert np.load(tmp_path / "y.npy").shape == (5, 1000) and "deployed run" in r.stderr
 
@@ -291,21 +297,13 @@ def test_a_node_killed_during_the_first_calibration_is_failed_over(tmp_path):
 def test_sigterm_to_run_unloads_its_nodes(tmp_path):
     """A `run` stopped by SIGTERM (systemd, `timeout`) cleans up as after Ctrl-C: no node is left
     running a run nobody drives."""
-    import json
     import signal
     import subprocess
-    import sys
 
-    import yaml
 
     with LocalCluster(2, threads=1, log_dir=tmp_path) as local:
-        inv = tmp_path / "cluster.yaml"
-        inv.write_text(yaml.safe_dump({"nodes": [{"name": n.name, "control": n.control} for n in local.nodes],
-                                       "measure": {"seconds": 0.1, "pings": 3}}))
-        run = subprocess.Popen([sys.executable, "-m", "edgezmq", "run", str(inv), "--model", MODEL,
-                                "--kwargs", json.dumps(KWARGS), "--microbatch", str(MICROBATCH),
-                                "--checkpoint", checkpoint(), "--random", "100000", "--out", str(tmp_path / "y.npy")],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        run = subprocess.Popen(run_argv(local, tmp_path, 100_000), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
         try:
             clients = [ControlClient(n.control, timeout=5, name=n.name) for n in local.nodes]
             deadline = time.monotonic() + 300
