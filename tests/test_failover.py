@@ -126,7 +126,6 @@ def run_argv(local: LocalCluster, tmp_path, n_random: int) -> list[str]:
 def test_cli_run_on_an_inventory(tmp_path):
     import subprocess
 
-
     with LocalCluster(2, threads=1, log_dir=tmp_path) as local:
         r = subprocess.run(run_argv(local, tmp_path, 5) + ["-q"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
