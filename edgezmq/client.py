@@ -28,7 +28,7 @@ from edgezmq.orchestrate.planfile import DeployPlan
 from edgezmq.protocol import wire
 from edgezmq.protocol.control import BAD_STATE, ControlError
 from edgezmq.transport import security, sockets
-from edgezmq.transport.rpc import ControlClient
+from edgezmq.transport.nodeclient import NodeClient
 
 log = logging.getLogger(__name__)
 
@@ -129,12 +129,12 @@ class Client:
         entry: list[str] = []
         run = ""  # every node of stage 0 reports it
         for ref in plan.stages[0].nodes:
-            with ControlClient(ref.control, timeout=3.0, retries=1, name=ref.name, curve=plan.curve(ref)) as c:
-                r = c.call("ping")
-            if r.get("state") != "running":
-                raise ControlError(BAD_STATE, f"node {ref.name} is {r.get('state')}, not running: deploy the plan first")
-            entry.append(r["data"])
-            run = r["run"]
+            with NodeClient(ref.control, timeout=3.0, retries=1, name=ref.name, curve=plan.curve(ref)) as c:
+                r = c.ping()
+            if r.state != "running" or r.data is None or r.run is None:  # running: both are set
+                raise ControlError(BAD_STATE, f"node {ref.name} is {r.state}, not running: deploy the plan first")
+            entry.append(r.data)
+            run = r.run
         kw.setdefault("microbatch", plan.model.microbatch)
         if plan.keyring is not None:
             kw.setdefault("keyring", plan.keyring)

@@ -88,6 +88,23 @@ def wait_state(c: ControlClient, state: str, timeout: float = 60.0) -> dict:
     raise AssertionError(f"node not {state} after {timeout}s (state {r['state']})")
 
 
+def stage_stats(**fields):
+    """A node's ``stats.stage`` as a typed record: the given fields, every other counter 0."""
+    from edgezmq.protocol import messages as m
+
+    empty = {bool: False, str: "", int: 0, float: 0.0}
+    zero = {f.name: empty.get(f.type, []) for f in m.StageStats.fields()}  # units: []
+    return m.StageStats(**{**zero, **fields})
+
+
+def stats_reply(state: str = "running", stage=None, **fields):
+    """A typed ``stats`` reply of node t0 (``stage``: a StageStats, or None when nothing is loaded)."""
+    from edgezmq.protocol import messages as m
+
+    base = dict(name="t0", state=state, error=None, rss=0, peak_rss=0, requests=0, bad_requests=0)
+    return m.StatsReply(**{**base, **fields}, stage=stage)
+
+
 def make_keys(root: Path, nodes: list[str]) -> dict[str, Path]:
     """Key files of a secured cluster under ``root``: ``ring/`` every key pair (client and
     nodes), ``allow/`` every public key (each node's --allow), ``nodes/`` the nodes' public

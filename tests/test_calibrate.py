@@ -4,10 +4,11 @@ a re-plan + redeploy on real nodes when a profile was wrong."""
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import numpy as np
 import pytest
-from helpers import KWARGS, MICROBATCH, MODEL, batches, model_spec, monolithic
+from helpers import KWARGS, MICROBATCH, MODEL, batches, model_spec, monolithic, stage_stats
 from test_planner import small
 
 from edgezmq.client import Client
@@ -20,8 +21,8 @@ from edgezmq.planner import Problem, Stage, evaluate
 
 
 def _snap(processed, uptime, compute, compute_cpu, cpu):
-    return {"processed": processed, "uptime_s": uptime, "compute_s": compute, "compute_cpu_s": compute_cpu,
-            "cpu_s": cpu}
+    return stage_stats(processed=processed, uptime_s=uptime, compute_s=compute, compute_cpu_s=compute_cpu,
+                       cpu_s=cpu)
 
 
 @pytest.mark.parametrize("device, threads, want", [
@@ -40,8 +41,9 @@ def test_serving_time(device, threads, want):
 
 def test_serving_time_without_work_is_none():
     s = _snap(5, 10.0, 0.5, 0.4, 0.6)
-    assert C.serving_time_s(s, {**s, "uptime_s": 11.0}, {"cores": 2}, 1) is None
-    assert C.serving_time_s({}, _snap(0, 1.0, 0, 0, 0), {"cores": 2}, 1) is None
+    assert C.serving_time_s(s, replace(s, uptime_s=11.0), {"cores": 2}, 1) is None
+    assert C.serving_time_s(None, _snap(0, 1.0, 0, 0, 0), {"cores": 2}, 1) is None
+    assert C.serving_time_s(s, None, {"cores": 2}, 1) is None  # nothing loaded any more
 
 
 def test_factors_count_saturated_stages_and_slow_ones():

@@ -19,6 +19,7 @@ from helpers import (
     model_spec,
     monolithic,
     secured_node_args,
+    stage_stats,
 )
 
 from edgezmq.client import PipelineError
@@ -175,10 +176,6 @@ def test_a_node_that_comes_back_rejoins(tmp_path):
 
 
 # ---- stalls: a node that answers but whose stage stops producing ----------------------------
-def stage_stats(run: str = "r", received: int = 0, in_flight: int = 0, backpressured: bool = False) -> dict:
-    return {"run": run, "received": received, "in_flight": in_flight, "backpressured": backpressured}
-
-
 def test_progress_counts_only_time_holding_work_without_finishing_any():
     p = Progress()
     assert p.stalled_for(stage_stats(received=3), 0.0) == 0.0  # no work

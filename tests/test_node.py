@@ -15,6 +15,8 @@ from helpers import (
     inproc_node,
     load_args,
     monolithic,
+    stage_stats,
+    stats_reply,
     wait_state,
 )
 
@@ -450,9 +452,9 @@ def test_status_counts_each_bad_message_once():
     from edgezmq.orchestrate.address import NodeAddress
 
     # three refused messages, one of them of another run, and one failed forward: 4 errors
-    stage = {"stage": 0, "units": [0, 6], "run": "r1", "bad_messages": 3, "wrong_run": 1,
-             "compute_errors": 1, "uptime_s": 1.0, "samples": 0, "processed": 0}
-    row = node_row(NodeAddress("t0", "tcp://127.0.0.1:1"), {"state": "running", "stage": stage})
+    stage = stage_stats(stage=0, units=[0, 6], run="r1", bad_messages=3, wrong_run=1, compute_errors=1,
+                        uptime_s=1.0)
+    row = node_row(NodeAddress("t0", "tcp://127.0.0.1:1"), stats_reply("running", stage))
     assert row["errors"] == 4
 
 

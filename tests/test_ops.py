@@ -9,12 +9,23 @@ import shutil
 import subprocess
 import time
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import yaml
 import zmq
-from helpers import KWARGS, MICROBATCH, MODEL, N_UNITS, batches, checkpoint, inproc_node
+from helpers import (
+    KWARGS,
+    MICROBATCH,
+    MODEL,
+    N_UNITS,
+    batches,
+    checkpoint,
+    inproc_node,
+    stage_stats,
+    stats_reply,
+)
 
 from edgezmq.cli import node as node_cli
 from edgezmq.cli import ops as ops_cli
@@ -404,12 +415,12 @@ def test_status_notes_a_paused_stage():
     from edgezmq.ops.status import format_report, report
     from edgezmq.orchestrate.address import NodeAddress
 
-    stage = {"stage": 0, "units": [0, N_UNITS], "run": "r", "uptime_s": 1.0, "paused": True, "in_flight": 2}
-    rep = report("plan", "p.yaml", [NodeAddress("n0", "tcp://127.0.0.1:1")], [{"state": "running", "stage": stage}])
+    stage = stage_stats(stage=0, units=[0, N_UNITS], run="r", uptime_s=1.0, paused=True, in_flight=2)
+    rep = report("plan", "p.yaml", [NodeAddress("n0", "tcp://127.0.0.1:1")], [stats_reply("running", stage)])
     assert rep["nodes"][0]["paused"] is True
     assert "n0: stage paused (edgezmq resume)" in format_report(rep)
-    stage["paused"] = False
-    rep = report("plan", "p.yaml", [NodeAddress("n0", "tcp://127.0.0.1:1")], [{"state": "running", "stage": stage}])
+    stage = replace(stage, paused=False)
+    rep = report("plan", "p.yaml", [NodeAddress("n0", "tcp://127.0.0.1:1")], [stats_reply("running", stage)])
     assert "paused" not in format_report(rep)
 
 

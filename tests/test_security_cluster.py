@@ -29,7 +29,9 @@ from edgezmq.orchestrate.inventory import ClusterError, load_cluster, parse_clus
 from edgezmq.orchestrate.local import LocalCluster
 from edgezmq.orchestrate.planfile import load_plan
 from edgezmq.protocol import control
+from edgezmq.protocol.messages import NetprobeRequest
 from edgezmq.transport import security
+from edgezmq.transport.nodeclient import NodeClient
 from edgezmq.transport.rpc import ControlClient
 
 pytestmark = pytest.mark.slow
@@ -191,12 +193,12 @@ def test_node_probe_with_a_wrong_peer_key_fails_clearly(secured, keys):
     n0, n1 = cluster.nodes[0], cluster.nodes[1]
     with ControlClient(n1.control, timeout=5, curve=cluster.curve("n1")) as c:
         peer = c.call("info")["probe"]
-    with ControlClient(n0.control, timeout=5, curve=cluster.curve("n0")) as c:
+    with NodeClient(n0.control, timeout=5, curve=cluster.curve("n0")) as nc:
         with pytest.raises(control.ControlError, match="peer_key: this node is secured"):
-            c.call("netprobe", peer=peer, retries=0)
+            nc.netprobe(NetprobeRequest(peer=peer), retries=0)
         # n2's key for n1's probe server: n1 cannot prove it holds that key, the handshake never completes
-        reply = c.call("netprobe", peer=peer, peer_key=cluster.keyring.node_key("n2").decode(), seconds=0.1,
-                       pings=1, retries=0)
+        reply = nc.netprobe(NetprobeRequest(peer=peer, peer_key=cluster.keyring.node_key("n2").decode(),
+                                            seconds=0.1, pings=1), retries=0)
     with pytest.raises(DeployError) as ei:  # within the probe's own timeout (netprobe.DEFAULT_TIMEOUT_S)
         wait_job(n0, reply, 30.0, curve=cluster.curve("n0"))
     assert "node n0: TimeoutError: netprobe:" in str(ei.value) and "does not hold the key we expect" in str(ei.value)

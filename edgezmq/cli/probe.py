@@ -33,16 +33,15 @@ def cmd_profile(args: argparse.Namespace) -> int:
         raise UsageError("--keys: applies to --node (profiling on this machine talks to no node)")
     if args.node:
         from edgezmq.orchestrate.autodeploy import PROFILE_TIMEOUT_S, wait_job
-        from edgezmq.transport.rpc import ControlClient
+        from edgezmq.protocol.messages import ProfileRequest
+        from edgezmq.transport.nodeclient import NodeClient
 
         target = node_arg("--node", args.node, args.keys)
-        req = dict(model=args.model, microbatch=args.microbatch, granularity=args.granularity,
-                   kwargs=kwargs, reprofile=args.reprofile, reps=args.reps)
-        if args.threads:
-            req["threads"] = args.threads
-        with ControlClient(target.control, timeout=args.timeout, retries=0, name=target.name, curve=target.curve) as c:
-            reply = c.call("profile", **req)
-        if reply.get("cached"):
+        req = ProfileRequest(model=args.model, microbatch=args.microbatch, granularity=args.granularity,
+                             kwargs=kwargs, reprofile=args.reprofile, reps=args.reps, threads=args.threads or None)
+        with NodeClient(target.control, timeout=args.timeout, retries=0, name=target.name, curve=target.curve) as c:
+            reply = c.profile(req)
+        if reply.cached:
             stderr(f"{target.name}: from the node's profile cache (--reprofile to measure again)")
         prof = wait_job(target, reply, PROFILE_TIMEOUT_S, progress, target.curve)
     else:
@@ -58,19 +57,20 @@ def cmd_profile(args: argparse.Namespace) -> int:
 @node_failures
 def cmd_netprobe(args: argparse.Namespace) -> int:
     from edgezmq.orchestrate.autodeploy import wait_job
+    from edgezmq.protocol.messages import NetprobeRequest
     from edgezmq.transport import netprobe
-    from edgezmq.transport.rpc import ControlClient
+    from edgezmq.transport.nodeclient import NodeClient
 
     to = node_arg("--to", args.to, args.keys)
-    with ControlClient(to.control, timeout=args.timeout, name=to.name, curve=to.curve) as c:
-        peer = c.call("info")["probe"]
+    with NodeClient(to.control, timeout=args.timeout, name=to.name, curve=to.curve) as c:
+        peer = c.info().probe
     opts = dict(seconds=args.seconds, bytes_per_msg=args.bytes, pings=args.pings)
     if args.src:
         src = node_arg("--from", args.src, args.keys)
         if to.curve is not None:  # the measuring node connects to the peer's probe server as a CURVE client
             opts["peer_key"] = to.curve.server_key.decode()
-        with ControlClient(src.control, timeout=args.timeout, retries=0, name=src.name, curve=src.curve) as c:
-            reply = c.call("netprobe", peer=peer, **opts)
+        with NodeClient(src.control, timeout=args.timeout, retries=0, name=src.name, curve=src.curve) as c:
+            reply = c.netprobe(NetprobeRequest(peer=peer, **opts))
         r = wait_job(src, reply, 60.0 + args.seconds, curve=src.curve)
     else:
         r = netprobe.probe(peer, curve=to.curve, **opts)
@@ -84,12 +84,12 @@ def cmd_netprobe(args: argparse.Namespace) -> int:
 
 def cmd_pause(args: argparse.Namespace) -> int:
     """`pause` or `resume` one node's stage (its control socket keeps answering)."""
-    from edgezmq.transport.rpc import ControlClient
+    from edgezmq.transport.nodeclient import NodeClient
 
     target = node_arg("node", args.node, args.keys)
-    with ControlClient(target.control, timeout=args.timeout, retries=0, name=target.name, curve=target.curve) as c:
-        r = c.call(args.command)
-    print(f"{r['name']}: stage {'paused' if r['paused'] else 'resumed'}")
+    with NodeClient(target.control, timeout=args.timeout, retries=0, name=target.name, curve=target.curve) as c:
+        r = c.pause() if args.command == "pause" else c.resume()
+    print(f"{r.name}: stage {'paused' if r.paused else 'resumed'}")
     return 0
 
 

@@ -11,7 +11,8 @@ from typing import Any, TextIO
 from edgezmq.errors import EdgezmqError
 from edgezmq.orchestrate.address import NodeAddress
 from edgezmq.protocol import control
-from edgezmq.transport.rpc import ControlClient
+from edgezmq.protocol import messages as m
+from edgezmq.transport.nodeclient import NodeClient
 
 STATS_TIMEOUT_S = 2.0  # per node, per refresh; nodes are asked in parallel
 DEFAULT_INTERVAL_S = 2.0
@@ -28,10 +29,6 @@ class StatusInputError(EdgezmqError, ValueError):
 
 
 Placement = tuple[int, tuple[int, int]]  # (stage, units [a, b)) a plan gives a node
-
-
-def control_client(address: str, *, curve: Any = None, **kw: Any) -> ControlClient:
-    return ControlClient(address, **kw, **({"curve": curve} if curve is not None else {}))
 
 
 def targets(path: str) -> tuple[str, list[NodeAddress], list[Placement | None]]:
@@ -51,13 +48,13 @@ def targets(path: str) -> tuple[str, list[NodeAddress], list[Placement | None]]:
     return "plan", [n for _, n in plan.all_nodes], [(i, plan.stages[i].units) for i, _ in plan.all_nodes]
 
 
-def poll(nodes: list[NodeAddress], timeout: float = STATS_TIMEOUT_S) -> list[dict[str, Any] | str]:
+def poll(nodes: list[NodeAddress], timeout: float = STATS_TIMEOUT_S) -> list[m.StatsReply | str]:
     """``stats`` of every node in parallel: its reply, or the error text of a node that is down."""
 
-    def one(t: NodeAddress) -> dict[str, Any] | str:
+    def one(t: NodeAddress) -> m.StatsReply | str:
         try:
-            with control_client(t.control, curve=t.curve, timeout=timeout, retries=0, name=t.name) as c:
-                return c.call("stats")
+            with NodeClient(t.control, curve=t.curve, timeout=timeout, retries=0, name=t.name) as c:
+                return c.stats()
         except control.ControlError as e:
             return e.message
 
@@ -67,13 +64,12 @@ def poll(nodes: list[NodeAddress], timeout: float = STATS_TIMEOUT_S) -> list[dic
         return list(ex.map(one, nodes))
 
 
-def _same_stage(now: dict, before: dict) -> bool:
-    return (before.get("run") == now.get("run") and before.get("units") == now.get("units")
-            and now.get("uptime_s", 0) > before.get("uptime_s", 0)
-            and now.get("samples", 0) >= before.get("samples", 0))
+def _same_stage(now: m.StageStats, before: m.StageStats) -> bool:
+    return (before.run == now.run and before.units == now.units and now.uptime_s > before.uptime_s
+            and now.samples >= before.samples)
 
 
-def node_row(t: NodeAddress, reply: dict | str, before: dict | str | None = None,
+def node_row(t: NodeAddress, reply: m.StatsReply | str, before: m.StatsReply | str | None = None,
              planned: Placement | None = None) -> dict[str, Any]:
     """One node's status (``planned``: where its plan puts it).  Rates are over the last refresh
     when ``before`` is of the same deployment, else averaged over the stage's uptime
@@ -83,29 +79,29 @@ def node_row(t: NodeAddress, reply: dict | str, before: dict | str | None = None
                            "units": list(units) if units else None, "bottleneck": False}
     if isinstance(reply, str):
         return {**row, "state": "down", "up": False, "error": reply}
-    st = reply.get("stage") or {}
-    row.update(state=reply.get("state"), up=True, error=reply.get("error"), rss=reply.get("rss"),
-               peak_rss=reply.get("peak_rss"), stats=reply)
-    if not st:
+    # the row is a JSON document (`status --json`): it carries the node's reply as on the wire
+    row.update(state=reply.state, up=True, error=reply.error, rss=reply.rss, peak_rss=reply.peak_rss,
+               stats=reply.to_wire())
+    st = reply.stage
+    if st is None:
         return row
     plan_units = row["units"]
-    row.update(stage=st.get("stage"), units=st.get("units"), run=st.get("run"),
-               in_queue=st.get("in_queue"), out_queue=st.get("out_queue"),
-               processed=st.get("processed"), samples=st.get("samples"),
-               errors=sum(st.get(k, 0) for k in ERROR_FIELDS), last_error=st.get("last_error") or None,
-               paused=bool(st.get("paused")))
+    row.update(stage=st.stage, units=st.units, run=st.run, in_queue=st.in_queue, out_queue=st.out_queue,
+               processed=st.processed, samples=st.samples,
+               errors=sum(getattr(st, k) for k in ERROR_FIELDS), last_error=st.last_error or None,
+               paused=st.paused)
     if plan_units is not None and (plan_units != row["units"] or stage != row["stage"]):
         row["mismatch"] = f"serves stage {row['stage']} units {row['units']}, plan says stage {stage} units {plan_units}"
-    prev = before.get("stage") if isinstance(before, dict) else None
-    if prev and _same_stage(st, prev):
-        base, window = prev, st["uptime_s"] - prev["uptime_s"]
-    else:
-        base, window = {}, st.get("uptime_s", 0.0)
+    prev = before.stage if isinstance(before, m.StatsReply) else None
+    samples0, window = 0, st.uptime_s
+    split0 = dict.fromkeys(PHASES, 0.0)
+    if prev is not None and _same_stage(st, prev):
+        samples0, window = prev.samples, st.uptime_s - prev.uptime_s
+        split0 = {p: getattr(prev, f"{p}_s") for p in PHASES}
     row["window_s"] = round(window, 3)
     if window > 0:
-        row["samples_per_s"] = (st.get("samples", 0) - base.get("samples", 0)) / window
-        row["split"] = {p: min(1.0, max(0.0, (st.get(f"{p}_s", 0.0) - base.get(f"{p}_s", 0.0)) / window))
-                        for p in PHASES}
+        row["samples_per_s"] = (st.samples - samples0) / window
+        row["split"] = {p: min(1.0, max(0.0, (getattr(st, f"{p}_s") - split0[p]) / window)) for p in PHASES}
     return row
 
 

@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgezmq.ops.status import control_client
 from edgezmq.orchestrate.planfile import DeployPlan
 from edgezmq.terms import CLIENT
+from edgezmq.transport.nodeclient import NodeClient
 
 TRACE_VERSION = 1
 OFFSET_PINGS = 5
@@ -44,20 +44,18 @@ PHASE_STYLE = {  # name -> (lane y offset, bar height, alpha, hatch) within a la
 
 
 def clock_offsets(plan: DeployPlan, pings: int = OFFSET_PINGS, timeout: float = PING_TIMEOUT_S) -> dict[str, dict]:
-    """node name -> {offset_s (node clock minus ours), rtt_s}; offset None if the node does not report its time."""
+    """node name -> {offset_s (node clock minus ours, from `ping.time`), rtt_s}."""
     if pings < 1:
         raise ValueError(f"pings: must be >= 1, got {pings}")
     out: dict[str, dict] = {}
     for _, ref in plan.all_nodes:
         best: tuple[float, float | None] = (float("inf"), None)
-        with control_client(ref.control, curve=plan.curve(ref), timeout=timeout, retries=0,
-                            name=ref.name) as c:
+        with NodeClient(ref.control, curve=plan.curve(ref), timeout=timeout, retries=0, name=ref.name) as c:
             for _ in range(pings):
                 t0 = time.time()
-                r = c.call("ping")
+                node_t = c.ping().time
                 t1 = time.time()
-                node_t = r.get("time")
-                sample = (t1 - t0, None if node_t is None else node_t - (t0 + t1) / 2)
+                sample = (t1 - t0, node_t - (t0 + t1) / 2)
                 if sample[0] < best[0]:
                     best = sample
         out[ref.name] = {"rtt_s": best[0], "offset_s": best[1]}

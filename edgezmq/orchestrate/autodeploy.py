@@ -43,9 +43,10 @@ from edgezmq.orchestrate.deploy import DeployError, Deployment, deploy, unload
 from edgezmq.orchestrate.inventory import Cluster, InventoryNode
 from edgezmq.orchestrate.planfile import DeployPlan, ModelSpec, StagePlan
 from edgezmq.protocol import control
+from edgezmq.protocol import messages as m
 from edgezmq.terms import CLIENT
 from edgezmq.transport import netprobe, security
-from edgezmq.transport.rpc import ControlClient
+from edgezmq.transport.nodeclient import JobFailed, JobTimeout, NodeClient
 from edgezmq.transport.security import Curve
 
 log = logging.getLogger(__name__)
@@ -76,32 +77,27 @@ def _parallel(items: list, fn: Callable, workers: int | None = None) -> list:
         return list(ex.map(fn, items))
 
 
-def _call(cluster: Cluster, n: NodeAddress, cmd: str, *, timeout: float = INFO_TIMEOUT_S, **args: Any) -> dict:
-    with ControlClient(n.control, timeout=timeout, retries=1, name=n.name, curve=cluster.curve(n.name)) as c:
-        return c.call(cmd, **args)
+def _node(cluster: Cluster, n: NodeAddress, timeout: float = INFO_TIMEOUT_S) -> NodeClient:
+    return NodeClient(n.control, timeout=timeout, retries=1, name=n.name, curve=cluster.curve(n.name))
 
 
-def wait_job(n: NodeAddress, reply: dict, timeout: float, on_progress: Callable[[list], None] | None = None,
-             curve: Curve | None = None) -> dict:
-    """Poll a node's job until it ends (over CurveZMQ with ``curve``); returns its result or
-    raises DeployError."""
-    if reply.get("job") is None:
-        return reply["result"]
-    deadline = time.time() + timeout
-    seen: list = []
-    with ControlClient(n.control, timeout=INFO_TIMEOUT_S, retries=2, name=n.name, curve=curve) as c:
-        while time.time() < deadline:
-            j = c.call("job", id=reply["job"])
-            if on_progress and j.get("progress") and j["progress"] != seen:
-                seen = j["progress"]
-                on_progress(seen)
-            if j["state"] == "done":
-                return j["result"]
-            if j["state"] == "failed":
-                raise DeployError(f"{n.name}: {j['error']}", {n.name: j["error"]})
-            time.sleep(JOB_POLL_S)
-    raise DeployError(f"{n.name}: job {reply['job']} did not finish in {timeout:g}s",
-                      {n.name: "job timed out"})
+def wait_job(n: NodeAddress, reply: m.ProfileReply | m.NetprobeReply, timeout: float,
+             on_progress: Callable[[list[Any]], None] | None = None,
+             curve: Curve | None = None) -> dict[str, Any]:
+    """The result of the job ``reply`` started on node ``n`` (a profile's cache hit: at once),
+    polled over CurveZMQ with ``curve``; DeployError naming the node when it fails or is not
+    done in ``timeout`` seconds."""
+    if isinstance(reply, m.ProfileReply) and reply.job is None:
+        return reply.result or {}
+    assert reply.job is not None  # a netprobe always starts a job
+    with NodeClient(n.control, timeout=INFO_TIMEOUT_S, retries=2, name=n.name, curve=curve) as c:
+        try:
+            return c.wait_job(reply.job, timeout, poll_s=JOB_POLL_S, on_progress=on_progress)
+        except JobFailed as e:
+            raise DeployError(f"{n.name}: {e.message}", {n.name: e.message}) from None
+        except JobTimeout:
+            raise DeployError(f"{n.name}: job {reply.job} did not finish in {timeout:g}s",
+                              {n.name: "job timed out"}) from None
 
 
 def device_type_of(n: InventoryNode) -> str:
@@ -133,7 +129,10 @@ def gather(
     # 1. info
     def info(n: InventoryNode) -> Any:
         try:
-            return _call(cluster, n, "info", timeout=info_timeout)
+            with _node(cluster, n, info_timeout) as c:
+                # kept as the wire map: Gathered.infos feeds the planner's problem (build_problem,
+                # io_costs) and the calibration, which read node facts as maps
+                return c.info().to_wire()
         except control.ControlError as e:
             return e
 
@@ -158,13 +157,14 @@ def gather(
 
     def prof(item: tuple[str, InventoryNode]) -> dict:
         typ, n = item
-        r = _call(cluster, n, "profile", timeout=60.0, model=model, microbatch=microbatch,
-                  granularity=granularity, kwargs=kwargs, reprofile=reprofile, check=spot_check)
-        if r.get("cached"):
-            say(f"{n.name}: profile of {model} from the node's cache" + (", spot check" if r.get("job") else ""))
+        with _node(cluster, n, 60.0) as c:
+            r = c.profile(m.ProfileRequest(model=model, microbatch=microbatch, granularity=granularity,
+                                           kwargs=kwargs, reprofile=reprofile, check=spot_check))
+        if r.cached:
+            say(f"{n.name}: profile of {model} from the node's cache" + (", spot check" if r.job else ""))
         got = wait_job(n, r, PROFILE_TIMEOUT_S, lambda p: say(
             f"{n.name}: profiled unit {p[0]}/{p[1]} {p[2]}: {p[3] * 1e3:.1f} ms"), cluster.curve(n.name))
-        if r.get("cached") and got.get("spot_check"):
+        if r.cached and got.get("spot_check"):
             sc = got["spot_check"]
             drift = "rescaled" if sc.get("rescaled") else "kept"
             say(f"{n.name}: units {sc['units'][0]}-{sc['units'][1] - 1} now take {sc['time_s'] * 1e3:.1f} ms,"
@@ -178,8 +178,10 @@ def gather(
     pairs = _pairs_to_measure(cluster)
     for a, b in pairs:
         na = cluster.node(a)
-        r = _call(cluster, na, "netprobe", peer=infos[b]["probe"], seconds=cluster.probe_seconds,
-                  bytes_per_msg=cluster.probe_bytes, pings=cluster.pings, **_peer_key(cluster, b))
+        with _node(cluster, na) as c:
+            r = c.netprobe(m.NetprobeRequest(peer=infos[b]["probe"], seconds=cluster.probe_seconds,
+                                             bytes_per_msg=cluster.probe_bytes, pings=cluster.pings,
+                                             **_peer_key(cluster, b)))
         measured[(a, b)] = wait_job(na, r, 60.0, curve=cluster.curve(a))
         say(f"link {a} <-> {b}: {measured[(a, b)]['bandwidth_mbps']:.0f} Mbit/s, "
             f"{measured[(a, b)]['latency_ms']:.2f} ms")
@@ -214,9 +216,11 @@ def measure_io(cluster: Cluster, reps: dict[str, InventoryNode], infos: dict, pr
             curve = cluster.curve(n.name)
             got = netprobe.probe(infos[n.name]["probe"], bytes_per_msg=nbytes, seconds=cluster.probe_seconds,
                                  pings=1, curve=curve)
-            secured: dict[str, Any] = {"peer_key": cluster.keyring.own.public_text} if cluster.keyring is not None else {}
-            r = _call(cluster, n, "netprobe", peer=server.endpoint, seconds=cluster.probe_seconds,
-                      bytes_per_msg=nbytes, pings=1, **secured)
+            own_key = cluster.keyring.own.public_text if cluster.keyring is not None else None
+            assert server.endpoint is not None  # _probe_server yields it started: bound
+            with _node(cluster, n) as c:
+                r = c.netprobe(m.NetprobeRequest(peer=server.endpoint, seconds=cluster.probe_seconds,
+                                                 bytes_per_msg=nbytes, pings=1, peer_key=own_key))
             sent = wait_job(n, r, 60.0, curve=curve)
             recv_cpu, send_cpu = got.get("receiver_cpu_s_per_byte"), sent.get("sender_cpu_s_per_byte")
             fig = {"bytes_per_msg": nbytes, "recv_cpu_s_per_byte": recv_cpu, "send_cpu_s_per_byte": send_cpu,

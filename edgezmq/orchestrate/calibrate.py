@@ -46,7 +46,8 @@ import numpy as np
 from edgezmq.client import Client
 from edgezmq.orchestrate.deploy import Deployment, deploy, unload
 from edgezmq.orchestrate.planfile import DeployPlan
-from edgezmq.transport.rpc import ControlClient
+from edgezmq.protocol import messages as msg
+from edgezmq.transport.nodeclient import NodeClient
 
 log = logging.getLogger(__name__)
 
@@ -87,29 +88,40 @@ class Calibration:
         return d
 
 
-def _stats(plan: DeployPlan) -> dict[str, dict[str, Any]]:
+Snapshot = dict[str, msg.StageStats | None]  # node -> its stage's counters (None: nothing loaded)
+
+
+def _stats(plan: DeployPlan) -> Snapshot:
     out = {}
     for _, ref in plan.all_nodes:
-        with ControlClient(ref.control, timeout=STATS_TIMEOUT_S, retries=1, name=ref.name, curve=plan.curve(ref)) as c:
-            out[ref.name] = c.call("stats").get("stage") or {}
+        with NodeClient(ref.control, timeout=STATS_TIMEOUT_S, retries=1, name=ref.name, curve=plan.curve(ref)) as c:
+            out[ref.name] = c.stats().stage
     return out
 
 
-def serving_time_s(before: dict, after: dict, device: dict, threads: int | None) -> tuple[float, float] | None:
+def serving_time_s(before: msg.StageStats | None, after: msg.StageStats | None, device: dict,
+                   threads: int | None) -> tuple[float, float] | None:
     """(seconds per microbatch the stage needs when saturated, share of the time it computed)
-    between two ``stats`` snapshots of a node's stage; None if it processed nothing."""
-    n = int(after.get("processed", 0)) - int(before.get("processed", 0))
-    wall = float(after.get("uptime_s", 0.0)) - float(before.get("uptime_s", 0.0))
+    between two ``stats`` snapshots of a node's stage (``before`` None: since it started, its
+    counters start at 0); None if it processed nothing."""
+    if after is None:
+        return None
+
+    def delta(counter: str) -> float:
+        return float(getattr(after, counter)) - (float(getattr(before, counter)) if before is not None else 0.0)
+
+    n = int(delta("processed"))
+    wall = delta("uptime_s")
     if n <= 0 or wall <= 0:
         return None
-    compute = (float(after["compute_s"]) - float(before["compute_s"])) / n
-    cpu = (float(after["cpu_s"]) - float(before["cpu_s"])) / n
+    compute = delta("compute_s") / n
+    cpu = delta("cpu_s") / n
     busy = min(1.0, compute * n / wall)
     quota = device.get("cpu_quota")
     if quota:
         return cpu / float(quota), busy
     cores = int(device.get("cores") or 1)
-    rest = max(0.0, cpu - (float(after["compute_cpu_s"]) - float(before["compute_cpu_s"])) / n)
+    rest = max(0.0, cpu - delta("compute_cpu_s") / n)
     return compute + (rest / cores if (threads or cores) >= cores else 0.0), busy
 
 
@@ -153,14 +165,14 @@ def corrected(problem_dict: dict[str, Any], type_factors: dict[str, float]) -> d
 
 
 def burst(client: Client, dep: Deployment, shape: tuple[int, ...], n: int,
-          warmup: int) -> tuple[dict, dict, float]:
+          warmup: int) -> tuple[Snapshot, Snapshot, float]:
     """Stream `warmup` microbatches then `n` more of random input through `dep`; node stats
     when the warm-up's last result arrived and at the end, and the seconds between the two."""
     plan = dep.plan
     rng = np.random.default_rng(0)
     xs = [rng.standard_normal(shape, dtype=np.float32) for _ in range(min(4, warmup + n))]
     client.attach(dep.entry, dep.run, dep.entry_keys)
-    first: dict[str, dict] = {}
+    first: Snapshot = {}
     t = [0.0, 0.0]
 
     def on_result(i: int, _: np.ndarray) -> None:
@@ -201,7 +213,7 @@ def calibrate(
     threads = {ref.name: ref.threads or infos[ref.name].get("threads") for _, ref in dep.plan.all_nodes}
     timings = {}
     for name in after:
-        got = serving_time_s(before.get(name, {}), after[name], infos[name]["device"], threads[name])
+        got = serving_time_s(before.get(name), after[name], infos[name]["device"], threads[name])
         if got is not None:
             timings[name] = got
     type_factors, devices = factors(problem, planned, timings, types)

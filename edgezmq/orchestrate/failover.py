@@ -39,7 +39,8 @@ from edgezmq.orchestrate.deploy import Deployment, unload
 from edgezmq.orchestrate.inventory import Cluster
 from edgezmq.orchestrate.planfile import DeployPlan, ModelSpec
 from edgezmq.protocol import control
-from edgezmq.transport.rpc import ControlClient
+from edgezmq.protocol import messages as m
+from edgezmq.transport.nodeclient import NodeClient
 from edgezmq.transport.security import Keyring, client_curve
 
 log = logging.getLogger(__name__)
@@ -64,9 +65,9 @@ class Progress:
         self.mark: tuple | None = None  # (run, microbatches finished) at the last look
         self.since: float | None = None  # busy at this mark since
 
-    def stalled_for(self, stage: dict | None, now: float) -> float:
-        busy = stage is not None and stage.get("in_flight", 0) > 0 and not stage.get("backpressured")
-        mark = (stage.get("run"), stage.get("received", 0) - stage.get("in_flight", 0)) if stage else None
+    def stalled_for(self, stage: m.StageStats | None, now: float) -> float:
+        busy = stage is not None and stage.in_flight > 0 and not stage.backpressured
+        mark = (stage.run, stage.received - stage.in_flight) if stage is not None else None
         if not busy:
             self.since = None
         elif mark != self.mark or self.since is None:
@@ -150,30 +151,30 @@ class Heartbeat:
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(self.interval * 3 + 1)
 
-    def _stats(self, name: str, address: str) -> dict | None:
+    def _stats(self, name: str, address: str) -> m.StatsReply | None:
         try:
-            with ControlClient(address, timeout=self.interval, retries=0, name=name,
-                               curve=client_curve(self.keyring, name)) as c:
-                return c.call("stats")
+            with NodeClient(address, timeout=self.interval, retries=0, name=name,
+                            curve=client_curve(self.keyring, name)) as c:
+                return c.stats()
         except control.ControlError:
             return None
 
-    def verdict(self, name: str, reply: dict | None, now: float) -> str | None:
+    def verdict(self, name: str, reply: m.StatsReply | None, now: float) -> str | None:
         """Why node ``name`` is dead after this heartbeat's ``reply`` (None: no reply), or None."""
-        if reply is None or reply.get("state") != "running":
+        if reply is None or reply.state != "running":
             self.misses[name] += 1
             if self.misses[name] < self.liveness:
                 return None
             if reply is None:
                 return f"missed {self.misses[name]} heartbeats (every {self.interval:.1f}s)"
-            return f"is {reply.get('state')}, not running its stage ({self.misses[name]} heartbeats in a row)"
+            return f"is {reply.state}, not running its stage ({self.misses[name]} heartbeats in a row)"
         self.misses[name] = 0
-        stalled = self.progress[name].stalled_for(reply.get("stage"), now)
+        stalled = self.progress[name].stalled_for(reply.stage, now)
         limit = self.stall_limits[name]
         if limit is None or stalled <= limit:
             return None
         return (f"stalled: finished no microbatch for {stalled:.1f}s (limit {limit:.1f}s) "
-                f"with {reply['stage']['in_flight']} in flight")
+                f"with {reply.stage.in_flight if reply.stage else 0} in flight")
 
     def _run(self) -> None:
         with ThreadPoolExecutor(max_workers=max(1, min(16, len(self.nodes)))) as ex:
@@ -190,7 +191,7 @@ class Heartbeat:
                 if self.on_back is not None:
                     for name, address in list(self.standby.items()):
                         r = None if self._stop.is_set() else self._stats(name, address)
-                        if r is not None and r.get("state") in ("idle", "failed"):
+                        if r is not None and r.state in ("idle", "failed"):
                             del self.standby[name]
                             log.warning("node %s answers again: rejoining", name)
                             self.on_back(name)

@@ -11,14 +11,14 @@ PING_TIMEOUT_S = 2.0
 def ping_all(addresses: list[str], timeout: float = PING_TIMEOUT_S) -> dict[str, dict]:
     """address -> {"ok": True, "state": ...} or {"ok": False, "error": ...}; one try each."""
     from edgezmq.protocol.control import ControlError
-    from edgezmq.transport.rpc import ControlClient
+    from edgezmq.transport.nodeclient import NodeClient
 
     out: dict[str, dict] = {}
     for addr in addresses:
-        with ControlClient(addr, timeout=timeout, retries=0) as c:
+        with NodeClient(addr, timeout=timeout, retries=0) as c:
             try:
-                r = c.call("ping")
-                out[addr] = {"ok": True, "name": r.get("name"), "state": r.get("state")}
+                r = c.ping()
+                out[addr] = {"ok": True, "name": r.name, "state": r.state}
             except ControlError as e:
                 out[addr] = {"ok": False, "error": str(e)}
     return out

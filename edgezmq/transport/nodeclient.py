@@ -23,6 +23,11 @@ class JobFailed(control.ControlError):
     """A job ended ``failed``; ``message`` is the node's error (it names the node)."""
 
 
+class JobTimeout(control.ControlError):
+    """A job still running when ``wait_job``'s time was up (code UNREACHABLE, as a silent node):
+    callers that tell the two apart catch this one."""
+
+
 class NodeClient:
     """Talks to one node's control socket with typed requests and replies.
 
@@ -93,7 +98,7 @@ class NodeClient:
     def wait_job(self, job_id: str, timeout: float, *, poll_s: float = JOB_POLL_S,
                  on_progress: Callable[[list[JSON]], None] | None = None) -> JSONMap:
         """Poll ``job`` until the job ends: its result; ``JobFailed`` when it failed,
-        ``ControlError(UNREACHABLE)`` when it is still running after ``timeout`` seconds."""
+        ``JobTimeout`` (a ``ControlError(UNREACHABLE)``) when it is still running after ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         seen: list[JSON] = []
         while True:
@@ -106,8 +111,8 @@ class NodeClient:
             if j.state == "failed":
                 raise JobFailed(control.INTERNAL, j.error or f"job {job_id} failed")
             if time.monotonic() > deadline:
-                raise control.ControlError(control.UNREACHABLE, f"node {self.name}: job {job_id} did not "
-                                           f"finish in {timeout:g}s")
+                raise JobTimeout(control.UNREACHABLE, f"node {self.name}: job {job_id} did not "
+                                 f"finish in {timeout:g}s")
             time.sleep(poll_s)
 
     def pause(self, *, timeout: float | None = None) -> m.PauseReply:
