@@ -123,12 +123,23 @@ def test_io_costs_scale_by_the_cpus_left(quota, cores, threads, scale):
 
 @pytest.mark.slow
 def test_autodeploy_runs_and_equals_monolithic(nodes):
+    from edgezmq.orchestrate.address import NodeAddress
+    from edgezmq.orchestrate.deploy import deploy
+    from edgezmq.orchestrate.planfile import DeployPlan, StagePlan
+
     cluster = parse_cluster(_inventory(nodes))
     spec = model_spec()
+    # two nodes still serve a run whose client is gone: the new deployment takes them over
+    stale = DeployPlan(model=spec, results="tcp://127.0.0.1:1", stages=[
+        StagePlan((0, 3), [NodeAddress(nodes.nodes[0].name, nodes.nodes[0].control, 1)]),
+        StagePlan((3, 6), [NodeAddress(nodes.nodes[1].name, nodes.nodes[1].control, 1)])])
+    deploy(stale, load_timeout=120)
+    said: list[str] = []
     with Client([], "tcp://127.0.0.1:0", run="", window=4, microbatch=MICROBATCH, timeout=60) as c:
         dep, plan, problem, planned, g = autodeploy(cluster, spec, results=c.results_endpoint, replication=False,
-                                                    client=c)
+                                                    client=c, say=said.append)
         try:
+            assert sum("taking it over" in m for m in said) == 2, said
             assert planned.throughput_per_s > 0 and plan.stages[0].units[0] == 0
             # calibrated: every deployed node measured serving, and the plan in service is the final one
             cal = g.calibration
