@@ -114,4 +114,5 @@ def test_vectors_cover_every_command_and_error_code():
     codes = {c["expect"].get("code") for c in cases}
     assert set(control.ERRORS) - {control.INTERNAL} <= codes  # internal: a node bug, not producible on purpose
     data = json.loads((VECTORS / "data.json").read_text())["cases"]
-    assert set(wire.ERRORS) - {"compute_failed"} <= {c["expect"].get("code") for c in data}
+    # compute_failed (the shard raised) and bad_message (the decoder raised: a bug) are not a peer's to cause
+    assert set(wire.ERRORS) - {"compute_failed", "bad_message"} <= {c["expect"].get("code") for c in data}
