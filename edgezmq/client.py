@@ -42,6 +42,10 @@ class _Failover(Exception):
     """Raised inside the stream loop when the deployment must be replaced (a node died)."""
 
 
+class ResultTimeout(EdgezmqError, TimeoutError):
+    """A microbatch was not accepted, or not answered, in time (after its retries)."""
+
+
 class PipelineError(EdgezmqError, RuntimeError):
     """The pipeline answered a microbatch with an error."""
 
@@ -163,7 +167,7 @@ class Client:
                 if self.failed.is_set() and self.recover is not None:
                     raise _Failover() from None
                 if time.time() > deadline:
-                    raise TimeoutError(f"stage 0 did not accept microbatch {seq} within {self.timeout:g}s") from None
+                    raise ResultTimeout(f"stage 0 did not accept microbatch {seq} within {self.timeout:g}s") from None
 
     def infer(self, x: np.ndarray) -> np.ndarray:
         """One batch -> its logits."""
@@ -266,7 +270,7 @@ class Client:
             if now - sent <= self.timeout:
                 continue
             if attempts > self.retries:
-                raise TimeoutError(f"no result for microbatch {seq} within {self.timeout:g}s ({attempts} attempt(s))")
+                raise ResultTimeout(f"no result for microbatch {seq} within {self.timeout:g}s ({attempts} attempt(s))")
             log.warning("microbatch %d timed out, resubmitting (attempt %d)", seq, attempts + 1)
             self.resubmitted += 1
             self._send(seq, x, now + self.timeout)

@@ -35,7 +35,7 @@ from edgezmq.client import Client, PipelineError
 from edgezmq.errors import EdgezmqError
 from edgezmq.orchestrate.autodeploy import autodeploy
 from edgezmq.orchestrate.calibrate import CALIBRATION_MICROBATCHES
-from edgezmq.orchestrate.deploy import Deployment, unload
+from edgezmq.orchestrate.deploy import DeployError, Deployment, unload
 from edgezmq.orchestrate.inventory import Cluster
 from edgezmq.orchestrate.planfile import DeployPlan, ModelSpec
 from edgezmq.protocol import control
@@ -241,7 +241,8 @@ class ResilientPipeline:
     def _deploy(self) -> tuple[list[str], str, list[bytes] | None]:
         alive = replace(self.cluster, nodes=[n for n in self.cluster.nodes if n.name not in self.dead])
         if not alive.nodes:
-            raise RuntimeError(f"no node left alive (dead: {sorted(self.dead)})")
+            raise DeployError(f"no node left alive (dead: {sorted(self.dead)})",
+                              {n: self.causes.get(n, "dead") for n in sorted(self.dead)})
         assert self.client is not None
         # a recovery reuses the profiles as they are and does not calibrate: a spot check or a
         # calibration would add seconds of downtime

@@ -12,12 +12,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgezmq.errors import EdgezmqError
 from edgezmq.node.daemon import READY_PREFIX
 
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 180.0  # importing torch takes 5 s on a quiet 2-core box, over 60 s on a busy one
 STOP_TIMEOUT_S = 15.0
+
+
+class NodeStartError(EdgezmqError, RuntimeError):
+    """A local node process that exited or said nothing before its start timeout."""
 
 
 @dataclass
@@ -100,7 +105,7 @@ class LocalCluster:
         text = line[0].strip() if line else ""
         if not text.startswith(READY_PREFIX):
             p.kill()
-            raise RuntimeError(f"node {name} did not start within {START_TIMEOUT_S:g}s "
+            raise NodeStartError(f"node {name} did not start within {START_TIMEOUT_S:g}s "
                                f"(exit code {p.poll()}, first line {text!r})")
         fields = dict(kv.split("=", 1) for kv in text.split()[1:])
         return LocalNode(name=name, control=fields["control"], proc=p, threads=threads)
