@@ -129,3 +129,13 @@ def keys_section(keys: dict[str, Path], client: str = "client") -> dict[str, str
     """A plan's or inventory's keys: section; ``client="intruder"`` uses the key nobody allows."""
     secret = keys["bad" if client == "intruder" else "ring"] / f"{client}.key_secret"
     return {"client": str(secret), "nodes": str(keys["nodes"])}
+
+
+# A valid cluster inventory touching every section (its nodes are never contacted)
+SAMPLE_INVENTORY = {
+    "nodes": [{"name": "a", "control": "tcp://127.0.0.1:5551", "type": "rpi", "memory_bytes": "2GB"},
+              {"name": "b", "control": "tcp://127.0.0.1:5552", "threads": 2}],
+    "client": {"address": "127.0.0.1", "results_port": 5999},
+    "links": {"default": {"mbps": 100, "latency_ms": 1},
+              "overrides": [{"a": "a", "b": "client", "mbps": 5, "latency_ms": 3}]},
+    "measure": {"seconds": 0.1}}

@@ -10,7 +10,16 @@ import sys
 import numpy as np
 import pytest
 import yaml
-from helpers import KWARGS, MICROBATCH, MODEL, batches, checkpoint, model_spec, monolithic
+from helpers import (
+    KWARGS,
+    MICROBATCH,
+    MODEL,
+    SAMPLE_INVENTORY,
+    batches,
+    checkpoint,
+    model_spec,
+    monolithic,
+)
 
 from edgezmq.client import Client
 from edgezmq.orchestrate.autodeploy import autodeploy, gather, io_costs
@@ -19,12 +28,7 @@ from edgezmq.orchestrate.inventory import ClusterError, parse_cluster
 from edgezmq.orchestrate.local import LocalCluster
 from edgezmq.orchestrate.planfile import load_plan
 
-GOOD = {"nodes": [{"name": "a", "control": "tcp://127.0.0.1:5551", "type": "rpi", "memory_bytes": "2GB"},
-                  {"name": "b", "control": "tcp://127.0.0.1:5552", "threads": 2}],
-        "client": {"address": "127.0.0.1", "results_port": 5999},
-        "links": {"default": {"mbps": 100, "latency_ms": 1},
-                  "overrides": [{"a": "a", "b": "client", "mbps": 5, "latency_ms": 3}]},
-        "measure": {"seconds": 0.1}}
+GOOD = SAMPLE_INVENTORY
 
 
 def test_parse_good_inventory():

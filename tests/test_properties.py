@@ -15,6 +15,7 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
+from helpers import SAMPLE_INVENTORY
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -198,12 +199,7 @@ PLAN = {"model": {"name": "vit_small_patch16_224", "checkpoint": "/ckpt/vit.safe
         "nodes": {"n1": "tcp://127.0.0.1:5551", "n2": "tcp://127.0.0.1:5552"},
         "stages": [{"units": [0, 5], "nodes": ["n1"]}, {"units": [5, 14], "nodes": ["n2"], "threads": 2}],
         "results": "tcp://127.0.0.1:5560", "run": "r1"}
-INVENTORY = {"nodes": [{"name": "a", "control": "tcp://127.0.0.1:5551", "type": "rpi", "memory_bytes": "2GB"},
-                       {"name": "b", "control": "tcp://127.0.0.1:5552", "threads": 2}],
-             "client": {"address": "127.0.0.1", "results_port": 5999},
-             "links": {"default": {"mbps": 100, "latency_ms": 1},
-                       "overrides": [{"a": "a", "b": "client", "mbps": 5, "latency_ms": 3}]},
-             "measure": {"seconds": 0.1}}
+INVENTORY = SAMPLE_INVENTORY
 NODE_CONFIG = {"control": "tcp://0.0.0.0:5550", "name": "board-1", "advertise": "10.0.0.11", "threads": 4,
                "memory_limit": "6GB", "metrics_port": 9550, "metrics_host": "0.0.0.0", "log_level": "info"}
 PROBLEM = {
