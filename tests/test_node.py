@@ -489,7 +489,7 @@ def test_messages_larger_than_the_stages_input_are_dropped_by_libzmq(cc, socks):
     message never reaches Python (not counted, no memory), and the stage goes on serving."""
     push, out = _one_stage(cc, socks)
     x = batches(1)[0]
-    big = np.zeros((MICROBATCH * 64, *x.shape[1:]), np.float32)  # 64x the input the stage takes
+    big = np.zeros((MICROBATCH * 64, *x.shape[1:]), np.float32)  # 64x the input the stage takes (cap: 2x)
     sockets.send_message(push, wire.Message("act", "r1", 0, -1, [big]))
     again = socks(zmq.PUSH)  # libzmq closed the oversized sender's connection
     again.connect(cc.call("ping")["data"])

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 READY_PREFIX = "EDGEZMQ-NODE-READY"  # first stdout line, parsed by edgezmq.orchestrate.local
 MAX_JOBS_KEPT = 16  # finished jobs remembered for `job` queries
+INBOUND_SLACK = 2  # a data message may be this many times the stage's declared input (see cmd_load)
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
@@ -306,9 +307,11 @@ class Node:
                 f"node {self.name}: shard units [{spec.start}, {spec.end}) of {spec.model} needs "
                 f"{need / 1e6:.0f} MB ({param / 1e6:.0f} MB parameters + {buffers / 1e6:.0f} MB activation "
                 f"buffers + {working}), the node has {budget / 1e6:.0f} MB available")
-        # the largest message this stage accepts is its input at the microbatch plus a header: libzmq
-        # drops anything bigger before Python reads it (a flood of 1 GiB messages costs nothing)
-        inbound = dataclasses.replace(sockets.DATA, maxmsgsize=n_in + wire.MAX_HEADER_BYTES)
+        # messages are capped at INBOUND_SLACK x this stage's input at the microbatch, plus a header:
+        # libzmq drops anything bigger before Python reads it (a flood of 1 GiB messages costs
+        # nothing), while a sender's mistake up to that size (float64, a batch too big, a tensor
+        # too many) still gets its error message back
+        inbound = dataclasses.replace(sockets.DATA, maxmsgsize=INBOUND_SLACK * n_in + wire.MAX_HEADER_BYTES)
         pull = sockets.make_socket(self.ctx, zmq.PULL, inbound, curve=self.curve)
         bind_addr = req.bind or f"tcp://{sockets.host_of(self.control_endpoint)}:0"
         try:
