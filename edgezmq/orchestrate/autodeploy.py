@@ -39,7 +39,7 @@ from edgezmq.node.daemon import BUFFERS_PER_DIRECTION
 from edgezmq.orchestrate.address import NodeAddress
 from edgezmq.orchestrate.calibrate import CALIBRATION_MICROBATCHES
 from edgezmq.orchestrate.calibrate import calibrate as run_calibration
-from edgezmq.orchestrate.deploy import DeployError, Deployment, deploy, unload, unload_nodes
+from edgezmq.orchestrate.deploy import DeployError, Deployment, deploy, take_over, unload
 from edgezmq.orchestrate.inventory import Cluster, InventoryNode
 from edgezmq.orchestrate.planfile import DeployPlan, ModelSpec, StagePlan
 from edgezmq.protocol import control
@@ -381,29 +381,6 @@ def to_deploy_plan(
                       keyring=cluster.keyring, keys=cluster.keys)
 
 
-def take_over(cluster: Cluster, say: Say) -> list[str]:
-    """Unload the inventory's nodes that hold a shard (a run whose client was killed, or
-    another deployment's): a deployment takes its nodes, as a plan's deploy does. Unreachable
-    nodes are left to the info step, which names them. Returns the nodes taken over."""
-    def state(n: InventoryNode) -> Any:
-        try:
-            with _node(cluster, n) as c:
-                return c.ping()
-        except control.ControlError:
-            return None
-
-    busy = [(n, r) for n, r in zip(cluster.nodes, _parallel(cluster.nodes, state))
-            if r is not None and r.state in ("loading", "loaded", "running")]
-    for n, r in busy:
-        say(f"{n.name}: {r.state} run {r.run}: taking it over (unloading)")
-    failed = {k: v for k, v in unload_nodes([n for n, _ in busy], curve=lambda a: cluster.curve(a.name)).items()
-              if isinstance(v, Exception)}
-    if failed:
-        raise DeployError("cannot take over node(s):\n" + "\n".join(f"  {k}: {v}" for k, v in failed.items()),
-                          {k: str(v) for k, v in failed.items()})
-    return [n.name for n, _ in busy]
-
-
 def autodeploy(
     cluster: Cluster, model: ModelSpec, *, reprofile: bool = False, dry_run: bool = False,
     results: str | None = None, time_limit_s: float = PLAN_TIME_LIMIT_S, say: Say | None = None,
@@ -415,8 +392,8 @@ def autodeploy(
     Returns (deployment or None when dry_run, deploy plan, planner problem, planner plan,
     what was gathered, with ``calibration``)."""
     say = say or (lambda m: log.info("%s", m))
-    if not dry_run:
-        take_over(cluster, say)
+    if not dry_run:  # unreachable nodes are left to the info step, which names them
+        take_over(list(cluster.nodes), curve=lambda a: cluster.curve(a.name), say=say)
     g = gather(cluster, model=model.name, microbatch=model.microbatch, granularity=model.granularity,
                kwargs=model.kwargs, reprofile=reprofile, replication=replication, say=say,
                spot_check=spot_check)

@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 PING_TIMEOUT_S = 3.0
 LOAD_TIMEOUT_S = 600.0  # building a ViT-Huge shard on a slow board takes minutes
 LOAD_POLL_S = 0.2
+UNLOAD_TIMEOUT_S = 30.0  # unloading a running stage joins its threads and its loader
+HOLDING = ("loading", "loaded", "running")  # the node states that hold a shard
 
 
 class DeployError(EdgezmqError, RuntimeError):
@@ -79,6 +81,24 @@ def unload(plan: DeployPlan, *, timeout: float = PING_TIMEOUT_S, only: list[str]
     return unload_nodes(nodes, timeout=timeout, curve=plan.curve)
 
 
+def take_over(nodes: list[NodeAddress], *, curve: Callable[[NodeAddress], security.Curve | None] = lambda n: n.curve,
+              say: Callable[[str], None] | None = None, timeout: float = PING_TIMEOUT_S) -> dict[str, Any]:
+    """Ping each node and unload one that holds a shard (another deployment's, or a run whose
+    client is gone): a deployment takes its nodes. Node name -> its ping reply, or the exception
+    (unreachable, or the unload failed)."""
+
+    def one(_: int, n: NodeAddress) -> Any:
+        with NodeClient(n.control, timeout=timeout, retries=1, name=n.name, curve=curve(n)) as c:
+            r = c.ping()
+            if r.state in HOLDING:
+                if say is not None:
+                    say(f"{n.name}: {r.state} run {r.run}: taking it over (unloading)")
+                c.unload(retries=0, timeout=UNLOAD_TIMEOUT_S)
+            return r
+
+    return _each([(0, n) for n in nodes], one)
+
+
 def unload_nodes(nodes: list[NodeAddress], *, timeout: float = PING_TIMEOUT_S,
                  curve: Callable[[NodeAddress], security.Curve | None] = lambda n: n.curve) -> dict[str, Any]:
     """Unload each node, whatever it serves (a stale run nobody drives included); best effort:
@@ -101,14 +121,7 @@ def deploy(
     nodes = plan.all_nodes
     say = progress or (lambda msg: log.info("%s", msg))
 
-    def ping(_: int, n: NodeAddress) -> Any:
-        with NodeClient(n.control, timeout=ping_timeout, retries=1, name=n.name, curve=plan.curve(n)) as c:
-            r = c.ping()
-            if r.state not in ("idle", "failed"):
-                c.unload(retries=0, timeout=30.0)
-            return r
-
-    errors = _fail(_each(nodes, ping))
+    errors = _fail(take_over([n for _, n in nodes], curve=plan.curve, timeout=ping_timeout))
     if errors:
         raise DeployError(_summary("unreachable", errors), errors)
 
