@@ -413,11 +413,9 @@ def autodeploy(
 
 def _liveness(dep: Deployment, client: Client, cluster: Cluster, planned: Any) -> contextlib.AbstractContextManager[None]:
     """Heartbeats over `dep` while calibration streams through it (failover.watched)."""
-    from edgezmq.orchestrate.failover import stall_limit, watched  # failover builds on this module
+    from edgezmq.orchestrate.failover import stall_limits, watched  # failover builds on this module
 
-    limits = {d: stall_limit(cost.unreplicated_s)
-              for st, cost in zip(planned.stages, planned.stage_costs) for d in st.devices}
-    return watched(dep, client, keyring=cluster.keyring, stall_limits=limits)
+    return watched(dep, client, keyring=cluster.keyring, stall_limits=stall_limits(planned))
 
 
 def _calibrate(cluster: Cluster, model: ModelSpec, dep: Deployment, problem: Any, planned: Any, g: Gathered, *,

@@ -56,6 +56,12 @@ def stall_limit(predicted_s: float | None, floor: float = STALL_FLOOR_S, factor:
     return max(floor, factor * (predicted_s or 0.0))
 
 
+def stall_limits(planned: Any, floor: float = STALL_FLOOR_S, factor: float = STALL_FACTOR) -> dict[str, float]:
+    """Node -> its stall limit, from the planner's predicted time of the stage it serves."""
+    return {d: stall_limit(cost.unreplicated_s, floor, factor)
+            for st, cost in zip(planned.stages, planned.stage_costs) for d in st.devices}
+
+
 class Progress:
     """How long one stage has held work without finishing any, from its successive
     ``stats.stage`` replies.  Time without work, and time blocked on a full downstream
@@ -275,8 +281,7 @@ class ResilientPipeline:
         """Node -> seconds its stage may hold work without finishing any (None: no stall check)."""
         if self.stall_floor is None:
             return None
-        return {d: stall_limit(cost.unreplicated_s, self.stall_floor, self.stall_factor)
-                for st, cost in zip(planned.stages, planned.stage_costs) for d in st.devices}
+        return stall_limits(planned, self.stall_floor, self.stall_factor)
 
     def _on_back(self, name: str) -> None:
         """A dead node answers again: re-plan with it (the same path as a failover)."""
