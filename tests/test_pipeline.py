@@ -286,7 +286,9 @@ def test_a_client_never_takes_results_of_a_client_that_gave_up(cluster):
             with Client(dep.entry, plan.results, dep.run, window=4, microbatch=MICROBATCH, timeout=60) as second:
                 nc.resume()  # the abandoned results now reach the new client first, as seq 0..2
                 outs = list(second.stream(mine))
-                assert second.foreign == len(abandoned)
+                # the paused stage holds at least the one it took; others may be lost with the first
+                # client's connection: what arrives is dropped, never returned
+                assert 1 <= second.foreign <= len(abandoned)
     finally:
         first.close()
         unload(plan)
