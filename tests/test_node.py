@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import msgpack
 import numpy as np
 import pytest
@@ -360,8 +362,6 @@ def test_model_kwargs_reach_the_shard(cc):
 
 
 def _job(cc, r, timeout=120.0):
-    import time
-
     if r.get("job") is None:
         return r
     deadline = time.time() + timeout
@@ -445,6 +445,37 @@ def test_netprobe_to_nowhere_fails_as_a_job_not_a_node(cc):
     j = _job(cc, cc.call("netprobe", peer="tcp://127.0.0.1:1", seconds=0.2, pings=2))
     assert j["state"] == "failed" and "t0" in j["error"]
     assert cc.call("ping")["state"] == "idle"
+
+
+def test_a_profile_past_its_deadline_fails_and_frees_the_node(cc, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEZMQ_CACHE", str(tmp_path))
+    # 1000 rounds of >= one CFS period per unit: minutes of work, stopped by a 1 s deadline
+    r = cc.call("profile", model=MODEL, microbatch=MICROBATCH, kwargs=KWARGS, threads=1, reps=1000,
+                deadline=1.0)
+    j = _job(cc, r, timeout=120)
+    assert j["state"] == "failed" and "deadline" in j["error"] and "t0" in j["error"], j
+    assert j["result"] is None
+    # the node takes the next job
+    probe = cc.call("netprobe", peer="tcp://127.0.0.1:1", seconds=0.2, pings=2)
+    assert _job(cc, probe)["state"] == "failed"
+
+
+def test_a_wait_that_gives_up_cancels_its_job(node, tmp_path, monkeypatch):
+    from edgezmq.protocol import messages as m
+    from edgezmq.transport.nodeclient import JobTimeout, NodeClient
+
+    monkeypatch.setenv("EDGEZMQ_CACHE", str(tmp_path))
+    with NodeClient(node.control_endpoint, name="t0") as c:
+        r = c.profile(m.ProfileRequest(model=MODEL, microbatch=MICROBATCH, kwargs=KWARGS, threads=1, reps=1000))
+        assert r.job is not None
+        with pytest.raises(JobTimeout):
+            c.wait_job(r.job, 0.5)
+        # the node was told: the job ends as `cancelled`, not after its hour-long deadline
+        end = time.monotonic() + 120
+        while (j := c.job(r.job)).state == "running" and time.monotonic() < end:
+            time.sleep(0.05)
+        assert j.state == "cancelled" and j.error is not None and "cancelled" in j.error
+        assert c.cancel(r.job).state == "cancelled"  # safe to resend
 
 
 def test_status_counts_each_bad_message_once():

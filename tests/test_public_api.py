@@ -28,7 +28,9 @@ INTERNAL = {"edgezmq.client._Failover", "edgezmq.planner.search.Timeout", "edgez
             # a yaml.YAMLError: read_yaml turns it into the caller's error like any syntax error
             "edgezmq.fields.ExpansionError",
             # a KeyboardInterrupt: SIGTERM takes Ctrl-C's way out (exit 143)
-            "edgezmq.interrupts.Terminated"}
+            "edgezmq.interrupts.Terminated",
+            # ends a node's job from inside it (cancel, deadline); the job thread catches it
+            "edgezmq.node.daemon.JobStopped"}
 
 # every error class, with the builtin its callers catch and the exit code it maps to
 ERRORS = {

@@ -87,6 +87,11 @@ PROC_STATUS = Path("/proc/self/status")
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")  # resolution of the VmHWM meter
 
 ProgressFn = Callable[[int, int, str, float], None]
+StopFn = Callable[[], None]  # raises to end a measurement early; returns to let it go on
+
+
+def _go_on() -> None:
+    """The default ``StopFn``: never stops."""
 
 
 def device_identity() -> dict[str, Any]:
@@ -220,9 +225,14 @@ def _torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _timed_rounds(fn: Callable[[], Any], warmup: int, reps: int, round_s: float) -> list[float]:
-    """Seconds per call of `fn`: `warmup` untimed calls, then the mean of each of `reps` rounds."""
+def _timed_rounds(fn: Callable[[], Any], warmup: int, reps: int, round_s: float,
+                  stop: StopFn | None = None) -> list[float]:
+    """Seconds per call of `fn`: `warmup` untimed calls, then the mean of each of `reps` rounds.
+    `stop()` is called before every call: it raises to end the measurement (a job cancelled or
+    past its deadline), so no measurement runs longer than one call past it."""
+    stop = stop or _go_on
     for _ in range(warmup):
+        stop()
         fn()
     times = []
     for _ in range(reps):
@@ -230,6 +240,7 @@ def _timed_rounds(fn: Callable[[], Any], warmup: int, reps: int, round_s: float)
         # period would otherwise dodge a CPU quota's throttling (or pay all of it)
         n, t = 0, time.perf_counter()
         while True:
+            stop()
             fn()
             n += 1
             elapsed = time.perf_counter() - t
@@ -256,7 +267,7 @@ def chain_window(units: list[dict[str, Any]], budget_bytes: int, max_units: int 
 
 def _time_window(model: str, window: tuple[int, int], *, granularity: str, specs: list, warmup: int,
                  reps: int, kwargs: dict[str, Any], checkpoint: str | Path | None, gen: torch.Generator,
-                 round_s: float) -> list[float]:
+                 round_s: float, stop: StopFn | None = None) -> list[float]:
     """Seconds per forward of units [a, b) run as one stage runs them: back to back, on a
     fresh copy of the input each time (as each message is), each output kept alive while the
     next ones run (as the send queue keeps it)."""
@@ -270,18 +281,19 @@ def _time_window(model: str, window: tuple[int, int], *, granularity: str, specs
         held.append(shard(*[x.clone() for x in xs]))
 
     with torch.inference_mode():
-        return _timed_rounds(run, warmup, reps, round_s)
+        return _timed_rounds(run, warmup, reps, round_s, stop)
 
 
 def _profile_chain(model: str, window: tuple[int, int], units: list[dict[str, Any]], *, granularity: str,
                    specs: list, warmup: int, reps: int, kwargs: dict[str, Any],
-                   checkpoint: str | Path | None, gen: torch.Generator, round_s: float) -> dict[str, Any]:
+                   checkpoint: str | Path | None, gen: torch.Generator, round_s: float,
+                   stop: StopFn | None = None) -> dict[str, Any]:
     """Units [a, b) timed as a stage runs them (``_time_window``). Alone, a unit finds its
     weights in cache and its buffers recycled; in a stage it does not, which the ratio to the
     sum of the units' own times captures."""
     a, b = window
     times = _time_window(model, window, granularity=granularity, specs=specs, warmup=warmup, reps=reps,
-                         kwargs=kwargs, checkpoint=checkpoint, gen=gen, round_s=round_s)
+                         kwargs=kwargs, checkpoint=checkpoint, gen=gen, round_s=round_s, stop=stop)
     alone = sum(u["time_s"] for u in units[a:b])
     chained = statistics.median(times)
     return {"units": [a, b], "time_s": chained, "times_s": times, "units_time_s": alone,
@@ -290,14 +302,14 @@ def _profile_chain(model: str, window: tuple[int, int], units: list[dict[str, An
 
 def _profile_unit(model: str, i: int, *, granularity: str, specs: list, warmup: int, reps: int,
                   kwargs: dict[str, Any], checkpoint: str | Path | None, gen: torch.Generator,
-                  meter: _PeakMeter, round_s: float) -> dict[str, Any]:
+                  meter: _PeakMeter, round_s: float, stop: StopFn | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     shard = models.build_shard(model, i, i + 1, granularity=granularity, checkpoint=checkpoint,
                                dtype=TORCH_DTYPE, **kwargs)
     build_s = time.perf_counter() - t0
     xs = [torch.randn(shape, generator=gen, dtype=getattr(torch, dt)) for shape, dt in specs[i]]
     with torch.inference_mode():
-        times = _timed_rounds(functools.partial(shard, *xs), warmup, reps, round_s)
+        times = _timed_rounds(functools.partial(shard, *xs), warmup, reps, round_s, stop)
         out, work = meter(functools.partial(shard, *xs))
     got = [(tuple(y.shape), str(y.dtype).removeprefix("torch.")) for y in out]
     want = [(tuple(s), dt) for s, dt in specs[i + 1]]
@@ -323,12 +335,13 @@ def _profile_unit(model: str, i: int, *, granularity: str, specs: list, warmup: 
 def profile_units(model: str, *, granularity: str = "block", microbatch: int = 8,
                   threads: int | None = None, warmup: int = 1, reps: int = 3,
                   kwargs: Mapping[str, Any] | None = None, checkpoint: str | Path | None = None,
-                  progress: ProgressFn | None = None) -> dict[str, Any]:
+                  progress: ProgressFn | None = None, stop: StopFn | None = None) -> dict[str, Any]:
     """Time and measure every unit of `model` at `microbatch` on this device, one unit at a time.
 
     `threads`: torch intra-op threads while profiling (None: the current setting); the
     previous setting is restored afterwards. `progress(i, n, unit_name, time_s)` is
-    called after each unit. Returns plain values only (JSON- and msgpack-ready).
+    called after each unit. `stop()`, called before every timed forward, raises to end the
+    profile early (a cancelled job). Returns plain values only (JSON- and msgpack-ready).
     """
     _check_counts(threads, warmup, reps)
     kw = dict(kwargs or {})
@@ -345,7 +358,7 @@ def profile_units(model: str, *, granularity: str = "block", microbatch: int = 8
         for i in range(n):
             entry = _profile_unit(model, i, granularity=granularity, specs=specs, warmup=warmup,
                                   reps=reps, kwargs=kw, checkpoint=checkpoint, gen=gen, meter=meter,
-                                  round_s=round_s)
+                                  round_s=round_s, stop=stop)
             units.append(entry)
             log.debug("%s unit %d/%d %s: %.4f s, work %d B", model, i + 1, n, entry["name"],
                       entry["time_s"], entry["work_bytes"])
@@ -354,7 +367,7 @@ def profile_units(model: str, *, granularity: str = "block", microbatch: int = 8
         window = chain_window(units, int(CHAIN_MEMORY_SHARE * device.memory_budget()))
         chain = None if window is None else _profile_chain(
             model, window, units, granularity=granularity, specs=specs, warmup=warmup, reps=reps,
-            kwargs=kw, checkpoint=checkpoint, gen=gen, round_s=round_s)
+            kwargs=kw, checkpoint=checkpoint, gen=gen, round_s=round_s, stop=stop)
         gc.collect()  # the chain's shard is gone with _profile_chain's frame
     return {
         "model": model,
@@ -382,7 +395,8 @@ def profile_units(model: str, *, granularity: str = "block", microbatch: int = 8
 
 
 def spot_check(prof: Mapping[str, Any], *, kwargs: Mapping[str, Any] | None = None,
-               checkpoint: str | Path | None = None, warmup: int = 1, reps: int = 3) -> dict[str, Any]:
+               checkpoint: str | Path | None = None, warmup: int = 1, reps: int = 3,
+               stop: StopFn | None = None) -> dict[str, Any]:
     """Time a cached profile's reference again, now, on this device: its chain window (or,
     without one, its slowest unit), as profiling timed it. ``ratio`` = now / then says how
     the device's speed has moved since (a board that throttles when hot, other tenants, a
@@ -399,7 +413,7 @@ def spot_check(prof: Mapping[str, Any], *, kwargs: Mapping[str, Any] | None = No
     with _torch_threads(int(prof["threads"])):
         times = _time_window(prof["model"], window, granularity=prof["granularity"], specs=specs, warmup=warmup,
                              reps=reps, kwargs=kw, checkpoint=checkpoint,
-                             gen=torch.Generator().manual_seed(INPUT_SEED), round_s=round_seconds())
+                             gen=torch.Generator().manual_seed(INPUT_SEED), round_s=round_seconds(), stop=stop)
     gc.collect()
     now = statistics.median(times)
     return {"units": list(window), "time_s": now, "times_s": times, "cached_time_s": then,

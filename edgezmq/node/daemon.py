@@ -45,18 +45,35 @@ INBOUND_SLACK = 2  # a data message may be this many times the stage's declared 
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
+class JobStopped(Exception):
+    """Raised inside a job's work by ``Job.check``: cancelled, or past its deadline."""
+
+
 @dataclass
 class Job:
-    """A long command (profile, netprobe) running beside the control loop."""
+    """A long command (profile, netprobe) running beside the control loop.
+
+    Its work calls ``check`` between steps (each timed forward, each probe message): a
+    ``cancel`` or the deadline ends it there, so a job never holds the node past either by
+    more than one step."""
 
     id: str
     kind: str
     request: Request  # what started it: an identical request while it runs gets `reply` again
+    deadline_s: float  # seconds after start
     reply: Reply | None = None
-    state: str = "running"  # running | done | failed
+    state: str = "running"  # one of messages.JOB_STATES
     progress: list = field(default_factory=list)  # profile: [done, total, unit name, time_s]
     result: dict | None = None
     error: str | None = None
+    started: float = field(default_factory=time.monotonic)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def check(self) -> None:
+        if self.cancelled.is_set():
+            raise JobStopped("cancelled")
+        if time.monotonic() - self.started > self.deadline_s:
+            raise JobStopped(f"deadline: still running after {self.deadline_s:g}s")
 
     def to_reply(self) -> m.JobReply:
         return m.JobReply(id=self.id, kind=self.kind, state=self.state, progress=list(self.progress),
@@ -169,12 +186,14 @@ class Node:
         """The job running for an identical request (a resend), if any."""
         return next((j for j in self.jobs.values() if j.state == "running" and j.request == req), None)
 
-    def _start_job(self, kind: str, req: Request, fn: Callable[[Job], dict]) -> Job:
+    def _start_job(self, kind: str, req: Request, fn: Callable[[Job], dict], deadline_s: float) -> Job:
         busy = [j for j in self.jobs.values() if j.state == "running"]
         if busy:
-            raise control.ControlError(control.BAD_STATE, f"node {self.name} is busy with {busy[0].kind} job {busy[0].id}")
+            what = "cancelled, stopping at its next step" if busy[0].cancelled.is_set() else "running"
+            raise control.ControlError(control.BAD_STATE, f"node {self.name} is busy with {busy[0].kind} "
+                                       f"job {busy[0].id} ({what})")
         self._job_seq += 1
-        job = Job(id=f"{kind}-{self._job_seq}", kind=kind, request=req)
+        job = Job(id=f"{kind}-{self._job_seq}", kind=kind, request=req, deadline_s=deadline_s)
         self.jobs[job.id] = job
         for old in list(self.jobs)[:-MAX_JOBS_KEPT]:
             if self.jobs[old].state != "running":
@@ -184,6 +203,10 @@ class Node:
             try:
                 job.result = fn(job)
                 job.state = "done"
+            except JobStopped as e:
+                log.info("%s job %s stopped: %s", kind, job.id, e)
+                job.error = f"node {self.name}: {kind} job {job.id} {e}"
+                job.state = "cancelled" if job.cancelled.is_set() else "failed"
             except Exception as e:  # the job's failure is reported, not raised
                 log.warning("%s job %s failed: %s", kind, job.id, e)
                 job.error, job.state = f"node {self.name}: {type(e).__name__}: {e}", "failed"
@@ -221,11 +244,12 @@ class Node:
                 def recheck(job: Job) -> dict:
                     from edgezmq.model.profiling import rescale, spot_check
 
-                    prof = rescale(hit, spot_check(hit, kwargs=kwargs, warmup=req.warmup, reps=req.reps))
+                    prof = rescale(hit, spot_check(hit, kwargs=kwargs, warmup=req.warmup, reps=req.reps,
+                                                   stop=job.check))
                     cache.put(key, prof)  # the next check compares with this level
                     return prof
 
-                job = self._start_job("spot-check", req, recheck)
+                job = self._start_job("spot-check", req, recheck, req.deadline)
                 job.reply = m.ProfileReply(state=job.state, cached=True, job=job.id, result=None)
                 return job.reply
 
@@ -235,11 +259,11 @@ class Node:
 
             prof = profile_units(
                 req.model, granularity=req.granularity, microbatch=req.microbatch, threads=threads,
-                kwargs=kwargs, warmup=req.warmup, reps=req.reps, progress=report)
+                kwargs=kwargs, warmup=req.warmup, reps=req.reps, progress=report, stop=job.check)
             cache.put(key, prof)
             return prof
 
-        job = self._start_job("profile", req, work)
+        job = self._start_job("profile", req, work, req.deadline)
         job.reply = m.ProfileReply(state=job.state, cached=False, job=job.id, result=None)
         return job.reply
 
@@ -256,14 +280,23 @@ class Node:
             curve = security.Curve(self.keys, server_key=self._key_arg(req.peer_key, "netprobe.peer_key"))
         job = self._start_job("netprobe", req, lambda job: netprobe.probe(
             req.peer, ctx=self.ctx, curve=curve, bytes_per_msg=req.bytes_per_msg, seconds=req.seconds,
-            pings=req.pings))
+            pings=req.pings, stop=job.check), m.NETPROBE_JOB_DEADLINE_S)
         job.reply = m.NetprobeReply(state=job.state, job=job.id)
         return job.reply
 
-    def cmd_job(self, req: m.JobRequest) -> m.JobReply:
-        job = self.jobs.get(req.id)
+    def _job(self, cmd: str, job_id: str) -> Job:
+        job = self.jobs.get(job_id)
         if job is None:
-            raise control.ControlError(control.BAD_ARGS, f"job.id: no job {req.id!r} on node {self.name}")
+            raise control.ControlError(control.BAD_ARGS, f"{cmd}.id: no job {job_id!r} on node {self.name}")
+        return job
+
+    def cmd_job(self, req: m.JobRequest) -> m.JobReply:
+        return self._job("job", req.id).to_reply()
+
+    def cmd_cancel(self, req: m.CancelRequest) -> m.JobReply:
+        job = self._job("cancel", req.id)
+        if job.state == "running":
+            job.cancelled.set()  # its thread stops at the job's next check
         return job.to_reply()
 
     def _memory_budget(self) -> int:

@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 
 INFO_TIMEOUT_S = 5.0
 JOB_POLL_S = 0.2
-PROFILE_TIMEOUT_S = 3600.0  # ViT-Huge unit by unit on a slow board
+PROFILE_TIMEOUT_S = m.PROFILE_DEADLINE_S + 60.0  # the node fails the job at its deadline first
 PLAN_TIME_LIMIT_S = 20.0
 
 Say = Callable[[str], None]

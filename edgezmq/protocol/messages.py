@@ -28,6 +28,10 @@ KEY_LEN = 40  # a Z85 CurveZMQ public key
 MiB = 1 << 20
 NETPROBE_MAX_BYTES = 256 * MiB  # a netprobe bulk message (edgezmq.transport.netprobe)
 NETPROBE_MAX_SECONDS = 60.0
+PROFILE_DEADLINE_S = 3600.0  # a profile job's default deadline: ViT-Huge unit by unit on a slow board
+MAX_JOB_SECONDS = 86400.0  # the longest deadline a peer may ask for
+NETPROBE_JOB_DEADLINE_S = 300.0  # a netprobe job: the bulk phase (<= 60 s) plus pings and set-up
+JOB_STATES = ("running", "done", "failed", "cancelled")
 NODE_STATES = ("idle", "loading", "loaded", "running", "failed")
 GRANULARITY_DOC = "how the model is cut into units: block | half | sublayer (docs/model.md)"
 
@@ -307,6 +311,9 @@ class ProfileRequest(Request):
     reprofile: bool = field_("ignore the node's profile cache", default=False)
     check: bool = field_("on a cache hit, time the profile's chain window again and rescale the "
                          "profile if the device has drifted (a job)", default=False)
+    deadline: float = field_("the job fails when still running this long after it started (checked "
+                             "before every timed forward)", default=PROFILE_DEADLINE_S, lo=0,
+                             hi=MAX_JOB_SECONDS, lo_open=True, unit="s")
 
     def validate(self) -> None:
         _check_kwargs(self.kwargs, self.CMD)
@@ -360,11 +367,20 @@ class JobReply(Reply):
     WIRE_NAME = "job"
     id: str = field_("the job's id")
     kind: str = field_("profile | spot-check | netprobe")
-    state: str = field_("running | done | failed")
+    state: str = field_("running | done | failed | cancelled (a cancelled job is `running` until "
+                        "it reaches its next check, within one timed forward or one probe message)")
     progress: list[JSON] = field_("profile: [units done, units, last unit's name, its time_s]; else []")
     result: JSONMap | None = field_("when done: the profile (edgezmq/model/profiling.py) or the link "
                                     "measurement (edgezmq/transport/netprobe.py)")
     error: str | None = field_("when failed: why, naming the node")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CancelRequest(Request):
+    """Stop a running job at its next check (a client that gave up: Ctrl-C, its own timeout)."""
+
+    CMD = WIRE_NAME = "cancel"
+    id: str = field_("a job id returned by `profile` or `netprobe`", max_len=MAX_NAME)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -437,6 +453,8 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
             "cache hit again"),
     Command(NetprobeRequest, NetprobeReply, 5.0, "the job already running for the same arguments"),
     Command(JobRequest, JobReply, 5.0, "the job's state now"),
+    Command(CancelRequest, JobReply, 5.0, "the job's state now (a job that already ended stays "
+            "`done` or `failed`)"),
     Command(PauseRequest, PauseReply, 5.0, "`paused: true` (already paused)"),
     Command(ResumeRequest, PauseReply, 5.0, "`paused: false` (already going)"),
     Command(UnloadRequest, StateReply, 30.0, "`idle` (already idle)"),

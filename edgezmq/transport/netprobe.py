@@ -34,6 +34,7 @@ import statistics
 import struct
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -259,7 +260,7 @@ def _check_args(bytes_per_msg: int, seconds: float | None, count: int | None, pi
 
 
 def _bulk(p: _Prober, payload: memoryview, seconds: float | None, count: int | None,
-          window: int, first_seq: int) -> tuple[int, int, float]:
+          window: int, first_seq: int, stop: Callable[[], None]) -> tuple[int, int, float]:
     """(messages, bytes acknowledged, seconds) of a credit-controlled bulk transfer."""
     seq, acked, nbytes = first_seq, 0, 0
     outstanding: list[int] = []
@@ -273,6 +274,7 @@ def _bulk(p: _Prober, payload: memoryview, seconds: float | None, count: int | N
         return sent < MIN_BULK_MESSAGES or time.perf_counter() - t0 < seconds
 
     while True:
+        stop()
         while len(outstanding) < window and more():
             p.send([BULK, _U64.pack(seq), payload], f"bulk message {seq}")
             outstanding.append(seq)
@@ -288,14 +290,18 @@ def _bulk(p: _Prober, payload: memoryview, seconds: float | None, count: int | N
 
 def probe(endpoint: str, *, bytes_per_msg: int = DEFAULT_MSG_BYTES, seconds: float | None = DEFAULT_SECONDS,
           count: int | None = None, pings: int = DEFAULT_PINGS, timeout: float = DEFAULT_TIMEOUT_S,
-          window: int = WINDOW, ctx: zmq.Context | None = None, curve: Curve | None = None) -> dict[str, Any]:
+          window: int = WINDOW, ctx: zmq.Context | None = None, curve: Curve | None = None,
+          stop: Callable[[], None] | None = None) -> dict[str, Any]:
     """Latency (`pings` round trips) then bandwidth (bulk messages of `bytes_per_msg`) to a ProbeServer.
 
     The bulk phase sends `count` messages when given, else runs for `seconds`. Raises
     TimeoutError (naming `endpoint`) when any reply takes longer than `timeout` seconds.
     Bandwidth is in megabits per second (10**6 bit/s); also given in bytes per second.
     With ``curve`` (a client of the server's public key) the probe runs over CurveZMQ.
+    ``stop()``, called before every ping and every bulk acknowledgement, raises to end the
+    probe early (a cancelled job).
     """
+    halt = stop or (lambda: None)
     _check_args(bytes_per_msg, seconds, count, pings, timeout, window)
     payload = memoryview(np.random.default_rng(PAYLOAD_SEED).bytes(bytes_per_msg))
     own = ctx is None
@@ -303,12 +309,15 @@ def probe(endpoint: str, *, bytes_per_msg: int = DEFAULT_MSG_BYTES, seconds: flo
     p = _Prober(ctx, endpoint, timeout, curve)
     try:
         p.ping(0)  # connection set-up: not counted
-        rtts = [p.ping(seq) for seq in range(1, pings + 1)]
+        rtts = []
+        for seq in range(1, pings + 1):
+            halt()
+            rtts.append(p.ping(seq))
         first = pings + 1
         p.send([BULK, _U64.pack(first), payload], f"bulk message {first}")  # slow start: not counted
         p.recv(ACK, first, f"bulk message {first}")
         server_cpu0, own_cpu0 = p.cpu(first + 1), time.process_time()
-        messages, nbytes, elapsed = _bulk(p, payload, seconds, count, window, first + 2)
+        messages, nbytes, elapsed = _bulk(p, payload, seconds, count, window, first + 2, halt)
         own_cpu, server_cpu1 = time.process_time() - own_cpu0, p.cpu(first + 3 + messages)
     finally:
         p.close()

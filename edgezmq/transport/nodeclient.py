@@ -17,6 +17,7 @@ from edgezmq.transport.security import Curve
 R = TypeVar("R", bound=m.Reply)
 
 JOB_POLL_S = 0.2  # how often wait_job asks
+CANCEL_TIMEOUT_S = 2.0  # a wait that gives up asks the node once to cancel its job
 
 
 class JobFailed(control.ControlError):
@@ -95,25 +96,44 @@ class NodeClient:
     def job(self, job_id: str, *, timeout: float | None = None) -> m.JobReply:
         return self.call(m.JobRequest(id=job_id), m.JobReply, timeout=timeout)
 
+    def cancel(self, job_id: str, *, timeout: float | None = None, retries: int | None = None) -> m.JobReply:
+        return self.call(m.CancelRequest(id=job_id), m.JobReply, timeout=timeout, retries=retries)
+
     def wait_job(self, job_id: str, timeout: float, *, poll_s: float = JOB_POLL_S,
                  on_progress: Callable[[list[JSON]], None] | None = None) -> JSONMap:
-        """Poll ``job`` until the job ends: its result; ``JobFailed`` when it failed,
-        ``JobTimeout`` (a ``ControlError(UNREACHABLE)``) when it is still running after ``timeout`` seconds."""
+        """Poll ``job`` until the job ends: its result; ``JobFailed`` when it failed or was
+        cancelled, ``JobTimeout`` (a ``ControlError(UNREACHABLE)``) when it is still running
+        after ``timeout`` seconds.  A wait that ends without the job's end (the timeout,
+        Ctrl-C, SIGTERM) cancels the job, so that the node is not left busy for nobody."""
         deadline = time.monotonic() + timeout
         seen: list[JSON] = []
-        while True:
-            j = self.job(job_id)
-            if on_progress is not None and j.progress and j.progress != seen:
-                seen = j.progress
-                on_progress(seen)
-            if j.state == "done":
-                return j.result or {}
-            if j.state == "failed":
-                raise JobFailed(control.INTERNAL, j.error or f"job {job_id} failed")
-            if time.monotonic() > deadline:
-                raise JobTimeout(control.UNREACHABLE, f"node {self.name}: job {job_id} did not "
-                                 f"finish in {timeout:g}s")
-            time.sleep(poll_s)
+        ended = False
+        try:
+            while True:
+                j = self.job(job_id)
+                if on_progress is not None and j.progress and j.progress != seen:
+                    seen = j.progress
+                    on_progress(seen)
+                if j.state == "done":
+                    ended = True
+                    return j.result or {}
+                if j.state in ("failed", "cancelled"):
+                    ended = True
+                    raise JobFailed(control.INTERNAL, j.error or f"job {job_id} {j.state}")
+                if time.monotonic() > deadline:
+                    raise JobTimeout(control.UNREACHABLE, f"node {self.name}: job {job_id} did not "
+                                     f"finish in {timeout:g}s")
+                time.sleep(poll_s)
+        finally:
+            if not ended:
+                self._cancel_quietly(job_id)
+
+    def _cancel_quietly(self, job_id: str) -> None:
+        """Best effort: a node that does not answer now has its own deadline for the job."""
+        try:
+            self.cancel(job_id, timeout=CANCEL_TIMEOUT_S, retries=0)
+        except control.ControlError:
+            pass
 
     def pause(self, *, timeout: float | None = None) -> m.PauseReply:
         return self.call(m.PauseRequest(), m.PauseReply, timeout=timeout)
