@@ -20,6 +20,8 @@ import dataclasses
 import math
 import time
 
+import numpy as np
+
 from .bounds import Bounds
 from .classes import (
     ClassModel,
@@ -60,9 +62,16 @@ def check_memory(problem: Problem) -> None:
     arr = device_arrays(problem)
     cut = (float(arr.input_bytes), *arr.out_bytes.tolist())
     table = memory_table(arr.param_bytes, arr.work_bytes, cut, arr.buffers)
+    # the buffers depend on where the stage is cut: the unit's cheapest stage decides:
+    # least[i] = min over stages [a, b) holding unit i (a <= i < b) of table[a, b], in
+    # O(n^2): each row's suffix minima, then their running minimum over rows a <= i
+    running = np.full(table.shape[1], np.inf)
+    least = []
+    for i in range(len(problem.units)):
+        running = np.minimum(running, np.minimum.accumulate(table[i, ::-1])[::-1])
+        least.append(float(running[i + 1]))
     for i, u in enumerate(problem.units):
-        # the buffers depend on where the stage is cut: the unit's cheapest stage decides
-        need = float(table[:i + 1, i + 1:].min())
+        need = least[i]
         if not any(need + d.reserved_bytes <= d.memory_bytes for d in devices):
             alone = stage_memory_bytes(problem, i, i + 1)
             raise PlanError(
@@ -168,9 +177,9 @@ class _Run:
     """One solve: the models, the best real plan so far, the proven floor, the clock."""
 
     def __init__(self, problem: Problem, arr: DeviceArrays, time_limit_s: float, gap: float,
-                 method: str) -> None:
+                 method: str, t0: float) -> None:
         self.problem, self.arr, self.gap, self.method = problem, arr, gap, method
-        self.t0 = time.monotonic()
+        self.t0 = t0
         self.limit = time_limit_s
         self.names = [d.name for d in problem.devices]
         self.exact = exact_model(arr)
@@ -230,8 +239,9 @@ def solve_arrays(problem: Problem, arr: DeviceArrays, *, time_limit_s: float = D
                  gap: float = 0.0, method: str = "solve") -> Plan:
     """``solve`` on the problem's numbers as given in ``arr``; the returned plan is costed by
     ``evaluate`` on the real ``problem``."""
+    t0 = time.monotonic()  # the time limit counts from here: every step of the solve is in it
     check_memory(problem)
-    run = _Run(problem, arr, time_limit_s, gap, method)
+    run = _Run(problem, arr, time_limit_s, gap, method, t0)
     # with many classes, stages mix at most MAX_MIX of them: plans stay valid, proofs do not
     s_pess = Search(run.pess, max_mix=_mix(run.pess))
     run.raise_floor(Bounds(run.exact).capacity(0, run.exact.counts))
