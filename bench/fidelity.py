@@ -17,6 +17,8 @@ import sys
 
 from common import RESULTS, bars, measure, save, testbed
 
+from edgezmq.cli import args as args_
+
 # shares add up to 1.7 of the machine's 2 cores: every device gets its share
 TESTBED = {
     "name": "fid",
@@ -39,7 +41,7 @@ ROWS = [  # (model, granularity, nodes)
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--batches", type=int, default=20, help="timed microbatches per row")
+    ap.add_argument("--batches", type=args_.count, default=20, help="timed microbatches per row")
     ap.add_argument("--quick", action="store_true", help="only the vit_tiny rows")
     ap.add_argument("--cpu", help="the four devices' CPU shares, comma-separated (default "
                     + ",".join(str(d["cpu"]) for d in TESTBED["devices"]) + ")")

@@ -14,6 +14,8 @@ import sys
 
 from common import RESULTS, ROOT, bars, measure, save, testbed
 
+from edgezmq.cli import args as args_
+
 METHODS = ("ours", "even", "pipeedge", "pipedream")
 TESTBED = ROOT / "plans" / "testbed-hetero.yaml"
 
@@ -22,8 +24,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="vit_small_patch16_224")
     ap.add_argument("--granularity", default="half")
-    ap.add_argument("--microbatch", type=int, default=8)
-    ap.add_argument("--batches", type=int, default=30,
+    ap.add_argument("--microbatch", type=args_.microbatch, default=8)
+    ap.add_argument("--batches", type=args_.count, default=30,
                     help="timed microbatches: many more than the client window (2 per device + 2), so that"
                          " the timing is not the drain of queues filled before it")
     ap.add_argument("--json", action="store_true")

@@ -20,6 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from edgezmq.cli import args as args_
 from edgezmq.client import Client  # noqa: E402
 from edgezmq.model import chain as models  # noqa: E402
 from edgezmq.orchestrate.autodeploy import device_type_of, gather, to_deploy_plan  # noqa: E402
@@ -68,18 +69,18 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cluster", required=True)
     ap.add_argument("--model", required=True)
-    ap.add_argument("--microbatch", type=int, default=8)
+    ap.add_argument("--microbatch", type=args_.microbatch, default=8)
     ap.add_argument("--granularity", default="block")
     ap.add_argument("--kwargs", default="{}")
     ap.add_argument("--checkpoint")
-    ap.add_argument("--batches", type=int, default=8, help="timed microbatches")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed microbatches first (same stream)")
+    ap.add_argument("--batches", type=args_.count, default=8, help="timed microbatches")
+    ap.add_argument("--warmup", type=args_.count_or_zero, default=2, help="untimed microbatches first (same stream)")
     ap.add_argument("--method", default="ours", choices=METHODS)
     ap.add_argument("--no-replication", action="store_true")
     ap.add_argument("--nodes", help="comma-separated subset of the cluster's nodes to use")
-    ap.add_argument("--time-limit", type=float, default=20.0)
+    ap.add_argument("--time-limit", type=args_.seconds, default=20.0)
     ap.add_argument("--reprofile", action="store_true", help="profile afresh (ignore the nodes' caches)")
-    ap.add_argument("--calibrate", type=int, default=CALIBRATION_MICROBATCHES,
+    ap.add_argument("--calibrate", type=args_.count_or_zero, default=CALIBRATION_MICROBATCHES,
                     help="microbatches of the deploy's calibration (edgezmq.orchestrate.calibrate; 0: none)")
     ap.add_argument("--verify", action="store_true", help="compare every output with timm's forward")
     args = ap.parse_args()

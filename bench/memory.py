@@ -15,14 +15,16 @@ import sys
 
 from common import RESULTS, ROOT, measure, pyplot, save, testbed
 
+from edgezmq.cli import args as args_
+
 TESTBED = ROOT / "plans" / "testbed-memory.yaml"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="vit_huge_patch14_224")
-    ap.add_argument("--microbatch", type=int, default=1)
-    ap.add_argument("--batches", type=int, default=3)
+    ap.add_argument("--microbatch", type=args_.microbatch, default=1)
+    ap.add_argument("--batches", type=args_.count, default=3)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))

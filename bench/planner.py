@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 import yaml  # noqa: E402
 
+from edgezmq.cli import args as args_  # noqa: E402
 from edgezmq.planner import Problem, solve  # noqa: E402
 from edgezmq.planner.baselines import BASELINES, baseline  # noqa: E402
 
@@ -160,10 +161,10 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    ap.add_argument("--sizes", type=args_.int_in(1, 4096), nargs="+", default=list(SIZES))
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     ap.add_argument("--granularity", nargs="+", default=list(GRANULARITIES), choices=GRANULARITIES)
-    ap.add_argument("--time-limit", type=float, default=60.0)
+    ap.add_argument("--time-limit", type=args_.seconds, default=60.0)
     ap.add_argument("--no-baselines", action="store_true")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     ap.add_argument("--out", type=Path, help="also write the JSON here")

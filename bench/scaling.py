@@ -16,6 +16,7 @@ import sys
 from common import RESULTS, measure, pyplot, save, testbed
 
 sys.path.insert(0, str(RESULTS.parents[1]))
+from edgezmq.cli import args as args_
 from edgezmq.planner import Problem, solve  # noqa: E402
 
 DEVICES = [1, 2, 4, 8]
@@ -44,8 +45,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="vit_small_patch16_224")
     ap.add_argument("--granularity", default="half")
-    ap.add_argument("--microbatch", type=int, default=8)
-    ap.add_argument("--batches", type=int, default=6)
+    ap.add_argument("--microbatch", type=args_.microbatch, default=8)
+    ap.add_argument("--batches", type=args_.count, default=6)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     rows, problem = [], None

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import RESULTS, pyplot, save  # noqa: E402
 
+from edgezmq.cli import args as args_
 from edgezmq.client import Client  # noqa: E402
 from edgezmq.model import chain as models  # noqa: E402
 from edgezmq.orchestrate.autodeploy import autodeploy  # noqa: E402
@@ -37,10 +38,10 @@ WARMUP_FRACTION = 0.2  # RSS drift is judged after this share of the run
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--minutes", type=float, default=10.0)
+    ap.add_argument("--minutes", type=args_.float_in(0, 7 * 24 * 60, lo_open=True), default=10.0)
     ap.add_argument("--model", default="vit_tiny_patch16_224")
-    ap.add_argument("--nodes", type=int, default=2)
-    ap.add_argument("--microbatch", type=int, default=8)
+    ap.add_argument("--nodes", type=args_.int_in(1, args_.MAX_LOCAL_NODES), default=2)
+    ap.add_argument("--microbatch", type=args_.microbatch, default=8)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     ckpt = str(models.cached_checkpoint(args.model))

@@ -28,6 +28,7 @@ import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from edgezmq.cli import args as args_
 from edgezmq.protocol import wire  # noqa: E402
 from edgezmq.transport import sockets
 
@@ -141,7 +142,7 @@ def measure(kind: str, size: int, n: int) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=float, default=2.0, help="target duration per measurement")
+    ap.add_argument("--seconds", type=args_.float_in(0, 3600, lo_open=True), default=2.0, help="target duration per measurement")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--sizes", type=lambda v: [int(x) * 1024 for x in v.split(",")], default=SIZES,
                     help="message sizes in KiB, comma-separated (default: 64,256,1024,4096,10240)")

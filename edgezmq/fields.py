@@ -5,7 +5,7 @@ planner problems, testbed configs) reads its fields through a ``Fields`` bound t
 error class, so that a field is checked, and its error worded, the same way everywhere:
 
     F = Fields(prefixed(PlanFileError))       # errors read "model.microbatch: expected ..."
-    mb = F.integer(m.get("microbatch", 8), "model.microbatch", lo=1)
+    mb = F.integer(m.get("microbatch", 8), "model.microbatch", lo=1, hi=MAX_MICROBATCH)
 
 Numbers are finite (``.inf`` and ``.nan`` are refused) and within the range the caller
 gives, which its docs state; an offending value is shown cut to ``MAX_ECHO`` characters.
@@ -22,6 +22,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
 import yaml
+
+from edgezmq.terms import MAX_BYTES
 
 __all__ = ["Fields", "prefixed", "read_yaml", "safe_load", "shown", "ExpansionError", "REQUIRED", "SIZE_UNITS"]
 
@@ -125,11 +127,11 @@ class Fields:
             self.fail(path, f"expected one of {', '.join(options)}, got {shown(v)}")
         return v
 
-    def number(self, v: Any, path: str, *, lo: float | None = None, hi: float | None = None,
+    def number(self, v: Any, path: str, *, lo: float, hi: float,
                lo_open: bool = False, hi_open: bool = False, strings: bool = False,
                what: str = "a number") -> float:
-        """A finite real in the range (``lo`` / ``hi`` None: unbounded on that side; ``*_open``:
-        the bound itself excluded). ``strings``: accept ``"8e9"``, which YAML 1.1 reads as text."""
+        """A finite real in [lo, hi] (``*_open``: the bound itself excluded): every number a
+        file gives has a finite range (edgezmq.terms has the shared ones). ``strings``: accept ``"8e9"``, which YAML 1.1 reads as text."""
         x = v
         if strings and isinstance(v, str):
             try:
@@ -145,7 +147,7 @@ class Fields:
                             + ("" if math.isfinite(x) else " (not a finite number)"))
         return float(x)
 
-    def integer(self, v: Any, path: str, *, lo: int | None = None, hi: int | None = None,
+    def integer(self, v: Any, path: str, *, lo: int, hi: int,
                 strings: bool = False, what: str = "an integer") -> int:
         """A whole number in [lo, hi] (``4.0`` and, with ``strings``, ``"8e9"`` count as whole)."""
         x = self.number(v, path, lo=lo, hi=hi, strings=strings, what=what)
@@ -153,7 +155,7 @@ class Fields:
             self.fail(path, f"expected {what}, got {_kind(v)} {shown(v)}")
         return int(v) if isinstance(v, int) else int(x)
 
-    def size(self, v: Any, path: str, *, lo: int = 1, hi: int | None = None) -> int:
+    def size(self, v: Any, path: str, *, lo: int = 1, hi: int = MAX_BYTES) -> int:
         """Bytes: a number, or a string with a unit (``"2 GB"``, ``"512MiB"``; B, KB, MB, GB, TB
         are powers of 1000, KiB, MiB, GiB, TiB of 1024), in [lo, hi]."""
         x = v
@@ -168,7 +170,7 @@ class Fields:
             x = float(m.group(1)) * scale
         elif isinstance(v, bool) or not isinstance(v, (int, float)):
             self.fail(path, f"expected bytes or a size like {SIZE_EXAMPLE}, got {shown(v)}")
-        if not math.isfinite(x) or x < lo or (hi is not None and x > hi):
+        if not math.isfinite(x) or x < lo or x > hi:
             self.fail(path, f"expected bytes{_interval(lo, hi, False, False)}, got {shown(v)}"
                             + ("" if math.isfinite(x) else " (not a finite number)"))
         return int(x)

@@ -7,7 +7,8 @@ one definition.
 
 from __future__ import annotations
 
-__all__ = ["CLIENT", "GRANULARITIES"]
+__all__ = ["CLIENT", "GRANULARITIES", "MAX_MICROBATCH", "MAX_THREADS", "MAX_PORT", "MAX_UNITS", "MAX_BYTES", "MAX_MBPS",
+           "MAX_LATENCY_MS", "MAX_SECONDS", "MAX_FACTOR"]
 
 # The client's (and bootstrapper's) name in link tables: planner problems, cluster
 # inventories, testbed configs, traces. Reserved: no device or node may be called so.
@@ -16,3 +17,15 @@ CLIENT = "client"
 # How finely a model is cut into units (edgezmq.model.chain): one unit per transformer
 # block, per half block (attention | MLP), or per sub-layer.
 GRANULARITIES = ("block", "half", "sublayer")
+
+# The ranges of the numbers people and peers give (files, control arguments, flags): every
+# number has a finite range, checked where it is parsed (edgezmq.fields, edgezmq.protocol).
+MAX_MICROBATCH = 4096  # samples per microbatch
+MAX_THREADS = 256  # torch threads of a node or a device
+MAX_PORT = 65535  # a TCP port
+MAX_UNITS = 1 << 16  # units of a model (unit indices: 0..MAX_UNITS)
+MAX_BYTES = 1 << 60  # any byte count: memory, parameters, activations, messages (1 EiB)
+MAX_MBPS = 1e7  # any link or NIC rate, megabits per second (10 Tbit/s)
+MAX_LATENCY_MS = 1e6  # any one-way latency (1000 s)
+MAX_SECONDS = 1e6  # any duration in a file: a unit's time, a timeout (11.6 days)
+MAX_FACTOR = 1e6  # any multiplier or ratio: a device's speed, a payload factor, a cost per MB

@@ -184,3 +184,132 @@ def test_bad_cli_inputs_are_one_line_and_exit_2(tmp_path, capsys):
         assert code == EXIT_BAD_INPUT, (what, code, err)
         assert err.count("\n") == 1 and "Traceback" not in err and text in err, (what, err)
         assert len(err) < MAX_ERROR_CHARS, what
+
+
+# ---- every number in every kind of file has a finite range ------------------------------------
+# A full example of each file kind (every optional numeric field present); each numeric leaf
+# in turn is replaced by a value beyond any range (2**64, -2**64, .inf, .nan): the reader must
+# refuse it with its own one-line error naming the field.
+FULL_INVENTORY = """
+nodes:
+  - {name: board-1, control: "tcp://10.0.0.11:5550", type: rcc-ve, memory_bytes: 8000000000, threads: 4}
+  - {name: board-2, control: "tcp://10.0.0.12:5550"}
+client: {address: 10.0.0.2, results_port: 5560}
+links:
+  default: {mbps: 1000, latency_ms: 0.5}
+  overrides:
+    - {a: board-1, b: board-2, mbps: 5, latency_ms: 2}
+measure: {all_pairs_up_to: 8, seconds: 0.5, bytes_per_msg: 4194304, pings: 10}
+"""
+FULL_PLAN = """
+model: {name: vit_tiny_patch16_224, checkpoint: /n/x.safetensors, microbatch: 2, kwargs: {depth: 4, img_size: 64}}
+nodes: {n1: "tcp://127.0.0.1:5551", n2: "tcp://127.0.0.1:5552"}
+stages:
+  - {units: [0, 3], nodes: [n1], threads: 2}
+  - {units: [3, 6], nodes: [n2]}
+results: tcp://127.0.0.1:5560
+"""
+FULL_NODE_CONFIG = """
+control: tcp://127.0.0.1:5550
+name: board-1
+threads: 4
+memory_limit: 6000000000
+metrics_port: 9550
+"""
+HUGE = [2**64, -(2**64), float("inf"), float("nan")]
+
+
+def _numeric_paths(doc, path=()):
+    """Paths (tuples of keys and indices) of every number in a parsed YAML document."""
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            yield from _numeric_paths(v, (*path, k))
+    elif isinstance(doc, list):
+        for i, v in enumerate(doc):
+            yield from _numeric_paths(v, (*path, i))
+    elif isinstance(doc, (int, float)) and not isinstance(doc, bool):
+        yield path
+
+
+def _with(doc, path, value):
+    import copy
+
+    out = copy.deepcopy(doc)
+    at = out
+    for k in path[:-1]:
+        at = at[k]
+    at[path[-1]] = value
+    return out
+
+
+def _full_files():
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parent.parent / "plans"
+    return [
+        ("plan", load_plan, PlanFileError, yaml.safe_load(FULL_PLAN)),
+        ("inventory", load_cluster, ClusterError, yaml.safe_load(FULL_INVENTORY)),
+        ("node config", load_node_config, NodeConfigError, yaml.safe_load(FULL_NODE_CONFIG)),
+        ("planner problem", load_problem, PlanError,
+         yaml.safe_load((root / "edgepipe-vit-base-block.problem.yaml").read_text())),
+        ("testbed", load_config, ConfigError, yaml.safe_load((root / "testbed-hetero.yaml").read_text())),
+    ]
+
+
+@pytest.mark.parametrize("what, read, error, doc", _full_files(), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_number_in_every_file_kind_has_a_finite_range(tmp_path, what, read, error, doc):
+    import yaml
+
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(doc))
+    read(str(good))  # the example itself is valid
+    paths = list(_numeric_paths(doc))
+    assert len(paths) >= 3, what
+    for path in paths:
+        for value in HUGE:
+            f = tmp_path / "bad.yaml"
+            f.write_text(yaml.safe_dump(_with(doc, path, value)))
+            with pytest.raises(error) as e:
+                read(str(f))
+            msg = str(e.value)
+            assert "\n" not in msg and len(msg) < MAX_ERROR_CHARS, (what, path, msg)
+
+
+def _numeric_flags():
+    """(command, flag) of every option of the CLI that takes a number."""
+    import argparse
+
+    from edgezmq.cli.main import build_parser
+
+    found = []
+
+    def walk(p, cmd):
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for name, sub in a.choices.items():
+                    walk(sub, (*cmd, name))
+            elif a.option_strings and a.type is not None:
+                found.append((cmd, a.option_strings[-1], a.type))
+    walk(build_parser(), ())
+    return found
+
+
+def test_no_flag_takes_an_unbounded_number():
+    # a bare int or float type would take 2**64, -1 or nan: every number goes through a ranged type
+    bare = [(" ".join(cmd), flag) for cmd, flag, t in _numeric_flags() if t in (int, float)]
+    assert bare == []
+    assert len([1 for _, _, t in _numeric_flags() if getattr(t, "__name__", "") in ("integer", "number")]) >= 30
+
+
+@pytest.mark.parametrize("value", ["18446744073709551616", "-18446744073709551616", "nan", "inf"])
+def test_every_numeric_flag_refuses_values_beyond_its_range(capsys, value):
+    from edgezmq.cli.main import build_parser
+
+    flags = [(cmd, flag) for cmd, flag, t in _numeric_flags() if getattr(t, "__name__", "") in ("integer", "number")]
+    for cmd, flag in flags:
+        with pytest.raises(SystemExit) as e:
+            build_parser().parse_args([*cmd, f"{flag}={value}"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"argument {flag}" in err, (cmd, flag, err)

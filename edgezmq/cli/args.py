@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from edgezmq.errors import EdgezmqError
-from edgezmq.orchestrate.planfile import GRANULARITIES
+from edgezmq.terms import GRANULARITIES, MAX_MICROBATCH, MAX_PORT, MAX_THREADS
 
 FMT = argparse.RawDescriptionHelpFormatter
 KEYS_HELP = ("plan or cluster inventory whose keys: section to use: CurveZMQ to its nodes, "
@@ -50,36 +50,49 @@ def stderr(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
-# ---- argument types: argparse rejects these with exit code 2 and the flag's name ----------
-def int_in(lo: int, hi: int | None = None) -> Callable[[str], int]:
-    """An argparse type: an integer in lo..hi (no upper bound without hi)."""
+# ---- argument types: every number a flag takes has a finite range, checked by argparse ----
+# (exit 2, naming the flag: "argument --seed: expected an integer in 0..4294967295, got -1")
+MAX_COUNT = 1_000_000  # batches, images, refreshes, retries
+MAX_WINDOW = 4096  # microbatches in flight
+MAX_LOCAL_NODES = 64  # node processes `demo` starts on this machine
+MAX_SEED = 2**32 - 1
+MAX_SECONDS = 86_400.0  # any timeout, time limit or interval: a day
+MAX_MEMORY_BYTES = 1 << 50  # a node's --memory-limit: 1 PiB
+
+
+def int_in(lo: int, hi: int) -> Callable[[str], int]:
+    """An argparse type: an integer in lo..hi."""
     def parse(text: str) -> int:
         n = int(text)
-        if n < lo or (hi is not None and n > hi):
-            raise argparse.ArgumentTypeError(f"expected an integer {f'in {lo}..{hi}' if hi is not None else f'>= {lo}'}"
-                                             f", got {text}")
+        if not lo <= n <= hi:
+            raise argparse.ArgumentTypeError(f"expected an integer in {lo}..{hi}, got {text}")
         return n
 
     parse.__name__ = "integer"  # argparse says "invalid integer value: 'x'"
     return parse
 
 
-positive_int = int_in(1)
-nonnegative_int = int_in(0)
+def float_in(lo: float, hi: float, *, lo_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a number in lo..hi (``lo_open``: above lo); never NaN or infinite."""
+    def parse(text: str) -> float:
+        x = float(text)
+        if not ((lo < x) if lo_open else (lo <= x)) or not x <= hi:
+            raise argparse.ArgumentTypeError(f"expected a number {'>' if lo_open else '>='} {lo:g} and "
+                                             f"<= {hi:g}, got {text}")
+        return x
+
+    parse.__name__ = "number"
+    return parse
 
 
-def positive_float(text: str) -> float:
-    x = float(text)
-    if not 0 < x < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
-    return x
-
-
-def nonnegative_float(text: str) -> float:
-    x = float(text)
-    if not 0 <= x < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
-    return x
+count = int_in(1, MAX_COUNT)
+count_or_zero = int_in(0, MAX_COUNT)
+window = int_in(1, MAX_WINDOW)
+seed = int_in(0, MAX_SEED)
+threads = int_in(1, MAX_THREADS)
+microbatch = int_in(1, MAX_MICROBATCH)
+port = int_in(0, MAX_PORT)
+seconds = float_in(0, MAX_SECONDS, lo_open=True)
 
 
 def json_object(flag: str, text: str | None) -> dict[str, Any]:
@@ -95,12 +108,21 @@ def json_object(flag: str, text: str | None) -> dict[str, Any]:
     return value
 
 
+def model_kwargs(text: str | None) -> dict[str, Any]:
+    """``--kwargs``: a JSON object of the architecture arguments a node accepts
+    (``edgezmq.protocol.model_kwargs.ALLOWED``), each in its range; ModelKwargsError names the key."""
+    from edgezmq.protocol.model_kwargs import check_model_kwargs
+
+    return check_model_kwargs(json_object("--kwargs", text), "--kwargs")
+
+
 def add_model_args(p: argparse._ActionsContainer, *, model_required: bool = True) -> None:
     """--model/--microbatch/--granularity/--kwargs, as every model-taking command spells them."""
     p.add_argument("--model", required=model_required, help="timm model name")
-    p.add_argument("--microbatch", type=positive_int, default=8)
+    p.add_argument("--microbatch", type=microbatch, default=8, help=f"samples per microbatch (1..{MAX_MICROBATCH})")
     p.add_argument("--granularity", default="block", choices=GRANULARITIES)
-    p.add_argument("--kwargs", help="timm.create_model kwargs as JSON")
+    p.add_argument("--kwargs", help="architecture arguments of timm.create_model as JSON, e.g. "
+                   "'{\"depth\": 4}' (the allowed ones: docs/security.md)")
 
 
 # ---- --keys: a node by name, with the file's CurveZMQ keys ---------------------------------
@@ -131,13 +153,13 @@ def add_io_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", help="directory of JPEG/PNG images (timm preprocessing)")
     src.add_argument("--npy", help=".npy file of shape (N, C, H, W)")
-    src.add_argument("--random", type=positive_int, metavar="N", help="N random images")
-    p.add_argument("--seed", type=int, default=0)
+    src.add_argument("--random", type=count, metavar="N", help=f"N random images (1..{MAX_COUNT})")
+    p.add_argument("--seed", type=seed, default=0, help=f"of --random (0..{MAX_SEED})")
     p.add_argument("--out", default="logits.npy", help="where to write the logits")
-    p.add_argument("--window", type=positive_int, default=4, help="microbatches in flight")
-    p.add_argument("--timeout", type=positive_float, default=120.0,
-                   help="seconds per microbatch before retry/failure")
-    p.add_argument("--show", type=int, default=5, help="print top-5 classes of this many samples")
+    p.add_argument("--window", type=window, default=4, help=f"microbatches in flight (1..{MAX_WINDOW})")
+    p.add_argument("--timeout", type=seconds, default=120.0,
+                   help=f"seconds per microbatch before retry/failure (up to {MAX_SECONDS:g})")
+    p.add_argument("--show", type=count_or_zero, default=5, help="print top-5 classes of this many samples")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 

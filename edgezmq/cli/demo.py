@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import argparse
 
-from edgezmq.cli.args import FMT, node_failures, positive_int
+from edgezmq.cli.args import (
+    FMT,
+    MAX_LOCAL_NODES,
+    count,
+    int_in,
+    microbatch,
+    node_failures,
+    seed,
+    threads,
+    window,
+)
 from edgezmq.orchestrate.planfile import GRANULARITIES
 
 EPILOG_DEMO = """examples:
@@ -25,17 +35,17 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     m = sub.add_parser("demo", help="local pipeline on N node processes, verified against the whole model",
                        epilog=EPILOG_DEMO, formatter_class=FMT)
     m.add_argument("--model", default="vit_small_patch16_224")
-    m.add_argument("--nodes", type=positive_int, default=3)
-    m.add_argument("--microbatch", type=positive_int, default=8)
-    m.add_argument("--batches", type=positive_int, default=16)
-    m.add_argument("--threads", type=positive_int, help="torch threads per node (default: cores // nodes, at least 1)")
+    m.add_argument("--nodes", type=int_in(1, MAX_LOCAL_NODES), default=3, help=f"node processes (1..{MAX_LOCAL_NODES})")
+    m.add_argument("--microbatch", type=microbatch, default=8)
+    m.add_argument("--batches", type=count, default=16)
+    m.add_argument("--threads", type=threads, help="torch threads per node (default: cores // nodes, at least 1)")
     m.add_argument("--granularity", default="block", choices=GRANULARITIES)
     m.add_argument("--split", default="planner", choices=("planner", "even"),
                    help="how to cut the model: profile + plan (default), or equal unit counts")
     m.add_argument("--replication", action="store_true",
                    help="let the planner replicate stages (on identical local nodes it then "
                         "prefers whole-model replicas: data parallelism, not a pipeline)")
-    m.add_argument("--window", type=positive_int, help="microbatches in flight (default: nodes + 1)")
-    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--window", type=window, help="microbatches in flight (default: nodes + 1)")
+    m.add_argument("--seed", type=seed, default=0)
     m.add_argument("--json", action="store_true", help="print one JSON object")
     m.set_defaults(func=cmd_demo)

@@ -13,12 +13,14 @@ from edgezmq.cli.args import (
     add_io_args,
     add_model_args,
     collect,
+    count_or_zero,
+    float_in,
     inputs,
-    json_object,
+    int_in,
+    model_kwargs,
     node_failures,
-    nonnegative_float,
-    nonnegative_int,
-    positive_float,
+    seconds,
+    seed,
     stderr,
 )
 
@@ -87,7 +89,7 @@ def _model_spec(args: argparse.Namespace):
     from edgezmq.model import chain as models
     from edgezmq.orchestrate.planfile import ModelSpec
 
-    kwargs = json_object("--kwargs", args.kwargs)
+    kwargs = model_kwargs(args.kwargs)
     checkpoint = args.checkpoint
     if checkpoint is None and not args.pretrained:
         checkpoint = str(models.cached_checkpoint(args.model, **kwargs))
@@ -194,7 +196,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_checkpoint(args: argparse.Namespace) -> int:
     from edgezmq.model import chain as models
 
-    kwargs = json_object("--kwargs", args.kwargs)
+    kwargs = model_kwargs(args.kwargs)
     out = Path(args.out).expanduser() if args.out else None
     if out is not None and (out.is_dir() or not out.parent.is_dir()):
         raise UsageError(f"--out {args.out}: expected a file path in an existing directory"
@@ -212,7 +214,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("deploy", help="deploy a plan, or measure + plan + deploy a cluster inventory",
                        epilog=EPILOG_DEPLOY, formatter_class=FMT)
     d.add_argument("file", help="plan YAML, or cluster inventory YAML with --model (see plans/README.md)")
-    d.add_argument("--timeout", type=positive_float, default=600.0, help="seconds to wait for every shard to load")
+    d.add_argument("--timeout", type=seconds, default=600.0, help="seconds to wait for every shard to load")
     d.add_argument("--json", action="store_true")
     g = d.add_argument_group("cluster inventory")
     add_model_args(g, model_required=False)
@@ -222,13 +224,13 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--no-spot-check", action="store_true",
                    help="use cached profiles as they are (default: time one window again on each "
                         "device type and rescale a profile the device has drifted from)")
-    g.add_argument("--calibrate", type=nonnegative_int, default=None, metavar="N",
+    g.add_argument("--calibrate", type=count_or_zero, default=None, metavar="N",
                    help="after deploying, time N microbatches of random input through the pipeline and "
                         "re-plan with the devices' serving speeds (default 8; 0: not)")
     g.add_argument("--dry-run", action="store_true", help="stop after planning")
     g.add_argument("--no-replication", action="store_true", help="one node per stage")
     g.add_argument("--plan-out", help="write the plan (with its problem and prediction) here")
-    g.add_argument("--time-limit", type=positive_float, default=20.0, help="planner time limit, seconds")
+    g.add_argument("--time-limit", type=seconds, default=20.0, help="planner time limit, seconds")
     d.set_defaults(func=cmd_deploy)
 
     u = sub.add_parser("undeploy", help="unload every node of a plan or a cluster inventory", formatter_class=FMT,
@@ -240,7 +242,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("submit", help="run inputs through a deployed plan", epilog=EPILOG_SUBMIT, formatter_class=FMT)
     s.add_argument("plan")
     add_io_args(s)
-    s.add_argument("--retries", type=nonnegative_int, default=1)
+    s.add_argument("--retries", type=int_in(0, 100), default=1, help="resends of a microbatch (0..100)")
     s.set_defaults(func=cmd_submit)
 
     rn = sub.add_parser("run", help="deploy on a cluster inventory and run inputs, failing over on dead nodes",
@@ -253,12 +255,12 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     rn.add_argument("--checkpoint")
     rn.add_argument("--pretrained", action="store_true")
     rn.add_argument("--no-replication", action="store_true")
-    rn.add_argument("--heartbeat", type=positive_float, default=HEARTBEAT_S,
+    rn.add_argument("--heartbeat", type=seconds, default=HEARTBEAT_S,
                     help=f"seconds between heartbeats ({LIVENESS} missed: dead; default {HEARTBEAT_S:g})")
-    rn.add_argument("--stall-floor", type=positive_float, default=STALL_FLOOR_S, metavar="SECONDS",
+    rn.add_argument("--stall-floor", type=seconds, default=STALL_FLOOR_S, metavar="SECONDS",
                     help="a stage that holds microbatches but finishes none for max(this, --stall-factor x its "
                          f"predicted time per microbatch) is declared dead (default {STALL_FLOOR_S:g})")
-    rn.add_argument("--stall-factor", type=nonnegative_float, default=STALL_FACTOR, metavar="K",
+    rn.add_argument("--stall-factor", type=float_in(0, 1000), default=STALL_FACTOR, metavar="K",
                     help=f"see --stall-floor (default {STALL_FACTOR:g})")
     add_io_args(rn)
     rn.set_defaults(func=cmd_run)
@@ -269,6 +271,6 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                         formatter_class=FMT)
     ck.add_argument("--model", required=True)
     ck.add_argument("--out", help="file to write (default: the cache, path printed)")
-    ck.add_argument("--seed", type=int, default=0)
-    ck.add_argument("--kwargs", help='timm.create_model kwargs as JSON, e.g. \'{"img_size": 64}\'')
+    ck.add_argument("--seed", type=seed, default=0)
+    ck.add_argument("--kwargs", help='architecture arguments of timm.create_model as JSON, e.g. \'{"img_size": 64}\' (allowed: docs/security.md)')
     ck.set_defaults(func=cmd_checkpoint)

@@ -6,7 +6,7 @@ import argparse
 import logging
 from typing import Any
 
-from edgezmq.cli.args import FMT, CommandFailed, UsageError
+from edgezmq.cli.args import FMT, MAX_MEMORY_BYTES, CommandFailed, UsageError, int_in, port, threads
 from edgezmq.node import config as nodeconfig
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 def add_node_options(p: argparse.ArgumentParser) -> None:
     """Add --config and the config-only settings to `edgezmq node` (its existing flags stay)."""
     p.add_argument("--config", metavar="FILE", help=NODE_CONFIG_HELP)
-    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0: any; needs edgezmq[metrics])")
+    p.add_argument("--metrics-port", type=port, help="serve Prometheus metrics on this port (0: any; needs edgezmq[metrics])")
     p.add_argument("--metrics-host", help=f"address the metrics endpoint binds (default {nodeconfig.DEFAULT_METRICS_HOST})")
     p.add_argument("--cache-dir", help="profiles and seeded checkpoints (default $EDGEZMQ_CACHE or ~/.cache/edgezmq)")
     p.add_argument("--weights-dir", dest="weights_dirs", action="append", metavar="DIR",
@@ -122,8 +122,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     n = sub.add_parser("node", help="run a stage node daemon", epilog=EPILOG_NODE, formatter_class=FMT)
     n.add_argument("--control", default="tcp://127.0.0.1:5550", help="REP control address to bind (port 0: any)")
     n.add_argument("--name", help="node name (default: the control address)")
-    n.add_argument("--threads", type=int, help="torch threads for compute")
-    n.add_argument("--memory-limit", type=int, help="refuse shards that need more than this many bytes")
+    n.add_argument("--threads", type=threads, help="torch threads for compute")
+    n.add_argument("--memory-limit", type=int_in(1, MAX_MEMORY_BYTES),
+                   help="refuse shards that need more than this many bytes")
     n.add_argument("--advertise", help="host other nodes use to reach this node's data socket")
     n.add_argument("--secret-key", metavar="FILE", help="this node's NAME.key_secret: all sockets use CurveZMQ")
     n.add_argument("--allow", metavar="DIR", help="directory of public keys (*.key) allowed to connect")

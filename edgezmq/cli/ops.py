@@ -14,9 +14,11 @@ from edgezmq.cli.args import (
     FMT,
     CommandFailed,
     UsageError,
+    count,
     node_failures,
-    positive_float,
-    positive_int,
+    seconds,
+    seed,
+    window,
 )
 from edgezmq.errors import EXIT_FAILED
 from edgezmq.node import config as nodeconfig
@@ -154,10 +156,10 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                         epilog=EPILOG_STATUS, formatter_class=FMT)
     st.add_argument("file", metavar="PLAN_OR_CLUSTER.yaml", help="a plan file or a cluster inventory")
     st.add_argument("--watch", action="store_true", help="refresh live until Ctrl-C")
-    st.add_argument("--interval", type=float, default=DEFAULT_INTERVAL_S,
+    st.add_argument("--interval", type=seconds, default=DEFAULT_INTERVAL_S,
                     help=f"seconds between refreshes (default {DEFAULT_INTERVAL_S:g})")
-    st.add_argument("--count", type=int, help="stop after this many refreshes")
-    st.add_argument("--timeout", type=float, default=STATS_TIMEOUT_S,
+    st.add_argument("--count", type=count, help="stop after this many refreshes")
+    st.add_argument("--timeout", type=seconds, default=STATS_TIMEOUT_S,
                     help=f"seconds to wait for each node (default {STATS_TIMEOUT_S:g})")
     st.add_argument("--json", action="store_true", help="JSON (one object per refresh)")
     st.set_defaults(func=cmd_status)
@@ -165,12 +167,12 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     tr = sub.add_parser("trace", help="trace microbatches through a deployed plan; draw the timeline PNG",
                         epilog=EPILOG_TRACE, formatter_class=FMT)
     tr.add_argument("plan", metavar="PLAN.yaml")
-    tr.add_argument("--batches", type=positive_int, required=True, help="random microbatches to send")
+    tr.add_argument("--batches", type=count, required=True, help="random microbatches to send")
     tr.add_argument("--out", default="trace.png", help="timeline PNG (default trace.png)")
     tr.add_argument("--trace-json", help="raw trace JSON (default: --out with .json)")
-    tr.add_argument("--window", type=positive_int, help="microbatches in flight (default: stages + 1)")
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--timeout", type=positive_float, default=DEFAULT_TIMEOUT_S, help="seconds per microbatch")
+    tr.add_argument("--window", type=window, help="microbatches in flight (default: stages + 1)")
+    tr.add_argument("--seed", type=seed, default=0)
+    tr.add_argument("--timeout", type=seconds, default=DEFAULT_TIMEOUT_S, help="seconds per microbatch")
     tr.add_argument("--no-clock-offsets", action="store_true", help="do not estimate per-node clock offsets")
     tr.add_argument("--json", action="store_true", help="print a JSON summary")
     tr.set_defaults(func=cmd_trace)

@@ -10,13 +10,14 @@ from edgezmq.cli.args import (
     KEYS_HELP,
     UsageError,
     add_model_args,
+    float_in,
     int_in,
-    json_object,
+    model_kwargs,
     node_arg,
     node_failures,
-    positive_float,
-    positive_int,
+    seconds,
     stderr,
+    threads,
 )
 
 
@@ -24,7 +25,7 @@ from edgezmq.cli.args import (
 def cmd_profile(args: argparse.Namespace) -> int:
     from edgezmq.model.profiling import format_profile
 
-    kwargs = json_object("--kwargs", args.kwargs)
+    kwargs = model_kwargs(args.kwargs)
 
     def progress(p: list) -> None:  # on stderr, so --json output stays clean
         stderr(f"unit {p[0]}/{p[1]} {p[2]}: {p[3] * 1e3:.1f} ms")
@@ -95,6 +96,7 @@ def cmd_pause(args: argparse.Namespace) -> int:
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
     """Register `profile`, `netprobe`, `pause` and `resume` on the `edgezmq` subparsers."""
+    from edgezmq.protocol.messages import MAX_PINGS, NETPROBE_MAX_SECONDS
     from edgezmq.transport.netprobe import MAX_MSG_BYTES
 
     pr = sub.add_parser("profile", help="time every unit of a model on a node (or here)",
@@ -105,11 +107,11 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--node", help="control address of the node to profile (default: this machine); "
                     "a node name with --keys")
     pr.add_argument("--keys", metavar="PLAN_OR_CLUSTER.yaml", help=KEYS_HELP)
-    pr.add_argument("--timeout", type=positive_float, default=60.0,
+    pr.add_argument("--timeout", type=seconds, default=60.0,
                     help="seconds to wait for the node's reply (default 60)")
     add_model_args(pr)
-    pr.add_argument("--threads", type=positive_int)
-    pr.add_argument("--reps", type=positive_int, default=3)
+    pr.add_argument("--threads", type=threads)
+    pr.add_argument("--reps", type=int_in(1, 1000), default=3, help="timed rounds per unit (1..1000)")
     pr.add_argument("--reprofile", action="store_true", help="ignore the node's cache")
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=cmd_profile)
@@ -122,11 +124,12 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     npb.add_argument("--to", required=True, help="control address of the node measured to")
     npb.add_argument("--from", dest="src", help="control address of the node measuring (default: here)")
     npb.add_argument("--keys", metavar="PLAN_OR_CLUSTER.yaml", help=KEYS_HELP)
-    npb.add_argument("--timeout", type=positive_float, default=10.0,
+    npb.add_argument("--timeout", type=seconds, default=10.0,
                      help="seconds to wait for each node's reply (default 10)")
-    npb.add_argument("--seconds", type=positive_float, default=1.0)
+    npb.add_argument("--seconds", type=float_in(0, NETPROBE_MAX_SECONDS, lo_open=True), default=1.0,
+                     help=f"bulk transfer duration (up to {NETPROBE_MAX_SECONDS:g})")
     npb.add_argument("--bytes", type=int_in(1, MAX_MSG_BYTES), default=4 * 1024 * 1024, help="bulk message size")
-    npb.add_argument("--pings", type=positive_int, default=20)
+    npb.add_argument("--pings", type=int_in(1, MAX_PINGS), default=20, help=f"round trips timed (1..{MAX_PINGS})")
     npb.add_argument("--json", action="store_true")
     npb.set_defaults(func=cmd_netprobe)
 
@@ -138,6 +141,6 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                                    f"  edgezmq {verb} board-2 --keys cluster.yaml\n")
         pz.add_argument("node", help="control address of the node (a node name with --keys)")
         pz.add_argument("--keys", metavar="PLAN_OR_CLUSTER.yaml", help=KEYS_HELP)
-        pz.add_argument("--timeout", type=positive_float, default=5.0,
+        pz.add_argument("--timeout", type=seconds, default=5.0,
                         help="seconds to wait for the reply (default 5)")
         pz.set_defaults(func=cmd_pause)

@@ -31,6 +31,7 @@ from typing import Any
 from edgezmq.errors import EdgezmqError
 from edgezmq.fields import Fields, prefixed, read_yaml
 from edgezmq.paths import CACHE_ENV
+from edgezmq.terms import MAX_PORT, MAX_THREADS
 
 CONFIG_DIR = "/etc/edgezmq"
 UNIT_DIR = "/etc/systemd/system"
@@ -43,7 +44,6 @@ RESTART_SEC = 5
 LOG_LEVELS = ("debug", "info", "warning", "error")
 KEY_FIELDS = ("secret_key_file", "public_key_file", "allowed_clients_dir")
 KEY_FLAGS = {"secret_key": "secret_key_file", "allow": "allowed_clients_dir"}  # node flag -> keys field
-MAX_PORT = 65535
 
 # field -> default; the keys of a node config and of node_args_from()'s result
 DEFAULTS: dict[str, Any] = {
@@ -90,7 +90,7 @@ def parse_node_config(d: Any, source: str = "node config") -> dict[str, Any]:
             if not isinstance(v, str) or not _NAME_RE.match(v):
                 raise NodeConfigError(f"{where}: expected letters, digits, '.', '_' or '-', got {v!r}")
         elif key == "threads":
-            v = F.integer(v, where, lo=1)
+            v = F.integer(v, where, lo=1, hi=MAX_THREADS)
         elif key == "memory_limit":
             v = F.size(v, where)
         elif key == "metrics_port":

@@ -25,8 +25,8 @@ from edgezmq.errors import EdgezmqError
 from edgezmq.fields import Fields, prefixed, read_yaml
 from edgezmq.orchestrate.address import NodeAddress
 from edgezmq.planner.problem import Link
-from edgezmq.protocol.messages import NETPROBE_MAX_SECONDS
-from edgezmq.terms import CLIENT
+from edgezmq.protocol.messages import MAX_PINGS, MAX_STAGES, NETPROBE_MAX_SECONDS
+from edgezmq.terms import CLIENT, MAX_LATENCY_MS, MAX_MBPS, MAX_PORT, MAX_THREADS
 from edgezmq.transport import security
 
 DEFAULT_RESULTS_PORT = 5560
@@ -34,7 +34,6 @@ DEFAULT_ALL_PAIRS_UP_TO = 8  # beyond this many nodes, links are sampled per typ
 DEFAULT_PROBE_SECONDS = 0.5
 DEFAULT_PROBE_BYTES = 4 * 1024 * 1024
 DEFAULT_PINGS = 10
-MAX_PORT = 65535
 
 
 class ClusterError(EdgezmqError, ValueError):
@@ -90,19 +89,19 @@ LINK_FIELDS = ("mbps", "latency_ms", "a", "b")
 NODE_FIELDS = ("name", "control", "type", "memory_bytes", "threads", "cpu", "namespace", "address")
 
 
-def _positive(v: Any, path: str) -> float:
-    """A figure > 0; YAML 1.1 reads 8e9 as text, so numeric strings count."""
-    return F.number(v, path, lo=0, lo_open=True, strings=True)
+def _mbps(v: Any, path: str) -> float:
+    """A rate > 0; YAML 1.1 reads 8e9 as text, so numeric strings count."""
+    return F.number(v, path, lo=0, lo_open=True, hi=MAX_MBPS, strings=True)
 
 
-def _count(v: Any, path: str) -> int:
-    return F.integer(v, path, lo=1, strings=True)
+def _count(v: Any, path: str, hi: int) -> int:
+    return F.integer(v, path, lo=1, hi=hi, strings=True)
 
 
 def _link(d: Any, path: str, payload_factor: float = 1.0) -> Link:
     d = F.mapping(d, path, LINK_FIELDS)
-    return Link(mbps=_positive(F.need(d, "mbps", (int, float, str), path), f"{path}.mbps") * payload_factor,
-                latency_ms=F.number(d.get("latency_ms", 0.0), f"{path}.latency_ms", lo=0, strings=True))
+    return Link(mbps=_mbps(F.need(d, "mbps", (int, float, str), path), f"{path}.mbps") * payload_factor,
+                latency_ms=F.number(d.get("latency_ms", 0.0), f"{path}.latency_ms", lo=0, hi=MAX_LATENCY_MS, strings=True))
 
 
 def parse_cluster(d: Any, source: str | None = None) -> Cluster:
@@ -126,7 +125,7 @@ def parse_cluster(d: Any, source: str | None = None) -> Cluster:
         if typ is not None:
             F.string(typ, f"{p}.type")
         mem = F.size(n["memory_bytes"], f"{p}.memory_bytes") if n.get("memory_bytes") is not None else None
-        thr = _count(n["threads"], f"{p}.threads") if n.get("threads") is not None else None
+        thr = _count(n["threads"], f"{p}.threads", MAX_THREADS) if n.get("threads") is not None else None
         nodes.append(InventoryNode(name=name, control=ctl, type=typ, memory_bytes=mem, threads=thr))
     c = Cluster(nodes=nodes, source=source)
     client = d.get("client") or {}
@@ -157,14 +156,14 @@ def parse_cluster(d: Any, source: str | None = None) -> Cluster:
     m = d.get("measure") or {}
     F.mapping(m, "measure")
     if "all_pairs_up_to" in m:
-        c.all_pairs_up_to = _count(m["all_pairs_up_to"], "measure.all_pairs_up_to")
+        c.all_pairs_up_to = _count(m["all_pairs_up_to"], "measure.all_pairs_up_to", MAX_STAGES)
     if "seconds" in m:
         c.probe_seconds = F.number(m["seconds"], "measure.seconds", lo=0, hi=NETPROBE_MAX_SECONDS, lo_open=True,
                                    strings=True)
     if "bytes_per_msg" in m:
         c.probe_bytes = F.size(m["bytes_per_msg"], "measure.bytes_per_msg")
     if "pings" in m:
-        c.pings = _count(m["pings"], "measure.pings")
+        c.pings = _count(m["pings"], "measure.pings", MAX_PINGS)
     if d.get("keys") is not None:
         base = Path(source).parent if source is not None else Path.cwd()
         try:

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from edgezmq.errors import EdgezmqError
-from edgezmq.fields import Fields, prefixed, read_yaml
+from edgezmq.fields import Fields, prefixed, read_yaml, shown
 from edgezmq.orchestrate.address import NodeAddress
 from edgezmq.protocol.model_kwargs import ModelKwargsError, check_model_kwargs
-from edgezmq.terms import GRANULARITIES
+from edgezmq.terms import GRANULARITIES, MAX_MICROBATCH, MAX_THREADS, MAX_UNITS
 from edgezmq.transport import security
 
 DEFAULT_RESULTS = "tcp://127.0.0.1:5560"
@@ -103,7 +103,7 @@ def parse_plan(d: Any, source: str | None = None) -> DeployPlan:
         pretrained=F.need(m, "pretrained", bool, "model", False),
         kwargs=_model_kwargs(F.need(m, "kwargs", dict, "model", {})),
     )
-    F.integer(model.microbatch, "model.microbatch", lo=1)
+    F.integer(model.microbatch, "model.microbatch", lo=1, hi=MAX_MICROBATCH)
     F.choice(model.granularity, "model.granularity", GRANULARITIES)
     if model.checkpoint is None and not model.pretrained:
         raise PlanFileError("model.checkpoint: missing (or set model.pretrained: true)")
@@ -124,7 +124,8 @@ def parse_plan(d: Any, source: str | None = None) -> DeployPlan:
         path = f"stages[{i}]"
         units = F.need(s, "units", list, path)
         if len(units) != 2 or not all(isinstance(u, int) and not isinstance(u, bool) for u in units):
-            raise PlanFileError(f"{path}.units: expected [start, end] integers, got {units!r}")
+            raise PlanFileError(f"{path}.units: expected [start, end] integers, got {shown(units)}")
+        units = [F.integer(u, f"{path}.units[{j}]", lo=0, hi=MAX_UNITS) for j, u in enumerate(units)]
         if units[0] >= units[1]:
             raise PlanFileError(f"{path}.units: empty range {units!r} (start must be < end)")
         prev_end = stages[-1].units[1] if stages else 0
@@ -132,7 +133,7 @@ def parse_plan(d: Any, source: str | None = None) -> DeployPlan:
             raise PlanFileError(f"{path}.units: starts at {units[0]}, expected {prev_end} (stages must be contiguous from unit 0)")
         threads = F.need(s, "threads", int, path, None)
         if threads is not None:
-            F.integer(threads, f"{path}.threads", lo=1)
+            F.integer(threads, f"{path}.threads", lo=1, hi=MAX_THREADS)
         refs = s.get("nodes", [s["node"]] if "node" in s else None) if isinstance(s, dict) else None
         if not isinstance(refs, list) or not refs:
             raise PlanFileError(f"{path}.nodes: expected a non-empty list of node names or control addresses")

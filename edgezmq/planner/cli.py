@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from edgezmq.cli.args import float_in, seconds
+
 from .baselines import BASELINES, baseline
 from .deploy import deployable
 from .problem import Options, PlanError, load_problem
@@ -39,11 +41,11 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument("--baseline", choices=BASELINES, help="plan as this baseline would, costed by our model")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("-o", "--output", type=Path, help="write the deployable plan (YAML) here")
-    p.add_argument("--time-limit", type=float, default=DEFAULT_TIME_LIMIT_S, metavar="S",
+    p.add_argument("--time-limit", type=seconds, default=DEFAULT_TIME_LIMIT_S, metavar="S",
                    help=f"seconds to search (default {DEFAULT_TIME_LIMIT_S:g}); then the best plan "
                         "and a proven lower bound are returned")
-    p.add_argument("--gap", type=float, default=0.0, metavar="G",
-                   help="stop once proven within this relative gap of optimal (default 0: prove it)")
+    p.add_argument("--gap", type=float_in(0, 1), default=0.0, metavar="G",
+                   help="stop once proven within this relative gap of optimal, 0..1 (default 0: prove it)")
     p.add_argument("--no-replication", action="store_true", help="one device per stage")
     p.add_argument("--checkpoint", help="checkpoint path to put in the deployable plan")
     p.add_argument("--results", help="results address (tcp://...) to put in the deployable plan")

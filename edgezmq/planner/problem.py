@@ -31,12 +31,22 @@ import numpy as np
 
 from edgezmq.errors import EdgezmqError
 from edgezmq.fields import Fields, prefixed, read_yaml
-from edgezmq.terms import CLIENT, GRANULARITIES
+from edgezmq.terms import (
+    CLIENT,
+    GRANULARITIES,
+    MAX_BYTES,
+    MAX_FACTOR,
+    MAX_LATENCY_MS,
+    MAX_MBPS,
+    MAX_MICROBATCH,
+    MAX_SECONDS,
+)
 
 __all__ = ["PlanError", "Unit", "DeviceType", "Device", "Link", "ModelChain", "Options",
            "Problem", "load_problem", "CLIENT", "GRANULARITIES"]
 
 DEFAULT_BUFFERS = 2
+MAX_BUFFERS = 64  # activation buffers each way per stage
 DEFAULT_DTYPE = "float32"
 BITS_PER_BYTE = 8
 BITS_PER_MEGABIT = 1e6
@@ -209,7 +219,7 @@ def _times(v: Any, path: str, n_units: int) -> tuple[float, ...]:
     seq = F.seq(v, path)
     if len(seq) != n_units:
         raise PlanError(f"{path}: expected {n_units} values (one per unit), got {len(seq)}")
-    return tuple(F.number(t, f"{path}[{i}]", lo=0, strings=True) for i, t in enumerate(seq))
+    return tuple(F.number(t, f"{path}[{i}]", lo=0, hi=MAX_SECONDS, strings=True) for i, t in enumerate(seq))
 
 
 # --- sections -----------------------------------------------------------------------------------
@@ -235,9 +245,9 @@ def _parse_model(m: Mapping[str, Any]) -> ModelChain:
         if name in seen:
             raise PlanError(f"{p}.name: duplicate unit name {name!r} (also model.units[{seen[name]}])")
         seen[name] = i
-        units.append(Unit(name, F.integer(F.need(u, "out_bytes", object, p), f"{p}.out_bytes", lo=0, strings=True),
-                          F.integer(F.need(u, "param_bytes", object, p), f"{p}.param_bytes", lo=0, strings=True),
-                          F.integer(u.get("work_bytes", 0), f"{p}.work_bytes", lo=0, strings=True)))
+        units.append(Unit(name, F.integer(F.need(u, "out_bytes", object, p), f"{p}.out_bytes", lo=0, hi=MAX_BYTES, strings=True),
+                          F.integer(F.need(u, "param_bytes", object, p), f"{p}.param_bytes", lo=0, hi=MAX_BYTES, strings=True),
+                          F.integer(u.get("work_bytes", 0), f"{p}.work_bytes", lo=0, hi=MAX_BYTES, strings=True)))
     gran = m.get("granularity")
     if gran is not None:
         F.choice(gran, "model.granularity", GRANULARITIES)
@@ -246,8 +256,8 @@ def _parse_model(m: Mapping[str, Any]) -> ModelChain:
     ckpt = m.get("checkpoint")
     return ModelChain(
         name=F.string(F.need(m, "name", object, "model"), "model.name"),
-        microbatch=F.integer(F.need(m, "microbatch", object, "model"), "model.microbatch", lo=1, strings=True),
-        input_bytes=F.integer(F.need(m, "input_bytes", object, "model"), "model.input_bytes", lo=0, strings=True),
+        microbatch=F.integer(F.need(m, "microbatch", object, "model"), "model.microbatch", lo=1, hi=MAX_MICROBATCH, strings=True),
+        input_bytes=F.integer(F.need(m, "input_bytes", object, "model"), "model.input_bytes", lo=0, hi=MAX_BYTES, strings=True),
         units=tuple(units), granularity=gran,
         dtype=F.string(m.get("dtype", DEFAULT_DTYPE), "model.dtype"),
         checkpoint=None if ckpt is None else F.string(ckpt, "model.checkpoint"),
@@ -263,8 +273,8 @@ def _parse_types(m: Mapping[str, Any], n_units: int) -> dict[str, DeviceType]:
         name = F.string(name, p)
         t = F.mapping(t, p)
         types[name] = DeviceType(
-            name, F.integer(F.need(t, "memory_bytes", object, p), f"{p}.memory_bytes", lo=0, strings=True),
-            F.integer(t.get("reserved_bytes", 0), f"{p}.reserved_bytes", lo=0, strings=True),
+            name, F.integer(F.need(t, "memory_bytes", object, p), f"{p}.memory_bytes", lo=0, hi=MAX_BYTES, strings=True),
+            F.integer(t.get("reserved_bytes", 0), f"{p}.reserved_bytes", lo=0, hi=MAX_BYTES, strings=True),
             _times(F.need(t, "unit_times_s", object, p), f"{p}.unit_times_s", n_units),
             *_io_costs(t, p, (0.0, 0.0)))
     return types
@@ -274,7 +284,7 @@ def _io_costs(m: Mapping[str, Any], path: str, fallback: tuple[float, float]) ->
     """(recv, send) seconds per byte from optional ``recv_ms_per_mb`` / ``send_ms_per_mb``."""
     out = []
     for key, default in zip(("recv_ms_per_mb", "send_ms_per_mb"), fallback):
-        out.append(F.number(m[key], f"{path}.{key}", lo=0, strings=True) / MS_PER_S / BYTES_PER_MB if key in m else default)
+        out.append(F.number(m[key], f"{path}.{key}", lo=0, hi=MAX_FACTOR, strings=True) / MS_PER_S / BYTES_PER_MB if key in m else default)
     return out[0], out[1]
 
 
@@ -298,13 +308,13 @@ def _parse_devices(seq: Sequence[Any], types: Mapping[str, DeviceType], n_units:
         if "unit_times_s" in d:
             times = _times(d["unit_times_s"], f"{p}.unit_times_s", n_units)
         if "speed" in d:
-            speed = F.number(d["speed"], f"{p}.speed", lo=0, lo_open=True, strings=True)
+            speed = F.number(d["speed"], f"{p}.speed", lo=0, lo_open=True, hi=MAX_FACTOR, strings=True)
             times = tuple(x / speed for x in times)
         control = d.get("control")
         out.append(Device(
             name, tname,
-            F.integer(d.get("memory_bytes", t.memory_bytes), f"{p}.memory_bytes", lo=0, strings=True),
-            F.integer(d.get("reserved_bytes", t.reserved_bytes), f"{p}.reserved_bytes", lo=0, strings=True),
+            F.integer(d.get("memory_bytes", t.memory_bytes), f"{p}.memory_bytes", lo=0, hi=MAX_BYTES, strings=True),
+            F.integer(d.get("reserved_bytes", t.reserved_bytes), f"{p}.reserved_bytes", lo=0, hi=MAX_BYTES, strings=True),
             times, None if control is None else F.string(control, f"{p}.control"),
             *_io_costs(d, p, (t.recv_s_per_byte, t.send_s_per_byte))))
     return tuple(out)
@@ -312,17 +322,17 @@ def _parse_devices(seq: Sequence[Any], types: Mapping[str, DeviceType], n_units:
 
 def _parse_options(m: Mapping[str, Any]) -> Options:
     return Options(F.boolean(m.get("replication", True), "options.replication"),
-                   F.integer(m.get("buffers", DEFAULT_BUFFERS), "options.buffers", lo=0, strings=True))
+                   F.integer(m.get("buffers", DEFAULT_BUFFERS), "options.buffers", lo=0, hi=MAX_BUFFERS, strings=True))
 
 
 def _parse_link(m: Any, path: str, fallback: Link | None) -> Link:
     m = F.mapping(m, path)
     if fallback is None:
-        mbps = F.number(F.need(m, "mbps", object, path), f"{path}.mbps", lo=0, lo_open=True, strings=True)
+        mbps = F.number(F.need(m, "mbps", object, path), f"{path}.mbps", lo=0, lo_open=True, hi=MAX_MBPS, strings=True)
     else:
-        mbps = F.number(m.get("mbps", fallback.mbps), f"{path}.mbps", lo=0, lo_open=True, strings=True)
+        mbps = F.number(m.get("mbps", fallback.mbps), f"{path}.mbps", lo=0, lo_open=True, hi=MAX_MBPS, strings=True)
     lat_default = 0.0 if fallback is None else fallback.latency_ms
-    return Link(mbps, F.number(m.get("latency_ms", lat_default), f"{path}.latency_ms", lo=0, strings=True))
+    return Link(mbps, F.number(m.get("latency_ms", lat_default), f"{path}.latency_ms", lo=0, hi=MAX_LATENCY_MS, strings=True))
 
 
 def _parse_links(m: Mapping[str, Any], devices: tuple[Device, ...],

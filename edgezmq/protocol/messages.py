@@ -12,7 +12,7 @@ from typing import ClassVar
 
 from edgezmq.protocol.model_kwargs import ModelKwargsError, check_model_kwargs
 from edgezmq.protocol.schema import JSON, JSONMap, Record, SchemaError, field_
-from edgezmq.terms import GRANULARITIES
+from edgezmq.terms import GRANULARITIES, MAX_MICROBATCH, MAX_THREADS, MAX_UNITS
 
 MAX_RID = 64  # characters of a request id
 REPLIES_KEPT = 64  # replies a node remembers by request id: more than any client has in flight
@@ -20,14 +20,12 @@ MAX_NAME = 256  # model names, run ids, job ids
 MAX_ADDRESS = 512  # a ZeroMQ endpoint
 MAX_PATH = 4096
 MAX_STAGES = 4096
-MAX_UNITS = 1 << 16  # unit indices of a model
-MAX_MICROBATCH = 4096
-MAX_THREADS = 256
 MAX_CONNECT = 64  # downstream replicas of one stage
 KEY_LEN = 40  # a Z85 CurveZMQ public key
 MiB = 1 << 20
 NETPROBE_MAX_BYTES = 256 * MiB  # a netprobe bulk message (edgezmq.transport.netprobe)
 NETPROBE_MAX_SECONDS = 60.0
+MAX_PINGS = 10_000  # round trips of one netprobe
 PROFILE_DEADLINE_S = 3600.0  # a profile job's default deadline: ViT-Huge unit by unit on a slow board
 MAX_JOB_SECONDS = 86400.0  # the longest deadline a peer may ask for
 NETPROBE_JOB_DEADLINE_S = 300.0  # a netprobe job: the bulk phase (<= 60 s) plus pings and set-up
@@ -340,7 +338,7 @@ class NetprobeRequest(Request):
                                 unit="bytes")
     seconds: float = field_("bulk transfer duration", default=1.0, lo=0, hi=NETPROBE_MAX_SECONDS,
                             lo_open=True, unit="s")
-    pings: int = field_("round trips timed for the latency", default=20, lo=1, hi=10_000)
+    pings: int = field_("round trips timed for the latency", default=20, lo=1, hi=MAX_PINGS)
 
     def validate(self) -> None:
         if not self.peer.startswith("tcp://"):

@@ -13,7 +13,7 @@ import yaml
 from edgezmq.errors import EdgezmqError
 from edgezmq.fields import Fields, safe_load
 from edgezmq.planner.problem import Link
-from edgezmq.terms import CLIENT
+from edgezmq.terms import CLIENT, MAX_PORT, MAX_THREADS
 
 __all__ = ["ConfigError", "DeviceSpec", "ClientSpec", "Link", "TestbedConfig",
            "parse_config", "load_config", "parse_bytes", "CLIENT"]
@@ -28,8 +28,6 @@ MIN_MBPS = 0.01  # htb's rate is given in kbit/s: 10 kbit/s is the smallest we p
 MAX_MBPS = 10_000.0  # an unshaped veth moves ~10 Gbit/s here: above that shaping is moot
 MAX_LATENCY_MS = 60_000.0
 MAX_COUNT = 64
-MAX_THREADS = 256
-MAX_PORT = 65535
 CPU_SHARE = "a number (fraction of a core)"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 TESTBED_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,23}$")  # prefixes namespaces and cgroups
