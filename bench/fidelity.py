@@ -17,7 +17,7 @@ import sys
 
 from common import RESULTS, bars, measure, save, testbed
 
-from edgezmq.cli import args as args_
+from edgezmq import argtypes as args_
 
 # shares add up to 1.7 of the machine's 2 cores: every device gets its share
 TESTBED = {

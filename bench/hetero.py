@@ -14,7 +14,7 @@ import sys
 
 from common import RESULTS, ROOT, bars, measure, save, testbed
 
-from edgezmq.cli import args as args_
+from edgezmq import argtypes as args_
 
 METHODS = ("ours", "even", "pipeedge", "pipedream")
 TESTBED = ROOT / "plans" / "testbed-hetero.yaml"

@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edgezmq.cli import args as args_
+from edgezmq import argtypes as args_
 from edgezmq.client import Client  # noqa: E402
 from edgezmq.model import chain as models  # noqa: E402
 from edgezmq.orchestrate.autodeploy import device_type_of, gather, to_deploy_plan  # noqa: E402

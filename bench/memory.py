@@ -15,7 +15,7 @@ import sys
 
 from common import RESULTS, ROOT, measure, pyplot, save, testbed
 
-from edgezmq.cli import args as args_
+from edgezmq import argtypes as args_
 
 TESTBED = ROOT / "plans" / "testbed-memory.yaml"
 

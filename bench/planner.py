@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 import yaml  # noqa: E402
 
-from edgezmq.cli import args as args_  # noqa: E402
+from edgezmq import argtypes as args_  # noqa: E402
 from edgezmq.planner import Problem, solve  # noqa: E402
 from edgezmq.planner.baselines import BASELINES, baseline  # noqa: E402
 

@@ -16,7 +16,7 @@ import sys
 from common import RESULTS, measure, pyplot, save, testbed
 
 sys.path.insert(0, str(RESULTS.parents[1]))
-from edgezmq.cli import args as args_
+from edgezmq import argtypes as args_
 from edgezmq.planner import Problem, solve  # noqa: E402
 
 DEVICES = [1, 2, 4, 8]

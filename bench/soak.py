@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import RESULTS, pyplot, save  # noqa: E402
 
-from edgezmq.cli import args as args_
+from edgezmq import argtypes as args_
 from edgezmq.client import Client  # noqa: E402
 from edgezmq.model import chain as models  # noqa: E402
 from edgezmq.orchestrate.autodeploy import autodeploy  # noqa: E402

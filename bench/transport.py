@@ -28,7 +28,7 @@ import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edgezmq.cli import args as args_
+from edgezmq import argtypes as args_
 from edgezmq.protocol import wire  # noqa: E402
 from edgezmq.transport import sockets
 

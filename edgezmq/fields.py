@@ -58,11 +58,7 @@ def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else f"{x:g}"  # 67108864, not 6.71089e+07
 
 
-def _interval(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool) -> str:
-    if hi is None:
-        return "" if lo is None else f" {'>' if lo_open else '>='} {_num(lo)}"
-    if lo is None:
-        return f" {'<' if hi_open else '<='} {_num(hi)}"
+def _interval(lo: float, hi: float, lo_open: bool, hi_open: bool) -> str:
     return f" in {'(' if lo_open else '['}{_num(lo)}, {_num(hi)}{')' if hi_open else ']'}"
 
 

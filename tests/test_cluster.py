@@ -48,11 +48,11 @@ def test_parse_good_inventory():
         (lambda d: d["nodes"][0].update(name="client"), "nodes[0].name"),
         (lambda d: d["nodes"][0].update(control="10.0.0.1:5"), "nodes[0].control: expected a tcp://HOST:PORT address"),
         (lambda d: d["nodes"][0].update(memory_bytes="lots"), "nodes[0].memory_bytes"),
-        (lambda d: d["nodes"][1].update(threads=0), "nodes[1].threads: expected an integer >= 1, got 0"),
+        (lambda d: d["nodes"][1].update(threads=0), "nodes[1].threads: expected an integer in [1, 256], got 0"),
         (lambda d: d["nodes"][0].update(colour="red"), "nodes[0]: unknown field"),
         (lambda d: d["links"]["overrides"][0].update(b="ghost"), "links.overrides[0].b: unknown node 'ghost'"),
         (lambda d: d["links"]["default"].pop("mbps"), "links.default.mbps: missing"),
-        (lambda d: d["links"]["default"].update(mbps=-1), "links.default.mbps: expected a number > 0, got -1"),
+        (lambda d: d["links"]["default"].update(mbps=-1), "links.default.mbps: expected a number in (0, 10000000], got -1"),
         # non-finite figures fail here, not as a probe that never ends or a plan of NaNs
         (lambda d: d.update(measure={"seconds": float("inf")}), "measure.seconds: expected a number in (0, 60], "
                                                                  "got inf (not a finite number)"),

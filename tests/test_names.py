@@ -10,8 +10,11 @@ from pathlib import Path
 import edgezmq
 
 PACKAGE = Path(edgezmq.__file__).parent
-SHARED = ("CLIENT", "GRANULARITIES")  # defined in edgezmq/terms.py only
-PLANNER_MAY_IMPORT = ("edgezmq.planner", "edgezmq.terms", "edgezmq.fields", "edgezmq.errors")  # pure, dependency-free
+# defined in edgezmq/terms.py only
+SHARED = ("CLIENT", "GRANULARITIES", "MAX_MICROBATCH", "MAX_THREADS", "MAX_PORT", "MAX_UNITS", "MAX_BYTES",
+          "MAX_MBPS", "MAX_LATENCY_MS", "MAX_SECONDS", "MAX_FACTOR")
+PLANNER_MAY_IMPORT = ("edgezmq.planner", "edgezmq.terms", "edgezmq.fields", "edgezmq.errors",
+                      "edgezmq.argtypes")  # pure, dependency-free
 
 
 def _modules() -> dict[str, ast.Module]:

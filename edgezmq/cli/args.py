@@ -10,8 +10,19 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from edgezmq.argtypes import (
+    MAX_COUNT,
+    MAX_SEED,
+    MAX_WINDOW,
+    count,
+    count_or_zero,
+    microbatch,
+    seconds,
+    seed,
+    window,
+)
 from edgezmq.errors import EdgezmqError
-from edgezmq.terms import GRANULARITIES, MAX_MICROBATCH, MAX_PORT, MAX_THREADS
+from edgezmq.terms import GRANULARITIES, MAX_MICROBATCH, MAX_SECONDS
 
 FMT = argparse.RawDescriptionHelpFormatter
 KEYS_HELP = ("plan or cluster inventory whose keys: section to use: CurveZMQ to its nodes, "
@@ -48,51 +59,6 @@ def node_failures(fn: Command) -> Command:
 
 def stderr(msg: str) -> None:
     print(msg, file=sys.stderr)
-
-
-# ---- argument types: every number a flag takes has a finite range, checked by argparse ----
-# (exit 2, naming the flag: "argument --seed: expected an integer in 0..4294967295, got -1")
-MAX_COUNT = 1_000_000  # batches, images, refreshes, retries
-MAX_WINDOW = 4096  # microbatches in flight
-MAX_LOCAL_NODES = 64  # node processes `demo` starts on this machine
-MAX_SEED = 2**32 - 1
-MAX_SECONDS = 86_400.0  # any timeout, time limit or interval: a day
-MAX_MEMORY_BYTES = 1 << 50  # a node's --memory-limit: 1 PiB
-
-
-def int_in(lo: int, hi: int) -> Callable[[str], int]:
-    """An argparse type: an integer in lo..hi."""
-    def parse(text: str) -> int:
-        n = int(text)
-        if not lo <= n <= hi:
-            raise argparse.ArgumentTypeError(f"expected an integer in {lo}..{hi}, got {text}")
-        return n
-
-    parse.__name__ = "integer"  # argparse says "invalid integer value: 'x'"
-    return parse
-
-
-def float_in(lo: float, hi: float, *, lo_open: bool = False) -> Callable[[str], float]:
-    """An argparse type: a number in lo..hi (``lo_open``: above lo); never NaN or infinite."""
-    def parse(text: str) -> float:
-        x = float(text)
-        if not ((lo < x) if lo_open else (lo <= x)) or not x <= hi:
-            raise argparse.ArgumentTypeError(f"expected a number {'>' if lo_open else '>='} {lo:g} and "
-                                             f"<= {hi:g}, got {text}")
-        return x
-
-    parse.__name__ = "number"
-    return parse
-
-
-count = int_in(1, MAX_COUNT)
-count_or_zero = int_in(0, MAX_COUNT)
-window = int_in(1, MAX_WINDOW)
-seed = int_in(0, MAX_SEED)
-threads = int_in(1, MAX_THREADS)
-microbatch = int_in(1, MAX_MICROBATCH)
-port = int_in(0, MAX_PORT)
-seconds = float_in(0, MAX_SECONDS, lo_open=True)
 
 
 def json_object(flag: str, text: str | None) -> dict[str, Any]:

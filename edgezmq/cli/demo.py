@@ -4,17 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from edgezmq.cli.args import (
-    FMT,
-    MAX_LOCAL_NODES,
-    count,
-    int_in,
-    microbatch,
-    node_failures,
-    seed,
-    threads,
-    window,
-)
+from edgezmq.argtypes import MAX_LOCAL_NODES, count, int_in, microbatch, seed, threads, window
+from edgezmq.cli.args import FMT, node_failures
 from edgezmq.orchestrate.planfile import GRANULARITIES
 
 EPILOG_DEMO = """examples:

@@ -7,20 +7,16 @@ import json
 import time
 from pathlib import Path
 
+from edgezmq.argtypes import count_or_zero, float_in, int_in, seconds, seed
 from edgezmq.cli.args import (
     FMT,
     UsageError,
     add_io_args,
     add_model_args,
     collect,
-    count_or_zero,
-    float_in,
     inputs,
-    int_in,
     model_kwargs,
     node_failures,
-    seconds,
-    seed,
     stderr,
 )
 

@@ -6,7 +6,8 @@ import argparse
 import logging
 from typing import Any
 
-from edgezmq.cli.args import FMT, MAX_MEMORY_BYTES, CommandFailed, UsageError, int_in, port, threads
+from edgezmq.argtypes import MAX_MEMORY_BYTES, int_in, port, threads
+from edgezmq.cli.args import FMT, CommandFailed, UsageError
 from edgezmq.node import config as nodeconfig
 
 log = logging.getLogger(__name__)

@@ -10,16 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from edgezmq.cli.args import (
-    FMT,
-    CommandFailed,
-    UsageError,
-    count,
-    node_failures,
-    seconds,
-    seed,
-    window,
-)
+from edgezmq.argtypes import count, seconds, seed, window
+from edgezmq.cli.args import FMT, CommandFailed, UsageError, node_failures
 from edgezmq.errors import EXIT_FAILED
 from edgezmq.node import config as nodeconfig
 

@@ -5,19 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 
+from edgezmq.argtypes import float_in, int_in, seconds, threads
 from edgezmq.cli.args import (
     FMT,
     KEYS_HELP,
     UsageError,
     add_model_args,
-    float_in,
-    int_in,
     model_kwargs,
     node_arg,
     node_failures,
-    seconds,
     stderr,
-    threads,
 )
 
 

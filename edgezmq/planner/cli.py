@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from edgezmq.cli.args import float_in, seconds
+from edgezmq.argtypes import float_in, seconds
 
 from .baselines import BASELINES, baseline
 from .deploy import deployable

@@ -8,7 +8,7 @@ import logging
 import sys
 from typing import Any
 
-from edgezmq.cli.args import seconds
+from edgezmq.argtypes import seconds
 from edgezmq.interrupts import Terminated, sigterm_interrupts
 
 from .config import ConfigError

@@ -25,8 +25,8 @@ DEFAULT_CONTROL_PORT = 5550
 DEFAULT_THREADS = 1
 MIN_MEMORY_BYTES = 64 << 20  # below this a "memory: 512" is a typo, not a device
 MIN_MBPS = 0.01  # htb's rate is given in kbit/s: 10 kbit/s is the smallest we pass
-MAX_MBPS = 10_000.0  # an unshaped veth moves ~10 Gbit/s here: above that shaping is moot
-MAX_LATENCY_MS = 60_000.0
+SHAPED_MAX_MBPS = 10_000.0  # an unshaped veth moves ~10 Gbit/s here: above that shaping is moot
+SHAPED_MAX_LATENCY_MS = 60_000.0
 MAX_COUNT = 64
 CPU_SHARE = "a number (fraction of a core)"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
@@ -131,12 +131,12 @@ def _link(v: Any, path: str, base: Link | None) -> Link:
     if base is not None and "mbps" not in m and "latency_ms" not in m:
         raise ConfigError(path, "give mbps and/or latency_ms (otherwise the override changes nothing)")
     if "mbps" in m:
-        mbps = F.number(m["mbps"], f"{path}.mbps", lo=MIN_MBPS, hi=MAX_MBPS)
+        mbps = F.number(m["mbps"], f"{path}.mbps", lo=MIN_MBPS, hi=SHAPED_MAX_MBPS)
     else:
         assert base is not None  # checked above: a default link names its rate
         mbps = base.mbps
     lat_default = base.latency_ms if base is not None else 0.0
-    lat = (F.number(m["latency_ms"], f"{path}.latency_ms", lo=0.0, hi=MAX_LATENCY_MS)
+    lat = (F.number(m["latency_ms"], f"{path}.latency_ms", lo=0.0, hi=SHAPED_MAX_LATENCY_MS)
            if "latency_ms" in m else lat_default)
     return Link(mbps=mbps, latency_ms=lat)
 

@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 MiB = 1024 * 1024
 DEFAULT_MSG_BYTES = 4 * MiB  # an activation: ViT-B at microbatch 8 is 4.8 MB
 MAX_MSG_BYTES = NETPROBE_MAX_BYTES  # refused above this on both sides
-MAX_SECONDS = NETPROBE_MAX_SECONDS  # a bulk transfer's duration: bounded, a node's probe job ends
+
 DEFAULT_SECONDS = 1.0
 DEFAULT_PINGS = 20
 DEFAULT_TIMEOUT_S = 5.0
@@ -247,8 +247,8 @@ def _check_args(bytes_per_msg: int, seconds: float | None, count: int | None, pi
                 timeout: float, window: int) -> None:
     if not 1 <= bytes_per_msg <= MAX_MSG_BYTES:
         raise ValueError(f"bytes_per_msg: expected 1..{MAX_MSG_BYTES}, got {bytes_per_msg}")
-    if count is None and (seconds is None or not 0 < seconds <= MAX_SECONDS):
-        raise ValueError(f"give seconds in (0, {MAX_SECONDS:g}] or a count: got seconds={seconds}, count={count}")
+    if count is None and (seconds is None or not 0 < seconds <= NETPROBE_MAX_SECONDS):
+        raise ValueError(f"give seconds in (0, {NETPROBE_MAX_SECONDS:g}] or a count: got seconds={seconds}, count={count}")
     if count is not None and count < MIN_BULK_MESSAGES:
         raise ValueError(f"count: expected >= {MIN_BULK_MESSAGES}, got {count}")
     if pings < 1:

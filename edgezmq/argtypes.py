@@ -1,0 +1,58 @@
+"""Types for argparse flags that take numbers: every number a flag takes has a finite range.
+
+Shared by the ``edgezmq`` command line, the planner's ``plan`` command and the bench
+scripts; dependency-free (the planner imports nothing of the runtime). argparse refuses an
+out-of-range value with exit 2, naming the flag:
+``argument --seed: expected an integer in 0..4294967295, got -1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+from edgezmq.terms import MAX_MICROBATCH, MAX_PORT, MAX_SECONDS, MAX_THREADS
+
+__all__ = ["int_in", "float_in", "count", "count_or_zero", "window", "seed", "threads", "microbatch", "port",
+           "seconds", "MAX_COUNT", "MAX_WINDOW", "MAX_LOCAL_NODES", "MAX_SEED", "MAX_MEMORY_BYTES"]
+
+MAX_COUNT = 1_000_000  # batches, images, refreshes, retries
+MAX_WINDOW = 4096  # microbatches in flight
+MAX_LOCAL_NODES = 64  # node processes `demo` starts on this machine
+MAX_SEED = 2**32 - 1
+MAX_MEMORY_BYTES = 1 << 50  # a node's --memory-limit: 1 PiB
+
+
+def int_in(lo: int, hi: int) -> Callable[[str], int]:
+    """An argparse type: an integer in lo..hi."""
+    def parse(text: str) -> int:
+        n = int(text)
+        if not lo <= n <= hi:
+            raise argparse.ArgumentTypeError(f"expected an integer in {lo}..{hi}, got {text}")
+        return n
+
+    parse.__name__ = "integer"  # argparse says "invalid integer value: 'x'"
+    return parse
+
+
+def float_in(lo: float, hi: float, *, lo_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a number in lo..hi (``lo_open``: above lo); never NaN or infinite."""
+    def parse(text: str) -> float:
+        x = float(text)
+        if not ((lo < x) if lo_open else (lo <= x)) or not x <= hi:
+            raise argparse.ArgumentTypeError(f"expected a number {'>' if lo_open else '>='} {lo:g} and "
+                                             f"<= {hi:g}, got {text}")
+        return x
+
+    parse.__name__ = "number"
+    return parse
+
+
+count = int_in(1, MAX_COUNT)
+count_or_zero = int_in(0, MAX_COUNT)
+window = int_in(1, MAX_WINDOW)
+seed = int_in(0, MAX_SEED)
+threads = int_in(1, MAX_THREADS)
+microbatch = int_in(1, MAX_MICROBATCH)
+port = int_in(0, MAX_PORT)
+seconds = float_in(0, MAX_SECONDS, lo_open=True)
