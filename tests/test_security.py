@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import stat
 import threading
 import time
@@ -186,3 +187,26 @@ def test_no_data_through_without_an_allowed_key(nodes, keys, who):
             sockets.close_all(push)
             ctx.term()
             unload(plan)
+
+
+def test_a_key_file_damaged_while_the_node_runs_shuts_out_only_itself(tmp_path, caplog):
+    ks = make_keys(tmp_path, ["n0"])
+    ctx = zmq.Context()
+    auth = security.Authenticator(ctx, allow_dir=ks["allow"])
+    try:
+        client = security.load_keypair(ks["ring"] / "client.key_secret").public
+        node = security.load_keypair(ks["ring"] / "n0.key_secret").public
+        intruder = security.load_keypair(ks["bad"] / "intruder.key_secret").public
+        assert auth.callback("*", client) and auth.callback("*", node) and not auth.callback("*", intruder)
+        (ks["allow"] / "n0.key").write_text("not a key\n")  # damaged live
+        with caplog.at_level("WARNING", logger="edgezmq.transport.security"):
+            assert auth.callback("*", client)  # the other keys still let their holders in
+            assert not auth.callback("*", node)  # the damaged one lets nobody in
+            assert not auth.callback("*", node)
+        said = [r.getMessage() for r in caplog.records if "n0.key" in r.getMessage()]
+        assert len(said) == 1, said  # reported once, not on every handshake
+        shutil.rmtree(ks["allow"])
+        assert not auth.callback("*", client)  # the directory gone: nobody
+    finally:
+        auth.stop()
+        ctx.term()

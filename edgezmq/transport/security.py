@@ -188,6 +188,7 @@ class Authenticator:
             load_public_dir(allow_dir)  # fail early, with the file named, on a bad key file
         self.allow_dir = str(allow_dir) if allow_dir is not None else None
         self.allow = set(allow or [])
+        self._warned: set[tuple[str, float]] = set()  # (key file, its mtime) already reported
         self._auth = ThreadAuthenticator(ctx, log=logging.getLogger("edgezmq.zap"))
         self._auth.start()
         self._auth.configure_curve_callback(ANY_DOMAIN, credentials_provider=self)
@@ -197,12 +198,31 @@ class Authenticator:
         if key in self.allow:
             return True
         if self.allow_dir is not None:
-            try:
-                return key in load_public_dir(self.allow_dir).values()  # re-read: keys may be added live
-            except KeyFileError as e:
-                log.warning("allow-list unreadable, refusing: %s", e)
-                return False
+            return key in self._live_keys(Path(self.allow_dir))  # re-read: keys may be added live
         return False
+
+    def _live_keys(self, d: Path) -> set[bytes]:
+        """The allow-list directory's keys now. A key file that cannot be used (added or
+        damaged while the node runs) lets nobody in by itself and is reported once (per
+        version of the file); the other keys keep working. A directory gone refuses everyone."""
+        keys: set[bytes] = set()
+        try:
+            files = sorted(d.glob(f"*{PUBLIC_SUFFIX}"))
+        except OSError as e:
+            log.warning("allow-list %s unreadable, refusing every peer: %s", d, e)
+            return keys
+        for p in files:
+            try:
+                keys.add(load_public(p))
+            except KeyFileError as e:
+                try:
+                    version = (str(p), p.stat().st_mtime)
+                except OSError:
+                    continue  # removed meanwhile
+                if version not in self._warned:
+                    self._warned.add(version)
+                    log.warning("allow-list: %s; that key file lets nobody in until it is fixed", e)
+        return keys
 
     def stop(self) -> None:
         self._auth.stop()
