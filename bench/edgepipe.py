@@ -1,0 +1,195 @@
+"""The paper's regime, measured: ViT-Large on the scaled EdgePipe testbed (16 boards, per-device NICs).
+
+    python bench/edgepipe.py [--points 1,2,4,8,12,16] [--batches 12] [--json]
+
+Needs root. Uses plans/testbed-edgepipe.yaml and plans/testbed-edgepipe-slowpairs.yaml
+(written by plans/make_testbed_edgepipe.py, whose derivation docs/testbed.md gives), at the
+microbatch they were derived for. In one run:
+
+1. the speedup curve: our plan on 1, 2, 4, 8, 12, 16 of the devices (half RCC-VE-like, half
+   MinnowBoard-like; 1 = one RCC-VE-like device), measured throughput and the planner's
+   prediction; speedup over the one-device point;
+2. the planners side by side at 16 devices: ours, even, PipeEdge-style, PipeDream-style,
+   each deployed (with the deploy's calibration) and measured, on the plain testbed and on
+   the slow-pairs variant;
+3. the scaling checks: the emulated devices' measured ViT-Large time and link rates,
+   times the derivation's time factor, against the boards' published figures.
+
+Writes bench/results/edgepipe.json and edgepipe.png; ``--json`` prints one JSON object
+(last line of stdout) with ``curve: [{devices, samples_per_s, speedup,
+predicted_samples_per_s}]`` and ``planners: [{testbed, method, measured_samples_per_s,
+predicted_samples_per_s}]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from typing import Any
+
+from common import RESULTS, ROOT, measure, pyplot, save, testbed
+
+from edgezmq import argtypes
+
+MODEL = "vit_large_patch16_224"
+GRANULARITY = "sublayer"  # PipeEdge's own partition units (4 per block)
+TESTBEDS = {"edgepipe": ROOT / "plans" / "testbed-edgepipe.yaml",
+            "edgepipe-slowpairs": ROOT / "plans" / "testbed-edgepipe-slowpairs.yaml"}
+DERIVATION = ROOT / "plans" / "testbed-edgepipe.derivation.json"
+METHODS = ("ours", "even", "pipeedge", "pipedream")
+PER_TYPE = 8
+ONE_DEVICE_BATCHES = 2  # ~30 s each on one emulated board: enough for a steady figure
+PAYLOAD = 1448 / 1514  # what TCP carries of a shaped rate (the boards' tc limits had it too)
+RCC, MINNOW = "RCC-VE-C2000", "Minnowboard-E3845"
+BOARD_NIC = {"rcc": 30.0, "minnow": 10.0}  # Mbit/s, the paper's per-device tc limits
+
+
+def subset(n: int) -> list[str]:
+    """n devices: RCC-VE-like first, then alternating, so half of each kind (1: one RCC-VE)."""
+    rcc = [f"rcc-{i}" for i in range((n + 1) // 2)]
+    minnow = [f"minnow-{i}" for i in range(n // 2)]
+    return rcc + minnow
+
+
+def checks(run: dict[str, Any], derivation: dict[str, Any]) -> dict[str, Any]:
+    """The emulation against the boards: measured profile and links x the time factor."""
+    f = derivation["time_factor"]
+    mb = derivation["microbatch"]
+    problem = run["problem"]
+    out: dict[str, Any] = {"time_factor": f}
+    for tname, board in (("rcc-ve", RCC), ("minnowboard", MINNOW)):
+        t = problem["device_types"].get(tname)
+        if t is None:
+            continue
+        emulated = sum(t["unit_times_s"])  # one microbatch of mb images, summed over units
+        as_board = emulated * f * 8 / mb  # board-seconds for 8 images
+        published = derivation["board_s"][board]
+        out[tname] = {"emulated_s": emulated, "as_board_s": as_board, "published_s": published,
+                      "error": as_board / published - 1}
+    # a pair's measured rate is the slower NIC of its ends (the client has an RCC-VE's)
+    rates: dict[tuple[str, ...], list[float]] = {}
+    for o in problem["links"].get("overrides", []):
+        kinds = tuple(sorted(_kind(x) for x in (o["a"], o["b"])))
+        rates.setdefault(kinds, []).append(float(o["mbps"]))
+    for kinds, r in sorted(rates.items()):
+        nic = min(BOARD_NIC[k] for k in kinds)
+        measured = statistics.median(r)
+        out[f"link {kinds[0]}-{kinds[1]}"] = {
+            "measured_mbps": measured, "as_board_mbps": measured / f, "published_payload_mbps": nic * PAYLOAD,
+            "error": measured / f / (nic * PAYLOAD) - 1}
+    return out
+
+
+def _kind(name: str) -> str:
+    """A node or device-type name's board: rcc-3 and rcc-ve are RCC-VE; the client has an RCC-VE's NIC."""
+    return "minnow" if name.startswith("minnow") else "rcc"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--points", default="1,2,4,8,12,16", help="device counts of the speedup curve")
+    ap.add_argument("--batches", type=argtypes.count, default=12, help="timed microbatches per run")
+    ap.add_argument("--calibrate", type=argtypes.count_or_zero, default=8,
+                    help="microbatches of each deploy's calibration (0: none)")
+    ap.add_argument("--no-planners", action="store_true", help="only the speedup curve")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    derivation = json.loads(DERIVATION.read_text())
+    mb = derivation["microbatch"]
+    points = [int(p) for p in args.points.split(",")]
+    common = {"model": MODEL, "granularity": GRANULARITY, "microbatch": mb, "time_limit": 60}
+    t0 = time.time()
+    curve, planners, check = [], [], None
+
+    def say(msg: str) -> None:
+        if not args.json:
+            print(msg, flush=True)
+
+    with testbed(TESTBEDS["edgepipe"], "edgepipe") as tb:
+        for n in points:
+            one = n == 1
+            r = measure(tb, **common, nodes=",".join(subset(n)), warmup=1,
+                        batches=ONE_DEVICE_BATCHES if one else args.batches,
+                        calibrate=0 if one else args.calibrate, method="ours")
+            if check is None:
+                check = checks(r, derivation)
+            curve.append(_row(r, devices=n))
+            say(f"{n:>2} devices: {curve[-1]['samples_per_s']:.4f} samples/s "
+                f"(predicted {curve[-1]['predicted_samples_per_s']:.4f}), {len(r['stages'])} stages")
+        if not args.no_planners:
+            planners += _planners(tb, "edgepipe", common, args, say)
+    if not args.no_planners:
+        with testbed(TESTBEDS["edgepipe-slowpairs"], "edgepipe-slow") as tb:
+            planners += _planners(tb, "edgepipe-slowpairs", common, args, say)
+    base = next((c["samples_per_s"] for c in curve if c["devices"] == 1), None)
+    for c in curve:
+        c["speedup"] = round(c["samples_per_s"] / base, 3) if base else None
+        c["predicted_speedup"] = round(c["predicted_samples_per_s"] / base, 3) if base else None
+    ratios = {}
+    for tbname in TESTBEDS:
+        rows = {p["method"]: p for p in planners if p["testbed"] == tbname}
+        if "ours" in rows:
+            ratios[tbname] = {m: round(rows["ours"]["measured_samples_per_s"] / p["measured_samples_per_s"], 3)
+                              for m, p in rows.items() if m != "ours"}
+    result = {"bench": "edgepipe", "model": MODEL, "granularity": GRANULARITY, "microbatch": mb,
+              "derivation": derivation, "checks": check, "curve": curve, "planners": planners,
+              "ours_over": ratios, "cpu_sum": derivation["cpu_sum"], "seconds": round(time.time() - t0)}
+    save("edgepipe", result, args.json)
+    say(json.dumps({"curve": [(c["devices"], c["speedup"]) for c in curve], "ours_over": ratios}))
+    plot(result)
+    return 0
+
+
+def _row(r: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {**extra, "samples_per_s": round(r["measured_samples_per_s"], 5),
+            "predicted_samples_per_s": round(r["predicted_samples_per_s"], 5),
+            "predicted_uncalibrated_samples_per_s": round(r["predicted_uncalibrated_samples_per_s"], 5),
+            "stages": [{"units": s["units"], "devices": s["devices"]} for s in r["stages"]],
+            "bottleneck_at": r["bottleneck_at"], "optimal": r["optimal"],
+            "seconds": round(r["total_seconds"])}
+
+
+def _planners(tb, name: str, common: dict[str, Any], args, say) -> list[dict[str, Any]]:
+    rows = []
+    for method in METHODS:
+        r = measure(tb, **common, warmup=1, batches=args.batches, calibrate=args.calibrate, method=method)
+        row = _row(r, testbed=name, method=method)
+        row["measured_samples_per_s"] = row.pop("samples_per_s")
+        rows.append(row)
+        say(f"{name} {method:<10} measured {row['measured_samples_per_s']:.4f} samples/s, "
+            f"predicted {row['predicted_samples_per_s']:.4f}")
+    return rows
+
+
+def plot(result: dict[str, Any]) -> None:
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    c = result["curve"]
+    a.plot([x["devices"] for x in c], [x["speedup"] for x in c], "o-", label="measured")
+    a.plot([x["devices"] for x in c], [x["predicted_speedup"] for x in c], "s--", label="planner's prediction")
+    a.plot([1, 16], [1, 16], ":", color="grey", label="linear")
+    a.axhline(10.59, color="red", lw=0.8, label="EdgePipe paper, 16 boards (10.59x)")
+    a.set_xlabel("devices")
+    a.set_ylabel("speedup over one RCC-VE-like device")
+    a.set_title(f"{result['model']}, microbatch {result['microbatch']}")
+    a.legend(fontsize=8)
+    rows = result["planners"]
+    labels = [f"{r['method']}\n{'slow' if 'slow' in r['testbed'] else 'plain'}" for r in rows]
+    x = range(len(rows))
+    b.bar([i - 0.2 for i in x], [r["predicted_samples_per_s"] for r in rows], 0.4, label="predicted")
+    b.bar([i + 0.2 for i in x], [r["measured_samples_per_s"] for r in rows], 0.4, label="measured")
+    b.set_xticks(list(x), labels, fontsize=7)
+    b.set_ylabel("samples/s")
+    b.set_title("planners at 16 devices")
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "edgepipe.png", dpi=100)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
