@@ -126,7 +126,7 @@ def _add_commands(parent: argparse.ArgumentParser) -> None:
         p.add_argument("--name", help="override the file's name: (the namespace and cgroup prefix)")
         p.add_argument("--json", action="store_true", help="print one JSON object")
         if cmd == "up":
-            p.add_argument("--timeout", type=seconds, help="seconds for every node to be ready (default 90)")
+            p.add_argument("--timeout", type=seconds, help="seconds for every node to be ready (default 90 + 15 per node)")
             p.add_argument("--reclaim", action="store_true",
                            help="a testbed of this name is (half) up: take it down first instead of failing")
     parent.set_defaults(func=run_cli)

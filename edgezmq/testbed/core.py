@@ -29,7 +29,10 @@ STATE_FILE = "state.json"
 CLUSTER_FILE = "cluster.yaml"
 LOG_DIR = "logs"
 STATE_VERSION = 1
-START_TIMEOUT_S = 90.0  # a node imports torch + timm before READY: ~5 s of CPU each, 16 nodes on 2 cores
+# A node imports torch + timm before READY: ~5 s of CPU each, all at once, on a machine that
+# may be busy (16 nodes on 2 shared cores took over 90 s): the wait grows with the nodes.
+START_TIMEOUT_S = 90.0
+START_S_PER_NODE = 15.0
 STOP_TIMEOUT_S = 15.0  # SIGTERM: a node drains for up to 10 s
 KILL_TIMEOUT_S = 5.0
 STOP_ROUNDS = 3
@@ -111,13 +114,14 @@ class Testbed:
 
     def __init__(self, config: TestbedConfig, *, state_dir: str | Path | None = None,
                  source: str | Path | None = None, python: str = sys.executable,
-                 start_timeout: float = START_TIMEOUT_S, throttle_start: bool = False) -> None:
+                 start_timeout: float | None = None, throttle_start: bool = False) -> None:
         self.config = config
         self.name = config.name
         self.state_dir = Path(state_dir) if state_dir else DEFAULT_STATE_ROOT / config.name
         self.source = str(Path(source).resolve()) if source else None
         self.python = python
-        self.start_timeout = start_timeout
+        self.start_timeout = (start_timeout if start_timeout is not None
+                              else START_TIMEOUT_S + START_S_PER_NODE * len(config.devices))
         # A node imports torch and timm before it is ready: ~5 s of CPU, 20 s at 0.25 CPU.
         # By default the CPU quota is written once every node is ready (memory caps hold
         # from the first instruction); throttle_start=True limits the start-up too.
