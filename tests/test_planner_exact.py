@@ -392,12 +392,13 @@ def test_solve_is_exact_with_nics_and_big_classes(seed):
 
 @pytest.mark.parametrize("seed", range(30))
 def test_solve_is_exact_with_nics_and_dominance(seed):
-    """Dominance chains whose better boards also have the faster NICs (dominance holds), or,
-    every other seed, the slower NICs (it breaks on the NIC alone)."""
+    """Dominance chains of board types whose NICs are drawn at random, the best board's among
+    the slowest: a board better in times, memory and links is then not better in all (seed
+    14 loses the optimum if the dominance rule ignores NICs)."""
     d = dominance_problem(7000 + seed)
-    rates = sorted(NIC_RATES, reverse=seed % 2 == 0)
+    rng = random.Random(seed)
     for t, name in enumerate(sorted(d["device_types"])):
-        d["device_types"][name]["nic_mbps"] = {"up": rates[t], "down": rates[t + 1]}
+        d["device_types"][name]["nic_mbps"] = rng.choice(NIC_RATES[:3] if t == 0 else NIC_RATES)
     problem = Problem.from_dict(d)
     expected = BruteForce(problem).solve()
     if expected is None:
