@@ -73,9 +73,8 @@ def pipeedge_arrays(problem: Problem) -> DeviceArrays:
     for t in set(types):
         rows = [i for i in range(n) if types[i] == t]
         vals = dev_spb[rows]
-        if np.isfinite(vals).any():
-            nic[t] = float(np.nanmin(np.maximum(np.nanmin(vals, axis=1), cap[rows]))) if cap[rows].any() \
-                else float(np.nanmin(vals))
+        if np.isfinite(vals).any():   # each device's fastest link, capped by its NIC; the type's best
+            nic[t] = float(np.maximum(np.nanmin(vals, axis=1), cap[rows]).min())
         else:
             nic[t] = max(float(arr.spb[0, 1]), float(cap[rows].min()))
     spb = np.zeros_like(arr.spb)
