@@ -59,6 +59,11 @@ def test_parse_good_inventory():
         (lambda d: d["links"]["default"].update(latency_ms=float("nan")), "links.default.latency_ms: expected a number"),
         (lambda d: d["nodes"][0].update(memory_bytes=".inf"), "nodes[0].memory_bytes: expected bytes"),
         (lambda d: d.update(measure={"pings": 2.5}), "measure.pings: expected an integer, got float 2.5"),
+        (lambda d: d["nodes"][0].update(nic_mbps=0), "nodes[0].nic_mbps: expected a number in (0, 10000000], got 0"),
+        (lambda d: d["nodes"][1].update(nic_mbps={"up": 10, "down": -1}),
+         "nodes[1].nic_mbps.down: expected a number in (0, 10000000], got -1"),
+        (lambda d: d["nodes"][1].update(nic_mbps={"up": 10, "dn": 5}), "nodes[1].nic_mbps: unknown field(s) ['dn']"),
+        (lambda d: d["client"].update(nic_mbps=[30]), "client.nic_mbps: expected a number or a mapping {up, down}"),
     ],
 )
 def test_bad_inventories_name_the_field(mutate, text):
@@ -67,6 +72,36 @@ def test_bad_inventories_name_the_field(mutate, text):
     with pytest.raises(ClusterError, match=None) as ei:
         parse_cluster(d)
     assert text in str(ei.value)
+
+
+def test_nics_are_payload_rates_and_reach_the_planner_problem():
+    # a testbed's cluster.yaml: configured NIC rates per node and for the client, TCP payload
+    # getting a fraction of them, as for its links
+    from edgezmq.orchestrate.autodeploy import build_problem
+    from edgezmq.planner import Problem
+
+    d = json.loads(json.dumps(GOOD))
+    d["nodes"][0]["nic_mbps"] = {"up": 30, "down": 10}
+    d["nodes"][1].update(nic_mbps=20, cpu=0.1, namespace="ez-b", address="10.0.0.3")
+    d["client"].update(nic_mbps={"up": 100}, namespace="ez-client", cpu=0.2)
+    d["testbed"] = {"tcp_payload_factor": 0.5}
+    c = parse_cluster(d)
+    assert (c.node("a").nic.up_mbps, c.node("a").nic.down_mbps) == (15, 5)
+    assert (c.node("b").nic.up_mbps, c.node("b").nic.down_mbps) == (10, 10)
+    assert (c.client_nic.up_mbps, c.client_nic.down_mbps) == (50, float("inf"))
+    assert parse_cluster(GOOD).client_nic is None and parse_cluster(GOOD).node("a").nic is None
+
+    profile = {"input_bytes": 1000, "units": [{"name": "u0", "out_bytes": 500, "param_bytes": 10, "work_bytes": 0,
+                                               "time_s": 0.1}]}
+    info = {"device": {"rss": 1000, "memory_available": 10**9}}
+    problem = build_problem(c, {"a": info, "b": info}, {"rpi": profile, "b": profile}, {},
+                            model="m", microbatch=1, granularity="block", kwargs={})
+    assert [x.get("nic_mbps") for x in problem["devices"]] == [{"up": 15, "down": 5}, {"up": 10, "down": 10}]
+    assert problem["client"] == {"nic_mbps": {"up": 50}}    # an unlimited direction is left out
+    p = Problem.from_dict(problem)
+    assert p.device("a").nic == c.node("a").nic and p.client_nic == c.client_nic
+    assert "client" not in build_problem(parse_cluster(GOOD), {"a": info, "b": info}, {"rpi": profile, "b": profile},
+                                         {}, model="m", microbatch=1, granularity="block", kwargs={})
 
 
 @pytest.fixture(scope="module")

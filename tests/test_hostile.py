@@ -192,9 +192,10 @@ def test_bad_cli_inputs_are_one_line_and_exit_2(tmp_path, capsys):
 # refuse it with its own one-line error naming the field.
 FULL_INVENTORY = """
 nodes:
-  - {name: board-1, control: "tcp://10.0.0.11:5550", type: rcc-ve, memory_bytes: 8000000000, threads: 4}
-  - {name: board-2, control: "tcp://10.0.0.12:5550"}
-client: {address: 10.0.0.2, results_port: 5560}
+  - {name: board-1, control: "tcp://10.0.0.11:5550", type: rcc-ve, memory_bytes: 8000000000, threads: 4,
+     nic_mbps: {up: 30, down: 100}}
+  - {name: board-2, control: "tcp://10.0.0.12:5550", nic_mbps: 10}
+client: {address: 10.0.0.2, results_port: 5560, nic_mbps: 100}
 links:
   default: {mbps: 1000, latency_ms: 0.5}
   overrides:
@@ -242,6 +243,14 @@ def _with(doc, path, value):
     return out
 
 
+def _with_nics(problem):
+    """A planner problem with NIC rates in both forms, on a type, a device and the client."""
+    problem["device_types"]["rcc-ve"]["nic_mbps"] = 30
+    problem["devices"][0]["nic_mbps"] = {"up": 10, "down": 20}
+    problem["client"] = {"nic_mbps": {"up": 100}}
+    return problem
+
+
 def _full_files():
     from pathlib import Path
 
@@ -253,7 +262,7 @@ def _full_files():
         ("inventory", load_cluster, ClusterError, yaml.safe_load(FULL_INVENTORY)),
         ("node config", load_node_config, NodeConfigError, yaml.safe_load(FULL_NODE_CONFIG)),
         ("planner problem", load_problem, PlanError,
-         yaml.safe_load((root / "edgepipe-vit-base-block.problem.yaml").read_text())),
+         _with_nics(yaml.safe_load((root / "edgepipe-vit-base-block.problem.yaml").read_text()))),
         ("testbed", load_config, ConfigError, yaml.safe_load((root / "testbed-hetero.yaml").read_text())),
     ]
 

@@ -489,3 +489,216 @@ def test_examples_are_current(tmp_path):
     assert make.main(["--out", str(tmp_path)]) == 0
     for path in EXAMPLES:
         assert (tmp_path / path.name).read_text() == path.read_text(), f"{path.name}: rerun make_problems.py"
+
+
+# --- a NIC per device (issue 12) ------------------------------------------------------------------
+
+MBPS_3KB_PER_S = 0.024      # 3000 bytes take exactly 1 s through it
+
+
+def fan_out() -> dict:
+    """A sender s feeding three replicas r1..r3 through its one uplink (module doc of cost.py)."""
+    return {
+        "model": {"name": "m", "microbatch": 8, "input_bytes": 1200,
+                  "units": [{"name": "u0", "out_bytes": 3000, "param_bytes": 1},
+                            {"name": "u1", "out_bytes": 600, "param_bytes": 1}]},
+        "device_types": {"t": {"memory_bytes": 100_000, "unit_times_s": [1, 3]}},
+        "devices": [{"name": "s", "type": "t", "nic_mbps": {"up": MBPS_3KB_PER_S / 2}},   # 3000 B: 2 s
+                    {"name": "r1", "type": "t"}, {"name": "r2", "type": "t"},
+                    {"name": "r3", "type": "t", "nic_mbps": {"down": MBPS_3KB_PER_S / 3}}],  # 3000 B: 3 s
+        "client": {"nic_mbps": MBPS_3KB_PER_S},
+        "links": {"default": {"mbps": MBPS_3KB_PER_S, "latency_ms": 10}},
+    }
+
+
+def test_evaluate_prices_one_uplink_shared_by_three_replicas():
+    p = Problem.from_dict(fan_out())
+    plan = evaluate(p, [((0, 1), ["s"]), ((1, 2), ["r1", "r2", "r3"])])
+    client_in, fan, client_out = plan.links
+    # s -> r1..r3, 3000 B per microbatch: each pair carries a third (pair term 1 s / 3), but
+    # all of it leaves through s's one uplink: 3000 B at 1500 B/s = 2 s, not 2 s / 3
+    assert fan.pair_s == pytest.approx(1 / 3)
+    assert fan.nic_up_s == pytest.approx(2.0) and fan.nic_up_node == "s"
+    # each replica receives a third through its downlink; r3's takes 3 s for 3000 B: 1 s
+    assert fan.nic_down_s == pytest.approx(1.0) and fan.nic_down_node == "r3"
+    assert fan.time_s == pytest.approx(2.0) and fan.bound_by == "nic up of s"
+    # latency: one microbatch at the slowest of pair, s's up, the receiver's down (r3: 3 s)
+    assert fan.latency_s == pytest.approx(0.01 + 3.0)
+    # the client's uplink carries every input (1200 B: 0.4 s), tying the pair's 0.4 s: "pair"
+    assert client_in.time_s == pytest.approx(0.4) and client_in.nic_up_s == pytest.approx(0.4)
+    assert client_in.bound_by == "pair" and client_in.latency_s == pytest.approx(0.41)
+    # three replicas send 600 B each third microbatch; the client's downlink takes them all
+    assert client_out.pair_s == pytest.approx(0.2 / 3) and client_out.nic_up_s == 0.0
+    assert client_out.time_s == pytest.approx(0.2) and client_out.bound_by == "nic down of client"
+    assert plan.bottleneck_s == pytest.approx(2.0)
+    assert plan.bottleneck_at == "link stage 0->stage 1 (nic up of s)"
+    assert plan.latency_s == pytest.approx(1 + 3 + 0.41 + 3.01 + 0.21)
+    # the same plan without NICs: the pair model's third of a second, stage-bound
+    d = fan_out()
+    for x in (*d["devices"], d.pop("client")):
+        x.pop("nic_mbps", None)
+    pair_only = evaluate(Problem.from_dict(d), plan.stages)
+    assert pair_only.links[1].time_s == pytest.approx(1 / 3) and pair_only.links[1].bound_by == "pair"
+    assert pair_only.bottleneck_s == pytest.approx(1.0) and pair_only.bottleneck_at == "stage 0"
+
+
+def test_solve_cuts_where_the_uplink_carries_less():
+    # only s holds u0; u2 is worth three replicas. Pair model: cut after u0 (its 3000 B go to
+    # three replicas, a third of a second each). s's one uplink takes 2 s for them, so with
+    # it the best cut is after u1, whose 300 B take 0.2 s
+    d = fan_out()
+    d["model"]["units"] = [{"name": "u0", "out_bytes": 3000, "param_bytes": 50_000},
+                           {"name": "u1", "out_bytes": 300, "param_bytes": 1},
+                           {"name": "u2", "out_bytes": 600, "param_bytes": 1}]
+    d["device_types"]["t"].update(memory_bytes=20_000, unit_times_s=[1, 0.5, 3])
+    d["devices"][0]["memory_bytes"] = 100_000
+    d["devices"][3].pop("nic_mbps")
+    d.pop("client")
+    with_nic = solve(Problem.from_dict(d))
+    d["devices"][0].pop("nic_mbps")
+    pair_only = solve(Problem.from_dict(d))
+    assert [(s.units, s.devices) for s in pair_only.stages] == [((0, 1), ("s",)), ((1, 3), ("r1", "r2", "r3"))]
+    assert pair_only.bottleneck_s == pytest.approx(3.5 / 3)
+    assert [s.units for s in with_nic.stages] == [(0, 2), (2, 3)] and with_nic.stages[0].devices == ("s",)
+    assert with_nic.optimal and with_nic.bottleneck_s == pytest.approx(1.5)     # s: 1 + 0.5 s
+    assert with_nic.lower_bound_s == with_nic.bottleneck_s
+
+
+def test_nic_forms_and_overrides():
+    d = fan_out()
+    d["device_types"]["t"]["nic_mbps"] = 30
+    d["devices"][1]["nic_mbps"] = {"up": "1e2"}           # YAML 1.1 reads 1e2 as a string
+    d["devices"][2]["nic_mbps"] = {}                      # a device's replaces its type's: unlimited
+    d["client"] = {"nic_mbps": {"down": 5}, "other": "fields are allowed"}
+    p = Problem.from_dict(d)
+    assert (p.device("s").nic.up_mbps, p.device("s").nic.down_mbps) == (MBPS_3KB_PER_S / 2, math.inf)
+    assert (p.device("r1").nic.up_mbps, p.device("r1").nic.down_mbps) == (100, math.inf)
+    assert not p.device("r2").nic.limited
+    assert (p.device("r3").nic.up_mbps, p.device("r3").nic.down_mbps) == (math.inf, MBPS_3KB_PER_S / 3)
+    assert p.device_types["t"].nic.up_mbps == p.device_types["t"].nic.down_mbps == 30
+    assert (p.nic("client").up_mbps, p.nic("client").down_mbps) == (math.inf, 5)
+    assert p.nic("client").down_s_per_byte == pytest.approx(8 / 5e6) and p.nic("client").up_s_per_byte == 0.0
+    assert p.has_nic and not Problem.from_dict(small()).has_nic
+
+
+@pytest.mark.parametrize("where, path", [
+    (lambda d: d["devices"][3], r"devices\[3\]\.nic_mbps"),
+    (lambda d: d["device_types"]["t"], r"device_types\.t\.nic_mbps"),
+    (lambda d: d["client"], r"client\.nic_mbps"),
+])
+@pytest.mark.parametrize("value, suffix, msg", [
+    (0, "", r"expected a number in \(0, 10000000\], got 0$"),
+    (-1, "", r"expected a number in \(0, 10000000\], got -1$"),
+    (float("inf"), "", r"expected a number in \(0, 10000000\], got inf \(not a finite number\)"),
+    (2**64, "", r"expected a number in \(0, 10000000\], got 18446744073709551616"),
+    ({"up": 0}, r"\.up", r"expected a number in \(0, 10000000\], got 0$"),
+    ({"up": 10, "down": -1}, r"\.down", r"expected a number in \(0, 10000000\], got -1$"),
+    ({"down": float("nan")}, r"\.down", r"expected a number in \(0, 10000000\], got nan \(not a finite number\)"),
+    ({"down": "fast"}, r"\.down", r"expected a number, got str 'fast'"),
+    ({"up": 10, "upload": 5}, "", r"unknown field\(s\) \['upload'\] \(known: \['up', 'down'\]\)"),
+    ([10, 20], "", r"expected a number or a mapping \{up, down\}, got list \[10, 20\]"),
+    (True, "", r"expected a number or a mapping \{up, down\}, got bool True"),
+    ("fast", "", r"expected a number, got str 'fast'"),
+])
+def test_bad_nic_rates_name_the_field(where, path, value, suffix, msg):
+    d = fan_out()
+    where(d)["nic_mbps"] = value
+    with pytest.raises(PlanError, match=rf"^{path}{suffix}: {msg}"):
+        Problem.from_dict(d)
+
+
+def test_cli_shows_the_binding_nic(tmp_path, capsys):
+    path = tmp_path / "fan.yaml"
+    path.write_text(yaml.safe_dump(fan_out()))
+    code, out, _ = _cli(["plan", str(path), "--baseline", "even", "--json"], capsys)   # s, then r1
+    assert code == 0
+    doc = json.loads(out)
+    fan = doc["links"][1]
+    assert fan["bound_by"] == "nic up of s" and fan["nic_up_s"] == pytest.approx(2.0)
+    assert set(fan) >= {"pair_s", "nic_up_s", "nic_down_s", "time_s", "latency_s"}
+    d = fan_out()
+    d["model"]["units"].append({"name": "u2", "out_bytes": 600, "param_bytes": 1})
+    d["device_types"]["t"]["unit_times_s"] = [1, 0.1, 0.1]
+    path.write_text(yaml.safe_dump(d))
+    code, out, _ = _cli(["plan", str(path), "--baseline", "even"], capsys)
+    assert code == 0
+    assert "(nic up of s) <-" in out
+    assert "bottleneck 2 s (link stage 0->stage 1 (nic up of s))" in out
+
+
+# Recorded from main before NICs existed (b394dcf): the example problems' optimal bottleneck,
+# latency and stages (units, replicas), and the baselines' bottlenecks, exactly.
+BEFORE_NICS = {
+    "edgepipe-slowpairs-vit-large-half": (2.4889886666666667, 53.8888604, [((0, 17), 6), ((17, 44), 8), ((44, 50), 2)],
+                                          (10.328473599999999, 10.328473599999999, 2.7823635625)),
+    "edgepipe-vit-base-block": (0.7368192857142857, 19.480107733333334, [((0, 7), 9), ((7, 14), 7)],
+                                (3.8731776, 1.713489, 0.8161520625)),
+    "edgepipe-vit-base-half": (0.7293243333333334, 20.621486133333335, [((0, 11), 6), ((11, 22), 8), ((22, 26), 2)],
+                               (3.8731776, 1.391966, 0.8161521875)),
+    "edgepipe-vit-huge-block": (6.836202, 128.41495913333333, [((0, 6), 3), ((6, 15), 5), ((15, 34), 8)],
+                                (9.114936, 8.421376, 7.5565849375)),
+    "edgepipe-vit-huge-half": (6.7888818, 134.50726393333332,
+                               [((0, 5), 1), ((5, 16), 3), ((16, 34), 5), ((34, 66), 7)],
+                               (8.421376, 8.421376, 7.556584937499999)),
+    "edgepipe-vit-large-block": (2.539122125, 51.42324953333333, [((0, 4), 2), ((4, 15), 8), ((15, 26), 6)],
+                                 (5.164236799999999, 4.593439, 2.782364)),
+    "edgepipe-vit-large-half": (2.4889886666666667, 53.8888604, [((0, 17), 6), ((17, 44), 8), ((44, 50), 2)],
+                                (5.164236799999999, 4.593439, 2.7823635625)),
+    "home-vit-large-half": (5.495076, 16.917669876799998, [((0, 38), 1), ((38, 50), 2)],
+                            (15.507568000000001, 5.532443, 14.839272333333334)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BEFORE_NICS))
+def test_problems_without_nics_price_exactly_as_before(name):
+    p = load_problem(PLANS / f"{name}.problem.yaml")
+    b, lat, stages, baselines = BEFORE_NICS[name]
+    plan = solve(p, time_limit_s=60)
+    assert (plan.bottleneck_s, plan.latency_s) == (b, lat)
+    assert [(s.units, len(s.devices)) for s in plan.stages] == stages
+    assert tuple(baseline(p, m).bottleneck_s for m in ("even", "pipeedge", "pipedream")) == baselines
+
+
+def _with_unlimited_nics(d: dict) -> dict:
+    """``d`` with every type, device and the client given the largest NIC rate there is."""
+    from edgezmq.terms import MAX_MBPS
+
+    d = copy.deepcopy(d)
+    for holder in (*d["device_types"].values(), *d["devices"]):
+        holder["nic_mbps"] = MAX_MBPS
+    d["client"] = {"nic_mbps": {"up": MAX_MBPS, "down": MAX_MBPS}}
+    return d
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_nics_faster_than_every_link_change_no_plan(path):
+    # NIC terms at 10 Tbit/s never bind: plans, their figures and the baselines' are those of
+    # the file without NIC fields, bit for bit
+    d = yaml.safe_load(path.read_text())
+    plain, fast = Problem.from_dict(d), Problem.from_dict(_with_unlimited_nics(d))
+    assert fast.has_nic and not plain.has_nic
+    for method in ("solve", "even", "pipeedge", "pipedream"):
+        a, b = ((solve(p, time_limit_s=60) if method == "solve" else baseline(p, method)) for p in (plain, fast))
+        assert (a.bottleneck_s, a.latency_s, a.bottleneck_at) == (b.bottleneck_s, b.latency_s, b.bottleneck_at), method
+        assert a.stages == b.stages, method
+        assert a.optimal == b.optimal
+
+
+def test_baselines_plan_without_nic_sharing_and_are_priced_with_it():
+    # PipeEdge's per-type bandwidth is the type's fastest link capped by its NIC (what its
+    # users give as bw_Mbps); neither PipeEdge nor PipeDream models a NIC shared by replicas
+    from edgezmq.planner.baselines import pipedream_arrays, pipeedge_arrays
+
+    d = fan_out()
+    d["links"]["default"]["mbps"] = 1000
+    d["device_types"]["t"]["nic_mbps"] = 8          # every board; s's own (slower) replaces it
+    p = Problem.from_dict(d)
+    pe = pipeedge_arrays(p)
+    assert pe.up is None and pe.down is None and pe.client_up == 0.0
+    assert pe.spb[1, 2] == pytest.approx(8 / 8e6)   # the type's fastest device (r1: NIC 8 Mbit/s)
+    pd = pipedream_arrays(p)
+    assert pd.up is None and pd.spb[1, 2] == pytest.approx(8 / (MBPS_3KB_PER_S / 2 * 1e6))   # s's uplink
+    for name in ("pipeedge", "pipedream"):
+        b = baseline(p, name)
+        again = evaluate(p, b.stages)
+        assert (b.bottleneck_s, b.latency_s) == (again.bottleneck_s, again.latency_s)

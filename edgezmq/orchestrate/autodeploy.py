@@ -318,8 +318,10 @@ def build_problem(
             if io and typ in io:
                 device_types[typ].update(recv_ms_per_mb=io[typ]["recv_ms_per_mb"],
                                          send_ms_per_mb=io[typ]["send_ms_per_mb"])
-        devices.append({"name": n.name, "type": typ, "control": n.control, "memory_bytes": mem,
-                        "reserved_bytes": rss})
+        dev = {"name": n.name, "type": typ, "control": n.control, "memory_bytes": mem, "reserved_bytes": rss}
+        if n.nic is not None and n.nic.limited:
+            dev["nic_mbps"] = n.nic.to_dict()
+        devices.append(dev)
     # links: configured figures win; measured pairs become overrides; a sampled type pair
     # stands for every pair of those types
     overrides: list[dict] = []
@@ -350,7 +352,7 @@ def build_problem(
                    "latency_ms": statistics.median(float(r["latency_ms"]) for r in measured.values())}
     else:  # a single node with configured client links
         default = {"mbps": 1000.0, "latency_ms": 0.5}
-    return {
+    problem = {
         "model": {"name": model, "microbatch": microbatch, "granularity": granularity, "kwargs": kwargs,
                   "input_bytes": int(first["input_bytes"]), "units": units},
         "device_types": device_types,
@@ -358,6 +360,9 @@ def build_problem(
         "links": {"default": default, "overrides": overrides},
         "options": {"replication": replication, "buffers": BUFFERS_PER_DIRECTION},
     }
+    if cluster.client_nic is not None and cluster.client_nic.limited:
+        problem["client"] = {"nic_mbps": cluster.client_nic.to_dict()}
+    return problem
 
 
 def plan_problem(problem_dict: dict, *, time_limit_s: float = PLAN_TIME_LIMIT_S):

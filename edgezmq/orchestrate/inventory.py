@@ -1,9 +1,10 @@
 """Cluster inventory (cluster.yaml): the nodes, what is known of them and of their links.
 
     nodes:
-      - {name: board-1, control: "tcp://10.0.0.11:5550", type: rcc-ve, memory_bytes: 8e9, threads: 4}
+      - {name: board-1, control: "tcp://10.0.0.11:5550", type: rcc-ve, memory_bytes: 8e9, threads: 4,
+         nic_mbps: 30}                                  # or {up: 30, down: 100}: its one interface
       - {name: board-2, control: "tcp://10.0.0.12:5550"}
-    client: {address: 10.0.0.2, results_port: 5560}   # where the client/bootstrapper sits
+    client: {address: 10.0.0.2, results_port: 5560, nic_mbps: 100}   # where the client/bootstrapper sits
     links:                       # optional figures that replace measurement
       default: {mbps: 1000, latency_ms: 0.5}
       overrides:
@@ -24,7 +25,7 @@ from typing import Any
 from edgezmq.errors import EdgezmqError
 from edgezmq.fields import Fields, prefixed, read_yaml
 from edgezmq.orchestrate.address import NodeAddress
-from edgezmq.planner.problem import Link
+from edgezmq.planner.problem import Link, Nic, read_nic
 from edgezmq.protocol.messages import MAX_PINGS, MAX_STAGES, NETPROBE_MAX_SECONDS
 from edgezmq.terms import CLIENT, MAX_LATENCY_MS, MAX_MBPS, MAX_PORT, MAX_THREADS
 from edgezmq.transport import security
@@ -43,10 +44,12 @@ class ClusterError(EdgezmqError, ValueError):
 @dataclass(frozen=True)
 class InventoryNode(NodeAddress):
     """A node's address and what the inventory says of it: its device type (nodes of one
-    type share a profile) and a cap on the memory it may use."""
+    type share a profile), a cap on the memory it may use and its network interface's rates
+    (payload rates: configured rates times the inventory's payload factor)."""
 
     type: str | None = None
     memory_bytes: int | None = None
+    nic: Nic | None = None
 
 
 @dataclass
@@ -55,6 +58,7 @@ class Cluster:
     client_address: str = "127.0.0.1"
     results_port: int = DEFAULT_RESULTS_PORT
     client_namespace: str | None = None
+    client_nic: Nic | None = None  # the client's network interface (payload rates), if given
     default_link: Link | None = None
     link_overrides: dict[frozenset, Link] = field(default_factory=dict)
     all_pairs_up_to: int = DEFAULT_ALL_PAIRS_UP_TO
@@ -86,7 +90,7 @@ class Cluster:
 
 F = Fields(prefixed(ClusterError))
 LINK_FIELDS = ("mbps", "latency_ms", "a", "b")
-NODE_FIELDS = ("name", "control", "type", "memory_bytes", "threads", "cpu", "namespace", "address")
+NODE_FIELDS = ("name", "control", "type", "memory_bytes", "threads", "cpu", "namespace", "address", "nic_mbps")
 
 
 def _mbps(v: Any, path: str) -> float:
@@ -104,8 +108,18 @@ def _link(d: Any, path: str, payload_factor: float = 1.0) -> Link:
                 latency_ms=F.number(d.get("latency_ms", 0.0), f"{path}.latency_ms", lo=0, hi=MAX_LATENCY_MS, strings=True))
 
 
+def _nic(m: Any, path: str, payload_factor: float) -> Nic | None:
+    """A section's optional ``nic_mbps`` (one rate, or ``{up, down}``), as payload rates."""
+    v = m.get("nic_mbps")
+    return None if v is None else read_nic(F, v, f"{path}.nic_mbps", payload_factor)
+
+
 def parse_cluster(d: Any, source: str | None = None) -> Cluster:
     F.mapping(d, "cluster")
+    # a testbed's cluster.yaml gives configured link (and NIC) rates; TCP payload gets this fraction
+    tb = d.get("testbed") or {}
+    factor = (F.number(tb.get("tcp_payload_factor", 1.0), "testbed.tcp_payload_factor", lo=0, hi=1, lo_open=True)
+              if isinstance(tb, dict) else 1.0)
     raw = d.get("nodes")
     if not isinstance(raw, list) or not raw:
         raise ClusterError("nodes: expected a non-empty list of {name, control, ...}")
@@ -126,7 +140,8 @@ def parse_cluster(d: Any, source: str | None = None) -> Cluster:
             F.string(typ, f"{p}.type")
         mem = F.size(n["memory_bytes"], f"{p}.memory_bytes") if n.get("memory_bytes") is not None else None
         thr = _count(n["threads"], f"{p}.threads", MAX_THREADS) if n.get("threads") is not None else None
-        nodes.append(InventoryNode(name=name, control=ctl, type=typ, memory_bytes=mem, threads=thr))
+        nodes.append(InventoryNode(name=name, control=ctl, type=typ, memory_bytes=mem, threads=thr,
+                                   nic=_nic(n, p, factor)))
     c = Cluster(nodes=nodes, source=source)
     client = d.get("client") or {}
     F.mapping(client, "client")
@@ -135,10 +150,7 @@ def parse_cluster(d: Any, source: str | None = None) -> Cluster:
     if "results_port" in client:
         c.results_port = F.integer(client["results_port"], "client.results_port", lo=1, hi=MAX_PORT)
     c.client_namespace = client.get("namespace")
-    # a testbed's cluster.yaml gives configured link rates; TCP payload gets this fraction
-    tb = d.get("testbed") or {}
-    factor = (F.number(tb.get("tcp_payload_factor", 1.0), "testbed.tcp_payload_factor", lo=0, hi=1, lo_open=True)
-              if isinstance(tb, dict) else 1.0)
+    c.client_nic = _nic(client, "client", factor)
     links = d.get("links") or {}
     F.mapping(links, "links")
     if links.get("default") is not None:

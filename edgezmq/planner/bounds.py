@@ -9,6 +9,13 @@ B >= t_ref(b, L) / sum(rho of the devices left). Without replication at most L -
 devices can still be used, so only the best L - b count. A plan also needs its
 parameters to fit: sum(params[b:L]) <= sum of the remaining devices' memory, else inf.
 
+NIC limits (cost.py) only add terms to a plan's bottleneck and latency, so both bounds,
+built from unit times and pair links, stay valid. Two terms are known before any choice:
+the client's uplink carries every input and its downlink every result, so every plan has
+B >= ``floor`` = max(input * client up, last output * client down) (seconds per byte),
+and the capacity bound is raised to it. The latency bound's client-out term takes the
+slowest of pair rate, the class's uplink and the client's downlink, as the link does.
+
 Latency bound. Every remaining unit runs on some available class, unreplicated, and the
 last stage sends the result to the client: sum_u min_k t_k(u) + min_k client-out latency.
 """
@@ -49,6 +56,8 @@ class Bounds:
         self.param_suffix = np.concatenate(
             [np.cumsum(cm.param_bytes[::-1])[::-1], [0.0]]).tolist()
         self.cap_pos = [max(c, 0.0) for c in cm.cap]
+        # what the client's own NIC costs every plan (module doc)
+        self.floor = max(cm.cut_bytes[0] * cm.client_up, cm.cut_bytes[-1] * cm.client_down)
         self._lat_cache: dict[int, tuple[list[float], float]] = {}
 
     def _capacity_sum(self, j: int, rem: tuple[int, ...], b: int) -> float:
@@ -72,7 +81,7 @@ class Bounds:
             return math.inf
         if self.param_suffix[b] > sum(r * c for r, c in zip(rem, self.cap_pos)):
             return math.inf
-        best = 0.0
+        best = self.floor
         for j, W in enumerate(self.W):
             w = W[b]
             if w <= 0.0:
@@ -96,7 +105,9 @@ class Bounds:
             else:
                 best = self.cm.times[ks].min(axis=0)
                 suffix = np.concatenate([np.cumsum(best[::-1])[::-1], [0.0]]).tolist()
-                out = min(self.cm.lat[k + 1, 0] + self.cm.cut_bytes[-1] * self.cm.spb[k + 1, 0] for k in ks)
+                up, down = self.cm.up or (0.0,) * self.K, self.cm.client_down
+                out = min(self.cm.lat[k + 1, 0] + self.cm.cut_bytes[-1] * max(self.cm.spb[k + 1, 0], up[k], down)
+                          for k in ks)
                 hit = (suffix, float(out))
             self._lat_cache[mask] = hit
         suffix, out = hit

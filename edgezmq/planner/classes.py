@@ -1,7 +1,7 @@
 """Collapse devices into classes the solver can count instead of enumerate (internal).
 
-Two devices are *twins* when they have the same unit times, receive/send costs and memory, and the same link
-(bandwidth and latency) to every other node, the client included. Twins are
+Two devices are *twins* when they have the same unit times, receive/send costs, NIC rates and
+memory, and the same link (bandwidth and latency) to every other node, the client included. Twins are
 interchangeable in every plan, so the solver tracks how many of each class are used
 (PipeEdge's count vector) and stays exact: a per-pair override makes its two ends
 differ from their type-mates, which splits them into classes of their own.
@@ -44,11 +44,20 @@ class DeviceArrays:
     types: tuple[str, ...] = ()  # device type names (merged models group by them)
     recv: np.ndarray | None = None  # (N,) stage seconds per byte received (None: all 0)
     send: np.ndarray | None = None  # (N,) ... per byte sent
+    up: np.ndarray | None = None    # (N,) NIC seconds per byte sent (None: all 0, unlimited)
+    down: np.ndarray | None = None  # (N,) ... per byte received
+    client_up: float = 0.0          # the client's NIC, seconds per byte sent
+    client_down: float = 0.0        # ... and received
 
     def io(self) -> tuple[np.ndarray, np.ndarray]:
         n = self.times.shape[0]
         return (np.zeros(n) if self.recv is None else self.recv,
                 np.zeros(n) if self.send is None else self.send)
+
+    def nic(self) -> tuple[np.ndarray, np.ndarray]:
+        n = self.times.shape[0]
+        return (np.zeros(n) if self.up is None else self.up,
+                np.zeros(n) if self.down is None else self.down)
 
     def with_(self, **kw: Any) -> DeviceArrays:
         return replace(self, **kw)
@@ -67,7 +76,10 @@ def device_arrays(problem: Problem) -> DeviceArrays:
         input_bytes=problem.model.input_bytes, buffers=problem.options.buffers,
         replication=problem.options.replication, types=tuple(d.type for d in problem.devices),
         recv=np.array([d.recv_s_per_byte for d in problem.devices], dtype=float),
-        send=np.array([d.send_s_per_byte for d in problem.devices], dtype=float))
+        send=np.array([d.send_s_per_byte for d in problem.devices], dtype=float),
+        up=np.array([d.nic.up_s_per_byte for d in problem.devices], dtype=float),
+        down=np.array([d.nic.down_s_per_byte for d in problem.devices], dtype=float),
+        client_up=problem.client_nic.up_s_per_byte, client_down=problem.client_nic.down_s_per_byte)
 
 
 @dataclass(frozen=True)
@@ -93,10 +105,19 @@ class ClassModel:
     dominates: tuple[tuple[bool, ...], ...] = ()   # [a][b]: class a is at least as good as b
     recv: tuple[float, ...] = ()   # (K,) stage seconds per byte received (empty: all 0)
     send: tuple[float, ...] = ()   # (K,) ... per byte sent
+    up: tuple[float, ...] = ()     # (K,) NIC seconds per byte sent (empty: all 0, unlimited)
+    down: tuple[float, ...] = ()   # (K,) ... per byte received
+    client_up: float = 0.0         # the client's NIC, seconds per byte sent
+    client_down: float = 0.0       # ... and received
 
     @property
     def has_io(self) -> bool:
         return any(self.recv) or any(self.send)
+
+    @property
+    def has_nic(self) -> bool:
+        """Whether some class's NIC is limited (the client's are constants: search.py)."""
+        return any(self.up) or any(self.down)
 
     @property
     def num_units(self) -> int:
@@ -151,11 +172,14 @@ def _twins(arr: DeviceArrays, d: int, e: int) -> bool:
 
 
 def compute_groups(arr: DeviceArrays) -> list[list[int]]:
-    """Devices with identical unit times, receive/send costs and memory (a device type, usually)."""
+    """Devices with identical unit times, receive/send costs, NIC rates and memory (a device
+    type, usually)."""
     recv, send = arr.io()
-    groups: dict[tuple[bytes, float, float, float], list[int]] = {}
+    up, down = arr.nic()
+    groups: dict[tuple[bytes, float, float, float, float, float], list[int]] = {}
     for d in range(arr.times.shape[0]):
-        key = (arr.times[d].tobytes(), float(arr.cap[d]), float(recv[d]), float(send[d]))
+        key = (arr.times[d].tobytes(), float(arr.cap[d]), float(recv[d]), float(send[d]),
+               float(up[d]), float(down[d]))
         groups.setdefault(key, []).append(d)
     return sorted(groups.values(), key=lambda c: c[0])
 
@@ -175,27 +199,29 @@ def _build(arr: DeviceArrays, classes: list[list[int]], mode: str) -> ClassModel
             spb[i, j] = agg(sub_s)
             lat[i, j] = agg(sub_l)
     recv_d, send_d = arr.io()
+    up_d, down_d = arr.nic()
     if mode == "optimistic":
         times = np.array([arr.times[c].min(axis=0) for c in classes])
         cap = tuple(float(arr.cap[c].max()) for c in classes)
-        recv = tuple(float(recv_d[c].min()) for c in classes)
-        send = tuple(float(send_d[c].min()) for c in classes)
+        recv, send, up, down = (tuple(float(x[c].min()) for c in classes) for x in (recv_d, send_d, up_d, down_d))
     else:
         times = np.array([arr.times[c].max(axis=0) for c in classes])
         cap = tuple(float(arr.cap[c].min()) for c in classes)
-        recv = tuple(float(recv_d[c].max()) for c in classes)
-        send = tuple(float(send_d[c].max()) for c in classes)
+        recv, send, up, down = (tuple(float(x[c].max()) for c in classes) for x in (recv_d, send_d, up_d, down_d))
     cut = (float(arr.input_bytes), *(float(x) for x in arr.out_bytes))
     return ClassModel(tuple(tuple(c) for c in classes), tuple(len(c) for c in classes), times, cap,
                       spb, lat, cut, arr.param_bytes, arr.work_bytes, arr.buffers, arr.replication,
-                      exact=(mode == "exact"), dominates=_dominance(times, cap, spb, lat, recv, send),
-                      recv=recv, send=send)
+                      exact=(mode == "exact"),
+                      dominates=_dominance(times, cap, spb, lat, (*recv, *send, *up, *down)),
+                      recv=recv, send=send, up=up, down=down,
+                      client_up=arr.client_up, client_down=arr.client_down)
 
 
 def _dominance(times: np.ndarray, cap: tuple[float, ...], spb: np.ndarray, lat: np.ndarray,
-               recv: tuple[float, ...], send: tuple[float, ...]) -> tuple[tuple[bool, ...], ...]:
-    """dom[a][b]: a is no worse than b in every unit time, receive/send cost, memory, and link
-    to every node.
+               costs: tuple[float, ...]) -> tuple[tuple[bool, ...], ...]:
+    """dom[a][b]: a is no worse than b in every unit time, per-device cost (``costs``: K
+    receive, K send, K NIC up, K NIC down, seconds per byte, smaller is better), memory, and
+    link to every node.
 
     Then a stage holding both can trade its a's for b's held elsewhere (or unused) without
     any cost, latency or device count getting worse, so the search only considers stages
@@ -206,7 +232,8 @@ def _dominance(times: np.ndarray, cap: tuple[float, ...], spb: np.ndarray, lat: 
     dom = [[False] * k for _ in range(k)]
     for a in range(k):
         for b in range(k):
-            if a == b or cap[a] < cap[b] or (times[a] > times[b]).any() or recv[a] > recv[b] or send[a] > send[b]:
+            if a == b or cap[a] < cap[b] or (times[a] > times[b]).any() or any(
+                    costs[a + i] > costs[b + i] for i in range(0, len(costs), k)):
                 continue
             ra_s, rb_s, ra_l, rb_l = spb[a + 1], spb[b + 1], lat[a + 1], lat[b + 1]
             ok = True

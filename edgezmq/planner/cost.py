@@ -6,11 +6,18 @@ Per stage s with units [a, b) on replicas R:
   memory, every d in R: params[a:b] + max(work[a:b]) + buffers * (in_bytes + out_bytes)
                         + reserved_d <= memory_d          (shard_memory_bytes: the node's
                         admission check and the solver's memory table use it too)
-Per link between consecutive groups X, Y (the client is a group of one) carrying n bytes:
-  time    max_{x, y} n * 8 / (mbps(x, y) * 1e6) / (|X| * |Y|)
-  latency max_{x, y} latency(x, y) + n * 8 / (mbps(x, y) * 1e6)
+Per link between consecutive groups X, Y (the client is a group of one) carrying n bytes
+per microbatch (replicas are fed round-robin: each x sends n / |X| bytes per pipeline
+microbatch on average, each y receives n / |Y|):
+  pair    max_{x, y} n * 8 / (mbps(x, y) * 1e6) / (|X| * |Y|)
+  nic up  max_x n * 8 / (up_x * 1e6) / |X|        (x's one uplink carries all it sends)
+  nic dn  max_y n * 8 / (down_y * 1e6) / |Y|      (y's one downlink, all it receives)
+  time    max(pair, nic up, nic dn)               (a node without ``nic_mbps``: up = down = inf)
+  latency max_{x, y} latency(x, y) + n * 8 / (min(mbps(x, y), up_x, down_y) * 1e6)
+          (one microbatch crosses at the slowest of its pair's rate, x's uplink, y's downlink)
 Bottleneck B = max of every C_s and every link time; throughput = microbatch / B;
 latency = sum of max_{d in R} T_d over stages + sum of link latencies.
+Without NIC limits the NIC terms are 0 and every figure is what the pair model gives.
 The solver uses the same formulas (on classes of devices); the tests hold both to this one.
 """
 
@@ -88,11 +95,23 @@ def _link(problem: Problem, src: Sequence[str], dst: Sequence[str], nbytes: int,
           labels: tuple[str, str]) -> LinkCost:
     rows = [problem.node_index(x) for x in src]
     cols = [problem.node_index(y) for y in dst]
-    transfer = nbytes * problem.spb[np.ix_(rows, cols)]
+    spb = problem.spb[np.ix_(rows, cols)]
+    transfer = nbytes * spb
     worst = np.unravel_index(int(np.argmax(transfer)), transfer.shape)
-    latency = problem.latency_s[np.ix_(rows, cols)] + transfer
-    return LinkCost(labels[0], labels[1], nbytes, float(transfer[worst]) / (len(src) * len(dst)),
-                    float(latency.max()), (src[int(worst[0])], dst[int(worst[1])]))
+    pair = float(transfer[worst]) / (len(src) * len(dst))
+    if not problem.has_nic:
+        latency = problem.latency_s[np.ix_(rows, cols)] + transfer
+        return LinkCost(labels[0], labels[1], nbytes, pair, float(latency.max()),
+                        (src[int(worst[0])], dst[int(worst[1])]), pair_s=pair)
+    up = np.array([problem.nic(x).up_s_per_byte for x in src])
+    down = np.array([problem.nic(y).down_s_per_byte for y in dst])
+    i, j = int(np.argmax(up)), int(np.argmax(down))
+    up_s, down_s = nbytes * float(up[i]) / len(src), nbytes * float(down[j]) / len(dst)
+    # one microbatch moves at the slowest of its pair's rate, the sender's up, the receiver's down
+    slowest = np.maximum(spb, np.maximum(up[:, None], down[None, :]))
+    latency = problem.latency_s[np.ix_(rows, cols)] + nbytes * slowest
+    return LinkCost(labels[0], labels[1], nbytes, max(pair, up_s, down_s), float(latency.max()),
+                    (src[int(worst[0])], dst[int(worst[1])]), pair, up_s, down_s, src[i], dst[j])
 
 
 def evaluate(problem: Problem, stages: Sequence[Any], *, method: str = "evaluate") -> Plan:
@@ -130,7 +149,7 @@ def evaluate(problem: Problem, stages: Sequence[Any], *, method: str = "evaluate
             bottleneck, where = c.compute_s, f"stage {i}"
     for link in links:
         if link.time_s > bottleneck:
-            bottleneck, where = link.time_s, f"link {link.src}->{link.dst}"
+            bottleneck, where = link.time_s, link.where
     latency = math.fsum([c.unreplicated_s for c in costs] + [k.latency_s for k in links])
     mb = problem.model.microbatch
     throughput = mb / bottleneck if bottleneck > 0 else math.inf

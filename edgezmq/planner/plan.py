@@ -49,14 +49,40 @@ class StageCost:
 
 @dataclass(frozen=True)
 class LinkCost:
-    """A link between consecutive stages (or the client): its bottleneck time and its latency."""
+    """A link between consecutive stages (or the client): its bottleneck time and its latency.
+
+    ``time_s`` is the largest of three terms (cost.py): the pairs', the senders' uplinks
+    and the receivers' downlinks; ``bound_by`` says which one binds.
+    """
 
     src: str                  # "client" or "stage i"
     dst: str
     bytes: int
-    time_s: float             # max over device pairs of transfer time / (replicas on each side)
-    latency_s: float          # max over device pairs of latency + transfer time
+    time_s: float             # max(pair_s, nic_up_s, nic_down_s)
+    latency_s: float          # max over device pairs of latency + transfer time at the slowest rate
     slowest_pair: tuple[str, str]
+    pair_s: float = 0.0       # max over device pairs of transfer time / (replicas on each side)
+    nic_up_s: float = 0.0     # max over senders of their share of the bytes / their uplink
+    nic_down_s: float = 0.0   # max over receivers of their share / their downlink
+    nic_up_node: str = ""     # the sender and receiver those maxima come from
+    nic_down_node: str = ""
+
+    @property
+    def bound_by(self) -> str:
+        """What sets ``time_s``: "pair" (the slowest pair's own rate), "nic up of NODE" or
+        "nic down of NODE" (a NIC's term strictly above the pairs'; up before down on a tie)."""
+        if self.nic_up_s > self.pair_s and self.nic_up_s >= self.nic_down_s:
+            return f"nic up of {self.nic_up_node}"
+        if self.nic_down_s > self.pair_s:
+            return f"nic down of {self.nic_down_node}"
+        return "pair"
+
+    @property
+    def where(self) -> str:
+        """The link as ``Plan.bottleneck_at`` names it: "link stage 0->stage 1", with
+        " (nic up of rcc-3)" when a NIC binds."""
+        by = self.bound_by
+        return f"link {self.src}->{self.dst}" + ("" if by == "pair" else f" ({by})")
 
 
 @dataclass
@@ -69,7 +95,7 @@ class Plan:
     bottleneck_s: float
     throughput_per_s: float      # samples per second: microbatch / bottleneck
     latency_s: float
-    bottleneck_at: str           # "stage 2" or "link stage 1->stage 2"
+    bottleneck_at: str           # "stage 2", "link stage 1->stage 2" or "link ... (nic up of d)"
     microbatch: int
     violations: list[str] = field(default_factory=list)
     optimal: bool = False
@@ -116,7 +142,8 @@ class Plan:
                  "memory_limit_bytes": c.memory_limit_bytes}
                 for s, c in zip(self.stages, self.stage_costs)],
             "links": [{"src": k.src, "dst": k.dst, "bytes": k.bytes, "time_s": k.time_s,
-                       "latency_s": k.latency_s} for k in self.links],
+                       "latency_s": k.latency_s, "pair_s": k.pair_s, "nic_up_s": k.nic_up_s,
+                       "nic_down_s": k.nic_down_s, "bound_by": k.bound_by} for k in self.links],
             "stats": dict(self.stats),
         }
 
@@ -132,11 +159,11 @@ class Plan:
             rows.append((
                 str(i), ",".join(s.devices), f"[{a},{b}) {span}",
                 _mark(f"{c.compute_s:.4g}", self.bottleneck_at == f"stage {i}"),
-                _mark(f"{link.time_s:.4g}", self.bottleneck_at == f"link {link.src}->{link.dst}"),
+                _mark(_link_cell(link), self.bottleneck_at == link.where),
                 _bytes_pair(c.memory_bytes, c.memory_limit_bytes)))
         out = self.links[-1]
         rows.append(("->", CLIENT, "", "",
-                     _mark(f"{out.time_s:.4g}", self.bottleneck_at == f"link {out.src}->{out.dst}"), ""))
+                     _mark(_link_cell(out), self.bottleneck_at == out.where), ""))
         widths = [max(len(r[k]) for r in (head, *rows)) for k in range(len(head))]
         lines = ["  ".join(x.ljust(w) for x, w in zip(r, widths)).rstrip() for r in (head, *rows)]
         lines.insert(1, "  ".join("-" * w for w in widths))
@@ -164,6 +191,12 @@ def _bytes_pair(used: float, limit: float) -> str:
     """'1.34/2.15 GB': both in the unit that suits the limit."""
     unit, scale = next((u, s) for u, s in BYTE_UNITS if limit >= s or s == 1.0)
     return f"{used / scale:.3g}/{limit / scale:.3g} {unit}"
+
+
+def _link_cell(link: LinkCost) -> str:
+    """A link's time, with the NIC that sets it when one does ("5.1 (nic up of mb-1)")."""
+    by = link.bound_by
+    return f"{link.time_s:.4g}" + ("" if by == "pair" else f" ({by})")
 
 
 def _mark(text: str, on: bool) -> str:

@@ -16,7 +16,10 @@ Two extensions beyond the basic format, both optional:
   device that cannot overlap them); both default to 0;
 - a link override may name a device type instead of a device on either end; the most
   specific rule wins: device-device, then device-type, then type-type, then default
-  (a name that is both a device and a type means the device).
+  (a name that is both a device and a type means the device);
+- a device type, a device (replacing its type's) and the client (a top-level ``client:``
+  section) may have a network interface of limited rate, ``nic_mbps``: one rate both
+  ways, or ``{up: X, down: Y}`` (either omitted: unlimited), shared by all its links.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from edgezmq.errors import EdgezmqError
-from edgezmq.fields import Fields, prefixed, read_yaml
+from edgezmq.fields import Fields, prefixed, read_yaml, shown
 from edgezmq.terms import (
     CLIENT,
     GRANULARITIES,
@@ -42,8 +45,8 @@ from edgezmq.terms import (
     MAX_SECONDS,
 )
 
-__all__ = ["PlanError", "Unit", "DeviceType", "Device", "Link", "ModelChain", "Options",
-           "Problem", "load_problem", "CLIENT", "GRANULARITIES"]
+__all__ = ["PlanError", "Unit", "DeviceType", "Device", "Link", "Nic", "ModelChain", "Options",
+           "Problem", "load_problem", "read_nic", "CLIENT", "GRANULARITIES"]
 
 DEFAULT_BUFFERS = 2
 MAX_BUFFERS = 64  # activation buffers each way per stage
@@ -69,6 +72,36 @@ class Unit:
 
 
 @dataclass(frozen=True)
+class Nic:
+    """A node's network interface: egress (up) and ingress (down) in megabits per second,
+    shared by all of its links; ``math.inf`` is unlimited (no NIC given)."""
+
+    up_mbps: float = math.inf
+    down_mbps: float = math.inf
+
+    @property
+    def up_s_per_byte(self) -> float:
+        """Seconds per byte sent through it (0.0 when unlimited)."""
+        return BITS_PER_BYTE / (self.up_mbps * BITS_PER_MEGABIT)
+
+    @property
+    def down_s_per_byte(self) -> float:
+        """Seconds per byte received through it (0.0 when unlimited)."""
+        return BITS_PER_BYTE / (self.down_mbps * BITS_PER_MEGABIT)
+
+    @property
+    def limited(self) -> bool:
+        return math.isfinite(self.up_mbps) or math.isfinite(self.down_mbps)
+
+    def to_dict(self) -> dict[str, float]:
+        """The ``nic_mbps`` mapping of a file: only the limited directions (empty: unlimited)."""
+        return {k: v for k, v in (("up", self.up_mbps), ("down", self.down_mbps)) if math.isfinite(v)}
+
+
+UNLIMITED = Nic()
+
+
+@dataclass(frozen=True)
 class DeviceType:
     """A kind of device: usable memory and the time of every unit at the problem's microbatch."""
 
@@ -78,6 +111,7 @@ class DeviceType:
     unit_times_s: tuple[float, ...]
     recv_s_per_byte: float = 0.0
     send_s_per_byte: float = 0.0
+    nic: Nic = UNLIMITED
 
 
 @dataclass(frozen=True)
@@ -92,6 +126,7 @@ class Device:
     control: str | None = None
     recv_s_per_byte: float = 0.0  # stage time per byte received (its input), on top of compute
     send_s_per_byte: float = 0.0  # ... and per byte sent (its output)
+    nic: Nic = UNLIMITED  # its network interface (its own, else its type's)
 
     def stage_time_s(self, a: int, b: int, in_bytes: int, out_bytes: int) -> float:
         """Time per microbatch of units [a, b) here: compute plus moving its input and output."""
@@ -144,7 +179,8 @@ class Problem:
 
     ``mbps``, ``spb`` and ``latency_s`` are (N+1) x (N+1) arrays over the nodes
     ``("client", *device names)``: bandwidth, seconds per byte and one-way latency in
-    seconds of each link (diagonal NaN).
+    seconds of each link (diagonal NaN). ``client_nic`` is the client's network interface
+    (each device's is on the device).
     """
 
     model: ModelChain
@@ -154,6 +190,7 @@ class Problem:
     options: Options
     mbps: np.ndarray = field(repr=False)
     latency_s: np.ndarray = field(repr=False)
+    client_nic: Nic = UNLIMITED
     spb: np.ndarray = field(init=False, repr=False)
     _index: Mapping[str, int] = field(init=False, repr=False)
 
@@ -187,6 +224,16 @@ class Problem:
         except KeyError:
             raise PlanError(f"unknown node {name!r}") from None
 
+    def nic(self, name: str) -> Nic:
+        """The network interface of a node (a device name or "client")."""
+        i = self.node_index(name)
+        return self.client_nic if i == 0 else self.devices[i - 1].nic
+
+    @property
+    def has_nic(self) -> bool:
+        """Whether any node's interface is limited (else links are priced per pair alone)."""
+        return self.client_nic.limited or any(d.nic.limited for d in self.devices)
+
     def link(self, a: str, b: str) -> Link:
         """The resolved link between two distinct nodes (device names or "client")."""
         i, j = self.node_index(a), self.node_index(b)
@@ -215,6 +262,33 @@ def load_problem(path: str | Path) -> Problem:
 F = Fields(prefixed(PlanError))
 
 
+NIC_FIELDS = ("up", "down")
+
+
+def read_nic(fields: Fields, v: Any, path: str, factor: float = 1.0) -> Nic:
+    """A ``nic_mbps`` value: one rate for both directions, or ``{up: X, down: Y}`` with
+    either omitted (unlimited); rates in (0, MAX_MBPS], then multiplied by ``factor`` (an
+    inventory's TCP payload factor). Errors through ``fields``, naming ``path``."""
+    def rate(x: Any, where: str) -> float:
+        if x is None:
+            return math.inf
+        return fields.number(x, where, lo=0, lo_open=True, hi=MAX_MBPS, strings=True) * factor
+
+    if isinstance(v, Mapping):
+        fields.mapping(v, path, NIC_FIELDS)
+        return Nic(rate(v.get("up"), f"{path}.up"), rate(v.get("down"), f"{path}.down"))
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        fields.fail(path, f"expected a number or a mapping {{up, down}}, got {type(v).__name__} {shown(v)}")
+    both = rate(v, path)
+    return Nic(both, both)
+
+
+def _nic(m: Mapping[str, Any], path: str, fallback: Nic) -> Nic:
+    """The optional ``nic_mbps`` of a section (absent or null: ``fallback``)."""
+    v = m.get("nic_mbps")
+    return fallback if v is None else read_nic(F, v, f"{path}.nic_mbps")
+
+
 def _times(v: Any, path: str, n_units: int) -> tuple[float, ...]:
     seq = F.seq(v, path)
     if len(seq) != n_units:
@@ -232,7 +306,8 @@ def _parse_problem(d: Any) -> Problem:
     devices = _parse_devices(F.seq(F.need(top, "devices", object, ""), "devices", nonempty=True), types, n)
     options = _parse_options(F.mapping(top.get("options") or {}, "options"))
     default, mbps, lat = _parse_links(F.mapping(F.need(top, "links", object, ""), "links"), devices, types)
-    return Problem(model, types, devices, default, options, mbps, lat)
+    client = _nic(F.mapping(top.get("client") or {}, "client"), "client", UNLIMITED)
+    return Problem(model, types, devices, default, options, mbps, lat, client)
 
 
 def _parse_model(m: Mapping[str, Any]) -> ModelChain:
@@ -276,7 +351,7 @@ def _parse_types(m: Mapping[str, Any], n_units: int) -> dict[str, DeviceType]:
             name, F.integer(F.need(t, "memory_bytes", object, p), f"{p}.memory_bytes", lo=0, hi=MAX_BYTES, strings=True),
             F.integer(t.get("reserved_bytes", 0), f"{p}.reserved_bytes", lo=0, hi=MAX_BYTES, strings=True),
             _times(F.need(t, "unit_times_s", object, p), f"{p}.unit_times_s", n_units),
-            *_io_costs(t, p, (0.0, 0.0)))
+            *_io_costs(t, p, (0.0, 0.0)), _nic(t, p, UNLIMITED))
     return types
 
 
@@ -316,7 +391,7 @@ def _parse_devices(seq: Sequence[Any], types: Mapping[str, DeviceType], n_units:
             F.integer(d.get("memory_bytes", t.memory_bytes), f"{p}.memory_bytes", lo=0, hi=MAX_BYTES, strings=True),
             F.integer(d.get("reserved_bytes", t.reserved_bytes), f"{p}.reserved_bytes", lo=0, hi=MAX_BYTES, strings=True),
             times, None if control is None else F.string(control, f"{p}.control"),
-            *_io_costs(d, p, (t.recv_s_per_byte, t.send_s_per_byte))))
+            *_io_costs(d, p, (t.recv_s_per_byte, t.send_s_per_byte)), _nic(d, p, t.nic)))
     return tuple(out)
 
 

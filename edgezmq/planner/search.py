@@ -7,6 +7,15 @@ depends on. A move appends a stage: units [u, b) on m devices of the classes in 
 Its cost is the max of the link into it and its compute time, which depend only on
 (mask, m, u, b); a plan's bottleneck is the max over its moves.
 
+NIC terms (cost.py) fold into the stage: a stage's devices alone receive its input and
+send its output, so the downlink term of the link into it and the uplink term of the
+link out of it are max_d in(u) * down_d / m and max_d out(b) * up_d / m, and with its
+compute, max_d max(T_d, in(u) * down_d, out(b) * up_d) / m: one "effective" time per
+device, maximised over the stage like T_d (``_t_row``'s first row). The client's own
+terms are constants (input * client up, the last output * client down): the first move
+and the last one carry them. Latency keeps the plain T_d (``stage_time``), its links
+the slowest of pair, uplink and downlink.
+
 How a stage's m devices split among its classes matters only for what is left, so the
 split is not enumerated (that is quadratic and worse in the class counts):
 - a class b dominated by another class of the mask (classes.py) is taken whole, every b
@@ -113,6 +122,14 @@ class Search:
         self.io = cm.has_io  # stage time = compute + recv * bytes in + send * bytes out
         self.recv = list(cm.recv) or [0.0] * self.K
         self.send = list(cm.send) or [0.0] * self.K
+        self.nic = cm.has_nic  # a stage's cost folds its devices' NIC terms in (module doc)
+        self.up = list(cm.up) or [0.0] * self.K
+        self.down = list(cm.down) or [0.0] * self.K
+        self.c_up, self.c_down = cm.client_up, cm.client_down
+        # per node row (0: the client), for link latencies
+        self.up_row = [self.c_up, *self.up]
+        self.down_row = [self.c_down, *self.down]
+        self.nic_latency = self.nic or bool(self.c_up) or bool(self.c_down)
         need = cm.memory_table()
         self.need = need.tolist()
         self.min_need = [float(need[a, a + 1:].min()) if a < self.L else 0.0 for a in range(self.L + 1)]
@@ -123,7 +140,7 @@ class Search:
         self.expanded = 0
         self._mask_cache: dict[int, tuple[tuple[int, ...], float, tuple[int, ...], tuple[int, ...]]] = {}
         self._link_cache: dict[tuple[int, int], float] = {}
-        self._t_cache: dict[tuple[int, int], tuple[list[float], list[float]]] = {}
+        self._t_cache: dict[tuple[int, int], tuple[list[float], list[float], list[float]]] = {}
         self._minrho: dict[int, tuple[list[float], float]] = {}
 
     # --- pieces of the cost model, per class set --------------------------------------------
@@ -154,17 +171,26 @@ class Search:
     def link_latency(self, prev: int, mask: int, nbytes: float) -> float:
         rows = (0,) if prev == 0 else tuple(k + 1 for k in self.mask_info(prev)[0])
         cols = (0,) if mask == 0 else tuple(k + 1 for k in self.mask_info(mask)[0])
+        if self.nic_latency:   # one microbatch at the slowest of pair, sender's up, receiver's down
+            up, down = self.up_row, self.down_row
+            return max(self.lat[i][j] + nbytes * max(self.spb[i][j], up[i], down[j]) for i in rows for j in cols)
         return max(self.lat[i][j] + nbytes * self.spb[i][j] for i in rows for j in cols)
 
     def stage_time(self, mask: int, a: int, b: int) -> float:
-        """Unreplicated time of units [a, b) on the mask's slowest class."""
+        """Unreplicated time of units [a, b) on the mask's slowest class (what latency counts)."""
+        return self._t_row(a, mask)[2][b]
+
+    def stage_cost(self, mask: int, a: int, b: int) -> float:
+        """The stage's bottleneck term times its replicas: its time, NIC terms folded in."""
         return self._t_row(a, mask)[0][b]
 
-    def _t_row(self, u: int, mask: int) -> tuple[list[float], list[float]]:
-        """(time of units [u, b) for every b, a lower bound on it that never falls as b grows).
+    def _t_row(self, u: int, mask: int) -> tuple[list[float], list[float], list[float]]:
+        """For stages [u, b), every b: (the effective time, NIC terms folded in; a lower bound
+        on it that never falls as b grows; the plain unreplicated time).
 
-        Compute only grows with b; the cost of sending the stage's output does not (the
-        last units' outputs are small), so the search stops extending a stage on the bound.
+        Compute only grows with b; the cost of sending the stage's output, and its uplink
+        term, do not (the last units' outputs are small), so the search stops extending a
+        stage on the bound.
         """
         key = (u, mask)
         hit = self._t_cache.get(key)
@@ -177,13 +203,20 @@ class Search:
                     row = [p[b] - pu for b in range(self.L + 1)]
                 else:
                     row = [max(pre[k][b] - pre[k][u] for k in ks) for b in range(self.L + 1)]
-                hit = (row, row)
+                mono = row
             else:
                 rin = [pre[k][u] - self.recv[k] * cut[u] for k in ks]
                 row = [max(pre[k][b] - r + self.send[k] * cut[b] for k, r in zip(ks, rin))
                        for b in range(self.L + 1)]
                 mono = [max(pre[k][b] - r for k, r in zip(ks, rin)) for b in range(self.L + 1)]
-                hit = (row, mono)
+            if self.nic:
+                # max over d of max(T_d, in * down_d, out_b * up_d) = max(max T, in * max down, out_b * max up)
+                down_in = cut[u] * max(self.down[k] for k in ks)
+                up = max(self.up[k] for k in ks)
+                eff = [max(t, down_in, cut[b] * up) for b, t in enumerate(row)]
+                hit = (eff, [max(t, down_in) for t in mono], row)
+            else:
+                hit = (row, mono, row)
             if len(self._t_cache) < ROW_CACHE:
                 self._t_cache[key] = hit
         return hit
@@ -298,7 +331,7 @@ class Search:
                 top_m = base_m = 1
             spb = self.link_spb(prev, mask)
             out_spb = self.link_spb(mask, 0)
-            t_row, t_mono = self._t_row(u, mask)
+            t_row, t_mono, _ = self._t_row(u, mask)
             fixed_add = [0] * K
             for k in forced:
                 fixed_add[k] = n[k]
@@ -318,6 +351,8 @@ class Search:
                 if not self._feasible(free2, flex2):
                     break                    # more replicas only need more devices
                 link = nbytes * spb / (prev_m * m)
+                if prev == 0 and nbytes * self.c_up > link:
+                    link = nbytes * self.c_up         # the client's uplink carries every input
                 base = g if g >= link else link
                 if base > bound or (strict and base == bound):
                     continue
@@ -334,6 +369,8 @@ class Search:
                     cost = base if base >= sc else sc
                     if b == L:
                         co = cut[L] * out_spb / m
+                        if cut[L] * self.c_down > co:
+                            co = cut[L] * self.c_down   # the client's downlink, every result
                         if co > cost:
                             cost = co
                         if cost > bound or (strict and cost == bound):
@@ -360,7 +397,7 @@ class Search:
                     elif replication:
                         if psuf[b] > mem2:
                             break
-                        h = 0.0
+                        h = bnd.floor
                         for j in refs:
                             w = W[j][b]
                             if w > 0.0:
@@ -496,12 +533,12 @@ class Search:
     # --- pricing a class-level plan -------------------------------------------------------------
 
     def bottleneck(self, moves: list[Move] | tuple[Move, ...]) -> float:
-        worst, prev, prev_m = 0.0, 0, 1
+        worst, prev, prev_m = self.bounds.floor, 0, 1
         for mv in moves:
             mask = mask_of(k for k in range(self.K) if mv.counts[k])
             m = sum(mv.counts)
             worst = max(worst, self.cut[mv.a] * self.link_spb(prev, mask) / (prev_m * m),
-                        self.stage_time(mask, mv.a, mv.b) / m)
+                        self.stage_cost(mask, mv.a, mv.b) / m)
             prev, prev_m = mask, m
         return max(worst, self.cut[self.L] * self.link_spb(prev, 0) / prev_m)
 
