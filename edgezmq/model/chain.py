@@ -182,7 +182,8 @@ def create_model(name: str, *, pretrained: bool = False, device: str | torch.dev
     # on `meta` there are no values to initialise: timm's init of a ViT-Large skeleton costs
     # ~0.5 s of CPU, paid by every shard built (a profile builds one per unit: 98 for ViT-Large
     # sublayers, minutes on a slow board)
-    skip = {"weight_init": "skip"} if torch.device(device).type == "meta" and "weight_init" not in kwargs else {}
+    skip: dict[str, Any] = ({"weight_init": "skip"} if torch.device(device).type == "meta"
+                            and "weight_init" not in kwargs else {})
     try:
         with torch.device(device):
             try:
