@@ -21,8 +21,10 @@ fp32 (the JSON's "units" field). How the problems are derived (docs/planner.md r
   embed and head. work_bytes: the largest activation inside the unit (qkv + attention
   scores, or the MLP hidden layer). out_bytes: tokens x width x 4 B x microbatch.
 - Boards: MinnowBoard 2 GiB, RCC-VE 8 GiB, 300 MB reserved for the runtime on each.
-- Links (the paper throttles its testbed's links to 5-30 Mbps): RCC-VE <-> RCC-VE
-  30 Mbps, anything touching a MinnowBoard 10 Mbps, client <-> RCC-VE 30 Mbps, 1 ms each.
+- Links (the paper throttles each board's one interface to 30 Mbps, RCC-VE, or 10 Mbps,
+  MinnowBoard): a NIC per board (``nic_mbps``: a board feeding three replicas shares its
+  uplink), and the pairs at the slower end's rate: RCC-VE <-> RCC-VE 30 Mbps, anything
+  touching a MinnowBoard 10 Mbps, client <-> RCC-VE 30 Mbps, 1 ms each.
   The slow-pair problem adds 5 Mbps links between four pairs of RCC-VE boards.
 - Home cluster: a laptop (RCC-VE times / 5, 16 GB, 4 GB reserved: an assumption) running
   the client too, and two Raspberry-Pi-4-class boards (MinnowBoard times, 4 GB, 400 MB
@@ -50,6 +52,7 @@ MB = 1e6
 GIB = 1 << 30
 RESERVED = 300_000_000
 MINNOW, RCC = "Minnowboard-E3845", "RCC-VE-C2000"
+NIC_MBPS = {RCC: 30, MINNOW: 10}  # the EdgePipe testbed's per-device tc limits
 
 # name, timm name, data key (None: derived), tokens N, width D, heads, blocks, patch
 ARCH = {
@@ -135,8 +138,11 @@ def edgepipe(data: dict[str, Any], arch: str, granularity: str, *, slow_pairs: i
     return {
         "model": model,
         "device_types": {
-            "rcc-ve": {"memory_bytes": 8 * GIB, "reserved_bytes": RESERVED, "unit_times_s": times[RCC]},
-            "minnowboard": {"memory_bytes": 2 * GIB, "reserved_bytes": RESERVED, "unit_times_s": times[MINNOW]},
+            # the paper's tc limits are per device (one interface): a NIC each, shared by its links
+            "rcc-ve": {"memory_bytes": 8 * GIB, "reserved_bytes": RESERVED, "unit_times_s": times[RCC],
+                       "nic_mbps": NIC_MBPS[RCC]},
+            "minnowboard": {"memory_bytes": 2 * GIB, "reserved_bytes": RESERVED, "unit_times_s": times[MINNOW],
+                            "nic_mbps": NIC_MBPS[MINNOW]},
         },
         "devices": devices,
         "links": {"default": {"mbps": 10, "latency_ms": 1}, "overrides": overrides},

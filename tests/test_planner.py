@@ -651,7 +651,11 @@ BEFORE_NICS = {
 
 @pytest.mark.parametrize("name", sorted(BEFORE_NICS))
 def test_problems_without_nics_price_exactly_as_before(name):
-    p = load_problem(PLANS / f"{name}.problem.yaml")
+    d = yaml.safe_load((PLANS / f"{name}.problem.yaml").read_text())
+    for holder in (*d["device_types"].values(), *d["devices"]):  # the EdgePipe files have NICs now
+        holder.pop("nic_mbps", None)
+    d.pop("client", None)
+    p = Problem.from_dict(d)
     b, lat, stages, baselines = BEFORE_NICS[name]
     plan = solve(p, time_limit_s=60)
     assert (plan.bottleneck_s, plan.latency_s) == (b, lat)
