@@ -101,14 +101,16 @@ def test_aggregate_of_flows_in_step_and_out_of_step():
         N.aggregate([{"endpoint": "tcp://x:1", "bytes": 1, "bandwidth_mbps": 1.0}])
 
 
-def test_probe_many_raises_the_first_failure_after_waiting_for_all(server, socks):
+def test_probe_many_raises_the_real_failure_and_the_others_stop_waiting(server, socks):
     s = socks(zmq.ROUTER)
     port = s.bind_to_random_port("tcp://127.0.0.1")
     s.close(linger=0)
     dead = f"tcp://127.0.0.1:{port}"
     with pytest.raises(TimeoutError, match=dead):
         N.probe_many([server.endpoint, dead], bytes_per_msg=64 * 1024, count=3, pings=1, timeout=0.3)
-    assert server.stats()["messages"] == 4  # the good probe ran to its end: 1 warm-up + 3 counted
+    # the good probe warmed up, then gave up waiting at the line-up for the dead one (it did
+    # not run its timed phase alone): what is raised is the dead one's timeout
+    assert server.stats()["messages"] == 1
 
 
 def test_dead_endpoint_fails_within_timeout(socks):

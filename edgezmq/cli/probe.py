@@ -52,6 +52,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+SEVERAL_PINGS = 1  # round trips per flow when several run at once (cmd_netprobe says why)
+
+
 @node_failures
 def cmd_netprobe(args: argparse.Namespace) -> int:
     """One link, or several at once: from here to several nodes (this host's uplink), or from
@@ -82,7 +85,11 @@ def cmd_netprobe(args: argparse.Namespace) -> int:
     for to in targets:
         with NodeClient(to.control, timeout=args.timeout, name=to.name, curve=to.curve) as c:
             peers.append(c.info().probe)
-    opts = dict(seconds=args.seconds, bytes_per_msg=args.bytes, pings=args.pings)
+    several = len(targets) > 1 or len(sources) > 1
+    # several at once: a later flow's pings queue behind the earlier flows' bulk data (tens of
+    # ms each through a shaped NIC), so 20 of them would start its timed phase seconds late
+    pings = args.pings if args.pings is not None else (SEVERAL_PINGS if several else netprobe.DEFAULT_PINGS)
+    opts = dict(seconds=args.seconds, bytes_per_msg=args.bytes, pings=pings)
     to = targets[0]
     if sources:
         if to.curve is not None:  # the measuring node connects to the peer's probe server as a CURVE client
@@ -134,7 +141,7 @@ def cmd_pause(args: argparse.Namespace) -> int:
 def add_cli(sub: argparse._SubParsersAction) -> None:
     """Register `profile`, `netprobe`, `pause` and `resume` on the `edgezmq` subparsers."""
     from edgezmq.protocol.messages import MAX_PINGS, NETPROBE_MAX_SECONDS
-    from edgezmq.transport.netprobe import MAX_MSG_BYTES
+    from edgezmq.transport.netprobe import DEFAULT_PINGS, MAX_MSG_BYTES
 
     pr = sub.add_parser("profile", help="time every unit of a model on a node (or here)",
                         epilog="examples:\n  edgezmq profile --node tcp://10.0.0.11:5550 --model vit_large_patch16_224 --microbatch 8\n"
@@ -174,7 +181,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     npb.add_argument("--seconds", type=float_in(0, NETPROBE_MAX_SECONDS, lo_open=True), default=1.0,
                      help=f"bulk transfer duration (up to {NETPROBE_MAX_SECONDS:g})")
     npb.add_argument("--bytes", type=int_in(1, MAX_MSG_BYTES), default=4 * 1024 * 1024, help="bulk message size")
-    npb.add_argument("--pings", type=int_in(1, MAX_PINGS), default=20, help=f"round trips timed (1..{MAX_PINGS})")
+    npb.add_argument("--pings", type=int_in(1, MAX_PINGS), default=None,
+                     help=f"round trips timed (1..{MAX_PINGS}; default {DEFAULT_PINGS}, {SEVERAL_PINGS} when "
+                          "measuring several links at once, so that they start together)")
     npb.add_argument("--json", action="store_true")
     npb.set_defaults(func=cmd_netprobe)
 

@@ -297,7 +297,7 @@ def _bulk(p: _Prober, payload: memoryview, seconds: float | None, count: int | N
 def probe(endpoint: str, *, bytes_per_msg: int = DEFAULT_MSG_BYTES, seconds: float | None = DEFAULT_SECONDS,
           count: int | None = None, pings: int = DEFAULT_PINGS, timeout: float = DEFAULT_TIMEOUT_S,
           window: int = WINDOW, ctx: zmq.Context | None = None, curve: Curve | None = None,
-          stop: Callable[[], None] | None = None) -> dict[str, Any]:
+          stop: Callable[[], None] | None = None, ready: Callable[[], None] | None = None) -> dict[str, Any]:
     """Latency (`pings` round trips) then bandwidth (bulk messages of `bytes_per_msg`) to a ProbeServer.
 
     The bulk phase sends `count` messages when given, else runs for `seconds`. Raises
@@ -305,7 +305,8 @@ def probe(endpoint: str, *, bytes_per_msg: int = DEFAULT_MSG_BYTES, seconds: flo
     Bandwidth is in megabits per second (10**6 bit/s); also given in bytes per second.
     With ``curve`` (a client of the server's public key) the probe runs over CurveZMQ.
     ``stop()``, called before every ping and every bulk acknowledgement, raises to end the
-    probe early (a cancelled job).
+    probe early (a cancelled job). ``ready()``, called once between the warm-up and the timed
+    bulk phase, may block: ``probe_many`` lines its probes up there.
     """
     halt = stop or (lambda: None)
     _check_args(bytes_per_msg, seconds, count, pings, timeout, window)
@@ -322,6 +323,8 @@ def probe(endpoint: str, *, bytes_per_msg: int = DEFAULT_MSG_BYTES, seconds: flo
         first = pings + 1
         p.send([BULK, _U64.pack(first), payload], f"bulk message {first}")  # slow start: not counted
         p.recv(ACK, first, f"bulk message {first}")
+        if ready is not None:
+            ready()
         server_cpu0, own_cpu0 = p.cpu(first + 1), time.process_time()
         started_at = time.time()
         messages, nbytes, elapsed = _bulk(p, payload, seconds, count, window, first + 2, halt)
@@ -360,19 +363,28 @@ def probe(endpoint: str, *, bytes_per_msg: int = DEFAULT_MSG_BYTES, seconds: flo
 def probe_many(endpoints: Sequence[str], *, curves: Sequence[Curve | None] | None = None,
                **kw: Any) -> list[dict[str, Any]]:
     """``probe`` to every endpoint at once, one thread each, from this process (one context);
-    keyword arguments go to every probe. Returns the results in the order of `endpoints`;
-    when a probe fails, the others are still waited for, then the first failure is raised."""
+    keyword arguments go to every probe. Each probe pings and warms up on its own, then waits
+    for the others, so that the timed bulk phases start together. Returns the results in the
+    order of `endpoints`; when a probe fails, the others are still waited for (the ones waiting
+    for it give up), then the first failure is raised."""
     if not endpoints:
         raise ValueError("probe_many: no endpoints")
     if curves is not None and len(curves) != len(endpoints):
         raise ValueError(f"probe_many: {len(curves)} curves for {len(endpoints)} endpoints")
     ctx = zmq.Context()
     outcomes: list[tuple[bool, Any]] = [(False, None)] * len(endpoints)
+    # the warm-ups are a few round trips each; a probe waits that long for the slowest, at most
+    line_up = threading.Barrier(len(endpoints), timeout=float(kw.get("timeout", DEFAULT_TIMEOUT_S)))
+
+    def ready() -> None:
+        line_up.wait()
 
     def run(i: int) -> None:
         try:
-            outcomes[i] = (True, probe(endpoints[i], ctx=ctx, curve=curves[i] if curves else None, **kw))
+            outcomes[i] = (True, probe(endpoints[i], ctx=ctx, curve=curves[i] if curves else None,
+                                       ready=ready, **kw))
         except BaseException as e:  # noqa: B036 - handed to the caller's thread, re-raised there
+            line_up.abort()
             outcomes[i] = (False, e)
 
     threads = [threading.Thread(target=run, args=(i,), name=f"edgezmq-netprobe-{i}", daemon=True)
@@ -384,9 +396,9 @@ def probe_many(endpoints: Sequence[str], *, curves: Sequence[Curve | None] | Non
             t.join()  # each probe bounds its own waits by `timeout`
     finally:
         ctx.term()
-    for ok, value in outcomes:
-        if not ok:
-            raise value
+    failures = [value for ok, value in outcomes if not ok]
+    if failures:  # the cause, not a probe that gave up waiting for the one that failed
+        raise next((e for e in failures if not isinstance(e, threading.BrokenBarrierError)), failures[0])
     return [value for _, value in outcomes]
 
 
