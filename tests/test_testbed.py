@@ -289,6 +289,24 @@ def test_cli_bad_file(tmp_path, capsys):
     assert "devices[1].cpu: expected a number (fraction of a core) in (0," in err
 
 
+def test_up_summary_shows_nics_only_when_given():
+    import io
+
+    node = {"name": "a", "control": "tcp://10.213.0.2:5550", "cpu": 0.5, "threads": 1}
+    c = {"nodes": [node, {**node, "name": "b", "nic_mbps": {"up": 20.0}}],
+         "links": {"default": {"mbps": 100.0, "latency_ms": 0.0}, "overrides": []},
+         "client": {"namespace": "t-client", "address": "10.213.0.1", "nic_mbps": {"down": 30.0}},
+         "testbed": {"state_dir": "/s"}}
+    out = io.StringIO()
+    cli._print_up(c, out)
+    lines = out.getvalue().splitlines()
+    assert lines[0].endswith("nic up/down Mbit/s") and lines[1].endswith(" -/-") and lines[2].endswith(" 20/-")
+    assert "client NIC: -/30 Mbit/s up/down" in lines
+    plain = {**c, "nodes": [node], "client": {"namespace": "t-client", "address": "10.213.0.1"}}
+    cli._print_up(plain, out := io.StringIO())
+    assert "nic" not in out.getvalue()
+
+
 def test_add_cli_registers_testbed():
     import argparse
 

@@ -40,11 +40,11 @@ def _nic(host: dict[str, Any]) -> str:
 
 def _print_up(c: dict[str, Any], out: Any = None) -> None:
     out = out or sys.stdout
-    rows = [("node", "control", "cpu", "threads", "memory", "type")]
+    rows: list[tuple[str, ...]] = [("node", "control", "cpu", "threads", "memory", "type")]
     rows += [(n["name"], n["control"], f"{n['cpu']:g}", str(n["threads"]), _mib(n.get("memory_bytes")),
               n.get("type") or "-") for n in c["nodes"]]
     if any("nic_mbps" in h for h in (*c["nodes"], c["client"])):  # a column only where a NIC is shaped
-        rows = [(*rows[0], "nic up/down Mbit/s"), *((*r, _nic(n)) for r, n in zip(rows[1:], c["nodes"]))]
+        rows = [(*rows[0], "nic up/down Mbit/s"), *((*r, _nic(n)) for r, n in zip(rows[1:], c["nodes"], strict=True))]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip(), file=out)
