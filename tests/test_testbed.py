@@ -209,10 +209,15 @@ def test_htb_batch_with_a_nic():
 
 
 def test_ingress_batch():
-    lines = net.ingress_batch(3, 20).splitlines()
-    assert lines == ["qdisc add dev v3 root handle 1: htb default 1",
-                     "class add dev v3 parent 1: classid 1:1 htb rate 20000kbit ceil 20000kbit "
-                     "burst 6056 cburst 6056 quantum 60000"]
+    """NIC down: the same tree on the bridge-side veth, one class per sender (by source address)."""
+    lines = net.ingress_batch(3, 20, 100, [("10.213.0.1", 100), ("10.213.0.2", 5)]).splitlines()
+    assert lines[0] == "qdisc add dev v3 root handle 1: htb default 1"
+    assert lines[1].startswith("class add dev v3 parent 1: classid 1:2 htb rate 20000kbit ceil 20000kbit ")
+    assert "parent 1:2 classid 1:1 htb rate 6666666bit ceil 20000kbit" in lines[2]
+    assert "parent 1:2 classid 1:10 htb rate 6666666bit ceil 20000kbit" in lines[3]
+    assert lines[4] == "filter add dev v3 parent 1: protocol ip prio 1 u32 match ip src 10.213.0.1/32 flowid 1:10"
+    assert "parent 1:2 classid 1:11 htb rate 5000000bit ceil 5000kbit" in lines[5]
+    assert lines[6].endswith("match ip src 10.213.0.2/32 flowid 1:11") and len(lines) == 7
 
 
 @pytest.mark.parametrize("share, expected", [(0.25, (80_000, 20_000)), (1.0, (20_000, 20_000)),

@@ -304,7 +304,7 @@ class Testbed:
             nic = cfg.nic(host)
             net.shape(ns, cfg.default_link.mbps, peers, nic.up)
             if nic.down is not None:  # at the bridge side: what v<port> sends, the host receives
-                net.shape_ingress(br, port, nic.down)
+                net.shape_ingress(br, port, nic.down, cfg.default_link.mbps, peers)
 
     def _make_cgroups(self) -> None:
         def record(p: Path) -> None:

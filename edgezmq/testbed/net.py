@@ -16,14 +16,17 @@ NIC (optional, per host): a device has one interface, shared by all its peers.
   guaranteed rate that never oversubscribes the parent (see ``htb_batch``).  The host's
   whole egress is then <= NIC up, and each pair <= its pair rate.
 - Down: the bridge-side veth ``v<port>`` transmits exactly what the host receives, so its
-  egress is the host's ingress: one htb class there at the NIC's down rate.  This is
+  egress is the host's ingress: the same tree there, at the NIC's down rate, with one
+  class per sender (u32 on the source address).  This is
   simpler than an ifb device (which would need the ifb module, an ingress qdisc and a
   mirred redirect in the host namespace) and as exact: it is an ordinary egress qdisc, on
   the one path every packet to the host takes.  The senders' own pair classes still apply
   first, so a pair stays <= its rate while the senders together are held to NIC down.
   Unlike the sender's qdisc, this one is not local to the sending socket (TCP small
-  queues do not hold the sender back): its queue fills and TCP backs off on drops, which
-  is what a real switch port in front of a slow NIC does; throughput stays at the rate.
+  queues do not hold the sender back): a class's queue fills and TCP backs off on drops,
+  as in front of a real slow NIC; throughput stays at the rate.  A class per sender keeps
+  one sender's backlog from delaying another's messages (this kernel has no sfq or
+  fq_codel to do that per flow).
 """
 
 from __future__ import annotations
@@ -133,19 +136,21 @@ def _htb_class(classid: str, mbps: float, dev: str = HOST_DEV) -> str:
             f"burst {burst} cburst {burst} quantum {QUANTUM_BYTES}")
 
 
-def _nic_child(classid: str, guaranteed_bit: int, ceil_mbps: float) -> str:
-    return (f"class add dev {HOST_DEV} parent 1:{NIC_CLASS:x} classid {classid} htb rate {guaranteed_bit}bit "
+def _nic_child(dev: str, classid: str, guaranteed_bit: int, ceil_mbps: float) -> str:
+    return (f"class add dev {dev} parent 1:{NIC_CLASS:x} classid {classid} htb rate {guaranteed_bit}bit "
             f"ceil {_kbit(ceil_mbps)}kbit burst {_burst(guaranteed_bit / 1e6)} cburst {_burst(ceil_mbps)} "
             f"quantum {QUANTUM_BYTES}")
 
 
-def htb_batch(default_mbps: float, peers: list[tuple[str, float]], nic_up: float | None = None) -> str:
-    """`tc -batch` lines shaping ``eth0``'s egress: `peers` is [(destination address, Mbit/s)];
-    `nic_up` (Mbit/s) caps the host's whole egress, shared by the peers."""
-    if nic_up is None:
-        lines = [f"qdisc add dev {HOST_DEV} root handle 1: htb default {DEFAULT_CLASS:x}",
-                 _htb_class(f"1:{DEFAULT_CLASS:x}", default_mbps)]
-        classes = [_htb_class(f"1:{FIRST_PEER_CLASS + i:x}", mbps) for i, (_, mbps) in enumerate(peers)]
+def _htb_tree(dev: str, match: str, default_mbps: float, peers: list[tuple[str, float]],
+              nic_mbps: float | None) -> str:
+    """htb on `dev`'s egress: a class per peer (u32 on the peer as ip `match`: dst or src) and a
+    default class, each at its own rate; with `nic_mbps`, all of them under one NIC class."""
+    lines = [f"qdisc add dev {dev} root handle 1: htb default {DEFAULT_CLASS:x}"]
+    every = [(f"1:{DEFAULT_CLASS:x}", default_mbps),
+             *((f"1:{FIRST_PEER_CLASS + i:x}", mbps) for i, (_, mbps) in enumerate(peers))]
+    if nic_mbps is None:
+        classes = [_htb_class(cid, mbps, dev) for cid, mbps in every]
     else:
         # A child sending within its own `rate` does not ask its parent: htb charges the parent
         # for those bytes but never holds them back.  So the children's rates must add up to no
@@ -154,23 +159,21 @@ def htb_batch(default_mbps: float, peers: list[tuple[str, float]], nic_up: float
         # equal guaranteed share (floored to whole bit/s, so the sum stays <= NIC) and ceil =
         # min(pair, NIC): the NIC total and every pair limit are then both exact, and a busy
         # peer gets at least 1/n of the NIC however many others are busy.
-        n = len(peers) + 1
-        share_bit = max(1, int(nic_up * 1e6) // n)
-        lines = [f"qdisc add dev {HOST_DEV} root handle 1: htb default {DEFAULT_CLASS:x}",
-                 _htb_class(f"1:{NIC_CLASS:x}", nic_up)]
-        every = [(f"1:{DEFAULT_CLASS:x}", default_mbps),
-                 *((f"1:{FIRST_PEER_CLASS + i:x}", mbps) for i, (_, mbps) in enumerate(peers))]
-        classes = []
-        for cid, mbps in every:
-            ceil = min(mbps, nic_up)
-            classes.append(_nic_child(cid, min(share_bit, _kbit(ceil) * 1000), ceil))
-        lines.append(classes.pop(0))
-    for i, (addr, _) in enumerate(peers):
-        cid = f"1:{FIRST_PEER_CLASS + i:x}"
-        lines.append(classes[i])
-        lines.append(f"filter add dev {HOST_DEV} parent 1: protocol ip prio 1 u32 "
-                     f"match ip dst {addr}/32 flowid {cid}")
+        share_bit = max(1, int(nic_mbps * 1e6) // len(every))
+        lines.append(_htb_class(f"1:{NIC_CLASS:x}", nic_mbps, dev))
+        classes = [_nic_child(dev, cid, min(share_bit, _kbit(min(mbps, nic_mbps)) * 1000), min(mbps, nic_mbps))
+                   for cid, mbps in every]
+    lines.append(classes[0])
+    for (addr, _), (cid, _), cls in zip(peers, every[1:], classes[1:], strict=True):
+        lines.append(cls)
+        lines.append(f"filter add dev {dev} parent 1: protocol ip prio 1 u32 match ip {match} {addr}/32 flowid {cid}")
     return "\n".join(lines) + "\n"
+
+
+def htb_batch(default_mbps: float, peers: list[tuple[str, float]], nic_up: float | None = None) -> str:
+    """`tc -batch` lines shaping ``eth0``'s egress: `peers` is [(destination address, Mbit/s)];
+    `nic_up` (Mbit/s) caps the host's whole egress, shared by the peers."""
+    return _htb_tree(HOST_DEV, "dst", default_mbps, peers, nic_up)
 
 
 def shape(ns: str, default_mbps: float, peers: list[tuple[str, float]], nic_up: float | None = None) -> None:
@@ -182,15 +185,17 @@ def bridge_port(port: int) -> str:
     return f"v{port}"
 
 
-def ingress_batch(port: int, nic_down: float) -> str:
-    """`tc -batch` lines holding everything sent to host `port` to `nic_down` Mbit/s (module doc)."""
-    dev = bridge_port(port)
-    return (f"qdisc add dev {dev} root handle 1: htb default {DEFAULT_CLASS:x}\n"
-            f"{_htb_class(f'1:{DEFAULT_CLASS:x}', nic_down, dev)}\n")
+def ingress_batch(port: int, nic_down: float, default_mbps: float, peers: list[tuple[str, float]]) -> str:
+    """`tc -batch` lines holding everything sent to host `port` to `nic_down` Mbit/s (module
+    doc): a class per sender, `peers` [(source address, Mbit/s)], so that each sender queues
+    apart (a control message waits behind its own sender's data only) and busy senders share
+    the NIC in turns, as the peers do on the up side."""
+    return _htb_tree(bridge_port(port), "src", default_mbps, peers, nic_down)
 
 
-def shape_ingress(bridge_ns: str, port: int, nic_down: float) -> None:
-    run([TC, "-n", bridge_ns, "-batch", "-"], input=ingress_batch(port, nic_down))
+def shape_ingress(bridge_ns: str, port: int, nic_down: float, default_mbps: float,
+                  peers: list[tuple[str, float]]) -> None:
+    run([TC, "-n", bridge_ns, "-batch", "-"], input=ingress_batch(port, nic_down, default_mbps, peers))
 
 
 def enter_argv(ns: str) -> list[str]:
