@@ -70,6 +70,22 @@ def test_usage_errors_are_argparses_2(capsys):
         assert "Traceback" not in capsys.readouterr().err
 
 
+N1, N2, N3 = "tcp://127.0.0.1:1", "tcp://127.0.0.2:1", "tcp://127.0.0.3:1"  # refused before any is contacted
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--from", N1, "--to", N2, "--to", N3], "--to: several with --from: a node runs one netprobe job at a time"),
+    (["--from", N1, "--from", N2, "--to", N2, "--to", N3], "--from/--to: several of both"),
+    (["--to", N2, "--to", N2], f"--to: {N2!r} given twice"),
+    (["--from", N1, "--from", N1, "--to", N2], f"--from: {N1!r} given twice"),
+    (["--from", N1, "--from", N2, "--to", N2], f"--from: {N2!r} is also the --to node"),
+])
+def test_netprobe_refuses_what_one_job_per_node_cannot_measure(capsys, argv, fragment):
+    assert cli_main(["netprobe", *argv]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("edgezmq netprobe: ") and fragment in err and "\n" not in err, err
+
+
 def test_a_failed_operation_exits_1(files, monkeypatch, capsys):
     from edgezmq.client import Client
 

@@ -249,6 +249,26 @@ def test_cli_profile_a_node_and_netprobe(nodes):
 
 
 @pytest.mark.slow
+def test_cli_netprobe_several_links_at_once(nodes):
+    """From here to two nodes at once (this host's uplink), and from two nodes to a third at
+    once (its downlink: both jobs run together, one per node)."""
+    a, b, c = (n.control for n in nodes.nodes)
+    flags = ("--seconds", "0.3", "--bytes", str(1 << 16), "--pings", "2", "--json")
+    for argv, links in ((["--to", b, "--to", c], [("here", b), ("here", c)]),
+                        (["--from", a, "--from", b, "--to", c], [(a, c), (b, c)])):
+        r = _cli("netprobe", *argv, *flags)
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout)
+        assert [(f["from"], f["to"]) for f in out["flows"]] == links
+        assert all(f["bandwidth_mbps"] > 0 and f["seconds"] >= 0.3 for f in out["flows"])
+        together = out["together"]
+        assert together["flows"] == 2 and together["bytes"] == sum(f["bytes"] for f in out["flows"])
+        assert together["overlap"] > 0, together  # they ran at the same time, not one after the other
+    r = _cli("netprobe", "--to", b, "--to", c, "--seconds", "0.2", "--bytes", str(1 << 16))
+    assert r.returncode == 0 and "together (2 at once, this host's uplink)" in r.stdout, r.stdout
+
+
+@pytest.mark.slow
 def test_calibration_is_skipped_when_the_results_address_is_taken(nodes):
     """`deploy` run away from the inventory's client (here: its results port already bound by
     someone else) cannot receive results: it deploys without calibrating, and says so."""

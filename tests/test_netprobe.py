@@ -69,6 +69,51 @@ def test_several_probers_share_a_server(server, ctx):
     assert all(r["messages"] == 3 for r in results)
 
 
+def test_probe_many_runs_at_once_and_aggregates(ctx):
+    servers = [N.ProbeServer("127.0.0.1", ctx=ctx).start() for _ in range(3)]
+    try:
+        eps = [s.endpoint for s in servers]
+        results = N.probe_many(eps, bytes_per_msg=64 * 1024, count=6, pings=2, timeout=TIMEOUT_S)
+    finally:
+        for s in servers:
+            s.stop()
+    assert [r["endpoint"] for r in results] == eps and all(r["messages"] == 6 for r in results)
+    for r in results:
+        assert r["bulk_ended_at"] - r["bulk_started_at"] == pytest.approx(r["seconds"], abs=1e-6)  # wall-clock floats
+    together = N.aggregate(results)
+    assert together["flows"] == 3 and together["bytes"] == 3 * 6 * 64 * 1024
+    # wall-clock stamps near 1.7e9 s carry ~2e-7 s of rounding
+    assert together["seconds"] >= max(r["seconds"] for r in results) - 1e-6 and 0 <= together["overlap"] <= 1
+
+
+def test_aggregate_of_flows_in_step_and_out_of_step():
+    def flow(start, end, nbytes):
+        return {"bulk_started_at": start, "bulk_ended_at": end, "bytes": nbytes,
+                "bandwidth_mbps": nbytes * 8 / (end - start) / 1e6}
+
+    inline = N.aggregate([flow(10.0, 12.0, 500_000), flow(10.0, 12.0, 250_000)])
+    assert inline["bandwidth_mbps"] == pytest.approx(3.0) == pytest.approx(inline["sum_of_rates_mbps"])
+    assert inline["overlap"] == 1.0 and inline["seconds"] == 2.0
+    # one after the other: together they moved 750 kB in 4 s; the sum of rates overstates
+    apart = N.aggregate([flow(10.0, 12.0, 500_000), flow(12.0, 14.0, 250_000)])
+    assert apart["bandwidth_mbps"] == pytest.approx(1.5) and apart["sum_of_rates_mbps"] == pytest.approx(3.0)
+    assert apart["overlap"] == 0.0
+    with pytest.raises(ValueError, match="no bulk_started_at"):
+        N.aggregate([{"endpoint": "tcp://x:1", "bytes": 1, "bandwidth_mbps": 1.0}])
+
+
+def test_probe_many_raises_the_real_failure_and_the_others_stop_waiting(server, socks):
+    s = socks(zmq.ROUTER)
+    port = s.bind_to_random_port("tcp://127.0.0.1")
+    s.close(linger=0)
+    dead = f"tcp://127.0.0.1:{port}"
+    with pytest.raises(TimeoutError, match=dead):
+        N.probe_many([server.endpoint, dead], bytes_per_msg=64 * 1024, count=3, pings=1, timeout=0.3)
+    # the good probe warmed up, then gave up waiting at the line-up for the dead one (it did
+    # not run its timed phase alone): what is raised is the dead one's timeout
+    assert server.stats()["messages"] == 1
+
+
 def test_dead_endpoint_fails_within_timeout(socks):
     s = socks(zmq.ROUTER)
     port = s.bind_to_random_port("tcp://127.0.0.1")

@@ -17,7 +17,7 @@ import yaml
 
 from edgezmq import testbed as tbm
 from edgezmq.testbed import cgroups, cli, net
-from edgezmq.testbed.config import ConfigError, load_config, parse_bytes, parse_config
+from edgezmq.testbed.config import CLIENT, ConfigError, load_config, parse_bytes, parse_config
 
 CORES = 2  # parsing tests do not depend on this machine
 PREFIX = f"ezt{os.getpid()}"  # every namespace and cgroup of this run starts with it
@@ -76,6 +76,16 @@ def test_parse_good_config():
     assert cfg.override_list() == [{"a": "client", "b": "slow-1", "mbps": 20.0, "latency_ms": 2.0}]
 
 
+def test_parse_nic():
+    doc = _doc(**{"devices.0.nic_mbps": 30, "devices.1.nic_mbps": {"up": 10}, "client": {"nic_mbps": {"down": 50}}})
+    cfg = parse_config(doc, cores=CORES)
+    assert cfg.nic("fast") == tbm.config.Nic(30.0, 30.0) and cfg.nic("fast").as_dict() == {"up": 30.0, "down": 30.0}
+    assert cfg.nic("slow-0") == cfg.nic("slow-1") == tbm.config.Nic(10.0, None)  # count: copies carry it
+    assert cfg.nic("slow-1").as_dict() == {"up": 10.0}
+    assert cfg.nic("client") == tbm.config.Nic(None, 50.0)
+    assert parse_config(GOOD, cores=CORES).nic("fast") == tbm.config.Nic() and tbm.config.Nic().as_dict() == {}
+
+
 @pytest.mark.parametrize("text, expected", [
     (1_000_000_000, 1_000_000_000), ("1.5GB", 1_500_000_000), ("512MiB", 512 << 20),
     ("2 GiB", 2 << 30), ("100mb", 100_000_000), ("0.5TB", 500_000_000_000),
@@ -120,6 +130,13 @@ def test_parse_bytes_refuses(text, fragment):
     ({"links.overrides": [{"a": "fast", "b": "slow-0", "mbps": 5}, {"a": "slow-0", "b": "fast", "mbps": 6}]},
      "links.overrides[1]: a second override for the pair slow-0-fast"),
     ({"client": {"cpu": 0}}, "client.cpu: expected a number (fraction of a core) in (0, 2], got 0"),
+    ({"devices.0.nic_mbps": 0}, "devices[0].nic_mbps: expected a rate in Mbit/s or {up, down} in [0.01, 10000], got 0"),
+    ({"devices.1.nic_mbps": "fast"}, "devices[1].nic_mbps: expected a rate in Mbit/s or {up, down}, got str 'fast'"),
+    ({"devices.1.nic_mbps": {"up": 20000}}, "devices[1].nic_mbps.up: expected a number in [0.01, 10000], got 20000"),
+    ({"devices.1.nic_mbps": {"down": -1}}, "devices[1].nic_mbps.down: expected a number in [0.01, 10000], got -1"),
+    ({"devices.0.nic_mbps": {"upload": 5}}, "devices[0].nic_mbps: unknown field(s) ['upload']"),
+    ({"devices.0.nic_mbps": {}}, "devices[0].nic_mbps: give up and/or down in Mbit/s"),
+    ({"client": {"nic_mbps": float("inf")}}, "client.nic_mbps: expected a rate in Mbit/s or {up, down} in [0.01, 10000]"),
 ])
 def test_bad_fields_name_their_path(changes, message):
     with pytest.raises(ConfigError) as e:
@@ -167,6 +184,40 @@ def test_htb_batch():
     assert "classid 1:10 htb rate 20000kbit ceil 20000kbit" in lines[2]
     assert lines[3].endswith("u32 match ip dst 10.213.0.2/32 flowid 1:10")
     assert "classid 1:11 htb rate 1000000kbit" in lines[4] and "burst 125000" in lines[4]
+
+
+def test_htb_batch_with_a_nic():
+    """Under a NIC class: children guaranteed NIC/n (never more than the NIC together), ceil min(pair, NIC)."""
+    peers = [("10.213.0.2", 5), ("10.213.0.3", 100), ("10.213.0.4", 100)]
+    lines = net.htb_batch(100, peers, nic_up=20).splitlines()
+    assert lines[0] == "qdisc add dev eth0 root handle 1: htb default 1"
+    assert lines[1].startswith("class add dev eth0 parent 1: classid 1:2 htb rate 20000kbit ceil 20000kbit ")
+    children = [ln for ln in lines if "parent 1:2 " in ln]
+    assert [ln.split("classid ")[1].split()[0] for ln in children] == ["1:1", "1:10", "1:11", "1:12"]
+    assert "rate 5000000bit ceil 20000kbit" in children[0]  # the default class (ARP) too
+    assert "rate 5000000bit ceil 5000kbit" in children[1]  # the pair below the NIC keeps its own limit
+    assert all("rate 5000000bit ceil 20000kbit" in ln for ln in children[2:])
+    assert lines[-1].endswith("u32 match ip dst 10.213.0.4/32 flowid 1:12")
+    # rates that do not divide evenly are floored, so that the guarantees never add up past the NIC
+    odd = [ln for ln in net.htb_batch(100, peers[:2], nic_up=10).splitlines() if "parent 1:2 " in ln]
+    assert sum(int(ln.split("rate ")[1].split("bit")[0]) for ln in odd) <= 10_000_000
+    assert "rate 3333333bit" in odd[0]
+    # a pair slower than the fair share is guaranteed only its own rate
+    slow = net.htb_batch(100, [("10.213.0.2", 1), ("10.213.0.3", 100)], nic_up=30).splitlines()
+    assert "rate 1000000bit ceil 1000kbit" in slow[3]
+    assert net.htb_batch(100, peers, nic_up=None) == net.htb_batch(100, peers)  # no NIC: as before
+
+
+def test_ingress_batch():
+    """NIC down: the same tree on the bridge-side veth, one class per sender (by source address)."""
+    lines = net.ingress_batch(3, 20, 100, [("10.213.0.1", 100), ("10.213.0.2", 5)]).splitlines()
+    assert lines[0] == "qdisc add dev v3 root handle 1: htb default 1"
+    assert lines[1].startswith("class add dev v3 parent 1: classid 1:2 htb rate 20000kbit ceil 20000kbit ")
+    assert "parent 1:2 classid 1:1 htb rate 6666666bit ceil 20000kbit" in lines[2]
+    assert "parent 1:2 classid 1:10 htb rate 6666666bit ceil 20000kbit" in lines[3]
+    assert lines[4] == "filter add dev v3 parent 1: protocol ip prio 1 u32 match ip src 10.213.0.1/32 flowid 1:10"
+    assert "parent 1:2 classid 1:11 htb rate 5000000bit ceil 5000kbit" in lines[5]
+    assert lines[6].endswith("match ip src 10.213.0.2/32 flowid 1:11") and len(lines) == 7
 
 
 @pytest.mark.parametrize("share, expected", [(0.25, (80_000, 20_000)), (1.0, (20_000, 20_000)),
@@ -241,6 +292,24 @@ def test_cli_bad_file(tmp_path, capsys):
     assert cli.main(["up", str(p)]) == 2
     err = capsys.readouterr().err
     assert "devices[1].cpu: expected a number (fraction of a core) in (0," in err
+
+
+def test_up_summary_shows_nics_only_when_given():
+    import io
+
+    node = {"name": "a", "control": "tcp://10.213.0.2:5550", "cpu": 0.5, "threads": 1}
+    c = {"nodes": [node, {**node, "name": "b", "nic_mbps": {"up": 20.0}}],
+         "links": {"default": {"mbps": 100.0, "latency_ms": 0.0}, "overrides": []},
+         "client": {"namespace": "t-client", "address": "10.213.0.1", "nic_mbps": {"down": 30.0}},
+         "testbed": {"state_dir": "/s"}}
+    out = io.StringIO()
+    cli._print_up(c, out)
+    lines = out.getvalue().splitlines()
+    assert lines[0].endswith("nic up/down Mbit/s") and lines[1].endswith(" -/-") and lines[2].endswith(" 20/-")
+    assert "client NIC: -/30 Mbit/s up/down" in lines
+    plain = {**c, "nodes": [node], "client": {"namespace": "t-client", "address": "10.213.0.1"}}
+    cli._print_up(plain, out := io.StringIO())
+    assert "nic" not in out.getvalue()
 
 
 def test_add_cli_registers_testbed():
@@ -413,6 +482,78 @@ def test_shaped_link_rate(testbed, src, dst):
     print(f"{src}->{dst}: configured {configured:g} Mbit/s, expected payload {expected:.2f}, "
           f"measured {r['bandwidth_mbps']:.2f} ({r['bandwidth_mbps'] / configured:.4f}x configured)")
     assert abs(r["bandwidth_mbps"] / expected - 1) < RATE_TOLERANCE, (configured, r)
+
+
+NIC_MBPS, NIC_PAIR_MBPS, CLIENT_DOWN_MBPS = 20, 5, 30
+NIC_TB = {  # one device with a 20 Mbit/s NIC, pairs at 100 above it, one pair at 5 below it
+    "client": {"nic_mbps": {"down": CLIENT_DOWN_MBPS}},
+    "devices": [{"name": "nic", "cpu": 0.2, "nic_mbps": NIC_MBPS}, {"name": "peer", "count": 3, "cpu": 0.2}],
+    "links": {"default": {"mbps": 100}, "overrides": [{"a": "nic", "b": "peer-2", "mbps": NIC_PAIR_MBPS}]},
+}
+# Several flows through one NIC: 64 KiB messages keep each flow's tail (its window draining)
+# short next to the timed phase, so that the flows run in step for most of it.
+NIC_PROBE_SECONDS = 6.0
+NIC_PROBE_BYTES = 64 * 1024
+
+
+def netprobe_cli(tb, host: str, argv: list[str]) -> dict:
+    """`edgezmq netprobe ARGV --json` run in `host`'s namespace (outside its CPU cgroups)."""
+    cmd = [PY, "-m", "edgezmq", "netprobe", *argv, "--seconds", str(NIC_PROBE_SECONDS),
+           "--bytes", str(NIC_PROBE_BYTES), "--json"]
+    r = subprocess.run(tb.argv_in(host, cmd, limits=False), capture_output=True, text=True,
+                       timeout=SUBPROCESS_TIMEOUT_S + NIC_PROBE_SECONDS)
+    assert r.returncode == 0, (argv, r.stderr)
+    return json.loads(r.stdout)
+
+
+@pytest.mark.slow
+def test_nic_shapes_a_devices_whole_egress_and_ingress(tmp_path):
+    """A device's NIC (nic_mbps) holds all it sends and all it receives to the NIC rate, with one
+    peer and with three at once, within 10% of NIC x 1448/1514; a pair slower than the NIC still
+    binds that pair.  Measured with `edgezmq netprobe`: several --to from inside the device
+    (its uplink), several --from towards it (its downlink, one job per sending node)."""
+    _skip_unless_root()
+    name = f"{PREFIX}-nic"
+    tb = tbm.Testbed.from_yaml(_write_testbed(tmp_path, name, NIC_TB), state_dir=tmp_path / "state")
+    try:
+        c = tb.up()
+        assert [n.get("nic_mbps") for n in c["nodes"]] == [{"up": 20.0, "down": 20.0}, None, None, None]
+        assert c["client"]["nic_mbps"] == {"down": 30.0}
+        nic, peers = tb.control("nic"), [tb.control(f"peer-{i}") for i in range(3)]
+        slow = peers[2]
+        got = {
+            "up, 1 peer": netprobe_cli(tb, "nic", ["--to", peers[0]]),
+            "up, slow pair": netprobe_cli(tb, "nic", ["--to", slow]),
+            "up, 3 peers": netprobe_cli(tb, "nic", [a for p in peers for a in ("--to", p)]),
+            "down, 1 peer": netprobe_cli(tb, CLIENT, ["--from", peers[0], "--to", nic]),
+            "down, 3 peers": netprobe_cli(tb, CLIENT, [*(a for p in peers for a in ("--from", p)), "--to", nic]),
+        }
+        client_down = measure_rate(tb, "peer-0", CLIENT)
+    finally:
+        tb.down()
+    assert leftovers(name) == []
+
+    f = net.TCP_PAYLOAD_FACTOR
+    rate = {k: r["together"]["bandwidth_mbps"] if "together" in r else r["bandwidth_mbps"] for k, r in got.items()}
+    expected = {"up, 1 peer": NIC_MBPS * f, "up, slow pair": NIC_PAIR_MBPS * f, "up, 3 peers": NIC_MBPS * f,
+                "down, 1 peer": NIC_MBPS * f, "down, 3 peers": NIC_MBPS * f}
+    for k, r in got.items():
+        extra = ""
+        if "together" in r:
+            t = r["together"]
+            extra = (f" (sum of rates {t['sum_of_rates_mbps']:.2f}, overlap {t['overlap']:.2f}; flows "
+                     + ", ".join(f"{fl['bandwidth_mbps']:.2f}" for fl in r["flows"]) + ")")
+        print(f"NIC {k}: expected {expected[k]:.2f} Mbit/s of payload, measured {rate[k]:.2f} "
+              f"({rate[k] / expected[k]:.3f}x){extra}")
+    print(f"client NIC down only, peer-0 -> client: expected {CLIENT_DOWN_MBPS * f:.2f}, "
+          f"measured {client_down['bandwidth_mbps']:.2f}")
+    for k in got:
+        assert abs(rate[k] / expected[k] - 1) < RATE_TOLERANCE, (k, rate[k], expected[k])
+    for k in ("up, 3 peers", "down, 3 peers"):  # the slow pair keeps its own limit among the three
+        flows = {(fl["from"], fl["to"]): fl["bandwidth_mbps"] for fl in got[k]["flows"]}
+        pair = flows[("here", slow)] if k.startswith("up") else flows[(slow, nic)]
+        assert pair < NIC_PAIR_MBPS * f * (1 + RATE_TOLERANCE), (k, flows)
+    assert abs(client_down["bandwidth_mbps"] / (CLIENT_DOWN_MBPS * f) - 1) < RATE_TOLERANCE, client_down
 
 
 BUSY = (f"import time\nt, c = time.perf_counter(), time.process_time()\nx = 0\n"

@@ -33,11 +33,18 @@ def _mib(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**20:.0f}Mi"
 
 
+def _nic(host: dict[str, Any]) -> str:
+    nic = host.get("nic_mbps") or {}
+    return "/".join(f"{nic[k]:g}" if k in nic else "-" for k in ("up", "down"))
+
+
 def _print_up(c: dict[str, Any], out: Any = None) -> None:
     out = out or sys.stdout
-    rows = [("node", "control", "cpu", "threads", "memory", "type")]
+    rows: list[tuple[str, ...]] = [("node", "control", "cpu", "threads", "memory", "type")]
     rows += [(n["name"], n["control"], f"{n['cpu']:g}", str(n["threads"]), _mib(n.get("memory_bytes")),
               n.get("type") or "-") for n in c["nodes"]]
+    if any("nic_mbps" in h for h in (*c["nodes"], c["client"])):  # a column only where a NIC is shaped
+        rows = [(*rows[0], "nic up/down Mbit/s"), *((*r, _nic(n)) for r, n in zip(rows[1:], c["nodes"], strict=True))]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip(), file=out)
@@ -45,6 +52,8 @@ def _print_up(c: dict[str, Any], out: Any = None) -> None:
     print(f"links: {d['mbps']:g} Mbit/s, {d['latency_ms']:g} ms by default"
           + "".join(f"; {o['a']}<->{o['b']} {o['mbps']:g} Mbit/s {o['latency_ms']:g} ms"
                     for o in c["links"]["overrides"]), file=out)
+    if "nic_mbps" in c["client"]:
+        print(f"client NIC: {_nic(c['client'])} Mbit/s up/down", file=out)
     print("(rates enforced by htb; latency recorded in cluster.yaml, not enforced: no netem)", file=out)
     tb = c["testbed"]
     print(f"cluster: {tb['state_dir']}/cluster.yaml", file=out)

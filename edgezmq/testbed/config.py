@@ -15,7 +15,7 @@ from edgezmq.fields import Fields, safe_load
 from edgezmq.planner.problem import Link
 from edgezmq.terms import CLIENT, MAX_PORT, MAX_THREADS
 
-__all__ = ["ConfigError", "DeviceSpec", "ClientSpec", "Link", "TestbedConfig",
+__all__ = ["ConfigError", "DeviceSpec", "ClientSpec", "Link", "Nic", "TestbedConfig",
            "parse_config", "load_config", "parse_bytes", "CLIENT"]
 
 BRIDGE = "bridge"  # the namespace holding the bridge; reserved name
@@ -34,8 +34,9 @@ TESTBED_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,23}$")  # prefixes namespaces a
 
 
 _TOP_KEYS = ("name", "subnet", "control_port", "client", "devices", "links")
-_DEVICE_KEYS = ("name", "cpu", "threads", "memory", "type", "count")
-_CLIENT_KEYS = ("cpu", "memory")
+_DEVICE_KEYS = ("name", "cpu", "threads", "memory", "type", "count", "nic_mbps")
+_CLIENT_KEYS = ("cpu", "memory", "nic_mbps")
+_NIC_KEYS = ("up", "down")
 _LINK_KEYS = ("mbps", "latency_ms")
 _OVERRIDE_KEYS = ("a", "b", "mbps", "latency_ms")
 
@@ -52,18 +53,32 @@ class ConfigError(EdgezmqError, ValueError):
 
 
 @dataclass(frozen=True)
+class Nic:
+    """A host's one network interface: its whole egress (up) and ingress (down), Mbit/s; None = unshaped."""
+
+    up: float | None = None
+    down: float | None = None
+
+    def as_dict(self) -> dict[str, float]:
+        """The given directions only, as cluster.yaml's ``nic_mbps`` (configured rates, not payload)."""
+        return {k: v for k, v in (("up", self.up), ("down", self.down)) if v is not None}
+
+
+@dataclass(frozen=True)
 class DeviceSpec:
     name: str
     cpu: float  # fraction of one core (0.25 = a quarter); may exceed 1 up to the cores
     threads: int = DEFAULT_THREADS
     memory_bytes: int | None = None
     type: str | None = None
+    nic: Nic = Nic()
 
 
 @dataclass(frozen=True)
 class ClientSpec:
     cpu: float | None = None  # None: the client is not CPU-limited
     memory_bytes: int | None = None
+    nic: Nic = Nic()
 
 
 @dataclass(frozen=True)
@@ -91,6 +106,10 @@ class TestbedConfig:
 
     def link(self, a: str, b: str) -> Link:
         return self.overrides.get(frozenset((a, b)), self.default_link)
+
+    def nic(self, host: str) -> Nic:
+        """The NIC of `host` (the client or a device); ``Nic()`` when it has none."""
+        return self.client.nic if host == CLIENT else self.device(host).nic
 
     def address(self, host: str) -> str:
         """IPv4 address of a host: the client is the subnet's first host, devices follow in order."""
@@ -141,6 +160,19 @@ def _link(v: Any, path: str, base: Link | None) -> Link:
     return Link(mbps=mbps, latency_ms=lat)
 
 
+def _nic(v: Any, path: str) -> Nic:
+    """``nic_mbps``: one rate for both directions, or ``{up, down}`` (an omitted direction is unshaped)."""
+    if not isinstance(v, dict):
+        mbps = F.number(v, path, lo=MIN_MBPS, hi=SHAPED_MAX_MBPS, what="a rate in Mbit/s or {up, down}")
+        return Nic(mbps, mbps)
+    m = F.mapping(v, path, _NIC_KEYS)
+    if not any(m.get(k) is not None for k in _NIC_KEYS):
+        raise ConfigError(path, "give up and/or down in Mbit/s (otherwise the NIC shapes nothing)")
+    up, down = (F.number(m[k], f"{path}.{k}", lo=MIN_MBPS, hi=SHAPED_MAX_MBPS) if m.get(k) is not None else None
+                for k in _NIC_KEYS)
+    return Nic(up, down)
+
+
 def _devices(v: Any, cores: int) -> list[DeviceSpec]:
     if not isinstance(v, list) or not v:
         raise ConfigError("devices", f"expected a non-empty list of devices, got {v!r}")
@@ -160,9 +192,10 @@ def _devices(v: Any, cores: int) -> list[DeviceSpec]:
         typ = m.get("type")
         if typ is not None and not isinstance(typ, str):
             raise ConfigError(f"{p}.type", f"expected a string label, got {typ!r}")
+        nic = _nic(m["nic_mbps"], f"{p}.nic_mbps") if m.get("nic_mbps") is not None else Nic()
         count = F.integer(m.get("count", 1), f"{p}.count", lo=1, hi=MAX_COUNT)
         names = [name] if "count" not in m else [f"{name}-{k}" for k in range(count)]
-        out += [DeviceSpec(n, cpu, threads, mem, typ) for n in names]
+        out += [DeviceSpec(n, cpu, threads, mem, typ, nic) for n in names]
     seen: dict[str, int] = {}
     for d in out:
         if d.name in seen:
@@ -206,6 +239,7 @@ def parse_config(doc: Any, *, default_name: str | None = None, cores: int | None
         cpu=(F.number(client_m["cpu"], "client.cpu", lo=0.0, hi=cores, lo_open=True, what=CPU_SHARE)
              if client_m.get("cpu") is not None else None),
         memory_bytes=parse_bytes(client_m["memory"], "client.memory") if client_m.get("memory") is not None else None,
+        nic=_nic(client_m["nic_mbps"], "client.nic_mbps") if client_m.get("nic_mbps") is not None else Nic(),
     )
 
     links = F.mapping(top.get("links"), "links", ("default", "overrides")) if "links" in top else None

@@ -305,7 +305,10 @@ class Testbed:
             net.add_netns(ns)
             net.attach(br, port, ns, cfg.address(host), cfg.subnet)
             peers = [(cfg.address(o), cfg.link(host, o).mbps) for o in cfg.hosts if o != host]
-            net.shape(ns, cfg.default_link.mbps, peers)
+            nic = cfg.nic(host)
+            net.shape(ns, cfg.default_link.mbps, peers, nic.up)
+            if nic.down is not None:  # at the bridge side: what v<port> sends, the host receives
+                net.shape_ingress(br, port, nic.down, cfg.default_link.mbps, peers)
 
     def _make_cgroups(self) -> None:
         def record(p: Path) -> None:
@@ -406,13 +409,18 @@ class Testbed:
                 n["type"] = d.type
             if d.memory_bytes is not None:
                 n["memory_bytes"] = d.memory_bytes
-            n.update(threads=d.threads, cpu=d.cpu, namespace=self.namespace(d.name), address=cfg.address(d.name))
+            n.update(threads=d.threads, cpu=d.cpu)
+            if d.nic.as_dict():  # configured rates, like links: readers apply tcp_payload_factor
+                n["nic_mbps"] = d.nic.as_dict()
+            n.update(namespace=self.namespace(d.name), address=cfg.address(d.name))
             nodes.append(n)
         client: dict[str, Any] = {"namespace": self.client_namespace, "address": self.client_address}
         if cfg.client.cpu is not None:
             client["cpu"] = cfg.client.cpu
         if cfg.client.memory_bytes is not None:
             client["memory_bytes"] = cfg.client.memory_bytes
+        if cfg.client.nic.as_dict():
+            client["nic_mbps"] = cfg.client.nic.as_dict()
         return {
             "nodes": nodes,
             "links": {"default": {"mbps": cfg.default_link.mbps, "latency_ms": cfg.default_link.latency_ms},
@@ -421,7 +429,7 @@ class Testbed:
             "testbed": {
                 "name": self.name, "source": self.source, "state_dir": str(self.state_dir),
                 "bridge_namespace": self.bridge_namespace, "subnet": str(cfg.subnet),
-                "bandwidth_enforced": True,  # htb per ordered pair, at the sender
+                "bandwidth_enforced": True,  # htb per ordered pair at the sender, NICs (nic_mbps) too
                 "latency_enforced": False,  # no netem in this kernel: latency_ms is for the planner only
                 "tcp_payload_factor": round(net.TCP_PAYLOAD_FACTOR, 4),
                 "cgroups": {c.name: f"v{c.version}" for c in self.ctrls.values()},

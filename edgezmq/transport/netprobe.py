@@ -25,6 +25,12 @@ the server for its own around the timed bulk phase, and reports CPU seconds per 
 (``sender_cpu_s_per_byte``) and received (``receiver_cpu_s_per_byte``): kernel network
 stack, ZeroMQ's I/O thread, copies. Both processes should be otherwise idle (a node is,
 while it is being measured). The planner turns them into a stage's receive/send costs.
+
+Several links at once (a device's NIC, shared by its peers): ``probe_many`` probes several
+servers concurrently from this process (this host's uplink), and ``aggregate`` sums
+concurrent results, wherever they ran, into the rate they moved together: the bytes of all
+over the span from the first bulk start to the last bulk end (``bulk_started_at``,
+``bulk_ended_at``: wall clock, so results of other hosts need synchronised clocks).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import statistics
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -45,7 +51,7 @@ from edgezmq.protocol.messages import NETPROBE_MAX_BYTES, NETPROBE_MAX_SECONDS
 from edgezmq.transport import sockets
 from edgezmq.transport.security import CURVE_HINT, Curve
 
-__all__ = ["ProbeServer", "probe", "ProbeError"]
+__all__ = ["ProbeServer", "probe", "probe_many", "aggregate", "ProbeError"]
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +297,7 @@ def _bulk(p: _Prober, payload: memoryview, seconds: float | None, count: int | N
 def probe(endpoint: str, *, bytes_per_msg: int = DEFAULT_MSG_BYTES, seconds: float | None = DEFAULT_SECONDS,
           count: int | None = None, pings: int = DEFAULT_PINGS, timeout: float = DEFAULT_TIMEOUT_S,
           window: int = WINDOW, ctx: zmq.Context | None = None, curve: Curve | None = None,
-          stop: Callable[[], None] | None = None) -> dict[str, Any]:
+          stop: Callable[[], None] | None = None, ready: Callable[[], None] | None = None) -> dict[str, Any]:
     """Latency (`pings` round trips) then bandwidth (bulk messages of `bytes_per_msg`) to a ProbeServer.
 
     The bulk phase sends `count` messages when given, else runs for `seconds`. Raises
@@ -299,7 +305,8 @@ def probe(endpoint: str, *, bytes_per_msg: int = DEFAULT_MSG_BYTES, seconds: flo
     Bandwidth is in megabits per second (10**6 bit/s); also given in bytes per second.
     With ``curve`` (a client of the server's public key) the probe runs over CurveZMQ.
     ``stop()``, called before every ping and every bulk acknowledgement, raises to end the
-    probe early (a cancelled job).
+    probe early (a cancelled job). ``ready()``, called once between the warm-up and the timed
+    bulk phase, may block: ``probe_many`` lines its probes up there.
     """
     halt = stop or (lambda: None)
     _check_args(bytes_per_msg, seconds, count, pings, timeout, window)
@@ -316,7 +323,10 @@ def probe(endpoint: str, *, bytes_per_msg: int = DEFAULT_MSG_BYTES, seconds: flo
         first = pings + 1
         p.send([BULK, _U64.pack(first), payload], f"bulk message {first}")  # slow start: not counted
         p.recv(ACK, first, f"bulk message {first}")
+        if ready is not None:
+            ready()
         server_cpu0, own_cpu0 = p.cpu(first + 1), time.process_time()
+        started_at = time.time()
         messages, nbytes, elapsed = _bulk(p, payload, seconds, count, window, first + 2, halt)
         own_cpu, server_cpu1 = time.process_time() - own_cpu0, p.cpu(first + 3 + messages)
     finally:
@@ -341,8 +351,78 @@ def probe(endpoint: str, *, bytes_per_msg: int = DEFAULT_MSG_BYTES, seconds: flo
         "messages": messages,
         "bytes_per_msg": bytes_per_msg,
         "seconds": elapsed,
+        "bulk_started_at": started_at,
+        "bulk_ended_at": started_at + elapsed,
         "window": window,
         "sender_cpu_s_per_byte": own_cpu / nbytes,
         "receiver_cpu_s_per_byte": (None if server_cpu0 is None or server_cpu1 is None
                                     else (server_cpu1 - server_cpu0) / nbytes),
+    }
+
+
+def probe_many(endpoints: Sequence[str], *, curves: Sequence[Curve | None] | None = None,
+               **kw: Any) -> list[dict[str, Any]]:
+    """``probe`` to every endpoint at once, one thread each, from this process (one context);
+    keyword arguments go to every probe. Each probe pings and warms up on its own, then waits
+    for the others, so that the timed bulk phases start together. Returns the results in the
+    order of `endpoints`; when a probe fails, the others are still waited for (the ones waiting
+    for it give up), then the first failure is raised."""
+    if not endpoints:
+        raise ValueError("probe_many: no endpoints")
+    if curves is not None and len(curves) != len(endpoints):
+        raise ValueError(f"probe_many: {len(curves)} curves for {len(endpoints)} endpoints")
+    ctx = zmq.Context()
+    outcomes: list[tuple[bool, Any]] = [(False, None)] * len(endpoints)
+    # the warm-ups are a few round trips each; a probe waits that long for the slowest, at most
+    line_up = threading.Barrier(len(endpoints), timeout=float(kw.get("timeout", DEFAULT_TIMEOUT_S)))
+
+    def ready() -> None:
+        line_up.wait()
+
+    def run(i: int) -> None:
+        try:
+            outcomes[i] = (True, probe(endpoints[i], ctx=ctx, curve=curves[i] if curves else None,
+                                       ready=ready, **kw))
+        except BaseException as e:  # noqa: B036 - handed to the caller's thread, re-raised there
+            line_up.abort()
+            outcomes[i] = (False, e)
+
+    threads = [threading.Thread(target=run, args=(i,), name=f"edgezmq-netprobe-{i}", daemon=True)
+               for i in range(len(endpoints))]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()  # each probe bounds its own waits by `timeout`
+    finally:
+        ctx.term()
+    failures = [value for ok, value in outcomes if not ok]
+    if failures:  # the cause, not a probe that gave up waiting for the one that failed
+        raise next((e for e in failures if not isinstance(e, threading.BrokenBarrierError)), failures[0])
+    return [value for _, value in outcomes]
+
+
+def aggregate(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """What concurrent probes moved together: all their bytes over the span from the first
+    bulk start to the last bulk end (a lower bound when they did not run in step), the sum
+    of their own rates (an upper bound then), and ``overlap``, the fraction of that span in
+    which all of them ran (near 1: the two agree and the figure is the shared capacity)."""
+    if not results:
+        raise ValueError("aggregate: no results")
+    for r in results:
+        if "bulk_started_at" not in r or "bulk_ended_at" not in r:
+            raise ValueError(f"aggregate: the result from {r.get('endpoint')!r} has no bulk_started_at/"
+                             "bulk_ended_at (measured by an older edgezmq)")
+    start = min(r["bulk_started_at"] for r in results)
+    end = max(r["bulk_ended_at"] for r in results)
+    common = min(r["bulk_ended_at"] for r in results) - max(r["bulk_started_at"] for r in results)
+    span = end - start
+    nbytes = sum(int(r["bytes"]) for r in results)
+    return {
+        "flows": len(results),
+        "bandwidth_mbps": nbytes * 8 / span / 1e6,
+        "sum_of_rates_mbps": sum(float(r["bandwidth_mbps"]) for r in results),
+        "bytes": nbytes,
+        "seconds": span,
+        "overlap": max(0.0, common) / span,
     }
