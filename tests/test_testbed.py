@@ -496,10 +496,10 @@ NIC_PROBE_SECONDS = 6.0
 NIC_PROBE_BYTES = 64 * 1024
 
 
-def netprobe_cli(tb, host: str, argv: list[str]) -> dict:
+def netprobe_cli(tb, host: str, argv: list[str], nbytes: int = NIC_PROBE_BYTES) -> dict:
     """`edgezmq netprobe ARGV --json` run in `host`'s namespace (outside its CPU cgroups)."""
     cmd = [PY, "-m", "edgezmq", "netprobe", *argv, "--seconds", str(NIC_PROBE_SECONDS),
-           "--bytes", str(NIC_PROBE_BYTES), "--json"]
+           "--bytes", str(nbytes), "--json"]
     r = subprocess.run(tb.argv_in(host, cmd, limits=False), capture_output=True, text=True,
                        timeout=SUBPROCESS_TIMEOUT_S + NIC_PROBE_SECONDS)
     assert r.returncode == 0, (argv, r.stderr)
@@ -524,6 +524,8 @@ def test_nic_shapes_a_devices_whole_egress_and_ingress(tmp_path):
         got = {
             "up, 1 peer": netprobe_cli(tb, "nic", ["--to", peers[0]]),
             "up, slow pair": netprobe_cli(tb, "nic", ["--to", slow]),
+            # 4 MiB messages take 7 s at 5 Mbit/s, over the 5 s reply timeout: they shrink
+            "up, slow pair, 4 MiB asked": netprobe_cli(tb, "nic", ["--to", slow], nbytes=4 << 20),
             "up, 3 peers": netprobe_cli(tb, "nic", [a for p in peers for a in ("--to", p)]),
             "down, 1 peer": netprobe_cli(tb, CLIENT, ["--from", peers[0], "--to", nic]),
             "down, 3 peers": netprobe_cli(tb, CLIENT, [*(a for p in peers for a in ("--from", p)), "--to", nic]),
@@ -535,7 +537,9 @@ def test_nic_shapes_a_devices_whole_egress_and_ingress(tmp_path):
 
     f = net.TCP_PAYLOAD_FACTOR
     rate = {k: r["together"]["bandwidth_mbps"] if "together" in r else r["bandwidth_mbps"] for k, r in got.items()}
+    assert got["up, slow pair, 4 MiB asked"]["bytes_per_msg"] < 4 << 20
     expected = {"up, 1 peer": NIC_MBPS * f, "up, slow pair": NIC_PAIR_MBPS * f, "up, 3 peers": NIC_MBPS * f,
+                "up, slow pair, 4 MiB asked": NIC_PAIR_MBPS * f,
                 "down, 1 peer": NIC_MBPS * f, "down, 3 peers": NIC_MBPS * f}
     for k, r in got.items():
         extra = ""

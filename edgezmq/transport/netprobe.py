@@ -65,6 +65,8 @@ DEFAULT_TIMEOUT_S = 5.0
 WINDOW = 2  # bulk messages in flight by default, as many as a data socket's HWM
 MAX_WINDOW = 4
 MIN_BULK_MESSAGES = 2  # a rate needs at least this many timed messages
+SIZING_BYTES = 64 * 1024  # the first (untimed) bulk message: how fast is the link?
+MESSAGE_SHARE = 0.25  # a window of bulk messages takes at most this share of the reply timeout
 PAYLOAD_SEED = 0  # incompressible, reproducible payload bytes
 SERVER_POLL_MS = 100  # how often the server loop looks at its stop flag
 START_TIMEOUT_S = 5.0  # the server thread must have bound by then
@@ -298,7 +300,9 @@ def probe(endpoint: str, *, bytes_per_msg: int = DEFAULT_MSG_BYTES, seconds: flo
           count: int | None = None, pings: int = DEFAULT_PINGS, timeout: float = DEFAULT_TIMEOUT_S,
           window: int = WINDOW, ctx: zmq.Context | None = None, curve: Curve | None = None,
           stop: Callable[[], None] | None = None, ready: Callable[[], None] | None = None) -> dict[str, Any]:
-    """Latency (`pings` round trips) then bandwidth (bulk messages of `bytes_per_msg`) to a ProbeServer.
+    """Latency (`pings` round trips) then bandwidth (bulk messages of `bytes_per_msg`, fewer
+    bytes on a link too slow to move them within the timeout: ``bytes_per_msg`` in the result)
+    to a ProbeServer.
 
     The bulk phase sends `count` messages when given, else runs for `seconds`. Raises
     TimeoutError (naming `endpoint`) when any reply takes longer than `timeout` seconds.
@@ -321,8 +325,17 @@ def probe(endpoint: str, *, bytes_per_msg: int = DEFAULT_MSG_BYTES, seconds: flo
             halt()
             rtts.append(p.ping(seq))
         first = pings + 1
-        p.send([BULK, _U64.pack(first), payload], f"bulk message {first}")  # slow start: not counted
+        # slow start, not counted: a small message first, whose time says whether the link
+        # carries `bytes_per_msg` within the timeout; on a slow link (an edge board's 1.5
+        # Mbit/s NIC takes 22 s for 4 MiB) the bulk messages shrink to what moves in
+        # MESSAGE_SHARE of the timeout, never below SIZING_BYTES (the result says what was used)
+        sizing = payload[:min(bytes_per_msg, SIZING_BYTES)]
+        t = time.perf_counter()
+        p.send([BULK, _U64.pack(first), sizing], f"bulk message {first}")
         p.recv(ACK, first, f"bulk message {first}")
+        fits = int(len(sizing) / max(time.perf_counter() - t, 1e-9) * MESSAGE_SHARE * timeout / window)
+        bytes_per_msg = max(len(sizing), min(bytes_per_msg, fits))
+        payload = payload[:bytes_per_msg]
         if ready is not None:
             ready()
         server_cpu0, own_cpu0 = p.cpu(first + 1), time.process_time()
