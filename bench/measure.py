@@ -80,6 +80,8 @@ def main() -> int:
     ap.add_argument("--nodes", help="comma-separated subset of the cluster's nodes to use")
     ap.add_argument("--time-limit", type=args_.seconds, default=20.0)
     ap.add_argument("--reprofile", action="store_true", help="profile afresh (ignore the nodes' caches)")
+    ap.add_argument("--no-spot-check", action="store_true",
+                    help="take cached profiles as they are (no re-timing of their reference; calibration still corrects)")
     ap.add_argument("--calibrate", type=args_.count_or_zero, default=CALIBRATION_MICROBATCHES,
                     help="microbatches of the deploy's calibration (edgezmq.orchestrate.calibrate; 0: none)")
     ap.add_argument("--verify", action="store_true", help="compare every output with timm's forward")
@@ -95,7 +97,8 @@ def main() -> int:
     ckpt = args.checkpoint or str(models.cached_checkpoint(args.model, **kwargs))
     t0 = time.time()
     g = gather(cluster, model=args.model, microbatch=args.microbatch, granularity=args.granularity,
-               kwargs=kwargs, replication=not args.no_replication, reprofile=args.reprofile, say=lambda m: print(m, file=sys.stderr))
+               kwargs=kwargs, replication=not args.no_replication, reprofile=args.reprofile,
+               spot_check=not args.no_spot_check, say=lambda m: print(m, file=sys.stderr))
     problem = Problem.from_dict(g.problem)
     planned = plan_with(problem, args.method, args.time_limit)
     print(planned.table(problem), file=sys.stderr)
