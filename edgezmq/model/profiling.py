@@ -45,8 +45,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
-import ctypes
-import ctypes.util
 import functools
 import gc
 import logging
@@ -114,23 +112,6 @@ def device_identity() -> dict[str, Any]:
 # ---------------------------------------------------------------- memory meter
 
 
-def _malloc_trim() -> Callable[[], None]:
-    """glibc's malloc_trim(0), or a no-op on other C libraries."""
-    name = ctypes.util.find_library("c")
-    try:
-        fn = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
-        fn = None
-    if fn is None:
-        return lambda: None
-    fn.argtypes = [ctypes.c_size_t]
-
-    def trim() -> None:
-        fn(0)
-
-    return trim
-
-
 def _vmhwm() -> int:
     for line in PROC_STATUS.read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -151,7 +132,7 @@ class _PeakMeter:
     """Peak resident-set growth of this process while a callable runs (see the module docstring)."""
 
     def __init__(self) -> None:
-        self.trim = _malloc_trim()
+        self.trim = device.malloc_trim()
         self.method = "vmhwm" if _reset_hwm() else "sampled"
         self.resolution_bytes = PAGE_BYTES if self.method == "vmhwm" else None
 

@@ -472,8 +472,7 @@ class Node:
             self._loader = None
         self.state, self.error = "idle", None
         self._load_request = self._load_reply = self._start_request = None
-        import gc
-        gc.collect()
+        device.release_memory()
 
     # ---- serving -------------------------------------------------------
     def handle(self, raw: Any) -> bytes:

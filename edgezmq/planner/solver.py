@@ -208,11 +208,17 @@ class _Run:
     def ub(self) -> float:
         return self.plan.bottleneck_s if self.plan else math.inf
 
-    def consider(self, cm: ClassModel, res: Result | None) -> None:
+    def consider(self, cm: ClassModel, res: Result | None, *, relaxed: bool = False) -> None:
+        """Take the realisation of ``res`` (a plan of model ``cm``) if it is the best so far.
+        A relaxed model's plan (``relaxed``: each merged class has its best member's memory)
+        may not fit the real devices it is realised on: it is then skipped."""
         if res is None:
             return
         plan = evaluate(self.problem, plan_stages(cm, res, self.names), method=self.method)
-        if plan.violations:      # cannot happen: the search checks memory per class
+        if plan.violations:
+            if relaxed:
+                return
+            # cannot happen: exact and pessimistic models check memory per class as it is
             raise AssertionError(f"solver produced an infeasible plan: {plan.violations}")
         if self.plan is None or plan.bottleneck_s < self.plan.bottleneck_s:
             self.plan = plan
@@ -298,7 +304,7 @@ def _prove(run: _Run) -> None:
             return
         run.raise_floor(res.bottleneck)
         run.stats["optimistic_bound_s"] = res.bottleneck
-        run.consider(opt, res)      # its realisation may already cost the bound
+        run.consider(opt, res, relaxed=True)  # its realisation may already cost the bound
         if not run.done() and _small(run.exact):
             run.consider(run.exact, Search(run.exact, run.at(PHASE1_SHARE)).astar(run.ub()))
             run.proven = True
