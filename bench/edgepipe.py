@@ -111,6 +111,27 @@ def main() -> int:
         if not args.json:
             print(msg, flush=True)
 
+    def result(partial: bool) -> dict[str, Any]:
+        base = next((c["samples_per_s"] for c in curve if c["devices"] == 1 and "error" not in c), None)
+        for c in curve:
+            if "error" not in c:
+                c["speedup"] = round(c["samples_per_s"] / base, 3) if base else None
+                c["predicted_speedup"] = round(c["predicted_samples_per_s"] / base, 3) if base else None
+        ratios = {}
+        for tbname in TESTBEDS:
+            rows = {p["method"]: p for p in planners if p["testbed"] == tbname and "error" not in p}
+            if "ours" in rows:
+                ratios[tbname] = {m: round(rows["ours"]["measured_samples_per_s"] / p["measured_samples_per_s"], 3)
+                                  for m, p in rows.items() if m != "ours"}
+        return {"bench": "edgepipe", "model": MODEL, "granularity": GRANULARITY, "microbatch": mb,
+                "derivation": derivation, "checks": check, "curve": curve, "planners": planners,
+                "ours_over": ratios, "cpu_sum": derivation["cpu_sum"], "seconds": round(time.time() - t0),
+                "partial": partial}
+
+    def flush() -> None:  # after every run: a bench stopped half-way keeps what it measured
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "edgepipe.json").write_text(json.dumps(result(True), indent=1))
+
     with testbed(TESTBEDS["edgepipe"], "edgepipe") as tb:
         for n in points:
             one = n == 1
@@ -121,35 +142,23 @@ def main() -> int:
             except RuntimeError as e:  # a failed point is reported, the others still run
                 say(f"{n:>2} devices: failed: {str(e)[-600:]}")
                 curve.append({"devices": n, "error": str(e)[-2000:]})
+                flush()
                 continue
             if check is None:
                 check = checks(r, derivation)
             curve.append(_row(r, devices=n))
+            flush()
             say(f"{n:>2} devices: {curve[-1]['samples_per_s']:.4f} samples/s "
                 f"(predicted {curve[-1]['predicted_samples_per_s']:.4f}), {len(r['stages'])} stages")
         if not args.no_planners:
-            planners += _planners(tb, "edgepipe", common, args, say)
+            _planners(tb, "edgepipe", common, args, say, planners, flush)
     if not args.no_planners:
         with testbed(TESTBEDS["edgepipe-slowpairs"], "edgepipe-slow") as tb:
-            planners += _planners(tb, "edgepipe-slowpairs", common, args, say)
-    base = next((c["samples_per_s"] for c in curve if c["devices"] == 1 and "error" not in c), None)
-    for c in curve:
-        if "error" in c:
-            continue
-        c["speedup"] = round(c["samples_per_s"] / base, 3) if base else None
-        c["predicted_speedup"] = round(c["predicted_samples_per_s"] / base, 3) if base else None
-    ratios = {}
-    for tbname in TESTBEDS:
-        rows = {p["method"]: p for p in planners if p["testbed"] == tbname and "error" not in p}
-        if "ours" in rows:
-            ratios[tbname] = {m: round(rows["ours"]["measured_samples_per_s"] / p["measured_samples_per_s"], 3)
-                              for m, p in rows.items() if m != "ours"}
-    result = {"bench": "edgepipe", "model": MODEL, "granularity": GRANULARITY, "microbatch": mb,
-              "derivation": derivation, "checks": check, "curve": curve, "planners": planners,
-              "ours_over": ratios, "cpu_sum": derivation["cpu_sum"], "seconds": round(time.time() - t0)}
-    save("edgepipe", result, args.json)
-    say(json.dumps({"curve": [(c["devices"], c["speedup"]) for c in curve], "ours_over": ratios}))
-    plot(result)
+            _planners(tb, "edgepipe-slowpairs", common, args, say, planners, flush)
+    final = result(False)
+    save("edgepipe", final, args.json)
+    say(json.dumps({"curve": [(c["devices"], c.get("speedup")) for c in curve], "ours_over": final["ours_over"]}))
+    plot(final)
     return 0
 
 
@@ -162,21 +171,21 @@ def _row(r: dict[str, Any], **extra: Any) -> dict[str, Any]:
             "seconds": round(r["total_seconds"])}
 
 
-def _planners(tb, name: str, common: dict[str, Any], args, say) -> list[dict[str, Any]]:
-    rows = []
+def _planners(tb, name: str, common: dict[str, Any], args, say, rows: list[dict[str, Any]], flush) -> None:
     for method in METHODS:
         try:
             r = measure(tb, **common, warmup=1, batches=args.batches, calibrate=args.calibrate, method=method)
         except RuntimeError as e:  # e.g. a baseline's plan that overruns a board: reported, not fatal
             say(f"{name} {method:<10} failed: {str(e)[-600:]}")
             rows.append({"testbed": name, "method": method, "error": str(e)[-2000:]})
+            flush()
             continue
         row = _row(r, testbed=name, method=method)
         row["measured_samples_per_s"] = row.pop("samples_per_s")
         rows.append(row)
+        flush()
         say(f"{name} {method:<10} measured {row['measured_samples_per_s']:.4f} samples/s, "
             f"predicted {row['predicted_samples_per_s']:.4f}")
-    return rows
 
 
 def plot(result: dict[str, Any]) -> None:
