@@ -23,7 +23,9 @@ CORES = 2  # parsing tests do not depend on this machine
 PREFIX = f"ezt{os.getpid()}"  # every namespace and cgroup of this run starts with it
 PY = sys.executable
 RATE_TOLERANCE = 0.10  # measured payload rate vs configured rate x TCP payload share
-CPU_RATIO_BAND = (3.0, 5.5)  # 0.25 CPU vs 1.0 CPU on the same work: ~4x slower
+# the share of a core a 0.25 cgroup's busy loop gets: never above its quota (the kernel's cap);
+# below it only when the machine is oversubscribed (other load), so the lower bound is loose
+QUARTER_RATE_BAND = (0.25 * 0.5, 0.25 * 1.1)
 BUSY_ITERATIONS = 2_000_000  # ~0.12 s of pure Python at a full core, ~0.5 s at a quarter
 BUSY_REPEATS = 3
 SUBPROCESS_TIMEOUT_S = 60.0
@@ -79,11 +81,11 @@ def test_parse_good_config():
 def test_parse_nic():
     doc = _doc(**{"devices.0.nic_mbps": 30, "devices.1.nic_mbps": {"up": 10}, "client": {"nic_mbps": {"down": 50}}})
     cfg = parse_config(doc, cores=CORES)
-    assert cfg.nic("fast") == tbm.config.Nic(30.0, 30.0) and cfg.nic("fast").as_dict() == {"up": 30.0, "down": 30.0}
-    assert cfg.nic("slow-0") == cfg.nic("slow-1") == tbm.config.Nic(10.0, None)  # count: copies carry it
+    assert cfg.nic("fast") == tbm.config.ShapedNic(30.0, 30.0) and cfg.nic("fast").as_dict() == {"up": 30.0, "down": 30.0}
+    assert cfg.nic("slow-0") == cfg.nic("slow-1") == tbm.config.ShapedNic(10.0, None)  # count: copies carry it
     assert cfg.nic("slow-1").as_dict() == {"up": 10.0}
-    assert cfg.nic("client") == tbm.config.Nic(None, 50.0)
-    assert parse_config(GOOD, cores=CORES).nic("fast") == tbm.config.Nic() and tbm.config.Nic().as_dict() == {}
+    assert cfg.nic("client") == tbm.config.ShapedNic(None, 50.0)
+    assert parse_config(GOOD, cores=CORES).nic("fast") == tbm.config.ShapedNic() and tbm.config.ShapedNic().as_dict() == {}
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -578,13 +580,14 @@ def busy_seconds(tb, devs: list[str]) -> dict[str, tuple[float, float]]:
 
 @pytest.mark.slow
 def test_cpu_share_slows_work_by_its_ratio(testbed):
-    """The same work takes ~4x as long at 0.25 CPU as at 1.0.
+    """A 0.25 CPU cgroup gets a quarter of a core: its busy loop's CPU time over its wall time
+    is at most 0.25 (and, on a machine with room, about that), and the quota throttled it in
+    most periods.
 
-    "At 1.0" is the work's CPU time in the 1.0 cgroup: on a shared machine other load can
-    keep a 1.0 process from a whole core (its wall time then overstates the time at 1.0),
-    while a 0.25 process is held to its quota either way.  The raw wall-time ratio is
-    printed too, and how often each cgroup was throttled (a 1.0 cgroup is, now and then:
-    the kernel hands out quota to each CPU in 5 ms slices).
+    Not asserted, printed: the same work's slow-down against the 1.0 cgroup (~4x on a quiet
+    machine). It also depends on the work's CPU time under a quota, which other load
+    inflates (cold caches each period: 6.8x was seen on a busy machine with the CPU time
+    itself 1.6x the 1.0 cgroup's).
     """
     throttled = {d: cgroups.usage(testbed.host_cgroups(d))["cpu_throttled"] for d in ("full", "quarter")}
     t = busy_seconds(testbed, ["full", "quarter"])
@@ -595,7 +598,8 @@ def test_cpu_share_slows_work_by_its_ratio(testbed):
     n = {d: after[d] - throttled[d] for d in after}  # periods in which the cgroup hit its quota
     print(f"throttled periods: {n}")
     assert n["quarter"] >= t["quarter"][0] / QUARTER_PERIOD_S / 2, n  # the quota held it back in most periods
-    assert CPU_RATIO_BAND[0] <= ratio <= CPU_RATIO_BAND[1], t
+    rate = t["quarter"][1] / t["quarter"][0]  # CPU seconds per wall second
+    assert QUARTER_RATE_BAND[0] <= rate <= QUARTER_RATE_BAND[1], t
 
 
 @pytest.mark.slow

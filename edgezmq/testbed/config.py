@@ -15,7 +15,7 @@ from edgezmq.fields import Fields, safe_load
 from edgezmq.planner.problem import Link
 from edgezmq.terms import CLIENT, MAX_PORT, MAX_THREADS
 
-__all__ = ["ConfigError", "DeviceSpec", "ClientSpec", "Link", "Nic", "TestbedConfig",
+__all__ = ["ConfigError", "DeviceSpec", "ClientSpec", "Link", "ShapedNic", "TestbedConfig",
            "parse_config", "load_config", "parse_bytes", "CLIENT"]
 
 BRIDGE = "bridge"  # the namespace holding the bridge; reserved name
@@ -53,7 +53,7 @@ class ConfigError(EdgezmqError, ValueError):
 
 
 @dataclass(frozen=True)
-class Nic:
+class ShapedNic:
     """A host's one network interface: its whole egress (up) and ingress (down), Mbit/s; None = unshaped."""
 
     up: float | None = None
@@ -71,14 +71,14 @@ class DeviceSpec:
     threads: int = DEFAULT_THREADS
     memory_bytes: int | None = None
     type: str | None = None
-    nic: Nic = Nic()
+    nic: ShapedNic = ShapedNic()
 
 
 @dataclass(frozen=True)
 class ClientSpec:
     cpu: float | None = None  # None: the client is not CPU-limited
     memory_bytes: int | None = None
-    nic: Nic = Nic()
+    nic: ShapedNic = ShapedNic()
 
 
 @dataclass(frozen=True)
@@ -107,8 +107,8 @@ class TestbedConfig:
     def link(self, a: str, b: str) -> Link:
         return self.overrides.get(frozenset((a, b)), self.default_link)
 
-    def nic(self, host: str) -> Nic:
-        """The NIC of `host` (the client or a device); ``Nic()`` when it has none."""
+    def nic(self, host: str) -> ShapedNic:
+        """The NIC of `host` (the client or a device); ``ShapedNic()`` when it has none."""
         return self.client.nic if host == CLIENT else self.device(host).nic
 
     def address(self, host: str) -> str:
@@ -160,17 +160,17 @@ def _link(v: Any, path: str, base: Link | None) -> Link:
     return Link(mbps=mbps, latency_ms=lat)
 
 
-def _nic(v: Any, path: str) -> Nic:
+def _nic(v: Any, path: str) -> ShapedNic:
     """``nic_mbps``: one rate for both directions, or ``{up, down}`` (an omitted direction is unshaped)."""
     if not isinstance(v, dict):
         mbps = F.number(v, path, lo=MIN_MBPS, hi=SHAPED_MAX_MBPS, what="a rate in Mbit/s or {up, down}")
-        return Nic(mbps, mbps)
+        return ShapedNic(mbps, mbps)
     m = F.mapping(v, path, _NIC_KEYS)
     if not any(m.get(k) is not None for k in _NIC_KEYS):
         raise ConfigError(path, "give up and/or down in Mbit/s (otherwise the NIC shapes nothing)")
     up, down = (F.number(m[k], f"{path}.{k}", lo=MIN_MBPS, hi=SHAPED_MAX_MBPS) if m.get(k) is not None else None
                 for k in _NIC_KEYS)
-    return Nic(up, down)
+    return ShapedNic(up, down)
 
 
 def _devices(v: Any, cores: int) -> list[DeviceSpec]:
@@ -192,7 +192,7 @@ def _devices(v: Any, cores: int) -> list[DeviceSpec]:
         typ = m.get("type")
         if typ is not None and not isinstance(typ, str):
             raise ConfigError(f"{p}.type", f"expected a string label, got {typ!r}")
-        nic = _nic(m["nic_mbps"], f"{p}.nic_mbps") if m.get("nic_mbps") is not None else Nic()
+        nic = _nic(m["nic_mbps"], f"{p}.nic_mbps") if m.get("nic_mbps") is not None else ShapedNic()
         count = F.integer(m.get("count", 1), f"{p}.count", lo=1, hi=MAX_COUNT)
         names = [name] if "count" not in m else [f"{name}-{k}" for k in range(count)]
         out += [DeviceSpec(n, cpu, threads, mem, typ, nic) for n in names]
@@ -239,7 +239,7 @@ def parse_config(doc: Any, *, default_name: str | None = None, cores: int | None
         cpu=(F.number(client_m["cpu"], "client.cpu", lo=0.0, hi=cores, lo_open=True, what=CPU_SHARE)
              if client_m.get("cpu") is not None else None),
         memory_bytes=parse_bytes(client_m["memory"], "client.memory") if client_m.get("memory") is not None else None,
-        nic=_nic(client_m["nic_mbps"], "client.nic_mbps") if client_m.get("nic_mbps") is not None else Nic(),
+        nic=_nic(client_m["nic_mbps"], "client.nic_mbps") if client_m.get("nic_mbps") is not None else ShapedNic(),
     )
 
     links = F.mapping(top.get("links"), "links", ("default", "overrides")) if "links" in top else None
