@@ -313,26 +313,28 @@ def test_solve_is_exact_on_tiny_problems(seed):
     assert_optimal_as_brute_force(solve(problem), expected)
 
 
+def assert_solves_as_brute_force(problem: Problem, time_limit_s: float = 30) -> None:
+    """solve's plan has the brute force's bottleneck and latency (nothing to check when no plan fits)."""
+    expected = BruteForce(problem).solve()
+    if expected is None:
+        return
+    assert_optimal_as_brute_force(solve(problem, time_limit_s=time_limit_s), expected)
+
+
 @pytest.mark.parametrize("seed", range(40))
 def test_solve_is_exact_with_big_classes(seed):
     """Type-level links only: classes of several devices, stages mixing them (deferred splits)."""
     d = random_problem(3000 + seed, pair_overrides=False)
     d["options"]["replication"] = True
     problem = Problem.from_dict(d)
-    expected = BruteForce(problem).solve()
-    if expected is None:
-        return
-    assert_optimal_as_brute_force(solve(problem, time_limit_s=30), expected)
+    assert_solves_as_brute_force(problem)
 
 
 @pytest.mark.parametrize("seed", range(40))
 def test_solve_is_exact_with_dominance(seed):
     """Types ordered by speed, memory and links: the dominance restriction loses nothing."""
     problem = Problem.from_dict(dominance_problem(seed))
-    expected = BruteForce(problem).solve()
-    if expected is None:
-        return
-    assert_optimal_as_brute_force(solve(problem, time_limit_s=30), expected)
+    assert_solves_as_brute_force(problem)
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -372,10 +374,7 @@ def test_solve_is_exact_with_nics(seed):
     """NIC limits on types, devices and the client, with replication, memory and pair
     overrides: the solver's fold of the NIC terms into each device's stage cost is exact."""
     problem = Problem.from_dict(with_nics(random_problem(5000 + seed), seed))
-    expected = BruteForce(problem).solve()
-    if expected is None:
-        return
-    assert_optimal_as_brute_force(solve(problem, time_limit_s=30), expected)
+    assert_solves_as_brute_force(problem)
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -384,10 +383,7 @@ def test_solve_is_exact_with_nics_and_big_classes(seed):
     d = with_nics(random_problem(6000 + seed, pair_overrides=False), seed, per_device=False)
     d["options"]["replication"] = True
     problem = Problem.from_dict(d)
-    expected = BruteForce(problem).solve()
-    if expected is None:
-        return
-    assert_optimal_as_brute_force(solve(problem, time_limit_s=30), expected)
+    assert_solves_as_brute_force(problem)
 
 
 @pytest.mark.parametrize("seed", range(30))
@@ -400,7 +396,4 @@ def test_solve_is_exact_with_nics_and_dominance(seed):
     for t, name in enumerate(sorted(d["device_types"])):
         d["device_types"][name]["nic_mbps"] = rng.choice(NIC_RATES[:3] if t == 0 else NIC_RATES)
     problem = Problem.from_dict(d)
-    expected = BruteForce(problem).solve()
-    if expected is None:
-        return
-    assert_optimal_as_brute_force(solve(problem, time_limit_s=30), expected)
+    assert_solves_as_brute_force(problem)
