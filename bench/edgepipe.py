@@ -96,17 +96,36 @@ def main() -> int:
     ap.add_argument("--calibrate", type=argtypes.count_or_zero, default=8,
                     help="microbatches of each deploy's calibration (0: none)")
     ap.add_argument("--no-planners", action="store_true", help="only the speedup curve")
+    ap.add_argument("--methods", default=",".join(METHODS), help="planners to compare (comma-separated)")
+    ap.add_argument("--testbeds", default=",".join(TESTBEDS), help="testbeds of the comparison (comma-separated)")
+    ap.add_argument("--merge", action="store_true",
+                    help="add to bench/results/edgepipe.json (a re-run replaces its rows), e.g. a planner that failed")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     derivation = json.loads(DERIVATION.read_text())
     mb = derivation["microbatch"]
-    points = [int(p) for p in args.points.split(",")]
+    points = [int(p) for p in args.points.split(",") if p]
+    methods = [m for m in args.methods.split(",") if m]
+    beds = [b for b in args.testbeds.split(",") if b]
+    for m in methods:
+        if m not in METHODS:
+            raise SystemExit(f"--methods: unknown {m!r} (known: {', '.join(METHODS)})")
+    for b in beds:
+        if b not in TESTBEDS:
+            raise SystemExit(f"--testbeds: unknown {b!r} (known: {', '.join(TESTBEDS)})")
     # profiles are the nodes' cached ones (the derivation's run made them); calibration
     # corrects each device type from its serving speed in every run
     common = {"model": MODEL, "granularity": GRANULARITY, "microbatch": mb, "time_limit": 60,
               "no_spot_check": True}
     t0 = time.time()
-    curve, planners, check = [], [], None
+    curve: list[dict[str, Any]] = []
+    planners: list[dict[str, Any]] = []
+    box: dict[str, Any] = {"checks": None}  # the scaling checks, from the first run that has them
+    if args.merge and (RESULTS / "edgepipe.json").exists():
+        old = json.loads((RESULTS / "edgepipe.json").read_text())
+        box["checks"] = old.get("checks")
+        curve = [c for c in old["curve"] if c["devices"] not in points and c.get("from") is None]
+        planners = [p for p in old["planners"] if not (p["testbed"] in beds and p["method"] in methods)]
 
     def say(msg: str) -> None:
         if not args.json:
@@ -134,7 +153,7 @@ def main() -> int:
                 ratios[tbname] = {m: round(rows["ours"]["measured_samples_per_s"] / p["measured_samples_per_s"], 3)
                                   for m, p in rows.items() if m != "ours"}
         return {"bench": "edgepipe", "model": MODEL, "granularity": GRANULARITY, "microbatch": mb,
-                "derivation": derivation, "checks": check, "curve": curve, "planners": planners,
+                "derivation": derivation, "checks": box["checks"], "curve": curve, "planners": planners,
                 "ours_over": ratios, "cpu_sum": derivation["cpu_sum"], "seconds": round(time.time() - t0),
                 "partial": partial}
 
@@ -142,6 +161,20 @@ def main() -> int:
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / "edgepipe.json").write_text(json.dumps(result(True), indent=1))
 
+    if points or "edgepipe" in beds:
+        _plain(points, beds, methods, curve, planners, common, args, say, flush, derivation, box)
+    if not args.no_planners and "edgepipe-slowpairs" in beds:
+        with testbed(TESTBEDS["edgepipe-slowpairs"], "edgepipe-slow") as tb:
+            _planners(tb, "edgepipe-slowpairs", methods, common, args, say, planners, flush)
+    final = result(False)
+    save("edgepipe", final, args.json)
+    say(json.dumps({"curve": [(c["devices"], c.get("speedup")) for c in curve], "ours_over": final["ours_over"]}))
+    plot(final)
+    return 0
+
+
+def _plain(points, beds, methods, curve, planners, common, args, say, flush, derivation, box) -> None:
+    """The speedup curve's points and the comparison on the plain testbed (one testbed up)."""
     with testbed(TESTBEDS["edgepipe"], "edgepipe") as tb:
         for n in points:
             one = n == 1
@@ -154,22 +187,14 @@ def main() -> int:
                 curve.append({"devices": n, "error": str(e)[-2000:]})
                 flush()
                 continue
-            if check is None:
-                check = checks(r, derivation)
+            if box.get("checks") is None:
+                box["checks"] = checks(r, derivation)
             curve.append(_row(r, devices=n))
             flush()
             say(f"{n:>2} devices: {curve[-1]['samples_per_s']:.4f} samples/s "
                 f"(predicted {curve[-1]['predicted_samples_per_s']:.4f}), {len(r['stages'])} stages")
-        if not args.no_planners:
-            _planners(tb, "edgepipe", common, args, say, planners, flush)
-    if not args.no_planners:
-        with testbed(TESTBEDS["edgepipe-slowpairs"], "edgepipe-slow") as tb:
-            _planners(tb, "edgepipe-slowpairs", common, args, say, planners, flush)
-    final = result(False)
-    save("edgepipe", final, args.json)
-    say(json.dumps({"curve": [(c["devices"], c.get("speedup")) for c in curve], "ours_over": final["ours_over"]}))
-    plot(final)
-    return 0
+        if not args.no_planners and "edgepipe" in beds:
+            _planners(tb, "edgepipe", methods, common, args, say, planners, flush)
 
 
 def _row(r: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -181,8 +206,9 @@ def _row(r: dict[str, Any], **extra: Any) -> dict[str, Any]:
             "seconds": round(r["total_seconds"])}
 
 
-def _planners(tb, name: str, common: dict[str, Any], args, say, rows: list[dict[str, Any]], flush) -> None:
-    for method in METHODS:
+def _planners(tb, name: str, methods: list[str], common: dict[str, Any], args, say,
+              rows: list[dict[str, Any]], flush) -> None:
+    for method in methods:
         try:
             r = measure(tb, **common, warmup=1, batches=args.batches, calibrate=args.calibrate, method=method)
         except RuntimeError as e:  # e.g. a baseline's plan that overruns a board: reported, not fatal
