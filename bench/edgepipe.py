@@ -165,7 +165,7 @@ def main() -> int:
         _plain(points, beds, methods, curve, planners, common, args, say, flush, derivation, box)
     if not args.no_planners and "edgepipe-slowpairs" in beds:
         with testbed(TESTBEDS["edgepipe-slowpairs"], "edgepipe-slow") as tb:
-            _planners(tb, "edgepipe-slowpairs", methods, common, args, say, planners, flush)
+            _planners(tb, "edgepipe-slowpairs", methods, common, args, say, planners, flush, derivation, box)
     final = result(False)
     save("edgepipe", final, args.json)
     say(json.dumps({"curve": [(c["devices"], c.get("speedup")) for c in curve], "ours_over": final["ours_over"]}))
@@ -187,14 +187,13 @@ def _plain(points, beds, methods, curve, planners, common, args, say, flush, der
                 curve.append({"devices": n, "error": str(e)[-2000:]})
                 flush()
                 continue
-            if box.get("checks") is None:
-                box["checks"] = checks(r, derivation)
+            box["checks"] = {**checks(r, derivation), **(box.get("checks") or {})}
             curve.append(_row(r, devices=n))
             flush()
             say(f"{n:>2} devices: {curve[-1]['samples_per_s']:.4f} samples/s "
                 f"(predicted {curve[-1]['predicted_samples_per_s']:.4f}), {len(r['stages'])} stages")
         if not args.no_planners and "edgepipe" in beds:
-            _planners(tb, "edgepipe", methods, common, args, say, planners, flush)
+            _planners(tb, "edgepipe", methods, common, args, say, planners, flush, derivation, box)
 
 
 def _row(r: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -207,7 +206,7 @@ def _row(r: dict[str, Any], **extra: Any) -> dict[str, Any]:
 
 
 def _planners(tb, name: str, methods: list[str], common: dict[str, Any], args, say,
-              rows: list[dict[str, Any]], flush) -> None:
+              rows: list[dict[str, Any]], flush, derivation: dict[str, Any], box: dict[str, Any]) -> None:
     for method in methods:
         try:
             r = measure(tb, **common, warmup=1, batches=args.batches, calibrate=args.calibrate, method=method)
@@ -216,6 +215,8 @@ def _planners(tb, name: str, methods: list[str], common: dict[str, Any], args, s
             rows.append({"testbed": name, "method": method, "error": str(e)[-2000:]})
             flush()
             continue
+        if name == "edgepipe":  # the plain testbed's links and both kinds of device: the checks
+            box["checks"] = {**(box.get("checks") or {}), **checks(r, derivation)}
         row = _row(r, testbed=name, method=method)
         row["measured_samples_per_s"] = row.pop("samples_per_s")
         rows.append(row)
