@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 import os
 import platform
@@ -159,6 +160,7 @@ def describe() -> dict:
     }
 
 
+@functools.cache  # find_library runs ldconfig: look the C library up once per process
 def malloc_trim() -> Callable[[], None]:
     """glibc's malloc_trim(0), or a no-op on other C libraries."""
     name = ctypes.util.find_library("c")
