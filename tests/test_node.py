@@ -341,6 +341,53 @@ def test_unload_then_load_again(cc, socks):
     assert _recv(out).kind == "result"
 
 
+def test_unload_abandons_a_load_still_building_and_answers(node, cc, monkeypatch, caplog):
+    """An unload of a shard still loading stops the build at its next tensor (it does not wait
+    for the whole shard, which on a slow device takes minutes and holds the control loop)."""
+    import threading
+
+    from edgezmq.model import chain as models
+
+    real, building, held = models.build_shard, threading.Event(), []
+
+    def gated_build(*a, check, **kw):
+        def gate() -> None:  # the build holds at its first tensor until the node abandons it
+            building.set()
+            deadline = time.time() + 60
+            while time.time() < deadline:
+                check()
+                time.sleep(0.01)
+            held.append("never abandoned")
+        return real(*a, check=gate, **kw)
+
+    monkeypatch.setattr(models, "build_shard", gated_build)
+    assert cc.call("load", **load_args())["state"] == "loading"
+    assert building.wait(60)
+    with caplog.at_level("INFO", logger="edgezmq.node.daemon"):
+        assert cc.call("unload")["state"] == "idle"
+    assert not held and node._loader is None
+    assert not [t for t in threading.enumerate() if t.name == "loader"]
+    assert "abandoned by unload" in caplog.text
+    monkeypatch.setattr(models, "build_shard", real)
+    assert cc.call("load", **load_args())["state"] == "loading"  # the node takes a new load
+    wait_state(cc, "loaded")
+
+
+def test_a_build_stops_when_its_check_raises():
+    from edgezmq.model import chain as models
+
+    calls = []
+
+    def check() -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        models.build_shard(MODEL, 0, N_UNITS, granularity="block", check=check, **KWARGS)
+    assert len(calls) == 3
+
+
 def test_load_failure_while_building_is_reported(cc, tmp_path):
     from safetensors.numpy import save_file
 

@@ -548,7 +548,7 @@ def _prune(model: nn.Module, owner: Callable[[str], int | None], start: int, end
 
 
 def _read_checkpoint(path: Path, expected: Mapping[str, torch.Tensor], dtype: torch.dtype,
-                     name: str, mmap: bool) -> dict[str, torch.Tensor]:
+                     name: str, mmap: bool, check: Callable[[], None]) -> dict[str, torch.Tensor]:
     """The expected tensors, read one by one from a safetensors file (never the whole file).
 
     safetensors >= 0.8 hands out tensors backed by a private mapping of the file: without
@@ -567,6 +567,7 @@ def _read_checkpoint(path: Path, expected: Mapping[str, torch.Tensor], dtype: to
                     f"checkpoint {str(path)!r} lacks {len(missing)} tensor(s) this shard of {name} needs: "
                     f"{_listed(missing)}")
             for key, meta in expected.items():
+                check()
                 t = f.get_tensor(key)
                 if tuple(t.shape) != tuple(meta.shape):
                     raise ModelError(
@@ -582,11 +583,13 @@ def _read_checkpoint(path: Path, expected: Mapping[str, torch.Tensor], dtype: to
     return out
 
 
-def _placeholder(expected: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _placeholder(expected: Mapping[str, torch.Tensor], dtype: torch.dtype,
+                 check: Callable[[], None]) -> dict[str, torch.Tensor]:
     """Deterministic stand-in weights of the right shapes: for timing and memory, not accuracy."""
     gen = torch.Generator().manual_seed(PLACEHOLDER_SEED)
     out = {}
     for key, meta in expected.items():
+        check()
         leaf = key.rsplit(".", 1)[-1]
         if not meta.is_floating_point():
             out[key] = torch.zeros(meta.shape, dtype=meta.dtype)
@@ -617,7 +620,8 @@ def _materialise_non_persistent(model: nn.Module, name: str) -> None:
 
 def build_shard(name: str, start: int, end: int, *, granularity: str = "block",
                 checkpoint: str | os.PathLike | None = None, pretrained: bool = False,
-                dtype: torch.dtype = torch.float32, mmap: bool = False, **kwargs: Any) -> Shard:
+                dtype: torch.dtype = torch.float32, mmap: bool = False,
+                check: Callable[[], None] = lambda: None, **kwargs: Any) -> Shard:
     """Build units [start, end) of `name` holding only their own tensors.
 
     Weights: `checkpoint` (a safetensors file; only the shard's tensors are read), or
@@ -625,6 +629,8 @@ def build_shard(name: str, start: int, end: int, *, granularity: str = "block",
     neither (deterministic placeholder weights, for profiling compute time and memory).
     `mmap=True` keeps checkpoint tensors backed by the file's mapping (zero-copy, paged in on
     first use, shared with the page cache; the file must not be modified in place meanwhile).
+    `check` is called before each tensor is read or made: it raises to abandon the build (a
+    node's `unload` of a shard still loading stops it within one tensor).
     """
     if checkpoint is not None and pretrained:
         raise ModelError(f"{name}: give a checkpoint or pretrained=True, not both")
@@ -637,14 +643,14 @@ def build_shard(name: str, start: int, end: int, *, granularity: str = "block",
     _prune(model, _owners(pieces), start, end)
     expected = model.state_dict(keep_vars=True)
     if checkpoint is not None:
-        tensors = _read_checkpoint(Path(checkpoint), expected, dtype, name, mmap)
+        tensors = _read_checkpoint(Path(checkpoint), expected, dtype, name, mmap, check)
     elif pretrained:
         full = create_model(name, pretrained=True, **kwargs).state_dict()
         tensors = {k: full[k].to(dtype) if full[k].is_floating_point() else full[k] for k in expected}
         del full
     else:
         log.debug("%s units [%d, %d): no checkpoint, placeholder weights", name, start, end)
-        tensors = _placeholder(expected, dtype)
+        tensors = _placeholder(expected, dtype, check)
     model.load_state_dict(tensors, strict=True, assign=True)
     del tensors
     _materialise_non_persistent(model, name)

@@ -43,6 +43,7 @@ READY_PREFIX = "EDGEZMQ-NODE-READY"  # first stdout line, parsed by edgezmq.orch
 MAX_JOBS_KEPT = 16  # finished jobs remembered for `job` queries
 INBOUND_SLACK = 2  # a data message may be this many times the stage's declared input (see cmd_load)
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+UNLOAD_JOIN_S = 10.0  # unload waits this long for an abandoned load to stop (it stops between tensors)
 
 
 class JobStopped(Exception):
@@ -50,6 +51,10 @@ class JobStopped(Exception):
 
 
 @dataclass
+class _LoadAbandoned(Exception):
+    """Raised inside a shard build when the node's `unload` abandoned it."""
+
+
 class Job:
     """A long command (profile, netprobe) running beside the control loop.
 
@@ -385,12 +390,21 @@ class Node:
 
         spec = rt.spec
         t0 = time.time()
+
+        def check() -> None:  # `unload` while loading: stop within one tensor, free what was made
+            if rt.stop.is_set():
+                raise _LoadAbandoned
+
         try:
             if spec.threads:
                 torch.set_num_threads(spec.threads)
             rt.shard = models.build_shard(
                 spec.model, spec.start, spec.end, granularity=spec.granularity,
-                checkpoint=spec.checkpoint, pretrained=spec.pretrained, **spec.kwargs)
+                checkpoint=spec.checkpoint, pretrained=spec.pretrained, check=check, **spec.kwargs)
+        except _LoadAbandoned:
+            log.info("load of %s units [%d, %d) abandoned by unload after %.1fs",
+                     spec.model, spec.start, spec.end, time.time() - t0)
+            return
         except Exception as e:  # any failure becomes the node's reported error
             log.error("load failed: %s", e)
             if self.runtime is rt:
@@ -466,9 +480,11 @@ class Node:
     def _unload(self) -> None:
         rt, self.runtime = self.runtime, None
         if rt is not None:
-            rt.close()
+            rt.close()  # sets rt.stop: a loader still building stops before its next tensor
         if self._loader is not None:
-            self._loader.join(60.0)
+            self._loader.join(UNLOAD_JOIN_S)
+            if self._loader.is_alive():  # one tensor took longer: it drops its shard when done
+                log.warning("node %s: unload: the abandoned load is still finishing a tensor", self.name)
             self._loader = None
         self.state, self.error = "idle", None
         self._load_request = self._load_reply = self._start_request = None
