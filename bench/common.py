@@ -48,8 +48,18 @@ def _config_file(config: dict | str | Path, name: str) -> Path:
     return path
 
 
+class DoesNotFit(RuntimeError):
+    """The method's plan overruns a device (e.g. PipeDream's, made for copies of the first
+    device): measure.py does not deploy it."""
+
+    def __init__(self, result: dict[str, Any]):
+        super().__init__("plan does not fit the devices: " + "; ".join(result["violations"]))
+        self.result = result
+
+
 def measure(tb: Testbed, *, timeout: float = 3600, **kw: Any) -> dict[str, Any]:
-    """Run bench/measure.py in the testbed's client namespace; its JSON result."""
+    """Run bench/measure.py in the testbed's client namespace; its JSON result (DoesNotFit
+    when the plan overruns a device)."""
     argv = [sys.executable, str(ROOT / "bench" / "measure.py"), "--cluster", str(tb.cluster_path)]
     for k, v in kw.items():
         flag = "--" + k.replace("_", "-")
@@ -61,7 +71,10 @@ def measure(tb: Testbed, *, timeout: float = 3600, **kw: Any) -> dict[str, Any]:
     r = tb.exec_in_client(argv, capture_output=True, text=True, timeout=timeout, env=env)
     if r.returncode != 0:
         raise RuntimeError(f"measure.py failed ({r.returncode}):\n{r.stderr[-4000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    if out.get("violations"):
+        raise DoesNotFit(out)
+    return out
 
 
 def save(name: str, result: dict[str, Any], as_json: bool) -> Path:

@@ -30,7 +30,7 @@ import sys
 import time
 from typing import Any
 
-from common import RESULTS, ROOT, measure, pyplot, save, testbed
+from common import RESULTS, ROOT, DoesNotFit, measure, pyplot, save, testbed
 
 from edgezmq import argtypes
 
@@ -210,6 +210,13 @@ def _planners(tb, name: str, methods: list[str], common: dict[str, Any], args, s
     for method in methods:
         try:
             r = measure(tb, **common, warmup=1, batches=args.batches, calibrate=args.calibrate, method=method)
+        except DoesNotFit as e:  # not deployed: the nodes would refuse it
+            say(f"{name} {method:<10} does not fit: {str(e)[:600]}")
+            rows.append({"testbed": name, "method": method, "error": "plan does not fit the devices",
+                         "violations": e.result["violations"], "stages": e.result["stages"],
+                         "predicted_samples_per_s": e.result["predicted_samples_per_s"]})
+            flush()
+            continue
         except RuntimeError as e:  # e.g. a baseline's plan that overruns a board: reported, not fatal
             say(f"{name} {method:<10} failed: {str(e)[-600:]}")
             rows.append({"testbed": name, "method": method, "error": str(e)[-2000:]})

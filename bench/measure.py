@@ -102,6 +102,13 @@ def main() -> int:
     problem = Problem.from_dict(g.problem)
     planned = plan_with(problem, args.method, args.time_limit)
     print(planned.table(problem), file=sys.stderr)
+    if not planned.feasible:  # e.g. PipeDream's plan, made for copies of the first device
+        print(json.dumps({"model": args.model, "microbatch": args.microbatch, "method": args.method,
+                          "violations": list(planned.violations),
+                          "predicted_samples_per_s": planned.throughput_per_s,
+                          "stages": [{"units": list(s.units), "devices": list(s.devices)} for s in planned.stages],
+                          "measured_samples_per_s": None, "total_seconds": time.time() - t0}))
+        return 0
     spec = ModelSpec(name=args.model, microbatch=args.microbatch, granularity=args.granularity,
                      checkpoint=ckpt, kwargs=kwargs)
     rng = np.random.default_rng(0)

@@ -50,11 +50,11 @@ class JobStopped(Exception):
     """Raised inside a job's work by ``Job.check``: cancelled, or past its deadline."""
 
 
-@dataclass
 class _LoadAbandoned(Exception):
     """Raised inside a shard build when the node's `unload` abandoned it."""
 
 
+@dataclass
 class Job:
     """A long command (profile, netprobe) running beside the control loop.
 
