@@ -200,7 +200,12 @@ def _row(r: dict[str, Any], **extra: Any) -> dict[str, Any]:
     return {**extra, "samples_per_s": round(r["measured_samples_per_s"], 5),
             "predicted_samples_per_s": round(r["predicted_samples_per_s"], 5),
             "predicted_uncalibrated_samples_per_s": round(r["predicted_uncalibrated_samples_per_s"], 5),
-            "stages": [{"units": s["units"], "devices": s["devices"]} for s in r["stages"]],
+            # per stage, what the nodes measured per microbatch (where a misprediction comes from)
+            "stages": [{"units": s["units"], "devices": s["devices"],
+                        "predicted_compute_s": round(s["predicted_compute_s"], 3),
+                        "measured_compute_s": {d: v and round(v, 3) for d, v in s["measured_compute_s"].items()},
+                        "measured_cpu_s": s["measured_cpu_s"]} for s in r["stages"]],
+            "node_stats": r["node_stats"],
             "bottleneck_at": r["bottleneck_at"], "optimal": r["optimal"],
             "seconds": round(r["total_seconds"])}
 
