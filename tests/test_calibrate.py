@@ -102,8 +102,14 @@ def test_a_wrong_profile_is_corrected_replanned_and_redeployed(nodes):
                 types={n.name: device_type_of(n) for n in cluster.nodes}, replan=plan_problem,
                 to_plan=lambda p: to_deploy_plan(cluster, p, model=spec, results=c.results_endpoint), n=4)
             assert cal.devices["node0"]["ratio"] > 5  # 30x, measured: a wide margin
-            assert cal.replanned and cal.factors["node0"] == pytest.approx(
+            first_round = cal.rounds[0]
+            assert first_round["factors"]["node0"] == pytest.approx(
                 np.mean([d["ratio"] for n_, d in cal.devices.items() if n_ == "node0"]))
+            # the redeployed plan was calibrated in turn; the factors compose over the rounds
+            assert first_round["redeployed"] and len(cal.rounds) >= 2
+            assert cal.measured == (not cal.rounds[-1]["redeployed"])
+            assert cal.replanned and cal.factors["node0"] == pytest.approx(
+                np.prod([r["factors"].get("node0", 1.0) for r in cal.rounds]))
             assert cal.problem["device_types"]["node0"]["unit_times_s"] == pytest.approx(
                 [t * cal.factors["node0"] for t in t0["unit_times_s"]])
             now = [(tuple(s.units), tuple(s.devices)) for s in planned2.stages]

@@ -24,8 +24,11 @@ inputs through it (after a warm-up that fills the pipeline) and reads each node'
 
 The problem is then solved again with the corrected types. The deployed plan, priced at
 the corrected speeds, stays unless the new plan is more than ``TOLERANCE`` faster (then it
-is deployed in place of the first); the prediction printed is the one of the plan left in
-service, at the corrected speeds: a prediction, still, for every stage a new plan moved.
+is deployed in place of the first). A plan so deployed is calibrated in turn (its moved
+stages ran nowhere yet: their times are a type's factor measured on other units, under
+another load), factors composing, until a round keeps its plan or ``MAX_ROUNDS`` bursts
+ran; the prediction printed is the one of the plan left in service, at the corrected
+speeds, measured on that plan itself unless the rounds ran out (``measured``).
 The burst is at least ``CALIBRATION_SECONDS`` long at the predicted pace, so that under a
 CPU quota it spans many CFS periods (as a profiling round does).
 """
@@ -55,6 +58,7 @@ CALIBRATION_MICROBATCHES = 8  # timed microbatches (after the warm-up), at least
 CALIBRATION_SECONDS = 2.0  # ... this long at the predicted pace (up to 4x as many microbatches)
 BUSY = 0.8  # a stage computing at least this share of the time was saturated
 TOLERANCE = 0.05  # a new plan replaces the deployed one only if this much faster
+MAX_ROUNDS = 3  # bursts in all: a plan that replaced the deployed one is calibrated in turn
 STATS_TIMEOUT_S = 10.0
 
 Say = Callable[[str], None]
@@ -64,10 +68,10 @@ Say = Callable[[str], None]
 class Calibration:
     """What a calibration measured and did."""
 
-    microbatches: int  # timed
+    microbatches: int  # timed, in the first burst
     warmup: int  # streamed before them, untimed (the deployment processed warmup + microbatches)
-    devices: dict[str, dict[str, Any]]  # device -> predicted_s, serving_s, busy, ratio, counted
-    factors: dict[str, float]  # device type -> factor applied
+    devices: dict[str, dict[str, Any]]  # first burst: device -> predicted_s, serving_s, busy, ratio, counted
+    factors: dict[str, float]  # device type -> factor applied (the product over the rounds)
     predicted_before: float  # samples/s the first plan predicted
     predicted_after: float  # samples/s the corrected plan predicts
     redeployed: bool  # a new plan was deployed in place of the first
@@ -76,6 +80,11 @@ class Calibration:
     # included): what that plan measured, not a prediction
     burst_samples_per_s: float = 0.0
     problem: dict[str, Any] = field(default_factory=dict)  # the corrected problem
+    # every burst: round, microbatches, burst_samples_per_s, predicted_samples_per_s (the
+    # plan it measured, before correction), factors (relative to that round's problem),
+    # devices, redeployed
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    measured: bool = True  # the plan left in service was calibrated on itself (not out of rounds)
 
     @property
     def replanned(self) -> bool:
@@ -191,12 +200,15 @@ def calibrate(
     infos: dict[str, dict], types: dict[str, str], replan: Callable[[dict[str, Any]], tuple[Any, Any]],
     to_plan: Callable[[Any], DeployPlan], n: int = CALIBRATION_MICROBATCHES, load_timeout: float = 600.0,
     say: Say | None = None, watch: Callable[[Deployment], AbstractContextManager[Any]] | None = None,
+    rounds: int = MAX_ROUNDS,
 ) -> tuple[Deployment, Any, Any, Calibration]:
     """Calibrate `dep`, deployed from `planned`, the plan for `problem` (module doc).
     `replan(problem_dict)` -> (Problem, planner plan); `to_plan(planner plan)` -> the plan to
     deploy should a new one replace `dep` (which is then unloaded first); `watch(dep)`, a
-    context manager around the burst, keeps the deployment's nodes under liveness. Returns the
-    deployment in service, the problem and planner plan it follows, and what was measured."""
+    context manager around each burst, keeps the deployment's nodes under liveness. A plan
+    that replaced the deployed one is calibrated in turn, up to `rounds` bursts in all.
+    Returns the deployment in service, the problem and planner plan it follows, and what was
+    measured."""
     from edgezmq.model import chain as models  # torch and timm: only when calibrating
     from edgezmq.planner import evaluate
 
@@ -204,38 +216,61 @@ def calibrate(
     t0 = time.time()
     m = dep.plan.model
     shape = models.input_shape(m.name, m.microbatch, **m.kwargs)
-    warmup = len(dep.plan.stages) + 1  # fills the pipeline
-    # under a CPU quota the burst must span many CFS periods (profile.round_seconds), so at
-    # least CALIBRATION_SECONDS at the predicted pace, up to 4 n microbatches
-    n = min(max(n, math.ceil(CALIBRATION_SECONDS / max(planned.bottleneck_s, 1e-9))), 4 * n)
-    with watch(dep) if watch is not None else nullcontext():
-        before, after, seconds = burst(client, dep, shape, n, warmup)
-    threads = {ref.name: ref.threads or infos[ref.name].get("threads") for _, ref in dep.plan.all_nodes}
-    timings = {}
-    for name in after:
-        got = serving_time_s(before.get(name), after[name], infos[name]["device"], threads[name])
-        if got is not None:
-            timings[name] = got
-    type_factors, devices = factors(problem, planned, timings, types)
-    for name, d in devices.items():
-        say(f"calibration: {name} units {d['units'][0]}-{d['units'][1] - 1}: {d['serving_s'] * 1e3:.0f} ms per "
-            f"microbatch serving, planner said {d['predicted_s'] * 1e3:.0f} ms (x{d['ratio']:.2f}, busy "
-            f"{d['busy']:.0%}{'' if d['counted'] else ', not saturated: not counted'})")
-    before_tp = planned.throughput_per_s
-    new_dict, new_problem, final, redeployed = problem_dict, problem, planned, False
-    if type_factors:
-        new_dict = corrected(problem_dict, type_factors)
-        new_problem, candidate = replan(new_dict)
-        final = evaluate(new_problem, planned.stages)  # the deployed plan at the corrected speeds
-        if _layout(candidate) != _layout(planned) and candidate.throughput_per_s > final.throughput_per_s * (1 + TOLERANCE):
+    cur_dict, cur_problem, cur = problem_dict, problem, planned
+    combined: dict[str, float] = {}
+    history: list[dict[str, Any]] = []
+    first_devices: dict[str, dict[str, Any]] | None = None
+    first_burst = 0.0
+    redeployed = measured = False
+    for r in range(max(1, rounds)):
+        warmup = len(dep.plan.stages) + 1  # fills the pipeline
+        # under a CPU quota the burst must span many CFS periods (profile.round_seconds), so at
+        # least CALIBRATION_SECONDS at the predicted pace, up to 4 n microbatches
+        n_r = min(max(n, math.ceil(CALIBRATION_SECONDS / max(cur.bottleneck_s, 1e-9))), 4 * n)
+        with watch(dep) if watch is not None else nullcontext():
+            before, after, seconds = burst(client, dep, shape, n_r, warmup)
+        threads = {ref.name: ref.threads or infos[ref.name].get("threads") for _, ref in dep.plan.all_nodes}
+        timings = {}
+        for name in after:
+            got = serving_time_s(before.get(name), after[name], infos[name]["device"], threads[name])
+            if got is not None:
+                timings[name] = got
+        type_factors, devices = factors(cur_problem, cur, timings, types)
+        served = n_r * m.microbatch / seconds if seconds > 0 else 0.0
+        if first_devices is None:
+            first_devices, first_burst, n_first, warmup_first = devices, served, n_r, warmup
+        for name, d in devices.items():
+            say(f"calibration: {name} units {d['units'][0]}-{d['units'][1] - 1}: {d['serving_s'] * 1e3:.0f} ms per "
+                f"microbatch serving, planner said {d['predicted_s'] * 1e3:.0f} ms (x{d['ratio']:.2f}, busy "
+                f"{d['busy']:.0%}{'' if d['counted'] else ', not saturated: not counted'})")
+        step: dict[str, Any] = {"round": r + 1, "microbatches": n_r, "burst_samples_per_s": served,
+                                "predicted_samples_per_s": cur.throughput_per_s, "factors": type_factors,
+                                "devices": devices, "redeployed": False}
+        history.append(step)
+        measured = True  # the plan in service is the one this burst measured
+        if not type_factors:
+            break
+        for t, f in type_factors.items():
+            combined[t] = combined.get(t, 1.0) * f
+        cur_dict = corrected(cur_dict, type_factors)
+        new_problem, candidate = replan(cur_dict)
+        kept = evaluate(new_problem, cur.stages)  # the deployed plan at the corrected speeds
+        cur_problem = new_problem
+        if _layout(candidate) != _layout(cur) and candidate.throughput_per_s > kept.throughput_per_s * (1 + TOLERANCE):
             say(f"calibration: at the corrected speeds another plan is "
-                f"{candidate.throughput_per_s / final.throughput_per_s - 1:.0%} faster: redeploying")
+                f"{candidate.throughput_per_s / kept.throughput_per_s - 1:.0%} faster: redeploying")
             unload(dep.plan)
             dep = deploy(to_plan(candidate), load_timeout=load_timeout, progress=say)
-            final, redeployed = candidate, True
-    factors_text = ", ".join(f"{t} x{f:.2f}" for t, f in type_factors.items()) or "none counted"
-    say(f"calibration ({factors_text}): {'new plan' if redeployed else 'plan kept'}, predicted {before_tp:.2f} -> "
-        f"{final.throughput_per_s:.2f} samples/s")
-    cal = Calibration(n, warmup, devices, type_factors, before_tp, final.throughput_per_s, redeployed,
-                      time.time() - t0, n * m.microbatch / seconds if seconds > 0 else 0.0, new_dict)
-    return dep, new_problem, final, cal
+            cur, redeployed, measured = candidate, True, False
+            step["redeployed"] = True
+            continue  # the new plan's moved stages ran nowhere yet: calibrate it in turn
+        cur = kept
+        break
+    assert first_devices is not None
+    factors_text = ", ".join(f"{t} x{f:.2f}" for t, f in combined.items()) or "none counted"
+    say(f"calibration ({factors_text}, {len(history)} burst(s)): {'new plan' if redeployed else 'plan kept'}, "
+        f"predicted {planned.throughput_per_s:.2f} -> {cur.throughput_per_s:.2f} samples/s"
+        f"{'' if measured else ' (the last plan deployed was not measured: out of rounds)'}")
+    cal = Calibration(n_first, warmup_first, first_devices, combined, planned.throughput_per_s, cur.throughput_per_s,
+                      redeployed, time.time() - t0, first_burst, cur_dict, rounds=history, measured=measured)
+    return dep, cur_problem, cur, cal
