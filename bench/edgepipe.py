@@ -1,6 +1,6 @@
 """The paper's regime, measured: ViT-Large on the scaled EdgePipe testbed (16 boards, per-device NICs).
 
-    python bench/edgepipe.py [--points 1,2,4,8,12,16] [--batches 12] [--json]
+    python bench/edgepipe.py [--points 1,2,4,8,12,16] [--batches N] [--json]
 
 Needs root. Uses plans/testbed-edgepipe.yaml and plans/testbed-edgepipe-slowpairs.yaml
 (written by plans/make_testbed_edgepipe.py, whose derivation docs/testbed.md gives), at the
@@ -92,7 +92,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--points", default="1,2,4,8,12", help="device counts of the speedup curve (16: the "
                     "planners' run of ours on the plain testbed)")
-    ap.add_argument("--batches", type=argtypes.count, default=12, help="timed microbatches per run")
+    ap.add_argument("--batches", type=argtypes.count_or_zero, default=0,
+                    help="timed microbatches per run (0: twice the run's devices, so that replicas' waves "
+                         "average out; each run also streams one per device before and after, untimed)")
     ap.add_argument("--calibrate", type=argtypes.count_or_zero, default=8,
                     help="microbatches of each deploy's calibration (0: none)")
     ap.add_argument("--no-planners", action="store_true", help="only the speedup curve")
@@ -179,8 +181,8 @@ def _plain(points, beds, methods, curve, planners, common, args, say, flush, der
         for n in points:
             one = n == 1
             try:
-                r = measure(tb, **common, nodes=",".join(subset(n)), warmup=1,
-                            batches=ONE_DEVICE_BATCHES if one else args.batches,
+                r = measure(tb, **common, nodes=",".join(subset(n)),
+                            batches=ONE_DEVICE_BATCHES if one else args.batches or 2 * n,
                             calibrate=0 if one else args.calibrate, method="ours")
             except RuntimeError as e:  # a failed point is reported, the others still run
                 say(f"{n:>2} devices: failed: {str(e)[-600:]}")
@@ -214,7 +216,8 @@ def _planners(tb, name: str, methods: list[str], common: dict[str, Any], args, s
               rows: list[dict[str, Any]], flush, derivation: dict[str, Any], box: dict[str, Any]) -> None:
     for method in methods:
         try:
-            r = measure(tb, **common, warmup=1, batches=args.batches, calibrate=args.calibrate, method=method)
+            r = measure(tb, **common, batches=args.batches or 2 * 2 * PER_TYPE, calibrate=args.calibrate,
+                        method=method)
         except DoesNotFit as e:  # not deployed: the nodes would refuse it
             say(f"{name} {method:<10} does not fit: {str(e)[:600]}")
             rows.append({"testbed": name, "method": method, "error": "plan does not fit the devices",

@@ -63,7 +63,7 @@ def main() -> int:
             if args.quick and "tiny" not in model:
                 continue
             r = measure(tb, model=model, granularity=gran, microbatch=8, batches=args.batches,
-                        warmup=2, nodes=",".join(nodes), reprofile=not args.cached)
+                        nodes=",".join(nodes), reprofile=not args.cached)
             row = {"model": model, "granularity": gran, "nodes": nodes,
                    "cpu": [next(d["cpu"] for d in TESTBED["devices"] if d["name"] == n) for n in nodes],
                    "stages": r["stages"], "bottleneck_at": r["bottleneck_at"],

@@ -34,7 +34,7 @@ def main() -> int:
     with testbed(TESTBED, "hetero") as tb:
         for method in METHODS:
             r = measure(tb, model=args.model, granularity=args.granularity, microbatch=args.microbatch,
-                        batches=args.batches, warmup=2, method=method)
+                        batches=args.batches, method=method)
             rows.append({"method": method, "stages": r["stages"], "bottleneck_at": r["bottleneck_at"],
                          "predicted_samples_per_s": round(r["predicted_samples_per_s"], 3),
                          "measured_samples_per_s": round(r["measured_samples_per_s"], 3)})

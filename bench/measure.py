@@ -74,7 +74,12 @@ def main() -> int:
     ap.add_argument("--kwargs", default="{}")
     ap.add_argument("--checkpoint")
     ap.add_argument("--batches", type=args_.count, default=8, help="timed microbatches")
-    ap.add_argument("--warmup", type=args_.count_or_zero, default=2, help="untimed microbatches first (same stream)")
+    ap.add_argument("--warmup", type=args_.count_or_zero, default=None,
+                    help="untimed microbatches first, same stream (default: one per device of the plan, so "
+                         "every replica is busy when the timing starts)")
+    ap.add_argument("--cooldown", type=args_.count_or_zero, default=None,
+                    help="untimed microbatches after the timed ones, same stream (default: as --warmup), so "
+                         "the pipeline is still full when the last timed result arrives")
     ap.add_argument("--method", default="ours", choices=METHODS)
     ap.add_argument("--no-replication", action="store_true")
     ap.add_argument("--nodes", help="comma-separated subset of the cluster's nodes to use")
@@ -111,9 +116,7 @@ def main() -> int:
         return 0
     spec = ModelSpec(name=args.model, microbatch=args.microbatch, granularity=args.granularity,
                      checkpoint=ckpt, kwargs=kwargs)
-    rng = np.random.default_rng(0)
     shape = models.input_shape(args.model, args.microbatch, **kwargs)
-    xs = [rng.standard_normal(shape, dtype=np.float32) for _ in range(args.warmup + args.batches)]
     window = 2 * sum(len(s.devices) for s in planned.stages) + 2  # every replica busy + queued
     predicted_first = planned.throughput_per_s
     cal = None
@@ -137,14 +140,22 @@ def main() -> int:
                 plan = dep.plan
                 print(planned.table(problem), file=sys.stderr)
             client.attach(dep.entry, dep.run)
-            # one continuous stream: the pipeline stays full; steady state is timed from the
-            # last warm-up result to the last result (fill and drain excluded)
+            # one continuous stream: warm-up, timed, cool-down; steady state is timed from the
+            # last warm-up result to the last timed result, while the pipeline is still full
+            # (fill and drain excluded: with replicas, results come in waves, and a drain would
+            # time a half-empty pipeline)
+            devices = sum(len(s.devices) for s in planned.stages)
+            warmup = devices if args.warmup is None else args.warmup
+            cooldown = warmup if args.cooldown is None else args.cooldown
+            rng = np.random.default_rng(0)
+            xs = [rng.standard_normal(shape, dtype=np.float32) for _ in range(warmup + args.batches + cooldown)]
             arrivals: list[float] = []
             t1 = time.perf_counter()
             outs = list(client.stream(xs, on_result=lambda seq, y: arrivals.append(time.perf_counter())))
-            start = arrivals[args.warmup - 1] if args.warmup else t1
-            dt = arrivals[-1] - start
-            outs = outs[args.warmup:]
+            start = arrivals[warmup - 1] if warmup else t1
+            dt = arrivals[warmup + args.batches - 1] - start
+            timed_xs = xs[warmup:warmup + args.batches]
+            outs = outs[warmup:warmup + args.batches]
             stats = {}
             for _, ref in plan.all_nodes:
                 with ControlClient(ref.control, timeout=10) as c:
@@ -171,6 +182,7 @@ def main() -> int:
         "optimal": planned.optimal,
         "measured_samples_per_s": args.batches * args.microbatch / dt,
         "measured_seconds": dt,
+        "warmup": warmup, "cooldown": cooldown, "batches": args.batches,
         "deploy_seconds": deploy_s,
         "gather_seconds": g.seconds,
         "io": g.io,
@@ -186,7 +198,7 @@ def main() -> int:
         "problem": g.problem,
     }
     if args.verify:
-        ref = reference(args.model, ckpt, xs[args.warmup:], kwargs)
+        ref = reference(args.model, ckpt, timed_xs, kwargs)
         result["max_abs_diff"] = max(float(np.max(np.abs(a - b))) for a, b in zip(outs, ref))
     print(json.dumps(result))
     return 0

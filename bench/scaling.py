@@ -53,7 +53,7 @@ def main() -> int:
     with testbed(TESTBED, "scale") as tb:
         for n in DEVICES:
             r = measure(tb, model=args.model, granularity=args.granularity, microbatch=args.microbatch,
-                        batches=args.batches if n > 1 else max(3, args.batches // 2), warmup=1,
+                        batches=args.batches if n > 1 else max(3, args.batches // 2),
                         nodes=",".join(f"dev-{i}" for i in range(n)), no_replication=True)
             problem = r["problem"]
             rows.append({"devices": n, "samples_per_s": round(r["measured_samples_per_s"], 3),
