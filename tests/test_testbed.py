@@ -256,6 +256,7 @@ def test_detect_v2_and_create_on_a_fake_tree(tmp_path):
     assert (tmp_path / "cgroup.subtree_control").read_text().strip() == "+cpu"  # memory was on already
     assert (tmp_path / "edgezmq-t" / "cgroup.subtree_control").read_text().strip() == "+cpu +memory"
     assert (d / "cpu.max").read_text().strip() == "20000 80000"
+    assert (tmp_path / "edgezmq-t" / "cpu.weight").read_text().strip() == "10000"  # the host's work waits
     assert (d / "memory.max").read_text().strip() == str(1 << 30)
 
 
