@@ -373,6 +373,27 @@ def test_unload_abandons_a_load_still_building_and_answers(node, cc, monkeypatch
     wait_state(cc, "loaded")
 
 
+def test_unload_hands_memory_back_after_dropping_the_shard(node, cc, socks, monkeypatch):
+    """release_memory (malloc_trim) must run when nothing holds the shard any more: run while
+    unload still held it, it gave back nothing of the shard (a minnow-like node kept 1.3 GB
+    after unloading, and the next plan's load was refused)."""
+    import gc
+
+    from edgezmq.model.chain import Shard
+    from edgezmq.node import daemon
+
+    alive_at_release = []
+
+    def release() -> None:
+        gc.collect()
+        alive_at_release.append(sum(type(o) is Shard for o in gc.get_objects()))
+
+    _one_stage(cc, socks)
+    monkeypatch.setattr(daemon.device, "release_memory", release)
+    cc.call("unload")
+    assert alive_at_release == [0]
+
+
 def test_a_build_stops_when_its_check_raises():
     from edgezmq.model import chain as models
 

@@ -30,7 +30,9 @@ INTERNAL = {"edgezmq.client._Failover", "edgezmq.planner.search.Timeout", "edgez
             # a KeyboardInterrupt: SIGTERM takes Ctrl-C's way out (exit 143)
             "edgezmq.interrupts.Terminated",
             # ends a node's job from inside it (cancel, deadline); the job thread catches it
-            "edgezmq.node.daemon.JobStopped"}
+            "edgezmq.node.daemon.JobStopped",
+            # ends a shard build that `unload` abandoned; the loader thread catches it
+            "edgezmq.node.daemon._LoadAbandoned"}
 
 # every error class, with the builtin its callers catch and the exit code it maps to
 ERRORS = {

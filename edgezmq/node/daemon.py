@@ -488,6 +488,7 @@ class Node:
             self._loader = None
         self.state, self.error = "idle", None
         self._load_request = self._load_reply = self._start_request = None
+        del rt  # the last reference to the shard: released before the memory is handed back
         device.release_memory()
 
     # ---- serving -------------------------------------------------------

@@ -109,6 +109,8 @@ class StageRuntime:
         self.threads: list[threading.Thread] = []
         self.started_at: float | None = None
         self.started_cpu = 0.0
+        self._compute_clock: int | None = None  # the compute thread's CPU clock
+        self._forward_cpu0: float | None = None  # its CPU time when the forward now running began
         # called by the send thread with each sent microbatch's [stage, t_recv, t_start,
         # t_end, t_send] and its send seconds (edgezmq.node.metrics histograms)
         self.observers: list[Callable[[list, float], None]] = []
@@ -199,6 +201,7 @@ class StageRuntime:
         c, spec = self.counters, self.spec
         if spec.threads:
             torch.set_num_threads(spec.threads)
+        self._compute_clock = time.pthread_getcpuclockid(threading.get_ident())
         while not self.stop.is_set():
             t0 = time.time()
             try:
@@ -207,6 +210,7 @@ class StageRuntime:
                 c.wait_s += time.time() - t0
                 continue
             t1, cpu1 = time.time(), time.thread_time()
+            self._forward_cpu0 = cpu1
             c.wait_s += t1 - t0
             if msg is _STOP:
                 self._put(self.out_q, _STOP)
@@ -223,6 +227,7 @@ class StageRuntime:
                     outs = self.shard(*xs)
                 arrays = [np.ascontiguousarray(o.numpy()) for o in outs]
             except Exception as e:  # a shard failure is this message's error, not the node's
+                self._forward_cpu0 = None
                 c.compute_errors += 1
                 self._reject(spec.run, msg.seq, "compute_failed", f"{type(e).__name__}: {e}", msg.t, msg.session)
                 continue
@@ -230,6 +235,7 @@ class StageRuntime:
             c.compute_s += t2 - t1
             c.compute_cpu_s += time.thread_time() - cpu1
             c.processed += 1
+            self._forward_cpu0 = None
             c.samples += int(arrays[0].shape[0]) if arrays else 0
             msg.t[-1][2:4] = [t1, t2]
             out = wire.Message(
@@ -326,6 +332,18 @@ class StageRuntime:
         c = self.counters
         return max(0, c.received - c.processed - c.compute_errors - c.bad_messages - c.forwarded_errors)
 
+    def _forward_in_progress_cpu(self) -> float:
+        """CPU seconds the forward now running has used so far (0 between forwards): left out
+        of ``cpu_s``, so that between two snapshots ``cpu_s`` grows by whole forwards, as
+        ``compute_cpu_s`` and ``processed`` do (a calibration divides it by ``processed``)."""
+        clock, start = self._compute_clock, self._forward_cpu0
+        if clock is None or start is None:
+            return 0.0
+        try:
+            return max(0.0, time.clock_gettime(clock) - start)
+        except OSError:  # the compute thread has ended
+            return 0.0
+
     def stats(self) -> StageStats:
         return StageStats(
             **self.counters.to_dict(),
@@ -334,7 +352,7 @@ class StageRuntime:
             uptime_s=(time.time() - self.started_at) if self.started_at else 0.0,
             # CPU time of the whole process (all threads) since the stage started: with
             # compute_cpu_s, what receiving, decoding, encoding and sending cost
-            cpu_s=(time.process_time() - self.started_cpu) if self.started_at else 0.0,
+            cpu_s=(time.process_time() - self.started_cpu - self._forward_in_progress_cpu()) if self.started_at else 0.0,
             # a stage whose output queue is full waits on its downstream, not on itself
             in_flight=self.in_flight(), backpressured=self.out_q.full(), paused=self.paused.is_set(),
         )

@@ -128,7 +128,8 @@ class StageStats(Record):
     out_queue: int = field_("messages waiting to be sent")
     uptime_s: float = field_("since `start`; 0 before", unit="s")
     cpu_s: float = field_("CPU time of the whole process since `start` (all threads; with "
-                          "`compute_cpu_s`, what receiving and sending cost)", unit="s")
+                          "`compute_cpu_s`, what receiving and sending cost), less the forward "
+                          "in progress: it grows by whole forwards, as `processed` does", unit="s")
     in_flight: int = field_("received and not yet through compute: received - processed - "
                             "compute_errors - bad_messages - forwarded_errors")
     backpressured: bool = field_("its output queue is full: it waits on its downstream")
