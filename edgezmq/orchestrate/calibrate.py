@@ -12,7 +12,9 @@ inputs through it (after a warm-up that fills the pipeline) and reads each node'
 
 - a node's **serving time** per microbatch is what its stage needs when it is the
   bottleneck: under a CPU quota, the process's CPU seconds per microbatch divided by the
-  quota (a saturated stage runs at its quota); without one, the forwards' wall time, plus
+  quota (a saturated stage runs at its quota; the node's ``cpu_s`` leaves out the forward
+  in progress, so a replica that processed only a few microbatches is not mis-timed by a
+  partial forward at either snapshot); without one, the forwards' wall time, plus
   the rest of its CPU divided by its cores when its torch threads use them all (else the
   rest runs on a spare core, overlapped);
 - its **ratio** is serving time / the planner's time for its stage on that device;
