@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from edgezmq import terms
 from edgezmq.errors import EdgezmqError
 
 RAW = "raw"
@@ -94,7 +95,8 @@ def _codecs() -> dict[str, Codec]:
 
 
 CODECS: dict[str, Codec] = _codecs()
-NAMES: tuple[str, ...] = tuple(CODECS)
+NAMES: tuple[str, ...] = terms.ENCODINGS  # the planner reads them there (it imports no numpy)
+assert set(NAMES) == set(CODECS), "terms.ENCODINGS and codecs.CODECS must name the same codecs"
 
 
 def codec(name: str) -> Codec:
@@ -319,7 +321,7 @@ def roundtrip(name: str, a: Any) -> np.ndarray:
     again, as the next stage sees it.  CodecError for int8/int4 and non-finite input (see module doc)."""
     arr = np.asarray(a)
     e = encode(name, arr)
-    return decode(e.spec(), [memoryview(b).cast("B") for b in e.buffers])
+    return decode(e.spec(), e.buffers)
 
 
 @dataclass(frozen=True)

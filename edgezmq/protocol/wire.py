@@ -136,13 +136,13 @@ class Message:
     run: str
     seq: int
     stage: int
-    # arrays go raw; a codecs.Encoded goes as encoded (the sender chooses: node/stage.py)
-    tensors: list[np.ndarray | codecs.Encoded] = field(default_factory=list)
+    tensors: list[np.ndarray] = field(default_factory=list)
     t: list[list[Any]] = field(default_factory=list)
     error: dict[str, str] | None = None
     session: str | None = None
 
-    def header(self) -> dict[str, Any]:
+    def header(self, encoded: Sequence[codecs.Encoded | None] = ()) -> dict[str, Any]:
+        """Frame 0; ``encoded[i]``, when given, is how tensor i travels (else raw)."""
         h: dict[str, Any] = {
             "v": VERSION,
             "kind": self.kind,
@@ -150,8 +150,8 @@ class Message:
             "seq": self.seq,
             "stage": self.stage,
             "tensors": [
-                a.spec() if isinstance(a, codecs.Encoded) else
-                {"dtype": a.dtype.name, "shape": list(a.shape), "enc": "raw"} for a in self.tensors
+                e.spec() if e is not None else {"dtype": a.dtype.name, "shape": list(a.shape), "enc": "raw"}
+                for a, e in zip(self.tensors, _padded(encoded, len(self.tensors)))
             ],
             "t": self.t,
         }
@@ -178,18 +178,29 @@ def error_message(
     )
 
 
-def encode(msg: Message) -> list[Any]:
-    """Message -> frames: [header bytes, buffer, ...].  Refuses what it cannot send as-is."""
+def _padded(encoded: Sequence[codecs.Encoded | None], n: int) -> list[codecs.Encoded | None]:
+    if len(encoded) > n:
+        raise ValueError(f"{len(encoded)} encoded tensors for a message of {n} tensors")
+    return [*encoded, *[None] * (n - len(encoded))]
+
+
+def encode(msg: Message, encoded: Sequence[codecs.Encoded | None] = ()) -> list[Any]:
+    """Message -> frames: [header bytes, buffer, ...].  Refuses what it cannot send as-is.
+
+    ``encoded[i]`` (codecs.encode of ``msg.tensors[i]``), when given, is sent in the tensor's
+    place; the others go raw.
+    """
     if msg.kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {msg.kind!r}")
     if len(msg.tensors) > MAX_TENSORS:
         raise ValueError(f"at most {MAX_TENSORS} tensors per message, got {len(msg.tensors)}")
     frames: list[Any] = [b""]
-    for i, a in enumerate(msg.tensors):
-        if isinstance(a, codecs.Encoded):
-            if a.enc not in ENCODINGS or not all(b.flags.c_contiguous for b in a.buffers):
+    encs = _padded(encoded, len(msg.tensors))
+    for i, (a, e) in enumerate(zip(msg.tensors, encs)):
+        if e is not None:
+            if e.enc not in ENCODINGS or not all(b.flags.c_contiguous for b in e.buffers):
                 raise ValueError(f"tensor {i}: an encoded tensor needs a known enc and contiguous buffers")
-            frames.extend(a.buffers)
+            frames.extend(e.buffers)
             continue
         if not isinstance(a, np.ndarray):
             raise TypeError(f"tensor {i}: expected numpy.ndarray, got {type(a).__name__}")
@@ -198,7 +209,7 @@ def encode(msg: Message) -> list[Any]:
         if not a.flags.c_contiguous:
             raise ValueError(f"tensor {i}: buffer must be C-contiguous (shape {a.shape})")
         frames.append(a)  # small ones are copied once, by zmq, when sent (copy_flags)
-    frames[0] = msgpack.packb(msg.header(), use_bin_type=True)
+    frames[0] = msgpack.packb(msg.header(encs), use_bin_type=True)
     return frames
 
 
