@@ -173,12 +173,12 @@ def encode(name: str, a: np.ndarray) -> Encoded:
     c = codec(name)
     if not isinstance(a, np.ndarray):
         raise TypeError(f"expected numpy.ndarray, got {type(a).__name__}")
+    if not a.flags.c_contiguous:  # (not ascontiguousarray: it makes a 0-d array 1-d)
+        a = a.copy(order="C")
     if c.enc == RAW:
-        a = np.ascontiguousarray(a)
         return Encoded(RAW, tuple(a.shape), (a,), dtype=a.dtype.name)
     if a.dtype != np.float32:
         raise TypeError(f"encoding {name} takes float32 tensors, got {a.dtype.name}")
-    a = np.ascontiguousarray(a)
     shape = tuple(int(d) for d in a.shape)
     if c.enc == "f16":
         with np.errstate(over="ignore"):  # overflow -> inf is the documented behaviour
@@ -215,20 +215,33 @@ def _rows(a: np.ndarray, scale: str) -> tuple[np.ndarray, int]:
     return x, (1 if scale == "token" else 0)
 
 
+def _max_scale(qmax: int) -> np.float32:
+    """The largest float32 scale s with qmax x s finite (in float32)."""
+    s = np.float32(np.finfo(np.float32).max / np.float32(qmax))
+    with np.errstate(over="ignore"):
+        while not np.isfinite(np.float32(qmax) * s):
+            s = np.nextafter(s, np.float32(0))
+    return s
+
+
+_MAX_SCALE = {q: _max_scale(m) for q, m in QMAX.items()}
+
+
 def _quantize(a: np.ndarray, enc: str, scale: str, clip: bool) -> tuple[np.ndarray, np.ndarray]:
     qmax = QMAX[enc]
     x, axis = _rows(a, scale)
     n_scales = groups(a.shape, scale)
     if x.size == 0:
         return np.zeros(x.size, np.int8), np.zeros(n_scales, np.float32)
-    # max and -min: two passes, no full-size |x| temporary
-    amax = np.maximum(x.max(axis=axis), -x.min(axis=axis))
+    # max and -min: two passes, no full-size |x| temporary; + 0 turns a -0.0 into 0.0
+    amax = np.maximum(x.max(axis=axis), -x.min(axis=axis)) + np.float32(0)
     if not np.isfinite(amax).all():
         raise CodecError("non_finite", f"{enc} cannot encode NaN or +-inf (tensor of shape {a.shape})")
     if clip:
         b = np.abs(x).mean(axis=axis, dtype=np.float64).astype(np.float32)
         amax = np.minimum(amax, np.float32(ACIQ_ALPHA[BITS[enc]]) * b)
-    scales = (amax / np.float32(qmax)).astype(np.float32)
+    # a scale rounded up could make qmax x scale overflow to inf near float32's max: cap it
+    scales = np.minimum((amax / np.float32(qmax)).astype(np.float32), _MAX_SCALE[enc])
     with np.errstate(divide="ignore"):
         inv = np.where(amax > 0, np.float32(qmax) / amax, np.float32(0)).astype(np.float32)
     y = x * (inv[:, None] if axis == 1 else inv[None, :])
@@ -310,7 +323,8 @@ def decode(spec: dict[str, Any], buffers: Sequence[Any]) -> np.ndarray:
     last = shape[-1]
     rows = q.reshape(-1, last) if last else q.reshape(math.prod(shape[:-1]), 0)
     s = scales[:, None] if spec["scale"] == "token" else scales[None, :]
-    return np.multiply(rows, s, dtype=np.float32).reshape(shape)
+    with np.errstate(over="ignore"):  # a peer's huge scale: the product is +-inf, as IEEE says
+        return np.multiply(rows, s, dtype=np.float32).reshape(shape)
 
 
 # ---------------------------------------------------------------- helpers

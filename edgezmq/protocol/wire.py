@@ -117,8 +117,8 @@ ERRORS: dict[str, str] = {
     "bad_arity": "not as many tensors as the stage's first unit takes",
     "bad_length": "a buffer's length is not what its `enc`, `dtype` and `shape` make (raw: prod(shape) x "
                   "itemsize; the Encodings table)",
-    "oversize": f"header over {MAX_HEADER_BYTES // 1024} KiB or a tensor (decoded, or any of its frames) "
-                f"declared over {MAX_TENSOR_BYTES >> 20} MiB",
+    "oversize": f"header over {MAX_HEADER_BYTES // 1024} KiB or a tensor declared over "
+                f"{MAX_TENSOR_BYTES >> 20} MiB (the product of its non-zero dimensions x itemsize, decoded)",
     "wrong_run": "a message of another `run`; the error message carries the SENDER's run id, so that the "
                  "client of that run (not ours) can attribute it",
     "bad_stage": "an `act` or `error` message from a stage other than the previous one",
@@ -300,12 +300,12 @@ def _check_spec(i: int, spec: Any, seq: int | None) -> None:
     if (not isinstance(shape, list) or len(shape) > MAX_NDIM
             or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31 for d in shape)):
         raise WireError("bad_shape", f"tensors[{i}].shape: expected a list of at most {MAX_NDIM} non-negative ints, got {shape!r}", seq)
-    # what decoding allocates is checked before anything is allocated; and every frame, since
-    # a scale count (prod of all dimensions but the last) can outgrow a tensor of 0 elements
     bad = codecs.check_spec(spec)
     if bad is not None:
         raise WireError(bad[0], f"tensors[{i}]: {bad[1]}", seq)
-    nbytes = max([math.prod(shape) * np.dtype(spec["dtype"]).itemsize, *codecs.frame_lengths(spec)])
+    # checked before anything is allocated: the product of the non-zero dimensions, so that
+    # a tensor of 0 elements cannot declare 2^217 scales, nor a shape numpy cannot even make
+    nbytes = math.prod(d for d in shape if d) * np.dtype(spec["dtype"]).itemsize
     if nbytes > MAX_TENSOR_BYTES:
         raise WireError("oversize", f"tensors[{i}] declares {nbytes} bytes, limit {MAX_TENSOR_BYTES}", seq)
 
