@@ -73,6 +73,7 @@ class LinkPolicy:
         self._pace: float | None = None
         self._spb: float | None = None  # smoothed send seconds per byte on this rung
         self._bytes = 0  # the last message's bytes on this rung
+        self._last = 0.0  # the last measured send time
         self._n = 0  # sends since the last switch
         self._sent = 0  # sends ever
         self._state = ""  # "stepped": a step down under evaluation; "probing": a probe up
@@ -105,7 +106,7 @@ class LinkPolicy:
             if self._n > self.th.settle and nbytes > 0 and seconds >= 0:
                 spb = seconds / nbytes
                 self._spb = spb if self._spb is None else self._spb + self.th.alpha * (spb - self._spb)
-                self._bytes = nbytes
+                self._bytes, self._last = nbytes, seconds
             if self.rungs > 1 and self._n >= self.th.dwell and self._spb is not None and self._pace:
                 self._decide(self._bytes * self._spb, self._pace)
             return self.level
@@ -141,7 +142,8 @@ class LinkPolicy:
                 return
             self._probe_next = th.probe
         if busy and self.level < self.rungs - 1 and not self._hold:
-            self._before = t
+            # the smoothed time lags a link that just slowed: the last send says more about it
+            self._before = max(t, self._last)
             self._move(self.level + 1, "down")
             self._state = "stepped"
         elif self.level > 0 and self._n >= self._probe_next and t < th.up * pace:
