@@ -74,6 +74,7 @@ class LinkPolicy:
         self._spb: float | None = None  # smoothed send seconds per byte on this rung
         self._bytes = 0  # the last message's bytes on this rung
         self._last = 0.0  # the last measured send time
+        self._shown: float | None = None  # the goodput stats show: the last rung's, across switches
         self._n = 0  # sends since the last switch
         self._sent = 0  # sends ever
         self._state = ""  # "stepped": a step down under evaluation; "probing": a probe up
@@ -106,7 +107,7 @@ class LinkPolicy:
             if self._n > self.th.settle and nbytes > 0 and seconds >= 0:
                 spb = seconds / nbytes
                 self._spb = spb if self._spb is None else self._spb + self.th.alpha * (spb - self._spb)
-                self._bytes, self._last = nbytes, seconds
+                self._bytes, self._last, self._shown = nbytes, seconds, self._spb
             if self.rungs > 1 and self._n >= self.th.dwell and self._spb is not None and self._pace:
                 self._decide(self._bytes * self._spb, self._pace)
             return self.level
@@ -114,8 +115,8 @@ class LinkPolicy:
     # ---- what it measured ---------------------------------------------
     @property
     def goodput(self) -> float | None:
-        """Smoothed bytes per second of sending on the current rung (None before a measurement)."""
-        spb = self._spb
+        """Smoothed bytes per second of sending, as last measured (None before a measurement)."""
+        spb = self._shown
         return None if spb is None else (1.0 / spb if spb > 0 else float("inf"))
 
     @property
