@@ -298,3 +298,26 @@ def test_mutated_encoded_messages_raise_wire_error_only():
         # what is accepted is well-formed: float32 tensors of the declared shapes
         assert all(t.dtype == np.float32 and t.size < 1 << 20 for t in out.tensors)
     assert refused > 1500
+
+
+def test_the_conformance_vectors_built_by_hand_from_the_docs_decode_as_codecs_does():
+    """tests/vectors/generate.py lays the encoded images out from docs/wire.md by hand: codecs agrees."""
+    import json
+    from pathlib import Path
+
+    cases = {c["name"]: c for c in json.loads(
+        (Path(__file__).resolve().parent / "vectors" / "data.json").read_text())["cases"]}
+    image = wire.decode([bytes.fromhex(f) for f in cases["a good microbatch still goes through"]["frames_hex"]])
+    x = image.tensors[0]
+    bounds = {"an f16 microbatch": 1e-3, "a bf16 microbatch": 1e-2,
+              "an int8 microbatch, a scale per token (row of the last dimension)": 1 / 254,
+              "an int4 microbatch, a scale per channel (index of the last dimension)": 1 / 14}
+    for name, bound in bounds.items():
+        got = wire.decode([bytes.fromhex(f) for f in cases[name]["frames_hex"]]).tensors[0]
+        assert got.shape == x.shape and got.dtype == np.float32
+        assert float(np.max(np.abs(got - x))) <= bound * float(np.max(np.abs(x))) * (1 + 1e-5), name
+    for c in cases.values():  # every case the decoder alone refuses is refused with the expected code
+        try:
+            wire.decode([bytes.fromhex(f) for f in c["frames_hex"]])
+        except wire.WireError as e:
+            assert e.code == c["expect"]["code"], c["name"]
