@@ -262,8 +262,9 @@ def _pack4(q: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------- decode
 
-# byte -> its two signed nibbles (low, high): unpacking is one gather
+# byte -> its two signed nibbles (low, high): unpacking is one gather of 2-byte entries
 _UNPACK4 = np.array([[((b & 15) ^ 8) - 8, ((b >> 4) ^ 8) - 8] for b in range(256)], dtype=np.int8)
+_UNPACK4_PAIRS = _UNPACK4.view(np.uint16).reshape(256)  # take() on it is ~10x a fancy index of _UNPACK4
 
 
 def check_spec(spec: dict[str, Any]) -> tuple[str, str] | None:
@@ -319,7 +320,7 @@ def decode(spec: dict[str, Any], buffers: Sequence[Any]) -> np.ndarray:
         raise CodecError("bad_encoding", f"enc {enc}: scales must be finite and >= 0")
     n = math.prod(shape)
     raw = np.frombuffer(buffers[0], dtype=np.int8 if enc == "int8" else np.uint8)
-    q = raw if enc == "int8" else _UNPACK4[raw].reshape(-1)[:n]
+    q = raw if enc == "int8" else _UNPACK4_PAIRS.take(raw).view(np.int8)[:n]
     last = shape[-1]
     rows = q.reshape(-1, last) if last else q.reshape(math.prod(shape[:-1]), 0)
     s = scales[:, None] if spec["scale"] == "token" else scales[None, :]
