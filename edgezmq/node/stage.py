@@ -69,7 +69,8 @@ class Counters:
     last_error: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        # a copy of enc_messages too: the send thread adds keys while stats are read
+        return {k: dict(v) if isinstance(v, dict) else v for k, v in self.__dict__.items()}
 
 
 @dataclass

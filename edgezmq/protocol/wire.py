@@ -108,7 +108,7 @@ ERRORS: dict[str, str] = {
                 "errors come from stages only",
     "bad_field": "`run`/`seq`/`stage`/`tensors`/`t`/`error` of the wrong type or range, or an error "
                  "message without `error`",
-    "bad_encoding": "a tensor's `enc` is not one of the encodings below; a non-raw `enc` on a tensor whose "
+    "bad_encoding": "a tensor's `enc` is not one of the encodings (docs/wire.md, Encodings); a non-raw `enc` on a tensor whose "
                     "`dtype` is not `float32`; `int8`/`int4` without a known `scale` or with a negative or "
                     "non-finite scale",
     "bad_dtype": "a tensor's dtype not allowed on the wire, or not the dtype the stage's first unit takes",
