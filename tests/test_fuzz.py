@@ -18,7 +18,7 @@ from edgezmq.orchestrate.address import NodeAddress
 from edgezmq.orchestrate.deploy import deploy, unload
 from edgezmq.orchestrate.local import LocalCluster
 from edgezmq.orchestrate.planfile import DeployPlan, StagePlan
-from edgezmq.protocol import control, wire
+from edgezmq.protocol import codecs, control, wire
 from edgezmq.transport import netprobe, sockets
 from edgezmq.transport.rpc import ControlClient
 
@@ -160,7 +160,19 @@ def bad_data_messages(rng, run: str, x: np.ndarray):
     wrong_types = [{"run": 5}, {"seq": "1"}, {"stage": 1.5}, {"tensors": {}}, {"tensors": [[1]]},
                    {"t": "x"}, {"kind": None}, {"seq": True}, {"seq": 2**64 - 1}, {"seq": -5}, {"t": [1, 2]}]
     huge = [[2**30, 2**30], [2**31 - 1] * 8, [-1, 3], [1.5], list(range(1, 10)), [MICROBATCH + 1, 3, 64, 64],
-            [MICROBATCH, 3, 64, 65], [MICROBATCH, 4, 64, 64], [MICROBATCH * 3 * 64 * 64]]
+            [MICROBATCH, 3, 64, 65], [MICROBATCH, 4, 64, 64], [MICROBATCH * 3 * 64 * 64], [2**31 - 1] * 7 + [0]]
+    # encoded (docs/wire.md, Encodings): valid ones to damage, and hostile scale frames
+    encoded = {}
+    for name in ("int8", "int4-ch", "f16"):
+        e = codecs.encode(name, x)
+        encoded[name] = [bytes(memoryview(f)) for f in wire.encode(wire.Message("act", run, 1, -1, [x]), [e])]
+    h8, q8, s8 = encoded["int8"]
+    h4, q4, s4 = encoded["int4-ch"]
+    q_specs = [{"dtype": "float32", "shape": [MICROBATCH, 3, 64, 64], "enc": "int8", "scale": s}
+               for s in ("row", None, 7, ["token"], "channel")] + [
+              {"dtype": "float32", "shape": huge[int(rng.integers(len(huge)))], "enc": "int4", "scale": "token"},
+              {"dtype": "int64", "shape": [MICROBATCH, 3, 64, 64], "enc": "f16"}]
+    bad_scales = [np.full(len(s8) // 4, v, np.float32).tobytes() for v in (np.nan, np.inf, -1.0)]
     makers = [
         lambda: [rng.bytes(int(rng.integers(0, 256)))],
         lambda: [rng.bytes(int(rng.integers(0, 64))) for _ in range(int(rng.integers(2, 5)))],
@@ -182,6 +194,16 @@ def bad_data_messages(rng, run: str, x: np.ndarray):
         lambda: [_header(run, tensors=[{"dtype": "float32", "shape": [2], "enc": "zstd"}]), b"\0" * 8],
         lambda: [msgpack.packb([1, 2, 3]), small],
         lambda: [b"", b""],
+        lambda: [_flip(rng, h8, int(rng.integers(1, 4))), q8, s8],
+        lambda: [h8, q8, s8[: int(rng.integers(0, len(s8)))]],  # scales frame cut short
+        lambda: [h8, q8, s8 + b"\0" * 4 * int(rng.integers(1, 4))],  # scales too many
+        lambda: [h8, q8],  # scales frame missing
+        lambda: [h8, q8, s8, small],
+        lambda: [h8, q8, bad_scales[int(rng.integers(len(bad_scales)))]],  # NaN, inf, negative scales
+        lambda: [h4, q4[: int(rng.integers(0, len(q4)))], s4],  # packed payload cut short
+        lambda: [h4, q4 + b"\0", s4],
+        lambda: [_header(run, tensors=[q_specs[int(rng.integers(len(q_specs)))]]), q8, s8],
+        lambda: [encoded["f16"][0], encoded["f16"][1][:-2]],
     ]
     while True:
         for make in makers:

@@ -37,6 +37,7 @@ INTERNAL = {"edgezmq.client._Failover", "edgezmq.planner.search.Timeout", "edgez
 # every error class, with the builtin its callers catch and the exit code it maps to
 ERRORS = {
     "edgezmq.protocol.wire.WireError": (ValueError, EXIT_BAD_INPUT),
+    "edgezmq.protocol.codecs.CodecError": (ValueError, EXIT_BAD_INPUT),
     "edgezmq.protocol.control.ControlError": (Exception, EXIT_FAILED),
     "edgezmq.protocol.schema.SchemaError": (ValueError, EXIT_BAD_INPUT),
     "edgezmq.transport.nodeclient.JobFailed": (Exception, EXIT_FAILED),

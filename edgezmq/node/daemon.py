@@ -364,6 +364,7 @@ class Node:
         pull.setsockopt(zmq.RCVTIMEO, POLL_MS)
         rt = StageRuntime(self.ctx, spec, pull, endpoint, keys=self.keys)
         rt.expected_in = [(tuple(s), d) for s, d in specs[spec.start]]
+        rt.n_out = len(specs[spec.end])
         rt.observers = self.observers
         self.runtime, self.state, self.error = rt, "loading", None
         self._load_request, self._start_request = req, None
@@ -440,8 +441,14 @@ class Node:
         elif server_keys is not None:
             raise control.ControlError(control.BAD_ARGS, f"start.server_keys: node {self.name} has no key pair "
                                        "(start it with --secret-key and --allow)")
+        n_out = self.runtime.n_out
+        for i, rung in enumerate(req.encodings or ()):
+            if len(rung) not in (1, n_out):
+                raise control.ControlError(
+                    control.BAD_ARGS, f"start.encodings[{i}]: expected one encoding or one per tensor this "
+                    f"stage sends ({n_out}), got {len(rung)}")
         try:
-            self.runtime.start(connect, keys)
+            self.runtime.start(connect, keys, [list(r) for r in req.encodings] if req.encodings else None)
         except zmq.ZMQError as e:
             raise control.ControlError(control.BAD_ARGS, f"start.connect: {e}") from None
         self.state, self._start_request = "running", req

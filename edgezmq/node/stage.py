@@ -2,12 +2,16 @@
 
 Three threads joined by bounded queues: receive (PULL, decode, validate) -> compute
 (torch, inference_mode) -> send (encode, PUSH).  Bad data messages are counted and turned
-into ``error`` messages downstream; nothing a peer sends can stop the stage.
+into ``error`` messages downstream; nothing a peer sends can stop the stage.  The send
+thread encodes with the rung of the link's ladder that ``adaptive.LinkPolicy`` picks
+(``start(encodings=...)``, docs/compression.md); without one everything goes raw.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -18,7 +22,8 @@ from typing import Any
 import numpy as np
 import zmq
 
-from edgezmq.protocol import wire
+from edgezmq.node.adaptive import LinkPolicy
+from edgezmq.protocol import codecs, wire
 from edgezmq.protocol.messages import LoadRequest, StageStats
 from edgezmq.transport import security, sockets
 
@@ -29,6 +34,11 @@ POLL_MS = 100  # how often blocking loops look at their stop flags
 DRAIN_TIMEOUT_S = 10.0  # SIGTERM: finish in-flight microbatches for at most this long
 BUFFERS_PER_DIRECTION = QUEUE_DEPTH + sockets.DATA_HWM + 1  # for the memory estimate
 WIRE_SEQ_LIMIT = 2**63  # wire.decode_header accepts seq in [-1, 2**63)
+# Test hook, no root needed: a JSON file {"<stage>": Mbit/s, ...}; while it names this stage,
+# its send thread sends no faster than that rate (one message may wait on the "wire"), so a
+# test can slow a link and restore it live (tests/test_compression.py).  Unset: no cost.
+THROTTLE_ENV = "EDGEZMQ_TEST_THROTTLE"
+THROTTLE_CHECK_S = 0.1  # how often the throttle file is read again
 _STOP = object()
 
 
@@ -52,10 +62,15 @@ class Counters:
     compute_s: float = 0.0
     compute_cpu_s: float = 0.0  # CPU time of the compute thread inside forwards
     send_s: float = 0.0  # send thread inside send (includes back-pressure)
+    encode_s: float = 0.0  # of send_s, encoding tensors (codecs)
+    enc_messages: dict[str, int] = field(default_factory=dict)  # messages sent per rung
+    enc_switches: int = 0
+    enc_fallbacks: int = 0  # tensors sent raw because int8/int4 refused them (NaN/inf)
     last_error: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        # a copy of enc_messages too: the send thread adds keys while stats are read
+        return {k: dict(v) if isinstance(v, dict) else v for k, v in self.__dict__.items()}
 
 
 @dataclass
@@ -114,6 +129,10 @@ class StageRuntime:
         # called by the send thread with each sent microbatch's [stage, t_recv, t_start,
         # t_end, t_send] and its send seconds (edgezmq.node.metrics histograms)
         self.observers: list[Callable[[list, float], None]] = []
+        self.n_out = 0  # tensors this stage sends (the daemon knows it from the model's boundary specs)
+        self.ladder: list[list[str]] = []  # the outgoing link's rungs (start(encodings=...)); [] = raw
+        self.policy: LinkPolicy | None = None
+        self._throttle = _Throttle.from_env(spec.stage)
 
     # ---- data threads -------------------------------------------------
     def _put(self, q: queue.Queue, item: Any) -> bool:
@@ -202,19 +221,22 @@ class StageRuntime:
         if spec.threads:
             torch.set_num_threads(spec.threads)
         self._compute_clock = time.pthread_getcpuclockid(threading.get_ident())
+        waited = 0.0  # for the link policy's pace: input waits since the last microbatch went out
         while not self.stop.is_set():
             t0 = time.time()
             try:
                 msg = self.in_q.get(timeout=POLL_MS / 1000)
             except queue.Empty:
                 c.wait_s += time.time() - t0
+                waited += time.time() - t0
                 continue
             t1, cpu1 = time.time(), time.thread_time()
-            self._forward_cpu0 = cpu1
             c.wait_s += t1 - t0
+            waited += t1 - t0
             if msg is _STOP:
                 self._put(self.out_q, _STOP)
                 return
+            self._forward_cpu0 = cpu1
             if self.paused.is_set():  # also holds a microbatch taken just before `pause`
                 if not self._hold_while_paused():
                     return
@@ -238,6 +260,9 @@ class StageRuntime:
             self._forward_cpu0 = None
             c.samples += int(arrays[0].shape[0]) if arrays else 0
             msg.t[-1][2:4] = [t1, t2]
+            if self.policy is not None:
+                self.policy.observe_pace(waited + (t2 - t1))
+            waited = 0.0
             out = wire.Message(
                 kind="result" if spec.last else "act", run=spec.run, seq=msg.seq,
                 stage=spec.stage, tensors=arrays, t=msg.t, session=msg.session,
@@ -265,22 +290,52 @@ class StageRuntime:
             t0 = time.time()
             if msg.kind != "error" and msg.t:
                 msg.t[-1][4] = t0
-            frames = wire.encode(msg)
+            rung, encoded = self._encode(msg) if self.ladder and msg.kind != "error" else (None, [])
+            frames = wire.encode(msg, encoded)
             assert self.push is not None  # made by start() before the threads
+            t_enc = time.time()
+            nbytes = sum(memoryview(f).nbytes for f in frames)
             while True:
                 try:
                     sockets.send_frames(self.push, frames)
                     c.sent += 1
-                    c.bytes_out += sum(memoryview(f).nbytes for f in frames)
+                    c.bytes_out += nbytes
                     break
                 except zmq.Again:  # downstream full or not connected: retry until told to stop
                     c.send_retries += 1
                     if self.stop.is_set():
                         return
+            if self._throttle is not None:
+                self._throttle.wait(nbytes)
             dt = time.time() - t0
             c.send_s += dt
+            c.encode_s += t_enc - t0
+            if rung is not None:
+                c.enc_messages[rung] = c.enc_messages.get(rung, 0) + 1
+                if self.policy is not None:
+                    before = self.policy.level
+                    if self.policy.observe_send(nbytes, time.time() - t_enc) != before:
+                        c.enc_switches += 1
+                        log.info("stage %d: link encoding %s -> %s (%s)", self.spec.stage, rung,
+                                 rung_name(self.ladder[self.policy.level]), self.policy.switches[-1].why)
             if self.observers and msg.kind != "error" and msg.t:
                 self._observe(msg.t[-1], dt)
+
+    def _encode(self, msg: wire.Message) -> tuple[str, list[codecs.Encoded | None]]:
+        """msg's tensors encoded with the current rung (None: raw), and the rung's name."""
+        rung = self.ladder[self.policy.level if self.policy is not None else 0]
+        out: list[codecs.Encoded | None] = []
+        for i, a in enumerate(msg.tensors):
+            name = rung[i] if len(rung) > 1 else rung[0]
+            if name == codecs.RAW or a.dtype != np.float32 or (a.ndim == 0 and codecs.codec(name).scale):
+                out.append(None)  # only float32 activations are compressed; anything else goes as is
+                continue
+            try:
+                out.append(codecs.encode(name, a))
+            except codecs.CodecError:  # NaN/inf: int8/int4 refuse them; the tensor goes exact
+                self.counters.enc_fallbacks += 1
+                out.append(None)
+        return rung_name(rung), out
 
     def _observe(self, entry: list, send_s: float) -> None:
         for fn in self.observers:
@@ -290,7 +345,13 @@ class StageRuntime:
                 log.exception("stage %d: observer failed", self.spec.stage)
 
     # ---- lifecycle ---------------------------------------------------
-    def start(self, connect: list[str], server_keys: list[bytes] | None = None) -> None:
+    def start(self, connect: list[str], server_keys: list[bytes] | None = None,
+              encodings: list[list[str]] | None = None) -> None:
+        """Connect downstream and start the threads; ``encodings``: the outgoing link's ladder
+        (rungs largest first, each one codec name or one per tensor), None: raw."""
+        if encodings:
+            self.ladder = [list(r) for r in encodings]
+            self.policy = LinkPolicy(len(self.ladder)) if len(self.ladder) > 1 else None
         keys: list[bytes | None] = list(server_keys) if server_keys else [None] * len(connect)
         curve = security.Curve(self.keys, server_key=keys[0]) if self.keys is not None else None
         self.push = sockets.make_socket(self.ctx, zmq.PUSH, sockets.DATA, curve=curve)
@@ -355,6 +416,49 @@ class StageRuntime:
             cpu_s=(time.process_time() - self.started_cpu - self._forward_in_progress_cpu()) if self.started_at else 0.0,
             # a stage whose output queue is full waits on its downstream, not on itself
             in_flight=self.in_flight(), backpressured=self.out_q.full(), paused=self.paused.is_set(),
+            encoding=rung_name(self.ladder[self.policy.level if self.policy else 0]) if self.ladder else codecs.RAW,
+            goodput_bps=self.policy.goodput if self.policy is not None else None,
         )
+
+
+def rung_name(rung: list[str]) -> str:
+    """A rung as stats and logs show it: `int8`, or per tensor `int8+f16`."""
+    return "+".join(rung)
+
+
+class _Throttle:
+    """The THROTTLE_ENV test hook: holds the send thread so that it sends at most at the file's rate."""
+
+    def __init__(self, path: str, stage: int) -> None:
+        self.path, self.key = path, str(stage)
+        self.rate: float | None = None  # bytes per second; None: not throttled
+        self.checked = 0.0
+        self.free = 0.0  # when the emulated wire finishes the last message
+
+    @classmethod
+    def from_env(cls, stage: int) -> _Throttle | None:
+        path = os.environ.get(THROTTLE_ENV)
+        return cls(path, stage) if path else None
+
+    def _read(self) -> None:
+        self.checked = time.time()
+        try:
+            mbps = json.loads(open(self.path).read()).get(self.key)
+        except (OSError, ValueError, AttributeError):
+            mbps = None
+        self.rate = float(mbps) * 1e6 / 8 if isinstance(mbps, (int, float)) and 0 < mbps < 1e7 else None
+
+    def wait(self, nbytes: int) -> None:
+        now = time.time()
+        if now - self.checked > THROTTLE_CHECK_S:
+            self._read()
+        if self.rate is None:
+            return
+        # one message may be "on the wire" while the next is handed over, as with a socket buffer:
+        # a send waits only while the previous message is still being transmitted
+        start = max(now, self.free)
+        self.free = start + nbytes / self.rate
+        if start > now:
+            time.sleep(start - now)
 
 

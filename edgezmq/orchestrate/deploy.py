@@ -196,7 +196,7 @@ def deploy(
             down_keys = keys[i + 1] if i + 1 < n_stages else [ring.results_public]
             server_keys = [k.decode() for k in down_keys]
         with NodeClient(n.control, timeout=ping_timeout, retries=0, name=n.name, curve=plan.curve(n)) as c:
-            return c.start(downstream, server_keys)
+            return c.start(downstream, server_keys, encodings=plan.stages[i].encodings)
 
     started = _each(nodes, start)
     errors = _fail(started)

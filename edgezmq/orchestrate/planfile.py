@@ -16,7 +16,14 @@ from edgezmq.errors import EdgezmqError
 from edgezmq.fields import Fields, prefixed, read_yaml, shown
 from edgezmq.orchestrate.address import NodeAddress
 from edgezmq.protocol.model_kwargs import ModelKwargsError, check_model_kwargs
-from edgezmq.terms import GRANULARITIES, MAX_MICROBATCH, MAX_THREADS, MAX_UNITS
+from edgezmq.terms import (
+    ENCODINGS,
+    GRANULARITIES,
+    MAX_MICROBATCH,
+    MAX_RUNGS,
+    MAX_THREADS,
+    MAX_UNITS,
+)
 from edgezmq.transport import security
 
 DEFAULT_RESULTS = "tcp://127.0.0.1:5560"
@@ -41,6 +48,9 @@ class ModelSpec:
 class StagePlan:
     units: tuple[int, int]
     nodes: list[NodeAddress]
+    # the link to the next stage: a ladder of rungs, largest first, each one encoding for every
+    # tensor or one per tensor (docs/compression.md); None: raw
+    encodings: list[list[str]] | None = None
 
 
 @dataclass
@@ -72,7 +82,8 @@ class DeployPlan:
                       "kwargs": m.kwargs},
             "nodes": {n.name: n.control for _, n in self.all_nodes},
             "stages": [{"units": list(s.units), "nodes": [n.name for n in s.nodes],
-                        **({"threads": s.nodes[0].threads} if s.nodes[0].threads else {})}
+                        **({"threads": s.nodes[0].threads} if s.nodes[0].threads else {}),
+                        **({"encoding": [list(r) for r in s.encodings]} if s.encodings else {})}
                        for s in self.stages],
             "results": self.results,
             **({"keys": self.keys} if self.keys else {}),
@@ -151,7 +162,8 @@ def parse_plan(d: Any, source: str | None = None) -> DeployPlan:
                 raise PlanFileError(f"{path}.nodes[{j}]: node {r!r} already serves {seen[ref.control]}")
             seen[ref.control] = path
             nodes.append(ref)
-        stages.append(StagePlan(units=(units[0], units[1]), nodes=nodes))
+        encodings = _encodings(s.get("encoding"), f"{path}.encoding", last=i == len(raw_stages) - 1)
+        stages.append(StagePlan(units=(units[0], units[1]), nodes=nodes, encodings=encodings))
     results = F.need(d, "results", str, "plan", DEFAULT_RESULTS)
     keys, keyring = _parse_keys(d, [n.name for st in stages for n in st.nodes], source)
     if keyring is not None:  # each address carries how to reach it
@@ -159,6 +171,32 @@ def parse_plan(d: Any, source: str | None = None) -> DeployPlan:
                   for st in stages]
     return DeployPlan(model=model, stages=stages, results=results, run=F.need(d, "run", str, "plan", None),
                 source=source, keyring=keyring, keys=keys)
+
+
+MAX_RUNG_TENSORS = 8  # tensors a message carries at most (wire.MAX_TENSORS)
+
+
+def _encodings(v: Any, path: str, last: bool) -> list[list[str]] | None:
+    """A stage's ``encoding``: a name, a ladder of names, or a ladder of per-tensor lists -> rungs."""
+    if v is None:
+        return None
+    if last:
+        raise PlanFileError(f"{path}: the last stage sends results to the client, which stay raw (exact); "
+                            "give encodings on the links between stages")
+    ladder = [v] if isinstance(v, str) else v
+    if not isinstance(ladder, list) or not 1 <= len(ladder) <= MAX_RUNGS:
+        raise PlanFileError(f"{path}: expected an encoding, or a list of 1..{MAX_RUNGS} rungs (largest first), "
+                            f"got {shown(v)}")
+    rungs = []
+    for j, r in enumerate(ladder):
+        rung = [r] if isinstance(r, str) else r
+        if not isinstance(rung, list) or not 1 <= len(rung) <= MAX_RUNG_TENSORS:
+            raise PlanFileError(f"{path}[{j}]: expected an encoding or a list of 1..{MAX_RUNG_TENSORS} (one per "
+                                f"tensor), got {shown(r)}")
+        for k, name in enumerate(rung):
+            F.choice(name, f"{path}[{j}]" + (f"[{k}]" if len(rung) > 1 else ""), ENCODINGS)
+        rungs.append(list(rung))
+    return rungs
 
 
 def _parse_keys(d: dict, names: list[str], source: str | None) -> tuple[dict | None, security.Keyring | None]:

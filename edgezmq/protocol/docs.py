@@ -1,4 +1,4 @@
-"""Generate the protocol tables of docs/control.md and docs/wire.md from protocol/ (``--check``: compare only).
+"""Generate the protocol tables of docs/control.md, docs/wire.md and docs/compression.md from protocol/ (``--check``: compare only).
 
 Each table sits between ``<!-- BEGIN GENERATED name -->`` and ``<!-- END GENERATED name -->``;
 the prose around the markers is hand-written and left alone.  Usage::
@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from edgezmq.protocol import control, wire
+from edgezmq.protocol import codecs, control, wire
 from edgezmq.protocol import messages as m
 from edgezmq.protocol.schema import MISSING, FieldDef, Record, type_text
 
@@ -119,8 +119,9 @@ def wire_header_block() -> list[str]:
 
 def wire_limits_block() -> list[str]:
     return [
-        f"- **dtypes** allowed: {', '.join(sorted(wire.DTYPES))}. `enc` is "
-        f"{' or '.join(f'`{e}`' for e in wire.ENCODINGS)} (the only encoding of v{wire.VERSION}).",
+        f"- **dtypes** allowed: {', '.join(sorted(wire.DTYPES))}. `enc` is one of "
+        f"{', '.join(f'`{e}`' for e in wire.ENCODINGS)} (below); a non-raw `enc` carries "
+        f"`{codecs.ENCODED_DTYPE}` tensors only.",
         f"- **Zero-copy**: buffers of {wire.COPY_THRESHOLD // 1024} KiB or more are handed to libzmq "
         "without copying (`copy=False`); smaller ones are copied (below that, copying costs less than "
         "tracking the buffer: bench/transport.py).",
@@ -129,6 +130,43 @@ def wire_limits_block() -> list[str]:
         f"before anything is allocated), ≤ {wire.MAX_TIMESTAMPS} timestamp entries, texts ≤ "
         f"{wire.MAX_TEXT} bytes.",
     ]
+
+
+ENC_LAYOUT = {
+    "raw": ("the tensor's bytes as they are: n x itemsize", "–",
+            "`np.frombuffer(frame, dtype).reshape(shape)`, no copy"),
+    "f16": ("n IEEE binary16 (2 bytes each)", "–", "widen to float32 (exact)"),
+    "bf16": ("n uint16: the upper 16 bits of each float32, rounded to nearest even (NaN kept a quiet NaN)",
+             "–", "`uint32(v) << 16`, read as float32 (exact)"),
+    "int8": ("n int8 in -127..127 (-128 is decoded like any other value)",
+             "G float32 scales: `token`: G = prod(shape[:-1]), scale of row r = elements r*C .. r*C+C-1 "
+             "(C = shape[-1]); `channel`: G = C, scale of element i is scales[i mod C]",
+             "value = float32(int8) x its scale, a float32 multiply; every scale finite and >= 0, else `bad_encoding`"),
+    "int4": ("ceil(n/2) bytes, two 4-bit two's-complement values each: element 2k in the low nibble "
+             "(bits 0-3), element 2k+1 in the high nibble (bits 4-7); an odd n leaves the last high "
+             "nibble 0 (ignored); values -7..7 (-8 decoded like any other)",
+             "as `int8`", "value = nibble (sign-extended) x its scale"),
+}
+
+
+def wire_encodings_block() -> list[str]:
+    rows = ["| `enc` | frames | payload frame (n = prod(shape) elements, C order) | scales frame | decoding |",
+            "|---|---|---|---|---|"]
+    for enc, frames in codecs.WIRE_ENCODINGS.items():
+        payload, scales, how = ENC_LAYOUT[enc]
+        rows.append(f"| `{enc}` | {frames} | {_cell(payload)} | {_cell(scales)} | {_cell(how)} |")
+    return rows
+
+
+def codecs_block() -> list[str]:
+    shape = (8, 197, 768)
+    rows = ["| encoding | `enc` on the wire | `scale` | bits / value | wire bytes / raw, ViT-Base at microbatch 8 "
+            f"{list(shape)} | what it is |", "|---|---|---|---|---|---|"]
+    for name in codecs.NAMES:
+        c = codecs.CODECS[name]
+        rows.append(f"| `{name}` | `{c.enc}` | {f'`{c.scale}`' if c.scale else '–'} | {c.bits} | "
+                    f"{codecs.ratio(name, shape):.4f} | {_cell(c.describe())} |")
+    return rows
 
 
 def wire_errors_block() -> list[str]:
@@ -140,7 +178,9 @@ def wire_errors_block() -> list[str]:
 BLOCKS: dict[str, dict[str, Callable[[], list[str]]]] = {
     "control.md": {"commands": commands_block, "request-header": header_block,
                    "per-command": per_command_block, "errors": errors_block},
-    "wire.md": {"header": wire_header_block, "limits": wire_limits_block, "errors": wire_errors_block},
+    "wire.md": {"header": wire_header_block, "limits": wire_limits_block, "encodings": wire_encodings_block,
+                "errors": wire_errors_block},
+    "compression.md": {"codecs": codecs_block},
 }
 
 

@@ -10,9 +10,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from edgezmq.protocol import wire
 from edgezmq.protocol.model_kwargs import ModelKwargsError, check_model_kwargs
 from edgezmq.protocol.schema import JSON, JSONMap, Record, SchemaError, field_
-from edgezmq.terms import GRANULARITIES, MAX_MICROBATCH, MAX_THREADS, MAX_UNITS
+from edgezmq.terms import (
+    ENCODINGS,
+    GRANULARITIES,
+    MAX_MICROBATCH,
+    MAX_RUNGS,
+    MAX_THREADS,
+    MAX_UNITS,
+)
 
 MAX_RID = 64  # characters of a request id
 REPLIES_KEPT = 64  # replies a node remembers by request id: more than any client has in flight
@@ -118,7 +126,13 @@ class StageStats(Record):
     wait_s: float = field_("compute thread idle, waiting for input", unit="s")
     compute_s: float = field_("compute thread inside forwards (wall clock)", unit="s")
     compute_cpu_s: float = field_("CPU time of the compute thread inside forwards", unit="s")
-    send_s: float = field_("send thread inside send (includes back-pressure)", unit="s")
+    send_s: float = field_("send thread inside send (includes back-pressure and encoding)", unit="s")
+    encode_s: float = field_("of `send_s`, encoding tensors (docs/compression.md)", unit="s", default=0.0)
+    enc_messages: dict[str, int] = field_("messages sent per rung of the link's ladder (`int8`, per tensor "
+                                          "`int8+f16`); {} without `start.encodings`", factory=dict,
+                                          default_doc="{}")
+    enc_switches: int = field_("rung changes made by the adaptive policy", default=0)
+    enc_fallbacks: int = field_("tensors sent raw because int8/int4 refuse NaN/inf", default=0)
     last_error: str = field_("the last refusal or compute error (`seq N: code: message`), or empty")
     stage: int = field_("this shard's stage index")
     units: list[int] = field_("[start, end) unit range")
@@ -134,6 +148,11 @@ class StageStats(Record):
                             "compute_errors - bad_messages - forwarded_errors")
     backpressured: bool = field_("its output queue is full: it waits on its downstream")
     paused: bool = field_("held by `pause`")
+    encoding: str = field_("the rung the next message goes out on (`raw` without `start.encodings`)",
+                           default="raw")
+    goodput_bps: float | None = field_("the link's smoothed goodput as the adaptive policy measures it "
+                                       "(message bytes / send seconds); null without a ladder or before "
+                                       "a measurement", unit="bytes/s", default=None)
 
 
 # ---------------------------------------------------------------- commands
@@ -259,12 +278,22 @@ class StartRequest(Request):
     server_keys: tuple[str, ...] | None = field_(
         "secured nodes (required there, refused elsewhere): the Z85 public key of each `connect` "
         "address", default=None, max_len=MAX_CONNECT)
+    encodings: tuple[tuple[str, ...], ...] | None = field_(
+        "the outgoing link's encodings (docs/compression.md): a ladder of rungs, largest first; a rung is "
+        f"one encoding for every tensor or one per tensor sent (1..{wire.MAX_TENSORS}); one rung: that "
+        "encoding always, several: the stage steps along them per microbatch as the link's goodput asks",
+        default=None, max_len=MAX_RUNGS, choices=ENCODINGS, default_doc="null: raw")
 
     def validate(self) -> None:
         if not self.connect:
             raise SchemaError("start.connect", "expected a non-empty list of addresses")
         if any(len(a) > MAX_ADDRESS for a in self.connect):
             raise SchemaError("start.connect", f"an address is longer than {MAX_ADDRESS} characters")
+        for i, rung in enumerate(self.encodings or ()):
+            if not 1 <= len(rung) <= wire.MAX_TENSORS:
+                raise SchemaError(f"start.encodings[{i}]", f"expected 1..{wire.MAX_TENSORS} encodings, got {len(rung)}")
+        if self.encodings is not None and not self.encodings:
+            raise SchemaError("start.encodings", "expected at least one rung (or null: raw)")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -9,7 +9,8 @@ One ZeroMQ multipart message per microbatch::
                   error: {code: str, message: str},       # kind == "error" only
                   session: str}                           # optional: the submitting client's
 
-    frame 1..n   one raw C-contiguous buffer per tensor, in header order
+    frame 1..n   the buffers of each tensor, in header order: one raw C-contiguous buffer
+                 (enc raw, f16, bf16), or payload then scales (enc int8, int4; codecs.py)
 
 Buffers at or above ``COPY_THRESHOLD`` bytes are sent zero-copy; on receive the
 arrays are ``np.frombuffer`` views on the frames' memory (no copy).  No pickle:
@@ -29,6 +30,7 @@ import msgpack
 import numpy as np
 
 from edgezmq.errors import EdgezmqError
+from edgezmq.protocol import codecs
 
 VERSION = 1
 KINDS = ("act", "result", "error")
@@ -36,7 +38,7 @@ KINDS = ("act", "result", "error")
 DTYPES = frozenset(
     {"float32", "float16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool"}
 )
-ENCODINGS = ("raw",)
+ENCODINGS = tuple(codecs.WIRE_ENCODINGS)  # the header's `enc` (docs/wire.md, Encodings)
 
 COPY_THRESHOLD = 512 * 1024  # measured: below this, copying beats zero-copy tracking (bench/transport.py)
 MAX_HEADER_BYTES = 64 * 1024
@@ -79,9 +81,12 @@ HEADER: tuple[HeaderField, ...] = (
                 "unreadable messages); results are reordered and deduplicated by it"),
     HeaderField("stage", "int", True, "stage that produced it, -1 .. 2^63-1 (-1: the client); a stage "
                 "accepts messages of the stage before it only"),
-    HeaderField("tensors", "[{dtype, shape, enc}]", True, f"one entry per buffer frame, in order, at most "
-                f"{MAX_TENSORS}; `dtype` (required) one of the dtypes below, `shape` (required) a list of at "
-                f"most {MAX_NDIM} ints >= 0, `enc` (optional, default `raw`)"),
+    HeaderField("tensors", "[{dtype, shape, enc, scale}]", True, f"one entry per tensor, in order, at most "
+                f"{MAX_TENSORS}; `dtype` (required) one of the dtypes below (a non-raw `enc`: `float32`, the "
+                f"decoded tensor's), `shape` (required) a list of at most {MAX_NDIM} ints >= 0 (the decoded "
+                f"tensor's), `enc` (optional, default `raw`) one of the encodings below, `scale` (`int8`/`int4` "
+                f"only, required there) `token` or `channel`; each tensor takes 1 buffer frame (`raw`, `f16`, "
+                f"`bf16`) or 2 (`int8`, `int4`: payload, then scales)"),
     HeaderField("t", "[[stage, t_recv, t_start, t_end, t_send], ...]", False, f"wall-clock seconds per stage "
                 f"hop, at most {MAX_TIMESTAMPS} entries (default []); the client adds [-1, t_submit] first"),
     HeaderField("error", "{code: str, message: str}", False, "required when `kind` is `error`, absent "
@@ -103,14 +108,17 @@ ERRORS: dict[str, str] = {
                 "errors come from stages only",
     "bad_field": "`run`/`seq`/`stage`/`tensors`/`t`/`error` of the wrong type or range, or an error "
                  "message without `error`",
-    "bad_encoding": "a tensor's `enc` is not `raw`",
+    "bad_encoding": "a tensor's `enc` is not one of the encodings (docs/wire.md, Encodings); a non-raw `enc` on a tensor whose "
+                    "`dtype` is not `float32`; `int8`/`int4` without a known `scale` or with a negative or "
+                    "non-finite scale",
     "bad_dtype": "a tensor's dtype not allowed on the wire, or not the dtype the stage's first unit takes",
     "bad_shape": "a shape that is not a list of ints, or not what the stage's first unit takes (every "
                  "dimension but the batch), a batch outside 1..microbatch, tensors disagreeing on the batch",
     "bad_arity": "not as many tensors as the stage's first unit takes",
-    "bad_length": "a buffer's length is not prod(shape) x itemsize",
+    "bad_length": "a buffer's length is not what its `enc`, `dtype` and `shape` make (raw: prod(shape) x "
+                  "itemsize; the Encodings table)",
     "oversize": f"header over {MAX_HEADER_BYTES // 1024} KiB or a tensor declared over "
-                f"{MAX_TENSOR_BYTES >> 20} MiB",
+                f"{MAX_TENSOR_BYTES >> 20} MiB (the product of its non-zero dimensions x itemsize, decoded)",
     "wrong_run": "a message of another `run`; the error message carries the SENDER's run id, so that the "
                  "client of that run (not ours) can attribute it",
     "bad_stage": "an `act` or `error` message from a stage other than the previous one",
@@ -133,7 +141,8 @@ class Message:
     error: dict[str, str] | None = None
     session: str | None = None
 
-    def header(self) -> dict[str, Any]:
+    def header(self, encoded: Sequence[codecs.Encoded | None] = ()) -> dict[str, Any]:
+        """Frame 0; ``encoded[i]``, when given, is how tensor i travels (else raw)."""
         h: dict[str, Any] = {
             "v": VERSION,
             "kind": self.kind,
@@ -141,7 +150,8 @@ class Message:
             "seq": self.seq,
             "stage": self.stage,
             "tensors": [
-                {"dtype": a.dtype.name, "shape": list(a.shape), "enc": "raw"} for a in self.tensors
+                e.spec() if e is not None else {"dtype": a.dtype.name, "shape": list(a.shape), "enc": "raw"}
+                for a, e in zip(self.tensors, _padded(encoded, len(self.tensors)))
             ],
             "t": self.t,
         }
@@ -168,14 +178,30 @@ def error_message(
     )
 
 
-def encode(msg: Message) -> list[Any]:
-    """Message -> frames: [header bytes, buffer, ...].  Refuses what it cannot send as-is."""
+def _padded(encoded: Sequence[codecs.Encoded | None], n: int) -> list[codecs.Encoded | None]:
+    if len(encoded) > n:
+        raise ValueError(f"{len(encoded)} encoded tensors for a message of {n} tensors")
+    return [*encoded, *[None] * (n - len(encoded))]
+
+
+def encode(msg: Message, encoded: Sequence[codecs.Encoded | None] = ()) -> list[Any]:
+    """Message -> frames: [header bytes, buffer, ...].  Refuses what it cannot send as-is.
+
+    ``encoded[i]`` (codecs.encode of ``msg.tensors[i]``), when given, is sent in the tensor's
+    place; the others go raw.
+    """
     if msg.kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {msg.kind!r}")
     if len(msg.tensors) > MAX_TENSORS:
         raise ValueError(f"at most {MAX_TENSORS} tensors per message, got {len(msg.tensors)}")
     frames: list[Any] = [b""]
-    for i, a in enumerate(msg.tensors):
+    encs = _padded(encoded, len(msg.tensors))
+    for i, (a, e) in enumerate(zip(msg.tensors, encs)):
+        if e is not None:
+            if e.enc not in ENCODINGS or not all(b.flags.c_contiguous for b in e.buffers):
+                raise ValueError(f"tensor {i}: an encoded tensor needs a known enc and contiguous buffers")
+            frames.extend(e.buffers)
+            continue
         if not isinstance(a, np.ndarray):
             raise TypeError(f"tensor {i}: expected numpy.ndarray, got {type(a).__name__}")
         if a.dtype.name not in DTYPES:
@@ -183,7 +209,7 @@ def encode(msg: Message) -> list[Any]:
         if not a.flags.c_contiguous:
             raise ValueError(f"tensor {i}: buffer must be C-contiguous (shape {a.shape})")
         frames.append(a)  # small ones are copied once, by zmq, when sent (copy_flags)
-    frames[0] = msgpack.packb(msg.header(), use_bin_type=True)
+    frames[0] = msgpack.packb(msg.header(encs), use_bin_type=True)
     return frames
 
 
@@ -274,40 +300,54 @@ def _check_spec(i: int, spec: Any, seq: int | None) -> None:
     if (not isinstance(shape, list) or len(shape) > MAX_NDIM
             or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31 for d in shape)):
         raise WireError("bad_shape", f"tensors[{i}].shape: expected a list of at most {MAX_NDIM} non-negative ints, got {shape!r}", seq)
-    nbytes = math.prod(shape) * np.dtype(spec["dtype"]).itemsize
+    bad = codecs.check_spec(spec)
+    if bad is not None:
+        raise WireError(bad[0], f"tensors[{i}]: {bad[1]}", seq)
+    # checked before anything is allocated: the product of the non-zero dimensions, so that
+    # a tensor of 0 elements cannot declare 2^217 scales, nor a shape numpy cannot even make
+    nbytes = math.prod(d for d in shape if d) * np.dtype(spec["dtype"]).itemsize
     if nbytes > MAX_TENSOR_BYTES:
         raise WireError("oversize", f"tensors[{i}] declares {nbytes} bytes, limit {MAX_TENSOR_BYTES}", seq)
 
 
 def decode(frames: Sequence[Any]) -> Message:
-    """Frames -> Message.  Tensors are zero-copy read-only views on the frames.
+    """Frames -> Message.  Raw tensors are zero-copy read-only views on the frames; encoded
+    ones are decoded into new float32 arrays (codecs.decode).
 
-    Raises WireError on anything malformed (frame count, header, buffer length).
+    Raises WireError on anything malformed (frame count, header, buffer length, scales).
     """
     if len(frames) < 1:
         raise WireError("missing_frames", "empty message")
     h = decode_header(frames[0])
     seq, session = h["seq"], h.get("session")
     specs = h["tensors"]
-    if len(frames) != 1 + len(specs):
+    want_frames = sum(codecs.WIRE_ENCODINGS[s.get("enc", "raw")] for s in specs)
+    if len(frames) != 1 + want_frames:
         raise WireError(
-            "missing_frames" if len(frames) < 1 + len(specs) else "extra_frames",
-            f"header declares {len(specs)} tensors, message has {len(frames) - 1} buffer frames",
+            "missing_frames" if len(frames) < 1 + want_frames else "extra_frames",
+            f"header declares {len(specs)} tensors in {want_frames} buffer frames, message has "
+            f"{len(frames) - 1} buffer frames",
             seq, session,
         )
     tensors = []
-    for i, (spec, frame) in enumerate(zip(specs, frames[1:])):
-        mv = _buffer(frame)
-        dtype = np.dtype(spec["dtype"])
-        want = math.prod(spec["shape"]) * dtype.itemsize
-        if mv.nbytes != want:
-            raise WireError(
-                "bad_length",
-                f"tensors[{i}]: shape {spec['shape']} {spec['dtype']} needs {want} bytes, frame has {mv.nbytes}",
-                seq, session,
-            )
-        arr = np.frombuffer(mv, dtype=dtype).reshape(spec["shape"])
-        tensors.append(arr)
+    k = 1
+    for i, spec in enumerate(specs):
+        lengths = codecs.frame_lengths(spec)
+        bufs = [_buffer(f) for f in frames[k:k + len(lengths)]]
+        k += len(lengths)
+        for j, (mv, want) in enumerate(zip(bufs, lengths)):
+            if mv.nbytes != want:
+                what = "" if len(lengths) == 1 else (" payload" if j == 0 else " scales")
+                raise WireError(
+                    "bad_length",
+                    f"tensors[{i}]{what}: shape {spec['shape']} {spec['dtype']} enc {spec.get('enc', 'raw')} "
+                    f"needs {want} bytes, frame has {mv.nbytes}",
+                    seq, session,
+                )
+        try:
+            tensors.append(codecs.decode(spec, bufs))
+        except codecs.CodecError as e:
+            raise WireError(e.code, f"tensors[{i}]: {e.message}", seq, session) from None
     return Message(
         kind=h["kind"], run=h["run"], seq=seq, stage=h["stage"], tensors=tensors,
         t=h.get("t", []), error=h.get("error"), session=session,

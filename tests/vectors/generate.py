@@ -142,6 +142,17 @@ def frames(h: dict[str, Any] | bytes, *buffers: bytes) -> list[str]:
 
 IMAGE = np.random.default_rng(0).standard_normal((1, 3, 64, 64), dtype=np.float32).tobytes()
 TINY = np.zeros((1, 3, 2, 2), np.float32).tobytes()
+# the image encoded the way docs/wire.md's Encodings table says (built here by hand, not by codecs.py)
+_X = np.frombuffer(IMAGE, np.float32).reshape(1, 3, 64, 64)
+F16 = _X.astype(np.float16).tobytes()
+BF16 = (_X.view(np.uint32) >> 16).astype(np.uint16).tobytes()  # truncation is a valid bf16 too
+S_TOKEN = (np.abs(_X).max(axis=3) / 127).astype(np.float32).reshape(-1)
+Q8 = np.clip(np.rint(_X / S_TOKEN.reshape(1, 3, 64, 1)), -127, 127).astype(np.int8).tobytes()
+S_TOKEN = S_TOKEN.tobytes()
+_SC = (np.abs(_X).reshape(-1, 64).max(axis=0) / 7).astype(np.float32)
+_Q = np.clip(np.rint(_X.reshape(-1, 64) / _SC), -7, 7).astype(np.int8).reshape(-1).view(np.uint8) & 0x0F
+Q4 = (_Q[0::2] | (_Q[1::2] << 4)).astype(np.uint8).tobytes()
+S_CHANNEL = _SC.tobytes()
 
 
 def data(name: str, fr: list[str], seq: int, code: str | None, run: str = RUN) -> dict[str, Any]:
@@ -182,6 +193,28 @@ DATA = [
     data("from a stage other than the previous one", frames(header(116, stage=4), TINY), 116, "bad_stage"),
     data("a good microbatch still goes through", frames(header(117, tensors=[spec([1, 3, 64, 64])]), IMAGE), 117,
          None),
+    # encodings (docs/wire.md, Encodings): the stage decodes whatever its input carries
+    data("an f16 microbatch", frames(header(118, tensors=[spec([1, 3, 64, 64], enc="f16")]), F16), 118, None),
+    data("a bf16 microbatch", frames(header(119, tensors=[spec([1, 3, 64, 64], enc="bf16")]), BF16), 119, None),
+    data("an int8 microbatch, a scale per token (row of the last dimension)",
+         frames(header(120, tensors=[spec([1, 3, 64, 64], enc="int8", scale="token")]), Q8, S_TOKEN), 120, None),
+    data("an int4 microbatch, a scale per channel (index of the last dimension)",
+         frames(header(121, tensors=[spec([1, 3, 64, 64], enc="int4", scale="channel")]), Q4, S_CHANNEL), 121,
+         None),
+    data("int8 with its scales frame one scale short", frames(header(122, tensors=[
+        spec([1, 3, 64, 64], enc="int8", scale="token")]), Q8, S_TOKEN[:-4]), 122, "bad_length"),
+    data("int8 without its scales frame", frames(header(123, tensors=[
+        spec([1, 3, 64, 64], enc="int8", scale="token")]), Q8), 123, "missing_frames"),
+    data("int4 with a packed frame one byte long", frames(header(124, tensors=[
+        spec([1, 3, 64, 64], enc="int4", scale="channel")]), Q4 + b"\0", S_CHANNEL), 124, "bad_length"),
+    data("int8 with an unknown scale layout", frames(header(125, tensors=[
+        spec([1, 3, 64, 64], enc="int8", scale="tensor")]), Q8, S_TOKEN), 125, "bad_encoding"),
+    data("int8 with a NaN scale", frames(header(126, tensors=[spec([1, 3, 64, 64], enc="int8", scale="token")]), Q8,
+                                         np.full(3 * 64, np.nan, np.float32).tobytes()), 126, "bad_encoding"),
+    data("f16 on a tensor that is not float32", frames(header(127, tensors=[
+        spec([1, 3, 64, 64], "int64", enc="f16")]), F16), 127, "bad_encoding"),
+    data("0 elements declaring 2^217 scales", frames(header(128, tensors=[
+        spec([2**31 - 1] * 7 + [0], enc="int8", scale="token")]), b"", b""), 128, "oversize"),
 ]
 
 

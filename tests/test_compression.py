@@ -1,0 +1,255 @@
+"""Compressed links end to end: plan files and `start.encodings`, then real node processes (slow)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+from helpers import KWARGS, MICROBATCH, MODEL, batches, checkpoint, monolithic
+
+from edgezmq.client import Client
+from edgezmq.node.stage import THROTTLE_ENV
+from edgezmq.orchestrate.address import NodeAddress
+from edgezmq.orchestrate.deploy import deploy, unload
+from edgezmq.orchestrate.local import LocalCluster
+from edgezmq.orchestrate.planfile import DeployPlan, ModelSpec, PlanFileError, StagePlan, parse_plan
+from edgezmq.protocol import codecs, control
+from edgezmq.protocol import messages as m
+from edgezmq.transport.rpc import ControlClient
+
+TOL = 1e-5  # separate processes, same kernels and thread count: expect 0, allow float noise
+WAIT_S = 120.0  # every condition a slow test waits for holds by then, or the test fails
+
+
+def plan_dict(**stage0):
+    return {"model": {"name": MODEL, "checkpoint": "/x.safetensors", "kwargs": KWARGS},
+            "stages": [{"units": [0, 3], "nodes": ["tcp://127.0.0.1:1"], **stage0},
+                       {"units": [3, 6], "nodes": ["tcp://127.0.0.1:2"]}]}
+
+
+# ---------------------------------------------------------------- plan files and `start`
+
+
+@pytest.mark.parametrize("given, rungs", [
+    (None, None),
+    ("int8", [["int8"]]),
+    (["f16", "int8", "int4-ch-aciq"], [["f16"], ["int8"], ["int4-ch-aciq"]]),
+    ([["f16", "f16"], "int8", ["int8", "f16"]], [["f16", "f16"], ["int8"], ["int8", "f16"]]),
+])
+def test_a_plan_gives_each_link_an_encoding_or_a_ladder(given, rungs):
+    d = plan_dict(**({} if given is None else {"encoding": given}))
+    plan = parse_plan(d)
+    assert plan.stages[0].encodings == rungs and plan.stages[1].encodings is None
+    again = parse_plan(plan.to_dict())  # what `plan -o` writes reads back the same
+    assert again.stages[0].encodings == rungs
+    assert ("encoding" in plan.to_dict()["stages"][0]) == (given is not None)
+
+
+@pytest.mark.parametrize("given, message", [
+    ("int3", r"stages\[0\]\.encoding\[0\]: expected one of raw, f16"),
+    ([], "expected an encoding, or a list of 1..8 rungs"),
+    (["f16"] * 9, "expected an encoding, or a list of 1..8 rungs"),
+    ([["int8"] * 9], r"stages\[0\].encoding\[0\]: expected an encoding or a list of 1..8"),
+    ([["int8", 5]], r"stages\[0\].encoding\[0\]\[1\]: expected one of"),
+    ({"f16": 1}, "expected an encoding, or a list"),
+    ([[]], r"stages\[0\].encoding\[0\]: expected an encoding or a list"),
+])
+def test_a_bad_encoding_in_a_plan_names_the_field(given, message):
+    with pytest.raises(PlanFileError, match=message):
+        parse_plan(plan_dict(encoding=given))
+
+
+def test_results_stay_raw():
+    d = plan_dict()
+    d["stages"][1]["encoding"] = "int8"
+    with pytest.raises(PlanFileError, match=r"stages\[1\].encoding: the last stage sends results"):
+        parse_plan(d)
+
+
+@pytest.mark.parametrize("encodings, ok", [
+    (None, True), ([["int8"]], True), ([["f16", "int8"], ["int4"]], True),
+    ([["zstd"]], False), ([], False), ([[]], False), ([["int8"]] * 9, False), ([["int8"] * 9], False),
+    ("int8", False), ([[1]], False),
+])
+def test_start_encodings_are_checked_when_parsed(encodings, ok):
+    args = {"connect": ["tcp://127.0.0.1:1"], **({"encodings": encodings} if encodings is not None else {})}
+    raw = control.request("start", **args)
+    if ok:
+        req, _rid = control.parse_request(raw)
+        assert isinstance(req, m.StartRequest)
+        return
+    with pytest.raises(control.ControlError) as ei:
+        control.parse_request(raw)
+    assert ei.value.code == control.BAD_ARGS and "start.encodings" in ei.value.message
+
+
+def test_start_without_encodings_sends_no_new_field():
+    """An older node, which refuses unknown fields, still takes a raw deployment's `start`."""
+    payload = control.encode_request(m.StartRequest(connect=("tcp://127.0.0.1:1",)))
+    assert b"encodings" not in payload
+
+
+# ---------------------------------------------------------------- real node processes
+
+
+@pytest.fixture(scope="module")
+def throttle(tmp_path_factory):
+    path = tmp_path_factory.mktemp("throttle") / "links.json"
+    path.write_text("{}")
+    return path
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, throttle):
+    mp = pytest.MonkeyPatch()
+    mp.setenv(THROTTLE_ENV, str(throttle))  # the nodes inherit it; "{}": no link is slowed
+    try:
+        with LocalCluster(2, threads=1, log_dir=tmp_path_factory.mktemp("logs")) as c:
+            yield c
+    finally:
+        mp.undo()
+
+
+def make_plan(cluster, ranges, encodings=None, granularity="block"):
+    stages = [StagePlan(units=r, nodes=[NodeAddress(n.name, n.control, 1)], encodings=(encodings if i == 0 else None))
+              for i, (r, n) in enumerate(zip(ranges, cluster.nodes))]
+    return DeployPlan(model=ModelSpec(name=MODEL, microbatch=MICROBATCH, granularity=granularity,
+                                      checkpoint=checkpoint(), kwargs=KWARGS), stages=stages, results="tcp://127.0.0.1:0")
+
+
+def stage_stats(node) -> dict:
+    with ControlClient(node.control, timeout=5, retries=1) as c:
+        return c.call("stats")["stage"]
+
+
+def run_plan(cluster, plan, xs):
+    with Client([], "tcp://127.0.0.1:0", run="", window=4, microbatch=MICROBATCH, timeout=60) as c:
+        plan.results = c.results_endpoint
+        dep = deploy(plan, load_timeout=120)
+        try:
+            c.attach(dep.entry, dep.run)
+            outs = list(c.stream(xs))
+            return outs, stage_stats(cluster.nodes[0])
+        finally:
+            unload(plan)
+
+
+def reference(xs, cut, names, granularity="block"):
+    """What a pipeline cut at unit ``cut`` computes when its link carries codecs ``names`` (one per tensor)."""
+    import torch
+
+    from edgezmq.model import chain as models
+
+    n = len(models.unit_infos(MODEL, granularity, **KWARGS))
+    a = models.build_shard(MODEL, 0, cut, granularity=granularity, checkpoint=checkpoint(), **KWARGS)
+    b = models.build_shard(MODEL, cut, n, granularity=granularity, checkpoint=checkpoint(), **KWARGS)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the nodes compute
+    try:
+        out = []
+        with torch.inference_mode():
+            for x in xs:
+                mid = [t.numpy() for t in a(torch.from_numpy(x))]
+                mid = [codecs.roundtrip(names[i] if len(names) > 1 else names[0], t) for i, t in enumerate(mid)]
+                out.append(b(*[torch.from_numpy(t) for t in mid])[0].numpy())
+        return out
+    finally:
+        torch.set_num_threads(threads)
+
+
+def rel_l2(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.slow
+def test_without_an_encoding_every_link_stays_raw_and_exact(cluster):
+    xs = batches(4, seed=1)
+    outs, st = run_plan(cluster, make_plan(cluster, [(0, 3), (3, 6)]), xs)
+    assert st["encoding"] == "raw" and st["enc_messages"] == {} and st["goodput_bps"] is None
+    for y, ref in zip(outs, monolithic(xs)):
+        assert float(np.max(np.abs(y - ref))) <= TOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["int8", "int4-ch", "bf16"])
+def test_a_compressed_link_computes_the_decoded_activation(cluster, name):
+    xs = batches(4, seed=2)
+    outs, st = run_plan(cluster, make_plan(cluster, [(0, 3), (3, 6)], [[name]]), xs)
+    assert st["encoding"] == name and st["enc_messages"] == {name: len(xs)} and st["enc_switches"] == 0
+    exact = monolithic(xs)
+    for y, ref, ex in zip(outs, reference(xs, 3, [name]), exact):
+        assert float(np.max(np.abs(y - ref))) <= TOL  # exactly the rest of the model on the decoded activation
+        assert rel_l2(y, ex) < {"int8": 0.05, "bf16": 0.05, "int4-ch": 0.5}[name]
+    assert any(float(np.max(np.abs(y - ex))) > 0 for y, ex in zip(outs, exact))  # it did compress
+
+
+@pytest.mark.slow
+def test_each_tensor_of_a_two_tensor_cut_has_its_own_encoding(cluster):
+    xs = batches(3, seed=3)
+    rung = ["int8", "f16"]  # sublayer cut after blocks.0.attn: two tensors
+    outs, st = run_plan(cluster, make_plan(cluster, [(0, 2), (2, 18)], [rung], granularity="sublayer"), xs)
+    assert st["encoding"] == "int8+f16" and st["enc_messages"] == {"int8+f16": len(xs)}
+    for y, ref in zip(outs, reference(xs, 2, rung, granularity="sublayer")):
+        assert float(np.max(np.abs(y - ref))) <= TOL
+
+
+def wait_for(what, check, timeout=WAIT_S):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        v = check()
+        if v:
+            return v
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+
+
+@pytest.mark.slow
+def test_a_slowed_link_steps_down_and_back_up_without_a_redeploy(cluster, throttle):
+    xs = batches(4, seed=4)
+    exact = monolithic(xs)
+    plan = make_plan(cluster, [(0, 3), (3, 6)], [["f16"], ["int8"]])
+    stop, errors, results = threading.Event(), [], []
+
+    def feed():
+        def forever():
+            i = 0
+            while not stop.is_set():
+                yield xs[i % len(xs)]
+                i += 1
+        try:
+            for i, y in enumerate(c.stream(forever())):
+                results.append(rel_l2(y, exact[i % len(xs)]))
+        except Exception as e:  # the assertions below report it
+            errors.append(e)
+
+    node = cluster.nodes[0]
+    with Client([], "tcp://127.0.0.1:0", run="", window=16, microbatch=MICROBATCH, timeout=60) as c:
+        plan.results = c.results_endpoint
+        dep = deploy(plan, load_timeout=120)
+        th = threading.Thread(target=feed, daemon=True)
+        try:
+            c.attach(dep.entry, dep.run)
+            th.start()
+            wait_for("f16 traffic", lambda: stage_stats(node)["enc_messages"].get("f16", 0) >= 20)
+            assert stage_stats(node)["encoding"] == "f16"
+            # 1 Mbit/s: an f16 message (13 kB) takes ~0.1 s, many times the stage's compute
+            throttle.write_text(json.dumps({"0": 1.0}))
+            down = wait_for("the step down to int8", lambda: (s := stage_stats(node))["encoding"] == "int8" and s)
+            assert down["enc_switches"] >= 1 and down["goodput_bps"] is not None
+            int8_then = down["enc_messages"].get("int8", 0)  # the switch may precede the first int8 send
+            wait_for("int8 traffic", lambda: stage_stats(node)["enc_messages"].get("int8", 0) >= int8_then + 10)
+            throttle.write_text("{}")  # the bandwidth returns
+            up = wait_for("the step back up to f16", lambda: (s := stage_stats(node))["encoding"] == "f16"
+                          and s["enc_messages"]["f16"] > down["enc_messages"]["f16"] + 20 and s)
+            assert up["enc_switches"] >= 2 and up["bad_messages"] == 0
+            print(f"\nmessages per rung {up['enc_messages']}, {up['enc_switches']} switches")
+        finally:
+            throttle.write_text("{}")
+            stop.set()
+            th.join(60)
+            unload(plan)
+    assert not errors, errors
+    assert len(results) > 50 and max(results) < 0.05  # every result within int8's error of the exact one
