@@ -322,7 +322,7 @@ def test_time_limited_solve_keeps_a_certificate():
     else:
         assert plan.gap == pytest.approx((plan.bottleneck_s - plan.lower_bound_s) / plan.bottleneck_s)
     history = plan.stats["history"]
-    assert all(lb <= (ub if ub is not None else math.inf) * (1 + 1e-9) for _, ub, lb in history)
+    assert all(lb <= (ub if ub is not None else math.inf) * (1 + 1e-9) for _, ub, lb, _nodes in history)
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)

@@ -431,7 +431,7 @@ def greedy(tables: Tables, bound: float) -> list[tuple[int, int, tuple[int, ...]
     while u < L:
         row = tb.row(u)
         link = cut[u] * spb[last, 1:]
-        ok = (row <= bound) & ~used[:, None] & (link <= bound)[:, None]
+        ok = (row <= bound) & np.isfinite(row) & ~used[:, None] & (link <= bound)[:, None]
         ok[:, L] &= cut[L] * spb[1:, 0] <= bound
         reach = np.where(ok.any(axis=1), L - np.argmax(ok[:, ::-1], axis=1), -1)
         best = reach.max()

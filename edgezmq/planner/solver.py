@@ -59,7 +59,6 @@ BISECT_STOP = 1e-3              # device search: below this relative gap, try to
 SLICE_SHARE = 0.25              # ... each decision search gets this share of the effort left
 MIN_SLICE = 2_000               # ... and at least this many nodes
 CHEAP_SLICE = 500               # ... after a cheap (one closed set per stage size) search of this many
-LATENCY_MAX_CLASSES = 24        # device search: the latency tie-break only up to this many classes
 PROBE_BUDGET = 1000             # expansions per depth-first probe
 PROBE_LADDER = (1.1, 1.5, 3.0, math.inf)   # first probes, as multiples of the lower bound
 MAX_PROBES = 12
@@ -252,7 +251,7 @@ class _Run:
 
     def _log(self) -> None:
         ub = self.ub()
-        entry = (round(time.monotonic() - self.t0, 4), ub if math.isfinite(ub) else None, self.lower,
+        entry = (round(time.monotonic() - self.t0, 4), ub if math.isfinite(ub) else None, float(self.lower),
                  self.effort.spent)
         if not self.history or self.history[-1][1:3] != entry[1:3]:
             self.history.append(entry)
@@ -343,7 +342,8 @@ def solve_arrays(problem: Problem, arr: DeviceArrays, *, time_limit_s: float = D
         run.stats["stopped_by"] = "proven"   # what was asked (optimal, or within gap) is proven
     else:
         run.stats["stopped_by"] = "time" if run.effort.timed else "effort"
-    if run.proven and (run.stats["engine"] == "classes" or run.exact.num_classes <= LATENCY_MAX_CLASSES):
+    # the device search has no latency search of its own: its plan stands (latency_optimal false)
+    if run.proven and run.stats["engine"] == "classes":
         plan = _least_latency(run, plan)
     plan.method = method
     run.stats["effort"] = run.effort.spent
@@ -395,7 +395,7 @@ def _devices(run: _Run, tables: Tables) -> None:
         while not run.done() and run.plan is not None:
             ub = run.ub()
             close = (ub - probe_lo) / ub <= BISECT_STOP
-            target = ub * (1 - 2 * TIE_RTOL) if close else (probe_lo + ub) / 2
+            target = ub * (1 - TIE_RTOL / 2) if close else (probe_lo + ub) / 2
             if not close:
                 effort.stop = min(end.nodes, effort.spent + CHEAP_SLICE)
                 try:
