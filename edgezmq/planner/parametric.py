@@ -387,6 +387,7 @@ class Level:
                         continue
                     lk_base = cut[u] / (len(last) * m)
                     for R in self.closed_sets(elig, m, greedy_sets):
+                        effort.tick()       # a stage considered is work too: limits stay responsive
                         waste = sum(C0[d][u] for d in R) - w_ab
                         if waste > budget + SLACK_RTOL * total:
                             continue
