@@ -184,8 +184,6 @@ class Level:
         self.above: list[int] = []    # above[d]: devices that strictly B-dominate d
         self.rank: list[int] = []     # a linear extension, weaker first
         self._cols: dict[tuple[int, int], list[tuple[int, int]]] = {}
-        self.lam: list[float] = []      # best Lagrangian prices (lagrange()), for the per-state check
-        self.lam_sp: list[float] = []
 
     def _dominance(self) -> None:
         """B-dominance within link groups (module doc); exact mode needs it for completeness,
@@ -223,77 +221,6 @@ class Level:
             return False
         free = list(range(self.tb.N))
         return self.cover[0] <= len(free) and min(self.slack(0, free)) >= -SLACK_RTOL
-
-    # --- Lagrangian bound -----------------------------------------------------------------
-
-    def _arc_costs(self, lam: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """For prices ``lam`` per device: cost[a, b] = least over m of the sum of the m
-        cheapest prices among devices that may run [a, b) in a stage of m; and that m."""
-        order = np.argsort(lam, kind="stable")
-        M = self.M[order]
-        price = lam[order][:, None, None]
-        L1 = self.tb.L + 1
-        best = np.full((L1, L1), np.inf)
-        best_m = np.zeros((L1, L1), dtype=np.int64)
-        for m in range(1, self.top):
-            elig = M <= m
-            rank = np.cumsum(elig, axis=0)
-            take = elig & (rank <= m)
-            cost = np.where(rank[-1] >= m, (take * price).sum(axis=0), np.inf)
-            better = cost < best
-            best = np.where(better, cost, best)
-            best_m = np.where(better, m, best_m)
-        return best, best_m
-
-    def _shortest(self, cost: np.ndarray) -> tuple[list[float], list[int]]:
-        """Cheapest way to cover [u, L) for every u (devices reusable), and each first arc's end."""
-        L = self.tb.L
-        sp = np.full(L + 1, np.inf)
-        sp[L] = 0.0
-        nxt = [L] * (L + 1)
-        for u in range(L - 1, -1, -1):
-            tot = cost[u, u + 1:] + sp[u + 1:]
-            j = int(np.argmin(tot))
-            sp[u] = tot[j]
-            nxt[u] = u + 1 + j
-        return sp.tolist(), nxt
-
-    def lagrange(self, iters: int, effort: Effort) -> bool:
-        """Search prices lam >= 0 per device for a proof that D(B) is infeasible: any plan
-        uses each device once, so its stages' prices sum to <= sum(lam); if covering [0, L)
-        costs more even when devices may be reused, there is no plan. Keeps the best prices
-        found for the search's per-state check. True: proven infeasible."""
-        tb = self.tb
-        n = tb.N
-        C = np.array(self.C[0])[:, 0]
-        lam = C / C.sum() if C.sum() > 0 else np.full(n, 1.0 / n)
-        best_phi = -math.inf
-        step = 0.5 / n
-        for _ in range(iters):
-            effort.tick()
-            cost, mm = self._arc_costs(lam)
-            sp, nxt = self._shortest(cost)
-            phi = sp[0] - float(lam.sum())
-            if phi > best_phi:
-                best_phi = phi
-                self.lam, self.lam_sp = lam.tolist(), sp
-            if phi > SLACK_RTOL * float(lam.sum()) or not math.isfinite(sp[0]):
-                return True
-            # subgradient: how often the relaxed cover uses each device, minus the one allowed
-            use = np.zeros(n)
-            u = 0
-            order = np.argsort(lam, kind="stable")
-            while u < tb.L:
-                b, m = nxt[u], int(mm[u, nxt[u]])
-                elig = [d for d in order.tolist() if self.M[d, u, b] <= m][:m]
-                use[elig] += 1
-                u = b
-            lam = np.maximum(lam + step * (use - 1.0), 0.0)
-            if lam.sum() <= 0:
-                break
-            lam /= lam.sum()
-            step *= 0.93
-        return False
 
     # --- the search -----------------------------------------------------------------------
 
@@ -354,7 +281,6 @@ class Level:
         failed: dict[tuple[int, tuple[int, ...], int], list[int]] = {}
         wsuf0 = self.wsuf[0]
         C0 = self.C[0]
-        lam, lam_sp = self.lam, self.lam_sp
 
         def rec(u: int, used: int, last: tuple[int, ...]) -> list[tuple[int, int, tuple[int, ...]]] | None:
             effort.tick()
@@ -365,8 +291,7 @@ class Level:
             free = [d for d in range(N) if not used >> d & 1]
             nfree = len(free)
             slack = self.slack(u, free)
-            lam_ok = not lam or lam_sp[u] <= sum(lam[d] for d in free) * (1 + SLACK_RTOL)
-            if self.cover[u] > nfree or min(slack) < -SLACK_RTOL or not lam_ok:
+            if self.cover[u] > nfree or min(slack) < -SLACK_RTOL:
                 failed.setdefault(sig, []).append(used)
                 return None
             # a move's waste under weighting 0 lowers the child's slack by at least as much
