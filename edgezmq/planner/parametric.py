@@ -373,12 +373,14 @@ def greedy(tables: Tables, bound: float) -> list[tuple[int, int, tuple[int, ...]
 
 def lower_bound(tables: Tables, lo: float, hi: float, effort: Effort, rtol: float = 1e-5) -> float:
     """The largest B proven infeasible by the root bounds (capacity, cover), by bisection
-    over [lo, hi] (the bounds only get weaker as B grows, so every B below it fails too)."""
+    over [lo, hi] (the bounds only get weaker as B grows, so every B below it fails too).
+    Its steps are counted as nodes but never cut: a bounded cost (log2(1 / rtol) levels),
+    so even the smallest effort limit returns this bound."""
     if hi <= lo:
         return lo
     if not Level(tables, lo).possible():
         while hi - lo > rtol * hi:
-            effort.tick(lo)
+            effort.spent += 1
             mid = (lo + hi) / 2
             if Level(tables, mid).possible():
                 hi = mid

@@ -387,11 +387,11 @@ def _devices(run: _Run, tables: Tables) -> None:
     effort = run.effort
     end = run.at(PHASE1_SHARE)
     end.apply(effort)
+    if tables.eff is None:
+        run.stats["bound"] = "capacity only: too many units x devices for the device search"
+        return
+    run.raise_floor(lower_bound(tables, run.lower, run.ub() if run.plan else _big(tables), effort))
     try:
-        if tables.eff is None:
-            run.stats["bound"] = "capacity only: too many units x devices for the device search"
-            return
-        run.raise_floor(lower_bound(tables, run.lower, run.ub() if run.plan else _big(tables), effort))
         if tables.replication:
             single = copy.copy(tables)
             single.replication = False
