@@ -8,7 +8,7 @@ one definition.
 from __future__ import annotations
 
 __all__ = ["CLIENT", "GRANULARITIES", "MAX_MICROBATCH", "MAX_THREADS", "MAX_PORT", "MAX_UNITS", "MAX_BYTES", "MAX_MBPS",
-           "MAX_LATENCY_MS", "MAX_SECONDS", "MAX_FACTOR", "ENCODINGS", "MAX_RUNGS"]
+           "MAX_LATENCY_MS", "MAX_SECONDS", "MAX_FACTOR", "ENCODINGS", "MAX_RUNGS", "MAX_SEARCH_NODES"]
 
 # The client's (and bootstrapper's) name in link tables: planner problems, cluster
 # inventories, testbed configs, traces. Reserved: no device or node may be called so.
@@ -29,6 +29,7 @@ MAX_MBPS = 1e7  # any link or NIC rate, megabits per second (10 Tbit/s)
 MAX_LATENCY_MS = 1e6  # any one-way latency (1000 s)
 MAX_SECONDS = 1e6  # any duration in a file: a unit's time, a timeout (11.6 days)
 MAX_FACTOR = 1e6  # any multiplier or ratio: a device's speed, a payload factor, a cost per MB
+MAX_SEARCH_NODES = 10**10  # the planner's search effort limit (nodes expanded by one solve)
 
 # How activations may cross a link (edgezmq.protocol.codecs, docs/compression.md): the lossless
 # `raw`, then halves, then int8/int4 with a scale per token or per channel (`-ch`), optionally

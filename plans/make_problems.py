@@ -7,7 +7,9 @@ the EdgePipe testbed boards (MinnowBoard E3845 2 GB, RCC-VE C2558 8 GB), microba
 fp32 (the JSON's "units" field). How the problems are derived (docs/planner.md repeats it):
 
 - Units. 4 sublayers per block; a half-block is sublayers 0+1 (attention) or 2+3 (MLP),
-  a block all four. The patch embedding is folded into sublayer 0 of block 0: we split it
+  a block all four; at ``sublayer`` granularity (ViT-Base/Large only; bench/planner.py's
+  distinct-device clusters) each sublayer is a unit and its output is PipeEdge's
+  ``parameters_out`` (the context and the MLP hidden layer travel with the residual). The patch embedding is folded into sublayer 0 of block 0: we split it
   off as the ``embed`` unit with time = that sublayer minus the median sublayer 0 of the
   other blocks (clamped at 0). The head is not profiled: ``head`` gets 0 s (a LayerNorm
   and one matrix-vector product per image; the last sublayer's small excess over the
@@ -87,13 +89,22 @@ def sublayers(data: dict[str, Any], arch: str, board: str) -> tuple[float, list[
     return embed, t, 0.0, mem
 
 
+def _sublayer_out_bytes(data: dict[str, Any], arch: str) -> list[int]:
+    """Bytes of one microbatch leaving each sublayer: PipeEdge's ``parameters_out`` (floats
+    per sample; the attention context and the MLP hidden layer travel with the residual)."""
+    key = ARCH[arch][1]
+    if key is None:
+        raise ValueError(f"{arch}: no sublayer profile (derived models have half-blocks and blocks only)")
+    return [n * FP32 * MICROBATCH for n in data["models"][key]["parameters_out"]]
+
+
 def units(data: dict[str, Any], arch: str, granularity: str) -> tuple[list[dict[str, Any]], dict[str, list[float]]]:
     """The unit chain and each board's unit times."""
     _, _, n, d, heads, blocks, _ = ARCH[arch]
     act = n * d * FP32 * MICROBATCH
     attn_work = (3 * n * d + heads * n * n) * FP32 * MICROBATCH
     mlp_work = 4 * n * d * FP32 * MICROBATCH
-    per = {"block": 4, "half": 2}[granularity]
+    per = {"block": 4, "half": 2, "sublayer": 1}[granularity]
     times: dict[str, list[float]] = {}
     mems: list[float] = []
     for board in (MINNOW, RCC):
@@ -103,14 +114,19 @@ def units(data: dict[str, Any], arch: str, granularity: str) -> tuple[list[dict[
         mems = [sum(mem[i:i + per]) for i in range(0, len(mem), per)]
     chain = [{"name": "embed", "out_bytes": act, "param_bytes": EMBED_PARAMS[arch] * FP32,
               "work_bytes": act}]
+    outs = _sublayer_out_bytes(data, arch) if granularity == "sublayer" else None
     for i in range(blocks):
         if granularity == "block":
             names, works = [f"blocks.{i}"], [max(attn_work, mlp_work)]
-        else:
+        elif granularity == "half":
             names, works = [f"blocks.{i}.attn", f"blocks.{i}.mlp"], [attn_work, mlp_work]
+        else:   # edgezmq.model.chain's sublayer units: context, projection, fc1, fc2
+            names = [f"blocks.{i}.attn", f"blocks.{i}.attn.proj", f"blocks.{i}.mlp", f"blocks.{i}.mlp.fc2"]
+            works = [attn_work, act, mlp_work, mlp_work]
         for name, work in zip(names, works):
-            chain.append({"name": name, "out_bytes": act, "param_bytes": round(mems[len(chain) - 1] * MB),
-                          "work_bytes": work})
+            j = len(chain) - 1
+            chain.append({"name": name, "out_bytes": act if outs is None else outs[j],
+                          "param_bytes": round(mems[j] * MB), "work_bytes": work})
     chain.append({"name": "head", "out_bytes": CLASSES * FP32 * MICROBATCH,
                   "param_bytes": HEAD_PARAMS[arch] * FP32, "work_bytes": (d + CLASSES) * FP32 * MICROBATCH})
     return chain, times

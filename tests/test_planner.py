@@ -322,7 +322,7 @@ def test_time_limited_solve_keeps_a_certificate():
     else:
         assert plan.gap == pytest.approx((plan.bottleneck_s - plan.lower_bound_s) / plan.bottleneck_s)
     history = plan.stats["history"]
-    assert all(lb <= (ub if ub is not None else math.inf) * (1 + 1e-9) for _, ub, lb in history)
+    assert all(lb <= (ub if ub is not None else math.inf) * (1 + 1e-9) for _, ub, lb, _nodes in history)
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
@@ -723,3 +723,49 @@ def test_a_relaxed_plan_that_does_not_fit_the_real_devices_is_skipped():
     d["devices"][9]["reserved_bytes"] = 1_500_000_000    # mb-2
     plan = solve(Problem.from_dict(d), time_limit_s=60)
     assert not plan.violations and plan.optimal
+
+
+# --- limits and anytime (issue 14) ------------------------------------------------------------------
+
+def _distinct_board_cluster(n: int) -> Problem:
+    """The slow-pair EdgePipe problem with every board its own speed: no class structure."""
+    d = yaml.safe_load((PLANS / "edgepipe-slowpairs-vit-large-half.problem.yaml").read_text())
+    for i, dev in enumerate(d["devices"][:n]):
+        dev["speed"] = 0.6 + 0.05 * i
+    d["devices"] = d["devices"][:n]
+    return Problem.from_dict(d)
+
+
+@pytest.mark.parametrize("engine", ["classes", "devices"])
+def test_the_effort_limit_decides_not_the_clock(engine):
+    """Stopped by its node limit, a solve returns the same plan and bound each time, says
+    why it stopped, and reports its history in the JSON."""
+    p = _distinct_board_cluster(12)
+    plans = [solve(p, effort=60, time_limit_s=600, engine=engine) for _ in range(2)]
+    a, b = (x.to_dict() for x in plans)
+    assert a["stopped_by"] == b["stopped_by"] == "effort"
+    assert a["stages"] == b["stages"] and a["lower_bound_s"] == b["lower_bound_s"]
+    assert [h["bottleneck_s"] for h in a["history"]] == [h["bottleneck_s"] for h in b["history"]]
+    assert a["history"] and {"time_s", "bottleneck_s", "lower_bound_s", "effort"} <= set(a["history"][0])
+    assert plans[0].stats["effort"] == plans[1].stats["effort"]
+
+
+def test_a_first_plan_comes_before_any_search():
+    """One node of effort: the greedy plan is there (feasible, with a proven bound)."""
+    p = _distinct_board_cluster(16)
+    plan = solve(p, effort=1)
+    assert plan.feasible and plan.stats["stopped_by"] in ("effort", "proven")
+    assert 0 < plan.lower_bound_s <= plan.bottleneck_s
+    assert plan.stats["history"][0][3] == 0     # found before the first search node
+
+
+def test_the_device_search_proves_what_the_class_search_proves():
+    p = _distinct_board_cluster(10)
+    by_classes, by_devices = (solve(p, engine=e, replication=False) for e in ("classes", "devices"))
+    assert by_devices.optimal and by_classes.optimal
+    assert by_devices.bottleneck_s == pytest.approx(by_classes.bottleneck_s, rel=1e-9)
+
+
+def test_unknown_engine_is_refused():
+    with pytest.raises(PlanError, match="engine"):
+        solve(Problem.from_dict(small()), engine="fast")

@@ -397,3 +397,72 @@ def test_solve_is_exact_with_nics_and_dominance(seed):
         d["device_types"][name]["nic_mbps"] = rng.choice(NIC_RATES[:3] if t == 0 else NIC_RATES)
     problem = Problem.from_dict(d)
     assert_solves_as_brute_force(problem)
+
+
+# --- every device different: the device search (issue 14) ------------------------------------------
+
+def distinct_problem(seed: int, *, max_devices: int = 5, max_units: int = 8) -> dict:
+    """Every device its own type: random times (one of two board profiles over a speed
+    factor), memory and NIC per device, per-pair links, client links and a client NIC;
+    replication on or off."""
+    d = random_problem(8000 + seed, max_devices=max_devices, max_units=max_units)
+    rng = random.Random(9000 + seed)
+    n_units = len(d["model"]["units"])
+    boards = [[round(rng.uniform(0.05, 2.0), 3) for _ in range(n_units)] for _ in range(2)]
+    total = sum(u["param_bytes"] for u in d["model"]["units"])
+    types = {}
+    for dev in d["devices"]:
+        speed = rng.choice([0.5, 0.8, 1.0, 1.3, 2.0])
+        t = {"memory_bytes": IO_ROOM + rng.randint(total // 4, total + 60), "reserved_bytes": rng.choice([0, 25]),
+             "unit_times_s": [round(x / speed, 4) for x in rng.choice(boards)]}
+        if rng.random() < 0.6:
+            t["nic_mbps"] = rng.choice(NIC_RATES)
+        types[dev["name"]] = t
+        dev.clear()
+        dev.update({"name": f"d{len(types) - 1}", "type": f"d{len(types) - 1}"})
+    d["device_types"] = {f"d{i}": t for i, t in enumerate(types.values())}
+    d["links"]["overrides"] = [o for o in d["links"]["overrides"] if o["a"] not in ("t0", "t1", "t2")]
+    if rng.random() < 0.5:
+        d["client"] = {"nic_mbps": rng.choice(NIC_RATES)}
+    return d
+
+
+def assert_device_search_is_exact(problem: Problem) -> None:
+    """The device search's plan has the brute force's bottleneck, proven (it has no latency
+    search of its own: its latency is at least the optimum's)."""
+    expected = BruteForce(problem).solve()
+    if expected is None:
+        with pytest.raises(ValueError):
+            solve(problem, engine="devices")
+        return
+    plan = solve(problem, engine="devices")
+    assert plan.feasible and plan.optimal and plan.stats["stopped_by"] == "proven"
+    assert math.isclose(plan.bottleneck_s, expected[0], rel_tol=RTOL), (plan.bottleneck_s, expected[0])
+    assert plan.latency_s >= expected[1] * (1 - RTOL)
+
+
+@pytest.mark.parametrize("seed", range(120))
+def test_device_search_is_exact_on_distinct_devices(seed):
+    """All-different devices (speeds, memory, NICs, per-pair and client links, replication
+    on or off): bisection with the exact decision search finds the brute force's B."""
+    assert_device_search_is_exact(Problem.from_dict(distinct_problem(seed)))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_device_search_is_exact_with_twins_and_nics(seed):
+    """Devices of a few types (twins: B-dominance ties broken by index) with NICs."""
+    assert_device_search_is_exact(Problem.from_dict(with_nics(random_problem(8500 + seed), seed)))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_device_search_is_exact_with_dominance(seed):
+    """Dominance chains of board types: the closed-stage rule loses nothing."""
+    assert_device_search_is_exact(Problem.from_dict(dominance_problem(8700 + seed)))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_device_search_is_exact_with_replication_forced(seed):
+    """Replication on, every device different, tiny: mixed stages of every size."""
+    d = distinct_problem(300 + seed, max_devices=4, max_units=6)
+    d["options"]["replication"] = True
+    assert_device_search_is_exact(Problem.from_dict(d))

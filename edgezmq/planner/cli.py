@@ -1,8 +1,8 @@
 """The ``edgezmq plan`` subcommand: solve (or run a baseline on) a problem file.
 
     edgezmq plan PROBLEM.yaml [--baseline even|pipeedge|pipedream] [--json] [-o PLAN.yaml]
-                 [--time-limit S] [--gap G] [--no-replication] [--checkpoint PATH]
-                 [--results ADDR]
+                 [--effort N] [--time-limit S] [--gap G] [--no-replication]
+                 [--checkpoint PATH] [--results ADDR]
 
 Prints the plan as a table (or one JSON object with ``--json``) and writes the deployable
 plan with ``-o``. A bad or infeasible problem file exits with code 2 and one clear line.
@@ -17,12 +17,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from edgezmq.argtypes import float_in, seconds
+from edgezmq.argtypes import float_in, int_in, seconds
+from edgezmq.terms import MAX_SEARCH_NODES
 
 from .baselines import BASELINES, baseline
 from .deploy import deployable
 from .problem import Options, PlanError, load_problem
-from .solver import DEFAULT_TIME_LIMIT_S, solve
+from .solver import DEFAULT_EFFORT, DEFAULT_TIME_LIMIT_S, solve
 
 __all__ = ["add_cli", "run"]
 
@@ -41,9 +42,12 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument("--baseline", choices=BASELINES, help="plan as this baseline would, costed by our model")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("-o", "--output", type=Path, help="write the deployable plan (YAML) here")
+    p.add_argument("--effort", type=int_in(1, MAX_SEARCH_NODES), default=DEFAULT_EFFORT, metavar="N",
+                   help=f"search nodes at most, 1..{MAX_SEARCH_NODES:.0e} (default {DEFAULT_EFFORT}); then the "
+                        "best plan and a proven lower bound are returned, the same on every machine")
     p.add_argument("--time-limit", type=seconds, default=DEFAULT_TIME_LIMIT_S, metavar="S",
-                   help=f"seconds to search (default {DEFAULT_TIME_LIMIT_S:g}); then the best plan "
-                        "and a proven lower bound are returned")
+                   help=f"wall-clock safety net in seconds (default {DEFAULT_TIME_LIMIT_S:g}); a search "
+                        "it stops reports stopped_by: time, and may differ between machines")
     p.add_argument("--gap", type=float_in(0, 1), default=0.0, metavar="G",
                    help="stop once proven within this relative gap of optimal, 0..1 (default 0: prove it)")
     p.add_argument("--no-replication", action="store_true", help="one device per stage")
@@ -70,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         if args.baseline:
             plan = baseline(problem, args.baseline, time_limit_s=args.time_limit)
         else:
-            plan = solve(problem, time_limit_s=args.time_limit, gap=args.gap)
+            plan = solve(problem, time_limit_s=args.time_limit, gap=args.gap, effort=args.effort)
     except PlanError as e:
         return _fail(str(e), EXIT_BAD_INPUT)
 

@@ -144,6 +144,10 @@ class Plan:
             "links": [{"src": k.src, "dst": k.dst, "bytes": k.bytes, "time_s": k.time_s,
                        "latency_s": k.latency_s, "pair_s": k.pair_s, "nic_up_s": k.nic_up_s,
                        "nic_down_s": k.nic_down_s, "bound_by": k.bound_by} for k in self.links],
+            "stopped_by": self.stats.get("stopped_by"),
+            # the solver's incumbent over time: (seconds, its bottleneck, the proven bound, nodes)
+            "history": [{"time_s": t, "bottleneck_s": ub, "lower_bound_s": lb, "effort": n}
+                        for t, ub, lb, n in self.stats.get("history", ())],
             "stats": dict(self.stats),
         }
 

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from .bounds import Bounds
 from .classes import ClassModel
 
-__all__ = ["Search", "Move", "Result", "Timeout", "BudgetExceeded"]
+__all__ = ["Search", "Move", "Result", "Timeout", "BudgetExceeded", "Effort"]
 
 CLIENT_DESC = (0, 1)
 TIME_CHECK_EVERY = 128          # expansions between deadline checks
@@ -63,11 +63,41 @@ Res = tuple[tuple[int, ...], Flex]
 
 
 class Timeout(Exception):
-    """The deadline passed; ``lower_bound`` is what the search proved by then."""
+    """A limit stopped the search: ``by`` = "effort" (its share of search nodes, the
+    deterministic limit) or "time" (the wall-clock safety net); ``lower_bound`` is what
+    the search proved by then."""
 
-    def __init__(self, lower_bound: float) -> None:
-        super().__init__(f"search timed out (lower bound {lower_bound:g})")
+    def __init__(self, lower_bound: float, by: str = "time") -> None:
+        super().__init__(f"search stopped by its {by} limit (lower bound {lower_bound:g})")
         self.lower_bound = lower_bound
+        self.by = by
+
+
+class Effort:
+    """Search nodes expanded by one solve, shared by all its searches, against a limit.
+
+    ``stop`` is the absolute count at which the current phase ends (phases get shares of
+    the solve's limit), ``deadline`` the wall-clock safety net. The node count is the same
+    on every machine, so a search stopped by ``stop`` gives the same answer everywhere; one
+    stopped by ``deadline`` does not (``Timeout.by`` says which)."""
+
+    def __init__(self, stop: float = math.inf, deadline: float = math.inf) -> None:
+        self.spent = 0
+        self.stop = stop
+        self.deadline = deadline
+        self.timed = False      # some search was stopped by the clock (results may vary by machine)
+
+    def tick(self, lower: float = 0.0) -> None:
+        """Count one node; raise ``Timeout`` when a limit is reached."""
+        self.spent += 1
+        if self.spent > self.stop:
+            raise Timeout(lower, "effort")
+        if self.spent % TIME_CHECK_EVERY == 0 and time.monotonic() > self.deadline:
+            raise self.out_of_time(lower)
+
+    def out_of_time(self, lower: float) -> Timeout:
+        self.timed = True
+        return Timeout(lower, "time")
 
 
 class BudgetExceeded(Exception):
@@ -109,8 +139,11 @@ class Result:
 class Search:
     """Search plans of one class model; one instance answers many queries (caches persist)."""
 
-    def __init__(self, cm: ClassModel, deadline: float = math.inf, max_mix: int | None = None) -> None:
+    def __init__(self, cm: ClassModel, deadline: float = math.inf, max_mix: int | None = None,
+                 effort: Effort | None = None) -> None:
         self.cm = cm
+        # limits: the shared node count (its ``stop``) and this search's own wall-clock deadline
+        self.effort = effort or Effort()
         self.deadline = deadline
         # at most this many classes in one stage (None: any); only then is the search complete
         self.max_mix = cm.num_classes if max_mix is None else max_mix
@@ -301,6 +334,7 @@ class Search:
         left. ``strict`` drops f >= bound instead of f > bound.
         """
         self.expanded += 1
+        self.effort.spent += 1
         K, L, need, cut, n = self.K, self.L, self.need, self.cut, self.n
         fixed, flex = res
         free = [n[k] - fixed[k] for k in range(K)]
@@ -419,6 +453,12 @@ class Search:
                     out.append((f, cost, b, mask, m, res2, step))
         return out
 
+    def _check(self, lower: float) -> None:
+        if self.effort.spent > self.effort.stop:
+            raise Timeout(lower, "effort")
+        if self.expanded % TIME_CHECK_EVERY == 0 and time.monotonic() > min(self.deadline, self.effort.deadline):
+            raise self.effort.out_of_time(lower)
+
     # --- bottleneck: A* -------------------------------------------------------------------------
 
     def astar(self, incumbent: float = math.inf) -> Result | None:
@@ -436,8 +476,7 @@ class Search:
         closed: dict[tuple[int, tuple[int, int]], list[tuple[Res, float]]] = {}
         while heap:
             f, _, sid = heapq.heappop(heap)
-            if self.expanded % TIME_CHECK_EVERY == 0 and time.monotonic() > self.deadline:
-                raise Timeout(min(f, incumbent))
+            self._check(min(f, incumbent))
             u, res, last, g, _, _ = states[sid]
             if u == L:
                 return self._result(states, sid)
@@ -475,8 +514,7 @@ class Search:
                 return None
             if self.expanded - start > budget:
                 raise BudgetExceeded
-            if self.expanded % TIME_CHECK_EVERY == 0 and time.monotonic() > self.deadline:
-                raise Timeout(0.0)
+            self._check(0.0)
             cands = self.moves(u, res, last, g, bound, strict=False, cheap=cheap)
             # longest stage first (few big replicated stages fit tight bounds best), then slack
             cands.sort(key=lambda c: (-c[2], c[0], c[4]))
@@ -508,8 +546,7 @@ class Search:
         closed: dict[tuple[int, tuple[int, int]], list[tuple[Res, float]]] = {}
         while heap:
             _, ndev, _, sid = heapq.heappop(heap)
-            if self.expanded % TIME_CHECK_EVERY == 0 and time.monotonic() > self.deadline:
-                raise Timeout(0.0)
+            self._check(0.0)
             u, res, last, g, _, _ = states[sid]
             if u == L:
                 return self._result(states, sid)

@@ -9,14 +9,23 @@ Strategy (docs/planner.md has the why):
    proves it optimal, else its optimum is a lower bound), then on the exact twin-class
    model when that is small enough.
 5. At the optimal bottleneck, the least latency, then the fewest devices.
-If the time limit hits first, the best plan is returned with ``optimal = False`` and the
-largest proven lower bound (``lower_bound_s``, ``gap``); ``stats["history"]`` records how
-the bounds moved.
+Clusters without class structure (more device profiles than MAX_MIX) go to the device
+search instead (parametric.py: bisection on the bottleneck with an exact decision search).
+Both start from a greedy plan (anytime).
+
+Limits: the search effort (nodes expanded, shared by every search of the solve; phases
+get shares of it) is the primary limit and is the same on every machine; the wall-clock
+limit is a safety net. If a limit hits first, the best plan is returned with ``optimal =
+False`` and the largest proven lower bound (``lower_bound_s``, ``gap``);
+``stats["stopped_by"]`` says "proven", "effort" or "time" (only then can the answer
+depend on the machine), ``stats["history"]`` records how the bounds moved.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import math
 import time
 
@@ -26,19 +35,32 @@ from .bounds import Bounds
 from .classes import (
     ClassModel,
     DeviceArrays,
+    compute_groups,
     device_arrays,
     exact_model,
     memory_table,
     merged_model,
 )
 from .cost import evaluate, stage_memory_bytes
+from .parametric import Level, Tables, first_plan, greedy, lower_bound
 from .plan import Plan, Stage, format_bytes
 from .problem import PlanError, Problem
-from .search import BudgetExceeded, Result, Search, Timeout
+from .search import BudgetExceeded, Effort, Result, Search, Timeout
 
-__all__ = ["solve", "solve_arrays", "optimise_model", "plan_stages", "check_memory"]
+__all__ = ["solve", "solve_arrays", "optimise_model", "plan_stages", "check_memory", "DEFAULT_EFFORT",
+           "ENGINES"]
 
-DEFAULT_TIME_LIMIT_S = 60.0
+DEFAULT_TIME_LIMIT_S = 60.0     # wall-clock safety net
+# search nodes a solve may expand (the deterministic limit): ~10-40 s of CPU on a 2-vCPU VM,
+# so that the default time limit rarely decides
+DEFAULT_EFFORT = 400_000
+ENGINES = ("auto", "classes", "devices")
+GREEDY_STEPS = 12               # bisection steps of the greedy first plan
+BISECT_STOP = 1e-3              # device search: below this relative gap, try to prove the incumbent
+SLICE_SHARE = 0.25              # ... each decision search gets this share of the effort left
+MIN_SLICE = 2_000               # ... and at least this many nodes
+NO_REPLICATION_SHARE = 0.3      # ... with replication: the share for plans without it first
+CHEAP_SLICE = 500               # ... after a cheap (one closed set per stage size) search of this many
 PROBE_BUDGET = 1000             # expansions per depth-first probe
 PROBE_LADDER = (1.1, 1.5, 3.0, math.inf)   # first probes, as multiples of the lower bound
 MAX_PROBES = 12
@@ -100,16 +122,28 @@ def plan_stages(cm: ClassModel, result: Result, names: list[str]) -> list[Stage]
     return stages
 
 
-def _incumbent(search: Search, lower: float, deadline: float,
-               hard_deadline: float | None = None) -> tuple[Result | None, float]:
-    """A plan by depth-first probes at growing bounds (until ``hard_deadline`` if none is
-    found sooner), then tightened by bisection until ``deadline``. Cheap probes (few class
-    mixes) go first; full probes only if they find nothing.
+@dataclasses.dataclass(frozen=True)
+class Mark:
+    """Where a phase ends: a node count of the solve's effort, and a wall-clock deadline."""
+
+    nodes: float
+    deadline: float
+
+    def apply(self, effort: Effort) -> None:
+        effort.stop, effort.deadline = self.nodes, self.deadline
+
+
+def _incumbent(search: Search, lower: float, soft: Mark,
+               hard: Mark | None = None) -> tuple[Result | None, float]:
+    """A plan by depth-first probes at growing bounds (until ``hard`` if none is found
+    sooner), then tightened by bisection until ``soft``. Cheap probes (few class mixes)
+    go first; full probes only if they find nothing.
 
     Returns (best plan or None, proven floor): a full probe that exhausts its space proves
     its bound infeasible *for this model*; the caller decides whether that binds reality.
     """
-    search.deadline = hard_deadline or deadline
+    effort = search.effort
+    (hard or soft).apply(effort)
     best, floor = None, lower
     for cheap in (True, False):
         for factor in PROBE_LADDER:
@@ -131,10 +165,12 @@ def _incumbent(search: Search, lower: float, deadline: float,
     for i in range(MAX_PROBES):
         hi = best.bottleneck
         now = time.monotonic()
-        if hi <= 0 or (hi - lo) / hi <= PROBE_TOLERANCE or now > deadline:
+        if hi <= 0 or (hi - lo) / hi <= PROBE_TOLERANCE or now > soft.deadline or effort.spent >= soft.nodes:
             break
         mid = (lo + hi) / 2
-        search.deadline = now + (deadline - now) / (MAX_PROBES - i)   # a fair slice each
+        left = MAX_PROBES - i       # a fair slice each
+        effort.stop = effort.spent + (soft.nodes - effort.spent) / left
+        effort.deadline = now + (soft.deadline - now) / left
         try:
             found = search.probe(mid, math.inf, cheap=True)
         except Timeout:
@@ -146,12 +182,14 @@ def _incumbent(search: Search, lower: float, deadline: float,
     return best, floor
 
 
-def optimise_model(cm: ClassModel, time_limit_s: float) -> Result | None:
-    """The optimal plan of a class model by its own costs (or the best found in the time
-    limit); None when it has none. The baselines use it on their simplified models."""
-    deadline = time.monotonic() + time_limit_s
-    search = Search(cm, deadline)
-    best, _ = _incumbent(search, search.bounds.capacity(0, cm.counts), deadline)
+def optimise_model(cm: ClassModel, time_limit_s: float, effort: int = DEFAULT_EFFORT) -> Result | None:
+    """The optimal plan of a class model by its own costs (or the best found within the
+    effort and time limits); None when it has none. The baselines use it on their
+    simplified models."""
+    end = Mark(effort, time.monotonic() + time_limit_s)
+    search = Search(cm, effort=Effort())
+    best, _ = _incumbent(search, search.bounds.capacity(0, cm.counts), end)
+    end.apply(search.effort)
     try:
         better = search.astar(best.bottleneck if best else math.inf)
     except Timeout:
@@ -160,50 +198,84 @@ def optimise_model(cm: ClassModel, time_limit_s: float) -> Result | None:
 
 
 def solve(problem: Problem, *, time_limit_s: float = DEFAULT_TIME_LIMIT_S, gap: float = 0.0,
-          replication: bool | None = None) -> Plan:
+          replication: bool | None = None, effort: int = DEFAULT_EFFORT, engine: str = "auto") -> Plan:
     """The plan of least bottleneck (then latency, then devices) for ``problem``.
 
     ``gap``: stop once the plan is proven within this relative distance of optimal (0:
-    prove optimality, up to ``time_limit_s``). ``replication`` overrides the problem's
-    option. ``Plan.optimal`` is true only when minimality was proven.
+    prove optimality). ``effort``: search nodes at most (the limit that keeps answers the
+    same on every machine); ``time_limit_s``: the wall-clock safety net. ``replication``
+    overrides the problem's option. ``engine``: "auto" (class search when devices fall
+    into few kinds, else device search), or force "classes" / "devices". ``Plan.optimal``
+    is true only when minimality was proven.
     """
     if replication is not None and replication != problem.options.replication:
         problem = dataclasses.replace(problem, options=dataclasses.replace(problem.options,
                                                                            replication=replication))
-    return solve_arrays(problem, device_arrays(problem), time_limit_s=time_limit_s, gap=gap)
+    return solve_arrays(problem, device_arrays(problem), time_limit_s=time_limit_s, gap=gap, effort=effort,
+                        engine=engine)
 
 
 class _Run:
     """One solve: the models, the best real plan so far, the proven floor, the clock."""
 
     def __init__(self, problem: Problem, arr: DeviceArrays, time_limit_s: float, gap: float,
-                 method: str, t0: float) -> None:
+                 method: str, t0: float, effort: int) -> None:
         self.problem, self.arr, self.gap, self.method = problem, arr, gap, method
         self.t0 = t0
         self.limit = time_limit_s
+        self.max_effort = effort
+        self.effort = Effort()
         self.names = [d.name for d in problem.devices]
-        self.exact = exact_model(arr)
-        self.pess = merged_model(arr, "pessimistic")
-        # the merged model *is* the exact one when every group has at most two twin classes
-        self.split = self.exact.num_classes != self.pess.num_classes
         self.plan: Plan | None = None
         self.lower = 0.0
         self.proven = False
-        # (elapsed s, upper bound or None before the first plan, lower bound)
-        self.history: list[tuple[float, float | None, float]] = []
-        self.stats: dict[str, object] = {"classes": self.exact.num_classes,
-                                         "merged_classes": self.pess.num_classes,
-                                         "history": self.history}
+        # (elapsed s, upper bound or None before the first plan, lower bound, nodes spent)
+        self.history: list[tuple[float, float | None, float, int]] = []
+        self.stats: dict[str, object] = {"history": self.history}
+
+    @functools.cached_property
+    def exact(self) -> ClassModel:
+        cm = exact_model(self.arr)
+        self.stats["classes"] = cm.num_classes
+        return cm
+
+    @functools.cached_property
+    def pess(self) -> ClassModel:
+        cm = merged_model(self.arr, "pessimistic")
+        self.stats["merged_classes"] = cm.num_classes
+        return cm
+
+    @property
+    def split(self) -> bool:
+        """Whether the merged model is coarser than the exact one (it *is* the exact one when
+        every group has at most two twin classes)."""
+        return self.exact.num_classes != self.pess.num_classes
 
     def _log(self) -> None:
         ub = self.ub()
-        entry = (round(time.monotonic() - self.t0, 4), ub if math.isfinite(ub) else None, self.lower)
-        if not self.history or self.history[-1][1:] != entry[1:]:
+        entry = (round(time.monotonic() - self.t0, 4), ub if math.isfinite(ub) else None, float(self.lower),
+                 self.effort.spent)
+        if not self.history or self.history[-1][1:3] != entry[1:3]:
             self.history.append(entry)
 
-    def at(self, share: float) -> float:
-        """The deadline at this share of the time limit."""
-        return self.t0 + self.limit * share
+    def at(self, share: float) -> Mark:
+        """Where a phase ending at this share of the limits ends."""
+        return Mark(self.max_effort * share, self.t0 + self.limit * share)
+
+    def stopped(self, t: Timeout) -> None:
+        """Note a search stopped by a limit (the first "time" makes the answer machine-dependent)."""
+        self.stats["timed_out"] = True
+        if self.stats.get("stopped_by") != "time":
+            self.stats["stopped_by"] = t.by
+
+    def consider_stages(self, stages: list[Stage]) -> None:
+        """Take a plan given by its stages if it is the best so far (it must fit memory)."""
+        plan = evaluate(self.problem, stages, method=self.method)
+        if plan.violations:
+            raise AssertionError(f"solver produced an infeasible plan: {plan.violations}")
+        if self.plan is None or plan.bottleneck_s < self.plan.bottleneck_s:
+            self.plan = plan
+            self._log()
 
     def ub(self) -> float:
         return self.plan.bottleneck_s if self.plan else math.inf
@@ -214,15 +286,11 @@ class _Run:
         may not fit the real devices it is realised on: it is then skipped."""
         if res is None:
             return
-        plan = evaluate(self.problem, plan_stages(cm, res, self.names), method=self.method)
-        if plan.violations:
-            if relaxed:
-                return
-            # cannot happen: exact and pessimistic models check memory per class as it is
-            raise AssertionError(f"solver produced an infeasible plan: {plan.violations}")
-        if self.plan is None or plan.bottleneck_s < self.plan.bottleneck_s:
-            self.plan = plan
-            self._log()
+        stages = plan_stages(cm, res, self.names)
+        if relaxed and evaluate(self.problem, stages).violations:
+            return
+        # cannot fail otherwise: exact and pessimistic models check memory per class as it is
+        self.consider_stages(stages)
 
     def raise_floor(self, x: float) -> None:
         if x > self.lower:
@@ -242,14 +310,153 @@ class _Run:
 
 
 def solve_arrays(problem: Problem, arr: DeviceArrays, *, time_limit_s: float = DEFAULT_TIME_LIMIT_S,
-                 gap: float = 0.0, method: str = "solve") -> Plan:
+                 gap: float = 0.0, method: str = "solve", effort: int = DEFAULT_EFFORT,
+                 engine: str = "auto") -> Plan:
     """``solve`` on the problem's numbers as given in ``arr``; the returned plan is costed by
     ``evaluate`` on the real ``problem``."""
     t0 = time.monotonic()  # the time limit counts from here: every step of the solve is in it
+    if engine not in ENGINES:
+        raise PlanError(f"engine: expected one of {', '.join(ENGINES)}, got {engine!r}")
     check_memory(problem)
-    run = _Run(problem, arr, time_limit_s, gap, method, t0)
+    run = _Run(problem, arr, time_limit_s, gap, method, t0, effort)
+    tables = Tables(arr)
+    run.raise_floor(tables.floor)
+    # anytime: a greedy plan first (milliseconds, any size), tightened by bisection
+    _greedy(run, tables)
+    many = len(compute_groups(arr)) > MAX_MIX
+    if engine == "devices" or (engine == "auto" and many and tables.small):
+        run.stats["engine"] = "devices"
+        _devices(run, tables)
+    else:
+        run.stats["engine"] = "classes"
+        _classes(run)
+    if run.plan is None:
+        raise PlanError(f"no plan found within the limits ({effort} nodes, {time_limit_s:g} s; "
+                        f"lower bound {run.lower:.4g} s); raise them")
+    if not run.proven and run.done() and gap == 0:
+        run.proven = True               # upper and lower bound meet (within TIE_RTOL)
+    plan = run.plan
+    plan.optimal = run.proven
+    if run.proven:
+        run.raise_floor(plan.bottleneck_s)
+    plan.lower_bound_s = plan.bottleneck_s if run.proven else min(run.lower, plan.bottleneck_s)
+    if run.done():
+        run.stats["stopped_by"] = "proven"   # what was asked (optimal, or within gap) is proven
+    else:
+        run.stats["stopped_by"] = "time" if run.effort.timed else "effort"
+    # the device search has no latency search of its own: its plan stands (latency_optimal false)
+    if run.proven and run.stats["engine"] == "classes":
+        plan = _least_latency(run, plan)
+    plan.method = method
+    run.stats["effort"] = run.effort.spent
+    run.stats["solve_time_s"] = round(time.monotonic() - run.t0, 4)
+    plan.stats = run.stats
+    return plan
+
+
+def _greedy(run: _Run, tables: Tables) -> None:
+    """The greedy first plan (parametric.py), then the least bound it still meets by bisection."""
+    found = first_plan(tables, run.lower)
+    if found is None:
+        return
+    run.consider_stages(_device_stages(run, found))
+    lo, hi = run.lower, run.ub()
+    for _ in range(GREEDY_STEPS):
+        if hi <= 0 or (hi - lo) / hi <= PROBE_TOLERANCE:
+            break
+        mid = (lo + hi) / 2
+        found = greedy(tables, mid)
+        if found is None:
+            lo = mid                    # greedy is no decision procedure: this proves nothing
+        else:
+            run.consider_stages(_device_stages(run, found))
+            hi = run.ub()
+
+
+def _device_stages(run: _Run, steps: list[tuple[int, int, tuple[int, ...]]] | tuple) -> list[Stage]:
+    return [Stage((a, b), tuple(run.names[d] for d in sorted(devs))) for a, b, devs in steps]
+
+
+def _devices(run: _Run, tables: Tables) -> None:
+    """Bisection on the bottleneck with the device search's decision procedure (parametric.py).
+
+    With replication, the plans without it come first (a restriction: its plans are real,
+    its failures prove nothing; it is much smaller and often within a few % of the optimum),
+    on NO_REPLICATION_SHARE of the effort.
+    """
+    effort = run.effort
+    end = run.at(PHASE1_SHARE)
+    end.apply(effort)
+    if tables.eff is None:
+        run.stats["bound"] = "capacity only: too many units x devices for the device search"
+        return
+    run.raise_floor(lower_bound(tables, run.lower, run.ub() if run.plan else _big(tables), effort))
+    try:
+        if tables.replication:
+            single = copy.copy(tables)
+            single.replication = False
+            _bisect(run, single, run.at(PHASE1_SHARE * NO_REPLICATION_SHARE), proofs=False)
+            end.apply(effort)
+        _bisect(run, tables, end, proofs=True)
+    except Timeout as t:
+        run.stopped(t)
+
+
+def _bisect(run: _Run, tables: Tables, end: Mark, *, proofs: bool) -> None:
+    """Every exhausted exact decision search at B proves B infeasible (a lower bound, when
+    ``proofs``); every plan found is an incumbent. A cheap search (one closed device set per
+    stage size) is tried first at each B; an exact search that runs out of its slice leaves
+    B open, and the next B is nearer the incumbent. Returns when the gap closes or ``end``
+    is reached (raises ``Timeout`` if by time)."""
+    effort = run.effort
+    probe_lo = run.lower
+    while not run.done() and run.plan is not None and effort.spent < end.nodes:
+        ub = run.ub()
+        close = (ub - probe_lo) / ub <= BISECT_STOP
+        target = ub * (1 - TIE_RTOL / 2) if close else (probe_lo + ub) / 2
+        if not close:
+            effort.stop = min(end.nodes, effort.spent + CHEAP_SLICE)
+            try:
+                found = Level(tables, target, exact=False).search(effort)
+            except Timeout as t:
+                if t.by == "time":
+                    raise
+                found = None
+            if found is not None:
+                run.consider_stages(_device_stages(run, found.stages))
+                continue
+        left = end.nodes - effort.spent
+        effort.stop = end.nodes if close else min(end.nodes, effort.spent + max(MIN_SLICE, left * SLICE_SHARE))
+        try:
+            found = Level(tables, target).search(effort)
+        except Timeout as t:
+            if t.by == "time":
+                raise
+            if close or effort.spent >= end.nodes:
+                return
+            probe_lo = target       # open: look nearer the incumbent
+            continue
+        if found is None:
+            if proofs:
+                run.raise_floor(target)
+            elif close:
+                return              # the restricted space has nothing better
+            probe_lo = max(probe_lo, target)
+        else:
+            run.consider_stages(_device_stages(run, found.stages))
+
+
+def _big(tables: Tables) -> float:
+    """A bound no plan's cost exceeds when any plan exists: everything at its worst."""
+    finite = tables.eff[np.isfinite(tables.eff)] if tables.eff is not None else np.array([1.0])
+    return float(finite.max() if finite.size else 1.0) * 2 + float(np.max(tables.cut)) * max(
+        max(row) for row in tables.spb) + tables.floor + 1.0
+
+
+def _classes(run: _Run) -> None:
+    """The class search (module doc, steps 2-4)."""
     # with many classes, stages mix at most MAX_MIX of them: plans stay valid, proofs do not
-    s_pess = Search(run.pess, max_mix=_mix(run.pess))
+    s_pess = Search(run.pess, max_mix=_mix(run.pess), effort=run.effort)
     run.raise_floor(Bounds(run.exact).capacity(0, run.exact.counts))
 
     # 1. an incumbent (pessimistic plans never cost more in reality than in their model)
@@ -260,35 +467,19 @@ def solve_arrays(problem: Problem, arr: DeviceArrays, *, time_limit_s: float = D
         run.raise_floor(floor)          # the model is exact: its proofs are real
     # 2. the pessimistic model's optimum (the proof itself when the model is exact)
     if not run.done():
-        s_pess.deadline = run.at(PHASE1_SHARE if not run.split else PESSIMISTIC_SHARE)
+        run.at(PHASE1_SHARE if not run.split else PESSIMISTIC_SHARE).apply(run.effort)
         try:
             run.consider(run.pess, s_pess.astar(run.ub()))
             if run.plan is None and s_pess.complete:   # links never make a plan infeasible
                 raise run.no_plan()
             run.proven = exact_pess and run.plan is not None
         except Timeout as t:
-            run.stats["timed_out"] = True
+            run.stopped(t)
             if exact_pess:
                 run.raise_floor(t.lower_bound)
     # 3. lower bounds that bind reality: the optimistic model, then the exact one
     if not exact_pess and not run.done() and run.plan is not None:
         _prove(run)
-    if run.plan is None:
-        raise PlanError(f"no plan found within the time limit of {time_limit_s:g} s "
-                        f"(lower bound {run.lower:.4g} s); raise it")
-    if not run.proven and run.done() and gap == 0:
-        run.proven = True               # upper and lower bound meet (within TIE_RTOL)
-    plan = run.plan
-    plan.optimal = run.proven
-    if run.proven:
-        run.raise_floor(plan.bottleneck_s)
-    plan.lower_bound_s = plan.bottleneck_s if run.proven else min(run.lower, plan.bottleneck_s)
-    if run.proven:
-        plan = _least_latency(run, plan)
-    plan.method = method
-    run.stats["solve_time_s"] = round(time.monotonic() - run.t0, 4)
-    plan.stats = run.stats
-    return plan
 
 
 def _prove(run: _Run) -> None:
@@ -296,8 +487,9 @@ def _prove(run: _Run) -> None:
     if opt.num_classes > MAX_MIX:   # a search restricted to fewer mixes proves nothing
         run.stats["bound"] = "capacity only: too many device types to search the relaxation"
         return
+    run.at(PHASE1_SHARE).apply(run.effort)
     try:
-        s_opt = Search(opt, run.at(PHASE1_SHARE))
+        s_opt = Search(opt, effort=run.effort)
         res = s_opt.astar(run.ub())
         if res is None:             # nothing in the relaxation beats the incumbent
             run.proven = True
@@ -306,10 +498,10 @@ def _prove(run: _Run) -> None:
         run.stats["optimistic_bound_s"] = res.bottleneck
         run.consider(opt, res, relaxed=True)  # its realisation may already cost the bound
         if not run.done() and _small(run.exact):
-            run.consider(run.exact, Search(run.exact, run.at(PHASE1_SHARE)).astar(run.ub()))
+            run.consider(run.exact, Search(run.exact, effort=run.effort).astar(run.ub()))
             run.proven = True
     except Timeout as t:            # optimistic and exact bounds both bind reality
-        run.stats["timed_out"] = True
+        run.stopped(t)
         run.raise_floor(t.lower_bound)
 
 
@@ -322,11 +514,14 @@ def _least_latency(run: _Run, plan: Plan) -> Plan:
     bound = plan.bottleneck_s * (1 + TIE_RTOL)
     exact_ok = _small(run.exact)
     cm = run.exact if exact_ok else run.pess
-    deadline = min(run.at(1.0), time.monotonic() + run.limit * LATENCY_SHARE)
+    effort = run.effort
+    Mark(min(run.max_effort, effort.spent + run.max_effort * LATENCY_SHARE),
+         min(run.at(1.0).deadline, time.monotonic() + run.limit * LATENCY_SHARE)).apply(effort)
     try:
-        res = Search(cm, deadline, max_mix=_mix(cm)).astar_latency(bound)
-    except Timeout:
+        res = Search(cm, max_mix=_mix(cm), effort=effort).astar_latency(bound)
+    except Timeout as t:
         run.stats["latency_timed_out"] = True
+        run.stats["latency_stopped_by"] = t.by
         return plan
     if res is None:
         return plan

@@ -1,0 +1,401 @@
+"""Bottleneck-first exact search over individual devices, for clusters without class structure (internal).
+
+When every device is its own kind (solver.py sends such problems here), the class
+search has nothing to count. This module searches devices directly, on the decision
+problem D(B): "is there a plan whose every cost is <= B?", and minimises B by bisection
+over D (docs/planner.md, "Every device different", has the arguments):
+
+- ``Tables``: per device d and stage [a, b), its effective time eff_d(a, b) (compute,
+  receive/send costs and its NIC terms folded in, search.py) or inf when the stage does
+  not fit d's memory; built once.
+- ``Level``: what D(B) needs at one B. M_d(a, b) = the fewest replicas with which d may
+  run [a, b) (eff_d / m <= B); a stage of m devices is feasible iff every member has
+  M <= m, so "d can do all e can" at B is M_d <= M_e everywhere (B-dominance).
+- Bounds at B (each a necessary condition for D(B), monotone in B, so bisection on them
+  gives a proven lower bound): capacity, sum over the devices left of C_d(u) >= w(u, L)
+  where C_d(u) = max over stages [a, b), a >= u, of w(a, b) / M_d(a, b) (what one device
+  can carry of any nonnegative unit weights w), and cover, the fewest devices that cover
+  [u, L) when devices may be reused <= the devices left.
+- ``Level.search``: depth-first D(B) on states (u, devices used, last stage), with the
+  two bounds, failures memoised (a state using a superset of a failed state's devices, at
+  the same u and an equivalent last stage, fails too), and only *closed* stages: devices
+  with equal links are grouped; a stage may hold d and leave out an eligible unused e
+  of d's group only if d does not B-dominate e (else swapping them loses nothing).
+- ``greedy``: a first plan in O(N L) per stage (anytime; any size).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from .classes import DeviceArrays, memory_table
+from .search import Effort
+
+__all__ = ["Tables", "Level", "Found", "greedy", "MAX_TABLE"]
+
+MAX_TABLE = 12_000_000      # devices x (units + 1)^2 entries: above it, no exact device search
+MAX_DOMINANCE = 96          # devices up to which B-dominance is computed pair by pair
+SLACK_RTOL = 1e-9           # capacity slack below -this x total weight proves infeasible
+MAX_REFERENCES = 3          # unit weightings w tried by the capacity bound
+
+
+@dataclass(frozen=True)
+class Found:
+    """A plan of D(B): stages (a, b, devices), every cost <= B."""
+
+    stages: tuple[tuple[int, int, tuple[int, ...]], ...]
+
+
+class Tables:
+    """Per-device stage times and memory fit of a problem (``DeviceArrays``), built once."""
+
+    def __init__(self, arr: DeviceArrays) -> None:
+        self.arr = arr
+        n, L = arr.times.shape
+        self.N, self.L = n, L
+        self.replication = arr.replication
+        cut = np.array([float(arr.input_bytes), *arr.out_bytes.tolist()])
+        self.cut = cut
+        self.pre = np.concatenate([np.zeros((n, 1)), np.cumsum(arr.times, axis=1)], axis=1)
+        recv, send = arr.io()
+        up, down = arr.nic()
+        self.recv, self.send, self.up, self.down = recv, send, up, down
+        self.cap = arr.cap.astype(float)
+        self.spb = np.nan_to_num(arr.spb, nan=0.0).tolist()   # the diagonal is never used
+        self.floor = max(cut[0] * arr.client_up, cut[-1] * arr.client_down)
+        self.need = memory_table(arr.param_bytes, arr.work_bytes, tuple(cut.tolist()), arr.buffers)
+        self.groups = _link_groups(arr)
+        self.small = n * (L + 1) ** 2 <= MAX_TABLE
+        self.eff: np.ndarray | None = None
+        if self.small:
+            a = np.arange(L + 1)
+            t = (self.pre[:, None, :] - self.pre[:, :, None] + (recv[:, None] * cut)[:, :, None]
+                 + (send[:, None] * cut)[:, None, :])
+            eff = np.maximum(t, np.maximum((down[:, None] * cut)[:, :, None], (up[:, None] * cut)[:, None, :]))
+            ok = (a[None, :] > a[:, None])[None] & (self.need[None] <= self.cap[:, None, None])
+            self.eff = np.where(ok, eff, np.inf)
+        # unit weightings for the capacity bound: a few device profiles, fastest first
+        order = np.argsort(self.pre[:, -1], kind="stable")
+        refs: list[np.ndarray] = []
+        seen: set[bytes] = set()
+        for d in order.tolist():
+            key = arr.times[d].tobytes()
+            if key not in seen and len(refs) < MAX_REFERENCES:
+                seen.add(key)
+                refs.append(self.pre[d])
+        if not refs or all(r[-1] <= 0 for r in refs):
+            refs = [np.arange(L + 1, dtype=float)]        # no work anywhere: count units
+        self.refs = refs
+
+    def row(self, u: int) -> np.ndarray:
+        """eff_d(u, b) for every device and b (inf where memory does not fit or b <= u)."""
+        if self.eff is not None:
+            return self.eff[:, u, :]
+        cut, L = self.cut, self.L
+        t = (self.pre - self.pre[:, u:u + 1] + (self.recv * cut[u])[:, None] + self.send[:, None] * cut[None, :])
+        eff = np.maximum(t, np.maximum((self.down * cut[u])[:, None], self.up[:, None] * cut[None, :]))
+        ok = (np.arange(L + 1) > u)[None, :] & (self.need[u][None, :] <= self.cap[:, None])
+        return np.where(ok, eff, np.inf)
+
+    def link(self, xs: tuple[int, ...], ys: tuple[int, ...], nbytes: float) -> float:
+        """Pair term of a link between node sets (spb rows: 0 is the client, device d is d + 1)."""
+        spb = self.spb
+        return nbytes * max(spb[x][y] for x in xs for y in ys) / (len(xs) * len(ys))
+
+
+def _link_groups(arr: DeviceArrays) -> list[int]:
+    """Group index per device: devices with the same pair links (rate) to every other node."""
+    n = arr.times.shape[0]
+    group = [-1] * n
+    heads: list[int] = []
+    for d in range(n):
+        for g, h in enumerate(heads):
+            keep = np.ones(n + 1, dtype=bool)
+            keep[[d + 1, h + 1]] = False
+            if np.array_equal(arr.spb[d + 1, keep], arr.spb[h + 1, keep]):
+                group[d] = g
+                break
+        else:
+            group[d] = len(heads)
+            heads.append(d)
+    return group
+
+
+def _min_replicas(eff: np.ndarray, bound: float, top: int) -> np.ndarray:
+    """Fewest replicas m with eff / m <= bound (as the search compares), capped at top."""
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        m = np.ceil(np.where(np.isfinite(eff), eff / bound, np.inf))
+    m = np.clip(np.nan_to_num(m, nan=top, posinf=top), 1, top)
+    # float division may put ceil one off the comparison eff / m <= bound: settle it exactly
+    lower = np.maximum(m - 1, 1)
+    m = np.where((m > 1) & (eff / lower <= bound), lower, m)
+    m = np.where((m < top) & (eff / m > bound), m + 1, m)
+    return np.where(np.isfinite(eff), m, top).astype(np.int64)
+
+
+class Level:
+    """D(B) at one bound: replica needs, bounds, dominance, and the depth-first search."""
+
+    def __init__(self, tables: Tables, bound: float, *, exact: bool = True) -> None:
+        tb = self.tb = tables
+        self.B = bound
+        n, L = tb.N, tb.L
+        self.top = top = n + 1 if tb.replication else 2   # M == top: d cannot run the stage
+        assert tb.eff is not None
+        M = _min_replicas(tb.eff, bound, top)
+        self.M = M
+        self.ok = tb.floor <= bound
+        # capacity: C[j][d][u] = max over a >= u, b of w_j(a, b) / M_d(a, b)
+        self.C: list[list[list[float]]] = []
+        self.wsuf: list[list[float]] = []
+        inv = np.where(M < top, 1.0 / M, 0.0)
+        for ref in tb.refs:
+            w = np.maximum(ref[None, :] - ref[:, None], 0.0)
+            per = (w[None] * inv).max(axis=2)                       # (n, L+1): best b per a
+            suf = np.maximum.accumulate(per[:, ::-1], axis=1)[:, ::-1]
+            self.C.append(suf.tolist())
+            self.wsuf.append((ref[-1] - ref).tolist())
+        # cover: fewest devices covering [u, L) with reuse; a window [a, b) needs the least m
+        # with at least m devices whose M <= m
+        srt = np.sort(M, axis=0)                                     # (n, L+1, L+1)
+        ks = np.arange(1, n + 1)[:, None, None]
+        good = srt <= ks
+        first = np.where(good.any(axis=0), good.argmax(axis=0) + 1, top)
+        if not tb.replication:
+            first = np.where(srt[0] <= 1, 1, top)
+        self.window_m = first
+        cover = [0] * (L + 1)
+        fl = first.tolist()
+        for u in range(L - 1, -1, -1):
+            best = top * L + 1
+            row = fl[u]
+            for b in range(u + 1, L + 1):
+                v = row[b] + cover[b]
+                if v < best:
+                    best = v
+            cover[u] = best
+        self.cover = cover
+        self.exact = exact
+        self.dom: list[int] = []      # dom[d]: devices d strictly B-dominates (search() fills)
+        self.above: list[int] = []    # above[d]: devices that strictly B-dominate d
+        self.rank: list[int] = []     # a linear extension, weaker first
+        self._cols: dict[tuple[int, int], list[tuple[int, int]]] = {}
+
+    def _dominance(self) -> None:
+        """B-dominance within link groups (module doc); exact mode needs it for completeness,
+        so above MAX_DOMINANCE devices only exact twins at B (equal M) are ordered."""
+        tb, M, n = self.tb, self.M, self.tb.N
+        flat = M.reshape(n, -1)
+        weight = flat.sum(axis=1).tolist()
+        self.rank = sorted(range(n), key=lambda d: (-weight[d], d))
+        self.dom, self.above = [0] * n, [0] * n
+        for d in range(n):
+            same = [e for e in range(n) if e != d and tb.groups[e] == tb.groups[d]]
+            if not same or (n > MAX_DOMINANCE and not self.exact):
+                continue
+            le = (flat[d][None, :] <= flat[same]).all(axis=1)       # M_d <= M_e: d can do all e can
+            eq = (flat[d][None, :] == flat[same]).all(axis=1)
+            for i, e in enumerate(same):
+                if le[i] and (not eq[i] or e < d):                  # ties: the lower index is weaker
+                    self.dom[d] |= 1 << e
+                    self.above[e] |= 1 << d
+
+    # --- bounds ---------------------------------------------------------------------------
+
+    def slack(self, u: int, free: list[int]) -> list[float]:
+        """Per weighting w: (capacity of the free devices from u on) - w(u, L), as a share of
+        w(0, L) (a weighting without work: inf)."""
+        out = []
+        for C, wsuf in zip(self.C, self.wsuf):
+            total = wsuf[0]
+            out.append((sum(C[d][u] for d in free) - wsuf[u]) / total if total > 0 else math.inf)
+        return out
+
+    def possible(self) -> bool:
+        """The bounds at the root: a cheap necessary condition for D(B)."""
+        if not self.ok:
+            return False
+        free = list(range(self.tb.N))
+        return self.cover[0] <= len(free) and min(self.slack(0, free)) >= -SLACK_RTOL
+
+    # --- the search -----------------------------------------------------------------------
+
+    def column(self, u: int, b: int) -> list[tuple[int, int]]:
+        """(M_d(u, b), d) for devices that can run [u, b) at all, fewest replicas first."""
+        key = (u, b)
+        hit = self._cols.get(key)
+        if hit is None:
+            col = self.M[:, u, b]
+            idx = np.flatnonzero(col < self.top)
+            hit = sorted(zip(col[idx].tolist(), idx.tolist()))
+            self._cols[key] = hit
+        return hit
+
+    def closed_sets(self, elig: list[int], m: int, limit: int) -> Iterator[tuple[int, ...]]:
+        """Stages of m devices from ``elig`` that are closed (module doc), weaker first;
+        without ``exact``, only the first ``limit`` of them."""
+        pos = {d: i for i, d in enumerate(self.rank)}
+        order = sorted(elig, key=pos.__getitem__)
+        emask = 0
+        for d in order:
+            emask |= 1 << d
+        dom, above = self.dom, self.above
+        n_el = len(order)
+        count = 0
+        chosen: list[int] = []
+
+        def rec(i: int, banned: int) -> Iterator[tuple[int, ...]]:
+            nonlocal count
+            if len(chosen) == m:
+                count += 1
+                yield tuple(chosen)
+                return
+            if n_el - i < m - len(chosen) or (not self.exact and count >= limit):
+                return
+            x = order[i]
+            if not banned >> x & 1:
+                need = dom[x] & emask
+                ok = all(need >> e & 1 == 0 or e in chosen for e in order[:i])
+                if ok:
+                    chosen.append(x)
+                    yield from rec(i + 1, banned)
+                    chosen.pop()
+            yield from rec(i + 1, banned | above[x])
+
+        yield from rec(0, 0)
+
+    def search(self, effort: Effort, *, greedy_sets: int = 1) -> Found | None:
+        """A plan with every cost <= B, or None when there is none (with ``exact``; else
+        None proves nothing). Raises ``Timeout`` when ``effort`` runs out."""
+        tb = self.tb
+        if not self.possible():
+            return None
+        if not self.rank:
+            self._dominance()
+        L, N, B = tb.L, tb.N, self.B
+        cut, groups, rep = tb.cut.tolist(), tb.groups, tb.replication
+        failed: dict[tuple[int, tuple[int, ...], int], list[int]] = {}
+        wsuf0 = self.wsuf[0]
+        C0 = self.C[0]
+
+        def rec(u: int, used: int, last: tuple[int, ...]) -> list[tuple[int, int, tuple[int, ...]]] | None:
+            effort.tick()
+            sig = (u, tuple(sorted({groups[x - 1] for x in last if x})) if last != (0,) else (-1,), len(last))
+            for f in failed.get(sig, ()):
+                if used & f == f:
+                    return None
+            free = [d for d in range(N) if not used >> d & 1]
+            nfree = len(free)
+            slack = self.slack(u, free)
+            if self.cover[u] > nfree or min(slack) < -SLACK_RTOL:
+                failed.setdefault(sig, []).append(used)
+                return None
+            # a move's waste under weighting 0 lowers the child's slack by at least as much
+            total = wsuf0[0] if wsuf0[0] > 0 else 1.0
+            budget = slack[0] * total if math.isfinite(slack[0]) else math.inf
+            cands = []
+            for b in range(L, u, -1):
+                col = [(mm, d) for mm, d in self.column(u, b) if not used >> d & 1]
+                if not col:
+                    continue
+                if b < L and self.cover[b] > nfree - 1:
+                    continue
+                w_ab = wsuf0[u] - wsuf0[b]
+                tops = min(len(col), nfree - (self.cover[b] if b < L else 0)) if rep else 1
+                for m in range(1, tops + 1):
+                    elig = [d for mm, d in col if mm <= m]
+                    if len(elig) < m:
+                        continue
+                    lk_base = cut[u] / (len(last) * m)
+                    for R in self.closed_sets(elig, m, greedy_sets):
+                        effort.tick()       # a stage considered is work too: limits stay responsive
+                        waste = sum(C0[d][u] for d in R) - w_ab
+                        if waste > budget + SLACK_RTOL * total:
+                            continue
+                        ys = tuple(d + 1 for d in R)
+                        if lk_base * max(tb.spb[x][y] for x in last for y in ys) > B:
+                            continue
+                        if b == L and cut[L] * max(tb.spb[y][0] for y in ys) / m > B:
+                            continue
+                        cands.append((waste, -b, m, R))
+            cands.sort(key=lambda c: (c[1], c[0], c[2]))
+            for _waste, nb, _m, R in cands:
+                b = -nb
+                step = (u, b, R)
+                if b == L:
+                    return [step]
+                mask = 0
+                for d in R:
+                    mask |= 1 << d
+                rest = rec(b, used | mask, tuple(d + 1 for d in R))
+                if rest is not None:
+                    return [step, *rest]
+            failed.setdefault(sig, []).append(used)
+            return None
+
+        steps = rec(0, 0, (0,))
+        return None if steps is None else Found(tuple(steps))
+
+
+def greedy(tables: Tables, bound: float) -> list[tuple[int, int, tuple[int, ...]]] | None:
+    """A plan with every cost <= bound, one device a stage, built stage by stage: the device
+    that reaches furthest (ties: the one with least memory), or None if it gets stuck.
+    Not a decision procedure: None proves nothing. O(N L) per stage, any problem size."""
+    tb = tables
+    if tb.floor > bound:
+        return None
+    L, N = tb.L, tb.N
+    used = np.zeros(N, dtype=bool)
+    u, last = 0, 0
+    stages: list[tuple[int, int, tuple[int, ...]]] = []
+    cut = tb.cut
+    spb = np.array(tb.spb)
+    while u < L:
+        row = tb.row(u)
+        link = cut[u] * spb[last, 1:]
+        ok = (row <= bound) & np.isfinite(row) & ~used[:, None] & (link <= bound)[:, None]
+        ok[:, L] &= cut[L] * spb[1:, 0] <= bound
+        reach = np.where(ok.any(axis=1), L - np.argmax(ok[:, ::-1], axis=1), -1)
+        best = reach.max()
+        if best <= u:
+            return None
+        cands = np.flatnonzero(reach == best)
+        d = int(cands[np.argmin(tb.cap[cands])])
+        stages.append((u, int(best), (d,)))
+        used[d] = True
+        u, last = int(best), d + 1
+    return stages
+
+
+def lower_bound(tables: Tables, lo: float, hi: float, effort: Effort, rtol: float = 1e-5) -> float:
+    """The largest B proven infeasible by the root bounds (capacity, cover), by bisection
+    over [lo, hi] (the bounds only get weaker as B grows, so every B below it fails too).
+    Its steps are counted as nodes but never cut: a bounded cost (log2(1 / rtol) levels),
+    so even the smallest effort limit returns this bound."""
+    if hi <= lo:
+        return lo
+    if not Level(tables, lo).possible():
+        while hi - lo > rtol * hi:
+            effort.spent += 1
+            mid = (lo + hi) / 2
+            if Level(tables, mid).possible():
+                hi = mid
+            else:
+                lo = mid
+    return lo
+
+
+def first_plan(tables: Tables, lower: float) -> list[tuple[int, int, tuple[int, ...]]] | None:
+    """A greedy plan at the lowest bound of a doubling ladder from ``lower`` (anytime's
+    first incumbent; None when even an unlimited bound gets stuck)."""
+    x = lower if lower > 0 else 1e-3
+    for _ in range(64):
+        found = greedy(tables, x)
+        if found is not None:
+            return found
+        x *= 2
+    return greedy(tables, math.inf)
