@@ -208,6 +208,7 @@ def _row(r: dict[str, Any], **extra: Any) -> dict[str, Any]:
                         "measured_compute_s": {d: v and round(v, 3) for d, v in s["measured_compute_s"].items()},
                         "measured_cpu_s": s["measured_cpu_s"]} for s in r["stages"]],
             "node_stats": r["node_stats"],
+            "calibration": r.get("calibration"),
             "bottleneck_at": r["bottleneck_at"], "optimal": r["optimal"],
             "seconds": round(r["total_seconds"])}
 
