@@ -310,3 +310,17 @@ def test_undeploy_an_inventory_unloads_whatever_its_nodes_serve(nodes, tmp_path)
     for n in nodes.nodes:
         with ControlClient(n.control, timeout=5) as cc:
             assert cc.call("ping")["state"] == "idle"
+
+
+def test_replicas_connect_to_the_next_stage_staggered():
+    """Replica j of k starts its round-robin at downstream j*n/k: a wave of activations from
+    replicas that finish together spreads over every downstream replica."""
+    from edgezmq.orchestrate.deploy import staggered
+
+    down = ["a", "b", "c", "d", "e", "f", "g", "h"]
+    firsts = [staggered(down, j, 8)[0] for j in range(8)]
+    assert sorted(firsts) == down  # 8 senders -> 8 receivers: one each
+    assert [staggered(down, j, 4)[0] for j in range(4)] == ["a", "c", "e", "g"]
+    assert [staggered(["x", "y"], j, 4)[0] for j in range(4)] == ["x", "x", "y", "y"]
+    assert all(sorted(staggered(down, j, 3)) == down for j in range(3))  # a rotation: every one kept
+    assert staggered(["r"], 0, 1) == ["r"]

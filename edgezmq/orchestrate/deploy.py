@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from edgezmq.errors import EdgezmqError
 from edgezmq.orchestrate.address import NodeAddress
@@ -25,6 +25,7 @@ from edgezmq.transport import security
 from edgezmq.transport.nodeclient import NodeClient
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PING_TIMEOUT_S = 3.0
 LOAD_TIMEOUT_S = 600.0  # building a ViT-Huge shard on a slow board takes minutes
@@ -73,6 +74,21 @@ def _each(nodes: list[tuple[int, NodeAddress]], fn) -> dict[str, Any]:
 def _fail(errors: dict[str, Any]) -> dict[str, str]:
     return {k: (e.message if isinstance(e, control.ControlError) else str(e))
             for k, e in errors.items() if isinstance(e, Exception)}
+
+
+def staggered(downstream: list[T], replica: int, replicas: int) -> list[T]:
+    """The next stage's addresses in the order replica `replica` (of `replicas`) of a stage
+    connects to them: starting at ``replica * len(downstream) // replicas``.
+
+    A PUSH socket deals messages round-robin in connect order, first address first. Replicas
+    of a stage serve at one pace and start together (the stage before deals to them in
+    turn), so had they all connected in one order, their k-th activations would all go to
+    downstream replica k at the same moment: one link carries a whole wave while the others
+    idle. On the EdgePipe testbed eight RCC-VE-like replicas sending to eight MinnowBoard-like
+    ones together, through a 1.95 Mbit/s downlink each, measured 0.33 samples/s against 0.59
+    predicted. Staggered, each wave spreads over every downstream replica."""
+    off = (replica * len(downstream)) // replicas if replicas > 0 else 0
+    return downstream[off:] + downstream[:off]
 
 
 def unload(plan: DeployPlan, *, timeout: float = PING_TIMEOUT_S, only: list[str] | None = None) -> dict[str, Any]:
@@ -190,11 +206,13 @@ def deploy(
     keys = [[ring.node_key(n.name) for n in st.nodes] for st in plan.stages] if ring else None
 
     def start(i: int, n: NodeAddress) -> Any:
-        downstream = endpoints[i + 1] if i + 1 < n_stages else [plan.results]
+        replicas = [x.name for x in plan.stages[i].nodes]
+        j, k = replicas.index(n.name), len(replicas)
+        downstream = staggered(endpoints[i + 1], j, k) if i + 1 < n_stages else [plan.results]
         server_keys = None
         if keys is not None and ring is not None:
-            down_keys = keys[i + 1] if i + 1 < n_stages else [ring.results_public]
-            server_keys = [k.decode() for k in down_keys]
+            down_keys = staggered(keys[i + 1], j, k) if i + 1 < n_stages else [ring.results_public]
+            server_keys = [k_.decode() for k_ in down_keys]
         with NodeClient(n.control, timeout=ping_timeout, retries=0, name=n.name, curve=plan.curve(n)) as c:
             return c.start(downstream, server_keys, encodings=plan.stages[i].encodings)
 
