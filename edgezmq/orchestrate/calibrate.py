@@ -28,9 +28,11 @@ The problem is then solved again with the corrected types. The deployed plan, pr
 the corrected speeds, stays unless the new plan is more than ``TOLERANCE`` faster (then it
 is deployed in place of the first). A plan so deployed is calibrated in turn (its moved
 stages ran nowhere yet: their times are a type's factor measured on other units, under
-another load), factors composing, until a round keeps its plan or ``MAX_ROUNDS`` bursts
-ran; the prediction printed is the one of the plan left in service, at the corrected
-speeds, measured on that plan itself unless the rounds ran out (``measured``).
+another load), factors composing, until a round keeps its plan; the last of the
+``MAX_ROUNDS`` bursts only corrects the plan in service (it redeploys nothing: the
+prediction printed is always of a plan measured in service, at its corrected speeds).
+The warm-up gives every replica work before the timing starts, and each replica of the
+most replicated stage times at least ``PER_REPLICA`` microbatches.
 The burst is at least ``CALIBRATION_SECONDS`` long at the predicted pace, so that under a
 CPU quota it spans many CFS periods (as a profiling round does).
 """
@@ -60,7 +62,8 @@ CALIBRATION_MICROBATCHES = 8  # timed microbatches (after the warm-up), at least
 CALIBRATION_SECONDS = 2.0  # ... this long at the predicted pace (up to 4x as many microbatches)
 BUSY = 0.8  # a stage computing at least this share of the time was saturated
 TOLERANCE = 0.05  # a new plan replaces the deployed one only if this much faster
-MAX_ROUNDS = 3  # bursts in all: a plan that replaced the deployed one is calibrated in turn
+MAX_ROUNDS = 2  # bursts in all: a plan that replaced the deployed one is calibrated in turn
+PER_REPLICA = 3  # timed microbatches per replica of the most replicated stage, at least
 STATS_TIMEOUT_S = 10.0
 
 Say = Callable[[str], None]
@@ -225,10 +228,15 @@ def calibrate(
     first_burst = 0.0
     redeployed = measured = False
     for r in range(max(1, rounds)):
-        warmup = len(dep.plan.stages) + 1  # fills the pipeline
+        # every replica busy before the timing starts, and each replica times at least
+        # PER_REPLICA microbatches (one or two are mostly boundary: noise that moved factors
+        # by +-25% and plans with them)
+        warmup = sum(len(s.nodes) for s in dep.plan.stages) + 1
+        most = max(len(s.nodes) for s in dep.plan.stages)
         # under a CPU quota the burst must span many CFS periods (profile.round_seconds), so at
         # least CALIBRATION_SECONDS at the predicted pace, up to 4 n microbatches
-        n_r = min(max(n, math.ceil(CALIBRATION_SECONDS / max(cur.bottleneck_s, 1e-9))), 4 * n)
+        n_r = max(min(max(n, math.ceil(CALIBRATION_SECONDS / max(cur.bottleneck_s, 1e-9))), 4 * n),
+                  PER_REPLICA * most)
         with watch(dep) if watch is not None else nullcontext():
             before, after, seconds = burst(client, dep, shape, n_r, warmup)
         threads = {ref.name: ref.threads or infos[ref.name].get("threads") for _, ref in dep.plan.all_nodes}
@@ -258,7 +266,9 @@ def calibrate(
         new_problem, candidate = replan(cur_dict)
         kept = evaluate(new_problem, cur.stages)  # the deployed plan at the corrected speeds
         cur_problem = new_problem
-        if _layout(candidate) != _layout(cur) and candidate.throughput_per_s > kept.throughput_per_s * (1 + TOLERANCE):
+        last = r == max(1, rounds) - 1  # the last round corrects the plan in service: no redeploy
+        if (not last and _layout(candidate) != _layout(cur)
+                and candidate.throughput_per_s > kept.throughput_per_s * (1 + TOLERANCE)):
             say(f"calibration: at the corrected speeds another plan is "
                 f"{candidate.throughput_per_s / kept.throughput_per_s - 1:.0%} faster: redeploying")
             unload(dep.plan)
