@@ -202,7 +202,7 @@ def train(config: TrainConfig, split: Split,
                 opt.step()
                 sched.step()
             if progress is not None:
-                progress(epoch, float(loss))
+                progress(epoch, float(loss.detach()))
     return model.eval().requires_grad_(False)
 
 
