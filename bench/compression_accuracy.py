@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import math
 import sys
 import time
@@ -173,8 +174,10 @@ def task_part(args: argparse.Namespace, encodings: list[str]) -> tuple[dict, lis
     rows = []
     exact = True
     top1_fp32 = None
+    reference = None
     for gran, pick, encs in (("block", None, encodings), ("sublayer", "two", SUBLAYER_ENCODINGS)):
-        sweep = acc.CutSweep(model, gran, x, args.microbatch)
+        sweep = acc.CutSweep(model, gran, x, args.microbatch, reference)
+        reference = sweep.reference
         exact &= sweep.chain_exact
         top1_fp32 = acc.score(sweep.reference, sweep.reference, y).top1
         cuts = list(range(1, sweep.num_units)) if pick is None else two_tensor_cuts(sweep)
@@ -182,7 +185,7 @@ def task_part(args: argparse.Namespace, encodings: list[str]) -> tuple[dict, lis
     for r in rows:
         r["top1_drop"] = round(top1_fp32 - r["top1"], 4)
     info = {"model": task.TASK_MODEL, "kwargs": task.TASK_KWARGS, "checkpoint": str(path),
-            "train": meta["train"], "train_cpu_s": float(meta["train_cpu_s"]),
+            "train": json.loads(meta["train"]), "train_cpu_s": float(meta["train_cpu_s"]),
             "train_wall_s": float(meta["train_wall_s"]), "test_samples": len(y),
             "top1_fp32": top1_fp32, "top1_fp32_at_training": float(meta["test_top1"]),
             "chain_exact": exact, "microbatch": args.microbatch}
@@ -200,8 +203,7 @@ def large_part(args: argparse.Namespace, encodings: list[str]) -> dict:
     cuts = [c for c in args.large_cuts if 0 < c < sweep.num_units]
     rows = sweep_rows(sweep, cuts, encodings, None, names, "large", not args.json)
     exact = sweep.chain_exact
-    del sweep
-    sub = acc.CutSweep(model, "sublayer", x, args.large_microbatch)
+    sub = acc.CutSweep(model, "sublayer", x, args.large_microbatch, reference=sweep.reference)
     rows += sweep_rows(sub, two_tensor_cuts(sub, [LARGE_SUBLAYER_BLOCK]), SUBLAYER_ENCODINGS, None,
                        chain.unit_names(model, "sublayer"), "large", not args.json)
     return {"model": LARGE, "checkpoint": str(path), "weights": "seeded random init (seed 0)",
@@ -231,28 +233,35 @@ def plot(result: dict) -> None:
     plt = pyplot()
     if plt is None:
         return
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    large = result.get("large")
+    fig, axes = plt.subplots(1, 3 if large else 2, figsize=(17 if large else 12, 4.8))
     rows = [r for r in result["rows"] if r["model"] == "task" and r["granularity"] == "block"]
+    cuts = sorted({r["cut"] for r in rows})
     for enc in dict.fromkeys(r["encoding"] for r in rows):
         mine = [r for r in rows if r["encoding"] == enc]
-        a.plot([r["cut"] for r in mine], [r["top1"] for r in mine], marker="o",
-               label=f"{enc} ({mine[0]['bits_per_value']:.1f} bits)")
-    a.axhline(result["task"]["top1_fp32"], color="k", ls="--", label="fp32")
-    a.set_xlabel("cut (units before it; block granularity)")
-    a.set_ylabel("top-1 %")
-    a.set_title(f"digits ViT ({result['task']['test_samples']} test images): top-1 with the cut encoded")
-    a.legend(fontsize=7)
-    large = result.get("large")
+        label = f"{enc} ({mine[0]['bits_per_value']:.1f} bits)"
+        axes[0].plot([r["cut"] for r in mine], [r["top1"] for r in mine], marker="o", label=label)
+        axes[1].plot([r["cut"] for r in mine], [max(r["rel_l2"], 1e-9) for r in mine], marker="o", label=label)
+    axes[0].axhline(result["task"]["top1_fp32"], color="k", ls="--", label="fp32")
+    axes[0].set_ylabel("top-1 %")
+    axes[0].set_title(f"digits ViT, {result['task']['test_samples']} test images: top-1")
+    axes[1].set_yscale("log")
+    axes[1].set_ylabel("relative L2 error of the logits vs fp32")
+    axes[1].set_title("digits ViT: logit error")
+    for ax in axes[:2]:
+        ax.set_xticks(cuts)
+        ax.set_xlabel("cut: units before it (block granularity)")
+        ax.legend(fontsize=7)
     if large:
         lrows = [r for r in large["rows"] if r["granularity"] == "block"]
         for cut in dict.fromkeys(r["cut"] for r in lrows):
             pts = sorted((r["bits_per_value"], max(r["rel_l2"], 1e-9)) for r in lrows if r["cut"] == cut)
-            b.plot(*zip(*pts), marker="o", label=f"cut {cut}")
-        b.set_yscale("log")
-        b.set_xlabel("bits per value (scales included)")
-        b.set_ylabel("relative L2 error of the logits")
-        b.set_title(f"{LARGE} (seeded): logit error vs bits")
-        b.legend(fontsize=7)
+            axes[2].plot(*zip(*pts), marker="o", label=f"cut {cut}")
+        axes[2].set_yscale("log")
+        axes[2].set_xlabel("bits per value (scales included)")
+        axes[2].set_ylabel("relative L2 error of the logits vs fp32")
+        axes[2].set_title(f"{LARGE} (seeded): logit error vs bits")
+        axes[2].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(RESULTS / f"{NAME}.png", dpi=100)
 

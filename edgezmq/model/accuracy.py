@@ -135,7 +135,9 @@ class CutSweep:
     tensors crossing each cut are computed once, so each pair runs only units [cut, L)."""
 
     def __init__(self, model: nn.Module, granularity: str, x: torch.Tensor,
-                 microbatch: int = MICROBATCH) -> None:
+                 microbatch: int = MICROBATCH, reference: torch.Tensor | None = None) -> None:
+        """`reference`: the model's logits of `x` at this microbatch, if already computed
+        (another sweep's), so that a large model runs its forward once."""
         self.model, self.granularity, self.microbatch = model.eval(), granularity, microbatch
         self.num_units = _check_cut(model, granularity, 0)
         self._inputs: list[list[tuple[torch.Tensor, ...]]] = []  # [microbatch][cut] -> tensors
@@ -149,7 +151,7 @@ class CutSweep:
                 self._inputs.append(row)
         # the model's own forward, the reference every transform is judged against; the
         # chain's exact output (`chain_exact`) must equal it bit for bit
-        self.reference = model_logits(model, x, microbatch)
+        self.reference = model_logits(model, x, microbatch) if reference is None else reference
         self.chain_exact = torch.equal(torch.cat([row[-1][0] for row in self._inputs]), self.reference)
 
     def tensors(self, cut: int) -> list[tuple[torch.Tensor, ...]]:
