@@ -254,13 +254,15 @@ def plot(result: dict) -> None:
         ax.legend(fontsize=7)
     if large:
         lrows = [r for r in large["rows"] if r["granularity"] == "block"]
-        for cut in dict.fromkeys(r["cut"] for r in lrows):
-            pts = sorted((r["bits_per_value"], max(r["rel_l2"], 1e-9)) for r in lrows if r["cut"] == cut)
-            axes[2].plot(*zip(*pts), marker="o", label=f"cut {cut}")
+        for enc in dict.fromkeys(r["encoding"] for r in lrows):
+            mine = [r for r in lrows if r["encoding"] == enc]
+            axes[2].plot([r["cut"] for r in mine], [max(r["rel_l2"], 1e-9) for r in mine], marker="o",
+                         label=f"{enc} ({mine[0]['bits_per_value']:.1f} bits)")
         axes[2].set_yscale("log")
-        axes[2].set_xlabel("bits per value (scales included)")
+        axes[2].set_xticks(sorted({r["cut"] for r in lrows}))
+        axes[2].set_xlabel("cut: units before it (block granularity)")
         axes[2].set_ylabel("relative L2 error of the logits vs fp32")
-        axes[2].set_title(f"{LARGE} (seeded): logit error vs bits")
+        axes[2].set_title(f"{LARGE} (seeded, {large['inputs'].split()[0]} images): logit error")
         axes[2].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(RESULTS / f"{NAME}.png", dpi=100)
@@ -279,7 +281,11 @@ def main() -> int:
     ap.add_argument("--large-cuts", default=",".join(map(str, LARGE_CUTS)))
     ap.add_argument("--large-samples", type=args_.int_in(1, 64), default=2)
     ap.add_argument("--large-microbatch", type=args_.microbatch, default=2)
+    ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from the saved JSON")
     args = ap.parse_args()
+    if args.plot_only:
+        plot(json.loads((RESULTS / f"{NAME}.json").read_text()))
+        return 0
     encodings = [e.strip() for e in args.encodings.split(",") if e.strip()]
     for e in encodings:
         transform(e)  # unknown names fail before any work
