@@ -12,7 +12,7 @@ hidden) with A and the second (the residual) with B; on a one-tensor cut it is A
 Cuts: every block boundary of the task model (block granularity), and every two-tensor
 cut (sublayer granularity: which tensor needs the bits). Trains the task model on first
 use (a few CPU minutes: `python -m edgezmq.model.task`), then reuses the cached checkpoint.
-Writes bench/results/compression_accuracy.json and .png.
+Writes bench/results/compression_accuracy.json and .png (--name: another stem).
 """
 
 from __future__ import annotations
@@ -229,7 +229,7 @@ def summary(rows: list[dict]) -> dict[str, dict]:
     return out
 
 
-def plot(result: dict) -> None:
+def plot(result: dict, name: str = NAME) -> None:
     plt = pyplot()
     if plt is None:
         return
@@ -265,7 +265,7 @@ def plot(result: dict) -> None:
         axes[2].set_title(f"{LARGE} (seeded, {large['inputs'].split()[0]} images): logit error")
         axes[2].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(RESULTS / f"{NAME}.png", dpi=100)
+    fig.savefig(RESULTS / f"{name}.png", dpi=100)
 
 
 def main() -> int:
@@ -281,10 +281,11 @@ def main() -> int:
     ap.add_argument("--large-cuts", default=",".join(map(str, LARGE_CUTS)))
     ap.add_argument("--large-samples", type=args_.int_in(1, 64), default=2)
     ap.add_argument("--large-microbatch", type=args_.microbatch, default=2)
+    ap.add_argument("--name", default=NAME, help="results file stem in bench/results/")
     ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from the saved JSON")
     args = ap.parse_args()
     if args.plot_only:
-        plot(json.loads((RESULTS / f"{NAME}.json").read_text()))
+        plot(json.loads((RESULTS / f"{args.name}.json").read_text()), args.name)
         return 0
     encodings = [e.strip() for e in args.encodings.split(",") if e.strip()]
     for e in encodings:
@@ -305,8 +306,8 @@ def main() -> int:
         result["large"] = large_part(args, encodings)
     result["wall_s"] = round(time.monotonic() - t0, 1)
     result["cpu_s"] = round(time.process_time() - c0, 1)
-    save(NAME, result, args.json)
-    plot(result)
+    save(args.name, result, args.json)
+    plot(result, args.name)
     if not args.json:
         print(f"task top-1 fp32 {info['top1_fp32']:.2f}% on {info['test_samples']} images; worst over block cuts:")
         for enc, s in result["summary"].items():
