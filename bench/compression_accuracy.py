@@ -3,11 +3,13 @@ edgezmq.model.task) with each encoding applied at each cut, against fp32; and th
 error of the seeded ViT-Large under the same encodings at a few cuts.
 
     python bench/compression_accuracy.py [--json] [--threads 1] [--encodings f16,int8,...]
-        [--large-cuts 1,7,13,19,25] [--large-samples 2] [--no-large]
+        [--large-cuts 1,7,13,19,25] [--large-samples 2] [--no-large] [--codecs] [--name STEM]
 
-Encodings are names: the reference fake-quantizers below (float in, float out: what the
-receiver gets back), or any name `edgezmq.protocol.codecs.roundtrip(name, array)` knows once
-that module exists. "A+B" encodes the first tensor of a two-tensor cut (context or MLP
+Encodings are the wire codecs' names (f16, bf16, int8, int8-aciq, int8-ch, int4-ch-aciq,
+...). By default they run as the reference fake-quantizers below (float in, float out: what
+the receiver gets back, with the codecs' definitions of scales and clipping); `--codecs`
+runs them through `edgezmq.protocol.codecs.roundtrip(name, array)` instead, and names the
+reference lacks always go there. "A+B" encodes the first tensor of a two-tensor cut (context or MLP
 hidden) with A and the second (the residual) with B; on a one-tensor cut it is A.
 Cuts: every block boundary of the task model (block granularity), and every two-tensor
 cut (sublayer granularity: which tensor needs the bits). Trains the task model on first
@@ -62,48 +64,49 @@ def _cast(dtype: torch.dtype) -> RoundTrip:
 
 
 def _int(bits: int, *, per: str, aciq: bool = False) -> RoundTrip:
-    """Symmetric integer fake-quantizer: one scale per token (last dim) or per channel (over
-    the tokens of one sample); `aciq` clips at ACIQ's Laplace optimum instead of the max."""
+    """Symmetric integer fake-quantizer, as the wire codecs define it: one scale per token
+    (row of the last dimension) or per channel (index of the last dimension, over all rows
+    of the microbatch); `aciq` clips at ACIQ's Laplace optimum alpha = c(bits) * b, with b the
+    mean absolute value over the same group (the Laplace scale's estimate), when below the max."""
     qmax = 2 ** (bits - 1) - 1
-    dims = (-1,) if per == "token" else (-2,)
 
     def roundtrip(t: torch.Tensor) -> torch.Tensor:
-        x = t.float()
-        alpha = x.abs().amax(dim=dims, keepdim=True)
-        if aciq:  # Laplace scale b from the second moment (the quantizer is centred on 0)
-            b = x.square().mean(dim=dims, keepdim=True).div(2).sqrt()
-            alpha = torch.minimum(alpha, ACIQ_LAPLACE[bits] * b)
+        x = t.float().reshape(-1, t.shape[-1])
+        dim = 1 if per == "token" else 0
+        alpha = x.abs().amax(dim=dim, keepdim=True)
+        if aciq:
+            alpha = torch.minimum(alpha, ACIQ_LAPLACE[bits] * x.abs().mean(dim=dim, keepdim=True))
         scale = torch.where(alpha > 0, alpha / qmax, torch.ones_like(alpha))
-        return (x / scale).round().clamp(-qmax, qmax).mul(scale).to(t.dtype)
+        return (x / scale).round().clamp(-qmax, qmax).mul(scale).reshape(t.shape).to(t.dtype)
 
     return roundtrip
 
 
 def _int_bits(bits: int, per: str) -> Callable[[tuple[int, ...]], float]:
-    return lambda shape: bits + SCALE_BITS / shape[-1 if per == "token" else -2]
+    """Bits per value of a microbatch tensor of `shape`, its float32 scales included."""
+    return lambda shape: bits + SCALE_BITS * (math.prod(shape[:-1]) if per == "token" else shape[-1]) / math.prod(shape)
 
 
 REFERENCE: dict[str, Encoding] = {
     "f16": Encoding(_cast(torch.float16), lambda s: 16, "IEEE half"),
     "bf16": Encoding(_cast(torch.bfloat16), lambda s: 16, "bfloat16"),
-    "int8": Encoding(_int(8, per="token"), _int_bits(8, "token"), "symmetric int8, max-abs scale per token"),
-    "int8-aciq": Encoding(_int(8, per="token", aciq=True), _int_bits(8, "token"),
-                          "symmetric int8 per token, ACIQ (Laplace) clipping"),
-    "int4": Encoding(_int(4, per="token"), _int_bits(4, "token"), "symmetric int4, max-abs scale per token"),
-    "int4-aciq": Encoding(_int(4, per="token", aciq=True), _int_bits(4, "token"),
-                          "symmetric int4 per token, ACIQ (Laplace) clipping"),
-    "int8-ch": Encoding(_int(8, per="channel"), _int_bits(8, "channel"),
-                        "symmetric int8, max-abs scale per channel of each sample"),
-    "int4-ch": Encoding(_int(4, per="channel"), _int_bits(4, "channel"),
-                        "symmetric int4, max-abs scale per channel of each sample"),
 }
-DEFAULT_ENCODINGS = list(REFERENCE)
+for _b in (8, 4):
+    for _per, _tag in (("token", ""), ("channel", "-ch")):
+        for _aciq in (False, True):
+            REFERENCE[f"int{_b}{_tag}{'-aciq' if _aciq else ''}"] = Encoding(
+                _int(_b, per=_per, aciq=_aciq), _int_bits(_b, _per),
+                f"symmetric int{_b}, max-abs scale per {_per}" + (", ACIQ (Laplace) clipping" if _aciq else ""))
+DEFAULT_ENCODINGS = ["f16", "bf16", "int8", "int8-aciq", "int4", "int4-aciq", "int8-ch", "int4-ch"]
 # two-tensor cuts: the same encoding on both, and 4 bits on one tensor with 8 on the other
 SUBLAYER_ENCODINGS = ["int8", "int4-aciq", "int4-aciq+int8", "int8+int4-aciq"]
 
 
+USE_CODECS = False  # --codecs: every name through edgezmq.protocol.codecs, not REFERENCE
+
+
 def _codec(name: str) -> Encoding:
-    """`name` from the wire codecs (edgezmq.protocol.codecs), once they exist."""
+    """`name` from the wire codecs: `edgezmq.protocol.codecs.roundtrip(name, array)`."""
     try:
         codecs = importlib.import_module("edgezmq.protocol.codecs")
     except ImportError:
@@ -111,16 +114,23 @@ def _codec(name: str) -> Encoding:
     if not hasattr(codecs, "roundtrip"):
         raise SystemExit(f"--encodings: unknown encoding {name!r}: expected one of {', '.join(REFERENCE)} "
                          "(edgezmq.protocol.codecs.roundtrip is not available for others)")
+    if hasattr(codecs, "NAMES") and name not in codecs.NAMES:
+        raise SystemExit(f"--encodings: unknown encoding {name!r}: expected one of {', '.join(codecs.NAMES)}")
 
     def roundtrip(t: torch.Tensor) -> torch.Tensor:
-        out = codecs.roundtrip(name, t.detach().cpu().numpy())
+        out = codecs.roundtrip(name, t.detach().cpu().float().numpy())
         return torch.as_tensor(np.asarray(out)).reshape(t.shape).to(t.dtype)
 
-    return Encoding(roundtrip, lambda s: math.nan, f"edgezmq.protocol.codecs {name!r}")
+    def bits(shape: tuple[int, ...]) -> float:
+        if not hasattr(codecs, "encoded_nbytes"):
+            return math.nan
+        return 8 * codecs.encoded_nbytes(name, shape) / math.prod(shape)
+
+    return Encoding(roundtrip, bits, f"edgezmq.protocol.codecs {name!r}")
 
 
 def resolve(name: str) -> Encoding:
-    return REFERENCE[name] if name in REFERENCE else _codec(name)
+    return REFERENCE[name] if name in REFERENCE and not USE_CODECS else _codec(name)
 
 
 def transform(spec: str) -> acc.Transform:
@@ -142,7 +152,7 @@ def sweep_rows(sweep: acc.CutSweep, cuts: list[int], encodings: list[str], label
                names: list[str], model: str, progress: bool) -> list[dict]:
     rows = []
     for cut in cuts:
-        shapes = [tuple(t.shape[1:]) for t in sweep.tensors(cut)[0]]  # per sample
+        shapes = [tuple(t.shape) for t in sweep.tensors(cut)[0]]  # of one (full) microbatch
         for enc in encodings:
             t0 = time.process_time()
             s = acc.score(sweep.logits(cut, transform(enc)), sweep.reference, labels)
@@ -281,12 +291,17 @@ def main() -> int:
     ap.add_argument("--large-cuts", default=",".join(map(str, LARGE_CUTS)))
     ap.add_argument("--large-samples", type=args_.int_in(1, 64), default=2)
     ap.add_argument("--large-microbatch", type=args_.microbatch, default=2)
+    ap.add_argument("--codecs", action="store_true",
+                    help="encode with the wire codecs (edgezmq.protocol.codecs.roundtrip) instead of the "
+                         "reference fake-quantizers of this file")
     ap.add_argument("--name", default=NAME, help="results file stem in bench/results/")
     ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from the saved JSON")
     args = ap.parse_args()
     if args.plot_only:
         plot(json.loads((RESULTS / f"{args.name}.json").read_text()), args.name)
         return 0
+    global USE_CODECS
+    USE_CODECS = args.codecs
     encodings = [e.strip() for e in args.encodings.split(",") if e.strip()]
     for e in encodings:
         transform(e)  # unknown names fail before any work
@@ -299,7 +314,8 @@ def main() -> int:
     t0, c0 = time.monotonic(), time.process_time()
     info, rows = task_part(args, encodings)
     result: dict = {"bench": NAME, "threads": torch.get_num_threads(), "task": info,
-                    "encodings": {e: REFERENCE[e].what if e in REFERENCE else "codec" for e in
+                    "implementation": "edgezmq.protocol.codecs" if USE_CODECS else "reference fake-quantizers",
+                    "encodings": {e: resolve(e).what for e in
                                   dict.fromkeys(p for s in [*encodings, *SUBLAYER_ENCODINGS] for p in s.split("+"))},
                     "rows": rows, "summary": summary(rows)}
     if not args.no_large:
