@@ -139,3 +139,60 @@ def test_fake_int8_keeps_agreement_high_on_a_trained_model():
         s = A.score(sweep.logits(cut, fake_int(8)), sweep.reference, split.y_test)
         assert s.agreement >= 99.0 and s.rel_l2 < 0.01, (cut, s)
         assert s.top1 is not None and abs(s.top1 - fp32) <= 1.0, (cut, s, fp32)
+
+
+def _bench_module():
+    """bench/compression_accuracy.py, imported as the bench runs it (its folder on sys.path)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location("compression_accuracy", bench / "compression_accuracy.py")
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod  # dataclasses look their module up there
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(bench))
+    return mod
+
+
+def _activation() -> torch.Tensor:
+    x = torch.randn(2, 17, 64, generator=torch.Generator().manual_seed(2))
+    x[0, 3, 5] = 40.0  # an outlier channel value, as ViT residual streams have
+    x[1, 2] = 0.0  # an all-zero token
+    return x
+
+
+def test_reference_fake_quantizers_bounds():
+    ref = _bench_module().REFERENCE
+    x = _activation()
+    assert torch.equal(ref["f16"].roundtrip(x), x.half().float())
+    assert torch.equal(ref["bf16"].roundtrip(x), x.bfloat16().float())
+    for bits, name in ((8, "int8"), (4, "int4")):
+        qmax = 2 ** (bits - 1) - 1
+        y = ref[name].roundtrip(x)
+        step = x.abs().amax(-1, keepdim=True) / qmax
+        assert ((y - x).abs() <= step / 2 + 1e-6).all()  # max-abs scale: never clipped
+        assert torch.equal(y[1, 2], torch.zeros(64))  # a zero token stays zero
+        levels = (y / torch.where(step > 0, step, 1)).round()
+        assert levels.abs().max() <= qmax and torch.allclose(levels * step, y, atol=1e-5)
+        clipped = ref[f"{name}-aciq"].roundtrip(x)
+        assert clipped[0, 3, 5] < 40.0 and y[0, 3, 5] == pytest.approx(40.0)  # ACIQ clips the outlier
+        assert ref[name].bits((8, 17, 64)) == bits + 32 / 64
+        assert ref[f"{name}-ch"].bits((8, 17, 64)) == bits + 32 / (8 * 17)
+
+
+def test_reference_fake_quantizers_match_the_wire_codecs():
+    codecs = pytest.importorskip("edgezmq.protocol.codecs", reason="the wire codecs are on another branch")
+    ref = _bench_module().REFERENCE
+    x = _activation()
+    for name in ref:
+        wire = torch.from_numpy(codecs.roundtrip(name, x.numpy()))
+        step = x.abs().amax() / (7 if "int4" in name else 127)
+        # the same math in torch and numpy: equal up to a rounding tie or a last-bit scale difference
+        assert torch.allclose(ref[name].roundtrip(x), wire, rtol=1e-5, atol=float(step) * 1.01), name
+        assert ref[name].bits(tuple(x.shape)) == pytest.approx(8 * codecs.encoded_nbytes(name, x.shape) / x.numel()), name
