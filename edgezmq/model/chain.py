@@ -41,7 +41,7 @@ from edgezmq.terms import GRANULARITIES
 __all__ = [
     "GRANULARITIES", "ModelError", "UnitInfo", "Shard", "create_model", "unit_infos", "num_units",
     "input_shape", "boundary_specs", "build_shard", "write_checkpoint", "cached_checkpoint",
-    "cache_root", "run_units",
+    "save_checkpoint", "checkpoint_problem", "cache_root", "unit_names", "run_units",
 ]
 
 log = logging.getLogger(__name__)
@@ -439,6 +439,11 @@ def _range_error(name: str, granularity: str, start: int, end: int, n: int) -> M
     return None
 
 
+def unit_names(model: nn.Module, granularity: str = "block") -> list[str]:
+    """The names of a materialised model's units, in chain order (its length is L)."""
+    return [p.name for p in _pieces(_check_vit(model, _model_name(model)), granularity)]
+
+
 def run_units(model: nn.Module, granularity: str, *tensors: torch.Tensor, start: int = 0,
               end: int | None = None) -> tuple[torch.Tensor, ...]:
     """Apply units [start, end) of a whole, materialised model one by one (tests, profiling)."""
@@ -675,12 +680,19 @@ def write_checkpoint(name: str, path: str | os.PathLike, *, seed: int = 0, **kwa
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = create_model(name, **kwargs)
-    tensors = {k: t.contiguous() for k, t in model.state_dict().items()}
     meta = {"model": name, "seed": str(seed), "kwargs": _kwargs_json(kwargs), "timm": timm.__version__}
+    return save_checkpoint(model.state_dict(), path, meta)
+
+
+def save_checkpoint(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                    meta: Mapping[str, str]) -> Path:
+    """`tensors` saved as safetensors at `path` with string metadata `meta`, atomically
+    (temporary file + rename: a reader never sees half a checkpoint), readable by all."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
-        save_file(tensors, str(tmp), metadata=meta)
+        save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp), metadata=dict(meta))
         os.chmod(tmp, CHECKPOINT_MODE)
         os.replace(tmp, path)
     finally:
@@ -697,7 +709,7 @@ def cached_checkpoint(name: str, *, seed: int = 0, cache_dir: str | os.PathLike 
     """<root>/checkpoints/<name>-<kwargs hash>-seed<seed>.safetensors, written on first use."""
     digest = hashlib.sha256(_kwargs_json(kwargs).encode()).hexdigest()[:KWARGS_HASH_CHARS]
     path = checkpoints_dir(cache_dir) / f"{name}-{digest}-seed{seed}.safetensors"
-    why = _cached_checkpoint_problem(path, name, seed, kwargs)
+    why = checkpoint_problem(path, {"model": name, "seed": str(seed), "kwargs": _kwargs_json(kwargs)})
     if why is not None:
         if path.exists():
             log.warning("seeded checkpoint %s %s: writing it again", path, why)
@@ -707,8 +719,9 @@ def cached_checkpoint(name: str, *, seed: int = 0, cache_dir: str | os.PathLike 
     return path
 
 
-def _cached_checkpoint_problem(path: Path, name: str, seed: int, kwargs: Mapping[str, Any]) -> str | None:
-    """Why the cached seeded checkpoint at `path` cannot be used as it is, or None.
+def checkpoint_problem(path: Path, want: Mapping[str, str]) -> str | None:
+    """Why the cached checkpoint at `path` cannot be used as it is (its metadata differs from
+    `want` on some key, or it is missing or unreadable), or None.
 
     Opening the file makes safetensors check its header against the file's length, so a
     truncated or overwritten file is caught here, not when a node loads it.
@@ -720,7 +733,6 @@ def _cached_checkpoint_problem(path: Path, name: str, seed: int, kwargs: Mapping
             meta = f.metadata() or {}
     except (SafetensorError, OSError) as e:
         return f"is not a readable safetensors file ({e})"
-    want = {"model": name, "seed": str(seed), "kwargs": _kwargs_json(kwargs)}
     got = {k: meta.get(k) for k in want}
     if got != want:
         return f"was written for {got}, not {want}"
