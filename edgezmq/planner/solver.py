@@ -42,7 +42,7 @@ from .classes import (
     merged_model,
 )
 from .cost import evaluate, stage_memory_bytes
-from .parametric import Level, Tables, first_plan, greedy, lower_bound
+from .parametric import Level, Tables, first_plan, greedy, greedy_replicated, lower_bound
 from .plan import Plan, Stage, format_bytes
 from .problem import PlanError, Problem
 from .search import BudgetExceeded, Effort, Result, Search, Timeout
@@ -56,6 +56,8 @@ DEFAULT_TIME_LIMIT_S = 60.0     # wall-clock safety net
 DEFAULT_EFFORT = 400_000
 ENGINES = ("auto", "classes", "devices")
 GREEDY_STEPS = 12               # bisection steps of the greedy first plan
+GREEDY_LADDER_STEP = 0.01       # replicated greedy: then bounds this much lower in turn ...
+GREEDY_LADDER_MISSES = 4        # ... until it fails this many times in a row
 BISECT_STOP = 1e-3              # device search: below this relative gap, try to prove the incumbent
 SLICE_SHARE = 0.25              # ... each decision search gets this share of the effort left
 MIN_SLICE = 2_000               # ... and at least this many nodes
@@ -373,6 +375,32 @@ def _greedy(run: _Run, tables: Tables) -> None:
             hi = run.ub()
 
 
+def _greedy_replicated(run: _Run, tables: Tables) -> None:
+    """With replication: the replicated greedy (parametric.py) bisected between the proven
+    bound and the incumbent, then tried on a ladder just below its best (it is not monotone
+    in the bound); far better than plans without replicas on large clusters."""
+    lo, hi = run.lower, run.ub()
+    for _ in range(GREEDY_STEPS):
+        if not math.isfinite(hi) or hi <= 0 or (hi - lo) / hi <= PROBE_TOLERANCE:
+            break
+        mid = (lo + hi) / 2
+        found = greedy_replicated(tables, mid)
+        if found is None:
+            lo = mid                    # no decision procedure: this proves nothing
+        else:
+            run.consider_stages(_device_stages(run, found))
+            hi = run.ub()
+    misses, x = 0, run.ub()
+    while misses < GREEDY_LADDER_MISSES and math.isfinite(x) and x > run.lower:
+        x *= 1 - GREEDY_LADDER_STEP
+        found = greedy_replicated(tables, x)
+        if found is None:
+            misses += 1
+        else:
+            run.consider_stages(_device_stages(run, found))
+            misses, x = 0, min(x, run.ub())
+
+
 def _device_stages(run: _Run, steps: list[tuple[int, int, tuple[int, ...]]] | tuple) -> list[Stage]:
     return [Stage((a, b), tuple(run.names[d] for d in sorted(devs))) for a, b, devs in steps]
 
@@ -391,6 +419,8 @@ def _devices(run: _Run, tables: Tables) -> None:
         run.stats["bound"] = "capacity only: too many units x devices for the device search"
         return
     run.raise_floor(lower_bound(tables, run.lower, run.ub() if run.plan else _big(tables), effort))
+    if tables.replication:
+        _greedy_replicated(run, tables)
     try:
         if tables.replication:
             single = copy.copy(tables)
