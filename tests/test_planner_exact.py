@@ -507,15 +507,15 @@ def test_replicated_greedy_meets_its_bound(seed):
     """greedy_replicated's plans cost at most the bound they were built for (priced by
     ``evaluate``) and fit memory; it is no decision procedure, so None is not checked."""
     from edgezmq.planner.classes import device_arrays
-    from edgezmq.planner.parametric import Tables, greedy_replicated
+    from edgezmq.planner.parametric import GREEDY_RULES, Tables, greedy_replicated
     from edgezmq.planner.plan import Stage
 
     problem = Problem.from_dict(replicated_problem(seed))
     tables = Tables(device_arrays(problem))
     names = [dev.name for dev in problem.devices]
     best = solve(problem, engine="devices").bottleneck_s
-    for factor in (1.0, 1.1, 1.5, 3.0):
-        steps = greedy_replicated(tables, best * factor)
+    for factor, rule in itertools.product((1.0, 1.1, 1.5, 3.0), GREEDY_RULES):
+        steps = greedy_replicated(tables, best * factor, rule)
         if steps is None:
             continue
         plan = evaluate(problem, [Stage((a, b), tuple(names[x] for x in devs)) for a, b, devs in steps])

@@ -36,11 +36,13 @@ import numpy as np
 from .classes import DeviceArrays, memory_table
 from .search import Effort
 
-__all__ = ["Tables", "Level", "Found", "greedy", "greedy_replicated", "MAX_TABLE"]
+__all__ = ["Tables", "Level", "Found", "greedy", "greedy_replicated", "GREEDY_RULES", "MAX_TABLE"]
 
 MAX_TABLE = 12_000_000      # devices x (units + 1)^2 entries: above it, no exact device search
 MAX_DOMINANCE = 96          # devices up to which B-dominance is computed pair by pair
 SLACK_RTOL = 1e-9           # capacity slack below -this x total weight proves infeasible
+# greedy_replicated's rules (score, pick), each tried: none is best on every cluster
+GREEDY_RULES = (("waste", "capacity"), ("waste", "rank"), ("reach", "capacity"))
 MAX_REFERENCES = 3          # unit weightings w tried by the capacity bound
 
 
@@ -382,19 +384,24 @@ def greedy(tables: Tables, bound: float) -> list[tuple[int, int, tuple[int, ...]
     return stages
 
 
-def greedy_replicated(tables: Tables, bound: float) -> list[tuple[int, int, tuple[int, ...]]] | None:
+def greedy_replicated(tables: Tables, bound: float, rule: tuple[str, str] = ("waste", "capacity")
+                      ) -> list[tuple[int, int, tuple[int, ...]]] | None:
     """A plan with every cost <= bound, with replicas, built stage by stage without
     backtracking, or None if it gets stuck (proves nothing). At each cut u, every end b gets
     its fewest replicas m (at least m free devices with M <= m) and, of those eligible, the
-    m with least capacity C_d(u); the stage that wastes least capacity per work carried
-    wins, among those that keep the cover and capacity bounds of what is left. O(N L^2)
-    per stage with the level's tables; needs ``tables.eff``."""
+    m picked by ``rule[1]``: "capacity" (least C_d(u)) or "rank" (weakest: most replicas
+    needed summed over all stages); the stage scored best by ``rule[0]`` wins: "waste"
+    (least capacity wasted per work carried) or "reach" (most units per replica), among
+    those that keep the cover and capacity bounds of what is left. O(N L^2) per stage
+    with the level's tables; needs ``tables.eff``."""
+    score_by, pick = rule
     tb = tables
     level = Level(tb, bound)
     if not level.ok or tb.eff is None:
         return None
     L, N, M = tb.L, tb.N, level.M
     C0 = np.array(level.C[0])
+    weight = M.reshape(N, -1).sum(axis=1)
     wsuf = level.wsuf[0]
     cut, spb = tb.cut, tb.spb
     free = np.ones(N, dtype=bool)
@@ -411,7 +418,8 @@ def greedy_replicated(tables: Tables, bound: float) -> list[tuple[int, int, tupl
             if m == 0:
                 continue
             elig = idx[Mf[:, b] <= m]
-            R = tuple(int(d) for d in elig[np.argsort(C0[elig, u], kind="stable")][:m])
+            key = C0[elig, u] if pick == "capacity" else -weight[elig]
+            R = tuple(int(d) for d in elig[np.argsort(key, kind="stable")][:m])
             if cut[u] * max(spb[x][y + 1] for x in last for y in R) / (len(last) * m) > bound:
                 continue
             if b == L and cut[L] * max(spb[y + 1][0] for y in R) / m > bound:
@@ -421,7 +429,7 @@ def greedy_replicated(tables: Tables, bound: float) -> list[tuple[int, int, tupl
                 continue
             w = wsuf[u] - wsuf[b]
             waste = float(C0[list(R), u].sum()) - w
-            score = waste / w if w > 0 else waste
+            score = (waste / w if w > 0 else waste) if score_by == "waste" else -(b - u) / m
             if best is None or score < best[0]:
                 best = (score, b, R)
         if best is None:

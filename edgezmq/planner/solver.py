@@ -42,7 +42,7 @@ from .classes import (
     merged_model,
 )
 from .cost import evaluate, stage_memory_bytes
-from .parametric import Level, Tables, first_plan, greedy, greedy_replicated, lower_bound
+from .parametric import GREEDY_RULES, Level, Tables, first_plan, greedy, greedy_replicated, lower_bound
 from .plan import Plan, Stage, format_bytes
 from .problem import PlanError, Problem
 from .search import BudgetExceeded, Effort, Result, Search, Timeout
@@ -376,29 +376,31 @@ def _greedy(run: _Run, tables: Tables) -> None:
 
 
 def _greedy_replicated(run: _Run, tables: Tables) -> None:
-    """With replication: the replicated greedy (parametric.py) bisected between the proven
-    bound and the incumbent, then tried on a ladder just below its best (it is not monotone
-    in the bound); far better than plans without replicas on large clusters."""
-    lo, hi = run.lower, run.ub()
-    for _ in range(GREEDY_STEPS):
-        if not math.isfinite(hi) or hi <= 0 or (hi - lo) / hi <= PROBE_TOLERANCE:
-            break
-        mid = (lo + hi) / 2
-        found = greedy_replicated(tables, mid)
-        if found is None:
-            lo = mid                    # no decision procedure: this proves nothing
-        else:
-            run.consider_stages(_device_stages(run, found))
-            hi = run.ub()
-    misses, x = 0, run.ub()
-    while misses < GREEDY_LADDER_MISSES and math.isfinite(x) and x > run.lower:
-        x *= 1 - GREEDY_LADDER_STEP
-        found = greedy_replicated(tables, x)
-        if found is None:
-            misses += 1
-        else:
-            run.consider_stages(_device_stages(run, found))
-            misses, x = 0, min(x, run.ub())
+    """With replication: the replicated greedy (parametric.py), each of its rules bisected
+    between the proven bound and the incumbent, then tried on a ladder just below its best
+    (it is not monotone in the bound); far better than plans without replicas on large
+    clusters."""
+    for rule in GREEDY_RULES:
+        lo, hi = run.lower, run.ub()
+        for _ in range(GREEDY_STEPS):
+            if not math.isfinite(hi) or hi <= 0 or (hi - lo) / hi <= PROBE_TOLERANCE:
+                break
+            mid = (lo + hi) / 2
+            found = greedy_replicated(tables, mid, rule)
+            if found is None:
+                lo = mid                # no decision procedure: this proves nothing
+            else:
+                run.consider_stages(_device_stages(run, found))
+                hi = run.ub()
+        misses, x = 0, run.ub()
+        while misses < GREEDY_LADDER_MISSES and math.isfinite(x) and x > run.lower:
+            x *= 1 - GREEDY_LADDER_STEP
+            found = greedy_replicated(tables, x, rule)
+            if found is None:
+                misses += 1
+            else:
+                run.consider_stages(_device_stages(run, found))
+                misses, x = 0, min(x, run.ub())
 
 
 def _device_stages(run: _Run, steps: list[tuple[int, int, tuple[int, ...]]] | tuple) -> list[Stage]:
