@@ -405,7 +405,8 @@ def greedy_replicated(tables: Tables, bound: float, rule: tuple[str, str] = ("wa
     wsuf = level.wsuf[0]
     cut, spb = tb.cut, tb.spb
     free = np.ones(N, dtype=bool)
-    u, last = 0, (0,)
+    u = 0
+    last: tuple[int, ...] = (0,)
     stages: list[tuple[int, int, tuple[int, ...]]] = []
     while u < L:
         idx = np.flatnonzero(free)

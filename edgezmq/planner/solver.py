@@ -42,7 +42,15 @@ from .classes import (
     merged_model,
 )
 from .cost import evaluate, stage_memory_bytes
-from .parametric import GREEDY_RULES, Level, Tables, first_plan, greedy, greedy_replicated, lower_bound
+from .parametric import (
+    GREEDY_RULES,
+    Level,
+    Tables,
+    first_plan,
+    greedy,
+    greedy_replicated,
+    lower_bound,
+)
 from .plan import Plan, Stage, format_bytes
 from .problem import PlanError, Problem
 from .search import BudgetExceeded, Effort, Result, Search, Timeout
