@@ -446,14 +446,21 @@ def _bisect(run: _Run, tables: Tables, end: Mark, *, proofs: bool) -> None:
     """Every exhausted exact decision search at B proves B infeasible (a lower bound, when
     ``proofs``); every plan found is an incumbent. A cheap search (one closed device set per
     stage size) is tried first at each B; an exact search that runs out of its slice leaves
-    B open, and the next B is nearer the incumbent. Returns when the gap closes or ``end``
+    B open, and the next B is nearer the proven bound (``proofs`` with replication: the
+    replicated greedy and the cheap searches find the plans, only exact searches prove)
+    or else nearer the incumbent. Returns when
+    the gap closes, the open interval above the bound is within BISECT_STOP, or ``end``
     is reached (raises ``Timeout`` if by time)."""
     effort = run.effort
     probe_lo = run.lower
+    hi_open = math.inf          # with proofs: the least B whose exact search ran out
     while not run.done() and run.plan is not None and effort.spent < end.nodes:
         ub = run.ub()
         close = (ub - probe_lo) / ub <= BISECT_STOP
-        target = ub * (1 - TIE_RTOL / 2) if close else (probe_lo + ub) / 2
+        top = min(ub, hi_open)
+        if not close and top - probe_lo <= BISECT_STOP * ub:
+            return                  # every B left between the bound and the open one is too hard
+        target = ub * (1 - TIE_RTOL / 2) if close else (probe_lo + top) / 2
         if not close:
             effort.stop = min(end.nodes, effort.spent + CHEAP_SLICE)
             try:
@@ -474,7 +481,10 @@ def _bisect(run: _Run, tables: Tables, end: Mark, *, proofs: bool) -> None:
                 raise
             if close or effort.spent >= end.nodes:
                 return
-            probe_lo = target       # open: look nearer the incumbent
+            if proofs and tables.replication:
+                hi_open = target    # open: look for a proof nearer the bound (the greedy finds plans)
+            else:
+                probe_lo = target   # open: look nearer the incumbent
             continue
         if found is None:
             if proofs:
