@@ -466,3 +466,58 @@ def test_device_search_is_exact_with_replication_forced(seed):
     d = distinct_problem(300 + seed, max_devices=4, max_units=6)
     d["options"]["replication"] = True
     assert_device_search_is_exact(Problem.from_dict(d))
+
+
+def replicated_problem(seed: int, replication: bool = True) -> dict:
+    """Replication on, every device different, slow NICs on most devices (stages need
+    replicas for them) and slow pairs: the capacity bound's stage sizes (window_m) and the
+    failure memo's loose last stages matter here."""
+    d = distinct_problem(600 + seed, max_devices=6, max_units=7)
+    rng = random.Random(9600 + seed)
+    d["options"]["replication"] = replication
+    for t in d["device_types"].values():
+        if rng.random() < 0.8:
+            t["nic_mbps"] = rng.choice(NIC_RATES[:3])
+    names = [dev["name"] for dev in d["devices"]]
+    taken = {frozenset((o["a"], o["b"])) for o in d["links"]["overrides"]}
+    for _ in range(rng.randint(1, 3)):
+        a, b = rng.sample(names, 2)
+        if frozenset((a, b)) not in taken:
+            taken.add(frozenset((a, b)))
+            d["links"]["overrides"].append({"a": a, "b": b, "mbps": rng.choice([0.05, 0.1, 0.3]), "latency_ms": 1})
+    return d
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_device_search_is_exact_with_replica_windows(seed):
+    """Replicated stages forced by NICs, slow pairs: the capacity bound counting a stage's
+    size as at least window_m, and failures shared by loose last stages, lose nothing."""
+    assert_device_search_is_exact(Problem.from_dict(replicated_problem(seed)))
+
+
+@pytest.mark.parametrize("seed", range(80))
+def test_device_search_is_exact_with_slow_pairs(seed):
+    """As above without replication: many states at one cut differ only in their last
+    stage, so sharing failures between loose last stages is exercised."""
+    assert_device_search_is_exact(Problem.from_dict(replicated_problem(100 + seed, replication=False)))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_replicated_greedy_meets_its_bound(seed):
+    """greedy_replicated's plans cost at most the bound they were built for (priced by
+    ``evaluate``) and fit memory; it is no decision procedure, so None is not checked."""
+    from edgezmq.planner.classes import device_arrays
+    from edgezmq.planner.parametric import GREEDY_RULES, Tables, greedy_replicated
+    from edgezmq.planner.plan import Stage
+
+    problem = Problem.from_dict(replicated_problem(seed))
+    tables = Tables(device_arrays(problem))
+    names = [dev.name for dev in problem.devices]
+    best = solve(problem, engine="devices").bottleneck_s
+    for factor, rule in itertools.product((1.0, 1.1, 1.5, 3.0), GREEDY_RULES):
+        steps = greedy_replicated(tables, best * factor, rule)
+        if steps is None:
+            continue
+        plan = evaluate(problem, [Stage((a, b), tuple(names[x] for x in devs)) for a, b, devs in steps])
+        assert not plan.violations
+        assert plan.bottleneck_s <= best * factor * (1 + RTOL), (plan.bottleneck_s, best * factor)

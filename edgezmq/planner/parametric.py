@@ -21,7 +21,8 @@ over D (docs/planner.md, "Every device different", has the arguments):
   the same u and an equivalent last stage, fails too), and only *closed* stages: devices
   with equal links are grouped; a stage may hold d and leave out an eligible unused e
   of d's group only if d does not B-dominate e (else swapping them loses nothing).
-- ``greedy``: a first plan in O(N L) per stage (anytime; any size).
+- ``greedy``: a first plan in O(N L) per stage (anytime; any size); with replication,
+  ``greedy_replicated`` then builds replicated plans stage by stage (least waste first).
 """
 
 from __future__ import annotations
@@ -35,11 +36,13 @@ import numpy as np
 from .classes import DeviceArrays, memory_table
 from .search import Effort
 
-__all__ = ["Tables", "Level", "Found", "greedy", "MAX_TABLE"]
+__all__ = ["Tables", "Level", "Found", "greedy", "greedy_replicated", "GREEDY_RULES", "MAX_TABLE"]
 
 MAX_TABLE = 12_000_000      # devices x (units + 1)^2 entries: above it, no exact device search
 MAX_DOMINANCE = 96          # devices up to which B-dominance is computed pair by pair
 SLACK_RTOL = 1e-9           # capacity slack below -this x total weight proves infeasible
+# greedy_replicated's rules (score, pick), each tried: none is best on every cluster
+GREEDY_RULES = (("waste", "capacity"), ("waste", "rank"), ("reach", "capacity"))
 MAX_REFERENCES = 3          # unit weightings w tried by the capacity bound
 
 
@@ -149,16 +152,6 @@ class Level:
         M = _min_replicas(tb.eff, bound, top)
         self.M = M
         self.ok = tb.floor <= bound
-        # capacity: C[j][d][u] = max over a >= u, b of w_j(a, b) / M_d(a, b)
-        self.C: list[list[list[float]]] = []
-        self.wsuf: list[list[float]] = []
-        inv = np.where(M < top, 1.0 / M, 0.0)
-        for ref in tb.refs:
-            w = np.maximum(ref[None, :] - ref[:, None], 0.0)
-            per = (w[None] * inv).max(axis=2)                       # (n, L+1): best b per a
-            suf = np.maximum.accumulate(per[:, ::-1], axis=1)[:, ::-1]
-            self.C.append(suf.tolist())
-            self.wsuf.append((ref[-1] - ref).tolist())
         # cover: fewest devices covering [u, L) with reuse; a window [a, b) needs the least m
         # with at least m devices whose M <= m
         srt = np.sort(M, axis=0)                                     # (n, L+1, L+1)
@@ -168,6 +161,18 @@ class Level:
         if not tb.replication:
             first = np.where(srt[0] <= 1, 1, top)
         self.window_m = first
+        # capacity: C[j][d][u] = max over a >= u, b of w_j(a, b) / max(M_d(a, b), window_m(a, b))
+        self.C: list[list[list[float]]] = []
+        self.wsuf: list[list[float]] = []
+        # a stage [a, b) holding d has m >= M_d(a, b) members and m >= window_m(a, b)
+        size = np.maximum(M, first[None])
+        inv = np.where(size < top, 1.0 / size, 0.0)
+        for ref in tb.refs:
+            w = np.maximum(ref[None, :] - ref[:, None], 0.0)
+            per = (w[None] * inv).max(axis=2)                       # (n, L+1): best b per a
+            suf = np.maximum.accumulate(per[:, ::-1], axis=1)[:, ::-1]
+            self.C.append(suf.tolist())
+            self.wsuf.append((ref[-1] - ref).tolist())
         cover = [0] * (L + 1)
         fl = first.tolist()
         for u in range(L - 1, -1, -1):
@@ -284,10 +289,15 @@ class Level:
 
         def rec(u: int, used: int, last: tuple[int, ...]) -> list[tuple[int, int, tuple[int, ...]]] | None:
             effort.tick()
-            sig = (u, tuple(sorted({groups[x - 1] for x in last if x})) if last != (0,) else (-1,), len(last))
-            for f in failed.get(sig, ()):
-                if used & f == f:
-                    return None
+            # a last stage whose link into any next stage is within B constrains nothing: its
+            # failures hold for every last stage at u (key (u, (), 0)), so they are looked up too
+            loose = last != (0,) and cut[u] * max(max(tb.spb[x][1:]) for x in last) / len(last) <= B
+            sig = (u, (), 0) if loose else (
+                u, tuple(sorted({groups[x - 1] for x in last if x})) if last != (0,) else (-1,), len(last))
+            for key in (sig,) if loose else (sig, (u, (), 0)):
+                for f in failed.get(key, ()):
+                    if used & f == f:
+                        return None
             free = [d for d in range(N) if not used >> d & 1]
             nfree = len(free)
             slack = self.slack(u, free)
@@ -321,9 +331,12 @@ class Level:
                             continue
                         if b == L and cut[L] * max(tb.spb[y][0] for y in ys) / m > B:
                             continue
-                        cands.append((waste, -b, m, R))
-            cands.sort(key=lambda c: (c[1], c[0], c[2]))
-            for _waste, nb, _m, R in cands:
+                        cands.append((waste, -b, m, R, w_ab))
+            if rep:     # replicated: least capacity wasted per work carried first (finds plans early)
+                cands.sort(key=lambda c: (c[0] / c[4] if c[4] > 0 else c[0], c[1], c[2]))
+            else:
+                cands.sort(key=lambda c: (c[1], c[0], c[2]))
+            for _waste, nb, _m, R, _w in cands:
                 b = -nb
                 step = (u, b, R)
                 if b == L:
@@ -368,6 +381,64 @@ def greedy(tables: Tables, bound: float) -> list[tuple[int, int, tuple[int, ...]
         stages.append((u, int(best), (d,)))
         used[d] = True
         u, last = int(best), d + 1
+    return stages
+
+
+def greedy_replicated(tables: Tables, bound: float, rule: tuple[str, str] = ("waste", "capacity")
+                      ) -> list[tuple[int, int, tuple[int, ...]]] | None:
+    """A plan with every cost <= bound, with replicas, built stage by stage without
+    backtracking, or None if it gets stuck (proves nothing). At each cut u, every end b gets
+    its fewest replicas m (at least m free devices with M <= m) and, of those eligible, the
+    m picked by ``rule[1]``: "capacity" (least C_d(u)) or "rank" (weakest: most replicas
+    needed summed over all stages); the stage scored best by ``rule[0]`` wins: "waste"
+    (least capacity wasted per work carried) or "reach" (most units per replica), among
+    those that keep the cover and capacity bounds of what is left. O(N L^2) per stage
+    with the level's tables; needs ``tables.eff``."""
+    score_by, pick = rule
+    tb = tables
+    level = Level(tb, bound)
+    if not level.ok or tb.eff is None:
+        return None
+    L, N, M = tb.L, tb.N, level.M
+    C0 = np.array(level.C[0])
+    weight = M.reshape(N, -1).sum(axis=1)
+    wsuf = level.wsuf[0]
+    cut, spb = tb.cut, tb.spb
+    free = np.ones(N, dtype=bool)
+    u = 0
+    last: tuple[int, ...] = (0,)
+    stages: list[tuple[int, int, tuple[int, ...]]] = []
+    while u < L:
+        idx = np.flatnonzero(free)
+        Mf = M[idx, u, :]
+        good = np.sort(Mf, axis=0) <= np.arange(1, len(idx) + 1)[:, None]
+        fewest = np.where(good.any(axis=0), good.argmax(axis=0) + 1, 0).tolist()
+        best: tuple[float, int, tuple[int, ...]] | None = None
+        for b in range(u + 1, L + 1):
+            m = fewest[b]
+            if m == 0:
+                continue
+            elig = idx[Mf[:, b] <= m]
+            key = C0[elig, u] if pick == "capacity" else -weight[elig]
+            R = tuple(int(d) for d in elig[np.argsort(key, kind="stable")][:m])
+            if cut[u] * max(spb[x][y + 1] for x in last for y in R) / (len(last) * m) > bound:
+                continue
+            if b == L and cut[L] * max(spb[y + 1][0] for y in R) / m > bound:
+                continue
+            rest = [d for d in idx.tolist() if d not in R]
+            if b < L and (level.cover[b] > len(rest) or min(level.slack(b, rest)) < -SLACK_RTOL):
+                continue
+            w = wsuf[u] - wsuf[b]
+            waste = float(C0[list(R), u].sum()) - w
+            score = (waste / w if w > 0 else waste) if score_by == "waste" else -(b - u) / m
+            if best is None or score < best[0]:
+                best = (score, b, R)
+        if best is None:
+            return None
+        _, b, R = best
+        stages.append((u, b, R))
+        free[list(R)] = False
+        u, last = b, tuple(d + 1 for d in R)
     return stages
 
 

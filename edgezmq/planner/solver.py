@@ -42,7 +42,15 @@ from .classes import (
     merged_model,
 )
 from .cost import evaluate, stage_memory_bytes
-from .parametric import Level, Tables, first_plan, greedy, lower_bound
+from .parametric import (
+    GREEDY_RULES,
+    Level,
+    Tables,
+    first_plan,
+    greedy,
+    greedy_replicated,
+    lower_bound,
+)
 from .plan import Plan, Stage, format_bytes
 from .problem import PlanError, Problem
 from .search import BudgetExceeded, Effort, Result, Search, Timeout
@@ -56,6 +64,8 @@ DEFAULT_TIME_LIMIT_S = 60.0     # wall-clock safety net
 DEFAULT_EFFORT = 400_000
 ENGINES = ("auto", "classes", "devices")
 GREEDY_STEPS = 12               # bisection steps of the greedy first plan
+GREEDY_LADDER_STEP = 0.01       # replicated greedy: then bounds this much lower in turn ...
+GREEDY_LADDER_MISSES = 4        # ... until it fails this many times in a row
 BISECT_STOP = 1e-3              # device search: below this relative gap, try to prove the incumbent
 SLICE_SHARE = 0.25              # ... each decision search gets this share of the effort left
 MIN_SLICE = 2_000               # ... and at least this many nodes
@@ -373,6 +383,34 @@ def _greedy(run: _Run, tables: Tables) -> None:
             hi = run.ub()
 
 
+def _greedy_replicated(run: _Run, tables: Tables) -> None:
+    """With replication: the replicated greedy (parametric.py), each of its rules bisected
+    between the proven bound and the incumbent, then tried on a ladder just below its best
+    (it is not monotone in the bound); far better than plans without replicas on large
+    clusters."""
+    for rule in GREEDY_RULES:
+        lo, hi = run.lower, run.ub()
+        for _ in range(GREEDY_STEPS):
+            if not math.isfinite(hi) or hi <= 0 or (hi - lo) / hi <= PROBE_TOLERANCE:
+                break
+            mid = (lo + hi) / 2
+            found = greedy_replicated(tables, mid, rule)
+            if found is None:
+                lo = mid                # no decision procedure: this proves nothing
+            else:
+                run.consider_stages(_device_stages(run, found))
+                hi = run.ub()
+        misses, x = 0, run.ub()
+        while misses < GREEDY_LADDER_MISSES and math.isfinite(x) and x > run.lower:
+            x *= 1 - GREEDY_LADDER_STEP
+            found = greedy_replicated(tables, x, rule)
+            if found is None:
+                misses += 1
+            else:
+                run.consider_stages(_device_stages(run, found))
+                misses, x = 0, min(x, run.ub())
+
+
 def _device_stages(run: _Run, steps: list[tuple[int, int, tuple[int, ...]]] | tuple) -> list[Stage]:
     return [Stage((a, b), tuple(run.names[d] for d in sorted(devs))) for a, b, devs in steps]
 
@@ -391,6 +429,8 @@ def _devices(run: _Run, tables: Tables) -> None:
         run.stats["bound"] = "capacity only: too many units x devices for the device search"
         return
     run.raise_floor(lower_bound(tables, run.lower, run.ub() if run.plan else _big(tables), effort))
+    if tables.replication:
+        _greedy_replicated(run, tables)
     try:
         if tables.replication:
             single = copy.copy(tables)
@@ -406,14 +446,21 @@ def _bisect(run: _Run, tables: Tables, end: Mark, *, proofs: bool) -> None:
     """Every exhausted exact decision search at B proves B infeasible (a lower bound, when
     ``proofs``); every plan found is an incumbent. A cheap search (one closed device set per
     stage size) is tried first at each B; an exact search that runs out of its slice leaves
-    B open, and the next B is nearer the incumbent. Returns when the gap closes or ``end``
+    B open, and the next B is nearer the proven bound (``proofs`` with replication: the
+    replicated greedy and the cheap searches find the plans, only exact searches prove)
+    or else nearer the incumbent. Returns when
+    the gap closes, the open interval above the bound is within BISECT_STOP, or ``end``
     is reached (raises ``Timeout`` if by time)."""
     effort = run.effort
     probe_lo = run.lower
+    hi_open = math.inf          # with proofs: the least B whose exact search ran out
     while not run.done() and run.plan is not None and effort.spent < end.nodes:
         ub = run.ub()
         close = (ub - probe_lo) / ub <= BISECT_STOP
-        target = ub * (1 - TIE_RTOL / 2) if close else (probe_lo + ub) / 2
+        top = min(ub, hi_open)
+        if not close and top - probe_lo <= BISECT_STOP * ub:
+            return                  # every B left between the bound and the open one is too hard
+        target = ub * (1 - TIE_RTOL / 2) if close else (probe_lo + top) / 2
         if not close:
             effort.stop = min(end.nodes, effort.spent + CHEAP_SLICE)
             try:
@@ -434,7 +481,10 @@ def _bisect(run: _Run, tables: Tables, end: Mark, *, proofs: bool) -> None:
                 raise
             if close or effort.spent >= end.nodes:
                 return
-            probe_lo = target       # open: look nearer the incumbent
+            if proofs and tables.replication:
+                hi_open = target    # open: look for a proof nearer the bound (the greedy finds plans)
+            else:
+                probe_lo = target   # open: look nearer the incumbent
             continue
         if found is None:
             if proofs:
