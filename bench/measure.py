@@ -80,6 +80,8 @@ def main() -> int:
     ap.add_argument("--cooldown", type=args_.count_or_zero, default=None,
                     help="untimed microbatches after the timed ones, same stream (default: as --warmup), so "
                          "the pipeline is still full when the last timed result arrives")
+    ap.add_argument("--window", type=args_.window, default=None,
+                    help="microbatches in flight (default: the plan's, edgezmq.planner.Plan.window)")
     ap.add_argument("--method", default="ours", choices=METHODS)
     ap.add_argument("--no-replication", action="store_true")
     ap.add_argument("--nodes", help="comma-separated subset of the cluster's nodes to use")
@@ -117,7 +119,7 @@ def main() -> int:
     spec = ModelSpec(name=args.model, microbatch=args.microbatch, granularity=args.granularity,
                      checkpoint=ckpt, kwargs=kwargs)
     shape = models.input_shape(args.model, args.microbatch, **kwargs)
-    window = 2 * sum(len(s.devices) for s in planned.stages) + 2  # every replica busy + queued
+    window = args.window or planned.window  # calibration raises it to the plan it keeps
     predicted_first = planned.throughput_per_s
     cal = None
     with Client([], f"tcp://{cluster.client_address}:0", run="", window=window,
@@ -139,6 +141,7 @@ def main() -> int:
                     n=args.calibrate, load_timeout=900, say=lambda m: print(m, file=sys.stderr))
                 plan = dep.plan
                 print(planned.table(problem), file=sys.stderr)
+            client.window = args.window or max(client.window, planned.window)
             client.attach(dep.entry, dep.run)
             # one continuous stream: warm-up, timed, cool-down; steady state is timed from the
             # last warm-up result to the last timed result, while the pipeline is still full
@@ -182,7 +185,7 @@ def main() -> int:
         "optimal": planned.optimal,
         "measured_samples_per_s": args.batches * args.microbatch / dt,
         "measured_seconds": dt,
-        "warmup": warmup, "cooldown": cooldown, "batches": args.batches,
+        "warmup": warmup, "cooldown": cooldown, "batches": args.batches, "window": client.window,
         "deploy_seconds": deploy_s,
         "gather_seconds": g.seconds,
         "io": g.io,

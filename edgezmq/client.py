@@ -140,6 +140,8 @@ class Client:
             entry.append(r.data)
             run = r.run
         kw.setdefault("microbatch", plan.model.microbatch)
+        if kw.get("window") is None:  # the plan's own (predicted.window, Plan.window), else the default
+            kw["window"] = plan.window or DEFAULT_WINDOW
         if plan.keyring is not None:
             kw.setdefault("keyring", plan.keyring)
             kw.setdefault("entry_keys", [plan.keyring.node_key(r.name) for r in plan.stages[0].nodes])

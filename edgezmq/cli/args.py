@@ -122,7 +122,9 @@ def add_io_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--random", type=count, metavar="N", help=f"N random images (1..{MAX_COUNT})")
     p.add_argument("--seed", type=seed, default=0, help=f"of --random (0..{MAX_SEED})")
     p.add_argument("--out", default="logits.npy", help="where to write the logits")
-    p.add_argument("--window", type=window, default=4, help=f"microbatches in flight (1..{MAX_WINDOW})")
+    p.add_argument("--window", type=window, default=None,
+                   help=f"microbatches in flight (1..{MAX_WINDOW}; default: the plan's predicted.window, "
+                        f"enough to keep its pipeline full, else 4)")
     p.add_argument("--timeout", type=seconds, default=120.0,
                    help=f"seconds per microbatch before retry/failure (up to {MAX_SECONDS:g})")
     p.add_argument("--show", type=count_or_zero, default=5, help="print top-5 classes of this many samples")

@@ -112,7 +112,7 @@ def _deploy_cluster(args: argparse.Namespace, d: dict) -> int:
         time_limit_s=args.time_limit, say=stderr, load_timeout=args.timeout, replication=not args.no_replication,
         **calibrate)
     predicted = {"throughput_per_s": planned.throughput_per_s, "bottleneck_s": planned.bottleneck_s,
-                 "latency_s": planned.latency_s, "optimal": planned.optimal,
+                 "latency_s": planned.latency_s, "window": planned.window, "optimal": planned.optimal,
                  "bottleneck_at": planned.bottleneck_at}
     if args.plan_out:
         Path(args.plan_out).write_text(yaml.safe_dump(

@@ -128,7 +128,7 @@ def collect(
     xs = [rng.standard_normal(shape, dtype=np.float32) for _ in range(n_batches)]
     offsets = clock_offsets(plan) if correct_clocks else {}
     corr = _stage_corrections(plan, offsets) if offsets else {}
-    window = window or len(plan.stages) + 1  # enough in flight to fill every stage
+    window = window or plan.window or len(plan.stages) + 1  # the plan's (Plan.window), else one per stage
     with Client.from_plan(plan, window=window, timeout=timeout) as c:
         t0 = time.time()
         samples = sum(len(y) for y in c.stream(xs))

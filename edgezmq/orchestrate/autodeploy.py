@@ -429,9 +429,8 @@ def _calibrate(cluster: Cluster, model: ModelSpec, dep: Deployment, problem: Any
     """``edgezmq.orchestrate.calibrate`` on a fresh deployment, through `client` or, without one, a client
     of its own on the plan's results address (the inventory's; closed after); on failure the
     nodes are unloaded."""
-    window = 2 * sum(len(s.devices) for s in planned.stages) + 2
     try:
-        cl = client or Client([], dep.plan.results, run="", window=window, microbatch=model.microbatch,
+        cl = client or Client([], dep.plan.results, run="", window=planned.window, microbatch=model.microbatch,
                               keyring=dep.plan.keyring)
     except zmq.ZMQError as e:  # deploying from another machine than the inventory's client
         say(f"calibration skipped: cannot receive results at {dep.plan.results} here ({e})")

@@ -179,9 +179,11 @@ def corrected(problem_dict: dict[str, Any], type_factors: dict[str, float]) -> d
 
 
 def burst(client: Client, dep: Deployment, shape: tuple[int, ...], n: int,
-          warmup: int) -> tuple[Snapshot, Snapshot, float]:
+          warmup: int, window: int | None = None) -> tuple[Snapshot, Snapshot, float]:
     """Stream `warmup` microbatches then `n` more of random input through `dep`; node stats
-    when the warm-up's last result arrived and at the end, and the seconds between the two."""
+    when the warm-up's last result arrived and at the end, and the seconds between the two.
+    ``window``: at least this many in flight (the plan's ``Plan.window``: a smaller one would
+    time a pipeline that starves), whatever the client's own is (restored after)."""
     plan = dep.plan
     rng = np.random.default_rng(0)
     xs = [rng.standard_normal(shape, dtype=np.float32) for _ in range(min(4, warmup + n))]
@@ -195,8 +197,13 @@ def burst(client: Client, dep: Deployment, shape: tuple[int, ...], n: int,
             first.update(_stats(plan))
             t[0] = time.perf_counter()
 
-    for _ in client.stream((xs[i % len(xs)] for i in range(warmup + n)), on_result=on_result):
-        pass
+    own = client.window
+    client.window = max(own, window or 1)
+    try:
+        for _ in client.stream((xs[i % len(xs)] for i in range(warmup + n)), on_result=on_result):
+            pass
+    finally:
+        client.window = own
     return first, _stats(plan), t[1] - t[0]
 
 
@@ -238,7 +245,7 @@ def calibrate(
         n_r = max(min(max(n, math.ceil(CALIBRATION_SECONDS / max(cur.bottleneck_s, 1e-9))), 4 * n),
                   PER_REPLICA * most)
         with watch(dep) if watch is not None else nullcontext():
-            before, after, seconds = burst(client, dep, shape, n_r, warmup)
+            before, after, seconds = burst(client, dep, shape, n_r, warmup, window=cur.window)
         threads = {ref.name: ref.threads or infos[ref.name].get("threads") for _, ref in dep.plan.all_nodes}
         timings = {}
         for name in after:

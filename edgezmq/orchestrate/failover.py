@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from edgezmq.client import Client, PipelineError
+from edgezmq.client import DEFAULT_WINDOW, Client, PipelineError
 from edgezmq.errors import EdgezmqError
 from edgezmq.orchestrate.autodeploy import autodeploy
 from edgezmq.orchestrate.calibrate import CALIBRATION_MICROBATCHES
@@ -206,7 +206,7 @@ class Heartbeat:
 class ResilientPipeline:
     """A deployment over ``cluster`` that survives dead nodes (see the module doc)."""
 
-    def __init__(self, cluster: Cluster, model: ModelSpec, *, window: int = 4, timeout: float = 120.0,
+    def __init__(self, cluster: Cluster, model: ModelSpec, *, window: int | None = None, timeout: float = 120.0,
                  interval: float = HEARTBEAT_S, liveness: int = LIVENESS, replication: bool = True,
                  rejoin: bool = True, say: Callable[[str], None] | None = None,
                  stall_floor: float | None = STALL_FLOOR_S, stall_factor: float = STALL_FACTOR) -> None:
@@ -218,7 +218,7 @@ class ResilientPipeline:
         self.keyring = replace(cluster.keyring, results_key=None) if cluster.keyring else None
         self.cluster, self.model = replace(cluster, keyring=self.keyring), model
         self.stall_floor, self.stall_factor = stall_floor, stall_factor
-        self.window, self.timeout = window, timeout
+        self.window, self.timeout = window, timeout  # window None: each plan's own (Plan.window)
         self.interval, self.liveness, self.replication = interval, liveness, replication
         self.say = say or (lambda m: log.info("%s", m))
         self.dead: set[str] = set()
@@ -233,7 +233,7 @@ class ResilientPipeline:
         self._heartbeat: Heartbeat | None = None
 
     def __enter__(self) -> ResilientPipeline:
-        self.client = Client([], f"tcp://{self.cluster.client_address}:0", run="", window=self.window,
+        self.client = Client([], f"tcp://{self.cluster.client_address}:0", run="", window=self.window or DEFAULT_WINDOW,
                              timeout=self.timeout, microbatch=self.model.microbatch, keyring=self.keyring)
         try:
             entry, run, keys = self._deploy()
@@ -265,6 +265,7 @@ class ResilientPipeline:
             return self._deploy()
         assert dep is not None
         self.plan, self.planned = plan, planned
+        self.client.window = self.window or planned.window
         if g.calibration is not None:
             self.calibration = g.calibration
         nodes = {ref.name: ref.control for _, ref in plan.all_nodes}

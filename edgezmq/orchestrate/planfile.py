@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from edgezmq.argtypes import MAX_WINDOW
 from edgezmq.errors import EdgezmqError
 from edgezmq.fields import Fields, prefixed, read_yaml, shown
 from edgezmq.orchestrate.address import NodeAddress
@@ -64,6 +65,7 @@ class DeployPlan:
     source: str | None = None
     keyring: security.Keyring | None = None  # from the plan's `keys:` section: CurveZMQ
     keys: dict | None = None  # that section, paths resolved
+    window: int | None = None  # predicted.window: microbatches in flight that keep the pipeline full
 
     def curve(self, n: NodeAddress) -> security.Curve | None:
         """How to reach node ``n``'s control socket: CURVE client of its key, or plaintext
@@ -170,7 +172,16 @@ def parse_plan(d: Any, source: str | None = None) -> DeployPlan:
         stages = [replace(st, nodes=[replace(n, curve=security.client_curve(keyring, n.name)) for n in st.nodes])
                   for st in stages]
     return DeployPlan(model=model, stages=stages, results=results, run=F.need(d, "run", str, "plan", None),
-                source=source, keyring=keyring, keys=keys)
+                source=source, keyring=keyring, keys=keys, window=_window(d))
+
+
+def _window(d: dict) -> int | None:
+    """``predicted.window`` (what `edgezmq plan -o` writes: edgezmq.planner.Plan.window), if any."""
+    predicted = F.need(d, "predicted", dict, "plan", None)
+    if predicted is None:
+        return None
+    w = F.need(predicted, "window", int, "predicted", None)
+    return None if w is None else F.integer(w, "predicted.window", lo=1, hi=MAX_WINDOW)
 
 
 MAX_RUNG_TENSORS = 8  # tensors a message carries at most (wire.MAX_TENSORS)

@@ -3,7 +3,7 @@
     model: {name, granularity, microbatch, dtype, checkpoint, kwargs}
     nodes: {device: control address}        # only devices that have one in the problem
     stages: [{units: [a, b], nodes: [device, ...]}, ...]
-    predicted: {bottleneck_s, throughput_per_s, latency_s}
+    predicted: {bottleneck_s, throughput_per_s, latency_s, window}  # window: Plan.window
     results: tcp://...                      # only when given
 """
 
@@ -35,7 +35,7 @@ def deployable(problem: Problem, plan: Plan, *, checkpoint: str | None = None,
         "nodes": {d.name: d.control for d in problem.devices if d.control and d.name in used},
         "stages": [{"units": list(s.units), "nodes": list(s.devices)} for s in plan.stages],
         "predicted": {"bottleneck_s": plan.bottleneck_s, "throughput_per_s": plan.throughput_per_s,
-                      "latency_s": plan.latency_s},
+                      "latency_s": plan.latency_s, "window": plan.window},
     }
     if results is not None:
         out["results"] = results
