@@ -90,7 +90,8 @@ def test_an_inventory_with_an_infinite_probe_fails_at_parse_time():
 
 
 PLAN = {"model": {"name": "vit_tiny_patch16_224", "checkpoint": "/x.safetensors"},
-        "nodes": {"a": "tcp://127.0.0.1:5550"}, "stages": [{"units": [0, 6], "nodes": ["a"], "threads": 2}]}
+        "nodes": {"a": "tcp://127.0.0.1:5550"}, "stages": [{"units": [0, 6], "nodes": ["a"], "threads": 2}],
+        "predicted": {"window": 6}}
 
 
 @pytest.mark.parametrize("path, value, text", [
@@ -100,6 +101,9 @@ PLAN = {"model": {"name": "vit_tiny_patch16_224", "checkpoint": "/x.safetensors"
     ("nodes.a", "10.0.0.1:5550", "nodes.a: expected a tcp://HOST:PORT address"),
     ("stages.0.threads", 0, "stages[0].threads: expected an integer in [1, 256], got 0"),
     ("stages.0.units", "0-6", "stages[0].units: expected list, got str '0-6'"),
+    ("predicted.window", 0, "predicted.window: expected an integer in [1, 4096], got 0"),
+    ("predicted.window", 10**12, "predicted.window: expected an integer in [1, 4096], got 1000000000000"),
+    ("predicted.window", 2.5, "predicted.window: expected int, got float 2.5"),
 ])
 def test_bad_plan_files_name_the_field(path, value, text):
     import copy
@@ -117,5 +121,6 @@ def test_bad_plan_files_name_the_field(path, value, text):
 
 def test_a_good_plan_file_parses():
     plan = parse_plan(PLAN)
-    assert plan.model.microbatch == 8 and plan.stages[0].nodes[0].threads == 2
+    assert plan.model.microbatch == 8 and plan.stages[0].nodes[0].threads == 2 and plan.window == 6
+    assert parse_plan({k: v for k, v in PLAN.items() if k != "predicted"}).window is None
     assert plan.stages[0].nodes[0].control == "tcp://127.0.0.1:5550" and plan.stages[0].nodes[0].curve is None

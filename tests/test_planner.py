@@ -400,6 +400,7 @@ def test_deployable_plan():
     assert doc["nodes"] == ({"a": "tcp://10.0.0.1:5550"} if "a" in used else {})
     assert doc["stages"] == [{"units": list(s.units), "nodes": list(s.devices)} for s in plan.stages]
     assert doc["predicted"]["bottleneck_s"] == plan.bottleneck_s
+    assert doc["predicted"]["window"] == plan.window
     assert doc["results"] == "tcp://10.0.0.9:5560"
     bad = evaluate(p, [((0, 3), ["a"])])
     bad.violations.append("x")
@@ -769,3 +770,19 @@ def test_the_device_search_proves_what_the_class_search_proves():
 def test_unknown_engine_is_refused():
     with pytest.raises(PlanError, match="engine"):
         solve(Problem.from_dict(small()), engine="fast")
+
+
+@pytest.mark.parametrize("replication", [False, True])
+def test_the_window_keeps_the_bottleneck_busy(replication):
+    """Little's law: to deliver one microbatch per bottleneck_s, a pipeline that holds each for
+    latency_s needs latency / bottleneck in flight; the window adds slack per device on top."""
+    p = Problem.from_dict(small())
+    for plan in (solve(p, replication=replication), baseline(p, "even")):
+        assert plan.window * plan.bottleneck_s >= plan.latency_s
+        # every microbatch spends at least the bottleneck's time in the pipeline, so at least
+        # one more than the slack alone (the window that starved 16 emulated boards)
+        assert plan.window > 2 * plan.num_devices + 2
+    d = small()
+    d["links"]["default"]["latency_ms"] = 10_000  # a long haul: many microbatches on the wire
+    far = evaluate(Problem.from_dict(d), solve(p, replication=replication).stages)
+    assert far.window * far.bottleneck_s >= far.latency_s and far.window > plan.window
