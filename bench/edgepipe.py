@@ -209,7 +209,11 @@ def _row(r: dict[str, Any], **extra: Any) -> dict[str, Any]:
                         "measured_cpu_s": s["measured_cpu_s"]} for s in r["stages"]],
             "node_stats": r["node_stats"],
             "calibration": r.get("calibration"),
-            "bottleneck_at": r["bottleneck_at"], "optimal": r["optimal"],
+            "bottleneck_at": r["bottleneck_at"], "optimal": r["optimal"], "window": r.get("window"),
+            # where the run's time went (the bench's budget): gathering profiles and links, the
+            # first deploy (shard loads), the calibration (bursts and redeploys), all of it
+            "gather_seconds": round(r["gather_seconds"]), "deploy_seconds": round(r["deploy_seconds"]),
+            "calibration_seconds": round((r.get("calibration") or {}).get("seconds") or 0),
             "seconds": round(r["total_seconds"])}
 
 

@@ -122,8 +122,10 @@ def main() -> int:
     window = args.window or planned.window  # calibration raises it to the plan it keeps
     predicted_first = planned.throughput_per_s
     cal = None
+    # a microbatch waits for the window ahead of it: time it out only well past that
+    timeout = max(600.0, 3 * window * planned.bottleneck_s)
     with Client([], f"tcp://{cluster.client_address}:0", run="", window=window,
-                microbatch=args.microbatch, timeout=600) as client:
+                microbatch=args.microbatch, timeout=timeout) as client:
         plan = to_deploy_plan(cluster, planned, model=spec, results=client.results_endpoint)
         t_deploy = time.time()
         dep = deploy(plan, load_timeout=900)
@@ -142,6 +144,7 @@ def main() -> int:
                 plan = dep.plan
                 print(planned.table(problem), file=sys.stderr)
             client.window = args.window or max(client.window, planned.window)
+            client.timeout = max(client.timeout, 3 * client.window * planned.bottleneck_s)
             client.attach(dep.entry, dep.run)
             # one continuous stream: warm-up, timed, cool-down; steady state is timed from the
             # last warm-up result to the last timed result, while the pipeline is still full
