@@ -31,8 +31,10 @@ stages ran nowhere yet: their times are a type's factor measured on other units,
 another load), factors composing, until a round keeps its plan; the last of the
 ``MAX_ROUNDS`` bursts only corrects the plan in service (it redeploys nothing: the
 prediction printed is always of a plan measured in service, at its corrected speeds).
-The warm-up gives every replica work before the timing starts, and each replica of the
-most replicated stage times at least ``PER_REPLICA`` microbatches.
+The warm-up gives every replica work before the timing starts, a cool-down after the timed
+microbatches keeps it busy until the timing ends (the pipeline is timed full, not filling or
+draining), and each replica of the most replicated stage times at least ``PER_REPLICA``
+microbatches.
 The burst is at least ``CALIBRATION_SECONDS`` long at the predicted pace, so that under a
 CPU quota it spans many CFS periods (as a profiling round does).
 """
@@ -179,32 +181,40 @@ def corrected(problem_dict: dict[str, Any], type_factors: dict[str, float]) -> d
 
 
 def burst(client: Client, dep: Deployment, shape: tuple[int, ...], n: int,
-          warmup: int, window: int | None = None) -> tuple[Snapshot, Snapshot, float]:
-    """Stream `warmup` microbatches then `n` more of random input through `dep`; node stats
-    when the warm-up's last result arrived and at the end, and the seconds between the two.
+          warmup: int, window: int | None = None, cooldown: int | None = None) -> tuple[Snapshot, Snapshot, float]:
+    """Stream `warmup`, then `n` timed, then `cooldown` (default: as many as `warmup`) more
+    microbatches of random input through `dep` in one stream; node stats when the warm-up's
+    last result arrived and when the last timed one did, and the seconds between the two.
+    The cool-down keeps every replica busy until then: timed to the end of the stream, the
+    burst would time the drain, stages idle once they have done their share (with a window
+    of dozens, the first stage finishes while the last still has a queue).
     ``window``: at least this many in flight (the plan's ``Plan.window``: a smaller one would
     time a pipeline that starves), whatever the client's own is (restored after)."""
     plan = dep.plan
+    cooldown = warmup if cooldown is None else cooldown
     rng = np.random.default_rng(0)
     xs = [rng.standard_normal(shape, dtype=np.float32) for _ in range(min(4, warmup + n))]
     client.attach(dep.entry, dep.run, dep.entry_keys)
     first: Snapshot = {}
+    last: Snapshot = {}
     t = [0.0, 0.0]
 
     def on_result(i: int, _: np.ndarray) -> None:
-        t[1] = time.perf_counter()
         if i == warmup - 1:
             first.update(_stats(plan))
             t[0] = time.perf_counter()
+        if i == warmup + n - 1:
+            t[1] = time.perf_counter()
+            last.update(_stats(plan))
 
     own = client.window
     client.window = max(own, window or 1)
     try:
-        for _ in client.stream((xs[i % len(xs)] for i in range(warmup + n)), on_result=on_result):
+        for _ in client.stream((xs[i % len(xs)] for i in range(warmup + n + cooldown)), on_result=on_result):
             pass
     finally:
         client.window = own
-    return first, _stats(plan), t[1] - t[0]
+    return first, last, t[1] - t[0]
 
 
 def calibrate(
