@@ -127,7 +127,8 @@ def main() -> int:
         old = json.loads((RESULTS / "edgepipe.json").read_text())
         box["checks"] = old.get("checks")
         curve = [c for c in old["curve"] if c["devices"] not in points and c.get("from") is None]
-        planners = [p for p in old["planners"] if not (p["testbed"] in beds and p["method"] in methods)]
+        planners = [p for p in old["planners"]
+                    if args.no_planners or not (p["testbed"] in beds and p["method"] in methods)]
 
     def say(msg: str) -> None:
         if not args.json:
