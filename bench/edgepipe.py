@@ -211,6 +211,8 @@ def _row(r: dict[str, Any], **extra: Any) -> dict[str, Any]:
             "node_stats": r["node_stats"],
             "calibration": r.get("calibration"),
             "bottleneck_at": r["bottleneck_at"], "optimal": r["optimal"], "window": r.get("window"),
+            "batches": r.get("batches"), "slope_samples_per_s": r.get("measured_slope_samples_per_s"),
+            "arrivals_s": r.get("arrivals_s"),
             # where the run's time went (the bench's budget): gathering profiles and links, the
             # first deploy (shard loads), the calibration (bursts and redeploys), all of it
             "gather_seconds": round(r["gather_seconds"]), "deploy_seconds": round(r["deploy_seconds"]),

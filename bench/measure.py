@@ -65,6 +65,17 @@ def _cpu_per_mb(stats: dict | None) -> list[float] | None:
     return [st["compute_cpu_s"] / n, (st["cpu_s"] - st["compute_cpu_s"]) / n]
 
 
+def arrival_slope(times: list[float]) -> float:
+    """Seconds per result: the least-squares slope of arrival time over result index (the
+    steady rate, robust to results that arrive in waves of replicas)."""
+    n = len(times)
+    if n < 2:
+        raise ValueError("a rate needs at least two arrivals")
+    xs = np.arange(n, dtype=float)
+    ts = np.asarray(times, dtype=float)
+    return float(np.sum((xs - xs.mean()) * (ts - ts.mean())) / np.sum((xs - xs.mean()) ** 2))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cluster", required=True)
@@ -73,7 +84,8 @@ def main() -> int:
     ap.add_argument("--granularity", default="block")
     ap.add_argument("--kwargs", default="{}")
     ap.add_argument("--checkpoint")
-    ap.add_argument("--batches", type=args_.count, default=8, help="timed microbatches")
+    ap.add_argument("--batches", type=args_.count, default=8,
+                    help="timed microbatches (rounded up to a multiple of the last stage's replicas)")
     ap.add_argument("--warmup", type=args_.count_or_zero, default=None,
                     help="untimed microbatches first, same stream (default: one per device of the plan, so "
                          "every replica is busy when the timing starts)")
@@ -153,15 +165,19 @@ def main() -> int:
             devices = sum(len(s.devices) for s in planned.stages)
             warmup = devices if args.warmup is None else args.warmup
             cooldown = warmup if args.cooldown is None else args.cooldown
+            wave = len(planned.stages[-1].devices)  # results per wave: the last stage's replicas
+            batches = -(-args.batches // wave) * wave
             rng = np.random.default_rng(0)
-            xs = [rng.standard_normal(shape, dtype=np.float32) for _ in range(warmup + args.batches + cooldown)]
+            xs = [rng.standard_normal(shape, dtype=np.float32) for _ in range(warmup + batches + cooldown)]
             arrivals: list[float] = []
             t1 = time.perf_counter()
             outs = list(client.stream(xs, on_result=lambda seq, y: arrivals.append(time.perf_counter())))
             start = arrivals[warmup - 1] if warmup else t1
-            dt = arrivals[warmup + args.batches - 1] - start
-            timed_xs = xs[warmup:warmup + args.batches]
-            outs = outs[warmup:warmup + args.batches]
+            dt = arrivals[warmup + batches - 1] - start
+            # the warm-up's last result (the timing's start) and every timed one
+            timed_arrivals = ([start] if warmup else [t1]) + arrivals[warmup:warmup + batches]
+            timed_xs = xs[warmup:warmup + batches]
+            outs = outs[warmup:warmup + batches]
             stats = {}
             for _, ref in plan.all_nodes:
                 with ControlClient(ref.control, timeout=10) as c:
@@ -186,9 +202,15 @@ def main() -> int:
         "predicted_bottleneck_s": planned.bottleneck_s,
         "bottleneck_at": planned.bottleneck_at,
         "optimal": planned.optimal,
-        "measured_samples_per_s": args.batches * args.microbatch / dt,
+        # from the warm-up's last result to the last timed one: with replicas, results come
+        # in waves (one per replica of the last stage), so the timed count is a whole number
+        # of waves and both ends fall at the same phase of a wave
+        "measured_samples_per_s": batches * args.microbatch / dt,
+        # cross-check: the least-squares slope of the arrival times (biased low by waves)
+        "measured_slope_samples_per_s": args.microbatch / arrival_slope(timed_arrivals),
         "measured_seconds": dt,
-        "warmup": warmup, "cooldown": cooldown, "batches": args.batches, "window": client.window,
+        "arrivals_s": [round(a - timed_arrivals[0], 4) for a in timed_arrivals],
+        "warmup": warmup, "cooldown": cooldown, "batches": batches, "window": client.window,
         "deploy_seconds": deploy_s,
         "gather_seconds": g.seconds,
         "io": g.io,
