@@ -30,6 +30,12 @@ WAIT_S = 120.0  # every condition the adaptive test waits for holds by then, or 
 FEED_INTERVAL_S = 0.1  # the client paces the input: the stage's pace is this, whatever its CPU
 SEND_SHARE = 0.6  # an f16 message takes this share of the pace on the full link (4x: 2.4x, over 1.25)
 DROP = 4.0
+# The sender's kernel buffer and ZeroMQ's queues hold ~100-200 KB of a slow link's backlog
+# before a send blocks (measured: a window of 8 microbatches of 13 kB never blocked, and the
+# policy, which sees the link only through blocked sends, kept f16): the test's microbatches
+# and window put more than that in flight.
+ADAPTIVE_MICROBATCH = 8
+ADAPTIVE_WINDOW = 32
 
 
 def _config(doc: dict):
@@ -194,12 +200,12 @@ def test_set_link_on_a_testbed_that_is_not_up_says_so(tmp_path):
 def f16_message_bytes() -> int:
     """An f16 message of the test model's block output (helpers: 64 px in 16 px patches + a
     class token = 17 tokens of ViT-Tiny's 192), its header frame counted generously."""
-    from helpers import KWARGS, MICROBATCH
+    from helpers import KWARGS
 
     from edgezmq.protocol import codecs
 
     tokens = (KWARGS["img_size"] // 16) ** 2 + 1
-    return codecs.encoded_nbytes("f16", (MICROBATCH, tokens, 192)) + 512
+    return codecs.encoded_nbytes("f16", (ADAPTIVE_MICROBATCH, tokens, 192)) + 512
 
 
 @pytest.mark.slow
@@ -234,7 +240,7 @@ def _adaptive_client(source: str, state_dir: str, full: float) -> int:
     """The adaptive test's client side, in the client namespace: deploy, stream at a fixed pace,
     drop the link 4x and restore it with set_link, wait on the stage's stats each time."""
     import numpy as np
-    from helpers import KWARGS, MICROBATCH, MODEL, batches, checkpoint, monolithic
+    from helpers import KWARGS, MODEL, batches, checkpoint, monolithic
 
     from edgezmq.client import Client
     from edgezmq.orchestrate.address import NodeAddress
@@ -244,11 +250,11 @@ def _adaptive_client(source: str, state_dir: str, full: float) -> int:
 
     tb = tbm.Testbed.from_yaml(source, state_dir=state_dir)
     a, b = (NodeAddress(n, tb.control(n), 1) for n in ("a", "b"))
-    plan = DeployPlan(model=ModelSpec(name=MODEL, microbatch=MICROBATCH, checkpoint=checkpoint(), kwargs=KWARGS),
+    plan = DeployPlan(model=ModelSpec(name=MODEL, microbatch=ADAPTIVE_MICROBATCH, checkpoint=checkpoint(), kwargs=KWARGS),
                       stages=[StagePlan(units=(0, 3), nodes=[a], encodings=[["f16"], ["int4"]]),
                               StagePlan(units=(3, 6), nodes=[b])],
                       results=f"tcp://{tb.client_address}:0")
-    xs = batches(4, seed=5)
+    xs = batches(4, seed=5, microbatch=ADAPTIVE_MICROBATCH)
     exact = monolithic(xs)
     stop, errors, errs = threading.Event(), [], []
 
@@ -273,7 +279,7 @@ def _adaptive_client(source: str, state_dir: str, full: float) -> int:
             time.sleep(FEED_INTERVAL_S)  # paces the load (the stage's input), not a wait for an event
 
     out: dict = {}
-    with Client([], plan.results, run="", window=8, microbatch=MICROBATCH, timeout=120) as c:
+    with Client([], plan.results, run="", window=ADAPTIVE_WINDOW, microbatch=ADAPTIVE_MICROBATCH, timeout=120) as c:
         plan.results = c.results_endpoint
         dep = deploy(plan, load_timeout=300)
 
