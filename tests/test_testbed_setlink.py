@@ -119,6 +119,47 @@ def test_set_link_cli_needs_root(tmp_path, monkeypatch, capsys):
     assert "needs root" in capsys.readouterr().err
 
 
+def _fake_up(tmp_path, monkeypatch, fail_on: int | None = None):
+    """A Testbed that believes it is up, with tc recorded (and the `fail_on`-th call failing)."""
+    from edgezmq.testbed import core
+
+    calls: list[tuple[list[str], str]] = []
+
+    def run(cmd, *, input=None):  # noqa: A002 - net.run's name
+        calls.append((cmd, input or ""))
+        if fail_on is not None and len(calls) == fail_on:
+            raise tbm.TestbedError("`tc -batch -` failed (exit 2): RTNETLINK answers: No such file or directory")
+        return ""
+
+    monkeypatch.setattr(core, "check_prerequisites", lambda: {})
+    monkeypatch.setattr(net, "run", run)
+    monkeypatch.setattr(core.Testbed, "_cluster_dict", lambda self: {"links": {}})
+    tb = core.Testbed(_config(NIC_DOC), state_dir=tmp_path)
+    tb._state["phase"] = "up"
+    return tb, calls
+
+
+def test_set_link_changes_the_classes_of_both_ends_and_records_it(tmp_path, monkeypatch):
+    tb, calls = _fake_up(tmp_path, monkeypatch)
+    tb.set_link("a", "b", mbps=5)
+    # a's egress, b's egress, b's ingress (its NIC down) on the bridge: class changes only
+    assert [c[0][:3] for c in calls] == [["tc", "-n", "tb-a"], ["tc", "-n", "tb-b"], ["tc", "-n", "tb-bridge"]]
+    assert all(ln.startswith("class change") for _, text in calls for ln in text.splitlines())
+    assert "ceil 5000kbit" in calls[0][1] and "ceil 5000kbit" in calls[1][1]
+    assert json.loads((tmp_path / "state.json").read_text())["live"] == [{"a": "a", "b": "b", "mbps": 5}]
+    assert tbm.core.Testbed(_config(NIC_DOC), state_dir=tmp_path).config.link("a", "b").mbps == 5.0  # re-attached
+
+
+def test_a_failed_set_link_puts_the_old_rates_back(tmp_path, monkeypatch):
+    tb, calls = _fake_up(tmp_path, monkeypatch, fail_on=2)
+    with pytest.raises(tbm.TestbedError, match="RTNETLINK"):
+        tb.set_link("a", "b", mbps=5)
+    assert tb.config.link("a", "b").mbps == 40.0 and "live" not in tb._state
+    # a's tree went through at 5, b's failed: both are set again at the rates before
+    assert "ceil 5000kbit" in calls[0][1] and [c[0][2] for c in calls[2:]] == ["tb-a", "tb-b", "tb-bridge"]
+    assert "ceil 40000kbit" in calls[2][1] and "ceil 40000kbit" in calls[3][1]
+
+
 # ---- real testbeds (root) --------------------------------------------------------
 def _skip_unless_root() -> None:
     from test_testbed import _skip_unless_root as skip
