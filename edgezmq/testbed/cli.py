@@ -1,4 +1,4 @@
-"""`edgezmq testbed up|down|status TESTBED.yaml`: the command line of the emulated testbed."""
+"""`edgezmq testbed up|down|status|set-link TESTBED.yaml`: the command line of the emulated testbed."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import logging
 import sys
 from typing import Any
 
-from edgezmq.argtypes import seconds
+from edgezmq.argtypes import float_in, seconds
 from edgezmq.interrupts import Terminated, sigterm_interrupts
 
-from .config import ConfigError
+from .config import MIN_MBPS, SHAPED_MAX_MBPS, ConfigError
 from .errors import PrerequisiteError, TestbedError
 
 log = logging.getLogger("edgezmq.testbed")
@@ -23,6 +23,8 @@ EPILOG = """examples:
   sudo edgezmq testbed up plans/testbed-hetero.yaml
   sudo edgezmq testbed status plans/testbed-hetero.yaml
   sudo ip netns exec hetero-client edgezmq deploy plan.yaml     # clients run in the client namespace
+  sudo edgezmq testbed set-link plans/testbed-hetero.yaml fast minnow-0 --mbps 5   # a pair, live
+  sudo edgezmq testbed set-link plans/testbed-hetero.yaml minnow-1 --nic-up 2.5    # a NIC, live
   sudo edgezmq testbed down plans/testbed-hetero.yaml
 
 exit codes: 0 ok; 1 the operation failed (status: not up); 2 bad file, not root, or no iproute2
@@ -93,6 +95,17 @@ def run_cli(args: argparse.Namespace) -> int:
             else:
                 _print_up(cluster)
             return EXIT_OK
+        if what == "set-link":
+            r = tb.set_link(args.host, args.peer, mbps=args.mbps,
+                            nic_up=args.nic_up if args.nic_up is not None else args.nic,
+                            nic_down=args.nic_down if args.nic_down is not None else args.nic)
+            if args.json:
+                print(json.dumps(r, indent=1))
+            else:
+                ch = r["change"]
+                print(f"testbed {r['name']}: {ch['a']}<->{ch['b']} now {ch['mbps']:g} Mbit/s" if "a" in ch else
+                      f"testbed {r['name']}: {ch['host']} NIC now {_nic({'nic_mbps': r['nic_mbps'][ch['host']]})} Mbit/s up/down")
+            return EXIT_OK
         if what == "down":
             r = tb.down()
             if args.json:
@@ -123,10 +136,12 @@ def run_cli(args: argparse.Namespace) -> int:
 
 def _add_commands(parent: argparse.ArgumentParser) -> None:
     fmt = argparse.RawDescriptionHelpFormatter
-    ts = parent.add_subparsers(dest="testbed_command", required=True, metavar="{up,down,status}")
+    ts = parent.add_subparsers(dest="testbed_command", required=True, metavar="{up,down,status,set-link}")
     helps = {"up": "create namespaces, links, cgroups; start a node per device; write cluster.yaml",
              "down": "stop the nodes; remove every namespace and cgroup the testbed made",
-             "status": "which namespaces/cgroups exist and which nodes answer ping"}
+             "status": "which namespaces/cgroups exist and which nodes answer ping",
+             "set-link": "change a pair's rate (HOST PEER --mbps) or a NIC's (HOST --nic...) on the running "
+                         "testbed, without restarting anything (tc class change)"}
     for cmd, h in helps.items():
         p = ts.add_parser(cmd, help=h, description=h, epilog=EPILOG, formatter_class=fmt)
         p.add_argument("testbed", metavar="TESTBED.yaml", help="the testbed file (see docs/testbed.md)")
@@ -134,6 +149,14 @@ def _add_commands(parent: argparse.ArgumentParser) -> None:
                                            "(default: /run/edgezmq/testbed/NAME)")
         p.add_argument("--name", help="override the file's name: (the namespace and cgroup prefix)")
         p.add_argument("--json", action="store_true", help="print one JSON object")
+        if cmd == "set-link":
+            rate = float_in(MIN_MBPS, SHAPED_MAX_MBPS)
+            p.add_argument("host", help="a device, or client")
+            p.add_argument("peer", nargs="?", help="the other end of the pair (with --mbps)")
+            p.add_argument("--mbps", type=rate, help="the pair's new rate, both directions (Mbit/s)")
+            p.add_argument("--nic", type=rate, help="HOST's NIC, up and down (Mbit/s)")
+            p.add_argument("--nic-up", type=rate, help="HOST's NIC up only (Mbit/s)")
+            p.add_argument("--nic-down", type=rate, help="HOST's NIC down only (Mbit/s)")
         if cmd == "up":
             p.add_argument("--timeout", type=seconds, help="seconds for every node to be ready (default 90 + 15 per node)")
             p.add_argument("--reclaim", action="store_true",
@@ -142,7 +165,7 @@ def _add_commands(parent: argparse.ArgumentParser) -> None:
 
 
 def add_cli(subparsers: Any) -> argparse.ArgumentParser:
-    """Register `testbed up|down|status TESTBED.yaml [--state-dir DIR]` on an argparse subparsers object."""
+    """Register `testbed up|down|status|set-link TESTBED.yaml [--state-dir DIR]` on an argparse subparsers object."""
     t = subparsers.add_parser("testbed", help="emulated edge devices on this machine (namespaces, tc, cgroups; root)",
                               description=DESCRIPTION, epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -151,7 +174,7 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m edgezmq.testbed up|down|status ...` (the same as `edgezmq testbed ...`)."""
+    """`python -m edgezmq.testbed up|down|status|set-link ...` (the same as `edgezmq testbed ...`)."""
     p = argparse.ArgumentParser(prog="python -m edgezmq.testbed", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")

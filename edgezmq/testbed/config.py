@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 from dataclasses import dataclass, field
@@ -115,6 +116,40 @@ class TestbedConfig:
         """IPv4 address of a host: the client is the subnet's first host, devices follow in order."""
         i = self.hosts.index(host)
         return str(self.subnet.network_address + 1 + i)
+
+    def with_link(self, a: str, b: str, mbps: Any) -> TestbedConfig:
+        """This testbed with the pair `a`<->`b` at `mbps` (both directions; its latency kept)."""
+        for end, h in (("a", a), ("b", b)):
+            if h not in self.hosts:
+                raise ConfigError(end, f"unknown host {h!r} (known: {self.hosts})")
+        if a == b:
+            raise ConfigError("b", f"a and b are both {a!r}: a link joins two different hosts")
+        rate = F.number(mbps, "mbps", lo=MIN_MBPS, hi=SHAPED_MAX_MBPS, what="a rate in Mbit/s")
+        link = Link(mbps=rate, latency_ms=self.link(a, b).latency_ms)
+        return dataclasses.replace(self, overrides={**self.overrides, frozenset((a, b)): link})
+
+    def with_nic(self, host: str, up: Any = None, down: Any = None) -> TestbedConfig:
+        """This testbed with `host`'s NIC at new rates (None: that direction unchanged).  A NIC
+        direction can change its rate, not appear or vanish: that would re-parent its htb classes."""
+        if host not in self.hosts:
+            raise ConfigError("host", f"unknown host {host!r} (known: {self.hosts})")
+        if up is None and down is None:
+            raise ConfigError("nic_mbps", "give up and/or down in Mbit/s (otherwise nothing changes)")
+        nic = self.nic(host)
+        rates = {}
+        for k, v in (("up", up), ("down", down)):
+            if v is None:
+                rates[k] = getattr(nic, k)
+                continue
+            if getattr(nic, k) is None:
+                raise ConfigError(f"nic_mbps.{k}", f"{host!r} has no NIC {k} in its TESTBED.yaml: a live change "
+                                                  f"sets a NIC's rate, it cannot add one (give it nic_mbps.{k} and up again)")
+            rates[k] = F.number(v, f"nic_mbps.{k}", lo=MIN_MBPS, hi=SHAPED_MAX_MBPS, what="a rate in Mbit/s")
+        new = ShapedNic(rates["up"], rates["down"])
+        if host == CLIENT:
+            return dataclasses.replace(self, client=dataclasses.replace(self.client, nic=new))
+        devices = tuple(dataclasses.replace(d, nic=new) if d.name == host else d for d in self.devices)
+        return dataclasses.replace(self, devices=devices)
 
     def override_list(self) -> list[dict[str, Any]]:
         """The per-pair overrides in host order, as plain dicts (for cluster.yaml)."""

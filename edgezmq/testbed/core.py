@@ -19,7 +19,7 @@ from edgezmq import fields
 from edgezmq.node.daemon import READY_PREFIX
 
 from . import cgroups, net
-from .config import BRIDGE, CLIENT, TestbedConfig, load_config
+from .config import BRIDGE, CLIENT, ConfigError, TestbedConfig, load_config
 from .errors import PrerequisiteError, TestbedError
 
 log = logging.getLogger("edgezmq.testbed")
@@ -89,6 +89,26 @@ def _wait_gone(pids: set[int], timeout: float) -> set[int]:
     return left
 
 
+def _live_change(a: str, b: str | None, mbps: float | None, nic_up: float | None,
+                 nic_down: float | None) -> dict[str, Any]:
+    """One set_link request as the state file keeps it: {a, b, mbps} or {host, up, down}."""
+    if b is not None:
+        if nic_up is not None or nic_down is not None:
+            raise ConfigError("nic_mbps", "a pair (two hosts) takes --mbps; a NIC's rates go with one host")
+        if mbps is None:
+            raise ConfigError("mbps", f"required: the new rate of the pair {a}<->{b} in Mbit/s")
+        return {"a": a, "b": b, "mbps": mbps}
+    if mbps is not None:
+        raise ConfigError("mbps", f"a pair's rate needs two hosts (A B); for {a}'s NIC give nic up and/or down")
+    return {"host": a, "up": nic_up, "down": nic_down}
+
+
+def _apply_change(config: TestbedConfig, change: dict[str, Any]) -> TestbedConfig:
+    if "host" in change:
+        return config.with_nic(change["host"], change["up"], change["down"])
+    return config.with_link(change["a"], change["b"], change["mbps"])
+
+
 def _tail(path: Path) -> str:
     try:
         with open(path, "rb") as f:
@@ -131,6 +151,8 @@ class Testbed:
         self._procs: dict[str, subprocess.Popen] = {}
         self._state: dict[str, Any] = self._load_state() or self._new_state()
         if self._state["phase"] == "up" and self.cluster_path.exists():  # attached to a running testbed
+            for change in self._state.get("live", []):  # rates set by set_link since up
+                self.config = _apply_change(self.config, change)
             self.cluster = fields.safe_load(self.cluster_path.read_text())
 
     @classmethod
@@ -304,11 +326,53 @@ class Testbed:
             self._record("netns", ns)
             net.add_netns(ns)
             net.attach(br, port, ns, cfg.address(host), cfg.subnet)
-            peers = [(cfg.address(o), cfg.link(host, o).mbps) for o in cfg.hosts if o != host]
-            nic = cfg.nic(host)
-            net.shape(ns, cfg.default_link.mbps, peers, nic.up)
-            if nic.down is not None:  # at the bridge side: what v<port> sends, the host receives
-                net.shape_ingress(br, port, nic.down, cfg.default_link.mbps, peers)
+            self._shape_host(host)
+
+    def _shape_host(self, host: str, *, change: bool = False) -> None:
+        """`host`'s htb trees at the config's rates: its egress (pairs, NIC up) and, with a NIC
+        down, its ingress; `change`: new rates on the trees made by `up` (set_link)."""
+        cfg = self.config
+        peers = [(cfg.address(o), cfg.link(host, o).mbps) for o in cfg.hosts if o != host]
+        nic = cfg.nic(host)
+        net.shape(self.namespace(host), cfg.default_link.mbps, peers, nic.up, change=change)
+        if nic.down is not None:  # at the bridge side: what v<port> sends, the host receives
+            net.shape_ingress(self.bridge_namespace, cfg.hosts.index(host), nic.down, cfg.default_link.mbps,
+                              peers, change=change)
+
+    # ---- live link changes ----------------------------------------------
+    def set_link(self, a: str, b: str | None = None, *, mbps: float | None = None,
+                 nic_up: float | None = None, nic_down: float | None = None) -> dict[str, Any]:
+        """Change rates of the running testbed without touching its nodes (``tc class change``):
+        the pair `a`<->`b` to `mbps` (both directions), or `a`'s NIC (`nic_up`, `nic_down`).
+
+        ConfigError names the bad argument; TestbedError when the testbed is not up or tc fails
+        (then the rates are put back).  cluster.yaml is rewritten with the new rates and the
+        change is kept in the state file, so a Testbed attached later sees the same rates.
+        """
+        check_prerequisites()
+        if self._state.get("phase") != "up":
+            raise TestbedError(f"testbed {self.name!r} is not up (phase {self._state.get('phase')}): "
+                               "set-link changes the links of a running testbed")
+        change = _live_change(a, b, mbps, nic_up, nic_down)
+        old = self.config
+        self.config = _apply_change(old, change)
+        hosts = [a] if b is None else [a, b]
+        try:
+            for h in hosts:
+                self._shape_host(h, change=True)
+        except TestbedError:
+            self.config = old  # whatever half went through is set back to the old rates
+            for h in hosts:
+                self._shape_host(h, change=True)
+            raise
+        self._state.setdefault("live", []).append(change)
+        self._save()
+        self.cluster = self._cluster_dict()
+        self._write_cluster()
+        log.info("testbed %s: set %s", self.name, change)
+        return {"name": self.name, "change": change,
+                "links": self.cluster["links"],
+                "nic_mbps": {h: self.config.nic(h).as_dict() for h in hosts if self.config.nic(h).as_dict()}}
 
     def _make_cgroups(self) -> None:
         def record(p: Path) -> None:
@@ -433,6 +497,8 @@ class Testbed:
                 "latency_enforced": False,  # no netem in this kernel: latency_ms is for the planner only
                 "tcp_payload_factor": round(net.TCP_PAYLOAD_FACTOR, 4),
                 "cgroups": {c.name: f"v{c.version}" for c in self.ctrls.values()},
+                # rates changed by set-link since up (links and nic_mbps above already show them)
+                **({"live_changes": self._state["live"]} if self._state.get("live") else {}),
             },
         }
 

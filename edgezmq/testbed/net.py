@@ -27,6 +27,11 @@ NIC (optional, per host): a device has one interface, shared by all its peers.
   as in front of a real slow NIC; throughput stays at the rate.  A class per sender keeps
   one sender's backlog from delaying another's messages (this kernel has no sfq or
   fq_codel to do that per flow).
+
+Live changes (``edgezmq testbed set-link``): the same trees regenerated with ``change=True``
+give ``tc class change`` lines for every class (same ids, same parents, new rates): the
+qdiscs, filters and queued packets stay, the nodes and their connections do not notice.
+A NIC can change its rate, not appear or vanish (that would re-parent the classes).
 """
 
 from __future__ import annotations
@@ -129,28 +134,30 @@ def _burst(mbps: float) -> int:
     return max(MIN_BURST_BYTES, round(mbps * 1e6 / 8 * BURST_S))
 
 
-def _htb_class(classid: str, mbps: float, dev: str = HOST_DEV) -> str:
+def _htb_class(classid: str, mbps: float, dev: str = HOST_DEV, verb: str = "add") -> str:
     rate = _kbit(mbps)
     burst = _burst(mbps)
-    return (f"class add dev {dev} parent 1: classid {classid} htb rate {rate}kbit ceil {rate}kbit "
+    return (f"class {verb} dev {dev} parent 1: classid {classid} htb rate {rate}kbit ceil {rate}kbit "
             f"burst {burst} cburst {burst} quantum {QUANTUM_BYTES}")
 
 
-def _nic_child(dev: str, classid: str, guaranteed_bit: int, ceil_mbps: float) -> str:
-    return (f"class add dev {dev} parent 1:{NIC_CLASS:x} classid {classid} htb rate {guaranteed_bit}bit "
+def _nic_child(dev: str, classid: str, guaranteed_bit: int, ceil_mbps: float, verb: str = "add") -> str:
+    return (f"class {verb} dev {dev} parent 1:{NIC_CLASS:x} classid {classid} htb rate {guaranteed_bit}bit "
             f"ceil {_kbit(ceil_mbps)}kbit burst {_burst(guaranteed_bit / 1e6)} cburst {_burst(ceil_mbps)} "
             f"quantum {QUANTUM_BYTES}")
 
 
 def _htb_tree(dev: str, match: str, default_mbps: float, peers: list[tuple[str, float]],
-              nic_mbps: float | None) -> str:
+              nic_mbps: float | None, change: bool = False) -> str:
     """htb on `dev`'s egress: a class per peer (u32 on the peer as ip `match`: dst or src) and a
-    default class, each at its own rate; with `nic_mbps`, all of them under one NIC class."""
-    lines = [f"qdisc add dev {dev} root handle 1: htb default {DEFAULT_CLASS:x}"]
+    default class, each at its own rate; with `nic_mbps`, all of them under one NIC class.
+    `change`: only the classes, as ``class change`` of the tree already there (live rates)."""
+    verb = "change" if change else "add"
+    lines = [] if change else [f"qdisc add dev {dev} root handle 1: htb default {DEFAULT_CLASS:x}"]
     every = [(f"1:{DEFAULT_CLASS:x}", default_mbps),
              *((f"1:{FIRST_PEER_CLASS + i:x}", mbps) for i, (_, mbps) in enumerate(peers))]
     if nic_mbps is None:
-        classes = [_htb_class(cid, mbps, dev) for cid, mbps in every]
+        classes = [_htb_class(cid, mbps, dev, verb) for cid, mbps in every]
     else:
         # A child sending within its own `rate` does not ask its parent: htb charges the parent
         # for those bytes but never holds them back.  So the children's rates must add up to no
@@ -160,24 +167,28 @@ def _htb_tree(dev: str, match: str, default_mbps: float, peers: list[tuple[str, 
         # min(pair, NIC): the NIC total and every pair limit are then both exact, and a busy
         # peer gets at least 1/n of the NIC however many others are busy.
         share_bit = max(1, int(nic_mbps * 1e6) // len(every))
-        lines.append(_htb_class(f"1:{NIC_CLASS:x}", nic_mbps, dev))
-        classes = [_nic_child(dev, cid, min(share_bit, _kbit(min(mbps, nic_mbps)) * 1000), min(mbps, nic_mbps))
+        lines.append(_htb_class(f"1:{NIC_CLASS:x}", nic_mbps, dev, verb))
+        classes = [_nic_child(dev, cid, min(share_bit, _kbit(min(mbps, nic_mbps)) * 1000), min(mbps, nic_mbps), verb)
                    for cid, mbps in every]
     lines.append(classes[0])
     for (addr, _), (cid, _), cls in zip(peers, every[1:], classes[1:], strict=True):
         lines.append(cls)
-        lines.append(f"filter add dev {dev} parent 1: protocol ip prio 1 u32 match ip {match} {addr}/32 flowid {cid}")
+        if not change:
+            lines.append(f"filter add dev {dev} parent 1: protocol ip prio 1 u32 match ip {match} {addr}/32 flowid {cid}")
     return "\n".join(lines) + "\n"
 
 
-def htb_batch(default_mbps: float, peers: list[tuple[str, float]], nic_up: float | None = None) -> str:
+def htb_batch(default_mbps: float, peers: list[tuple[str, float]], nic_up: float | None = None,
+              *, change: bool = False) -> str:
     """`tc -batch` lines shaping ``eth0``'s egress: `peers` is [(destination address, Mbit/s)];
-    `nic_up` (Mbit/s) caps the host's whole egress, shared by the peers."""
-    return _htb_tree(HOST_DEV, "dst", default_mbps, peers, nic_up)
+    `nic_up` (Mbit/s) caps the host's whole egress, shared by the peers; `change`: new rates
+    for the tree made before with the same peers (module doc)."""
+    return _htb_tree(HOST_DEV, "dst", default_mbps, peers, nic_up, change)
 
 
-def shape(ns: str, default_mbps: float, peers: list[tuple[str, float]], nic_up: float | None = None) -> None:
-    run([TC, "-n", ns, "-batch", "-"], input=htb_batch(default_mbps, peers, nic_up))
+def shape(ns: str, default_mbps: float, peers: list[tuple[str, float]], nic_up: float | None = None,
+          *, change: bool = False) -> None:
+    run([TC, "-n", ns, "-batch", "-"], input=htb_batch(default_mbps, peers, nic_up, change=change))
 
 
 def bridge_port(port: int) -> str:
@@ -185,17 +196,18 @@ def bridge_port(port: int) -> str:
     return f"v{port}"
 
 
-def ingress_batch(port: int, nic_down: float, default_mbps: float, peers: list[tuple[str, float]]) -> str:
+def ingress_batch(port: int, nic_down: float, default_mbps: float, peers: list[tuple[str, float]],
+                  *, change: bool = False) -> str:
     """`tc -batch` lines holding everything sent to host `port` to `nic_down` Mbit/s (module
     doc): a class per sender, `peers` [(source address, Mbit/s)], so that each sender queues
     apart (a control message waits behind its own sender's data only) and busy senders share
-    the NIC in turns, as the peers do on the up side."""
-    return _htb_tree(bridge_port(port), "src", default_mbps, peers, nic_down)
+    the NIC in turns, as the peers do on the up side; `change`: new rates, as in htb_batch."""
+    return _htb_tree(bridge_port(port), "src", default_mbps, peers, nic_down, change)
 
 
 def shape_ingress(bridge_ns: str, port: int, nic_down: float, default_mbps: float,
-                  peers: list[tuple[str, float]]) -> None:
-    run([TC, "-n", bridge_ns, "-batch", "-"], input=ingress_batch(port, nic_down, default_mbps, peers))
+                  peers: list[tuple[str, float]], *, change: bool = False) -> None:
+    run([TC, "-n", bridge_ns, "-batch", "-"], input=ingress_batch(port, nic_down, default_mbps, peers, change=change))
 
 
 def enter_argv(ns: str) -> list[str]:

@@ -1,0 +1,408 @@
+"""Measured gain of activation compression on a slow link, and the adaptive ladder under a live
+4x bandwidth drop (`edgezmq testbed set-link`), on a 2-device testbed of the EdgePipe regime.
+
+    sudo python bench/compression.py [--json] [--encodings raw,f16,bf16,int8,int4]
+        [--ladder f16,int8,int4] [--drop 4] [--pre 20 --during 40 --post 30] [--window 32]
+
+The testbed (derived from plans/testbed-edgepipe.derivation.json, as docs/testbed.md derives
+the EdgePipe testbed): an RCC-VE-like device (0.1246 CPU) computes the first half of the digits
+ViT (edgezmq.model.task, trained here) and sends its activation to a MinnowBoard-like device
+(0.1004 CPU) over the MinnowBoard's scaled link, 1.949 Mbit/s; the client reaches the first
+device at the RCC-VE's 5.846 Mbit/s. Links are pairs shaped at the sender. The cut is at a
+block boundary (`--cut`, default 3: after blocks.1), microbatch 8, so a raw activation (98 kB)
+takes 3x the image's time: the link between the stages sets the pace.
+
+In one testbed run: every encoding fixed (throughput, the pipeline's own top-1 on 448 test
+images), the adaptive ladder, then a timeline with the ladder and with raw while the stages'
+link drops `--drop`x and comes back. Accuracy per encoding at the cut comes from
+bench/compression_accuracy.py's sweep (edgezmq.model.accuracy) run with the wire codecs.
+Writes bench/results/compression.json and .png; `--json` prints one object (last line).
+The client side runs inside the testbed's client namespace (``--inner``, started by the outer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from common import BENCH_STATE, RESULTS, ROOT, need_root, pyplot, save, testbed
+
+from edgezmq import argtypes as args_
+
+NAME = "compression"
+TESTBED = "compbench"  # the namespaces' prefix (the lead's benches use other names)
+DERIVATION = ROOT / "plans" / "testbed-edgepipe.derivation.json"
+RCC, MINNOW = "RCC-VE-C2000", "Minnowboard-E3845"
+MICROBATCH = 8
+CUT = 3
+WINDOW = 32  # microbatches in flight: more than the ~100-200 kB a link's buffers hold (docs/compression.md)
+BUDGET_POINTS = 1.0  # top-1 points an encoding may lose to count as "compressed" (the issue's 1 %)
+COOLDOWN = 8  # untimed microbatches after the timed ones: the pipeline is still full at the last one
+POLL_S = 0.25  # stats polls of the timeline
+ROLLING = 8  # results per point of the rolling throughput
+RECOVERED = 0.8  # "recovered": rolling throughput within 20 % of the prediction
+DEFAULT_ENCODINGS = "raw,f16,bf16,int8,int4"
+DEFAULT_LADDER = "f16,int8,int4"
+
+
+def testbed_config(d: dict[str, Any]) -> dict[str, Any]:
+    """The 2-device slow-link testbed, every figure from the EdgePipe derivation."""
+    nic = d["nic_mbps"]
+    return {"devices": [{"name": "rcc", "cpu": round(d["cpu"][RCC], 4), "memory": "2GB", "type": RCC},
+                        {"name": "minnow", "cpu": round(d["cpu"][MINNOW], 4), "memory": "2GB", "type": MINNOW}],
+            "links": {"default": {"mbps": 1000},
+                      "overrides": [{"a": "client", "b": "rcc", "mbps": round(nic[RCC], 3)},
+                                    {"a": "rcc", "b": "minnow", "mbps": round(nic[MINNOW], 3)},
+                                    {"a": "minnow", "b": "client", "mbps": round(nic[MINNOW], 3)}]}}
+
+
+# ---------------------------------------------------------------- accuracy (outer, no network)
+def accuracy(encodings: list[str], cut: int) -> tuple[float, list[dict]]:
+    """top-1 fp32 and a row per encoding at `cut`, from compression_accuracy's sweep (wire codecs)."""
+    import compression_accuracy as ca
+
+    from edgezmq.model import accuracy as acc
+    from edgezmq.model import chain, task
+
+    ca.USE_CODECS = True
+    model = task.load_task_model(task.cached_task_checkpoint())
+    split = task.digits_split()
+    sweep = acc.CutSweep(model, "block", split.x_test, MICROBATCH)
+    fp32 = acc.score(sweep.reference, sweep.reference, split.y_test).top1
+    encs = [e for e in encodings if e != "raw"]
+    rows = ca.sweep_rows(sweep, [cut], encs, split.y_test, chain.unit_names(model, "block"), "task", True)
+    for r in rows:
+        r["top1_drop"] = round(fp32 - r["top1"], 4)
+    return fp32, rows
+
+
+# ---------------------------------------------------------------- the client side (inner)
+class Inner:
+    def __init__(self, args: argparse.Namespace) -> None:
+        from edgezmq.model import chain, task
+        from edgezmq.testbed import Testbed
+
+        self.args = args
+        self.tb = Testbed.from_yaml(BENCH_STATE / f"{TESTBED}.yaml", name=TESTBED)
+        self.ckpt = str(task.cached_task_checkpoint())
+        self.units = len(chain.unit_infos(task.TASK_MODEL, "block", **task.TASK_KWARGS))
+        split = task.digits_split()
+        n = min(args.batches, len(split.y_test) // MICROBATCH)
+        self.xs = [split.x_test[i * MICROBATCH:(i + 1) * MICROBATCH].numpy().astype(np.float32) for i in range(n)]
+        self.labels = split.y_test[:n * MICROBATCH].numpy()
+        self.full = self.tb.config.link("rcc", "minnow").mbps
+
+    def plan(self, ladder: list[str] | None):
+        from edgezmq.model import task
+        from edgezmq.orchestrate.address import NodeAddress
+        from edgezmq.orchestrate.planfile import DeployPlan, ModelSpec, StagePlan
+
+        nodes = [NodeAddress(n, self.tb.control(n), 1) for n in ("rcc", "minnow")]
+        enc = None if not ladder or ladder == ["raw"] else [[e] for e in ladder]
+        return DeployPlan(model=ModelSpec(name=task.TASK_MODEL, microbatch=MICROBATCH, checkpoint=self.ckpt,
+                                          kwargs=task.TASK_KWARGS),
+                          stages=[StagePlan(units=(0, self.args.cut), nodes=[nodes[0]], encodings=enc),
+                                  StagePlan(units=(self.args.cut, self.units), nodes=[nodes[1]])],
+                          results=f"tcp://{self.tb.client_address}:0")
+
+    def stats(self, node: str) -> dict:
+        from edgezmq.transport.rpc import ControlClient
+
+        with ControlClient(self.tb.control(node), timeout=10, retries=2) as c:
+            return c.call("stats")["stage"]
+
+    def session(self, ladder: list[str] | None, body):
+        from edgezmq.client import Client
+        from edgezmq.orchestrate.deploy import deploy, unload
+
+        plan = self.plan(ladder)
+        with Client([], plan.results, run="", window=self.args.window, microbatch=MICROBATCH, timeout=600) as c:
+            plan.results = c.results_endpoint
+            dep = deploy(plan, load_timeout=600)
+            try:
+                c.attach(dep.entry, dep.run)
+                return body(c)
+            finally:
+                unload(plan)
+
+    def fixed(self, ladder: list[str]) -> dict:
+        """Warm-up, the test microbatches timed, a cool-down: steady-state samples/s, top-1.
+        The warm-up is a window of microbatches, so that the timed ones are not the ones a
+        full window had already pushed through the image link before the timing started."""
+        warm = self.args.window
+        xs = [self.xs[i % len(self.xs)] for i in range(warm)] + self.xs + self.xs[:COOLDOWN]
+
+        def body(c):
+            arrivals: list[float] = []
+            outs = list(c.stream(xs, on_result=lambda i, y: arrivals.append(time.perf_counter())))
+            dt = arrivals[warm + len(self.xs) - 1] - arrivals[warm - 1]
+            logits = np.concatenate(outs[warm:warm + len(self.xs)])
+            return {"samples_per_s": len(self.xs) * MICROBATCH / dt, "seconds": dt,
+                    "top1_pipeline": 100.0 * float((logits.argmax(1) == self.labels).mean()),
+                    "stage0": _brief(self.stats("rcc")), "stage1": _brief(self.stats("minnow"))}
+
+        return self.session(ladder, body)
+
+    def timeline(self, ladder: list[str]) -> dict:
+        """Stream without pause; drop the stages' link `drop`x at `pre` s, restore it `during` s
+        later, stop `post` s after that; every result's arrival and the stage's rung over time."""
+        a = self.args
+        stop = threading.Event()
+        arrivals: list[float] = []
+        errors: list[str] = []
+
+        def forever():
+            i = 0
+            while not stop.is_set():
+                yield self.xs[i % len(self.xs)]
+                i += 1
+
+        def body(c):
+            def feed():
+                try:
+                    for _ in c.stream(forever(), on_result=lambda i, y: arrivals.append(time.time())):
+                        pass
+                except Exception as e:  # reported in the result
+                    errors.append(repr(e))
+
+            th = threading.Thread(target=feed, daemon=True)
+            t0 = time.time()
+            th.start()
+            polls, events = [], {}
+            try:
+                for phase, until, rate in (("pre", a.pre, None), ("drop", a.pre + a.during, self.full / a.drop),
+                                           ("post", a.pre + a.during + a.post, self.full)):
+                    if rate is not None:
+                        events[phase] = time.time() - t0
+                        self.tb.set_link("rcc", "minnow", mbps=rate)
+                    while time.time() - t0 < until:
+                        s = self.stats("rcc")
+                        polls.append([round(time.time() - t0, 3), s["encoding"], s["sent"]])
+                        time.sleep(POLL_S)  # the sampling period of the timeline, not a wait for an event
+            finally:
+                self.tb.set_link("rcc", "minnow", mbps=self.full)
+                stop.set()
+                th.join(120)
+            return {"t": [round(x - t0, 3) for x in arrivals], "polls": polls, "events": events, "errors": errors,
+                    "stage0": _brief(self.stats("rcc"))}
+
+        return self.session(ladder, body)
+
+    def run(self) -> dict:
+        a = self.args
+        out: dict[str, Any] = {"fixed": {}, "full_mbps": self.full}
+        for e in a.encodings:
+            print(f"fixed {e} ...", file=sys.stderr, flush=True)
+            out["fixed"][e] = self.fixed([e])
+        print(f"ladder {a.ladder} ...", file=sys.stderr, flush=True)
+        out["ladder"] = self.fixed(a.ladder)
+        out["timeline"] = {}
+        for name, ladder in (("ladder", a.ladder), ("raw", ["raw"])):
+            print(f"timeline {name} ...", file=sys.stderr, flush=True)
+            out["timeline"][name] = self.timeline(ladder)
+        return out
+
+
+def _brief(s: dict) -> dict:
+    keep = ("processed", "compute_s", "sent", "bytes_in", "bytes_out", "received", "encoding", "enc_messages",
+            "enc_switches", "wait_s", "send_s")
+    return {k: s.get(k) for k in keep}
+
+
+# ---------------------------------------------------------------- analysis (outer)
+def predicted(fixed: dict, rates: dict[str, float], act_bytes: float) -> float:
+    """samples/s of the slowest of: the image link, the stages' link at `act_bytes` a message,
+    either stage's measured compute (payload rates: configured x TCP's payload share)."""
+    from edgezmq.testbed.net import TCP_PAYLOAD_FACTOR as f
+
+    s0, s1 = fixed["stage0"], fixed["stage1"]
+    img = s0["bytes_in"] / s0["received"]
+    times = [img * 8 / (rates["in"] * 1e6 * f), act_bytes * 8 / (rates["act"] * 1e6 * f),
+             s0["compute_s"] / s0["processed"], s1["compute_s"] / s1["processed"]]
+    return MICROBATCH / max(times)
+
+
+def rolling(t: list[float]) -> list[tuple[float, float]]:
+    """(time, samples/s over the last ROLLING results) per result."""
+    return [(t[i], ROLLING * MICROBATCH / (t[i] - t[i - ROLLING])) for i in range(ROLLING, len(t)) if t[i] > t[i - ROLLING]]
+
+
+def switches(polls: list, after: float) -> list[dict]:
+    out, last = [], None
+    for t, enc, _ in polls:
+        if enc != last and last is not None and t >= after:
+            out.append({"t": t, "from": last, "to": enc})
+        last = enc
+    return out
+
+
+def recovery(tl: dict, target: float) -> dict:
+    """When the rolling throughput got within 20 % of `target` after the drop, and stayed."""
+    drop, back = tl["events"]["drop"], tl["events"]["post"]
+    pts = [(t, r) for t, r in rolling(tl["t"]) if drop <= t < back]
+    ok = [r >= RECOVERED * target for _, r in pts]
+    first = next((t for (t, _), k in zip(pts, ok) if k), None)
+    held = next((pts[i][0] for i in range(len(pts)) if all(ok[i:])), None) if pts else None
+    tail = [r for t, r in pts if t >= (drop + back) / 2]
+    during = [r for t, r in pts]
+    return {"first_within_20pct_s": None if first is None else round(first - drop, 2),
+            "stays_within_20pct_after_s": None if held is None else round(held - drop, 2),
+            "samples_per_s_second_half": float(np.median(tail)) if tail else None,
+            "samples_per_s_whole_drop": float(np.median(during)) if during else None}
+
+
+def analyse(inner: dict, acc_rows: list[dict], fp32: float, args: argparse.Namespace, cfg: dict) -> dict:
+    rates = {"in": cfg["links"]["overrides"][0]["mbps"], "act": inner["full_mbps"]}
+    dropped = {**rates, "act": inner["full_mbps"] / args.drop}
+    by_enc = {r["encoding"]: r for r in acc_rows}
+    fixed = inner["fixed"]
+    raw = fixed["raw"]["samples_per_s"] if "raw" in fixed else None
+    rows = []
+    for e, f in fixed.items():
+        s0 = f["stage0"]
+        act = s0["bytes_out"] / s0["sent"]
+        a = by_enc.get(e, {})
+        rows.append({"encoding": e, "samples_per_s": f["samples_per_s"], "gain_vs_raw": f["samples_per_s"] / raw if raw else None,
+                     "message_bytes": round(act), "predicted_samples_per_s": predicted(f, rates, act),
+                     "top1_pipeline": f["top1_pipeline"],
+                     "top1_sweep": a.get("top1", fp32 if e == "raw" else None),
+                     "top1_drop": a.get("top1_drop", 0.0 if e == "raw" else None),
+                     "agreement": a.get("agreement", 100.0 if e == "raw" else None), "rel_l2": a.get("rel_l2", 0.0)})
+    within = [r for r in rows if r["encoding"] != "raw" and r["top1_drop"] is not None and r["top1_drop"] <= BUDGET_POINTS]
+    best = max(within, key=lambda r: r["samples_per_s"]) if within else None
+    last = args.ladder[-1]
+    tl = inner["timeline"]
+    f_last = fixed.get(last) or inner["ladder"]
+    target = predicted(f_last, dropped, f_last["stage0"]["bytes_out"] / f_last["stage0"]["sent"])
+    raw_target = predicted(fixed["raw"], dropped, fixed["raw"]["stage0"]["bytes_out"] / fixed["raw"]["stage0"]["sent"]) \
+        if "raw" in fixed else None
+    timeline = {}
+    for name, t in tl.items():
+        timeline[name] = {"events": t["events"], "errors": t["errors"], "results": len(t["t"]),
+                          "switches_after_drop": switches(t["polls"], t["events"]["drop"]),
+                          "recovery": recovery(t, target if name == "ladder" else (raw_target or target)),
+                          "arrivals_s": t["t"], "rung_polls": t["polls"]}
+    sw = timeline["ladder"]["switches_after_drop"]
+    down = next((s for s in sw if s["t"] < tl["ladder"]["events"]["post"]), None)
+    up = next((s for s in sw if s["t"] >= tl["ladder"]["events"]["post"]), None)
+    rec = timeline["ladder"]["recovery"]
+    return {
+        "bench": NAME, "testbed": cfg, "derivation": str(DERIVATION.relative_to(ROOT)), "cut": args.cut,
+        "microbatch": MICROBATCH, "window": args.window, "ladder": args.ladder, "rows": rows,
+        "ladder_run": {"samples_per_s": inner["ladder"]["samples_per_s"], "top1_pipeline": inner["ladder"]["top1_pipeline"],
+                       "enc_messages": inner["ladder"]["stage0"]["enc_messages"],
+                       "gain_vs_raw": inner["ladder"]["samples_per_s"] / raw if raw else None},
+        "timeline": timeline,
+        "switch_down_after_s": None if down is None else round(down["t"] - tl["ladder"]["events"]["drop"], 2),
+        "switch_up_after_s": None if up is None else round(up["t"] - tl["ladder"]["events"]["post"], 2),
+        "predicted_after_drop": {"ladder": target, "raw": raw_target},
+        # the issue's summary fields
+        "exact_samples_per_s": raw, "compressed_samples_per_s": best["samples_per_s"] if best else None,
+        "top1_fp32": fp32, "top1_compressed": best["top1_sweep"] if best else None,
+        "encodings": {str(args.cut): best["encoding"] if best else None},
+        "adaptive": {"drop_factor": args.drop, "recovered_samples_per_s": rec["samples_per_s_second_half"],
+                     "seconds_to_recover": rec["stays_within_20pct_after_s"]},
+    }
+
+
+def plot(r: dict) -> None:
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(14, 4.6), gridspec_kw={"width_ratios": [1, 2]})
+    rows = r["rows"]
+    ax0.bar([x["encoding"] for x in rows], [x["samples_per_s"] for x in rows], color="tab:blue", label="measured")
+    ax0.plot([x["encoding"] for x in rows], [x["predicted_samples_per_s"] for x in rows], "k_", ms=20, label="link model")
+    for i, x in enumerate(rows):
+        ax0.annotate(f"top-1 {x['top1_sweep']:.2f}", (i, x["samples_per_s"]), ha="center", va="bottom", fontsize=7)
+    ax0.set_ylabel("samples/s")
+    ax0.set_title(f"digits ViT, cut {r['cut']}, fixed encodings")
+    ax0.legend(fontsize=7)
+    for name, tl in r["timeline"].items():
+        pts = rolling(tl["arrivals_s"])
+        ax1.plot([p[0] for p in pts], [p[1] for p in pts], label=f"{name} ({'+'.join(r['ladder']) if name == 'ladder' else 'raw'})")
+    ev = r["timeline"]["ladder"]["events"]
+    ax1.axvspan(ev["drop"], ev["post"], color="0.9", label=f"link / {r['adaptive']['drop_factor']:g}")
+    polls = r["timeline"]["ladder"]["rung_polls"]
+    rungs = list(dict.fromkeys([*r["ladder"]]))
+    ax2 = ax1.twinx()
+    ax2.step([p[0] for p in polls], [rungs.index(p[1]) if p[1] in rungs else -1 for p in polls], "g:", where="post")
+    ax2.set_yticks(range(len(rungs)), rungs)
+    ax2.set_ylabel("the ladder's rung", color="g")
+    ax1.set_xlabel("seconds")
+    ax1.set_ylabel(f"samples/s (rolling, {ROLLING} results)")
+    ax1.set_title("live 4x drop of the stages' link")
+    ax1.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"{NAME}.png", dpi=100)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", action="store_true", help="print the result as one JSON object (last line)")
+    ap.add_argument("--encodings", default=DEFAULT_ENCODINGS, help="fixed encodings to measure (raw first)")
+    ap.add_argument("--ladder", default=DEFAULT_LADDER, help="the adaptive ladder, largest rung first")
+    ap.add_argument("--cut", type=args_.int_in(1, 5), default=CUT, help="units on the first device (of 6)")
+    ap.add_argument("--drop", type=args_.float_in(1, 100, lo_open=True), default=4.0, help="the live drop factor")
+    ap.add_argument("--pre", type=args_.seconds, default=20.0, help="seconds before the drop")
+    ap.add_argument("--during", type=args_.seconds, default=40.0, help="seconds of the drop")
+    ap.add_argument("--post", type=args_.seconds, default=30.0, help="seconds after the return")
+    ap.add_argument("--window", type=args_.window, default=WINDOW, help="microbatches in flight")
+    ap.add_argument("--batches", type=args_.int_in(COOLDOWN, 56), default=56,
+                    help="timed microbatches of 8 test images per fixed encoding (56: all 448)")
+    ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from the saved JSON")
+    args = ap.parse_args()
+    args.encodings = [e.strip() for e in args.encodings.split(",") if e.strip()]
+    args.ladder = [e.strip() for e in args.ladder.split(",") if e.strip()]
+    from edgezmq.protocol import codecs
+
+    for e in [*args.encodings, *args.ladder]:
+        if e not in codecs.NAMES:
+            ap.error(f"encoding {e!r}: expected one of {', '.join(codecs.NAMES)}")
+    if "raw" not in args.encodings:
+        ap.error("--encodings: raw is the reference: include it")
+    if args.plot_only:
+        plot(json.loads((RESULTS / f"{NAME}.json").read_text()))
+        return 0
+    if args.inner:
+        print(json.dumps(Inner(args).run()))
+        return 0
+    need_root()
+    t0 = time.monotonic()
+    fp32, acc_rows = accuracy(args.encodings, args.cut)
+    cfg = testbed_config(json.loads(DERIVATION.read_text()))
+    argv = [sys.executable, str(Path(__file__).resolve()), "--inner", "--encodings", ",".join(args.encodings),
+            "--ladder", ",".join(args.ladder), "--cut", str(args.cut), "--drop", str(args.drop),
+            "--pre", str(args.pre), "--during", str(args.during), "--post", str(args.post), "--window", str(args.window),
+            "--batches", str(args.batches)]
+    with testbed(cfg, TESTBED) as tb:
+        r = tb.exec_in_client(argv, stdout=subprocess.PIPE, text=True, timeout=3600,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    if r.returncode != 0:
+        raise SystemExit(f"the client side failed (exit {r.returncode})")
+    result = analyse(json.loads(r.stdout.strip().splitlines()[-1]), acc_rows, fp32, args, cfg)
+    result["wall_s"] = round(time.monotonic() - t0, 1)
+    save(NAME, result, args.json)
+    plot(result)
+    if not args.json:
+        print(f"top-1 fp32 {fp32:.2f}%; cut {args.cut}; link {cfg['links']['overrides'][1]['mbps']} Mbit/s")
+        for x in result["rows"]:
+            print(f"  {x['encoding']:<6} {x['samples_per_s']:7.2f} samples/s ({x['gain_vs_raw']:.2f}x raw; link model "
+                  f"{x['predicted_samples_per_s']:.2f})  top-1 {x['top1_sweep']:.2f} (pipeline {x['top1_pipeline']:.2f})")
+        print(f"  ladder {'+'.join(args.ladder)}: {result['ladder_run']['samples_per_s']:.2f} samples/s")
+        print(f"  drop {args.drop:g}x: down after {result['switch_down_after_s']} s, up after {result['switch_up_after_s']} s "
+              f"of the return; adaptive {result['adaptive']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
