@@ -169,13 +169,17 @@ def main() -> int:
             batches = -(-args.batches // wave) * wave
             rng = np.random.default_rng(0)
             xs = [rng.standard_normal(shape, dtype=np.float32) for _ in range(warmup + batches + cooldown)]
-            arrivals: list[float] = []
-            t1 = time.perf_counter()
-            outs = list(client.stream(xs, on_result=lambda seq, y: arrivals.append(time.perf_counter())))
+            first_seq = client.next_seq
+            t1 = time.time()
+            outs = list(client.stream(xs))
+            # when each result reached the client (its receive time, not when the stream handed
+            # it over: results come out of order across replicas and are handed over in order,
+            # in bunches), in the order they arrived
+            arrivals = sorted(client.timestamps[s][-1][1] for s in range(first_seq, first_seq + len(xs)))
             start = arrivals[warmup - 1] if warmup else t1
             dt = arrivals[warmup + batches - 1] - start
             # the warm-up's last result (the timing's start) and every timed one
-            timed_arrivals = ([start] if warmup else [t1]) + arrivals[warmup:warmup + batches]
+            timed_arrivals = [start] + arrivals[warmup:warmup + batches]
             timed_xs = xs[warmup:warmup + batches]
             outs = outs[warmup:warmup + batches]
             stats = {}
@@ -202,9 +206,9 @@ def main() -> int:
         "predicted_bottleneck_s": planned.bottleneck_s,
         "bottleneck_at": planned.bottleneck_at,
         "optimal": planned.optimal,
-        # from the warm-up's last result to the last timed one: with replicas, results come
-        # in waves (one per replica of the last stage), so the timed count is a whole number
-        # of waves and both ends fall at the same phase of a wave
+        # from the warm-up's last result to arrive to the last timed one: with replicas, results
+        # come in waves (one per replica of the last stage), so the timed count is a whole
+        # number of waves and both ends fall at the same phase of a wave
         "measured_samples_per_s": batches * args.microbatch / dt,
         # cross-check: the least-squares slope of the arrival times (biased low by waves)
         "measured_slope_samples_per_s": args.microbatch / arrival_slope(timed_arrivals),

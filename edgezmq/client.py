@@ -103,6 +103,11 @@ class Client:
         self.resubmitted = 0
         self.timestamps: dict[int, list] = {}  # seq -> per-stage [stage, recv, start, end, send]
 
+    @property
+    def next_seq(self) -> int:
+        """The sequence number the next microbatch submitted gets (``timestamps`` is keyed by them)."""
+        return self._seq
+
     def attach(self, entry: list[str], run: str, entry_keys: list[bytes] | None = None) -> None:
         """Point the client at a deployment (stage-0 endpoints and run id; with a keyring,
         ``entry_keys`` are their public keys, ``Deployment.entry_keys``).
