@@ -162,17 +162,17 @@ def farkas_prices(st: Stages, effort: Effort, pool: list[Column] | tuple = (), m
             j = int(np.argmin(rc))
             if rc[j] >= -RC_TOL:
                 break
-            d = Binv @ A[:, j]
-            pos = d > PIVOT_TOL
+            col = Binv @ A[:, j]
+            pos = col > PIVOT_TOL
             if not pos.any():
                 break                            # unbounded cannot happen (costs >= 0); be safe
-            ratio = np.where(pos, xB / np.where(pos, d, 1.0), np.inf)
+            ratio = np.where(pos, xB / np.where(pos, col, 1.0), np.inf)
             r = int(np.argmin(ratio))
             theta = ratio[r]
-            xB = xB - theta * d
+            xB = xB - theta * col
             xB[r] = theta
-            piv = Binv[r] / d[r]
-            Binv = Binv - np.outer(d, piv)
+            piv = Binv[r] / col[r]
+            Binv = Binv - np.outer(col, piv)
             Binv[r] = piv
             basis[r] = j
             xB = np.maximum(xB, 0.0)

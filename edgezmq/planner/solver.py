@@ -42,6 +42,7 @@ from .classes import (
     merged_model,
 )
 from .cost import evaluate, stage_memory_bytes
+from .lagrange import certifies, farkas_prices
 from .parametric import (
     GREEDY_RULES,
     Level,
@@ -51,7 +52,6 @@ from .parametric import (
     greedy_replicated,
     lower_bound,
 )
-from .lagrange import certifies, farkas_prices
 from .plan import Plan, Stage, format_bytes
 from .problem import PlanError, Problem
 from .search import BudgetExceeded, Effort, Result, Search, Timeout
