@@ -162,17 +162,17 @@ def farkas_prices(st: Stages, effort: Effort, pool: list[Column] | tuple = (), m
             j = int(np.argmin(rc))
             if rc[j] >= -RC_TOL:
                 break
-            col = Binv @ A[:, j]
-            pos = col > PIVOT_TOL
+            dcol = Binv @ A[:, j]
+            pos = dcol > PIVOT_TOL
             if not pos.any():
                 break                            # unbounded cannot happen (costs >= 0); be safe
-            ratio = np.where(pos, xB / np.where(pos, col, 1.0), np.inf)
+            ratio = np.where(pos, xB / np.where(pos, dcol, 1.0), np.inf)
             r = int(np.argmin(ratio))
             theta = ratio[r]
-            xB = xB - theta * col
+            xB = xB - theta * dcol
             xB[r] = theta
-            piv = Binv[r] / col[r]
-            Binv = Binv - np.outer(col, piv)
+            piv = Binv[r] / dcol[r]
+            Binv = Binv - np.outer(dcol, piv)
             Binv[r] = piv
             basis[r] = j
             xB = np.maximum(xB, 0.0)
