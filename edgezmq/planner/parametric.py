@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .classes import DeviceArrays, memory_table
+from .lagrange import PRICE_ATOL, PRICE_RTOL, Stages
 from .search import Effort
 
 __all__ = ["Tables", "Level", "Found", "greedy", "greedy_replicated", "GREEDY_RULES", "MAX_TABLE"]
@@ -143,7 +144,8 @@ def _min_replicas(eff: np.ndarray, bound: float, top: int) -> np.ndarray:
 class Level:
     """D(B) at one bound: replica needs, bounds, dominance, and the depth-first search."""
 
-    def __init__(self, tables: Tables, bound: float, *, exact: bool = True) -> None:
+    def __init__(self, tables: Tables, bound: float, *, exact: bool = True,
+                 prices: list[np.ndarray] | tuple = ()) -> None:
         tb = self.tb = tables
         self.B = bound
         n, L = tb.N, tb.L
@@ -185,6 +187,9 @@ class Level:
             cover[u] = best
         self.cover = cover
         self.exact = exact
+        self._stages: Stages | None = None
+        # prices (lagrange.py): a state at u with free devices F fails when SP(u) > mu(F)
+        self.prices = [(mu.tolist(), self.stages.path(self.stages.prices(mu)[0]).tolist()) for mu in prices]
         self.dom: list[int] = []      # dom[d]: devices d strictly B-dominates (search() fills)
         self.above: list[int] = []    # above[d]: devices that strictly B-dominate d
         self.rank: list[int] = []     # a linear extension, weaker first
@@ -226,6 +231,13 @@ class Level:
             return False
         free = list(range(self.tb.N))
         return self.cover[0] <= len(free) and min(self.slack(0, free)) >= -SLACK_RTOL
+
+    @property
+    def stages(self) -> Stages:
+        """The stages some device can run at this B, for the configuration LP (lagrange.py)."""
+        if self._stages is None:
+            self._stages = Stages(self.M, self.window_m, self.top)
+        return self._stages
 
     # --- the search -----------------------------------------------------------------------
 
@@ -301,9 +313,13 @@ class Level:
             free = [d for d in range(N) if not used >> d & 1]
             nfree = len(free)
             slack = self.slack(u, free)
-            if self.cover[u] > nfree or min(slack) < -SLACK_RTOL:
+            if self.cover[u] > nfree or min(slack) < -SLACK_RTOL or any(
+                    sp[u] > sum(mu[d] for d in free) * (1 + PRICE_RTOL) + PRICE_ATOL for mu, sp in self.prices):
                 failed.setdefault(sig, []).append(used)
                 return None
+            pslack = math.inf
+            for mu, sp in self.prices[:1]:
+                pslack = sum(mu[d] for d in free) * (1 + PRICE_RTOL) + PRICE_ATOL - sp[u]
             # a move's waste under weighting 0 lowers the child's slack by at least as much
             total = wsuf0[0] if wsuf0[0] > 0 else 1.0
             budget = slack[0] * total if math.isfinite(slack[0]) else math.inf
@@ -331,8 +347,17 @@ class Level:
                             continue
                         if b == L and cut[L] * max(tb.spb[y][0] for y in ys) / m > B:
                             continue
+                        if self.prices:     # reduced price: what the stage costs beyond the bound's path
+                            mu0, sp0 = self.prices[0]
+                            rc = sum(mu0[d] for d in R) + sp0[b] - sp0[u]
+                            if rc > pslack:
+                                continue
+                            cands.append((rc, -b, m, R, w_ab))
+                            continue
                         cands.append((waste, -b, m, R, w_ab))
-            if rep:     # replicated: least capacity wasted per work carried first (finds plans early)
+            if self.prices:
+                cands.sort(key=lambda c: (c[0], c[1], c[2]))
+            elif rep:     # replicated: least capacity wasted per work carried first (finds plans early)
                 cands.sort(key=lambda c: (c[0] / c[4] if c[4] > 0 else c[0], c[1], c[2]))
             else:
                 cands.sort(key=lambda c: (c[1], c[0], c[2]))

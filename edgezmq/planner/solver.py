@@ -42,6 +42,7 @@ from .classes import (
     merged_model,
 )
 from .cost import evaluate, stage_memory_bytes
+from .lagrange import certifies, farkas_prices
 from .parametric import (
     GREEDY_RULES,
     Level,
@@ -70,6 +71,9 @@ BISECT_STOP = 1e-3              # device search: below this relative gap, try to
 SLICE_SHARE = 0.25              # ... each decision search gets this share of the effort left
 MIN_SLICE = 2_000               # ... and at least this many nodes
 NO_REPLICATION_SHARE = 0.3      # ... with replication: the share for plans without it first
+LP_SHARE = 0.15                 # ... then the configuration LP's bisection (prices) at most this share
+LP_STOP = 2e-4                  # ... down to this relative width
+MAX_PRICES = 3                  # ... and the decision searches prune with its last this many prices
 CHEAP_SLICE = 500               # ... after a cheap (one closed set per stage size) search of this many
 PROBE_BUDGET = 1000             # expansions per depth-first probe
 PROBE_LADDER = (1.1, 1.5, 3.0, math.inf)   # first probes, as multiples of the lower bound
@@ -431,18 +435,50 @@ def _devices(run: _Run, tables: Tables) -> None:
     run.raise_floor(lower_bound(tables, run.lower, run.ub() if run.plan else _big(tables), effort))
     if tables.replication:
         _greedy_replicated(run, tables)
+    prices: list[np.ndarray] = []
     try:
         if tables.replication:
             single = copy.copy(tables)
             single.replication = False
             _bisect(run, single, run.at(PHASE1_SHARE * NO_REPLICATION_SHARE), proofs=False)
+            start = effort.spent
+            prices = _lp_bound(run, tables, Mark(min(end.nodes, start + run.max_effort * LP_SHARE), end.deadline))
+            run.stats["lp_effort"] = effort.spent - start
             end.apply(effort)
-        _bisect(run, tables, end, proofs=True)
+        _bisect(run, tables, end, proofs=True, prices=prices)
     except Timeout as t:
         run.stopped(t)
 
 
-def _bisect(run: _Run, tables: Tables, end: Mark, *, proofs: bool) -> None:
+def _lp_bound(run: _Run, tables: Tables, end: Mark) -> list[np.ndarray]:
+    """Bisection on the configuration LP (lagrange.py) between the proven bound and the
+    incumbent: every B whose LP is infeasible, with prices that certify it, is a proven
+    lower bound. Returns the certifying prices, highest B first (the decision searches
+    prune with them). Stops at LP_STOP, the gap, or ``end`` (raises ``Timeout`` by time)."""
+    effort = run.effort
+    end.apply(effort)
+    found: list[np.ndarray] = []
+    pool: list = []
+    hi = run.ub()
+    while not run.done() and math.isfinite(hi) and hi - run.lower > LP_STOP * hi:
+        mid = (run.lower + hi) / 2
+        st = Level(tables, mid).stages
+        try:
+            _, mu, pool = farkas_prices(st, effort, pool)
+        except Timeout as t:
+            if t.by == "time":
+                raise
+            break
+        if certifies(st, mu):
+            run.raise_floor(mid)
+            found.insert(0, mu)
+        else:
+            hi = mid
+    return found[:MAX_PRICES]
+
+
+def _bisect(run: _Run, tables: Tables, end: Mark, *, proofs: bool, prices: list[np.ndarray] | tuple = ()
+            ) -> None:
     """Every exhausted exact decision search at B proves B infeasible (a lower bound, when
     ``proofs``); every plan found is an incumbent. A cheap search (one closed device set per
     stage size) is tried first at each B; an exact search that runs out of its slice leaves
@@ -464,7 +500,7 @@ def _bisect(run: _Run, tables: Tables, end: Mark, *, proofs: bool) -> None:
         if not close:
             effort.stop = min(end.nodes, effort.spent + CHEAP_SLICE)
             try:
-                found = Level(tables, target, exact=False).search(effort)
+                found = Level(tables, target, exact=False, prices=prices).search(effort)
             except Timeout as t:
                 if t.by == "time":
                     raise
@@ -475,7 +511,7 @@ def _bisect(run: _Run, tables: Tables, end: Mark, *, proofs: bool) -> None:
         left = end.nodes - effort.spent
         effort.stop = end.nodes if close else min(end.nodes, effort.spent + max(MIN_SLICE, left * SLICE_SHARE))
         try:
-            found = Level(tables, target).search(effort)
+            found = Level(tables, target, prices=prices).search(effort)
         except Timeout as t:
             if t.by == "time":
                 raise
