@@ -33,6 +33,7 @@ from edgezmq.transport.nodeclient import NodeClient
 log = logging.getLogger(__name__)
 
 DEFAULT_WINDOW = 4
+TIMESTAMPS_KEPT = 100_000  # results whose per-stage timestamps a client keeps (the latest)
 SESSION_BYTES = 8  # 16 hex characters: collisions between clients of one deployment are not a concern
 DEFAULT_TIMEOUT_S = 120.0
 POLL_MS = 50
@@ -68,6 +69,7 @@ class Client:
         ctx: zmq.Context | None = None,
         keyring: security.Keyring | None = None,
         entry_keys: list[bytes] | None = None,
+        keep_timestamps: int = TIMESTAMPS_KEPT,
     ) -> None:
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
@@ -101,7 +103,10 @@ class Client:
         self.session = secrets.token_hex(SESSION_BYTES)
         self.foreign = 0  # results and errors of other sessions, dropped
         self.resubmitted = 0
-        self.timestamps: dict[int, list] = {}  # seq -> per-stage [stage, recv, start, end, send]
+        # seq -> per-stage [stage, recv, start, end, send] + [-1, received]: of the latest
+        # `keep_timestamps` results only, so that a client streaming for days stays bounded
+        self.timestamps: dict[int, list] = {}
+        self.keep_timestamps = max(1, keep_timestamps)
 
     @property
     def next_seq(self) -> int:
@@ -268,6 +273,8 @@ class Client:
             return
         pending.pop(msg.seq)
         self.timestamps[msg.seq] = msg.t + [[-1, time.time()]]
+        while len(self.timestamps) > self.keep_timestamps:  # the oldest first (insertion order)
+            del self.timestamps[next(iter(self.timestamps))]
         done[msg.seq] = msg.tensors[0].copy()  # logits are small; give the caller a writable array
 
     def _expire(self, pending: dict) -> None:

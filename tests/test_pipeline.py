@@ -71,6 +71,22 @@ def test_three_stage_pipeline_equals_monolithic(cluster):
     assert all([e[0] for e in t[1:-1]] == [0, 1, 2] for t in client.timestamps.values())
 
 
+def test_a_client_keeps_the_timestamps_of_its_latest_results_only(cluster):
+    xs = batches(5, seed=4)
+    plan = make_plan(cluster, [(0, N_UNITS)])
+    with Client([], "tcp://127.0.0.1:0", run="", window=2, microbatch=MICROBATCH, timeout=60,
+                keep_timestamps=3) as c:
+        plan.results = c.results_endpoint
+        dep = deploy(plan, load_timeout=120)
+        try:
+            c.attach(dep.entry, dep.run)
+            first = c.next_seq
+            assert_close(list(c.stream(xs)), monolithic(xs))
+        finally:
+            unload(plan)
+    assert len(c.timestamps) == 3 and max(c.timestamps) == first + 4  # bounded, the latest kept
+
+
 def test_replicated_stage_keeps_order(cluster):
     xs = batches(10, seed=3)
     plan = make_plan(cluster, [(0, 1), (1, 5), (5, N_UNITS)], replicas={1: 2})

@@ -117,7 +117,7 @@ def collect(
     """Run ``n_batches`` random microbatches through the running deployment of ``plan``; the trace."""
     import numpy as np
 
-    from edgezmq.client import Client
+    from edgezmq.client import TIMESTAMPS_KEPT, Client
     from edgezmq.model import chain as models
 
     if n_batches < 1:
@@ -129,7 +129,8 @@ def collect(
     offsets = clock_offsets(plan) if correct_clocks else {}
     corr = _stage_corrections(plan, offsets) if offsets else {}
     window = window or plan.window or len(plan.stages) + 1  # the plan's (Plan.window), else one per stage
-    with Client.from_plan(plan, window=window, timeout=timeout) as c:
+    with Client.from_plan(plan, window=window, timeout=timeout,
+                          keep_timestamps=max(n_batches, TIMESTAMPS_KEPT)) as c:
         t0 = time.time()
         samples = sum(len(y) for y in c.stream(xs))
         seconds = time.time() - t0
