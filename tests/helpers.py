@@ -142,14 +142,14 @@ SAMPLE_INVENTORY = {
 
 
 class NodePool:
-    """Node processes (``edgezmq node``, threads 1, named node0..) shared by the tests of a module.
+    """Node processes (``edgezmq node``, threads 1, named node0..) shared by tests.
 
     Starting a node costs ~7 CPU seconds (torch and timm imports) and stopping it ~2: a test
     that starts its own 4-node cluster spends more on that than on what it tests.  ``take(n)``
-    lends the first ``n`` nodes (a LocalCluster-like view: ``.nodes``); when the block ends,
-    every lent node that died, stopped answering or is not idle (a test killed it, or left it
-    serving or paused) is replaced by a fresh process of the same name, so that each test
-    starts from idle, live nodes as with a cluster of its own.
+    lends the first ``n`` nodes, started when first needed (a LocalCluster-like view:
+    ``.nodes``); when the block ends, every lent node that died, stopped answering or is not
+    idle (a test killed it, or left it serving or paused) is replaced by a fresh process of
+    the same name, so that each test starts from idle, live nodes as with a cluster of its own.
     """
 
     def __init__(self, n: int, log_dir: Path) -> None:
@@ -158,12 +158,16 @@ class NodePool:
         self.nodes: list = []  # the current node of each name, in name order
         self.replaced = 0
 
-    def start(self) -> NodePool:
+    def start(self, n: int | None = None) -> NodePool:
+        """Start nodes until the pool has `n` (default: all): a run that needs two starts two."""
         from edgezmq.orchestrate.local import LocalCluster
 
-        c = LocalCluster(self.n, threads=1, log_dir=self.log_dir).start()
-        self._clusters.append(c)
-        self.nodes = list(c.nodes)
+        n = self.n if n is None else n
+        have = len(self.nodes)
+        if n > have:
+            c = LocalCluster(n - have, threads=1, names=[f"node{i}" for i in range(have, n)], log_dir=self.log_dir)
+            self._clusters.append(c.start())
+            self.nodes += c.nodes
         return self
 
     @staticmethod
@@ -199,11 +203,17 @@ class NodePool:
         import types
 
         assert n <= self.n, f"the pool has {self.n} nodes, the test asks for {n}"
+        self.start(n)
         try:
             yield types.SimpleNamespace(nodes=list(self.nodes[:n]))
         finally:
             self.refresh(n)
 
     def stop(self) -> None:
+        import signal
+
+        for nd in self.nodes:  # all at once: their exits overlap
+            if nd.proc.poll() is None:
+                nd.proc.send_signal(signal.SIGTERM)
         for c in self._clusters:
             c.stop()
