@@ -13,6 +13,19 @@ RECV_TIMEOUT_MS = 10_000  # every receive in the tests is bounded
 os.environ.setdefault("EDGEZMQ_CACHE", os.path.join(os.path.dirname(__file__), "..", ".cache", "edgezmq"))
 
 
+@pytest.fixture(scope="session")
+def node_pool(tmp_path_factory):
+    """Four idle node processes (node0..node3, threads 1) shared by every test that only needs
+    idle nodes: ``with node_pool.take(n) as local`` (helpers.NodePool).  Started as tests need them."""
+    from helpers import NodePool
+
+    pool = NodePool(4, tmp_path_factory.mktemp("node-pool"))
+    try:
+        yield pool
+    finally:
+        pool.stop()
+
+
 @pytest.fixture
 def ctx():
     c = zmq.Context()

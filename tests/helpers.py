@@ -144,3 +144,81 @@ SAMPLE_INVENTORY = {
     "links": {"default": {"mbps": 100, "latency_ms": 1},
               "overrides": [{"a": "a", "b": "client", "mbps": 5, "latency_ms": 3}]},
     "measure": {"seconds": 0.1}}
+
+
+class NodePool:
+    """Node processes (``edgezmq node``, threads 1, named node0..) shared by tests.
+
+    Starting a node costs ~7 CPU seconds (torch and timm imports) and stopping it ~2: a test
+    that starts its own 4-node cluster spends more on that than on what it tests.  ``take(n)``
+    lends the first ``n`` nodes, started when first needed (a LocalCluster-like view:
+    ``.nodes``); when the block ends, every lent node that died, stopped answering or is not
+    idle (a test killed it, or left it serving or paused) is replaced by a fresh process of
+    the same name, so that each test starts from idle, live nodes as with a cluster of its own.
+    """
+
+    def __init__(self, n: int, log_dir: Path) -> None:
+        self.n, self.log_dir = n, log_dir
+        self._clusters: list = []  # every LocalCluster started, stopped at the end
+        self.nodes: list = []  # the current node of each name, in name order
+        self.replaced = 0
+
+    def start(self, n: int | None = None) -> NodePool:
+        """Start nodes until the pool has `n` (default: all): a run that needs two starts two."""
+        from edgezmq.orchestrate.local import LocalCluster
+
+        n = self.n if n is None else n
+        have = len(self.nodes)
+        if n > have:
+            c = LocalCluster(n - have, threads=1, names=[f"node{i}" for i in range(have, n)], log_dir=self.log_dir)
+            self._clusters.append(c.start())
+            self.nodes += c.nodes
+        return self
+
+    @staticmethod
+    def _idle(node) -> bool:
+        if node.proc.poll() is not None:
+            return False
+        try:
+            with ControlClient(node.control, timeout=5, retries=0) as c:
+                return c.call("ping")["state"] == "idle"
+        except Exception:
+            return False
+
+    def refresh(self, count: int | None = None) -> None:
+        """Replace every node among the first `count` that is not live and idle (all at once)."""
+        from edgezmq.orchestrate.local import LocalCluster
+
+        stale = [i for i, nd in enumerate(self.nodes[:count]) if not self._idle(nd)]
+        if not stale:
+            return
+        for i in stale:
+            if self.nodes[i].proc.poll() is None:
+                self.nodes[i].proc.kill()
+            self.nodes[i].proc.wait(30)
+        c = LocalCluster(len(stale), threads=1, names=[self.nodes[i].name for i in stale], log_dir=self.log_dir)
+        self._clusters.append(c.start())
+        for i, nd in zip(stale, c.nodes):
+            self.nodes[i] = nd
+        self.replaced += len(stale)
+
+    @contextmanager
+    def take(self, n: int):
+        """``with pool.take(3) as local:`` the first 3 nodes, idle; checked and renewed after."""
+        import types
+
+        assert n <= self.n, f"the pool has {self.n} nodes, the test asks for {n}"
+        self.start(n)
+        try:
+            yield types.SimpleNamespace(nodes=list(self.nodes[:n]))
+        finally:
+            self.refresh(n)
+
+    def stop(self) -> None:
+        import signal
+
+        for nd in self.nodes:  # all at once: their exits overlap
+            if nd.proc.poll() is None:
+                nd.proc.send_signal(signal.SIGTERM)
+        for c in self._clusters:
+            c.stop()

@@ -16,7 +16,6 @@ from edgezmq.orchestrate import calibrate as C
 from edgezmq.orchestrate.autodeploy import device_type_of, gather, plan_problem, to_deploy_plan
 from edgezmq.orchestrate.deploy import deploy, unload
 from edgezmq.orchestrate.inventory import parse_cluster
-from edgezmq.orchestrate.local import LocalCluster
 from edgezmq.planner import Problem, Stage, evaluate
 
 
@@ -76,8 +75,8 @@ def test_corrected_scales_only_the_given_types():
 
 
 @pytest.fixture(scope="module")
-def nodes(tmp_path_factory):
-    with LocalCluster(2, threads=1, log_dir=tmp_path_factory.mktemp("logs")) as c:
+def nodes(node_pool):
+    with node_pool.take(2) as c:
         yield c
 
 

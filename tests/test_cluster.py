@@ -25,7 +25,6 @@ from edgezmq.client import Client
 from edgezmq.orchestrate.autodeploy import autodeploy, gather, io_costs
 from edgezmq.orchestrate.deploy import unload
 from edgezmq.orchestrate.inventory import ClusterError, parse_cluster
-from edgezmq.orchestrate.local import LocalCluster
 from edgezmq.orchestrate.planfile import load_plan
 
 GOOD = SAMPLE_INVENTORY
@@ -105,8 +104,8 @@ def test_nics_are_payload_rates_and_reach_the_planner_problem():
 
 
 @pytest.fixture(scope="module")
-def nodes(tmp_path_factory):
-    with LocalCluster(3, threads=1, log_dir=tmp_path_factory.mktemp("logs")) as c:
+def nodes(node_pool):
+    with node_pool.take(3) as c:
         yield c
 
 

@@ -12,6 +12,7 @@ from helpers import (
     KWARGS,
     MICROBATCH,
     MODEL,
+    NodePool,
     batches,
     checkpoint,
     keys_section,
@@ -41,10 +42,14 @@ def inventory(local: LocalCluster, keys: dict | None = None) -> Cluster:
                           "measure": {"seconds": 0.1, "pings": 3}, "keys": keys_section(keys)})
 
 
-def _run_and_kill(which: str, tmp_path, keys: dict | None = None) -> None:
+def _run_and_kill(which: str, tmp_path, node_pool: NodePool | None, keys: dict | None = None) -> None:
     names = [f"node{i}" for i in range(4)]
-    node_args = secured_node_args(keys, names) if keys else None
-    with LocalCluster(4, threads=1, names=names, node_args=node_args, log_dir=tmp_path) as local:
+    if keys:
+        nodes = LocalCluster(4, threads=1, names=names, node_args=secured_node_args(keys, names), log_dir=tmp_path)
+    else:
+        assert node_pool is not None
+        nodes = node_pool.take(4)
+    with nodes as local:
         procs = {n.name: n.proc for n in local.nodes}
         xs = batches(N_BATCHES, seed=21)
         with ResilientPipeline(inventory(local, keys), model_spec(), window=4, timeout=60, interval=INTERVAL,
@@ -70,16 +75,16 @@ def _run_and_kill(which: str, tmp_path, keys: dict | None = None) -> None:
 
 
 @pytest.mark.parametrize("which", ["first", "last", "middle"])
-def test_a_killed_node_loses_nothing(which, tmp_path):
-    _run_and_kill(which, tmp_path)
+def test_a_killed_node_loses_nothing(which, tmp_path, node_pool):
+    _run_and_kill(which, tmp_path, node_pool)
 
 
 def test_a_killed_node_loses_nothing_over_curve(tmp_path):
-    _run_and_kill("middle", tmp_path, keys=make_keys(tmp_path / "keys", [f"node{i}" for i in range(4)]))
+    _run_and_kill("middle", tmp_path, None, keys=make_keys(tmp_path / "keys", [f"node{i}" for i in range(4)]))
 
 
-def test_no_survivor_means_a_clear_error_not_a_hang(tmp_path):
-    with LocalCluster(1, threads=1, log_dir=tmp_path) as local:
+def test_no_survivor_means_a_clear_error_not_a_hang(node_pool):
+    with node_pool.take(1) as local:
         xs = batches(6, seed=4)
         t0 = time.time()
         with ResilientPipeline(inventory(local), model_spec(), window=2, timeout=60, interval=INTERVAL) as rp:
@@ -95,8 +100,8 @@ def test_no_survivor_means_a_clear_error_not_a_hang(tmp_path):
         assert time.time() - t0 < 60
 
 
-def test_heartbeat_declares_a_silent_node_dead_by_name(tmp_path):
-    with LocalCluster(2, threads=1, log_dir=tmp_path) as local:
+def test_heartbeat_declares_a_silent_node_dead_by_name(node_pool):
+    with node_pool.take(2) as local:
         dead: list[str] = []
         nodes = {n.name: n.control for n in local.nodes}
         # idle nodes do not run a stage: for a deployment they are as good as dead
@@ -124,20 +129,20 @@ def run_argv(local: LocalCluster, tmp_path, n_random: int) -> list[str]:
             "--out", str(tmp_path / "y.npy")]
 
 
-def test_cli_run_on_an_inventory(tmp_path):
+def test_cli_run_on_an_inventory(tmp_path, node_pool):
     import subprocess
 
-    with LocalCluster(2, threads=1, log_dir=tmp_path) as local:
+    with node_pool.take(2) as local:
         r = subprocess.run(run_argv(local, tmp_path, 5) + ["-q"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert np.load(tmp_path / "y.npy").shape == (5, 1000) and "deployed run" in r.stderr
 
 
-def test_a_node_that_comes_back_rejoins(tmp_path):
+def test_a_node_that_comes_back_rejoins(node_pool):
     import subprocess
     import sys
 
-    with LocalCluster(3, threads=1, log_dir=tmp_path) as local:
+    with node_pool.take(3) as local:
         xs = batches(12, seed=8)
         with ResilientPipeline(inventory(local), model_spec(), window=2, timeout=60, interval=INTERVAL,
                                replication=False) as rp:
@@ -201,9 +206,9 @@ def test_stall_limit_scales_with_the_predicted_stage_time():
 STALL_FLOOR = 0.5  # the tiny model's stages take milliseconds: their limit is this floor
 
 
-def test_a_stage_that_stops_producing_is_declared_dead_and_failed_over(tmp_path, caplog):
+def test_a_stage_that_stops_producing_is_declared_dead_and_failed_over(caplog, node_pool):
     """`pause` holds the middle stage's compute thread while its control socket keeps answering."""
-    with LocalCluster(3, threads=1, log_dir=tmp_path) as local:
+    with node_pool.take(3) as local:
         xs = batches(N_BATCHES, seed=33)
         with ResilientPipeline(inventory(local), model_spec(), window=4, timeout=60, interval=INTERVAL,
                                replication=False, stall_floor=STALL_FLOOR) as rp:
@@ -239,7 +244,7 @@ SLOW_MODEL, SLOW_KWARGS, SLOW_MICROBATCH = "vit_small_patch16_224", {"depth": 4}
 SLOW_FLOOR = 0.05
 
 
-def test_a_slow_stage_that_progresses_is_not_declared_dead(tmp_path):
+def test_a_slow_stage_that_progresses_is_not_declared_dead(node_pool):
     from edgezmq.model import chain as models
 
     ckpt = str(models.cached_checkpoint(SLOW_MODEL, seed=0, **SLOW_KWARGS))
@@ -247,7 +252,7 @@ def test_a_slow_stage_that_progresses_is_not_declared_dead(tmp_path):
     rng = np.random.default_rng(3)
     xs = [rng.standard_normal(models.input_shape(SLOW_MODEL, SLOW_MICROBATCH, **SLOW_KWARGS), dtype=np.float32)
           for _ in range(6)]
-    with LocalCluster(1, threads=1, log_dir=tmp_path) as local:
+    with node_pool.take(1) as local:
         with ResilientPipeline(inventory(local), slow, window=3, timeout=60, interval=0.05,
                                stall_floor=SLOW_FLOOR) as rp:
             outs = list(rp.stream(xs))
@@ -259,10 +264,10 @@ def test_a_slow_stage_that_progresses_is_not_declared_dead(tmp_path):
     assert st["compute_s"] / st["processed"] > 2 * SLOW_FLOOR  # the floor alone would have declared it dead
 
 
-def test_a_node_killed_during_the_first_calibration_is_failed_over(tmp_path):
+def test_a_node_killed_during_the_first_calibration_is_failed_over(node_pool):
     """Liveness covers the calibration burst too: the dead node is named and planned out,
     instead of the client waiting out its timeout for a result that never comes."""
-    with LocalCluster(4, threads=1, log_dir=tmp_path) as local:
+    with node_pool.take(4) as local:
         procs = {n.name: n.proc for n in local.nodes}
         ready: list[str] = []
         killed: list[str] = []
@@ -290,14 +295,14 @@ def test_a_node_killed_during_the_first_calibration_is_failed_over(tmp_path):
         assert float(np.max(np.abs(a - b))) <= 1e-5
 
 
-def test_sigterm_to_run_unloads_its_nodes(tmp_path):
+def test_sigterm_to_run_unloads_its_nodes(tmp_path, node_pool):
     """A `run` stopped by SIGTERM (systemd, `timeout`) cleans up as after Ctrl-C: no node is left
     running a run nobody drives."""
     import signal
     import subprocess
 
 
-    with LocalCluster(2, threads=1, log_dir=tmp_path) as local:
+    with node_pool.take(2) as local:
         run = subprocess.Popen(run_argv(local, tmp_path, 100_000), stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
         try:

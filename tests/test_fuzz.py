@@ -16,7 +16,6 @@ from helpers import MICROBATCH, N_UNITS, batches, model_spec, monolithic
 
 from edgezmq.orchestrate.address import NodeAddress
 from edgezmq.orchestrate.deploy import deploy, unload
-from edgezmq.orchestrate.local import LocalCluster
 from edgezmq.orchestrate.planfile import DeployPlan, StagePlan
 from edgezmq.protocol import codecs, control, wire
 from edgezmq.transport import netprobe, sockets
@@ -34,13 +33,13 @@ OVERSIZE = sockets.CONTROL_MAXMSGSIZE + 1024  # over the control socket's MAXMSG
 
 
 @pytest.fixture(scope="module")
-def stage(tmp_path_factory):
-    """One node process serving the whole model; results come to ``sink`` (bound here)."""
+def stage(node_pool):
+    """One node process (the session's pool's) serving the whole model; results come to ``sink`` (bound here)."""
     ctx = zmq.Context()
     sink = sockets.make_socket(ctx, zmq.PULL, sockets.DATA)
     results = sockets.bind(sink, "tcp://127.0.0.1:0")
     sink.close(linger=0)  # rebound by the collector thread, which owns its socket
-    with LocalCluster(1, threads=1, log_dir=tmp_path_factory.mktemp("logs")) as c:
+    with node_pool.take(1) as c:
         plan = DeployPlan(model=model_spec(),
                     stages=[StagePlan((0, N_UNITS), [NodeAddress("n0", c.nodes[0].control, 1)])], results=results)
         collector = Collector(ctx, results)

@@ -29,8 +29,8 @@ TOL = 1e-5  # separate processes, same kernels and thread count: expect 0, allow
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    with LocalCluster(4, threads=1, log_dir=tmp_path_factory.mktemp("logs")) as c:
+def cluster(node_pool):
+    with node_pool.take(4) as c:
         yield c
 
 
