@@ -260,7 +260,7 @@ def test_a_slow_stage_that_progresses_is_not_declared_dead(node_pool):
                 st = c.call("stats")["stage"]
             assert rp.failovers == 0 and not rp.dead, rp.causes
         cal = rp.calibration  # the first deployment ran its calibration through the stage too
-    assert len(outs) == len(xs) and st["processed"] == len(xs) + cal.warmup + cal.microbatches
+    assert len(outs) == len(xs) and st["processed"] == len(xs) + cal.warmup + cal.microbatches + cal.cooldown
     assert st["compute_s"] / st["processed"] > 2 * SLOW_FLOOR  # the floor alone would have declared it dead
 
 

@@ -76,7 +76,7 @@ class Calibration:
     """What a calibration measured and did."""
 
     microbatches: int  # timed, in the first burst
-    warmup: int  # streamed before them, untimed (the deployment processed warmup + microbatches)
+    warmup: int  # streamed before them, untimed (the deployment processed warmup + microbatches + cooldown)
     devices: dict[str, dict[str, Any]]  # first burst: device -> predicted_s, serving_s, busy, ratio, counted
     factors: dict[str, float]  # device type -> factor applied (the product over the rounds)
     predicted_before: float  # samples/s the first plan predicted
@@ -92,6 +92,7 @@ class Calibration:
     # devices, redeployed
     rounds: list[dict[str, Any]] = field(default_factory=list)
     measured: bool = True  # the plan left in service was calibrated on itself (not out of rounds)
+    cooldown: int = 0  # streamed after them in the first burst, untimed (keeps the pipeline full)
 
     @property
     def replanned(self) -> bool:
@@ -310,5 +311,6 @@ def calibrate(
         f"predicted {planned.throughput_per_s:.2f} -> {cur.throughput_per_s:.2f} samples/s"
         f"{'' if measured else ' (the last plan deployed was not measured: out of rounds)'}")
     cal = Calibration(n_first, warmup_first, first_devices, combined, planned.throughput_per_s, cur.throughput_per_s,
-                      redeployed, time.time() - t0, first_burst, cur_dict, rounds=history, measured=measured)
+                      redeployed, time.time() - t0, first_burst, cur_dict, rounds=history, measured=measured,
+                      cooldown=warmup_first)
     return dep, cur_problem, cur, cal
