@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import shutil
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -222,3 +223,18 @@ class NodePool:
                 nd.proc.send_signal(signal.SIGTERM)
         for c in self._clusters:
             c.stop()
+
+
+WAIT_S = 120.0  # every condition a slow test waits for holds by then, or the test fails
+
+
+def wait_for(what, check, timeout=WAIT_S, detail=None):
+    """Poll ``check()`` until it returns something true (returned); after ``timeout`` fail,
+    naming ``what`` and, if given, ``detail()`` (the state that did not change)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        v = check()
+        if v:
+            return v
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}" + (f": {detail()}" if detail else ""))

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import numpy as np
 import pytest
-from helpers import KWARGS, MICROBATCH, MODEL, batches, checkpoint, monolithic
+from helpers import KWARGS, MICROBATCH, MODEL, batches, checkpoint, monolithic, wait_for
 
 from edgezmq.client import Client
 from edgezmq.node.stage import THROTTLE_ENV
@@ -21,7 +20,6 @@ from edgezmq.protocol import messages as m
 from edgezmq.transport.rpc import ControlClient
 
 TOL = 1e-5  # separate processes, same kernels and thread count: expect 0, allow float noise
-WAIT_S = 120.0  # every condition a slow test waits for holds by then, or the test fails
 
 
 def plan_dict(**stage0):
@@ -194,16 +192,6 @@ def test_each_tensor_of_a_two_tensor_cut_has_its_own_encoding(cluster):
     assert st["encoding"] == "int8+f16" and st["enc_messages"] == {"int8+f16": len(xs)}
     for y, ref in zip(outs, reference(xs, 2, rung, granularity="sublayer")):
         assert float(np.max(np.abs(y - ref))) <= TOL
-
-
-def wait_for(what, check, timeout=WAIT_S):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = check()
-        if v:
-            return v
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
 
 
 @pytest.mark.slow

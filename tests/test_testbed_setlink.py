@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import WAIT_S, wait_for
 
 from edgezmq import testbed as tbm
 from edgezmq.testbed import cli, net
@@ -26,7 +27,6 @@ PY = sys.executable
 TOLERANCE = 0.12  # measured payload rate vs configured x TCP payload share (the task allows 10-15 %)
 PROBE_SECONDS = 5.0
 PROBE_BYTES = 64 * 1024  # small messages: a short probe reads a few-Mbit/s link right
-WAIT_S = 120.0  # every condition the adaptive test waits for holds by then, or it fails
 FEED_INTERVAL_S = 0.1  # the client paces the input: the stage's pace is this, whatever its CPU
 SEND_SHARE = 0.6  # an f16 message takes this share of the pace on the full link (4x: 2.4x, over 1.25)
 DROP = 4.0
@@ -303,15 +303,6 @@ def _adaptive_client(source: str, state_dir: str, full: float) -> int:
         with ControlClient(a.control, timeout=5, retries=1) as c:
             return c.call("stats")["stage"]
 
-    def wait_for(what: str, check):
-        deadline = time.time() + WAIT_S
-        while time.time() < deadline:
-            v = check()
-            if v:
-                return v
-            time.sleep(0.2)
-        raise AssertionError(f"timed out after {WAIT_S:g}s waiting for {what}: {stats()}")
-
     def paced():
         i = 0
         while not stop.is_set():
@@ -335,18 +326,18 @@ def _adaptive_client(source: str, state_dir: str, full: float) -> int:
         try:
             c.attach(dep.entry, dep.run)
             th.start()
-            wait_for("f16 traffic", lambda: stats()["enc_messages"].get("f16", 0) >= 20)
+            wait_for("f16 traffic", lambda: stats()["enc_messages"].get("f16", 0) >= 20, detail=stats)
             t0 = time.time()
             tb.set_link("a", "b", mbps=full / DROP)
-            out["down"] = wait_for("the step down to int4", lambda: (s := stats())["encoding"] == "int4" and s)
+            out["down"] = wait_for("the step down to int4", lambda: (s := stats())["encoding"] == "int4" and s, detail=stats)
             out["down_after_s"] = time.time() - t0
             n4 = out["down"]["enc_messages"].get("int4", 0)
-            wait_for("int4 traffic", lambda: stats()["enc_messages"].get("int4", 0) >= n4 + 10)
+            wait_for("int4 traffic", lambda: stats()["enc_messages"].get("int4", 0) >= n4 + 10, detail=stats)
             t1 = time.time()
             tb.set_link("a", "b", mbps=full)
             n16 = out["down"]["enc_messages"]["f16"]
             out["up"] = wait_for("the step back up to f16", lambda: (s := stats())["encoding"] == "f16"
-                                 and s["enc_messages"]["f16"] > n16 + 20 and s)
+                                 and s["enc_messages"]["f16"] > n16 + 20 and s, detail=stats)
             out["up_after_s"] = time.time() - t1
         finally:
             tb.set_link("a", "b", mbps=full)
