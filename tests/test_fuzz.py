@@ -66,7 +66,7 @@ class Collector:
         self._bound = threading.Event()
         self._th = threading.Thread(target=self._run, daemon=True)
         self._th.start()
-        assert self._bound.wait(5), "collector did not bind"
+        assert self._bound.wait(120), "collector did not bind"
 
     @property
     def total(self) -> int:
