@@ -131,7 +131,7 @@ def main() -> int:
     spec = ModelSpec(name=args.model, microbatch=args.microbatch, granularity=args.granularity,
                      checkpoint=ckpt, kwargs=kwargs)
     shape = models.input_shape(args.model, args.microbatch, **kwargs)
-    window = args.window or planned.window  # calibration raises it to the plan it keeps
+    window = args.window or planned.window  # set again below for the plan calibration keeps
     predicted_first = planned.throughput_per_s
     cal = None
     # a microbatch waits for the window ahead of it: time it out only well past that
@@ -172,10 +172,7 @@ def main() -> int:
             first_seq = client.next_seq
             t1 = time.time()
             outs = list(client.stream(xs))
-            # when each result reached the client (its receive time, not when the stream handed
-            # it over: results come out of order across replicas and are handed over in order,
-            # in bunches), in the order they arrived
-            arrivals = sorted(client.timestamps[s][-1][1] for s in range(first_seq, first_seq + len(xs)))
+            arrivals = client.arrivals(first_seq, len(xs))  # receive times, in arrival order
             start = arrivals[warmup - 1] if warmup else t1
             dt = arrivals[warmup + batches - 1] - start
             # the warm-up's last result (the timing's start) and every timed one

@@ -113,6 +113,13 @@ class Client:
         """The sequence number the next microbatch submitted gets (``timestamps`` is keyed by them)."""
         return self._seq
 
+    def arrivals(self, first_seq: int, n: int) -> list[float]:
+        """When the results of microbatches ``first_seq .. first_seq + n - 1`` reached this client
+        (their receive times, kept in ``timestamps``), in the order they arrived.  A stream hands
+        results over in submission order, in bunches when replicas finish out of order; these
+        are the times to take a pipeline's pace from."""
+        return sorted(self.timestamps[s][-1][1] for s in range(first_seq, first_seq + n) if s in self.timestamps)
+
     def attach(self, entry: list[str], run: str, entry_keys: list[bytes] | None = None) -> None:
         """Point the client at a deployment (stage-0 endpoints and run id; with a keyring,
         ``entry_keys`` are their public keys, ``Deployment.entry_keys``).

@@ -217,11 +217,9 @@ def burst(client: Client, dep: Deployment, shape: tuple[int, ...], n: int,
             pass
     finally:
         client.window = own
-    # the rate from when results reached the client, in the order they arrived: the stream
-    # hands them over in submission order, in bunches (replicas finish out of order), so the
-    # snapshots' times (taken as results are handed over) would time a bunch, not the pace
-    got = sorted(client.timestamps[s][-1][1] for s in range(first_seq, first_seq + total)
-                 if s in client.timestamps)
+    # the rate from when results reached the client (Client.arrivals): the snapshots' times,
+    # taken as the stream hands results over in order, would time a bunch, not the pace
+    got = client.arrivals(first_seq, total)
     if warmup >= 1 and len(got) >= warmup + n:
         return first, last, got[warmup + n - 1] - got[warmup - 1]
     return first, last, t[1] - t[0]
