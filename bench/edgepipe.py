@@ -209,6 +209,9 @@ def _row(r: dict[str, Any], **extra: Any) -> dict[str, Any]:
                         "measured_compute_s": {d: v and round(v, 3) for d, v in s["measured_compute_s"].items()},
                         "measured_cpu_s": s["measured_cpu_s"]} for s in r["stages"]],
             "node_stats": r["node_stats"],
+            # the timed interval alone: per node, microbatches, compute/wait/send seconds, busy
+            # share; per microbatch its timestamps at every hop (where a shortfall comes from)
+            "timed_node_stats": r.get("timed_node_stats"), "timestamps": r.get("timestamps"),
             "calibration": r.get("calibration"),
             "bottleneck_at": r["bottleneck_at"], "optimal": r["optimal"], "window": r.get("window"),
             "batches": r.get("batches"), "slope_samples_per_s": r.get("measured_slope_samples_per_s"),

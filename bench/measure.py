@@ -24,7 +24,7 @@ from edgezmq import argtypes as args_
 from edgezmq.client import Client  # noqa: E402
 from edgezmq.model import chain as models  # noqa: E402
 from edgezmq.orchestrate.autodeploy import device_type_of, gather, to_deploy_plan  # noqa: E402
-from edgezmq.orchestrate.calibrate import CALIBRATION_MICROBATCHES, calibrate  # noqa: E402
+from edgezmq.orchestrate.calibrate import CALIBRATION_MICROBATCHES, calibrate, snapshot  # noqa: E402
 from edgezmq.orchestrate.deploy import deploy, unload  # noqa: E402
 from edgezmq.orchestrate.inventory import load_cluster  # noqa: E402
 from edgezmq.orchestrate.planfile import ModelSpec  # noqa: E402
@@ -74,6 +74,21 @@ def arrival_slope(times: list[float]) -> float:
     xs = np.arange(n, dtype=float)
     ts = np.asarray(times, dtype=float)
     return float(np.sum((xs - xs.mean()) * (ts - ts.mean())) / np.sum((xs - xs.mean()) ** 2))
+
+
+def _timed(before: dict | None, after: dict | None) -> dict | None:
+    """Per node, its stage's counters between two snapshots (calibrate.snapshot)."""
+    if not before or not after:
+        return None
+    out = {}
+    for name, a in after.items():
+        b = before.get(name)
+        if a is None or b is None:
+            continue
+        d = {k: getattr(a, k) - getattr(b, k) for k in ("processed", "uptime_s", "compute_s", "wait_s", "send_s")}
+        d["busy"] = d["compute_s"] / d["uptime_s"] if d["uptime_s"] > 0 else None
+        out[name] = {k: round(v, 4) if isinstance(v, float) else v for k, v in d.items()}
+    return out
 
 
 def main() -> int:
@@ -170,8 +185,14 @@ def main() -> int:
             rng = np.random.default_rng(0)
             xs = [rng.standard_normal(shape, dtype=np.float32) for _ in range(warmup + batches + cooldown)]
             first_seq = client.next_seq
+            snaps: list = [None, None]  # every node's counters at the timing's start and end
+
+            def on_result(i: int, _: np.ndarray) -> None:
+                if i in (warmup - 1, warmup + batches - 1):
+                    snaps[i != warmup - 1] = snapshot(plan)
+
             t1 = time.time()
-            outs = list(client.stream(xs))
+            outs = list(client.stream(xs, on_result=on_result))
             arrivals = client.arrivals(first_seq, len(xs))  # receive times, in arrival order
             start = arrivals[warmup - 1] if warmup else t1
             dt = arrivals[warmup + batches - 1] - start
@@ -179,6 +200,8 @@ def main() -> int:
             timed_arrivals = [start] + arrivals[warmup:warmup + batches]
             timed_xs = xs[warmup:warmup + batches]
             outs = outs[warmup:warmup + batches]
+            # per microbatch, its timestamps at each hop (docs/wire.md `t`): where the time went
+            stamps = [client.timestamps.get(first_seq + i) for i in range(len(xs))]
             stats = {}
             for _, ref in plan.all_nodes:
                 with ControlClient(ref.control, timeout=10) as c:
@@ -223,6 +246,11 @@ def main() -> int:
                            "wait_s": v.get("stage", {}).get("wait_s"),
                            "send_s": v.get("stage", {}).get("send_s"),
                            "processed": v.get("stage", {}).get("processed")} for k, v in stats.items()},
+        # the timed interval only (the totals above include the calibration): each node's
+        # microbatches, seconds computing, waiting for input and in send, and its busy share
+        "timed_node_stats": _timed(snaps[0], snaps[1]),
+        "timestamps": [[[round(x - t1, 4) if j else x for j, x in enumerate(hop)] for hop in st] if st else None
+                       for st in stamps],
         "memory_limits": {d["name"]: d["memory_bytes"] for d in g.problem["devices"]},
         "problem": g.problem,
     }

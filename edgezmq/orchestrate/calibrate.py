@@ -108,7 +108,8 @@ class Calibration:
 Snapshot = dict[str, msg.StageStats | None]  # node -> its stage's counters (None: nothing loaded)
 
 
-def _stats(plan: DeployPlan) -> Snapshot:
+def snapshot(plan: DeployPlan) -> Snapshot:
+    """Every node's stage counters (``stats``), now."""
     out = {}
     for _, ref in plan.all_nodes:
         with NodeClient(ref.control, timeout=STATS_TIMEOUT_S, retries=1, name=ref.name, curve=plan.curve(ref)) as c:
@@ -202,11 +203,11 @@ def burst(client: Client, dep: Deployment, shape: tuple[int, ...], n: int,
 
     def on_result(i: int, _: np.ndarray) -> None:
         if i == warmup - 1:
-            first.update(_stats(plan))
+            first.update(snapshot(plan))
             t[0] = time.perf_counter()
         if i == warmup + n - 1:
             t[1] = time.perf_counter()
-            last.update(_stats(plan))
+            last.update(snapshot(plan))
 
     own = client.window
     client.window = max(own, window or 1)
