@@ -275,7 +275,9 @@ def analyse(inner: dict, acc_rows: list[dict], fp32: float, args: argparse.Names
                      "top1_pipeline": f["top1_pipeline"],
                      "top1_sweep": a.get("top1", fp32 if e == "raw" else None),
                      "top1_drop": a.get("top1_drop", 0.0 if e == "raw" else None),
-                     "agreement": a.get("agreement", 100.0 if e == "raw" else None), "rel_l2": a.get("rel_l2", 0.0)})
+                     "agreement": a.get("agreement", 100.0 if e == "raw" else None), "rel_l2": a.get("rel_l2", 0.0),
+                     # the stages' counters over the session (where a rate off its prediction comes from)
+                     "stage0": f["stage0"], "stage1": f["stage1"]})
     within = [r for r in rows if r["encoding"] != "raw" and r["top1_drop"] is not None and r["top1_drop"] <= BUDGET_POINTS]
     best = max(within, key=lambda r: r["samples_per_s"]) if within else None
     last = args.ladder[-1]
