@@ -176,8 +176,13 @@ class Client:
             raise ValueError(f"batch of {x.shape[0]} outside 1..{self.microbatch} (the deployment's microbatch)")
         return np.ascontiguousarray(x)
 
+    def _frames(self, seq: int, x: np.ndarray) -> list:
+        return wire.encode(wire.Message("act", self.run, seq, -1, [x], t=[[-1, time.time()]], session=self.session))
+
     def _send(self, seq: int, x: np.ndarray, deadline: float) -> None:
-        frames = wire.encode(wire.Message("act", self.run, seq, -1, [x], t=[[-1, time.time()]], session=self.session))
+        """Send, waiting for stage 0 to take it (resubmissions and failover replays only: the
+        stream's own sends never wait, see ``stream``)."""
+        frames = self._frames(seq, x)
         while True:
             try:
                 sockets.send_frames(self.push, frames)
@@ -197,30 +202,55 @@ class Client:
     ) -> Iterator[np.ndarray]:
         """Results of ``batches`` in their order, with at most ``window`` in flight;
         ``on_result(i, y)`` is called with the i-th batch's result (i counts from 0 in each
-        stream; the wire's sequence numbers run on across streams)."""
+        stream; the wire's sequence numbers run on across streams).
+
+        The loop never blocks in a send: when stage 0 cannot take the next microbatch yet (its
+        queues and the link are full, as they are whenever the window holds more than the
+        pipeline's buffers), it waits for the first of a result and room to send. A loop that
+        waited in the send took results one per send: they queued in the socket and were
+        timestamped late, in bunches (a stream's measured rate came out 1.5x the link's)."""
         it = iter(batches)
         first = self._seq
         exhausted = False
         order: deque[int] = deque()  # submitted, not yet yielded
-        pending: dict[int, list] = {}  # seq -> [batch, sent_at, attempts]
+        pending: dict[int, list] = {}  # seq -> [batch, sent_at, attempts]: sent, unanswered
         done: dict[int, np.ndarray] = {}
+        unsent: tuple[int, np.ndarray, float] | None = None  # the next microbatch, (seq, batch, deadline)
+        poller = zmq.Poller()
+        poller.register(self.pull, zmq.POLLIN)
         while True:
             try:
                 if self.failed.is_set() and self.recover is not None:
                     raise _Failover()
-                while not exhausted and len(order) < self.window:
+                # every result already in, each timestamped as it is taken (Client.arrivals)
+                while (frames := sockets.recv_frames(self.pull, 0)) is not None:
+                    self._accept(frames, pending, done)
+                while True:
+                    if unsent is None:
+                        if exhausted or len(order) >= self.window:
+                            break
+                        try:
+                            x = self._check(next(it))
+                        except StopIteration:
+                            exhausted = True
+                            break
+                        unsent = (self._seq, x, time.time() + self.timeout)
+                        order.append(self._seq)
+                        self._seq += 1
+                    seq, x, deadline = unsent
                     try:
-                        x = self._check(next(it))
-                    except StopIteration:
-                        exhausted = True
+                        sockets.send_frames(self.push, self._frames(seq, x), zmq.NOBLOCK)
+                    except zmq.Again:
+                        if time.time() > deadline:
+                            raise ResultTimeout(f"stage 0 did not accept microbatch {seq} within "
+                                                f"{self.timeout:g}s") from None
                         break
-                    seq = self._seq
-                    self._seq += 1
-                    now = time.time()
-                    pending[seq] = [x, now, 1]
-                    order.append(seq)
-                    self._send(seq, x, now + self.timeout)
+                    pending[seq] = [x, time.time(), 1]
+                    unsent = None
             except _Failover:
+                if unsent is not None:  # replayed with the others, to the new deployment
+                    pending[unsent[0]] = [unsent[1], time.time(), 1]
+                    unsent = None
                 self._fail_over(pending)
                 continue
             while order and order[0] in done:
@@ -231,9 +261,11 @@ class Client:
                 yield y
             if exhausted and not order:
                 return
-            frames = sockets.recv_frames(self.pull, POLL_MS)
-            if frames is not None:
-                self._accept(frames, pending, done)
+            if unsent is not None:
+                poller.register(self.push, zmq.POLLOUT)
+            elif self.push in poller:
+                poller.unregister(self.push)
+            poller.poll(POLL_MS)  # a result, room for the next microbatch, or a turn to check timeouts
             if not (self.failed.is_set() and self.recover is not None):
                 self._expire(pending)
 
