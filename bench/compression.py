@@ -141,8 +141,9 @@ class Inner:
         xs = [self.xs[i % len(self.xs)] for i in range(warm)] + self.xs + self.xs[:COOLDOWN]
 
         def body(c):
-            arrivals: list[float] = []
-            outs = list(c.stream(xs, on_result=lambda i, y: arrivals.append(time.perf_counter())))
+            first = c.next_seq
+            outs = list(c.stream(xs))
+            arrivals = c.arrivals(first, len(xs))  # receive times, in arrival order
             dt = arrivals[warm + len(self.xs) - 1] - arrivals[warm - 1]
             logits = np.concatenate(outs[warm:warm + len(self.xs)])
             return {"samples_per_s": len(self.xs) * MICROBATCH / dt, "seconds": dt,
