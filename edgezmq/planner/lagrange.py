@@ -81,8 +81,8 @@ class Stages:
 Column = tuple[int, int, tuple[int, ...]]
 
 
-def farkas_prices(st: Stages, effort: Effort, pool: list[Column] | tuple = (), max_rounds: int = 200
-                  ) -> tuple[float, np.ndarray, list[Column]]:
+def farkas_prices(st: Stages, effort: Effort, pool: list[Column] | tuple = (), max_rounds: int = 200,
+                  primal: list[tuple[Column, float]] | None = None) -> tuple[float, np.ndarray, list[Column]]:
     """Phase 1 of the configuration LP at the level of ``M`` (least total overuse of the
     devices by a fractional path of stages), by column generation. Returns (overuse,
     prices mu in [0, 1]^N): overuse > 0 means the LP, hence D(B), is infeasible, and the
@@ -124,6 +124,7 @@ def farkas_prices(st: Stages, effort: Effort, pool: list[Column] | tuple = (), m
     c[:n0] = cost
     ncol = n0
     seen: set[Column] = set()
+    made: list[Column] = []                      # column n0 + i is made[i]
     index = {(a, b): k for k, (a, b) in enumerate(zip(st.a.tolist(), st.b.tolist()))}
     kept: list[Column] = []
     for a, b, R in pool:
@@ -136,6 +137,7 @@ def farkas_prices(st: Stages, effort: Effort, pool: list[Column] | tuple = (), m
         if col in seen:
             return False
         seen.add(col)
+        made.append(col)
         a, b, R = col
         v = np.zeros(rows)
         v[a] = 1.0
@@ -194,6 +196,8 @@ def farkas_prices(st: Stages, effort: Effort, pool: list[Column] | tuple = (), m
         if not added:
             break
     overuse = float(c[basis] @ xB)
+    if primal is not None:
+        primal.extend((made[j - n0], float(x)) for j, x in zip(basis, xB.tolist()) if j >= n0 and x > PIVOT_TOL)
     return overuse, np.clip(-y[L:], 0.0, 1.0), sorted(seen)
 
 

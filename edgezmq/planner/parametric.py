@@ -37,7 +37,7 @@ from .classes import DeviceArrays, memory_table
 from .lagrange import PRICE_ATOL, PRICE_RTOL, Stages
 from .search import Effort
 
-__all__ = ["Tables", "Level", "Found", "greedy", "greedy_replicated", "GREEDY_RULES", "MAX_TABLE"]
+__all__ = ["Tables", "Level", "Found", "Memo", "greedy", "greedy_replicated", "GREEDY_RULES", "MAX_TABLE"]
 
 MAX_TABLE = 12_000_000      # devices x (units + 1)^2 entries: above it, no exact device search
 MAX_DOMINANCE = 96          # devices up to which B-dominance is computed pair by pair
@@ -45,6 +45,12 @@ SLACK_RTOL = 1e-9           # capacity slack below -this x total weight proves i
 # greedy_replicated's rules (score, pick), each tried: none is best on every cluster
 GREEDY_RULES = (("waste", "capacity"), ("waste", "rank"), ("reach", "capacity"))
 MAX_REFERENCES = 3          # unit weightings w tried by the capacity bound
+HINT_EDGE = 0.5
+UNLIMITED = 1 << 62         # discrepancies of an exact search
+
+
+# failed states of the decision search: (u, last stage's link groups, its size) -> used masks
+Memo = dict[tuple[int, tuple[int, ...], int], list[int]]
 
 
 @dataclass(frozen=True)
@@ -145,7 +151,7 @@ class Level:
     """D(B) at one bound: replica needs, bounds, dominance, and the depth-first search."""
 
     def __init__(self, tables: Tables, bound: float, *, exact: bool = True,
-                 prices: list[np.ndarray] | tuple = ()) -> None:
+                 prices: list[np.ndarray] | tuple = (), hint: dict | None = None) -> None:
         tb = self.tb = tables
         self.B = bound
         n, L = tb.N, tb.L
@@ -190,6 +196,7 @@ class Level:
         self._stages: Stages | None = None
         # prices (lagrange.py): a state at u with free devices F fails when SP(u) > mu(F)
         self.prices = [(mu.tolist(), self.stages.path(self.stages.prices(mu)[0]).tolist()) for mu in prices]
+        self.hint = hint or {}
         self.dom: list[int] = []      # dom[d]: devices d strictly B-dominates (search() fills)
         self.above: list[int] = []    # above[d]: devices that strictly B-dominate d
         self.rank: list[int] = []     # a linear extension, weaker first
@@ -285,9 +292,19 @@ class Level:
 
         yield from rec(0, 0)
 
-    def search(self, effort: Effort, *, greedy_sets: int = 1) -> Found | None:
-        """A plan with every cost <= B, or None when there is none (with ``exact``; else
-        None proves nothing). Raises ``Timeout`` when ``effort`` runs out."""
+    def search(self, effort: Effort, *, greedy_sets: int = 1, discrepancies: int | None = None,
+               memo: Memo | None = None) -> Found | None:
+        """A plan with every cost <= B, or None when there is none (with ``exact`` and no
+        ``discrepancies``; else None proves nothing). ``discrepancies``: a limited discrepancy
+        search, taking the i-th candidate of a state (0 first) costs i of them: it looks at
+        the plans that differ little from the search order's first choices first, where a
+        depth-first search spends its nodes under one early wrong turn. ``memo``: the failed
+        states of exact searches at bounds >= this one (a state that has no completion
+        within a bound has none within a lower one), used and extended in place: only for
+        an exact search without ``discrepancies``. Raises ``Timeout`` when ``effort`` runs
+        out (the failures recorded so far stay valid)."""
+        if memo is not None and not (self.exact and discrepancies is None):
+            raise ValueError("memo: only an exact search proves its failures")
         tb = self.tb
         if not self.possible():
             return None
@@ -295,11 +312,12 @@ class Level:
             self._dominance()
         L, N, B = tb.L, tb.N, self.B
         cut, groups, rep = tb.cut.tolist(), tb.groups, tb.replication
-        failed: dict[tuple[int, tuple[int, ...], int], list[int]] = {}
+        failed: Memo = {} if memo is None else memo
         wsuf0 = self.wsuf[0]
         C0 = self.C[0]
 
-        def rec(u: int, used: int, last: tuple[int, ...]) -> list[tuple[int, int, tuple[int, ...]]] | None:
+        def rec(u: int, used: int, last: tuple[int, ...], left: int
+                ) -> list[tuple[int, int, tuple[int, ...]]] | None:
             effort.tick()
             # a last stage whose link into any next stage is within B constrains nothing: its
             # failures hold for every last stage at u (key (u, (), 0)), so they are looked up too
@@ -356,12 +374,20 @@ class Level:
                             continue
                         cands.append((waste, -b, m, R, w_ab))
             if self.prices:
-                cands.sort(key=lambda c: (c[0], c[1], c[2]))
+                hint = self.hint
+                if hint:
+                    cands.sort(key=lambda c: (-hint.get((u, -c[1], c[3]), hint.get((u, -c[1]), 0.0) * HINT_EDGE), c[0], c[1], c[2]))
+                else:
+                    cands.sort(key=lambda c: (c[0], c[1], c[2]))
             elif rep:     # replicated: least capacity wasted per work carried first (finds plans early)
                 cands.sort(key=lambda c: (c[0] / c[4] if c[4] > 0 else c[0], c[1], c[2]))
             else:
                 cands.sort(key=lambda c: (c[1], c[0], c[2]))
-            for _waste, nb, _m, R, _w in cands:
+            cut_short = False
+            for i, (_waste, nb, _m, R, _w) in enumerate(cands):
+                if i > left:
+                    cut_short = True    # a limited discrepancy search: this failure is not proven
+                    break
                 b = -nb
                 step = (u, b, R)
                 if b == L:
@@ -369,13 +395,15 @@ class Level:
                 mask = 0
                 for d in R:
                     mask |= 1 << d
-                rest = rec(b, used | mask, tuple(d + 1 for d in R))
+                rest = rec(b, used | mask, tuple(d + 1 for d in R), left - i)
                 if rest is not None:
                     return [step, *rest]
-            failed.setdefault(sig, []).append(used)
+            if not cut_short and proving:
+                failed.setdefault(sig, []).append(used)
             return None
 
-        steps = rec(0, 0, (0,))
+        proving = discrepancies is None     # else failures are not proven: not memoised
+        steps = rec(0, 0, (0,), UNLIMITED if discrepancies is None else discrepancies)
         return None if steps is None else Found(tuple(steps))
 
 
