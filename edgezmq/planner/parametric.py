@@ -46,7 +46,6 @@ SLACK_RTOL = 1e-9           # capacity slack below -this x total weight proves i
 GREEDY_RULES = (("waste", "capacity"), ("waste", "rank"), ("reach", "capacity"))
 MAX_REFERENCES = 3          # unit weightings w tried by the capacity bound
 HINT_EDGE = 0.5
-UNLIMITED = 1 << 62         # discrepancies of an exact search
 
 
 # failed states of the decision search: (u, last stage's link groups, its size) -> used masks
@@ -292,18 +291,13 @@ class Level:
 
         yield from rec(0, 0)
 
-    def search(self, effort: Effort, *, greedy_sets: int = 1, discrepancies: int | None = None,
-               memo: Memo | None = None) -> Found | None:
-        """A plan with every cost <= B, or None when there is none (with ``exact`` and no
-        ``discrepancies``; else None proves nothing). ``discrepancies``: a limited discrepancy
-        search, taking the i-th candidate of a state (0 first) costs i of them: it looks at
-        the plans that differ little from the search order's first choices first, where a
-        depth-first search spends its nodes under one early wrong turn. ``memo``: the failed
-        states of exact searches at bounds >= this one (a state that has no completion
-        within a bound has none within a lower one), used and extended in place: only for
-        an exact search without ``discrepancies``. Raises ``Timeout`` when ``effort`` runs
+    def search(self, effort: Effort, *, greedy_sets: int = 1, memo: Memo | None = None) -> Found | None:
+        """A plan with every cost <= B, or None when there is none (with ``exact``; else
+        None proves nothing). ``memo``: the failed states of exact searches at bounds >= this
+        one (a state with no completion within a bound has none within a lower one), used and
+        extended in place; only for an exact search. Raises ``Timeout`` when ``effort`` runs
         out (the failures recorded so far stay valid)."""
-        if memo is not None and not (self.exact and discrepancies is None):
+        if memo is not None and not self.exact:
             raise ValueError("memo: only an exact search proves its failures")
         tb = self.tb
         if not self.possible():
@@ -316,8 +310,7 @@ class Level:
         wsuf0 = self.wsuf[0]
         C0 = self.C[0]
 
-        def rec(u: int, used: int, last: tuple[int, ...], left: int
-                ) -> list[tuple[int, int, tuple[int, ...]]] | None:
+        def rec(u: int, used: int, last: tuple[int, ...]) -> list[tuple[int, int, tuple[int, ...]]] | None:
             effort.tick()
             # a last stage whose link into any next stage is within B constrains nothing: its
             # failures hold for every last stage at u (key (u, (), 0)), so they are looked up too
@@ -383,11 +376,7 @@ class Level:
                 cands.sort(key=lambda c: (c[0] / c[4] if c[4] > 0 else c[0], c[1], c[2]))
             else:
                 cands.sort(key=lambda c: (c[1], c[0], c[2]))
-            cut_short = False
-            for i, (_waste, nb, _m, R, _w) in enumerate(cands):
-                if i > left:
-                    cut_short = True    # a limited discrepancy search: this failure is not proven
-                    break
+            for _waste, nb, _m, R, _w in cands:
                 b = -nb
                 step = (u, b, R)
                 if b == L:
@@ -395,15 +384,13 @@ class Level:
                 mask = 0
                 for d in R:
                     mask |= 1 << d
-                rest = rec(b, used | mask, tuple(d + 1 for d in R), left - i)
+                rest = rec(b, used | mask, tuple(d + 1 for d in R))
                 if rest is not None:
                     return [step, *rest]
-            if not cut_short and proving:
-                failed.setdefault(sig, []).append(used)
+            failed.setdefault(sig, []).append(used)
             return None
 
-        proving = discrepancies is None     # else failures are not proven: not memoised
-        steps = rec(0, 0, (0,), UNLIMITED if discrepancies is None else discrepancies)
+        steps = rec(0, 0, (0,))
         return None if steps is None else Found(tuple(steps))
 
 

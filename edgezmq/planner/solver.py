@@ -74,7 +74,7 @@ MIN_SLICE = 2_000               # ... and at least this many nodes
 PRICED_SLICE_SHARE = 0.5        # ... or this share after the LP (its bound is near: fewer, harder steps)
 LADDER_START = BISECT_STOP / 2  # ... after the LP: B = bound + this x incumbent (a plan found there closes), doubling
 NO_REPLICATION_SHARE = 0.3      # ... with replication: the share for plans without it first
-LP_SHARE = 0.15                 # ... then the configuration LP's bisection (prices) at most this share
+LP_SHARE = 0.35                 # ... then the configuration LP's bisection (prices) at most this share
 LP_STOP = 2e-4                  # ... down to this relative width
 STRETCH_STEPS = 6               # ... certifying prices are tried this many bisection steps higher
 MAX_PRICES = 3                  # ... and the decision searches prune with its last this many prices
@@ -431,7 +431,7 @@ def _devices(run: _Run, tables: Tables) -> None:
     on NO_REPLICATION_SHARE of the effort.
     """
     effort = run.effort
-    end = run.at(PHASE1_SHARE)
+    end = run.at(1.0)               # no latency search follows (module doc): all of the limits
     end.apply(effort)
     if tables.eff is None:
         run.stats["bound"] = "capacity only: too many units x devices for the device search"
@@ -465,6 +465,8 @@ def _lp_bound(run: _Run, tables: Tables, end: Mark) -> tuple[list[np.ndarray], d
     Stops at LP_STOP, the gap, or ``end`` (raises ``Timeout`` by time)."""
     effort = run.effort
     end.apply(effort)
+    eff = tables.eff
+    assert eff is not None
     found: list[np.ndarray] = []
     pool: list = []
     hint: dict = {}
@@ -493,7 +495,8 @@ def _lp_bound(run: _Run, tables: Tables, end: Mark) -> tuple[list[np.ndarray], d
             found.insert(0, mu)
         else:
             # the LP is feasible wherever its solution's stages are: at their largest cost
-            hi = min(mid, max((max(float(tables.eff[d, a, b]) for d in R) / len(R) for (a, b, R), _ in primal),
+            # (only where the next LP goes: no proof rests on it)
+            hi = min(mid, max((max(float(eff[d, a, b]) for d in R) / len(R) for (a, b, R), _ in primal),
                               default=mid))
             hint = {}
             for (a, b, R), x in primal:
