@@ -45,7 +45,7 @@ SLACK_RTOL = 1e-9           # capacity slack below -this x total weight proves i
 # greedy_replicated's rules (score, pick), each tried: none is best on every cluster
 GREEDY_RULES = (("waste", "capacity"), ("waste", "rank"), ("reach", "capacity"))
 MAX_REFERENCES = 3          # unit weightings w tried by the capacity bound
-HINT_EDGE = 0.5
+HINT_EDGE = 0.5             # hint order: other member sets on an LP solution's window, by this x its value
 
 
 # failed states of the decision search: (u, last stage's link groups, its size) -> used masks

@@ -441,27 +441,30 @@ def _devices(run: _Run, tables: Tables) -> None:
         _greedy_replicated(run, tables)
     prices: list[np.ndarray] = []
     hint: dict = {}
+    climb = False
     try:
         if tables.replication:
             single = copy.copy(tables)
             single.replication = False
             _bisect(run, single, run.at(PHASE1_SHARE * NO_REPLICATION_SHARE), proofs=False)
             start = effort.spent
-            prices, hint = _lp_bound(run, tables, Mark(min(end.nodes, start + run.max_effort * LP_SHARE),
-                                                       end.deadline))
+            prices, hint, lp_hi = _lp_bound(run, tables, Mark(min(end.nodes, start + run.max_effort * LP_SHARE),
+                                                              end.deadline))
+            climb = lp_hi - run.lower <= BISECT_STOP * run.ub()     # the LP's bound is (near) its optimum
             run.stats["lp_effort"] = effort.spent - start
             end.apply(effort)
-        _bisect(run, tables, end, proofs=True, prices=prices, hint=hint)
+        _bisect(run, tables, end, proofs=True, prices=prices, hint=hint, climb=climb)
     except Timeout as t:
         run.stopped(t)
 
 
-def _lp_bound(run: _Run, tables: Tables, end: Mark) -> tuple[list[np.ndarray], dict]:
+def _lp_bound(run: _Run, tables: Tables, end: Mark) -> tuple[list[np.ndarray], dict, float]:
     """Bisection on the configuration LP (lagrange.py) between the proven bound and the
     incumbent: every B whose LP is infeasible, with prices that certify it, is a proven
     lower bound. Returns the certifying prices, highest B first (the decision searches
     prune with them), and the hint: the stages of the last feasible LP's solution with
-    their values, by (a, b, devices) and by (a, b) (the decision searches try them first).
+    their values, by (a, b, devices) and by (a, b) (the decision searches try them first),
+    and the least B where the LP was found feasible (the incumbent's if none).
     Stops at LP_STOP, the gap, or ``end`` (raises ``Timeout`` by time)."""
     effort = run.effort
     end.apply(effort)
@@ -502,19 +505,22 @@ def _lp_bound(run: _Run, tables: Tables, end: Mark) -> tuple[list[np.ndarray], d
             for (a, b, R), x in primal:
                 hint[(a, b, R)] = hint.get((a, b, R), 0.0) + x
                 hint[(a, b)] = hint.get((a, b), 0.0) + x
-    return found[:MAX_PRICES], hint
+    return found[:MAX_PRICES], hint, hi
 
 
 def _bisect(run: _Run, tables: Tables, end: Mark, *, proofs: bool, prices: list[np.ndarray] | tuple = (),
-            hint: dict | None = None) -> None:
+            hint: dict | None = None, climb: bool = False) -> None:
     """Every exhausted exact decision search at B proves B infeasible (a lower bound, when
     ``proofs``); every plan found is an incumbent. A cheap search (one closed device set per
     stage size) is tried first at each B; an exact search that runs out of its slice leaves
     B open, and the next B is nearer the proven bound (``proofs`` with replication: the
     replicated greedy and the cheap searches find the plans, only exact searches prove)
-    or else nearer the incumbent. Returns when
-    the gap closes, the open interval above the bound is within BISECT_STOP, or ``end``
-    is reached (raises ``Timeout`` if by time)."""
+    or else nearer the incumbent. ``climb`` (the LP's bound is near its optimum): B climbs
+    from the bound instead (LADDER_START x incumbent above it, doubling), with larger
+    slices. Every exact search starts from the failures of the nearest exact search at a
+    B above it (they hold below: docs/planner.md, "Failures carry down"). Returns when
+    the gap closes, the open interval above the bound is within BISECT_STOP (with
+    ``climb``: nearly empty), or ``end`` is reached (raises ``Timeout`` if by time)."""
     effort = run.effort
     probe_lo = run.lower
     hi_open = math.inf          # with proofs: the least B whose exact search ran out
@@ -524,10 +530,10 @@ def _bisect(run: _Run, tables: Tables, end: Mark, *, proofs: bool, prices: list[
         ub = run.ub()
         close = (ub - probe_lo) / ub <= BISECT_STOP
         top = min(ub, hi_open)
-        if not close and top - probe_lo <= BISECT_STOP * ub * (LADDER_START if prices else 1.0):
+        if not close and top - probe_lo <= BISECT_STOP * ub * (LADDER_START if climb else 1.0):
             return                  # every B left between the bound and the open one is too hard
         target = ub * (1 - TIE_RTOL / 2) if close else (probe_lo + top) / 2
-        if prices and not close:
+        if climb and not close:
             # the LP's bound is near the optimum: climb from it (priced searches near their
             # prices' B prune the most, and each one exhausted is a proof)
             target = min(target, probe_lo + ladder * ub)
@@ -544,7 +550,7 @@ def _bisect(run: _Run, tables: Tables, end: Mark, *, proofs: bool, prices: list[
                 run.consider_stages(_device_stages(run, found.stages))
                 continue
         left = end.nodes - effort.spent
-        share = PRICED_SLICE_SHARE if prices else SLICE_SHARE
+        share = PRICED_SLICE_SHARE if climb else SLICE_SHARE
         effort.stop = end.nodes if close else min(end.nodes, effort.spent + max(MIN_SLICE, left * share))
         # the failures of an exact search at B hold at every lower B: start from the nearest
         above = [(b, m) for b, m in memos if b >= target]
