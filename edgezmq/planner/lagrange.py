@@ -26,6 +26,7 @@ BIG = 1e3                   # cost of the artificial columns (a path that uses n
 PIVOT_TOL = 1e-9
 RC_TOL = 1e-9
 MAX_NEW = 64                # columns added per pricing round (the most negative first)
+KEEP_ROWS = 4               # stage columns kept between rounds: at most this x rows
 PIVOT_WORK = 20_000         # numbers an LP step touches per search node counted
 PRICE_RTOL, PRICE_ATOL = 1e-9, 1e-12    # SP must exceed mu(F) by more than this to prune
 
@@ -178,6 +179,26 @@ def farkas_prices(st: Stages, effort: Effort, pool: list[Column] | tuple = (), m
             Binv[r] = piv
             basis[r] = j
             xB = np.maximum(xB, 0.0)
+        # keep the column set small (pivots touch every column): drop the nonbasic stage
+        # columns dearest at these duals beyond KEEP_ROWS x rows (pricing may bring them back)
+        if ncol - n0 > KEEP_ROWS * rows:
+            rc = c[:ncol] - y @ A[:, :ncol]
+            inb = np.zeros(ncol, dtype=bool)
+            inb[basis] = True
+            stage = np.arange(ncol) >= n0
+            cand = np.flatnonzero(stage & ~inb)
+            drop = cand[np.argsort(-rc[cand], kind="stable")][:ncol - n0 - KEEP_ROWS * rows // 2]
+            keep = np.ones(ncol, dtype=bool)
+            keep[drop] = False
+            newpos = np.cumsum(keep) - 1
+            for j in drop.tolist():
+                seen.discard(made[j - n0])
+            made = [col for j, col in enumerate(made) if keep[n0 + j]]
+            k = int(keep.sum())
+            A[:, :k] = A[:, :ncol][:, keep]
+            c[:k] = c[:ncol][keep]
+            ncol = k
+            basis = [int(newpos[j]) for j in basis]
         # price new stage columns: reduced cost = -(y_a - y_b) + sum over R of mu_d
         effort.spent += (st.sizes * st.N * st.a.size) // PIVOT_WORK
         effort.tick()

@@ -18,7 +18,8 @@ over D (docs/planner.md, "Every device different", has the arguments):
   [u, L) when devices may be reused <= the devices left.
 - ``Level.search``: depth-first D(B) on states (u, devices used, last stage), with the
   two bounds, failures memoised (a state using a superset of a failed state's devices, at
-  the same u and an equivalent last stage, fails too), and only *closed* stages: devices
+  the same u and an equivalent last stage, fails too; ``memo`` carries them to searches at
+  lower bounds, where they hold too), and only *closed* stages: devices
   with equal links are grouped; a stage may hold d and leave out an eligible unused e
   of d's group only if d does not B-dominate e (else swapping them loses nothing).
 - ``greedy``: a first plan in O(N L) per stage (anytime; any size); with replication,
