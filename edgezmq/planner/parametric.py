@@ -271,8 +271,11 @@ class Level:
         n_el = len(order)
         count = 0
         chosen: list[int] = []
+        prefix = [0]                # prefix[i]: the devices order[:i], as a mask
+        for d in order:
+            prefix.append(prefix[-1] | 1 << d)
 
-        def rec(i: int, banned: int) -> Iterator[tuple[int, ...]]:
+        def rec(i: int, banned: int, cmask: int) -> Iterator[tuple[int, ...]]:
             nonlocal count
             if len(chosen) == m:
                 count += 1
@@ -281,16 +284,14 @@ class Level:
             if n_el - i < m - len(chosen) or (not self.exact and count >= limit):
                 return
             x = order[i]
-            if not banned >> x & 1:
-                need = dom[x] & emask
-                ok = all(need >> e & 1 == 0 or e in chosen for e in order[:i])
-                if ok:
-                    chosen.append(x)
-                    yield from rec(i + 1, banned)
-                    chosen.pop()
-            yield from rec(i + 1, banned | above[x])
+            # x may join only if every earlier eligible device it dominates was chosen
+            if not banned >> x & 1 and dom[x] & emask & prefix[i] & ~cmask == 0:
+                chosen.append(x)
+                yield from rec(i + 1, banned, cmask | 1 << x)
+                chosen.pop()
+            yield from rec(i + 1, banned | above[x], cmask)
 
-        yield from rec(0, 0)
+        yield from rec(0, 0, 0)
 
     def search(self, effort: Effort, *, greedy_sets: int = 1, memo: Memo | None = None) -> Found | None:
         """A plan with every cost <= B, or None when there is none (with ``exact``; else
