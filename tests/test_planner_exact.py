@@ -525,11 +525,11 @@ def test_replicated_greedy_meets_its_bound(seed):
         assert plan.bottleneck_s <= best * factor * (1 + RTOL), (plan.bottleneck_s, best * factor)
 
 
-def _decide(tables, bound: float, prices=()) -> bool:
+def _decide(tables, bound: float, prices=(), hint=None, memo=None) -> bool:
     from edgezmq.planner.parametric import Level
     from edgezmq.planner.search import Effort
 
-    return Level(tables, bound, prices=prices).search(Effort()) is not None
+    return Level(tables, bound, prices=prices, hint=hint).search(Effort(), memo=memo) is not None
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -555,6 +555,73 @@ def test_prices_never_change_the_decision(seed):
         _, lp, _ = farkas_prices(Level(tables, bound * 0.97).stages, Effort())
         for prices in ([rng.random(tables.N)], [rng.integers(0, 3, tables.N).astype(float)], [lp]):
             assert _decide(tables, bound, prices) == truth, (factor, prices)
+        # the LP's solution as the search's first choices (solver's hint): order only
+        primal: list = []
+        farkas_prices(Level(tables, bound * 1.03).stages, Effort(), primal=primal)
+        hint: dict = {}
+        for (a, b, R), x in primal:
+            hint[(a, b, R)] = hint.get((a, b, R), 0.0) + x
+            hint[(a, b)] = hint.get((a, b), 0.0) + x
+        assert _decide(tables, bound, [lp], hint) == truth, factor
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_failures_carry_to_lower_bounds(seed):
+    """The failed states of an exact decision search at B (``memo``), even one stopped by
+    its effort limit, hold at every lower B: D(B') started from them answers as the brute
+    force, for B' below and above the optimum (the solver's bisection reuses them)."""
+    from edgezmq.planner.classes import device_arrays
+    from edgezmq.planner.parametric import Level, Tables
+    from edgezmq.planner.search import Effort, Timeout
+
+    problem = Problem.from_dict(replicated_problem(400 + seed, replication=seed % 4 != 0))
+    expected = BruteForce(problem).solve()
+    if expected is None:
+        return
+    tables = Tables(device_arrays(problem))
+    for top, stop in ((1.5, None), (1.05, 5), (1.0 + 1e-6, None), (0.995, 40)):
+        memo: dict = {}
+        try:
+            Level(tables, expected[0] * top).search(Effort(stop=math.inf if stop is None else stop), memo=memo)
+        except Timeout:
+            pass
+        for factor in (0.9, 0.99, 1.0 + 1e-6, 1.05):
+            if factor <= top:
+                truth = factor >= 1.0
+                assert _decide(tables, expected[0] * factor, memo={k: list(v) for k, v in memo.items()}) == truth, (
+                    top, factor)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_lp_primal_is_a_fractional_plan(seed):
+    """Where the configuration LP is feasible, its solution (``primal``) is a fractional path
+    of stages from cut 0 to L, each stage feasible at B, each device used at most once in
+    sum (the solver bounds the LP's bisection by its stages' largest cost)."""
+    from edgezmq.planner.classes import device_arrays
+    from edgezmq.planner.lagrange import farkas_prices
+    from edgezmq.planner.parametric import Level, Tables
+    from edgezmq.planner.search import Effort
+
+    problem = Problem.from_dict(replicated_problem(500 + seed))
+    expected = BruteForce(problem).solve()
+    if expected is None:
+        return
+    tables = Tables(device_arrays(problem))
+    level = Level(tables, expected[0] * 1.1)
+    primal: list = []
+    overuse, _, _ = farkas_prices(level.stages, Effort(), primal=primal)
+    assert overuse <= 1e-9
+    flow = np.zeros(tables.L + 1)
+    use = np.zeros(tables.N)
+    for (a, b, R), x in primal:
+        assert len(R) >= level.window_m[a, b] and all(level.M[d, a, b] <= len(R) for d in R)
+        assert max(tables.eff[d, a, b] for d in R) / len(R) <= level.B
+        flow[a] += x
+        flow[b] -= x
+        use[list(R)] += x
+    assert flow[0] == pytest.approx(1.0) and flow[-1] == pytest.approx(-1.0)
+    assert np.allclose(flow[1:-1], 0.0, atol=1e-9)
+    assert (use <= 1 + 1e-9).all()
 
 
 @pytest.mark.parametrize("seed", range(40))

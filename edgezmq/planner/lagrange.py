@@ -26,6 +26,7 @@ BIG = 1e3                   # cost of the artificial columns (a path that uses n
 PIVOT_TOL = 1e-9
 RC_TOL = 1e-9
 MAX_NEW = 64                # columns added per pricing round (the most negative first)
+KEEP_ROWS = 4               # stage columns kept between rounds: at most this x rows
 PIVOT_WORK = 20_000         # numbers an LP step touches per search node counted
 PRICE_RTOL, PRICE_ATOL = 1e-9, 1e-12    # SP must exceed mu(F) by more than this to prune
 
@@ -81,8 +82,8 @@ class Stages:
 Column = tuple[int, int, tuple[int, ...]]
 
 
-def farkas_prices(st: Stages, effort: Effort, pool: list[Column] | tuple = (), max_rounds: int = 200
-                  ) -> tuple[float, np.ndarray, list[Column]]:
+def farkas_prices(st: Stages, effort: Effort, pool: list[Column] | tuple = (), max_rounds: int = 200,
+                  primal: list[tuple[Column, float]] | None = None) -> tuple[float, np.ndarray, list[Column]]:
     """Phase 1 of the configuration LP at the level of ``M`` (least total overuse of the
     devices by a fractional path of stages), by column generation. Returns (overuse,
     prices mu in [0, 1]^N): overuse > 0 means the LP, hence D(B), is infeasible, and the
@@ -124,6 +125,7 @@ def farkas_prices(st: Stages, effort: Effort, pool: list[Column] | tuple = (), m
     c[:n0] = cost
     ncol = n0
     seen: set[Column] = set()
+    made: list[Column] = []                      # column n0 + i is made[i]
     index = {(a, b): k for k, (a, b) in enumerate(zip(st.a.tolist(), st.b.tolist()))}
     kept: list[Column] = []
     for a, b, R in pool:
@@ -136,6 +138,7 @@ def farkas_prices(st: Stages, effort: Effort, pool: list[Column] | tuple = (), m
         if col in seen:
             return False
         seen.add(col)
+        made.append(col)
         a, b, R = col
         v = np.zeros(rows)
         v[a] = 1.0
@@ -176,6 +179,26 @@ def farkas_prices(st: Stages, effort: Effort, pool: list[Column] | tuple = (), m
             Binv[r] = piv
             basis[r] = j
             xB = np.maximum(xB, 0.0)
+        # keep the column set small (pivots touch every column): drop the nonbasic stage
+        # columns dearest at these duals beyond KEEP_ROWS x rows (pricing may bring them back)
+        if ncol - n0 > KEEP_ROWS * rows:
+            rc = c[:ncol] - y @ A[:, :ncol]
+            inb = np.zeros(ncol, dtype=bool)
+            inb[basis] = True
+            stage = np.arange(ncol) >= n0
+            cand = np.flatnonzero(stage & ~inb)
+            drop = cand[np.argsort(-rc[cand], kind="stable")][:ncol - n0 - KEEP_ROWS * rows // 2]
+            keep = np.ones(ncol, dtype=bool)
+            keep[drop] = False
+            newpos = np.cumsum(keep) - 1
+            for j in drop.tolist():
+                seen.discard(made[j - n0])
+            made = [col for j, col in enumerate(made) if keep[n0 + j]]
+            k = int(keep.sum())
+            A[:, :k] = A[:, :ncol][:, keep]
+            c[:k] = c[:ncol][keep]
+            ncol = k
+            basis = [int(newpos[j]) for j in basis]
         # price new stage columns: reduced cost = -(y_a - y_b) + sum over R of mu_d
         effort.spent += (st.sizes * st.N * st.a.size) // PIVOT_WORK
         effort.tick()
@@ -194,6 +217,8 @@ def farkas_prices(st: Stages, effort: Effort, pool: list[Column] | tuple = (), m
         if not added:
             break
     overuse = float(c[basis] @ xB)
+    if primal is not None:
+        primal.extend((made[j - n0], float(x)) for j, x in zip(basis, xB.tolist()) if j >= n0 and x > PIVOT_TOL)
     return overuse, np.clip(-y[L:], 0.0, 1.0), sorted(seen)
 
 

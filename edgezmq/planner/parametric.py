@@ -18,7 +18,8 @@ over D (docs/planner.md, "Every device different", has the arguments):
   [u, L) when devices may be reused <= the devices left.
 - ``Level.search``: depth-first D(B) on states (u, devices used, last stage), with the
   two bounds, failures memoised (a state using a superset of a failed state's devices, at
-  the same u and an equivalent last stage, fails too), and only *closed* stages: devices
+  the same u and an equivalent last stage, fails too; ``memo`` carries them to searches at
+  lower bounds, where they hold too), and only *closed* stages: devices
   with equal links are grouped; a stage may hold d and leave out an eligible unused e
   of d's group only if d does not B-dominate e (else swapping them loses nothing).
 - ``greedy``: a first plan in O(N L) per stage (anytime; any size); with replication,
@@ -37,7 +38,7 @@ from .classes import DeviceArrays, memory_table
 from .lagrange import PRICE_ATOL, PRICE_RTOL, Stages
 from .search import Effort
 
-__all__ = ["Tables", "Level", "Found", "greedy", "greedy_replicated", "GREEDY_RULES", "MAX_TABLE"]
+__all__ = ["Tables", "Level", "Found", "Memo", "greedy", "greedy_replicated", "GREEDY_RULES", "MAX_TABLE"]
 
 MAX_TABLE = 12_000_000      # devices x (units + 1)^2 entries: above it, no exact device search
 MAX_DOMINANCE = 96          # devices up to which B-dominance is computed pair by pair
@@ -45,6 +46,11 @@ SLACK_RTOL = 1e-9           # capacity slack below -this x total weight proves i
 # greedy_replicated's rules (score, pick), each tried: none is best on every cluster
 GREEDY_RULES = (("waste", "capacity"), ("waste", "rank"), ("reach", "capacity"))
 MAX_REFERENCES = 3          # unit weightings w tried by the capacity bound
+HINT_EDGE = 0.5             # hint order: other member sets on an LP solution's window, by this x its value
+
+
+# failed states of the decision search: (u, last stage's link groups, its size) -> used masks
+Memo = dict[tuple[int, tuple[int, ...], int], list[int]]
 
 
 @dataclass(frozen=True)
@@ -145,7 +151,7 @@ class Level:
     """D(B) at one bound: replica needs, bounds, dominance, and the depth-first search."""
 
     def __init__(self, tables: Tables, bound: float, *, exact: bool = True,
-                 prices: list[np.ndarray] | tuple = ()) -> None:
+                 prices: list[np.ndarray] | tuple = (), hint: dict | None = None) -> None:
         tb = self.tb = tables
         self.B = bound
         n, L = tb.N, tb.L
@@ -190,6 +196,7 @@ class Level:
         self._stages: Stages | None = None
         # prices (lagrange.py): a state at u with free devices F fails when SP(u) > mu(F)
         self.prices = [(mu.tolist(), self.stages.path(self.stages.prices(mu)[0]).tolist()) for mu in prices]
+        self.hint = hint or {}
         self.dom: list[int] = []      # dom[d]: devices d strictly B-dominates (search() fills)
         self.above: list[int] = []    # above[d]: devices that strictly B-dominate d
         self.rank: list[int] = []     # a linear extension, weaker first
@@ -264,8 +271,11 @@ class Level:
         n_el = len(order)
         count = 0
         chosen: list[int] = []
+        prefix = [0]                # prefix[i]: the devices order[:i], as a mask
+        for d in order:
+            prefix.append(prefix[-1] | 1 << d)
 
-        def rec(i: int, banned: int) -> Iterator[tuple[int, ...]]:
+        def rec(i: int, banned: int, cmask: int) -> Iterator[tuple[int, ...]]:
             nonlocal count
             if len(chosen) == m:
                 count += 1
@@ -274,20 +284,23 @@ class Level:
             if n_el - i < m - len(chosen) or (not self.exact and count >= limit):
                 return
             x = order[i]
-            if not banned >> x & 1:
-                need = dom[x] & emask
-                ok = all(need >> e & 1 == 0 or e in chosen for e in order[:i])
-                if ok:
-                    chosen.append(x)
-                    yield from rec(i + 1, banned)
-                    chosen.pop()
-            yield from rec(i + 1, banned | above[x])
+            # x may join only if every earlier eligible device it dominates was chosen
+            if not banned >> x & 1 and dom[x] & emask & prefix[i] & ~cmask == 0:
+                chosen.append(x)
+                yield from rec(i + 1, banned, cmask | 1 << x)
+                chosen.pop()
+            yield from rec(i + 1, banned | above[x], cmask)
 
-        yield from rec(0, 0)
+        yield from rec(0, 0, 0)
 
-    def search(self, effort: Effort, *, greedy_sets: int = 1) -> Found | None:
+    def search(self, effort: Effort, *, greedy_sets: int = 1, memo: Memo | None = None) -> Found | None:
         """A plan with every cost <= B, or None when there is none (with ``exact``; else
-        None proves nothing). Raises ``Timeout`` when ``effort`` runs out."""
+        None proves nothing). ``memo``: the failed states of exact searches at bounds >= this
+        one (a state with no completion within a bound has none within a lower one), used and
+        extended in place; only for an exact search. Raises ``Timeout`` when ``effort`` runs
+        out (the failures recorded so far stay valid)."""
+        if memo is not None and not self.exact:
+            raise ValueError("memo: only an exact search proves its failures")
         tb = self.tb
         if not self.possible():
             return None
@@ -295,7 +308,7 @@ class Level:
             self._dominance()
         L, N, B = tb.L, tb.N, self.B
         cut, groups, rep = tb.cut.tolist(), tb.groups, tb.replication
-        failed: dict[tuple[int, tuple[int, ...], int], list[int]] = {}
+        failed: Memo = {} if memo is None else memo
         wsuf0 = self.wsuf[0]
         C0 = self.C[0]
 
@@ -356,7 +369,11 @@ class Level:
                             continue
                         cands.append((waste, -b, m, R, w_ab))
             if self.prices:
-                cands.sort(key=lambda c: (c[0], c[1], c[2]))
+                hint = self.hint
+                if hint:
+                    cands.sort(key=lambda c: (-hint.get((u, -c[1], c[3]), hint.get((u, -c[1]), 0.0) * HINT_EDGE), c[0], c[1], c[2]))
+                else:
+                    cands.sort(key=lambda c: (c[0], c[1], c[2]))
             elif rep:     # replicated: least capacity wasted per work carried first (finds plans early)
                 cands.sort(key=lambda c: (c[0] / c[4] if c[4] > 0 else c[0], c[1], c[2]))
             else:

@@ -46,6 +46,7 @@ from .lagrange import certifies, farkas_prices
 from .parametric import (
     GREEDY_RULES,
     Level,
+    Memo,
     Tables,
     first_plan,
     greedy,
@@ -70,9 +71,12 @@ GREEDY_LADDER_MISSES = 4        # ... until it fails this many times in a row
 BISECT_STOP = 1e-3              # device search: below this relative gap, try to prove the incumbent
 SLICE_SHARE = 0.25              # ... each decision search gets this share of the effort left
 MIN_SLICE = 2_000               # ... and at least this many nodes
+PRICED_SLICE_SHARE = 0.5        # ... or this share after the LP (its bound is near: fewer, harder steps)
+LADDER_START = BISECT_STOP / 2  # ... after the LP: B = bound + this x incumbent (a plan found there closes), doubling
 NO_REPLICATION_SHARE = 0.3      # ... with replication: the share for plans without it first
-LP_SHARE = 0.15                 # ... then the configuration LP's bisection (prices) at most this share
+LP_SHARE = 0.35                 # ... then the configuration LP's bisection (prices) at most this share
 LP_STOP = 2e-4                  # ... down to this relative width
+STRETCH_STEPS = 6               # ... certifying prices are tried this many bisection steps higher
 MAX_PRICES = 3                  # ... and the decision searches prune with its last this many prices
 CHEAP_SLICE = 500               # ... after a cheap (one closed set per stage size) search of this many
 PROBE_BUDGET = 1000             # expansions per depth-first probe
@@ -427,7 +431,7 @@ def _devices(run: _Run, tables: Tables) -> None:
     on NO_REPLICATION_SHARE of the effort.
     """
     effort = run.effort
-    end = run.at(PHASE1_SHARE)
+    end = run.at(1.0)               # no latency search follows (module doc): all of the limits
     end.apply(effort)
     if tables.eff is None:
         run.stats["bound"] = "capacity only: too many units x devices for the device search"
@@ -436,71 +440,108 @@ def _devices(run: _Run, tables: Tables) -> None:
     if tables.replication:
         _greedy_replicated(run, tables)
     prices: list[np.ndarray] = []
+    hint: dict = {}
+    climb = False
     try:
         if tables.replication:
             single = copy.copy(tables)
             single.replication = False
             _bisect(run, single, run.at(PHASE1_SHARE * NO_REPLICATION_SHARE), proofs=False)
             start = effort.spent
-            prices = _lp_bound(run, tables, Mark(min(end.nodes, start + run.max_effort * LP_SHARE), end.deadline))
+            prices, hint, lp_hi = _lp_bound(run, tables, Mark(min(end.nodes, start + run.max_effort * LP_SHARE),
+                                                              end.deadline))
+            climb = lp_hi - run.lower <= BISECT_STOP * run.ub()     # the LP's bound is (near) its optimum
             run.stats["lp_effort"] = effort.spent - start
             end.apply(effort)
-        _bisect(run, tables, end, proofs=True, prices=prices)
+        _bisect(run, tables, end, proofs=True, prices=prices, hint=hint, climb=climb)
     except Timeout as t:
         run.stopped(t)
 
 
-def _lp_bound(run: _Run, tables: Tables, end: Mark) -> list[np.ndarray]:
+def _lp_bound(run: _Run, tables: Tables, end: Mark) -> tuple[list[np.ndarray], dict, float]:
     """Bisection on the configuration LP (lagrange.py) between the proven bound and the
     incumbent: every B whose LP is infeasible, with prices that certify it, is a proven
     lower bound. Returns the certifying prices, highest B first (the decision searches
-    prune with them). Stops at LP_STOP, the gap, or ``end`` (raises ``Timeout`` by time)."""
+    prune with them), and the hint: the stages of the last feasible LP's solution with
+    their values, by (a, b, devices) and by (a, b) (the decision searches try them first),
+    and the least B where the LP was found feasible (the incumbent's if none).
+    Stops at LP_STOP, the gap, or ``end`` (raises ``Timeout`` by time)."""
     effort = run.effort
     end.apply(effort)
+    eff = tables.eff
+    assert eff is not None
     found: list[np.ndarray] = []
     pool: list = []
+    hint: dict = {}
     hi = run.ub()
     while not run.done() and math.isfinite(hi) and hi - run.lower > LP_STOP * hi:
         mid = (run.lower + hi) / 2
         st = Level(tables, mid).stages
+        primal: list = []
         try:
-            _, mu, pool = farkas_prices(st, effort, pool)
+            _, mu, pool = farkas_prices(st, effort, pool, primal=primal)
         except Timeout as t:
             if t.by == "time":
                 raise
             break
         if certifies(st, mu):
-            run.raise_floor(mid)
+            # the same prices often certify well above mid: stretch them (no LP needed)
+            lo, top = mid, hi
+            for _ in range(STRETCH_STEPS):
+                effort.tick()
+                x = (lo + top) / 2
+                if certifies(Level(tables, x).stages, mu):
+                    lo = x
+                else:
+                    top = x
+            run.raise_floor(lo)
             found.insert(0, mu)
         else:
-            hi = mid
-    return found[:MAX_PRICES]
+            # the LP is feasible wherever its solution's stages are: at their largest cost
+            # (only where the next LP goes: no proof rests on it)
+            hi = min(mid, max((max(float(eff[d, a, b]) for d in R) / len(R) for (a, b, R), _ in primal),
+                              default=mid))
+            hint = {}
+            for (a, b, R), x in primal:
+                hint[(a, b, R)] = hint.get((a, b, R), 0.0) + x
+                hint[(a, b)] = hint.get((a, b), 0.0) + x
+    return found[:MAX_PRICES], hint, hi
 
 
-def _bisect(run: _Run, tables: Tables, end: Mark, *, proofs: bool, prices: list[np.ndarray] | tuple = ()
-            ) -> None:
+def _bisect(run: _Run, tables: Tables, end: Mark, *, proofs: bool, prices: list[np.ndarray] | tuple = (),
+            hint: dict | None = None, climb: bool = False) -> None:
     """Every exhausted exact decision search at B proves B infeasible (a lower bound, when
     ``proofs``); every plan found is an incumbent. A cheap search (one closed device set per
     stage size) is tried first at each B; an exact search that runs out of its slice leaves
     B open, and the next B is nearer the proven bound (``proofs`` with replication: the
     replicated greedy and the cheap searches find the plans, only exact searches prove)
-    or else nearer the incumbent. Returns when
-    the gap closes, the open interval above the bound is within BISECT_STOP, or ``end``
-    is reached (raises ``Timeout`` if by time)."""
+    or else nearer the incumbent. ``climb`` (the LP's bound is near its optimum): B climbs
+    from the bound instead (LADDER_START x incumbent above it, doubling), with larger
+    slices. Every exact search starts from the failures of the nearest exact search at a
+    B above it (they hold below: docs/planner.md, "Failures carry down"). Returns when
+    the gap closes, the open interval above the bound is within BISECT_STOP (with
+    ``climb``: nearly empty), or ``end`` is reached (raises ``Timeout`` if by time)."""
     effort = run.effort
     probe_lo = run.lower
     hi_open = math.inf          # with proofs: the least B whose exact search ran out
+    ladder = LADDER_START
+    memos: list[tuple[float, Memo]] = []    # (B, failed states of exact searches at B or above)
     while not run.done() and run.plan is not None and effort.spent < end.nodes:
         ub = run.ub()
         close = (ub - probe_lo) / ub <= BISECT_STOP
         top = min(ub, hi_open)
-        if not close and top - probe_lo <= BISECT_STOP * ub:
+        if not close and top - probe_lo <= BISECT_STOP * ub * (LADDER_START if climb else 1.0):
             return                  # every B left between the bound and the open one is too hard
         target = ub * (1 - TIE_RTOL / 2) if close else (probe_lo + top) / 2
+        if climb and not close:
+            # the LP's bound is near the optimum: climb from it (priced searches near their
+            # prices' B prune the most, and each one exhausted is a proof)
+            target = min(target, probe_lo + ladder * ub)
+            ladder *= 2
         if not close:
             effort.stop = min(end.nodes, effort.spent + CHEAP_SLICE)
             try:
-                found = Level(tables, target, exact=False, prices=prices).search(effort)
+                found = Level(tables, target, exact=False, prices=prices, hint=hint).search(effort)
             except Timeout as t:
                 if t.by == "time":
                     raise
@@ -509,9 +550,14 @@ def _bisect(run: _Run, tables: Tables, end: Mark, *, proofs: bool, prices: list[
                 run.consider_stages(_device_stages(run, found.stages))
                 continue
         left = end.nodes - effort.spent
-        effort.stop = end.nodes if close else min(end.nodes, effort.spent + max(MIN_SLICE, left * SLICE_SHARE))
+        share = PRICED_SLICE_SHARE if climb else SLICE_SHARE
+        effort.stop = end.nodes if close else min(end.nodes, effort.spent + max(MIN_SLICE, left * share))
+        # the failures of an exact search at B hold at every lower B: start from the nearest
+        above = [(b, m) for b, m in memos if b >= target]
+        memo: Memo = {k: list(v) for k, v in min(above, key=lambda bm: bm[0])[1].items()} if above else {}
+        memos.append((target, memo))
         try:
-            found = Level(tables, target, prices=prices).search(effort)
+            found = Level(tables, target, prices=prices, hint=hint).search(effort, memo=memo)
         except Timeout as t:
             if t.by == "time":
                 raise
