@@ -138,12 +138,19 @@ def test_solve_chooses_the_encoding_under_the_budget() -> None:
 # --- against brute force ---------------------------------------------------------------------
 
 def encoded_problem(seed: int, *, nics: bool = False) -> dict:
-    """A small random problem (test_planner_exact's) with 1-3 lossy encodings, random errors
+    """A small random problem (test_planner_exact's; its links often slowed) with 1-3 lossy encodings, random errors
     per cut and codec costs per type (some types lack some codecs; a device may override)."""
     d = random_problem(seed, max_devices=4, max_units=5)
     if nics:
         d = with_nics(d, seed)
     rng = random.Random(20_000 + seed)
+    if rng.random() < 0.7:      # slower links and a small image and logits: where encodings pay
+        d["links"]["default"]["mbps"] /= 4
+        for o in d["links"]["overrides"]:
+            o["mbps"] /= 4
+        d["model"]["input_bytes"] = d["model"]["units"][-1]["out_bytes"] = 1000
+        for t in d["device_types"].values():
+            t["unit_times_s"] = [x / 4 for x in t["unit_times_s"]]
     n = len(d["model"]["units"])
     names = rng.sample(sorted(LOSSY), rng.randint(1, 3))
     d["model"]["encodings"] = {e: {"ratio": LOSSY[e], "error": [round(rng.uniform(0, 0.05), 4) for _ in range(n - 1)]}
