@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import math
 import random
 
@@ -244,3 +245,67 @@ def test_no_budget_or_no_encodings_is_the_raw_solve(seed: int) -> None:
     plain = copy.deepcopy(d)
     del plain["model"]["encodings"]
     assert solve(Problem.from_dict(plain)).stages == raw.stages
+
+
+# --- output: the plan command and the deployable plan ------------------------------------------
+
+def three_encodings() -> dict:
+    d = base(encodings={"f16": {"ratio": 0.5, "error": [0.001]}, "int8": {"ratio": 0.25, "error": [0.01]},
+                        "int4": {"ratio": 0.125, "error": [0.2]}})
+    d["device_types"]["t"]["codec_ms_per_mb"] = {e: {"encode": 100, "decode": 50} for e in ("f16", "int8", "int4")}
+    return d
+
+
+@pytest.mark.parametrize("max_error, ladder", [
+    (None, None), (0.0, None), (0.001, ["f16"]), (0.01, ["f16", "int8"]), (0.25, ["f16", "int8", "int4"]),
+])
+def test_deployable_writes_the_chosen_encoding_and_what_the_budget_allows(max_error, ladder) -> None:
+    """f16 and int8 both give 1.1 s (a's compute and encode binds): the least error, f16, is
+    chosen, then what the budget leaves room for."""
+    from edgezmq.planner import deployable
+    p = Problem.from_dict(three_encodings())
+    plan = solve(p, max_error=max_error)
+    doc = deployable(p, plan, max_error=max_error)
+    assert doc["stages"][0].get("encoding") == ladder
+    assert "encoding" not in doc["stages"][-1]
+
+
+def test_ladder_keeps_every_link_at_its_worst_rung_within_the_budget() -> None:
+    """f16 chosen (error 0.001), budget 0.02: int8 (0.01) fits below it, int4 (0.2) does not."""
+    from edgezmq.planner.encoded import ladders
+    p = Problem.from_dict(three_encodings())
+    plan = evaluate(p, [{"units": [0, 1], "devices": ["a"], "encoding": "f16"}, {"units": [1, 2], "devices": ["b"]}])
+    assert ladders(p, plan, 0.02) == [["f16", "int8"], []]
+    assert ladders(p, plan, 0.001) == [["f16"], []]
+    assert ladders(p, plan, None) == [["f16"], []]
+    raw = evaluate(p, [((0, 1), ["a"]), ((1, 2), ["b"])])
+    assert ladders(p, raw, 0.3) == [["raw", "f16", "int8", "int4"], []]
+    assert ladders(p, raw, None) == [[], []]
+
+
+def test_plan_command_shows_and_writes_encodings(tmp_path, capsys) -> None:
+    import yaml
+
+    from edgezmq.cli.main import main
+    from edgezmq.orchestrate.planfile import load_plan
+    problem = tmp_path / "p.yaml"
+    problem.write_text(yaml.safe_dump(three_encodings()))
+    out = tmp_path / "plan.yaml"
+    assert main(["plan", str(problem), "--max-error", "0.01", "-o", str(out), "--checkpoint", "m.safetensors"]) == 0
+    text = capsys.readouterr().out
+    assert "encoding in" in text and "f16" in text and "error 0.001" in text
+    doc = yaml.safe_load(out.read_text())
+    assert doc["stages"][0]["encoding"] == ["f16", "int8"]
+    nodes = {"a": "tcp://127.0.0.1:5001", "b": "tcp://127.0.0.1:5002"}
+    for s in doc["stages"]:
+        s["nodes"] = [nodes[n] for n in s["nodes"]]
+    out.write_text(yaml.safe_dump(doc))
+    assert load_plan(out).stages[0].encodings == [["f16"], ["int8"]]
+    assert main(["plan", str(problem), "--max-error", "0.01", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [k["encoding"] for k in got["links"]] == ["raw", "f16", "raw"] and got["error"] == pytest.approx(0.001)
+    assert main(["plan", str(problem), "--json"]) == 0
+    assert {k["encoding"] for k in json.loads(capsys.readouterr().out)["links"]} == {"raw"}
+    with pytest.raises(SystemExit):
+        main(["plan", str(problem), "--max-error", "-1"])
+    assert "--max-error" in capsys.readouterr().err

@@ -25,7 +25,7 @@ import dataclasses
 import itertools
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 from .classes import device_arrays, twin_classes
 from .cost import _link, evaluate, in_bytes, stage_memory_bytes
@@ -33,7 +33,7 @@ from .plan import Plan, Stage
 from .problem import CLIENT, RAW, Device, Problem, encoded_bytes
 from .search import Effort, Timeout
 
-__all__ = ["solve_encoded", "without_encodings", "codec_classes"]
+__all__ = ["solve_encoded", "without_encodings", "codec_classes", "ladders"]
 
 TIE_RTOL = 1e-9     # bottlenecks within this relative distance are equal (as solver.py)
 RAW_SHARE = 0.3     # the raw incumbent's share of the effort and time limits
@@ -46,7 +46,7 @@ def without_encodings(problem: Problem) -> Problem:
 
 def codec_classes(problem: Problem) -> list[list[int]]:
     """Twin classes (classes.py) split further by codec costs: interchangeable devices."""
-    out = []
+    out: list[list[int]] = []
     for members in twin_classes(device_arrays(problem)):
         by_codec: dict[tuple, list[int]] = {}
         for d in members:
@@ -208,6 +208,35 @@ def solve_encoded(problem: Problem, max_error: float, *, time_limit_s: float, ga
     return plan
 
 
-def encodings_summary(plan: Plan) -> Mapping[str, str]:
-    """The encoding of each link between stages, by its name ("stage 0->stage 1": "int8")."""
-    return {f"{k.src}->{k.dst}": k.encoding for k in plan.links[1:-1]}
+def ladders(problem: Problem, plan: Plan, max_error: float | None) -> list[list[str]]:
+    """Each stage's encoding ladder for the deployable plan (planfile: largest first): the
+    chosen encoding, then the smaller ones (by ratio) the adaptive policy may drop to. It may
+    drop any link to any rung at any time, so the ladders must stay within the budget with
+    every link on its worst rung at once: the slack (budget minus the plan's error) is spent cut by cut
+    in pipeline order, each rung only if its extra error still fits and the stage's devices
+    can encode it and the next stage's decode it. The last stage's ladder is empty (raw)."""
+    spare = 0.0 if max_error is None else max_error - plan.error   # no budget: nothing more
+    out: list[list[str]] = []
+    for i, s in enumerate(plan.stages):
+        if i == len(plan.stages) - 1:
+            out.append([])
+            break
+        cut, chosen = s.units[1], s.encoding
+        devs = [(problem.device(d), True) for d in s.devices] + [(problem.device(d), False)
+                                                                 for d in plan.stages[i + 1].devices]
+        rung = [chosen]
+        base_err = problem.cut_error(chosen, cut)
+        worst = base_err
+        smaller = sorted((e for e in problem.encodings if problem.cut_ratio(e) < problem.cut_ratio(chosen)),
+                         key=lambda e: (-problem.cut_ratio(e), e))
+        for e in smaller:
+            err = problem.cut_error(e, cut)
+            if max(err, worst) - base_err > spare + 1e-15:
+                continue
+            if any(math.isinf(d.codec_s_per_byte(e, enc)) for d, enc in devs):
+                continue
+            rung.append(e)
+            worst = max(worst, err)
+        spare -= worst - base_err
+        out.append(rung if rung != [RAW] else [])
+    return out
