@@ -37,6 +37,7 @@ __all__ = ["solve_encoded", "without_encodings", "codec_classes", "ladders"]
 
 TIE_RTOL = 1e-9     # bottlenecks within this relative distance are equal (as solver.py)
 RAW_SHARE = 0.3     # the raw incumbent's share of the effort and time limits
+SLACK = 1 + 1e-9    # prefix-sum estimates prune only beyond this (their rounding is not fsum's)
 
 
 def without_encodings(problem: Problem) -> Problem:
@@ -75,6 +76,7 @@ class _Decision:
         self._links: dict[tuple, float] = {}
         self._mem: dict[tuple[int, int], int] = {}
         self.comps = self._compositions()
+        self.pre = [[0.0, *itertools.accumulate(p[0].unit_times_s)] for p in self.pools]
 
     def _compositions(self) -> list[tuple[int, ...]]:
         counts = [len(p) for p in self.pools]
@@ -94,7 +96,7 @@ class _Decision:
             t = self._links[key] = _link(self.p, src, dst, nbytes, ("", "")).time_s
         return t
 
-    def fits(self, a: int, b: int, devs: tuple[Device, ...]) -> bool:
+    def fits(self, a: int, b: int, devs: list[Device]) -> bool:
         need = self._mem.get((a, b))
         if need is None:
             need = self._mem[(a, b)] = stage_memory_bytes(self.p, a, b)
@@ -116,18 +118,24 @@ class _Decision:
                 devs = self.devices(used, comp)
                 names = tuple(d.name for d in devs)
                 m = len(devs)
-                if any(math.isinf(d.codec_s_per_byte(ein, False)) for d in devs):
+                # twins cost the same: one device of each class in the stage stands for all
+                reps = [(k, self.pools[k][used[k]]) for k in range(K) if comp[k]]
+                dec_in = [_codec_s(d, ein, False, raw_in) for _, d in reps]
+                if any(math.isinf(x) for x in dec_in):
                     continue
                 if self.link_s(prev, names, w_in) > bound:
                     continue
                 after = tuple(x + y for x, y in zip(used, comp))
                 for b in range(u + 1, L + 1):
                     self.effort.tick()
-                    if max(math.fsum(d.unit_times_s[u:b]) for d in devs) / m > bound:
+                    # prefix sums only prune (with slack); the exact check below is cost.py's
+                    compute = [self.pre[k][b] - self.pre[k][u] for k, _ in reps]
+                    if max(compute) / m > bound * SLACK:
                         break       # compute only grows with b
-                    if not self.fits(u, b, devs):
+                    if not self.fits(u, b, [d for _, d in reps]):
                         continue
                     raw_out = self.raw[b]
+                    io = [c + d.recv_s_per_byte * w_in + x for c, (_, d), x in zip(compute, reps, dec_in)]
                     for eo in (self.encs if b < L else (RAW,)):
                         err = p.cut_error(eo, b) if b < L else 0.0
                         if err > self.max_error:
@@ -135,9 +143,13 @@ class _Decision:
                         if found is not None and err >= found[0]:
                             continue
                         w_out = self.wire[(b, eo)]
-                        t = max(d.stage_time_s(u, b, w_in, w_out, d.codec_s_per_byte(ein, False) * raw_in
-                                               + d.codec_s_per_byte(eo, True) * raw_out) for d in devs) / m
-                        if not t <= bound:      # also inf (a device that cannot encode eo): skip
+                        enc_out = [_codec_s(d, eo, True, raw_out) for _, d in reps]
+                        est = max(t + d.send_s_per_byte * w_out + e for t, (_, d), e in zip(io, reps, enc_out)) / m
+                        if not est <= bound * SLACK:   # also inf (a device that cannot encode eo)
+                            continue
+                        t = max(d.stage_time_s(u, b, w_in, w_out, x + e)
+                                for (_, d), x, e in zip(reps, dec_in, enc_out)) / m
+                        if not t <= bound:
                             continue
                         stage = Stage((u, b), tuple(sorted(names, key=self.order)), eo)
                         if b == L:
@@ -160,6 +172,12 @@ class _Decision:
     @property
     def order(self) -> Callable[[str], int]:
         return self.p.node_index
+
+
+def _codec_s(d: Device, name: str, encode: bool, nbytes: int) -> float:
+    """Seconds ``d`` takes to encode (decode) ``nbytes`` raw bytes; inf when it cannot."""
+    c = d.codec_s_per_byte(name, encode)
+    return c if math.isinf(c) else c * nbytes
 
 
 def solve_encoded(problem: Problem, max_error: float, *, time_limit_s: float, gap: float, effort: int,
