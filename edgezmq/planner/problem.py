@@ -52,7 +52,7 @@ from edgezmq.terms import (
 )
 
 __all__ = ["PlanError", "Unit", "DeviceType", "Device", "Link", "Nic", "ModelChain", "Options",
-           "Problem", "Encoding", "CodecCost", "load_problem", "read_nic", "encoded_bytes", "CLIENT",
+           "Problem", "Encoding", "CodecPrice", "load_problem", "read_nic", "encoded_bytes", "CLIENT",
            "GRANULARITIES", "RAW"]
 
 DEFAULT_BUFFERS = 2
@@ -121,7 +121,7 @@ class Encoding:
 
 
 @dataclass(frozen=True)
-class CodecCost:
+class CodecPrice:
     """What an encoding costs a device: stage seconds per raw byte to encode (sending) and
     to decode (receiving)."""
 
@@ -129,7 +129,7 @@ class CodecCost:
     decode_s_per_byte: float
 
 
-NO_CODECS: Mapping[str, CodecCost] = {}
+NO_CODECS: Mapping[str, CodecPrice] = {}
 
 
 def encoded_bytes(raw: int, ratio: float) -> int:
@@ -148,7 +148,7 @@ class DeviceType:
     recv_s_per_byte: float = 0.0
     send_s_per_byte: float = 0.0
     nic: Nic = UNLIMITED
-    codecs: Mapping[str, CodecCost] = field(default_factory=dict)
+    codecs: Mapping[str, CodecPrice] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -164,7 +164,7 @@ class Device:
     recv_s_per_byte: float = 0.0  # stage time per byte received (its input), on top of compute
     send_s_per_byte: float = 0.0  # ... and per byte sent (its output)
     nic: Nic = UNLIMITED  # its network interface (its own, else its type's)
-    codecs: Mapping[str, CodecCost] = field(default_factory=dict)  # its own, else its type's
+    codecs: Mapping[str, CodecPrice] = field(default_factory=dict)  # its own, else its type's
 
     def stage_time_s(self, a: int, b: int, in_bytes: int, out_bytes: int, codec_s: float = 0.0) -> float:
         """Time per microbatch of units [a, b) here: compute plus moving its input and output
@@ -430,7 +430,7 @@ def _lossy_name(name: Any, path: str) -> str:
     return name
 
 
-def _codecs(m: Mapping[str, Any], path: str, fallback: Mapping[str, CodecCost]) -> Mapping[str, CodecCost]:
+def _codecs(m: Mapping[str, Any], path: str, fallback: Mapping[str, CodecPrice]) -> Mapping[str, CodecPrice]:
     """The optional ``codec_ms_per_mb`` of a section: {name: {encode, decode}} in ms per MB of
     raw activations (absent: ``fallback``, its type's)."""
     v = m.get("codec_ms_per_mb")
@@ -444,7 +444,7 @@ def _codecs(m: Mapping[str, Any], path: str, fallback: Mapping[str, CodecCost]) 
         c = F.mapping(c, p, CODEC_FIELDS)
         enc, dec = (F.number(F.need(c, k, object, p), f"{p}.{k}", lo=0, hi=MAX_FACTOR, strings=True)
                     / MS_PER_S / BYTES_PER_MB for k in CODEC_FIELDS)
-        out[name] = CodecCost(enc, dec)
+        out[name] = CodecPrice(enc, dec)
     return out
 
 
