@@ -309,3 +309,17 @@ def test_plan_command_shows_and_writes_encodings(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit):
         main(["plan", str(problem), "--max-error", "-1"])
     assert "--max-error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seed", range(0, 60, 4))
+def test_effort_limit_keeps_a_valid_plan_and_bound(seed: int) -> None:
+    """Stopped by effort: a plan within the budget, and a lower bound the optimum respects."""
+    p = Problem.from_dict(encoded_problem(seed))
+    max_error = budget(random.Random(seed))
+    want = brute(p, max_error)
+    if math.isinf(want):
+        return
+    plan = solve(p, max_error=max_error, effort=60)
+    assert plan.feasible and plan.error <= max_error + 1e-12
+    assert plan.lower_bound_s <= want * (1 + RTOL) <= plan.bottleneck_s * (1 + 2 * RTOL)
+    assert plan.optimal or plan.stats["stopped_by"] == "effort"

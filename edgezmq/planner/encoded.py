@@ -192,16 +192,17 @@ def solve_encoded(problem: Problem, max_error: float, *, time_limit_s: float, ga
     decide = _Decision(problem, max_error, run)
     lo, hi = 0.0, plan.bottleneck_s
     stats: dict[str, object] = {"engine": "encodings", "raw_bottleneck_s": raw.bottleneck_s,
-                                "raw_optimal": raw.optimal, "decisions": 0}
-    stopped = "proven"
+                                "raw_optimal": raw.optimal}
+    stopped, decisions = "proven", 0
 
     def done() -> bool:
         return hi <= 0 or (hi - lo) / hi <= max(gap, TIE_RTOL)
 
     try:
         while not done():
-            mid = (lo + hi) / 2 if lo > 0 else hi * (1 - TIE_RTOL) if stats["decisions"] == 0 else hi / 2
-            stats["decisions"] = int(stats["decisions"]) + 1  # type: ignore[call-overload]
+            # first just below the raw optimum: when encoding cannot help, that one search proves it
+            mid = hi * (1 - TIE_RTOL) if decisions == 0 else (lo + hi) / 2
+            decisions += 1
             found = decide.run(mid)
             if found is None:
                 lo = mid
@@ -210,17 +211,22 @@ def solve_encoded(problem: Problem, max_error: float, *, time_limit_s: float, ga
             if cand.violations or cand.error > max_error + 1e-12 or cand.bottleneck_s > mid * (1 + TIE_RTOL):
                 raise AssertionError(f"encoded search produced a plan it should not have: {cand.to_dict()}")
             plan, hi = cand, cand.bottleneck_s
-        # at the optimal bottleneck, the least error
-        found = decide.run(hi * (1 + TIE_RTOL / 2)) if plan.error > 0 else None
-        if found is not None:
-            cand = evaluate(problem, found[1], method="solve")
-            if cand.bottleneck_s <= hi * (1 + TIE_RTOL) and cand.error < plan.error:
-                plan = cand
     except Timeout as t:
         stopped = t.by
     plan.optimal = stopped == "proven" and hi > 0 and (hi - lo) / hi <= TIE_RTOL
+    if stopped == "proven" and plan.error > 0:
+        try:    # at the optimal bottleneck (or within the gap), the least error
+            found = decide.run(hi * (1 + TIE_RTOL / 2))
+        except Timeout as t:
+            found, stats["least_error_stopped_by"] = None, t.by
+        if found is not None:
+            cand = evaluate(problem, found[1], method="solve")
+            if cand.bottleneck_s <= hi * (1 + TIE_RTOL) and cand.error < plan.error:
+                cand.optimal = plan.optimal
+                plan = cand
     plan.lower_bound_s = plan.bottleneck_s if plan.optimal else min(lo, plan.bottleneck_s)
-    stats.update({"stopped_by": stopped, "effort": run.spent + int(raw.stats.get("effort", 0)),
+    stats.update({"stopped_by": stopped, "decisions": decisions,
+                  "effort": run.spent + int(raw.stats.get("effort", 0)),
                   "solve_time_s": round(time.monotonic() - t0, 4), "max_error": max_error})
     plan.stats = stats
     return plan
