@@ -9,6 +9,8 @@ Strategy (docs/planner.md has the why):
    proves it optimal, else its optimum is a lower bound), then on the exact twin-class
    model when that is small enough.
 5. At the optimal bottleneck, the least latency, then the fewest devices.
+With ``max_error`` and a problem that lists encodings, the encoding of each cut is a
+decision too: encoded.py (it starts from this solve's raw optimum).
 Clusters without class structure (more device profiles than MAX_MIX) go to the device
 search instead (parametric.py: bisection on the bottleneck with an exact decision search).
 Both start from a greedy plan (anytime).
