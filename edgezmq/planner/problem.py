@@ -148,7 +148,7 @@ class DeviceType:
     recv_s_per_byte: float = 0.0
     send_s_per_byte: float = 0.0
     nic: Nic = UNLIMITED
-    codecs: Mapping[str, CodecPrice] = field(default_factory=dict)
+    codecs: Mapping[str, CodecPrice] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)
@@ -164,7 +164,7 @@ class Device:
     recv_s_per_byte: float = 0.0  # stage time per byte received (its input), on top of compute
     send_s_per_byte: float = 0.0  # ... and per byte sent (its output)
     nic: Nic = UNLIMITED  # its network interface (its own, else its type's)
-    codecs: Mapping[str, CodecPrice] = field(default_factory=dict)  # its own, else its type's
+    codecs: Mapping[str, CodecPrice] = field(default_factory=dict, hash=False)  # its own, else its type's
 
     def stage_time_s(self, a: int, b: int, in_bytes: int, out_bytes: int, codec_s: float = 0.0) -> float:
         """Time per microbatch of units [a, b) here: compute plus moving its input and output
