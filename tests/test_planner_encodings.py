@@ -323,3 +323,14 @@ def test_effort_limit_keeps_a_valid_plan_and_bound(seed: int) -> None:
     assert plan.feasible and plan.error <= max_error + 1e-12
     assert plan.lower_bound_s <= want * (1 + RTOL) <= plan.bottleneck_s * (1 + 2 * RTOL)
     assert plan.optimal or plan.stats["stopped_by"] == "effort"
+
+
+def test_too_many_device_classes_returns_the_raw_plan_unproven() -> None:
+    """16 devices all different, with replication: 2^16 stage compositions, not searched."""
+    d = base(encodings=INT8)
+    d["devices"] = [{"name": f"d{i}", "type": "t", "speed": 1 + i / 100} for i in range(16)]
+    d["options"] = {"replication": True}
+    p = Problem.from_dict(d)
+    plan = solve(p, max_error=0.01)
+    assert not plan.optimal and plan.stats["stopped_by"] == "size" and plan.lower_bound_s == 0.0
+    assert plan.bottleneck_s == solve(without_encodings(p)).bottleneck_s and not plan.encoded

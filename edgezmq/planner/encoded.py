@@ -13,7 +13,9 @@ lowering the incumbent to its real bottleneck, finds the optimum to TIE_RTOL.
 Devices are tracked by twin class (classes.py; twins must also have the same codec costs),
 each class's devices taken in file order, and every figure is computed by the cost model's
 own functions (cost.py) on those real devices, so a plan's price here is ``evaluate``'s.
-The incumbent is the raw optimum (error 0, always within budget). The search's moves count
+The incumbent is the raw optimum (error 0, always within budget). With more than
+MAX_COMPOSITIONS stage compositions (many distinct devices, replication) the search is not
+tried: the raw plan is returned, not claimed optimal. The search's moves count
 against the solve's effort; when it runs out, the best plan so far is returned with its
 proven lower bound (``optimal`` false). Among plans of the optimal bottleneck, the least
 total error is returned (not the least latency: ``latency_optimal`` is false).
@@ -38,6 +40,7 @@ __all__ = ["solve_encoded", "without_encodings", "codec_classes", "ladders"]
 TIE_RTOL = 1e-9     # bottlenecks within this relative distance are equal (as solver.py)
 RAW_SHARE = 0.3     # the raw incumbent's share of the effort and time limits
 SLACK = 1 + 1e-9    # prefix-sum estimates prune only beyond this (their rounding is not fsum's)
+MAX_COMPOSITIONS = 20_000   # stage compositions (class count vectors) the search may enumerate
 
 
 def without_encodings(problem: Problem) -> Problem:
@@ -78,6 +81,12 @@ class _Decision:
         self.comps = self._compositions()
         self.pre = [[0.0, *itertools.accumulate(p[0].unit_times_s)] for p in self.pools]
 
+    @staticmethod
+    def compositions(problem: Problem) -> int:
+        """How many stage compositions the search would enumerate."""
+        pools = codec_classes(problem)
+        return len(pools) if not problem.options.replication else math.prod(len(c) + 1 for c in pools) - 1
+
     def _compositions(self) -> list[tuple[int, ...]]:
         counts = [len(p) for p in self.pools]
         if not self.p.options.replication:
@@ -115,6 +124,7 @@ class _Decision:
             for comp in self.comps:
                 if any(used[k] + comp[k] > len(self.pools[k]) for k in range(K)):
                     continue
+                self.effort.tick()
                 devs = self.devices(used, comp)
                 names = tuple(d.name for d in devs)
                 m = len(devs)
@@ -188,6 +198,12 @@ def solve_encoded(problem: Problem, max_error: float, *, time_limit_s: float, ga
     raw = solve(without_encodings(problem), time_limit_s=time_limit_s * RAW_SHARE, gap=gap,
                 effort=max(1, int(effort * RAW_SHARE)), engine=engine)
     plan = evaluate(problem, raw.stages, method="solve")
+    if _Decision.compositions(problem) > MAX_COMPOSITIONS:
+        plan.optimal, plan.lower_bound_s = False, 0.0
+        plan.stats = {"engine": "encodings", "stopped_by": "size", "raw_bottleneck_s": raw.bottleneck_s,
+                      "encoded": f"not searched: more than {MAX_COMPOSITIONS} stage compositions "
+                                 "(device classes); the raw plan", "max_error": max_error}
+        return plan
     run = Effort(stop=max(0, effort - int(raw.stats.get("effort", 0))), deadline=t0 + time_limit_s)
     decide = _Decision(problem, max_error, run)
     lo, hi = 0.0, plan.bottleneck_s
