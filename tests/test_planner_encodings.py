@@ -334,3 +334,17 @@ def test_too_many_device_classes_returns_the_raw_plan_unproven() -> None:
     plan = solve(p, max_error=0.01)
     assert not plan.optimal and plan.stats["stopped_by"] == "size" and plan.lower_bound_s == 0.0
     assert plan.bottleneck_s == solve(without_encodings(p)).bottleneck_s and not plan.encoded
+
+
+def test_baselines_stay_raw_under_a_budget(tmp_path, capsys) -> None:
+    import yaml
+
+    from edgezmq.cli.main import main
+    problem = tmp_path / "p.yaml"
+    problem.write_text(yaml.safe_dump(three_encodings()))
+    out = tmp_path / "plan.yaml"
+    assert main(["plan", str(problem), "--baseline", "even", "--max-error", "0.3", "-o", str(out),
+                 "--checkpoint", "m.safetensors", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert {k["encoding"] for k in got["links"]} == {"raw"} and got["error"] == 0.0
+    assert all("encoding" not in s for s in yaml.safe_load(out.read_text())["stages"])
