@@ -13,7 +13,8 @@ Pure functions (no sockets, no torch): parse a problem, price plans, solve exact
 
 The cost model is cost.py's docstring; the problem format and the algorithm are in
 docs/planner.md. Modules: problem (parse, validate), cost (evaluate), plan (results),
-classes/bounds/search (the exact solver's internals), solver (solve), baselines,
+classes/bounds/search (the exact solver's internals), solver (solve), encoded (the solve
+with each cut's encoding a decision, ``solve(problem, max_error=E)``), baselines,
 deploy (deployable plan), cli (`edgezmq plan`).
 """
 

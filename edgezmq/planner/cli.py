@@ -1,7 +1,7 @@
 """The ``edgezmq plan`` subcommand: solve (or run a baseline on) a problem file.
 
     edgezmq plan PROBLEM.yaml [--baseline even|pipeedge|pipedream] [--json] [-o PLAN.yaml]
-                 [--effort N] [--time-limit S] [--gap G] [--no-replication]
+                 [--effort N] [--time-limit S] [--gap G] [--no-replication] [--max-error E]
                  [--checkpoint PATH] [--results ADDR]
 
 Prints the plan as a table (or one JSON object with ``--json``) and writes the deployable
@@ -22,7 +22,7 @@ from edgezmq.terms import MAX_SEARCH_NODES
 
 from .baselines import BASELINES, baseline
 from .deploy import deployable
-from .problem import Options, PlanError, load_problem
+from .problem import MAX_ERROR, Options, PlanError, load_problem
 from .solver import DEFAULT_EFFORT, DEFAULT_TIME_LIMIT_S, solve
 
 __all__ = ["add_cli", "run"]
@@ -51,6 +51,10 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument("--gap", type=float_in(0, 1), default=0.0, metavar="G",
                    help="stop once proven within this relative gap of optimal, 0..1 (default 0: prove it)")
     p.add_argument("--no-replication", action="store_true", help="one device per stage")
+    p.add_argument("--max-error", type=float_in(0, MAX_ERROR), metavar="E",
+                   help="let the planner encode the links between stages with the problem's model.encodings, "
+                        "their errors at the used cuts (relative L2 of the logits) summing to at most E "
+                        f"(0..{MAX_ERROR:g}; default: every link raw, exact)")
     p.add_argument("--checkpoint", help="checkpoint path to put in the deployable plan")
     p.add_argument("--results", help="results address (tcp://...) to put in the deployable plan")
     p.set_defaults(func=run)
@@ -74,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
         if args.baseline:
             plan = baseline(problem, args.baseline, time_limit_s=args.time_limit)
         else:
-            plan = solve(problem, time_limit_s=args.time_limit, gap=args.gap, effort=args.effort)
+            plan = solve(problem, time_limit_s=args.time_limit, gap=args.gap, effort=args.effort,
+                         max_error=args.max_error)
     except PlanError as e:
         return _fail(str(e), EXIT_BAD_INPUT)
 
@@ -86,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
         print(plan.table(problem))
     if args.output:
         try:
-            doc = deployable(problem, plan, checkpoint=args.checkpoint, results=args.results)
+            doc = deployable(problem, plan, checkpoint=args.checkpoint, results=args.results,
+                             max_error=None if args.baseline else args.max_error)
         except PlanError as e:
             return _fail(f"not writing {args.output}: {e}", EXIT_FAILED)
         import yaml  # deferred: only -o needs it

@@ -18,11 +18,17 @@ microbatch on average, each y receives n / |Y|):
 Bottleneck B = max of every C_s and every link time; throughput = microbatch / B;
 latency = sum of max_{d in R} T_d over stages + sum of link latencies.
 Without NIC limits the NIC terms are 0 and every figure is what the pair model gives.
+Encodings (a stage's ``encoding``: how its output crosses the link to the next stage; the
+client's links, cuts 0 and L, stay raw): the link carries n = ceil(ratio * raw bytes); its
+senders add encode_d * raw bytes to T_d, its receivers decode_d * raw bytes; recv/send
+costs apply to the wire bytes, memory to the raw ones (a stage holds decoded tensors).
+The plan's error is the sum of the used cuts' errors (docs/planner.md: why a sum).
 The solver uses the same formulas (on classes of devices); the tests hold both to this one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any, TypeVar
@@ -30,7 +36,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from .plan import LinkCost, Plan, Stage, StageCost, stage_list
-from .problem import CLIENT, PlanError, Problem
+from .problem import CLIENT, RAW, PlanError, Problem, encoded_bytes
 
 __all__ = ["evaluate", "shard_memory_bytes", "stage_memory_bytes", "in_bytes"]
 
@@ -87,8 +93,25 @@ def _check(problem: Problem, stages: list[Stage]) -> None:
             used[dev] = i
         if len(s.devices) > 1 and not problem.options.replication:
             raise PlanError(f"{p}.devices: {len(s.devices)} replicas but options.replication is false")
+        if s.encoding != RAW:
+            _check_encoding(problem, stages, i)
     if expect != n_units:
         raise PlanError(f"stages: cover units [0, {expect}), expected [0, {n_units})")
+
+
+def _check_encoding(problem: Problem, stages: list[Stage], i: int) -> None:
+    """Stage i's output encoding: a lossy candidate of the problem, on a link between stages,
+    that its devices can encode and the next stage's can decode."""
+    p, name = f"stages[{i}].encoding", stages[i].encoding
+    if name not in problem.encodings:
+        known = ", ".join([RAW, *problem.encodings])
+        raise PlanError(f"{p}: expected one of the problem's encodings ({known}), got {name!r}")
+    if i == len(stages) - 1:
+        raise PlanError(f"{p}: the last stage's output goes to the client raw, got {name!r}")
+    for dev, encode in [*((d, True) for d in stages[i].devices), *((d, False) for d in stages[i + 1].devices)]:
+        if math.isinf(problem.device(dev).codec_s_per_byte(name, encode)):
+            raise PlanError(f"{p}: device {dev!r} has no codec_ms_per_mb.{name} (cannot "
+                            f"{'encode' if encode else 'decode'} it)")
 
 
 def _link(problem: Problem, src: Sequence[str], dst: Sequence[str], nbytes: int,
@@ -121,10 +144,16 @@ def evaluate(problem: Problem, stages: Sequence[Any], *, method: str = "evaluate
     _check(problem, stages)
     by_name = {d.name: d for d in problem.devices}
     costs, violations = [], []
+    encs = [RAW, *(s.encoding for s in stages)]     # encs[i]: how stage i's input arrives
+    wire = [problem.model.input_bytes]                # wire[i]: bytes of the link into stage i
     for i, s in enumerate(stages):
         a, b = s.units
         n_in, n_out = in_bytes(problem, a), problem.units[b - 1].out_bytes
-        times = {d: by_name[d].stage_time_s(a, b, n_in, n_out) for d in s.devices}
+        w_in, w_out = wire[i], encoded_bytes(n_out, problem.cut_ratio(s.encoding))
+        wire.append(w_out)
+        ei, eo = encs[i], s.encoding
+        times = {d: by_name[d].stage_time_s(a, b, w_in, w_out, _codec_s(by_name[d], ei, n_in, eo, n_out))
+                 for d in s.devices}
         slowest = max(times.values())
         need = stage_memory_bytes(problem, a, b)
         tight = min(s.devices, key=lambda d: by_name[d].capacity_bytes)
@@ -140,8 +169,8 @@ def evaluate(problem: Problem, stages: Sequence[Any], *, method: str = "evaluate
     labels = [CLIENT, *(f"stage {i}" for i in range(len(stages))), CLIENT]
     links = []
     for k in range(len(groups) - 1):
-        nbytes = (problem.model.input_bytes if k == 0 else problem.units[stages[k - 1].units[1] - 1].out_bytes)
-        links.append(_link(problem, groups[k], groups[k + 1], nbytes, (labels[k], labels[k + 1])))
+        link = _link(problem, groups[k], groups[k + 1], wire[k], (labels[k], labels[k + 1]))
+        links.append(link if encs[k] == RAW else dataclasses.replace(link, encoding=encs[k]))
 
     bottleneck, where = -1.0, ""
     for i, c in enumerate(costs):
@@ -153,5 +182,13 @@ def evaluate(problem: Problem, stages: Sequence[Any], *, method: str = "evaluate
     latency = math.fsum([c.unreplicated_s for c in costs] + [k.latency_s for k in links])
     mb = problem.model.microbatch
     throughput = mb / bottleneck if bottleneck > 0 else math.inf
+    error = math.fsum(problem.cut_error(s.encoding, s.units[1]) for s in stages if s.encoding != RAW)
     return Plan(stages, costs, links, bottleneck, throughput, latency, where, mb, violations,
-                method=method)
+                method=method, error=error)
+
+
+def _codec_s(dev: Any, ein: str, n_in: int, eo: str, n_out: int) -> float:
+    """A device's seconds decoding its input (``ein``) and encoding its output (``eo``)."""
+    if ein == RAW and eo == RAW:
+        return 0.0
+    return dev.codec_s_per_byte(ein, False) * n_in + dev.codec_s_per_byte(eo, True) * n_out

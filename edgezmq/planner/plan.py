@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from edgezmq.argtypes import MAX_WINDOW
-from edgezmq.terms import CLIENT
+from edgezmq.terms import CLIENT, ENCODINGS
 
 if TYPE_CHECKING:
     from .problem import Problem
@@ -24,17 +24,22 @@ BOTTLENECK_MARK = "<-"
 
 @dataclass(frozen=True)
 class Stage:
-    """Units [a, b) of the chain on one or more devices (replicas, fed round-robin)."""
+    """Units [a, b) of the chain on one or more devices (replicas, fed round-robin), and the
+    encoding of its output on the link to the next stage (the last stage's is raw)."""
 
     units: tuple[int, int]
     devices: tuple[str, ...]
+    encoding: str = ENCODINGS[0]
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "units", tuple(self.units))
         object.__setattr__(self, "devices", tuple(self.devices))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"units": list(self.units), "devices": list(self.devices)}
+        out: dict[str, Any] = {"units": list(self.units), "devices": list(self.devices)}
+        if self.encoding != ENCODINGS[0]:
+            out["encoding"] = self.encoding
+        return out
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,7 @@ class LinkCost:
     nic_down_s: float = 0.0   # max over receivers of their share / their downlink
     nic_up_node: str = ""     # the sender and receiver those maxima come from
     nic_down_node: str = ""
+    encoding: str = ENCODINGS[0]  # how the activations cross it (``bytes`` are the wire's)
 
     @property
     def bound_by(self) -> str:
@@ -104,6 +110,12 @@ class Plan:
     lower_bound_s: float | None = None
     method: str = "evaluate"
     stats: dict[str, Any] = field(default_factory=dict)
+    error: float = 0.0           # the chosen encodings' errors, summed (docs/planner.md)
+
+    @property
+    def encoded(self) -> bool:
+        """Whether some link is not raw."""
+        return any(k.encoding != ENCODINGS[0] for k in self.links)
 
     @property
     def feasible(self) -> bool:
@@ -153,13 +165,15 @@ class Plan:
             "feasible": self.feasible,
             "violations": list(self.violations),
             "num_devices": self.num_devices,
+            "error": self.error,
             "stages": [
                 {**s.to_dict(), "compute_s": c.compute_s, "memory_bytes": c.memory_bytes,
                  "memory_limit_bytes": c.memory_limit_bytes}
                 for s, c in zip(self.stages, self.stage_costs)],
             "links": [{"src": k.src, "dst": k.dst, "bytes": k.bytes, "time_s": k.time_s,
                        "latency_s": k.latency_s, "pair_s": k.pair_s, "nic_up_s": k.nic_up_s,
-                       "nic_down_s": k.nic_down_s, "bound_by": k.bound_by} for k in self.links],
+                       "nic_down_s": k.nic_down_s, "bound_by": k.bound_by, "encoding": k.encoding}
+                      for k in self.links],
             "stopped_by": self.stats.get("stopped_by"),
             # the solver's incumbent over time: (seconds, its bottleneck, the proven bound, nodes)
             "history": [{"time_s": t, "bottleneck_s": ub, "lower_bound_s": lb, "effort": n}
@@ -170,8 +184,11 @@ class Plan:
     def table(self, problem: Problem) -> str:
         """The human table: one row per stage with the link into it; the bottleneck marked."""
         names = [u.name for u in problem.units]
-        head = ("stage", "devices", "units", "compute s", "link in s", "memory used/limit")
-        rows = []
+        head: tuple[str, ...] = ("stage", "devices", "units", "compute s", "link in s", "memory used/limit")
+        encoded = self.encoded
+        if encoded:
+            head = (*head, "encoding in")
+        rows: list[tuple[str, ...]] = []
         for i, (s, c) in enumerate(zip(self.stages, self.stage_costs)):
             a, b = s.units
             span = names[a] if b - a == 1 else f"{names[a]}..{names[b - 1]}"
@@ -180,10 +197,11 @@ class Plan:
                 str(i), ",".join(s.devices), f"[{a},{b}) {span}",
                 _mark(f"{c.compute_s:.4g}", self.bottleneck_at == f"stage {i}"),
                 _mark(_link_cell(link), self.bottleneck_at == link.where),
-                _bytes_pair(c.memory_bytes, c.memory_limit_bytes)))
+                _bytes_pair(c.memory_bytes, c.memory_limit_bytes), *((link.encoding,) if encoded else ())))
         out = self.links[-1]
         rows.append(("->", CLIENT, "", "",
-                     _mark(_link_cell(out), self.bottleneck_at == out.where), ""))
+                     _mark(_link_cell(out), self.bottleneck_at == out.where), "",
+                     *((out.encoding,) if encoded else ())))
         widths = [max(len(r[k]) for r in (head, *rows)) for k in range(len(head))]
         lines = ["  ".join(x.ljust(w) for x, w in zip(r, widths)).rstrip() for r in (head, *rows)]
         lines.insert(1, "  ".join("-" * w for w in widths))
@@ -194,6 +212,8 @@ class Plan:
         lines.append(f"bottleneck {self.bottleneck_s:.4g} s ({self.bottleneck_at}), throughput "
                      f"{self.throughput_per_s:.4g}/s, latency {self.latency_s:.4g} s, "
                      f"{self.num_devices} devices, {status}")
+        if encoded:
+            lines.append(f"encoded links: error {self.error:.4g} (sum of the encodings' rel_l2 at their cuts)")
         lines.extend(f"VIOLATION: {v}" for v in self.violations)
         return "\n".join(lines)
 
@@ -234,7 +254,8 @@ def stage_list(stages: Sequence[Any]) -> list[Stage]:
         if isinstance(s, Stage):
             out.append(s)
         elif isinstance(s, dict):
-            out.append(Stage(tuple(s["units"]), tuple(s.get("devices") or s.get("nodes") or ())))
+            out.append(Stage(tuple(s["units"]), tuple(s.get("devices") or s.get("nodes") or ()),
+                             s.get("encoding") or ENCODINGS[0]))
         else:
             try:
                 units, devs = s

@@ -19,7 +19,12 @@ Two extensions beyond the basic format, both optional:
   (a name that is both a device and a type means the device);
 - a device type, a device (replacing its type's) and the client (a top-level ``client:``
   section) may have a network interface of limited rate, ``nic_mbps``: one rate both
-  ways, or ``{up: X, down: Y}`` (either omitted: unlimited), shared by all its links.
+  ways, or ``{up: X, down: Y}`` (either omitted: unlimited), shared by all its links;
+- the model may list lossy candidate encodings of the links between stages
+  (``model.encodings: {int8: {ratio, error: [one per cut 1..L-1]}}``) and a device type
+  (or device, replacing its type's) what each costs it: ``codec_ms_per_mb: {int8: {encode,
+  decode}}``, ms per MB of float32 (raw) activations; a device without an encoding's entry
+  cannot encode or decode it. ``raw`` is always a candidate (ratio 1, no cost, no error).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from edgezmq.errors import EdgezmqError
 from edgezmq.fields import Fields, prefixed, read_yaml, shown
 from edgezmq.terms import (
     CLIENT,
+    ENCODINGS,
     GRANULARITIES,
     MAX_BYTES,
     MAX_FACTOR,
@@ -46,7 +52,8 @@ from edgezmq.terms import (
 )
 
 __all__ = ["PlanError", "Unit", "DeviceType", "Device", "Link", "Nic", "ModelChain", "Options",
-           "Problem", "load_problem", "read_nic", "CLIENT", "GRANULARITIES"]
+           "Problem", "Encoding", "CodecPrice", "load_problem", "read_nic", "encoded_bytes", "CLIENT",
+           "GRANULARITIES", "RAW"]
 
 DEFAULT_BUFFERS = 2
 MAX_BUFFERS = 64  # activation buffers each way per stage
@@ -55,6 +62,8 @@ BITS_PER_BYTE = 8
 BITS_PER_MEGABIT = 1e6
 MS_PER_S = 1000.0
 BYTES_PER_MB = 1e6
+RAW = ENCODINGS[0]  # the lossless encoding: always a candidate, ratio 1, no cost, no error
+MAX_ERROR = 1e3     # an encoding's error contribution (relative L2 of the logits) at most
 
 
 class PlanError(EdgezmqError, ValueError):
@@ -102,6 +111,33 @@ UNLIMITED = Nic()
 
 
 @dataclass(frozen=True)
+class Encoding:
+    """A lossy candidate for the links between stages: wire bytes per raw byte, and the
+    measured error it adds at each cut (``error[c - 1]`` for cut c, 0 < c < L)."""
+
+    name: str
+    ratio: float
+    error: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class CodecPrice:
+    """What an encoding costs a device: stage seconds per raw byte to encode (sending) and
+    to decode (receiving)."""
+
+    encode_s_per_byte: float
+    decode_s_per_byte: float
+
+
+NO_CODECS: Mapping[str, CodecPrice] = {}
+
+
+def encoded_bytes(raw: int, ratio: float) -> int:
+    """Bytes on the wire of ``raw`` bytes sent at ``ratio`` (rounded up; raw stays exact)."""
+    return raw if ratio == 1.0 else math.ceil(raw * ratio)
+
+
+@dataclass(frozen=True)
 class DeviceType:
     """A kind of device: usable memory and the time of every unit at the problem's microbatch."""
 
@@ -112,6 +148,7 @@ class DeviceType:
     recv_s_per_byte: float = 0.0
     send_s_per_byte: float = 0.0
     nic: Nic = UNLIMITED
+    codecs: Mapping[str, CodecPrice] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)
@@ -127,11 +164,23 @@ class Device:
     recv_s_per_byte: float = 0.0  # stage time per byte received (its input), on top of compute
     send_s_per_byte: float = 0.0  # ... and per byte sent (its output)
     nic: Nic = UNLIMITED  # its network interface (its own, else its type's)
+    codecs: Mapping[str, CodecPrice] = field(default_factory=dict, hash=False)  # its own, else its type's
 
-    def stage_time_s(self, a: int, b: int, in_bytes: int, out_bytes: int) -> float:
-        """Time per microbatch of units [a, b) here: compute plus moving its input and output."""
+    def stage_time_s(self, a: int, b: int, in_bytes: int, out_bytes: int, codec_s: float = 0.0) -> float:
+        """Time per microbatch of units [a, b) here: compute plus moving its input and output
+        (wire bytes), plus ``codec_s`` decoding its input and encoding its output."""
         return (math.fsum(self.unit_times_s[a:b]) + in_bytes * self.recv_s_per_byte
-                + out_bytes * self.send_s_per_byte)
+                + out_bytes * self.send_s_per_byte + codec_s)
+
+    def codec_s_per_byte(self, name: str, encode: bool) -> float:
+        """Seconds per raw byte to encode (or decode) ``name`` here; ``inf`` when this device
+        has no cost for it (it cannot), 0 for raw."""
+        if name == RAW:
+            return 0.0
+        c = self.codecs.get(name)
+        if c is None:
+            return math.inf
+        return c.encode_s_per_byte if encode else c.decode_s_per_byte
 
     @property
     def capacity_bytes(self) -> int:
@@ -163,6 +212,7 @@ class ModelChain:
     dtype: str = DEFAULT_DTYPE
     checkpoint: str | None = None
     kwargs: Mapping[str, Any] = field(default_factory=dict)
+    encodings: Mapping[str, Encoding] = field(default_factory=dict)  # lossy candidates (raw is implied)
 
 
 @dataclass(frozen=True)
@@ -233,6 +283,18 @@ class Problem:
     def has_nic(self) -> bool:
         """Whether any node's interface is limited (else links are priced per pair alone)."""
         return self.client_nic.limited or any(d.nic.limited for d in self.devices)
+
+    @property
+    def encodings(self) -> Mapping[str, Encoding]:
+        """The model's lossy candidate encodings (empty: every link is raw)."""
+        return self.model.encodings
+
+    def cut_error(self, name: str, cut: int) -> float:
+        """Error ``name`` adds at cut c (0 < c < L); 0 for raw."""
+        return 0.0 if name == RAW else self.model.encodings[name].error[cut - 1]
+
+    def cut_ratio(self, name: str) -> float:
+        return 1.0 if name == RAW else self.model.encodings[name].ratio
 
     def link(self, a: str, b: str) -> Link:
         """The resolved link between two distinct nodes (device names or "client")."""
@@ -329,6 +391,7 @@ def _parse_model(m: Mapping[str, Any]) -> ModelChain:
     kwargs = m.get("kwargs") or {}
     F.mapping(kwargs, "model.kwargs")
     ckpt = m.get("checkpoint")
+    encodings = _parse_encodings(F.mapping(m.get("encodings") or {}, "model.encodings"), len(units))
     return ModelChain(
         name=F.string(F.need(m, "name", object, "model"), "model.name"),
         microbatch=F.integer(F.need(m, "microbatch", object, "model"), "model.microbatch", lo=1, hi=MAX_MICROBATCH, strings=True),
@@ -336,7 +399,53 @@ def _parse_model(m: Mapping[str, Any]) -> ModelChain:
         units=tuple(units), granularity=gran,
         dtype=F.string(m.get("dtype", DEFAULT_DTYPE), "model.dtype"),
         checkpoint=None if ckpt is None else F.string(ckpt, "model.checkpoint"),
-        kwargs=dict(kwargs))
+        kwargs=dict(kwargs), encodings=encodings)
+
+
+ENCODING_FIELDS = ("ratio", "error")
+CODEC_FIELDS = ("encode", "decode")
+
+
+def _parse_encodings(m: Mapping[str, Any], n_units: int) -> dict[str, Encoding]:
+    """``model.encodings``: {name: {ratio in (0, 1], error: one value per cut 1..L-1}}."""
+    out = {}
+    for name, e in m.items():
+        p = f"model.encodings.{name}"
+        _lossy_name(name, p)
+        e = F.mapping(e, p, ENCODING_FIELDS)
+        ratio = F.number(F.need(e, "ratio", object, p), f"{p}.ratio", lo=0, lo_open=True, hi=1, strings=True)
+        errs = F.seq(F.need(e, "error", object, p), f"{p}.error")
+        if len(errs) != n_units - 1:
+            raise PlanError(f"{p}.error: expected {n_units - 1} values (one per cut 1..{n_units - 1} between "
+                            f"units), got {len(errs)}")
+        out[name] = Encoding(name, ratio, tuple(F.number(x, f"{p}.error[{i}]", lo=0, hi=MAX_ERROR, strings=True)
+                                                for i, x in enumerate(errs)))
+    return out
+
+
+def _lossy_name(name: Any, path: str) -> str:
+    name = F.string(name, path)
+    if name not in ENCODINGS or name == RAW:
+        raise PlanError(f"{path}: expected a lossy encoding ({', '.join(ENCODINGS[1:])}), got {name!r}")
+    return name
+
+
+def _codecs(m: Mapping[str, Any], path: str, fallback: Mapping[str, CodecPrice]) -> Mapping[str, CodecPrice]:
+    """The optional ``codec_ms_per_mb`` of a section: {name: {encode, decode}} in ms per MB of
+    raw activations (absent: ``fallback``, its type's)."""
+    v = m.get("codec_ms_per_mb")
+    if v is None:
+        return fallback
+    path = f"{path}.codec_ms_per_mb"
+    out = {}
+    for name, c in F.mapping(v, path).items():
+        p = f"{path}.{name}"
+        _lossy_name(name, p)
+        c = F.mapping(c, p, CODEC_FIELDS)
+        enc, dec = (F.number(F.need(c, k, object, p), f"{p}.{k}", lo=0, hi=MAX_FACTOR, strings=True)
+                    / MS_PER_S / BYTES_PER_MB for k in CODEC_FIELDS)
+        out[name] = CodecPrice(enc, dec)
+    return out
 
 
 def _parse_types(m: Mapping[str, Any], n_units: int) -> dict[str, DeviceType]:
@@ -351,7 +460,7 @@ def _parse_types(m: Mapping[str, Any], n_units: int) -> dict[str, DeviceType]:
             name, F.integer(F.need(t, "memory_bytes", object, p), f"{p}.memory_bytes", lo=0, hi=MAX_BYTES, strings=True),
             F.integer(t.get("reserved_bytes", 0), f"{p}.reserved_bytes", lo=0, hi=MAX_BYTES, strings=True),
             _times(F.need(t, "unit_times_s", object, p), f"{p}.unit_times_s", n_units),
-            *_io_costs(t, p, (0.0, 0.0)), _nic(t, p, UNLIMITED))
+            *_io_costs(t, p, (0.0, 0.0)), _nic(t, p, UNLIMITED), _codecs(t, p, NO_CODECS))
     return types
 
 
@@ -391,7 +500,8 @@ def _parse_devices(seq: Sequence[Any], types: Mapping[str, DeviceType], n_units:
             F.integer(d.get("memory_bytes", t.memory_bytes), f"{p}.memory_bytes", lo=0, hi=MAX_BYTES, strings=True),
             F.integer(d.get("reserved_bytes", t.reserved_bytes), f"{p}.reserved_bytes", lo=0, hi=MAX_BYTES, strings=True),
             times, None if control is None else F.string(control, f"{p}.control"),
-            *_io_costs(d, p, (t.recv_s_per_byte, t.send_s_per_byte)), _nic(d, p, t.nic)))
+            *_io_costs(d, p, (t.recv_s_per_byte, t.send_s_per_byte)), _nic(d, p, t.nic),
+            _codecs(d, p, t.codecs)))
     return tuple(out)
 
 

@@ -9,6 +9,8 @@ Strategy (docs/planner.md has the why):
    proves it optimal, else its optimum is a lower bound), then on the exact twin-class
    model when that is small enough.
 5. At the optimal bottleneck, the least latency, then the fewest devices.
+With ``max_error`` and a problem that lists encodings, the encoding of each cut is a
+decision too: encoded.py (it starts from this solve's raw optimum).
 Clusters without class structure (more device profiles than MAX_MIX) go to the device
 search instead (parametric.py: bisection on the bottleneck with an exact decision search).
 Both start from a greedy plan (anytime).
@@ -216,7 +218,8 @@ def optimise_model(cm: ClassModel, time_limit_s: float, effort: int = DEFAULT_EF
 
 
 def solve(problem: Problem, *, time_limit_s: float = DEFAULT_TIME_LIMIT_S, gap: float = 0.0,
-          replication: bool | None = None, effort: int = DEFAULT_EFFORT, engine: str = "auto") -> Plan:
+          replication: bool | None = None, effort: int = DEFAULT_EFFORT, engine: str = "auto",
+          max_error: float | None = None) -> Plan:
     """The plan of least bottleneck (then latency, then devices) for ``problem``.
 
     ``gap``: stop once the plan is proven within this relative distance of optimal (0:
@@ -224,11 +227,17 @@ def solve(problem: Problem, *, time_limit_s: float = DEFAULT_TIME_LIMIT_S, gap: 
     same on every machine); ``time_limit_s``: the wall-clock safety net. ``replication``
     overrides the problem's option. ``engine``: "auto" (class search when devices fall
     into few kinds, else device search), or force "classes" / "devices". ``Plan.optimal``
-    is true only when minimality was proven.
+    is true only when minimality was proven. ``max_error``: the budget of the problem's
+    encodings (their errors at the used cuts, summed; encoded.py); None (the default) or a
+    problem without encodings: every link raw, as before.
     """
     if replication is not None and replication != problem.options.replication:
         problem = dataclasses.replace(problem, options=dataclasses.replace(problem.options,
                                                                            replication=replication))
+    if max_error is not None and problem.encodings:
+        from .encoded import solve_encoded  # deferred: it calls back into solve for the raw plan
+        return solve_encoded(problem, max_error, time_limit_s=time_limit_s, gap=gap, effort=effort,
+                             engine=engine, solve=solve)
     return solve_arrays(problem, device_arrays(problem), time_limit_s=time_limit_s, gap=gap, effort=effort,
                         engine=engine)
 

@@ -1,0 +1,282 @@
+"""The solve when each used cut's encoding is a decision, under an error budget (internal).
+
+``solve(problem, max_error=E)`` comes here when the problem lists encodings
+(docs/planner.md, "Encodings"). The exact problem: least bottleneck B over plans whose
+summed cut errors are at most E. For a fixed B, the least total error of a plan with every
+cost <= B is a shortest path over the states (units covered, how the last cut is encoded,
+devices used, devices of the last stage): errors add along the chain, and every cost (a
+stage's time with its decode and encode, a link's with its encoded bytes) is local to one
+stage and the link into it. So B is feasible iff that least error is <= E, which is
+monotone in B: bisection between a proven bound and the incumbent, each feasible answer
+lowering the incumbent to its real bottleneck, finds the optimum to TIE_RTOL.
+
+Devices are tracked by twin class (classes.py; twins must also have the same codec costs),
+each class's devices taken in file order, and every figure is computed by the cost model's
+own functions (cost.py) on those real devices, so a plan's price here is ``evaluate``'s.
+The incumbent is the raw optimum (error 0, always within budget). With more than
+MAX_COMPOSITIONS stage compositions (many distinct devices, replication) the search is not
+tried: the raw plan is returned, not claimed optimal. The search's moves count
+against the solve's effort; when it runs out, the best plan so far is returned with its
+proven lower bound (``optimal`` false). Among plans of the optimal bottleneck, the least
+total error is returned (not the least latency: ``latency_optimal`` is false).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import time
+from collections.abc import Callable
+
+from .classes import device_arrays, twin_classes
+from .cost import _link, evaluate, in_bytes, stage_memory_bytes
+from .plan import Plan, Stage
+from .problem import CLIENT, RAW, Device, Problem, encoded_bytes
+from .search import Effort, Timeout
+
+__all__ = ["solve_encoded", "without_encodings", "codec_classes", "ladders"]
+
+TIE_RTOL = 1e-9     # bottlenecks within this relative distance are equal (as solver.py)
+RAW_SHARE = 0.3     # the raw incumbent's share of the effort and time limits
+SLACK = 1 + 1e-9    # prefix-sum estimates prune only beyond this (their rounding is not fsum's)
+MAX_COMPOSITIONS = 20_000   # stage compositions (class count vectors) the search may enumerate
+
+
+def without_encodings(problem: Problem) -> Problem:
+    """The same problem with no lossy candidates (every link raw)."""
+    return dataclasses.replace(problem, model=dataclasses.replace(problem.model, encodings={}))
+
+
+def codec_classes(problem: Problem) -> list[list[int]]:
+    """Twin classes (classes.py) split further by codec costs: interchangeable devices."""
+    out: list[list[int]] = []
+    for members in twin_classes(device_arrays(problem)):
+        by_codec: dict[tuple, list[int]] = {}
+        for d in members:
+            c = problem.devices[d].codecs
+            key = tuple(sorted((n, x.encode_s_per_byte, x.decode_s_per_byte) for n, x in c.items()))
+            by_codec.setdefault(key, []).append(d)
+        out.extend(by_codec.values())
+    return sorted(out, key=lambda c: c[0])
+
+
+Best = tuple[float, tuple[Stage, ...]]   # (least error from a state, its stages)
+
+
+class _Decision:
+    """For a bound B: the least total error of a plan whose every cost is <= B (or None)."""
+
+    def __init__(self, problem: Problem, max_error: float, effort: Effort) -> None:
+        self.p, self.max_error, self.effort = problem, max_error, effort
+        self.L = problem.num_units
+        self.pools: list[list[Device]] = [[problem.devices[d] for d in c] for c in codec_classes(problem)]
+        self.K = len(self.pools)
+        self.encs = (RAW, *problem.encodings)
+        self.raw = [in_bytes(problem, c) for c in range(self.L)] + [problem.units[-1].out_bytes]
+        self.wire = {(c, e): encoded_bytes(self.raw[c], problem.cut_ratio(e)) for c in range(self.L + 1)
+                     for e in self.encs}
+        self._links: dict[tuple, float] = {}
+        self._mem: dict[tuple[int, int], int] = {}
+        self.comps = self._compositions()
+        self.pre = [[0.0, *itertools.accumulate(p[0].unit_times_s)] for p in self.pools]
+
+    @staticmethod
+    def compositions(problem: Problem) -> int:
+        """How many stage compositions the search would enumerate."""
+        pools = codec_classes(problem)
+        return len(pools) if not problem.options.replication else math.prod(len(c) + 1 for c in pools) - 1
+
+    def _compositions(self) -> list[tuple[int, ...]]:
+        counts = [len(p) for p in self.pools]
+        if not self.p.options.replication:
+            return [tuple(int(j == k) for j in range(self.K)) for k in range(self.K)]
+        every = itertools.product(*(range(n + 1) for n in counts))
+        return [c for c in every if any(c)]
+
+    def devices(self, used: tuple[int, ...], comp: tuple[int, ...]) -> tuple[Device, ...]:
+        """The devices of a stage of ``comp`` after ``used``: each class's next ones in file order."""
+        return tuple(d for k in range(self.K) for d in self.pools[k][used[k]:used[k] + comp[k]])
+
+    def link_s(self, src: tuple[str, ...], dst: tuple[str, ...], nbytes: int) -> float:
+        key = (src, dst, nbytes)
+        t = self._links.get(key)
+        if t is None:
+            t = self._links[key] = _link(self.p, src, dst, nbytes, ("", "")).time_s
+        return t
+
+    def fits(self, a: int, b: int, devs: list[Device]) -> bool:
+        need = self._mem.get((a, b))
+        if need is None:
+            need = self._mem[(a, b)] = stage_memory_bytes(self.p, a, b)
+        return all(need + d.reserved_bytes <= d.memory_bytes for d in devs)
+
+    def run(self, bound: float) -> Best | None:
+        memo: dict[tuple, Best | None] = {}
+        p, L, K = self.p, self.L, self.K
+
+        def best(u: int, ein: str, prev: tuple[str, ...], used: tuple[int, ...]) -> Best | None:
+            key = (u, ein, prev, used)
+            if key in memo:
+                return memo[key]
+            found: Best | None = None
+            raw_in, w_in = self.raw[u], self.wire[(u, ein)]
+            for comp in self.comps:
+                if any(used[k] + comp[k] > len(self.pools[k]) for k in range(K)):
+                    continue
+                self.effort.tick()
+                devs = self.devices(used, comp)
+                names = tuple(d.name for d in devs)
+                m = len(devs)
+                # twins cost the same: one device of each class in the stage stands for all
+                reps = [(k, self.pools[k][used[k]]) for k in range(K) if comp[k]]
+                dec_in = [_codec_s(d, ein, False, raw_in) for _, d in reps]
+                if any(math.isinf(x) for x in dec_in):
+                    continue
+                if self.link_s(prev, names, w_in) > bound:
+                    continue
+                after = tuple(x + y for x, y in zip(used, comp))
+                for b in range(u + 1, L + 1):
+                    self.effort.tick()
+                    # prefix sums only prune (with slack); the exact check below is cost.py's
+                    compute = [self.pre[k][b] - self.pre[k][u] for k, _ in reps]
+                    if max(compute) / m > bound * SLACK:
+                        break       # compute only grows with b
+                    if not self.fits(u, b, [d for _, d in reps]):
+                        continue
+                    raw_out = self.raw[b]
+                    io = [c + d.recv_s_per_byte * w_in + x for c, (_, d), x in zip(compute, reps, dec_in)]
+                    for eo in (self.encs if b < L else (RAW,)):
+                        err = p.cut_error(eo, b) if b < L else 0.0
+                        if err > self.max_error:
+                            continue
+                        if found is not None and err >= found[0]:
+                            continue
+                        w_out = self.wire[(b, eo)]
+                        enc_out = [_codec_s(d, eo, True, raw_out) for _, d in reps]
+                        est = max(t + d.send_s_per_byte * w_out + e for t, (_, d), e in zip(io, reps, enc_out)) / m
+                        if not est <= bound * SLACK:   # also inf (a device that cannot encode eo)
+                            continue
+                        t = max(d.stage_time_s(u, b, w_in, w_out, x + e)
+                                for (_, d), x, e in zip(reps, dec_in, enc_out)) / m
+                        if not t <= bound:
+                            continue
+                        stage = Stage((u, b), tuple(sorted(names, key=self.order)), eo)
+                        if b == L:
+                            if self.link_s(names, (CLIENT,), w_out) <= bound:
+                                found = (0.0, (stage,))
+                            continue
+                        sub = best(b, eo, names, after)
+                        if sub is not None and (found is None or err + sub[0] < found[0]):
+                            found = (err + sub[0], (stage, *sub[1]))
+                    if found is not None and found[0] == 0.0:
+                        break
+                if found is not None and found[0] == 0.0:
+                    break       # nothing beats no error
+            memo[key] = found
+            return found
+
+        res = best(0, RAW, (CLIENT,), (0,) * K)
+        return res if res is not None and res[0] <= self.max_error else None
+
+    @property
+    def order(self) -> Callable[[str], int]:
+        return self.p.node_index
+
+
+def _codec_s(d: Device, name: str, encode: bool, nbytes: int) -> float:
+    """Seconds ``d`` takes to encode (decode) ``nbytes`` raw bytes; inf when it cannot."""
+    c = d.codec_s_per_byte(name, encode)
+    return c if math.isinf(c) else c * nbytes
+
+
+def solve_encoded(problem: Problem, max_error: float, *, time_limit_s: float, gap: float, effort: int,
+                  engine: str, solve: Callable[..., Plan]) -> Plan:
+    """The plan of least bottleneck whose encodings' summed error is at most ``max_error``
+    (module doc); ``solve`` is solver.solve, for the raw incumbent."""
+    t0 = time.monotonic()
+    raw = solve(without_encodings(problem), time_limit_s=time_limit_s * RAW_SHARE, gap=gap,
+                effort=max(1, int(effort * RAW_SHARE)), engine=engine)
+    plan = evaluate(problem, raw.stages, method="solve")
+    if _Decision.compositions(problem) > MAX_COMPOSITIONS:
+        plan.optimal, plan.lower_bound_s = False, 0.0
+        plan.stats = {"engine": "encodings", "stopped_by": "size", "raw_bottleneck_s": raw.bottleneck_s,
+                      "encoded": f"not searched: more than {MAX_COMPOSITIONS} stage compositions "
+                                 "(device classes); the raw plan", "max_error": max_error}
+        return plan
+    run = Effort(stop=max(0, effort - int(raw.stats.get("effort", 0))), deadline=t0 + time_limit_s)
+    decide = _Decision(problem, max_error, run)
+    lo, hi = 0.0, plan.bottleneck_s
+    stats: dict[str, object] = {"engine": "encodings", "raw_bottleneck_s": raw.bottleneck_s,
+                                "raw_optimal": raw.optimal}
+    stopped, decisions = "proven", 0
+
+    def done() -> bool:
+        return hi <= 0 or (hi - lo) / hi <= max(gap, TIE_RTOL)
+
+    try:
+        while not done():
+            # first just below the raw optimum: when encoding cannot help, that one search proves it
+            mid = hi * (1 - TIE_RTOL) if decisions == 0 else (lo + hi) / 2
+            decisions += 1
+            found = decide.run(mid)
+            if found is None:
+                lo = mid
+                continue
+            cand = evaluate(problem, found[1], method="solve")
+            if cand.violations or cand.error > max_error + 1e-12 or cand.bottleneck_s > mid * (1 + TIE_RTOL):
+                raise AssertionError(f"encoded search produced a plan it should not have: {cand.to_dict()}")
+            plan, hi = cand, cand.bottleneck_s
+    except Timeout as t:
+        stopped = t.by
+    plan.optimal = stopped == "proven" and hi > 0 and (hi - lo) / hi <= TIE_RTOL
+    if stopped == "proven" and plan.error > 0:
+        try:    # at the optimal bottleneck (or within the gap), the least error
+            found = decide.run(hi * (1 + TIE_RTOL / 2))
+        except Timeout as t:
+            found, stats["least_error_stopped_by"] = None, t.by
+        if found is not None:
+            cand = evaluate(problem, found[1], method="solve")
+            if cand.bottleneck_s <= hi * (1 + TIE_RTOL) and cand.error < plan.error:
+                cand.optimal = plan.optimal
+                plan = cand
+    plan.lower_bound_s = plan.bottleneck_s if plan.optimal else min(lo, plan.bottleneck_s)
+    stats.update({"stopped_by": stopped, "decisions": decisions,
+                  "effort": run.spent + int(raw.stats.get("effort", 0)),
+                  "solve_time_s": round(time.monotonic() - t0, 4), "max_error": max_error})
+    plan.stats = stats
+    return plan
+
+
+def ladders(problem: Problem, plan: Plan, max_error: float | None) -> list[list[str]]:
+    """Each stage's encoding ladder for the deployable plan (planfile: largest first): the
+    chosen encoding, then the smaller ones (by ratio) the adaptive policy may drop to. It may
+    drop any link to any rung at any time, so the ladders must stay within the budget with
+    every link on its worst rung at once: the slack (budget minus the plan's error) is spent cut by cut
+    in pipeline order, each rung only if its extra error still fits and the stage's devices
+    can encode it and the next stage's decode it. The last stage's ladder is empty (raw)."""
+    spare = 0.0 if max_error is None else max_error - plan.error   # no budget: nothing more
+    out: list[list[str]] = []
+    for i, s in enumerate(plan.stages):
+        if i == len(plan.stages) - 1:
+            out.append([])
+            break
+        cut, chosen = s.units[1], s.encoding
+        devs = [(problem.device(d), True) for d in s.devices] + [(problem.device(d), False)
+                                                                 for d in plan.stages[i + 1].devices]
+        rung = [chosen]
+        base_err = problem.cut_error(chosen, cut)
+        worst = base_err
+        smaller = sorted((e for e in problem.encodings if problem.cut_ratio(e) < problem.cut_ratio(chosen)),
+                         key=lambda e: (-problem.cut_ratio(e), e))
+        for e in smaller:
+            err = problem.cut_error(e, cut)
+            if max(err, worst) - base_err > spare + 1e-15:
+                continue
+            if any(math.isinf(d.codec_s_per_byte(e, enc)) for d, enc in devs):
+                continue
+            rung.append(e)
+            worst = max(worst, err)
+        spare -= worst - base_err
+        out.append(rung if rung != [RAW] else [])
+    return out
