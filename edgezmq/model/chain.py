@@ -1,9 +1,12 @@
-"""Cut a timm Vision Transformer into a chain of units, and build or load one shard of them.
+"""Cut a timm model into a chain of units, and build or load one shard of them.
 
-A model is a chain of units u0..u(L-1): ``embed``, then the transformer blocks at one of
-three granularities, then ``head``. A shard is units [start, end): it is built on the
-``meta`` device, pruned to its own units, and only their tensors are read from a
-safetensors checkpoint, one tensor at a time. See docs/model.md.
+A model is a chain of units u0..u(L-1). A timm Vision Transformer is cut by hand: ``embed``,
+the transformer blocks at one of three granularities (block, half, sublayer), ``head``. Any
+other timm model (and a ViT at ``fine``) is cut from its traced graph (edgezmq.model.graph):
+``block`` = timm's layer groups (stem, each residual block, head), ``fine`` = every cut
+point. A shard is units [start, end): it is built on the ``meta`` device, pruned to its own
+units, and only their tensors are read from a safetensors checkpoint, one tensor at a time.
+See docs/model.md.
 
     >>> infos = unit_infos("vit_tiny_patch16_224", "half")       # 2 + 2*12 units, no weights
     >>> path = cached_checkpoint("vit_tiny_patch16_224", seed=0)  # seeded random init, written once
@@ -13,6 +16,7 @@ safetensors checkpoint, one tensor at a time. See docs/model.md.
 
 from __future__ import annotations
 
+import collections
 import copy
 import difflib
 import functools
@@ -21,6 +25,7 @@ import json
 import logging
 import os
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +40,7 @@ from timm.models.vision_transformer import Block, ResPostBlock, VisionTransforme
 from torch import nn
 
 from edgezmq.errors import EdgezmqError
+from edgezmq.model import graph as fxg
 from edgezmq.paths import CACHE_ENV, CHECKPOINT_DIR, cache_root, checkpoints_dir  # noqa: F401 - re-exported
 from edgezmq.terms import GRANULARITIES
 
@@ -46,6 +52,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+HAND_GRANULARITIES = ("block", "half", "sublayer")  # a ViT's hand-written chain; others: traced
 EMBED_UNIT = "embed"
 HEAD_UNIT = "head"
 
@@ -173,8 +180,8 @@ def _close_names(name: str, names: list[str]) -> list[str]:
 
 
 def create_model(name: str, *, pretrained: bool = False, device: str | torch.device = "cpu",
-                 **kwargs: Any) -> VisionTransformer:
-    """timm.create_model(name, pretrained=..., **kwargs) on `device`, in eval mode; ViT family only."""
+                 **kwargs: Any) -> nn.Module:
+    """timm.create_model(name, pretrained=..., **kwargs) on `device`, in eval mode."""
     if not timm.is_model(name):
         close = _close_names(name, timm.list_models())
         hint = f"; did you mean {', '.join(close)}?" if close else ""
@@ -195,7 +202,7 @@ def create_model(name: str, *, pretrained: bool = False, device: str | torch.dev
     except Exception as e:  # timm raises many types for bad kwargs, offline hubs, bad files
         what = "pretrained weights for " if pretrained else ""
         raise ModelError(f"cannot create {what}{name} with kwargs {kwargs}: {type(e).__name__}: {e}") from e
-    return _check_vit(model, name).eval()
+    return model.eval()
 
 
 # ---------------------------------------------------------------- units: structure
@@ -242,8 +249,67 @@ def _block_pieces(block: nn.Module, i: int, granularity: str) -> list[_Piece]:
     return pieces
 
 
-def _pieces(model: VisionTransformer, granularity: str) -> list[_Piece]:
+Piece = _Piece | fxg.GraphCut  # a unit: hand-written (ViT layouts) or a run of traced graph nodes
+_TRACES: weakref.WeakKeyDictionary[nn.Module, fxg.Traced] = weakref.WeakKeyDictionary()
+
+
+def _is_hand_vit(model: nn.Module) -> bool:
+    """A timm VisionTransformer whose forward the hand-written units reproduce."""
+    cls = type(model)
+    return (isinstance(model, VisionTransformer) and cls.forward is VisionTransformer.forward
+            and getattr(cls, "forward_features", None) is VisionTransformer.forward_features
+            and all(hasattr(model, a) for a in REQUIRED_ATTRS))
+
+
+def _input_chw(model: nn.Module) -> tuple[int, int, int]:
+    """(C, H, W) of the images a model takes: its patch embedding's size, else its timm config."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = cfg.get("input_size") or (3, 224, 224)
+    chans = getattr(model, "in_chans", None)
+    if chans is None:
+        conv = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Conv1d))), None)
+        chans = conv.in_channels if conv is not None else size[0]
+    embed = getattr(model, "patch_embed", None)
+    hw = getattr(embed, "img_size", None)
+    if isinstance(hw, (tuple, list)) and len(hw) == 2:
+        return int(chans), int(hw[0]), int(hw[1])
+    return int(chans), int(size[1]), int(size[2])
+
+
+def _traced(model: nn.Module) -> fxg.Traced:
+    """The model's traced graph (once per model object)."""
+    hit = _TRACES.get(model)
+    if hit is None:
+        example = torch.empty((1, *_input_chw(model)), device="meta")
+        try:
+            hit = fxg.trace(model, (example,), _model_name(model))
+        except fxg.GraphError as e:
+            raise ModelError(str(e)) from e
+        _TRACES[model] = hit
+    return hit
+
+
+def _pieces(model: nn.Module, granularity: str) -> list[Piece]:
     _check_granularity(granularity)
+    name = _model_name(model)
+    if _is_hand_vit(model) and granularity in HAND_GRANULARITIES:
+        try:
+            return list(_vit_pieces(model, granularity))
+        except ModelError:
+            if granularity != "block":
+                raise
+            # a ViT variant the hand-written chain does not know: its blocks from the graph
+    elif granularity not in fxg.GRAPH_GRANULARITIES:
+        raise ModelError(
+            f"{name} ({type(model).__name__}) is cut from its traced graph: granularity "
+            f"{granularity!r} needs a timm VisionTransformer layout; use one of {fxg.GRAPH_GRANULARITIES}")
+    try:
+        return list(fxg.graph_cuts(model, _traced(model), granularity, name))
+    except fxg.GraphError as e:
+        raise ModelError(str(e)) from e
+
+
+def _vit_pieces(model: VisionTransformer, granularity: str) -> list[_Piece]:
     _check_members(model, _model_name(model), (*EMBED_MEMBERS, "blocks", *HEAD_MEMBERS))
     if model._buffers:
         raise ModelError(f"{_model_name(model)}: top-level buffers {list(model._buffers)} are unsupported")
@@ -254,34 +320,43 @@ def _pieces(model: VisionTransformer, granularity: str) -> list[_Piece]:
     return pieces
 
 
-def _owners(pieces: list[_Piece]) -> Callable[[str], int | None]:
-    """A lookup: dotted tensor name -> index of the unit owning it (longest owned prefix wins)."""
-    table = {p: i for i, piece in enumerate(pieces) for p in piece.owns}
+def _owners(pieces: list[Piece]) -> Callable[[str], tuple[int, ...]]:
+    """A lookup: dotted tensor name -> indices of the units reading it (the longest owned
+    prefix wins; a traced model may read one tensor in several units, e.g. tied weights)."""
+    table: dict[str, tuple[int, ...]] = {}
+    for i, piece in enumerate(pieces):
+        for p in piece.owns:
+            table[p] = (*table.get(p, ()), i)
 
-    def owner(key: str) -> int | None:
+    def owner(key: str) -> tuple[int, ...]:
         parts = key.split(".")
         for j in range(len(parts), 0, -1):
             hit = table.get(".".join(parts[:j]))
             if hit is not None:
                 return hit
-        return None
+        return ()
 
     return owner
 
 
-def _infos(model: nn.Module, pieces: list[_Piece]) -> list[UnitInfo]:
+def _infos(model: nn.Module, pieces: list[Piece]) -> list[UnitInfo]:
+    """Each unit's tensors. A hand-written chain owns every tensor; a traced one owns the tensors
+    its forward reads (a tensor the forward never reads belongs to no unit and no shard)."""
     owner = _owners(pieces)
+    strict = not any(isinstance(p, fxg.GraphCut) for p in pieces)
     names: list[list[str]] = [[] for _ in pieces]
     nbytes = [0] * len(pieces)
     for key, t in model.state_dict(keep_vars=True).items():
-        i = owner(key)
-        if i is None:
+        units = owner(key)
+        if not units and strict:
             raise ModelError(f"{_model_name(model)}: tensor {key!r} belongs to no unit; unsupported layout")
-        names[i].append(key)
-        nbytes[i] += t.numel() * t.element_size()
-    for key, _ in model.named_buffers():  # non-persistent ones too: a shard must rebuild them
-        if owner(key) is None:
-            raise ModelError(f"{_model_name(model)}: buffer {key!r} belongs to no unit; unsupported layout")
+        for i in units:
+            names[i].append(key)
+            nbytes[i] += t.numel() * t.element_size()
+    if strict:
+        for key, _ in model.named_buffers():  # non-persistent ones too: a shard must rebuild them
+            if not owner(key):
+                raise ModelError(f"{_model_name(model)}: buffer {key!r} belongs to no unit; unsupported layout")
     return [UnitInfo(i, p.name, tuple(names[i]), nbytes[i]) for i, p in enumerate(pieces)]
 
 
@@ -322,9 +397,7 @@ def input_shape(name: str, microbatch: int, **kwargs: Any) -> tuple[int, ...]:
     """(B, C, H, W) of the images the model takes, from its configuration."""
     if microbatch < 1:
         raise ModelError(f"microbatch: expected >= 1, got {microbatch}")
-    model = create_model(name, device="meta", **kwargs)
-    h, w = model.patch_embed.img_size
-    return (microbatch, int(model.in_chans), int(h), int(w))
+    return (microbatch, *_input_chw(create_model(name, device="meta", **kwargs)))
 
 
 # ---------------------------------------------------------------- units: computation
@@ -412,7 +485,10 @@ class _Output(_Unit):
         return (x + _apply_seq(self.post, _apply_seq(self.tail, ctx)),)
 
 
-def _make_unit(model: VisionTransformer, piece: _Piece) -> _Unit:
+def _make_unit(model: nn.Module, piece: Piece) -> _Unit | fxg.GraphUnit:
+    if isinstance(piece, fxg.GraphCut):
+        return fxg.GraphUnit(model, piece)
+    assert isinstance(model, VisionTransformer)
     if piece.kind == "embed":
         return _Embed(model)
     if piece.kind == "head":
@@ -441,20 +517,19 @@ def _range_error(name: str, granularity: str, start: int, end: int, n: int) -> M
 
 def unit_names(model: nn.Module, granularity: str = "block") -> list[str]:
     """The names of a materialised model's units, in chain order (its length is L)."""
-    return [p.name for p in _pieces(_check_vit(model, _model_name(model)), granularity)]
+    return [p.name for p in _pieces(model, granularity)]
 
 
 def run_units(model: nn.Module, granularity: str, *tensors: torch.Tensor, start: int = 0,
               end: int | None = None) -> tuple[torch.Tensor, ...]:
     """Apply units [start, end) of a whole, materialised model one by one (tests, profiling)."""
-    vit = _check_vit(model, _model_name(model))
-    pieces = _pieces(vit, granularity)
+    pieces = _pieces(model, granularity)
     end = len(pieces) if end is None else end
-    err = _range_error(_model_name(vit), granularity, start, end, len(pieces))
+    err = _range_error(_model_name(model), granularity, start, end, len(pieces))
     if err:
         raise err
     for piece in pieces[start:end]:
-        tensors = _make_unit(vit, piece)(*tensors)
+        tensors = _make_unit(model, piece)(*tensors)
     return tensors
 
 
@@ -505,7 +580,7 @@ class Shard(nn.Module):
     """Units [start, end) of a model: holds only their tensors, under their timm names."""
 
     def __init__(self, name: str, granularity: str, start: int, end: int, units: list[UnitInfo],
-                 model: nn.Module, steps: list[_Unit], arity_in: int) -> None:
+                 model: nn.Module, steps: list[_Unit | fxg.GraphUnit], arity_in: int) -> None:
         super().__init__()
         self.name, self.granularity, self.start, self.end = name, granularity, start, end
         self.units = list(units)
@@ -517,6 +592,9 @@ class Shard(nn.Module):
         for pname, p in model._parameters.items():
             if p is not None:
                 self.register_parameter(pname, p)
+        for bname, b in model._buffers.items():
+            if b is not None:
+                self.register_buffer(bname, b, persistent=bname not in model._non_persistent_buffers_set)
         self._steps = tuple(steps)
         self._extra = (model, *(m for s in steps for m in s.modules))  # not registered: no duplicates
 
@@ -542,13 +620,13 @@ class Shard(nn.Module):
         return f"{self.name} units [{self.start}, {self.end}) at {self.granularity} granularity"
 
 
-def _prune(model: nn.Module, owner: Callable[[str], int | None], start: int, end: int) -> None:
+def _prune(model: nn.Module, owner: Callable[[str], tuple[int, ...]], start: int, end: int) -> None:
     """Drop every parameter and buffer outside units [start, end) (they stay None, never used)."""
     for mod_name, mod in model.named_modules():
         for table in (mod._parameters, mod._buffers):
             for key, t in table.items():
-                i = owner(f"{mod_name}.{key}" if mod_name else key)
-                if t is not None and not (i is not None and start <= i < end):
+                units = owner(f"{mod_name}.{key}" if mod_name else key)
+                if t is not None and not any(start <= i < end for i in units):
                     table[key] = None
 
 
@@ -656,7 +734,12 @@ def build_shard(name: str, start: int, end: int, *, granularity: str = "block",
     else:
         log.debug("%s units [%d, %d): no checkpoint, placeholder weights", name, start, end)
         tensors = _placeholder(expected, dtype, check)
-    model.load_state_dict(tensors, strict=True, assign=True)
+    # the modules' state-dict versions: without them BatchNorm reads the file as pre-1.0 and
+    # invents `num_batches_tracked` for every BatchNorm, the pruned ones included
+    loadable: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict(tensors)
+    loadable._metadata = getattr(expected, "_metadata", None)  # type: ignore[attr-defined]
+    model.load_state_dict(loadable, strict=True, assign=True)
+    del loadable
     del tensors
     _materialise_non_persistent(model, name)
     left = [k for k, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]

@@ -31,6 +31,7 @@ import numpy as np
 
 from edgezmq.errors import EdgezmqError
 from edgezmq.protocol import codecs
+from edgezmq.terms import MAX_TENSORS
 
 VERSION = 1
 KINDS = ("act", "result", "error")
@@ -42,7 +43,6 @@ ENCODINGS = tuple(codecs.WIRE_ENCODINGS)  # the header's `enc` (docs/wire.md, En
 
 COPY_THRESHOLD = 512 * 1024  # measured: below this, copying beats zero-copy tracking (bench/transport.py)
 MAX_HEADER_BYTES = 64 * 1024
-MAX_TENSORS = 8
 MAX_NDIM = 8
 MAX_TIMESTAMPS = 256  # one entry per stage hop; bounds header growth along a long pipeline
 MAX_TENSOR_BYTES = 512 * 1024 * 1024  # per tensor; sockets also cap whole messages (MAXMSGSIZE)

@@ -1,0 +1,406 @@
+"""Unit chains from a model's traced graph (torch.fx): cut points, ownership, and unit callables.
+
+A model that is not a hand-known ViT layout (edgezmq.model.chain) is cut from its graph: the
+model's forward is traced symbolically (with timm's own leaf modules and functions that fx
+must not trace into), every position between two graph nodes is a *cut point* where the
+values still needed later — the *live* values — can cross a link, and units are the runs of
+nodes between chosen cut points. See docs/model.md.
+
+- A cut is valid when 1..MAX_TENSORS values are live and all are tensors (a Python int taken
+  from a shape cannot cross the wire). Parameters and buffers never cross: a unit reads its
+  own (``get_attr`` nodes are copied into every unit that uses them).
+- ``block``: cut where timm's layer grouping changes (``model.group_matcher()``, the groups
+  timm uses for layer-wise learning-rate decay: stem, each residual block, head), at the
+  first valid cut at or after the change; ``fine``: at every valid cut between two leaf
+  modules or functions.
+- A unit is a GraphModule over the model's own submodules and tensors (nothing copied):
+  it runs exactly the model's own operations in the model's own order, hence the chain's
+  output equals the model's forward bit for bit.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from edgezmq.errors import EdgezmqError
+from edgezmq.terms import MAX_TENSORS
+
+__all__ = ["GraphError", "GraphCut", "Traced", "trace", "graph_cuts", "GraphUnit", "GRAPH_GRANULARITIES"]
+
+GRAPH_GRANULARITIES = ("block", "fine")
+HEAD_GROUP = float("inf")  # timm's ordinal for parameters its group matcher leaves unmatched
+
+
+class GraphError(EdgezmqError, ValueError):
+    """A model that cannot be traced, or whose graph has no usable cut points."""
+
+
+def _timm_fx() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
+    """timm's registrations: modules fx must call as leaves, functions it must not trace into."""
+    try:
+        from timm.layers import _fx as tfx
+        return tuple(tfx._leaf_modules), tuple(tfx._autowrap_functions)
+    except (ImportError, AttributeError):  # pragma: no cover - other timm layouts
+        from timm.models import _features_fx as ffx
+        return tuple(ffx.get_notrace_modules()), tuple(ffx.get_notrace_functions())
+
+
+class _Tracer(fx.Tracer):
+    def __init__(self) -> None:
+        self._leaves, wrap = _timm_fx()
+        super().__init__(autowrap_functions=wrap)
+        # Buffers as graph values: an op on a buffer (`index.view(-1)`) is traced, not baked
+        # into the graph as a constant computed from whatever the buffer held at trace time.
+        self.proxy_buffer_attributes = True
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, self._leaves) or super().is_leaf_module(m, qualname)
+
+
+@dataclass(frozen=True)
+class ValueInfo:
+    """What a graph node produced on the example input: a tensor (shape, dtype) or something else."""
+
+    tensor: bool
+    shape: tuple[int, ...] = ()
+    dtype: torch.dtype | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class Traced:
+    """A model's traced graph, its nodes in execution order, and what each produced on meta.
+
+    `constants`: tensors the forward made from Python values while it was traced (fx keeps
+    them as graph constants, `_tensor_constant<i>`); they belong to the graph, not the model.
+    """
+
+    graph: fx.Graph
+    nodes: tuple[fx.Node, ...]
+    values: dict[str, ValueInfo] = field(repr=False)
+    constants: dict[str, torch.Tensor] = field(repr=False)
+
+
+def _concrete_args(model: nn.Module, name: str) -> dict[str, Any]:
+    """The forward's optional arguments fixed at their defaults: the chain's input is the first."""
+    params = list(inspect.signature(model.forward).parameters.values())
+    fixed = {}
+    for p in params[1:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.default is p.empty:
+            raise GraphError(f"{name}: its forward takes more than one required input "
+                             f"({', '.join(q.name for q in params)}); unsupported")
+        fixed[p.name] = p.default
+    return fixed
+
+
+def trace(model: nn.Module, example: Sequence[torch.Tensor], name: str) -> Traced:
+    """Trace `model.forward` and run the graph once on `example` (meta tensors: no memory)."""
+    before = set(vars(model))
+    try:
+        graph = _Tracer().trace(model, concrete_args=_concrete_args(model, name) or None)
+    except GraphError:
+        raise
+    except Exception as e:  # fx raises many types on dynamic control flow
+        raise GraphError(f"{name}: torch.fx cannot trace its forward ({type(e).__name__}: {_first_line(e)})") from e
+    finally:
+        added = {k: vars(model)[k] for k in set(vars(model)) - before}
+        for k in added:  # the tracer hangs its constants on the model: they belong to the graph
+            delattr(model, k)
+    constants = {k: v for k, v in added.items() if isinstance(v, torch.Tensor)}
+    meta = [k for k, v in constants.items() if v.is_meta]
+    if meta:
+        raise GraphError(f"{name}: its forward computes tensors outside the graph from model state "
+                         f"({', '.join(meta)}); unsupported")
+    gm = fx.GraphModule({**_targets(model, graph, constants)}, graph)
+    values: dict[str, ValueInfo] = {}
+
+    class _Record(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            out = super().run_node(n)
+            values[n.name] = (ValueInfo(True, tuple(out.shape), out.dtype) if isinstance(out, torch.Tensor)
+                              else ValueInfo(False))
+            return out
+
+    try:
+        with torch.no_grad():
+            _Record(gm).run(*example)
+    except Exception as e:
+        raise GraphError(f"{name}: its traced graph does not run on meta tensors "
+                         f"({type(e).__name__}: {_first_line(e)})") from e
+    return Traced(graph, tuple(graph.nodes), values, constants)
+
+
+def _targets(model: nn.Module, graph: fx.Graph, constants: dict[str, torch.Tensor],
+             nodes: Sequence[fx.Node] | None = None) -> dict[str, Any]:
+    """The modules and tensors the graph's nodes name, from `model` (and the graph's constants)."""
+    out: dict[str, Any] = {}
+    for n in graph.nodes if nodes is None else nodes:
+        if n.op == "call_module":
+            out[str(n.target)] = model.get_submodule(str(n.target))
+        elif n.op == "get_attr":
+            t = str(n.target)
+            if t in constants:
+                out[t] = constants[t]
+            else:
+                owner, _, leaf = t.rpartition(".")
+                out[t] = getattr(model.get_submodule(owner), leaf)
+    return out
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else ""
+
+
+@dataclass(frozen=True, eq=False)
+class GraphCut:
+    """One unit of a traced chain: graph nodes [lo, hi), the live values in and out, what it owns."""
+
+    name: str
+    lo: int
+    hi: int
+    inputs: tuple[str, ...]  # node names, in definition order
+    outputs: tuple[str, ...]
+    owns: tuple[str, ...]  # dotted module / tensor names it reads
+    traced: Traced = field(repr=False)
+
+    @property
+    def arity_in(self) -> int:
+        return len(self.inputs)
+
+
+def _last_uses(nodes: Sequence[fx.Node]) -> dict[str, int]:
+    index = {n.name: i for i, n in enumerate(nodes)}
+    last: dict[str, int] = {}
+    for i, n in enumerate(nodes):
+        for a in n.all_input_nodes:
+            last[a.name] = max(last.get(a.name, -1), i)
+    return {k: v for k, v in last.items() if k in index}
+
+
+def _live_after(nodes: Sequence[fx.Node]) -> list[tuple[str, ...]]:
+    """live[i]: names of the values defined at or before node i and used after it (no get_attr)."""
+    last = _last_uses(nodes)
+    live: dict[str, None] = {}  # ordered by definition
+    out = []
+    for i, n in enumerate(nodes):
+        if not _fixed(n) and last.get(n.name, -1) > i:
+            live[n.name] = None
+        for a in n.all_input_nodes:
+            if a.name in live and last[a.name] <= i:
+                del live[a.name]
+        out.append(tuple(live))
+    return out
+
+
+def _fixed(n: fx.Node) -> bool:
+    """A value every unit has without receiving it: a parameter or buffer it reads, or an
+    optional forward argument fixed at its default (a placeholder carrying its value)."""
+    return n.op == "get_attr" or (n.op == "placeholder" and bool(n.args))
+
+
+def _module_path(n: fx.Node) -> str:
+    """The deepest module this node was recorded in ('' at the model's top level)."""
+    if n.op == "call_module":
+        return str(n.target)
+    if n.op == "get_attr":
+        return str(n.target).rpartition(".")[0]
+    stack = n.meta.get("nn_module_stack") or {}
+    return str(list(stack)[-1]) if stack else ""
+
+
+def _stack_paths(n: fx.Node) -> list[str]:
+    stack = [str(k) for k in (n.meta.get("nn_module_stack") or {})]
+    if n.op in ("call_module", "get_attr"):
+        stack.append(_module_path(n))
+    return stack
+
+
+def _owned(n: fx.Node) -> str | None:
+    if n.op in ("call_module", "get_attr"):
+        return str(n.target)
+    return None
+
+
+def _layer_groups(model: nn.Module) -> dict[str, float] | None:
+    """Dotted tensor name -> timm layer group ordinal (stem 0, blocks 1.., head last), or None."""
+    matcher = getattr(model, "group_matcher", None)
+    if matcher is None:
+        return None
+    try:
+        from timm.models._manipulate import group_with_matcher
+        spec = matcher(coarse=False)
+        named = [*model.named_parameters(), *model.named_buffers()]
+        mapping = group_with_matcher(iter(named), spec, reverse=True)
+    except Exception:  # a model whose matcher is not implemented or does not apply
+        return None
+    return {k: float(v) for k, v in mapping.items()}
+
+
+def _node_groups(model: nn.Module, nodes: Sequence[fx.Node]) -> list[float | None]:
+    """Each node's layer group: the group of the deepest module around it whose tensors are all
+    in one group; None where none is (inherits its predecessor's)."""
+    groups = _layer_groups(model)
+    if groups is None:  # no timm grouping: blocks are the model's top-level children
+        order: dict[str, float] = {}
+        tops = [p[0].split(".")[0] if (p := _stack_paths(n)) else None for n in nodes]
+        return [None if t is None else order.setdefault(t, float(len(order))) for t in tops]
+    by_prefix: dict[str, set[float]] = {}
+    for key, g in groups.items():
+        parts = key.split(".")
+        for j in range(1, len(parts) + 1):
+            by_prefix.setdefault(".".join(parts[:j]), set()).add(g)
+    out: list[float | None] = []
+    for n in nodes:
+        hit = None
+        for path in reversed(_stack_paths(n)):
+            gs = by_prefix.get(path)
+            if gs is not None and len(gs) == 1:
+                hit = next(iter(gs))
+                break
+            if gs is not None:  # a module spanning several groups: too coarse to say
+                break
+        out.append(hit)
+    # Group-less nodes (parameter-free modules and ops) join their predecessor's group, except
+    # after the last node of a group below the last one: pooling before the classifier is head.
+    top = max((g for g in out if g is not None), default=None)
+    tail = max((i for i, g in enumerate(out) if g is not None and g != top), default=-1)
+    return [top if g is None and i > tail else g for i, g in enumerate(out)]
+
+
+def _valid(live: tuple[str, ...], values: dict[str, ValueInfo]) -> bool:
+    return 1 <= len(live) <= MAX_TENSORS and all(values[v].tensor for v in live)
+
+
+def _computes(n: fx.Node) -> bool:
+    return n.op in ("call_module", "call_function", "call_method")
+
+
+def graph_cuts(model: nn.Module, traced: Traced, granularity: str, name: str) -> list[GraphCut]:
+    """The units of a traced model at `granularity` (block | fine)."""
+    if granularity not in GRAPH_GRANULARITIES:
+        raise GraphError(f"{name}: granularity {granularity!r} is not one a traced model has: "
+                         f"expected one of {GRAPH_GRANULARITIES}")
+    nodes = traced.nodes
+    out_idx = next((i for i, n in enumerate(nodes) if n.op == "output"), len(nodes) - 1)
+    result = nodes[out_idx].args[0] if nodes[out_idx].args else None
+    if not isinstance(result, fx.Node) or not traced.values.get(result.name, ValueInfo(False)).tensor:
+        raise GraphError(f"{name}: its forward returns {type(result).__name__}, not one tensor; unsupported")
+    inputs = [n.name for n in nodes if n.op == "placeholder" and not _fixed(n)]
+    if len(inputs) != 1:
+        raise GraphError(f"{name}: its traced forward takes {len(inputs)} inputs ({', '.join(inputs)}), "
+                         "expected one tensor")
+    live = _live_after(nodes)
+    paths = [_module_path(n) for n in nodes]
+    marks: list[bool] = [False] * len(nodes)  # marks[i]: a cut is wanted before node i
+    if granularity == "fine":
+        for i in range(1, out_idx):
+            marks[i] = _computes(nodes[i]) and (paths[i] != paths[i - 1] or not paths[i] or nodes[i].op == "call_module")
+    else:
+        groups = _node_groups(model, nodes)
+        cur: float | None = None
+        for i in range(1, out_idx):
+            g = groups[i]
+            if g is not None and cur is not None and g != cur:
+                marks[i] = True
+            if g is not None:
+                cur = g
+    # Cut before node i (after node i-1) when wanted and valid; a wanted cut that is invalid moves
+    # to the next valid position (the next node's), unless a compute-free unit would result.
+    starts = [0]
+    pending = False
+    for i in range(1, out_idx):
+        pending = pending or marks[i]
+        if pending and _valid(live[i - 1], traced.values) and any(_computes(n) for n in nodes[starts[-1]:i]):
+            starts.append(i)
+            pending = False
+    bounds = [*starts, out_idx]
+    cuts = []
+    names: dict[str, int] = {}
+    for k in range(len(starts)):
+        lo, hi = bounds[k], bounds[k + 1]
+        inputs = tuple(n.name for n in nodes if n.op == "placeholder" and not _fixed(n)) if lo == 0 else live[lo - 1]
+        outputs = (result.name,) if k == len(starts) - 1 else live[hi - 1]
+        owns = tuple(dict.fromkeys(o for n in nodes[lo:hi] if (o := _owned(n)) is not None))
+        base = _unit_name(nodes[lo:hi], k, len(starts), granularity)
+        seen = names.get(base, 0)
+        names[base] = seen + 1
+        cuts.append(GraphCut(base if not seen else f"{base}#{seen + 1}", lo, hi, inputs, outputs, owns, traced))
+    return cuts
+
+
+_INDEX = re.compile(r"\.(\d+)$")
+
+
+def _unit_name(nodes: Sequence[fx.Node], k: int, count: int, granularity: str) -> str:
+    """A readable name: the deepest module enclosing the unit's compute nodes, or stem/head."""
+    paths = [p for n in nodes if _computes(n) and (p := _module_path(n))]
+    if granularity == "fine":
+        first = next((n for n in nodes if _computes(n)), nodes[0])
+        return _module_path(first) or (first.target if isinstance(first.target, str) else getattr(
+            first.target, "__name__", first.name))
+    tops: dict[str, list[str]] = {}  # top-level module -> its paths, in order of appearance
+    for p in paths:
+        tops.setdefault(p.split(".")[0], []).append(p)
+    parts = [_common_prefix(ps) for ps in tops.values()]
+    if len(parts) == 1:
+        return parts[0]
+    if k == 0:
+        return "stem"
+    if k == count - 1:
+        return "head"
+    return "+".join(parts[:2]) + ("+..." if len(parts) > 2 else "") if parts else f"unit{k}"
+
+
+def _common_prefix(paths: Sequence[str]) -> str:
+    common = paths[0].split(".")
+    for p in paths[1:]:
+        parts = p.split(".")
+        j = 0
+        while j < min(len(common), len(parts)) and common[j] == parts[j]:
+            j += 1
+        common = common[:j]
+    return ".".join(common)
+
+
+class GraphUnit:
+    """One unit as a callable: the model's own graph nodes [lo, hi) over its own modules."""
+
+    modules: tuple[nn.Module, ...] = ()
+
+    def __init__(self, model: nn.Module, cut: GraphCut) -> None:
+        g = fx.Graph()
+        env: dict[str, fx.Node] = {}
+        for v in cut.inputs:
+            env[v] = g.placeholder(v)
+        nodes = cut.traced.nodes
+        by_name = {n.name: n for n in nodes}
+
+        def arg(n: fx.Node) -> Any:
+            if n.op == "placeholder" and n.args:  # an optional forward argument: its fixed default
+                return n.args[0]
+            if n.name not in env:  # a parameter or buffer read here, first defined before this unit
+                if n.op != "get_attr":  # pragma: no cover - guards the live sets
+                    raise GraphError(f"unit {cut.name}: value {n.name} is neither an input nor its own")
+                env[n.name] = g.node_copy(by_name[n.name])
+            return env[n.name]
+
+        for n in nodes[cut.lo:cut.hi]:
+            if n.op == "placeholder":
+                continue
+            env[n.name] = g.node_copy(n, arg)
+        g.output(tuple(arg(by_name[v]) for v in cut.outputs))
+        # root: a table of exactly the objects the unit names (the model's own, not copies)
+        self.gm = fx.GraphModule(_targets(model, g, cut.traced.constants), g)
+        self.arity = len(cut.inputs)
+
+    def __call__(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.gm(*tensors))
