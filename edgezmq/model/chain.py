@@ -280,7 +280,10 @@ def _traced(model: nn.Module) -> fxg.Traced:
     """The model's traced graph (once per model object)."""
     hit = _TRACES.get(model)
     if hit is None:
-        example = torch.empty((1, *_input_chw(model)), device="meta")
+        # on the model's own device: meta for planning and shards (no memory), or the CPU for a
+        # materialised model (one sample's forward, once per model object)
+        device = next((t.device for t in [*model.parameters(), *model.buffers()]), torch.device("meta"))
+        example = torch.zeros((1, *_input_chw(model)), device=device)
         try:
             hit = fxg.trace(model, (example,), _model_name(model))
         except fxg.GraphError as e:

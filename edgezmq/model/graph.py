@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -224,10 +224,15 @@ def _stack_paths(n: fx.Node) -> list[str]:
     return stack
 
 
-def _owned(n: fx.Node) -> str | None:
-    if n.op in ("call_module", "get_attr"):
-        return str(n.target)
-    return None
+def _reads(nodes: Sequence[fx.Node]) -> Iterator[str]:
+    """The modules these nodes call and the tensors they read (where read, not where defined:
+    a get_attr node may sit before a cut and be used after it)."""
+    for n in nodes:
+        if n.op == "call_module":
+            yield str(n.target)
+        for a in n.all_input_nodes:
+            if a.op == "get_attr":
+                yield str(a.target)
 
 
 def _layer_groups(model: nn.Module) -> dict[str, float] | None:
@@ -301,9 +306,13 @@ def graph_cuts(model: nn.Module, traced: Traced, granularity: str, name: str) ->
     live = _live_after(nodes)
     paths = [_module_path(n) for n in nodes]
     marks: list[bool] = [False] * len(nodes)  # marks[i]: a cut is wanted before node i
-    if granularity == "fine":
+    works = [_computes(n) and traced.values[n.name].tensor for n in nodes]  # shape arithmetic, asserts: no
+    if granularity == "fine":  # before each leaf module, and each op outside the previous op's module
+        prev = None
         for i in range(1, out_idx):
-            marks[i] = _computes(nodes[i]) and (paths[i] != paths[i - 1] or not paths[i] or nodes[i].op == "call_module")
+            if works[i]:
+                marks[i] = paths[i] != prev or not paths[i] or nodes[i].op == "call_module"
+                prev = paths[i]
     else:
         groups = _node_groups(model, nodes)
         cur: float | None = None
@@ -319,7 +328,7 @@ def graph_cuts(model: nn.Module, traced: Traced, granularity: str, name: str) ->
     pending = False
     for i in range(1, out_idx):
         pending = pending or marks[i]
-        if pending and _valid(live[i - 1], traced.values) and any(_computes(n) for n in nodes[starts[-1]:i]):
+        if pending and _valid(live[i - 1], traced.values) and any(works[starts[-1]:i]):
             starts.append(i)
             pending = False
     bounds = [*starts, out_idx]
@@ -329,8 +338,8 @@ def graph_cuts(model: nn.Module, traced: Traced, granularity: str, name: str) ->
         lo, hi = bounds[k], bounds[k + 1]
         inputs = tuple(n.name for n in nodes if n.op == "placeholder" and not _fixed(n)) if lo == 0 else live[lo - 1]
         outputs = (result.name,) if k == len(starts) - 1 else live[hi - 1]
-        owns = tuple(dict.fromkeys(o for n in nodes[lo:hi] if (o := _owned(n)) is not None))
-        base = _unit_name(nodes[lo:hi], k, len(starts), granularity)
+        owns = tuple(dict.fromkeys(_reads(nodes[lo:hi])))
+        base = _unit_name([n for n, w in zip(nodes[lo:hi], works[lo:hi]) if w], k, len(starts), granularity)
         seen = names.get(base, 0)
         names[base] = seen + 1
         cuts.append(GraphCut(base if not seen else f"{base}#{seen + 1}", lo, hi, inputs, outputs, owns, traced))
@@ -341,10 +350,11 @@ _INDEX = re.compile(r"\.(\d+)$")
 
 
 def _unit_name(nodes: Sequence[fx.Node], k: int, count: int, granularity: str) -> str:
-    """A readable name: the deepest module enclosing the unit's compute nodes, or stem/head."""
-    paths = [p for n in nodes if _computes(n) and (p := _module_path(n))]
+    """A readable name from the unit's working nodes (`fine`: the first one's module or op; `block`:
+    the deepest module enclosing them all, or stem/head)."""
+    paths = [p for n in nodes if (p := _module_path(n))]
     if granularity == "fine":
-        first = next((n for n in nodes if _computes(n)), nodes[0])
+        first = nodes[0]
         return _module_path(first) or (first.target if isinstance(first.target, str) else getattr(
             first.target, "__name__", first.name))
     tops: dict[str, list[str]] = {}  # top-level module -> its paths, in order of appearance
