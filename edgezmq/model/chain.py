@@ -251,6 +251,7 @@ def _block_pieces(block: nn.Module, i: int, granularity: str) -> list[_Piece]:
 
 Piece = _Piece | fxg.GraphCut  # a unit: hand-written (ViT layouts) or a run of traced graph nodes
 _TRACES: weakref.WeakKeyDictionary[nn.Module, fxg.Traced] = weakref.WeakKeyDictionary()
+_CUTS: weakref.WeakKeyDictionary[nn.Module, dict[str, list[fxg.GraphCut]]] = weakref.WeakKeyDictionary()
 
 
 def _is_hand_vit(model: nn.Module) -> bool:
@@ -306,10 +307,13 @@ def _pieces(model: nn.Module, granularity: str) -> list[Piece]:
         raise ModelError(
             f"{name} ({type(model).__name__}) is cut from its traced graph: granularity "
             f"{granularity!r} needs a timm VisionTransformer layout; use one of {fxg.GRAPH_GRANULARITIES}")
-    try:
-        return list(fxg.graph_cuts(model, _traced(model), granularity, name))
-    except fxg.GraphError as e:
-        raise ModelError(str(e)) from e
+    cuts = _CUTS.setdefault(model, {})
+    if granularity not in cuts:
+        try:
+            cuts[granularity] = fxg.graph_cuts(model, _traced(model), granularity, name)
+        except fxg.GraphError as e:
+            raise ModelError(str(e)) from e
+    return list(cuts[granularity])
 
 
 def _vit_pieces(model: VisionTransformer, granularity: str) -> list[_Piece]:
