@@ -45,7 +45,7 @@ from edgezmq.paths import CACHE_ENV, CHECKPOINT_DIR, cache_root, checkpoints_dir
 from edgezmq.terms import GRANULARITIES
 
 __all__ = [
-    "GRANULARITIES", "ModelError", "UnitInfo", "Shard", "create_model", "unit_infos", "num_units",
+    "GRANULARITIES", "HAND_GRANULARITIES", "ModelError", "UnitInfo", "Shard", "create_model", "unit_infos", "num_units",
     "input_shape", "boundary_specs", "build_shard", "write_checkpoint", "cached_checkpoint",
     "save_checkpoint", "checkpoint_problem", "cache_root", "unit_names", "run_units",
 ]
@@ -252,6 +252,7 @@ def _block_pieces(block: nn.Module, i: int, granularity: str) -> list[_Piece]:
 Piece = _Piece | fxg.GraphCut  # a unit: hand-written (ViT layouts) or a run of traced graph nodes
 _TRACES: weakref.WeakKeyDictionary[nn.Module, fxg.Traced] = weakref.WeakKeyDictionary()
 _CUTS: weakref.WeakKeyDictionary[nn.Module, dict[str, list[fxg.GraphCut]]] = weakref.WeakKeyDictionary()
+_UNITS: weakref.WeakKeyDictionary[nn.Module, dict[int, fxg.GraphUnit]] = weakref.WeakKeyDictionary()  # by id(cut)
 
 
 def _is_hand_vit(model: nn.Module) -> bool:
@@ -535,8 +536,13 @@ def run_units(model: nn.Module, granularity: str, *tensors: torch.Tensor, start:
     err = _range_error(_model_name(model), granularity, start, end, len(pieces))
     if err:
         raise err
+    units = _UNITS.setdefault(model, {})
     for piece in pieces[start:end]:
-        tensors = _make_unit(model, piece)(*tensors)
+        if isinstance(piece, fxg.GraphCut):  # cached: building a graph unit generates code
+            unit = units.get(id(piece)) or units.setdefault(id(piece), fxg.GraphUnit(model, piece))
+            tensors = unit(*tensors)
+        else:
+            tensors = _make_unit(model, piece)(*tensors)
     return tensors
 
 
