@@ -91,7 +91,10 @@ def _out_of_range(name):
         return [0, "yes", None] if not a.nullable else [0, "yes"]
     if a.kind == "choice":
         return ["x" * 10_000, 1]
-    return [a.lo - 1, a.hi + 1, float("inf"), float("nan"), 2**64, "8", True, [1, 2, 3] if a.kind == "size" else [1]]
+    scalars = [a.lo - 1, a.hi + 1, float("inf"), float("nan"), 2**64, "8", True]
+    if a.kind == "ints":  # one per stage: each entry bounded, and the list too
+        return [*scalars, [], [a.hi + 1], [1, a.lo - 1], [1.5], [True], [1] * 17, "1,2"]
+    return [*scalars, [1, 2, 3] if a.kind == "size" else [1]]
 
 
 @pytest.mark.parametrize("name, bad", [(n, b) for n in sorted(ALLOWED) for b in _out_of_range(n)])
@@ -99,6 +102,11 @@ def test_every_allowed_kwarg_is_typed_and_bounded(name, bad):
     with pytest.raises(ModelKwargsError) as e:
         check_model_kwargs({name: bad}, "kwargs")
     assert str(e.value).startswith(f"kwargs.{name}: ") and len(str(e.value)) < 400
+
+
+def test_per_stage_kwargs_pass_as_lists():
+    assert check_model_kwargs({"layers": (1, 1, 2, 1), "dims": [16, 32], "num_heads": 4}) == {
+        "layers": [1, 1, 2, 1], "dims": [16, 32], "num_heads": 4}
 
 
 def test_architecture_kwargs_pass_unchanged():

@@ -316,3 +316,51 @@ def test_a_client_never_takes_results_of_a_client_that_gave_up(cluster):
         first.close()
         unload(plan)
     assert_close(outs, monolithic(mine))
+
+
+# ---------------------------------------------------------------- traced models (any timm model)
+
+CNN, CNN_KW = "resnet50", {"layers": (1, 1, 1, 1)}
+
+
+def test_a_cnn_cut_inside_residual_blocks_crosses_processes_exactly(cluster):
+    # `fine` cuts where a bottleneck's shortcut and main path are both live: two tensors per message
+    import torch
+    from safetensors.torch import load_file
+
+    path = str(models.cached_checkpoint(CNN, seed=0, **CNN_KW))
+    specs = models.boundary_specs(CNN, "fine", 2, **CNN_KW)
+    two = [i for i, s in enumerate(specs) if len(s) == 2]
+    n = len(specs) - 1
+    cuts = [0, two[0], two[len(two) // 2], n]
+    spec = ModelSpec(name=CNN, microbatch=2, granularity="fine", checkpoint=path, kwargs=CNN_KW)
+    nodes = iter(cluster.nodes)
+    plan = DeployPlan(model=spec, results="tcp://127.0.0.1:0", stages=[
+        StagePlan(units=r, nodes=[NodeAddress(nd.name, nd.control, 1)]) for r, nd in zip(zip(cuts, cuts[1:]), nodes)])
+    rng = np.random.default_rng(3)
+    xs = [rng.standard_normal(models.input_shape(CNN, 2, **CNN_KW), dtype=np.float32) for _ in range(3)]
+    with Client([], "tcp://127.0.0.1:0", run="", window=4, microbatch=2, timeout=60) as c:
+        plan.results = c.results_endpoint
+        dep = deploy(plan, load_timeout=120)
+        try:
+            c.attach(dep.entry, dep.run)
+            outs = list(c.stream(xs))
+        finally:
+            unload(plan)
+    m = models.create_model(CNN, **CNN_KW)
+    m.load_state_dict(load_file(path))
+    torch.set_num_threads(1)
+    with torch.inference_mode():
+        ref = [m(torch.from_numpy(x)).numpy() for x in xs]
+    assert len(specs[cuts[1]]) == len(specs[cuts[2]]) == 2
+    assert_close(outs, ref)
+
+
+def test_demo_of_a_cnn_profiles_plans_and_equals_the_model():
+    r = _cli("demo", "--model", "mobilenetv3_small_050", "--nodes", "2", "--batches", "2",
+             "--microbatch", "2", "--json", timeout=900)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["max_abs_diff"] == 0.0 and d["split"] == "planner" and d["predicted_samples_per_s"] > 0
+    units = [s["units"] for s in d["stages"]]
+    assert units[0][0] == 0 and units[-1][1] == models.num_units("mobilenetv3_small_050", "block")

@@ -17,6 +17,7 @@ from typing import Any
 from edgezmq.errors import EdgezmqError
 
 MAX_SHOWN = 80  # characters of an offending value echoed in an error
+MAX_STAGES = 16  # entries of a per-stage list (`layers`, `depths`, `dims`, `num_heads`)
 
 
 class ModelKwargsError(EdgezmqError, ValueError):
@@ -25,7 +26,7 @@ class ModelKwargsError(EdgezmqError, ValueError):
 
 @dataclass(frozen=True)
 class Arg:
-    kind: str  # "int" | "float" | "bool" | "choice" | "size"
+    kind: str  # "int" | "float" | "bool" | "choice" | "size" | "ints" (an integer, or one per stage)
     lo: float = 0
     hi: float = 0
     choices: tuple[str, ...] = ()
@@ -33,17 +34,22 @@ class Arg:
     doc: str = ""
 
 
-# timm VisionTransformer's architecture arguments (timm.models.vision_transformer).  Ranges are
-# generous bounds on what a ViT can be, there to keep a peer from asking for unbounded work.
+# timm's architecture arguments: VisionTransformer's (timm.models.vision_transformer), and the
+# per-stage sizes of the staged families (ResNet `layers`; ConvNeXt, Swin `depths`, `dims`,
+# `num_heads`), which is how a test or a user shrinks those.  Ranges are generous bounds on
+# what a model can be, there to keep a peer from asking for unbounded work.
 ALLOWED: dict[str, Arg] = {
     "img_size": Arg("size", 8, 4096, doc="input side in pixels, or [height, width]"),
     "patch_size": Arg("size", 1, 64, doc="patch side in pixels, or [height, width]"),
     "in_chans": Arg("int", 1, 16, doc="input channels"),
     "num_classes": Arg("int", 0, 100_000, doc="classifier outputs (0: no head)"),
     "global_pool": Arg("choice", choices=("", "avg", "avgmax", "max", "token", "map"), doc="pooling before the head"),
-    "embed_dim": Arg("int", 1, 16_384, doc="token width"),
+    "embed_dim": Arg("ints", 1, 16_384, doc="token width (per stage: a list)"),
     "depth": Arg("int", 1, 256, doc="transformer blocks"),
-    "num_heads": Arg("int", 1, 256, doc="attention heads"),
+    "num_heads": Arg("ints", 1, 256, doc="attention heads (per stage: a list)"),
+    "layers": Arg("ints", 1, 256, doc="ResNet-family blocks per stage (a list)"),
+    "depths": Arg("ints", 1, 256, doc="blocks per stage (a list: ConvNeXt, Swin, ...)"),
+    "dims": Arg("ints", 1, 16_384, doc="width per stage (a list: ConvNeXt, ...)"),
     "mlp_ratio": Arg("float", 0.0625, 64, doc="MLP hidden width / token width"),
     "qkv_bias": Arg("bool"),
     "qk_norm": Arg("bool"),
@@ -99,10 +105,14 @@ def check_model_kwargs(kwargs: Any, where: str = "kwargs") -> dict[str, Any]:
             if v not in a.choices:
                 raise ModelKwargsError(f"{at}: expected one of {list(a.choices)}, got {_shown(v)}")
             out[name] = v
+        elif a.kind == "ints" and isinstance(v, (list, tuple)):
+            if not 1 <= len(v) <= MAX_STAGES:
+                raise ModelKwargsError(f"{at}: expected 1..{MAX_STAGES} integers (one per stage), got {_shown(v)}")
+            out[name] = [_number(x, a, at, True) for x in v]
         elif a.kind == "size" and isinstance(v, list):
             if len(v) != 2:
                 raise ModelKwargsError(f"{at}: expected an integer or [height, width], got {_shown(v)}")
             out[name] = [_number(x, a, at, True) for x in v]
         else:
-            out[name] = _number(v, a, at, a.kind in ("int", "size"))
+            out[name] = _number(v, a, at, a.kind in ("int", "size", "ints"))
     return out
