@@ -41,7 +41,7 @@ ROWS = RESULTS / "model_coverage.jsonl"
 SUMMARY = RESULTS / "model_coverage.json"
 MIN_UNITS = 4
 SEED = 0
-SHRINK = {"depth": 2}  # kwargs that shrink most transformer families
+SHRINK = ({"depth": 2}, "depths", "layers")  # kwargs that shrink: transformers; staged families (1 block per stage)
 GRANULARITIES = ("block", "fine")
 
 
@@ -67,6 +67,22 @@ def _params(name: str, kwargs: dict) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
+def _shrunk(name: str, max_params: int) -> tuple[dict, int]:
+    """The first shrinking kwargs the model accepts that bring it under max_params."""
+    meta = chain.create_model(name, device="meta")
+    stages = next((len(getattr(meta, a)) for a in ("stages", "layers", "levels") if hasattr(meta, a)
+                   and hasattr(getattr(meta, a), "__len__")), 4)
+    for s in SHRINK:
+        kw = s if isinstance(s, dict) else {s: [1] * stages}
+        try:
+            n = _params(name, kw)
+        except Exception:
+            continue
+        if n <= max_params:
+            return kw, n
+    raise ValueError(f"no shrinking kwargs ({', '.join(str(s) for s in SHRINK)}) bring it under {max_params:g} parameters")
+
+
 def _cause(e: BaseException) -> str:
     text = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
     return text[:300]
@@ -79,9 +95,8 @@ def check(name: str, max_params: int) -> dict[str, Any]:
     try:
         n = _params(name, {})
         if n > max_params:
-            row["kwargs"] = dict(SHRINK)
             row["params_full"] = n
-            n = _params(name, SHRINK)
+            row["kwargs"], n = _shrunk(name, max_params)
         row["params"] = n
         torch.manual_seed(SEED)
         model = chain.create_model(name, **row["kwargs"])
@@ -148,15 +163,20 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="*", help="these models only (default: every name timm lists)")
-    ap.add_argument("--max-params", type=float, default=150e6, help="shrink models with more parameters")
+    ap.add_argument("--max-params", type=float, default=60e6, help="shrink models with more parameters")
+    ap.add_argument("--shard", default="0/1", help="K/N: every N-th model from the K-th (parallel runs)")
     ap.add_argument("--timeout", type=int, default=300, help="seconds per model before it counts as an error")
     ap.add_argument("--fresh", action="store_true", help="start over (default: resume the JSONL file)")
     ap.add_argument("--json", action="store_true", help="print the summary as one JSON object (last line)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     names = args.models or timm.list_models()
+    k, n_shards = (int(v) for v in args.shard.split("/"))
     RESULTS.mkdir(parents=True, exist_ok=True)
     rows_file = ROWS if not args.models else RESULTS / "model_coverage-selected.jsonl"
+    if n_shards > 1:
+        names = names[k::n_shards]
+        rows_file = rows_file.with_suffix(f".{k}of{n_shards}.jsonl")
     done: dict[str, dict] = {}
     if rows_file.exists() and not args.fresh:
         for line in rows_file.read_text().splitlines():

@@ -195,8 +195,8 @@ def create_model(name: str, *, pretrained: bool = False, device: str | torch.dev
         with torch.device(device):
             try:
                 model = timm.create_model(name, pretrained=pretrained, **kwargs, **skip)
-            except TypeError as e:  # a family without that argument: build it as it is
-                if not skip or "weight_init" not in str(e):
+            except (TypeError, AssertionError):  # a family without that argument: build it as it is
+                if not skip:
                     raise
                 model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except Exception as e:  # timm raises many types for bad kwargs, offline hubs, bad files

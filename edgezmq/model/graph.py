@@ -250,14 +250,31 @@ def _layer_groups(model: nn.Module) -> dict[str, float] | None:
     return {k: float(v) for k, v in mapping.items()}
 
 
+def _repeated_blocks(model: nn.Module) -> set[str]:
+    """Modules that are elements of a Sequential or ModuleList and have submodules of their own:
+    residual blocks, stages (the fallback for models without timm's layer grouping)."""
+    out = set()
+    for path, mod in model.named_modules():
+        if isinstance(mod, (nn.Sequential, nn.ModuleList)):
+            for child_name, child in mod.named_children():
+                if any(True for _ in child.children()):
+                    out.add(f"{path}.{child_name}" if path else child_name)
+    return out
+
+
 def _node_groups(model: nn.Module, nodes: Sequence[fx.Node]) -> list[float | None]:
     """Each node's layer group: the group of the deepest module around it whose tensors are all
     in one group; None where none is (inherits its predecessor's)."""
     groups = _layer_groups(model)
-    if groups is None:  # no timm grouping: blocks are the model's top-level children
+    if groups is None:  # no timm grouping: the deepest repeated block around each node
+        blocks = _repeated_blocks(model)
         order: dict[str, float] = {}
-        tops = [p[0].split(".")[0] if (p := _stack_paths(n)) else None for n in nodes]
-        return [None if t is None else order.setdefault(t, float(len(order))) for t in tops]
+        keys = []
+        for n in nodes:
+            paths = _stack_paths(n)
+            key = next((p for p in reversed(paths) if p in blocks), paths[0].split(".")[0] if paths else None)
+            keys.append(key)
+        return [None if k is None else order.setdefault(k, float(len(order))) for k in keys]
     by_prefix: dict[str, set[float]] = {}
     for key, g in groups.items():
         parts = key.split(".")
