@@ -66,7 +66,7 @@ def test_block_shards_from_checkpoint_equal_the_model(name):
             assert set(shard.state_dict()) == {k for u in infos[a:b] for k in u.param_names}
             assert shard.param_bytes() == sum(u.param_bytes for u in infos[a:b])
             xs = shard(*xs)
-            assert [(tuple(t.shape), "float32") for t in xs] == specs[b]
+            assert [(tuple(t.shape), str(t.dtype).removeprefix("torch.")) for t in xs] == specs[b]
     assert torch.equal(xs[0], ref)
     # the units read every tensor the forward reads, each in exactly one unit (no tied weights here)
     owned = [k for u in infos for k in u.param_names]
@@ -150,3 +150,47 @@ def test_trace_errors_are_model_errors_naming_the_model():
 def test_unknown_graph_granularity_is_refused():
     with pytest.raises(M.ModelError, match=r"granularity 'sublayer' needs a timm VisionTransformer layout"):
         M.unit_infos("resnet50", "sublayer")
+
+
+# ---------------------------------------------------------------- shapes crossing cuts
+
+VIT, VIT_KW = "vit_tiny_patch16_224", {"img_size": 32, "depth": 2}
+
+
+@pytest.mark.parametrize(("value", "kind"), [
+    (7, "int"), (-3, "int"), (0.125, "float"), (True, "bool"), (torch.Size([2, 3]), "size"),
+    ((4, 5, 6), "tuple"), ([1, 2], "list")])
+def test_python_values_cross_as_tensors_and_come_back_equal(value, kind):
+    assert G._kind(value).kind == kind
+    back = G.unpack(G.pack(value, kind), kind)
+    assert back == value and type(back) is type(value)
+
+
+def test_values_that_cannot_cross_make_no_cut():
+    assert G._kind("text").kind == G._kind(None).kind == G._kind((1, "a")).kind == G._kind(()).kind == "other"
+
+
+def test_shapes_live_across_a_cut_travel_with_it_and_shards_stay_exact():
+    # timm's Attention takes B, N, C = x.shape before its qkv projection and reshapes with them
+    # after it: a `fine` cut at qkv carries them, as int64 scalars beside the activations
+    model, path = seeded(VIT, VIT_KW)
+    specs = M.boundary_specs(VIT, "fine", BATCH, **VIT_KW)
+    values = M.boundary_values(VIT, "fine", BATCH, **VIT_KW)
+    names = [u.name for u in M.unit_infos(VIT, "fine", **VIT_KW)]
+    cut = names.index("blocks.0.attn.qkv")
+    assert set(values[cut]) == {j for j, (shape, dt) in enumerate(specs[cut]) if dt == "int64"}
+    assert sorted(int(t) for t in values[cut].values()) == [BATCH, 5]  # B, N (4 patches + cls)
+    x = images(VIT, VIT_KW)
+    with torch.inference_mode():
+        mid = M.build_shard(VIT, 0, cut, granularity="fine", checkpoint=path, **VIT_KW)(x)
+        assert [int(mid[j]) for j in sorted(values[cut])] == [int(values[cut][j]) for j in sorted(values[cut])]
+        out = M.build_shard(VIT, cut, len(specs) - 1, granularity="fine", checkpoint=path, **VIT_KW)(*mid)
+        assert torch.equal(out[0], model(x))
+
+
+def test_a_unit_entered_by_shapes_is_profiled_with_their_values():
+    from edgezmq.model.profiling import profile_units
+    prof = profile_units(VIT, granularity="fine", microbatch=1, threads=1, reps=1, warmup=0, kwargs=VIT_KW)
+    specs = M.boundary_specs(VIT, "fine", 1, **VIT_KW)
+    entered = [i for i, s in enumerate(specs[:-1]) if any(dt == "int64" for _, dt in s)]
+    assert entered and all(prof["units"][i]["time_s"] > 0 for i in entered)

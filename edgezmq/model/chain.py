@@ -29,7 +29,7 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import timm
 import torch
@@ -46,7 +46,7 @@ from edgezmq.terms import GRANULARITIES
 
 __all__ = [
     "GRANULARITIES", "HAND_GRANULARITIES", "ModelError", "UnitInfo", "Shard", "create_model", "unit_infos", "num_units",
-    "input_shape", "boundary_specs", "build_shard", "write_checkpoint", "cached_checkpoint",
+    "input_shape", "boundary_specs", "boundary_values", "example_inputs", "build_shard", "write_checkpoint", "cached_checkpoint",
     "save_checkpoint", "checkpoint_problem", "cache_root", "unit_names", "run_units",
 ]
 
@@ -255,7 +255,7 @@ _CUTS: weakref.WeakKeyDictionary[nn.Module, dict[str, list[fxg.GraphCut]]] = wea
 _UNITS: weakref.WeakKeyDictionary[nn.Module, dict[int, fxg.GraphUnit]] = weakref.WeakKeyDictionary()  # by id(cut)
 
 
-def _is_hand_vit(model: nn.Module) -> bool:
+def _is_hand_vit(model: nn.Module) -> TypeGuard[VisionTransformer]:
     """A timm VisionTransformer whose forward the hand-written units reproduce."""
     cls = type(model)
     return (isinstance(model, VisionTransformer) and cls.forward is VisionTransformer.forward
@@ -326,6 +326,18 @@ def _vit_pieces(model: VisionTransformer, granularity: str) -> list[_Piece]:
         pieces.extend(_block_pieces(block, i, granularity))
     pieces.append(_Piece(HEAD_UNIT, "head", HEAD_MEMBERS))
     return pieces
+
+
+@functools.lru_cache(maxsize=INFO_CACHE_SIZE)
+def _pieces_cached(name: str, granularity: str, kwargs_key: tuple) -> tuple[Piece, ...]:
+    return tuple(_pieces(create_model(name, device="meta", **dict(kwargs_key)), granularity))
+
+
+def _named_pieces(name: str, granularity: str, kwargs: Mapping[str, Any], model: nn.Module) -> list[Piece]:
+    """The units of `name` (as `_pieces(model, granularity)` for `model`, an instance of it):
+    pieces name modules and tensors, never hold them, so one trace serves every shard built."""
+    key = _frozen(kwargs)
+    return _pieces(model, granularity) if key is None else list(_pieces_cached(name, granularity, key))
 
 
 def _owners(pieces: list[Piece]) -> Callable[[str], tuple[int, ...]]:
@@ -550,26 +562,66 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
 
 
+Specs = list[list[tuple[tuple[int, ...], str]]]
+Values = list[dict[int, torch.Tensor]]
+
+
 @functools.lru_cache(maxsize=INFO_CACHE_SIZE)
-def _boundary_specs_cached(name: str, granularity: str, microbatch: int, dtype: torch.dtype,
-                           kwargs_key: tuple) -> tuple:
-    specs = _boundary_specs(name, granularity, microbatch, dtype, dict(kwargs_key))
-    return tuple(tuple(s) for s in specs)
+def _boundaries_cached(name: str, granularity: str, microbatch: int, dtype: torch.dtype,
+                       kwargs_key: tuple) -> tuple[Specs, Values]:
+    return _boundaries(name, granularity, microbatch, dtype, dict(kwargs_key))
 
 
-def _boundary_specs(name: str, granularity: str, microbatch: int, dtype: torch.dtype,
-                    kwargs: dict[str, Any]) -> list[list[tuple[tuple[int, ...], str]]]:
+def _boundaries(name: str, granularity: str, microbatch: int, dtype: torch.dtype,
+                kwargs: dict[str, Any]) -> tuple[Specs, Values]:
+    """The chain run on meta tensors: each boundary's (shape, dtype) and the tensors whose
+    values the model fixes (a shape that crosses a cut, edgezmq.model.graph), by position."""
     _check_granularity(granularity)
     model = create_model(name, device="meta", **kwargs).to(dtype)
     pieces = _pieces(model, granularity)
     xs: tuple[torch.Tensor, ...] = (torch.empty(input_shape(name, microbatch, **kwargs), device="meta", dtype=dtype),)
-    specs = []
+    specs: Specs = []
+    values: Values = []
     with torch.no_grad():
-        for piece in pieces:
+        for piece in [*pieces, None]:
             specs.append([(tuple(x.shape), _dtype_name(x.dtype)) for x in xs])
-            xs = _make_unit(model, piece)(*xs)
-    specs.append([(tuple(x.shape), _dtype_name(x.dtype)) for x in xs])
-    return specs
+            values.append({j: x for j, x in enumerate(xs) if not x.is_meta})
+            if piece is not None:
+                xs = _make_unit(model, piece)(*xs)
+    return specs, values
+
+
+def _boundaries_for(name: str, granularity: str, microbatch: int, dtype: torch.dtype,
+                    kwargs: dict[str, Any]) -> tuple[Specs, Values]:
+    if microbatch < 1:
+        raise ModelError(f"microbatch: expected >= 1, got {microbatch}")
+    key = _frozen(kwargs)
+    if key is None:
+        return _boundaries(name, granularity, microbatch, dtype, kwargs)
+    return _boundaries_cached(name, granularity, microbatch, dtype, key)
+
+
+def boundary_values(name: str, granularity: str, microbatch: int, *, dtype: torch.dtype = torch.float32,
+                    **kwargs: Any) -> Values:
+    """Entry i: {position: tensor} of the tensors entering unit i whose values the model fixes
+    at this microbatch (shapes crossing a cut as int64 tensors); the others are activations."""
+    return [dict(v) for v in _boundaries_for(name, granularity, microbatch, dtype, kwargs)[1]]
+
+
+def example_inputs(spec: list[tuple[tuple[int, ...], str]], fixed: Mapping[int, torch.Tensor],
+                   generator: torch.Generator) -> list[torch.Tensor]:
+    """Tensors entering a unit, for timing it: its fixed values as they are, random normal
+    floats for its activations (zeros for any other dtype)."""
+    out = []
+    for j, (shape, dt) in enumerate(spec):
+        dtype = getattr(torch, dt)
+        if j in fixed:
+            out.append(fixed[j].clone())
+        elif dtype.is_floating_point:
+            out.append(torch.randn(shape, generator=generator, dtype=dtype))
+        else:
+            out.append(torch.zeros(shape, dtype=dtype))
+    return out
 
 
 def boundary_specs(name: str, granularity: str, microbatch: int, *, dtype: torch.dtype = torch.float32,
@@ -578,12 +630,7 @@ def boundary_specs(name: str, granularity: str, microbatch: int, *, dtype: torch
 
     Computed by running the chain on meta tensors: exact shapes, no memory, no weights.
     """
-    if microbatch < 1:
-        raise ModelError(f"microbatch: expected >= 1, got {microbatch}")
-    key = _frozen(kwargs)
-    if key is None:
-        return _boundary_specs(name, granularity, microbatch, dtype, kwargs)
-    return [list(s) for s in _boundary_specs_cached(name, granularity, microbatch, dtype, key)]
+    return [list(s) for s in _boundaries_for(name, granularity, microbatch, dtype, kwargs)[0]]
 
 
 # ---------------------------------------------------------------- shards
@@ -731,7 +778,7 @@ def build_shard(name: str, start: int, end: int, *, granularity: str = "block",
     if checkpoint is not None and pretrained:
         raise ModelError(f"{name}: give a checkpoint or pretrained=True, not both")
     model = create_model(name, device="meta", **kwargs)
-    pieces = _pieces(model, granularity)
+    pieces = _named_pieces(name, granularity, kwargs, model)
     infos = _infos(model, pieces)
     err = _range_error(name, granularity, start, end, len(infos))
     if err:

@@ -6,9 +6,11 @@ must not trace into), every position between two graph nodes is a *cut point* wh
 values still needed later — the *live* values — can cross a link, and units are the runs of
 nodes between chosen cut points. See docs/model.md.
 
-- A cut is valid when 1..MAX_TENSORS values are live and all are tensors (a Python int taken
-  from a shape cannot cross the wire). Parameters and buffers never cross: a unit reads its
-  own (``get_attr`` nodes are copied into every unit that uses them).
+- A cut is valid when 1..MAX_TENSORS values are live and each is a tensor or a Python number
+  or tuple of integers (a shape: ``B, N, C = x.shape`` taken before a cut and used after it).
+  Such a value crosses as a small tensor (int64, float64 or bool; a 0-d one for a number) and
+  is turned back into the Python value on the other side. Parameters and buffers never cross:
+  a unit reads its own (``get_attr`` nodes are copied into every unit that uses them).
 - ``block``: cut where timm's layer grouping changes (``model.group_matcher()``, the groups
   timm uses for layer-wise learning-rate decay: stem, each residual block, head), at the
   first valid cut at or after the change; ``fine``: at every valid cut between two leaf
@@ -64,13 +66,60 @@ class _Tracer(fx.Tracer):
         return isinstance(m, self._leaves) or super().is_leaf_module(m, qualname)
 
 
+MAX_SHAPE_VALUES = 64  # entries of a tuple of integers that may cross a cut as a tensor
+
+
 @dataclass(frozen=True)
 class ValueInfo:
-    """What a graph node produced on the example input: a tensor (shape, dtype) or something else."""
+    """What a graph node produced on the example input: its kind, and shape and dtype if a tensor.
 
-    tensor: bool
+    kind: ``tensor``; a Python ``int``, ``float`` or ``bool``; ``size`` / ``tuple`` / ``list`` of
+    integers (these cross a cut as small tensors); or ``other`` (cannot cross: no cut there).
+    """
+
+    kind: str
     shape: tuple[int, ...] = ()
     dtype: torch.dtype | None = None
+
+    @property
+    def tensor(self) -> bool:
+        return self.kind == "tensor"
+
+
+def _kind(v: Any) -> ValueInfo:
+    if isinstance(v, torch.Tensor):
+        return ValueInfo("tensor", tuple(v.shape), v.dtype)
+    if isinstance(v, bool):
+        return ValueInfo("bool")
+    if isinstance(v, int):
+        return ValueInfo("int")
+    if isinstance(v, float):
+        return ValueInfo("float")
+    if (isinstance(v, (tuple, list)) and 0 < len(v) <= MAX_SHAPE_VALUES
+            and all(isinstance(e, int) and not isinstance(e, bool) for e in v)):
+        return ValueInfo("size" if isinstance(v, torch.Size) else type(v).__name__)
+    return ValueInfo("other")
+
+
+_PACKED = {"int": torch.int64, "float": torch.float64, "bool": torch.bool,
+           "size": torch.int64, "tuple": torch.int64, "list": torch.int64}
+
+
+def pack(v: Any, kind: str) -> torch.Tensor:
+    """A Python value that crosses a cut, as the tensor that carries it."""
+    return torch.tensor(list(v) if kind in ("size", "tuple") else v, dtype=_PACKED[kind])
+
+
+def unpack(t: torch.Tensor, kind: str) -> Any:
+    """The Python value a crossing tensor carries (the inverse of `pack`)."""
+    if kind == "int":
+        return int(t)
+    if kind == "float":
+        return float(t)
+    if kind == "bool":
+        return bool(t)
+    values = [int(e) for e in t.tolist()]
+    return torch.Size(values) if kind == "size" else tuple(values) if kind == "tuple" else values
 
 
 @dataclass(frozen=True, eq=False)
@@ -125,8 +174,7 @@ def trace(model: nn.Module, example: Sequence[torch.Tensor], name: str) -> Trace
     class _Record(fx.Interpreter):
         def run_node(self, n: fx.Node) -> Any:
             out = super().run_node(n)
-            values[n.name] = (ValueInfo(True, tuple(out.shape), out.dtype) if isinstance(out, torch.Tensor)
-                              else ValueInfo(False))
+            values[n.name] = _kind(out)
             return out
 
     try:
@@ -207,6 +255,9 @@ def _fixed(n: fx.Node) -> bool:
     return n.op == "get_attr" or (n.op == "placeholder" and bool(n.args))
 
 
+_CALL = re.compile(r"@\d+$")  # fx marks the second and later calls of one module: `cpe1@1`
+
+
 def _module_path(n: fx.Node) -> str:
     """The deepest module this node was recorded in ('' at the model's top level)."""
     if n.op == "call_module":
@@ -214,11 +265,11 @@ def _module_path(n: fx.Node) -> str:
     if n.op == "get_attr":
         return str(n.target).rpartition(".")[0]
     stack = n.meta.get("nn_module_stack") or {}
-    return str(list(stack)[-1]) if stack else ""
+    return _CALL.sub("", str(list(stack)[-1])) if stack else ""
 
 
 def _stack_paths(n: fx.Node) -> list[str]:
-    stack = [str(k) for k in (n.meta.get("nn_module_stack") or {})]
+    stack = [_CALL.sub("", str(k)) for k in (n.meta.get("nn_module_stack") or {})]
     if n.op in ("call_module", "get_attr"):
         stack.append(_module_path(n))
     return stack
@@ -299,7 +350,7 @@ def _node_groups(model: nn.Module, nodes: Sequence[fx.Node]) -> list[float | Non
 
 
 def _valid(live: tuple[str, ...], values: dict[str, ValueInfo]) -> bool:
-    return 1 <= len(live) <= MAX_TENSORS and all(values[v].tensor for v in live)
+    return 1 <= len(live) <= MAX_TENSORS and all(values[v].kind != "other" for v in live)
 
 
 def _computes(n: fx.Node) -> bool:
@@ -314,11 +365,11 @@ def graph_cuts(model: nn.Module, traced: Traced, granularity: str, name: str) ->
     nodes = traced.nodes
     out_idx = next((i for i, n in enumerate(nodes) if n.op == "output"), len(nodes) - 1)
     result = nodes[out_idx].args[0] if nodes[out_idx].args else None
-    if not isinstance(result, fx.Node) or not traced.values.get(result.name, ValueInfo(False)).tensor:
+    if not isinstance(result, fx.Node) or not traced.values.get(result.name, ValueInfo("other")).tensor:
         raise GraphError(f"{name}: its forward returns {type(result).__name__}, not one tensor; unsupported")
-    inputs = [n.name for n in nodes if n.op == "placeholder" and not _fixed(n)]
-    if len(inputs) != 1:
-        raise GraphError(f"{name}: its traced forward takes {len(inputs)} inputs ({', '.join(inputs)}), "
+    required = [n.name for n in nodes if n.op == "placeholder" and not _fixed(n)]
+    if len(required) != 1:
+        raise GraphError(f"{name}: its traced forward takes {len(required)} inputs ({', '.join(required)}), "
                          "expected one tensor")
     live = _live_after(nodes)
     paths = [_module_path(n) for n in nodes]
@@ -339,21 +390,32 @@ def graph_cuts(model: nn.Module, traced: Traced, granularity: str, name: str) ->
                 marks[i] = True
             if g is not None:
                 cur = g
-    # Cut before node i (after node i-1) when wanted and valid; a wanted cut that is invalid moves
-    # to the next valid position (the next node's), unless a compute-free unit would result.
+    # Cut before node i (after node i-1) when wanted and valid. `fine`: a wanted cut that is
+    # invalid moves to the next valid position. `block`: between one wanted position and the
+    # next, the valid position where the fewest values are live (then the fewest non-tensors,
+    # then the earliest): a block's boundary where the least crosses. Never a unit without work.
     starts = [0]
-    pending = False
-    for i in range(1, out_idx):
-        pending = pending or marks[i]
-        if pending and _valid(live[i - 1], traced.values) and any(works[starts[-1]:i]):
-            starts.append(i)
-            pending = False
+    wanted = [i for i in range(1, out_idx) if marks[i]] + [out_idx]
+    if granularity == "fine":
+        pending = False
+        for i in range(1, out_idx):
+            pending = pending or marks[i]
+            if pending and _valid(live[i - 1], traced.values) and any(works[starts[-1]:i]):
+                starts.append(i)
+                pending = False
+    else:
+        for a, b in zip(wanted, wanted[1:]):
+            ok = [i for i in range(max(a, starts[-1] + 1), b)
+                  if _valid(live[i - 1], traced.values) and any(works[starts[-1]:i])]
+            if ok:
+                starts.append(min(ok, key=lambda i: (len(live[i - 1]), sum(
+                    not traced.values[v].tensor for v in live[i - 1]), i)))
     bounds = [*starts, out_idx]
     cuts = []
     names: dict[str, int] = {}
     for k in range(len(starts)):
         lo, hi = bounds[k], bounds[k + 1]
-        inputs = tuple(n.name for n in nodes if n.op == "placeholder" and not _fixed(n)) if lo == 0 else live[lo - 1]
+        inputs = tuple(required) if lo == 0 else live[lo - 1]
         outputs = (result.name,) if k == len(starts) - 1 else live[hi - 1]
         owns = tuple(dict.fromkeys(_reads(nodes[lo:hi])))
         base = _unit_name([n for n, w in zip(nodes[lo:hi], works[lo:hi]) if w], k, len(starts), granularity)
@@ -361,9 +423,6 @@ def graph_cuts(model: nn.Module, traced: Traced, granularity: str, name: str) ->
         names[base] = seen + 1
         cuts.append(GraphCut(base if not seen else f"{base}#{seen + 1}", lo, hi, inputs, outputs, owns, traced))
     return cuts
-
-
-_INDEX = re.compile(r"\.(\d+)$")
 
 
 def _unit_name(nodes: Sequence[fx.Node], k: int, count: int, granularity: str) -> str:
@@ -406,8 +465,12 @@ class GraphUnit:
     def __init__(self, model: nn.Module, cut: GraphCut) -> None:
         g = fx.Graph()
         env: dict[str, fx.Node] = {}
+        kinds = cut.traced.values
         for v in cut.inputs:
             env[v] = g.placeholder(v)
+        for v in cut.inputs:  # a number or shape that crossed as a tensor: the Python value again
+            if not kinds[v].tensor:
+                env[v] = g.call_function(unpack, (env[v], kinds[v].kind))
         nodes = cut.traced.nodes
         by_name = {n.name: n for n in nodes}
 
@@ -424,7 +487,9 @@ class GraphUnit:
             if n.op == "placeholder":
                 continue
             env[n.name] = g.node_copy(n, arg)
-        g.output(tuple(arg(by_name[v]) for v in cut.outputs))
+        outs = [arg(by_name[v]) for v in cut.outputs]
+        g.output(tuple(o if kinds[v].tensor else g.call_function(pack, (o, kinds[v].kind))
+                       for o, v in zip(outs, cut.outputs)))
         # root: a table of exactly the objects the unit names (the model's own, not copies)
         self.gm = fx.GraphModule(_targets(model, g, cut.traced.constants), g)
         self.arity = len(cut.inputs)

@@ -246,7 +246,7 @@ def chain_window(units: list[dict[str, Any]], budget_bytes: int, max_units: int 
     return (a, b) if b - a >= 2 else None
 
 
-def _time_window(model: str, window: tuple[int, int], *, granularity: str, specs: list, warmup: int,
+def _time_window(model: str, window: tuple[int, int], *, granularity: str, specs: list, fixed: list, warmup: int,
                  reps: int, kwargs: dict[str, Any], checkpoint: str | Path | None, gen: torch.Generator,
                  round_s: float, stop: StopFn | None = None) -> list[float]:
     """Seconds per forward of units [a, b) run as one stage runs them: back to back, on a
@@ -255,7 +255,7 @@ def _time_window(model: str, window: tuple[int, int], *, granularity: str, specs
     a, b = window
     shard = models.build_shard(model, a, b, granularity=granularity, checkpoint=checkpoint,
                                dtype=TORCH_DTYPE, **kwargs)
-    xs = [torch.randn(shape, generator=gen, dtype=getattr(torch, dt)) for shape, dt in specs[a]]
+    xs = models.example_inputs(specs[a], fixed[a], gen)
     held: collections.deque = collections.deque(maxlen=CHAIN_HELD_OUTPUTS)
 
     def run() -> None:
@@ -266,14 +266,14 @@ def _time_window(model: str, window: tuple[int, int], *, granularity: str, specs
 
 
 def _profile_chain(model: str, window: tuple[int, int], units: list[dict[str, Any]], *, granularity: str,
-                   specs: list, warmup: int, reps: int, kwargs: dict[str, Any],
+                   specs: list, fixed: list, warmup: int, reps: int, kwargs: dict[str, Any],
                    checkpoint: str | Path | None, gen: torch.Generator, round_s: float,
                    stop: StopFn | None = None) -> dict[str, Any]:
     """Units [a, b) timed as a stage runs them (``_time_window``). Alone, a unit finds its
     weights in cache and its buffers recycled; in a stage it does not, which the ratio to the
     sum of the units' own times captures."""
     a, b = window
-    times = _time_window(model, window, granularity=granularity, specs=specs, warmup=warmup, reps=reps,
+    times = _time_window(model, window, granularity=granularity, specs=specs, fixed=fixed, warmup=warmup, reps=reps,
                          kwargs=kwargs, checkpoint=checkpoint, gen=gen, round_s=round_s, stop=stop)
     alone = sum(u["time_s"] for u in units[a:b])
     chained = statistics.median(times)
@@ -281,14 +281,14 @@ def _profile_chain(model: str, window: tuple[int, int], units: list[dict[str, An
             "factor": chained / alone if alone > 0 else 1.0}
 
 
-def _profile_unit(model: str, i: int, *, granularity: str, specs: list, warmup: int, reps: int,
+def _profile_unit(model: str, i: int, *, granularity: str, specs: list, fixed: list, warmup: int, reps: int,
                   kwargs: dict[str, Any], checkpoint: str | Path | None, gen: torch.Generator,
                   meter: _PeakMeter, round_s: float, stop: StopFn | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     shard = models.build_shard(model, i, i + 1, granularity=granularity, checkpoint=checkpoint,
                                dtype=TORCH_DTYPE, **kwargs)
     build_s = time.perf_counter() - t0
-    xs = [torch.randn(shape, generator=gen, dtype=getattr(torch, dt)) for shape, dt in specs[i]]
+    xs = models.example_inputs(specs[i], fixed[i], gen)
     with torch.inference_mode():
         times = _timed_rounds(functools.partial(shard, *xs), warmup, reps, round_s, stop)
         out, work = meter(functools.partial(shard, *xs))
@@ -313,6 +313,17 @@ def _profile_unit(model: str, i: int, *, granularity: str, specs: list, warmup: 
     return entry
 
 
+@contextlib.contextmanager
+def _frozen_heap() -> Iterator[None]:
+    """Objects alive before profiling (caches of traced graphs: many thousands of nodes) left out
+    of the collections run after each unit: those then scan the unit's garbage, not the heap."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def profile_units(model: str, *, granularity: str = "block", microbatch: int = 8,
                   threads: int | None = None, warmup: int = 1, reps: int = 3,
                   kwargs: Mapping[str, Any] | None = None, checkpoint: str | Path | None = None,
@@ -327,6 +338,7 @@ def profile_units(model: str, *, granularity: str = "block", microbatch: int = 8
     _check_counts(threads, warmup, reps)
     kw = dict(kwargs or {})
     specs = models.boundary_specs(model, granularity, microbatch, dtype=TORCH_DTYPE, **kw)
+    fixed = models.boundary_values(model, granularity, microbatch, dtype=TORCH_DTYPE, **kw)
     n = len(specs) - 1
     used = threads or torch.get_num_threads()
     meter = _PeakMeter()
@@ -335,9 +347,9 @@ def profile_units(model: str, *, granularity: str = "block", microbatch: int = 8
     round_s = round_seconds()
     started = time.perf_counter()
     units = []
-    with _torch_threads(used):
+    with _torch_threads(used), _frozen_heap():
         for i in range(n):
-            entry = _profile_unit(model, i, granularity=granularity, specs=specs, warmup=warmup,
+            entry = _profile_unit(model, i, granularity=granularity, specs=specs, fixed=fixed, warmup=warmup,
                                   reps=reps, kwargs=kw, checkpoint=checkpoint, gen=gen, meter=meter,
                                   round_s=round_s, stop=stop)
             units.append(entry)
@@ -347,7 +359,7 @@ def profile_units(model: str, *, granularity: str = "block", microbatch: int = 8
                 progress(i, n, entry["name"], entry["time_s"])
         window = chain_window(units, int(CHAIN_MEMORY_SHARE * device.memory_budget()))
         chain = None if window is None else _profile_chain(
-            model, window, units, granularity=granularity, specs=specs, warmup=warmup, reps=reps,
+            model, window, units, granularity=granularity, specs=specs, fixed=fixed, warmup=warmup, reps=reps,
             kwargs=kw, checkpoint=checkpoint, gen=gen, round_s=round_s, stop=stop)
         gc.collect()  # the chain's shard is gone with _profile_chain's frame
     return {
@@ -384,6 +396,7 @@ def spot_check(prof: Mapping[str, Any], *, kwargs: Mapping[str, Any] | None = No
     VM's host): ``rescale`` applies it. Seconds, where a whole profile takes minutes."""
     kw = dict(kwargs or {})
     specs = models.boundary_specs(prof["model"], prof["granularity"], prof["microbatch"], dtype=TORCH_DTYPE, **kw)
+    fixed = models.boundary_values(prof["model"], prof["granularity"], prof["microbatch"], dtype=TORCH_DTYPE, **kw)
     units, chain = prof["units"], prof.get("chain")
     if chain:
         window, then = (int(chain["units"][0]), int(chain["units"][1])), float(chain["time_s"])
@@ -392,7 +405,7 @@ def spot_check(prof: Mapping[str, Any], *, kwargs: Mapping[str, Any] | None = No
         window, then = (i, i + 1), float(units[i]["time_s"])
     started = time.perf_counter()
     with _torch_threads(int(prof["threads"])):
-        times = _time_window(prof["model"], window, granularity=prof["granularity"], specs=specs, warmup=warmup,
+        times = _time_window(prof["model"], window, granularity=prof["granularity"], specs=specs, fixed=fixed, warmup=warmup,
                              reps=reps, kwargs=kw, checkpoint=checkpoint,
                              gen=torch.Generator().manual_seed(INPUT_SEED), round_s=round_seconds(), stop=stop)
     gc.collect()
