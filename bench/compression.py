@@ -3,6 +3,7 @@
 
     sudo python bench/compression.py [--json] [--encodings raw,f16,bf16,int8,int4]
         [--ladder f16,int8,int4] [--drop 4] [--pre 20 --during 40 --post 30] [--window 32]
+        [--no-planner] [--autotuned-buffers]
 
 The testbed (derived from plans/testbed-edgepipe.derivation.json, as docs/testbed.md derives
 the EdgePipe testbed): an RCC-VE-like device (0.1246 CPU) computes the first half of the digits
@@ -12,10 +13,22 @@ device at the RCC-VE's 5.846 Mbit/s. Links are pairs shaped at the sender. The c
 block boundary (`--cut`, default 3: after blocks.1), microbatch 8, so a raw activation (98 kB)
 takes 3x the image's time: the link between the stages sets the pace.
 
-In one testbed run: every encoding fixed (throughput, the pipeline's own top-1 on 448 test
-images), the adaptive ladder, then a timeline with the ladder and with raw while the stages'
-link drops `--drop`x and comes back. Accuracy per encoding at the cut comes from
-bench/compression_accuracy.py's sweep (edgezmq.model.accuracy) run with the wire codecs.
+In one testbed run: the planner's two plans (below), every encoding fixed (throughput, the
+pipeline's own top-1 on 448 test images), the adaptive ladder, then a timeline with the
+ladder and with raw while the stages' link drops `--drop`x and comes back. Accuracy per
+encoding at every block cut comes from bench/compression_accuracy.py's sweep
+(edgezmq.model.accuracy) run with the wire codecs. The plans give each link's configured
+rate (`link_mbps`: the data sockets' send buffers are sized from it, docs/compression.md);
+`--autotuned-buffers` leaves it out (the kernel's autotuned buffers, as before).
+
+The planner's choice: the problem is gathered from the testbed's nodes as autodeploy does
+(edgezmq.orchestrate.autodeploy.gather: profiles on the nodes, links, I/O costs); added are
+the candidates' byte ratios (wire codecs at the cut's shape), their measured logit error at
+every cut (the sweep) and their codec costs (this host's CPU per MB over each device's CPU
+share). The 1-point top-1 budget becomes the planner's error budget by measurement
+(`budget_for`). Solved without and with it (`solve(..., max_error=E)`), each plan is written
+as `edgezmq plan -o` writes it (`planner.deploy.deployable`) and deployed and timed like the
+fixed rows; the summary fields are these two plans.
 Writes bench/results/compression.json and .png; `--json` prints one object (last line).
 The client side runs inside the testbed's client namespace (``--inner``, started by the outer).
 """

@@ -95,7 +95,8 @@ def test_start_without_encodings_sends_no_new_field():
 @pytest.mark.parametrize("mbps, expected", [
     (None, None),  # no rate in the plan: the kernel's autotuning, as before
     (1.949, sockets.LINK_BUFFER_MIN),  # 12 kB of 50 ms: the floor
-    (10.0, 62_500),  # 50 ms of 10 Mbit/s
+    (10.0, sockets.LINK_BUFFER_MIN),  # 62.5 kB: still the floor
+    (20.0, 125_000),  # 50 ms of 20 Mbit/s
     (100.0, 625_000),
     (sockets.LINK_BUFFER_MAX * 8 / 1e6 / sockets.LINK_BUFFER_S, sockets.LINK_BUFFER_MAX),  # the largest bounded
     (1000.0, None),  # a fast link keeps the autotuned buffer (no throughput cost)
