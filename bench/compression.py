@@ -520,9 +520,12 @@ def main() -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(planner_input(sweep_rows, args.encodings, budget, units)))
         argv += ["--planner-input", str(path)]
-    with testbed(cfg, TESTBED) as tb:
-        r = tb.exec_in_client(argv, stdout=subprocess.PIPE, text=True, timeout=3600,
-                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        with testbed(cfg, TESTBED) as tb:
+            r = tb.exec_in_client(argv, stdout=subprocess.PIPE, text=True, timeout=3600,
+                                  env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    finally:
+        (BENCH_STATE / f"{TESTBED}-planner.json").unlink(missing_ok=True)
     if r.returncode != 0:
         raise SystemExit(f"the client side failed (exit {r.returncode})")
     result = analyse(json.loads(r.stdout.strip().splitlines()[-1]), acc_rows, fp32, args, cfg, budget)
