@@ -3,6 +3,7 @@
 
     sudo python bench/compression.py [--json] [--encodings raw,f16,bf16,int8,int4]
         [--ladder f16,int8,int4] [--drop 4] [--pre 20 --during 40 --post 30] [--window 32]
+        [--no-planner] [--autotuned-buffers]
 
 The testbed (derived from plans/testbed-edgepipe.derivation.json, as docs/testbed.md derives
 the EdgePipe testbed): an RCC-VE-like device (0.1246 CPU) computes the first half of the digits
@@ -12,10 +13,22 @@ device at the RCC-VE's 5.846 Mbit/s. Links are pairs shaped at the sender. The c
 block boundary (`--cut`, default 3: after blocks.1), microbatch 8, so a raw activation (98 kB)
 takes 3x the image's time: the link between the stages sets the pace.
 
-In one testbed run: every encoding fixed (throughput, the pipeline's own top-1 on 448 test
-images), the adaptive ladder, then a timeline with the ladder and with raw while the stages'
-link drops `--drop`x and comes back. Accuracy per encoding at the cut comes from
-bench/compression_accuracy.py's sweep (edgezmq.model.accuracy) run with the wire codecs.
+In one testbed run: the planner's two plans (below), every encoding fixed (throughput, the
+pipeline's own top-1 on 448 test images), the adaptive ladder, then a timeline with the
+ladder and with raw while the stages' link drops `--drop`x and comes back. Accuracy per
+encoding at every block cut comes from bench/compression_accuracy.py's sweep
+(edgezmq.model.accuracy) run with the wire codecs. The plans give each link's configured
+rate (`link_mbps`: the data sockets' send buffers are sized from it, docs/compression.md);
+`--autotuned-buffers` leaves it out (the kernel's autotuned buffers, as before).
+
+The planner's choice: the problem is gathered from the testbed's nodes as autodeploy does
+(edgezmq.orchestrate.autodeploy.gather: profiles on the nodes, links, I/O costs); added are
+the candidates' byte ratios (wire codecs at the cut's shape), their measured logit error at
+every cut (the sweep) and their codec costs (this host's CPU per MB over each device's CPU
+share). The 1-point top-1 budget becomes the planner's error budget by measurement
+(`budget_for`). Solved without and with it (`solve(..., max_error=E)`), each plan is written
+as `edgezmq plan -o` writes it (`planner.deploy.deployable`) and deployed and timed like the
+fixed rows; the summary fields are these two plans.
 Writes bench/results/compression.json and .png; `--json` prints one object (last line).
 The client side runs inside the testbed's client namespace (``--inner``, started by the outer).
 """
@@ -65,8 +78,9 @@ def testbed_config(d: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- accuracy (outer, no network)
-def accuracy(encodings: list[str], cut: int) -> tuple[float, list[dict]]:
-    """top-1 fp32 and a row per encoding at `cut`, from compression_accuracy's sweep (wire codecs)."""
+def accuracy(encodings: list[str]) -> tuple[float, list[dict], int]:
+    """top-1 fp32, a row per encoding and block cut (compression_accuracy's sweep with the wire
+    codecs) and the model's units."""
     import compression_accuracy as ca
 
     from edgezmq.model import accuracy as acc
@@ -78,10 +92,38 @@ def accuracy(encodings: list[str], cut: int) -> tuple[float, list[dict]]:
     sweep = acc.CutSweep(model, "block", split.x_test, MICROBATCH)
     fp32 = acc.score(sweep.reference, sweep.reference, split.y_test).top1
     encs = [e for e in encodings if e != "raw"]
-    rows = ca.sweep_rows(sweep, [cut], encs, split.y_test, chain.unit_names(model, "block"), "task", True)
+    cuts = list(range(1, sweep.num_units))
+    rows = ca.sweep_rows(sweep, cuts, encs, split.y_test, chain.unit_names(model, "block"), "task", True)
     for r in rows:
         r["top1_drop"] = round(fp32 - r["top1"], 4)
-    return fp32, rows
+        r["shape"] = list(sweep.tensors(r["cut"])[0][0].shape)
+    return fp32, rows, sweep.num_units
+
+
+def budget_for(rows: list[dict], points: float) -> dict:
+    """The planner's error budget (relative L2 of the logits) that stands for `points` of top-1,
+    measured: the largest error E such that every single-cut encoding of the sweep with an
+    error <= E lost at most `points`. When none lost more, E is the largest error measured
+    (beyond it nothing was measured)."""
+    over = [r["rel_l2"] for r in rows if r["top1_drop"] > points]
+    within = [r["rel_l2"] for r in rows if r["top1_drop"] <= points and (not over or r["rel_l2"] < min(over))]
+    e = max(within) if within else 0.0
+    return {"max_error": e, "top1_points": points, "configurations": len(rows),
+            "lost_more": len(over), "least_error_that_lost_more": min(over) if over else None,
+            "worst_top1_drop_within": max((r["top1_drop"] for r in rows if r["rel_l2"] <= e), default=0.0)}
+
+
+def planner_input(rows: list[dict], encodings: list[str], budget: dict, cuts: int) -> dict:
+    """What the inner adds to the gathered problem: each candidate's ratio (wire codecs, at the
+    block cuts' activation shape) and its measured error at every cut, and the budget."""
+    from edgezmq.protocol import codecs
+
+    shape = (MICROBATCH, *rows[0]["shape"][1:])
+    encs = [e for e in encodings if e != "raw"]
+    err = {(r["encoding"], r["cut"]): r["rel_l2"] for r in rows}
+    return {"shape": list(shape), "max_error": budget["max_error"],
+            "encodings": {e: {"ratio": round(codecs.ratio(e, shape), 6), "error": [err[(e, c)] for c in range(1, cuts)]}
+                          for e in encs}}
 
 
 # ---------------------------------------------------------------- the client side (inner)
@@ -107,10 +149,13 @@ class Inner:
 
         nodes = [NodeAddress(n, self.tb.control(n), 1) for n in ("rcc", "minnow")]
         enc = None if not ladder or ladder == ["raw"] else [[e] for e in ladder]
+        # each link's configured rate, as `edgezmq plan -o` writes it: it sizes the send buffers
+        rate = (None if self.args.autotuned_buffers else self.full,
+                None if self.args.autotuned_buffers else self.tb.config.link("minnow", "client").mbps)
         return DeployPlan(model=ModelSpec(name=task.TASK_MODEL, microbatch=MICROBATCH, checkpoint=self.ckpt,
                                           kwargs=task.TASK_KWARGS),
-                          stages=[StagePlan(units=(0, self.args.cut), nodes=[nodes[0]], encodings=enc),
-                                  StagePlan(units=(self.args.cut, self.units), nodes=[nodes[1]])],
+                          stages=[StagePlan(units=(0, self.args.cut), nodes=[nodes[0]], encodings=enc, link_mbps=rate[0]),
+                                  StagePlan(units=(self.args.cut, self.units), nodes=[nodes[1]], link_mbps=rate[1])],
                           results=f"tcp://{self.tb.client_address}:0")
 
     def stats(self, node: str) -> dict:
@@ -119,11 +164,11 @@ class Inner:
         with ControlClient(self.tb.control(node), timeout=10, retries=2) as c:
             return c.call("stats")["stage"]
 
-    def session(self, ladder: list[str] | None, body):
+    def session(self, ladder: list[str] | None, body, plan=None):
         from edgezmq.client import Client
         from edgezmq.orchestrate.deploy import deploy, unload
 
-        plan = self.plan(ladder)
+        plan = plan if plan is not None else self.plan(ladder)
         with Client([], plan.results, run="", window=self.args.window, microbatch=MICROBATCH, timeout=600) as c:
             plan.results = c.results_endpoint
             dep = deploy(plan, load_timeout=600)
@@ -133,10 +178,11 @@ class Inner:
             finally:
                 unload(plan)
 
-    def fixed(self, ladder: list[str]) -> dict:
+    def fixed(self, ladder: list[str], plan=None) -> dict:
         """Warm-up, the test microbatches timed, a cool-down: steady-state samples/s, top-1.
         The warm-up is a window of microbatches, so that the timed ones are not the ones a
-        full window had already pushed through the image link before the timing started."""
+        full window had already pushed through the image link before the timing started.
+        ``plan``: deploy that one instead of the 2-stage plan of ``ladder``."""
         warm = self.args.window
         xs = [self.xs[i % len(self.xs)] for i in range(warm)] + self.xs + self.xs[:COOLDOWN]
 
@@ -146,11 +192,53 @@ class Inner:
             arrivals = c.arrivals(first, len(xs))  # receive times, in arrival order
             dt = arrivals[warm + len(self.xs) - 1] - arrivals[warm - 1]
             logits = np.concatenate(outs[warm:warm + len(self.xs)])
+            used = [n.name for st in (plan.stages if plan is not None else []) for n in st.nodes] or ["rcc", "minnow"]
             return {"samples_per_s": len(self.xs) * MICROBATCH / dt, "seconds": dt,
                     "top1_pipeline": 100.0 * float((logits.argmax(1) == self.labels).mean()),
-                    "stage0": _brief(self.stats("rcc")), "stage1": _brief(self.stats("minnow"))}
+                    **{f"stage{i}": _brief(self.stats(n)) for i, n in enumerate(used)}}
 
-        return self.session(ladder, body)
+        return self.session(ladder, body, plan)
+
+    def planner(self) -> dict:
+        """The planner's choice on this testbed: the problem gathered from the nodes as autodeploy
+        gathers it (profiles, links), the encodings' ratios and per-cut errors (the outer's sweep)
+        and codec costs added; solved exact and under the budget; both plans deployed and timed."""
+        from edgezmq.model import task
+        from edgezmq.orchestrate.autodeploy import device_type_of, gather
+        from edgezmq.orchestrate.inventory import load_cluster
+        from edgezmq.orchestrate.planfile import parse_plan
+        from edgezmq.planner import Problem, solve
+        from edgezmq.planner.deploy import deployable
+        from edgezmq.protocol import codecs
+
+        spec = json.loads(Path(self.args.planner_input).read_text())
+        cluster = load_cluster(self.tb.cluster_path)
+        g = gather(cluster, model=task.TASK_MODEL, microbatch=MICROBATCH, kwargs=task.TASK_KWARGS,
+                   say=lambda m: print(m, file=sys.stderr, flush=True))
+        d = g.problem
+        d["model"]["encodings"] = spec["encodings"]
+        # codec CPU per MB on this host (one thread), over the device's share of a core
+        cpu = {dev.name: dev.cpu for dev in self.tb.config.devices}
+        host = {e: codecs.measure_cost(e, spec["shape"]) for e in spec["encodings"]}
+        for n in cluster.nodes:
+            d["device_types"][device_type_of(n)]["codec_ms_per_mb"] = {
+                e: {"encode": round(c.encode_s_per_mb * 1e3 / cpu[n.name], 4),
+                    "decode": round(c.decode_s_per_mb * 1e3 / cpu[n.name], 4)} for e, c in host.items()}
+        problem = Problem.from_dict(d)
+        out: dict[str, Any] = {"problem": d, "max_error": spec["max_error"]}
+        for name, budget in (("exact", None), ("compressed", spec["max_error"])):
+            t0 = time.process_time()
+            planned = solve(problem, max_error=budget)
+            doc = deployable(problem, planned, checkpoint=self.ckpt, results=f"tcp://{self.tb.client_address}:0",
+                             max_error=budget)
+            print(f"planner {name}: {doc['stages']} predicted {planned.throughput_per_s:.2f} samples/s",
+                  file=sys.stderr, flush=True)
+            plan = parse_plan(doc)
+            out[name] = {"stages": doc["stages"], "predicted_samples_per_s": planned.throughput_per_s,
+                         "bottleneck_s": planned.bottleneck_s, "optimal": planned.optimal,
+                         "solve_cpu_s": round(time.process_time() - t0, 3),
+                         "measured": self.fixed([], plan)}
+        return out
 
     def timeline(self, ladder: list[str]) -> dict:
         """Stream without pause; drop the stages' link `drop`x at `pre` s, restore it `during` s
@@ -200,6 +288,9 @@ class Inner:
     def run(self) -> dict:
         a = self.args
         out: dict[str, Any] = {"fixed": {}, "full_mbps": self.full}
+        if a.planner_input:
+            print("planner ...", file=sys.stderr, flush=True)
+            out["planner"] = self.planner()
         for e in a.encodings:
             print(f"fixed {e} ...", file=sys.stderr, flush=True)
             out["fixed"][e] = self.fixed([e])
@@ -260,7 +351,29 @@ def recovery(tl: dict, target: float) -> dict:
             "samples_per_s_whole_drop": float(np.median(during)) if during else None}
 
 
-def analyse(inner: dict, acc_rows: list[dict], fp32: float, args: argparse.Namespace, cfg: dict) -> dict:
+def planner_summary(pl: dict, fp32: float, budget: dict) -> dict:
+    """The planner's two plans as measured: the issue's summary fields and what each plan was."""
+    ex, co = pl["exact"], pl["compressed"]
+
+    def brief(p: dict) -> dict:
+        m = p["measured"]
+        return {"stages": p["stages"], "predicted_samples_per_s": p["predicted_samples_per_s"],
+                "samples_per_s": m["samples_per_s"], "top1_pipeline": m["top1_pipeline"], "optimal": p["optimal"],
+                "solve_cpu_s": p["solve_cpu_s"], **{k: v for k, v in m.items() if k.startswith("stage")}}
+
+    encodings = {str(st["units"][1]): (st.get("encoding") or ["raw"])[0] for st in co["stages"][:-1]}
+    return {"planner": {"budget": budget, "exact": brief(ex), "compressed": brief(co),
+                        "ladders": {str(st["units"][1]): st.get("encoding") or ["raw"] for st in co["stages"][:-1]},
+                        "gain": co["measured"]["samples_per_s"] / ex["measured"]["samples_per_s"],
+                        "problem": pl["problem"]},
+            "exact_samples_per_s": ex["measured"]["samples_per_s"],
+            "compressed_samples_per_s": co["measured"]["samples_per_s"],
+            "top1_fp32": fp32, "top1_exact": ex["measured"]["top1_pipeline"],
+            "top1_compressed": co["measured"]["top1_pipeline"], "encodings": encodings}
+
+
+def analyse(inner: dict, acc_rows: list[dict], fp32: float, args: argparse.Namespace, cfg: dict,
+            budget: dict | None = None) -> dict:
     rates = {"in": cfg["links"]["overrides"][0]["mbps"], "act": inner["full_mbps"]}
     dropped = {**rates, "act": inner["full_mbps"] / args.drop}
     by_enc = {r["encoding"]: r for r in acc_rows}
@@ -297,8 +410,8 @@ def analyse(inner: dict, acc_rows: list[dict], fp32: float, args: argparse.Names
     down = next((s for s in sw if s["t"] < tl["ladder"]["events"]["post"]), None)
     up = next((s for s in sw if s["t"] >= tl["ladder"]["events"]["post"]), None)
     rec = timeline["ladder"]["recovery"]
-    return {
-        "bench": NAME, "testbed": cfg, "derivation": str(DERIVATION.relative_to(ROOT)), "cut": args.cut,
+    out = {
+        "bench": NAME, "testbed": cfg, "send_buffers": "autotuned" if args.autotuned_buffers else "link_mbps", "derivation": str(DERIVATION.relative_to(ROOT)), "cut": args.cut,
         "microbatch": MICROBATCH, "window": args.window, "ladder": args.ladder, "rows": rows,
         "ladder_run": {"samples_per_s": inner["ladder"]["samples_per_s"], "top1_pipeline": inner["ladder"]["top1_pipeline"],
                        "enc_messages": inner["ladder"]["stage0"]["enc_messages"],
@@ -307,13 +420,19 @@ def analyse(inner: dict, acc_rows: list[dict], fp32: float, args: argparse.Names
         "switch_down_after_s": None if down is None else round(down["t"] - tl["ladder"]["events"]["drop"], 2),
         "switch_up_after_s": None if up is None else round(up["t"] - tl["ladder"]["events"]["post"], 2),
         "predicted_after_drop": {"ladder": target, "raw": raw_target},
-        # the issue's summary fields
+        # the best fixed encoding within the budget at --cut vs raw there (the 2-stage split as given)
+        "fixed_best": {"raw_samples_per_s": raw, "samples_per_s": best["samples_per_s"] if best else None,
+                       "top1": best["top1_sweep"] if best else None, "encoding": best["encoding"] if best else None},
+        # the issue's summary fields (below: the planner's plans when measured)
         "exact_samples_per_s": raw, "compressed_samples_per_s": best["samples_per_s"] if best else None,
         "top1_fp32": fp32, "top1_compressed": best["top1_sweep"] if best else None,
         "encodings": {str(args.cut): best["encoding"] if best else None},
         "adaptive": {"drop_factor": args.drop, "recovered_samples_per_s": rec["samples_per_s_second_half"],
                      "seconds_to_recover": rec["stays_within_20pct_after_s"]},
     }
+    if inner.get("planner") and budget is not None:
+        out.update(planner_summary(inner["planner"], fp32, budget))
+    return out
 
 
 def plot(r: dict) -> None:
@@ -361,7 +480,12 @@ def main() -> int:
     ap.add_argument("--window", type=args_.window, default=WINDOW, help="microbatches in flight")
     ap.add_argument("--batches", type=args_.int_in(COOLDOWN, 56), default=56,
                     help="timed microbatches of 8 test images per fixed encoding (56: all 448)")
+    ap.add_argument("--no-planner", action="store_true",
+                    help="skip the planner's plans (exact vs the 1-point budget, gathered and solved on the testbed)")
+    ap.add_argument("--autotuned-buffers", action="store_true",
+                    help="plans without link rates: the kernel's autotuned send buffers (the behaviour before them)")
     ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--planner-input", help=argparse.SUPPRESS)
     ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from the saved JSON")
     args = ap.parse_args()
     args.encodings = [e.strip() for e in args.encodings.split(",") if e.strip()]
@@ -381,18 +505,30 @@ def main() -> int:
         return 0
     need_root()
     t0 = time.monotonic()
-    fp32, acc_rows = accuracy(args.encodings, args.cut)
+    fp32, sweep_rows, units = accuracy(args.encodings)
+    acc_rows = [r for r in sweep_rows if r["cut"] == args.cut]
+    budget = budget_for(sweep_rows, BUDGET_POINTS)
+    print(f"budget: {BUDGET_POINTS:g} point(s) of top-1 -> max_error {budget['max_error']:.4g} ({budget})",
+          file=sys.stderr, flush=True)
     cfg = testbed_config(json.loads(DERIVATION.read_text()))
     argv = [sys.executable, str(Path(__file__).resolve()), "--inner", "--encodings", ",".join(args.encodings),
             "--ladder", ",".join(args.ladder), "--cut", str(args.cut), "--drop", str(args.drop),
             "--pre", str(args.pre), "--during", str(args.during), "--post", str(args.post), "--window", str(args.window),
-            "--batches", str(args.batches)]
-    with testbed(cfg, TESTBED) as tb:
-        r = tb.exec_in_client(argv, stdout=subprocess.PIPE, text=True, timeout=3600,
-                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
+            "--batches", str(args.batches), *(["--autotuned-buffers"] if args.autotuned_buffers else [])]
+    if not args.no_planner:
+        path = BENCH_STATE / f"{TESTBED}-planner.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(planner_input(sweep_rows, args.encodings, budget, units)))
+        argv += ["--planner-input", str(path)]
+    try:
+        with testbed(cfg, TESTBED) as tb:
+            r = tb.exec_in_client(argv, stdout=subprocess.PIPE, text=True, timeout=3600,
+                                  env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    finally:
+        (BENCH_STATE / f"{TESTBED}-planner.json").unlink(missing_ok=True)
     if r.returncode != 0:
         raise SystemExit(f"the client side failed (exit {r.returncode})")
-    result = analyse(json.loads(r.stdout.strip().splitlines()[-1]), acc_rows, fp32, args, cfg)
+    result = analyse(json.loads(r.stdout.strip().splitlines()[-1]), acc_rows, fp32, args, cfg, budget)
     result["wall_s"] = round(time.monotonic() - t0, 1)
     save(NAME, result, args.json)
     plot(result)
@@ -402,6 +538,12 @@ def main() -> int:
             print(f"  {x['encoding']:<6} {x['samples_per_s']:7.2f} samples/s ({x['gain_vs_raw']:.2f}x raw; link model "
                   f"{x['predicted_samples_per_s']:.2f})  top-1 {x['top1_sweep']:.2f} (pipeline {x['top1_pipeline']:.2f})")
         print(f"  ladder {'+'.join(args.ladder)}: {result['ladder_run']['samples_per_s']:.2f} samples/s")
+        if "planner" in result:
+            p = result["planner"]
+            print(f"  planner (max_error {p['budget']['max_error']:.4g} for {BUDGET_POINTS:g} point): exact "
+                  f"{result['exact_samples_per_s']:.2f} samples/s {p['exact']['stages']}; compressed "
+                  f"{result['compressed_samples_per_s']:.2f} {p['compressed']['stages']} ({p['gain']:.2f}x), top-1 "
+                  f"{result['top1_exact']:.2f} / {result['top1_compressed']:.2f}")
         print(f"  drop {args.drop:g}x: down after {result['switch_down_after_s']} s, up after {result['switch_up_after_s']} s "
               f"of the return; adaptive {result['adaptive']}")
     return 0

@@ -82,6 +82,17 @@ def test_backpressure_from_a_slower_stage_downstream_is_not_blamed_on_the_link()
     assert levels.count(0) > 0.85 * len(levels)  # mostly at the largest rung: compressing bought nothing
 
 
+def test_a_link_that_slows_again_while_a_step_down_is_judged_is_not_undone():
+    # the step down to int8 (at 6 kB/s) is judged 8 sends later, when the link has dropped 4x more:
+    # int8 then takes longer than f16 did (0.35 s vs 0.17 s); a slower stage downstream cannot do
+    # that (fewer bytes, same pace), the link did, so the step stands and the next one follows;
+    # undoing it would hold f16 for 32 microbatches on a link that carries int4 at best
+    p = LinkPolicy(3)
+    levels = run(p, [(20, link(1e5)), (4, link(6e3)), (60, link(1.5e3))])
+    assert switches(p) == [(24, 0, 1, "down"), (32, 1, 2, "down")]
+    assert set(levels[32:]) == {2}
+
+
 def test_one_rung_never_switches_and_a_fast_link_stays_exact():
     p = LinkPolicy(1)
     run(p, [(100, link(10.0))])

@@ -7,16 +7,18 @@ import threading
 
 import numpy as np
 import pytest
+import zmq
 from helpers import KWARGS, MICROBATCH, MODEL, batches, checkpoint, monolithic, wait_for
 
 from edgezmq.client import Client
-from edgezmq.node.stage import THROTTLE_ENV
+from edgezmq.node.stage import THROTTLE_ENV, LoadSpec, StageRuntime
 from edgezmq.orchestrate.address import NodeAddress
 from edgezmq.orchestrate.deploy import deploy, unload
 from edgezmq.orchestrate.local import LocalCluster
 from edgezmq.orchestrate.planfile import DeployPlan, ModelSpec, PlanFileError, StagePlan, parse_plan
 from edgezmq.protocol import codecs, control
 from edgezmq.protocol import messages as m
+from edgezmq.transport import sockets
 from edgezmq.transport.rpc import ControlClient
 
 TOL = 1e-5  # separate processes, same kernels and thread count: expect 0, allow float noise
@@ -88,6 +90,79 @@ def test_start_without_encodings_sends_no_new_field():
     """An older node, which refuses unknown fields, still takes a raw deployment's `start`."""
     payload = control.encode_request(m.StartRequest(connect=("tcp://127.0.0.1:1",)))
     assert b"encodings" not in payload
+
+
+@pytest.mark.parametrize("mbps, expected", [
+    (None, None),  # no rate in the plan: the kernel's autotuning, as before
+    (1.949, sockets.LINK_BUFFER_MIN),  # 12 kB of 50 ms: the floor
+    (10.0, sockets.LINK_BUFFER_MIN),  # 62.5 kB: still the floor
+    (20.0, 125_000),  # 50 ms of 20 Mbit/s
+    (100.0, 625_000),
+    (sockets.LINK_BUFFER_MAX * 8 / 1e6 / sockets.LINK_BUFFER_S, sockets.LINK_BUFFER_MAX),  # the largest bounded
+    (1000.0, None),  # a fast link keeps the autotuned buffer (no throughput cost)
+    (0.0, None), (-1.0, None), (float("nan"), None), (float("inf"), None),
+])
+def test_a_links_rate_sizes_its_send_buffer(mbps, expected):
+    assert sockets.link_sndbuf(mbps) == expected
+
+
+def test_the_send_buffer_holds_little_of_a_slow_link_and_never_less_than_the_floor():
+    for mbps in (0.01, 0.5, 2.0, 5.0, 20.0, 80.0, 160.0):
+        size = sockets.link_sndbuf(mbps)
+        assert size is not None and size >= sockets.LINK_BUFFER_MIN
+        # at most LINK_BUFFER_S of the link, unless the floor is above it
+        assert size <= max(sockets.LINK_BUFFER_MIN, mbps * 1e6 / 8 * sockets.LINK_BUFFER_S)
+
+
+def test_a_plan_gives_a_links_rate_and_it_reads_back():
+    plan = parse_plan(plan_dict(link_mbps=1.949))
+    assert plan.stages[0].link_mbps == 1.949 and plan.stages[1].link_mbps is None
+    d = plan.to_dict()
+    assert d["stages"][0]["link_mbps"] == 1.949 and "link_mbps" not in d["stages"][1]
+    assert parse_plan(d).stages[0].link_mbps == 1.949
+    assert "link_mbps" not in parse_plan(plan_dict()).to_dict()["stages"][0]
+
+
+@pytest.mark.parametrize("given", [0, -2, "fast", 1e9, float("inf"), True])
+def test_a_bad_link_rate_in_a_plan_names_the_field(given):
+    with pytest.raises(PlanFileError, match=r"stages\[0\]\.link_mbps: expected"):
+        parse_plan(plan_dict(link_mbps=given))
+
+
+@pytest.mark.parametrize("mbps, ok", [(None, True), (1.949, True), (1e7, True), (0, False), (-1, False),
+                                      (1e8, False), ("10", False)])
+def test_start_link_mbps_is_checked_when_parsed(mbps, ok):
+    args = {"connect": ["tcp://127.0.0.1:1"], **({"link_mbps": mbps} if mbps is not None else {})}
+    raw = control.request("start", **args)
+    if ok:
+        req, _rid = control.parse_request(raw)
+        assert isinstance(req, m.StartRequest) and req.link_mbps == mbps
+        return
+    with pytest.raises(control.ControlError) as ei:
+        control.parse_request(raw)
+    assert ei.value.code == control.BAD_ARGS and "start.link_mbps" in ei.value.message
+
+
+def test_start_without_a_link_rate_sends_no_new_field():
+    payload = control.encode_request(m.StartRequest(connect=("tcp://127.0.0.1:1",)))
+    assert b"link_mbps" not in payload
+
+
+@pytest.mark.parametrize("mbps", [None, 1.949, 50.0, 1000.0])
+def test_a_stage_sets_its_data_sockets_send_buffer_from_the_links_rate(mbps):
+    ctx = zmq.Context()
+    pull = sockets.make_socket(ctx, zmq.PULL)
+    pull.setsockopt(zmq.RCVTIMEO, 100)
+    spec = LoadSpec(run="r", model=MODEL, start=0, end=3, stage=0, last=False, microbatch=MICROBATCH)
+    rt = StageRuntime(ctx, spec, pull, "tcp://127.0.0.1:0")
+    try:
+        rt.start(["tcp://127.0.0.1:1"], link_mbps=mbps)  # nobody there: the socket is made, nothing is sent
+        expected = sockets.link_sndbuf(mbps)
+        assert rt.sndbuf == expected
+        assert rt.push is not None and rt.push.getsockopt(zmq.SNDBUF) == (-1 if expected is None else expected)
+    finally:
+        rt.close()
+        ctx.term()
 
 
 # ---------------------------------------------------------------- real node processes

@@ -399,7 +399,11 @@ def test_deployable_plan():
                             "kwargs": {"num_classes": 10}}
     used = {d for s in plan.stages for d in s.devices}
     assert doc["nodes"] == ({"a": "tcp://10.0.0.1:5550"} if "a" in used else {})
-    assert doc["stages"] == [{"units": list(s.units), "nodes": list(s.devices)} for s in plan.stages]
+    nxt = [*[s.devices for s in plan.stages[1:]], ("client",)]
+    # each stage's outgoing link: its slowest pair (the node sizes its send buffer from it)
+    assert doc["stages"] == [{"units": list(s.units), "nodes": list(s.devices),
+                              "link_mbps": min(p.link(a, b).mbps for a in s.devices for b in n)}
+                             for s, n in zip(plan.stages, nxt)]
     assert doc["predicted"]["bottleneck_s"] == plan.bottleneck_s
     assert doc["predicted"]["window"] == plan.window
     assert doc["results"] == "tcp://10.0.0.9:5560"
@@ -439,7 +443,9 @@ def test_cli_json_and_output(problem_file, tmp_path, capsys):
     doc = json.loads(out)
     assert doc["optimal"] is True and doc["bottleneck_s"] > 0
     written = yaml.safe_load(dest.read_text())
-    assert written["stages"] == [{"units": s["units"], "nodes": s["devices"]} for s in doc["stages"]]
+    assert [{k: v for k, v in s.items() if k != "link_mbps"} for s in written["stages"]] == \
+        [{"units": s["units"], "nodes": s["devices"]} for s in doc["stages"]]
+    assert all(s["link_mbps"] > 0 for s in written["stages"])
     assert written["predicted"]["throughput_per_s"] == pytest.approx(doc["throughput_per_s"])
 
 

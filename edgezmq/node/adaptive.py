@@ -10,8 +10,9 @@ docs/compression.md explains the rules and their thresholds; in short:
   is compared with the stage's **pace** (smoothed).
 - **down**: send time > ``down`` x pace (the link is the bottleneck) -> the next smaller rung.
 - **pay**: ``dwell`` microbatches later the send time must have fallen below ``pay`` x what
-  it was; if not, the back-pressure came from downstream (a slower stage), not from the
-  link: step back up and hold off stepping down (``hold``, doubling).
+  it was; if it stayed about the same (up to what it was / ``pay``), the back-pressure came
+  from downstream (a slower stage), not from the link: step back up and hold off stepping
+  down (``hold``, doubling).  If it rose, the link slowed again meanwhile: the step stays.
 - **up** (probe): a send that does not block says the link has room, not how much, so the
   larger rung is tried after ``probe`` microbatches with send time < ``up`` x pace; a probe
   that makes the link the bottleneck again steps down and doubles the interval.
@@ -129,7 +130,9 @@ class LinkPolicy:
         busy = t > th.down * pace
         if self._state == "stepped":  # dwell sends after a step down: did it pay?
             self._state = ""
-            if t > th.pay * self._before:
+            # a slower stage downstream keeps the send time where it was, whatever the bytes; a
+            # send time that rose with fewer bytes means the link slowed again meanwhile: keep it
+            if th.pay * self._before < t <= self._before / th.pay:
                 self._move(self.level - 1, "undo")
                 self._hold = self._hold_next
                 self._hold_next = min(2 * self._hold_next, th.max_backoff)

@@ -448,7 +448,8 @@ class Node:
                     control.BAD_ARGS, f"start.encodings[{i}]: expected one encoding or one per tensor this "
                     f"stage sends ({n_out}), got {len(rung)}")
         try:
-            self.runtime.start(connect, keys, [list(r) for r in req.encodings] if req.encodings else None)
+            self.runtime.start(connect, keys, [list(r) for r in req.encodings] if req.encodings else None,
+                               link_mbps=req.link_mbps)
         except zmq.ZMQError as e:
             raise control.ControlError(control.BAD_ARGS, f"start.connect: {e}") from None
         self.state, self._start_request = "running", req

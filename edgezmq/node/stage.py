@@ -132,6 +132,7 @@ class StageRuntime:
         self.n_out = 0  # tensors this stage sends (the daemon knows it from the model's boundary specs)
         self.ladder: list[list[str]] = []  # the outgoing link's rungs (start(encodings=...)); [] = raw
         self.policy: LinkPolicy | None = None
+        self.sndbuf: int | None = None  # the data PUSH's SO_SNDBUF (start(link_mbps=...)); None: autotuned
         self._throttle = _Throttle.from_env(spec.stage)
 
     # ---- data threads -------------------------------------------------
@@ -346,15 +347,19 @@ class StageRuntime:
 
     # ---- lifecycle ---------------------------------------------------
     def start(self, connect: list[str], server_keys: list[bytes] | None = None,
-              encodings: list[list[str]] | None = None) -> None:
+              encodings: list[list[str]] | None = None, link_mbps: float | None = None) -> None:
         """Connect downstream and start the threads; ``encodings``: the outgoing link's ladder
-        (rungs largest first, each one codec name or one per tensor), None: raw."""
+        (rungs largest first, each one codec name or one per tensor), None: raw; ``link_mbps``:
+        the link's planned rate, which sizes the socket's send buffer (sockets.link_sndbuf)."""
         if encodings:
             self.ladder = [list(r) for r in encodings]
             self.policy = LinkPolicy(len(self.ladder)) if len(self.ladder) > 1 else None
         keys: list[bytes | None] = list(server_keys) if server_keys else [None] * len(connect)
         curve = security.Curve(self.keys, server_key=keys[0]) if self.keys is not None else None
         self.push = sockets.make_socket(self.ctx, zmq.PUSH, sockets.DATA, curve=curve)
+        self.sndbuf = sockets.link_sndbuf(link_mbps)
+        if self.sndbuf is not None:  # before connecting: each connection takes it when made
+            self.push.setsockopt(zmq.SNDBUF, self.sndbuf)
         for addr, key in zip(connect, keys):
             sockets.connect(self.push, addr, key)
         for fn in (self._recv_loop, self._compute_loop, self._send_loop):

@@ -214,7 +214,8 @@ def deploy(
             down_keys = staggered(keys[i + 1], j, k) if i + 1 < n_stages else [ring.results_public]
             server_keys = [k_.decode() for k_ in down_keys]
         with NodeClient(n.control, timeout=ping_timeout, retries=0, name=n.name, curve=plan.curve(n)) as c:
-            return c.start(downstream, server_keys, encodings=plan.stages[i].encodings)
+            return c.start(downstream, server_keys, encodings=plan.stages[i].encodings,
+                           link_mbps=plan.stages[i].link_mbps)
 
     started = _each(nodes, start)
     errors = _fail(started)

@@ -20,6 +20,7 @@ from edgezmq.protocol.model_kwargs import ModelKwargsError, check_model_kwargs
 from edgezmq.terms import (
     ENCODINGS,
     GRANULARITIES,
+    MAX_MBPS,
     MAX_MICROBATCH,
     MAX_RUNGS,
     MAX_THREADS,
@@ -52,6 +53,9 @@ class StagePlan:
     # the link to the next stage: a ladder of rungs, largest first, each one encoding for every
     # tensor or one per tensor (docs/compression.md); None: raw
     encodings: list[list[str]] | None = None
+    # that link's rate (Mbit/s, the slowest pair when replicated): the stage's data socket gets a
+    # send buffer of this size (transport.sockets.link_sndbuf, docs/compression.md); None: autotuned
+    link_mbps: float | None = None
 
 
 @dataclass
@@ -85,7 +89,8 @@ class DeployPlan:
             "nodes": {n.name: n.control for _, n in self.all_nodes},
             "stages": [{"units": list(s.units), "nodes": [n.name for n in s.nodes],
                         **({"threads": s.nodes[0].threads} if s.nodes[0].threads else {}),
-                        **({"encoding": [list(r) for r in s.encodings]} if s.encodings else {})}
+                        **({"encoding": [list(r) for r in s.encodings]} if s.encodings else {}),
+                        **({"link_mbps": s.link_mbps} if s.link_mbps is not None else {})}
                        for s in self.stages],
             "results": self.results,
             **({"keys": self.keys} if self.keys else {}),
@@ -165,7 +170,10 @@ def parse_plan(d: Any, source: str | None = None) -> DeployPlan:
             seen[ref.control] = path
             nodes.append(ref)
         encodings = _encodings(s.get("encoding"), f"{path}.encoding", last=i == len(raw_stages) - 1)
-        stages.append(StagePlan(units=(units[0], units[1]), nodes=nodes, encodings=encodings))
+        mbps = s.get("link_mbps")
+        if mbps is not None:
+            mbps = F.number(mbps, f"{path}.link_mbps", lo=0, hi=MAX_MBPS, lo_open=True, strings=True)
+        stages.append(StagePlan(units=(units[0], units[1]), nodes=nodes, encodings=encodings, link_mbps=mbps))
     results = F.need(d, "results", str, "plan", DEFAULT_RESULTS)
     keys, keyring = _parse_keys(d, [n.name for st in stages for n in st.nodes], source)
     if keyring is not None:  # each address carries how to reach it

@@ -2,8 +2,9 @@
 
     model: {name, granularity, microbatch, dtype, checkpoint, kwargs}
     nodes: {device: control address}        # only devices that have one in the problem
-    stages: [{units: [a, b], nodes: [device, ...], encoding: [ladder]}, ...]   # encoding: only
-                                            # on encoded links (encoded.ladders)
+    stages: [{units: [a, b], nodes: [device, ...], encoding: [ladder], link_mbps: R}, ...]
+                                            # encoding: only on encoded links (encoded.ladders);
+                                            # link_mbps: the slowest pair of the outgoing link
     predicted: {bottleneck_s, throughput_per_s, latency_s, window}  # window: Plan.window
     results: tcp://...                      # only when given
 """
@@ -14,7 +15,7 @@ from typing import Any
 
 from .encoded import ladders
 from .plan import Plan
-from .problem import PlanError, Problem
+from .problem import CLIENT, PlanError, Problem
 
 __all__ = ["deployable"]
 
@@ -36,11 +37,19 @@ def deployable(problem: Problem, plan: Plan, *, checkpoint: str | None = None,
     out: dict[str, Any] = {
         "model": model,
         "nodes": {d.name: d.control for d in problem.devices if d.control and d.name in used},
-        "stages": [{"units": list(s.units), "nodes": list(s.devices), **({"encoding": ladder} if ladder else {})}
-                   for s, ladder in zip(plan.stages, ladders(problem, plan, max_error))],
+        "stages": [{"units": list(s.units), "nodes": list(s.devices), **({"encoding": ladder} if ladder else {}),
+                    "link_mbps": link_mbps(problem, s.devices, nxt.devices if nxt is not None else (CLIENT,))}
+                   for s, nxt, ladder in zip(plan.stages, [*plan.stages[1:], None], ladders(problem, plan, max_error))],
         "predicted": {"bottleneck_s": plan.bottleneck_s, "throughput_per_s": plan.throughput_per_s,
                       "latency_s": plan.latency_s, "window": plan.window},
     }
     if results is not None:
         out["results"] = results
     return out
+
+
+def link_mbps(problem: Problem, src: tuple[str, ...] | list[str], dst: tuple[str, ...] | list[str]) -> float:
+    """The rate one connection of a stage's outgoing link gets, Mbit/s: its slowest pair, capped
+    by the sender's NIC up and the receiver's NIC down (the node sizes its send buffer from it)."""
+    return min(min(problem.link(a, b).mbps, problem.nic(a).up_mbps, problem.nic(b).down_mbps)
+               for a in src for b in dst)

@@ -16,6 +16,7 @@ from edgezmq.protocol.schema import JSON, JSONMap, Record, SchemaError, field_
 from edgezmq.terms import (
     ENCODINGS,
     GRANULARITIES,
+    MAX_MBPS,
     MAX_MICROBATCH,
     MAX_RUNGS,
     MAX_THREADS,
@@ -283,6 +284,10 @@ class StartRequest(Request):
         f"one encoding for every tensor or one per tensor sent (1..{wire.MAX_TENSORS}); one rung: that "
         "encoding always, several: the stage steps along them per microbatch as the link's goodput asks",
         default=None, max_len=MAX_RUNGS, choices=ENCODINGS, default_doc="null: raw")
+    link_mbps: float | None = field_(
+        "the outgoing link's rate as planned: the data socket's kernel send buffer is sized from it "
+        "(docs/compression.md, \"Socket buffers\"), so that a send waits for a slow link",
+        default=None, lo=0, hi=MAX_MBPS, lo_open=True, unit="Mbit/s", default_doc="null: the kernel's autotuning")
 
     def validate(self) -> None:
         if not self.connect:

@@ -78,11 +78,12 @@ class NodeClient:
         return self.call(req, m.LoadReply, timeout=timeout, retries=retries)
 
     def start(self, connect: list[str], server_keys: list[str] | None = None, *,
-              encodings: list[list[str]] | None = None,
+              encodings: list[list[str]] | None = None, link_mbps: float | None = None,
               timeout: float | None = None, retries: int | None = None) -> m.StartReply:
         req = m.StartRequest(connect=tuple(connect),
                              server_keys=tuple(server_keys) if server_keys is not None else None,
-                             encodings=tuple(tuple(r) for r in encodings) if encodings else None)
+                             encodings=tuple(tuple(r) for r in encodings) if encodings else None,
+                             link_mbps=link_mbps)
         return self.call(req, m.StartReply, timeout=timeout, retries=retries)
 
     def stats(self, *, timeout: float | None = None, retries: int | None = None) -> m.StatsReply:

@@ -24,6 +24,17 @@ DATA_MAXMSGSIZE = 1024 * 1024 * 1024  # a whole multipart message (bytes) on the
 CONTROL_MAXMSGSIZE = 4 * 1024 * 1024
 LINGER_MS = 0  # never block close on a dead peer; delivery is acknowledged at the app level
 SEND_TIMEOUT_MS = 500  # send loops retry so that they can notice shutdown
+# A data PUSH whose plan gives its link's rate gets a kernel send buffer of LINK_BUFFER_S of
+# that rate, at least LINK_BUFFER_MIN bytes; above LINK_BUFFER_MAX (links faster than ~168
+# Mbit/s) the kernel's autotuning stays.  Why: an autotuned buffer grows to MBs, so a send
+# "completes" into it while the link is slow and the adaptive policy sees no slow link;
+# bounded, the backlog stays in ZeroMQ's queue and the send waits for the link
+# (docs/compression.md, "Socket buffers"; measured there).
+LINK_BUFFER_S = 0.05
+# not below 64 kB: loopback's segments are 64 kB, and a buffer under one segment stalls TCP
+# (measured: 6.4 MB messages at 1.6 MB/s with 32 kB, 325 MB/s with 64 kB)
+LINK_BUFFER_MIN = 64 * 1024
+LINK_BUFFER_MAX = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -55,6 +66,17 @@ def make_socket(ctx: zmq.Context, kind: int, spec: SocketSpec = DATA, curve: Cur
         # peer that never came up
         s.setsockopt(zmq.IMMEDIATE, 1 if spec.immediate else 0)
     return s
+
+
+def link_sndbuf(mbps: float | None) -> int | None:
+    """The SO_SNDBUF (bytes) of a data socket sending on a link of ``mbps`` Mbit/s, or None:
+    leave the kernel's autotuning (no rate given, or a fast link: see LINK_BUFFER_S)."""
+    if mbps is None or not mbps > 0:
+        return None
+    size = mbps * 1e6 / 8 * LINK_BUFFER_S
+    if not size <= LINK_BUFFER_MAX:  # also NaN/inf: the rate says nothing usable
+        return None
+    return max(LINK_BUFFER_MIN, int(size))
 
 
 def set_curve(s: zmq.Socket, curve: Curve) -> None:
