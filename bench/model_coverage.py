@@ -9,7 +9,8 @@ compare with the model's own forward: max |chain(x) - model(x)|, equal bit for b
     python bench/model_coverage.py                     # all, resumable: rows go to a JSONL file
     python bench/model_coverage.py --models resnet50 convnext_tiny --json
 
-A model's row: name, status (ok | untraceable | no_build | error), units per granularity,
+A model's row: name, status (ok | mismatch | few_units | untraceable | error | no_build | too_large),
+units per granularity,
 widest cut (tensors), max abs difference, seconds. The summary (bench/results/model_coverage.json,
 the README table): of the models that build and trace, how many give >= 4 units and equal
 output bit for bit at both granularities; the failures by cause.
@@ -40,6 +41,7 @@ RESULTS = ROOT / "bench" / "results"
 ROWS = RESULTS / "model_coverage.jsonl"
 SUMMARY = RESULTS / "model_coverage.json"
 MIN_UNITS = 4
+HARD_MAX_PARAMS = 400e6  # larger ones, unshrinkable, are listed as too large for this machine
 SEED = 0
 SHRINK = ({"depth": 2}, "depths", "layers")  # kwargs that shrink: transformers; staged families (1 block per stage)
 GRANULARITIES = ("block", "fine")
@@ -67,8 +69,13 @@ def _params(name: str, kwargs: dict) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
-def _shrunk(name: str, max_params: int) -> tuple[dict, int]:
-    """The first shrinking kwargs the model accepts that bring it under max_params."""
+class TooLarge(Exception):
+    pass
+
+
+def _shrunk(name: str, full: int, max_params: int) -> tuple[dict, int]:
+    """The first shrinking kwargs the model accepts (if it still has more than HARD_MAX_PARAMS,
+    the next), else none if the whole model is under HARD_MAX_PARAMS."""
     meta = chain.create_model(name, device="meta")
     stages = next((len(getattr(meta, a)) for a in ("stages", "layers", "levels") if hasattr(meta, a)
                    and hasattr(getattr(meta, a), "__len__")), 4)
@@ -78,9 +85,11 @@ def _shrunk(name: str, max_params: int) -> tuple[dict, int]:
             n = _params(name, kw)
         except Exception:
             continue
-        if n <= max_params:
+        if n < full and n <= HARD_MAX_PARAMS:
             return kw, n
-    raise ValueError(f"no shrinking kwargs ({', '.join(str(s) for s in SHRINK)}) bring it under {max_params:g} parameters")
+    if full <= HARD_MAX_PARAMS:
+        return {}, full
+    raise TooLarge(f"{full / 1e6:.0f} M parameters and no shrinking kwargs ({', '.join(map(str, SHRINK))}) it accepts")
 
 
 def _cause(e: BaseException) -> str:
@@ -96,10 +105,13 @@ def check(name: str, max_params: int) -> dict[str, Any]:
         n = _params(name, {})
         if n > max_params:
             row["params_full"] = n
-            row["kwargs"], n = _shrunk(name, max_params)
+            row["kwargs"], n = _shrunk(name, n, max_params)
         row["params"] = n
         torch.manual_seed(SEED)
         model = chain.create_model(name, **row["kwargs"])
+    except TooLarge as e:
+        row.update(status="too_large", cause=str(e))
+        return row
     except Exception as e:
         row.update(status="no_build", cause=_cause(e))
         return row
@@ -144,7 +156,7 @@ def check(name: str, max_params: int) -> dict[str, Any]:
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     by = collections.Counter(r["status"] for r in rows)
-    traced = [r for r in rows if r["status"] in ("ok", "mismatch", "few_units", "error")]
+    traced = [r for r in rows if r["status"] in ("ok", "mismatch", "few_units", "error")]  # built, traced
     ok = [r for r in traced if r["status"] == "ok"]
     causes: dict[str, list[str]] = collections.defaultdict(list)
     for r in rows:
@@ -168,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=int, default=300, help="seconds per model before it counts as an error")
     ap.add_argument("--fresh", action="store_true", help="start over (default: resume the JSONL file)")
     ap.add_argument("--json", action="store_true", help="print the summary as one JSON object (last line)")
+    ap.add_argument("--merge", action="store_true", help="only summarise the rows the shards wrote")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     names = args.models or timm.list_models()
@@ -178,11 +191,15 @@ def main(argv: list[str] | None = None) -> int:
         names = names[k::n_shards]
         rows_file = rows_file.with_suffix(f".{k}of{n_shards}.jsonl")
     done: dict[str, dict] = {}
-    if rows_file.exists() and not args.fresh:
-        for line in rows_file.read_text().splitlines():
-            r = json.loads(line)
-            done[r["model"]] = r
-    with rows_file.open("a" if done else "w") as f:
+    sources = sorted(RESULTS.glob("model_coverage.*of*.jsonl")) if args.merge else [rows_file]
+    for src in sources:
+        if src.exists() and (args.merge or not args.fresh):
+            for line in src.read_text().splitlines():
+                r = json.loads(line)
+                done[r["model"]] = r
+    if args.merge:
+        names = [n for n in timm.list_models() if n in done]
+    with (contextlib.nullcontext() if args.merge else rows_file.open("a" if done else "w")) as f:
         for i, name in enumerate(names):
             if name in done:
                 continue
@@ -200,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             gc.collect()
     rows = [done[n] for n in names if n in done]
     summary = summarise(rows)
-    if not args.models:
+    if not args.models and (n_shards == 1 or args.merge):
         SUMMARY.write_text(json.dumps(summary, indent=1) + "\n")
     if args.json:
         print(json.dumps(summary))
