@@ -15,7 +15,7 @@ import sys
 from edgezmq.errors import EXIT_INTERRUPTED, EdgezmqError
 from edgezmq.interrupts import Terminated, sigterm_interrupts
 
-DESCRIPTION = ("Pipeline-parallel inference of vision transformers across edge devices over ZeroMQ. "
+DESCRIPTION = ("Pipeline-parallel inference of timm models (ViTs, CNNs, any traceable one) across edge devices over ZeroMQ. "
                "Exit codes: 0 done, 1 failed, 2 bad input, 130 interrupted (docs/operations.md).")
 
 
