@@ -23,6 +23,7 @@ import collections
 import contextlib
 import gc
 import json
+import random
 import signal
 import sys
 import time
@@ -187,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     k, n_shards = (int(v) for v in args.shard.split("/"))
     RESULTS.mkdir(parents=True, exist_ok=True)
     rows_file = ROWS if not args.models else RESULTS / "model_coverage-selected.jsonl"
+    if not args.models:  # a seeded order: rows done so far are a uniform sample of the list
+        random.Random(SEED).shuffle(names)
     if n_shards > 1:
         names = names[k::n_shards]
         rows_file = rows_file.with_suffix(f".{k}of{n_shards}.jsonl")
@@ -199,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                 done[r["model"]] = r
     if args.merge:
         names = [n for n in timm.list_models() if n in done]
+        if not args.json:
+            print(f"{len(names)} of {len(timm.list_models())} models run so far")
     with (contextlib.nullcontext() if args.merge else rows_file.open("a" if done else "w")) as f:
         for i, name in enumerate(names):
             if name in done:
