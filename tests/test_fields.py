@@ -97,7 +97,7 @@ PLAN = {"model": {"name": "vit_tiny_patch16_224", "checkpoint": "/x.safetensors"
 @pytest.mark.parametrize("path, value, text", [
     ("model.microbatch", 0, "model.microbatch: expected an integer in [1, 4096], got 0"),
     ("model.microbatch", True, "model.microbatch: expected int, got bool True"),
-    ("model.granularity", "layer", "model.granularity: expected one of block, half, sublayer, got 'layer'"),
+    ("model.granularity", "layer", "model.granularity: expected one of block, half, sublayer, fine, got 'layer'"),
     ("nodes.a", "10.0.0.1:5550", "nodes.a: expected a tcp://HOST:PORT address"),
     ("stages.0.threads", 0, "stages[0].threads: expected an integer in [1, 256], got 0"),
     ("stages.0.units", "0-6", "stages[0].units: expected list, got str '0-6'"),
