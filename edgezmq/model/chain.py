@@ -87,6 +87,7 @@ except ImportError:  # pragma: no cover
 CHECKPOINT_MODE = 0o644  # safetensors writes 0600; node daemons may run as another user
 KWARGS_HASH_CHARS = 12
 INFO_CACHE_SIZE = 64
+PIECES_CACHE_SIZE = 8  # traced graphs held for shard builds: MBs of Python objects each for a large model
 PLACEHOLDER_STD = 0.02  # weights of a shard built without a checkpoint (profiling only)
 PLACEHOLDER_SEED = 0
 SUGGESTIONS = 3  # registry names offered for an unknown model
@@ -328,7 +329,7 @@ def _vit_pieces(model: VisionTransformer, granularity: str) -> list[_Piece]:
     return pieces
 
 
-@functools.lru_cache(maxsize=INFO_CACHE_SIZE)
+@functools.lru_cache(maxsize=PIECES_CACHE_SIZE)
 def _pieces_cached(name: str, granularity: str, kwargs_key: tuple) -> tuple[Piece, ...]:
     return tuple(_pieces(create_model(name, device="meta", **dict(kwargs_key)), granularity))
 
