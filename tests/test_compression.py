@@ -75,15 +75,20 @@ def test_results_stay_raw():
     ("int8", False), ([[1]], False),
 ])
 def test_start_encodings_are_checked_when_parsed(encodings, ok):
-    args = {"connect": ["tcp://127.0.0.1:1"], **({"encodings": encodings} if encodings is not None else {})}
-    raw = control.request("start", **args)
+    _check_start_field("encodings", encodings, ok)
+
+
+def _check_start_field(name, value, ok):
+    """A `start` carrying `name: value` (absent if None) parses, or is refused naming the field."""
+    raw = control.request("start", connect=["tcp://127.0.0.1:1"], **({name: value} if value is not None else {}))
     if ok:
         req, _rid = control.parse_request(raw)
         assert isinstance(req, m.StartRequest)
-        return
+        return req
     with pytest.raises(control.ControlError) as ei:
         control.parse_request(raw)
-    assert ei.value.code == control.BAD_ARGS and "start.encodings" in ei.value.message
+    assert ei.value.code == control.BAD_ARGS and f"start.{name}" in ei.value.message
+    return None
 
 
 def test_start_without_encodings_sends_no_new_field():
@@ -132,15 +137,8 @@ def test_a_bad_link_rate_in_a_plan_names_the_field(given):
 @pytest.mark.parametrize("mbps, ok", [(None, True), (1.949, True), (1e7, True), (0, False), (-1, False),
                                       (1e8, False), ("10", False)])
 def test_start_link_mbps_is_checked_when_parsed(mbps, ok):
-    args = {"connect": ["tcp://127.0.0.1:1"], **({"link_mbps": mbps} if mbps is not None else {})}
-    raw = control.request("start", **args)
-    if ok:
-        req, _rid = control.parse_request(raw)
-        assert isinstance(req, m.StartRequest) and req.link_mbps == mbps
-        return
-    with pytest.raises(control.ControlError) as ei:
-        control.parse_request(raw)
-    assert ei.value.code == control.BAD_ARGS and "start.link_mbps" in ei.value.message
+    req = _check_start_field("link_mbps", mbps, ok)
+    assert req is None or req.link_mbps == mbps
 
 
 def test_start_without_a_link_rate_sends_no_new_field():
