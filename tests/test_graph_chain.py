@@ -159,15 +159,20 @@ VIT, VIT_KW = "vit_tiny_patch16_224", {"img_size": 32, "depth": 2}
 
 @pytest.mark.parametrize(("value", "kind"), [
     (7, "int"), (-3, "int"), (0.125, "float"), (True, "bool"), (torch.Size([2, 3]), "size"),
-    ((4, 5, 6), "tuple"), ([1, 2], "list")])
+    ((4, 5, 6), "tuple"), ([1, 2], "list"), (None, "none")])
 def test_python_values_cross_as_tensors_and_come_back_equal(value, kind):
     assert G._kind(value).kind == kind
     back = G.unpack(G.pack(value, kind), kind)
     assert back == value and type(back) is type(value)
 
 
+def test_a_none_that_becomes_a_value_is_refused_not_passed_on():
+    with pytest.raises(G.GraphError, match="was None when the model was traced is a Tensor"):
+        G.pack(torch.ones(1), "none")
+
+
 def test_values_that_cannot_cross_make_no_cut():
-    assert G._kind("text").kind == G._kind(None).kind == G._kind((1, "a")).kind == G._kind(()).kind == "other"
+    assert G._kind("text").kind == G._kind((1, "a")).kind == G._kind(()).kind == G._kind([0.5]).kind == "other"
 
 
 def test_shapes_live_across_a_cut_travel_with_it_and_shards_stay_exact():

@@ -8,7 +8,8 @@ nodes between chosen cut points. See docs/model.md.
 
 - A cut is valid when 1..MAX_TENSORS values are live and each is a tensor or a Python number
   or tuple of integers (a shape: ``B, N, C = x.shape`` taken before a cut and used after it).
-  Such a value crosses as a small tensor (int64, float64 or bool; a 0-d one for a number) and
+  Such a value (or a None: an optional mask the model did not make) crosses as a small tensor
+  (int64, float64 or bool; a 0-d one for a number or a None) and
   is turned back into the Python value on the other side. Parameters and buffers never cross:
   a unit reads its own (``get_attr`` nodes are copied into every unit that uses them).
 - ``block``: cut where timm's layer grouping changes (``model.group_matcher()``, the groups
@@ -74,7 +75,7 @@ class ValueInfo:
     """What a graph node produced on the example input: its kind, and shape and dtype if a tensor.
 
     kind: ``tensor``; a Python ``int``, ``float`` or ``bool``; ``size`` / ``tuple`` / ``list`` of
-    integers (these cross a cut as small tensors); or ``other`` (cannot cross: no cut there).
+    integers; ``none`` (these cross a cut as small tensors); or ``other`` (cannot cross: no cut there).
     """
 
     kind: str
@@ -89,6 +90,8 @@ class ValueInfo:
 def _kind(v: Any) -> ValueInfo:
     if isinstance(v, torch.Tensor):
         return ValueInfo("tensor", tuple(v.shape), v.dtype)
+    if v is None:  # an optional value the model did not make (no attention mask): crosses as a marker
+        return ValueInfo("none")
     if isinstance(v, bool):
         return ValueInfo("bool")
     if isinstance(v, int):
@@ -101,17 +104,23 @@ def _kind(v: Any) -> ValueInfo:
     return ValueInfo("other")
 
 
-_PACKED = {"int": torch.int64, "float": torch.float64, "bool": torch.bool,
+_PACKED = {"none": torch.bool, "int": torch.int64, "float": torch.float64, "bool": torch.bool,
            "size": torch.int64, "tuple": torch.int64, "list": torch.int64}
 
 
 def pack(v: Any, kind: str) -> torch.Tensor:
     """A Python value that crosses a cut, as the tensor that carries it."""
+    if kind == "none":
+        if v is not None:  # the graph holds for every input: a None when traced stays None
+            raise GraphError(f"a value that was None when the model was traced is a {type(v).__name__}")
+        return torch.tensor(False)
     return torch.tensor(list(v) if kind in ("size", "tuple") else v, dtype=_PACKED[kind])
 
 
 def unpack(t: torch.Tensor, kind: str) -> Any:
     """The Python value a crossing tensor carries (the inverse of `pack`)."""
+    if kind == "none":
+        return None
     if kind == "int":
         return int(t)
     if kind == "float":
