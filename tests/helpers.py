@@ -225,6 +225,10 @@ class NodePool:
             c.stop()
 
 
+# how long a test inventory probes each loopback link (measure.seconds): the tests need their
+# links measured, not measured well, and a deployment probes ~20 times (links, I/O costs)
+PROBE_S = 0.05
+
 WAIT_S = 120.0  # every condition a slow test waits for holds by then, or the test fails
 
 

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from helpers import KWARGS, MICROBATCH, MODEL, batches, model_spec, monolithic, stage_stats
+from helpers import KWARGS, MICROBATCH, MODEL, PROBE_S, batches, model_spec, monolithic, stage_stats
 from test_planner import small
 
 from edgezmq.client import Client
@@ -85,7 +85,7 @@ def test_a_wrong_profile_is_corrected_replanned_and_redeployed(nodes):
     """The problem says node0 is 30x faster than it is: the plan piles units on it; calibration
     sees node0 serve ~30x slower than planned, re-plans and redeploys; outputs stay exact."""
     cluster = parse_cluster({"nodes": [{"name": n.name, "control": n.control} for n in nodes.nodes],
-                             "measure": {"seconds": 0.1, "pings": 3, "bytes_per_msg": 1 << 20}})
+                             "measure": {"seconds": PROBE_S, "pings": 3, "bytes_per_msg": 1 << 20}})
     spec = model_spec()
     g = gather(cluster, model=MODEL, microbatch=MICROBATCH, kwargs=KWARGS, spot_check=False)
     wrong = copy.deepcopy(g.problem)

@@ -14,6 +14,7 @@ from helpers import (
     KWARGS,
     MICROBATCH,
     MODEL,
+    PROBE_S,
     SAMPLE_INVENTORY,
     batches,
     checkpoint,
@@ -111,7 +112,7 @@ def nodes(node_pool):
 
 def _inventory(nodes, **extra):
     return {"nodes": [{"name": n.name, "control": n.control} for n in nodes.nodes],
-            "measure": {"seconds": 0.1, "pings": 3, "bytes_per_msg": 1 << 20}, **extra}
+            "measure": {"seconds": PROBE_S, "pings": 3, "bytes_per_msg": 1 << 20}, **extra}
 
 
 @pytest.mark.slow

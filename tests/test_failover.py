@@ -12,6 +12,7 @@ from helpers import (
     KWARGS,
     MICROBATCH,
     MODEL,
+    PROBE_S,
     NodePool,
     batches,
     checkpoint,
@@ -37,9 +38,9 @@ N_BATCHES = 10
 
 def inventory(local: LocalCluster, keys: dict | None = None) -> Cluster:
     if keys is None:
-        return Cluster(nodes=[InventoryNode(n.name, n.control) for n in local.nodes], probe_seconds=0.1, pings=3)
+        return Cluster(nodes=[InventoryNode(n.name, n.control) for n in local.nodes], probe_seconds=PROBE_S, pings=3)
     return parse_cluster({"nodes": [{"name": n.name, "control": n.control} for n in local.nodes],
-                          "measure": {"seconds": 0.1, "pings": 3}, "keys": keys_section(keys)})
+                          "measure": {"seconds": PROBE_S, "pings": 3}, "keys": keys_section(keys)})
 
 
 def _run_and_kill(which: str, tmp_path, node_pool: NodePool | None, keys: dict | None = None) -> None:
@@ -74,7 +75,9 @@ def _run_and_kill(which: str, tmp_path, node_pool: NodePool | None, keys: dict |
         assert float(np.max(np.abs(a - b))) <= 1e-5
 
 
-@pytest.mark.parametrize("which", ["first", "last", "middle"])
+# a killed middle node: over CurveZMQ below, which covers the plaintext run of the same scenario
+# too (the failover does not depend on the transport; the same assertions, plus security)
+@pytest.mark.parametrize("which", ["first", "last"])
 def test_a_killed_node_loses_nothing(which, tmp_path, node_pool):
     _run_and_kill(which, tmp_path, node_pool)
 
@@ -123,7 +126,7 @@ def run_argv(local: LocalCluster, tmp_path, n_random: int) -> list[str]:
 
     inv = tmp_path / "cluster.yaml"
     inv.write_text(yaml.safe_dump({"nodes": [{"name": n.name, "control": n.control} for n in local.nodes],
-                                   "measure": {"seconds": 0.1, "pings": 3}}))
+                                   "measure": {"seconds": PROBE_S, "pings": 3}}))
     return [sys.executable, "-m", "edgezmq", "run", str(inv), "--model", MODEL, "--kwargs", json.dumps(KWARGS),
             "--microbatch", str(MICROBATCH), "--checkpoint", checkpoint(), "--random", str(n_random),
             "--out", str(tmp_path / "y.npy")]
@@ -303,7 +306,9 @@ def test_sigterm_to_run_unloads_its_nodes(tmp_path, node_pool):
 
 
     with node_pool.take(2) as local:
-        run = subprocess.Popen(run_argv(local, tmp_path, 100_000), stdout=subprocess.DEVNULL,
+        # 10,000 samples still stream for tens of seconds after the nodes run (SIGTERM comes within
+        # a poll); `run` makes its inputs up front: 100,000 took 23 CPU s and 4.9 GB before deploying
+        run = subprocess.Popen(run_argv(local, tmp_path, 10_000), stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
         try:
             clients = [ControlClient(n.control, timeout=5, name=n.name) for n in local.nodes]

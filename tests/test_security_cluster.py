@@ -12,6 +12,7 @@ from helpers import (
     KWARGS,
     MICROBATCH,
     MODEL,
+    PROBE_S,
     batches,
     checkpoint,
     keys_section,
@@ -37,7 +38,7 @@ from edgezmq.transport.rpc import ControlClient
 pytestmark = pytest.mark.slow
 NAMES = ["n0", "n1", "n2"]
 REFUSED_TIMEOUT_S = 1.0  # a refused handshake never answers: how long we wait to be sure
-MEASURE = {"seconds": 0.1, "pings": 3, "bytes_per_msg": 1 << 16}
+MEASURE = {"seconds": PROBE_S, "pings": 3, "bytes_per_msg": 1 << 16}
 
 
 @pytest.fixture(scope="module")
