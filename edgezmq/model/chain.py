@@ -154,23 +154,6 @@ def _model_name(model: nn.Module) -> str:
     return str(cfg.get("architecture") or type(model).__name__)
 
 
-def _check_vit(model: nn.Module, name: str) -> VisionTransformer:
-    """`model` as a timm VisionTransformer whose forward the units reproduce, or ModelError."""
-    missing = [a for a in REQUIRED_ATTRS if not hasattr(model, a)]
-    if missing:
-        raise ModelError(
-            f"{name} ({type(model).__name__}) is not a ViT-family model: missing attributes "
-            f"{missing} (a ViT has {list(REQUIRED_ATTRS)})")
-    cls = type(model)
-    if (not isinstance(model, VisionTransformer) or cls.forward is not VisionTransformer.forward
-            or getattr(cls, "forward_features", None) is not VisionTransformer.forward_features):
-        raise ModelError(
-            f"{name} ({cls.__name__}) has the ViT attributes but not timm VisionTransformer's "
-            "forward (its blocks may take extra inputs such as rotary or relative position "
-            "embeddings); supported: VisionTransformer and subclasses that keep its forward")
-    return model
-
-
 def _close_names(name: str, names: list[str]) -> list[str]:
     """Registry names nearest to a typo: whole-name or same-length-prefix similarity."""
     def score(m: str) -> float:
@@ -399,7 +382,7 @@ def _unit_infos_cached(name: str, granularity: str, kwargs_key: tuple) -> tuple[
 def _unit_infos(name: str, granularity: str, kwargs: dict[str, Any]) -> list[UnitInfo]:
     _check_granularity(granularity)
     model = create_model(name, device="meta", **kwargs)
-    return _infos(model, _pieces(model, granularity))
+    return _infos(model, _named_pieces(name, granularity, kwargs, model))
 
 
 def unit_infos(name: str, granularity: str = "block", **kwargs: Any) -> list[UnitInfo]:
@@ -579,7 +562,7 @@ def _boundaries(name: str, granularity: str, microbatch: int, dtype: torch.dtype
     values the model fixes (a shape that crosses a cut, edgezmq.model.graph), by position."""
     _check_granularity(granularity)
     model = create_model(name, device="meta", **kwargs).to(dtype)
-    pieces = _pieces(model, granularity)
+    pieces = _named_pieces(name, granularity, kwargs, model)
     xs: tuple[torch.Tensor, ...] = (torch.empty(input_shape(name, microbatch, **kwargs), device="meta", dtype=dtype),)
     specs: Specs = []
     values: Values = []
