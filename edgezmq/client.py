@@ -37,6 +37,8 @@ TIMESTAMPS_KEPT = 100_000  # results whose per-stage timestamps a client keeps (
 SESSION_BYTES = 8  # 16 hex characters: collisions between clients of one deployment are not a concern
 DEFAULT_TIMEOUT_S = 120.0
 POLL_MS = 50
+# what stage 0 takes: one array (images), or a tuple of arrays (a text model's token ids, mask, types)
+Batch = np.ndarray | tuple[np.ndarray, ...] | list[np.ndarray]
 
 
 class _Failover(Exception):
@@ -165,21 +167,34 @@ class Client:
         return cls(entry, plan.results, run, **kw)
 
     # ------------------------------------------------------------------
-    def _check(self, x: np.ndarray) -> np.ndarray:
-        if not isinstance(x, np.ndarray):
-            raise TypeError(f"a batch must be a numpy array, got {type(x).__name__}")
-        if x.dtype != np.float32:
-            x = x.astype(np.float32)
-        if x.ndim != 4:
-            raise ValueError(f"a batch must be (B, C, H, W), got shape {x.shape}")
-        if self.microbatch is not None and not 1 <= x.shape[0] <= self.microbatch:
-            raise ValueError(f"batch of {x.shape[0]} outside 1..{self.microbatch} (the deployment's microbatch)")
-        return np.ascontiguousarray(x)
+    def _check(self, x: Batch) -> list[np.ndarray]:
+        """A batch as the list of arrays stage 0 takes: images as one float32 (B, C, H, W) array;
+        a text model's three int64 (B, S) arrays (token ids, attention mask, token types) as a
+        tuple or list. Stage 0 checks shapes and dtypes against the model's; here, the batch size."""
+        if isinstance(x, (tuple, list)):
+            xs = list(x)
+            if not xs or not all(isinstance(a, np.ndarray) and a.ndim >= 1 for a in xs):
+                raise TypeError("a batch of several tensors must be a non-empty tuple of numpy arrays, "
+                                "each with a batch dimension")
+            if len({a.shape[0] for a in xs}) > 1:
+                raise ValueError(f"the arrays of a batch disagree on its size: {[a.shape for a in xs]}")
+        elif isinstance(x, np.ndarray):
+            if x.dtype != np.float32:
+                x = x.astype(np.float32)
+            if x.ndim != 4:
+                raise ValueError(f"a batch must be (B, C, H, W), got shape {x.shape}")
+            xs = [x]
+        else:
+            raise TypeError(f"a batch must be a numpy array or a tuple of them, got {type(x).__name__}")
+        n = xs[0].shape[0]
+        if self.microbatch is not None and not 1 <= n <= self.microbatch:
+            raise ValueError(f"batch of {n} outside 1..{self.microbatch} (the deployment's microbatch)")
+        return [np.ascontiguousarray(a) for a in xs]
 
-    def _frames(self, seq: int, x: np.ndarray) -> list:
-        return wire.encode(wire.Message("act", self.run, seq, -1, [x], t=[[-1, time.time()]], session=self.session))
+    def _frames(self, seq: int, xs: list[np.ndarray]) -> list:
+        return wire.encode(wire.Message("act", self.run, seq, -1, xs, t=[[-1, time.time()]], session=self.session))
 
-    def _send(self, seq: int, x: np.ndarray, deadline: float) -> None:
+    def _send(self, seq: int, x: list[np.ndarray], deadline: float) -> None:
         """Send, waiting for stage 0 to take it (resubmissions and failover replays only: the
         stream's own sends never wait, see ``stream``)."""
         frames = self._frames(seq, x)
@@ -193,12 +208,12 @@ class Client:
                 if time.time() > deadline:
                     raise ResultTimeout(f"stage 0 did not accept microbatch {seq} within {self.timeout:g}s") from None
 
-    def infer(self, x: np.ndarray) -> np.ndarray:
+    def infer(self, x: Batch) -> np.ndarray:
         """One batch -> its logits."""
         return next(iter(self.stream([x])))
 
     def stream(
-        self, batches: Iterable[np.ndarray], *, on_result: Callable[[int, np.ndarray], None] | None = None
+        self, batches: Iterable[Batch], *, on_result: Callable[[int, np.ndarray], None] | None = None
     ) -> Iterator[np.ndarray]:
         """Results of ``batches`` in their order, with at most ``window`` in flight;
         ``on_result(i, y)`` is called with the i-th batch's result (i counts from 0 in each
@@ -215,7 +230,7 @@ class Client:
         order: deque[int] = deque()  # submitted, not yet yielded
         pending: dict[int, list] = {}  # seq -> [batch, sent_at, attempts]: sent, unanswered
         done: dict[int, np.ndarray] = {}
-        unsent: tuple[int, np.ndarray, float] | None = None  # the next microbatch, (seq, batch, deadline)
+        unsent: tuple[int, list[np.ndarray], float] | None = None  # the next microbatch, (seq, batch, deadline)
         poller = zmq.Poller()
         poller.register(self.pull, zmq.POLLIN)
         while True:
@@ -346,6 +361,10 @@ class Client:
         self.close()
 
 
-def split(x: np.ndarray, microbatch: int) -> list[np.ndarray]:
-    """N samples -> microbatches of at most ``microbatch`` (the last may be short)."""
+def split(x: Batch, microbatch: int) -> list:
+    """N samples -> microbatches of at most ``microbatch`` (the last may be short); a tuple of
+    arrays (a text model's inputs) -> tuples of their slices."""
+    if isinstance(x, (tuple, list)):
+        n = len(x[0])
+        return [tuple(a[i:i + microbatch] for a in x) for i in range(0, n, microbatch)]
     return [x[i:i + microbatch] for i in range(0, len(x), microbatch)]

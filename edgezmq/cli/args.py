@@ -119,7 +119,13 @@ def add_io_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", help="directory of JPEG/PNG images (timm preprocessing)")
     src.add_argument("--npy", help=".npy file of shape (N, C, H, W)")
-    src.add_argument("--random", type=count, metavar="N", help=f"N random images (1..{MAX_COUNT})")
+    src.add_argument("--random", type=count, metavar="N",
+                     help=f"N random images, or token sequences for a text model (1..{MAX_COUNT})")
+    src.add_argument("--text", metavar="FILE", help="a text model's input: one sequence per line (tokenized "
+                     "with --tokenizer, else the model's tokenizer from the local Hugging Face cache)")
+    src.add_argument("--tokens", metavar="FILE.npy", help="a text model's input as token ids, "
+                     "integer .npy of shape (N, S); padding is id 0")
+    p.add_argument("--tokenizer", metavar="PATH", help="for --text: a tokenizer directory or a WordPiece vocab.txt")
     p.add_argument("--seed", type=seed, default=0, help=f"of --random (0..{MAX_SEED})")
     p.add_argument("--out", default="logits.npy", help="where to write the logits")
     p.add_argument("--window", type=window, default=None,
@@ -132,14 +138,21 @@ def add_io_args(p: argparse.ArgumentParser) -> None:
 
 
 def inputs(args: argparse.Namespace, model) -> tuple:
-    """(N, C, H, W) float32 inputs from --random/--npy/--images for a ModelSpec, and names."""
+    """The inputs from --random/--npy/--images (an image model: float32 (N, C, H, W)) or
+    --random/--text/--tokens (a text model: its three int64 (N, S) arrays), for a ModelSpec; and
+    the samples' names."""
     import numpy as np
 
     from edgezmq.model import chain as models
+    from edgezmq.model import text
 
+    if text.is_text_model(model.name):
+        return _text_inputs(args, model)
+    if args.text is not None or args.tokens is not None:
+        raise UsageError(f"--{'text' if args.text is not None else 'tokens'}: {model.name} is an image model "
+                         "(--images, --npy or --random)")
     if args.random is not None:
-        shape = models.input_shape(model.name, args.random, **model.kwargs)
-        return np.random.default_rng(args.seed).standard_normal(shape, dtype=np.float32), None
+        return models.random_inputs(model.name, args.random, args.seed, **model.kwargs), None
     if args.npy is not None:
         try:
             x = np.load(args.npy, allow_pickle=False)
@@ -151,6 +164,40 @@ def inputs(args: argparse.Namespace, model) -> tuple:
     try:
         return load_images(args.images, model.name, **model.kwargs)
     except (OSError, ValueError) as e:  # images.py says which: not a directory, no images, an unreadable file
+        raise UsageError(str(e)) from None
+
+
+def _text_inputs(args: argparse.Namespace, model) -> tuple:
+    import numpy as np
+
+    from edgezmq.model import chain as models
+    from edgezmq.model import text
+
+    if args.images is not None or args.npy is not None:
+        raise UsageError(f"--{'images' if args.images is not None else 'npy'}: {model.name} is a text model "
+                         "(--text, --tokens or --random)")
+    try:
+        m = models.create_model(model.name, device="meta", **model.kwargs)
+        seq, vocab = text.seq_len(m), text.vocab_size(m)
+        if args.random is not None:
+            return tuple(text.random_inputs(vocab, args.random, seq, args.seed)), None
+        if args.tokens is not None:
+            try:
+                ids = np.load(args.tokens, allow_pickle=False)
+            except (OSError, ValueError, EOFError) as e:
+                raise UsageError(f"--tokens {args.tokens}: cannot read a .npy array ({type(e).__name__}: {e})"[:300]) from None
+            return tuple(text.token_inputs(ids, seq, vocab, f"--tokens {args.tokens}")), None
+        try:
+            with open(args.text, encoding="utf-8") as f:
+                lines = [ln.rstrip("\n") for ln in f if ln.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"--text {args.text}: cannot read ({type(e).__name__}: {e})"[:300]) from None
+        if not lines:
+            raise UsageError(f"--text {args.text}: no non-empty line")
+        tok = text.load_tokenizer(model.name, args.tokenizer)
+        names = [ln if len(ln) <= 40 else ln[:37] + "..." for ln in lines]
+        return tuple(text.encode_texts(lines, tok, seq, vocab, f"--text {args.text}")), names
+    except (models.ModelError, text.TextModelError) as e:  # the model, or inputs it cannot take
         raise UsageError(str(e)) from None
 
 

@@ -41,13 +41,15 @@ from torch import nn
 
 from edgezmq.errors import EdgezmqError
 from edgezmq.model import graph as fxg
+from edgezmq.model import text
 from edgezmq.paths import CACHE_ENV, CHECKPOINT_DIR, cache_root, checkpoints_dir  # noqa: F401 - re-exported
 from edgezmq.terms import GRANULARITIES
 
 __all__ = [
     "GRANULARITIES", "HAND_GRANULARITIES", "ModelError", "UnitInfo", "Shard", "create_model", "unit_infos", "num_units",
     "input_shape", "boundary_specs", "boundary_values", "example_inputs", "build_shard", "write_checkpoint", "cached_checkpoint",
-    "save_checkpoint", "checkpoint_problem", "cache_root", "unit_names", "run_units",
+    "save_checkpoint", "checkpoint_problem", "cache_root", "unit_names", "run_units", "input_specs",
+    "random_inputs", "reference_forward",
 ]
 
 log = logging.getLogger(__name__)
@@ -165,9 +167,15 @@ def _close_names(name: str, names: list[str]) -> list[str]:
 
 def create_model(name: str, *, pretrained: bool = False, device: str | torch.device = "cpu",
                  **kwargs: Any) -> nn.Module:
-    """timm.create_model(name, pretrained=..., **kwargs) on `device`, in eval mode."""
+    """timm.create_model(name, pretrained=..., **kwargs) on `device`, in eval mode (a text model
+    of edgezmq.model.text: its BERT classifier)."""
+    if text.is_text_model(name):
+        try:
+            return text.create_model(name, pretrained=pretrained, device=device, **kwargs)
+        except text.TextModelError as e:
+            raise ModelError(str(e)) from e
     if not timm.is_model(name):
-        close = _close_names(name, timm.list_models())
+        close = _close_names(name, [*timm.list_models(), *text.TEXT_MODELS])
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ModelError(f"unknown model {name!r}: not in timm {timm.__version__}'s registry{hint}")
     # on `meta` there are no values to initialise: timm's init of a ViT-Large skeleton costs
@@ -233,7 +241,7 @@ def _block_pieces(block: nn.Module, i: int, granularity: str) -> list[_Piece]:
     return pieces
 
 
-Piece = _Piece | fxg.GraphCut  # a unit: hand-written (ViT layouts) or a run of traced graph nodes
+Piece = _Piece | fxg.GraphCut | text.TextPiece  # a unit: hand-written (ViT, BERT) or a run of traced graph nodes
 _TRACES: weakref.WeakKeyDictionary[nn.Module, fxg.Traced] = weakref.WeakKeyDictionary()
 _CUTS: weakref.WeakKeyDictionary[nn.Module, dict[str, list[fxg.GraphCut]]] = weakref.WeakKeyDictionary()
 _UNITS: weakref.WeakKeyDictionary[nn.Module, dict[int, fxg.GraphUnit]] = weakref.WeakKeyDictionary()  # by id(cut)
@@ -281,6 +289,11 @@ def _traced(model: nn.Module) -> fxg.Traced:
 def _pieces(model: nn.Module, granularity: str) -> list[Piece]:
     _check_granularity(granularity)
     name = _model_name(model)
+    if text.is_text(model):
+        try:
+            return list(text.pieces(model, granularity))
+        except text.TextModelError as e:
+            raise ModelError(str(e)) from e
     if _is_hand_vit(model) and granularity in HAND_GRANULARITIES:
         try:
             return list(_vit_pieces(model, granularity))
@@ -398,10 +411,43 @@ def num_units(name: str, granularity: str = "block", **kwargs: Any) -> int:
 
 
 def input_shape(name: str, microbatch: int, **kwargs: Any) -> tuple[int, ...]:
-    """(B, C, H, W) of the images the model takes, from its configuration."""
+    """(B, C, H, W) of the images an image model takes, from its configuration."""
+    specs = input_specs(name, microbatch, **kwargs)
+    if len(specs) != 1:
+        raise ModelError(f"{name} takes {len(specs)} tensors ({', '.join(text.INPUT_NAMES)}), not images")
+    return specs[0][0]
+
+
+def _input_specs(model: nn.Module, microbatch: int) -> list[tuple[tuple[int, ...], str]]:
     if microbatch < 1:
         raise ModelError(f"microbatch: expected >= 1, got {microbatch}")
-    return (microbatch, *_input_chw(create_model(name, device="meta", **kwargs)))
+    if text.is_text(model):
+        return text.input_specs(model, microbatch)
+    return [((microbatch, *_input_chw(model)), "float32")]
+
+
+def input_specs(name: str, microbatch: int, **kwargs: Any) -> list[tuple[tuple[int, ...], str]]:
+    """[(shape, dtype name)] of the tensors the model takes: one float32 (B, C, H, W) for an
+    image model, three int64 (B, S) for a text model (edgezmq.model.text.INPUT_NAMES)."""
+    return _input_specs(create_model(name, device="meta", **kwargs), microbatch)
+
+
+def random_inputs(name: str, n: int, seed: int, **kwargs: Any) -> Any:
+    """`n` random samples as the client takes them (demos, calibration, --random): standard
+    normal images, one float32 array; or a text model's random token sequences with padding,
+    a tuple of its three arrays (edgezmq.model.text). `edgezmq.client.split` cuts either."""
+    import numpy as np
+
+    model = create_model(name, device="meta", **kwargs)
+    if text.is_text(model):
+        return tuple(text.random_inputs(text.vocab_size(model), n, text.seq_len(model), seed))
+    (shape, _), = _input_specs(model, n)
+    return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+
+
+def reference_forward(model: nn.Module, *xs: torch.Tensor) -> torch.Tensor:
+    """The model's own forward on its input tensors: the logits a chain must equal."""
+    return text.forward(model, *xs) if text.is_text(model) else model(*xs)
 
 
 # ---------------------------------------------------------------- units: computation
@@ -489,9 +535,11 @@ class _Output(_Unit):
         return (x + _apply_seq(self.post, _apply_seq(self.tail, ctx)),)
 
 
-def _make_unit(model: nn.Module, piece: Piece) -> _Unit | fxg.GraphUnit:
+def _make_unit(model: nn.Module, piece: Piece) -> _Unit | fxg.GraphUnit | text.TextUnit:
     if isinstance(piece, fxg.GraphCut):
         return fxg.GraphUnit(model, piece)
+    if isinstance(piece, text.TextPiece):
+        return text.TextUnit(model, piece)
     assert isinstance(model, VisionTransformer)
     if piece.kind == "embed":
         return _Embed(model)
@@ -563,7 +611,9 @@ def _boundaries(name: str, granularity: str, microbatch: int, dtype: torch.dtype
     _check_granularity(granularity)
     model = create_model(name, device="meta", **kwargs).to(dtype)
     pieces = _named_pieces(name, granularity, kwargs, model)
-    xs: tuple[torch.Tensor, ...] = (torch.empty(input_shape(name, microbatch, **kwargs), device="meta", dtype=dtype),)
+    xs: tuple[torch.Tensor, ...] = tuple(
+        torch.empty(shape, device="meta", dtype=dtype if dt == "float32" else getattr(torch, dt))
+        for shape, dt in _input_specs(model, microbatch))
     specs: Specs = []
     values: Values = []
     with torch.no_grad():
@@ -624,7 +674,7 @@ class Shard(nn.Module):
     """Units [start, end) of a model: holds only their tensors, under their timm names."""
 
     def __init__(self, name: str, granularity: str, start: int, end: int, units: list[UnitInfo],
-                 model: nn.Module, steps: list[_Unit | fxg.GraphUnit], arity_in: int) -> None:
+                 model: nn.Module, steps: list[_Unit | fxg.GraphUnit | text.TextUnit], arity_in: int) -> None:
         super().__init__()
         self.name, self.granularity, self.start, self.end = name, granularity, start, end
         self.units = list(units)

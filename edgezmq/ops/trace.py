@@ -115,17 +115,14 @@ def collect(
     timeout: float = DEFAULT_TIMEOUT_S, correct_clocks: bool = True,
 ) -> dict[str, Any]:
     """Run ``n_batches`` random microbatches through the running deployment of ``plan``; the trace."""
-    import numpy as np
 
-    from edgezmq.client import TIMESTAMPS_KEPT, Client
+    from edgezmq.client import TIMESTAMPS_KEPT, Client, split
     from edgezmq.model import chain as models
 
     if n_batches < 1:
         raise ValueError(f"--batches: must be >= 1, got {n_batches}")
     m = plan.model
-    shape = models.input_shape(m.name, m.microbatch, **m.kwargs)
-    rng = np.random.default_rng(seed)
-    xs = [rng.standard_normal(shape, dtype=np.float32) for _ in range(n_batches)]
+    xs = split(models.random_inputs(m.name, n_batches * m.microbatch, seed, **m.kwargs), m.microbatch)
     offsets = clock_offsets(plan) if correct_clocks else {}
     corr = _stage_corrections(plan, offsets) if offsets else {}
     window = window or plan.window or len(plan.stages) + 1  # the plan's (Plan.window), else one per stage

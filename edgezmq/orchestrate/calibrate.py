@@ -55,7 +55,7 @@ from typing import Any
 
 import numpy as np
 
-from edgezmq.client import Client
+from edgezmq.client import Batch, Client, split
 from edgezmq.orchestrate.deploy import Deployment, deploy, unload
 from edgezmq.orchestrate.planfile import DeployPlan
 from edgezmq.protocol import messages as msg
@@ -70,6 +70,7 @@ TOLERANCE = 0.05  # a new plan replaces the deployed one only if this much faste
 MAX_ROUNDS = 2  # bursts in all: a plan that replaced the deployed one is calibrated in turn
 PER_REPLICA = 3  # timed microbatches per replica of the most replicated stage, at least
 STATS_TIMEOUT_S = 10.0
+BURST_INPUTS = 4  # distinct random microbatches a burst cycles through
 
 Say = Callable[[str], None]
 
@@ -185,7 +186,7 @@ def corrected(problem_dict: dict[str, Any], type_factors: dict[str, float]) -> d
     return out
 
 
-def burst(client: Client, dep: Deployment, shape: tuple[int, ...], n: int,
+def burst(client: Client, dep: Deployment, inputs: list[Batch], n: int,
           warmup: int, window: int | None = None, cooldown: int | None = None) -> tuple[Snapshot, Snapshot, float]:
     """Stream `warmup`, then `n` timed, then `cooldown` (default: as many as `warmup`) more
     microbatches of random input through `dep` in one stream; node stats when the warm-up's
@@ -197,8 +198,7 @@ def burst(client: Client, dep: Deployment, shape: tuple[int, ...], n: int,
     time a pipeline that starves), whatever the client's own is (restored after)."""
     plan = dep.plan
     cooldown = warmup if cooldown is None else cooldown
-    rng = np.random.default_rng(0)
-    xs = [rng.standard_normal(shape, dtype=np.float32) for _ in range(min(4, warmup + n))]
+    xs = inputs[:max(1, min(len(inputs), warmup + n))]
     client.attach(dep.entry, dep.run, dep.entry_keys)
     first: Snapshot = {}
     last: Snapshot = {}
@@ -249,7 +249,7 @@ def calibrate(
     say = say or (lambda m: log.info("%s", m))
     t0 = time.time()
     m = dep.plan.model
-    shape = models.input_shape(m.name, m.microbatch, **m.kwargs)
+    inputs = split(models.random_inputs(m.name, BURST_INPUTS * m.microbatch, 0, **m.kwargs), m.microbatch)
     cur_dict, cur_problem, cur = problem_dict, problem, planned
     combined: dict[str, float] = {}
     history: list[dict[str, Any]] = []
@@ -267,7 +267,7 @@ def calibrate(
         n_r = max(min(max(n, math.ceil(CALIBRATION_SECONDS / max(cur.bottleneck_s, 1e-9))), 4 * n),
                   PER_REPLICA * most)
         with watch(dep) if watch is not None else nullcontext():
-            before, after, seconds = burst(client, dep, shape, n_r, warmup, window=cur.window)
+            before, after, seconds = burst(client, dep, inputs, n_r, warmup, window=cur.window)
         threads = {ref.name: ref.threads or infos[ref.name].get("threads") for _, ref in dep.plan.all_nodes}
         timings = {}
         for name in after:

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from edgezmq.client import Client
+from edgezmq.client import Batch, Client, split
 from edgezmq.model import chain as models
 from edgezmq.node import device
 from edgezmq.orchestrate.address import NodeAddress
@@ -49,8 +49,15 @@ def even_split(n_units: int, n_stages: int) -> list[tuple[int, int]]:
     return out
 
 
-def monolithic(name: str, checkpoint: str, batches: list[np.ndarray], threads: int) -> tuple[list[np.ndarray], float]:
-    """timm's own forward on the whole model: outputs and samples/s (after one warm-up batch)."""
+def _tensors(x: Batch) -> list[Any]:
+    import torch
+
+    return [torch.from_numpy(a) for a in (x if isinstance(x, (tuple, list)) else [x])]
+
+
+def monolithic(name: str, checkpoint: str, batches: list[Batch], threads: int) -> tuple[list[np.ndarray], float]:
+    """The model's own forward (timm's; a text model's transformers forward) on the whole
+    model: outputs and samples/s (after one warm-up batch)."""
     import torch
     from safetensors.torch import load_file
 
@@ -58,11 +65,11 @@ def monolithic(name: str, checkpoint: str, batches: list[np.ndarray], threads: i
     m = models.create_model(name)
     m.load_state_dict(load_file(checkpoint))
     with torch.inference_mode():
-        m(torch.from_numpy(batches[0]))  # warm-up: first-call allocations
+        models.reference_forward(m, *_tensors(batches[0]))  # warm-up: first-call allocations
         t0 = time.perf_counter()
-        outs = [m(torch.from_numpy(x)).numpy().copy() for x in batches]
+        outs = [models.reference_forward(m, *_tensors(x)).numpy().copy() for x in batches]
         dt = time.perf_counter() - t0
-    return outs, sum(len(x) for x in batches) / dt
+    return outs, sum(len(_tensors(x)[0]) for x in batches) / dt
 
 
 def _quiet(_: str) -> None:
@@ -76,9 +83,7 @@ def run_demo(args: argparse.Namespace) -> int:
     infos = models.unit_infos(args.model, args.granularity)
     say(f"checkpoint: seeded {args.model} (seed {args.seed}) ...")
     ckpt = str(models.cached_checkpoint(args.model, seed=args.seed))
-    rng = np.random.default_rng(args.seed)
-    shape = models.input_shape(args.model, args.microbatch)
-    batches = [rng.standard_normal(shape, dtype=np.float32) for _ in range(args.batches)]
+    batches = split(models.random_inputs(args.model, args.batches * args.microbatch, args.seed), args.microbatch)
 
     say(f"starting {args.nodes} node processes ({threads} thread(s) each) ...")
     spec = ModelSpec(name=args.model, microbatch=args.microbatch, granularity=args.granularity, checkpoint=ckpt)

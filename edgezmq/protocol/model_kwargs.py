@@ -34,7 +34,7 @@ class Arg:
     doc: str = ""
 
 
-# timm's architecture arguments: VisionTransformer's (timm.models.vision_transformer), and the
+# timm's architecture arguments (text models take the same names): VisionTransformer's (timm.models.vision_transformer), and the
 # per-stage sizes of the staged families (ResNet `layers`; ConvNeXt, Swin `depths`, `dims`,
 # `num_heads`), which is how a test or a user shrinks those.  Ranges are generous bounds on
 # what a model can be, there to keep a peer from asking for unbounded work.
@@ -63,6 +63,9 @@ ALLOWED: dict[str, Arg] = {
     "fc_norm": Arg("bool", nullable=True),
     "dynamic_img_size": Arg("bool"),
     "dynamic_img_pad": Arg("bool"),
+    # text models (edgezmq.model.text) take depth, embed_dim, num_heads, mlp_ratio, num_classes and these
+    "seq_len": Arg("int", 1, 8192, doc="tokens per sequence of a text model (at most its position embeddings)"),
+    "vocab_size": Arg("int", 1, 1_000_000, doc="token vocabulary of a text model"),
 }
 
 
