@@ -206,7 +206,7 @@ def test_upstream_errors_are_forwarded_untouched(cc, socks):
     sockets.send_message(push, wire.error_message("r1", 3, 0, "compute_failed", "upstream broke"))
     m = _recv(out)
     assert m.kind == "error" and m.seq == 3 and m.error["message"] == "upstream broke"
-    # an error of another stage than the upstream one is refused like an activation of it
+    # an error of a stage not upstream (here: downstream) is refused like an activation of it
     sockets.send_message(push, wire.error_message("r1", 4, 5, "compute_failed", "not my upstream"))
     m = _recv(out)
     assert m.seq == 4 and m.error["code"] == "bad_stage" and m.stage == 1

@@ -327,7 +327,7 @@ def load_tokenizer(name: str, path: str | None) -> Any:
             import os
 
             if os.path.isfile(path):
-                return BertTokenizer(vocab_file=path, do_lower_case="uncased" in name or "cased" not in name)
+                return BertTokenizer(vocab=path, do_lower_case="uncased" in name or "cased" not in name)
             return AutoTokenizer.from_pretrained(path, local_files_only=True)
         return AutoTokenizer.from_pretrained(TEXT_MODELS[name].hub_id, local_files_only=True)
     except (OSError, ValueError) as e:

@@ -182,9 +182,11 @@ class StageRuntime:
                     if msg.stage < 0:
                         raise wire.WireError("bad_kind", f"error messages come from stages; got one from "
                                              f"stage {msg.stage} (a client)", msg.seq)
-                    if msg.stage != spec.stage - 1:
-                        raise wire.WireError("bad_stage", f"stage {spec.stage} takes errors of stage "
-                                             f"{spec.stage - 1}, got stage {msg.stage}", msg.seq)
+                    # forwarded untouched, an error keeps the stage that raised it: any stage
+                    # upstream of this one (one that fails at stage 0 of 4 reaches stage 3 as 0)
+                    if msg.stage >= spec.stage:
+                        raise wire.WireError("bad_stage", f"stage {spec.stage} takes errors of stages "
+                                             f"0..{spec.stage - 1}, got stage {msg.stage}", msg.seq)
                     c.forwarded_errors += 1
                     self._put(self.out_q, msg)
                     continue

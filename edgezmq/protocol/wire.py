@@ -121,7 +121,7 @@ ERRORS: dict[str, str] = {
                 f"{MAX_TENSOR_BYTES >> 20} MiB (the product of its non-zero dimensions x itemsize, decoded)",
     "wrong_run": "a message of another `run`; the error message carries the SENDER's run id, so that the "
                  "client of that run (not ours) can attribute it",
-    "bad_stage": "an `act` or `error` message from a stage other than the previous one",
+    "bad_stage": "an `act` message from a stage other than the previous one; an `error` from a stage not upstream",
     "compute_failed": "the shard's forward raised on this microbatch",
     "bad_message": "a message the decoder failed on in a way it does not name (a decoder bug: the stage "
                    "refuses the message and keeps serving; its log holds the traceback)",
