@@ -45,6 +45,7 @@ ERRORS = {
     "edgezmq.transport.security.KeyFileError": (ValueError, EXIT_BAD_INPUT),
     "edgezmq.transport.netprobe.ProbeError": (RuntimeError, EXIT_FAILED),
     "edgezmq.model.chain.ModelError": (ValueError, EXIT_BAD_INPUT),
+    "edgezmq.model.text.TextModelError": (ValueError, EXIT_BAD_INPUT),
     "edgezmq.model.graph.GraphError": (ValueError, EXIT_BAD_INPUT),
     "edgezmq.model.task.TaskError": (RuntimeError, EXIT_FAILED),  # no scikit-learn, not a task checkpoint
     "edgezmq.protocol.model_kwargs.ModelKwargsError": (ValueError, EXIT_BAD_INPUT),
