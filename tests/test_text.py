@@ -251,3 +251,35 @@ def test_the_demo_of_bert_profiles_plans_and_equals_the_model():
     d = json.loads(r.stdout)
     assert d["max_abs_diff"] == 0.0 and d["split"] == "planner" and d["predicted_samples_per_s"] > 0
     assert d["stages"][0]["units"][0] == 0 and d["stages"][-1]["units"][1] == models.num_units("bert_tiny")
+
+
+# ---------------------------------------------------------------- decoder-only language models
+
+DECODERS = {"gpt2": {"depth": 2, "embed_dim": 64, "num_heads": 4, "seq_len": 12, "vocab_size": 300},
+            "tinyllama_1_1b": {"depth": 2, "embed_dim": 64, "num_heads": 8, "mlp_ratio": 2.0, "seq_len": 12,
+                               "vocab_size": 300},
+            "llama_3_2_1b": {"depth": 3, "embed_dim": 64, "num_heads": 4, "seq_len": 12, "vocab_size": 300}}
+
+
+@pytest.mark.parametrize("name", list(DECODERS))
+def test_a_decoder_chain_equals_the_model_over_whole_sequences(name, tmp_path):
+    kw = DECODERS[name]
+    torch.manual_seed(0)
+    m = models.create_model(name, **kw)
+    xs = [torch.from_numpy(a) for a in models.random_inputs(name, 3, 1, **kw)]
+    assert len(xs) == 2 and int(xs[1].sum()) < xs[1].numel()
+    with torch.inference_mode():
+        ref = models.reference_forward(m, *xs)
+        (y,) = models.run_units(m, "block", *xs)
+    assert ref.shape == (3, 12, 300) and torch.equal(y, ref)
+    infos = models.unit_infos(name, "block", **kw)
+    assert [u.name for u in infos] == ["embed", *(f"layer{i}" for i in range(kw["depth"])), "head"]
+    # shards from a checkpoint (a tied head is written under both names) chain to the same logits
+    path = models.write_checkpoint(name, tmp_path / "m.safetensors", seed=0, **kw)
+    shards = [models.build_shard(name, a, b, checkpoint=path, **kw) for a, b in [(0, 2), (2, len(infos))]]
+    assert not set(shards[0].state_dict()) & set(shards[1].state_dict())
+    with torch.inference_mode():
+        (z,) = shards[1](*shards[0](*xs))
+    assert torch.equal(z, ref)
+    with pytest.raises(models.ModelError, match="granularity 'block'"):
+        models.unit_infos(name, "half", **kw)

@@ -440,7 +440,8 @@ def random_inputs(name: str, n: int, seed: int, **kwargs: Any) -> Any:
 
     model = create_model(name, device="meta", **kwargs)
     if text.is_text(model):
-        return tuple(text.random_inputs(text.vocab_size(model), n, text.seq_len(model), seed))
+        arrays = text.random_inputs(text.vocab_size(model), n, text.seq_len(model), seed)
+        return tuple(arrays[:len(text.input_names(model))])
     (shape, _), = _input_specs(model, n)
     return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 
@@ -869,7 +870,15 @@ def save_checkpoint(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
-        save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp), metadata=dict(meta))
+        # tied tensors (a language model's input embedding and output head) are written under
+        # each name: a shard that owns one of them reads it without the other
+        seen: set[tuple[int, Any]] = set()
+        out = {}
+        for k, t in tensors.items():
+            key = (t.untyped_storage().data_ptr(), t.storage_offset())
+            out[k] = t.contiguous() if key not in seen else t.clone()
+            seen.add(key)
+        save_file(out, str(tmp), metadata=dict(meta))
         os.chmod(tmp, CHECKPOINT_MODE)
         os.replace(tmp, path)
     finally:

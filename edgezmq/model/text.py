@@ -1,4 +1,5 @@
-"""Text encoders (BERT family, Hugging Face ``transformers``) as hand-written unit chains.
+"""Text models (Hugging Face ``transformers``) as hand-written unit chains: BERT classifiers, and
+decoder-only language models (Llama family, GPT-2) over whole sequences.
 
 A BERT sequence classifier is cut like PipeEdge cuts it: ``embed`` (token, position and
 token-type embeddings), the encoder layers at one of three granularities, ``head`` (pooler +
@@ -9,6 +10,12 @@ tensors of shape (B, S): token ids, attention mask (1 = token, 0 = padding), tok
 attention mask crosses every cut next to the activations (a few kB), and each layer turns it
 into the additive mask the model's own forward makes, with the same function
 (``create_bidirectional_mask``): the chain's logits equal the model's bit for bit.
+
+A decoder (``gpt2``, ``tinyllama_1_1b``, ``llama_3_2_1b``, ...) is cut into ``embed``, one unit
+per decoder layer, ``head`` (final norm + LM head); it takes token ids and the attention mask,
+and its chain's logits over the whole sequence equal the model's own forward (no KV cache:
+generation with a cache per stage is issue #13's next step). Tied input/output embeddings
+are written to a checkpoint under both names, so each shard reads its own.
 
 Models are named here, not on the hub: ``bert_base_uncased`` etc. (``TEXT_MODELS``); a peer can
 ask for one of these names, never for a hub id. Weights: a seeded random init (tests and
@@ -47,11 +54,12 @@ class TextModelError(EdgezmqError, ValueError):
 
 @dataclass(frozen=True)
 class TextModel:
-    """A named text classifier: its hub id (for ``pretrained``) and its configuration."""
+    """A named text model: its hub id (for ``pretrained``), family and configuration."""
 
     hub_id: str
-    config: tuple[tuple[str, Any], ...] = ()  # BertConfig fields that differ from BERT-base's
-    num_labels: int = 2
+    config: tuple[tuple[str, Any], ...] = ()  # config fields that differ from the family's defaults
+    num_labels: int = 2  # a classifier's (BERT)
+    family: str = "bert"  # bert (sequence classifier) | llama | gpt2 (decoder-only language models)
 
 
 _LARGE = (("hidden_size", 1024), ("num_hidden_layers", 24), ("num_attention_heads", 16), ("intermediate_size", 4096))
@@ -74,13 +82,37 @@ TEXT_MODELS: dict[str, TextModel] = {
     "bert_mini": TextModel("google/bert_uncased_L-4_H-256_A-4", _small(4, 256)),
     "bert_small": TextModel("google/bert_uncased_L-4_H-512_A-8", _small(4, 512)),
     "bert_medium": TextModel("google/bert_uncased_L-8_H-512_A-8", _small(8, 512)),
+    # decoder-only language models: configs as the hub's config.json (GPT2Config's defaults = gpt2)
+    "gpt2": TextModel("openai-community/gpt2", family="gpt2"),
+    "gpt2_medium": TextModel("openai-community/gpt2-medium", (("n_layer", 24), ("n_embd", 1024), ("n_head", 16)),
+                             family="gpt2"),
+    "gpt2_large": TextModel("openai-community/gpt2-large", (("n_layer", 36), ("n_embd", 1280), ("n_head", 20)),
+                            family="gpt2"),
+    "gpt2_xl": TextModel("openai-community/gpt2-xl", (("n_layer", 48), ("n_embd", 1600), ("n_head", 25)), family="gpt2"),
+    "tinyllama_1_1b": TextModel("TinyLlama/TinyLlama-1.1B-Chat-v1.0", (
+        ("hidden_size", 2048), ("intermediate_size", 5632), ("num_hidden_layers", 22), ("num_attention_heads", 32),
+        ("num_key_value_heads", 4), ("vocab_size", 32000), ("max_position_embeddings", 2048), ("rms_norm_eps", 1e-5),
+        ("bos_token_id", 1), ("eos_token_id", 2), ("tie_word_embeddings", False)), family="llama"),
+    "llama_3_2_1b": TextModel("meta-llama/Llama-3.2-1B", (
+        ("hidden_size", 2048), ("intermediate_size", 8192), ("num_hidden_layers", 16), ("num_attention_heads", 32),
+        ("num_key_value_heads", 8), ("head_dim", 64), ("vocab_size", 128256), ("max_position_embeddings", 131072),
+        ("rms_norm_eps", 1e-5), ("bos_token_id", 128000), ("eos_token_id", 128001), ("tie_word_embeddings", True),
+        ("rope_parameters", (("rope_type", "llama3"), ("rope_theta", 500000.0), ("factor", 32.0),
+                             ("low_freq_factor", 1.0), ("high_freq_factor", 4.0),
+                             ("original_max_position_embeddings", 8192)))), family="llama"),
 }
+DECODER_FAMILIES = ("llama", "gpt2")
 
-# timm's architecture argument -> BertConfig field (edgezmq.protocol.model_kwargs bounds them)
-_CONFIG_ARGS = {"depth": "num_hidden_layers", "embed_dim": "hidden_size", "num_heads": "num_attention_heads",
-                "num_classes": "num_labels", "vocab_size": "vocab_size"}
-_OWN_ARGS = ("seq_len", "mlp_ratio")
-ARGS = (*_CONFIG_ARGS, *_OWN_ARGS)
+# timm's architecture argument -> each family's config field (edgezmq.protocol.model_kwargs bounds them)
+_FIELDS = {
+    "bert": {"depth": "num_hidden_layers", "embed_dim": "hidden_size", "num_heads": "num_attention_heads",
+             "num_classes": "num_labels", "vocab_size": "vocab_size", "mlp_ratio": "intermediate_size"},
+    "llama": {"depth": "num_hidden_layers", "embed_dim": "hidden_size", "num_heads": "num_attention_heads",
+              "vocab_size": "vocab_size", "mlp_ratio": "intermediate_size"},
+    "gpt2": {"depth": "n_layer", "embed_dim": "n_embd", "num_heads": "n_head", "vocab_size": "vocab_size",
+             "mlp_ratio": "n_inner"},
+}
+ARGS = ("depth", "embed_dim", "num_heads", "mlp_ratio", "num_classes", "vocab_size", "seq_len")
 
 
 def is_text_model(name: str) -> bool:
@@ -97,25 +129,35 @@ def _require() -> None:
 
 
 def _config(name: str, kwargs: Mapping[str, Any]) -> tuple[Any, int]:
-    """(BertConfig, seq_len) of `name` with the architecture arguments applied."""
+    """(the family's config, seq_len) of `name` with the architecture arguments applied."""
     _require()
-    from transformers import BertConfig
+    import transformers
 
     spec = TEXT_MODELS[name]
-    fields: dict[str, Any] = dict(spec.config)
-    fields["num_labels"] = spec.num_labels
-    unknown = [k for k in kwargs if k not in ARGS]
+    names = _FIELDS[spec.family]
+    fields: dict[str, Any] = {k: dict(v) if k == "rope_parameters" else v for k, v in spec.config}
+    if spec.family == "bert":
+        fields["num_labels"] = spec.num_labels
+    unknown = [k for k in kwargs if k not in names and k != "seq_len"]
     if unknown:
-        raise TextModelError(f"{name}: {', '.join(map(repr, unknown))} not an argument of a text model "
-                             f"(it takes: {', '.join(ARGS)})")
+        raise TextModelError(f"{name}: {', '.join(map(repr, unknown))} not an argument of a {spec.family} model "
+                             f"(it takes: {', '.join(a for a in ARGS if a in names or a == 'seq_len')})")
     for k, v in kwargs.items():
-        if k in _CONFIG_ARGS:
+        if k in names and k != "mlp_ratio":
             if not isinstance(v, int) or isinstance(v, bool):
                 raise TextModelError(f"{name}: {k} must be one integer for a text model, got {v!r}")
-            fields[_CONFIG_ARGS[k]] = v
-    config = BertConfig(**fields)
+            fields[names[k]] = v
+    base = dict(spec.config)
+    if "num_heads" in kwargs and "num_key_value_heads" in base:  # keep the grouped-query ratio
+        group = base["num_attention_heads"] // base["num_key_value_heads"]
+        heads = kwargs["num_heads"]
+        fields["num_key_value_heads"] = heads // group if heads % group == 0 else heads
+    if "embed_dim" in kwargs or "num_heads" in kwargs:
+        fields.pop("head_dim", None)  # derived from the width again
+    cls = {"bert": transformers.BertConfig, "llama": transformers.LlamaConfig, "gpt2": transformers.GPT2Config}
+    config = cls[spec.family](**fields)
     if "mlp_ratio" in kwargs:
-        config.intermediate_size = max(1, round(config.hidden_size * float(kwargs["mlp_ratio"])))
+        setattr(config, names["mlp_ratio"], max(1, round(config.hidden_size * float(kwargs["mlp_ratio"]))))
     if config.hidden_size % config.num_attention_heads:
         raise TextModelError(f"{name}: embed_dim {config.hidden_size} is not a multiple of num_heads "
                              f"{config.num_attention_heads}")
@@ -128,28 +170,37 @@ def _config(name: str, kwargs: Mapping[str, Any]) -> tuple[Any, int]:
 
 def create_model(name: str, *, pretrained: bool = False, device: str | torch.device = "cpu",
                  **kwargs: Any) -> nn.Module:
-    """BertForSequenceClassification for `name`, in eval mode, on `device` (meta: no memory)."""
+    """The model of `name` (BertForSequenceClassification, LlamaForCausalLM, GPT2LMHeadModel),
+    in eval mode, on `device` (meta: no memory)."""
     config, seq_len = _config(name, kwargs)
-    from transformers import BertForSequenceClassification
+    import transformers
 
+    family = TEXT_MODELS[name].family
+    cls: Any = {"bert": transformers.BertForSequenceClassification, "llama": transformers.LlamaForCausalLM,
+                "gpt2": transformers.GPT2LMHeadModel}[family]
     model: Any  # transformers' modules are dynamically typed (their attributes come from the config)
     try:
         if pretrained:
-            model = BertForSequenceClassification.from_pretrained(TEXT_MODELS[name].hub_id, config=config)
+            model = cls.from_pretrained(TEXT_MODELS[name].hub_id, config=config)
             model = model.to(torch.device(device))
         else:
             with torch.device(device):
-                model = BertForSequenceClassification(config)
+                model = cls(config)
     except Exception as e:  # offline hub, a cache without the model, a config the weights do not fit
         what = "pretrained weights for " if pretrained else ""
         raise TextModelError(f"cannot create {what}{name} with kwargs {dict(kwargs)}: {type(e).__name__}: {e}") from e
-    _check_layout(model, name)
+    _check_layout(model, name, family)
     # edgezmq's name and input length travel with the model (chain._model_name, input specs)
-    model.pretrained_cfg = {"architecture": name, "seq_len": seq_len}
-    # the embeddings' computed buffers (positions 0..max-1, zero token types) are in no
-    # checkpoint: a shard built on meta rebuilds them (chain._materialise_non_persistent)
-    emb = model.bert.embeddings
-    emb.init_non_persistent_buffers = functools.partial(_init_embedding_buffers, emb)
+    model.pretrained_cfg = {"architecture": name, "seq_len": seq_len, "family": family}
+    # computed buffers (BERT's positions 0..max-1 and zero token types, Llama's rotary
+    # frequencies) are in no checkpoint: a shard built on meta rebuilds them
+    # (chain._materialise_non_persistent)
+    if family == "bert":
+        emb = model.bert.embeddings
+        emb.init_non_persistent_buffers = functools.partial(_init_embedding_buffers, emb)
+    elif family == "llama":
+        rot = model.model.rotary_emb
+        rot.init_non_persistent_buffers = functools.partial(_init_rotary_buffers, rot)
     return model.eval()
 
 
@@ -159,13 +210,32 @@ def _init_embedding_buffers(emb: Any) -> None:
     emb.token_type_ids.zero_()
 
 
-def _check_layout(model: Any, name: str) -> None:
+def _init_rotary_buffers(rot: Any) -> None:
+    with torch.device("cpu"):
+        fresh = type(rot)(rot.config)  # the model's own computation of its frequencies
+    for k, b in fresh.named_buffers():
+        getattr(rot, k).copy_(b)
+
+
+def _check_layout(model: Any, name: str, family: str) -> None:
     cfg = model.config
+    if family != "bert":
+        if getattr(cfg, "add_cross_attention", False):
+            raise TextModelError(f"{name}: decoders with cross-attention are not cut")
+        return
     if cfg.is_decoder or cfg.add_cross_attention or cfg.chunk_size_feed_forward:
         raise TextModelError(f"{name}: only encoders without cross-attention or chunked feed-forward are cut "
                              "(is_decoder, add_cross_attention, chunk_size_feed_forward)")
     if model.bert.pooler is None:
         raise TextModelError(f"{name}: the classifier needs the pooler")
+
+
+def family(model: Any) -> str:
+    return str(model.pretrained_cfg["family"])
+
+
+def is_decoder(name: str) -> bool:
+    return is_text_model(name) and TEXT_MODELS[name].family in DECODER_FAMILIES
 
 
 def is_text(model: nn.Module) -> bool:
@@ -181,9 +251,14 @@ def vocab_size(model: Any) -> int:
     return int(model.config.vocab_size)
 
 
+def input_names(model: Any) -> tuple[str, ...]:
+    """A classifier takes token ids, mask, token types; a decoder token ids and mask."""
+    return INPUT_NAMES if family(model) == "bert" else INPUT_NAMES[:2]
+
+
 def input_specs(model: Any, microbatch: int) -> list[tuple[tuple[int, ...], str]]:
-    """The three int64 (B, S) tensors the model takes, in INPUT_NAMES order."""
-    return [((microbatch, seq_len(model)), INPUT_DTYPE)] * len(INPUT_NAMES)
+    """The int64 (B, S) tensors the model takes, in `input_names` order."""
+    return [((microbatch, seq_len(model)), INPUT_DTYPE)] * len(input_names(model))
 
 
 # ---------------------------------------------------------------- units
@@ -194,7 +269,7 @@ class TextPiece:
     """One unit of a text chain: its kind, the layer it is in, the dotted names it owns."""
 
     name: str
-    kind: str  # embed | layer | attn | ffn | context | attn_out | inter | out | head
+    kind: str  # embed | layer | attn | ffn | context | attn_out | inter | out | head; decoders: dembed | dlayer | dhead
     owns: tuple[str, ...]
     layer: int = -1
 
@@ -204,7 +279,12 @@ class TextPiece:
 
 
 # tensors entering each kind: activations, then the attention mask last
-_ARITY = {"embed": 3, "layer": 2, "attn": 2, "ffn": 2, "context": 2, "attn_out": 3, "inter": 2, "out": 3, "head": 2}
+_ARITY = {"embed": 3, "layer": 2, "attn": 2, "ffn": 2, "context": 2, "attn_out": 3, "inter": 2, "out": 3, "head": 2,
+          "dembed": 2, "dlayer": 2, "dhead": 2}
+# a decoder's members: (embedding modules, layer list, final norm + head, what every layer reads)
+_DECODER = {"llama": (("model.embed_tokens",), "model.layers", ("model.norm", "lm_head"), ("model.rotary_emb",)),
+            "gpt2": (("transformer.wte", "transformer.wpe", "transformer.drop"), "transformer.h",
+                     ("transformer.ln_f", "lm_head"), ())}
 _SPLITS = {"block": (("", "layer", ""),),
            "half": (("attn", "attn", "attention"), ("ffn", "ffn", "")),
            "sublayer": (("attn.self", "context", "attention.self"), ("attn.out", "attn_out", "attention.output"),
@@ -212,6 +292,16 @@ _SPLITS = {"block": (("", "layer", ""),),
 
 
 def pieces(model: Any, granularity: str) -> list[TextPiece]:
+    fam = family(model)
+    if fam in DECODER_FAMILIES:
+        if granularity != "block":
+            raise TextModelError(f"{model.pretrained_cfg['architecture']}: a decoder is cut at granularity "
+                                 f"'block' (one unit per layer), not {granularity!r}")
+        embed, layers, head, shared = _DECODER[fam]
+        n = len(model.get_submodule(layers))
+        return [TextPiece(EMBED_UNIT, "dembed", embed),
+                *(TextPiece(f"layer{i}", "dlayer", (f"{layers}.{i}", *shared), i) for i in range(n)),
+                TextPiece(HEAD_UNIT, "dhead", head)]
     if granularity not in TEXT_GRANULARITIES:
         raise TextModelError(f"{model.pretrained_cfg['architecture']}: granularity {granularity!r} is not "
                              f"one of a text model's {TEXT_GRANULARITIES}")
@@ -225,6 +315,21 @@ def pieces(model: Any, granularity: str) -> list[TextPiece]:
             out.append(TextPiece(f"layer{i}" + (f".{suffix}" if suffix else ""), kind, owns, i))
     out.append(TextPiece(HEAD_UNIT, "head", ("bert.pooler", "dropout", "classifier")))
     return out
+
+
+def _positions(h: torch.Tensor) -> torch.Tensor:
+    """Positions 0..S-1 (a whole sequence, no cache), as the model's forward makes them."""
+    return torch.arange(h.shape[1], device=h.device).unsqueeze(0)
+
+
+def _causal(model: Any, h: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
+    """The causal mask a decoder's forward gives its layers, by its own function (none on meta)."""
+    if h.is_meta:
+        return None
+    from transformers.masking_utils import create_causal_mask
+
+    return create_causal_mask(config=model.config, inputs_embeds=h, attention_mask=mask, cache=None,
+                              position_ids=positions)
 
 
 def _mask(model: Any, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
@@ -244,10 +349,15 @@ class TextUnit:
 
     def __init__(self, model: Any, piece: TextPiece) -> None:
         self.model, self.kind = model, piece.kind
-        self.layer = model.bert.encoder.layer[piece.layer] if piece.layer >= 0 else None
+        self.family = family(model)
+        layers = (model.get_submodule(_DECODER[self.family][1]) if self.family in DECODER_FAMILIES
+                  else model.bert.encoder.layer)
+        self.layer = layers[piece.layer] if piece.layer >= 0 else None
 
     def __call__(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         m, layer, kind = self.model, self.layer, self.kind
+        if kind.startswith("d"):
+            return self._decoder(*xs)
         if kind == "embed":
             ids, mask, types = xs
             return m.bert.embeddings(input_ids=ids, token_type_ids=types), mask
@@ -270,9 +380,34 @@ class TextUnit:
             return layer.intermediate(acts[0]), acts[0], mask
         return layer.output(acts[0], acts[1]), mask  # "out"
 
+    def _decoder(self, h: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """A decoder's units over a whole sequence, as LlamaModel / GPT2Model's forward runs them."""
+        m, layer, kind = self.model, self.layer, self.kind
+        if self.family == "llama":
+            if kind == "dembed":
+                return m.model.embed_tokens(h), mask
+            if kind == "dhead":
+                return (m.lm_head(m.model.norm(h)),)
+            pos = _positions(h)
+            assert layer is not None
+            return layer(h, attention_mask=_causal(m, h, mask, pos), position_ids=pos,
+                         position_embeddings=m.model.rotary_emb(h, position_ids=pos)), mask
+        t = m.transformer
+        if kind == "dembed":
+            e = t.wte(h)
+            return t.drop(e + t.wpe(_positions(e)).to(e.device)), mask
+        if kind == "dhead":
+            return (m.lm_head(t.ln_f(h)),)
+        pos = _positions(h)
+        assert layer is not None
+        return layer(h, None, _causal(m, h, mask, pos), None, position_ids=pos), mask
+
 
 def forward(model: Any, *xs: torch.Tensor) -> torch.Tensor:
-    """The model's own forward on the three input tensors: its logits (the reference)."""
+    """The model's own forward on its input tensors: its logits (the reference)."""
+    if family(model) != "bert":
+        ids, mask = xs
+        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     ids, mask, types = xs
     return model(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
 
