@@ -103,7 +103,7 @@ def test_shards_hold_only_their_tensors_and_chain_exactly(tmp_path):
 def test_architecture_arguments_are_checked_with_the_field_named():
     with pytest.raises(models.ModelError, match="seq_len 600 outside 1..512"):
         models.unit_infos(NAME, "block", seq_len=600)
-    with pytest.raises(models.ModelError, match="'img_size' not an argument of a text model"):
+    with pytest.raises(models.ModelError, match="'img_size' not an argument of a bert model"):
         models.unit_infos(NAME, "block", img_size=64)
     with pytest.raises(models.ModelError, match="embed_dim must be one integer"):
         models.unit_infos(NAME, "block", embed_dim=[64, 128])
