@@ -44,7 +44,7 @@ from .classes import (
     merged_model,
 )
 from .cost import evaluate, stage_memory_bytes
-from .lagrange import certifies, farkas_prices
+from .lagrange import Basis, certifies, farkas_prices
 from .parametric import (
     GREEDY_RULES,
     Level,
@@ -481,6 +481,7 @@ def _lp_bound(run: _Run, tables: Tables, end: Mark) -> tuple[list[np.ndarray], d
     assert eff is not None
     found: list[np.ndarray] = []
     pool: list = []
+    warm = Basis()          # each LP starts from the last one's basis
     hint: dict = {}
     hi = run.ub()
     while not run.done() and math.isfinite(hi) and hi - run.lower > LP_STOP * hi:
@@ -488,7 +489,7 @@ def _lp_bound(run: _Run, tables: Tables, end: Mark) -> tuple[list[np.ndarray], d
         st = Level(tables, mid).stages
         primal: list = []
         try:
-            _, mu, pool = farkas_prices(st, effort, pool, primal=primal)
+            _, mu, pool = farkas_prices(st, effort, pool, primal=primal, warm=warm)
         except Timeout as t:
             if t.by == "time":
                 raise
