@@ -69,7 +69,7 @@ class Stages:
         self.pair_m = (lo[self.pair_k] + np.arange(self.pair_k.size)
                        - np.repeat(np.cumsum(span) - span, span)).astype(np.int64)
         self.pair_first = np.flatnonzero(np.diff(self.pair_k, prepend=-1))
-        self.Mq = np.ascontiguousarray(M[:, self.pair_k])
+        self.Mq = np.ascontiguousarray(M[:, self.pair_k], dtype=np.int16)   # M <= top <= N + 1
 
     def prices(self, mu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per stage: the least price of a feasible member set (its m cheapest eligible

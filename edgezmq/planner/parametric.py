@@ -37,7 +37,7 @@ from .classes import DeviceArrays, memory_table
 from .lagrange import PRICE_ATOL, PRICE_RTOL, Stages
 from .search import Effort
 
-__all__ = ["Tables", "Level", "Found", "Memo", "greedy", "greedy_replicated", "GREEDY_RULES", "MAX_TABLE"]
+__all__ = ["Tables", "Level", "stages_at", "Found", "Memo", "greedy", "greedy_replicated", "GREEDY_RULES", "MAX_TABLE"]
 
 MAX_TABLE = 12_000_000      # devices x (units + 1)^2 entries: above it, no exact device search
 MAX_DOMINANCE = 96          # devices up to which B-dominance is computed pair by pair
@@ -144,7 +144,7 @@ def _min_replicas(eff: np.ndarray, bound: float, top: int) -> np.ndarray:
     fin = np.isfinite(eff)
     e = eff[fin]
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        m = np.clip(np.nan_to_num(np.ceil(e / bound), nan=top, posinf=top), 1, top)
+        m = np.clip(np.nan_to_num(np.ceil(e / bound), nan=1, posinf=top), 1, top)   # nan: 0 / 0, one will do
     # float division may put ceil one off the comparison eff / m <= bound: settle it exactly
     lower = np.maximum(m - 1, 1)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -153,6 +153,23 @@ def _min_replicas(eff: np.ndarray, bound: float, top: int) -> np.ndarray:
     out = np.full(eff.shape, top, dtype=np.int64)
     out[fin] = m
     return out
+
+
+def _windows(Mt: np.ndarray, top: int, replication: bool) -> np.ndarray:
+    """Per stage (a < b): the least m with at least m devices whose M <= m (top: none)."""
+    if not replication:
+        return np.where(Mt.min(axis=0) <= 1, 1, top)
+    good = np.sort(Mt, axis=0) <= np.arange(1, Mt.shape[0] + 1)[:, None]
+    return np.where(good.any(axis=0), good.argmax(axis=0) + 1, top)
+
+
+def stages_at(tables: Tables, bound: float) -> Stages:
+    """``Level(tables, bound).stages`` without the rest of the level (its bounds)."""
+    assert tables.eff_tri is not None
+    top = tables.N + 1 if tables.replication else 2
+    Mt = _min_replicas(tables.eff_tri, bound, top)
+    return Stages.from_triangle(tables.tri_a, tables.tri_b, Mt, _windows(Mt, top, tables.replication),
+                                top, tables.L)
 
 
 class Level:
@@ -172,12 +189,7 @@ class Level:
         self.ok = tb.floor <= bound
         # cover: fewest devices covering [u, L) with reuse; a window [a, b) needs the least m
         # with at least m devices whose M <= m
-        if tb.replication:
-            srt = np.sort(Mt, axis=0)
-            good = srt <= np.arange(1, n + 1)[:, None]
-            first_t = np.where(good.any(axis=0), good.argmax(axis=0) + 1, top)
-        else:
-            first_t = np.where(Mt.min(axis=0) <= 1, 1, top)
+        first_t = _windows(Mt, top, tb.replication)
         self.window_t = first_t
         first = np.full((L + 1, L + 1), top, dtype=np.int64)
         first[ta, tb_] = first_t
@@ -333,7 +345,8 @@ class Level:
         def rec(i: int, banned: int, cmask: int, s1: float, s2: float) -> None:
             need = m - len(chosen)
             if need == 0:
-                out.append(tuple(chosen))
+                if s1 <= lim1 and s2 <= lim2:
+                    out.append(tuple(chosen))
                 return
             if n_el - i < need or (not exact and len(out) >= limit):
                 return

@@ -54,6 +54,7 @@ from .parametric import (
     greedy,
     greedy_replicated,
     lower_bound,
+    stages_at,
 )
 from .plan import Plan, Stage, format_bytes
 from .problem import PlanError, Problem
@@ -455,7 +456,9 @@ def _devices(run: _Run, tables: Tables) -> None:
         if tables.replication:
             single = copy.copy(tables)
             single.replication = False
-            _bisect(run, single, run.at(PHASE1_SHARE * NO_REPLICATION_SHARE), proofs=False)
+            # skipped when the root bounds already show no such plan beats the incumbent
+            if Level(single, run.ub() * (1 - TIE_RTOL / 2)).possible():
+                _bisect(run, single, run.at(PHASE1_SHARE * NO_REPLICATION_SHARE), proofs=False)
             start = effort.spent
             prices, hint, lp_hi = _lp_bound(run, tables, Mark(min(end.nodes, start + run.max_effort * LP_SHARE),
                                                               end.deadline))
@@ -486,7 +489,7 @@ def _lp_bound(run: _Run, tables: Tables, end: Mark) -> tuple[list[np.ndarray], d
     hi = run.ub()
     while not run.done() and math.isfinite(hi) and hi - run.lower > LP_STOP * hi:
         mid = (run.lower + hi) / 2
-        st = Level(tables, mid).stages
+        st = stages_at(tables, mid)
         primal: list = []
         try:
             _, mu, pool = farkas_prices(st, effort, pool, primal=primal, warm=warm)
@@ -500,7 +503,7 @@ def _lp_bound(run: _Run, tables: Tables, end: Mark) -> tuple[list[np.ndarray], d
             for _ in range(STRETCH_STEPS):
                 effort.tick()
                 x = (lo + top) / 2
-                if certifies(Level(tables, x).stages, mu):
+                if certifies(stages_at(tables, x), mu):
                     lo = x
                 else:
                     top = x
