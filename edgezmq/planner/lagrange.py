@@ -12,6 +12,7 @@ solver's accuracy, which only makes them strong. Good prices are the duals of th
 phase 1 (least total overuse of devices), solved here by column generation with a small
 dense revised simplex (numpy only): rows are the L flow cuts and the N devices, columns
 are generated from the duals (per stage and size m, the m cheapest eligible devices).
+Solves at successive B start from the previous one's basis (``Basis``).
 """
 
 from __future__ import annotations
@@ -58,8 +59,6 @@ class Stages:
         self.window = window
         self.sizes = int(min(self.N, top - 1))
         self.starts = np.searchsorted(a, np.arange(L + 1))
-        # per size m: the stages where m is worth pricing (window <= m <= the largest
-        # replica need of a device that can run it; ``prices``)
         # the (stage, size) pairs worth pricing, by stage then size: window <= m <= the
         # largest replica need of a device that can run it (``prices``)
         most = np.where(M < top, M, 0).max(axis=0) if M.size else np.zeros(0, dtype=np.int64)
@@ -69,7 +68,8 @@ class Stages:
         self.pair_m = (lo[self.pair_k] + np.arange(self.pair_k.size)
                        - np.repeat(np.cumsum(span) - span, span)).astype(np.int64)
         self.pair_first = np.flatnonzero(np.diff(self.pair_k, prepend=-1))
-        self.Mq = np.ascontiguousarray(M[:, self.pair_k], dtype=np.int16)   # M <= top <= N + 1
+        small = np.int16 if top < np.iinfo(np.int16).max else np.int64     # M <= top (N + 1)
+        self.Mq = np.ascontiguousarray(M[:, self.pair_k], dtype=small)
 
     def prices(self, mu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per stage: the least price of a feasible member set (its m cheapest eligible
@@ -145,7 +145,10 @@ def farkas_prices(st: Stages, effort: Effort, pool: list[Column] | tuple = (), m
     """Phase 1 of the configuration LP at the level of ``M`` (least total overuse of the
     devices by a fractional path of stages), by column generation. Returns (overuse,
     prices mu in [0, 1]^N): overuse > 0 means the LP, hence D(B), is infeasible, and the
-    prices then certify it (``certifies``), and the stage columns generated. ``pool``: columns
+    prices then certify it (``certifies``), and the stage columns generated. It stops early
+    when a pricing round's duals already certify (any prices >= 0 may: those are returned,
+    with the master's overuse so far) or when the master's overuse reaches 0 (the LP is
+    feasible: its solution is a fractional plan). ``pool``: columns
     of an earlier solve, kept where still feasible here. ``warm``: the end state of an
     earlier solve on the same devices and units, started from and then replaced by this
     one's (``Basis``; the overuse then counts columns infeasible here still basic at BIG).
