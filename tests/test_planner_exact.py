@@ -678,10 +678,12 @@ def _all_size_prices(st, mu):
 
 
 @pytest.mark.parametrize("seed", range(20))
-def test_prices_on_useful_sizes_match_all_sizes(seed):
+def test_prices_on_useful_sizes_match_all_sizes(seed, monkeypatch):
     """Stages.prices tries only the sizes from a stage's window to its largest replica need:
     the same least price and size as trying every size, for random, integer, tied and zero
-    prices, at bounds where stages need from one to many replicas."""
+    prices, at bounds where stages need from one to many replicas; with its table of replica
+    needs per (stage, size) pair, and without (large problems gather them per call)."""
+    from edgezmq.planner import lagrange
     from edgezmq.planner.classes import device_arrays
     from edgezmq.planner.parametric import Tables, stages_at
 
@@ -691,11 +693,16 @@ def test_prices_on_useful_sizes_match_all_sizes(seed):
     big = float(np.nanmax(np.where(np.isfinite(tables.eff), tables.eff, np.nan)))
     for bound in (big * 0.05, big * 0.2, big * 0.5, big * 1.01):
         st = stages_at(tables, bound)
+        monkeypatch.setattr(lagrange, "MAX_PAIR_TABLE", 0)
+        bare = stages_at(tables, bound)
+        monkeypatch.undo()
+        assert st.Mq is not None and (bare.Mq is None or not bare.pair_k.size)
         for mu in (rng.random(tables.N), rng.integers(0, 3, tables.N).astype(float), np.zeros(tables.N),
                    np.full(tables.N, 0.5)):
-            cost, size = st.prices(mu)
             ref_cost, ref_size = _all_size_prices(st, mu)
-            assert np.array_equal(cost, ref_cost) and np.array_equal(size, ref_size), bound
+            for stages in (st, bare):
+                cost, size = stages.prices(mu)
+                assert np.array_equal(cost, ref_cost) and np.array_equal(size, ref_size), bound
 
 
 @pytest.mark.parametrize("seed", range(20))

@@ -30,6 +30,7 @@ MAX_NEW = 64                # columns added per pricing round (the most negative
 KEEP_ROWS = 4               # stage columns kept between rounds: at most this x rows
 PIVOT_WORK = 20_000         # numbers an LP step touches per search node counted
 PRICE_RTOL, PRICE_ATOL = 1e-9, 1e-12    # SP must exceed mu(F) by more than this to prune
+MAX_PAIR_TABLE = 8_000_000  # devices x (stage, size) pairs above which Stages keeps no table
 FEASIBLE_ATOL = 1e-9        # overuse (with the artificials' BIG) at most this: the LP is feasible
 
 
@@ -68,8 +69,11 @@ class Stages:
         self.pair_m = (lo[self.pair_k] + np.arange(self.pair_k.size)
                        - np.repeat(np.cumsum(span) - span, span)).astype(np.int64)
         self.pair_first = np.flatnonzero(np.diff(self.pair_k, prepend=-1))
-        small = np.int16 if top < np.iinfo(np.int16).max else np.int64     # M <= top (N + 1)
-        self.Mq = np.ascontiguousarray(M[:, self.pair_k], dtype=small)
+        # M at the pairs, per device, when it is small enough to keep (else gathered per call)
+        self.Mq: np.ndarray | None = None
+        if M.shape[0] * self.pair_k.size <= MAX_PAIR_TABLE:
+            small = np.int16 if top < np.iinfo(np.int16).max else np.int64     # M <= top (N + 1)
+            self.Mq = np.ascontiguousarray(M.astype(small)[:, self.pair_k])
 
     def prices(self, mu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per stage: the least price of a feasible member set (its m cheapest eligible
@@ -80,8 +84,9 @@ class Stages:
         kq, mq = self.pair_k, self.pair_m
         cnt = np.zeros(kq.size, dtype=np.int64)
         tot = np.zeros(kq.size)
+        Mq = self.Mq
         for d in np.argsort(mu, kind="stable").tolist():
-            take = (self.Mq[d] <= mq) & (cnt < mq)
+            take = ((Mq[d] if Mq is not None else self.M[d][kq]) <= mq) & (cnt < mq)
             cnt += take
             tot += take * float(mu[d])
         tot[cnt < mq] = np.inf
@@ -289,7 +294,7 @@ def farkas_prices(st: Stages, effort: Effort, pool: list[Column] | tuple = (), m
         if float(c[basis] @ xB) <= FEASIBLE_ATOL:
             break                                # no overuse: the LP is feasible, done
         # price new stage columns: reduced cost = -(y_a - y_b) + sum over R of mu_d
-        effort.spent += (st.Mq.size + st.N * st.a.size) // PIVOT_WORK
+        effort.spent += (st.N * st.pair_k.size + st.N * st.a.size) // PIVOT_WORK
         effort.tick()
         mu = np.clip(-y[L:], 0.0, None)
         ya = np.concatenate([y[:L], [0.0]])
