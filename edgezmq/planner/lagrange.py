@@ -21,7 +21,7 @@ import numpy as np
 
 from .search import Effort
 
-__all__ = ["Stages", "Basis", "farkas_prices", "certifies", "PRICE_RTOL", "PRICE_ATOL"]
+__all__ = ["Stages", "Basis", "ascend", "farkas_prices", "certifies", "PRICE_RTOL", "PRICE_ATOL"]
 
 BIG = 1e3                   # cost of the artificial columns (a path that uses no device)
 PIVOT_TOL = 1e-9
@@ -31,6 +31,9 @@ KEEP_ROWS = 4               # stage columns kept between rounds: at most this x 
 PIVOT_WORK = 20_000         # numbers an LP step touches per search node counted
 PRICE_RTOL, PRICE_ATOL = 1e-9, 1e-12    # SP must exceed mu(F) by more than this to prune
 MAX_PAIR_TABLE = 8_000_000  # devices x (stage, size) pairs above which Stages keeps no table
+ASCENT_START, ASCENT_EVERY = 30, 10    # rounds after which, and between which, the ascent is tried
+ASCENT_STEPS = 40           # ... for this many subgradient steps
+ASCENT_TARGET = 0.05        # ... aiming at this x the master's overuse
 FEASIBLE_ATOL = 1e-9        # overuse (with the artificials' BIG) at most this: the LP is feasible
 
 
@@ -115,6 +118,19 @@ class Stages:
                 sp[u] = np.min(cost[lo:hi] + sp[self.b[lo:hi]])
         return sp
 
+    def usage(self, mu: np.ndarray, cost: np.ndarray, size: np.ndarray, sp: np.ndarray) -> np.ndarray:
+        """How often each device is used on a cheapest path of SP (from cut 0; the first
+        cheapest stage at each cut), with each stage's m cheapest eligible members."""
+        use = np.zeros(self.N)
+        order = np.argsort(mu, kind="stable")
+        u = 0
+        while u < self.L and np.isfinite(sp[u]):
+            lo, hi = self.starts[u], self.starts[u + 1]
+            k = lo + int(np.argmin(cost[lo:hi] + sp[self.b[lo:hi]]))
+            use[list(self.members(mu, k, int(size[k]), order))] += 1.0
+            u = int(self.b[k])
+        return use
+
     def members(self, mu: np.ndarray, k: int, m: int, order: np.ndarray | None = None) -> tuple[int, ...]:
         """The m cheapest devices eligible for stage k at size m (``order``: argsort of mu)."""
         if order is None:
@@ -136,6 +152,7 @@ class Basis:
     def __init__(self) -> None:
         self.made: list[Column] = []
         self.basis: list[int] = []
+        self.ascended = False       # the solve's prices came from ``ascend`` (it tailed off)
 
 
 def _valid(st: Stages, index: dict[tuple[int, int], int], col: Column) -> bool:
@@ -241,6 +258,8 @@ def farkas_prices(st: Stages, effort: Effort, pool: list[Column] | tuple = (), m
         if _valid(st, index, (a, b, R)):
             add((a, b, R))
     certified: np.ndarray | None = None
+    rounds = 0
+    ascended = False
     for _ in range(max_rounds):
         # simplex on the current columns
         while True:
@@ -314,6 +333,12 @@ def farkas_prices(st: Stages, effort: Effort, pool: list[Column] | tuple = (), m
                     break
         if not added:
             break
+        rounds += 1
+        if rounds >= ASCENT_START and rounds % ASCENT_EVERY == 0:
+            certified = ascend(st, mu, float(c[basis] @ xB), effort)
+            if certified is not None:
+                ascended = True
+                break
     overuse = float(c[basis] @ xB)
     if primal is not None:
         primal.extend((made[j - n0], float(x)) for j, x in zip(basis, xB.tolist())
@@ -321,8 +346,35 @@ def farkas_prices(st: Stages, effort: Effort, pool: list[Column] | tuple = (), m
     if warm is not None:
         warm.made = list(made)
         warm.basis = list(basis)
+        warm.ascended = ascended
     prices = certified if certified is not None else np.clip(-y[L:], 0.0, 1.0)
     return overuse, prices, sorted(col for j, col in enumerate(made) if c[n0 + j] == 0)
+
+
+def ascend(st: Stages, mu: np.ndarray, overuse: float, effort: Effort, steps: int = 0) -> np.ndarray | None:
+    """Prices that certify, found by projected subgradient steps on the Lagrangian bound
+    SP_mu(0) - mu(all) from the master's duals, or None. On large LPs the column
+    generation tails off long before its duals certify, while a few steps from its duals
+    often do (any prices >= 0 that certify are a proof: the steps need no convergence).
+    Polyak steps towards ASCENT_TARGET x the master's overuse (the LP's value is at most
+    that); each step costs a pricing, counted as one. ``steps``: at most this many
+    (default ASCENT_STEPS)."""
+    work = (st.N * st.pair_k.size + st.N * st.a.size) // PIVOT_WORK
+    mu = mu.astype(float).copy()
+    for _ in range(steps or ASCENT_STEPS):
+        effort.spent += work
+        effort.tick()
+        cost, size = st.prices(mu)
+        sp = st.path(cost)
+        if _certified(sp, mu):
+            return mu
+        g = st.usage(mu, cost, size, sp) - 1.0
+        gg = float(g @ g)
+        if not gg or not np.isfinite(sp[0]):
+            return None
+        step = (ASCENT_TARGET * max(overuse, 0.0) - (float(sp[0]) - float(mu.sum()))) / gg
+        mu = np.clip(mu + max(step, 0.0) * g, 0.0, 1.0)
+    return None
 
 
 def certifies(st: Stages, mu: np.ndarray) -> bool:
