@@ -822,3 +822,57 @@ def test_warm_started_lp_certifies_somewhere():
         for seed in range(30):
             test_warm_started_lp_certifies_only_below_the_optimum(seed)
     assert len(WARM_CERTIFIED) >= 8, WARM_CERTIFIED
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_ascent_prices_certify_only_below_the_optimum(seed):
+    """ascend (subgradient steps on SP_mu(0) - mu(all), from any prices) returns prices
+    only when they certify, so only below the brute force's optimum; from the master's
+    duals of a few pricing rounds it certifies on some problems. ``usage`` is a cheapest
+    path's device counts: its price at mu is SP_mu(0)."""
+    from edgezmq.planner.classes import device_arrays
+    from edgezmq.planner.lagrange import ascend, certifies, farkas_prices
+    from edgezmq.planner.parametric import Tables, stages_at
+    from edgezmq.planner.search import Effort
+
+    problem = Problem.from_dict(replicated_problem(300 + seed))
+    expected = BruteForce(problem).solve()
+    if expected is None:
+        return
+    tables = Tables(device_arrays(problem))
+    rng = np.random.default_rng(seed)
+    for factor in (0.5, 0.8, 0.95, 1.0 + 1e-6, 1.2):
+        st = stages_at(tables, expected[0] * factor)
+        overuse, lp, _ = farkas_prices(st, Effort(), max_rounds=2)
+        for mu in (lp, rng.random(tables.N), np.full(tables.N, 0.5)):
+            cost, size = st.prices(mu)
+            sp = st.path(cost)
+            if np.isfinite(sp[0]):
+                assert float(st.usage(mu, cost, size, sp) @ mu) == pytest.approx(sp[0])
+            got = ascend(st, mu, max(overuse, 1.0), Effort())
+            if got is not None:
+                assert certifies(st, got) and factor < 1.0
+                ASCENDED.add(seed)
+
+
+ASCENDED: set[int] = set()
+
+
+def test_ascent_certifies_somewhere():
+    """Run after the above: the ascent is not vacuous."""
+    if not ASCENDED:
+        for seed in range(30):
+            test_ascent_prices_certify_only_below_the_optimum(seed)
+    assert len(ASCENDED) >= 5, ASCENDED
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_device_search_is_exact_with_early_ascent(seed, monkeypatch):
+    """The solver with the ascent tried from the first pricing round on (the default waits
+    for 30 rounds, which these small LPs never reach), so that its prices, the stretch it
+    drives and the searches they prune run on every solve: still the brute force's B."""
+    from edgezmq.planner import lagrange
+
+    monkeypatch.setattr(lagrange, "ASCENT_START", 1)
+    monkeypatch.setattr(lagrange, "ASCENT_EVERY", 1)
+    assert_device_search_is_exact(Problem.from_dict(replicated_problem(seed)))
