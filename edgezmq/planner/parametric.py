@@ -29,6 +29,7 @@ over D (docs/planner.md, "Every device different", has the arguments):
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 from dataclasses import dataclass
 
 import numpy as np
@@ -314,9 +315,9 @@ class Level:
         sufs: list[list[float]] = []
         for w, cap in caps:
             ow = [w[d] for d in order]
-            top = sum(sorted(ow)[-m:])
-            lim = cap + 1e-9 * (abs(cap) + top)     # rounding only lets more through
-            if sum(sorted(ow)[:m]) > lim:
+            so = sorted(ow)
+            lim = cap + 1e-9 * (abs(cap) + sum(so[-m:]))     # rounding only lets more through
+            if sum(so[:m]) > lim:
                 return out
             suf = [math.inf] * (n_el + 1)
             for i in range(n_el - 1, -1, -1):
@@ -418,10 +419,13 @@ class Level:
                     continue
                 w_ab = wsuf0[u] - wsuf0[b]
                 tops = min(len(col), nfree - (self.cover[b] if b < L else 0)) if rep else 1
+                needs = [mm for mm, _ in col]       # sorted: the eligible at m are a prefix
+                devs = [d for _, d in col]
                 for m in range(1, tops + 1):
-                    elig = [d for mm, d in col if mm <= m]
-                    if len(elig) < m:
+                    k = bisect_right(needs, m)
+                    if k < m:
                         continue
+                    elig = devs[:k]
                     lk_base = cut[u] / (len(last) * m)
                     effort.tick()           # a stage considered is work too: limits stay responsive
                     caps = [(c0u, budget + SLACK_RTOL * total + w_ab)]
