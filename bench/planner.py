@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import resource
@@ -49,6 +50,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# one BLAS thread unless told otherwise (before numpy loads): the planner's matrices are
+# small (the LP's basis: units + devices rows), and BLAS threads spinning on a shared
+# machine count as CPU seconds (16 distinct devices, replicated: 1.3 s instead of 1.5-1.9 s)
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import yaml  # noqa: E402
 
@@ -290,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         load = float(f.read().split()[0])
     result = {"bench": "planner", "python": platform.python_version(), "machine": platform.machine(),
               "time_limit_s": args.time_limit, "effort": args.effort, "load_avg_1min_at_end": load,
+              "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
               "rows": rows, "distinct_rows": distinct_rows}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -657,3 +657,222 @@ def test_lp_prices_certify_somewhere():
         for seed in range(40):
             test_lp_prices_certify_only_below_the_optimum(seed)
     assert len(CERTIFIED) >= 10, CERTIFIED
+
+
+# --- the device search's speed-ups change no answer (issue 14, round 3) -----------------------------
+
+def _all_size_prices(st, mu):
+    """Stages.prices by its definition: every size m from 1 to N tried (the reference)."""
+    sizes = st.sizes
+    ms = np.arange(1, sizes + 1)[:, None]
+    cnt = np.zeros((sizes, st.a.size), dtype=np.int64)
+    tot = np.zeros((sizes, st.a.size))
+    for d in np.argsort(mu, kind="stable").tolist():
+        take = (st.M[d][None, :] <= ms) & (cnt < ms)
+        cnt += take
+        tot += take * float(mu[d])
+    tot = np.where((cnt == ms) & (ms >= st.window[None, :]), tot, np.inf)
+    best = np.argmin(tot, axis=0)
+    cost = tot[best, np.arange(st.a.size)]
+    return cost, np.where(np.isfinite(cost), best + 1, 0)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_prices_on_useful_sizes_match_all_sizes(seed, monkeypatch):
+    """Stages.prices tries only the sizes from a stage's window to its largest replica need:
+    the same least price and size as trying every size, for random, integer, tied and zero
+    prices, at bounds where stages need from one to many replicas; with its table of replica
+    needs per (stage, size) pair, and without (large problems gather them per call)."""
+    from edgezmq.planner import lagrange
+    from edgezmq.planner.classes import device_arrays
+    from edgezmq.planner.parametric import Tables, stages_at
+
+    problem = Problem.from_dict(replicated_problem(700 + seed))
+    tables = Tables(device_arrays(problem))
+    rng = np.random.default_rng(seed)
+    big = float(np.nanmax(np.where(np.isfinite(tables.eff), tables.eff, np.nan)))
+    for bound in (big * 0.05, big * 0.2, big * 0.5, big * 1.01):
+        st = stages_at(tables, bound)
+        monkeypatch.setattr(lagrange, "MAX_PAIR_TABLE", 0)
+        bare = stages_at(tables, bound)
+        monkeypatch.undo()
+        assert st.Mq is not None and (bare.Mq is None or not bare.pair_k.size)
+        for mu in (rng.random(tables.N), rng.integers(0, 3, tables.N).astype(float), np.zeros(tables.N),
+                   np.full(tables.N, 0.5)):
+            ref_cost, ref_size = _all_size_prices(st, mu)
+            for stages in (st, bare):
+                cost, size = stages.prices(mu)
+                assert np.array_equal(cost, ref_cost) and np.array_equal(size, ref_size), bound
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_stages_at_is_the_levels_stages(seed):
+    """stages_at (the LP's bisection: no bounds built) gives the level's stages exactly."""
+    from edgezmq.planner.classes import device_arrays
+    from edgezmq.planner.parametric import Level, Tables, stages_at
+
+    problem = Problem.from_dict(replicated_problem(720 + seed, replication=seed % 3 != 0))
+    tables = Tables(device_arrays(problem))
+    best = solve(problem, engine="devices").bottleneck_s
+    for factor in (0.3, 0.9, 1.0, 2.0):
+        a, b = Level(tables, best * factor).stages, stages_at(tables, best * factor)
+        for name in ("a", "b", "M", "window", "pair_k", "pair_m", "Mq"):
+            assert np.array_equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_min_replicas_is_the_least_count():
+    """_min_replicas: the least m in [1, top) with eff / m <= B by the float comparison the
+    checks use, top when there is none or eff is inf (ceil of a float quotient can be one
+    off: it is settled exactly)."""
+    from edgezmq.planner.parametric import _min_replicas
+
+    rng = np.random.default_rng(5)
+    top = 6
+    for _ in range(200):
+        eff = rng.random((3, 12)) * rng.choice([1e-3, 1.0, 10.0])
+        eff[rng.random(eff.shape) < 0.2] = np.inf
+        eff[rng.random(eff.shape) < 0.1] = 0.0
+        for bound in (eff[0, 0] / 3 if np.isfinite(eff[0, 0]) else 0.7, 0.1, 1.0, 3.3):
+            got = _min_replicas(eff, bound, top)
+            for e, m in zip(eff.ravel().tolist(), got.ravel().tolist()):
+                want = next((k for k in range(1, top) if e / k <= bound), top) if math.isfinite(e) else top
+                assert m == want, (e, bound, m, want)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_closed_sets_caps_drop_only_sets_above_them(seed):
+    """closed_sets with caps (the search's waste and reduced-price tests moved into the
+    enumeration) returns exactly the sets of the uncapped enumeration whose weights stay
+    within every cap (up to its rounding margin), in the same order."""
+    from edgezmq.planner.classes import device_arrays
+    from edgezmq.planner.parametric import Level, Tables
+
+    problem = Problem.from_dict(replicated_problem(740 + seed))
+    tables = Tables(device_arrays(problem))
+    best = solve(problem, engine="devices").bottleneck_s
+    rng = np.random.default_rng(seed)
+    level = Level(tables, best * rng.choice([0.7, 1.0, 1.3]))
+    level._dominance()
+    n = tables.N
+    for _ in range(20):
+        elig = sorted(rng.choice(n, size=rng.integers(1, n + 1), replace=False).tolist())
+        m = int(rng.integers(1, len(elig) + 1))
+        w1, w2 = rng.random(n).tolist(), rng.integers(0, 3, n).astype(float).tolist()
+        full = level.closed_sets(elig, m, 1)
+        sums = [(sum(w1[d] for d in R), sum(w2[d] for d in R)) for R in full]
+        if not full:
+            continue
+        cap1 = float(np.quantile([s for s, _ in sums], rng.random()))
+        cap2 = float(np.quantile([s for _, s in sums], rng.random()))
+        got = level.closed_sets(elig, m, 1, ((w1, cap1), (w2, cap2)))
+        want = [R for R, (s1, s2) in zip(full, sums) if s1 <= cap1 and s2 <= cap2]
+        assert [R for R in got if R in want] == want            # none within the caps is lost
+        assert all(R in full for R in got)                       # only closed sets, in order
+        for R in got:                                            # the rest only by the margin
+            s1, s2 = sums[full.index(R)]
+            assert s1 <= cap1 + 1e-6 and s2 <= cap2 + 1e-6
+        assert got == [R for R in full if R in got]
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_warm_started_lp_certifies_only_below_the_optimum(seed):
+    """farkas_prices started from the previous solve's basis (``warm``), over bounds up and
+    down as the solver's bisection goes: its prices certify only below the brute force's
+    optimum, it is feasible (no overuse) at and above it, and its solution there is a
+    fractional plan of stages feasible at that bound (columns of an earlier bound that are
+    infeasible here never appear in it)."""
+    from edgezmq.planner.classes import device_arrays
+    from edgezmq.planner.lagrange import Basis, certifies, farkas_prices
+    from edgezmq.planner.parametric import Level, Tables
+    from edgezmq.planner.search import Effort
+
+    problem = Problem.from_dict(replicated_problem(300 + seed))
+    expected = BruteForce(problem).solve()
+    if expected is None:
+        return
+    tables = Tables(device_arrays(problem))
+    warm = Basis()
+    pool: list = []
+    for factor in (0.8, 1.2, 0.95, 1.0 + 1e-6, 0.5, 1.05, 0.99, 1.5):
+        level = Level(tables, expected[0] * factor)
+        st = level.stages
+        primal: list = []
+        overuse, mu, pool = farkas_prices(st, Effort(), pool, primal=primal, warm=warm)
+        if factor >= 1.0:
+            assert not certifies(st, mu)
+            assert overuse <= 1e-6, factor
+            flow = np.zeros(tables.L + 1)
+            for (a, b, R), x in primal:
+                assert len(R) >= level.window_m[a, b] and all(level.M[d, a, b] <= len(R) for d in R)
+                flow[a] += x
+                flow[b] -= x
+            assert flow[0] == pytest.approx(1.0) and np.allclose(flow[1:-1], 0.0, atol=1e-9)
+        elif certifies(st, mu):
+            WARM_CERTIFIED.add(seed)
+    for a, b, R in pool:
+        assert len(R) >= level.window_m[a, b] and all(level.M[d, a, b] <= len(R) for d in R)
+
+
+WARM_CERTIFIED: set[int] = set()
+
+
+def test_warm_started_lp_certifies_somewhere():
+    """Run after the above: warm-started prices certify on many problems too."""
+    if not WARM_CERTIFIED:
+        for seed in range(30):
+            test_warm_started_lp_certifies_only_below_the_optimum(seed)
+    assert len(WARM_CERTIFIED) >= 8, WARM_CERTIFIED
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_ascent_prices_certify_only_below_the_optimum(seed):
+    """ascend (subgradient steps on SP_mu(0) - mu(all), from any prices) returns prices
+    only when they certify, so only below the brute force's optimum; from the master's
+    duals of a few pricing rounds it certifies on some problems. ``usage`` is a cheapest
+    path's device counts: its price at mu is SP_mu(0)."""
+    from edgezmq.planner.classes import device_arrays
+    from edgezmq.planner.lagrange import ascend, certifies, farkas_prices
+    from edgezmq.planner.parametric import Tables, stages_at
+    from edgezmq.planner.search import Effort
+
+    problem = Problem.from_dict(replicated_problem(300 + seed))
+    expected = BruteForce(problem).solve()
+    if expected is None:
+        return
+    tables = Tables(device_arrays(problem))
+    rng = np.random.default_rng(seed)
+    for factor in (0.5, 0.8, 0.95, 1.0 + 1e-6, 1.2):
+        st = stages_at(tables, expected[0] * factor)
+        overuse, lp, _ = farkas_prices(st, Effort(), max_rounds=2)
+        for mu in (lp, rng.random(tables.N), np.full(tables.N, 0.5)):
+            cost, size = st.prices(mu)
+            sp = st.path(cost)
+            if np.isfinite(sp[0]):
+                assert float(st.usage(mu, cost, size, sp) @ mu) == pytest.approx(sp[0])
+            got = ascend(st, mu, max(overuse, 1.0), Effort())
+            if got is not None:
+                assert certifies(st, got) and factor < 1.0
+                ASCENDED.add(seed)
+
+
+ASCENDED: set[int] = set()
+
+
+def test_ascent_certifies_somewhere():
+    """Run after the above: the ascent is not vacuous."""
+    if not ASCENDED:
+        for seed in range(30):
+            test_ascent_prices_certify_only_below_the_optimum(seed)
+    assert len(ASCENDED) >= 5, ASCENDED
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_device_search_is_exact_with_early_ascent(seed, monkeypatch):
+    """The solver with the ascent tried from the first pricing round on (the default waits
+    for 30 rounds, which these small LPs never reach), so that its prices, the stretch it
+    drives and the searches they prune run on every solve: still the brute force's B."""
+    from edgezmq.planner import lagrange
+
+    monkeypatch.setattr(lagrange, "ASCENT_START", 1)
+    monkeypatch.setattr(lagrange, "ASCENT_EVERY", 1)
+    assert_device_search_is_exact(Problem.from_dict(replicated_problem(seed)))

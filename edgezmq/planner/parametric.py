@@ -29,7 +29,7 @@ over D (docs/planner.md, "Every device different", has the arguments):
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from bisect import bisect_right
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,7 +38,7 @@ from .classes import DeviceArrays, memory_table
 from .lagrange import PRICE_ATOL, PRICE_RTOL, Stages
 from .search import Effort
 
-__all__ = ["Tables", "Level", "Found", "Memo", "greedy", "greedy_replicated", "GREEDY_RULES", "MAX_TABLE"]
+__all__ = ["Tables", "Level", "stages_at", "Found", "Memo", "greedy", "greedy_replicated", "GREEDY_RULES", "MAX_TABLE"]
 
 MAX_TABLE = 12_000_000      # devices x (units + 1)^2 entries: above it, no exact device search
 MAX_DOMINANCE = 96          # devices up to which B-dominance is computed pair by pair
@@ -88,6 +88,11 @@ class Tables:
             eff = np.maximum(t, np.maximum((down[:, None] * cut)[:, :, None], (up[:, None] * cut)[:, None, :]))
             ok = (a[None, :] > a[:, None])[None] & (self.need[None] <= self.cap[:, None, None])
             self.eff = np.where(ok, eff, np.inf)
+        # the stages [a, b), a < b, row-major (by a, then b): Level works on these only
+        ta, tb_ = np.triu_indices(L + 1, k=1)
+        self.tri_a, self.tri_b = ta, tb_
+        self.tri_starts = np.searchsorted(ta, np.arange(L + 1))
+        self.eff_tri = np.ascontiguousarray(self.eff[:, ta, tb_]) if self.eff is not None else None
         # unit weightings for the capacity bound: a few device profiles, fastest first
         order = np.argsort(self.pre[:, -1], kind="stable")
         refs: list[np.ndarray] = []
@@ -137,14 +142,35 @@ def _link_groups(arr: DeviceArrays) -> list[int]:
 
 def _min_replicas(eff: np.ndarray, bound: float, top: int) -> np.ndarray:
     """Fewest replicas m with eff / m <= bound (as the search compares), capped at top."""
+    fin = np.isfinite(eff)
+    e = eff[fin]
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        m = np.ceil(np.where(np.isfinite(eff), eff / bound, np.inf))
-    m = np.clip(np.nan_to_num(m, nan=top, posinf=top), 1, top)
+        m = np.clip(np.nan_to_num(np.ceil(e / bound), nan=1, posinf=top), 1, top)   # nan: 0 / 0, one will do
     # float division may put ceil one off the comparison eff / m <= bound: settle it exactly
     lower = np.maximum(m - 1, 1)
-    m = np.where((m > 1) & (eff / lower <= bound), lower, m)
-    m = np.where((m < top) & (eff / m > bound), m + 1, m)
-    return np.where(np.isfinite(eff), m, top).astype(np.int64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        m -= (m > 1) & (e / lower <= bound)
+        m += (m < top) & (e / m > bound)
+    out = np.full(eff.shape, top, dtype=np.int64)
+    out[fin] = m
+    return out
+
+
+def _windows(Mt: np.ndarray, top: int, replication: bool) -> np.ndarray:
+    """Per stage (a < b): the least m with at least m devices whose M <= m (top: none)."""
+    if not replication:
+        return np.where(Mt.min(axis=0) <= 1, 1, top)
+    good = np.sort(Mt, axis=0) <= np.arange(1, Mt.shape[0] + 1)[:, None]
+    return np.where(good.any(axis=0), good.argmax(axis=0) + 1, top)
+
+
+def stages_at(tables: Tables, bound: float) -> Stages:
+    """``Level(tables, bound).stages`` without the rest of the level (its bounds)."""
+    assert tables.eff_tri is not None
+    top = tables.N + 1 if tables.replication else 2
+    Mt = _min_replicas(tables.eff_tri, bound, top)
+    return Stages.from_triangle(tables.tri_a, tables.tri_b, Mt, _windows(Mt, top, tables.replication),
+                                top, tables.L)
 
 
 class Level:
@@ -156,42 +182,38 @@ class Level:
         self.B = bound
         n, L = tb.N, tb.L
         self.top = top = n + 1 if tb.replication else 2   # M == top: d cannot run the stage
-        assert tb.eff is not None
-        M = _min_replicas(tb.eff, bound, top)
-        self.M = M
+        assert tb.eff_tri is not None
+        ta, tb_, starts = tb.tri_a, tb.tri_b, tb.tri_starts
+        Mt = _min_replicas(tb.eff_tri, bound, top)                  # (n, P): stages a < b
+        self.Mt = Mt
+        self._M: np.ndarray | None = None
         self.ok = tb.floor <= bound
         # cover: fewest devices covering [u, L) with reuse; a window [a, b) needs the least m
         # with at least m devices whose M <= m
-        srt = np.sort(M, axis=0)                                     # (n, L+1, L+1)
-        ks = np.arange(1, n + 1)[:, None, None]
-        good = srt <= ks
-        first = np.where(good.any(axis=0), good.argmax(axis=0) + 1, top)
-        if not tb.replication:
-            first = np.where(srt[0] <= 1, 1, top)
+        first_t = _windows(Mt, top, tb.replication)
+        self.window_t = first_t
+        first = np.full((L + 1, L + 1), top, dtype=np.int64)
+        first[ta, tb_] = first_t
         self.window_m = first
         # capacity: C[j][d][u] = max over a >= u, b of w_j(a, b) / max(M_d(a, b), window_m(a, b))
         self.C: list[list[list[float]]] = []
+        self.Cn: list[np.ndarray] = []     # the same as arrays (n, L+1)
         self.wsuf: list[list[float]] = []
         # a stage [a, b) holding d has m >= M_d(a, b) members and m >= window_m(a, b)
-        size = np.maximum(M, first[None])
+        size = np.maximum(Mt, first_t[None])
         inv = np.where(size < top, 1.0 / size, 0.0)
         for ref in tb.refs:
-            w = np.maximum(ref[None, :] - ref[:, None], 0.0)
-            per = (w[None] * inv).max(axis=2)                       # (n, L+1): best b per a
+            w = np.maximum(ref[tb_] - ref[ta], 0.0)
+            per = np.zeros((n, L + 1))
+            per[:, :L] = np.maximum.reduceat(w[None] * inv, starts[:L], axis=1)   # best b per a
             suf = np.maximum.accumulate(per[:, ::-1], axis=1)[:, ::-1]
+            self.Cn.append(suf)
             self.C.append(suf.tolist())
             self.wsuf.append((ref[-1] - ref).tolist())
-        cover = [0] * (L + 1)
-        fl = first.tolist()
+        cover = np.zeros(L + 1, dtype=np.int64)
         for u in range(L - 1, -1, -1):
-            best = top * L + 1
-            row = fl[u]
-            for b in range(u + 1, L + 1):
-                v = row[b] + cover[b]
-                if v < best:
-                    best = v
-            cover[u] = best
-        self.cover = cover
+            cover[u] = (first_t[starts[u]:starts[u + 1]] + cover[u + 1:]).min()
+        self.cover = cover.tolist()
         self.exact = exact
         self._stages: Stages | None = None
         # prices (lagrange.py): a state at u with free devices F fails when SP(u) > mu(F)
@@ -200,15 +222,17 @@ class Level:
         self.dom: list[int] = []      # dom[d]: devices d strictly B-dominates (search() fills)
         self.above: list[int] = []    # above[d]: devices that strictly B-dominate d
         self.rank: list[int] = []     # a linear extension, weaker first
+        self.pos: dict[int, int] = {}  # d -> its place in rank
         self._cols: dict[tuple[int, int], list[tuple[int, int]]] = {}
 
     def _dominance(self) -> None:
         """B-dominance within link groups (module doc); exact mode needs it for completeness,
         so above MAX_DOMINANCE devices only exact twins at B (equal M) are ordered."""
-        tb, M, n = self.tb, self.M, self.tb.N
-        flat = M.reshape(n, -1)
+        tb, n = self.tb, self.tb.N
+        flat = self.Mt
         weight = flat.sum(axis=1).tolist()
         self.rank = sorted(range(n), key=lambda d: (-weight[d], d))
+        self.pos = {d: i for i, d in enumerate(self.rank)}
         self.dom, self.above = [0] * n, [0] * n
         for d in range(n):
             same = [e for e in range(n) if e != d and tb.groups[e] == tb.groups[d]]
@@ -240,10 +264,20 @@ class Level:
         return self.cover[0] <= len(free) and min(self.slack(0, free)) >= -SLACK_RTOL
 
     @property
+    def M(self) -> np.ndarray:
+        """M[d, a, b]: the fewest replicas with which d may run [a, b) (top: it cannot)."""
+        if self._M is None:
+            tb = self.tb
+            self._M = np.full((tb.N, tb.L + 1, tb.L + 1), self.top, dtype=np.int64)
+            self._M[:, tb.tri_a, tb.tri_b] = self.Mt
+        return self._M
+
+    @property
     def stages(self) -> Stages:
         """The stages some device can run at this B, for the configuration LP (lagrange.py)."""
         if self._stages is None:
-            self._stages = Stages(self.M, self.window_m, self.top)
+            tb = self.tb
+            self._stages = Stages.from_triangle(tb.tri_a, tb.tri_b, self.Mt, self.window_t, self.top, tb.L)
         return self._stages
 
     # --- the search -----------------------------------------------------------------------
@@ -253,45 +287,82 @@ class Level:
         key = (u, b)
         hit = self._cols.get(key)
         if hit is None:
-            col = self.M[:, u, b]
+            col = self.Mt[:, self.tb.tri_starts[u] + b - u - 1]
             idx = np.flatnonzero(col < self.top)
             hit = sorted(zip(col[idx].tolist(), idx.tolist()))
             self._cols[key] = hit
         return hit
 
-    def closed_sets(self, elig: list[int], m: int, limit: int) -> Iterator[tuple[int, ...]]:
+    def closed_sets(self, elig: list[int], m: int, limit: int,
+                    caps: tuple[tuple[list[float], float], ...] = ()) -> list[tuple[int, ...]]:
         """Stages of m devices from ``elig`` that are closed (module doc), weaker first;
-        without ``exact``, only the first ``limit`` of them."""
-        pos = {d: i for i, d in enumerate(self.rank)}
+        without ``exact``, only the first ``limit`` of them. ``caps``: (weights >= 0 per
+        device, cap) pairs; a set whose weights sum above a cap is left out, and so is every
+        branch of the enumeration that cannot stay within one (its partial sum plus the
+        cheapest weight left for each member still to pick exceeds the cap, with a margin
+        that only lets more through): the search drops those sets anyway, so this changes
+        no answer, only the work."""
+        if not self.rank:
+            self._dominance()
+        pos = self.pos
         order = sorted(elig, key=pos.__getitem__)
+        n_el = len(order)
+        out: list[tuple[int, ...]] = []
+        if n_el < m:
+            return out
+        ws: list[list[float]] = []
+        lims: list[float] = []
+        sufs: list[list[float]] = []
+        for w, cap in caps:
+            ow = [w[d] for d in order]
+            so = sorted(ow)
+            lim = cap + 1e-9 * (abs(cap) + sum(so[-m:]))     # rounding only lets more through
+            if sum(so[:m]) > lim:
+                return out
+            suf = [math.inf] * (n_el + 1)
+            for i in range(n_el - 1, -1, -1):
+                suf[i] = min(suf[i + 1], ow[i])
+            ws.append(ow)
+            lims.append(lim)
+            sufs.append(suf)
+        # at most two caps are used (capacity waste, reduced price): pad to two
+        while len(ws) < 2:
+            ws.append([0.0] * n_el)
+            lims.append(math.inf)
+            sufs.append([0.0] * (n_el + 1))
+        w1, w2 = ws[0], ws[1]
+        lim1, lim2 = lims[0], lims[1]
+        suf1, suf2 = sufs[0], sufs[1]
         emask = 0
         for d in order:
             emask |= 1 << d
         dom, above = self.dom, self.above
-        n_el = len(order)
-        count = 0
+        exact = self.exact
         chosen: list[int] = []
         prefix = [0]                # prefix[i]: the devices order[:i], as a mask
         for d in order:
             prefix.append(prefix[-1] | 1 << d)
 
-        def rec(i: int, banned: int, cmask: int) -> Iterator[tuple[int, ...]]:
-            nonlocal count
-            if len(chosen) == m:
-                count += 1
-                yield tuple(chosen)
+        def rec(i: int, banned: int, cmask: int, s1: float, s2: float) -> None:
+            need = m - len(chosen)
+            if need == 0:
+                if s1 <= lim1 and s2 <= lim2:
+                    out.append(tuple(chosen))
                 return
-            if n_el - i < m - len(chosen) or (not self.exact and count >= limit):
+            if n_el - i < need or (not exact and len(out) >= limit):
+                return
+            if s1 + need * suf1[i] > lim1 or s2 + need * suf2[i] > lim2:
                 return
             x = order[i]
             # x may join only if every earlier eligible device it dominates was chosen
             if not banned >> x & 1 and dom[x] & emask & prefix[i] & ~cmask == 0:
                 chosen.append(x)
-                yield from rec(i + 1, banned, cmask | 1 << x)
+                rec(i + 1, banned, cmask | 1 << x, s1 + w1[i], s2 + w2[i])
                 chosen.pop()
-            yield from rec(i + 1, banned | above[x], cmask)
+            rec(i + 1, banned | above[x], cmask, s1, s2)
 
-        yield from rec(0, 0, 0)
+        rec(0, 0, 0, 0.0, 0.0)
+        return out
 
     def search(self, effort: Effort, *, greedy_sets: int = 1, memo: Memo | None = None) -> Found | None:
         """A plan with every cost <= B, or None when there is none (with ``exact``; else
@@ -311,6 +382,8 @@ class Level:
         failed: Memo = {} if memo is None else memo
         wsuf0 = self.wsuf[0]
         C0 = self.C[0]
+        C0u = [[C0[d][u] for d in range(N)] for u in range(L + 1)]   # C0u[u][d] = C0[d][u]
+        mu0, sp0 = self.prices[0] if self.prices else ([], [])
 
         def rec(u: int, used: int, last: tuple[int, ...]) -> list[tuple[int, int, tuple[int, ...]]] | None:
             effort.tick()
@@ -336,6 +409,7 @@ class Level:
             # a move's waste under weighting 0 lowers the child's slack by at least as much
             total = wsuf0[0] if wsuf0[0] > 0 else 1.0
             budget = slack[0] * total if math.isfinite(slack[0]) else math.inf
+            c0u = C0u[u]
             cands = []
             for b in range(L, u, -1):
                 col = [(mm, d) for mm, d in self.column(u, b) if not used >> d & 1]
@@ -345,13 +419,20 @@ class Level:
                     continue
                 w_ab = wsuf0[u] - wsuf0[b]
                 tops = min(len(col), nfree - (self.cover[b] if b < L else 0)) if rep else 1
+                needs = [mm for mm, _ in col]       # sorted: the eligible at m are a prefix
+                devs = [d for _, d in col]
                 for m in range(1, tops + 1):
-                    elig = [d for mm, d in col if mm <= m]
-                    if len(elig) < m:
+                    k = bisect_right(needs, m)
+                    if k < m:
                         continue
+                    elig = devs[:k]
                     lk_base = cut[u] / (len(last) * m)
-                    for R in self.closed_sets(elig, m, greedy_sets):
-                        effort.tick()       # a stage considered is work too: limits stay responsive
+                    effort.tick()           # a stage considered is work too: limits stay responsive
+                    caps = [(c0u, budget + SLACK_RTOL * total + w_ab)]
+                    if self.prices:
+                        caps.append((mu0, pslack - sp0[b] + sp0[u]))
+                    for R in self.closed_sets(elig, m, greedy_sets, tuple(caps)):
+                        effort.tick()
                         waste = sum(C0[d][u] for d in R) - w_ab
                         if waste > budget + SLACK_RTOL * total:
                             continue
@@ -361,7 +442,6 @@ class Level:
                         if b == L and cut[L] * max(tb.spb[y][0] for y in ys) / m > B:
                             continue
                         if self.prices:     # reduced price: what the stage costs beyond the bound's path
-                            mu0, sp0 = self.prices[0]
                             rc = sum(mu0[d] for d in R) + sp0[b] - sp0[u]
                             if rc > pslack:
                                 continue
@@ -441,43 +521,57 @@ def greedy_replicated(tables: Tables, bound: float, rule: tuple[str, str] = ("wa
     level = Level(tb, bound)
     if not level.ok or tb.eff is None:
         return None
-    L, N, M = tb.L, tb.N, level.M
-    C0 = np.array(level.C[0])
-    weight = M.reshape(N, -1).sum(axis=1)
-    wsuf = level.wsuf[0]
+    L, N, Mt, starts = tb.L, tb.N, level.Mt, tb.tri_starts
+    C0 = level.Cn[0]
+    weight = Mt.sum(axis=1)
+    wsuf = np.array(level.wsuf[0])
     cut, spb = tb.cut, tb.spb
     free = np.ones(N, dtype=bool)
     u = 0
     last: tuple[int, ...] = (0,)
     stages: list[tuple[int, int, tuple[int, ...]]] = []
+    Cs = level.Cn
+    wsufs = [np.array(w) for w in level.wsuf]
+    cover = np.array(level.cover)
+    spb_a = np.array(spb)
     while u < L:
         idx = np.flatnonzero(free)
-        Mf = M[idx, u, :]
-        good = np.sort(Mf, axis=0) <= np.arange(1, len(idx) + 1)[:, None]
-        fewest = np.where(good.any(axis=0), good.argmax(axis=0) + 1, 0).tolist()
-        best: tuple[float, int, tuple[int, ...]] | None = None
-        for b in range(u + 1, L + 1):
-            m = fewest[b]
-            if m == 0:
-                continue
-            elig = idx[Mf[:, b] <= m]
-            key = C0[elig, u] if pick == "capacity" else -weight[elig]
-            R = tuple(int(d) for d in elig[np.argsort(key, kind="stable")][:m])
-            if cut[u] * max(spb[x][y + 1] for x in last for y in R) / (len(last) * m) > bound:
-                continue
-            if b == L and cut[L] * max(spb[y + 1][0] for y in R) / m > bound:
-                continue
-            rest = [d for d in idx.tolist() if d not in R]
-            if b < L and (level.cover[b] > len(rest) or min(level.slack(b, rest)) < -SLACK_RTOL):
-                continue
-            w = wsuf[u] - wsuf[b]
-            waste = float(C0[list(R), u].sum()) - w
-            score = (waste / w if w > 0 else waste) if score_by == "waste" else -(b - u) / m
-            if best is None or score < best[0]:
-                best = (score, b, R)
-        if best is None:
+        nf = len(idx)
+        Mf = np.full((nf, L + 1), level.top, dtype=np.int64)    # Mf[i, b]: M_idx[i](u, b)
+        Mf[:, u + 1:] = Mt[idx, starts[u]:starts[u + 1]]
+        good = np.sort(Mf, axis=0) <= np.arange(1, nf + 1)[:, None]
+        fewest = np.where(good.any(axis=0), good.argmax(axis=0) + 1, 0)
+        # every end b at once: its stage = the first fewest[b] eligible devices in key order
+        key = C0[idx, u] if pick == "capacity" else -weight[idx]
+        ordk = idx[np.argsort(key, kind="stable")]
+        E = (Mf[np.searchsorted(idx, ordk)] <= fewest[None, :]) & (fewest > 0)[None, :]
+        sel = E & (np.cumsum(E, axis=0) <= fewest[None, :])
+        m = np.maximum(fewest, 1)
+        ok = fewest > 0
+        ok[:u + 1] = False
+        lk = spb_a[np.array(last)][:, ordk + 1].max(axis=0)     # worst pair link from the last stage
+        lkmax = np.where(sel, lk[:, None], -np.inf).max(axis=0)
+        ok &= ~(cut[u] * lkmax / (len(last) * m) > bound)
+        if ok[L]:
+            out = spb_a[ordk[sel[:, L]] + 1, 0].max()
+            ok[L] = not cut[L] * out / m[L] > bound
+        # what is left after each stage keeps the cover and capacity bounds
+        inner = np.arange(L + 1) < L
+        ok &= ~(inner & (cover > nf - m))
+        for Cj, wj in zip(Cs, wsufs):
+            if wj[0] > 0:
+                rest = Cj[idx].sum(axis=0) - np.where(sel, Cj[ordk], 0.0).sum(axis=0)
+                ok &= ~(inner & ((rest - wj) / wj[0] < -SLACK_RTOL))
+        if not ok.any():
             return None
-        _, b, R = best
+        w = wsuf[u] - wsuf
+        if score_by == "waste":
+            waste = np.where(sel, C0[ordk, u][:, None], 0.0).sum(axis=0) - w
+            score = np.where(w > 0, waste / np.where(w > 0, w, 1.0), waste)
+        else:
+            score = -(np.arange(L + 1) - u) / m
+        b = int(np.argmin(np.where(ok, score, np.inf)))
+        R = tuple(int(d) for d in ordk[sel[:, b]])
         stages.append((u, b, R))
         free[list(R)] = False
         u, last = b, tuple(d + 1 for d in R)

@@ -44,7 +44,7 @@ from .classes import (
     merged_model,
 )
 from .cost import evaluate, stage_memory_bytes
-from .lagrange import certifies, farkas_prices
+from .lagrange import Basis, ascend, certifies, farkas_prices
 from .parametric import (
     GREEDY_RULES,
     Level,
@@ -54,6 +54,7 @@ from .parametric import (
     greedy,
     greedy_replicated,
     lower_bound,
+    stages_at,
 )
 from .plan import Plan, Stage, format_bytes
 from .problem import PlanError, Problem
@@ -79,6 +80,7 @@ NO_REPLICATION_SHARE = 0.3      # ... with replication: the share for plans with
 LP_SHARE = 0.35                 # ... then the configuration LP's bisection (prices) at most this share
 LP_STOP = 2e-4                  # ... down to this relative width
 STRETCH_STEPS = 6               # ... certifying prices are tried this many bisection steps higher
+STRETCH_ASCENT = 10             # ... and, after an LP that tailed off, subgradient steps from them
 MAX_PRICES = 3                  # ... and the decision searches prune with its last this many prices
 CHEAP_SLICE = 500               # ... after a cheap (one closed set per stage size) search of this many
 PROBE_BUDGET = 1000             # expansions per depth-first probe
@@ -455,7 +457,9 @@ def _devices(run: _Run, tables: Tables) -> None:
         if tables.replication:
             single = copy.copy(tables)
             single.replication = False
-            _bisect(run, single, run.at(PHASE1_SHARE * NO_REPLICATION_SHARE), proofs=False)
+            # skipped when the root bounds already show no such plan beats the incumbent
+            if Level(single, run.ub() * (1 - TIE_RTOL / 2)).possible():
+                _bisect(run, single, run.at(PHASE1_SHARE * NO_REPLICATION_SHARE), proofs=False)
             start = effort.spent
             prices, hint, lp_hi = _lp_bound(run, tables, Mark(min(end.nodes, start + run.max_effort * LP_SHARE),
                                                               end.deadline))
@@ -481,30 +485,44 @@ def _lp_bound(run: _Run, tables: Tables, end: Mark) -> tuple[list[np.ndarray], d
     assert eff is not None
     found: list[np.ndarray] = []
     pool: list = []
+    warm = Basis()          # each LP starts from the last one's basis
     hint: dict = {}
     hi = run.ub()
     while not run.done() and math.isfinite(hi) and hi - run.lower > LP_STOP * hi:
         mid = (run.lower + hi) / 2
-        st = Level(tables, mid).stages
+        st = stages_at(tables, mid)
         primal: list = []
         try:
-            _, mu, pool = farkas_prices(st, effort, pool, primal=primal)
+            overuse, mu, pool = farkas_prices(st, effort, pool, primal=primal, warm=warm)
         except Timeout as t:
             if t.by == "time":
                 raise
             break
         if certifies(st, mu):
-            # the same prices often certify well above mid: stretch them (no LP needed)
+            # the same prices often certify well above mid: stretch them (no LP needed);
+            # where they do not, after an LP that tailed off (its prices came from the
+            # ascent), a few subgradient steps from them often find ones that do
             lo, top = mid, hi
+            stopped: Timeout | None = None
             for _ in range(STRETCH_STEPS):
-                effort.tick()
                 x = (lo + top) / 2
-                if certifies(Level(tables, x).stages, mu):
-                    lo = x
+                try:
+                    effort.tick()
+                    stx = stages_at(tables, x)
+                    better = mu if certifies(stx, mu) else ascend(stx, mu, overuse, effort, STRETCH_ASCENT) if warm.ascended else None
+                except Timeout as t:
+                    stopped = t
+                    break
+                if better is not None:
+                    lo, mu = x, better
                 else:
                     top = x
             run.raise_floor(lo)
             found.insert(0, mu)
+            if stopped is not None:
+                if stopped.by == "time":
+                    raise stopped
+                break
         else:
             # the LP is feasible wherever its solution's stages are: at their largest cost
             # (only where the next LP goes: no proof rests on it)
