@@ -711,6 +711,32 @@ class Shard(nn.Module):
     def param_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.state_dict().values())
 
+    # ---- generation (a decoder's shard; docs/generate.md) --------------------------------
+    @property
+    def is_decoder(self) -> bool:
+        return text.is_text(self._extra[0]) and text.family(self._extra[0]) in text.DECODER_FAMILIES
+
+    def new_cache(self) -> Any:
+        """An empty KV cache for one sequence on this shard."""
+        return text.new_cache(self._extra[0])
+
+    def cache_bytes_per_token(self) -> int:
+        """What one token of one sequence costs this shard's KV cache."""
+        layers = sum(1 for s in self._steps if isinstance(s, text.TextUnit) and s.kind == "dlayer")
+        return text.cache_bytes_per_token(self._extra[0], layers)
+
+    def max_positions(self) -> int:
+        return text.max_positions(self._extra[0])
+
+    def step(self, x: torch.Tensor, cache: Any, pos: int) -> torch.Tensor:
+        """One sequence's new tokens `x` (batch 1) at positions pos.. through this shard's units,
+        extending `cache`; a decoder's shard only (see `is_decoder`)."""
+        positions = torch.arange(pos, pos + x.shape[1]).unsqueeze(0)
+        for s in self._steps:
+            assert isinstance(s, text.TextUnit)
+            x = s.step(x, cache, positions)
+        return x
+
     def extra_repr(self) -> str:
         return f"{self.name} units [{self.start}, {self.end}) at {self.granularity} granularity"
 

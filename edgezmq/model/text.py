@@ -403,6 +403,68 @@ class TextUnit:
         return layer(h, None, _causal(m, h, mask, pos), None, position_ids=pos), mask
 
 
+    # ---- generation: one sequence, its new tokens, its KV cache (docs/generate.md) ----------
+    def step(self, x: torch.Tensor, cache: Any, positions: torch.Tensor) -> torch.Tensor:
+        """This decoder unit on one sequence's new tokens (batch 1: ids (1, T) at the embedding,
+        else hidden states (1, T, D)) at `positions` (1, T), reading and extending `cache`
+        (a DynamicCache of the whole model's layers: this unit's layer only is touched), as the
+        model's forward runs them inside `generate`; the head gives the last token's logits (1, V)."""
+        m, layer, kind = self.model, self.layer, self.kind
+        if self.family == "llama":
+            if kind == "dembed":
+                return m.model.embed_tokens(x)
+            if kind == "dhead":  # the model normalises every position, then keeps the last one's logits
+                return m.lm_head(m.model.norm(x)[:, -1:, :])[:, 0]
+            assert layer is not None
+            mask = _causal_cached(m, x, cache, positions, layer.self_attn.layer_idx)
+            return layer(x, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                         position_embeddings=m.model.rotary_emb(x, position_ids=positions))
+        t = m.transformer
+        if kind == "dembed":
+            e = t.wte(x)
+            return t.drop(e + t.wpe(positions).to(e.device))
+        if kind == "dhead":
+            return m.lm_head(t.ln_f(x)[:, -1:, :])[:, 0]
+        assert layer is not None
+        mask = _causal_cached(m, x, cache, positions, layer.attn.layer_idx)
+        return layer(x, cache, mask, None, use_cache=True, position_ids=positions)
+
+
+def _causal_cached(model: Any, h: torch.Tensor, cache: Any, positions: torch.Tensor, layer_idx: int) -> Any:
+    """The causal mask the model's forward makes for new tokens after a cache, as `generate` calls it
+    (an all-ones attention mask over past and new tokens), sized against this layer's cache."""
+    from transformers.masking_utils import create_causal_mask
+
+    seen = int(positions[0, -1]) + 1
+    return create_causal_mask(config=model.config, inputs_embeds=h, attention_mask=torch.ones(1, seen, dtype=torch.long),
+                              cache=cache, position_ids=positions, layer_idx=layer_idx)
+
+
+def new_cache(model: Any) -> Any:
+    """An empty KV cache for one sequence: the model's own DynamicCache (its layers fill lazily, so a
+    shard's cache holds tensors of the shard's layers only)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+def cache_bytes_per_token(model: Any, layers: int) -> int:
+    """Bytes a KV cache of `layers` decoder layers holds per token (keys and values, float32)."""
+    cfg = model.config
+    if family(model) == "gpt2":
+        width = cfg.n_embd
+    else:
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        width = cfg.num_key_value_heads * head_dim
+    return 2 * width * 4 * layers
+
+
+def max_positions(model: Any) -> int:
+    """The most tokens a decoder's sequence may hold (its position embeddings)."""
+    cfg = model.config
+    return int(cfg.n_positions if family(model) == "gpt2" else cfg.max_position_embeddings)
+
+
 def forward(model: Any, *xs: torch.Tensor) -> torch.Tensor:
     """The model's own forward on its input tensors: its logits (the reference)."""
     if family(model) != "bert":

@@ -16,9 +16,11 @@ from edgezmq.protocol.schema import JSON, JSONMap, Record, SchemaError, field_
 from edgezmq.terms import (
     ENCODINGS,
     GRANULARITIES,
+    MAX_BYTES,
     MAX_MBPS,
     MAX_MICROBATCH,
     MAX_RUNGS,
+    MAX_SECONDS,
     MAX_THREADS,
     MAX_UNITS,
 )
@@ -32,6 +34,7 @@ MAX_STAGES = 4096
 MAX_CONNECT = 64  # downstream replicas of one stage
 KEY_LEN = 40  # a Z85 CurveZMQ public key
 MiB = 1 << 20
+DEFAULT_CACHE_IDLE_S = 300.0  # a decoder's sequence not stepped for this long is dropped (docs/generate.md)
 NETPROBE_MAX_BYTES = 256 * MiB  # a netprobe bulk message (edgezmq.transport.netprobe)
 NETPROBE_MAX_SECONDS = 60.0
 MAX_PINGS = 10_000  # round trips of one netprobe
@@ -154,6 +157,11 @@ class StageStats(Record):
     goodput_bps: float | None = field_("the link's smoothed goodput as the adaptive policy measures it "
                                        "(message bytes / send seconds); null without a ladder or before "
                                        "a measurement", unit="bytes/s", default=None)
+    cache: dict[str, int] | None = field_(
+        "a decoder stage's KV caches (docs/generate.md): `sequences` held, `cache_reserved_bytes` (their "
+        "max_len x bytes per token), `cache_held_bytes` (the tokens they hold), `cache_budget_bytes`, "
+        "`cache_refused` (steps refused `cache_full`), `cache_expired` (sequences dropped idle), "
+        "`cache_released`; null for other models", default=None)
 
 
 # ---------------------------------------------------------------- commands
@@ -251,6 +259,13 @@ class LoadRequest(Request):
                                  default_doc="the node's `--threads`")
     bind: str | None = field_("data PULL address to bind", default=None, max_len=MAX_ADDRESS,
                               default_doc="the control host, any port")
+    cache_bytes: int | None = field_(
+        "a decoder's KV-cache budget on this stage (docs/generate.md): sequences are admitted while their "
+        "reservations fit; at most what the node has left after the shard", default=None, lo=0, hi=MAX_BYTES,
+        unit="bytes", default_doc="half of what the node has left after the shard")
+    cache_idle_s: float | None = field_(
+        "a decoder's sequences not stepped for this long are dropped (their client is gone)", default=None,
+        lo=1, hi=MAX_SECONDS, unit="s", default_doc=f"{DEFAULT_CACHE_IDLE_S:g}")
 
     def validate(self) -> None:
         _check_kwargs(self.kwargs, self.CMD)

@@ -1,0 +1,213 @@
+"""Generation across a pipeline: stages keep each sequence's KV cache (keyed by the client's
+session and the sequence id); greedy decoding gives the model's own `generate` tokens; resent
+steps recompute; admission under the cache budget; release and idle expiry."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from edgezmq.client import Client, PipelineError  # noqa: E402
+from edgezmq.generation import GenerateError, Generator, Sampling, decoder_limits  # noqa: E402
+from edgezmq.model import chain as models  # noqa: E402
+from edgezmq.node.kvcache import GenError, KVStore  # noqa: E402
+from edgezmq.orchestrate.address import NodeAddress  # noqa: E402
+from edgezmq.orchestrate.deploy import deploy, unload  # noqa: E402
+from edgezmq.orchestrate.planfile import DeployPlan, ModelSpec, StagePlan  # noqa: E402
+from edgezmq.protocol import wire  # noqa: E402
+
+VOCAB = 300
+MODELS = {
+    "gpt2": {"depth": 4, "embed_dim": 64, "num_heads": 4, "vocab_size": VOCAB, "seq_len": 16},
+    "tinyllama_1_1b": {"depth": 4, "embed_dim": 64, "num_heads": 8, "vocab_size": VOCAB, "seq_len": 16},
+}
+
+
+def _prompts(n: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, VOCAB, int(rng.integers(1, 24))).tolist() for _ in range(n)]
+
+
+def _reference(name: str, kw: dict, path, prompt: list[int], new: int) -> tuple[list[int], list[torch.Tensor]]:
+    """The model's own greedy `generate` (batch 1), its tokens and each step's logits."""
+    from safetensors.torch import load_file
+
+    m = models.create_model(name, **kw)
+    m.load_state_dict(load_file(path), strict=False)
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        out = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
+                         eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    return out.sequences[0, len(prompt):].tolist(), [x[0] for x in out.logits]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_shards_step_by_step_equal_generate(name, tmp_path):
+    kw = MODELS[name]
+    path = models.write_checkpoint(name, tmp_path / "m.safetensors", seed=0, **kw)
+    n = models.num_units(name, **kw)
+    cuts = [0, 2, 4, n]
+    shards = [models.build_shard(name, a, b, checkpoint=path, **kw) for a, b in zip(cuts, cuts[1:])]
+    assert all(s.is_decoder for s in shards)
+    # prompts longer than one message (seq_len 16) go in chunks
+    for prompt in _prompts(3, seed=1) + [list(range(1, 40))]:
+        ref_tokens, ref_logits = _reference(name, kw, path, prompt, 12)
+        caches = [s.new_cache() for s in shards]
+        pos, todo, tokens = 0, list(prompt), []
+        with torch.inference_mode():
+            while len(tokens) < 12:
+                chunk = todo[:16]
+                todo = todo[16:]
+                x = torch.tensor([chunk])
+                for s, cache in zip(shards, caches):
+                    x = s.step(x, cache, pos)
+                pos += len(chunk)
+                if todo:
+                    continue
+                if len(prompt) <= 16:  # a prompt in one message: bit for bit
+                    assert torch.equal(x[0], ref_logits[len(tokens)])
+                else:  # in chunks: the same sums in other shapes, rounded differently
+                    torch.testing.assert_close(x[0], ref_logits[len(tokens)], rtol=0, atol=1e-5)
+                tokens.append(int(x[0].argmax()))
+                todo = [tokens[-1]]
+        assert tokens == ref_tokens
+
+
+def test_kv_store_admission_resend_release_and_expiry():
+    made = []
+    store = KVStore(lambda: made.append(object()) or _FakeCache(), bytes_per_token=10, budget_bytes=1000,
+                    max_positions=64, idle_s=5)
+    g = {"ids": [1, 2], "pos": [0, 0], "lens": [3, 4], "max_len": [40, 40]}
+    a, b = store.admit("s", g, 4)
+    store.advanced(a, 3)
+    store.advanced(b, 4)
+    assert store.reserved_bytes == 800 and store.held_tokens == 7
+    # a third sequence does not fit beside them: refused whole, nothing changed
+    with pytest.raises(GenError, match="cache_full"):
+        store.admit("s", {"ids": [3], "pos": [0], "lens": [1], "max_len": [30]}, 1)
+    assert store.refused == 1 and len(store.seqs) == 2
+    # another session's sequence 1 is another sequence: ids are per client session
+    with pytest.raises(GenError, match="not cached here"):
+        store.admit("other", {"ids": [1], "pos": [3], "lens": [1]}, 1)
+    # a step continuing past what is cached (a lost step) is refused
+    with pytest.raises(GenError, match="continues at token 5, the cache holds 3"):
+        store.admit("s", {"ids": [1], "pos": [5], "lens": [1]}, 1)
+    # past its reservation
+    with pytest.raises(GenError, match="over its max_len 40"):
+        store.admit("s", {"ids": [1], "pos": [3], "lens": [38]}, 38)
+    # a resent step (pos below what is cached) cuts the cache back first
+    (s,) = store.admit("s", {"ids": [2], "pos": [1], "lens": [3]}, 3)
+    assert s.length == 1 and s.cache.cropped == [-3]
+    # release: idempotent, frees the reservation
+    assert store.drop("s", [1, 7]) == 1 and store.drop("s", [1]) == 0
+    assert store.reserved_bytes == 400
+    assert store.expire(now=time.monotonic() + 6) == 1 and store.reserved_bytes == 0 and store.expired == 1
+    with pytest.raises(GenError, match=r"max_len 65 outside 1\.\.64"):
+        store.admit("s", {"ids": [9], "pos": [0], "lens": [1], "max_len": [65]}, 1)
+
+
+class _FakeCache:
+    """Records crops; the store never reads anything else of a cache."""
+
+    def __init__(self) -> None:
+        self.cropped: list[int] = []
+
+    def crop(self, n: int) -> None:
+        self.cropped.append(n)
+
+
+@pytest.mark.parametrize("gen", [
+    {"op": "step"},
+    {"op": "jump", "ids": [1]},
+    {"op": "step", "ids": [1, 1], "pos": [0, 0], "lens": [1, 1], "max_len": [2, 2]},
+    {"op": "step", "ids": [1], "pos": [0], "lens": [1]},  # starts without max_len
+    {"op": "step", "ids": [1], "pos": [-1], "lens": [1], "max_len": [3]},
+    {"op": "step", "ids": [1], "pos": [0], "lens": [0], "max_len": [3]},
+    {"op": "step", "ids": [1], "pos": [0, 1], "lens": [1], "max_len": [3]},
+    {"op": "step", "ids": [2**31], "pos": [0], "lens": [1], "max_len": [3]},
+    {"op": "step", "ids": [True], "pos": [0], "lens": [1], "max_len": [3]},
+    {"op": "release", "ids": [1], "pos": [0]},
+    {"op": "step", "ids": [1], "pos": [0], "lens": [1], "max_len": [3], "path": "/etc"},
+    [1, 2],
+])
+def test_hostile_gen_headers_are_refused(gen):
+    m = wire.Message("act", "r", 1, -1, [np.zeros((1, 1), np.int64)], session="abc", gen=gen)
+    with pytest.raises(wire.WireError) as e:
+        wire.decode(wire.encode(m))
+    assert e.value.code == "bad_field"
+    # without a session (caches are keyed by it) even a good one is refused
+    good = {"op": "release", "ids": [1]}
+    with pytest.raises(wire.WireError, match="needs a session"):
+        wire.decode(wire.encode(wire.Message("act", "r", 1, -1, [], gen=good)))
+
+
+def test_bad_prompts_are_refused_before_anything_is_sent():
+    seq_len, positions, eos = decoder_limits("gpt2", MODELS["gpt2"])
+    assert (seq_len, positions, eos) == (16, 1024, 50256)
+    with pytest.raises(GenerateError, match="not a decoder"):
+        decoder_limits("bert_tiny", {})
+
+    class _C:
+        microbatch = 2
+
+    g = Generator(_C(), chunk=16, max_positions=32, vocab_size=VOCAB)  # type: ignore[arg-type]
+    for prompts, new, match in [([[1, 2]], 0, "max_new_tokens"), ([], 3, "no prompt"), ([[]], 3, "prompt 0 is empty"),
+                                ([[1], [VOCAB]], 3, f"prompt 1: token id {VOCAB} outside"),
+                                ([[1] * 30], 3, "over the model's 32 positions")]:
+        with pytest.raises(GenerateError, match=match):
+            list(g.stream(prompts, new))
+    with pytest.raises(GenerateError, match="temperature"):
+        Sampling(greedy=False, temperature=0)
+
+
+def _deploy(cluster, name, cuts, path, microbatch=2, **load):
+    spec = ModelSpec(name=name, microbatch=microbatch, checkpoint=str(path), kwargs=MODELS[name])
+    return DeployPlan(model=spec, results="tcp://127.0.0.1:0", stages=[
+        StagePlan(units=r, nodes=[NodeAddress(nd.name, nd.control, 1)])
+        for r, nd in zip(zip(cuts, cuts[1:]), cluster.nodes)])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(MODELS))
+def test_pipelined_generation_equals_generate(node_pool, tmp_path, name):
+    kw = MODELS[name]
+    path = models.cached_checkpoint(name, seed=0, **kw)
+    n = models.num_units(name, **kw)
+    chunk, positions, _ = decoder_limits(name, kw)
+    prompts = _prompts(7, seed=2)
+    with node_pool.take(3) as cluster:
+        plan = _deploy(cluster, name, [0, 2, 4, n], path)
+        with Client([], "tcp://127.0.0.1:0", run="", window=4, microbatch=2, timeout=60) as c:
+            plan.results = c.results_endpoint
+            dep = deploy(plan, load_timeout=120)
+            try:
+                c.attach(dep.entry, dep.run)
+                g = Generator(c, chunk=chunk, max_positions=positions, vocab_size=VOCAB, eos_token_id=None)
+                outs = g.generate(prompts, max_new_tokens=10)
+                st = g.stats
+                sampled = g.generate(prompts[:3], 6, Sampling(greedy=False, temperature=0.8, top_k=20, seed=5))
+                again = g.generate(prompts[:3], 6, Sampling(greedy=False, temperature=0.8, top_k=20, seed=5))
+                stats = [NodeClientStats.of(nd) for nd in cluster.nodes]
+            finally:
+                unload(plan)
+    assert st.tokens == 70 and st.decode_rows == 63 and st.sequences == 7
+    for p, out in zip(prompts, outs):
+        assert out == _reference(name, kw, path, p, 10)[0]
+    assert sampled == again and sampled != [o[:6] for o in outs[:3]]
+    # every cache was released at the end; nothing expired
+    for s in stats:
+        assert s["sequences"] == 0 and s["cache_released"] >= 7 and s["cache_expired"] == 0
+
+
+class NodeClientStats:
+    @staticmethod
+    def of(nd):
+        from edgezmq.transport.nodeclient import NodeClient
+
+        with NodeClient(nd.control, timeout=10) as nc:
+            return nc.stats().stage.cache
