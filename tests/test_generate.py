@@ -4,6 +4,7 @@ steps recompute; admission under the cache budget; release and idle expiry."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from edgezmq.client import Client, PipelineError  # noqa: E402
+from edgezmq.client import Client  # noqa: E402
 from edgezmq.generation import GenerateError, Generator, Sampling, decoder_limits  # noqa: E402
 from edgezmq.model import chain as models  # noqa: E402
 from edgezmq.node.kvcache import GenError, KVStore  # noqa: E402
@@ -148,7 +149,8 @@ def test_hostile_gen_headers_are_refused(gen):
 
 def test_bad_prompts_are_refused_before_anything_is_sent():
     seq_len, positions, eos = decoder_limits("gpt2", MODELS["gpt2"])
-    assert (seq_len, positions, eos) == (16, 1024, 50256)
+    assert (seq_len, positions, eos) == (16, 1024, None)  # a shrunk vocabulary has no eos token
+    assert decoder_limits("gpt2", {})[2] == 50256
     with pytest.raises(GenerateError, match="not a decoder"):
         decoder_limits("bert_tiny", {})
 
@@ -211,3 +213,116 @@ class NodeClientStats:
 
         with NodeClient(nd.control, timeout=10) as nc:
             return nc.stats().stage.cache
+
+
+def _free_port() -> int:
+    import zmq
+
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.PULL)
+    port = s.bind_to_random_port("tcp://127.0.0.1")
+    s.close(linger=0)
+    ctx.term()
+    return port
+
+
+def _cli(*args, timeout=600):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "edgezmq", *args], capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ))
+
+
+def _ask(c: Client, gen, xs, session=None, timeout=60.0) -> wire.Message:
+    """One raw gen message through the deployment; its answer (a result or an error)."""
+    import zmq
+
+    seq = c._seq
+    c._seq += 1
+    frames = wire.encode(wire.Message("act", c.run, seq, -1, xs, session=session or c.session, gen=gen))
+    c.send_frames(seq, frames, time.time() + timeout)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if c.pull.poll(200, zmq.POLLIN):
+            msg = wire.decode(c.pull.recv_multipart())
+            if msg.seq == seq:
+                return msg
+    raise AssertionError(f"no answer to message {seq}")
+
+
+@pytest.mark.slow
+def test_a_decoder_stage_refuses_what_does_not_continue_its_sequences(node_pool, tmp_path):
+    name, kw = "gpt2", MODELS["gpt2"]
+    path = models.cached_checkpoint(name, seed=0, **kw)
+    n = models.num_units(name, **kw)
+    per_token = 2 * 64 * 4 * 4  # keys and values of 4 layers, 64 wide, float32
+    ids = np.array([[5, 6, 7]], np.int64)
+    start = {"op": "step", "ids": [1], "pos": [0], "lens": [3], "max_len": [32]}
+    with node_pool.take(1) as cluster:
+        plan = _deploy(cluster, name, [0, n], path)
+        plan.stages[0].cache_bytes = 48 * per_token  # one sequence of 32 tokens fits, two do not
+        with Client([], "tcp://127.0.0.1:0", run="", window=4, microbatch=2, timeout=60) as c:
+            plan.results = c.results_endpoint
+            dep = deploy(plan, load_timeout=120)
+            try:
+                c.attach(dep.entry, dep.run)
+                first = _ask(c, start, [ids])
+                assert first.kind == "result" and first.tensors[0].shape == (1, VOCAB)
+                # sent again (a lost answer): recomputed from pos 0, the same logits
+                again = _ask(c, start, [ids])
+                assert np.array_equal(again.tensors[0], first.tensors[0])
+                nxt = {"op": "step", "ids": [1], "pos": [3], "lens": [1]}
+                y1 = _ask(c, nxt, [np.array([[9]], np.int64)])
+                y1b = _ask(c, nxt, [np.array([[9]], np.int64)])  # resent decode step: same answer
+                assert y1.kind == "result" and np.array_equal(y1.tensors[0], y1b.tensors[0])
+                refused = {
+                    "gen_state": ({"op": "step", "ids": [1], "pos": [7], "lens": [1]}, [np.array([[9]], np.int64)], None),
+                    "cache_full": ({"op": "step", "ids": [2], "pos": [0], "lens": [1], "max_len": [32]},
+                                   [np.array([[9]], np.int64)], None),
+                    "bad_dtype": (start, [ids.astype(np.float32)], None),
+                    "bad_shape": ({**start, "lens": [17]}, [np.ones((1, 17), np.int64)], None),
+                }
+                for code, (gen, xs, session) in refused.items():
+                    r = _ask(c, gen, xs, session)
+                    assert r.kind == "error" and r.error["code"] == code, (code, r.error)
+                # another client's session cannot continue (nor read) this client's sequence 1
+                other = _ask(c, nxt, [np.array([[9]], np.int64)], session="f" * 16)
+                assert other.kind == "error" and other.error["code"] == "gen_state" and other.session == "f" * 16
+                # released (twice: idempotent), the budget takes the second sequence
+                for _ in range(2):
+                    assert _ask(c, {"op": "release", "ids": [1]}, []).kind == "result"
+                assert _ask(c, refused["cache_full"][0], refused["cache_full"][1]).kind == "result"
+                # whole sequences (no gen field) still run on the same stage
+                whole = c.infer(tuple(models.random_inputs(name, 2, 0, **kw)))
+                assert whole.shape == (2, 16, VOCAB)
+            finally:
+                unload(plan)
+
+        # the command line, on a plan file
+        pf = tmp_path / "plan.yaml"
+        import yaml
+
+        pf.write_text(yaml.safe_dump({
+            "model": {"name": name, "checkpoint": str(path), "microbatch": 2, "kwargs": kw},
+            "nodes": {nd.name: nd.control for nd in cluster.nodes},
+            "stages": [{"units": [0, n], "nodes": [cluster.nodes[0].name]}],
+            "results": f"tcp://127.0.0.1:{_free_port()}"}))
+        r = _cli("deploy", str(pf))
+        assert r.returncode == 0, r.stderr
+        try:
+            prompts = tmp_path / "p.txt"
+            prompts.write_text("5 6 7\n\n11 12\n")
+            r = _cli("generate", str(pf), "--tokens", str(prompts), "--max-new-tokens", "5", "--json")
+            assert r.returncode == 0, r.stderr
+            out = json.loads(r.stdout.strip().splitlines()[-1])
+            assert out["sequences"] == 2 and out["tokens"] == 10
+            for row in out["outputs"]:
+                assert row["tokens"] == _reference(name, kw, path, row["prompt"], 5)[0]
+            prompts.write_text(f"5 {VOCAB}\n")
+            r = _cli("generate", str(pf), "--tokens", str(prompts))
+            assert r.returncode == 2 and f"token id {VOCAB} outside the vocabulary" in r.stderr
+            assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        finally:
+            _cli("undeploy", str(pf))

@@ -155,6 +155,12 @@ def _config(name: str, kwargs: Mapping[str, Any]) -> tuple[Any, int]:
     if "embed_dim" in kwargs or "num_heads" in kwargs:
         fields.pop("head_dim", None)  # derived from the width again
     cls = {"bert": transformers.BertConfig, "llama": transformers.LlamaConfig, "gpt2": transformers.GPT2Config}
+    defaults = cls[spec.family]()
+    vocab = fields.get("vocab_size", defaults.vocab_size)
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):  # a shrunk vocabulary has no such token
+        v = fields.get(k, getattr(defaults, k, None))
+        if isinstance(v, int) and v >= vocab:
+            fields[k] = None
     config = cls[spec.family](**fields)
     if "mlp_ratio" in kwargs:
         setattr(config, names["mlp_ratio"], max(1, round(config.hidden_size * float(kwargs["mlp_ratio"]))))

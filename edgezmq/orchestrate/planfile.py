@@ -56,6 +56,8 @@ class StagePlan:
     # that link's rate (Mbit/s, the slowest pair when replicated): the stage's data socket gets a
     # send buffer of this size (transport.sockets.link_sndbuf, docs/compression.md); None: autotuned
     link_mbps: float | None = None
+    # a decoder's KV-cache budget on each of the stage's nodes (docs/generate.md); None: the node's default
+    cache_bytes: int | None = None
 
 
 @dataclass
@@ -90,7 +92,8 @@ class DeployPlan:
             "stages": [{"units": list(s.units), "nodes": [n.name for n in s.nodes],
                         **({"threads": s.nodes[0].threads} if s.nodes[0].threads else {}),
                         **({"encoding": [list(r) for r in s.encodings]} if s.encodings else {}),
-                        **({"link_mbps": s.link_mbps} if s.link_mbps is not None else {})}
+                        **({"link_mbps": s.link_mbps} if s.link_mbps is not None else {}),
+                        **({"cache_bytes": s.cache_bytes} if s.cache_bytes is not None else {})}
                        for s in self.stages],
             "results": self.results,
             **({"keys": self.keys} if self.keys else {}),
@@ -173,7 +176,11 @@ def parse_plan(d: Any, source: str | None = None) -> DeployPlan:
         mbps = s.get("link_mbps")
         if mbps is not None:
             mbps = F.number(mbps, f"{path}.link_mbps", lo=0, hi=MAX_MBPS, lo_open=True, strings=True)
-        stages.append(StagePlan(units=(units[0], units[1]), nodes=nodes, encodings=encodings, link_mbps=mbps))
+        cache = s.get("cache_bytes")
+        if cache is not None:
+            cache = F.size(cache, f"{path}.cache_bytes", lo=0)
+        stages.append(StagePlan(units=(units[0], units[1]), nodes=nodes, encodings=encodings, link_mbps=mbps,
+                                cache_bytes=cache))
     results = F.need(d, "results", str, "plan", DEFAULT_RESULTS)
     keys, keyring = _parse_keys(d, [n.name for st in stages for n in st.nodes], source)
     if keyring is not None:  # each address carries how to reach it
