@@ -103,8 +103,8 @@ HEADER: tuple[HeaderField, ...] = (
                 "rest: run and seq alone do not tell a client from the one before it on the same address"),
     HeaderField("gen", "{op, ids, pos, lens, max_len}", False, f"a decoder's generation step (docs/generate.md); "
                 f"requires `session` (each stage keys its KV caches by session and sequence id, so no client "
-                f"reaches another's). `op`: `step` (row i appends `lens[i]` tokens to sequence `ids[i]`, whose "
-                f"cache then holds `pos[i]` tokens: a resent step re-runs from `pos[i]`) or `release` (drop "
+                f"reaches another's). `op`: `step` (row i adds `lens[i]` tokens to sequence `ids[i]` after its "
+                f"first `pos[i]`: a resent step re-runs from `pos[i]`) or `release` (drop "
                 f"the sequences' caches; no tensors). `ids`: 1..{MAX_GEN_ROWS} distinct ints in "
                 f"0..{MAX_SEQUENCE_ID}, one per batch row; `pos` (step): ints in 0..{MAX_POSITION}; `lens` "
                 f"(step): ints >= 1, at most the tensors' token dimension (rows are right-padded); `max_len` "
