@@ -79,6 +79,54 @@ def test_shards_step_by_step_equal_generate(name, tmp_path):
         assert tokens == ref_tokens
 
 
+@pytest.mark.parametrize("name", list(MODELS))
+def test_a_batched_decode_step_is_the_models_own_batched_forward(name, tmp_path):
+    """Decode rows of sequences of different lengths as one left-padded batch: bit for bit the
+    model's own forward on that batch (its cache, mask and positions), and the tokens of
+    `generate` (each sequence alone) to rounding."""
+    from edgezmq.model import text
+
+    kw = MODELS[name]
+    path = models.write_checkpoint(name, tmp_path / "m.safetensors", seed=0, **kw)
+    n = models.num_units(name, **kw)
+    shards = [models.build_shard(name, a, b, checkpoint=path, **kw) for a, b in [(0, 3), (3, n)]]
+    whole = models.build_shard(name, 0, n, checkpoint=path, **kw)
+    prompts = _prompts(4, seed=3)
+    refs = [_reference(name, kw, path, p, 6) for p in prompts]
+    caches = [[s.new_cache() for s in shards] for _ in prompts]
+    with torch.inference_mode():
+        outs = []
+        for p, cs in zip(prompts, caches):
+            x = torch.tensor([p])
+            for s, c in zip(shards, cs):
+                x = s.step(x, c, 0)
+            outs.append([int(x[0].argmax())])
+        lengths = [len(p) for p in prompts]
+        for step in range(5):
+            ids = torch.tensor([[o[-1]] for o in outs])
+            # the model's own forward on the same batch, from copies of the same caches
+            m = whole._extra[0]
+            layers = list(range(kw["depth"]))
+            own = [text.new_cache(m) for _ in prompts]
+            for o, cs in zip(own, caches):
+                for i in layers:
+                    c = cs[0] if i < 2 else cs[1]
+                    o.layers[i].update(c.layers[i].keys.clone(), c.layers[i].values.clone())
+            batch, mask = text.stack_caches(m, own, lengths, layers)
+            ref = m(input_ids=ids, attention_mask=mask, cache=batch, position_ids=torch.tensor(lengths).unsqueeze(1),
+                    use_cache=True).logits[:, -1]
+            x = ids
+            for j, s in enumerate(shards):
+                x = s.step_batch(x, [c[j] for c in caches], lengths)
+            assert torch.equal(x, ref)
+            for r, o in enumerate(outs):
+                torch.testing.assert_close(x[r], refs[r][1][step + 1], rtol=0, atol=1e-5)
+                o.append(int(x[r].argmax()))
+            lengths = [k + 1 for k in lengths]
+    assert outs == [r[0] for r in refs]
+    assert all(c[1].layers[kw["depth"] - 1].keys.shape[-2] == k for c, k in zip(caches, lengths))
+
+
 def test_kv_store_admission_resend_release_and_expiry():
     made = []
     store = KVStore(lambda: made.append(object()) or _FakeCache(), bytes_per_token=10, budget_bytes=1000,
@@ -175,8 +223,10 @@ def _deploy(cluster, name, cuts, path, microbatch=2, **load):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(MODELS))
-def test_pipelined_generation_equals_generate(node_pool, tmp_path, name):
+@pytest.mark.parametrize("name,exact", [("gpt2", False), ("tinyllama_1_1b", True)])
+def test_pipelined_generation_equals_generate(node_pool, tmp_path, name, exact):
+    """Greedy tokens through 3 stages equal `generate`'s: decode rows batched (the default) or
+    each row on its own (`exact_generation`)."""
     kw = MODELS[name]
     path = models.cached_checkpoint(name, seed=0, **kw)
     n = models.num_units(name, **kw)
@@ -184,6 +234,7 @@ def test_pipelined_generation_equals_generate(node_pool, tmp_path, name):
     prompts = _prompts(7, seed=2)
     with node_pool.take(3) as cluster:
         plan = _deploy(cluster, name, [0, 2, 4, n], path)
+        plan.model.exact_generation = exact
         with Client([], "tcp://127.0.0.1:0", run="", window=4, microbatch=2, timeout=60) as c:
             plan.results = c.results_endpoint
             dep = deploy(plan, load_timeout=120)

@@ -728,6 +728,24 @@ class Shard(nn.Module):
     def max_positions(self) -> int:
         return text.max_positions(self._extra[0])
 
+    def _layer_ids(self) -> list[int]:
+        return [s.index for s in self._steps if isinstance(s, text.TextUnit) and s.kind == "dlayer"]
+
+    def step_batch(self, x: torch.Tensor, caches: list[Any], lengths: list[int]) -> torch.Tensor:
+        """One new token of each of B sequences (`x`: (B, 1) ids or (B, 1, D)), each with its cache
+        of lengths[i] tokens, as one batch (the model's own forward on the left-padded batch);
+        each cache is extended by its token."""
+        layers = self._layer_ids()
+        batch, mask = (text.stack_caches(self._extra[0], caches, lengths, layers) if layers
+                       else (None, torch.ones(len(caches), max(lengths) + 1, dtype=torch.long)))
+        positions = torch.tensor(lengths).unsqueeze(1)
+        for s in self._steps:
+            assert isinstance(s, text.TextUnit)
+            x = s.step_batch(x, batch, positions, mask)
+        if layers:
+            text.unstack_caches(batch, caches, layers)
+        return x
+
     def step(self, x: torch.Tensor, cache: Any, pos: int) -> torch.Tensor:
         """One sequence's new tokens `x` (batch 1) at positions pos.. through this shard's units,
         extending `cache`; a decoder's shard only (see `is_decoder`)."""

@@ -359,6 +359,7 @@ class TextUnit:
         layers = (model.get_submodule(_DECODER[self.family][1]) if self.family in DECODER_FAMILIES
                   else model.bert.encoder.layer)
         self.layer = layers[piece.layer] if piece.layer >= 0 else None
+        self.index = piece.layer  # the layer's index in the model (its cache layer), -1 outside layers
 
     def __call__(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         m, layer, kind = self.model, self.layer, self.kind
@@ -422,7 +423,7 @@ class TextUnit:
             if kind == "dhead":  # the model normalises every position, then keeps the last one's logits
                 return m.lm_head(m.model.norm(x)[:, -1:, :])[:, 0]
             assert layer is not None
-            mask = _causal_cached(m, x, cache, positions, layer.self_attn.layer_idx)
+            mask = _causal_cached(m, x, cache, positions, self.index)
             return layer(x, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
                          position_embeddings=m.model.rotary_emb(x, position_ids=positions))
         t = m.transformer
@@ -432,8 +433,53 @@ class TextUnit:
         if kind == "dhead":
             return m.lm_head(t.ln_f(x)[:, -1:, :])[:, 0]
         assert layer is not None
-        mask = _causal_cached(m, x, cache, positions, layer.attn.layer_idx)
+        mask = _causal_cached(m, x, cache, positions, self.index)
         return layer(x, cache, mask, None, use_cache=True, position_ids=positions)
+
+
+    def step_batch(self, x: torch.Tensor, cache: Any, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """This unit on one new token of each of B sequences (ids (B, 1), or hidden states (B, 1, D))
+        against `cache`, their caches stacked and left-padded (`stack_caches`): the model's own
+        forward on that batch, `mask` (B, past + 1) marking the padding, `positions` (B, 1) each
+        sequence's own. The head gives each row's logits (B, V)."""
+        m, layer, kind = self.model, self.layer, self.kind
+        if kind == "dembed" or kind == "dhead":
+            return self.step(x, cache, positions)
+        assert layer is not None
+        from transformers.masking_utils import create_causal_mask
+
+        causal = create_causal_mask(config=m.config, inputs_embeds=x, attention_mask=mask, cache=cache,
+                                    position_ids=positions, layer_idx=self.index)
+        if self.family == "llama":
+            return layer(x, attention_mask=causal, position_ids=positions, cache=cache, use_cache=True,
+                         position_embeddings=m.model.rotary_emb(x, position_ids=positions))
+        return layer(x, cache, causal, None, use_cache=True, position_ids=positions)
+
+
+def stack_caches(model: Any, caches: list[Any], lengths: list[int], layers: list[int]) -> tuple[Any, torch.Tensor]:
+    """B sequences' caches as one batch cache of `layers` (left-padded to the longest) and the
+    attention mask (B, longest + 1) that hides the padding and admits the new token."""
+    import torch.nn.functional as F
+
+    longest = max(lengths)
+    batch = new_cache(model)
+    for i in layers:
+        ks = [F.pad(c.layers[i].keys, (0, 0, longest - n, 0)) for c, n in zip(caches, lengths)]
+        vs = [F.pad(c.layers[i].values, (0, 0, longest - n, 0)) for c, n in zip(caches, lengths)]
+        batch.layers[i].update(torch.cat(ks), torch.cat(vs))
+    mask = torch.zeros(len(caches), longest + 1, dtype=torch.long)
+    for r, n in enumerate(lengths):
+        mask[r, longest - n:] = 1
+    return batch, mask
+
+
+def unstack_caches(batch: Any, caches: list[Any], layers: list[int]) -> None:
+    """Each sequence's new token's keys and values (the batch cache's last position) appended to
+    its own cache."""
+    for i in layers:
+        k, v = batch.layers[i].keys[:, :, -1:, :], batch.layers[i].values[:, :, -1:, :]
+        for r, c in enumerate(caches):
+            c.layers[i].update(k[r:r + 1], v[r:r + 1])
 
 
 def _causal_cached(model: Any, h: torch.Tensor, cache: Any, positions: torch.Tensor, layer_idx: int) -> Any:

@@ -95,6 +95,7 @@ class LoadSpec:
     threads: int | None = None
     cache_bytes: int | None = None  # a decoder's KV-cache budget (None: the node's default)
     cache_idle_s: float = kvcache.DEFAULT_IDLE_S
+    exact_generation: bool = False  # a decoder's generation rows one by one (batch 1)
 
     @classmethod
     def from_request(cls, req: LoadRequest, threads: int | None = None) -> LoadSpec:
@@ -104,7 +105,7 @@ class LoadSpec:
             last=req.last, microbatch=req.microbatch, granularity=req.granularity,
             kwargs=dict(req.kwargs), checkpoint=req.checkpoint, pretrained=req.pretrained,
             dtype=req.dtype, threads=req.threads if req.threads is not None else threads,
-            cache_bytes=req.cache_bytes,
+            cache_bytes=req.cache_bytes, exact_generation=req.exact_generation,
             cache_idle_s=req.cache_idle_s if req.cache_idle_s is not None else kvcache.DEFAULT_IDLE_S,
         )
 
@@ -315,8 +316,16 @@ class StageRuntime:
         x = xs[0]
         seqs = kv.admit(session, g, int(x.shape[1]))
         ys = []
+        # one new token for each of several sequences: one batch, unless every row must be batch 1
+        batched = len(seqs) > 1 and not self.spec.exact_generation and all(
+            n == 1 and p > 0 for n, p in zip(g["lens"], g["pos"]))
         try:
-            for i, s in enumerate(seqs):
+            if batched:
+                y = self.shard.step_batch(x[:, :1], [s.cache for s in seqs], [s.length for s in seqs])
+                ys = [y[i:i + 1] for i in range(len(seqs))]
+                for s in seqs:
+                    kv.advanced(s, 1)
+            for i, s in enumerate(seqs if not batched else []):
                 n = g["lens"][i]
                 ys.append(self.shard.step(x[i:i + 1, :n], s.cache, g["pos"][i]))
                 kv.advanced(s, n)

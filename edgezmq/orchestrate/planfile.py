@@ -44,6 +44,8 @@ class ModelSpec:
     checkpoint: str | None = None
     pretrained: bool = False
     kwargs: dict = field(default_factory=dict)
+    # a decoder's generation: every row on its own, bit for bit `generate` (docs/generate.md)
+    exact_generation: bool = False
 
 
 @dataclass
@@ -87,7 +89,7 @@ class DeployPlan:
         return {
             "model": {"name": m.name, "microbatch": m.microbatch, "granularity": m.granularity,
                       "dtype": m.dtype, "checkpoint": m.checkpoint, "pretrained": m.pretrained,
-                      "kwargs": m.kwargs},
+                      "kwargs": m.kwargs, **({"exact_generation": True} if m.exact_generation else {})},
             "nodes": {n.name: n.control for _, n in self.all_nodes},
             "stages": [{"units": list(s.units), "nodes": [n.name for n in s.nodes],
                         **({"threads": s.nodes[0].threads} if s.nodes[0].threads else {}),
@@ -123,6 +125,7 @@ def parse_plan(d: Any, source: str | None = None) -> DeployPlan:
         checkpoint=F.need(m, "checkpoint", str, "model", None),
         pretrained=F.need(m, "pretrained", bool, "model", False),
         kwargs=_model_kwargs(F.need(m, "kwargs", dict, "model", {})),
+        exact_generation=F.need(m, "exact_generation", bool, "model", False),
     )
     F.integer(model.microbatch, "model.microbatch", lo=1, hi=MAX_MICROBATCH)
     F.choice(model.granularity, "model.granularity", GRANULARITIES)

@@ -263,6 +263,11 @@ class LoadRequest(Request):
         "a decoder's KV-cache budget on this stage (docs/generate.md): sequences are admitted while their "
         "reservations fit; at most what the node has left after the shard", default=None, lo=0, hi=MAX_BYTES,
         unit="bytes", default_doc="half of what the node has left after the shard")
+    exact_generation: bool = field_(
+        "a decoder's generation steps run every row on its own (batch 1), each sequence's arithmetic "
+        "that of the model's `generate` bit for bit; otherwise the decode rows of a microbatch run as one "
+        "left-padded batch (the model's own batched forward: the same tokens to rounding, faster)",
+        default=False)
     cache_idle_s: float | None = field_(
         "a decoder's sequences not stepped for this long are dropped (their client is gone)", default=None,
         lo=1, hi=MAX_SECONDS, unit="s", default_doc=f"{DEFAULT_CACHE_IDLE_S:g}")
