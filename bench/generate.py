@@ -18,8 +18,10 @@ pipeline, not that granularity.
 
 Each device count gets one deployment: stages cut contiguously to balance the bytes a decode
 step reads (each layer's and the head's weights once per microbatch; the embedding only the
-rows of its tokens, counted 0), microbatch 32; the planner does not model decode steps yet
-(docs/generate.md). Each run then
+rows of its tokens, counted 0), at the largest microbatch its runs use (ceil(64 / 2N)): a
+node's load check sizes its message buffers from it and from `seq_len` (8 = the prompts'
+length: a prompt is one message), and whole-sequence logits at a larger microbatch would
+not fit an edge device beside its share of the weights. Each run then
 generates --new-tokens greedily for S random prompts of --prompt-len tokens with at most
 ceil(S / (2 N)) sequences per microbatch and 2 N microbatches in flight (every stage busy,
 one more microbatch at each stage queued): the generator's continuous batching
@@ -52,10 +54,9 @@ from edgezmq import argtypes as args_
 NAME = "generate"
 TESTBED = "genbench"
 MODEL = "tinyllama_1_1b"
-KWARGS = {"depth": 28, "embed_dim": 1024, "num_heads": 16, "mlp_ratio": 2.75, "seq_len": 16}
+KWARGS = {"depth": 28, "embed_dim": 1024, "num_heads": 16, "mlp_ratio": 2.75, "seq_len": 8}
 DEVICES = [1, 2, 4, 8]
 SEQUENCES = [1, 4, 16, 64]
-DEPLOY_MICROBATCH = 32  # the most rows a run puts in one microbatch (64 sequences on 1 device: 2 x 32)
 TARGET = 0.8  # N devices with >= N sequences: >= 0.8 N x one device's tokens/s (the issue's)
 
 
@@ -97,6 +98,11 @@ def balanced_cuts(sizes: list[int], parts: int) -> list[int]:
     return cuts
 
 
+def microbatch(sequences: int, devices: int) -> int:
+    """Rows per microbatch: 2 per device in flight keep every stage busy with one queued."""
+    return max(1, math.ceil(sequences / (2 * devices)))
+
+
 # ---------------------------------------------------------------- the client side (inner)
 def inner(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
@@ -121,10 +127,10 @@ def inner(args: argparse.Namespace) -> dict[str, Any]:
     vocab = int(models.create_model(MODEL, device="meta", **KWARGS).config.vocab_size)
     rng = np.random.default_rng(args.seed)
     prompts = [rng.integers(1, vocab, args.prompt_len).tolist() for _ in range(max(SEQUENCES))]
-    spec = ModelSpec(name=MODEL, microbatch=DEPLOY_MICROBATCH, checkpoint=path, kwargs=KWARGS)
     out: dict[str, Any] = {"rows": [], "deployments": []}
 
     def plan_for(nodes: list[str], results: str) -> DeployPlan:
+        spec = ModelSpec(name=MODEL, microbatch=microbatch(max(SEQUENCES), len(nodes)), checkpoint=path, kwargs=KWARGS)
         cuts = balanced_cuts(step_bytes, len(nodes))
         return DeployPlan(model=spec, results=results, stages=[
             StagePlan(units=(a, b), nodes=[NodeAddress(n, by_name[n].control, 1)])
@@ -143,7 +149,8 @@ def inner(args: argparse.Namespace) -> dict[str, Any]:
 
     for n in DEVICES:
         nodes = ["big"] if n == 1 else [f"edge-{i}" for i in range(n)]
-        with Client([], f"tcp://{cluster.client_address}:0", run="", microbatch=DEPLOY_MICROBATCH, timeout=600) as c:
+        with Client([], f"tcp://{cluster.client_address}:0", run="", microbatch=microbatch(max(SEQUENCES), n),
+                    timeout=600) as c:
             plan = plan_for(nodes, c.results_endpoint)
             t0 = time.time()
             dep = deploy(plan, load_timeout=1200)
@@ -157,7 +164,7 @@ def inner(args: argparse.Namespace) -> dict[str, Any]:
                 c.window, c.microbatch = 2 * n, 1
                 g.generate(prompts[:1], 2)  # warm: first calls, caches' allocations
                 for s in SEQUENCES:
-                    c.microbatch = max(1, math.ceil(s / (2 * n)))
+                    c.microbatch = microbatch(s, n)
                     c.window = 2 * n
                     t = time.time()
                     toks = g.generate(prompts[:s], args.new_tokens, stop_at_eos=False)
@@ -231,7 +238,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", action="store_true", help="print the result as one JSON object (last line)")
     ap.add_argument("--new-tokens", type=args_.int_in(2, 4096), default=16, help="tokens generated per sequence")
-    ap.add_argument("--prompt-len", type=args_.int_in(1, 60), default=8, help="tokens of each random prompt")
+    ap.add_argument("--prompt-len", type=args_.int_in(1, 1000), default=8,
+                    help="tokens of each random prompt (longer than seq_len 8: sent in chunks)")
     ap.add_argument("--cpu", type=args_.float_in(0.05, 0.25), default=0.2, help="CPU share of each device")
     ap.add_argument("--edge-memory", default="1.3GB", help="an edge device's memory cap")
     ap.add_argument("--big-memory", default="3GB", help="the one-device baseline's memory cap")

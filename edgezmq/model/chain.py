@@ -728,6 +728,27 @@ class Shard(nn.Module):
     def max_positions(self) -> int:
         return text.max_positions(self._extra[0])
 
+    def decode_inputs(self, microbatch: int, context: int, generator: torch.Generator) -> tuple[torch.Tensor, list[Any]]:
+        """What a decode step of `microbatch` sequences with `context` tokens cached brings this
+        shard (for timing it): its one new token each (ids, or random hidden states) and caches
+        of random keys and values."""
+        m: Any = self._extra[0]
+        first = self._steps[0]
+        assert isinstance(first, text.TextUnit)
+        if first.kind == "dembed":
+            x = torch.zeros((microbatch, 1), dtype=torch.long)
+        else:
+            x = torch.randn((microbatch, 1, m.config.hidden_size), generator=generator)
+        heads, size = text.kv_shape(m)
+        caches = []
+        for _ in range(microbatch):
+            c = self.new_cache()
+            for i in self._layer_ids():
+                c.layers[i].update(torch.randn((1, heads, context, size), generator=generator),
+                                   torch.randn((1, heads, context, size), generator=generator))
+            caches.append(c)
+        return x, caches
+
     def _layer_ids(self) -> list[int]:
         return [s.index for s in self._steps if isinstance(s, text.TextUnit) and s.kind == "dlayer"]
 

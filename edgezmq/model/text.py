@@ -511,6 +511,14 @@ def cache_bytes_per_token(model: Any, layers: int) -> int:
     return 2 * width * 4 * layers
 
 
+def kv_shape(model: Any) -> tuple[int, int]:
+    """(key-value heads, head size) of one layer's cache."""
+    cfg = model.config
+    if family(model) == "gpt2":
+        return cfg.n_head, cfg.n_embd // cfg.n_head
+    return cfg.num_key_value_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
 def max_positions(model: Any) -> int:
     """The most tokens a decoder's sequence may hold (its position embeddings)."""
     cfg = model.config

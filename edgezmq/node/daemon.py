@@ -225,7 +225,7 @@ class Node:
 
         from edgezmq.model import chain as models
         from edgezmq.model import profile_cache as cache
-        from edgezmq.model.profiling import profile_units
+        from edgezmq.model.profiling import profile_decode, profile_units
 
         running = self._running_job(req)
         if running is not None and isinstance(running.reply, m.ProfileReply):
@@ -240,8 +240,11 @@ class Node:
             models.unit_infos(req.model, req.granularity, **kwargs)
         except (models.ModelError, TypeError) as e:
             raise control.ControlError(control.BAD_ARGS, f"node {self.name}: {e}") from None
+        if req.context is not None and not models.text.is_decoder(req.model):
+            raise control.ControlError(control.BAD_ARGS, f"node {self.name}: profile.context: {req.model} is not "
+                                       "a decoder (decode steps are a decoder's)")
         key = cache.profile_key(req.model, granularity=req.granularity, microbatch=req.microbatch,
-                                threads=threads, kwargs=kwargs)
+                                threads=threads, kwargs=kwargs, context=req.context)
         if not req.reprofile:
             hit = cache.get(key)
             if hit is not None and not req.check:
@@ -263,9 +266,13 @@ class Node:
             def report(i: int, n: int, name: str, t: float) -> None:
                 job.progress = [i + 1, n, name, t]  # units done, of n
 
-            prof = profile_units(
-                req.model, granularity=req.granularity, microbatch=req.microbatch, threads=threads,
-                kwargs=kwargs, warmup=req.warmup, reps=req.reps, progress=report, stop=job.check)
+            if req.context is not None:
+                prof = profile_decode(req.model, microbatch=req.microbatch, context=req.context, threads=threads,
+                                      kwargs=kwargs, warmup=req.warmup, reps=req.reps, progress=report, stop=job.check)
+            else:
+                prof = profile_units(
+                    req.model, granularity=req.granularity, microbatch=req.microbatch, threads=threads,
+                    kwargs=kwargs, warmup=req.warmup, reps=req.reps, progress=report, stop=job.check)
             cache.put(key, prof)
             return prof
 

@@ -362,6 +362,9 @@ class ProfileRequest(Request):
     warmup: int = field_("untimed forwards per unit", default=1, lo=0, hi=100)
     reps: int = field_("timed rounds per unit; the median is reported", default=3, lo=1, hi=1000)
     reprofile: bool = field_("ignore the node's profile cache", default=False)
+    context: int | None = field_("a decoder's decode step: time each unit on one new token per sequence "
+                                 "against caches of this many tokens (docs/generate.md)", default=None, lo=1,
+                                 hi=1 << 20, default_doc="null: whole inputs, as served by `submit`")
     check: bool = field_("on a cache hit, time the profile's chain window again and rescale the "
                          "profile if the device has drifted (a job)", default=False)
     deadline: float = field_("the job fails when still running this long after it started (checked "
