@@ -377,3 +377,56 @@ def test_a_decoder_stage_refuses_what_does_not_continue_its_sequences(node_pool,
             assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
         finally:
             _cli("undeploy", str(pf))
+
+
+def test_a_decode_profile_times_each_unit_on_one_token_per_sequence():
+    from edgezmq.model.profiling import profile_decode
+
+    kw = MODELS["tinyllama_1_1b"]
+    p = profile_decode("tinyllama_1_1b", microbatch=3, context=20, threads=1, reps=1, kwargs=kw)
+    names = [u["name"] for u in p["units"]]
+    assert names == ["embed", *(f"layer{i}" for i in range(kw["depth"])), "head"]
+    assert p["phase"] == "decode" and p["context"] == 20 and p["chain"] is None
+    width = 64 * 4
+    assert [u["in_bytes"] for u in p["units"]] == [3 * 8] + [3 * width] * (kw["depth"] + 1)
+    assert [u["out_bytes"] for u in p["units"]] == [3 * width] * (kw["depth"] + 1) + [3 * VOCAB * 4]
+    # keys and values of 1 key-value head of 8 (8 heads / 8 = 1 group) x 8 wide, float32, per layer token
+    assert [u["cache_bytes_per_token"] for u in p["units"]] == [0] + [2 * 1 * 8 * 4] * kw["depth"] + [0]
+    assert all(u["time_s"] > 0 for u in p["units"])
+    with pytest.raises(models.ModelError, match="not a decoder"):
+        profile_decode("bert_tiny", microbatch=1, context=4)
+
+
+@pytest.mark.slow
+def test_autodeploy_plans_a_decoder_for_generation(node_pool):
+    from edgezmq.orchestrate.autodeploy import Generation, autodeploy
+    from edgezmq.orchestrate.inventory import parse_cluster
+
+    name, kw = "gpt2", MODELS["gpt2"]
+    path = models.cached_checkpoint(name, seed=0, **kw)
+    spec = ModelSpec(name=name, microbatch=2, checkpoint=str(path), kwargs=kw)
+    with node_pool.take(2) as local:
+        cluster = parse_cluster({"nodes": [{"name": n.name, "control": n.control} for n in local.nodes],
+                                 "links": {"default": {"mbps": 1000, "latency_ms": 0.2}}})
+        said: list[str] = []
+        with Client([], "tcp://127.0.0.1:0", run="", window=4, microbatch=2, timeout=60) as c:
+            dep, plan, problem, planned, g = autodeploy(
+                cluster, spec, results=c.results_endpoint, client=c, say=said.append,
+                generation=Generation(context=40, sequences=6), reprofile=True)
+            try:
+                assert all(p["phase"] == "decode" and p["context"] == 40 for p in g.profiles.values())
+                per_token = 2 * 64 * 4  # one GPT-2 layer's keys and values, 64 wide, float32
+                assert [u.cache_bytes for u in problem.units] == [0] + [6 * 40 * per_token] * kw["depth"] + [0]
+                assert not problem.options.replication and all(len(s.devices) == 1 for s in planned.stages)
+                assert [s.cache_bytes for s in plan.stages] == [
+                    sum(u.cache_bytes for u in problem.units[s.units[0]:s.units[1]]) for s in plan.stages]
+                assert any("calibration skipped" in m for m in said)
+                c.attach(dep.entry, dep.run)
+                chunk, positions, _ = decoder_limits(name, kw)
+                gen = Generator(c, chunk=chunk, max_positions=positions, vocab_size=VOCAB)
+                prompts = _prompts(3, seed=4)
+                outs = gen.generate(prompts, 6)
+            finally:
+                unload(plan)
+    for p, out in zip(prompts, outs):
+        assert out == _reference(name, kw, path, p, 6)[0]
