@@ -20,13 +20,18 @@ tokens whatever the batching, the window or the number of stages.
 
 A step with no answer after `timeout` is sent again (up to `retries`): a stage cuts a
 sequence's cache back to the step's `pos` first, so a resent step recomputes instead of
-appending twice. A step refused `cache_full` (the stages' KV budget) waits until another
+appending twice. Under a ``ResilientPipeline`` (failover), a lost node's caches are gone
+with it: on the new deployment every live sequence starts again from pos 0 with its prompt
+and the tokens generated so far (one prefill rebuilds every stage's caches), and goes on
+from there: no token is lost or given twice, since a token is taken only from a result of
+the deployment in service. A step refused `cache_full` (the stages' KV budget) waits until another
 sequence of this generator finishes and is released; if none is in flight, the sequence
 cannot fit at all and `PipelineError` says so.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -36,11 +41,13 @@ from typing import Any
 import numpy as np
 import zmq
 
-from edgezmq.client import POLL_MS, Client, PipelineError, ResultTimeout
+from edgezmq.client import POLL_MS, Client, PipelineError, ResultTimeout, _Failover
 from edgezmq.errors import EdgezmqError
 from edgezmq.orchestrate.planfile import DeployPlan
 from edgezmq.protocol import wire
 from edgezmq.transport import sockets
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Sampling", "Generator", "GenerateError", "decoder_limits"]
 
@@ -117,6 +124,7 @@ class GenerateStats:
     prefill_rows: int = 0
     decode_rows: int = 0
     resent: int = 0
+    restarted: int = 0  # live sequences started again on a new deployment (failover)
     cache_full: int = 0  # steps refused for the stages' KV budget, then waited and sent again
     seconds: float = 0.0
     first_token_s: list[float] = field(default_factory=list)  # per sequence: time to its first token
@@ -149,15 +157,21 @@ class Generator:
         self._next_id = 0  # sequence ids on the wire: unique per generator (its session keys them)
 
     @classmethod
-    def from_plan(cls, plan: DeployPlan, *, window: int | None = None, timeout: float = 120.0,
-                  retries: int = 1) -> Generator:
+    def for_model(cls, client: Client, name: str, kwargs: dict[str, Any], *, retries: int = 1) -> Generator:
+        """A generator over `client`'s deployment of decoder `name` (its limits from the model's config)."""
         from edgezmq.model import text
 
-        chunk, positions, eos = decoder_limits(plan.model.name, dict(plan.model.kwargs))
-        config, _ = text._config(plan.model.name, dict(plan.model.kwargs))
-        client = Client.from_plan(plan, window=window, timeout=timeout)
+        chunk, positions, eos = decoder_limits(name, kwargs)
+        config, _ = text._config(name, kwargs)
         return cls(client, chunk=chunk, max_positions=positions, vocab_size=int(config.vocab_size),
                    eos_token_id=eos, retries=retries)
+
+    @classmethod
+    def from_plan(cls, plan: DeployPlan, *, window: int | None = None, timeout: float = 120.0,
+                  retries: int = 1) -> Generator:
+        """A generator (and its client) for the running deployment of `plan`."""
+        client = Client.from_plan(plan, window=window, timeout=timeout)
+        return cls.for_model(client, plan.model.name, dict(plan.model.kwargs), retries=retries)
 
     def close(self) -> None:
         self.client.close()
@@ -218,12 +232,20 @@ class Generator:
         poller = zmq.Poller()
         poller.register(c.pull, zmq.POLLIN)
         while live or pending or finished:
-            while len(pending) < c.window and (ready or finished):
-                if finished:
-                    self._send_release(finished, pending)
-                    finished = []
-                    continue
-                self._send_step(ready, seqs, pending)
+            if c.failed.is_set() and c.recover is not None:
+                self._fail_over(seqs, ready, pending)
+                waiting.clear()
+                finished = []  # the old run's caches went with it
+                continue
+            try:
+                while len(pending) < c.window and (ready or finished):
+                    if finished:
+                        self._send_release(finished, pending)
+                        finished = []
+                        continue
+                    self._send_step(ready, seqs, pending)
+            except _Failover:  # a node died while stage 0 would not take a step: fail over first
+                continue
             events: list[tuple[int, int]] = []
             while (frames := sockets.recv_frames(c.pull, 0)) is not None:
                 msg = self._accept(frames, pending)
@@ -275,6 +297,26 @@ class Generator:
         st.seconds = time.time() - t0
 
     # ------------------------------------------------------------------
+    def _fail_over(self, seqs: dict[int, _Seq], ready: deque[int], pending: dict[int, _Pending]) -> None:
+        """Move to the new deployment (Client.recover) and start every live sequence again there."""
+        c = self.client
+        c.failed.clear()
+        assert c.recover is not None
+        try:
+            entry, run, keys = c.recover()
+        except Exception as e:
+            raise PipelineError(-1, "failover_failed", f"{e}; live sequences: "
+                                f"{sorted(s.index for s in seqs.values() if not s.done)}", -1) from e
+        c.attach(entry, run, keys)
+        pending.clear()
+        ready.clear()
+        for s in seqs.values():
+            if not s.done:
+                s.pos = 0  # prompt + tokens so far, prefilled again
+                ready.append(s.sid)
+        self.stats.restarted += len(ready)
+        log.warning("failed over to run %s: %d sequence(s) started again from their tokens so far", run, len(ready))
+
     def _send_step(self, ready: deque[int], seqs: dict[int, _Seq], pending: dict[int, _Pending]) -> None:
         """The next microbatch from the ready queue: its first sequence, and up to a microbatch of
         the ready ones of the same kind (prompt chunks, or one decode token each)."""

@@ -158,6 +158,9 @@ def test_kv_store_admission_resend_release_and_expiry():
     assert store.expire(now=time.monotonic() + 6) == 1 and store.reserved_bytes == 0 and store.expired == 1
     with pytest.raises(GenError, match=r"max_len 65 outside 1\.\.64"):
         store.admit("s", {"ids": [9], "pos": [0], "lens": [1], "max_len": [65]}, 1)
+    # a shard without layers (the head alone) holds no cache: a budget of 0 admits everything
+    head = KVStore(_FakeCache, bytes_per_token=0, budget_bytes=0, max_positions=64)
+    assert len(head.admit("s", {"ids": [1, 2], "pos": [0, 0], "lens": [1, 1], "max_len": [64, 64]}, 1)) == 2
 
 
 class _FakeCache:
@@ -430,3 +433,37 @@ def test_autodeploy_plans_a_decoder_for_generation(node_pool):
                 unload(plan)
     for p, out in zip(prompts, outs):
         assert out == _reference(name, kw, path, p, 6)[0]
+
+
+@pytest.mark.slow
+def test_a_node_killed_mid_generation_loses_no_token(node_pool):
+    """SIGKILL a stage's node while sequences are being generated: the pipeline is re-planned
+    on the survivors, every live sequence is prefilled again with its tokens so far, and each
+    sequence's stream has exactly the tokens of the model's own greedy generate."""
+    from edgezmq.orchestrate.autodeploy import Generation
+    from edgezmq.orchestrate.failover import ResilientPipeline
+    from edgezmq.orchestrate.inventory import parse_cluster
+
+    name, kw = "gpt2", MODELS["gpt2"]
+    path = models.cached_checkpoint(name, seed=0, **kw)
+    spec = ModelSpec(name=name, microbatch=2, checkpoint=str(path), kwargs=kw)
+    prompts, new = _prompts(5, seed=6), 12
+    with node_pool.take(3) as local:
+        procs = {n.name: n.proc for n in local.nodes}
+        cluster = parse_cluster({"nodes": [{"name": n.name, "control": n.control} for n in local.nodes],
+                                 "links": {"default": {"mbps": 1000, "latency_ms": 0.2}}})
+        with ResilientPipeline(cluster, spec, window=4, timeout=60, interval=0.3,
+                               generation=Generation(context=40, sequences=5)) as rp:
+            stages = rp.plan.stages
+            assert len(stages) >= 2, "the test needs a pipeline of several stages"
+            victim = stages[-1].nodes[0].name
+            g = rp.generator()
+            got: list[list[int]] = [[] for _ in prompts]
+            for k, (i, tok) in enumerate(g.stream(prompts, new)):
+                got[i].append(tok)
+                if k == 12:  # some sequences are part way: kill the last stage's node
+                    procs[victim].kill()
+            assert victim in rp.dead and rp.failovers >= 1 and g.stats.restarted >= 1
+            assert victim not in {ref.name for _, ref in rp.plan.all_nodes}
+    for p, out in zip(prompts, got):
+        assert out == _reference(name, kw, path, p, new)[0]

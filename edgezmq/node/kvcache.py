@@ -49,7 +49,7 @@ class KVStore:
     def __init__(self, new_cache: Callable[[], Any], bytes_per_token: int, budget_bytes: int,
                  max_positions: int, idle_s: float = DEFAULT_IDLE_S) -> None:
         self.new_cache = new_cache
-        self.bytes_per_token = max(1, bytes_per_token)
+        self.bytes_per_token = bytes_per_token  # 0: a shard without layers (embedding, head) holds no cache
         self.budget_bytes = budget_bytes
         self.max_positions = max_positions
         self.idle_s = idle_s
