@@ -383,10 +383,10 @@ def test_a_decoder_stage_refuses_what_does_not_continue_its_sequences(node_pool,
 
 
 def test_a_decode_profile_times_each_unit_on_one_token_per_sequence():
-    from edgezmq.model.profiling import profile_decode
+    from edgezmq.model.profiling import profile_units
 
     kw = MODELS["tinyllama_1_1b"]
-    p = profile_decode("tinyllama_1_1b", microbatch=3, context=20, threads=1, reps=1, kwargs=kw)
+    p = profile_units("tinyllama_1_1b", microbatch=3, context=20, threads=1, reps=1, kwargs=kw)
     names = [u["name"] for u in p["units"]]
     assert names == ["embed", *(f"layer{i}" for i in range(kw["depth"])), "head"]
     assert p["phase"] == "decode" and p["context"] == 20 and p["chain"] is None
@@ -397,7 +397,7 @@ def test_a_decode_profile_times_each_unit_on_one_token_per_sequence():
     assert [u["cache_bytes_per_token"] for u in p["units"]] == [0] + [2 * 1 * 8 * 4] * kw["depth"] + [0]
     assert all(u["time_s"] > 0 for u in p["units"])
     with pytest.raises(models.ModelError, match="not a decoder"):
-        profile_decode("bert_tiny", microbatch=1, context=4)
+        profile_units("bert_tiny", microbatch=1, context=4)
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ from edgezmq.cli.args import (
     node_failures,
     stderr,
 )
+from edgezmq.terms import MAX_CONTEXT
 
 EPILOG_DEPLOY = """examples:
   edgezmq deploy plans/local-3.yaml
@@ -238,9 +239,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    help="plan a decoder for generation (docs/generate.md): units timed on decode steps of "
                         "--microbatch sequences, stages holding the KV caches of --sequences sequences of up to "
                         "--context tokens, no replication")
-    g.add_argument("--context", type=int_in(1, 1 << 20), default=256,
+    g.add_argument("--context", type=int_in(1, MAX_CONTEXT), default=256,
                    help="with --generate: the most tokens a sequence holds (prompt + generated)")
-    g.add_argument("--sequences", type=int_in(1, 1 << 20), default=64,
+    g.add_argument("--sequences", type=int_in(1, MAX_CONTEXT), default=64,
                    help="with --generate: sequences live at once (every stage holds their caches)")
     g.add_argument("--time-limit", type=seconds, default=20.0, help="planner time limit, seconds")
     d.set_defaults(func=cmd_deploy)

@@ -63,9 +63,9 @@ import torch
 
 from edgezmq.model import chain as models
 from edgezmq.node import device
+from edgezmq.terms import MAX_CONTEXT
 
-__all__ = ["DTYPE", "ProgressFn", "device_identity", "profile_units", "profile_decode", "format_profile", "spot_check",
-           "rescale"]
+__all__ = ["DTYPE", "ProgressFn", "device_identity", "profile_units", "format_profile", "spot_check", "rescale"]
 
 log = logging.getLogger(__name__)
 
@@ -357,48 +357,6 @@ def _profile_decode_unit(model: str, i: int, *, microbatch: int, context: int, w
     return entry
 
 
-def profile_decode(model: str, *, microbatch: int, context: int, threads: int | None = None, warmup: int = 1,
-                   reps: int = 3, kwargs: Mapping[str, Any] | None = None, checkpoint: str | Path | None = None,
-                   progress: ProgressFn | None = None, stop: StopFn | None = None) -> dict[str, Any]:
-    """Time every unit of a decoder on one decode step (docs/generate.md): `microbatch`
-    sequences, one new token each, `context` tokens in each cache; one unit at a time, as
-    ``profile_units`` does. Each unit also reports the KV-cache bytes one token costs it
-    (``cache_bytes_per_token``), what a plan's memory must hold per sequence and token. The
-    same keys as ``profile_units`` (a planner problem reads either), with ``phase: decode``
-    and ``context``; no chain factor (``chain`` null)."""
-    _check_counts(threads, warmup, reps)
-    if not 1 <= context <= 1 << 20:
-        raise models.ModelError(f"context must be 1..{1 << 20} tokens, got {context}")
-    kw = dict(kwargs or {})
-    if not models.text.is_decoder(model):
-        raise models.ModelError(f"{model} is not a decoder: only a decoder's units take decode steps")
-    n = len(models.unit_infos(model, **kw))
-    used = threads or torch.get_num_threads()
-    meter = _PeakMeter()
-    gen = torch.Generator().manual_seed(INPUT_SEED)
-    base_rss = device.rss_bytes()
-    round_s = round_seconds()
-    started = time.perf_counter()
-    units = []
-    with _torch_threads(used), _frozen_heap():
-        for i in range(n):
-            entry = _profile_decode_unit(model, i, microbatch=microbatch, context=context, warmup=warmup, reps=reps,
-                                         kwargs=kw, checkpoint=checkpoint, gen=gen, meter=meter, round_s=round_s,
-                                         stop=stop)
-            units.append(entry)
-            if progress is not None:
-                progress(i, n, entry["name"], entry["time_s"])
-    return {
-        "model": model, "granularity": "block", "microbatch": microbatch, "threads": used, "dtype": DTYPE,
-        "kwargs": _jsonable(kw), "checkpoint": str(checkpoint) if checkpoint is not None else None,
-        "device": device_identity(), "warmup": warmup, "reps": reps, "round_s": round_s,
-        "work_method": meter.method, "work_resolution_bytes": meter.resolution_bytes, "base_rss_bytes": base_rss,
-        "phase": "decode", "context": context, "units": units, "chain": None,
-        "input_bytes": units[0]["in_bytes"], "total_time_s": sum(u["time_s"] for u in units),
-        "profile_s": time.perf_counter() - started,
-    }
-
-
 @contextlib.contextmanager
 def _frozen_heap() -> Iterator[None]:
     """Objects alive before profiling (caches of traced graphs: many thousands of nodes) left out
@@ -413,19 +371,33 @@ def _frozen_heap() -> Iterator[None]:
 def profile_units(model: str, *, granularity: str = "block", microbatch: int = 8,
                   threads: int | None = None, warmup: int = 1, reps: int = 3,
                   kwargs: Mapping[str, Any] | None = None, checkpoint: str | Path | None = None,
-                  progress: ProgressFn | None = None, stop: StopFn | None = None) -> dict[str, Any]:
+                  progress: ProgressFn | None = None, stop: StopFn | None = None,
+                  context: int | None = None) -> dict[str, Any]:
     """Time and measure every unit of `model` at `microbatch` on this device, one unit at a time.
 
     `threads`: torch intra-op threads while profiling (None: the current setting); the
     previous setting is restored afterwards. `progress(i, n, unit_name, time_s)` is
     called after each unit. `stop()`, called before every timed forward, raises to end the
     profile early (a cancelled job). Returns plain values only (JSON- and msgpack-ready).
+
+    `context` (a decoder only): time each unit on one decode step instead (docs/generate.md):
+    `microbatch` sequences, one new token each, `context` tokens in each cache; each unit also
+    reports the KV-cache bytes one token costs it (``cache_bytes_per_token``), and the profile
+    says ``phase: decode`` and its ``context`` (no chain factor: ``chain`` null).
     """
     _check_counts(threads, warmup, reps)
     kw = dict(kwargs or {})
-    specs = models.boundary_specs(model, granularity, microbatch, dtype=TORCH_DTYPE, **kw)
-    fixed = models.boundary_values(model, granularity, microbatch, dtype=TORCH_DTYPE, **kw)
-    n = len(specs) - 1
+    if context is not None:
+        if not 1 <= context <= MAX_CONTEXT:
+            raise models.ModelError(f"context must be 1..{MAX_CONTEXT} tokens, got {context}")
+        if not models.text.is_decoder(model):
+            raise models.ModelError(f"{model} is not a decoder: only a decoder's units take decode steps")
+        specs, fixed = [], []
+        n = len(models.unit_infos(model, **kw))
+    else:
+        specs = models.boundary_specs(model, granularity, microbatch, dtype=TORCH_DTYPE, **kw)
+        fixed = models.boundary_values(model, granularity, microbatch, dtype=TORCH_DTYPE, **kw)
+        n = len(specs) - 1
     used = threads or torch.get_num_threads()
     meter = _PeakMeter()
     gen = torch.Generator().manual_seed(INPUT_SEED)
@@ -435,15 +407,20 @@ def profile_units(model: str, *, granularity: str = "block", microbatch: int = 8
     units = []
     with _torch_threads(used), _frozen_heap():
         for i in range(n):
-            entry = _profile_unit(model, i, granularity=granularity, specs=specs, fixed=fixed, warmup=warmup,
-                                  reps=reps, kwargs=kw, checkpoint=checkpoint, gen=gen, meter=meter,
-                                  round_s=round_s, stop=stop)
+            if context is not None:
+                entry = _profile_decode_unit(model, i, microbatch=microbatch, context=context, warmup=warmup,
+                                             reps=reps, kwargs=kw, checkpoint=checkpoint, gen=gen, meter=meter,
+                                             round_s=round_s, stop=stop)
+            else:
+                entry = _profile_unit(model, i, granularity=granularity, specs=specs, fixed=fixed, warmup=warmup,
+                                      reps=reps, kwargs=kw, checkpoint=checkpoint, gen=gen, meter=meter,
+                                      round_s=round_s, stop=stop)
             units.append(entry)
             log.debug("%s unit %d/%d %s: %.4f s, work %d B", model, i + 1, n, entry["name"],
                       entry["time_s"], entry["work_bytes"])
             if progress is not None:
                 progress(i, n, entry["name"], entry["time_s"])
-        window = chain_window(units, int(CHAIN_MEMORY_SHARE * device.memory_budget()))
+        window = None if context is not None else chain_window(units, int(CHAIN_MEMORY_SHARE * device.memory_budget()))
         chain = None if window is None else _profile_chain(
             model, window, units, granularity=granularity, specs=specs, fixed=fixed, warmup=warmup, reps=reps,
             kwargs=kw, checkpoint=checkpoint, gen=gen, round_s=round_s, stop=stop)
@@ -463,11 +440,12 @@ def profile_units(model: str, *, granularity: str = "block", microbatch: int = 8
         "work_method": meter.method,
         "work_resolution_bytes": meter.resolution_bytes,
         "base_rss_bytes": base_rss,  # the process before any unit: the runtime's own footprint
+        **({"phase": "decode", "context": context} if context is not None else {}),
         "units": units,
         # units [a, b) timed back to back: factor = that time / the sum of their own times
         # (the planner scales every unit's time by it; None: too little memory to measure)
         "chain": chain,
-        "input_bytes": _nbytes(specs[0]),
+        "input_bytes": units[0]["in_bytes"] if context is not None else _nbytes(specs[0]),
         "total_time_s": sum(u["time_s"] for u in units),
         "profile_s": time.perf_counter() - started,
     }

@@ -225,7 +225,7 @@ class Node:
 
         from edgezmq.model import chain as models
         from edgezmq.model import profile_cache as cache
-        from edgezmq.model.profiling import profile_decode, profile_units
+        from edgezmq.model.profiling import profile_units
 
         running = self._running_job(req)
         if running is not None and isinstance(running.reply, m.ProfileReply):
@@ -266,13 +266,10 @@ class Node:
             def report(i: int, n: int, name: str, t: float) -> None:
                 job.progress = [i + 1, n, name, t]  # units done, of n
 
-            if req.context is not None:
-                prof = profile_decode(req.model, microbatch=req.microbatch, context=req.context, threads=threads,
-                                      kwargs=kwargs, warmup=req.warmup, reps=req.reps, progress=report, stop=job.check)
-            else:
-                prof = profile_units(
-                    req.model, granularity=req.granularity, microbatch=req.microbatch, threads=threads,
-                    kwargs=kwargs, warmup=req.warmup, reps=req.reps, progress=report, stop=job.check)
+            prof = profile_units(
+                req.model, granularity=req.granularity, microbatch=req.microbatch, threads=threads,
+                kwargs=kwargs, warmup=req.warmup, reps=req.reps, progress=report, stop=job.check,
+                context=req.context)
             cache.put(key, prof)
             return prof
 

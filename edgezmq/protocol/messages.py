@@ -17,6 +17,7 @@ from edgezmq.terms import (
     ENCODINGS,
     GRANULARITIES,
     MAX_BYTES,
+    MAX_CONTEXT,
     MAX_MBPS,
     MAX_MICROBATCH,
     MAX_RUNGS,
@@ -364,7 +365,7 @@ class ProfileRequest(Request):
     reprofile: bool = field_("ignore the node's profile cache", default=False)
     context: int | None = field_("a decoder's decode step: time each unit on one new token per sequence "
                                  "against caches of this many tokens (docs/generate.md)", default=None, lo=1,
-                                 hi=1 << 20, default_doc="null: whole inputs, as served by `submit`")
+                                 hi=MAX_CONTEXT, default_doc="null: whole inputs, as served by `submit`")
     check: bool = field_("on a cache hit, time the profile's chain window again and rescale the "
                          "profile if the device has drifted (a job)", default=False)
     deadline: float = field_("the job fails when still running this long after it started (checked "
