@@ -241,7 +241,7 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=args_.int_in(1, 1000), default=8,
                     help="tokens of each random prompt (longer than seq_len 8: sent in chunks)")
     ap.add_argument("--cpu", type=args_.float_in(0.05, 0.25), default=0.2, help="CPU share of each device")
-    ap.add_argument("--edge-memory", default="1.3GB", help="an edge device's memory cap")
+    ap.add_argument("--edge-memory", default="1.7GB", help="an edge device's memory cap")
     ap.add_argument("--big-memory", default="3GB", help="the one-device baseline's memory cap")
     ap.add_argument("--seed", type=args_.seed, default=0, help="of the prompts")
     ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from the saved JSON")

@@ -13,6 +13,8 @@ import torch
 
 pytest.importorskip("transformers")
 
+from helpers import free_port, run_cli  # noqa: E402
+
 from edgezmq.client import Client  # noqa: E402
 from edgezmq.generation import GenerateError, Generator, Sampling, decoder_limits  # noqa: E402
 from edgezmq.model import chain as models  # noqa: E402
@@ -269,24 +271,6 @@ class NodeClientStats:
             return nc.stats().stage.cache
 
 
-def _free_port() -> int:
-    import zmq
-
-    ctx = zmq.Context()
-    s = ctx.socket(zmq.PULL)
-    port = s.bind_to_random_port("tcp://127.0.0.1")
-    s.close(linger=0)
-    ctx.term()
-    return port
-
-
-def _cli(*args, timeout=600):
-    import os
-    import subprocess
-    import sys
-
-    return subprocess.run([sys.executable, "-m", "edgezmq", *args], capture_output=True, text=True,
-                          timeout=timeout, env=dict(os.environ))
 
 
 def _ask(c: Client, gen, xs, session=None, timeout=60.0) -> wire.Message:
@@ -362,24 +346,24 @@ def test_a_decoder_stage_refuses_what_does_not_continue_its_sequences(node_pool,
             "model": {"name": name, "checkpoint": str(path), "microbatch": 2, "kwargs": kw},
             "nodes": {nd.name: nd.control for nd in cluster.nodes},
             "stages": [{"units": [0, n], "nodes": [cluster.nodes[0].name]}],
-            "results": f"tcp://127.0.0.1:{_free_port()}"}))
-        r = _cli("deploy", str(pf))
+            "results": f"tcp://127.0.0.1:{free_port()}"}))
+        r = run_cli("deploy", str(pf))
         assert r.returncode == 0, r.stderr
         try:
             prompts = tmp_path / "p.txt"
             prompts.write_text("5 6 7\n\n11 12\n")
-            r = _cli("generate", str(pf), "--tokens", str(prompts), "--max-new-tokens", "5", "--json")
+            r = run_cli("generate", str(pf), "--tokens", str(prompts), "--max-new-tokens", "5", "--json")
             assert r.returncode == 0, r.stderr
             out = json.loads(r.stdout.strip().splitlines()[-1])
             assert out["sequences"] == 2 and out["tokens"] == 10
             for row in out["outputs"]:
                 assert row["tokens"] == _reference(name, kw, path, row["prompt"], 5)[0]
             prompts.write_text(f"5 {VOCAB}\n")
-            r = _cli("generate", str(pf), "--tokens", str(prompts))
+            r = run_cli("generate", str(pf), "--tokens", str(prompts))
             assert r.returncode == 2 and f"token id {VOCAB} outside the vocabulary" in r.stderr
             assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
         finally:
-            _cli("undeploy", str(pf))
+            run_cli("undeploy", str(pf))
 
 
 def test_a_decode_profile_times_each_unit_on_one_token_per_sequence():
