@@ -170,6 +170,10 @@ class Generator:
     def from_plan(cls, plan: DeployPlan, *, window: int | None = None, timeout: float = 120.0,
                   retries: int = 1) -> Generator:
         """A generator (and its client) for the running deployment of `plan`."""
+        replicated = [i for i, st in enumerate(plan.stages) if len(st.nodes) > 1]
+        if replicated:  # round-robin would send a sequence's steps to replicas without its cache
+            raise GenerateError(f"stage(s) {replicated} of the plan are replicated: generation needs one node per "
+                                "stage (a sequence's KV cache lives on one node; plan with --no-replication)")
         client = Client.from_plan(plan, window=window, timeout=timeout)
         return cls.for_model(client, plan.model.name, dict(plan.model.kwargs), retries=retries)
 
