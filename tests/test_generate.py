@@ -218,6 +218,12 @@ def test_bad_prompts_are_refused_before_anything_is_sent():
             list(g.stream(prompts, new))
     with pytest.raises(GenerateError, match="temperature"):
         Sampling(greedy=False, temperature=0)
+    # a replicated stage would get steps of sequences whose caches another replica holds
+    spec = ModelSpec(name="gpt2", microbatch=2, checkpoint="x.safetensors", kwargs=MODELS["gpt2"])
+    plan = DeployPlan(model=spec, stages=[StagePlan((0, 6), [NodeAddress("a", "tcp://127.0.0.1:1", 1),
+                                                             NodeAddress("b", "tcp://127.0.0.1:2", 1)])])
+    with pytest.raises(GenerateError, match=r"stage\(s\) \[0\] of the plan are replicated"):
+        Generator.from_plan(plan)
 
 
 def _deploy(cluster, name, cuts, path, microbatch=2, **load):
