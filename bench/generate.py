@@ -18,15 +18,21 @@ pipeline, not that granularity.
 
 Each device count gets one deployment: stages cut contiguously to balance the bytes a decode
 step reads (each layer's and the head's weights once per microbatch; the embedding only the
-rows of its tokens, counted 0), at the largest microbatch its runs use (ceil(64 / 2N)): a
+rows of its tokens, counted 0), at the largest microbatch its runs use (ceil(64 / window)): a
 node's load check sizes its message buffers from it and from `seq_len` (8 = the prompts'
 length: a prompt is one message), and whole-sequence logits at a larger microbatch would
 not fit an edge device beside its share of the weights. Each run then
 generates --new-tokens greedily for S random prompts of --prompt-len tokens with at most
-ceil(S / (2 N)) sequences per microbatch and 2 N microbatches in flight (every stage busy,
-one more microbatch at each stage queued): the generator's continuous batching
-(edgezmq.generation). tokens_per_s = generated tokens / wall time of the run (prefill
-included); ms_per_token = the run's wall time / --new-tokens (what one sequence waits per
+N + --queued microbatches in flight (one per stage, and one more by default to cover the
+client's turnaround) of ceil(S / (N + queued)) sequences each: the generator's continuous
+batching (edgezmq.generation). Why not more in flight: a decode step reads every weight of
+its stage once per microbatch whatever its rows, and on this machine that read costs as much
+as ~6 rows' arithmetic; every microbatch in flight makes each stage read its weights once
+more per round of tokens, so a stage's round costs (messages x weights / N + rows x work / N)
+against one device's (2 x weights + rows x work): pipelining divides the arithmetic by N,
+not the weight reads. Keep the window near N.
+
+tokens_per_s = generated tokens / wall time of the run (prefill included); ms_per_token = the run's wall time / --new-tokens (what one sequence waits per
 token). Before timing, one short untimed generation warms the deployment. `exact_greedy`:
 the 8-device pipeline's greedy tokens for 4 prompts equal the model's own `generate`
 (batch 1, same weights) on the client.
@@ -98,9 +104,14 @@ def balanced_cuts(sizes: list[int], parts: int) -> list[int]:
     return cuts
 
 
-def microbatch(sequences: int, devices: int) -> int:
-    """Rows per microbatch: 2 per device in flight keep every stage busy with one queued."""
-    return max(1, math.ceil(sequences / (2 * devices)))
+def window(devices: int, queued: int) -> int:
+    """Microbatches in flight: one per stage, and `queued` more (the client's turnaround)."""
+    return devices + queued
+
+
+def microbatch(sequences: int, devices: int, queued: int) -> int:
+    """Rows per microbatch: the sequences spread over the microbatches in flight."""
+    return max(1, math.ceil(sequences / window(devices, queued)))
 
 
 # ---------------------------------------------------------------- the client side (inner)
@@ -130,7 +141,8 @@ def inner(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"rows": [], "deployments": []}
 
     def plan_for(nodes: list[str], results: str) -> DeployPlan:
-        spec = ModelSpec(name=MODEL, microbatch=microbatch(max(SEQUENCES), len(nodes)), checkpoint=path, kwargs=KWARGS)
+        spec = ModelSpec(name=MODEL, microbatch=microbatch(max(SEQUENCES), len(nodes), args.queued), checkpoint=path,
+                         kwargs=KWARGS)
         cuts = balanced_cuts(step_bytes, len(nodes))
         return DeployPlan(model=spec, results=results, stages=[
             StagePlan(units=(a, b), nodes=[NodeAddress(n, by_name[n].control, 1)])
@@ -149,8 +161,8 @@ def inner(args: argparse.Namespace) -> dict[str, Any]:
 
     for n in DEVICES:
         nodes = ["big"] if n == 1 else [f"edge-{i}" for i in range(n)]
-        with Client([], f"tcp://{cluster.client_address}:0", run="", microbatch=microbatch(max(SEQUENCES), n),
-                    timeout=600) as c:
+        with Client([], f"tcp://{cluster.client_address}:0", run="",
+                    microbatch=microbatch(max(SEQUENCES), n, args.queued), timeout=600) as c:
             plan = plan_for(nodes, c.results_endpoint)
             t0 = time.time()
             dep = deploy(plan, load_timeout=1200)
@@ -161,11 +173,11 @@ def inner(args: argparse.Namespace) -> dict[str, Any]:
             try:
                 c.attach(dep.entry, dep.run)
                 g = Generator(c, chunk=chunk, max_positions=positions, vocab_size=vocab)
-                c.window, c.microbatch = 2 * n, 1
+                c.window, c.microbatch = window(n, args.queued), 1
                 g.generate(prompts[:1], 2)  # warm: first calls, caches' allocations
                 for s in SEQUENCES:
-                    c.microbatch = microbatch(s, n)
-                    c.window = 2 * n
+                    c.microbatch = microbatch(s, n, args.queued)
+                    c.window = window(n, args.queued)
                     t = time.time()
                     toks = g.generate(prompts[:s], args.new_tokens, stop_at_eos=False)
                     dt = time.time() - t
@@ -244,6 +256,8 @@ def main() -> int:
     ap.add_argument("--edge-memory", default="1.7GB", help="an edge device's memory cap")
     ap.add_argument("--big-memory", default="3GB", help="the one-device baseline's memory cap")
     ap.add_argument("--seed", type=args_.seed, default=0, help="of the prompts")
+    ap.add_argument("--queued", type=args_.int_in(0, 64), default=1,
+                    help="microbatches in flight beyond one per stage (window = devices + this)")
     ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from the saved JSON")
     ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--cluster", help=argparse.SUPPRESS)
@@ -259,13 +273,14 @@ def main() -> int:
     cfg = testbed_config(args.cpu, args.edge_memory, args.big_memory)
     with testbed(cfg, TESTBED) as tb:
         argv = [sys.executable, str(Path(__file__).resolve()), "--inner", "--cluster", str(tb.cluster_path),
+                "--queued", str(args.queued),
                 "--new-tokens", str(args.new_tokens), "--prompt-len", str(args.prompt_len), "--seed", str(args.seed)]
         r = tb.exec_in_client(argv, stdout=subprocess.PIPE, text=True, timeout=3 * 3600,
                               env=dict(os.environ, PYTHONPATH=str(ROOT)))
     if r.returncode != 0:
         raise SystemExit(f"the client side failed (exit {r.returncode})")
     result = analyse(json.loads(r.stdout.strip().splitlines()[-1]))
-    result.update(bench=NAME, model=MODEL, kwargs=KWARGS, testbed=cfg, new_tokens=args.new_tokens,
+    result.update(bench=NAME, model=MODEL, kwargs=KWARGS, testbed=cfg, new_tokens=args.new_tokens, queued=args.queued,
                   prompt_len=args.prompt_len, wall_s=round(time.monotonic() - t0, 1))
     save(NAME, result, args.json)
     plot(result)
