@@ -32,7 +32,9 @@ INTERNAL = {"edgezmq.client._Failover", "edgezmq.planner.search.Timeout", "edgez
             # ends a node's job from inside it (cancel, deadline); the job thread catches it
             "edgezmq.node.daemon.JobStopped",
             # ends a shard build that `unload` abandoned; the loader thread catches it
-            "edgezmq.node.daemon._LoadAbandoned"}
+            "edgezmq.node.daemon._LoadAbandoned",
+            # a generation step a stage refuses; the compute thread turns it into an error message
+            "edgezmq.node.kvcache.GenError"}
 
 # every error class, with the builtin its callers catch and the exit code it maps to
 ERRORS = {
@@ -46,6 +48,7 @@ ERRORS = {
     "edgezmq.transport.netprobe.ProbeError": (RuntimeError, EXIT_FAILED),
     "edgezmq.model.chain.ModelError": (ValueError, EXIT_BAD_INPUT),
     "edgezmq.model.text.TextModelError": (ValueError, EXIT_BAD_INPUT),
+    "edgezmq.generation.GenerateError": (ValueError, EXIT_BAD_INPUT),
     "edgezmq.model.graph.GraphError": (ValueError, EXIT_BAD_INPUT),
     "edgezmq.model.task.TaskError": (RuntimeError, EXIT_FAILED),  # no scikit-learn, not a task checkpoint
     "edgezmq.protocol.model_kwargs.ModelKwargsError": (ValueError, EXIT_BAD_INPUT),
