@@ -429,7 +429,7 @@ def measure_encodings(g: Gathered, cluster: Cluster, model: ModelSpec, *, encodi
     net = compress.load_model(model.name, checkpoint=model.checkpoint, pretrained=model.pretrained,
                               kwargs=model.kwargs)
     x, source = compress.calibration_batch(model.name, model.microbatch, calibration, model.kwargs)
-    threads = {}
+    threads: dict[str, int] = {}
     for n in cluster.nodes:
         info = g.infos[n.name]
         threads.setdefault(device_type_of(n), int(info.get("threads") or info["device"].get("cores") or 1))

@@ -30,15 +30,13 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any
 
 from edgezmq.errors import EdgezmqError
-from edgezmq.model import accuracy
-from edgezmq.model import chain as models
 from edgezmq.protocol import codecs
+
+if TYPE_CHECKING:  # torch is imported where it is used: the CLI reads this module's defaults without it
+    import torch
 
 __all__ = ["DEFAULT_ENCODINGS", "CALIBRATION_SAMPLES", "CALIBRATION_SEED", "CompressionError", "Measured",
            "measure", "add_encodings", "load_model", "calibration_batch", "speed_factors", "codec_ms_per_mb"]
@@ -89,6 +87,8 @@ def _check_encodings(encodings: Sequence[str]) -> list[str]:
 def load_model(name: str, *, checkpoint: str | None = None, pretrained: bool = False,
                kwargs: dict | None = None) -> torch.nn.Module:
     """The whole model with the weights the nodes load (a checkpoint that must also exist here)."""
+    from edgezmq.model import chain as models
+
     kwargs = dict(kwargs or {})
     if checkpoint is None and not pretrained:
         raise CompressionError(f"{name}: measuring encodings needs the model's weights here: give a checkpoint "
@@ -108,6 +108,11 @@ def load_model(name: str, *, checkpoint: str | None = None, pretrained: bool = F
 def calibration_batch(name: str, microbatch: int, samples: Any = None, kwargs: dict | None = None) -> tuple[torch.Tensor, str]:
     """(images, "seeded" | "given"): the caller's samples, or CALIBRATION_SAMPLES seeded
     standard-normal ones rounded up to whole microbatches."""
+    import numpy as np
+    import torch
+
+    from edgezmq.model import chain as models
+
     kwargs = dict(kwargs or {})
     if samples is None:
         n = microbatch * math.ceil(CALIBRATION_SAMPLES / microbatch)
@@ -126,7 +131,9 @@ def calibration_batch(name: str, microbatch: int, samples: Any = None, kwargs: d
     return x, "given"
 
 
-def _transform(name: str) -> accuracy.Transform:
+def _transform(name: str) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    import torch
+
     return lambda t, i: torch.from_numpy(codecs.roundtrip(name, t.numpy()).copy())
 
 
@@ -142,6 +149,10 @@ def _ratio(name: str, shapes: list[list[tuple[int, ...]]]) -> float:
 
 def _client_chain_s(model: torch.nn.Module, granularity: str, x: torch.Tensor, threads: int) -> float:
     """Seconds this machine takes for one microbatch through every unit with `threads` torch threads."""
+    import torch
+
+    from edgezmq.model import chain as models
+
     before = torch.get_num_threads()
     torch.set_num_threads(max(1, threads))
     try:
@@ -161,6 +172,10 @@ def measure(model: torch.nn.Module, granularity: str, x: torch.Tensor, microbatc
             source: str = "given", say: Callable[[str], None] | None = None) -> Measured:
     """Each encoding's ratio, per-cut error and disagreement on `x`, its codec costs here, and
     this machine's chain time per microbatch at each of `threads` (module doc)."""
+    import torch
+
+    from edgezmq.model import accuracy
+
     say = say or (lambda m: None)
     encs = _check_encodings(encodings)
     t0 = time.monotonic()
@@ -187,8 +202,8 @@ def measure(model: torch.nn.Module, granularity: str, x: torch.Tensor, microbatc
     shape = max((s[0] for s in shapes), key=math.prod)
     costs = {}
     for e in encs:
-        c = codecs.measure_cost(e, shape)
-        costs[e] = (c.encode_s_per_mb, c.decode_s_per_mb)
+        cost = codecs.measure_cost(e, shape)
+        costs[e] = (cost.encode_s_per_mb, cost.decode_s_per_mb)
     mb = next(iter(torch.split(x, microbatch)))
     chain_s = {t: _client_chain_s(model, granularity, mb, t) for t in sorted(set(threads))}
     return Measured(out, costs, shape, int(x.shape[0]), source, chain_s, time.monotonic() - t0)
