@@ -366,6 +366,9 @@ def test_autodeploy_with_a_budget_encodes_a_slow_link_and_stays_within_it(nodes)
             assert set(enc) == set(compress.DEFAULT_ENCODINGS) and g.encodings.source == "seeded"
             assert all(len(e["error"]) == N_UNITS - 1 and len(e["disagreement"]) == N_UNITS - 1 for e in enc.values())
             assert enc["f16"]["ratio"] == 0.5 and enc["int8"]["error"][0] < 0.01 < enc["int4"]["error"][0]
+            # flips per cut plus one sample of margin, in percent of the 16 samples
+            for e, d in enc.items():
+                assert d["disagreement"] == [100 * (k + 1) / 16 for k in g.encodings.flips[e]]
             for t in g.problem["device_types"].values():
                 assert set(t["codec_ms_per_mb"]) == set(enc)
                 assert all(v["encode"] > 0 and v["decode"] > 0 for v in t["codec_ms_per_mb"].values())
@@ -415,8 +418,12 @@ def test_cli_deploy_with_budgets_dry_run(nodes, tmp_path):
     assert any(s.get("encoding") for s in d["stages"]) and all(s["link_mbps"] > 0 for s in d["stages"])
     got = json.loads(r.stdout)["predicted"]
     assert got["error"] <= 0.01 and got["disagreement"] <= 10 and set(got["encodings"]) <= {"raw", "f16", "int8"}
+    # 16 samples: each encoded cut counts at least one (6.25 %), so 90 % allows one encoded cut at most
+    assert sum(e != "raw" for e in got["encodings"]) == 1
     for flags, word in ((["--max-error", "-1"], "--max-error"), (["--max-error", "nan"], "--max-error"),
                         (["--min-agreement", "101"], "--min-agreement"), (["--encodings", "int9"], "--encodings"),
-                        (["--encodings", "raw"], "--encodings"), (["--encodings", "f16"], "--encodings")):
+                        (["--encodings", "raw"], "--encodings"), (["--encodings", "f16"], "--encodings"),
+                        (["--max-error", "0.1", "--calibration-samples", "0"], "--calibration-samples"),
+                        (["--max-error", "0.1", "--calibration-npy", str(tmp_path / "none.npy")], "--calibration-npy")):
         r = _cli(*base, *flags)
         assert r.returncode != 0 and word in r.stderr, (flags, r.stderr)

@@ -49,9 +49,10 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     d = read_yaml(args.file, PlanFileError)  # a bad file fails fast, before torch is imported
     if is_cluster_file(d):
         return _deploy_cluster(args, d)
-    if args.model or args.dry_run or args.plan_out or _budget(args).given or args.calibration_npy:
+    if (args.model or args.dry_run or args.plan_out or _budget(args).given or args.encodings
+            or args.calibration_npy or args.calibration_samples):
         raise UsageError(f"{args.file} is a plan; --model/--dry-run/--plan-out/--max-error/--min-agreement/"
-                         "--encodings/--calibration-npy apply to a cluster inventory")
+                         "--encodings/--calibration-* apply to a cluster inventory")
     from edgezmq.orchestrate.planfile import parse_plan
 
     plan = parse_plan(d, source=args.file)
@@ -128,12 +129,16 @@ def _deploy_cluster(args: argparse.Namespace, d: dict) -> int:
     calibrate = {} if args.calibrate is None else {"calibrate": args.calibrate}
     t0 = time.time()
     budget = _budget(args)
-    if not budget.given and (args.encodings or args.calibration_npy):
-        raise UsageError("--encodings/--calibration-npy: give a budget (--max-error or --min-agreement)")
+    if not budget.given and (args.encodings or args.calibration_npy or args.calibration_samples):
+        raise UsageError("--encodings/--calibration-npy/--calibration-samples: give a budget (--max-error or "
+                         "--min-agreement)")
+    if args.calibration_npy and args.calibration_samples:
+        raise UsageError("--calibration-npy and --calibration-samples: give one")
     dep, plan, problem, planned, g = autodeploy(
         cluster, spec, reprofile=args.reprofile, spot_check=not args.no_spot_check, dry_run=args.dry_run,
         time_limit_s=args.time_limit, say=stderr, load_timeout=args.timeout, replication=not args.no_replication,
-        budget=budget, encodings=args.encodings, calibration=_calibration(args), **calibrate)
+        budget=budget, encodings=args.encodings, calibration=_calibration(args),
+        calibration_samples=args.calibration_samples, **calibrate)
     predicted = {"throughput_per_s": planned.throughput_per_s, "bottleneck_s": planned.bottleneck_s,
                  "latency_s": planned.latency_s, "window": planned.window, "optimal": planned.optimal,
                  "bottleneck_at": planned.bottleneck_at, "error": planned.error,
@@ -242,7 +247,11 @@ def encoding_list(text: str) -> list[str]:
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
     """Register `deploy`, `undeploy`, `submit`, `run` and `checkpoint` on the `edgezmq` subparsers."""
-    from edgezmq.orchestrate.compress import CALIBRATION_SAMPLES, DEFAULT_ENCODINGS
+    from edgezmq.orchestrate.compress import (
+        CALIBRATION_SAMPLES,
+        DEFAULT_ENCODINGS,
+        MAX_CALIBRATION_SAMPLES,
+    )
     from edgezmq.orchestrate.failover import HEARTBEAT_S, LIVENESS, STALL_FACTOR, STALL_FLOOR_S
     from edgezmq.planner.problem import MAX_DISAGREEMENT, MAX_ERROR
 
@@ -278,7 +287,11 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                         f"{','.join(DEFAULT_ENCODINGS)}; each costs a forward per cut on the calibration batch)")
     g.add_argument("--calibration-npy", metavar="FILE",
                    help="images (N, C, H, W float32 .npy) to measure the encodings' error on (default: "
-                        f"{CALIBRATION_SAMPLES} seeded standard-normal images)")
+                        "--calibration-samples seeded standard-normal images)")
+    g.add_argument("--calibration-samples", type=int_in(1, MAX_CALIBRATION_SAMPLES), metavar="N",
+                   help=f"seeded images to measure the encodings on (default {CALIBRATION_SAMPLES}); each encoded "
+                        "cut counts one sample more than it flipped, so A percent agreement needs N >= 100 / (100 - A) "
+                        "per encoded cut")
     d.set_defaults(func=cmd_deploy)
 
     u = sub.add_parser("undeploy", help="unload every node of a plan or a cluster inventory", formatter_class=FMT,

@@ -419,16 +419,18 @@ def to_deploy_plan(
 
 
 def measure_encodings(g: Gathered, cluster: Cluster, model: ModelSpec, *, encodings: Any = None,
-                      calibration: Any = None, say: Say | None = None) -> Any:
+                      calibration: Any = None, samples: int | None = None, say: Say | None = None) -> Any:
     """Add the candidate encodings and their codec costs to ``g.problem`` (edgezmq.orchestrate.compress):
     measured on this machine with the deployment's weights on `calibration` (an image array;
-    None: the seeded batch), the codec costs scaled to each device type by its profile."""
+    None: `samples` seeded images, default compress.CALIBRATION_SAMPLES), the codec costs
+    scaled to each device type by its profile."""
     from edgezmq.orchestrate import compress  # torch: only when compressing
 
     say = say or (lambda m: log.info("%s", m))
     net = compress.load_model(model.name, checkpoint=model.checkpoint, pretrained=model.pretrained,
                               kwargs=model.kwargs)
-    x, source = compress.calibration_batch(model.name, model.microbatch, calibration, model.kwargs)
+    x, source = compress.calibration_batch(model.name, model.microbatch, calibration, model.kwargs,
+                                           n=samples or compress.CALIBRATION_SAMPLES)
     threads: dict[str, int] = {}
     for n in cluster.nodes:
         info = g.infos[n.name]
@@ -445,12 +447,12 @@ def autodeploy(
     results: str | None = None, time_limit_s: float = PLAN_TIME_LIMIT_S, say: Say | None = None,
     load_timeout: float = 600.0, replication: bool = True, spot_check: bool = True,
     calibrate: int = CALIBRATION_MICROBATCHES, client: Client | None = None, budget: Budget = EXACT,
-    encodings: Any = None, calibration: Any = None,
+    encodings: Any = None, calibration: Any = None, calibration_samples: int | None = None,
 ) -> tuple[Deployment | None, DeployPlan, Any, Any, Gathered]:
     """Measure, plan, deploy, calibrate (`calibrate` microbatches through the deployment,
     ``edgezmq.orchestrate.calibrate``; 0: not), through `client` when given (bound to `results`).
     With a `budget`, the candidate `encodings` (default compress.DEFAULT_ENCODINGS) are measured
-    on the `calibration` samples (default: seeded images; ``measure_encodings``) and the planner
+    on the `calibration` images (default: `calibration_samples` seeded ones; ``measure_encodings``) and the planner
     may encode links within it; without one every link is raw (exact).
     Returns (deployment or None when dry_run, deploy plan, planner problem, planner plan,
     what was gathered, with ``calibration`` and ``encodings``)."""
@@ -461,7 +463,8 @@ def autodeploy(
                kwargs=model.kwargs, reprofile=reprofile, replication=replication, say=say,
                spot_check=spot_check)
     if budget.given:
-        measure_encodings(g, cluster, model, encodings=encodings, calibration=calibration, say=say)
+        measure_encodings(g, cluster, model, encodings=encodings, calibration=calibration,
+                          samples=calibration_samples, say=say)
     problem, planned = plan_problem(g.problem, time_limit_s=time_limit_s, budget=budget)
     plan = to_deploy_plan(cluster, planned, model=model, results=results, problem=problem, budget=budget)
     if dry_run:

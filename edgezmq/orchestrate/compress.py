@@ -9,9 +9,14 @@
 - ``error`` / ``disagreement``: per interior cut, the relative L2 of the logits and the percent
   of samples whose top-1 class changed, with that encoding at that cut alone, through the
   codecs' own round trip (``edgezmq.model.accuracy.CutSweep``), on the calibration batch:
-  ``CALIBRATION_SAMPLES`` seeded standard-normal images (``chain.random_inputs``, seed
-  ``CALIBRATION_SEED``, the same kind the calibration bursts send) unless the caller passes its
-  own samples, in microbatches of the deployment's size (a per-channel scale spans a microbatch).
+  ``CALIBRATION_SAMPLES`` (or ``samples``) seeded standard-normal images (``chain.random_inputs``,
+  seed ``CALIBRATION_SEED``, the same kind the calibration bursts send) unless the caller passes
+  its own images, in microbatches of the deployment's size (a per-channel scale spans a
+  microbatch). The disagreement written is the flips measured **plus one sample** (100 / N
+  percent): two encoded cuts together flipped up to 2 samples more than the sum of their flips
+  alone (near-ties: bench/encoding_sum.py, docs/planner.md "Why a union bound"), and one sample a
+  cut covers every pair measured. So a batch of N samples cannot certify an agreement finer than
+  100 / N percent per encoded cut: 16 samples, 6.25 % a cut; --min-agreement 99 needs >= 100.
 - ``codec_ms_per_mb``: per device type, the codecs' CPU time per MB measured here, on the
   client, scaled by how much slower the type ran the model's units than this machine does
   with the same number of torch threads (its profile's unit times over the client's). Why
@@ -38,11 +43,12 @@ from edgezmq.protocol import codecs
 if TYPE_CHECKING:  # torch is imported where it is used: the CLI reads this module's defaults without it
     import torch
 
-__all__ = ["DEFAULT_ENCODINGS", "CALIBRATION_SAMPLES", "CALIBRATION_SEED", "CompressionError", "Measured",
+__all__ = ["DEFAULT_ENCODINGS", "CALIBRATION_SAMPLES", "MAX_CALIBRATION_SAMPLES", "CALIBRATION_SEED", "CompressionError", "Measured",
            "measure", "add_encodings", "load_model", "calibration_batch", "speed_factors", "codec_ms_per_mb"]
 
 DEFAULT_ENCODINGS = ("f16", "int8", "int4")  # one of each width: the sweep costs a forward per cut per encoding
 CALIBRATION_SAMPLES = 16
+MAX_CALIBRATION_SAMPLES = 100_000
 CALIBRATION_SEED = 0
 TIMING_REPS = 3  # the client's chain is timed this many times (median), after one warm-up
 
@@ -56,16 +62,17 @@ class Measured:
     """What ``measure`` found: the problem's ``model.encodings``, the client's codec costs and
     its chain times, and where they came from."""
 
-    encodings: dict[str, dict[str, Any]]  # name -> {ratio, error: [...], disagreement: [...]}
+    encodings: dict[str, dict[str, Any]]  # name -> {ratio, error: [...], disagreement: [...] (+1 sample)}
     codec_s_per_mb: dict[str, tuple[float, float]]  # name -> (encode, decode) on the client, one thread
     codec_shape: tuple[int, ...]
     samples: int
     source: str  # "seeded" or "given"
     client_chain_s: dict[int, float] = field(default_factory=dict)  # torch threads -> one microbatch, s
     seconds: float = 0.0
+    flips: dict[str, list[int]] = field(default_factory=dict)  # name -> samples flipped per cut (no margin)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"encodings": self.encodings, "samples": self.samples, "calibration": self.source,
+        return {"encodings": self.encodings, "flips": self.flips, "samples": self.samples, "calibration": self.source,
                 "codec_shape": list(self.codec_shape),
                 "client_codec_ms_per_mb": {e: {"encode": a * 1e3, "decode": b * 1e3}
                                            for e, (a, b) in self.codec_s_per_mb.items()},
@@ -105,9 +112,10 @@ def load_model(name: str, *, checkpoint: str | None = None, pretrained: bool = F
     return model.eval()
 
 
-def calibration_batch(name: str, microbatch: int, samples: Any = None, kwargs: dict | None = None) -> tuple[torch.Tensor, str]:
-    """(images, "seeded" | "given"): the caller's samples, or CALIBRATION_SAMPLES seeded
-    standard-normal ones rounded up to whole microbatches."""
+def calibration_batch(name: str, microbatch: int, samples: Any = None, kwargs: dict | None = None,
+                      n: int = CALIBRATION_SAMPLES) -> tuple[torch.Tensor, str]:
+    """(images, "seeded" | "given"): the caller's samples, or `n` seeded standard-normal ones
+    rounded up to whole microbatches."""
     import numpy as np
     import torch
 
@@ -115,7 +123,9 @@ def calibration_batch(name: str, microbatch: int, samples: Any = None, kwargs: d
 
     kwargs = dict(kwargs or {})
     if samples is None:
-        n = microbatch * math.ceil(CALIBRATION_SAMPLES / microbatch)
+        if not 1 <= n <= MAX_CALIBRATION_SAMPLES:
+            raise CompressionError(f"calibration samples: expected 1..{MAX_CALIBRATION_SAMPLES}, got {n}")
+        n = microbatch * math.ceil(n / microbatch)
         x = models.random_inputs(name, n, CALIBRATION_SEED, **kwargs)
         if isinstance(x, tuple):
             raise CompressionError(f"{name}: measuring encodings needs an image model (one float input), "
@@ -123,7 +133,7 @@ def calibration_batch(name: str, microbatch: int, samples: Any = None, kwargs: d
         return torch.from_numpy(x), "seeded"
     x = torch.as_tensor(np.asarray(samples, dtype=np.float32))
     want = models.input_shape(name, 1, **kwargs)[1:]
-    if x.dim() != 4 or tuple(x.shape[1:]) != tuple(want) or x.shape[0] < 1:
+    if x.dim() != 4 or tuple(x.shape[1:]) != tuple(want) or not 1 <= x.shape[0] <= MAX_CALIBRATION_SAMPLES:
         raise CompressionError(f"calibration samples: expected an (N, {', '.join(map(str, want))}) float array, "
                                f"got shape {tuple(x.shape)}")
     if not bool(torch.isfinite(x).all()):
@@ -185,19 +195,24 @@ def measure(model: torch.nn.Module, granularity: str, x: torch.Tensor, microbatc
         raise CompressionError(f"{granularity}: the model has one unit, no cut to encode")
     shapes = [[tuple(t.shape) for t in sweep.tensors(c)[0]] for c in cuts]
     out: dict[str, dict[str, Any]] = {}
+    flips: dict[str, list[int]] = {}
+    n = int(x.shape[0])
     for e in encs:
         f = _transform(e)
-        errs, dis = [], []
+        errs, flipped = [], []
         for c in cuts:
             logits = sweep.logits(c, f)
             err = accuracy.rel_l2(logits, sweep.reference)
             if not math.isfinite(err):
                 raise CompressionError(f"encoding {e} at cut {c}: the logits' error is {err} (non-finite activations?)")
             errs.append(round(err, 9))
-            dis.append(round(100.0 - accuracy.agreement(logits, sweep.reference), 6))
+            flipped.append(int((logits.argmax(-1) != sweep.reference.argmax(-1)).sum()))
+        flips[e] = flipped
+        # percent, with one sample of margin (module doc); capped at the problem's 100
+        dis = [min(100.0, round(100.0 * (k + 1) / n, 6)) for k in flipped]
         out[e] = {"ratio": round(_ratio(e, shapes), 6), "error": errs, "disagreement": dis}
         say(f"encoding {e}: ratio {out[e]['ratio']:.4f}, logit error per cut {min(errs):.2g}..{max(errs):.2g}, "
-            f"top-1 changed {min(dis):.3g}..{max(dis):.3g} % of {x.shape[0]} samples")
+            f"top-1 changed on {min(flipped)}..{max(flipped)} of {n} samples")
     # the codec costs at the largest activation the links carry (every cut's first tensor)
     shape = max((s[0] for s in shapes), key=math.prod)
     costs = {}
@@ -206,7 +221,7 @@ def measure(model: torch.nn.Module, granularity: str, x: torch.Tensor, microbatc
         costs[e] = (cost.encode_s_per_mb, cost.decode_s_per_mb)
     mb = next(iter(torch.split(x, microbatch)))
     chain_s = {t: _client_chain_s(model, granularity, mb, t) for t in sorted(set(threads))}
-    return Measured(out, costs, shape, int(x.shape[0]), source, chain_s, time.monotonic() - t0)
+    return Measured(out, costs, shape, n, source, chain_s, time.monotonic() - t0, flips)
 
 
 def speed_factors(problem: dict[str, Any], client_chain_s: dict[int, float], threads: dict[str, int]) -> dict[str, float]:
