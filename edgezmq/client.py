@@ -197,7 +197,10 @@ class Client:
     def _send(self, seq: int, x: list[np.ndarray], deadline: float) -> None:
         """Send, waiting for stage 0 to take it (resubmissions and failover replays only: the
         stream's own sends never wait, see ``stream``)."""
-        frames = self._frames(seq, x)
+        self.send_frames(seq, self._frames(seq, x), deadline)
+
+    def send_frames(self, seq: int, frames: list, deadline: float) -> None:
+        """Send an encoded message (microbatch `seq`), waiting until `deadline` for stage 0 to take it."""
         while True:
             try:
                 sockets.send_frames(self.push, frames)

@@ -8,7 +8,7 @@ one definition.
 from __future__ import annotations
 
 __all__ = ["CLIENT", "GRANULARITIES", "MAX_MICROBATCH", "MAX_THREADS", "MAX_PORT", "MAX_UNITS", "MAX_BYTES", "MAX_MBPS",
-           "MAX_LATENCY_MS", "MAX_SECONDS", "MAX_FACTOR", "ENCODINGS", "MAX_RUNGS", "MAX_SEARCH_NODES", "MAX_TENSORS"]
+           "MAX_LATENCY_MS", "MAX_SECONDS", "MAX_FACTOR", "ENCODINGS", "MAX_RUNGS", "MAX_SEARCH_NODES", "MAX_TENSORS", "MAX_CONTEXT"]
 
 # The client's (and bootstrapper's) name in link tables: planner problems, cluster
 # inventories, testbed configs, traces. Reserved: no device or node may be called so.
@@ -33,6 +33,7 @@ MAX_SECONDS = 1e6  # any duration in a file: a unit's time, a timeout (11.6 days
 MAX_FACTOR = 1e6  # any multiplier or ratio: a device's speed, a payload factor, a cost per MB
 MAX_SEARCH_NODES = 10**10  # the planner's search effort limit (nodes expanded by one solve)
 MAX_TENSORS = 8  # tensors in one data message: the most values a cut between two units may carry
+MAX_CONTEXT = 1 << 20  # tokens of a decoder's sequence in a plan or a profile (context, --context)
 
 # How activations may cross a link (edgezmq.protocol.codecs, docs/compression.md): the lossless
 # `raw`, then halves, then int8/int4 with a scale per token or per channel (`-ch`), optionally

@@ -28,6 +28,16 @@ fp32 (the JSON's "units" field). How the problems are derived (docs/planner.md r
   uplink), and the pairs at the slower end's rate: RCC-VE <-> RCC-VE 30 Mbps, anything
   touching a MinnowBoard 10 Mbps, client <-> RCC-VE 30 Mbps, 1 ms each.
   The slow-pair problem adds 5 Mbps links between four pairs of RCC-VE boards.
+- LLM decoding (``edgepipe-tinyllama-decode``): TinyLlama-1.1B (22 layers x 2048, 4 GB of
+  fp32 weights: no MinnowBoard holds it, nor one RCC-VE beside its caches) generating on the
+  same 16 boards: each unit timed on one decode step (``profiling.profile_decode``: 8
+  sequences, one new token each, 512 tokens cached) on this project's machine at 1 thread
+  (``profiles/host-tinyllama-decode.json``), scaled to each board by how much slower the board
+  is than that thread on ViT-Large per sample (``testbed-edgepipe.derivation.json``: board
+  seconds / 8 over the host's one-thread seconds at microbatch 1; 2.09x RCC-VE, 2.59x
+  MinnowBoard: the assumption is that a decode step slows down on the boards as ViT compute
+  does, which a memory-bound step need not). Every layer keeps the KV caches of 64 sequences
+  of 512 tokens (``cache_bytes``); no replication (a sequence's cache lives on one replica).
 - Home cluster: a laptop (RCC-VE times / 5, 16 GB, 4 GB reserved: an assumption) running
   the client too, and two Raspberry-Pi-4-class boards (MinnowBoard times, 4 GB, 400 MB
   reserved); Wi-Fi 50 Mbps 3 ms between the laptop and the boards, Ethernet 940 Mbps
@@ -55,6 +65,10 @@ GIB = 1 << 30
 RESERVED = 300_000_000
 MINNOW, RCC = "Minnowboard-E3845", "RCC-VE-C2000"
 NIC_MBPS = {RCC: 30, MINNOW: 10}  # the EdgePipe testbed's per-device tc limits
+DECODE_PROFILE = HERE / "profiles" / "host-tinyllama-decode.json"
+DERIVATION = HERE / "testbed-edgepipe.derivation.json"
+BOARD_MICROBATCH = 8  # the board profiles' (edge-board-profiles.json)
+LLM_SEQUENCES = 64
 
 # name, timm name, data key (None: derived), tokens N, width D, heads, blocks, patch
 ARCH = {
@@ -166,6 +180,26 @@ def edgepipe(data: dict[str, Any], arch: str, granularity: str, *, slow_pairs: i
     }
 
 
+def llm_edgepipe(data: dict[str, Any], arch: str, granularity: str) -> dict[str, Any]:
+    """TinyLlama decoding on the EdgePipe testbed (module doc)."""
+    prof = json.loads(DECODE_PROFILE.read_text())
+    der = json.loads(DERIVATION.read_text())
+    host = der["host_one_thread_s"] / der["microbatch"]  # this machine's thread, per sample
+    scale = {t: der["board_s"][t] / BOARD_MICROBATCH / host for t in (RCC, MINNOW)}
+    cached = LLM_SEQUENCES * int(prof["context"])
+    units = [{"name": u["name"], "out_bytes": int(u["out_bytes"]), "param_bytes": int(u["param_bytes"]),
+              "work_bytes": int(u["work_bytes"]), "cache_bytes": cached * int(u["cache_bytes_per_token"])}
+             for u in prof["units"]]
+    times = {t: [round(float(u["time_s"]) * scale[t], 6) for u in prof["units"]] for t in (RCC, MINNOW)}
+    problem = edgepipe(data, "vit-large", "block")
+    problem["model"] = {"name": prof["model"], "microbatch": int(prof["microbatch"]), "granularity": "block",
+                        "kwargs": prof["kwargs"], "input_bytes": int(prof["input_bytes"]), "units": units}
+    problem["device_types"]["rcc-ve"]["unit_times_s"] = times[RCC]
+    problem["device_types"]["minnowboard"]["unit_times_s"] = times[MINNOW]
+    problem["options"]["replication"] = False
+    return problem
+
+
 def home(data: dict[str, Any], arch: str, granularity: str) -> dict[str, Any]:
     """A laptop and two Raspberry-Pi-class boards on Wi-Fi and Ethernet (module doc)."""
     model, times = model_section(data, arch, granularity)
@@ -189,6 +223,7 @@ PROBLEMS = {
     **{f"edgepipe-{a}-{g}": (edgepipe, a, g, {}) for a in ARCH for g in ("block", "half")},
     "edgepipe-slowpairs-vit-large-half": (edgepipe, "vit-large", "half", {"slow_pairs": 4}),
     "home-vit-large-half": (home, "vit-large", "half", {}),
+    "edgepipe-tinyllama-decode": (llm_edgepipe, "tinyllama", "block", {}),
 }
 
 

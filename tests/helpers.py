@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -242,3 +245,20 @@ def wait_for(what, check, timeout=WAIT_S, detail=None):
             return v
         time.sleep(0.2)
     raise AssertionError(f"timed out after {timeout:g}s waiting for {what}" + (f": {detail()}" if detail else ""))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (bound, then released)."""
+    import zmq
+
+    with zmq.Context() as ctx:
+        s = ctx.socket(zmq.PULL)
+        port = s.bind_to_random_port("tcp://127.0.0.1")
+        s.close(linger=0)
+    return port
+
+
+def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m edgezmq ARGS` in a subprocess, its output captured as text."""
+    return subprocess.run([sys.executable, "-m", "edgezmq", *args], capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ))

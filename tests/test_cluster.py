@@ -21,6 +21,7 @@ from helpers import (
     checkpoint,
     model_spec,
     monolithic,
+    run_cli,
 )
 
 from edgezmq.client import Client
@@ -229,23 +230,19 @@ def test_cli_deploy_cluster_needs_a_model(tmp_path):
     assert r.returncode != 0 and "give --model" in r.stderr
 
 
-def _cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "edgezmq", *args], capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.mark.slow
 def test_cli_profile_a_node_and_netprobe(nodes):
     a, b = nodes.nodes[0].control, nodes.nodes[1].control
-    r = _cli("profile", "--node", a, "--model", MODEL, "--kwargs", json.dumps(KWARGS),
+    r = run_cli("profile", "--node", a, "--model", MODEL, "--kwargs", json.dumps(KWARGS),
              "--microbatch", str(MICROBATCH), "--reps", "1", "--reprofile", "--json")
     assert r.returncode == 0, r.stderr
     prof = json.loads(r.stdout)
     assert len(prof["units"]) == 6 and prof["threads"] == 1
     assert r.stderr.count("unit ") >= 1  # per-unit progress lines
-    r = _cli("netprobe", "--from", a, "--to", b, "--seconds", "0.2", "--bytes", str(1 << 20), "--json")
+    r = run_cli("netprobe", "--from", a, "--to", b, "--seconds", "0.2", "--bytes", str(1 << 20), "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["bandwidth_mbps"] > 0
-    r = _cli("netprobe", "--to", b, "--seconds", "0.2", "--bytes", str(1 << 20))
+    r = run_cli("netprobe", "--to", b, "--seconds", "0.2", "--bytes", str(1 << 20))
     assert r.returncode == 0 and "Mbit/s" in r.stdout
 
 
@@ -257,7 +254,7 @@ def test_cli_netprobe_several_links_at_once(nodes):
     flags = ("--seconds", "0.3", "--bytes", str(1 << 16), "--pings", "2", "--json")
     for argv, links in ((["--to", b, "--to", c], [("here", b), ("here", c)]),
                         (["--from", a, "--from", b, "--to", c], [(a, c), (b, c)])):
-        r = _cli("netprobe", *argv, *flags)
+        r = run_cli("netprobe", *argv, *flags)
         assert r.returncode == 0, r.stderr
         out = json.loads(r.stdout)
         assert [(f["from"], f["to"]) for f in out["flows"]] == links
@@ -265,7 +262,7 @@ def test_cli_netprobe_several_links_at_once(nodes):
         together = out["together"]
         assert together["flows"] == 2 and together["bytes"] == sum(f["bytes"] for f in out["flows"])
         assert together["overlap"] > 0, together  # they ran at the same time, not one after the other
-    r = _cli("netprobe", "--to", b, "--to", c, "--seconds", "0.2", "--bytes", str(1 << 16))
+    r = run_cli("netprobe", "--to", b, "--to", c, "--seconds", "0.2", "--bytes", str(1 << 16))
     assert r.returncode == 0 and "together (2 at once, this host's uplink)" in r.stdout, r.stdout
 
 
@@ -411,7 +408,7 @@ def test_cli_deploy_with_budgets_dry_run(nodes, tmp_path):
     out = tmp_path / "plan.yaml"
     base = ["deploy", str(inv), "--model", MODEL, "--kwargs", json.dumps(KWARGS), "--microbatch", str(MICROBATCH),
             "--checkpoint", checkpoint(), "--dry-run", "--no-replication", "--no-spot-check"]
-    r = _cli(*base, "--max-error", "0.01", "--min-agreement", "90", "--encodings", "f16,int8",
+    r = run_cli(*base, "--max-error", "0.01", "--min-agreement", "90", "--encodings", "f16,int8",
              "--plan-out", str(out), "--json")
     assert r.returncode == 0, r.stderr
     assert "measuring encodings f16, int8 on" in r.stderr
@@ -427,5 +424,5 @@ def test_cli_deploy_with_budgets_dry_run(nodes, tmp_path):
                         (["--encodings", "raw"], "--encodings"), (["--encodings", "f16"], "--encodings"),
                         (["--max-error", "0.1", "--calibration-samples", "0"], "--calibration-samples"),
                         (["--max-error", "0.1", "--calibration-npy", str(tmp_path / "none.npy")], "--calibration-npy")):
-        r = _cli(*base, *flags)
+        r = run_cli(*base, *flags)
         assert r.returncode != 0 and word in r.stderr, (flags, r.stderr)

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-import zmq
 from helpers import (
     KWARGS,
     MICROBATCH,
@@ -22,6 +21,7 @@ from helpers import (
     N_UNITS,
     batches,
     checkpoint,
+    free_port,
     inproc_node,
     stage_stats,
     stats_reply,
@@ -45,16 +45,8 @@ STATUS_TIMEOUT_S = 0.5  # for the dead node: status must come back about this fa
 
 
 # ---- fixtures ------------------------------------------------------------------
-def _free_port() -> int:
-    with zmq.Context() as ctx:
-        s = ctx.socket(zmq.PULL)
-        port = s.bind_to_random_port("tcp://127.0.0.1")
-        s.close(linger=0)
-    return port
-
-
 def _dead_address() -> str:
-    return f"tcp://127.0.0.1:{_free_port()}"
+    return f"tcp://127.0.0.1:{free_port()}"
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +59,7 @@ def deployed(tmp_path_factory):
             "nodes": {"s0": n0.control_endpoint, "s1": n1.control_endpoint},
             "stages": [{"units": [0, 3], "nodes": ["s0"], "threads": 1},
                        {"units": [3, N_UNITS], "nodes": ["s1"], "threads": 1}],
-            "results": f"tcp://127.0.0.1:{_free_port()}",
+            "results": f"tcp://127.0.0.1:{free_port()}",
         }
         pf = tmp / "plan.yaml"
         pf.write_text(yaml.safe_dump(plan_d))

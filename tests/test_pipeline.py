@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 import yaml
 import zmq
-from helpers import KWARGS, MICROBATCH, MODEL, N_UNITS, batches, checkpoint, model_spec, monolithic
+from helpers import (
+    KWARGS,
+    MICROBATCH,
+    MODEL,
+    N_UNITS,
+    batches,
+    checkpoint,
+    model_spec,
+    monolithic,
+    run_cli,
+)
 
 from edgezmq.client import Client
 from edgezmq.model import chain as models
@@ -180,12 +187,6 @@ def test_client_refuses_bad_batches():
             c.infer([1, 2])
 
 
-def _cli(*args, timeout=300):
-    env = dict(os.environ)
-    return subprocess.run([sys.executable, "-m", "edgezmq", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
-
-
 def test_cli_deploy_submit_status_undeploy(cluster, tmp_path):
     from PIL import Image
 
@@ -203,13 +204,13 @@ def test_cli_deploy_submit_status_undeploy(cluster, tmp_path):
     }
     pf = tmp_path / "plan.yaml"
     pf.write_text(yaml.safe_dump(plan))
-    r = _cli("deploy", str(pf))
+    r = run_cli("deploy", str(pf))
     assert r.returncode == 0, r.stderr
     assert "blocks.1" in r.stdout and cluster.nodes[1].name in r.stdout  # the stage table
 
     x = np.stack(batches(3, seed=9)).reshape(-1, 3, 64, 64)[:5]  # 5 samples: 2 + 2 + 1
     np.save(tmp_path / "in.npy", x)
-    r = _cli("submit", str(pf), "--npy", str(tmp_path / "in.npy"), "--out", str(tmp_path / "out.npy"), "-q")
+    r = run_cli("submit", str(pf), "--npy", str(tmp_path / "in.npy"), "--out", str(tmp_path / "out.npy"), "-q")
     assert r.returncode == 0, r.stderr
     out = np.load(tmp_path / "out.npy")
     ref = np.concatenate(monolithic([x[0:2], x[2:4], x[4:5]]))
@@ -221,29 +222,29 @@ def test_cli_deploy_submit_status_undeploy(cluster, tmp_path):
     rng = np.random.default_rng(0)
     for i in range(3):
         Image.fromarray(rng.integers(0, 255, (80, 90, 3), dtype=np.uint8)).save(img_dir / f"im{i}.png")
-    r = _cli("submit", str(pf), "--images", str(img_dir), "--out", str(tmp_path / "img.npy"))
+    r = run_cli("submit", str(pf), "--images", str(img_dir), "--out", str(tmp_path / "img.npy"))
     assert r.returncode == 0, r.stderr
     assert np.load(tmp_path / "img.npy").shape == (3, 1000) and "im2.png:" in r.stdout
 
-    r = _cli("status", str(pf), "--json")
+    r = run_cli("status", str(pf), "--json")
     assert r.returncode == 0, r.stderr
     st = json.loads(r.stdout)["nodes"]
     assert [s["state"] for s in st] == ["running", "running"]
     assert st[0]["processed"] == 3 + 2  # 3 npy microbatches + 2 image microbatches
 
-    r = _cli("undeploy", str(pf))
+    r = run_cli("undeploy", str(pf))
     assert r.returncode == 0 and "unloaded" in r.stdout
 
 
 def test_cli_errors_are_clear(tmp_path):
     pf = tmp_path / "bad.yaml"
     pf.write_text("model: {name: x}\nstages: [1, 2]\n")
-    r = _cli("deploy", str(pf))
+    r = run_cli("deploy", str(pf))
     assert r.returncode == 2 and "model.checkpoint: missing" in r.stderr and "Traceback" not in r.stderr
     pf.write_text(":\n- [unbalanced")
-    r = _cli("deploy", str(pf))
+    r = run_cli("deploy", str(pf))
     assert r.returncode == 2 and "not valid YAML" in r.stderr
-    r = _cli("deploy", str(tmp_path / "missing.yaml"))
+    r = run_cli("deploy", str(tmp_path / "missing.yaml"))
     assert r.returncode == 2 and "cannot read" in r.stderr
 
 
@@ -272,7 +273,7 @@ DEMO_MODEL, DEMO_UNITS = "test_vit", 8  # embed + 6 blocks + head
 
 
 def test_demo_json(tmp_path):
-    r = _cli("demo", "--model", DEMO_MODEL, "--nodes", "2", "--batches", "2",
+    r = run_cli("demo", "--model", DEMO_MODEL, "--nodes", "2", "--batches", "2",
              "--microbatch", "2", "--json", timeout=600)
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
@@ -287,7 +288,7 @@ def test_demo_json(tmp_path):
 
 
 def test_demo_even_split_json():
-    r = _cli("demo", "--model", DEMO_MODEL, "--nodes", "2", "--batches", "2",
+    r = run_cli("demo", "--model", DEMO_MODEL, "--nodes", "2", "--batches", "2",
              "--microbatch", "2", "--split", "even", "--json", timeout=600)
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
@@ -363,7 +364,7 @@ def test_a_cnn_cut_inside_residual_blocks_crosses_processes_exactly(cluster):
 
 
 def test_demo_of_a_cnn_profiles_plans_and_equals_the_model():
-    r = _cli("demo", "--model", "mobilenetv3_small_050", "--nodes", "2", "--batches", "2",
+    r = run_cli("demo", "--model", "mobilenetv3_small_050", "--nodes", "2", "--batches", "2",
              "--microbatch", "2", "--json", timeout=900)
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)

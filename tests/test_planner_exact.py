@@ -21,6 +21,7 @@ import pytest
 from helpers import NO_CLOCK
 
 from edgezmq.planner import Problem, evaluate, solve
+from edgezmq.planner.cost import stage_memory_bytes
 
 SEEDS = range(300)
 RTOL = 1e-9
@@ -160,7 +161,7 @@ class BruteForce:
     def _stage(self, mask: int, a: int, b: int) -> tuple[float, float] | None:
         """(compute, unreplicated) of units [a, b) on the devices of mask, None if memory fails."""
         units = self.p.units[a:b]
-        need = (sum(u.param_bytes for u in units) + max(u.work_bytes for u in units)
+        need = (sum(u.param_bytes + u.cache_bytes for u in units) + max(u.work_bytes for u in units)
                 + self.p.options.buffers * (self.cut_bytes(a) + units[-1].out_bytes))
         members = [d for i, d in enumerate(self.devs) if mask >> i & 1]
         if any(need + d.reserved_bytes > d.memory_bytes for d in members):
@@ -301,6 +302,28 @@ def test_solve_is_exact(seed):
     assert plan.feasible
     assert_optimal_as_brute_force(plan, expected)
     assert plan.lower_bound_s == pytest.approx(expected[0], rel=RTOL)
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_solve_is_exact_with_caches(seed):
+    """Units that keep state (a decoder layer's KV caches: `cache_bytes`) take memory beside
+    their parameters in every stage holding them, as the brute force's definition counts it."""
+    d = random_problem(3000 + seed)
+    rng = random.Random(seed)
+    for u in d["model"]["units"]:
+        u["cache_bytes"] = rng.randint(0, 30)
+    problem = Problem.from_dict(d)
+    assert [u.resident_bytes for u in problem.units] == [u["param_bytes"] + u["cache_bytes"] for u in d["model"]["units"]]
+    expected = BruteForce(problem).solve()
+    if expected is None:
+        with pytest.raises(ValueError, match="memory|needs|fit"):
+            solve(problem, time_limit_s=NO_CLOCK)
+        return
+    plan = solve(problem, time_limit_s=NO_CLOCK)
+    assert_optimal_as_brute_force(plan, expected)
+    for st in plan.stages:  # every stage holds its units' caches
+        need = stage_memory_bytes(problem, *st.units)
+        assert all(need + dev.reserved_bytes <= dev.memory_bytes for dev in problem.devices if dev.name in st.devices)
 
 
 @pytest.mark.parametrize("seed", range(30))

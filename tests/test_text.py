@@ -4,9 +4,6 @@ tensors; inputs from token ids and text; a pipeline across processes; the demo."
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,6 +11,8 @@ import torch
 import yaml
 
 pytest.importorskip("transformers")
+
+from helpers import free_port, run_cli  # noqa: E402
 
 from edgezmq.client import Client, PipelineError, split  # noqa: E402
 from edgezmq.model import chain as models  # noqa: E402
@@ -154,20 +153,6 @@ def test_text_is_tokenized_with_a_local_vocabulary(tmp_path):
         text.load_tokenizer(NAME, str(tmp_path / "no-such-dir"))
 
 
-def _free_port() -> int:
-    import zmq
-
-    ctx = zmq.Context()
-    s = ctx.socket(zmq.PULL)
-    port = s.bind_to_random_port("tcp://127.0.0.1")
-    s.close(linger=0)
-    ctx.term()
-    return port
-
-
-def _cli(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "edgezmq", *args], capture_output=True, text=True,
-                          timeout=timeout, env=dict(os.environ))
 
 
 @pytest.mark.slow
@@ -204,32 +189,32 @@ def test_a_bert_pipeline_on_three_nodes_equals_the_model(node_pool, tmp_path):
                              "nodes": {nd.name: nd.control for nd in cluster.nodes},
                              "stages": [{"units": list(r), "nodes": [nd.name]}
                                         for r, nd in zip(zip(cuts, cuts[1:]), cluster.nodes)],
-                             "results": f"tcp://127.0.0.1:{_free_port()}"}
+                             "results": f"tcp://127.0.0.1:{free_port()}"}
                 pf.write_text(yaml.safe_dump(plan_dict))
                 c.close()  # the CLI's client binds its own results endpoint: redeploy for it
                 unload(plan)
-                r = _cli("deploy", str(pf))
+                r = run_cli("deploy", str(pf))
                 assert r.returncode == 0, r.stderr
                 ids = np.array([[101, 2000, 3000, 102], [101, 999, 102, 0], [101, 5, 6, 102]])
                 np.save(tmp_path / "ids.npy", ids)
-                r = _cli("submit", str(pf), "--tokens", str(tmp_path / "ids.npy"), "--out", str(tmp_path / "o.npy"), "-q")
+                r = run_cli("submit", str(pf), "--tokens", str(tmp_path / "ids.npy"), "--out", str(tmp_path / "o.npy"), "-q")
                 assert r.returncode == 2 and "--tokens" in r.stderr and "outside the vocabulary 0..999" in r.stderr
                 assert "Traceback" not in r.stderr
                 np.save(tmp_path / "ids.npy", ids % 1000)
-                r = _cli("submit", str(pf), "--tokens", str(tmp_path / "ids.npy"), "--out", str(tmp_path / "o.npy"), "-q")
+                r = run_cli("submit", str(pf), "--tokens", str(tmp_path / "ids.npy"), "--out", str(tmp_path / "o.npy"), "-q")
                 assert r.returncode == 0, r.stderr
                 vocab = tmp_path / "vocab.txt"
                 vocab.write_text("\n".join(VOCAB) + "\n")
                 lines = tmp_path / "in.txt"
                 lines.write_text("the edge pipeline is fast\n\nthe pipeline is slow\n")
-                r = _cli("submit", str(pf), "--text", str(lines), "--tokenizer", str(vocab),
+                r = run_cli("submit", str(pf), "--text", str(lines), "--tokenizer", str(vocab),
                          "--out", str(tmp_path / "t.npy"), "-q")
                 assert r.returncode == 0, r.stderr
                 assert "the pipeline is slow:" in r.stdout
-                r = _cli("submit", str(pf), "--npy", str(tmp_path / "ids.npy"), "--out", str(tmp_path / "x.npy"))
+                r = run_cli("submit", str(pf), "--npy", str(tmp_path / "ids.npy"), "--out", str(tmp_path / "x.npy"))
                 assert r.returncode != 0 and "is a text model" in r.stderr
             finally:
-                _cli("undeploy", str(pf)) if (tmp_path / "plan.yaml").exists() else None
+                run_cli("undeploy", str(pf)) if (tmp_path / "plan.yaml").exists() else None
                 unload(plan)
     ref = [_reference([torch.from_numpy(a) for a in x], path).numpy() for x in xs]
     assert len(outs) == 4 and all(np.array_equal(a, b) for a, b in zip(outs, ref))
@@ -245,7 +230,7 @@ def test_a_bert_pipeline_on_three_nodes_equals_the_model(node_pool, tmp_path):
 
 @pytest.mark.slow
 def test_the_demo_of_bert_profiles_plans_and_equals_the_model():
-    r = _cli("demo", "--model", "bert_tiny", "--nodes", "2", "--batches", "2", "--microbatch", "2", "--json",
+    r = run_cli("demo", "--model", "bert_tiny", "--nodes", "2", "--batches", "2", "--microbatch", "2", "--json",
              timeout=900)
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)

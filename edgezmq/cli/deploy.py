@@ -19,6 +19,7 @@ from edgezmq.cli.args import (
     node_failures,
     stderr,
 )
+from edgezmq.terms import MAX_CONTEXT
 
 EPILOG_DEPLOY = """examples:
   edgezmq deploy plans/local-3.yaml
@@ -127,6 +128,14 @@ def _deploy_cluster(args: argparse.Namespace, d: dict) -> int:
         raise UsageError(f"{args.file} is a cluster inventory: give --model")
     spec = _model_spec(args)
     calibrate = {} if args.calibrate is None else {"calibrate": args.calibrate}
+    generation = None
+    if args.generate:
+        from edgezmq.model import text
+        from edgezmq.orchestrate.autodeploy import Generation
+
+        if not text.is_decoder(spec.name):
+            raise UsageError(f"--generate: {spec.name} is not a decoder language model")
+        generation = Generation(context=args.context, sequences=args.sequences)
     t0 = time.time()
     budget = _budget(args)
     if not budget.given and (args.encodings or args.calibration_npy or args.calibration_samples):
@@ -134,10 +143,12 @@ def _deploy_cluster(args: argparse.Namespace, d: dict) -> int:
                          "--min-agreement)")
     if args.calibration_npy and args.calibration_samples:
         raise UsageError("--calibration-npy and --calibration-samples: give one")
+    if budget.given and generation is not None:
+        raise UsageError("--max-error/--min-agreement: not with --generate (encodings are measured on images)")
     dep, plan, problem, planned, g = autodeploy(
         cluster, spec, reprofile=args.reprofile, spot_check=not args.no_spot_check, dry_run=args.dry_run,
         time_limit_s=args.time_limit, say=stderr, load_timeout=args.timeout, replication=not args.no_replication,
-        budget=budget, encodings=args.encodings, calibration=_calibration(args),
+        generation=generation, budget=budget, encodings=args.encodings, calibration=_calibration(args),
         calibration_samples=args.calibration_samples, **calibrate)
     predicted = {"throughput_per_s": planned.throughput_per_s, "bottleneck_s": planned.bottleneck_s,
                  "latency_s": planned.latency_s, "window": planned.window, "optimal": planned.optimal,
@@ -274,6 +285,14 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--dry-run", action="store_true", help="stop after planning")
     g.add_argument("--no-replication", action="store_true", help="one node per stage")
     g.add_argument("--plan-out", help="write the plan (with its problem and prediction) here")
+    g.add_argument("--generate", action="store_true",
+                   help="plan a decoder for generation (docs/generate.md): units timed on decode steps of "
+                        "--microbatch sequences, stages holding the KV caches of --sequences sequences of up to "
+                        "--context tokens, no replication")
+    g.add_argument("--context", type=int_in(1, MAX_CONTEXT), default=256,
+                   help="with --generate: the most tokens a sequence holds (prompt + generated)")
+    g.add_argument("--sequences", type=int_in(1, MAX_CONTEXT), default=64,
+                   help="with --generate: sequences live at once (every stage holds their caches)")
     g.add_argument("--time-limit", type=seconds, default=20.0, help="planner time limit, seconds")
     g.add_argument("--max-error", type=float_in(0, MAX_ERROR), metavar="E",
                    help="let the planner compress links between stages: the encodings' measured logit errors "

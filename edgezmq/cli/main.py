@@ -26,7 +26,7 @@ def _setup_logging(verbose: int) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from edgezmq.cli import demo, deploy, node, ops, probe
+    from edgezmq.cli import demo, deploy, generate, node, ops, probe
     from edgezmq.planner import add_cli as add_plan_cli
     from edgezmq.testbed import add_cli as add_testbed_cli
 
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     node.add_cli(sub)      # node, keys
     deploy.add_cli(sub)    # deploy, undeploy, submit, run, checkpoint
+    generate.add_cli(sub)  # generate
     probe.add_cli(sub)     # profile, netprobe, pause, resume
     demo.add_cli(sub)      # demo
     add_plan_cli(sub)      # plan

@@ -711,6 +711,71 @@ class Shard(nn.Module):
     def param_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.state_dict().values())
 
+    # ---- generation (a decoder's shard; docs/generate.md) --------------------------------
+    @property
+    def is_decoder(self) -> bool:
+        return text.is_text(self._extra[0]) and text.family(self._extra[0]) in text.DECODER_FAMILIES
+
+    def new_cache(self) -> Any:
+        """An empty KV cache for one sequence on this shard."""
+        return text.new_cache(self._extra[0])
+
+    def cache_bytes_per_token(self) -> int:
+        """What one token of one sequence costs this shard's KV cache."""
+        layers = sum(1 for s in self._steps if isinstance(s, text.TextUnit) and s.kind == "dlayer")
+        return text.cache_bytes_per_token(self._extra[0], layers)
+
+    def max_positions(self) -> int:
+        return text.max_positions(self._extra[0])
+
+    def decode_inputs(self, microbatch: int, context: int, generator: torch.Generator) -> tuple[torch.Tensor, list[Any]]:
+        """What a decode step of `microbatch` sequences with `context` tokens cached brings this
+        shard (for timing it): its one new token each (ids, or random hidden states) and caches
+        of random keys and values."""
+        m: Any = self._extra[0]
+        first = self._steps[0]
+        assert isinstance(first, text.TextUnit)
+        if first.kind == "dembed":
+            x = torch.zeros((microbatch, 1), dtype=torch.long)
+        else:
+            x = torch.randn((microbatch, 1, m.config.hidden_size), generator=generator)
+        heads, size = text.kv_shape(m)
+        caches = []
+        for _ in range(microbatch):
+            c = self.new_cache()
+            for i in self._layer_ids():
+                c.layers[i].update(torch.randn((1, heads, context, size), generator=generator),
+                                   torch.randn((1, heads, context, size), generator=generator))
+            caches.append(c)
+        return x, caches
+
+    def _layer_ids(self) -> list[int]:
+        return [s.index for s in self._steps if isinstance(s, text.TextUnit) and s.kind == "dlayer"]
+
+    def step_batch(self, x: torch.Tensor, caches: list[Any], lengths: list[int]) -> torch.Tensor:
+        """One new token of each of B sequences (`x`: (B, 1) ids or (B, 1, D)), each with its cache
+        of lengths[i] tokens, as one batch (the model's own forward on the left-padded batch);
+        each cache is extended by its token."""
+        layers = self._layer_ids()
+        batch, mask = (text.stack_caches(self._extra[0], caches, lengths, layers) if layers
+                       else (None, torch.ones(len(caches), max(lengths) + 1, dtype=torch.long)))
+        positions = torch.tensor(lengths).unsqueeze(1)
+        for s in self._steps:
+            assert isinstance(s, text.TextUnit)
+            x = s.step_batch(x, batch, positions, mask)
+        if layers:
+            text.unstack_caches(batch, caches, layers)
+        return x
+
+    def step(self, x: torch.Tensor, cache: Any, pos: int) -> torch.Tensor:
+        """One sequence's new tokens `x` (batch 1) at positions pos.. through this shard's units,
+        extending `cache`; a decoder's shard only (see `is_decoder`)."""
+        positions = torch.arange(pos, pos + x.shape[1]).unsqueeze(0)
+        for s in self._steps:
+            assert isinstance(s, text.TextUnit)
+            x = s.step(x, cache, positions)
+        return x
+
     def extra_repr(self) -> str:
         return f"{self.name} units [{self.start}, {self.end}) at {self.granularity} granularity"
 

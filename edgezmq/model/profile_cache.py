@@ -60,8 +60,9 @@ def software_versions() -> dict[str, str]:
 def profile_key(model: str, *, granularity: str, microbatch: int, threads: int,
                 kwargs: Mapping[str, Any] | None = None, dtype: str = "float32",
                 device: Mapping[str, Any] | None = None,
-                versions: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """The key of a profile; `device` defaults to this device, `versions` to the installed ones."""
+                versions: Mapping[str, str] | None = None, context: int | None = None) -> dict[str, Any]:
+    """The key of a profile; `device` defaults to this device, `versions` to the installed ones;
+    `context`: a decoder's decode-step profile at that many cached tokens (none: whole inputs)."""
     if device is None:
         from edgezmq.model.profiling import device_identity  # torch: only when this device is meant
 
@@ -74,6 +75,7 @@ def profile_key(model: str, *, granularity: str, microbatch: int, threads: int,
         "microbatch": microbatch,
         "dtype": dtype,
         "threads": threads,
+        **({"phase": "decode", "context": context} if context is not None else {}),
         VERSIONS_FIELD: dict(versions if versions is not None else software_versions()),
     }
 

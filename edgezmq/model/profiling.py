@@ -63,6 +63,7 @@ import torch
 
 from edgezmq.model import chain as models
 from edgezmq.node import device
+from edgezmq.terms import MAX_CONTEXT
 
 __all__ = ["DTYPE", "ProgressFn", "device_identity", "profile_units", "format_profile", "spot_check", "rescale"]
 
@@ -313,6 +314,49 @@ def _profile_unit(model: str, i: int, *, granularity: str, specs: list, fixed: l
     return entry
 
 
+def _decode_step(shard: Any, microbatch: int, context: int, gen: torch.Generator) -> Callable[[], Any]:
+    """One decode step of `shard` at `context` cached tokens, repeatable: each call's new
+    token is cut from the caches again, so every call sees the same context."""
+    x, caches = shard.decode_inputs(microbatch, context, gen)
+    lengths = [context] * microbatch
+
+    def step() -> Any:
+        y = shard.step_batch(x, caches, lengths)
+        for c in caches:
+            c.crop(-1)
+        return (y,)
+
+    return step
+
+
+def _profile_decode_unit(model: str, i: int, *, microbatch: int, context: int, warmup: int, reps: int,
+                         kwargs: dict[str, Any], checkpoint: str | Path | None, gen: torch.Generator,
+                         meter: _PeakMeter, round_s: float, stop: StopFn | None = None) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    shard = models.build_shard(model, i, i + 1, checkpoint=checkpoint, dtype=TORCH_DTYPE, **kwargs)
+    build_s = time.perf_counter() - t0
+    step = _decode_step(shard, microbatch, context, gen)
+    with torch.inference_mode():
+        x_bytes = sum(t.numel() * t.element_size() for t in [shard.decode_inputs(microbatch, 0, gen)[0]])
+        times = _timed_rounds(step, warmup, reps, round_s, stop)
+        (out,), work = meter(step)
+    entry = {
+        "index": i,
+        "name": shard.units[0].name,
+        "time_s": statistics.median(times),
+        "times_s": times,
+        "in_bytes": x_bytes,
+        "out_bytes": out.numel() * out.element_size(),
+        "param_bytes": shard.param_bytes(),
+        "work_bytes": work,
+        "cache_bytes_per_token": shard.cache_bytes_per_token(),
+        "build_s": build_s,
+    }
+    del shard, step, out
+    gc.collect()
+    return entry
+
+
 @contextlib.contextmanager
 def _frozen_heap() -> Iterator[None]:
     """Objects alive before profiling (caches of traced graphs: many thousands of nodes) left out
@@ -327,19 +371,33 @@ def _frozen_heap() -> Iterator[None]:
 def profile_units(model: str, *, granularity: str = "block", microbatch: int = 8,
                   threads: int | None = None, warmup: int = 1, reps: int = 3,
                   kwargs: Mapping[str, Any] | None = None, checkpoint: str | Path | None = None,
-                  progress: ProgressFn | None = None, stop: StopFn | None = None) -> dict[str, Any]:
+                  progress: ProgressFn | None = None, stop: StopFn | None = None,
+                  context: int | None = None) -> dict[str, Any]:
     """Time and measure every unit of `model` at `microbatch` on this device, one unit at a time.
 
     `threads`: torch intra-op threads while profiling (None: the current setting); the
     previous setting is restored afterwards. `progress(i, n, unit_name, time_s)` is
     called after each unit. `stop()`, called before every timed forward, raises to end the
     profile early (a cancelled job). Returns plain values only (JSON- and msgpack-ready).
+
+    `context` (a decoder only): time each unit on one decode step instead (docs/generate.md):
+    `microbatch` sequences, one new token each, `context` tokens in each cache; each unit also
+    reports the KV-cache bytes one token costs it (``cache_bytes_per_token``), and the profile
+    says ``phase: decode`` and its ``context`` (no chain factor: ``chain`` null).
     """
     _check_counts(threads, warmup, reps)
     kw = dict(kwargs or {})
-    specs = models.boundary_specs(model, granularity, microbatch, dtype=TORCH_DTYPE, **kw)
-    fixed = models.boundary_values(model, granularity, microbatch, dtype=TORCH_DTYPE, **kw)
-    n = len(specs) - 1
+    if context is not None:
+        if not 1 <= context <= MAX_CONTEXT:
+            raise models.ModelError(f"context must be 1..{MAX_CONTEXT} tokens, got {context}")
+        if not models.text.is_decoder(model):
+            raise models.ModelError(f"{model} is not a decoder: only a decoder's units take decode steps")
+        specs, fixed = [], []
+        n = len(models.unit_infos(model, **kw))
+    else:
+        specs = models.boundary_specs(model, granularity, microbatch, dtype=TORCH_DTYPE, **kw)
+        fixed = models.boundary_values(model, granularity, microbatch, dtype=TORCH_DTYPE, **kw)
+        n = len(specs) - 1
     used = threads or torch.get_num_threads()
     meter = _PeakMeter()
     gen = torch.Generator().manual_seed(INPUT_SEED)
@@ -349,15 +407,20 @@ def profile_units(model: str, *, granularity: str = "block", microbatch: int = 8
     units = []
     with _torch_threads(used), _frozen_heap():
         for i in range(n):
-            entry = _profile_unit(model, i, granularity=granularity, specs=specs, fixed=fixed, warmup=warmup,
-                                  reps=reps, kwargs=kw, checkpoint=checkpoint, gen=gen, meter=meter,
-                                  round_s=round_s, stop=stop)
+            if context is not None:
+                entry = _profile_decode_unit(model, i, microbatch=microbatch, context=context, warmup=warmup,
+                                             reps=reps, kwargs=kw, checkpoint=checkpoint, gen=gen, meter=meter,
+                                             round_s=round_s, stop=stop)
+            else:
+                entry = _profile_unit(model, i, granularity=granularity, specs=specs, fixed=fixed, warmup=warmup,
+                                      reps=reps, kwargs=kw, checkpoint=checkpoint, gen=gen, meter=meter,
+                                      round_s=round_s, stop=stop)
             units.append(entry)
             log.debug("%s unit %d/%d %s: %.4f s, work %d B", model, i + 1, n, entry["name"],
                       entry["time_s"], entry["work_bytes"])
             if progress is not None:
                 progress(i, n, entry["name"], entry["time_s"])
-        window = chain_window(units, int(CHAIN_MEMORY_SHARE * device.memory_budget()))
+        window = None if context is not None else chain_window(units, int(CHAIN_MEMORY_SHARE * device.memory_budget()))
         chain = None if window is None else _profile_chain(
             model, window, units, granularity=granularity, specs=specs, fixed=fixed, warmup=warmup, reps=reps,
             kwargs=kw, checkpoint=checkpoint, gen=gen, round_s=round_s, stop=stop)
@@ -377,11 +440,12 @@ def profile_units(model: str, *, granularity: str = "block", microbatch: int = 8
         "work_method": meter.method,
         "work_resolution_bytes": meter.resolution_bytes,
         "base_rss_bytes": base_rss,  # the process before any unit: the runtime's own footprint
+        **({"phase": "decode", "context": context} if context is not None else {}),
         "units": units,
         # units [a, b) timed back to back: factor = that time / the sum of their own times
         # (the planner scales every unit's time by it; None: too little memory to measure)
         "chain": chain,
-        "input_bytes": _nbytes(specs[0]),
+        "input_bytes": units[0]["in_bytes"] if context is not None else _nbytes(specs[0]),
         "total_time_s": sum(u["time_s"] for u in units),
         "profile_s": time.perf_counter() - started,
     }
@@ -395,9 +459,21 @@ def spot_check(prof: Mapping[str, Any], *, kwargs: Mapping[str, Any] | None = No
     the device's speed has moved since (a board that throttles when hot, other tenants, a
     VM's host): ``rescale`` applies it. Seconds, where a whole profile takes minutes."""
     kw = dict(kwargs or {})
+    units, chain = prof["units"], prof.get("chain")
+    if prof.get("phase") == "decode":  # a decode profile: its slowest unit's decode step again
+        i = max(range(len(units)), key=lambda j: units[j]["time_s"])
+        started = time.perf_counter()
+        shard = models.build_shard(prof["model"], i, i + 1, checkpoint=checkpoint, dtype=TORCH_DTYPE, **kw)
+        step = _decode_step(shard, int(prof["microbatch"]), int(prof["context"]), torch.Generator().manual_seed(INPUT_SEED))
+        with _torch_threads(int(prof["threads"])), torch.inference_mode():
+            times = _timed_rounds(step, warmup, reps, round_seconds(), stop)
+        del shard, step
+        gc.collect()
+        now, then = statistics.median(times), float(units[i]["time_s"])
+        return {"units": [i, i + 1], "time_s": now, "times_s": times, "cached_time_s": then,
+                "ratio": now / then if then > 0 else 1.0, "at": time.time(), "check_s": time.perf_counter() - started}
     specs = models.boundary_specs(prof["model"], prof["granularity"], prof["microbatch"], dtype=TORCH_DTYPE, **kw)
     fixed = models.boundary_values(prof["model"], prof["granularity"], prof["microbatch"], dtype=TORCH_DTYPE, **kw)
-    units, chain = prof["units"], prof.get("chain")
     if chain:
         window, then = (int(chain["units"][0]), int(chain["units"][1])), float(chain["time_s"])
     else:

@@ -155,6 +155,12 @@ def _config(name: str, kwargs: Mapping[str, Any]) -> tuple[Any, int]:
     if "embed_dim" in kwargs or "num_heads" in kwargs:
         fields.pop("head_dim", None)  # derived from the width again
     cls = {"bert": transformers.BertConfig, "llama": transformers.LlamaConfig, "gpt2": transformers.GPT2Config}
+    defaults = cls[spec.family]()
+    vocab = fields.get("vocab_size", defaults.vocab_size)
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):  # a shrunk vocabulary has no such token
+        v = fields.get(k, getattr(defaults, k, None))
+        if isinstance(v, int) and v >= vocab:
+            fields[k] = None
     config = cls[spec.family](**fields)
     if "mlp_ratio" in kwargs:
         setattr(config, names["mlp_ratio"], max(1, round(config.hidden_size * float(kwargs["mlp_ratio"]))))
@@ -353,6 +359,7 @@ class TextUnit:
         layers = (model.get_submodule(_DECODER[self.family][1]) if self.family in DECODER_FAMILIES
                   else model.bert.encoder.layer)
         self.layer = layers[piece.layer] if piece.layer >= 0 else None
+        self.index = piece.layer  # the layer's index in the model (its cache layer), -1 outside layers
 
     def __call__(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         m, layer, kind = self.model, self.layer, self.kind
@@ -401,6 +408,121 @@ class TextUnit:
         pos = _positions(h)
         assert layer is not None
         return layer(h, None, _causal(m, h, mask, pos), None, position_ids=pos), mask
+
+
+    # ---- generation: one sequence, its new tokens, its KV cache (docs/generate.md) ----------
+    def step(self, x: torch.Tensor, cache: Any, positions: torch.Tensor) -> torch.Tensor:
+        """This decoder unit on one sequence's new tokens (batch 1: ids (1, T) at the embedding,
+        else hidden states (1, T, D)) at `positions` (1, T), reading and extending `cache`
+        (a DynamicCache of the whole model's layers: this unit's layer only is touched), as the
+        model's forward runs them inside `generate`; the head gives the last token's logits (1, V)."""
+        m, layer, kind = self.model, self.layer, self.kind
+        if self.family == "llama":
+            if kind == "dembed":
+                return m.model.embed_tokens(x)
+            if kind == "dhead":  # the model normalises every position, then keeps the last one's logits
+                return m.lm_head(m.model.norm(x)[:, -1:, :])[:, 0]
+            assert layer is not None
+            mask = _causal_cached(m, x, cache, positions, self.index)
+            return layer(x, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                         position_embeddings=m.model.rotary_emb(x, position_ids=positions))
+        t = m.transformer
+        if kind == "dembed":
+            e = t.wte(x)
+            return t.drop(e + t.wpe(positions).to(e.device))
+        if kind == "dhead":
+            return m.lm_head(t.ln_f(x)[:, -1:, :])[:, 0]
+        assert layer is not None
+        mask = _causal_cached(m, x, cache, positions, self.index)
+        return layer(x, cache, mask, None, use_cache=True, position_ids=positions)
+
+
+    def step_batch(self, x: torch.Tensor, cache: Any, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """This unit on one new token of each of B sequences (ids (B, 1), or hidden states (B, 1, D))
+        against `cache`, their caches stacked and left-padded (`stack_caches`): the model's own
+        forward on that batch, `mask` (B, past + 1) marking the padding, `positions` (B, 1) each
+        sequence's own. The head gives each row's logits (B, V)."""
+        m, layer, kind = self.model, self.layer, self.kind
+        if kind == "dembed" or kind == "dhead":
+            return self.step(x, cache, positions)
+        assert layer is not None
+        from transformers.masking_utils import create_causal_mask
+
+        causal = create_causal_mask(config=m.config, inputs_embeds=x, attention_mask=mask, cache=cache,
+                                    position_ids=positions, layer_idx=self.index)
+        if self.family == "llama":
+            return layer(x, attention_mask=causal, position_ids=positions, cache=cache, use_cache=True,
+                         position_embeddings=m.model.rotary_emb(x, position_ids=positions))
+        return layer(x, cache, causal, None, use_cache=True, position_ids=positions)
+
+
+def stack_caches(model: Any, caches: list[Any], lengths: list[int], layers: list[int]) -> tuple[Any, torch.Tensor]:
+    """B sequences' caches as one batch cache of `layers` (left-padded to the longest) and the
+    attention mask (B, longest + 1) that hides the padding and admits the new token."""
+    import torch.nn.functional as F
+
+    longest = max(lengths)
+    batch = new_cache(model)
+    for i in layers:
+        ks = [F.pad(c.layers[i].keys, (0, 0, longest - n, 0)) for c, n in zip(caches, lengths)]
+        vs = [F.pad(c.layers[i].values, (0, 0, longest - n, 0)) for c, n in zip(caches, lengths)]
+        batch.layers[i].update(torch.cat(ks), torch.cat(vs))
+    mask = torch.zeros(len(caches), longest + 1, dtype=torch.long)
+    for r, n in enumerate(lengths):
+        mask[r, longest - n:] = 1
+    return batch, mask
+
+
+def unstack_caches(batch: Any, caches: list[Any], layers: list[int]) -> None:
+    """Each sequence's new token's keys and values (the batch cache's last position) appended to
+    its own cache."""
+    for i in layers:
+        k, v = batch.layers[i].keys[:, :, -1:, :], batch.layers[i].values[:, :, -1:, :]
+        for r, c in enumerate(caches):
+            c.layers[i].update(k[r:r + 1], v[r:r + 1])
+
+
+def _causal_cached(model: Any, h: torch.Tensor, cache: Any, positions: torch.Tensor, layer_idx: int) -> Any:
+    """The causal mask the model's forward makes for new tokens after a cache, as `generate` calls it
+    (an all-ones attention mask over past and new tokens), sized against this layer's cache."""
+    from transformers.masking_utils import create_causal_mask
+
+    seen = int(positions[0, -1]) + 1
+    return create_causal_mask(config=model.config, inputs_embeds=h, attention_mask=torch.ones(1, seen, dtype=torch.long),
+                              cache=cache, position_ids=positions, layer_idx=layer_idx)
+
+
+def new_cache(model: Any) -> Any:
+    """An empty KV cache for one sequence: the model's own DynamicCache (its layers fill lazily, so a
+    shard's cache holds tensors of the shard's layers only)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+def cache_bytes_per_token(model: Any, layers: int) -> int:
+    """Bytes a KV cache of `layers` decoder layers holds per token (keys and values, float32)."""
+    cfg = model.config
+    if family(model) == "gpt2":
+        width = cfg.n_embd
+    else:
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        width = cfg.num_key_value_heads * head_dim
+    return 2 * width * 4 * layers
+
+
+def kv_shape(model: Any) -> tuple[int, int]:
+    """(key-value heads, head size) of one layer's cache."""
+    cfg = model.config
+    if family(model) == "gpt2":
+        return cfg.n_head, cfg.n_embd // cfg.n_head
+    return cfg.num_key_value_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def max_positions(model: Any) -> int:
+    """The most tokens a decoder's sequence may hold (its position embeddings)."""
+    cfg = model.config
+    return int(cfg.n_positions if family(model) == "gpt2" else cfg.max_position_embeddings)
 
 
 def forward(model: Any, *xs: torch.Tensor) -> torch.Tensor:

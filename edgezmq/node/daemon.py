@@ -30,6 +30,7 @@ import numpy as np
 import zmq
 
 from edgezmq.node import device
+from edgezmq.node.kvcache import DEFAULT_BUDGET_SHARE, KVStore
 from edgezmq.node.stage import BUFFERS_PER_DIRECTION, POLL_MS, LoadSpec, StageRuntime
 from edgezmq.paths import checkpoints_dir
 from edgezmq.protocol import control, wire
@@ -239,8 +240,11 @@ class Node:
             models.unit_infos(req.model, req.granularity, **kwargs)
         except (models.ModelError, TypeError) as e:
             raise control.ControlError(control.BAD_ARGS, f"node {self.name}: {e}") from None
+        if req.context is not None and not models.text.is_decoder(req.model):
+            raise control.ControlError(control.BAD_ARGS, f"node {self.name}: profile.context: {req.model} is not "
+                                       "a decoder (decode steps are a decoder's)")
         key = cache.profile_key(req.model, granularity=req.granularity, microbatch=req.microbatch,
-                                threads=threads, kwargs=kwargs)
+                                threads=threads, kwargs=kwargs, context=req.context)
         if not req.reprofile:
             hit = cache.get(key)
             if hit is not None and not req.check:
@@ -264,7 +268,8 @@ class Node:
 
             prof = profile_units(
                 req.model, granularity=req.granularity, microbatch=req.microbatch, threads=threads,
-                kwargs=kwargs, warmup=req.warmup, reps=req.reps, progress=report, stop=job.check)
+                kwargs=kwargs, warmup=req.warmup, reps=req.reps, progress=report, stop=job.check,
+                context=req.context)
             cache.put(key, prof)
             return prof
 
@@ -345,6 +350,14 @@ class Node:
                 f"node {self.name}: shard units [{spec.start}, {spec.end}) of {spec.model} needs "
                 f"{need / 1e6:.0f} MB ({param / 1e6:.0f} MB parameters + {buffers / 1e6:.0f} MB activation "
                 f"buffers + {working}), the node has {budget / 1e6:.0f} MB available")
+        cache_budget = None
+        if models.text.is_decoder(spec.model):  # KV caches: the budget asked, else a share of what is left
+            left = budget - need
+            if spec.cache_bytes is not None and spec.cache_bytes > left:
+                raise control.ControlError(
+                    control.LOAD_FAILED, f"node {self.name}: load.cache_bytes {spec.cache_bytes} is over the "
+                    f"{max(0, left)} bytes left after the shard ({need / 1e6:.0f} MB of {budget / 1e6:.0f} MB)")
+            cache_budget = spec.cache_bytes if spec.cache_bytes is not None else int(DEFAULT_BUDGET_SHARE * left)
         # messages are capped at INBOUND_SLACK x this stage's input at the microbatch, plus a header:
         # libzmq drops anything bigger before Python reads it (a flood of 1 GiB messages costs
         # nothing), while a sender's mistake up to that size (float64, a batch too big, a tensor
@@ -364,6 +377,9 @@ class Node:
         pull.setsockopt(zmq.RCVTIMEO, POLL_MS)
         rt = StageRuntime(self.ctx, spec, pull, endpoint, keys=self.keys)
         rt.expected_in = [(tuple(s), d) for s, d in specs[spec.start]]
+        if cache_budget is not None:  # a gen step carries the first of them: ids, or hidden states
+            rt.gen_expected = rt.expected_in[0]
+            rt.cache_budget = cache_budget
         rt.n_out = len(specs[spec.end])
         rt.observers = self.observers
         self.runtime, self.state, self.error = rt, "loading", None
@@ -415,6 +431,10 @@ class Node:
                 self.runtime = None
                 self._load_request = self._load_reply = None
             return
+        if rt.gen_expected is not None:
+            shard = rt.shard
+            rt.kv = KVStore(shard.new_cache, shard.cache_bytes_per_token(), rt.cache_budget,
+                            shard.max_positions(), spec.cache_idle_s)
         if self.runtime is rt:
             self.state = "loaded"
             log.info("loaded %s units [%d, %d) in %.1fs", spec.model, spec.start, spec.end, time.time() - t0)

@@ -4,7 +4,9 @@ Three threads joined by bounded queues: receive (PULL, decode, validate) -> comp
 (torch, inference_mode) -> send (encode, PUSH).  Bad data messages are counted and turned
 into ``error`` messages downstream; nothing a peer sends can stop the stage.  The send
 thread encodes with the rung of the link's ladder that ``adaptive.LinkPolicy`` picks
-(``start(encodings=...)``, docs/compression.md); without one everything goes raw.
+(``start(encodings=...)``, docs/compression.md); without one everything goes raw.  A decoder's
+stage also takes `gen` steps: each row runs against its sequence's KV cache (``kvcache``,
+docs/generate.md).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 import numpy as np
 import zmq
 
+from edgezmq.node import kvcache
 from edgezmq.node.adaptive import LinkPolicy
 from edgezmq.protocol import codecs, wire
 from edgezmq.protocol.messages import LoadRequest, StageStats
@@ -90,6 +93,9 @@ class LoadSpec:
     pretrained: bool = False
     dtype: str = "float32"
     threads: int | None = None
+    cache_bytes: int | None = None  # a decoder's KV-cache budget (None: the node's default)
+    cache_idle_s: float = kvcache.DEFAULT_IDLE_S
+    exact_generation: bool = False  # a decoder's generation rows one by one (batch 1)
 
     @classmethod
     def from_request(cls, req: LoadRequest, threads: int | None = None) -> LoadSpec:
@@ -99,6 +105,8 @@ class LoadSpec:
             last=req.last, microbatch=req.microbatch, granularity=req.granularity,
             kwargs=dict(req.kwargs), checkpoint=req.checkpoint, pretrained=req.pretrained,
             dtype=req.dtype, threads=req.threads if req.threads is not None else threads,
+            cache_bytes=req.cache_bytes, exact_generation=req.exact_generation,
+            cache_idle_s=req.cache_idle_s if req.cache_idle_s is not None else kvcache.DEFAULT_IDLE_S,
         )
 
 
@@ -115,6 +123,11 @@ class StageRuntime:
         self.push: zmq.Socket | None = None
         self.shard: Any = None
         self.expected_in: list[tuple[tuple[int, ...], str]] = []
+        # a decoder's stage: the one tensor a gen step carries in (at the microbatch and seq_len),
+        # and the caches (made by the loader once the shard is built); None: not a decoder
+        self.gen_expected: tuple[tuple[int, ...], str] | None = None
+        self.kv: kvcache.KVStore | None = None
+        self.cache_budget = 0
         self.counters = Counters()
         self.in_q: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
         self.out_q: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
@@ -198,7 +211,13 @@ class StageRuntime:
                     raise wire.WireError("bad_kind", f"a stage accepts 'act' messages, got {msg.kind!r}", msg.seq)
                 if msg.stage != spec.stage - 1:
                     raise wire.WireError("bad_stage", f"stage {spec.stage} takes output of stage {spec.stage - 1}, got stage {msg.stage}", msg.seq)
-                wire.check_tensors(msg.tensors, self.expected_in, max_batch=spec.microbatch, seq=msg.seq)
+                if msg.gen is not None:
+                    if self.gen_expected is None:
+                        raise wire.WireError("gen_state", f"a gen message to a stage of {spec.model}, which is "
+                                             "not a decoder", msg.seq)
+                    kvcache.check_step_tensors(msg, self.gen_expected, spec.microbatch)
+                else:
+                    wire.check_tensors(msg.tensors, self.expected_in, max_batch=spec.microbatch, seq=msg.seq)
                 if len({a.shape[0] for a in msg.tensors}) > 1:
                     raise wire.WireError("bad_shape", "tensors disagree on the batch size", msg.seq)
             except wire.WireError as e:
@@ -232,6 +251,8 @@ class StageRuntime:
             except queue.Empty:
                 c.wait_s += time.time() - t0
                 waited += time.time() - t0
+                if self.kv is not None:
+                    self.kv.expire()
                 continue
             t1, cpu1 = time.time(), time.thread_time()
             c.wait_s += t1 - t0
@@ -249,8 +270,13 @@ class StageRuntime:
                 xs = [torch.from_numpy(a if a.flags.aligned and a.flags.writeable else a.copy())
                       for a in msg.tensors]
                 with torch.inference_mode():
-                    outs = self.shard(*xs)
+                    outs = self._gen_step(msg, xs) if msg.gen is not None else self.shard(*xs)
                 arrays = [np.ascontiguousarray(o.numpy()) for o in outs]
+            except kvcache.GenError as e:  # refused before anything changed
+                self._forward_cpu0 = None
+                c.bad_messages += 1
+                self._reject(spec.run, msg.seq, e.code, e.message, msg.t, msg.session)
+                continue
             except Exception as e:  # a shard failure is this message's error, not the node's
                 self._forward_cpu0 = None
                 c.compute_errors += 1
@@ -262,15 +288,56 @@ class StageRuntime:
             c.processed += 1
             self._forward_cpu0 = None
             c.samples += int(arrays[0].shape[0]) if arrays else 0
+            if self.kv is not None:
+                self.kv.expire()
             msg.t[-1][2:4] = [t1, t2]
             if self.policy is not None:
                 self.policy.observe_pace(waited + (t2 - t1))
             waited = 0.0
             out = wire.Message(
                 kind="result" if spec.last else "act", run=spec.run, seq=msg.seq,
-                stage=spec.stage, tensors=arrays, t=msg.t, session=msg.session,
+                stage=spec.stage, tensors=arrays, t=msg.t, session=msg.session, gen=msg.gen,
             )
             self._put(self.out_q, out)
+
+    def _gen_step(self, msg: wire.Message, xs: list[Any]) -> list[Any]:
+        """A gen message through the shard: each row on its own (batch 1) against its sequence's
+        cache; out: hidden states right-padded to the message's tokens, or (last stage) each row's
+        next-token logits (B, V). A release drops the caches and travels on without tensors."""
+        import torch
+
+        g, kv, session = msg.gen, self.kv, msg.session
+        assert g is not None and session is not None
+        if kv is None:  # the shard is still being built: the node is not running yet
+            raise kvcache.GenError("gen_state", "this stage has no caches yet")
+        if g["op"] == "release":
+            kv.drop(session, g["ids"])
+            return []
+        x = xs[0]
+        seqs = kv.admit(session, g, int(x.shape[1]))
+        ys = []
+        # one new token for each of several sequences: one batch, unless every row must be batch 1
+        batched = len(seqs) > 1 and not self.spec.exact_generation and all(
+            n == 1 and p > 0 for n, p in zip(g["lens"], g["pos"]))
+        try:
+            if batched:
+                y = self.shard.step_batch(x[:, :1], [s.cache for s in seqs], [s.length for s in seqs])
+                ys = [y[i:i + 1] for i in range(len(seqs))]
+                for s in seqs:
+                    kv.advanced(s, 1)
+            for i, s in enumerate(seqs if not batched else []):
+                n = g["lens"][i]
+                ys.append(self.shard.step(x[i:i + 1, :n], s.cache, g["pos"][i]))
+                kv.advanced(s, n)
+        except Exception:  # caches half extended: gone, so that the client starts them again
+            kv.drop(session, g["ids"], released=False)
+            raise
+        if self.spec.last:
+            return [torch.cat(ys)]
+        out = torch.zeros((len(ys), x.shape[1], *ys[0].shape[2:]), dtype=ys[0].dtype)
+        for i, y in enumerate(ys):
+            out[i, :y.shape[1]] = y[0]
+        return [out]
 
     def _hold_while_paused(self) -> bool:
         """Wait until `resume`; False if the stage is stopped meanwhile."""
@@ -425,6 +492,7 @@ class StageRuntime:
             in_flight=self.in_flight(), backpressured=self.out_q.full(), paused=self.paused.is_set(),
             encoding=rung_name(self.ladder[self.policy.level if self.policy else 0]) if self.ladder else codecs.RAW,
             goodput_bps=self.policy.goodput if self.policy is not None else None,
+            cache=self.kv.stats() if self.kv is not None else None,
         )
 
 

@@ -117,10 +117,20 @@ def _usable_memory(n: InventoryNode, info: dict) -> tuple[int, int]:
     return total, rss
 
 
+@dataclass(frozen=True)
+class Generation:
+    """Plan a decoder for generation (docs/generate.md): its units timed on decode steps of a
+    microbatch of sequences with `context` tokens cached (the most a sequence holds), and every
+    stage holding the KV caches of `sequences` live sequences of that length."""
+
+    context: int
+    sequences: int
+
+
 def gather(
     cluster: Cluster, *, model: str, microbatch: int, granularity: str = "block",
     kwargs: dict | None = None, reprofile: bool = False, replication: bool = True, say: Say | None = None,
-    info_timeout: float = INFO_TIMEOUT_S, spot_check: bool = True,
+    info_timeout: float = INFO_TIMEOUT_S, spot_check: bool = True, generation: Generation | None = None,
 ) -> Gathered:
     say = say or (lambda m: log.info("%s", m))
     t0 = time.time()
@@ -160,7 +170,8 @@ def gather(
         typ, n = item
         with _node(cluster, n, 60.0) as c:
             r = c.profile(m.ProfileRequest(model=model, microbatch=microbatch, granularity=granularity,
-                                           kwargs=kwargs, reprofile=reprofile, check=spot_check))
+                                           kwargs=kwargs, reprofile=reprofile, check=spot_check,
+                                           context=generation.context if generation else None))
         if r.cached:
             say(f"{n.name}: profile of {model} from the node's cache" + (", spot check" if r.job else ""))
         got = wait_job(n, r, PROFILE_TIMEOUT_S, lambda p: say(
@@ -196,7 +207,8 @@ def gather(
 
     io = measure_io(cluster, reps, infos, profiles, say)
     problem = build_problem(cluster, infos, profiles, measured, model=model, microbatch=microbatch,
-                            granularity=granularity, kwargs=kwargs, replication=replication, io=io)
+                            granularity=granularity, kwargs=kwargs, replication=replication, io=io,
+                            generation=generation)
     return Gathered(problem, infos, profiles, measured, time.time() - t0, io)
 
 
@@ -301,14 +313,21 @@ def _figure(r: dict) -> dict:
 def build_problem(
     cluster: Cluster, infos: dict, profiles: dict, measured: dict, *, model: str, microbatch: int,
     granularity: str, kwargs: dict, replication: bool = True, io: dict[str, dict] | None = None,
+    generation: Generation | None = None,
 ) -> dict[str, Any]:
-    """The planner's problem dict (docs/planner.md) from what was measured."""
+    """The planner's problem dict (docs/planner.md) from what was measured. For `generation`
+    (decode-step profiles), each unit keeps the KV caches of every live sequence (`cache_bytes`)
+    and stages are not replicated: a sequence's cache lives on the replica that made it."""
     first = next(iter(profiles.values()))
     units = []
     for i, u in enumerate(first["units"]):
         work = max(int(p["units"][i]["work_bytes"]) for p in profiles.values())
         units.append({"name": u["name"], "out_bytes": int(u["out_bytes"]), "param_bytes": int(u["param_bytes"]),
                       "work_bytes": work})
+        if generation is not None:
+            units[-1]["cache_bytes"] = generation.sequences * generation.context * int(u["cache_bytes_per_token"])
+    if generation is not None:
+        replication = False
     device_types, devices = {}, []
     for n in cluster.nodes:
         typ = device_type_of(n)
@@ -446,8 +465,8 @@ def autodeploy(
     cluster: Cluster, model: ModelSpec, *, reprofile: bool = False, dry_run: bool = False,
     results: str | None = None, time_limit_s: float = PLAN_TIME_LIMIT_S, say: Say | None = None,
     load_timeout: float = 600.0, replication: bool = True, spot_check: bool = True,
-    calibrate: int = CALIBRATION_MICROBATCHES, client: Client | None = None, budget: Budget = EXACT,
-    encodings: Any = None, calibration: Any = None, calibration_samples: int | None = None,
+    calibrate: int = CALIBRATION_MICROBATCHES, client: Client | None = None, generation: Generation | None = None,
+    budget: Budget = EXACT, encodings: Any = None, calibration: Any = None, calibration_samples: int | None = None,
 ) -> tuple[Deployment | None, DeployPlan, Any, Any, Gathered]:
     """Measure, plan, deploy, calibrate (`calibrate` microbatches through the deployment,
     ``edgezmq.orchestrate.calibrate``; 0: not), through `client` when given (bound to `results`).
@@ -461,12 +480,18 @@ def autodeploy(
         take_over(list(cluster.nodes), curve=lambda a: cluster.curve(a.name), say=say)
     g = gather(cluster, model=model.name, microbatch=model.microbatch, granularity=model.granularity,
                kwargs=model.kwargs, reprofile=reprofile, replication=replication, say=say,
-               spot_check=spot_check)
+               spot_check=spot_check, generation=generation)
     if budget.given:
         measure_encodings(g, cluster, model, encodings=encodings, calibration=calibration,
                           samples=calibration_samples, say=say)
     problem, planned = plan_problem(g.problem, time_limit_s=time_limit_s, budget=budget)
     plan = to_deploy_plan(cluster, planned, model=model, results=results, problem=problem, budget=budget)
+    if generation is not None:  # each stage reserves what the plan gave its units' caches
+        for st in plan.stages:
+            st.cache_bytes = sum(u.cache_bytes for u in problem.units[st.units[0]:st.units[1]])
+        if calibrate:
+            say("calibration skipped: it times whole sequences, not decode steps")
+            calibrate = 0
     if dry_run:
         return None, plan, problem, planned, g
     dep = deploy(plan, load_timeout=load_timeout, progress=say)

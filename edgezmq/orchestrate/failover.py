@@ -33,7 +33,7 @@ import numpy as np
 
 from edgezmq.client import DEFAULT_WINDOW, Client, PipelineError
 from edgezmq.errors import EdgezmqError
-from edgezmq.orchestrate.autodeploy import autodeploy
+from edgezmq.orchestrate.autodeploy import Generation, autodeploy
 from edgezmq.orchestrate.calibrate import CALIBRATION_MICROBATCHES
 from edgezmq.orchestrate.deploy import DeployError, Deployment, unload
 from edgezmq.orchestrate.inventory import Cluster
@@ -209,7 +209,8 @@ class ResilientPipeline:
     def __init__(self, cluster: Cluster, model: ModelSpec, *, window: int | None = None, timeout: float = 120.0,
                  interval: float = HEARTBEAT_S, liveness: int = LIVENESS, replication: bool = True,
                  rejoin: bool = True, say: Callable[[str], None] | None = None,
-                 stall_floor: float | None = STALL_FLOOR_S, stall_factor: float = STALL_FACTOR) -> None:
+                 stall_floor: float | None = STALL_FLOOR_S, stall_factor: float = STALL_FACTOR,
+                 generation: Generation | None = None) -> None:
         if stall_floor is not None and not stall_floor > 0:
             raise ValueError(f"stall_floor: expected seconds > 0 (or None: no stall check), got {stall_floor!r}")
         if not stall_factor >= 0:
@@ -220,6 +221,7 @@ class ResilientPipeline:
         self.stall_floor, self.stall_factor = stall_floor, stall_factor
         self.window, self.timeout = window, timeout  # window None: each plan's own (Plan.window)
         self.interval, self.liveness, self.replication = interval, liveness, replication
+        self.generation = generation  # a decoder planned for generation (`generator()`)
         self.say = say or (lambda m: log.info("%s", m))
         self.dead: set[str] = set()
         self.causes: dict[str, str] = {}  # dead node -> why the heartbeat declared it dead
@@ -257,7 +259,7 @@ class ResilientPipeline:
             dep, plan, _, planned, g = autodeploy(alive, self.model, results=self.client.results_endpoint,
                                                   replication=self.replication, say=self.say, spot_check=first,
                                                   calibrate=CALIBRATION_MICROBATCHES if first else 0,
-                                                  client=self.client)
+                                                  client=self.client, generation=self.generation)
         except NodeLost as e:  # died during the first calibration: fail over as at any other time
             self.say(f"node {e.name} lost while calibrating ({e.why}): re-planning without it")
             self._on_dead(e.name, e.why)
@@ -306,6 +308,14 @@ class ResilientPipeline:
         if self.plan is not None:  # the old run is broken: free the survivors (and let them profile)
             unload(self.plan, only=[ref.name for _, ref in self.plan.all_nodes if ref.name not in self.dead])
         return self._deploy()
+
+    def generator(self, *, retries: int = 1) -> Any:
+        """A Generator (edgezmq.generation) over this pipeline: it starts its live sequences
+        again on each new deployment."""
+        from edgezmq.generation import Generator
+
+        assert self.client is not None, "use ResilientPipeline as a context manager"
+        return Generator.for_model(self.client, self.model.name, dict(self.model.kwargs), retries=retries)
 
     def stream(self, batches: Iterable[np.ndarray], **kw: Any) -> Iterator[np.ndarray]:
         assert self.client is not None, "use ResilientPipeline as a context manager"

@@ -44,6 +44,8 @@ class ModelSpec:
     checkpoint: str | None = None
     pretrained: bool = False
     kwargs: dict = field(default_factory=dict)
+    # a decoder's generation: every row on its own, bit for bit `generate` (docs/generate.md)
+    exact_generation: bool = False
 
 
 @dataclass
@@ -56,6 +58,8 @@ class StagePlan:
     # that link's rate (Mbit/s, the slowest pair when replicated): the stage's data socket gets a
     # send buffer of this size (transport.sockets.link_sndbuf, docs/compression.md); None: autotuned
     link_mbps: float | None = None
+    # a decoder's KV-cache budget on each of the stage's nodes (docs/generate.md); None: the node's default
+    cache_bytes: int | None = None
 
 
 @dataclass
@@ -85,12 +89,13 @@ class DeployPlan:
         return {
             "model": {"name": m.name, "microbatch": m.microbatch, "granularity": m.granularity,
                       "dtype": m.dtype, "checkpoint": m.checkpoint, "pretrained": m.pretrained,
-                      "kwargs": m.kwargs},
+                      "kwargs": m.kwargs, **({"exact_generation": True} if m.exact_generation else {})},
             "nodes": {n.name: n.control for _, n in self.all_nodes},
             "stages": [{"units": list(s.units), "nodes": [n.name for n in s.nodes],
                         **({"threads": s.nodes[0].threads} if s.nodes[0].threads else {}),
                         **({"encoding": [list(r) for r in s.encodings]} if s.encodings else {}),
-                        **({"link_mbps": s.link_mbps} if s.link_mbps is not None else {})}
+                        **({"link_mbps": s.link_mbps} if s.link_mbps is not None else {}),
+                        **({"cache_bytes": s.cache_bytes} if s.cache_bytes is not None else {})}
                        for s in self.stages],
             "results": self.results,
             **({"keys": self.keys} if self.keys else {}),
@@ -120,6 +125,7 @@ def parse_plan(d: Any, source: str | None = None) -> DeployPlan:
         checkpoint=F.need(m, "checkpoint", str, "model", None),
         pretrained=F.need(m, "pretrained", bool, "model", False),
         kwargs=_model_kwargs(F.need(m, "kwargs", dict, "model", {})),
+        exact_generation=F.need(m, "exact_generation", bool, "model", False),
     )
     F.integer(model.microbatch, "model.microbatch", lo=1, hi=MAX_MICROBATCH)
     F.choice(model.granularity, "model.granularity", GRANULARITIES)
@@ -173,7 +179,11 @@ def parse_plan(d: Any, source: str | None = None) -> DeployPlan:
         mbps = s.get("link_mbps")
         if mbps is not None:
             mbps = F.number(mbps, f"{path}.link_mbps", lo=0, hi=MAX_MBPS, lo_open=True, strings=True)
-        stages.append(StagePlan(units=(units[0], units[1]), nodes=nodes, encodings=encodings, link_mbps=mbps))
+        cache = s.get("cache_bytes")
+        if cache is not None:
+            cache = F.size(cache, f"{path}.cache_bytes", lo=0)
+        stages.append(StagePlan(units=(units[0], units[1]), nodes=nodes, encodings=encodings, link_mbps=mbps,
+                                cache_bytes=cache))
     results = F.need(d, "results", str, "plan", DEFAULT_RESULTS)
     keys, keyring = _parse_keys(d, [n.name for st in stages for n in st.nodes], source)
     if keyring is not None:  # each address carries how to reach it

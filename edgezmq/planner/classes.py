@@ -71,7 +71,7 @@ def device_arrays(problem: Problem) -> DeviceArrays:
         cap=np.array([d.capacity_bytes for d in problem.devices], dtype=float),
         spb=problem.spb.copy(), lat=problem.latency_s.copy(),
         out_bytes=np.array([x.out_bytes for x in u], dtype=float),
-        param_bytes=np.array([x.param_bytes for x in u], dtype=float),
+        param_bytes=np.array([x.resident_bytes for x in u], dtype=float),  # parameters and caches
         work_bytes=np.array([x.work_bytes for x in u], dtype=float),
         input_bytes=problem.model.input_bytes, buffers=problem.options.buffers,
         replication=problem.options.replication, types=tuple(d.type for d in problem.devices),

@@ -62,7 +62,7 @@ def in_bytes(problem: Problem, a: int) -> int:
 def stage_memory_bytes(problem: Problem, a: int, b: int) -> int:
     """Memory a device needs to run units [a, b), excluding the runtime's reserved bytes."""
     units = problem.units[a:b]
-    return shard_memory_bytes(sum(u.param_bytes for u in units), max(u.work_bytes for u in units),
+    return shard_memory_bytes(sum(u.resident_bytes for u in units), max(u.work_bytes for u in units),
                               in_bytes(problem, a), problem.units[b - 1].out_bytes, problem.options.buffers)
 
 

@@ -73,12 +73,20 @@ class PlanError(EdgezmqError, ValueError):
 
 @dataclass(frozen=True)
 class Unit:
-    """One unit of the chain: bytes of one microbatch leaving it, its parameters, its peak work."""
+    """One unit of the chain: bytes of one microbatch leaving it, its parameters, its peak work,
+    and state it keeps between microbatches (a decoder layer's KV caches for the planned
+    sequences: docs/generate.md)."""
 
     name: str
     out_bytes: int
     param_bytes: int
     work_bytes: int = 0
+    cache_bytes: int = 0
+
+    @property
+    def resident_bytes(self) -> int:
+        """What the unit holds while deployed: its parameters and its caches."""
+        return self.param_bytes + self.cache_bytes
 
 
 @dataclass(frozen=True)
@@ -398,7 +406,8 @@ def _parse_model(m: Mapping[str, Any]) -> ModelChain:
         seen[name] = i
         units.append(Unit(name, F.integer(F.need(u, "out_bytes", object, p), f"{p}.out_bytes", lo=0, hi=MAX_BYTES, strings=True),
                           F.integer(F.need(u, "param_bytes", object, p), f"{p}.param_bytes", lo=0, hi=MAX_BYTES, strings=True),
-                          F.integer(u.get("work_bytes", 0), f"{p}.work_bytes", lo=0, hi=MAX_BYTES, strings=True)))
+                          F.integer(u.get("work_bytes", 0), f"{p}.work_bytes", lo=0, hi=MAX_BYTES, strings=True),
+                          F.integer(u.get("cache_bytes", 0), f"{p}.cache_bytes", lo=0, hi=MAX_BYTES, strings=True)))
     gran = m.get("granularity")
     if gran is not None:
         F.choice(gran, "model.granularity", GRANULARITIES)

@@ -120,14 +120,15 @@ def check_memory(problem: Problem) -> None:
             alone = stage_memory_bytes(problem, i, i + 1)
             raise PlanError(
                 f"unit {i} ({u.name}) needs {format_bytes(need)} in any stage holding it (alone: "
-                f"parameters {format_bytes(u.param_bytes)}, work {format_bytes(u.work_bytes)}, "
+                f"parameters {format_bytes(u.param_bytes)}{f', caches {format_bytes(u.cache_bytes)}' if u.cache_bytes else ''}, work {format_bytes(u.work_bytes)}, "
                 f"{problem.options.buffers} buffers each way = {format_bytes(alone)}), the largest device "
                 f"has {format_bytes(best.capacity_bytes)} ({best.name}: {format_bytes(best.memory_bytes)} "
                 f"minus {format_bytes(best.reserved_bytes)} reserved)")
-    total = sum(u.param_bytes for u in problem.units)
+    total = sum(u.resident_bytes for u in problem.units)
     offered = sum(max(d.capacity_bytes, 0) for d in devices)
     if total > offered:
-        raise PlanError(f"the model's parameters need {format_bytes(total)}, all {len(devices)} devices "
+        what = "parameters and caches" if any(u.cache_bytes for u in problem.units) else "parameters"
+        raise PlanError(f"the model's {what} need {format_bytes(total)}, all {len(devices)} devices "
                         f"together offer {format_bytes(offered)} after reserved memory")
 
 

@@ -16,9 +16,12 @@ from edgezmq.protocol.schema import JSON, JSONMap, Record, SchemaError, field_
 from edgezmq.terms import (
     ENCODINGS,
     GRANULARITIES,
+    MAX_BYTES,
+    MAX_CONTEXT,
     MAX_MBPS,
     MAX_MICROBATCH,
     MAX_RUNGS,
+    MAX_SECONDS,
     MAX_THREADS,
     MAX_UNITS,
 )
@@ -32,6 +35,7 @@ MAX_STAGES = 4096
 MAX_CONNECT = 64  # downstream replicas of one stage
 KEY_LEN = 40  # a Z85 CurveZMQ public key
 MiB = 1 << 20
+DEFAULT_CACHE_IDLE_S = 300.0  # a decoder's sequence not stepped for this long is dropped (docs/generate.md)
 NETPROBE_MAX_BYTES = 256 * MiB  # a netprobe bulk message (edgezmq.transport.netprobe)
 NETPROBE_MAX_SECONDS = 60.0
 MAX_PINGS = 10_000  # round trips of one netprobe
@@ -154,6 +158,11 @@ class StageStats(Record):
     goodput_bps: float | None = field_("the link's smoothed goodput as the adaptive policy measures it "
                                        "(message bytes / send seconds); null without a ladder or before "
                                        "a measurement", unit="bytes/s", default=None)
+    cache: dict[str, int] | None = field_(
+        "a decoder stage's KV caches (docs/generate.md): `sequences` held, `cache_reserved_bytes` (their "
+        "max_len x bytes per token), `cache_held_bytes` (the tokens they hold), `cache_budget_bytes`, "
+        "`cache_refused` (steps refused `cache_full`), `cache_expired` (sequences dropped idle), "
+        "`cache_released`; null for other models", default=None)
 
 
 # ---------------------------------------------------------------- commands
@@ -251,6 +260,18 @@ class LoadRequest(Request):
                                  default_doc="the node's `--threads`")
     bind: str | None = field_("data PULL address to bind", default=None, max_len=MAX_ADDRESS,
                               default_doc="the control host, any port")
+    cache_bytes: int | None = field_(
+        "a decoder's KV-cache budget on this stage (docs/generate.md): sequences are admitted while their "
+        "reservations fit; at most what the node has left after the shard", default=None, lo=0, hi=MAX_BYTES,
+        unit="bytes", default_doc="half of what the node has left after the shard")
+    exact_generation: bool = field_(
+        "a decoder's generation steps run every row on its own (batch 1), each sequence's arithmetic "
+        "that of the model's `generate` bit for bit; otherwise the decode rows of a microbatch run as one "
+        "left-padded batch (the model's own batched forward: the same tokens to rounding, faster)",
+        default=False)
+    cache_idle_s: float | None = field_(
+        "a decoder's sequences not stepped for this long are dropped (their client is gone)", default=None,
+        lo=1, hi=MAX_SECONDS, unit="s", default_doc=f"{DEFAULT_CACHE_IDLE_S:g}")
 
     def validate(self) -> None:
         _check_kwargs(self.kwargs, self.CMD)
@@ -342,6 +363,9 @@ class ProfileRequest(Request):
     warmup: int = field_("untimed forwards per unit", default=1, lo=0, hi=100)
     reps: int = field_("timed rounds per unit; the median is reported", default=3, lo=1, hi=1000)
     reprofile: bool = field_("ignore the node's profile cache", default=False)
+    context: int | None = field_("a decoder's decode step: time each unit on one new token per sequence "
+                                 "against caches of this many tokens (docs/generate.md)", default=None, lo=1,
+                                 hi=MAX_CONTEXT, default_doc="null: whole inputs, as served by `submit`")
     check: bool = field_("on a cache hit, time the profile's chain window again and rescale the "
                          "profile if the device has drifted (a job)", default=False)
     deadline: float = field_("the job fails when still running this long after it started (checked "

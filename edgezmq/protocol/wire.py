@@ -7,7 +7,8 @@ One ZeroMQ multipart message per microbatch::
                   tensors: [{dtype: "float32", shape: [8, 197, 384], enc: "raw"}, ...],
                   t: [[stage, t_recv, t_start, t_end, t_send], ...],
                   error: {code: str, message: str},       # kind == "error" only
-                  session: str}                           # optional: the submitting client's
+                  session: str,                           # optional: the submitting client's
+                  gen: {op, ids, pos, lens, max_len}}     # optional: a decoder's stateful step
 
     frame 1..n   the buffers of each tensor, in header order: one raw C-contiguous buffer
                  (enc raw, f16, bf16), or payload then scales (enc int8, int4; codecs.py)
@@ -48,6 +49,11 @@ MAX_TIMESTAMPS = 256  # one entry per stage hop; bounds header growth along a lo
 MAX_TENSOR_BYTES = 512 * 1024 * 1024  # per tensor; sockets also cap whole messages (MAXMSGSIZE)
 MAX_TEXT = 4096  # run ids, error messages
 MAX_SESSION = 64  # a client session id: what tells one client's results from another's
+# generation (docs/generate.md): sequence ids and token positions in a `gen` header
+GEN_OPS = ("step", "release")
+MAX_SEQUENCE_ID = 2**31 - 1
+MAX_POSITION = 2**31 - 1
+MAX_GEN_ROWS = 256  # rows of one gen message (msgpack's array limit below)
 
 
 class WireError(EdgezmqError, ValueError):
@@ -95,6 +101,15 @@ HEADER: tuple[HeaderField, ...] = (
                 "random per client; every stage copies it onto what it sends for that message (`error` "
                 "messages included), so a client takes only its own results and drops (and counts) the "
                 "rest: run and seq alone do not tell a client from the one before it on the same address"),
+    HeaderField("gen", "{op, ids, pos, lens, max_len}", False, f"a decoder's generation step (docs/generate.md); "
+                f"requires `session` (each stage keys its KV caches by session and sequence id, so no client "
+                f"reaches another's). `op`: `step` (row i adds `lens[i]` tokens to sequence `ids[i]` after its "
+                f"first `pos[i]`: a resent step re-runs from `pos[i]`) or `release` (drop "
+                f"the sequences' caches; no tensors). `ids`: 1..{MAX_GEN_ROWS} distinct ints in "
+                f"0..{MAX_SEQUENCE_ID}, one per batch row; `pos` (step): ints in 0..{MAX_POSITION}; `lens` "
+                f"(step): ints >= 1, at most the tensors' token dimension (rows are right-padded); `max_len` "
+                f"(step, required where `pos` is 0): the sequence's most tokens ever, 1..{MAX_POSITION}, "
+                f"what the stage reserves cache for"),
 )
 
 # code -> when: what a stage refuses a data message with (it sends an `error` message downstream
@@ -123,6 +138,12 @@ ERRORS: dict[str, str] = {
                  "client of that run (not ours) can attribute it",
     "bad_stage": "an `act` message from a stage other than the previous one; an `error` from a stage not upstream",
     "compute_failed": "the shard's forward raised on this microbatch",
+    "gen_state": "a `gen` step that does not continue a sequence this stage holds (its `pos` beyond the "
+                 "tokens cached: a step was lost, or the cache was released or expired), that goes past the "
+                 "sequence's `max_len` or the model's positions, or a `gen` message to a stage that is not a "
+                 "decoder's",
+    "cache_full": "a `gen` step starting sequences whose `max_len` does not fit the stage's KV-cache budget "
+                  "beside the sequences it holds: nothing was changed; send it again once sequences are released",
     "bad_message": "a message the decoder failed on in a way it does not name (a decoder bug: the stage "
                    "refuses the message and keeps serving; its log holds the traceback)",
 }
@@ -140,6 +161,7 @@ class Message:
     t: list[list[Any]] = field(default_factory=list)
     error: dict[str, str] | None = None
     session: str | None = None
+    gen: dict[str, Any] | None = None  # a decoder's step or release (the `gen` header field)
 
     def header(self, encoded: Sequence[codecs.Encoded | None] = ()) -> dict[str, Any]:
         """Frame 0; ``encoded[i]``, when given, is how tensor i travels (else raw)."""
@@ -159,6 +181,8 @@ class Message:
             h["error"] = self.error
         if self.session is not None:
             h["session"] = self.session
+        if self.gen is not None:
+            h["gen"] = self.gen
         return h
 
 
@@ -242,7 +266,7 @@ def decode_header(raw: Any) -> dict[str, Any]:
             strict_map_key=False,
             max_str_len=MAX_TEXT,
             max_bin_len=0,
-            max_array_len=max(MAX_TIMESTAMPS, MAX_TENSORS, MAX_NDIM, 16),
+            max_array_len=max(MAX_TIMESTAMPS, MAX_TENSORS, MAX_NDIM, MAX_GEN_ROWS, 16),
             max_map_len=32,
         )
     except Exception as e:  # msgpack raises several unrelated types on garbage
@@ -279,12 +303,46 @@ def _check_header(h: dict[str, Any], seq: int | None) -> dict[str, Any]:
     t = h.get("t", [])
     if not isinstance(t, list) or not all(isinstance(e, list) and len(e) <= 16 for e in t):
         raise WireError("bad_field", "t must be a list of timestamp lists", seq)
+    if "gen" in h:
+        _check_gen(h["gen"], seq, has_session="session" in h)
     if h["kind"] == "error":
         err = h.get("error")
         if not (isinstance(err, dict) and isinstance(err.get("code"), str)
                 and isinstance(err.get("message"), str)):
             raise WireError("bad_field", "an error message needs error: {code: str, message: str}", seq)
     return h
+
+
+def _ints(v: Any, lo: int, hi: int) -> bool:
+    return isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi for x in v)
+
+
+def _check_gen(g: Any, seq: int | None, has_session: bool) -> None:
+    """The `gen` field's own consistency; whether it fits the tensors and the stage's caches is the
+    stage's check (gen_state, cache_full)."""
+    if not isinstance(g, dict) or not set(g) <= {"op", "ids", "pos", "lens", "max_len"}:
+        raise WireError("bad_field", "gen must be a map of op, ids, pos, lens, max_len", seq)
+    if not has_session:
+        raise WireError("bad_field", "a gen message needs a session (caches are keyed by it)", seq)
+    op, ids = g.get("op"), g.get("ids")
+    if not isinstance(op, str) or op not in GEN_OPS:
+        raise WireError("bad_field", f"gen.op must be one of {GEN_OPS}, got {op!r}", seq)
+    if not (isinstance(ids, list) and _ints(ids, 0, MAX_SEQUENCE_ID) and 1 <= len(ids) <= MAX_GEN_ROWS
+            and len(set(ids)) == len(ids)):
+        raise WireError("bad_field", f"gen.ids must be 1..{MAX_GEN_ROWS} distinct ints in 0..{MAX_SEQUENCE_ID}", seq)
+    if op == "release":
+        if set(g) - {"op", "ids"}:
+            raise WireError("bad_field", "a gen release carries op and ids only", seq)
+        return
+    n = len(ids)
+    for key, lo in (("pos", 0), ("lens", 1)):
+        if not (_ints(g.get(key), lo, MAX_POSITION) and len(g[key]) == n):
+            raise WireError("bad_field", f"gen.{key} must be {n} ints in {lo}..{MAX_POSITION}, one per id", seq)
+    max_len = g.get("max_len")
+    if max_len is not None and not (_ints(max_len, 1, MAX_POSITION) and len(max_len) == n):
+        raise WireError("bad_field", f"gen.max_len must be {n} ints in 1..{MAX_POSITION}, one per id", seq)
+    if max_len is None and 0 in g["pos"]:
+        raise WireError("bad_field", "gen.max_len is required when a sequence starts (pos 0)", seq)
 
 
 def _check_spec(i: int, spec: Any, seq: int | None) -> None:
@@ -350,7 +408,7 @@ def decode(frames: Sequence[Any]) -> Message:
             raise WireError(e.code, f"tensors[{i}]: {e.message}", seq, session) from None
     return Message(
         kind=h["kind"], run=h["run"], seq=seq, stage=h["stage"], tensors=tensors,
-        t=h.get("t", []), error=h.get("error"), session=session,
+        t=h.get("t", []), error=h.get("error"), session=session, gen=h.get("gen"),
     )
 
 

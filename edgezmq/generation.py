@@ -1,0 +1,396 @@
+"""Generate tokens with a decoder deployed as a pipeline: many sequences in flight at once.
+
+One request keeps one stage busy at a time; many sequences keep every stage busy. The
+generator holds a queue of sequences ready for their next step and groups them into
+microbatches (prompts with prompts, single decode tokens with decode tokens) as results
+come back: continuous batching across the pipeline. Each stage keeps every sequence's KV
+cache for its own layers (edgezmq.node.kvcache); a message names its rows' sequences and
+positions in the wire header's `gen` field (docs/generate.md).
+
+    >>> with Generator.from_plan(plan) as g:
+    ...     for i, token in g.stream(prompts, max_new_tokens=32):    # tokens as they come
+    ...         ...
+    ...     outs = g.generate(prompts, max_new_tokens=32)             # or all at once
+
+Greedy decoding gives the tokens of the model's own `generate(do_sample=False)`: each stage
+runs every sequence on its own (batch 1) with the model's cache, masks and positions, and
+the head keeps the last position's logits, as `generate` does. Sampling (temperature,
+top-k) draws from a numpy generator seeded by (seed, the sequence's index): the same
+tokens whatever the batching, the window or the number of stages.
+
+A step with no answer after `timeout` is sent again (up to `retries`): a stage cuts a
+sequence's cache back to the step's `pos` first, so a resent step recomputes instead of
+appending twice. Under a ``ResilientPipeline`` (failover), a lost node's caches are gone
+with it: on the new deployment every live sequence starts again from pos 0 with its prompt
+and the tokens generated so far (one prefill rebuilds every stage's caches), and goes on
+from there: no token is lost or given twice, since a token is taken only from a result of
+the deployment in service. A step refused `cache_full` (the stages' KV budget) waits until another
+sequence of this generator finishes and is released; if none is in flight, the sequence
+cannot fit at all and `PipelineError` says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zmq
+
+from edgezmq.client import POLL_MS, Client, PipelineError, ResultTimeout, _Failover
+from edgezmq.errors import EdgezmqError
+from edgezmq.orchestrate.planfile import DeployPlan
+from edgezmq.protocol import wire
+from edgezmq.transport import sockets
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Sampling", "Generator", "GenerateError", "decoder_limits"]
+
+MAX_NEW_TOKENS = 1 << 20
+
+
+class GenerateError(EdgezmqError, ValueError):
+    """Prompts or settings the deployment cannot take (said before anything is sent)."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen from a row's logits: greedy (argmax, the first of equal
+    maxima, as torch.argmax), or drawn at `temperature` from the `top_k` most likely (0: all)."""
+
+    greedy: bool = True
+    temperature: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (0 < self.temperature <= 100 and np.isfinite(self.temperature)):
+            raise GenerateError(f"temperature must be in (0, 100], got {self.temperature}")
+        if not 0 <= self.top_k <= 1 << 24:
+            raise GenerateError(f"top_k must be in 0..{1 << 24}, got {self.top_k}")
+
+    def rng(self, index: int) -> np.random.Generator | None:
+        return None if self.greedy else np.random.default_rng([self.seed, index])
+
+    def choose(self, logits: np.ndarray, rng: np.random.Generator | None) -> int:
+        if rng is None:
+            return int(np.argmax(logits))
+        z = logits.astype(np.float64) / self.temperature
+        if 0 < self.top_k < z.size:
+            kth = np.partition(z, -self.top_k)[-self.top_k]
+            z = np.where(z >= kth, z, -np.inf)
+        p = np.exp(z - z.max())
+        return int(rng.choice(z.size, p=p / p.sum()))
+
+
+@dataclass
+class _Seq:
+    sid: int  # its id on the wire
+    index: int  # its prompt's
+    tokens: list[int]  # prompt, then what was generated
+    prompt_len: int
+    max_len: int
+    rng: np.random.Generator | None
+    pos: int = 0  # tokens every stage's cache holds
+    done: bool = False
+
+    @property
+    def generated(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+
+@dataclass
+class _Pending:
+    frames: list
+    rows: list[_Seq]
+    lens: list[int]
+    sent: float
+    attempts: int = 1
+    release: bool = False
+
+
+@dataclass
+class GenerateStats:
+    """What the last `stream` did."""
+
+    sequences: int = 0
+    tokens: int = 0  # generated
+    steps: int = 0  # step messages answered
+    prefill_rows: int = 0
+    decode_rows: int = 0
+    resent: int = 0
+    restarted: int = 0  # live sequences started again on a new deployment (failover)
+    cache_full: int = 0  # steps refused for the stages' KV budget, then waited and sent again
+    seconds: float = 0.0
+    first_token_s: list[float] = field(default_factory=list)  # per sequence: time to its first token
+
+
+def decoder_limits(name: str, kwargs: dict[str, Any]) -> tuple[int, int, int | None]:
+    """(tokens per message: the deployment's seq_len, the model's positions, its eos token id)."""
+    from edgezmq.model import text
+
+    if not text.is_decoder(name):
+        raise GenerateError(f"{name} is not a decoder language model (one of: "
+                            f"{', '.join(n for n in text.TEXT_MODELS if text.is_decoder(n))})")
+    config, seq_len = text._config(name, kwargs)
+    positions = int(config.n_positions if text.TEXT_MODELS[name].family == "gpt2" else config.max_position_embeddings)
+    eos = config.eos_token_id
+    return seq_len, positions, eos if isinstance(eos, int) else None
+
+
+class Generator:
+    """Sequences through a deployed decoder pipeline (``client``: a Client of that deployment)."""
+
+    def __init__(self, client: Client, *, chunk: int, max_positions: int, vocab_size: int,
+                 eos_token_id: int | None = None, retries: int = 1) -> None:
+        if client.microbatch is None:
+            raise GenerateError("the client must know the deployment's microbatch")
+        self.client, self.chunk, self.max_positions = client, chunk, max_positions
+        self.vocab_size, self.eos_token_id, self.retries = vocab_size, eos_token_id, retries
+        self.microbatch = client.microbatch
+        self.stats = GenerateStats()
+        self._next_id = 0  # sequence ids on the wire: unique per generator (its session keys them)
+
+    @classmethod
+    def for_model(cls, client: Client, name: str, kwargs: dict[str, Any], *, retries: int = 1) -> Generator:
+        """A generator over `client`'s deployment of decoder `name` (its limits from the model's config)."""
+        from edgezmq.model import text
+
+        chunk, positions, eos = decoder_limits(name, kwargs)
+        config, _ = text._config(name, kwargs)
+        return cls(client, chunk=chunk, max_positions=positions, vocab_size=int(config.vocab_size),
+                   eos_token_id=eos, retries=retries)
+
+    @classmethod
+    def from_plan(cls, plan: DeployPlan, *, window: int | None = None, timeout: float = 120.0,
+                  retries: int = 1) -> Generator:
+        """A generator (and its client) for the running deployment of `plan`."""
+        replicated = [i for i, st in enumerate(plan.stages) if len(st.nodes) > 1]
+        if replicated:  # round-robin would send a sequence's steps to replicas without its cache
+            raise GenerateError(f"stage(s) {replicated} of the plan are replicated: generation needs one node per "
+                                "stage (a sequence's KV cache lives on one node; plan with --no-replication)")
+        client = Client.from_plan(plan, window=window, timeout=timeout)
+        return cls.for_model(client, plan.model.name, dict(plan.model.kwargs), retries=retries)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> Generator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 sampling: Sampling = Sampling(), *, stop_at_eos: bool = True) -> list[list[int]]:
+        """Each prompt's generated tokens (without the prompt)."""
+        out: list[list[int]] = [[] for _ in prompts]
+        for i, tok in self.stream(prompts, max_new_tokens, sampling, stop_at_eos=stop_at_eos):
+            out[i].append(tok)
+        return out
+
+    def _check(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+        if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+            raise GenerateError(f"max_new_tokens must be in 1..{MAX_NEW_TOKENS}, got {max_new_tokens}")
+        if not prompts:
+            raise GenerateError("no prompt given")
+        out = []
+        for i, p in enumerate(prompts):
+            ids = [int(t) for t in p]
+            if not ids:
+                raise GenerateError(f"prompt {i} is empty")
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise GenerateError(f"prompt {i}: token id {bad[0]} outside the vocabulary 0..{self.vocab_size - 1}")
+            if len(ids) + max_new_tokens > self.max_positions:
+                raise GenerateError(f"prompt {i}: {len(ids)} tokens + {max_new_tokens} new is over the model's "
+                                    f"{self.max_positions} positions")
+            out.append(ids)
+        return out
+
+    def stream(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
+               *, stop_at_eos: bool = True) -> Iterator[tuple[int, int]]:
+        """(prompt index, token) as each token is chosen, over all sequences at once. A sequence
+        ends after `max_new_tokens`, or at the model's eos token (`stop_at_eos`, as `generate`)."""
+        ps = self._check(prompts, max_new_tokens)
+        c = self.client
+        eos = self.eos_token_id if stop_at_eos else None
+        seqs = {}
+        for i, prompt in enumerate(ps):
+            seqs[self._next_id] = _Seq(self._next_id, i, prompt, len(prompt), len(prompt) + max_new_tokens,
+                                       sampling.rng(i))
+            self._next_id = (self._next_id + 1) % (wire.MAX_SEQUENCE_ID + 1)
+        ready: deque[int] = deque(seqs)  # sequence ids ready for their next step
+        waiting: list[int] = []  # refused cache_full: sent again when a sequence is released
+        finished: list[int] = []  # to release
+        pending: dict[int, _Pending] = {}  # message seq -> what it carries
+        live = len(seqs)
+        t0 = time.time()
+        self.stats = st = GenerateStats(sequences=len(seqs))
+        poller = zmq.Poller()
+        poller.register(c.pull, zmq.POLLIN)
+        while live or pending or finished:
+            if c.failed.is_set() and c.recover is not None:
+                self._fail_over(seqs, ready, pending)
+                waiting.clear()
+                finished = []  # the old run's caches went with it
+                continue
+            try:
+                while len(pending) < c.window and (ready or finished):
+                    if finished:
+                        self._send_release(finished, pending)
+                        finished = []
+                        continue
+                    self._send_step(ready, seqs, pending)
+            except _Failover:  # a node died while stage 0 would not take a step: fail over first
+                continue
+            events: list[tuple[int, int]] = []
+            while (frames := sockets.recv_frames(c.pull, 0)) is not None:
+                msg = self._accept(frames, pending)
+                if msg is None:
+                    continue
+                p = pending.pop(msg.seq)
+                if p.release:
+                    continue
+                if msg.kind == "error":
+                    err = msg.error or {}
+                    if err.get("code") == "cache_full":
+                        st.cache_full += 1
+                        if not any(not q.release for q in pending.values()) and not finished and not ready:
+                            raise PipelineError(msg.seq, "cache_full", f"{err.get('message', '')}; no other "
+                                                "sequence of this generator holds cache: it can never fit", msg.stage)
+                        waiting.extend(s.sid for s in p.rows)
+                        continue
+                    raise PipelineError(msg.seq, err.get("code", "?"), err.get("message", ""), msg.stage)
+                logits = msg.tensors[0]
+                st.steps += 1
+                for row, (s, n) in enumerate(zip(p.rows, p.lens)):
+                    s.pos += n
+                    if s.pos < len(s.tokens):  # a long prompt's next chunk: no token yet
+                        ready.append(s.sid)
+                        continue
+                    tok = sampling.choose(logits[row], s.rng)
+                    s.tokens.append(tok)
+                    if s.generated == 1:
+                        st.first_token_s.append(time.time() - t0)
+                    st.tokens += 1
+                    events.append((s.index, tok))
+                    if s.generated >= max_new_tokens or (eos is not None and tok == eos):
+                        s.done = True
+                        live -= 1
+                        finished.append(s.sid)
+                        ready.extend(waiting)  # caches are freed: the refused may fit now
+                        waiting.clear()
+                    else:
+                        ready.append(s.sid)
+            yield from events
+            if not events and live and not pending and not ready and not finished and waiting:
+                ready.extend(waiting)  # nothing in flight: try again (the release went out)
+                waiting.clear()
+            if finished and len(pending) < c.window:
+                continue
+            if not events:
+                poller.poll(POLL_MS)
+                self._expire(pending)
+        st.seconds = time.time() - t0
+
+    # ------------------------------------------------------------------
+    def _fail_over(self, seqs: dict[int, _Seq], ready: deque[int], pending: dict[int, _Pending]) -> None:
+        """Move to the new deployment (Client.recover) and start every live sequence again there."""
+        c = self.client
+        c.failed.clear()
+        assert c.recover is not None
+        try:
+            entry, run, keys = c.recover()
+        except Exception as e:
+            raise PipelineError(-1, "failover_failed", f"{e}; live sequences: "
+                                f"{sorted(s.index for s in seqs.values() if not s.done)}", -1) from e
+        c.attach(entry, run, keys)
+        pending.clear()
+        ready.clear()
+        for s in seqs.values():
+            if not s.done:
+                s.pos = 0  # prompt + tokens so far, prefilled again
+                ready.append(s.sid)
+        self.stats.restarted += len(ready)
+        log.warning("failed over to run %s: %d sequence(s) started again from their tokens so far", run, len(ready))
+
+    def _send_step(self, ready: deque[int], seqs: dict[int, _Seq], pending: dict[int, _Pending]) -> None:
+        """The next microbatch from the ready queue: its first sequence, and up to a microbatch of
+        the ready ones of the same kind (prompt chunks, or one decode token each)."""
+        first = seqs[ready[0]]
+        prefill = len(first.tokens) - first.pos > 1
+        ids: list[int] = []
+        for sid in list(ready):
+            s = seqs[sid]
+            if (len(s.tokens) - s.pos > 1) == prefill:
+                ids.append(sid)
+                ready.remove(sid)
+                if len(ids) == self.microbatch:
+                    break
+        rows = [seqs[i] for i in ids]
+        lens = [min(self.chunk, len(s.tokens) - s.pos) for s in rows]
+        x = np.zeros((len(rows), max(lens)), dtype=np.int64)
+        for r, (s, n) in enumerate(zip(rows, lens)):
+            x[r, :n] = s.tokens[s.pos:s.pos + n]
+        gen: dict[str, Any] = {"op": "step", "ids": ids, "pos": [s.pos for s in rows], "lens": lens}
+        if any(s.pos == 0 for s in rows):
+            gen["max_len"] = [s.max_len for s in rows]
+        if prefill:
+            self.stats.prefill_rows += len(rows)
+        else:
+            self.stats.decode_rows += len(rows)
+        self._send(gen, [x], rows, lens, pending)
+
+    def _send_release(self, ids: list[int], pending: dict[int, _Pending]) -> None:
+        for k in range(0, len(ids), wire.MAX_GEN_ROWS):
+            self._send({"op": "release", "ids": ids[k:k + wire.MAX_GEN_ROWS]}, [], [], [], pending, release=True)
+
+    def _send(self, gen: dict[str, Any], xs: list[np.ndarray], rows: list[_Seq], lens: list[int],
+              pending: dict[int, _Pending], release: bool = False) -> None:
+        c = self.client
+        seq = c._seq
+        c._seq += 1
+        frames = wire.encode(wire.Message("act", c.run, seq, -1, xs, t=[[-1, time.time()]], session=c.session,
+                                          gen=gen))
+        c.send_frames(seq, frames, time.time() + c.timeout)
+        pending[seq] = _Pending(frames, rows, lens, time.time(), release=release)
+
+    def _accept(self, frames: list, pending: dict[int, _Pending]) -> wire.Message | None:
+        c = self.client
+        try:
+            msg = wire.decode(frames)
+        except wire.WireError:
+            c.ignored += 1
+            return None
+        if msg.session != c.session:
+            c.foreign += 1
+            return None
+        if msg.run != c.run or msg.seq not in pending:
+            c.ignored += 1  # a duplicate of a resent step, or another run's
+            return None
+        p = pending[msg.seq]
+        if msg.kind == "result" and not p.release and (
+                len(msg.tensors) != 1 or msg.tensors[0].shape != (len(p.rows), self.vocab_size)):
+            c.ignored += 1
+            return None
+        return msg
+
+    def _expire(self, pending: dict[int, _Pending]) -> None:
+        c = self.client
+        now = time.time()
+        for seq, p in list(pending.items()):
+            if now - p.sent <= c.timeout:
+                continue
+            if p.attempts > self.retries:
+                raise ResultTimeout(f"no answer to generation step {seq} within {c.timeout:g}s ({p.attempts} attempt(s))")
+            self.stats.resent += 1
+            c.send_frames(seq, p.frames, now + c.timeout)
+            p.sent, p.attempts = time.time(), p.attempts + 1
+

@@ -1,0 +1,459 @@
+"""Generation across a pipeline: stages keep each sequence's KV cache (keyed by the client's
+session and the sequence id); greedy decoding gives the model's own `generate` tokens; resent
+steps recompute; admission under the cache budget; release and idle expiry."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from helpers import free_port, run_cli  # noqa: E402
+
+from edgezmq.client import Client  # noqa: E402
+from edgezmq.generation import GenerateError, Generator, Sampling, decoder_limits  # noqa: E402
+from edgezmq.model import chain as models  # noqa: E402
+from edgezmq.node.kvcache import GenError, KVStore  # noqa: E402
+from edgezmq.orchestrate.address import NodeAddress  # noqa: E402
+from edgezmq.orchestrate.deploy import deploy, unload  # noqa: E402
+from edgezmq.orchestrate.planfile import DeployPlan, ModelSpec, StagePlan  # noqa: E402
+from edgezmq.protocol import wire  # noqa: E402
+
+VOCAB = 300
+MODELS = {
+    "gpt2": {"depth": 4, "embed_dim": 64, "num_heads": 4, "vocab_size": VOCAB, "seq_len": 16},
+    "tinyllama_1_1b": {"depth": 4, "embed_dim": 64, "num_heads": 8, "vocab_size": VOCAB, "seq_len": 16},
+}
+
+
+def _prompts(n: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, VOCAB, int(rng.integers(1, 24))).tolist() for _ in range(n)]
+
+
+def _reference(name: str, kw: dict, path, prompt: list[int], new: int) -> tuple[list[int], list[torch.Tensor]]:
+    """The model's own greedy `generate` (batch 1), its tokens and each step's logits."""
+    from safetensors.torch import load_file
+
+    m = models.create_model(name, **kw)
+    m.load_state_dict(load_file(path), strict=False)
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        out = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
+                         eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    return out.sequences[0, len(prompt):].tolist(), [x[0] for x in out.logits]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_shards_step_by_step_equal_generate(name, tmp_path):
+    kw = MODELS[name]
+    path = models.write_checkpoint(name, tmp_path / "m.safetensors", seed=0, **kw)
+    n = models.num_units(name, **kw)
+    cuts = [0, 2, 4, n]
+    shards = [models.build_shard(name, a, b, checkpoint=path, **kw) for a, b in zip(cuts, cuts[1:])]
+    assert all(s.is_decoder for s in shards)
+    # prompts longer than one message (seq_len 16) go in chunks
+    for prompt in _prompts(3, seed=1) + [list(range(1, 40))]:
+        ref_tokens, ref_logits = _reference(name, kw, path, prompt, 12)
+        caches = [s.new_cache() for s in shards]
+        pos, todo, tokens = 0, list(prompt), []
+        with torch.inference_mode():
+            while len(tokens) < 12:
+                chunk = todo[:16]
+                todo = todo[16:]
+                x = torch.tensor([chunk])
+                for s, cache in zip(shards, caches):
+                    x = s.step(x, cache, pos)
+                pos += len(chunk)
+                if todo:
+                    continue
+                if len(prompt) <= 16:  # a prompt in one message: bit for bit
+                    assert torch.equal(x[0], ref_logits[len(tokens)])
+                else:  # in chunks: the same sums in other shapes, rounded differently
+                    torch.testing.assert_close(x[0], ref_logits[len(tokens)], rtol=0, atol=1e-5)
+                tokens.append(int(x[0].argmax()))
+                todo = [tokens[-1]]
+        assert tokens == ref_tokens
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_a_batched_decode_step_is_the_models_own_batched_forward(name, tmp_path):
+    """Decode rows of sequences of different lengths as one left-padded batch: bit for bit the
+    model's own forward on that batch (its cache, mask and positions), and the tokens of
+    `generate` (each sequence alone) to rounding."""
+    from edgezmq.model import text
+
+    kw = MODELS[name]
+    path = models.write_checkpoint(name, tmp_path / "m.safetensors", seed=0, **kw)
+    n = models.num_units(name, **kw)
+    shards = [models.build_shard(name, a, b, checkpoint=path, **kw) for a, b in [(0, 3), (3, n)]]
+    whole = models.build_shard(name, 0, n, checkpoint=path, **kw)
+    prompts = _prompts(4, seed=3)
+    refs = [_reference(name, kw, path, p, 6) for p in prompts]
+    caches = [[s.new_cache() for s in shards] for _ in prompts]
+    with torch.inference_mode():
+        outs = []
+        for p, cs in zip(prompts, caches):
+            x = torch.tensor([p])
+            for s, c in zip(shards, cs):
+                x = s.step(x, c, 0)
+            outs.append([int(x[0].argmax())])
+        lengths = [len(p) for p in prompts]
+        for step in range(5):
+            ids = torch.tensor([[o[-1]] for o in outs])
+            # the model's own forward on the same batch, from copies of the same caches
+            m = whole._extra[0]
+            layers = list(range(kw["depth"]))
+            own = [text.new_cache(m) for _ in prompts]
+            for o, cs in zip(own, caches):
+                for i in layers:
+                    c = cs[0] if i < 2 else cs[1]
+                    o.layers[i].update(c.layers[i].keys.clone(), c.layers[i].values.clone())
+            batch, mask = text.stack_caches(m, own, lengths, layers)
+            ref = m(input_ids=ids, attention_mask=mask, cache=batch, position_ids=torch.tensor(lengths).unsqueeze(1),
+                    use_cache=True).logits[:, -1]
+            x = ids
+            for j, s in enumerate(shards):
+                x = s.step_batch(x, [c[j] for c in caches], lengths)
+            assert torch.equal(x, ref)
+            for r, o in enumerate(outs):
+                torch.testing.assert_close(x[r], refs[r][1][step + 1], rtol=0, atol=1e-5)
+                o.append(int(x[r].argmax()))
+            lengths = [k + 1 for k in lengths]
+    assert outs == [r[0] for r in refs]
+    assert all(c[1].layers[kw["depth"] - 1].keys.shape[-2] == k for c, k in zip(caches, lengths))
+
+
+def test_kv_store_admission_resend_release_and_expiry():
+    made = []
+    store = KVStore(lambda: made.append(object()) or _FakeCache(), bytes_per_token=10, budget_bytes=1000,
+                    max_positions=64, idle_s=5)
+    g = {"ids": [1, 2], "pos": [0, 0], "lens": [3, 4], "max_len": [40, 40]}
+    a, b = store.admit("s", g, 4)
+    store.advanced(a, 3)
+    store.advanced(b, 4)
+    assert store.reserved_bytes == 800 and store.held_tokens == 7
+    # a third sequence does not fit beside them: refused whole, nothing changed
+    with pytest.raises(GenError, match="cache_full"):
+        store.admit("s", {"ids": [3], "pos": [0], "lens": [1], "max_len": [30]}, 1)
+    assert store.refused == 1 and len(store.seqs) == 2
+    # another session's sequence 1 is another sequence: ids are per client session
+    with pytest.raises(GenError, match="not cached here"):
+        store.admit("other", {"ids": [1], "pos": [3], "lens": [1]}, 1)
+    # a step continuing past what is cached (a lost step) is refused
+    with pytest.raises(GenError, match="continues at token 5, the cache holds 3"):
+        store.admit("s", {"ids": [1], "pos": [5], "lens": [1]}, 1)
+    # past its reservation
+    with pytest.raises(GenError, match="over its max_len 40"):
+        store.admit("s", {"ids": [1], "pos": [3], "lens": [38]}, 38)
+    # a resent step (pos below what is cached) cuts the cache back first
+    (s,) = store.admit("s", {"ids": [2], "pos": [1], "lens": [3]}, 3)
+    assert s.length == 1 and s.cache.cropped == [-3]
+    # release: idempotent, frees the reservation
+    assert store.drop("s", [1, 7]) == 1 and store.drop("s", [1]) == 0
+    assert store.reserved_bytes == 400
+    assert store.expire(now=time.monotonic() + 6) == 1 and store.reserved_bytes == 0 and store.expired == 1
+    with pytest.raises(GenError, match=r"max_len 65 outside 1\.\.64"):
+        store.admit("s", {"ids": [9], "pos": [0], "lens": [1], "max_len": [65]}, 1)
+    # a shard without layers (the head alone) holds no cache: a budget of 0 admits everything
+    head = KVStore(_FakeCache, bytes_per_token=0, budget_bytes=0, max_positions=64)
+    assert len(head.admit("s", {"ids": [1, 2], "pos": [0, 0], "lens": [1, 1], "max_len": [64, 64]}, 1)) == 2
+
+
+class _FakeCache:
+    """Records crops; the store never reads anything else of a cache."""
+
+    def __init__(self) -> None:
+        self.cropped: list[int] = []
+
+    def crop(self, n: int) -> None:
+        self.cropped.append(n)
+
+
+@pytest.mark.parametrize("gen", [
+    {"op": "step"},
+    {"op": "jump", "ids": [1]},
+    {"op": "step", "ids": [1, 1], "pos": [0, 0], "lens": [1, 1], "max_len": [2, 2]},
+    {"op": "step", "ids": [1], "pos": [0], "lens": [1]},  # starts without max_len
+    {"op": "step", "ids": [1], "pos": [-1], "lens": [1], "max_len": [3]},
+    {"op": "step", "ids": [1], "pos": [0], "lens": [0], "max_len": [3]},
+    {"op": "step", "ids": [1], "pos": [0, 1], "lens": [1], "max_len": [3]},
+    {"op": "step", "ids": [2**31], "pos": [0], "lens": [1], "max_len": [3]},
+    {"op": "step", "ids": [True], "pos": [0], "lens": [1], "max_len": [3]},
+    {"op": "release", "ids": [1], "pos": [0]},
+    {"op": "step", "ids": [1], "pos": [0], "lens": [1], "max_len": [3], "path": "/etc"},
+    [1, 2],
+])
+def test_hostile_gen_headers_are_refused(gen):
+    m = wire.Message("act", "r", 1, -1, [np.zeros((1, 1), np.int64)], session="abc", gen=gen)
+    with pytest.raises(wire.WireError) as e:
+        wire.decode(wire.encode(m))
+    assert e.value.code == "bad_field"
+    # without a session (caches are keyed by it) even a good one is refused
+    good = {"op": "release", "ids": [1]}
+    with pytest.raises(wire.WireError, match="needs a session"):
+        wire.decode(wire.encode(wire.Message("act", "r", 1, -1, [], gen=good)))
+
+
+def test_bad_prompts_are_refused_before_anything_is_sent():
+    seq_len, positions, eos = decoder_limits("gpt2", MODELS["gpt2"])
+    assert (seq_len, positions, eos) == (16, 1024, None)  # a shrunk vocabulary has no eos token
+    assert decoder_limits("gpt2", {})[2] == 50256
+    with pytest.raises(GenerateError, match="not a decoder"):
+        decoder_limits("bert_tiny", {})
+
+    class _C:
+        microbatch = 2
+
+    g = Generator(_C(), chunk=16, max_positions=32, vocab_size=VOCAB)  # type: ignore[arg-type]
+    for prompts, new, match in [([[1, 2]], 0, "max_new_tokens"), ([], 3, "no prompt"), ([[]], 3, "prompt 0 is empty"),
+                                ([[1], [VOCAB]], 3, f"prompt 1: token id {VOCAB} outside"),
+                                ([[1] * 30], 3, "over the model's 32 positions")]:
+        with pytest.raises(GenerateError, match=match):
+            list(g.stream(prompts, new))
+    with pytest.raises(GenerateError, match="temperature"):
+        Sampling(greedy=False, temperature=0)
+    # a replicated stage would get steps of sequences whose caches another replica holds
+    spec = ModelSpec(name="gpt2", microbatch=2, checkpoint="x.safetensors", kwargs=MODELS["gpt2"])
+    plan = DeployPlan(model=spec, stages=[StagePlan((0, 6), [NodeAddress("a", "tcp://127.0.0.1:1", 1),
+                                                             NodeAddress("b", "tcp://127.0.0.1:2", 1)])])
+    with pytest.raises(GenerateError, match=r"stage\(s\) \[0\] of the plan are replicated"):
+        Generator.from_plan(plan)
+
+
+def _deploy(cluster, name, cuts, path, microbatch=2, **load):
+    spec = ModelSpec(name=name, microbatch=microbatch, checkpoint=str(path), kwargs=MODELS[name])
+    return DeployPlan(model=spec, results="tcp://127.0.0.1:0", stages=[
+        StagePlan(units=r, nodes=[NodeAddress(nd.name, nd.control, 1)])
+        for r, nd in zip(zip(cuts, cuts[1:]), cluster.nodes)])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,exact", [("gpt2", False), ("tinyllama_1_1b", True)])
+def test_pipelined_generation_equals_generate(node_pool, tmp_path, name, exact):
+    """Greedy tokens through 3 stages equal `generate`'s: decode rows batched (the default) or
+    each row on its own (`exact_generation`)."""
+    kw = MODELS[name]
+    path = models.cached_checkpoint(name, seed=0, **kw)
+    n = models.num_units(name, **kw)
+    chunk, positions, _ = decoder_limits(name, kw)
+    prompts = _prompts(7, seed=2)
+    with node_pool.take(3) as cluster:
+        plan = _deploy(cluster, name, [0, 2, 4, n], path)
+        plan.model.exact_generation = exact
+        with Client([], "tcp://127.0.0.1:0", run="", window=4, microbatch=2, timeout=60) as c:
+            plan.results = c.results_endpoint
+            dep = deploy(plan, load_timeout=120)
+            try:
+                c.attach(dep.entry, dep.run)
+                g = Generator(c, chunk=chunk, max_positions=positions, vocab_size=VOCAB, eos_token_id=None)
+                outs = g.generate(prompts, max_new_tokens=10)
+                st = g.stats
+                sampled = g.generate(prompts[:3], 6, Sampling(greedy=False, temperature=0.8, top_k=20, seed=5))
+                again = g.generate(prompts[:3], 6, Sampling(greedy=False, temperature=0.8, top_k=20, seed=5))
+                stats = [NodeClientStats.of(nd) for nd in cluster.nodes]
+            finally:
+                unload(plan)
+    assert st.tokens == 70 and st.decode_rows == 63 and st.sequences == 7
+    for p, out in zip(prompts, outs):
+        assert out == _reference(name, kw, path, p, 10)[0]
+    assert sampled == again and sampled != [o[:6] for o in outs[:3]]
+    # every cache was released at the end; nothing expired
+    for s in stats:
+        assert s["sequences"] == 0 and s["cache_released"] >= 7 and s["cache_expired"] == 0
+
+
+class NodeClientStats:
+    @staticmethod
+    def of(nd):
+        from edgezmq.transport.nodeclient import NodeClient
+
+        with NodeClient(nd.control, timeout=10) as nc:
+            return nc.stats().stage.cache
+
+
+
+
+def _ask(c: Client, gen, xs, session=None, timeout=60.0) -> wire.Message:
+    """One raw gen message through the deployment; its answer (a result or an error)."""
+    import zmq
+
+    seq = c._seq
+    c._seq += 1
+    frames = wire.encode(wire.Message("act", c.run, seq, -1, xs, session=session or c.session, gen=gen))
+    c.send_frames(seq, frames, time.time() + timeout)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if c.pull.poll(200, zmq.POLLIN):
+            msg = wire.decode(c.pull.recv_multipart())
+            if msg.seq == seq:
+                return msg
+    raise AssertionError(f"no answer to message {seq}")
+
+
+@pytest.mark.slow
+def test_a_decoder_stage_refuses_what_does_not_continue_its_sequences(node_pool, tmp_path):
+    name, kw = "gpt2", MODELS["gpt2"]
+    path = models.cached_checkpoint(name, seed=0, **kw)
+    n = models.num_units(name, **kw)
+    per_token = 2 * 64 * 4 * 4  # keys and values of 4 layers, 64 wide, float32
+    ids = np.array([[5, 6, 7]], np.int64)
+    start = {"op": "step", "ids": [1], "pos": [0], "lens": [3], "max_len": [32]}
+    with node_pool.take(1) as cluster:
+        plan = _deploy(cluster, name, [0, n], path)
+        plan.stages[0].cache_bytes = 48 * per_token  # one sequence of 32 tokens fits, two do not
+        with Client([], "tcp://127.0.0.1:0", run="", window=4, microbatch=2, timeout=60) as c:
+            plan.results = c.results_endpoint
+            dep = deploy(plan, load_timeout=120)
+            try:
+                c.attach(dep.entry, dep.run)
+                first = _ask(c, start, [ids])
+                assert first.kind == "result" and first.tensors[0].shape == (1, VOCAB)
+                # sent again (a lost answer): recomputed from pos 0, the same logits
+                again = _ask(c, start, [ids])
+                assert np.array_equal(again.tensors[0], first.tensors[0])
+                nxt = {"op": "step", "ids": [1], "pos": [3], "lens": [1]}
+                y1 = _ask(c, nxt, [np.array([[9]], np.int64)])
+                y1b = _ask(c, nxt, [np.array([[9]], np.int64)])  # resent decode step: same answer
+                assert y1.kind == "result" and np.array_equal(y1.tensors[0], y1b.tensors[0])
+                refused = {
+                    "gen_state": ({"op": "step", "ids": [1], "pos": [7], "lens": [1]}, [np.array([[9]], np.int64)], None),
+                    "cache_full": ({"op": "step", "ids": [2], "pos": [0], "lens": [1], "max_len": [32]},
+                                   [np.array([[9]], np.int64)], None),
+                    "bad_dtype": (start, [ids.astype(np.float32)], None),
+                    "bad_shape": ({**start, "lens": [17]}, [np.ones((1, 17), np.int64)], None),
+                }
+                for code, (gen, xs, session) in refused.items():
+                    r = _ask(c, gen, xs, session)
+                    assert r.kind == "error" and r.error["code"] == code, (code, r.error)
+                # another client's session cannot continue (nor read) this client's sequence 1
+                other = _ask(c, nxt, [np.array([[9]], np.int64)], session="f" * 16)
+                assert other.kind == "error" and other.error["code"] == "gen_state" and other.session == "f" * 16
+                # released (twice: idempotent), the budget takes the second sequence
+                for _ in range(2):
+                    assert _ask(c, {"op": "release", "ids": [1]}, []).kind == "result"
+                assert _ask(c, refused["cache_full"][0], refused["cache_full"][1]).kind == "result"
+                # whole sequences (no gen field) still run on the same stage
+                whole = c.infer(tuple(models.random_inputs(name, 2, 0, **kw)))
+                assert whole.shape == (2, 16, VOCAB)
+            finally:
+                unload(plan)
+
+        # the command line, on a plan file
+        pf = tmp_path / "plan.yaml"
+        import yaml
+
+        pf.write_text(yaml.safe_dump({
+            "model": {"name": name, "checkpoint": str(path), "microbatch": 2, "kwargs": kw},
+            "nodes": {nd.name: nd.control for nd in cluster.nodes},
+            "stages": [{"units": [0, n], "nodes": [cluster.nodes[0].name]}],
+            "results": f"tcp://127.0.0.1:{free_port()}"}))
+        r = run_cli("deploy", str(pf))
+        assert r.returncode == 0, r.stderr
+        try:
+            prompts = tmp_path / "p.txt"
+            prompts.write_text("5 6 7\n\n11 12\n")
+            r = run_cli("generate", str(pf), "--tokens", str(prompts), "--max-new-tokens", "5", "--json")
+            assert r.returncode == 0, r.stderr
+            out = json.loads(r.stdout.strip().splitlines()[-1])
+            assert out["sequences"] == 2 and out["tokens"] == 10
+            for row in out["outputs"]:
+                assert row["tokens"] == _reference(name, kw, path, row["prompt"], 5)[0]
+            prompts.write_text(f"5 {VOCAB}\n")
+            r = run_cli("generate", str(pf), "--tokens", str(prompts))
+            assert r.returncode == 2 and f"token id {VOCAB} outside the vocabulary" in r.stderr
+            assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        finally:
+            run_cli("undeploy", str(pf))
+
+
+def test_a_decode_profile_times_each_unit_on_one_token_per_sequence():
+    from edgezmq.model.profiling import profile_units
+
+    kw = MODELS["tinyllama_1_1b"]
+    p = profile_units("tinyllama_1_1b", microbatch=3, context=20, threads=1, reps=1, kwargs=kw)
+    names = [u["name"] for u in p["units"]]
+    assert names == ["embed", *(f"layer{i}" for i in range(kw["depth"])), "head"]
+    assert p["phase"] == "decode" and p["context"] == 20 and p["chain"] is None
+    width = 64 * 4
+    assert [u["in_bytes"] for u in p["units"]] == [3 * 8] + [3 * width] * (kw["depth"] + 1)
+    assert [u["out_bytes"] for u in p["units"]] == [3 * width] * (kw["depth"] + 1) + [3 * VOCAB * 4]
+    # keys and values of 1 key-value head of 8 (8 heads / 8 = 1 group) x 8 wide, float32, per layer token
+    assert [u["cache_bytes_per_token"] for u in p["units"]] == [0] + [2 * 1 * 8 * 4] * kw["depth"] + [0]
+    assert all(u["time_s"] > 0 for u in p["units"])
+    with pytest.raises(models.ModelError, match="not a decoder"):
+        profile_units("bert_tiny", microbatch=1, context=4)
+
+
+@pytest.mark.slow
+def test_autodeploy_plans_a_decoder_for_generation(node_pool):
+    from edgezmq.orchestrate.autodeploy import Generation, autodeploy
+    from edgezmq.orchestrate.inventory import parse_cluster
+
+    name, kw = "gpt2", MODELS["gpt2"]
+    path = models.cached_checkpoint(name, seed=0, **kw)
+    spec = ModelSpec(name=name, microbatch=2, checkpoint=str(path), kwargs=kw)
+    with node_pool.take(2) as local:
+        cluster = parse_cluster({"nodes": [{"name": n.name, "control": n.control} for n in local.nodes],
+                                 "links": {"default": {"mbps": 1000, "latency_ms": 0.2}}})
+        said: list[str] = []
+        with Client([], "tcp://127.0.0.1:0", run="", window=4, microbatch=2, timeout=60) as c:
+            dep, plan, problem, planned, g = autodeploy(
+                cluster, spec, results=c.results_endpoint, client=c, say=said.append,
+                generation=Generation(context=40, sequences=6), reprofile=True)
+            try:
+                assert all(p["phase"] == "decode" and p["context"] == 40 for p in g.profiles.values())
+                per_token = 2 * 64 * 4  # one GPT-2 layer's keys and values, 64 wide, float32
+                assert [u.cache_bytes for u in problem.units] == [0] + [6 * 40 * per_token] * kw["depth"] + [0]
+                assert not problem.options.replication and all(len(s.devices) == 1 for s in planned.stages)
+                assert [s.cache_bytes for s in plan.stages] == [
+                    sum(u.cache_bytes for u in problem.units[s.units[0]:s.units[1]]) for s in plan.stages]
+                assert any("calibration skipped" in m for m in said)
+                c.attach(dep.entry, dep.run)
+                chunk, positions, _ = decoder_limits(name, kw)
+                gen = Generator(c, chunk=chunk, max_positions=positions, vocab_size=VOCAB)
+                prompts = _prompts(3, seed=4)
+                outs = gen.generate(prompts, 6)
+            finally:
+                unload(plan)
+    for p, out in zip(prompts, outs):
+        assert out == _reference(name, kw, path, p, 6)[0]
+
+
+@pytest.mark.slow
+def test_a_node_killed_mid_generation_loses_no_token(node_pool):
+    """SIGKILL a stage's node while sequences are being generated: the pipeline is re-planned
+    on the survivors, every live sequence is prefilled again with its tokens so far, and each
+    sequence's stream has exactly the tokens of the model's own greedy generate."""
+    from edgezmq.orchestrate.autodeploy import Generation
+    from edgezmq.orchestrate.failover import ResilientPipeline
+    from edgezmq.orchestrate.inventory import parse_cluster
+
+    name, kw = "gpt2", MODELS["gpt2"]
+    path = models.cached_checkpoint(name, seed=0, **kw)
+    spec = ModelSpec(name=name, microbatch=2, checkpoint=str(path), kwargs=kw)
+    prompts, new = _prompts(5, seed=6), 12
+    with node_pool.take(3) as local:
+        procs = {n.name: n.proc for n in local.nodes}
+        cluster = parse_cluster({"nodes": [{"name": n.name, "control": n.control} for n in local.nodes],
+                                 "links": {"default": {"mbps": 1000, "latency_ms": 0.2}}})
+        with ResilientPipeline(cluster, spec, window=4, timeout=60, interval=0.3,
+                               generation=Generation(context=40, sequences=5)) as rp:
+            stages = rp.plan.stages
+            assert len(stages) >= 2, "the test needs a pipeline of several stages"
+            victim = stages[-1].nodes[0].name
+            g = rp.generator()
+            got: list[list[int]] = [[] for _ in prompts]
+            for k, (i, tok) in enumerate(g.stream(prompts, new)):
+                got[i].append(tok)
+                if k == 12:  # some sequences are part way: kill the last stage's node
+                    procs[victim].kill()
+            assert victim in rp.dead and rp.failovers >= 1 and g.stats.restarted >= 1
+            assert victim not in {ref.name for _, ref in rp.plan.all_nodes}
+    for p, out in zip(prompts, got):
+        assert out == _reference(name, kw, path, p, new)[0]
