@@ -26,7 +26,7 @@ EPILOG_DEPLOY = """examples:
   edgezmq deploy plans/local-3.yaml --json
   edgezmq deploy cluster.yaml --model vit_large_patch16_224 --dry-run --plan-out plan.yaml
   edgezmq deploy cluster.yaml --model vit_base_patch16_224 --checkpoint /data/vit_base.safetensors
-  edgezmq deploy cluster.yaml --model vit_base_patch16_224 --max-error 0.01 --min-agreement 99
+  edgezmq deploy cluster.yaml --model vit_base_patch16_224 --max-error 0.01 --min-agreement 99 --calibration-npy val.npy
 """
 EPILOG_SUBMIT = """examples:
   edgezmq submit plans/local-3.yaml --random 64 --out logits.npy
