@@ -21,14 +21,16 @@ encoding at every block cut comes from bench/compression_accuracy.py's sweep
 rate (`link_mbps`: the data sockets' send buffers are sized from it, docs/compression.md);
 `--autotuned-buffers` leaves it out (the kernel's autotuned buffers, as before).
 
-The planner's choice: the problem is gathered from the testbed's nodes as autodeploy does
-(edgezmq.orchestrate.autodeploy.gather: profiles on the nodes, links, I/O costs); added are
-the candidates' byte ratios (wire codecs at the cut's shape), their measured logit error at
-every cut (the sweep) and their codec costs (this host's CPU per MB over each device's CPU
-share). The 1-point top-1 budget becomes the planner's error budget by measurement
-(`budget_for`). Solved without and with it (`solve(..., max_error=E)`), each plan is written
-as `edgezmq plan -o` writes it (`planner.deploy.deployable`) and deployed and timed like the
-fixed rows; the summary fields are these two plans.
+The planner's choice, as `edgezmq deploy cluster.yaml --max-error E` makes it: the problem is
+gathered from the testbed's nodes (edgezmq.orchestrate.autodeploy.gather: profiles on the
+nodes, links, I/O costs), and the library adds the candidates' byte ratios, their measured
+logit error and top-1 disagreement at every cut and their codec costs
+(autodeploy.measure_encodings, edgezmq.orchestrate.compress; calibration batch: the digits test
+images; codec costs measured on the client, scaled by each device's speed vs the client). The
+1-point top-1 budget becomes the planner's error budget by measurement (`budget_for`). Solved
+without and with it (`autodeploy.plan_problem`), each plan is built as autodeploy deploys it
+(`autodeploy.to_deploy_plan`: ladders, link rates) and deployed and timed like the fixed rows;
+the summary fields are these two plans.
 Writes bench/results/compression.json and .png; `--json` prints one object (last line).
 The client side runs inside the testbed's client namespace (``--inner``, started by the outer).
 """
@@ -113,17 +115,9 @@ def budget_for(rows: list[dict], points: float) -> dict:
             "worst_top1_drop_within": max((r["top1_drop"] for r in rows if r["rel_l2"] <= e), default=0.0)}
 
 
-def planner_input(rows: list[dict], encodings: list[str], budget: dict, cuts: int) -> dict:
-    """What the inner adds to the gathered problem: each candidate's ratio (wire codecs, at the
-    block cuts' activation shape) and its measured error at every cut, and the budget."""
-    from edgezmq.protocol import codecs
-
-    shape = (MICROBATCH, *rows[0]["shape"][1:])
-    encs = [e for e in encodings if e != "raw"]
-    err = {(r["encoding"], r["cut"]): r["rel_l2"] for r in rows}
-    return {"shape": list(shape), "max_error": budget["max_error"],
-            "encodings": {e: {"ratio": round(codecs.ratio(e, shape), 6), "error": [err[(e, c)] for c in range(1, cuts)]}
-                          for e in encs}}
+def planner_input(encodings: list[str], budget: dict) -> dict:
+    """What the inner needs for the planner's plans: the candidates and the error budget."""
+    return {"encodings": [e for e in encodings if e != "raw"], "max_error": budget["max_error"]}
 
 
 # ---------------------------------------------------------------- the client side (inner)
@@ -200,41 +194,48 @@ class Inner:
         return self.session(ladder, body, plan)
 
     def planner(self) -> dict:
-        """The planner's choice on this testbed: the problem gathered from the nodes as autodeploy
-        gathers it (profiles, links), the encodings' ratios and per-cut errors (the outer's sweep)
-        and codec costs added; solved exact and under the budget; both plans deployed and timed."""
+        """The planner's choice on this testbed, as autodeploy makes it: the problem gathered from
+        the nodes (profiles, links), the candidates' ratios, per-cut errors and codec costs
+        measured by the library (``autodeploy.measure_encodings``, on the test images: the set
+        the budget was derived on), solved exact and under the budget; both plans deployed and timed."""
         from edgezmq.model import task
-        from edgezmq.orchestrate.autodeploy import device_type_of, gather
+        from edgezmq.orchestrate.autodeploy import (
+            EXACT,
+            Budget,
+            gather,
+            measure_encodings,
+            plan_problem,
+            to_deploy_plan,
+        )
         from edgezmq.orchestrate.inventory import load_cluster
-        from edgezmq.orchestrate.planfile import parse_plan
-        from edgezmq.planner import Problem, solve
-        from edgezmq.planner.deploy import deployable
-        from edgezmq.protocol import codecs
+        from edgezmq.orchestrate.planfile import ModelSpec
 
         spec = json.loads(Path(self.args.planner_input).read_text())
         cluster = load_cluster(self.tb.cluster_path)
-        g = gather(cluster, model=task.TASK_MODEL, microbatch=MICROBATCH, kwargs=task.TASK_KWARGS,
-                   say=lambda m: print(m, file=sys.stderr, flush=True))
-        d = g.problem
-        d["model"]["encodings"] = spec["encodings"]
-        # codec CPU per MB on this host (one thread), over the device's share of a core
-        cpu = {dev.name: dev.cpu for dev in self.tb.config.devices}
-        host = {e: codecs.measure_cost(e, spec["shape"]) for e in spec["encodings"]}
-        for n in cluster.nodes:
-            d["device_types"][device_type_of(n)]["codec_ms_per_mb"] = {
-                e: {"encode": round(c.encode_s_per_mb * 1e3 / cpu[n.name], 4),
-                    "decode": round(c.decode_s_per_mb * 1e3 / cpu[n.name], 4)} for e, c in host.items()}
-        problem = Problem.from_dict(d)
-        out: dict[str, Any] = {"problem": d, "max_error": spec["max_error"]}
-        for name, budget in (("exact", None), ("compressed", spec["max_error"])):
+        model = ModelSpec(name=task.TASK_MODEL, microbatch=MICROBATCH, checkpoint=self.ckpt, kwargs=task.TASK_KWARGS)
+
+        def say(m: str) -> None:
+            print(m, file=sys.stderr, flush=True)
+
+        g = gather(cluster, model=model.name, microbatch=MICROBATCH, kwargs=model.kwargs, say=say)
+        measure_encodings(g, cluster, model, encodings=spec["encodings"],
+                          calibration=task.digits_split().x_test.numpy(), say=say)
+        out: dict[str, Any] = {"problem": g.problem, "max_error": spec["max_error"],
+                               "measured_encodings": g.encodings.to_dict()}
+        for name, budget in (("exact", EXACT), ("compressed", Budget(max_error=spec["max_error"]))):
             t0 = time.process_time()
-            planned = solve(problem, max_error=budget)
-            doc = deployable(problem, planned, checkpoint=self.ckpt, results=f"tcp://{self.tb.client_address}:0",
-                             max_error=budget)
-            print(f"planner {name}: {doc['stages']} predicted {planned.throughput_per_s:.2f} samples/s",
+            problem, planned = plan_problem(g.problem, budget=budget)
+            plan = to_deploy_plan(cluster, planned, model=model, results=f"tcp://{self.tb.client_address}:0",
+                                  problem=problem, budget=budget)
+            if self.args.autotuned_buffers:
+                for st in plan.stages:
+                    st.link_mbps = None
+            stages = [{"units": list(st.units), "nodes": [n.name for n in st.nodes],
+                       **({"encoding": [r[0] for r in st.encodings]} if st.encodings else {}),
+                       **({"link_mbps": st.link_mbps} if st.link_mbps is not None else {})} for st in plan.stages]
+            print(f"planner {name}: {stages} predicted {planned.throughput_per_s:.2f} samples/s",
                   file=sys.stderr, flush=True)
-            plan = parse_plan(doc)
-            out[name] = {"stages": doc["stages"], "predicted_samples_per_s": planned.throughput_per_s,
+            out[name] = {"stages": stages, "predicted_samples_per_s": planned.throughput_per_s,
                          "bottleneck_s": planned.bottleneck_s, "optimal": planned.optimal,
                          "solve_cpu_s": round(time.process_time() - t0, 3),
                          "measured": self.fixed([], plan)}
@@ -518,7 +519,7 @@ def main() -> int:
     if not args.no_planner:
         path = BENCH_STATE / f"{TESTBED}-planner.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(planner_input(sweep_rows, args.encodings, budget, units)))
+        path.write_text(json.dumps(planner_input(args.encodings, budget)))
         argv += ["--planner-input", str(path)]
     try:
         with testbed(cfg, TESTBED) as tb:

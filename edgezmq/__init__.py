@@ -6,6 +6,7 @@ The public API (everything else is internal and may change)::
 
     plan = edgezmq.load_plan("plans/my-plan.yaml")     # or: plan a cluster inventory
     edgezmq.deploy(plan)                                #   edgezmq.autodeploy(edgezmq.load_cluster(...), spec)
+                                                        #   (budget=edgezmq.Budget(max_error=0.01): may compress)
     with edgezmq.Client.from_plan(plan) as c:
         for y in c.stream(edgezmq.split(images, plan.model.microbatch)):
             ...
@@ -34,6 +35,7 @@ _LAZY = {
     "unload": "edgezmq.orchestrate.deploy",
     "load_cluster": "edgezmq.orchestrate.inventory",
     "autodeploy": "edgezmq.orchestrate.autodeploy",
+    "Budget": "edgezmq.orchestrate.autodeploy",
     "ResilientPipeline": "edgezmq.orchestrate.failover",
     "LocalCluster": "edgezmq.orchestrate.local",
     "Client": "edgezmq.client",
@@ -47,6 +49,7 @@ __all__ = [  # pinned by tests/test_public_api.py
     "EdgezmqError", "__version__",
     "load_plan", "ModelSpec", "deploy", "unload",
     "load_cluster", "autodeploy", "ResilientPipeline", "LocalCluster",
+    "Budget",
     "Client", "split",
     "Node",
     "load_problem", "solve",
@@ -55,7 +58,7 @@ __all__ = [  # pinned by tests/test_public_api.py
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports on first use
     from edgezmq.client import Client, split
     from edgezmq.node.daemon import Node
-    from edgezmq.orchestrate.autodeploy import autodeploy
+    from edgezmq.orchestrate.autodeploy import Budget, autodeploy
     from edgezmq.orchestrate.deploy import deploy, unload
     from edgezmq.orchestrate.failover import ResilientPipeline
     from edgezmq.orchestrate.inventory import load_cluster

@@ -64,10 +64,12 @@ def test_factors_count_saturated_stages_only():
 
 def test_corrected_scales_only_the_given_types():
     d = small()
-    d["device_types"]["fast"].update(recv_ms_per_mb=2.0, send_ms_per_mb=1.0)
+    d["device_types"]["fast"].update(recv_ms_per_mb=2.0, send_ms_per_mb=1.0,
+                                     codec_ms_per_mb={"int8": {"encode": 4.0, "decode": 2.0}})
     before = copy.deepcopy(d)
     out = C.corrected(d, {"fast": 1.5})
     assert d == before  # not modified in place
+    assert out["device_types"]["fast"]["codec_ms_per_mb"] == {"int8": {"encode": 6.0, "decode": 3.0}}
     assert out["device_types"]["fast"]["unit_times_s"] == [1.5, 3.0, 4.5]
     assert out["device_types"]["fast"]["recv_ms_per_mb"] == 3.0 and out["device_types"]["fast"]["send_ms_per_mb"] == 1.5
     assert out["device_types"]["slow"] == d["device_types"]["slow"]

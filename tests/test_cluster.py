@@ -14,6 +14,7 @@ from helpers import (
     KWARGS,
     MICROBATCH,
     MODEL,
+    N_UNITS,
     PROBE_S,
     SAMPLE_INVENTORY,
     batches,
@@ -321,3 +322,107 @@ def test_replicas_connect_to_the_next_stage_staggered():
     assert [staggered(["x", "y"], j, 4)[0] for j in range(4)] == ["x", "x", "y", "y"]
     assert all(sorted(staggered(down, j, 3)) == down for j in range(3))  # a rotation: every one kept
     assert staggered(["r"], 0, 1) == ["r"]
+
+
+def _slow_link_inventory(nodes, factor: float) -> dict:
+    """Links between nodes slow enough that a raw activation takes `factor` x the fastest node's
+    time for the whole model (measured: a first gather, whose profiles the nodes cache; the
+    deployments then use them without a spot check, so that a busy machine does not move them),
+    the client's links fast: encoding pays only where compressing the activation makes a
+    second stage worth it."""
+    warm = gather(parse_cluster(_inventory(nodes, links={"default": {"mbps": 1000, "latency_ms": 0.1}})),
+                  model=MODEL, microbatch=MICROBATCH, kwargs=KWARGS)
+    whole = min(sum(t["unit_times_s"]) for t in warm.problem["device_types"].values())
+    act = warm.problem["model"]["units"][1]["out_bytes"]
+    mbps = act * 8 / (factor * whole) / 1e6
+    overrides = [{"a": "client", "b": n.name, "mbps": 1000} for n in nodes.nodes]
+    return _inventory(nodes, links={"default": {"mbps": mbps, "latency_ms": 0.1}, "overrides": overrides})
+
+
+@pytest.mark.slow
+def test_autodeploy_with_a_budget_encodes_a_slow_link_and_stays_within_it(nodes):
+    """--max-error: the library measures the encodings (ratios, per-cut errors, codec costs),
+    the planner puts one on the slow link between two stages, the deployed ladder stays within
+    the budget, every stage has its link's rate, and the outputs on the calibration batch are
+    within the budget of the monolithic model's. Without a budget: raw, bit for bit."""
+    import torch
+
+    from edgezmq.model.accuracy import rel_l2
+    from edgezmq.orchestrate import compress
+    from edgezmq.orchestrate.autodeploy import Budget
+
+    # raw: 1.6 x the fastest node's whole-model time per activation (a second stage never pays), int8 ~0.4 x
+    cluster = parse_cluster(_slow_link_inventory(nodes, 1.6))
+    spec = model_spec()
+    budget = Budget(max_error=0.01)
+    xs, _ = compress.calibration_batch(MODEL, MICROBATCH, None, KWARGS)
+    batches_ = [b.numpy() for b in torch.split(xs, MICROBATCH)]
+    with Client([], "tcp://127.0.0.1:0", run="", window=4, microbatch=MICROBATCH, timeout=60) as c:
+        dep, plan, problem, planned, g = autodeploy(cluster, spec, results=c.results_endpoint, replication=False,
+                                                    client=c, calibrate=0, budget=budget, spot_check=False)
+        try:
+            enc = g.problem["model"]["encodings"]
+            assert set(enc) == set(compress.DEFAULT_ENCODINGS) and g.encodings.source == "seeded"
+            assert all(len(e["error"]) == N_UNITS - 1 and len(e["disagreement"]) == N_UNITS - 1 for e in enc.values())
+            assert enc["f16"]["ratio"] == 0.5 and enc["int8"]["error"][0] < 0.01 < enc["int4"]["error"][0]
+            # flips per cut plus one sample of margin, in percent of the 16 samples
+            for e, d in enc.items():
+                assert d["disagreement"] == [100 * (k + 1) / 16 for k in g.encodings.flips[e]]
+            for t in g.problem["device_types"].values():
+                assert set(t["codec_ms_per_mb"]) == set(enc)
+                assert all(v["encode"] > 0 and v["decode"] > 0 for v in t["codec_ms_per_mb"].values())
+            assert planned.encoded and 0 < planned.error <= 0.01, planned.to_dict()
+            assert [s.encodings is not None for s in plan.stages] == [s.encoding != "raw" for s in planned.stages]
+            first = next(s for s in plan.stages if s.encodings)
+            assert first.encodings[0] == [planned.stages[plan.stages.index(first)].encoding]
+            assert all(s.link_mbps is not None and s.link_mbps > 0 for s in plan.stages)
+            assert plan.stages[0].link_mbps == pytest.approx(cluster.default_link.mbps)
+            assert plan.stages[-1].link_mbps == 1000
+            c.attach(dep.entry, dep.run)
+            outs = list(c.stream(batches_))
+        finally:
+            unload(plan)
+    err = rel_l2(torch.from_numpy(np.concatenate(outs)), torch.from_numpy(np.concatenate(monolithic(batches_))))
+    assert 0 < err <= 0.01, err
+
+    with Client([], "tcp://127.0.0.1:0", run="", window=4, microbatch=MICROBATCH, timeout=60) as c:
+        dep, plan, problem, planned, g = autodeploy(cluster, spec, results=c.results_endpoint, replication=False,
+                                                    client=c, calibrate=0, spot_check=False)
+        try:
+            assert g.encodings is None and "encodings" not in g.problem["model"]
+            assert not planned.encoded and all(s.encodings is None for s in plan.stages)
+            c.attach(dep.entry, dep.run)
+            outs = list(c.stream(batches_))
+        finally:
+            unload(plan)
+    for a, b in zip(outs, monolithic(batches_)):
+        assert np.array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_cli_deploy_with_budgets_dry_run(nodes, tmp_path):
+    """`deploy --max-error --min-agreement --dry-run --plan-out`: the written problem carries the
+    measured encodings, the plan the chosen ones; bad flag values are one-line usage errors."""
+    inv = tmp_path / "cluster.yaml"
+    inv.write_text(yaml.safe_dump(_slow_link_inventory(nodes, 1.6)))
+    out = tmp_path / "plan.yaml"
+    base = ["deploy", str(inv), "--model", MODEL, "--kwargs", json.dumps(KWARGS), "--microbatch", str(MICROBATCH),
+            "--checkpoint", checkpoint(), "--dry-run", "--no-replication", "--no-spot-check"]
+    r = run_cli(*base, "--max-error", "0.01", "--min-agreement", "90", "--encodings", "f16,int8",
+             "--plan-out", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    assert "measuring encodings f16, int8 on" in r.stderr
+    d = yaml.safe_load(out.read_text())
+    assert set(d["problem"]["model"]["encodings"]) == {"f16", "int8"}
+    assert any(s.get("encoding") for s in d["stages"]) and all(s["link_mbps"] > 0 for s in d["stages"]), r.stderr + r.stdout
+    got = json.loads(r.stdout)["predicted"]
+    assert got["error"] <= 0.01 and got["disagreement"] <= 10 and set(got["encodings"]) <= {"raw", "f16", "int8"}
+    # 16 samples: each encoded cut counts at least one (6.25 %), so 90 % allows one encoded cut at most
+    assert sum(e != "raw" for e in got["encodings"]) == 1
+    for flags, word in ((["--max-error", "-1"], "--max-error"), (["--max-error", "nan"], "--max-error"),
+                        (["--min-agreement", "101"], "--min-agreement"), (["--encodings", "int9"], "--encodings"),
+                        (["--encodings", "raw"], "--encodings"), (["--encodings", "f16"], "--encodings"),
+                        (["--max-error", "0.1", "--calibration-samples", "0"], "--calibration-samples"),
+                        (["--max-error", "0.1", "--calibration-npy", str(tmp_path / "none.npy")], "--calibration-npy")):
+        r = run_cli(*base, *flags)
+        assert r.returncode != 0 and word in r.stderr, (flags, r.stderr)

@@ -176,8 +176,10 @@ def _assignments(devices: list[str], k: int, replication: bool):
                 yield (first, *tail)
 
 
-def brute(problem: Problem, max_error: float) -> float:
-    """Least bottleneck over every plan and every encoding of its cuts within the budget."""
+def brute(problem: Problem, max_error: float | None, min_agreement: float | None = None) -> float:
+    """Least bottleneck over every plan and every encoding of its cuts within the budgets."""
+    max_error = math.inf if max_error is None else max_error
+    max_dis = math.inf if min_agreement is None else 100 - min_agreement
     L, names = problem.num_units, [d.name for d in problem.devices]
     encs = ["raw", *problem.encodings]
     best = math.inf
@@ -192,7 +194,8 @@ def brute(problem: Problem, max_error: float) -> float:
                         plan = evaluate(problem, stages)
                     except PlanError:
                         continue        # a device that cannot encode or decode that encoding
-                    if plan.feasible and plan.error <= max_error:
+                    if plan.feasible and plan.error <= max_error and (
+                            min_agreement is None or plan.disagreement <= max_dis):
                         best = min(best, plan.bottleneck_s)
     return best
 
@@ -245,6 +248,101 @@ def test_no_budget_or_no_encodings_is_the_raw_solve(seed: int) -> None:
     plain = copy.deepcopy(d)
     del plain["model"]["encodings"]
     assert solve(Problem.from_dict(plain)).stages == raw.stages
+
+
+# --- the top-1 agreement budget ----------------------------------------------------------------
+
+def with_disagreement(d: dict, seed: int) -> dict:
+    """Each encoding's per-cut disagreement (percent; multiples of one sample in 16 or 64, and
+    zeros, as a sweep measures them), from a generator of its own (the problems stay the same)."""
+    rng = random.Random(30_000 + seed)
+    n = len(d["model"]["units"])
+    for e in d["model"]["encodings"].values():
+        e["disagreement"] = [rng.choice([0.0, 1.5625, 3.125, 6.25, 12.5]) for _ in range(n - 1)]
+    return d
+
+
+def check_agreement(d: dict, seed: int) -> None:
+    p = Problem.from_dict(d)
+    rng = random.Random(40_000 + seed)
+    max_error = rng.choice([None, None, None, 0.03, 10.0])
+    min_agreement = rng.choice([100.0, 99.0, 97.0, 93.75, 90.0, 0.0])
+    want = brute(p, max_error, min_agreement)
+    if math.isinf(want):
+        with pytest.raises(PlanError):
+            solve(p, max_error=max_error, min_agreement=min_agreement)
+        return
+    got = solve(p, max_error=max_error, min_agreement=min_agreement)
+    assert got.optimal, got.stats
+    assert got.feasible and got.disagreement <= 100 - min_agreement + 1e-9
+    assert max_error is None or got.error <= max_error + 1e-12
+    assert got.bottleneck_s == pytest.approx(want, rel=RTOL), (seed, max_error, min_agreement,
+                                                               got.to_dict()["stages"])
+    again = evaluate(p, got.stages)
+    assert again.bottleneck_s == got.bottleneck_s and again.disagreement == got.disagreement
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_agreement_solve_matches_brute_force(seed: int) -> None:
+    """--min-agreement alone or with --max-error: exact against the brute force over encodings."""
+    check_agreement(with_disagreement(encoded_problem(seed), seed), seed)
+
+
+@pytest.mark.parametrize("seed", range(1, 60, 5))
+def test_agreement_solve_matches_brute_force_with_nics(seed: int) -> None:
+    check_agreement(with_disagreement(encoded_problem(seed, nics=True), seed), seed)
+
+
+def test_agreement_budget_trades_against_the_error_budget() -> None:
+    """Two cuts: int8 has the small error but flips samples, f16 the reverse. The error budget
+    alone takes int8 where it pays; with 99 % agreement it must take f16 there."""
+    d = three_encodings()
+    d["model"]["encodings"]["int8"]["disagreement"] = [2.0]
+    d["model"]["encodings"]["f16"]["disagreement"] = [0.0]
+    d["model"]["encodings"]["int4"]["disagreement"] = [40.0]
+    d["device_types"]["t"]["codec_ms_per_mb"]["f16"] = {"encode": 300, "decode": 50}  # f16 slower than int8 now
+    p = Problem.from_dict(d)
+    assert solve(p, max_error=0.01).stages[0].encoding == "int8"
+    plan = solve(p, max_error=0.01, min_agreement=99)
+    assert plan.stages[0].encoding == "f16" and plan.disagreement == 0.0
+    assert solve(p, min_agreement=98).stages[0].encoding == "int8"
+    assert not solve(p, min_agreement=100).encoded or solve(p, min_agreement=100).stages[0].encoding == "f16"
+    from edgezmq.planner.encoded import ladders
+    assert ladders(p, plan, 0.3, 99) == [["f16"], []]            # int8 would flip 2 % of samples
+    assert ladders(p, plan, 0.3, 97) == [["f16", "int8"], []]
+    assert ladders(p, plan, 0.3, 50) == [["f16", "int8", "int4"], []]
+    assert "top-1 agreement >= 100 %" in plan.table(p)
+
+
+@pytest.mark.parametrize("value, message", [
+    ([-1], "model.encodings.int8.disagreement[0]: expected a number"),
+    ([101], "model.encodings.int8.disagreement[0]"),
+    (["nan"], "model.encodings.int8.disagreement[0]"),
+    ([1, 2], "model.encodings.int8.disagreement: expected 1 values"),
+    ("5", "model.encodings.int8.disagreement: expected a list"),
+])
+def test_bad_disagreement_names_the_field(value: object, message: str) -> None:
+    with pytest.raises(PlanError) as e:
+        Problem.from_dict(base(encodings={"int8": {"ratio": 0.25, "error": [0.01], "disagreement": value}}))
+    assert message in str(e.value)
+
+
+def test_an_agreement_budget_needs_measured_disagreement(tmp_path, capsys) -> None:
+    import yaml
+
+    from edgezmq.cli.main import main
+    p = Problem.from_dict(base(encodings=INT8))
+    assert solve(p, max_error=0.01).disagreement is None        # not measured: unknown, not 0
+    with pytest.raises(PlanError, match=r"model.encodings.int8.disagreement: needed by a top-1 agreement budget"):
+        solve(p, min_agreement=99)
+    problem = tmp_path / "p.yaml"
+    problem.write_text(yaml.safe_dump(base(encodings=INT8)))
+    assert main(["plan", str(problem), "--min-agreement", "99"]) == 2
+    assert "model.encodings.int8.disagreement" in capsys.readouterr().err
+    for bad in ("101", "-0.5", "nan", "inf"):
+        with pytest.raises(SystemExit):
+            main(["plan", str(problem), "--min-agreement", bad])
+        assert "--min-agreement" in capsys.readouterr().err
 
 
 # --- output: the plan command and the deployable plan ------------------------------------------

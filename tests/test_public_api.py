@@ -17,6 +17,7 @@ PUBLIC = [
     "EdgezmqError", "__version__",
     "load_plan", "ModelSpec", "deploy", "unload",                  # plan files and deployment
     "load_cluster", "autodeploy", "ResilientPipeline", "LocalCluster",  # inventories, planning, failover, local nodes
+    "Budget",                                                      # autodeploy's compression budget
     "Client", "split",                                             # submitting work
     "Node",                                                        # the node daemon, in-process
     "load_problem", "solve",                                       # the planner alone
@@ -58,6 +59,7 @@ ERRORS = {
     "edgezmq.orchestrate.planfile.PlanFileError": (ValueError, EXIT_BAD_INPUT),
     "edgezmq.orchestrate.inventory.ClusterError": (ValueError, EXIT_BAD_INPUT),
     "edgezmq.orchestrate.deploy.DeployError": (RuntimeError, EXIT_FAILED),
+    "edgezmq.orchestrate.compress.CompressionError": (ValueError, EXIT_BAD_INPUT),  # weights, calibration batch
     "edgezmq.client.PipelineError": (RuntimeError, EXIT_FAILED),
     "edgezmq.client.ResultTimeout": (TimeoutError, EXIT_FAILED),
     "edgezmq.orchestrate.local.NodeStartError": (RuntimeError, EXIT_FAILED),

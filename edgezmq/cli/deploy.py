@@ -26,6 +26,7 @@ EPILOG_DEPLOY = """examples:
   edgezmq deploy plans/local-3.yaml --json
   edgezmq deploy cluster.yaml --model vit_large_patch16_224 --dry-run --plan-out plan.yaml
   edgezmq deploy cluster.yaml --model vit_base_patch16_224 --checkpoint /data/vit_base.safetensors
+  edgezmq deploy cluster.yaml --model vit_base_patch16_224 --max-error 0.01 --min-agreement 99 --calibration-npy val.npy
 """
 EPILOG_SUBMIT = """examples:
   edgezmq submit plans/local-3.yaml --random 64 --out logits.npy
@@ -49,8 +50,10 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     d = read_yaml(args.file, PlanFileError)  # a bad file fails fast, before torch is imported
     if is_cluster_file(d):
         return _deploy_cluster(args, d)
-    if args.model or args.dry_run or args.plan_out:
-        raise UsageError(f"{args.file} is a plan; --model/--dry-run/--plan-out apply to a cluster inventory")
+    if (args.model or args.dry_run or args.plan_out or _budget(args).given or args.encodings
+            or args.calibration_npy or args.calibration_samples):
+        raise UsageError(f"{args.file} is a plan; --model/--dry-run/--plan-out/--max-error/--min-agreement/"
+                         "--encodings/--calibration-* apply to a cluster inventory")
     from edgezmq.orchestrate.planfile import parse_plan
 
     plan = parse_plan(d, source=args.file)
@@ -96,6 +99,24 @@ def _model_spec(args: argparse.Namespace):
                      checkpoint=checkpoint, pretrained=args.pretrained, kwargs=kwargs)
 
 
+def _budget(args: argparse.Namespace):
+    from edgezmq.orchestrate.autodeploy import Budget
+
+    return Budget(max_error=args.max_error, min_agreement=args.min_agreement)
+
+
+def _calibration(args: argparse.Namespace):
+    """The --calibration-npy samples (None: the seeded batch)."""
+    if not args.calibration_npy:
+        return None
+    import numpy as np
+
+    try:
+        return np.load(args.calibration_npy, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--calibration-npy {args.calibration_npy}: expected a .npy image array ({e})") from None
+
+
 def _deploy_cluster(args: argparse.Namespace, d: dict) -> int:
     import yaml
 
@@ -116,13 +137,24 @@ def _deploy_cluster(args: argparse.Namespace, d: dict) -> int:
             raise UsageError(f"--generate: {spec.name} is not a decoder language model")
         generation = Generation(context=args.context, sequences=args.sequences)
     t0 = time.time()
+    budget = _budget(args)
+    if not budget.given and (args.encodings or args.calibration_npy or args.calibration_samples):
+        raise UsageError("--encodings/--calibration-npy/--calibration-samples: give a budget (--max-error or "
+                         "--min-agreement)")
+    if args.calibration_npy and args.calibration_samples:
+        raise UsageError("--calibration-npy and --calibration-samples: give one")
+    if budget.given and generation is not None:
+        raise UsageError("--max-error/--min-agreement: not with --generate (encodings are measured on images)")
     dep, plan, problem, planned, g = autodeploy(
         cluster, spec, reprofile=args.reprofile, spot_check=not args.no_spot_check, dry_run=args.dry_run,
         time_limit_s=args.time_limit, say=stderr, load_timeout=args.timeout, replication=not args.no_replication,
-        generation=generation, **calibrate)
+        generation=generation, budget=budget, encodings=args.encodings, calibration=_calibration(args),
+        calibration_samples=args.calibration_samples, **calibrate)
     predicted = {"throughput_per_s": planned.throughput_per_s, "bottleneck_s": planned.bottleneck_s,
                  "latency_s": planned.latency_s, "window": planned.window, "optimal": planned.optimal,
-                 "bottleneck_at": planned.bottleneck_at}
+                 "bottleneck_at": planned.bottleneck_at, "error": planned.error,
+                 "disagreement": planned.disagreement,
+                 "encodings": [s.encodings[0][0] if s.encodings else "raw" for s in plan.stages[:-1]]}
     if args.plan_out:
         Path(args.plan_out).write_text(yaml.safe_dump(
             {**plan.to_dict(), "predicted": predicted, **_solved(g)}, sort_keys=False))
@@ -212,9 +244,27 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def encoding_list(text: str) -> list[str]:
+    """An argparse type: comma-separated lossy encoding names."""
+    from edgezmq.terms import ENCODINGS
+
+    names = [e.strip() for e in text.split(",") if e.strip()]
+    bad = [e for e in names if e not in ENCODINGS or e == ENCODINGS[0]]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"expected lossy encodings ({', '.join(ENCODINGS[1:])}) separated "
+                                         f"by commas, got {text!r}")
+    return names
+
+
 def add_cli(sub: argparse._SubParsersAction) -> None:
     """Register `deploy`, `undeploy`, `submit`, `run` and `checkpoint` on the `edgezmq` subparsers."""
+    from edgezmq.orchestrate.compress import (
+        CALIBRATION_SAMPLES,
+        DEFAULT_ENCODINGS,
+        MAX_CALIBRATION_SAMPLES,
+    )
     from edgezmq.orchestrate.failover import HEARTBEAT_S, LIVENESS, STALL_FACTOR, STALL_FLOOR_S
+    from edgezmq.planner.problem import MAX_DISAGREEMENT, MAX_ERROR
 
     d = sub.add_parser("deploy", help="deploy a plan, or measure + plan + deploy a cluster inventory",
                        epilog=EPILOG_DEPLOY, formatter_class=FMT)
@@ -244,6 +294,23 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--sequences", type=int_in(1, MAX_CONTEXT), default=64,
                    help="with --generate: sequences live at once (every stage holds their caches)")
     g.add_argument("--time-limit", type=seconds, default=20.0, help="planner time limit, seconds")
+    g.add_argument("--max-error", type=float_in(0, MAX_ERROR), metavar="E",
+                   help="let the planner compress links between stages: the encodings' measured logit errors "
+                        f"(relative L2 vs fp32) at the used cuts summing to at most E (0..{MAX_ERROR:g}; "
+                        "default: every link raw, exact; docs/compression.md)")
+    g.add_argument("--min-agreement", type=float_in(0, MAX_DISAGREEMENT), metavar="A",
+                   help="let the planner compress links keeping top-1 agreement with fp32 at least A percent "
+                        "(0..100) on the calibration batch (the union bound: 100 - the summed disagreements)")
+    g.add_argument("--encodings", type=encoding_list, metavar="E1,E2,..",
+                   help="candidate encodings to measure with a budget (default: "
+                        f"{','.join(DEFAULT_ENCODINGS)}; each costs a forward per cut on the calibration batch)")
+    g.add_argument("--calibration-npy", metavar="FILE",
+                   help="images (N, C, H, W float32 .npy) to measure the encodings' error on (default: "
+                        "--calibration-samples seeded standard-normal images)")
+    g.add_argument("--calibration-samples", type=int_in(1, MAX_CALIBRATION_SAMPLES), metavar="N",
+                   help=f"seeded images to measure the encodings on (default {CALIBRATION_SAMPLES}); each encoded "
+                        "cut counts one sample more than it flipped, so A percent agreement needs N >= 100 / (100 - A) "
+                        "per encoded cut")
     d.set_defaults(func=cmd_deploy)
 
     u = sub.add_parser("undeploy", help="unload every node of a plan or a cluster inventory", formatter_class=FMT,

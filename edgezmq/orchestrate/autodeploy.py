@@ -70,6 +70,7 @@ class Gathered:
     seconds: float
     io: dict[str, dict] = field(default_factory=dict)  # device type -> measure_io's figures
     calibration: Any = None  # edgezmq.orchestrate.calibrate.Calibration, after autodeploy calibrated
+    encodings: Any = None  # edgezmq.orchestrate.compress.Measured, when a budget asked for encodings
 
 
 def _parallel(items: list, fn: Callable, workers: int | None = None) -> list:
@@ -384,25 +385,80 @@ def build_problem(
     return problem
 
 
-def plan_problem(problem_dict: dict, *, time_limit_s: float = PLAN_TIME_LIMIT_S):
-    """(Problem, planner Plan) for a problem dict."""
+@dataclass(frozen=True)
+class Budget:
+    """The accuracy budget a deployment may spend on encoded links (docs/compression.md): none
+    given, every link raw (exact)."""
+
+    max_error: float | None = None  # the used cuts' logit errors (relative L2), summed, at most
+    min_agreement: float | None = None  # top-1 agreement with fp32, percent, at least (100 - summed disagreement)
+
+    @property
+    def given(self) -> bool:
+        return self.max_error is not None or self.min_agreement is not None
+
+
+EXACT = Budget()
+
+
+def plan_problem(problem_dict: dict, *, time_limit_s: float = PLAN_TIME_LIMIT_S, budget: Budget = EXACT):
+    """(Problem, planner Plan) for a problem dict, within ``budget`` when its encodings allow."""
     from edgezmq.planner import Problem, solve
 
     problem = Problem.from_dict(problem_dict)
-    return problem, solve(problem, time_limit_s=time_limit_s)
+    return problem, solve(problem, time_limit_s=time_limit_s, max_error=budget.max_error,
+                          min_agreement=budget.min_agreement)
 
 
 def to_deploy_plan(
-    cluster: Cluster, planned, *, model: ModelSpec, results: str | None = None,
+    cluster: Cluster, planned, *, model: ModelSpec, results: str | None = None, problem: Any = None,
+    budget: Budget = EXACT,
 ) -> DeployPlan:
+    """The plan to deploy; with the planner's ``problem``, each stage also gets its outgoing
+    link's rate (``link_mbps``: the nodes size their send buffers by it) and its encoding
+    ladder within ``budget`` (as ``edgezmq plan -o`` writes them, planner.deploy)."""
+    from edgezmq.planner.deploy import link_mbps
+    from edgezmq.planner.encoded import ladders
+
     def address(name: str) -> NodeAddress:
         n = cluster.node(name)
         return NodeAddress(n.name, n.control, n.threads, n.curve)
 
-    stages = [StagePlan(units=(s.units[0], s.units[1]), nodes=[address(d) for d in s.devices])
-              for s in planned.stages]
+    stages = []
+    rungs = ladders(problem, planned, budget.max_error, budget.min_agreement) if problem is not None else None
+    for i, s in enumerate(planned.stages):
+        st = StagePlan(units=(s.units[0], s.units[1]), nodes=[address(d) for d in s.devices])
+        if problem is not None:
+            nxt = planned.stages[i + 1].devices if i + 1 < len(planned.stages) else (CLIENT,)
+            st.link_mbps = link_mbps(problem, s.devices, nxt)
+            st.encodings = [[e] for e in rungs[i]] if rungs and rungs[i] else None
+        stages.append(st)
     return DeployPlan(model=model, stages=stages, results=results or cluster.results,
                       keyring=cluster.keyring, keys=cluster.keys)
+
+
+def measure_encodings(g: Gathered, cluster: Cluster, model: ModelSpec, *, encodings: Any = None,
+                      calibration: Any = None, samples: int | None = None, say: Say | None = None) -> Any:
+    """Add the candidate encodings and their codec costs to ``g.problem`` (edgezmq.orchestrate.compress):
+    measured on this machine with the deployment's weights on `calibration` (an image array;
+    None: `samples` seeded images, default compress.CALIBRATION_SAMPLES), the codec costs
+    scaled to each device type by its profile."""
+    from edgezmq.orchestrate import compress  # torch: only when compressing
+
+    say = say or (lambda m: log.info("%s", m))
+    net = compress.load_model(model.name, checkpoint=model.checkpoint, pretrained=model.pretrained,
+                              kwargs=model.kwargs)
+    x, source = compress.calibration_batch(model.name, model.microbatch, calibration, model.kwargs,
+                                           n=samples or compress.CALIBRATION_SAMPLES)
+    threads: dict[str, int] = {}
+    for n in cluster.nodes:
+        info = g.infos[n.name]
+        threads.setdefault(device_type_of(n), int(info.get("threads") or info["device"].get("cores") or 1))
+    say(f"measuring encodings {', '.join(encodings or compress.DEFAULT_ENCODINGS)} on {x.shape[0]} {source} "
+        "calibration samples")
+    g.encodings = compress.add_encodings(g.problem, net, x, threads=threads,
+                                         encodings=encodings or compress.DEFAULT_ENCODINGS, source=source, say=say)
+    return g.encodings
 
 
 def autodeploy(
@@ -410,19 +466,26 @@ def autodeploy(
     results: str | None = None, time_limit_s: float = PLAN_TIME_LIMIT_S, say: Say | None = None,
     load_timeout: float = 600.0, replication: bool = True, spot_check: bool = True,
     calibrate: int = CALIBRATION_MICROBATCHES, client: Client | None = None, generation: Generation | None = None,
+    budget: Budget = EXACT, encodings: Any = None, calibration: Any = None, calibration_samples: int | None = None,
 ) -> tuple[Deployment | None, DeployPlan, Any, Any, Gathered]:
     """Measure, plan, deploy, calibrate (`calibrate` microbatches through the deployment,
     ``edgezmq.orchestrate.calibrate``; 0: not), through `client` when given (bound to `results`).
+    With a `budget`, the candidate `encodings` (default compress.DEFAULT_ENCODINGS) are measured
+    on the `calibration` images (default: `calibration_samples` seeded ones; ``measure_encodings``) and the planner
+    may encode links within it; without one every link is raw (exact).
     Returns (deployment or None when dry_run, deploy plan, planner problem, planner plan,
-    what was gathered, with ``calibration``)."""
+    what was gathered, with ``calibration`` and ``encodings``)."""
     say = say or (lambda m: log.info("%s", m))
     if not dry_run:  # unreachable nodes are left to the info step, which names them
         take_over(list(cluster.nodes), curve=lambda a: cluster.curve(a.name), say=say)
     g = gather(cluster, model=model.name, microbatch=model.microbatch, granularity=model.granularity,
                kwargs=model.kwargs, reprofile=reprofile, replication=replication, say=say,
                spot_check=spot_check, generation=generation)
-    problem, planned = plan_problem(g.problem, time_limit_s=time_limit_s)
-    plan = to_deploy_plan(cluster, planned, model=model, results=results)
+    if budget.given:
+        measure_encodings(g, cluster, model, encodings=encodings, calibration=calibration,
+                          samples=calibration_samples, say=say)
+    problem, planned = plan_problem(g.problem, time_limit_s=time_limit_s, budget=budget)
+    plan = to_deploy_plan(cluster, planned, model=model, results=results, problem=problem, budget=budget)
     if generation is not None:  # each stage reserves what the plan gave its units' caches
         for st in plan.stages:
             st.cache_bytes = sum(u.cache_bytes for u in problem.units[st.units[0]:st.units[1]])
@@ -437,7 +500,7 @@ def autodeploy(
     elif calibrate:
         dep, problem, planned = _calibrate(cluster, model, dep, problem, planned, g, n=calibrate, client=client,
                                            results=results, time_limit_s=time_limit_s, load_timeout=load_timeout,
-                                           say=say)
+                                           say=say, budget=budget)
     return dep, dep.plan, problem, planned, g
 
 
@@ -450,7 +513,7 @@ def _liveness(dep: Deployment, client: Client, cluster: Cluster, planned: Any) -
 
 def _calibrate(cluster: Cluster, model: ModelSpec, dep: Deployment, problem: Any, planned: Any, g: Gathered, *,
                n: int, client: Client | None, results: str | None, time_limit_s: float, load_timeout: float,
-               say: Say) -> tuple[Deployment, Any, Any]:
+               say: Say, budget: Budget = EXACT) -> tuple[Deployment, Any, Any]:
     """``edgezmq.orchestrate.calibrate`` on a fresh deployment, through `client` or, without one, a client
     of its own on the plan's results address (the inventory's; closed after); on failure the
     nodes are unloaded."""
@@ -460,12 +523,19 @@ def _calibrate(cluster: Cluster, model: ModelSpec, dep: Deployment, problem: Any
     except zmq.ZMQError as e:  # deploying from another machine than the inventory's client
         say(f"calibration skipped: cannot receive results at {dep.plan.results} here ({e})")
         return dep, problem, planned
+    replanned = [problem]  # the last re-plan's problem: the plan to deploy takes its link rates
+
+    def replan(d: dict) -> tuple[Any, Any]:
+        got = plan_problem(d, time_limit_s=time_limit_s, budget=budget)
+        replanned[0] = got[0]
+        return got
+
     try:
         dep, problem, planned, g.calibration = run_calibration(
             dep, g.problem, problem, planned, client=cl, infos=g.infos,
-            types={n_.name: device_type_of(n_) for n_ in cluster.nodes},
-            replan=lambda d: plan_problem(d, time_limit_s=time_limit_s),
-            to_plan=lambda p: to_deploy_plan(cluster, p, model=model, results=results), n=n,
+            types={n_.name: device_type_of(n_) for n_ in cluster.nodes}, replan=replan,
+            to_plan=lambda p: to_deploy_plan(cluster, p, model=model, results=results, problem=replanned[0],
+                                             budget=budget), n=n,
             load_timeout=load_timeout, say=say, watch=lambda d: _liveness(d, cl, cluster, planned))
     except BaseException:
         unload(dep.plan)  # the first plan (a failed redeploy has unloaded it and cleaned up itself)

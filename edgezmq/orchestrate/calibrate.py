@@ -175,7 +175,9 @@ def _layout(planned: Any) -> list[tuple[tuple[int, int], tuple[str, ...]]]:
 
 
 def corrected(problem_dict: dict[str, Any], type_factors: dict[str, float]) -> dict[str, Any]:
-    """`problem_dict` with each device type's unit times and receive/send costs scaled by its factor."""
+    """`problem_dict` with each device type's unit times, receive/send costs and codec costs
+    scaled by its factor (all are the device's CPU time: a device slower serving than profiled
+    is slower at each)."""
     out = {**problem_dict, "device_types": {k: dict(v) for k, v in problem_dict["device_types"].items()}}
     for typ, f in type_factors.items():
         t = out["device_types"][typ]
@@ -183,6 +185,8 @@ def corrected(problem_dict: dict[str, Any], type_factors: dict[str, float]) -> d
         for k in ("recv_ms_per_mb", "send_ms_per_mb"):
             if k in t:
                 t[k] = t[k] * f
+        if "codec_ms_per_mb" in t:
+            t["codec_ms_per_mb"] = {e: {k: v * f for k, v in c.items()} for e, c in t["codec_ms_per_mb"].items()}
     return out
 
 

@@ -2,7 +2,7 @@
 
     edgezmq plan PROBLEM.yaml [--baseline even|pipeedge|pipedream] [--json] [-o PLAN.yaml]
                  [--effort N] [--time-limit S] [--gap G] [--no-replication] [--max-error E]
-                 [--checkpoint PATH] [--results ADDR]
+                 [--min-agreement A] [--checkpoint PATH] [--results ADDR]
 
 Prints the plan as a table (or one JSON object with ``--json``) and writes the deployable
 plan with ``-o``. A bad or infeasible problem file exits with code 2 and one clear line.
@@ -22,7 +22,7 @@ from edgezmq.terms import MAX_SEARCH_NODES
 
 from .baselines import BASELINES, baseline
 from .deploy import deployable
-from .problem import MAX_ERROR, Options, PlanError, load_problem
+from .problem import MAX_DISAGREEMENT, MAX_ERROR, Options, PlanError, load_problem
 from .solver import DEFAULT_EFFORT, DEFAULT_TIME_LIMIT_S, solve
 
 __all__ = ["add_cli", "run"]
@@ -55,6 +55,10 @@ def add_cli(subparsers: Any) -> None:
                    help="let the planner encode the links between stages with the problem's model.encodings, "
                         "their errors at the used cuts (relative L2 of the logits) summing to at most E "
                         f"(0..{MAX_ERROR:g}; default: every link raw, exact)")
+    p.add_argument("--min-agreement", type=float_in(0, MAX_DISAGREEMENT), metavar="A",
+                   help="let the planner encode those links keeping top-1 agreement with fp32 at least A "
+                        "percent (0..100): the encodings' measured disagreements (model.encodings.*.disagreement, "
+                        "percent) at the used cuts summing to at most 100 - A; with --max-error, both hold")
     p.add_argument("--checkpoint", help="checkpoint path to put in the deployable plan")
     p.add_argument("--results", help="results address (tcp://...) to put in the deployable plan")
     p.set_defaults(func=run)
@@ -79,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
             plan = baseline(problem, args.baseline, time_limit_s=args.time_limit)
         else:
             plan = solve(problem, time_limit_s=args.time_limit, gap=args.gap, effort=args.effort,
-                         max_error=args.max_error)
+                         max_error=args.max_error, min_agreement=args.min_agreement)
     except PlanError as e:
         return _fail(str(e), EXIT_BAD_INPUT)
 
@@ -92,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
     if args.output:
         try:
             doc = deployable(problem, plan, checkpoint=args.checkpoint, results=args.results,
-                             max_error=None if args.baseline else args.max_error)
+                             max_error=None if args.baseline else args.max_error,
+                             min_agreement=None if args.baseline else args.min_agreement)
         except PlanError as e:
             return _fail(f"not writing {args.output}: {e}", EXIT_FAILED)
         import yaml  # deferred: only -o needs it

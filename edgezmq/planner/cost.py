@@ -22,7 +22,8 @@ Encodings (a stage's ``encoding``: how its output crosses the link to the next s
 client's links, cuts 0 and L, stay raw): the link carries n = ceil(ratio * raw bytes); its
 senders add encode_d * raw bytes to T_d, its receivers decode_d * raw bytes; recv/send
 costs apply to the wire bytes, memory to the raw ones (a stage holds decoded tensors).
-The plan's error is the sum of the used cuts' errors (docs/planner.md: why a sum).
+The plan's error is the sum of the used cuts' errors (docs/planner.md: why a sum), and its
+top-1 disagreement the sum of theirs (percent; the union bound, docs/planner.md).
 The solver uses the same formulas (on classes of devices); the tests hold both to this one.
 """
 
@@ -182,9 +183,12 @@ def evaluate(problem: Problem, stages: Sequence[Any], *, method: str = "evaluate
     latency = math.fsum([c.unreplicated_s for c in costs] + [k.latency_s for k in links])
     mb = problem.model.microbatch
     throughput = mb / bottleneck if bottleneck > 0 else math.inf
-    error = math.fsum(problem.cut_error(s.encoding, s.units[1]) for s in stages if s.encoding != RAW)
+    encoded = [s for s in stages if s.encoding != RAW]
+    error = math.fsum(problem.cut_error(s.encoding, s.units[1]) for s in encoded)
+    disagreement = None if any(problem.encodings[s.encoding].disagreement is None for s in encoded) else \
+        math.fsum(problem.cut_disagreement(s.encoding, s.units[1]) for s in encoded)
     return Plan(stages, costs, links, bottleneck, throughput, latency, where, mb, violations,
-                method=method, error=error)
+                method=method, error=error, disagreement=disagreement)
 
 
 def _codec_s(dev: Any, ein: str, n_in: int, eo: str, n_out: int) -> float:

@@ -21,9 +21,11 @@ __all__ = ["deployable"]
 
 
 def deployable(problem: Problem, plan: Plan, *, checkpoint: str | None = None,
-               results: str | None = None, max_error: float | None = None) -> dict[str, Any]:
+               results: str | None = None, max_error: float | None = None,
+               min_agreement: float | None = None) -> dict[str, Any]:
     """The deploy-plan dict of a feasible plan (``PlanError`` if it overruns memory);
-    ``max_error``: the budget the plan was solved under (its encoding ladders stay within it)."""
+    ``max_error``, ``min_agreement``: the budgets the plan was solved under (its encoding
+    ladders stay within them)."""
     if not plan.feasible:
         raise PlanError("the plan does not fit the devices' memory: " + "; ".join(plan.violations))
     m = problem.model
@@ -39,7 +41,7 @@ def deployable(problem: Problem, plan: Plan, *, checkpoint: str | None = None,
         "nodes": {d.name: d.control for d in problem.devices if d.control and d.name in used},
         "stages": [{"units": list(s.units), "nodes": list(s.devices), **({"encoding": ladder} if ladder else {}),
                     "link_mbps": link_mbps(problem, s.devices, nxt.devices if nxt is not None else (CLIENT,))}
-                   for s, nxt, ladder in zip(plan.stages, [*plan.stages[1:], None], ladders(problem, plan, max_error))],
+                   for s, nxt, ladder in zip(plan.stages, [*plan.stages[1:], None], ladders(problem, plan, max_error, min_agreement))],
         "predicted": {"bottleneck_s": plan.bottleneck_s, "throughput_per_s": plan.throughput_per_s,
                       "latency_s": plan.latency_s, "window": plan.window},
     }

@@ -1,14 +1,18 @@
 """The solve when each used cut's encoding is a decision, under an error budget (internal).
 
-``solve(problem, max_error=E)`` comes here when the problem lists encodings
+``solve(problem, max_error=E, min_agreement=A)`` comes here when the problem lists encodings
 (docs/planner.md, "Encodings"). The exact problem: least bottleneck B over plans whose
-summed cut errors are at most E. For a fixed B, the least total error of a plan with every
-cost <= B is a shortest path over the states (units covered, how the last cut is encoded,
-devices used, devices of the last stage): errors add along the chain, and every cost (a
+summed cut errors are at most E and whose summed cut disagreements (percent of samples
+whose top-1 class the encoding at that cut alone changes) are at most 100 - A (either
+budget may be absent: unbounded). For a fixed B, the plans with every cost <= B are the
+paths over the states (units covered, how the last cut is encoded, devices used, devices
+of the last stage): errors and disagreements add along the chain, and every cost (a
 stage's time with its decode and encode, a link's with its encoded bytes) is local to one
-stage and the link into it. So B is feasible iff that least error is <= E, which is
-monotone in B: bisection between a proven bound and the incumbent, each feasible answer
-lowering the incumbent to its real bottleneck, finds the optimum to TIE_RTOL.
+stage and the link into it. Each state keeps the Pareto front of (error, disagreement) over
+its suffixes (one point, the least error, without an agreement budget: the shortest path),
+so B is feasible iff some plan is within both budgets, which is monotone in B: bisection
+between a proven bound and the incumbent, each feasible answer lowering the incumbent to
+its real bottleneck, finds the optimum to TIE_RTOL.
 
 Devices are tracked by twin class (classes.py; twins must also have the same codec costs),
 each class's devices taken in file order, and every figure is computed by the cost model's
@@ -35,7 +39,7 @@ from .plan import Plan, Stage
 from .problem import CLIENT, RAW, Device, Problem, encoded_bytes
 from .search import Effort, Timeout
 
-__all__ = ["solve_encoded", "without_encodings", "codec_classes", "ladders"]
+__all__ = ["solve_encoded", "without_encodings", "codec_classes", "ladders", "max_disagreement"]
 
 TIE_RTOL = 1e-9     # bottlenecks within this relative distance are equal (as solver.py)
 RAW_SHARE = 0.3     # the raw incumbent's share of the effort and time limits
@@ -61,14 +65,31 @@ def codec_classes(problem: Problem) -> list[list[int]]:
     return sorted(out, key=lambda c: c[0])
 
 
-Best = tuple[float, tuple[Stage, ...]]   # (least error from a state, its stages)
+Best = tuple[float, tuple[Stage, ...]]   # (least error of a plan, its stages)
+Point = tuple[float, float, tuple[Stage, ...]]   # (error, disagreement, stages) of a suffix
+Front = list[Point]   # the Pareto front of a state's suffixes: none is as good in both
+
+
+def _dominated(front: Front, err: float, dis: float) -> bool:
+    return any(e <= err and d <= dis for e, d, _ in front)
+
+
+def _add(front: Front, err: float, dis: float, stages: tuple[Stage, ...]) -> Front:
+    """``front`` with the point added unless one already is as good (the first found stays)."""
+    if _dominated(front, err, dis):
+        return front
+    return [p for p in front if not (err <= p[0] and dis <= p[1])] + [(err, dis, stages)]
 
 
 class _Decision:
-    """For a bound B: the least total error of a plan whose every cost is <= B (or None)."""
+    """For a bound B: the least total error of a plan whose every cost is <= B, within the
+    budgets (or None). ``max_disagreement`` None: not bounded (every disagreement counts 0)."""
 
-    def __init__(self, problem: Problem, max_error: float, effort: Effort) -> None:
+    def __init__(self, problem: Problem, max_error: float, effort: Effort,
+                 max_disagreement: float | None = None) -> None:
         self.p, self.max_error, self.effort = problem, max_error, effort
+        self.max_dis = math.inf if max_disagreement is None else max_disagreement
+        self.agreement = max_disagreement is not None
         self.L = problem.num_units
         self.pools: list[list[Device]] = [[problem.devices[d] for d in c] for c in codec_classes(problem)]
         self.K = len(self.pools)
@@ -111,15 +132,19 @@ class _Decision:
             need = self._mem[(a, b)] = stage_memory_bytes(self.p, a, b)
         return all(need + d.reserved_bytes <= d.memory_bytes for d in devs)
 
-    def run(self, bound: float) -> Best | None:
-        memo: dict[tuple, Best | None] = {}
-        p, L, K = self.p, self.L, self.K
+    def dis(self, name: str, cut: int) -> float:
+        return self.p.cut_disagreement(name, cut) if self.agreement else 0.0
 
-        def best(u: int, ein: str, prev: tuple[str, ...], used: tuple[int, ...]) -> Best | None:
+    def run(self, bound: float) -> Best | None:
+        memo: dict[tuple, Front] = {}
+        p, L, K = self.p, self.L, self.K
+        exact = (0.0, 0.0)
+
+        def best(u: int, ein: str, prev: tuple[str, ...], used: tuple[int, ...]) -> Front:
             key = (u, ein, prev, used)
             if key in memo:
                 return memo[key]
-            found: Best | None = None
+            found: Front = []
             raw_in, w_in = self.raw[u], self.wire[(u, ein)]
             for comp in self.comps:
                 if any(used[k] + comp[k] > len(self.pools[k]) for k in range(K)):
@@ -148,9 +173,10 @@ class _Decision:
                     io = [c + d.recv_s_per_byte * w_in + x for c, (_, d), x in zip(compute, reps, dec_in)]
                     for eo in (self.encs if b < L else (RAW,)):
                         err = p.cut_error(eo, b) if b < L else 0.0
-                        if err > self.max_error:
+                        dis = self.dis(eo, b) if b < L else 0.0
+                        if err > self.max_error or dis > self.max_dis:
                             continue
-                        if found is not None and err >= found[0]:
+                        if _dominated(found, err, dis):
                             continue
                         w_out = self.wire[(b, eo)]
                         enc_out = [_codec_s(d, eo, True, raw_out) for _, d in reps]
@@ -164,20 +190,23 @@ class _Decision:
                         stage = Stage((u, b), tuple(sorted(names, key=self.order)), eo)
                         if b == L:
                             if self.link_s(names, (CLIENT,), w_out) <= bound:
-                                found = (0.0, (stage,))
+                                found = [(0.0, 0.0, (stage,))]
                             continue
-                        sub = best(b, eo, names, after)
-                        if sub is not None and (found is None or err + sub[0] < found[0]):
-                            found = (err + sub[0], (stage, *sub[1]))
-                    if found is not None and found[0] == 0.0:
+                        for se, sd, sst in best(b, eo, names, after):
+                            if err + se <= self.max_error and dis + sd <= self.max_dis:
+                                found = _add(found, err + se, dis + sd, (stage, *sst))
+                    if found and found[0][:2] == exact:
                         break
-                if found is not None and found[0] == 0.0:
-                    break       # nothing beats no error
+                if found and found[0][:2] == exact:
+                    break       # nothing beats no error and no disagreement
             memo[key] = found
             return found
 
-        res = best(0, RAW, (CLIENT,), (0,) * K)
-        return res if res is not None and res[0] <= self.max_error else None
+        front = [q for q in best(0, RAW, (CLIENT,), (0,) * K) if q[0] <= self.max_error and q[1] <= self.max_dis]
+        if not front:
+            return None
+        e, _, st = min(front, key=lambda q: (q[0], q[1]))
+        return e, st
 
     @property
     def order(self) -> Callable[[str], int]:
@@ -190,11 +219,22 @@ def _codec_s(d: Device, name: str, encode: bool, nbytes: int) -> float:
     return c if math.isinf(c) else c * nbytes
 
 
-def solve_encoded(problem: Problem, max_error: float, *, time_limit_s: float, gap: float, effort: int,
-                  engine: str, solve: Callable[..., Plan]) -> Plan:
+def max_disagreement(min_agreement: float | None) -> float | None:
+    """The budget of summed disagreements (percent) a top-1 agreement of ``min_agreement`` percent leaves."""
+    return None if min_agreement is None else 100.0 - min_agreement
+
+
+def solve_encoded(problem: Problem, max_error: float | None, *, time_limit_s: float, gap: float, effort: int,
+                  engine: str, solve: Callable[..., Plan], min_agreement: float | None = None) -> Plan:
     """The plan of least bottleneck whose encodings' summed error is at most ``max_error``
-    (module doc); ``solve`` is solver.solve, for the raw incumbent."""
+    and summed disagreement at most 100 - ``min_agreement`` (module doc; None: that budget is
+    absent); ``solve`` is solver.solve, for the raw incumbent."""
     t0 = time.monotonic()
+    max_dis = max_disagreement(min_agreement)
+    if max_dis is not None and problem.num_units > 1:
+        for name in problem.encodings:   # one clear error before searching: every candidate measured
+            problem.cut_disagreement(name, 1)
+    budget = math.inf if max_error is None else max_error
     raw = solve(without_encodings(problem), time_limit_s=time_limit_s * RAW_SHARE, gap=gap,
                 effort=max(1, int(effort * RAW_SHARE)), engine=engine)
     plan = evaluate(problem, raw.stages, method="solve")
@@ -202,10 +242,11 @@ def solve_encoded(problem: Problem, max_error: float, *, time_limit_s: float, ga
         plan.optimal, plan.lower_bound_s = False, 0.0
         plan.stats = {"engine": "encodings", "stopped_by": "size", "raw_bottleneck_s": raw.bottleneck_s,
                       "encoded": f"not searched: more than {MAX_COMPOSITIONS} stage compositions "
-                                 "(device classes); the raw plan", "max_error": max_error}
+                                 "(device classes); the raw plan", "max_error": max_error,
+                      "min_agreement": min_agreement}
         return plan
     run = Effort(stop=max(0, effort - int(raw.stats.get("effort", 0))), deadline=t0 + time_limit_s)
-    decide = _Decision(problem, max_error, run)
+    decide = _Decision(problem, budget, run, max_dis)
     lo, hi = 0.0, plan.bottleneck_s
     stats: dict[str, object] = {"engine": "encodings", "raw_bottleneck_s": raw.bottleneck_s,
                                 "raw_optimal": raw.optimal}
@@ -224,7 +265,8 @@ def solve_encoded(problem: Problem, max_error: float, *, time_limit_s: float, ga
                 lo = mid
                 continue
             cand = evaluate(problem, found[1], method="solve")
-            if cand.violations or cand.error > max_error + 1e-12 or cand.bottleneck_s > mid * (1 + TIE_RTOL):
+            if (cand.violations or cand.error > budget + 1e-12 or cand.bottleneck_s > mid * (1 + TIE_RTOL)
+                    or (max_dis is not None and cand.disagreement is not None and cand.disagreement > max_dis + 1e-9)):
                 raise AssertionError(f"encoded search produced a plan it should not have: {cand.to_dict()}")
             plan, hi = cand, cand.bottleneck_s
     except Timeout as t:
@@ -243,19 +285,32 @@ def solve_encoded(problem: Problem, max_error: float, *, time_limit_s: float, ga
     plan.lower_bound_s = plan.bottleneck_s if plan.optimal else min(lo, plan.bottleneck_s)
     stats.update({"stopped_by": stopped, "decisions": decisions,
                   "effort": run.spent + int(raw.stats.get("effort", 0)),
-                  "solve_time_s": round(time.monotonic() - t0, 4), "max_error": max_error})
+                  "solve_time_s": round(time.monotonic() - t0, 4), "max_error": max_error,
+                  "min_agreement": min_agreement})
     plan.stats = stats
     return plan
 
 
-def ladders(problem: Problem, plan: Plan, max_error: float | None) -> list[list[str]]:
+def ladders(problem: Problem, plan: Plan, max_error: float | None,
+            min_agreement: float | None = None) -> list[list[str]]:
     """Each stage's encoding ladder for the deployable plan (planfile: largest first): the
     chosen encoding, then the smaller ones (by ratio) the adaptive policy may drop to. It may
-    drop any link to any rung at any time, so the ladders must stay within the budget with
-    every link on its worst rung at once: the slack (budget minus the plan's error) is spent cut by cut
-    in pipeline order, each rung only if its extra error still fits and the stage's devices
-    can encode it and the next stage's decode it. The last stage's ladder is empty (raw)."""
-    spare = 0.0 if max_error is None else max_error - plan.error   # no budget: nothing more
+    drop any link to any rung at any time, so the ladders must stay within the budgets with
+    every link on its worst rung at once: the slack (budget minus the plan's error, and
+    100 - min_agreement minus its disagreement) is spent cut by cut in pipeline order, each
+    rung only if its extra error and extra disagreement still fit and the stage's devices can
+    encode it and the next stage's decode it. The last stage's ladder is empty (raw). No
+    budget at all: no rung beyond the chosen one."""
+    max_dis = max_disagreement(min_agreement)
+    if max_error is None and max_dis is None:
+        spare, spare_d = 0.0, 0.0   # no budget: nothing more
+    else:
+        spare = math.inf if max_error is None else max_error - plan.error
+        spare_d = math.inf if max_dis is None else max_dis - math.fsum(
+            problem.cut_disagreement(s.encoding, s.units[1]) for s in plan.stages[:-1])
+
+    def dis(e: str, cut: int) -> float:
+        return 0.0 if max_dis is None else problem.cut_disagreement(e, cut)
     out: list[list[str]] = []
     for i, s in enumerate(plan.stages):
         if i == len(plan.stages) - 1:
@@ -265,18 +320,19 @@ def ladders(problem: Problem, plan: Plan, max_error: float | None) -> list[list[
         devs = [(problem.device(d), True) for d in s.devices] + [(problem.device(d), False)
                                                                  for d in plan.stages[i + 1].devices]
         rung = [chosen]
-        base_err = problem.cut_error(chosen, cut)
-        worst = base_err
+        base_err, base_dis = problem.cut_error(chosen, cut), dis(chosen, cut)
+        worst, worst_d = base_err, base_dis
         smaller = sorted((e for e in problem.encodings if problem.cut_ratio(e) < problem.cut_ratio(chosen)),
                          key=lambda e: (-problem.cut_ratio(e), e))
         for e in smaller:
-            err = problem.cut_error(e, cut)
-            if max(err, worst) - base_err > spare + 1e-15:
+            err, d_e = problem.cut_error(e, cut), dis(e, cut)
+            if max(err, worst) - base_err > spare + 1e-15 or max(d_e, worst_d) - base_dis > spare_d + 1e-12:
                 continue
             if any(math.isinf(d.codec_s_per_byte(e, enc)) for d, enc in devs):
                 continue
             rung.append(e)
-            worst = max(worst, err)
+            worst, worst_d = max(worst, err), max(worst_d, d_e)
         spare -= worst - base_err
+        spare_d -= worst_d - base_dis
         out.append(rung if rung != [RAW] else [])
     return out

@@ -111,6 +111,8 @@ class Plan:
     method: str = "evaluate"
     stats: dict[str, Any] = field(default_factory=dict)
     error: float = 0.0           # the chosen encodings' errors, summed (docs/planner.md)
+    # the chosen encodings' top-1 disagreement (percent), summed; None when one was not measured
+    disagreement: float | None = 0.0
 
     @property
     def encoded(self) -> bool:
@@ -166,6 +168,7 @@ class Plan:
             "violations": list(self.violations),
             "num_devices": self.num_devices,
             "error": self.error,
+            "disagreement": self.disagreement,
             "stages": [
                 {**s.to_dict(), "compute_s": c.compute_s, "memory_bytes": c.memory_bytes,
                  "memory_limit_bytes": c.memory_limit_bytes}
@@ -213,7 +216,10 @@ class Plan:
                      f"{self.throughput_per_s:.4g}/s, latency {self.latency_s:.4g} s, "
                      f"{self.num_devices} devices, {status}")
         if encoded:
-            lines.append(f"encoded links: error {self.error:.4g} (sum of the encodings' rel_l2 at their cuts)")
+            lines.append(f"encoded links: error {self.error:.4g} (sum of the encodings' rel_l2 at their cuts)"
+                         + ("" if self.disagreement is None else
+                            f", top-1 agreement >= {100 - self.disagreement:.4g} % (100 - the sum of their "
+                            "disagreements)"))
         lines.extend(f"VIOLATION: {v}" for v in self.violations)
         return "\n".join(lines)
 

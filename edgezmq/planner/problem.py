@@ -64,6 +64,7 @@ MS_PER_S = 1000.0
 BYTES_PER_MB = 1e6
 RAW = ENCODINGS[0]  # the lossless encoding: always a candidate, ratio 1, no cost, no error
 MAX_ERROR = 1e3     # an encoding's error contribution (relative L2 of the logits) at most
+MAX_DISAGREEMENT = 100.0  # percent of samples whose top-1 class an encoding changes at a cut, at most
 
 
 class PlanError(EdgezmqError, ValueError):
@@ -121,11 +122,13 @@ UNLIMITED = Nic()
 @dataclass(frozen=True)
 class Encoding:
     """A lossy candidate for the links between stages: wire bytes per raw byte, and the
-    measured error it adds at each cut (``error[c - 1]`` for cut c, 0 < c < L)."""
+    measured error it adds at each cut (``error[c - 1]`` for cut c, 0 < c < L) and, when
+    measured, the percent of samples whose top-1 class it changes there (``disagreement``)."""
 
     name: str
     ratio: float
     error: tuple[float, ...]
+    disagreement: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -301,6 +304,17 @@ class Problem:
         """Error ``name`` adds at cut c (0 < c < L); 0 for raw."""
         return 0.0 if name == RAW else self.model.encodings[name].error[cut - 1]
 
+    def cut_disagreement(self, name: str, cut: int) -> float:
+        """Percent of samples whose top-1 class ``name`` changes at ``cut`` alone (0 for raw);
+        ``PlanError`` when the problem did not measure it."""
+        if name == RAW:
+            return 0.0
+        d = self.model.encodings[name].disagreement
+        if d is None:
+            raise PlanError(f"model.encodings.{name}.disagreement: needed by a top-1 agreement budget "
+                            "(--min-agreement), got none")
+        return d[cut - 1]
+
     def cut_ratio(self, name: str) -> float:
         return 1.0 if name == RAW else self.model.encodings[name].ratio
 
@@ -411,12 +425,13 @@ def _parse_model(m: Mapping[str, Any]) -> ModelChain:
         kwargs=dict(kwargs), encodings=encodings)
 
 
-ENCODING_FIELDS = ("ratio", "error")
+ENCODING_FIELDS = ("ratio", "error", "disagreement")
 CODEC_FIELDS = ("encode", "decode")
 
 
 def _parse_encodings(m: Mapping[str, Any], n_units: int) -> dict[str, Encoding]:
-    """``model.encodings``: {name: {ratio in (0, 1], error: one value per cut 1..L-1}}."""
+    """``model.encodings``: {name: {ratio in (0, 1], error: one value per cut 1..L-1,
+    disagreement (optional): one percent in [0, 100] per cut}}."""
     out = {}
     for name, e in m.items():
         p = f"model.encodings.{name}"
@@ -427,8 +442,16 @@ def _parse_encodings(m: Mapping[str, Any], n_units: int) -> dict[str, Encoding]:
         if len(errs) != n_units - 1:
             raise PlanError(f"{p}.error: expected {n_units - 1} values (one per cut 1..{n_units - 1} between "
                             f"units), got {len(errs)}")
+        dis = None
+        if e.get("disagreement") is not None:
+            ds = F.seq(e["disagreement"], f"{p}.disagreement")
+            if len(ds) != n_units - 1:
+                raise PlanError(f"{p}.disagreement: expected {n_units - 1} values (one per cut 1..{n_units - 1} "
+                                f"between units), got {len(ds)}")
+            dis = tuple(F.number(x, f"{p}.disagreement[{i}]", lo=0, hi=MAX_DISAGREEMENT, strings=True)
+                        for i, x in enumerate(ds))
         out[name] = Encoding(name, ratio, tuple(F.number(x, f"{p}.error[{i}]", lo=0, hi=MAX_ERROR, strings=True)
-                                                for i, x in enumerate(errs)))
+                                                for i, x in enumerate(errs)), dis)
     return out
 
 

@@ -222,7 +222,7 @@ def optimise_model(cm: ClassModel, time_limit_s: float, effort: int = DEFAULT_EF
 
 def solve(problem: Problem, *, time_limit_s: float = DEFAULT_TIME_LIMIT_S, gap: float = 0.0,
           replication: bool | None = None, effort: int = DEFAULT_EFFORT, engine: str = "auto",
-          max_error: float | None = None) -> Plan:
+          max_error: float | None = None, min_agreement: float | None = None) -> Plan:
     """The plan of least bottleneck (then latency, then devices) for ``problem``.
 
     ``gap``: stop once the plan is proven within this relative distance of optimal (0:
@@ -232,15 +232,17 @@ def solve(problem: Problem, *, time_limit_s: float = DEFAULT_TIME_LIMIT_S, gap: 
     into few kinds, else device search), or force "classes" / "devices". ``Plan.optimal``
     is true only when minimality was proven. ``max_error``: the budget of the problem's
     encodings (their errors at the used cuts, summed; encoded.py); None (the default) or a
-    problem without encodings: every link raw, as before.
+    problem without encodings: every link raw, as before. ``min_agreement``: top-1
+    agreement with fp32 in percent, at least; the used cuts' measured disagreements
+    (percent) must sum to at most 100 - it (the union bound, encoded.py). Both may be given.
     """
     if replication is not None and replication != problem.options.replication:
         problem = dataclasses.replace(problem, options=dataclasses.replace(problem.options,
                                                                            replication=replication))
-    if max_error is not None and problem.encodings:
+    if (max_error is not None or min_agreement is not None) and problem.encodings:
         from .encoded import solve_encoded  # deferred: it calls back into solve for the raw plan
         return solve_encoded(problem, max_error, time_limit_s=time_limit_s, gap=gap, effort=effort,
-                             engine=engine, solve=solve)
+                             engine=engine, solve=solve, min_agreement=min_agreement)
     return solve_arrays(problem, device_arrays(problem), time_limit_s=time_limit_s, gap=gap, effort=effort,
                         engine=engine)
 
