@@ -129,6 +129,50 @@ def test_a_batched_decode_step_is_the_models_own_batched_forward(name, tmp_path)
     assert all(c[1].layers[kw["depth"] - 1].keys.shape[-2] == k for c, k in zip(caches, lengths))
 
 
+@pytest.mark.parametrize("name", list(MODELS))
+def test_a_batched_prefill_is_the_models_own_batched_forward(name, tmp_path):
+    """Prompts of one length, and a decode row beside a prompt chunk of the same length, as one
+    batch: bit for bit the model's own forward on that batch; the caches then go on to the
+    tokens of `generate`."""
+    from edgezmq.model import text
+
+    kw = MODELS[name]
+    path = models.write_checkpoint(name, tmp_path / "m.safetensors", seed=0, **kw)
+    n = models.num_units(name, **kw)
+    shards = [models.build_shard(name, a, b, checkpoint=path, **kw) for a, b in [(0, 2), (2, n)]]
+    m = models.build_shard(name, 0, n, checkpoint=path, **kw)._extra[0]
+    rng = np.random.default_rng(7)
+    prompts = [rng.integers(1, VOCAB, 5).tolist() for _ in range(3)]
+    refs = [_reference(name, kw, path, p, 4) for p in prompts]
+    caches = [[s.new_cache() for s in shards] for _ in prompts]
+    ids = torch.tensor(prompts)
+    with torch.inference_mode():
+        ref = m(input_ids=ids, attention_mask=torch.ones_like(ids), cache=text.new_cache(m),
+                position_ids=torch.arange(5).expand(3, 5), use_cache=True, logits_to_keep=1).logits[:, -1]
+        x = ids
+        for j, s in enumerate(shards):
+            x = s.step_batch(x, [c[j] for c in caches], [0, 0, 0])
+        assert torch.equal(x, ref)
+        outs, lengths = [[int(r.argmax())] for r in x], [5, 5, 5]
+        for _ in range(3):
+            x = torch.tensor([[o[-1]] for o in outs])
+            for j, s in enumerate(shards):
+                x = s.step_batch(x, [c[j] for c in caches], lengths)
+            lengths = [k + 1 for k in lengths]
+            for o, r in zip(outs, x):
+                o.append(int(r.argmax()))
+        # a row that starts now beside one that goes on, one token each: one batch
+        fresh = [s.new_cache() for s in shards]
+        x = torch.tensor([[prompts[0][0]], [outs[1][-1]]])
+        for j, s in enumerate(shards):
+            x = s.step_batch(x, [fresh[j], caches[1][j]], [0, lengths[1]])
+        alone = torch.tensor([[prompts[0][0]]])
+        for s, c in zip(shards, [s.new_cache() for s in shards]):
+            alone = s.step(alone, c, 0)
+        torch.testing.assert_close(x[0], alone[0], rtol=0, atol=1e-5)
+    assert outs == [r[0] for r in refs]
+
+
 def test_kv_store_admission_resend_release_and_expiry():
     made = []
     store = KVStore(lambda: made.append(object()) or _FakeCache(), bytes_per_token=10, budget_bytes=1000,

@@ -753,18 +753,19 @@ class Shard(nn.Module):
         return [s.index for s in self._steps if isinstance(s, text.TextUnit) and s.kind == "dlayer"]
 
     def step_batch(self, x: torch.Tensor, caches: list[Any], lengths: list[int]) -> torch.Tensor:
-        """One new token of each of B sequences (`x`: (B, 1) ids or (B, 1, D)), each with its cache
-        of lengths[i] tokens, as one batch (the model's own forward on the left-padded batch);
-        each cache is extended by its token."""
+        """T new tokens of each of B sequences (`x`: (B, T) ids or (B, T, D)), each with its cache
+        of lengths[i] tokens (0: it starts now), as one batch: the model's own forward on the
+        left-padded batch; each cache is extended by its T tokens."""
+        new = x.shape[1]
         layers = self._layer_ids()
-        batch, mask = (text.stack_caches(self._extra[0], caches, lengths, layers) if layers
-                       else (None, torch.ones(len(caches), max(lengths) + 1, dtype=torch.long)))
-        positions = torch.tensor(lengths).unsqueeze(1)
+        batch, mask = (text.stack_caches(self._extra[0], caches, lengths, layers, new) if layers
+                       else (None, torch.ones(len(caches), max(lengths) + new, dtype=torch.long)))
+        positions = torch.tensor(lengths).unsqueeze(1) + torch.arange(new)
         for s in self._steps:
             assert isinstance(s, text.TextUnit)
             x = s.step_batch(x, batch, positions, mask)
         if layers:
-            text.unstack_caches(batch, caches, layers)
+            text.unstack_caches(batch, caches, layers, new)
         return x
 
     def step(self, x: torch.Tensor, cache: Any, pos: int) -> torch.Tensor:

@@ -438,10 +438,10 @@ class TextUnit:
 
 
     def step_batch(self, x: torch.Tensor, cache: Any, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """This unit on one new token of each of B sequences (ids (B, 1), or hidden states (B, 1, D))
+        """This unit on T new tokens of each of B sequences (ids (B, T), or hidden states (B, T, D))
         against `cache`, their caches stacked and left-padded (`stack_caches`): the model's own
-        forward on that batch, `mask` (B, past + 1) marking the padding, `positions` (B, 1) each
-        sequence's own. The head gives each row's logits (B, V)."""
+        forward on that batch, `mask` (B, past + T) marking the padding, `positions` (B, T) each
+        sequence's own. The head gives each row's last-token logits (B, V)."""
         m, layer, kind = self.model, self.layer, self.kind
         if kind == "dembed" or kind == "dhead":
             return self.step(x, cache, positions)
@@ -456,28 +456,35 @@ class TextUnit:
         return layer(x, cache, causal, None, use_cache=True, position_ids=positions)
 
 
-def stack_caches(model: Any, caches: list[Any], lengths: list[int], layers: list[int]) -> tuple[Any, torch.Tensor]:
-    """B sequences' caches as one batch cache of `layers` (left-padded to the longest) and the
-    attention mask (B, longest + 1) that hides the padding and admits the new token."""
+def stack_caches(model: Any, caches: list[Any], lengths: list[int], layers: list[int],
+                 new: int = 1) -> tuple[Any, torch.Tensor]:
+    """B sequences' caches as one batch cache of `layers` (left-padded to the longest; empty when
+    none holds a token) and the attention mask (B, longest + new) that hides the padding and
+    admits the `new` tokens of every row."""
     import torch.nn.functional as F
 
     longest = max(lengths)
     batch = new_cache(model)
-    for i in layers:
-        ks = [F.pad(c.layers[i].keys, (0, 0, longest - n, 0)) for c, n in zip(caches, lengths)]
-        vs = [F.pad(c.layers[i].values, (0, 0, longest - n, 0)) for c, n in zip(caches, lengths)]
-        batch.layers[i].update(torch.cat(ks), torch.cat(vs))
-    mask = torch.zeros(len(caches), longest + 1, dtype=torch.long)
+    heads, size = kv_shape(model)
+    def padded(layer: Any, n: int, which: str) -> torch.Tensor:
+        if not n:  # a sequence starting now: all padding
+            return torch.zeros((1, heads, longest, size))
+        return F.pad(getattr(layer, which), (0, 0, longest - n, 0))
+
+    for i in layers if longest else []:
+        batch.layers[i].update(torch.cat([padded(c.layers[i], n, "keys") for c, n in zip(caches, lengths)]),
+                               torch.cat([padded(c.layers[i], n, "values") for c, n in zip(caches, lengths)]))
+    mask = torch.zeros(len(caches), longest + new, dtype=torch.long)
     for r, n in enumerate(lengths):
         mask[r, longest - n:] = 1
     return batch, mask
 
 
-def unstack_caches(batch: Any, caches: list[Any], layers: list[int]) -> None:
-    """Each sequence's new token's keys and values (the batch cache's last position) appended to
-    its own cache."""
+def unstack_caches(batch: Any, caches: list[Any], layers: list[int], new: int = 1) -> None:
+    """Each sequence's new tokens' keys and values (the batch cache's last `new` positions)
+    appended to its own cache."""
     for i in layers:
-        k, v = batch.layers[i].keys[:, :, -1:, :], batch.layers[i].values[:, :, -1:, :]
+        k, v = batch.layers[i].keys[:, :, -new:, :], batch.layers[i].values[:, :, -new:, :]
         for r, c in enumerate(caches):
             c.layers[i].update(k[r:r + 1], v[r:r + 1])
 

@@ -316,15 +316,16 @@ class StageRuntime:
         x = xs[0]
         seqs = kv.admit(session, g, int(x.shape[1]))
         ys = []
-        # one new token for each of several sequences: one batch, unless every row must be batch 1
-        batched = len(seqs) > 1 and not self.spec.exact_generation and all(
-            n == 1 and p > 0 for n, p in zip(g["lens"], g["pos"]))
+        # rows adding as many tokens each (decode steps; prompts of one length): one batch, unless
+        # every row must be batch 1; rows of different lengths go one by one (never padded inside)
+        new = g["lens"][0]
+        batched = len(seqs) > 1 and not self.spec.exact_generation and all(n == new for n in g["lens"])
         try:
             if batched:
-                y = self.shard.step_batch(x[:, :1], [s.cache for s in seqs], [s.length for s in seqs])
+                y = self.shard.step_batch(x[:, :new], [s.cache for s in seqs], [s.length for s in seqs])
                 ys = [y[i:i + 1] for i in range(len(seqs))]
                 for s in seqs:
-                    kv.advanced(s, 1)
+                    kv.advanced(s, new)
             for i, s in enumerate(seqs if not batched else []):
                 n = g["lens"][i]
                 ys.append(self.shard.step(x[i:i + 1, :n], s.cache, g["pos"][i]))
