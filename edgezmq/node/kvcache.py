@@ -44,7 +44,8 @@ class GenError(Exception):
 
 
 class KVStore:
-    """The caches of one stage; used by its compute thread only (stats read the counters)."""
+    """The caches of one stage: changed by its compute thread only; `stats` reads it from the
+    control thread."""
 
     def __init__(self, new_cache: Callable[[], Any], bytes_per_token: int, budget_bytes: int,
                  max_positions: int, idle_s: float = DEFAULT_IDLE_S) -> None:
@@ -65,7 +66,9 @@ class KVStore:
 
     @property
     def held_tokens(self) -> int:
-        return sum(s.length for s in self.seqs.values())
+        # list(): one C-level copy under the GIL; `stats` reads this from the control thread
+        # while the compute thread adds and drops sequences
+        return sum(s.length for s in list(self.seqs.values()))
 
     def admit(self, session: str, gen: dict[str, Any], tokens: int) -> list[Sequence]:
         """The sequences of a step's rows, new ones made and old ones cut back to `pos`; raises
