@@ -215,6 +215,10 @@ DATA = [
         spec([1, 3, 64, 64], "int64", enc="f16")]), F16), 127, "bad_encoding"),
     data("0 elements declaring 2^217 scales", frames(header(128, tensors=[
         spec([2**31 - 1] * 7 + [0], enc="int8", scale="token")]), b"", b""), 128, "oversize"),
+    # generation (docs/generate.md): a decoder's step sent to this ViT's stage
+    data("a gen step to a stage that is not a decoder's", frames(header(129, session="c0ffee", tensors=[
+        spec([1, 1], "int64")], gen={"op": "step", "ids": [1], "pos": [0], "lens": [1], "max_len": [4]}),
+        np.zeros((1, 1), np.int64).tobytes()), 129, "gen_state"),
 ]
 
 
