@@ -232,6 +232,33 @@ class NodePool:
 # links measured, not measured well, and a deployment probes ~20 times (links, I/O costs)
 PROBE_S = 0.05
 
+
+
+def inventory_dict(nodes, **extra) -> dict:
+    """A cluster inventory (as parse_cluster reads it) of `nodes` (a LocalCluster or a pool's
+    view), probing each link PROBE_S seconds with 1 MB messages; `extra`: more sections."""
+    return {"nodes": [{"name": n.name, "control": n.control} for n in nodes.nodes],
+            "measure": {"seconds": PROBE_S, "pings": 3, "bytes_per_msg": 1 << 20}, **extra}
+
+
+def slow_link_inventory(nodes, factor: float) -> dict:
+    """Links between nodes slow enough that a raw activation takes `factor` x the fastest node's
+    time for the whole model (measured: a first gather, whose profiles the nodes cache; the
+    deployments then use them without a spot check, so that a busy machine does not move them),
+    the client's links fast: encoding pays only where compressing the activation makes a
+    second stage worth it."""
+    from edgezmq.orchestrate.autodeploy import gather
+    from edgezmq.orchestrate.inventory import parse_cluster
+
+    warm = gather(parse_cluster(inventory_dict(nodes, links={"default": {"mbps": 1000, "latency_ms": 0.1}})),
+                  model=MODEL, microbatch=MICROBATCH, kwargs=KWARGS)
+    whole = min(sum(t["unit_times_s"]) for t in warm.problem["device_types"].values())
+    act = warm.problem["model"]["units"][1]["out_bytes"]
+    mbps = act * 8 / (factor * whole) / 1e6
+    overrides = [{"a": "client", "b": n.name, "mbps": 1000} for n in nodes.nodes]
+    return inventory_dict(nodes, links={"default": {"mbps": mbps, "latency_ms": 0.1}, "overrides": overrides})
+
+
 WAIT_S = 120.0  # every condition a slow test waits for holds by then, or the test fails
 
 

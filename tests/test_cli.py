@@ -37,6 +37,8 @@ def _bad_inputs(f: dict) -> dict[str, list[str]]:
         "deploy --model on a plan": ["deploy", f["plan"], "--model", "vit_tiny_patch16_224"],
         "submit": ["submit", f["plan"], "--npy", f["missing"]],
         "run": ["run", f["missing"], "--model", "vit_tiny_patch16_224", "--random", "2"],
+        "run, budget flags without a budget": ["run", f["missing"], "--model", "vit_tiny_patch16_224", "--random", "2",
+                                               "--calibration-samples", "4"],
         "checkpoint": ["checkpoint", "--model", "vit_tiny_patch16_224", "--kwargs", "[1, 2]"],
         "profile": ["profile", "--model", "vit_tiny_patch16_224", "--keys", f["plan"]],
         "netprobe": ["netprobe", "--to", "board-1"],

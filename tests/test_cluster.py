@@ -15,13 +15,14 @@ from helpers import (
     MICROBATCH,
     MODEL,
     N_UNITS,
-    PROBE_S,
     SAMPLE_INVENTORY,
     batches,
     checkpoint,
+    inventory_dict,
     model_spec,
     monolithic,
     run_cli,
+    slow_link_inventory,
 )
 
 from edgezmq.client import Client
@@ -33,7 +34,7 @@ from edgezmq.orchestrate.planfile import load_plan
 GOOD = SAMPLE_INVENTORY
 
 
-def test_parse_good_inventory():
+def test_parse_goodinventory_dict():
     c = parse_cluster(GOOD)
     assert [n.name for n in c.nodes] == ["a", "b"]
     assert c.node("a").memory_bytes == 2_000_000_000 and c.node("b").threads == 2
@@ -112,16 +113,11 @@ def nodes(node_pool):
         yield c
 
 
-def _inventory(nodes, **extra):
-    return {"nodes": [{"name": n.name, "control": n.control} for n in nodes.nodes],
-            "measure": {"seconds": PROBE_S, "pings": 3, "bytes_per_msg": 1 << 20}, **extra}
-
-
 @pytest.mark.slow
 def test_gather_builds_a_valid_problem(nodes):
     from edgezmq.planner import Problem
 
-    cluster = parse_cluster(_inventory(nodes))
+    cluster = parse_cluster(inventory_dict(nodes))
     g = gather(cluster, model=MODEL, microbatch=MICROBATCH, kwargs=KWARGS)
     p = g.problem
     assert [u["name"] for u in p["model"]["units"]] == ["embed", "blocks.0", "blocks.1", "blocks.2", "blocks.3", "head"]
@@ -142,7 +138,7 @@ def test_gather_builds_a_valid_problem(nodes):
         assert p["device_types"][typ]["unit_times_s"] == pytest.approx([u["time_s"] * factor for u in prof["units"]])
     Problem.from_dict(p)  # the planner accepts it
     # typed nodes share one profile, and configured links are not measured again
-    typed = _inventory(nodes, links={"default": {"mbps": 1000, "latency_ms": 0.2}})
+    typed = inventory_dict(nodes, links={"default": {"mbps": 1000, "latency_ms": 0.2}})
     for n in typed["nodes"]:
         n["type"] = "same"
     g2 = gather(parse_cluster(typed), model=MODEL, microbatch=MICROBATCH, kwargs=KWARGS)
@@ -168,7 +164,7 @@ def test_autodeploy_runs_and_equals_monolithic(nodes):
     from edgezmq.orchestrate.deploy import deploy
     from edgezmq.orchestrate.planfile import DeployPlan, StagePlan
 
-    cluster = parse_cluster(_inventory(nodes))
+    cluster = parse_cluster(inventory_dict(nodes))
     spec = model_spec()
     # two nodes still serve a run whose client is gone: the new deployment takes them over
     stale = DeployPlan(model=spec, results="tcp://127.0.0.1:1", stages=[
@@ -202,7 +198,7 @@ def test_autodeploy_runs_and_equals_monolithic(nodes):
 @pytest.mark.slow
 def test_cli_deploy_cluster_dry_run_writes_a_deployable_plan(nodes, tmp_path):
     inv = tmp_path / "cluster.yaml"
-    inv.write_text(yaml.safe_dump(_inventory(nodes)))
+    inv.write_text(yaml.safe_dump(inventory_dict(nodes)))
     out = tmp_path / "plan.yaml"
     env = dict(os.environ)
     r = subprocess.run([sys.executable, "-m", "edgezmq", "deploy", str(inv), "--model", MODEL,
@@ -277,7 +273,7 @@ def test_calibration_is_skipped_when_the_results_address_is_taken(nodes):
     port = holder.bind_to_random_port("tcp://127.0.0.1")
     said: list[str] = []
     try:
-        cluster = parse_cluster(_inventory(nodes, client={"address": "127.0.0.1", "results_port": port}))
+        cluster = parse_cluster(inventory_dict(nodes, client={"address": "127.0.0.1", "results_port": port}))
         dep, plan, _, planned, g = autodeploy(cluster, model_spec(), replication=False, say=said.append)
         try:
             assert g.calibration is None and dep.plan.results == f"tcp://127.0.0.1:{port}"
@@ -303,7 +299,7 @@ def test_undeploy_an_inventory_unloads_whatever_its_nodes_serve(nodes, tmp_path)
                               StagePlan((3, 6), [NodeAddress(nodes.nodes[1].name, nodes.nodes[1].control, 1)])])
     deploy(plan, load_timeout=120)
     inv = tmp_path / "cluster.yaml"
-    inv.write_text(yaml.safe_dump(_inventory(nodes)))
+    inv.write_text(yaml.safe_dump(inventory_dict(nodes)))
     assert cli_main(["undeploy", str(inv)]) == 0
     for n in nodes.nodes:
         with ControlClient(n.control, timeout=5) as cc:
@@ -324,21 +320,6 @@ def test_replicas_connect_to_the_next_stage_staggered():
     assert staggered(["r"], 0, 1) == ["r"]
 
 
-def _slow_link_inventory(nodes, factor: float) -> dict:
-    """Links between nodes slow enough that a raw activation takes `factor` x the fastest node's
-    time for the whole model (measured: a first gather, whose profiles the nodes cache; the
-    deployments then use them without a spot check, so that a busy machine does not move them),
-    the client's links fast: encoding pays only where compressing the activation makes a
-    second stage worth it."""
-    warm = gather(parse_cluster(_inventory(nodes, links={"default": {"mbps": 1000, "latency_ms": 0.1}})),
-                  model=MODEL, microbatch=MICROBATCH, kwargs=KWARGS)
-    whole = min(sum(t["unit_times_s"]) for t in warm.problem["device_types"].values())
-    act = warm.problem["model"]["units"][1]["out_bytes"]
-    mbps = act * 8 / (factor * whole) / 1e6
-    overrides = [{"a": "client", "b": n.name, "mbps": 1000} for n in nodes.nodes]
-    return _inventory(nodes, links={"default": {"mbps": mbps, "latency_ms": 0.1}, "overrides": overrides})
-
-
 @pytest.mark.slow
 def test_autodeploy_with_a_budget_encodes_a_slow_link_and_stays_within_it(nodes):
     """--max-error: the library measures the encodings (ratios, per-cut errors, codec costs),
@@ -352,7 +333,7 @@ def test_autodeploy_with_a_budget_encodes_a_slow_link_and_stays_within_it(nodes)
     from edgezmq.orchestrate.autodeploy import Budget
 
     # raw: 1.6 x the fastest node's whole-model time per activation (a second stage never pays), int8 ~0.4 x
-    cluster = parse_cluster(_slow_link_inventory(nodes, 1.6))
+    cluster = parse_cluster(slow_link_inventory(nodes, 1.6))
     spec = model_spec()
     budget = Budget(max_error=0.01)
     xs, _ = compress.calibration_batch(MODEL, MICROBATCH, None, KWARGS)
@@ -404,7 +385,7 @@ def test_cli_deploy_with_budgets_dry_run(nodes, tmp_path):
     """`deploy --max-error --min-agreement --dry-run --plan-out`: the written problem carries the
     measured encodings, the plan the chosen ones; bad flag values are one-line usage errors."""
     inv = tmp_path / "cluster.yaml"
-    inv.write_text(yaml.safe_dump(_slow_link_inventory(nodes, 1.6)))
+    inv.write_text(yaml.safe_dump(slow_link_inventory(nodes, 1.6)))
     out = tmp_path / "plan.yaml"
     base = ["deploy", str(inv), "--model", MODEL, "--kwargs", json.dumps(KWARGS), "--microbatch", str(MICROBATCH),
             "--checkpoint", checkpoint(), "--dry-run", "--no-replication", "--no-spot-check"]

@@ -21,6 +21,7 @@ from helpers import (
     model_spec,
     monolithic,
     secured_node_args,
+    slow_link_inventory,
     stage_stats,
 )
 
@@ -296,6 +297,51 @@ def test_a_node_killed_during_the_first_calibration_is_failed_over(node_pool):
     assert len(outs) == N_BATCHES
     for a, b in zip(outs, monolithic(xs)):
         assert float(np.max(np.abs(a - b))) <= 1e-5
+
+
+def test_a_failover_keeps_the_accuracy_budget(node_pool):
+    """ResilientPipeline(budget=...): the first deployment measures the encodings and plans the
+    slow link between stages encoded within the budget; a stage's node is SIGKILLed mid-stream;
+    the recovery plans over the survivors within the same budget from the same measurement (the
+    model is not run on the client again), and every batch comes back once, within the budget of
+    the monolithic model's output on the calibration batch (where the budget was measured)."""
+    import torch
+
+    from edgezmq.model.accuracy import rel_l2
+    from edgezmq.orchestrate import compress
+    from edgezmq.orchestrate.autodeploy import Budget
+
+    with node_pool.take(3) as local:
+        # raw: 1.6 x the fastest node's whole-model time per activation, int8 ~0.4 x: only an
+        # encoded link makes a second stage pay, before and after the failover
+        cluster = parse_cluster(slow_link_inventory(local, 1.6))
+        procs = {n.name: n.proc for n in local.nodes}
+        said: list[str] = []
+        xs_all, _ = compress.calibration_batch(MODEL, MICROBATCH, None, KWARGS)
+        xs = [b.numpy() for b in torch.split(xs_all, MICROBATCH)]
+        with ResilientPipeline(cluster, model_spec(), window=2, timeout=60, interval=INTERVAL, replication=False,
+                               budget=Budget(max_error=0.01), say=said.append) as rp:
+            assert rp.planned.encoded and 0 < rp.planned.error <= 0.01, rp.planned.to_dict()
+            first = rp.measured
+            assert first is not None and first.source == "seeded"
+            victim = rp.plan.stages[-1].nodes[0].name
+            killed: list[str] = []
+
+            def kill_after_two(seq: int, _y: np.ndarray) -> None:
+                if seq == 1 and not killed:
+                    procs[victim].kill()
+                    killed.append(victim)
+
+            outs = list(rp.stream(xs, on_result=kill_after_two))
+            assert killed and victim in rp.dead and rp.failovers >= 1
+            assert victim not in {ref.name for _, ref in rp.plan.all_nodes}
+            assert rp.planned.encoded and 0 < rp.planned.error <= 0.01, rp.planned.to_dict()
+            assert rp.measured is first
+            assert sum(m.startswith("measuring encodings") for m in said) == 1, said
+            assert any(m.startswith("encodings ") and "as measured before" in m for m in said), said
+    assert len(outs) == len(xs)
+    err = rel_l2(torch.from_numpy(np.concatenate(outs)), torch.from_numpy(np.concatenate(monolithic(xs))))
+    assert 0 < err <= 0.01, err
 
 
 def test_sigterm_to_run_unloads_its_nodes(tmp_path, node_pool):

@@ -6,6 +6,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from edgezmq.argtypes import count_or_zero, float_in, int_in, seconds, seed
 from edgezmq.cli.args import (
@@ -50,8 +51,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     d = read_yaml(args.file, PlanFileError)  # a bad file fails fast, before torch is imported
     if is_cluster_file(d):
         return _deploy_cluster(args, d)
-    if (args.model or args.dry_run or args.plan_out or _budget(args).given or args.encodings
-            or args.calibration_npy or args.calibration_samples):
+    if (args.model or args.dry_run or args.plan_out or args.max_error is not None or args.min_agreement is not None
+            or args.encodings or args.calibration_npy or args.calibration_samples):
         raise UsageError(f"{args.file} is a plan; --model/--dry-run/--plan-out/--max-error/--min-agreement/"
                          "--encodings/--calibration-* apply to a cluster inventory")
     from edgezmq.orchestrate.planfile import parse_plan
@@ -99,10 +100,19 @@ def _model_spec(args: argparse.Namespace):
                      checkpoint=checkpoint, pretrained=args.pretrained, kwargs=kwargs)
 
 
-def _budget(args: argparse.Namespace):
+def budget_of(args: argparse.Namespace, generate: bool = False):
+    """The Budget of `add_budget_args`' flags, checked together (one-line usage errors)."""
     from edgezmq.orchestrate.autodeploy import Budget
 
-    return Budget(max_error=args.max_error, min_agreement=args.min_agreement)
+    budget = Budget(max_error=args.max_error, min_agreement=args.min_agreement)
+    if not budget.given and (args.encodings or args.calibration_npy or args.calibration_samples):
+        raise UsageError("--encodings/--calibration-npy/--calibration-samples: give a budget (--max-error or "
+                         "--min-agreement)")
+    if args.calibration_npy and args.calibration_samples:
+        raise UsageError("--calibration-npy and --calibration-samples: give one")
+    if budget.given and generate:
+        raise UsageError("--max-error/--min-agreement: not with --generate (encodings are measured on images)")
+    return budget
 
 
 def _calibration(args: argparse.Namespace):
@@ -137,14 +147,7 @@ def _deploy_cluster(args: argparse.Namespace, d: dict) -> int:
             raise UsageError(f"--generate: {spec.name} is not a decoder language model")
         generation = Generation(context=args.context, sequences=args.sequences)
     t0 = time.time()
-    budget = _budget(args)
-    if not budget.given and (args.encodings or args.calibration_npy or args.calibration_samples):
-        raise UsageError("--encodings/--calibration-npy/--calibration-samples: give a budget (--max-error or "
-                         "--min-agreement)")
-    if args.calibration_npy and args.calibration_samples:
-        raise UsageError("--calibration-npy and --calibration-samples: give one")
-    if budget.given and generation is not None:
-        raise UsageError("--max-error/--min-agreement: not with --generate (encodings are measured on images)")
+    budget = budget_of(args, generate=generation is not None)
     dep, plan, problem, planned, g = autodeploy(
         cluster, spec, reprofile=args.reprofile, spot_check=not args.no_spot_check, dry_run=args.dry_run,
         time_limit_s=args.time_limit, say=stderr, load_timeout=args.timeout, replication=not args.no_replication,
@@ -215,13 +218,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     from edgezmq.orchestrate.failover import ResilientPipeline
     from edgezmq.orchestrate.inventory import load_cluster
 
+    budget = budget_of(args)
     cluster = load_cluster(args.cluster)
     spec = _model_spec(args)
     x, names = inputs(args, spec)
     batches = split(x, spec.microbatch)
     with ResilientPipeline(cluster, spec, window=args.window, timeout=args.timeout, interval=args.heartbeat,
                            replication=not args.no_replication, say=stderr, stall_floor=args.stall_floor,
-                           stall_factor=args.stall_factor) as rp:
+                           stall_factor=args.stall_factor, budget=budget, encodings=args.encodings,
+                           calibration=_calibration(args), calibration_samples=args.calibration_samples) as rp:
         code = collect(args, rp.stream(batches), len(batches), names)
         if rp.failovers and rp.client is not None:
             dead = ", ".join(f"{n} ({rp.causes.get(n, 'dead')})" for n in sorted(rp.dead)) or "none"
@@ -256,15 +261,37 @@ def encoding_list(text: str) -> list[str]:
     return names
 
 
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    """Register `deploy`, `undeploy`, `submit`, `run` and `checkpoint` on the `edgezmq` subparsers."""
+def add_budget_args(g: Any) -> None:
+    """The accuracy-budget flags of `deploy` and `run` (docs/compression.md); `budget_of` reads them."""
     from edgezmq.orchestrate.compress import (
         CALIBRATION_SAMPLES,
         DEFAULT_ENCODINGS,
         MAX_CALIBRATION_SAMPLES,
     )
-    from edgezmq.orchestrate.failover import HEARTBEAT_S, LIVENESS, STALL_FACTOR, STALL_FLOOR_S
     from edgezmq.planner.problem import MAX_DISAGREEMENT, MAX_ERROR
+
+    g.add_argument("--max-error", type=float_in(0, MAX_ERROR), metavar="E",
+                   help="let the planner compress links between stages: the encodings' measured logit errors "
+                        f"(relative L2 vs fp32) at the used cuts summing to at most E (0..{MAX_ERROR:g}; "
+                        "default: every link raw, exact; docs/compression.md)")
+    g.add_argument("--min-agreement", type=float_in(0, MAX_DISAGREEMENT), metavar="A",
+                   help="let the planner compress links keeping top-1 agreement with fp32 at least A percent "
+                        "(0..100) on the calibration batch (the union bound: 100 - the summed disagreements)")
+    g.add_argument("--encodings", type=encoding_list, metavar="E1,E2,..",
+                   help="candidate encodings to measure with a budget (default: "
+                        f"{','.join(DEFAULT_ENCODINGS)}; each costs a forward per cut on the calibration batch)")
+    g.add_argument("--calibration-npy", metavar="FILE",
+                   help="images (N, C, H, W float32 .npy) to measure the encodings' error on (default: "
+                        "--calibration-samples seeded standard-normal images)")
+    g.add_argument("--calibration-samples", type=int_in(1, MAX_CALIBRATION_SAMPLES), metavar="N",
+                   help=f"seeded images to measure the encodings on (default {CALIBRATION_SAMPLES}); each encoded "
+                        "cut counts one sample more than it flipped, so A percent agreement needs N >= 100 / (100 - A) "
+                        "per encoded cut")
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    """Register `deploy`, `undeploy`, `submit`, `run` and `checkpoint` on the `edgezmq` subparsers."""
+    from edgezmq.orchestrate.failover import HEARTBEAT_S, LIVENESS, STALL_FACTOR, STALL_FLOOR_S
 
     d = sub.add_parser("deploy", help="deploy a plan, or measure + plan + deploy a cluster inventory",
                        epilog=EPILOG_DEPLOY, formatter_class=FMT)
@@ -294,23 +321,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--sequences", type=int_in(1, MAX_CONTEXT), default=64,
                    help="with --generate: sequences live at once (every stage holds their caches)")
     g.add_argument("--time-limit", type=seconds, default=20.0, help="planner time limit, seconds")
-    g.add_argument("--max-error", type=float_in(0, MAX_ERROR), metavar="E",
-                   help="let the planner compress links between stages: the encodings' measured logit errors "
-                        f"(relative L2 vs fp32) at the used cuts summing to at most E (0..{MAX_ERROR:g}; "
-                        "default: every link raw, exact; docs/compression.md)")
-    g.add_argument("--min-agreement", type=float_in(0, MAX_DISAGREEMENT), metavar="A",
-                   help="let the planner compress links keeping top-1 agreement with fp32 at least A percent "
-                        "(0..100) on the calibration batch (the union bound: 100 - the summed disagreements)")
-    g.add_argument("--encodings", type=encoding_list, metavar="E1,E2,..",
-                   help="candidate encodings to measure with a budget (default: "
-                        f"{','.join(DEFAULT_ENCODINGS)}; each costs a forward per cut on the calibration batch)")
-    g.add_argument("--calibration-npy", metavar="FILE",
-                   help="images (N, C, H, W float32 .npy) to measure the encodings' error on (default: "
-                        "--calibration-samples seeded standard-normal images)")
-    g.add_argument("--calibration-samples", type=int_in(1, MAX_CALIBRATION_SAMPLES), metavar="N",
-                   help=f"seeded images to measure the encodings on (default {CALIBRATION_SAMPLES}); each encoded "
-                        "cut counts one sample more than it flipped, so A percent agreement needs N >= 100 / (100 - A) "
-                        "per encoded cut")
+    add_budget_args(g)
     d.set_defaults(func=cmd_deploy)
 
     u = sub.add_parser("undeploy", help="unload every node of a plan or a cluster inventory", formatter_class=FMT,
@@ -342,6 +353,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                          f"predicted time per microbatch) is declared dead (default {STALL_FLOOR_S:g})")
     rn.add_argument("--stall-factor", type=float_in(0, 1000), default=STALL_FACTOR, metavar="K",
                     help=f"see --stall-floor (default {STALL_FACTOR:g})")
+    add_budget_args(rn.add_argument_group("accuracy budget (every deployment, the failovers' too)"))
     add_io_args(rn)
     rn.set_defaults(func=cmd_run)
 

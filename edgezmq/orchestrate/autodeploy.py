@@ -438,22 +438,31 @@ def to_deploy_plan(
 
 
 def measure_encodings(g: Gathered, cluster: Cluster, model: ModelSpec, *, encodings: Any = None,
-                      calibration: Any = None, samples: int | None = None, say: Say | None = None) -> Any:
+                      calibration: Any = None, samples: int | None = None, say: Say | None = None,
+                      measured: Any = None) -> Any:
     """Add the candidate encodings and their codec costs to ``g.problem`` (edgezmq.orchestrate.compress):
     measured on this machine with the deployment's weights on `calibration` (an image array;
     None: `samples` seeded images, default compress.CALIBRATION_SAMPLES), the codec costs
-    scaled to each device type by its profile."""
+    scaled to each device type by its profile. `measured`: what an earlier call measured for
+    the same model (``g.encodings`` of a deployment on these or more devices, e.g. before a
+    failover): reused as it is, the model is not run again."""
     from edgezmq.orchestrate import compress  # torch: only when compressing
 
     say = say or (lambda m: log.info("%s", m))
-    net = compress.load_model(model.name, checkpoint=model.checkpoint, pretrained=model.pretrained,
-                              kwargs=model.kwargs)
-    x, source = compress.calibration_batch(model.name, model.microbatch, calibration, model.kwargs,
-                                           n=samples or compress.CALIBRATION_SAMPLES)
     threads: dict[str, int] = {}
     for n in cluster.nodes:
         info = g.infos[n.name]
         threads.setdefault(device_type_of(n), int(info.get("threads") or info["device"].get("cores") or 1))
+    if measured is not None:
+        say(f"encodings {', '.join(measured.encodings)}: as measured before, on {measured.samples} "
+            f"{measured.source} calibration samples")
+        compress.apply_measured(g.problem, measured, threads=threads, say=say)
+        g.encodings = measured
+        return measured
+    net = compress.load_model(model.name, checkpoint=model.checkpoint, pretrained=model.pretrained,
+                              kwargs=model.kwargs)
+    x, source = compress.calibration_batch(model.name, model.microbatch, calibration, model.kwargs,
+                                           n=samples or compress.CALIBRATION_SAMPLES)
     say(f"measuring encodings {', '.join(encodings or compress.DEFAULT_ENCODINGS)} on {x.shape[0]} {source} "
         "calibration samples")
     g.encodings = compress.add_encodings(g.problem, net, x, threads=threads,
@@ -467,11 +476,13 @@ def autodeploy(
     load_timeout: float = 600.0, replication: bool = True, spot_check: bool = True,
     calibrate: int = CALIBRATION_MICROBATCHES, client: Client | None = None, generation: Generation | None = None,
     budget: Budget = EXACT, encodings: Any = None, calibration: Any = None, calibration_samples: int | None = None,
+    measured: Any = None,
 ) -> tuple[Deployment | None, DeployPlan, Any, Any, Gathered]:
     """Measure, plan, deploy, calibrate (`calibrate` microbatches through the deployment,
     ``edgezmq.orchestrate.calibrate``; 0: not), through `client` when given (bound to `results`).
     With a `budget`, the candidate `encodings` (default compress.DEFAULT_ENCODINGS) are measured
-    on the `calibration` images (default: `calibration_samples` seeded ones; ``measure_encodings``) and the planner
+    on the `calibration` images (default: `calibration_samples` seeded ones; ``measure_encodings``),
+    or `measured` (an earlier deployment's ``g.encodings``) is reused, and the planner
     may encode links within it; without one every link is raw (exact).
     Returns (deployment or None when dry_run, deploy plan, planner problem, planner plan,
     what was gathered, with ``calibration`` and ``encodings``)."""
@@ -483,7 +494,7 @@ def autodeploy(
                spot_check=spot_check, generation=generation)
     if budget.given:
         measure_encodings(g, cluster, model, encodings=encodings, calibration=calibration,
-                          samples=calibration_samples, say=say)
+                          samples=calibration_samples, say=say, measured=measured)
     problem, planned = plan_problem(g.problem, time_limit_s=time_limit_s, budget=budget)
     plan = to_deploy_plan(cluster, planned, model=model, results=results, problem=problem, budget=budget)
     if generation is not None:  # each stage reserves what the plan gave its units' caches

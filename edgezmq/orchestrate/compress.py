@@ -254,10 +254,25 @@ def add_encodings(problem: dict[str, Any], model: torch.nn.Module, x: torch.Tens
     microbatch = int(problem["model"]["microbatch"])
     got = measure(model, granularity, x, microbatch, encodings, threads=sorted(set(threads.values()) or {1}),
                   source=source, say=say)
-    factors = speed_factors(problem, got.client_chain_s, threads)
-    problem["model"]["encodings"] = got.encodings
-    for typ, c in codec_ms_per_mb(got, factors).items():
+    apply_measured(problem, got, threads=threads, say=say)
+    return got
+
+
+def apply_measured(problem: dict[str, Any], measured: Measured, *, threads: dict[str, int],
+                   say: Callable[[str], None] | None = None) -> None:
+    """Fill in `problem` (changed in place) with what `measure` found: ``model.encodings`` as
+    they are (the per-cut errors belong to the model and the calibration batch, not to the
+    devices) and each device type's ``codec_ms_per_mb``, scaled by the type's speed. So a
+    re-plan of the same model on other devices (a failover) reuses a measurement without
+    running the model again; a type whose torch threads it did not time is an error."""
+    say = say or (lambda m: None)
+    cuts = len(problem["model"]["units"]) - 1
+    for e, d in measured.encodings.items():
+        if len(d["error"]) != cuts:
+            raise CompressionError(f"encoding {e}: measured at {len(d['error'])} cuts, the problem has {cuts}")
+    factors = speed_factors(problem, measured.client_chain_s, threads)
+    problem["model"]["encodings"] = measured.encodings
+    for typ, c in codec_ms_per_mb(measured, factors).items():
         problem["device_types"][typ]["codec_ms_per_mb"] = c
         say(f"{typ}: {factors[typ]:.2f}x this machine's time for the units: codecs "
             + ", ".join(f"{e} {v['encode']:.1f}/{v['decode']:.1f}" for e, v in c.items()) + " ms per MB (enc/dec)")
-    return got

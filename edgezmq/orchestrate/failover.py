@@ -16,6 +16,10 @@ count.  Recovery uses ``edgezmq.orchestrate.autodeploy`` on the surviving nodes 
 from the nodes' caches), so memory limits and speeds are respected; if no plan fits the
 survivors, the stream raises ``PipelineError`` for the unanswered microbatches instead of
 hanging.  With a ``keys:`` section in the inventory every socket involved speaks CurveZMQ.
+With an accuracy ``budget`` (docs/compression.md) every deployment, the recoveries' too, is
+planned within it: the first measures the encodings on the calibration batch, the next ones
+reuse that measurement (the per-cut errors belong to the model, not to the devices), so a
+recovery neither runs the model on the client nor falls back to a budget it was not given.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import numpy as np
 
 from edgezmq.client import DEFAULT_WINDOW, Client, PipelineError
 from edgezmq.errors import EdgezmqError
-from edgezmq.orchestrate.autodeploy import Generation, autodeploy
+from edgezmq.orchestrate.autodeploy import EXACT, Budget, Generation, autodeploy
 from edgezmq.orchestrate.calibrate import CALIBRATION_MICROBATCHES
 from edgezmq.orchestrate.deploy import DeployError, Deployment, unload
 from edgezmq.orchestrate.inventory import Cluster
@@ -210,7 +214,8 @@ class ResilientPipeline:
                  interval: float = HEARTBEAT_S, liveness: int = LIVENESS, replication: bool = True,
                  rejoin: bool = True, say: Callable[[str], None] | None = None,
                  stall_floor: float | None = STALL_FLOOR_S, stall_factor: float = STALL_FACTOR,
-                 generation: Generation | None = None) -> None:
+                 generation: Generation | None = None, budget: Budget = EXACT, encodings: Any = None,
+                 calibration: Any = None, calibration_samples: int | None = None) -> None:
         if stall_floor is not None and not stall_floor > 0:
             raise ValueError(f"stall_floor: expected seconds > 0 (or None: no stall check), got {stall_floor!r}")
         if not stall_factor >= 0:
@@ -222,6 +227,11 @@ class ResilientPipeline:
         self.window, self.timeout = window, timeout  # window None: each plan's own (Plan.window)
         self.interval, self.liveness, self.replication = interval, liveness, replication
         self.generation = generation  # a decoder planned for generation (`generator()`)
+        # the accuracy budget every deployment keeps, the first one's measured encodings reused
+        # by the next (autodeploy's budget, encodings, calibration, calibration_samples)
+        self.budget, self.encodings, self.calibration_images = budget, encodings, calibration
+        self.calibration_samples = calibration_samples
+        self.measured: Any = None  # edgezmq.orchestrate.compress.Measured, once measured
         self.say = say or (lambda m: log.info("%s", m))
         self.dead: set[str] = set()
         self.causes: dict[str, str] = {}  # dead node -> why the heartbeat declared it dead
@@ -247,7 +257,7 @@ class ResilientPipeline:
         return self
 
     def _deploy(self) -> tuple[list[str], str, list[bytes] | None]:
-        alive = replace(self.cluster, nodes=[n for n in self.cluster.nodes if n.name not in self.dead])
+        alive = self.cluster.without(self.dead)
         if not alive.nodes:
             raise DeployError(f"no node left alive (dead: {sorted(self.dead)})",
                               {n: self.causes.get(n, "dead") for n in sorted(self.dead)})
@@ -259,7 +269,10 @@ class ResilientPipeline:
             dep, plan, _, planned, g = autodeploy(alive, self.model, results=self.client.results_endpoint,
                                                   replication=self.replication, say=self.say, spot_check=first,
                                                   calibrate=CALIBRATION_MICROBATCHES if first else 0,
-                                                  client=self.client, generation=self.generation)
+                                                  client=self.client, generation=self.generation,
+                                                  budget=self.budget, encodings=self.encodings,
+                                                  calibration=self.calibration_images,
+                                                  calibration_samples=self.calibration_samples, measured=self.measured)
         except NodeLost as e:  # died during the first calibration: fail over as at any other time
             self.say(f"node {e.name} lost while calibrating ({e.why}): re-planning without it")
             self._on_dead(e.name, e.why)
@@ -270,6 +283,8 @@ class ResilientPipeline:
         self.client.window = self.window or planned.window
         if g.calibration is not None:
             self.calibration = g.calibration
+        if g.encodings is not None:
+            self.measured = g.encodings
         nodes = {ref.name: ref.control for _, ref in plan.all_nodes}
         standby = {n.name: n.control for n in self.cluster.nodes if n.name in self.dead} if self.rejoin else None
         limits = self._stall_limits(planned)

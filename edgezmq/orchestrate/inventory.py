@@ -79,6 +79,12 @@ class Cluster:
                 return n
         raise KeyError(name)
 
+    def without(self, names: set[str] | frozenset[str]) -> Cluster:
+        """This cluster less the nodes `names` and the link figures that name them (a
+        failover's survivors: the rest of the inventory as it is)."""
+        return replace(self, nodes=[n for n in self.nodes if n.name not in names],
+                       link_overrides={pair: fig for pair, fig in self.link_overrides.items() if not pair & names})
+
     def known_link(self, a: str, b: str) -> Link | None:
         """The configured figure for a pair, if any (an override, else the default)."""
         return self.link_overrides.get(frozenset((a, b)), self.default_link)
