@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import os
 import sys
 import time
 from typing import Any
@@ -55,7 +55,8 @@ def subset(n: int) -> list[str]:
 
 
 def checks(run: dict[str, Any], derivation: dict[str, Any]) -> dict[str, Any]:
-    """The emulation against the boards: measured profile and links x the time factor."""
+    """The emulation against the boards: the measured profiles x the time factor (the links:
+    ``link_checks``)."""
     f = derivation["time_factor"]
     mb = derivation["microbatch"]
     problem = run["problem"]
@@ -69,17 +70,37 @@ def checks(run: dict[str, Any], derivation: dict[str, Any]) -> dict[str, Any]:
         published = derivation["board_s"][board]
         out[tname] = {"emulated_s": emulated, "as_board_s": as_board, "published_s": published,
                       "error": as_board / published - 1}
-    # a pair's measured rate is the slower NIC of its ends (the client has an RCC-VE's)
-    rates: dict[tuple[str, ...], list[float]] = {}
-    for o in problem["links"].get("overrides", []):
-        kinds = tuple(sorted(_kind(x) for x in (o["a"], o["b"])))
-        rates.setdefault(kinds, []).append(float(o["mbps"]))
-    for kinds, r in sorted(rates.items()):
-        nic = min(BOARD_NIC[k] for k in kinds)
-        measured = statistics.median(r)
-        out[f"link {kinds[0]}-{kinds[1]}"] = {
-            "measured_mbps": measured, "as_board_mbps": measured / f, "published_payload_mbps": nic * PAYLOAD,
-            "error": measured / f / (nic * PAYLOAD) - 1}
+    return out
+
+
+# the links measured for the scaling checks (item 2): each kind of pair and the client's uplink;
+# low rates need long probes and big messages (docs/testbed.md: 3 s of 64 KiB under-read 1 Mbit/s)
+LINK_PROBES = (("rcc-0", "rcc-1"), ("minnow-0", "rcc-1"), ("minnow-0", "minnow-1"), ("client", "rcc-0"))
+PROBE_SECONDS, PROBE_BYTES = 12, 256 * 1024
+
+
+def link_checks(tb, derivation: dict[str, Any]) -> dict[str, Any]:
+    """Each kind of link measured with `edgezmq netprobe` on the testbed (from the first
+    device, or the client, to the second), divided by the time factor, against the boards' tc
+    limit (the slower NIC of the two ends) times what TCP carries of it."""
+    f = derivation["time_factor"]
+    control = {n["name"]: n["control"] for n in tb.cluster["nodes"]}
+    out: dict[str, Any] = {}
+    for a, b in LINK_PROBES:
+        argv = [sys.executable, "-m", "edgezmq", "netprobe", "--to", control[b], "--seconds", str(PROBE_SECONDS),
+                "--bytes", str(PROBE_BYTES), "--json"]
+        if a != "client":
+            argv += ["--from", control[a]]
+        r = tb.exec_in_client(argv, capture_output=True, text=True, timeout=PROBE_SECONDS + 120,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        if r.returncode != 0:
+            out[f"link {a} -> {b}"] = {"error": r.stderr.strip()[-500:]}
+            continue
+        measured = float(json.loads(r.stdout.strip().splitlines()[-1])["bandwidth_mbps"])
+        nic = min(BOARD_NIC[_kind(x)] for x in (a, b))
+        out[f"link {a} -> {b}"] = {"measured_mbps": round(measured, 4), "as_board_mbps": round(measured / f, 3),
+                                   "published_payload_mbps": round(nic * PAYLOAD, 3),
+                                   "error": round(measured / f / (nic * PAYLOAD) - 1, 4)}
     return out
 
 
@@ -179,6 +200,11 @@ def main() -> int:
 def _plain(points, beds, methods, curve, planners, common, args, say, flush, derivation, box) -> None:
     """The speedup curve's points and the comparison on the plain testbed (one testbed up)."""
     with testbed(TESTBEDS["edgepipe"], "edgepipe") as tb:
+        box["checks"] = {**(box.get("checks") or {}), **link_checks(tb, derivation)}
+        say("links: " + ", ".join(f"{k}: {v.get('as_board_mbps')} board Mbit/s ({v.get('error', 0):+.1%})"
+                                  if "error" in v and isinstance(v["error"], float) else f"{k}: {v}"
+                                  for k, v in box["checks"].items() if k.startswith("link ")))
+        flush()
         for n in points:
             one = n == 1
             try:
