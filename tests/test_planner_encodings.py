@@ -9,6 +9,7 @@ import itertools
 import json
 import math
 import random
+import re
 
 import pytest
 from test_planner_exact import random_problem, with_nics
@@ -187,9 +188,10 @@ def brute(problem: Problem, max_error: float | None, min_agreement: float | None
         for cuts in itertools.combinations(range(1, L), k - 1):
             bounds = [0, *cuts, L]
             for devs in _assignments(names, k, problem.options.replication):
-                for chosen in itertools.product(encs, repeat=k - 1):
+                for first, *chosen in itertools.product(["raw", *problem.input_encodings], *[encs] * (k - 1)):
                     stages = [{"units": [bounds[i], bounds[i + 1]], "devices": list(devs[i]),
                                "encoding": (*chosen, "raw")[i]} for i in range(k)]
+                    stages[0]["input_encoding"] = first
                     try:
                         plan = evaluate(problem, stages)
                     except PlanError:
@@ -248,6 +250,106 @@ def test_no_budget_or_no_encodings_is_the_raw_solve(seed: int) -> None:
     plain = copy.deepcopy(d)
     del plain["model"]["encodings"]
     assert solve(Problem.from_dict(plain)).stages == raw.stages
+
+
+# --- the client's input encoded (cut 0) -------------------------------------------------------
+
+def with_input(d: dict, seed: int) -> dict:
+    """Some encodings measured on the input too (ratio, error, disagreement as a sweep gives
+    them), and half the time an input as large as the largest activation: where encoding the
+    client's link pays."""
+    rng = random.Random(50_000 + seed)
+    for e, f in d["model"]["encodings"].items():
+        if rng.random() < 0.8:
+            f["input"] = {"ratio": LOSSY[e], "error": round(rng.uniform(0, 0.03), 4),
+                          "disagreement": rng.choice([0.0, 1.5625, 3.125, 6.25])}
+    if rng.random() < 0.5:
+        d["model"]["input_bytes"] = max(u["out_bytes"] for u in d["model"]["units"])
+    return d
+
+
+def test_evaluate_prices_an_encoded_input() -> None:
+    """int8 on the client's input: the client's link carries a quarter (1 MB input: 0.5 s),
+    stage 0 decodes it (1 MB at 50 ms/MB), the plan's error and disagreement count it,
+    memory still holds the decoded input."""
+    d = base(encodings={"int8": {"ratio": 0.25, "error": [0.01], "disagreement": [1.0],
+                                 "input": {"ratio": 0.25, "error": 0.002, "disagreement": 0.5}}})
+    d["model"]["input_bytes"] = 1_000_000
+    p = Problem.from_dict(d)
+    assert p.input_encodings == ("int8",)
+    raw = evaluate(p, [((0, 1), ["a"]), ((1, 2), ["b"])])
+    enc = evaluate(p, [{"units": [0, 1], "devices": ["a"], "input_encoding": "int8"},
+                       {"units": [1, 2], "devices": ["b"]}])
+    assert raw.links[0].bytes == 1_000_000 and raw.links[0].time_s == pytest.approx(2.0)
+    assert enc.links[0].bytes == 250_000 and enc.links[0].time_s == pytest.approx(0.5)
+    assert enc.links[0].encoding == "int8" and enc.links[1].encoding == "raw"
+    assert enc.stage_costs[0].compute_s == pytest.approx(1.05)
+    assert enc.error == pytest.approx(0.002) and enc.disagreement == pytest.approx(0.5)
+    assert [c.memory_bytes for c in enc.stage_costs] == [c.memory_bytes for c in raw.stage_costs]
+    assert enc.encoded and enc.to_dict()["stages"][0]["input_encoding"] == "int8"
+    assert "int8" in enc.table(p)
+    both = evaluate(p, [{"units": [0, 1], "devices": ["a"], "input_encoding": "int8", "encoding": "int8"},
+                        {"units": [1, 2], "devices": ["b"]}])
+    assert both.error == pytest.approx(0.012) and both.disagreement == pytest.approx(1.5)
+    # what the solver sees for that choice prices the same stages the same
+    from edgezmq.planner.encoded import with_input_encoding
+    seen = evaluate(with_input_encoding(p, "int8"), [((0, 1), ["a"]), ((1, 2), ["b"])])
+    assert seen.bottleneck_s == pytest.approx(enc.bottleneck_s)
+    assert [c.memory_bytes for c in seen.stage_costs] == [c.memory_bytes for c in enc.stage_costs]
+    assert [c.compute_s for c in seen.stage_costs] == pytest.approx([c.compute_s for c in enc.stage_costs])
+
+
+@pytest.mark.parametrize("stages, message", [
+    ([{"units": [0, 1], "devices": ["a"]}, {"units": [1, 2], "devices": ["b"], "input_encoding": "int8"}],
+     "stages[1].input_encoding: only the first stage takes the client's input"),
+    ([{"units": [0, 2], "devices": ["a"], "input_encoding": "f16"}],
+     "stages[0].input_encoding: expected one the problem measured on the input (raw, int8), got 'f16'"),
+])
+def test_evaluate_rejects_bad_input_encodings(stages: list, message: str) -> None:
+    p = Problem.from_dict(base(encodings={"int8": {"ratio": 0.25, "error": [0.01],
+                                                   "input": {"ratio": 0.25, "error": 0.0}}}))
+    with pytest.raises(PlanError, match=re.escape(message)):
+        evaluate(p, stages)
+
+
+@pytest.mark.parametrize("inp, message", [
+    ({"ratio": 0, "error": 0.1}, "model.encodings.int8.input.ratio"),
+    ({"ratio": 0.25}, "model.encodings.int8.input"),
+    ({"ratio": 0.25, "error": -1}, "model.encodings.int8.input.error"),
+    ({"ratio": 0.25, "error": 0.1, "disagreement": 101}, "model.encodings.int8.input.disagreement"),
+    ({"ratio": 0.25, "error": 0.1, "bogus": 1}, "model.encodings.int8.input"),
+    ([1, 2], "model.encodings.int8.input"),
+])
+def test_bad_input_figures_name_the_field(inp: object, message: str) -> None:
+    with pytest.raises(PlanError, match=re.escape(message)):
+        Problem.from_dict(base(encodings={"int8": {"ratio": 0.25, "error": [0.01], "input": inp}}))
+
+
+@pytest.mark.parametrize("seed", range(0, 60, 3))
+def test_input_encoded_solve_matches_brute_force(seed: int) -> None:
+    """The input's encoding as a decision, with the cuts': exact against the brute force."""
+    check(with_input(encoded_problem(seed), seed), seed)
+
+
+@pytest.mark.parametrize("seed", range(3, 60, 8))
+def test_input_encoded_agreement_solve_matches_brute_force(seed: int) -> None:
+    check_agreement(with_input(with_disagreement(encoded_problem(seed, nics=seed % 2 == 1), seed), seed), seed)
+
+
+def test_the_input_encoding_pays_where_the_client_link_is_the_bottleneck() -> None:
+    """A 1 MB input over 4 Mbit/s (2 s) before two 1 s units: raw, the client's link is the
+    bottleneck; int8 within the budget makes it 0.5 s, and the two stages' 1 s (+ decoding)
+    set the pace. Over the budget, raw it stays."""
+    d = base(encodings={"int8": {"ratio": 0.25, "error": [0.5], "input": {"ratio": 0.25, "error": 0.005}}})
+    d["model"]["input_bytes"] = 1_000_000
+    d["model"]["units"][0]["out_bytes"] = 1000
+    p = Problem.from_dict(d)
+    assert solve(p).bottleneck_s == pytest.approx(2.0) and not solve(p).encoded
+    got = solve(p, max_error=0.01)
+    assert got.stages[0].input_encoding == "int8" and got.error == pytest.approx(0.005)
+    assert got.bottleneck_s == pytest.approx(1.05) and got.optimal
+    assert got.stats["input_encodings"]["raw"] == pytest.approx(2.0)
+    assert solve(p, max_error=0.004).stages[0].input_encoding == "raw"
 
 
 # --- the top-1 agreement budget ----------------------------------------------------------------

@@ -19,9 +19,11 @@ Bottleneck B = max of every C_s and every link time; throughput = microbatch / B
 latency = sum of max_{d in R} T_d over stages + sum of link latencies.
 Without NIC limits the NIC terms are 0 and every figure is what the pair model gives.
 Encodings (a stage's ``encoding``: how its output crosses the link to the next stage; the
-client's links, cuts 0 and L, stay raw): the link carries n = ceil(ratio * raw bytes); its
-senders add encode_d * raw bytes to T_d, its receivers decode_d * raw bytes; recv/send
-costs apply to the wire bytes, memory to the raw ones (a stage holds decoded tensors).
+first stage's ``input_encoding``: how the client's input crosses into it, cut 0; the last
+link, cut L, stays raw): the link carries n = ceil(ratio * raw bytes); its device senders add
+encode_d * raw bytes to T_d (the client's encoding is not priced: it is not a device), its
+receivers decode_d * raw bytes; recv/send costs apply to the wire bytes, memory to the raw
+ones (a stage holds decoded tensors).
 The plan's error is the sum of the used cuts' errors (docs/planner.md: why a sum), and its
 top-1 disagreement the sum of theirs (percent; the union bound, docs/planner.md).
 The solver uses the same formulas (on classes of devices); the tests hold both to this one.
@@ -96,6 +98,8 @@ def _check(problem: Problem, stages: list[Stage]) -> None:
             raise PlanError(f"{p}.devices: {len(s.devices)} replicas but options.replication is false")
         if s.encoding != RAW:
             _check_encoding(problem, stages, i)
+        if s.input_encoding != RAW:
+            _check_input_encoding(problem, stages, i)
     if expect != n_units:
         raise PlanError(f"stages: cover units [0, {expect}), expected [0, {n_units})")
 
@@ -113,6 +117,20 @@ def _check_encoding(problem: Problem, stages: list[Stage], i: int) -> None:
         if math.isinf(problem.device(dev).codec_s_per_byte(name, encode)):
             raise PlanError(f"{p}: device {dev!r} has no codec_ms_per_mb.{name} (cannot "
                             f"{'encode' if encode else 'decode'} it)")
+
+
+def _check_input_encoding(problem: Problem, stages: list[Stage], i: int) -> None:
+    """Stage i's input encoding: only the first stage's (the client's link), one the problem
+    measured on the input, that every one of its devices can decode."""
+    p, name = f"stages[{i}].input_encoding", stages[i].input_encoding
+    if i != 0:
+        raise PlanError(f"{p}: only the first stage takes the client's input, got {name!r} on stage {i}")
+    if name not in problem.input_encodings:
+        known = ", ".join([RAW, *problem.input_encodings])
+        raise PlanError(f"{p}: expected one the problem measured on the input ({known}), got {name!r}")
+    for dev in stages[i].devices:
+        if math.isinf(problem.device(dev).codec_s_per_byte(name, False)):
+            raise PlanError(f"{p}: device {dev!r} has no codec_ms_per_mb.{name} (cannot decode it)")
 
 
 def _link(problem: Problem, src: Sequence[str], dst: Sequence[str], nbytes: int,
@@ -145,8 +163,8 @@ def evaluate(problem: Problem, stages: Sequence[Any], *, method: str = "evaluate
     _check(problem, stages)
     by_name = {d.name: d for d in problem.devices}
     costs, violations = [], []
-    encs = [RAW, *(s.encoding for s in stages)]     # encs[i]: how stage i's input arrives
-    wire = [problem.model.input_bytes]                # wire[i]: bytes of the link into stage i
+    encs = [stages[0].input_encoding, *(s.encoding for s in stages)]  # encs[i]: how stage i's input arrives
+    wire = [encoded_bytes(problem.model.input_bytes, problem.cut_ratio(encs[0], 0))]  # wire[i]: into stage i
     for i, s in enumerate(stages):
         a, b = s.units
         n_in, n_out = in_bytes(problem, a), problem.units[b - 1].out_bytes
@@ -183,10 +201,14 @@ def evaluate(problem: Problem, stages: Sequence[Any], *, method: str = "evaluate
     latency = math.fsum([c.unreplicated_s for c in costs] + [k.latency_s for k in links])
     mb = problem.model.microbatch
     throughput = mb / bottleneck if bottleneck > 0 else math.inf
-    encoded = [s for s in stages if s.encoding != RAW]
-    error = math.fsum(problem.cut_error(s.encoding, s.units[1]) for s in encoded)
-    disagreement = None if any(problem.encodings[s.encoding].disagreement is None for s in encoded) else \
-        math.fsum(problem.cut_disagreement(s.encoding, s.units[1]) for s in encoded)
+    # (encoding, cut) of every encoded link: the client's input (cut 0), then the stages' outputs
+    used = [(e, c) for e, c in [(stages[0].input_encoding, 0), *((s.encoding, s.units[1]) for s in stages)]
+            if e != RAW]
+    error = math.fsum(problem.cut_error(e, c) for e, c in used)
+    try:
+        disagreement: float | None = math.fsum(problem.cut_disagreement(e, c) for e, c in used)
+    except PlanError:  # one of them was not measured
+        disagreement = None
     return Plan(stages, costs, links, bottleneck, throughput, latency, where, mb, violations,
                 method=method, error=error, disagreement=disagreement)
 

@@ -32,14 +32,16 @@ import itertools
 import math
 import time
 from collections.abc import Callable
+from typing import Any
 
 from .classes import device_arrays, twin_classes
 from .cost import _link, evaluate, in_bytes, stage_memory_bytes
 from .plan import Plan, Stage
-from .problem import CLIENT, RAW, Device, Problem, encoded_bytes
+from .problem import CLIENT, RAW, Device, PlanError, Problem, encoded_bytes
 from .search import Effort, Timeout
 
-__all__ = ["solve_encoded", "without_encodings", "codec_classes", "ladders", "max_disagreement"]
+__all__ = ["solve_encoded", "solve_input_encodings", "with_input_encoding", "without_encodings", "codec_classes",
+           "ladders", "max_disagreement"]
 
 TIE_RTOL = 1e-9     # bottlenecks within this relative distance are equal (as solver.py)
 RAW_SHARE = 0.3     # the raw incumbent's share of the effort and time limits
@@ -50,6 +52,85 @@ MAX_COMPOSITIONS = 20_000   # stage compositions (class count vectors) the searc
 def without_encodings(problem: Problem) -> Problem:
     """The same problem with no lossy candidates (every link raw)."""
     return dataclasses.replace(problem, model=dataclasses.replace(problem.model, encodings={}))
+
+
+def with_input_encoding(problem: Problem, name: str) -> Problem:
+    """The problem as the client's input encoded ``name`` makes it, for the solver's tables:
+    the input crosses as its wire bytes, every device's first unit (always on the first
+    stage) takes the decoding too, and its parameters count what the input's buffers hold
+    beyond the wire bytes (a stage holds decoded tensors), so that ``evaluate`` of the same
+    stages on ``problem`` with ``input_encoding=name`` prices them exactly the same; and no
+    input figures left (the choice is made). ``PlanError`` when a device cannot decode it."""
+    encodings = {n: dataclasses.replace(e, input=None) for n, e in problem.encodings.items()}
+    if name == RAW:
+        return dataclasses.replace(problem, model=dataclasses.replace(problem.model, encodings=encodings))
+    raw = problem.model.input_bytes
+    wire = encoded_bytes(raw, problem.cut_ratio(name, 0))
+
+    def times(d: Any) -> tuple[float, ...]:
+        per_byte = d.codec_s_per_byte(name, False)
+        if math.isinf(per_byte):
+            raise PlanError(f"device {d.name}: no codec_ms_per_mb.{name}: it cannot decode the input encoded so")
+        return (d.unit_times_s[0] + per_byte * raw, *d.unit_times_s[1:])
+
+    devices = tuple(dataclasses.replace(d, unit_times_s=times(d)) for d in problem.devices)
+    first = problem.units[0]
+    units = (dataclasses.replace(first, param_bytes=first.param_bytes + problem.options.buffers * (raw - wire)),
+             *problem.units[1:])
+    model = dataclasses.replace(problem.model, input_bytes=wire, units=units, encodings=encodings)
+    return dataclasses.replace(problem, model=model, devices=devices)
+
+
+def solve_input_encodings(problem: Problem, max_error: float | None, *, time_limit_s: float, gap: float,
+                          effort: int, engine: str, solve: Callable[..., Plan],
+                          min_agreement: float | None = None) -> Plan:
+    """The client's input encoding is one decision for the whole plan: solve once per choice
+    (raw, then each encoding the problem measured on the input, within the budgets and
+    decodable by every device) on ``with_input_encoding``'s problem, with what is left of
+    the budgets, and keep the least bottleneck (then the least error; raw first on a tie),
+    priced by ``evaluate`` on ``problem``. Exact when each solve is (``optimal`` only if
+    every one was proven); each gets an equal share of what is left of the time limit."""
+    t0 = time.monotonic()
+    max_dis = max_disagreement(min_agreement)
+    options = [RAW, *problem.input_encodings]
+    best: Plan | None = None
+    tried: dict[str, Any] = {}
+    proven, lower = True, math.inf
+    for k, name in enumerate(options):
+        err_left = None if max_error is None else max_error - problem.cut_error(name, 0)
+        dis_left = None if max_dis is None else max_dis - problem.cut_disagreement(name, 0)
+        if (err_left is not None and err_left < 0) or (dis_left is not None and dis_left < 0):
+            tried[name] = "over the budget alone"
+            continue
+        try:
+            derived = with_input_encoding(problem, name)
+        except PlanError as e:
+            tried[name] = str(e)
+            continue
+        left = max(time_limit_s - (time.monotonic() - t0), 0.0) / (len(options) - k)
+        try:
+            got = solve(derived, time_limit_s=max(left, 1e-3), gap=gap, effort=effort, engine=engine,
+                        max_error=err_left, min_agreement=None if dis_left is None else 100.0 - dis_left)
+        except PlanError as e:
+            tried[name] = str(e)
+            proven = False
+            continue
+        stages = [dataclasses.replace(got.stages[0], input_encoding=name), *got.stages[1:]]
+        plan = evaluate(problem, stages, method=got.method)
+        tried[name] = plan.bottleneck_s
+        proven = proven and got.optimal
+        lower = min(lower, got.lower_bound_s if got.lower_bound_s is not None else 0.0)
+        plan.stats = dict(got.stats)
+        if best is None or plan.bottleneck_s < best.bottleneck_s * (1 - TIE_RTOL) or (
+                plan.bottleneck_s <= best.bottleneck_s * (1 + TIE_RTOL) and plan.error < best.error - 1e-12):
+            best = plan
+    if best is None:
+        raise PlanError("no plan within the budget: " + "; ".join(f"input {n}: {v}" for n, v in tried.items()))
+    best.optimal = proven
+    best.lower_bound_s = best.bottleneck_s if proven else min(lower, best.bottleneck_s)
+    best.stats["input_encodings"] = tried
+    best.stats["solve_time_s"] = round(time.monotonic() - t0, 4)
+    return best
 
 
 def codec_classes(problem: Problem) -> list[list[int]]:
@@ -307,7 +388,8 @@ def ladders(problem: Problem, plan: Plan, max_error: float | None,
     else:
         spare = math.inf if max_error is None else max_error - plan.error
         spare_d = math.inf if max_dis is None else max_dis - math.fsum(
-            problem.cut_disagreement(s.encoding, s.units[1]) for s in plan.stages[:-1])
+            [problem.cut_disagreement(plan.stages[0].input_encoding, 0),
+             *(problem.cut_disagreement(s.encoding, s.units[1]) for s in plan.stages[:-1])])
 
     def dis(e: str, cut: int) -> float:
         return 0.0 if max_dis is None else problem.cut_disagreement(e, cut)

@@ -24,12 +24,14 @@ BOTTLENECK_MARK = "<-"
 
 @dataclass(frozen=True)
 class Stage:
-    """Units [a, b) of the chain on one or more devices (replicas, fed round-robin), and the
-    encoding of its output on the link to the next stage (the last stage's is raw)."""
+    """Units [a, b) of the chain on one or more devices (replicas, fed round-robin), the
+    encoding of its output on the link to the next stage (the last stage's is raw) and, for
+    the first stage only, the encoding of the client's input on the link into it."""
 
     units: tuple[int, int]
     devices: tuple[str, ...]
     encoding: str = ENCODINGS[0]
+    input_encoding: str = ENCODINGS[0]
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "units", tuple(self.units))
@@ -39,6 +41,8 @@ class Stage:
         out: dict[str, Any] = {"units": list(self.units), "devices": list(self.devices)}
         if self.encoding != ENCODINGS[0]:
             out["encoding"] = self.encoding
+        if self.input_encoding != ENCODINGS[0]:
+            out["input_encoding"] = self.input_encoding
         return out
 
 
@@ -261,7 +265,7 @@ def stage_list(stages: Sequence[Any]) -> list[Stage]:
             out.append(s)
         elif isinstance(s, dict):
             out.append(Stage(tuple(s["units"]), tuple(s.get("devices") or s.get("nodes") or ()),
-                             s.get("encoding") or ENCODINGS[0]))
+                             s.get("encoding") or ENCODINGS[0], s.get("input_encoding") or ENCODINGS[0]))
         else:
             try:
                 units, devs = s

@@ -25,6 +25,9 @@ Two extensions beyond the basic format, both optional:
   (or device, replacing its type's) what each costs it: ``codec_ms_per_mb: {int8: {encode,
   decode}}``, ms per MB of float32 (raw) activations; a device without an encoding's entry
   cannot encode or decode it. ``raw`` is always a candidate (ratio 1, no cost, no error).
+  An encoding may also carry ``input: {ratio, error, disagreement}``, measured with the
+  client's input encoded so (cut 0): the plan may then encode the client's link into stage 0
+  (the client encodes, stage 0's devices decode; the client's own cost is not priced).
 """
 
 from __future__ import annotations
@@ -129,6 +132,18 @@ class Encoding:
     ratio: float
     error: tuple[float, ...]
     disagreement: tuple[float, ...] | None = None
+    # the client's input encoded so (cut 0), when measured: its ratio, error and disagreement
+    input: InputFigures | None = None
+
+
+@dataclass(frozen=True)
+class InputFigures:
+    """An encoding applied to the client's input (cut 0): wire bytes per raw byte, the error
+    it adds to the logits, and (when measured) the percent of samples whose top-1 it changes."""
+
+    ratio: float
+    error: float
+    disagreement: float | None = None
 
 
 @dataclass(frozen=True)
@@ -300,23 +315,40 @@ class Problem:
         """The model's lossy candidate encodings (empty: every link is raw)."""
         return self.model.encodings
 
+    @property
+    def input_encodings(self) -> tuple[str, ...]:
+        """The lossy encodings measured on the client's input (cut 0), in the problem's order."""
+        return tuple(n for n, e in self.model.encodings.items() if e.input is not None)
+
+    def _input(self, name: str) -> InputFigures:
+        e = self.model.encodings[name].input
+        if e is None:
+            raise PlanError(f"model.encodings.{name}.input: the client's input encoded {name} was not measured")
+        return e
+
     def cut_error(self, name: str, cut: int) -> float:
-        """Error ``name`` adds at cut c (0 < c < L); 0 for raw."""
-        return 0.0 if name == RAW else self.model.encodings[name].error[cut - 1]
+        """Error ``name`` adds at cut c (0 < c < L; 0: the client's input); 0 for raw."""
+        if name == RAW:
+            return 0.0
+        return self._input(name).error if cut == 0 else self.model.encodings[name].error[cut - 1]
 
     def cut_disagreement(self, name: str, cut: int) -> float:
         """Percent of samples whose top-1 class ``name`` changes at ``cut`` alone (0 for raw);
         ``PlanError`` when the problem did not measure it."""
         if name == RAW:
             return 0.0
-        d = self.model.encodings[name].disagreement
+        d = self._input(name).disagreement if cut == 0 else self.model.encodings[name].disagreement
         if d is None:
-            raise PlanError(f"model.encodings.{name}.disagreement: needed by a top-1 agreement budget "
+            where = "input.disagreement" if cut == 0 else "disagreement"
+            raise PlanError(f"model.encodings.{name}.{where}: needed by a top-1 agreement budget "
                             "(--min-agreement), got none")
-        return d[cut - 1]
+        return d if isinstance(d, float) else d[cut - 1]
 
-    def cut_ratio(self, name: str) -> float:
-        return 1.0 if name == RAW else self.model.encodings[name].ratio
+    def cut_ratio(self, name: str, cut: int = 1) -> float:
+        """Wire bytes per raw byte of ``name`` at ``cut`` (0: the client's input)."""
+        if name == RAW:
+            return 1.0
+        return self._input(name).ratio if cut == 0 else self.model.encodings[name].ratio
 
     def link(self, a: str, b: str) -> Link:
         """The resolved link between two distinct nodes (device names or "client")."""
@@ -425,13 +457,15 @@ def _parse_model(m: Mapping[str, Any]) -> ModelChain:
         kwargs=dict(kwargs), encodings=encodings)
 
 
-ENCODING_FIELDS = ("ratio", "error", "disagreement")
+ENCODING_FIELDS = ("ratio", "error", "disagreement", "input")
+INPUT_FIELDS = ("ratio", "error", "disagreement")
 CODEC_FIELDS = ("encode", "decode")
 
 
 def _parse_encodings(m: Mapping[str, Any], n_units: int) -> dict[str, Encoding]:
     """``model.encodings``: {name: {ratio in (0, 1], error: one value per cut 1..L-1,
-    disagreement (optional): one percent in [0, 100] per cut}}."""
+    disagreement (optional): one percent in [0, 100] per cut, input (optional): {ratio, error,
+    disagreement (optional)} of the client's input encoded so}}."""
     out = {}
     for name, e in m.items():
         p = f"model.encodings.{name}"
@@ -450,8 +484,18 @@ def _parse_encodings(m: Mapping[str, Any], n_units: int) -> dict[str, Encoding]:
                                 f"between units), got {len(ds)}")
             dis = tuple(F.number(x, f"{p}.disagreement[{i}]", lo=0, hi=MAX_DISAGREEMENT, strings=True)
                         for i, x in enumerate(ds))
+        inp = None
+        if e.get("input") is not None:
+            q = f"{p}.input"
+            i_ = F.mapping(e["input"], q, INPUT_FIELDS)
+            i_dis = i_.get("disagreement")
+            inp = InputFigures(
+                F.number(F.need(i_, "ratio", object, q), f"{q}.ratio", lo=0, lo_open=True, hi=1, strings=True),
+                F.number(F.need(i_, "error", object, q), f"{q}.error", lo=0, hi=MAX_ERROR, strings=True),
+                None if i_dis is None else F.number(i_dis, f"{q}.disagreement", lo=0, hi=MAX_DISAGREEMENT,
+                                                    strings=True))
         out[name] = Encoding(name, ratio, tuple(F.number(x, f"{p}.error[{i}]", lo=0, hi=MAX_ERROR, strings=True)
-                                                for i, x in enumerate(errs)), dis)
+                                                for i, x in enumerate(errs)), dis, inp)
     return out
 
 

@@ -235,12 +235,20 @@ def solve(problem: Problem, *, time_limit_s: float = DEFAULT_TIME_LIMIT_S, gap: 
     problem without encodings: every link raw, as before. ``min_agreement``: top-1
     agreement with fp32 in percent, at least; the used cuts' measured disagreements
     (percent) must sum to at most 100 - it (the union bound, encoded.py). Both may be given.
+    Encodings measured on the client's input (``model.encodings.E.input``) make the input's
+    encoding a decision too (``Stage.input_encoding`` of the first stage; encoded.py).
     """
     if replication is not None and replication != problem.options.replication:
         problem = dataclasses.replace(problem, options=dataclasses.replace(problem.options,
                                                                            replication=replication))
     if (max_error is not None or min_agreement is not None) and problem.encodings:
-        from .encoded import solve_encoded  # deferred: it calls back into solve for the raw plan
+        from .encoded import (  # deferred: they call back into solve
+            solve_encoded,
+            solve_input_encodings,
+        )
+        if problem.input_encodings:  # the client's input encoding first: one solve per choice
+            return solve_input_encodings(problem, max_error, time_limit_s=time_limit_s, gap=gap, effort=effort,
+                                         engine=engine, solve=solve, min_agreement=min_agreement)
         return solve_encoded(problem, max_error, time_limit_s=time_limit_s, gap=gap, effort=effort,
                              engine=engine, solve=solve, min_agreement=min_agreement)
     return solve_arrays(problem, device_arrays(problem), time_limit_s=time_limit_s, gap=gap, effort=effort,
