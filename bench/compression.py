@@ -168,6 +168,7 @@ class Inner:
             dep = deploy(plan, load_timeout=600)
             try:
                 c.attach(dep.entry, dep.run)
+                c.input_encoding = dep.plan.input_encoding
                 return body(c)
             finally:
                 unload(plan)

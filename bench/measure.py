@@ -173,6 +173,7 @@ def main() -> int:
             client.window = args.window or max(client.window, planned.window)
             client.timeout = max(client.timeout, 3 * client.window * planned.bottleneck_s)
             client.attach(dep.entry, dep.run)
+            client.input_encoding = dep.plan.input_encoding
             # one continuous stream: warm-up, timed, cool-down; steady state is timed from the
             # last warm-up result to the last timed result, while the pipeline is still full
             # (fill and drain excluded: with replicas, results come in waves, and a drain would

@@ -25,7 +25,7 @@ import zmq
 
 from edgezmq.errors import EdgezmqError
 from edgezmq.orchestrate.planfile import DeployPlan
-from edgezmq.protocol import wire
+from edgezmq.protocol import codecs, wire
 from edgezmq.protocol.control import BAD_STATE, ControlError
 from edgezmq.transport import security, sockets
 from edgezmq.transport.nodeclient import NodeClient
@@ -72,9 +72,14 @@ class Client:
         keyring: security.Keyring | None = None,
         entry_keys: list[bytes] | None = None,
         keep_timestamps: int = TIMESTAMPS_KEPT,
+        input_encoding: str = codecs.RAW,
     ) -> None:
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
+        codecs.codec(input_encoding)  # a known name, or ValueError
+        # how inputs cross to stage 0 (the plan's input_encoding; float32 tensors only, stage 0
+        # decodes whatever the header says): set it for each deployment followed
+        self.input_encoding = input_encoding
         self.window, self.timeout, self.retries = window, timeout, retries
         self.microbatch = microbatch
         self._own_ctx = ctx is None
@@ -159,6 +164,7 @@ class Client:
             entry.append(r.data)
             run = r.run
         kw.setdefault("microbatch", plan.model.microbatch)
+        kw.setdefault("input_encoding", plan.input_encoding)
         if kw.get("window") is None:  # the plan's own (predicted.window, Plan.window), else the default
             kw["window"] = plan.window or DEFAULT_WINDOW
         if plan.keyring is not None:
@@ -192,7 +198,10 @@ class Client:
         return [np.ascontiguousarray(a) for a in xs]
 
     def _frames(self, seq: int, xs: list[np.ndarray]) -> list:
-        return wire.encode(wire.Message("act", self.run, seq, -1, xs, t=[[-1, time.time()]], session=self.session))
+        msg = wire.Message("act", self.run, seq, -1, xs, t=[[-1, time.time()]], session=self.session)
+        if self.input_encoding == codecs.RAW:
+            return wire.encode(msg)
+        return wire.encode(msg, codecs.encode_all([self.input_encoding], xs)[0])
 
     def _send(self, seq: int, x: list[np.ndarray], deadline: float) -> None:
         """Send, waiting for stage 0 to take it (resubmissions and failover replays only: the

@@ -241,12 +241,12 @@ def inventory_dict(nodes, **extra) -> dict:
             "measure": {"seconds": PROBE_S, "pings": 3, "bytes_per_msg": 1 << 20}, **extra}
 
 
-def slow_link_inventory(nodes, factor: float) -> dict:
+def slow_link_inventory(nodes, factor: float, client_factor: float | None = None) -> dict:
     """Links between nodes slow enough that a raw activation takes `factor` x the fastest node's
     time for the whole model (measured: a first gather, whose profiles the nodes cache; the
     deployments then use them without a spot check, so that a busy machine does not move them),
-    the client's links fast: encoding pays only where compressing the activation makes a
-    second stage worth it."""
+    the client's links fast (or, with `client_factor`, as slow for the input as that): encoding
+    pays only where compressing the activation makes a second stage worth it."""
     from edgezmq.orchestrate.autodeploy import gather
     from edgezmq.orchestrate.inventory import parse_cluster
 
@@ -255,7 +255,8 @@ def slow_link_inventory(nodes, factor: float) -> dict:
     whole = min(sum(t["unit_times_s"]) for t in warm.problem["device_types"].values())
     act = warm.problem["model"]["units"][1]["out_bytes"]
     mbps = act * 8 / (factor * whole) / 1e6
-    overrides = [{"a": "client", "b": n.name, "mbps": 1000} for n in nodes.nodes]
+    client = 1000.0 if client_factor is None else warm.problem["model"]["input_bytes"] * 8 / (client_factor * whole) / 1e6
+    overrides = [{"a": "client", "b": n.name, "mbps": client} for n in nodes.nodes]
     return inventory_dict(nodes, links={"default": {"mbps": mbps, "latency_ms": 0.1}, "overrides": overrides})
 
 

@@ -381,6 +381,39 @@ def test_autodeploy_with_a_budget_encodes_a_slow_link_and_stays_within_it(nodes)
 
 
 @pytest.mark.slow
+def test_autodeploy_with_a_budget_encodes_a_slow_client_link(nodes):
+    """The client's link as slow for a raw input as 3 x the fastest node's whole-model time,
+    the nodes' links fast: within --max-error the planner encodes the input (measured on the
+    calibration batch like every cut), the deploy plan says so, the client sends it so, and
+    the outputs are within the budget of the monolithic model's."""
+    import torch
+
+    from edgezmq.model.accuracy import rel_l2
+    from edgezmq.orchestrate import compress
+    from edgezmq.orchestrate.autodeploy import Budget
+
+    inv = slow_link_inventory(nodes, 0.001, client_factor=3.0)
+    cluster = parse_cluster(inv)
+    xs, _ = compress.calibration_batch(MODEL, MICROBATCH, None, KWARGS)
+    batches_ = [b.numpy() for b in torch.split(xs, MICROBATCH)]
+    with Client([], "tcp://127.0.0.1:0", run="", window=4, microbatch=MICROBATCH, timeout=60) as c:
+        dep, plan, problem, planned, g = autodeploy(cluster, model_spec(), results=c.results_endpoint, client=c,
+                                                    calibrate=0, budget=Budget(max_error=0.01), spot_check=False)
+        try:
+            assert all("input" in e for e in g.problem["model"]["encodings"].values())
+            assert planned.stages[0].input_encoding != "raw", planned.to_dict()
+            assert plan.input_encoding == planned.stages[0].input_encoding and 0 < planned.error <= 0.01
+            assert planned.links[0].encoding == plan.input_encoding
+            c.attach(dep.entry, dep.run)
+            c.input_encoding = plan.input_encoding
+            outs = list(c.stream(batches_))
+        finally:
+            unload(plan)
+    err = rel_l2(torch.from_numpy(np.concatenate(outs)), torch.from_numpy(np.concatenate(monolithic(batches_))))
+    assert 0 < err <= 0.01, err
+
+
+@pytest.mark.slow
 def test_cli_deploy_with_budgets_dry_run(nodes, tmp_path):
     """`deploy --max-error --min-agreement --dry-run --plan-out`: the written problem carries the
     measured encodings, the plan the chosen ones; bad flag values are one-line usage errors."""

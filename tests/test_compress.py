@@ -32,6 +32,13 @@ def test_measure_gives_what_the_problem_reads(model):
         assert all(0 < x < 0.05 for x in d["error"])
         assert d["disagreement"] == [100 * (k + 1) / 8 for k in got.flips[e]]
     assert got.encodings["f16"]["error"][2] < got.encodings["int8"]["error"][2]
+    # the client's input encoded so: the image's own ratio, an error, the same one-sample margin
+    image = (MICROBATCH, 3, 64, 64)
+    for e, d in got.encodings.items():
+        assert d["input"]["ratio"] == pytest.approx(codecs.ratio(e, image), abs=1e-6)
+        assert 0 < d["input"]["error"] < 0.05
+        assert d["input"]["disagreement"] == 100 * (got.input_flips[e] + 1) / 8
+    assert got.encodings["int8"]["input"]["ratio"] != got.encodings["int8"]["ratio"]
     assert got.codec_shape == shape and all(a > 0 and b > 0 for a, b in got.codec_s_per_mb.values())
     assert got.client_chain_s[1] > 0
 
@@ -53,6 +60,7 @@ def test_add_encodings_fills_a_problem_the_planner_accepts(model):
     assert fast["encode"] == pytest.approx(here * 0.1 * N_UNITS / got.client_chain_s[1], rel=1e-3)
     p = Problem.from_dict(d)
     assert p.encodings["int8"].disagreement is not None and p.cut_disagreement("int8", 1) >= 25.0
+    assert p.input_encodings == ("int8",) and p.cut_disagreement("int8", 0) >= 25.0
 
 
 @pytest.mark.parametrize("samples, message", [

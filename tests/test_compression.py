@@ -62,6 +62,20 @@ def test_a_bad_encoding_in_a_plan_names_the_field(given, message):
         parse_plan(plan_dict(encoding=given))
 
 
+@pytest.mark.parametrize("given, ok", [(None, True), ("int8", True), ("f16", True), ("int3", False),
+                                       (5, False), (["int8"], False)])
+def test_a_plan_gives_the_inputs_encoding(given, ok):
+    d = {**plan_dict(), **({} if given is None else {"input_encoding": given})}
+    if not ok:
+        with pytest.raises(PlanFileError, match="input_encoding"):
+            parse_plan(d)
+        return
+    plan = parse_plan(d)
+    assert plan.input_encoding == (given or "raw")
+    assert parse_plan(plan.to_dict()).input_encoding == plan.input_encoding  # reads back the same
+    assert ("input_encoding" in plan.to_dict()) == (given is not None)
+
+
 def test_results_stay_raw():
     d = plan_dict()
     d["stages"][1]["encoding"] = "int8"
@@ -197,7 +211,8 @@ def stage_stats(node) -> dict:
 
 
 def run_plan(cluster, plan, xs):
-    with Client([], "tcp://127.0.0.1:0", run="", window=4, microbatch=MICROBATCH, timeout=60) as c:
+    with Client([], "tcp://127.0.0.1:0", run="", window=4, microbatch=MICROBATCH, timeout=60,
+                input_encoding=plan.input_encoding) as c:
         plan.results = c.results_endpoint
         dep = deploy(plan, load_timeout=120)
         try:
@@ -255,6 +270,22 @@ def test_a_compressed_link_computes_the_decoded_activation(cluster, name):
         assert float(np.max(np.abs(y - ref))) <= TOL  # exactly the rest of the model on the decoded activation
         assert rel_l2(y, ex) < {"int8": 0.05, "bf16": 0.05, "int4-ch": 0.5}[name]
     assert any(float(np.max(np.abs(y - ex))) > 0 for y, ex in zip(outs, exact))  # it did compress
+
+
+@pytest.mark.slow
+def test_an_encoded_input_is_decoded_by_the_first_stage(cluster):
+    """A plan's input_encoding: the client sends int8 inputs, stage 0 decodes them (the wire
+    header says so), and the pipeline computes the model on the decoded input, exactly."""
+    xs = batches(4, seed=5)
+    plan = make_plan(cluster, [(0, 3), (3, 6)])
+    plan.input_encoding = "int8"
+    outs, _ = run_plan(cluster, plan, xs)
+    want = monolithic([codecs.roundtrip("int8", x) for x in xs])
+    exact = monolithic(xs)
+    for y, ref, ex in zip(outs, want, exact):
+        assert float(np.max(np.abs(y - ref))) <= TOL
+        assert rel_l2(y, ex) < 0.05
+    assert any(float(np.max(np.abs(y - ex))) > 0 for y, ex in zip(outs, exact))  # it did encode
 
 
 @pytest.mark.slow

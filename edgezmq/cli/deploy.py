@@ -157,7 +157,8 @@ def _deploy_cluster(args: argparse.Namespace, d: dict) -> int:
                  "latency_s": planned.latency_s, "window": planned.window, "optimal": planned.optimal,
                  "bottleneck_at": planned.bottleneck_at, "error": planned.error,
                  "disagreement": planned.disagreement,
-                 "encodings": [s.encodings[0][0] if s.encodings else "raw" for s in plan.stages[:-1]]}
+                 "encodings": [s.encodings[0][0] if s.encodings else "raw" for s in plan.stages[:-1]],
+                 "input_encoding": plan.input_encoding}
     if args.plan_out:
         Path(args.plan_out).write_text(yaml.safe_dump(
             {**plan.to_dict(), "predicted": predicted, **_solved(g)}, sort_keys=False))

@@ -395,17 +395,8 @@ class StageRuntime:
     def _encode(self, msg: wire.Message) -> tuple[str, list[codecs.Encoded | None]]:
         """msg's tensors encoded with the current rung (None: raw), and the rung's name."""
         rung = self.ladder[self.policy.level if self.policy is not None else 0]
-        out: list[codecs.Encoded | None] = []
-        for i, a in enumerate(msg.tensors):
-            name = rung[i] if len(rung) > 1 else rung[0]
-            if name == codecs.RAW or a.dtype != np.float32 or (a.ndim == 0 and codecs.codec(name).scale):
-                out.append(None)  # only float32 activations are compressed; anything else goes as is
-                continue
-            try:
-                out.append(codecs.encode(name, a))
-            except codecs.CodecError:  # NaN/inf: int8/int4 refuse them; the tensor goes exact
-                self.counters.enc_fallbacks += 1
-                out.append(None)
+        out, fallbacks = codecs.encode_all(rung, msg.tensors)
+        self.counters.enc_fallbacks += fallbacks
         return rung_name(rung), out
 
     def _observe(self, entry: list, send_s: float) -> None:

@@ -434,7 +434,7 @@ def to_deploy_plan(
             st.encodings = [[e] for e in rungs[i]] if rungs and rungs[i] else None
         stages.append(st)
     return DeployPlan(model=model, stages=stages, results=results or cluster.results,
-                      keyring=cluster.keyring, keys=cluster.keys)
+                      keyring=cluster.keyring, keys=cluster.keys, input_encoding=planned.stages[0].input_encoding)
 
 
 def measure_encodings(g: Gathered, cluster: Cluster, model: ModelSpec, *, encodings: Any = None,

@@ -216,15 +216,16 @@ def burst(client: Client, dep: Deployment, inputs: list[Batch], n: int,
             t[1] = time.perf_counter()
             last.update(snapshot(plan))
 
-    own = client.window
+    own, own_enc = client.window, client.input_encoding
     client.window = max(own, window or 1)
+    client.input_encoding = plan.input_encoding  # the inputs cross as the plan says
     first_seq = client.next_seq
     total = warmup + n + cooldown
     try:
         for _ in client.stream((xs[i % len(xs)] for i in range(total)), on_result=on_result):
             pass
     finally:
-        client.window = own
+        client.window, client.input_encoding = own, own_enc
     # the rate from when results reached the client (Client.arrivals): the snapshots' times,
     # taken as the stream hands results over in order, would time a bunch, not the pace
     got = client.arrivals(first_seq, total)

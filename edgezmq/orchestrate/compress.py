@@ -17,6 +17,9 @@
   alone (near-ties: bench/encoding_sum.py, docs/planner.md "Why a union bound"), and one sample a
   cut covers every pair measured. So a batch of N samples cannot certify an agreement finer than
   100 / N percent per encoded cut: 16 samples, 6.25 % a cut; --min-agreement 99 needs >= 100.
+- ``input``: the same three figures with the client's input encoded so (cut 0: what the
+  client sends stage 0), so that the planner may encode the client's link too (docs/planner.md);
+  the same one-sample margin.
 - ``codec_ms_per_mb``: per device type, the codecs' CPU time per MB measured here, on the
   client, scaled by how much slower the type ran the model's units than this machine does
   with the same number of torch threads (its profile's unit times over the client's). Why
@@ -70,9 +73,11 @@ class Measured:
     client_chain_s: dict[int, float] = field(default_factory=dict)  # torch threads -> one microbatch, s
     seconds: float = 0.0
     flips: dict[str, list[int]] = field(default_factory=dict)  # name -> samples flipped per cut (no margin)
+    input_flips: dict[str, int] = field(default_factory=dict)  # name -> samples flipped, the input encoded so
 
     def to_dict(self) -> dict[str, Any]:
-        return {"encodings": self.encodings, "flips": self.flips, "samples": self.samples, "calibration": self.source,
+        return {"encodings": self.encodings, "flips": self.flips, "input_flips": self.input_flips,
+                "samples": self.samples, "calibration": self.source,
                 "codec_shape": list(self.codec_shape),
                 "client_codec_ms_per_mb": {e: {"encode": a * 1e3, "decode": b * 1e3}
                                            for e, (a, b) in self.codec_s_per_mb.items()},
@@ -196,6 +201,7 @@ def measure(model: torch.nn.Module, granularity: str, x: torch.Tensor, microbatc
     shapes = [[tuple(t.shape) for t in sweep.tensors(c)[0]] for c in cuts]
     out: dict[str, dict[str, Any]] = {}
     flips: dict[str, list[int]] = {}
+    input_flips: dict[str, int] = {}
     n = int(x.shape[0])
     for e in encs:
         f = _transform(e)
@@ -211,8 +217,18 @@ def measure(model: torch.nn.Module, granularity: str, x: torch.Tensor, microbatc
         # percent, with one sample of margin (module doc); capped at the problem's 100
         dis = [min(100.0, round(100.0 * (k + 1) / n, 6)) for k in flipped]
         out[e] = {"ratio": round(_ratio(e, shapes), 6), "error": errs, "disagreement": dis}
+        # the client's input encoded so (cut 0): the same figures, the same margin
+        logits = sweep.logits(0, f)
+        err = accuracy.rel_l2(logits, sweep.reference)
+        if not math.isfinite(err):
+            raise CompressionError(f"encoding {e} on the input: the logits' error is {err}")
+        k0 = int((logits.argmax(-1) != sweep.reference.argmax(-1)).sum())
+        input_flips[e] = k0
+        out[e]["input"] = {"ratio": round(_ratio(e, [[(microbatch, *x.shape[1:])]]), 6),
+                           "error": round(err, 9), "disagreement": min(100.0, round(100.0 * (k0 + 1) / n, 6))}
         say(f"encoding {e}: ratio {out[e]['ratio']:.4f}, logit error per cut {min(errs):.2g}..{max(errs):.2g}, "
-            f"top-1 changed on {min(flipped)}..{max(flipped)} of {n} samples")
+            f"top-1 changed on {min(flipped)}..{max(flipped)} of {n} samples; on the input: error "
+            f"{err:.2g}, {k0} changed")
     # the codec costs at the largest activation the links carry (every cut's first tensor)
     shape = max((s[0] for s in shapes), key=math.prod)
     costs = {}
@@ -221,7 +237,7 @@ def measure(model: torch.nn.Module, granularity: str, x: torch.Tensor, microbatc
         costs[e] = (cost.encode_s_per_mb, cost.decode_s_per_mb)
     mb = next(iter(torch.split(x, microbatch)))
     chain_s = {t: _client_chain_s(model, granularity, mb, t) for t in sorted(set(threads))}
-    return Measured(out, costs, shape, n, source, chain_s, time.monotonic() - t0, flips)
+    return Measured(out, costs, shape, n, source, chain_s, time.monotonic() - t0, flips, input_flips)
 
 
 def speed_factors(problem: dict[str, Any], client_chain_s: dict[int, float], threads: dict[str, int]) -> dict[str, float]:

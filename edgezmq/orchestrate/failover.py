@@ -281,6 +281,7 @@ class ResilientPipeline:
         assert dep is not None
         self.plan, self.planned = plan, planned
         self.client.window = self.window or planned.window
+        self.client.input_encoding = plan.input_encoding
         if g.calibration is not None:
             self.calibration = g.calibration
         if g.encodings is not None:

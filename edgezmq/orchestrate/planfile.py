@@ -74,6 +74,9 @@ class DeployPlan:
     keyring: security.Keyring | None = None  # from the plan's `keys:` section: CurveZMQ
     keys: dict | None = None  # that section, paths resolved
     window: int | None = None  # predicted.window: microbatches in flight that keep the pipeline full
+    # how the client sends its inputs to stage 0 (docs/compression.md): raw, or a lossy encoding
+    # the planner chose within an accuracy budget
+    input_encoding: str = ENCODINGS[0]
 
     def curve(self, n: NodeAddress) -> security.Curve | None:
         """How to reach node ``n``'s control socket: CURVE client of its key, or plaintext
@@ -98,6 +101,7 @@ class DeployPlan:
                         **({"cache_bytes": s.cache_bytes} if s.cache_bytes is not None else {})}
                        for s in self.stages],
             "results": self.results,
+            **({"input_encoding": self.input_encoding} if self.input_encoding != ENCODINGS[0] else {}),
             **({"keys": self.keys} if self.keys else {}),
         }
 
@@ -189,8 +193,9 @@ def parse_plan(d: Any, source: str | None = None) -> DeployPlan:
     if keyring is not None:  # each address carries how to reach it
         stages = [replace(st, nodes=[replace(n, curve=security.client_curve(keyring, n.name)) for n in st.nodes])
                   for st in stages]
+    input_encoding = F.choice(F.need(d, "input_encoding", str, "plan", ENCODINGS[0]), "input_encoding", ENCODINGS)
     return DeployPlan(model=model, stages=stages, results=results, run=F.need(d, "run", str, "plan", None),
-                source=source, keyring=keyring, keys=keys, window=_window(d))
+                      source=source, keyring=keyring, keys=keys, window=_window(d), input_encoding=input_encoding)
 
 
 def _window(d: dict) -> int | None:

@@ -6,6 +6,7 @@
                                             # encoding: only on encoded links (encoded.ladders);
                                             # link_mbps: the slowest pair of the outgoing link
     predicted: {bottleneck_s, throughput_per_s, latency_s, window}  # window: Plan.window
+    input_encoding: int8                    # how the client sends its inputs: only when not raw
     results: tcp://...                      # only when given
 """
 
@@ -15,7 +16,7 @@ from typing import Any
 
 from .encoded import ladders
 from .plan import Plan
-from .problem import CLIENT, PlanError, Problem
+from .problem import CLIENT, RAW, PlanError, Problem
 
 __all__ = ["deployable"]
 
@@ -45,6 +46,8 @@ def deployable(problem: Problem, plan: Plan, *, checkpoint: str | None = None,
         "predicted": {"bottleneck_s": plan.bottleneck_s, "throughput_per_s": plan.throughput_per_s,
                       "latency_s": plan.latency_s, "window": plan.window},
     }
+    if plan.stages[0].input_encoding != RAW:
+        out["input_encoding"] = plan.stages[0].input_encoding
     if results is not None:
         out["results"] = results
     return out

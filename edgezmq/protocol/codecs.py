@@ -193,6 +193,26 @@ def encode(name: str, a: np.ndarray) -> Encoded:
     return Encoded(c.enc, shape, (payload, scales), scale=c.scale)
 
 
+def encode_all(rung: Sequence[str], tensors: Sequence[np.ndarray]) -> tuple[list[Encoded | None], int]:
+    """A message's tensors encoded with a rung (one name for every tensor, or one per tensor):
+    None where a tensor goes exact -- raw asked, not float32 (only float32 activations are
+    compressed), a 0-d tensor for a scaled codec, or NaN/inf that int8/int4 refuse; the count
+    of the last (fallbacks) with it."""
+    out: list[Encoded | None] = []
+    fallbacks = 0
+    for i, a in enumerate(tensors):
+        name = rung[i] if len(rung) > 1 else rung[0]
+        if name == RAW or a.dtype != np.float32 or (a.ndim == 0 and codec(name).scale):
+            out.append(None)
+            continue
+        try:
+            out.append(encode(name, a))
+        except CodecError:  # NaN/inf: the tensor goes exact
+            fallbacks += 1
+            out.append(None)
+    return out, fallbacks
+
+
 def _to_bf16(f: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 bits, round to nearest even; NaN stays a (quiet) NaN, inf stays inf."""
     u = f.view(np.uint32)
