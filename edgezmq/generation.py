@@ -137,7 +137,7 @@ def decoder_limits(name: str, kwargs: dict[str, Any]) -> tuple[int, int, int | N
     if not text.is_decoder(name):
         raise GenerateError(f"{name} is not a decoder language model (one of: "
                             f"{', '.join(n for n in text.TEXT_MODELS if text.is_decoder(n))})")
-    config, seq_len = text._config(name, kwargs)
+    config, seq_len = text.model_config(name, kwargs)
     positions = int(config.n_positions if text.TEXT_MODELS[name].family == "gpt2" else config.max_position_embeddings)
     eos = config.eos_token_id
     return seq_len, positions, eos if isinstance(eos, int) else None
@@ -162,7 +162,7 @@ class Generator:
         from edgezmq.model import text
 
         chunk, positions, eos = decoder_limits(name, kwargs)
-        config, _ = text._config(name, kwargs)
+        config, _ = text.model_config(name, kwargs)
         return cls(client, chunk=chunk, max_positions=positions, vocab_size=int(config.vocab_size),
                    eos_token_id=eos, retries=retries)
 

@@ -67,7 +67,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not text.is_decoder(plan.model.name):
         raise UsageError(f"{args.plan}: model {plan.model.name} is not a decoder language model (edgezmq generate "
                          f"runs {', '.join(n for n in text.TEXT_MODELS if text.is_decoder(n))})")
-    config, _ = text._config(plan.model.name, dict(plan.model.kwargs))
+    config, _ = text.model_config(plan.model.name, dict(plan.model.kwargs))
     prompts, tok = _prompts(args, plan.model.name, int(config.vocab_size))
     sampling = Sampling(greedy=args.temperature is None, temperature=args.temperature or 1.0,
                         top_k=args.top_k, seed=args.seed)

@@ -128,8 +128,12 @@ def _require() -> None:
         raise TextModelError(f"text models need Hugging Face transformers, which is not installed: {EXTRA}")
 
 
-def _config(name: str, kwargs: Mapping[str, Any]) -> tuple[Any, int]:
-    """(the family's config, seq_len) of `name` with the architecture arguments applied."""
+def model_config(name: str, kwargs: Mapping[str, Any]) -> tuple[Any, int]:
+    """(config, seq_len) of text model `name` with the architecture arguments `kwargs` applied:
+    the ``transformers`` config its model is built from (BertConfig, LlamaConfig, GPT2Config;
+    its ``vocab_size``, ``eos_token_id``, ...) and the deployment's tokens per sequence, without
+    building the model. TextModelError for an argument the family does not take, a value it
+    cannot have, or a seq_len beyond its position embeddings."""
     _require()
     import transformers
 
@@ -178,7 +182,7 @@ def create_model(name: str, *, pretrained: bool = False, device: str | torch.dev
                  **kwargs: Any) -> nn.Module:
     """The model of `name` (BertForSequenceClassification, LlamaForCausalLM, GPT2LMHeadModel),
     in eval mode, on `device` (meta: no memory)."""
-    config, seq_len = _config(name, kwargs)
+    config, seq_len = model_config(name, kwargs)
     import transformers
 
     family = TEXT_MODELS[name].family
