@@ -138,9 +138,8 @@ def decoder_limits(name: str, kwargs: dict[str, Any]) -> tuple[int, int, int | N
         raise GenerateError(f"{name} is not a decoder language model (one of: "
                             f"{', '.join(n for n in text.TEXT_MODELS if text.is_decoder(n))})")
     config, seq_len = text.model_config(name, kwargs)
-    positions = int(config.n_positions if text.TEXT_MODELS[name].family == "gpt2" else config.max_position_embeddings)
     eos = config.eos_token_id
-    return seq_len, positions, eos if isinstance(eos, int) else None
+    return seq_len, text.max_positions(config), eos if isinstance(eos, int) else None
 
 
 class Generator:

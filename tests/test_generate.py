@@ -248,6 +248,8 @@ def test_bad_prompts_are_refused_before_anything_is_sent():
     seq_len, positions, eos = decoder_limits("gpt2", MODELS["gpt2"])
     assert (seq_len, positions, eos) == (16, 1024, None)  # a shrunk vocabulary has no eos token
     assert decoder_limits("gpt2", {})[2] == 50256
+    # positions by each family's config field: GPT-2's n_positions, Llama's max_position_embeddings
+    assert [decoder_limits(n, {})[1] for n in ("gpt2_xl", "tinyllama_1_1b", "llama_3_2_1b")] == [1024, 2048, 131072]
     with pytest.raises(GenerateError, match="not a decoder"):
         decoder_limits("bert_tiny", {})
 

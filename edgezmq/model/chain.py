@@ -726,7 +726,7 @@ class Shard(nn.Module):
         return text.cache_bytes_per_token(self._extra[0], layers)
 
     def max_positions(self) -> int:
-        return text.max_positions(self._extra[0])
+        return text.max_positions(self._extra[0].config)
 
     def decode_inputs(self, microbatch: int, context: int, generator: torch.Generator) -> tuple[torch.Tensor, list[Any]]:
         """What a decode step of `microbatch` sequences with `context` tokens cached brings this

@@ -172,8 +172,8 @@ def model_config(name: str, kwargs: Mapping[str, Any]) -> tuple[Any, int]:
         raise TextModelError(f"{name}: embed_dim {config.hidden_size} is not a multiple of num_heads "
                              f"{config.num_attention_heads}")
     seq_len = kwargs.get("seq_len", DEFAULT_SEQ_LEN)
-    if not 1 <= seq_len <= config.max_position_embeddings:
-        raise TextModelError(f"{name}: seq_len {seq_len} outside 1..{config.max_position_embeddings} "
+    if not 1 <= seq_len <= max_positions(config):
+        raise TextModelError(f"{name}: seq_len {seq_len} outside 1..{max_positions(config)} "
                              "(its position embeddings)")
     return config, seq_len
 
@@ -530,10 +530,11 @@ def kv_shape(model: Any) -> tuple[int, int]:
     return cfg.num_key_value_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
-def max_positions(model: Any) -> int:
-    """The most tokens a decoder's sequence may hold (its position embeddings)."""
-    cfg = model.config
-    return int(cfg.n_positions if family(model) == "gpt2" else cfg.max_position_embeddings)
+def max_positions(config: Any) -> int:
+    """The most tokens a sequence of a model of `config` (``model_config``, a model's ``.config``)
+    may hold: its position embeddings (GPT-2's ``n_positions``, which GPT2Config also answers to
+    as ``max_position_embeddings``)."""
+    return int(config.max_position_embeddings)
 
 
 def forward(model: Any, *xs: torch.Tensor) -> torch.Tensor:
