@@ -17,7 +17,7 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -317,19 +317,29 @@ class Client:
         self.replayed += len(pending)
         log.warning("failed over to run %s: replayed %d microbatch(es)", run, len(pending))
 
-    def _accept(self, frames: list, pending: dict, done: dict) -> None:
+    def admit(self, frames: list, pending: Container[int]) -> wire.Message | None:
+        """The message in `frames` if it answers one of the `pending` sequence numbers of this
+        client's session and run, else None: a malformed message, another run's or a duplicate
+        (of a resent one) counted in ``ignored``, another session's in ``foreign``. The filter
+        every reader of the results socket applies (``stream``; edgezmq.generation)."""
         try:
             msg = wire.decode(frames)
         except wire.WireError as e:
             self.ignored += 1
             log.warning("ignored malformed result: %s", e)
-            return
+            return None
         if msg.session != self.session:
             self.foreign += 1  # another client's (one that gave up on this address), or forged
             log.warning("dropped a %s message of another client session (seq %d)", msg.kind, msg.seq)
-            return
+            return None
         if msg.run != self.run or msg.seq not in pending:
             self.ignored += 1  # another run's, or a duplicate of a resubmitted microbatch
+            return None
+        return msg
+
+    def _accept(self, frames: list, pending: dict, done: dict) -> None:
+        msg = self.admit(frames, pending)
+        if msg is None:
             return
         if msg.kind == "error":
             err = msg.error or {}

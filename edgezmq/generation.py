@@ -363,21 +363,13 @@ class Generator:
 
     def _accept(self, frames: list, pending: dict[int, _Pending]) -> wire.Message | None:
         c = self.client
-        try:
-            msg = wire.decode(frames)
-        except wire.WireError:
-            c.ignored += 1
-            return None
-        if msg.session != c.session:
-            c.foreign += 1
-            return None
-        if msg.run != c.run or msg.seq not in pending:
-            c.ignored += 1  # a duplicate of a resent step, or another run's
+        msg = c.admit(frames, pending)
+        if msg is None:
             return None
         p = pending[msg.seq]
         if msg.kind == "result" and not p.release and (
                 len(msg.tensors) != 1 or msg.tensors[0].shape != (len(p.rows), self.vocab_size)):
-            c.ignored += 1
+            c.ignored += 1  # not the logits of this step's rows
             return None
         return msg
 

@@ -272,6 +272,48 @@ def test_bad_prompts_are_refused_before_anything_is_sent():
         Generator.from_plan(plan)
 
 
+def test_generator_takes_results_through_the_clients_filter():
+    """A step's answer is taken only if the client's own filter admits it (its session, its
+    run, a step in flight; counted as the client counts them), and then only logits of the
+    step's rows; an error answer goes to the caller (cache_full waits, others raise)."""
+    import zmq
+
+    from edgezmq.generation import _Pending, _Seq
+    from edgezmq.transport import sockets
+
+    with Client([], "tcp://127.0.0.1:0", run="r", microbatch=2, timeout=30) as c:
+        g = Generator(c, chunk=16, max_positions=32, vocab_size=VOCAB)
+        rows = [_Seq(i, i, [1], 1, 4, None) for i in range(2)]
+        pending = {7: _Pending([], rows, [1, 1], time.time())}
+        push = sockets.make_socket(c.ctx, zmq.PUSH, sockets.DATA)
+        push.connect(c.results_endpoint)
+        try:
+            def answer(frames):
+                push.send_multipart(frames)
+                got = sockets.recv_frames(c.pull, 30_000)
+                assert got is not None
+                return g._accept(got, pending)
+
+            logits = np.zeros((2, VOCAB), dtype=np.float32)
+
+            def result(**kw):
+                return wire.encode(wire.Message(**{"kind": "result", "run": "r", "seq": 7, "stage": 1,
+                                                   "tensors": [logits], "session": c.session, **kw}))
+
+            assert answer([b"not a header"]) is None and (c.ignored, c.foreign) == (1, 0)
+            assert answer(result(session="another")) is None and (c.ignored, c.foreign) == (1, 1)
+            assert answer(result(run="old")) is None and c.ignored == 2
+            assert answer(result(seq=8)) is None and c.ignored == 3
+            assert answer(result(tensors=[logits[:1]])) is None and c.ignored == 4  # not this step's rows
+            err = answer(result(kind="error", tensors=[], error={"code": "cache_full", "message": "m"}))
+            assert err is not None and err.kind == "error" and c.ignored == 4
+            ok = answer(result())
+            assert ok is not None and ok.seq == 7 and ok.tensors[0].shape == (2, VOCAB)
+            assert (c.ignored, c.foreign) == (4, 1)
+        finally:
+            push.close(linger=0)
+
+
 def _deploy(cluster, name, cuts, path, microbatch=2, **load):
     spec = ModelSpec(name=name, microbatch=microbatch, checkpoint=str(path), kwargs=MODELS[name])
     return DeployPlan(model=spec, results="tcp://127.0.0.1:0", stages=[
