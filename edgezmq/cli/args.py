@@ -178,15 +178,15 @@ def _text_inputs(args: argparse.Namespace, model) -> tuple:
                          "(--text, --tokens or --random)")
     try:
         m = models.create_model(model.name, device="meta", **model.kwargs)
-        seq, vocab, k = text.seq_len(m), text.vocab_size(m), len(text.input_names(m))
+        seq, vocab = text.seq_len(m), text.vocab_size(m)
         if args.random is not None:
-            return tuple(text.random_inputs(vocab, args.random, seq, args.seed)[:k]), None
+            return text.model_inputs(m, text.random_inputs(vocab, args.random, seq, args.seed)), None
         if args.tokens is not None:
             try:
                 ids = np.load(args.tokens, allow_pickle=False)
             except (OSError, ValueError, EOFError) as e:
                 raise UsageError(f"--tokens {args.tokens}: cannot read a .npy array ({type(e).__name__}: {e})"[:300]) from None
-            return tuple(text.token_inputs(ids, seq, vocab, f"--tokens {args.tokens}")[:k]), None
+            return text.model_inputs(m, text.token_inputs(ids, seq, vocab, f"--tokens {args.tokens}")), None
         try:
             with open(args.text, encoding="utf-8") as f:
                 lines = [ln.rstrip("\n") for ln in f if ln.strip()]
@@ -196,7 +196,7 @@ def _text_inputs(args: argparse.Namespace, model) -> tuple:
             raise UsageError(f"--text {args.text}: no non-empty line")
         tok = text.load_tokenizer(model.name, args.tokenizer)
         names = [ln if len(ln) <= 40 else ln[:37] + "..." for ln in lines]
-        return tuple(text.encode_texts(lines, tok, seq, vocab, f"--text {args.text}")[:k]), names
+        return text.model_inputs(m, text.encode_texts(lines, tok, seq, vocab, f"--text {args.text}")), names
     except (models.ModelError, text.TextModelError) as e:  # the model, or inputs it cannot take
         raise UsageError(str(e)) from None
 

@@ -440,8 +440,7 @@ def random_inputs(name: str, n: int, seed: int, **kwargs: Any) -> Any:
 
     model = create_model(name, device="meta", **kwargs)
     if text.is_text(model):
-        arrays = text.random_inputs(text.vocab_size(model), n, text.seq_len(model), seed)
-        return tuple(arrays[:len(text.input_names(model))])
+        return text.model_inputs(model, text.random_inputs(text.vocab_size(model), n, text.seq_len(model), seed))
     (shape, _), = _input_specs(model, n)
     return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 

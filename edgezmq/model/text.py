@@ -266,6 +266,13 @@ def input_names(model: Any) -> tuple[str, ...]:
     return INPUT_NAMES if family(model) == "bert" else INPUT_NAMES[:2]
 
 
+def model_inputs(model: Any, arrays: list[Any]) -> tuple[Any, ...]:
+    """Of the three arrays `random_inputs`, `token_inputs` and `encode_texts` give (ids, mask,
+    types: `INPUT_NAMES`), those the model takes, in `input_names` order."""
+    by_name = dict(zip(INPUT_NAMES, arrays, strict=True))
+    return tuple(by_name[n] for n in input_names(model))
+
+
 def input_specs(model: Any, microbatch: int) -> list[tuple[tuple[int, ...], str]]:
     """The int64 (B, S) tensors the model takes, in `input_names` order."""
     return [((microbatch, seq_len(model)), INPUT_DTYPE)] * len(input_names(model))
