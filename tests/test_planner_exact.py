@@ -290,18 +290,25 @@ def assert_optimal_as_brute_force(plan, expected) -> None:
     assert math.isclose(plan.latency_s, expected[1], rel_tol=RTOL), (plan.latency_s, expected[1])
 
 
-@pytest.mark.parametrize("seed", SEEDS)
-def test_solve_is_exact(seed):
-    problem = Problem.from_dict(random_problem(seed))
+def assert_exact_or_refused(problem: Problem):
+    """solve (no clock) against the brute force: when no plan fits, a refusal naming memory;
+    else a feasible plan, proven optimal, with the brute force's bottleneck and latency and a
+    lower bound at that bottleneck. The plan (None when refused)."""
     expected = BruteForce(problem).solve()
     if expected is None:
         with pytest.raises(ValueError, match="memory|needs|fit"):
             solve(problem, time_limit_s=NO_CLOCK)
-        return
+        return None
     plan = solve(problem, time_limit_s=NO_CLOCK)
     assert plan.feasible
     assert_optimal_as_brute_force(plan, expected)
     assert plan.lower_bound_s == pytest.approx(expected[0], rel=RTOL)
+    return plan
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_solve_is_exact(seed):
+    assert_exact_or_refused(Problem.from_dict(random_problem(seed)))
 
 
 @pytest.mark.parametrize("seed", range(60))
@@ -314,14 +321,8 @@ def test_solve_is_exact_with_caches(seed):
         u["cache_bytes"] = rng.randint(0, 30)
     problem = Problem.from_dict(d)
     assert [u.resident_bytes for u in problem.units] == [u["param_bytes"] + u["cache_bytes"] for u in d["model"]["units"]]
-    expected = BruteForce(problem).solve()
-    if expected is None:
-        with pytest.raises(ValueError, match="memory|needs|fit"):
-            solve(problem, time_limit_s=NO_CLOCK)
-        return
-    plan = solve(problem, time_limit_s=NO_CLOCK)
-    assert_optimal_as_brute_force(plan, expected)
-    for st in plan.stages:  # every stage holds its units' caches
+    plan = assert_exact_or_refused(problem)
+    for st in plan.stages if plan is not None else []:  # every stage holds its units' caches
         need = stage_memory_bytes(problem, *st.units)
         assert all(need + dev.reserved_bytes <= dev.memory_bytes for dev in problem.devices if dev.name in st.devices)
 
