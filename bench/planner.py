@@ -50,10 +50,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-# one BLAS thread unless told otherwise (before numpy loads): the planner's matrices are
-# small (the LP's basis: units + devices rows), and BLAS threads spinning on a shared
-# machine count as CPU seconds (16 distinct devices, replicated: 1.3 s instead of 1.5-1.9 s)
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# one BLAS thread unless told otherwise, before numpy loads (edgezmq.blas says why)
+from edgezmq.blas import BLAS_THREADS_ENV, pin_blas_threads  # noqa: E402
+
+pin_blas_threads()
 
 import yaml  # noqa: E402
 
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         load = float(f.read().split()[0])
     result = {"bench": "planner", "python": platform.python_version(), "machine": platform.machine(),
               "time_limit_s": args.time_limit, "effort": args.effort, "load_avg_1min_at_end": load,
-              "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+              "blas_threads": os.environ.get(BLAS_THREADS_ENV),
               "rows": rows, "distinct_rows": distinct_rows}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

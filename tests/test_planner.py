@@ -9,6 +9,7 @@ import copy
 import importlib.util
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -454,6 +455,42 @@ def test_cli_baseline_and_no_replication(problem_file, capsys):
     assert code == 0 and json.loads(out)["method"] == "even"
     code, out, _ = _cli(["plan", str(problem_file), "--no-replication", "--json"], capsys)
     assert code == 0 and all(len(s["devices"]) == 1 for s in json.loads(out)["stages"])
+
+
+BLAS_PROBE = """
+import json, sys
+from edgezmq.cli.main import main
+rc = main(sys.argv[1:])
+import threadpoolctl
+print(json.dumps({"rc": rc, "blas": [i["num_threads"] for i in threadpoolctl.threadpool_info()
+                                     if i["user_api"] == "blas"]}))
+"""
+
+
+@pytest.mark.parametrize("env, threads", [(None, 1), ("2", 2)])
+def test_cli_plan_runs_on_one_blas_thread_unless_told(problem_file, env, threads):
+    """`edgezmq plan` pins numpy's BLAS to one thread before numpy loads (edgezmq.blas), as
+    bench/planner.py does; a thread count the environment gives is kept."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("threadpoolctl")
+    e = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    if env is not None:
+        e["OPENBLAS_NUM_THREADS"] = env
+    r = subprocess.run([sys.executable, "-c", BLAS_PROBE, "-v", "plan", str(problem_file), "--json"],
+                       capture_output=True, text=True, env=e, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.splitlines()[-1])
+    assert out["rc"] == 0 and out["blas"] == [threads]
+
+
+def test_blas_pin_is_a_no_op_once_numpy_is_loaded(monkeypatch):
+    """Too late for this process: nothing is set that child processes would inherit."""
+    from edgezmq.blas import BLAS_THREADS_ENV, pin_blas_threads
+
+    monkeypatch.delenv(BLAS_THREADS_ENV, raising=False)
+    assert pin_blas_threads() is False and BLAS_THREADS_ENV not in os.environ
 
 
 @pytest.mark.parametrize("edit, msg", [

@@ -12,6 +12,7 @@ import argparse
 import logging
 import sys
 
+from edgezmq.blas import pin_blas_threads
 from edgezmq.errors import EXIT_INTERRUPTED, EdgezmqError
 from edgezmq.interrupts import Terminated, sigterm_interrupts
 
@@ -44,7 +45,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# commands whose process runs the planner and nothing else that wants BLAS threads (edgezmq.blas)
+PLANNER_COMMANDS = ("plan",)
+
+
+def _command(argv: list[str]) -> str | None:
+    """The command word of `argv` (the global options before it take no value)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
+    if _command(sys.argv[1:] if argv is None else argv) in PLANNER_COMMANDS:
+        pin_blas_threads()  # before build_parser: the planner's import loads numpy
     args = build_parser().parse_args(argv)  # bad usage: argparse exits 2
     _setup_logging(args.verbose)
     try:
