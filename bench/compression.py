@@ -31,6 +31,11 @@ images; codec costs measured on the client, scaled by each device's speed vs the
 without and with it (`autodeploy.plan_problem`), each plan is built as autodeploy deploys it
 (`autodeploy.to_deploy_plan`: ladders, link rates) and deployed and timed like the fixed rows;
 the summary fields are these two plans.
+`--testbed edgepipe`: only the planner's two plans, on the 16-board EdgePipe testbed
+(plans/testbed-edgepipe.yaml, docs/testbed.md), under a 1-point top-1 budget given as
+`--min-agreement 99` on the 448 test images (each encoded cut or input counts one flip more
+than measured); the planner may encode the client's input too (docs/compression.md § The
+client's input). Writes bench/results/compression-edgepipe.json.
 Writes bench/results/compression.json and .png; `--json` prints one object (last line).
 The client side runs inside the testbed's client namespace (``--inner``, started by the outer).
 """
@@ -54,6 +59,9 @@ from edgezmq import argtypes as args_
 
 NAME = "compression"
 TESTBED = "compbench"  # the namespaces' prefix (the lead's benches use other names)
+# --testbed: the 2-device pair (below), or the 16-board EdgePipe testbed (the planner's plans only)
+TESTBEDS = {"pair": TESTBED, "edgepipe": "compbench16"}
+EDGEPIPE_TESTBED = ROOT / "plans" / "testbed-edgepipe.yaml"
 DERIVATION = ROOT / "plans" / "testbed-edgepipe.derivation.json"
 RCC, MINNOW = "RCC-VE-C2000", "Minnowboard-E3845"
 MICROBATCH = 8
@@ -127,14 +135,15 @@ class Inner:
         from edgezmq.testbed import Testbed
 
         self.args = args
-        self.tb = Testbed.from_yaml(BENCH_STATE / f"{TESTBED}.yaml", name=TESTBED)
+        name = TESTBEDS[args.testbed]
+        self.tb = Testbed.from_yaml(BENCH_STATE / f"{name}.yaml", name=name)
         self.ckpt = str(task.cached_task_checkpoint())
         self.units = len(chain.unit_infos(task.TASK_MODEL, "block", **task.TASK_KWARGS))
         split = task.digits_split()
         n = min(args.batches, len(split.y_test) // MICROBATCH)
         self.xs = [split.x_test[i * MICROBATCH:(i + 1) * MICROBATCH].numpy().astype(np.float32) for i in range(n)]
         self.labels = split.y_test[:n * MICROBATCH].numpy()
-        self.full = self.tb.config.link("rcc", "minnow").mbps
+        self.full = self.tb.config.link("rcc", "minnow").mbps if args.testbed == "pair" else None
 
     def plan(self, ladder: list[str] | None):
         from edgezmq.model import task
@@ -179,16 +188,17 @@ class Inner:
         full window had already pushed through the image link before the timing started.
         ``plan``: deploy that one instead of the 2-stage plan of ``ladder``."""
         warm = self.args.window
-        xs = [self.xs[i % len(self.xs)] for i in range(warm)] + self.xs + self.xs[:COOLDOWN]
+        timed = self.xs * self.args.repeat  # the test set, `--repeat` times: a fast plan is timed long enough
+        xs = [self.xs[i % len(self.xs)] for i in range(warm)] + timed + self.xs[:COOLDOWN]
 
         def body(c):
             first = c.next_seq
             outs = list(c.stream(xs))
             arrivals = c.arrivals(first, len(xs))  # receive times, in arrival order
-            dt = arrivals[warm + len(self.xs) - 1] - arrivals[warm - 1]
-            logits = np.concatenate(outs[warm:warm + len(self.xs)])
+            dt = arrivals[warm + len(timed) - 1] - arrivals[warm - 1]
+            logits = np.concatenate(outs[warm:warm + len(self.xs)])  # the test set's first pass
             used = [n.name for st in (plan.stages if plan is not None else []) for n in st.nodes] or ["rcc", "minnow"]
-            return {"samples_per_s": len(self.xs) * MICROBATCH / dt, "seconds": dt,
+            return {"samples_per_s": len(timed) * MICROBATCH / dt, "seconds": dt,
                     "top1_pipeline": 100.0 * float((logits.argmax(1) == self.labels).mean()),
                     **{f"stage{i}": _brief(self.stats(n)) for i, n in enumerate(used)}}
 
@@ -221,9 +231,11 @@ class Inner:
         g = gather(cluster, model=model.name, microbatch=MICROBATCH, kwargs=model.kwargs, say=say)
         measure_encodings(g, cluster, model, encodings=spec["encodings"],
                           calibration=task.digits_split().x_test.numpy(), say=say)
-        out: dict[str, Any] = {"problem": g.problem, "max_error": spec["max_error"],
+        out: dict[str, Any] = {"problem": g.problem, "max_error": spec.get("max_error"),
+                               "min_agreement": spec.get("min_agreement"),
                                "measured_encodings": g.encodings.to_dict()}
-        for name, budget in (("exact", EXACT), ("compressed", Budget(max_error=spec["max_error"]))):
+        given = Budget(max_error=spec.get("max_error"), min_agreement=spec.get("min_agreement"))
+        for name, budget in (("exact", EXACT), ("compressed", given)):
             t0 = time.process_time()
             problem, planned = plan_problem(g.problem, budget=budget)
             plan = to_deploy_plan(cluster, planned, model=model, results=f"tcp://{self.tb.client_address}:0",
@@ -234,9 +246,11 @@ class Inner:
             stages = [{"units": list(st.units), "nodes": [n.name for n in st.nodes],
                        **({"encoding": [r[0] for r in st.encodings]} if st.encodings else {}),
                        **({"link_mbps": st.link_mbps} if st.link_mbps is not None else {})} for st in plan.stages]
-            print(f"planner {name}: {stages} predicted {planned.throughput_per_s:.2f} samples/s",
-                  file=sys.stderr, flush=True)
-            out[name] = {"stages": stages, "predicted_samples_per_s": planned.throughput_per_s,
+            print(f"planner {name}: {stages} input {plan.input_encoding}, predicted "
+                  f"{planned.throughput_per_s:.2f} samples/s", file=sys.stderr, flush=True)
+            out[name] = {"stages": stages, "input_encoding": plan.input_encoding,
+                         "predicted_samples_per_s": planned.throughput_per_s,
+                         "error": planned.error, "disagreement": planned.disagreement,
                          "bottleneck_s": planned.bottleneck_s, "optimal": planned.optimal,
                          "solve_cpu_s": round(time.process_time() - t0, 3),
                          "measured": self.fixed([], plan)}
@@ -293,6 +307,8 @@ class Inner:
         if a.planner_input:
             print("planner ...", file=sys.stderr, flush=True)
             out["planner"] = self.planner()
+        if a.testbed != "pair":  # the fixed encodings and the live drop are the pair's (one cut, one link)
+            return out
         for e in a.encodings:
             print(f"fixed {e} ...", file=sys.stderr, flush=True)
             out["fixed"][e] = self.fixed([e])
@@ -359,11 +375,14 @@ def planner_summary(pl: dict, fp32: float, budget: dict) -> dict:
 
     def brief(p: dict) -> dict:
         m = p["measured"]
-        return {"stages": p["stages"], "predicted_samples_per_s": p["predicted_samples_per_s"],
+        return {"stages": p["stages"], "input_encoding": p.get("input_encoding", "raw"),
+                "error": p.get("error"), "disagreement": p.get("disagreement"),
+                "predicted_samples_per_s": p["predicted_samples_per_s"],
                 "samples_per_s": m["samples_per_s"], "top1_pipeline": m["top1_pipeline"], "optimal": p["optimal"],
                 "solve_cpu_s": p["solve_cpu_s"], **{k: v for k, v in m.items() if k.startswith("stage")}}
 
-    encodings = {str(st["units"][1]): (st.get("encoding") or ["raw"])[0] for st in co["stages"][:-1]}
+    encodings = {"0": co.get("input_encoding", "raw"),  # the client's input (cut 0), then each cut
+                 **{str(st["units"][1]): (st.get("encoding") or ["raw"])[0] for st in co["stages"][:-1]}}
     return {"planner": {"budget": budget, "exact": brief(ex), "compressed": brief(co),
                         "ladders": {str(st["units"][1]): st.get("encoding") or ["raw"] for st in co["stages"][:-1]},
                         "gain": co["measured"]["samples_per_s"] / ex["measured"]["samples_per_s"],
@@ -437,6 +456,49 @@ def analyse(inner: dict, acc_rows: list[dict], fp32: float, args: argparse.Names
     return out
 
 
+def edgepipe(args: argparse.Namespace, t0: float) -> int:
+    """The planner's exact and compressed plans on the 16-board EdgePipe testbed, both deployed
+    and measured in one run; the budget is top-1 agreement with fp32 on the test images."""
+    import torch
+
+    from edgezmq.model import task
+
+    model = task.load_task_model(task.cached_task_checkpoint())
+    split = task.digits_split()
+    with torch.inference_mode():
+        fp32 = 100.0 * float((model(split.x_test).argmax(1) == split.y_test).float().mean())
+    budget = {"min_agreement": 100 - BUDGET_POINTS, "top1_points": BUDGET_POINTS,
+              "calibration": f"the {len(split.y_test)} test images"}
+    name = TESTBEDS["edgepipe"]
+    path = BENCH_STATE / f"{name}-planner.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"encodings": [e for e in args.encodings if e != "raw"],
+                                "min_agreement": budget["min_agreement"]}))
+    argv = [sys.executable, str(Path(__file__).resolve()), "--inner", "--testbed", "edgepipe",
+            "--encodings", ",".join(args.encodings), "--window", str(args.window), "--batches", str(args.batches),
+            "--repeat", str(args.repeat), "--planner-input", str(path)]
+    try:
+        with testbed(EDGEPIPE_TESTBED, name) as tb:
+            r = tb.exec_in_client(argv, stdout=subprocess.PIPE, text=True, timeout=3600,
+                                  env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    finally:
+        path.unlink(missing_ok=True)
+    if r.returncode != 0:
+        raise SystemExit(f"the client side failed (exit {r.returncode})")
+    inner = json.loads(r.stdout.strip().splitlines()[-1])
+    result = {"bench": NAME, "testbed": str(EDGEPIPE_TESTBED.relative_to(ROOT)), "microbatch": MICROBATCH,
+              "window": args.window, "repeat": args.repeat, **planner_summary(inner["planner"], fp32, budget),
+              "wall_s": round(time.monotonic() - t0, 1)}
+    save(f"{NAME}-edgepipe", result, args.json)
+    if not args.json:
+        p = result["planner"]
+        print(f"top-1 fp32 {fp32:.2f}%; exact {result['exact_samples_per_s']:.2f} samples/s {p['exact']['stages']} "
+              f"(top-1 {result['top1_exact']:.2f}); compressed {result['compressed_samples_per_s']:.2f} "
+              f"{p['compressed']['stages']} input {p['compressed']['input_encoding']} ({p['gain']:.2f}x), top-1 "
+              f"{result['top1_compressed']:.2f}")
+    return 0
+
+
 def plot(r: dict) -> None:
     plt = pyplot()
     if plt is None:
@@ -486,6 +548,13 @@ def main() -> int:
                     help="skip the planner's plans (exact vs the 1-point budget, gathered and solved on the testbed)")
     ap.add_argument("--autotuned-buffers", action="store_true",
                     help="plans without link rates: the kernel's autotuned send buffers (the behaviour before them)")
+    ap.add_argument("--testbed", choices=sorted(TESTBEDS), default="pair",
+                    help="pair: the 2-device testbed, every part; edgepipe: the 16-board EdgePipe testbed "
+                         "(plans/testbed-edgepipe.yaml), the planner's exact and compressed plans only, under a "
+                         f"{BUDGET_POINTS:g}-point top-1 budget (--min-agreement {100 - BUDGET_POINTS:g} on the "
+                         "test images)")
+    ap.add_argument("--repeat", type=args_.int_in(1, 100), default=1,
+                    help="timed passes over the test images per measured plan (a fast plan needs several)")
     ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--planner-input", help=argparse.SUPPRESS)
     ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from the saved JSON")
@@ -507,6 +576,8 @@ def main() -> int:
         return 0
     need_root()
     t0 = time.monotonic()
+    if args.testbed == "edgepipe":
+        return edgepipe(args, t0)
     fp32, sweep_rows, units = accuracy(args.encodings)
     acc_rows = [r for r in sweep_rows if r["cut"] == args.cut]
     budget = budget_for(sweep_rows, BUDGET_POINTS)
