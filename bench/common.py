@@ -65,7 +65,7 @@ def measure(tb: Testbed, *, timeout: float = 3600, **kw: Any) -> dict[str, Any]:
         flag = "--" + k.replace("_", "-")
         if v is True:
             argv.append(flag)
-        elif v not in (None, False):
+        elif v is not None and v is not False:  # (not `v not in (None, False)`: 0 == False dropped `--calibrate 0`)
             argv += [flag, json.dumps(v) if isinstance(v, dict) else str(v)]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     r = tb.exec_in_client(argv, capture_output=True, text=True, timeout=timeout, env=env)
