@@ -183,12 +183,15 @@ def brute(problem: Problem, max_error: float | None, min_agreement: float | None
     max_dis = math.inf if min_agreement is None else 100 - min_agreement
     L, names = problem.num_units, [d.name for d in problem.devices]
     encs = ["raw", *problem.encodings]
+    # an input encoding is a candidate when every device can decode it (the planner's definition)
+    inputs = ["raw", *(e for e in problem.input_encodings
+                       if all(not math.isinf(d.codec_s_per_byte(e, False)) for d in problem.devices))]
     best = math.inf
     for k in range(1, min(L, len(names)) + 1):
         for cuts in itertools.combinations(range(1, L), k - 1):
             bounds = [0, *cuts, L]
             for devs in _assignments(names, k, problem.options.replication):
-                for first, *chosen in itertools.product(["raw", *problem.input_encodings], *[encs] * (k - 1)):
+                for first, *chosen in itertools.product(inputs, *[encs] * (k - 1)):
                     stages = [{"units": [bounds[i], bounds[i + 1]], "devices": list(devs[i]),
                                "encoding": (*chosen, "raw")[i]} for i in range(k)]
                     stages[0]["input_encoding"] = first

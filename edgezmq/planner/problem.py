@@ -27,7 +27,8 @@ Two extensions beyond the basic format, both optional:
   cannot encode or decode it. ``raw`` is always a candidate (ratio 1, no cost, no error).
   An encoding may also carry ``input: {ratio, error, disagreement}``, measured with the
   client's input encoded so (cut 0): the plan may then encode the client's link into stage 0
-  (the client encodes, stage 0's devices decode; the client's own cost is not priced).
+  (the client encodes, stage 0's devices decode; the client's own cost is not priced; the
+  solver offers it only when every device can decode it).
 """
 
 from __future__ import annotations
