@@ -34,7 +34,7 @@ from edgezmq.orchestrate.planfile import load_plan
 GOOD = SAMPLE_INVENTORY
 
 
-def test_parse_goodinventory_dict():
+def test_parse_good_inventory():
     c = parse_cluster(GOOD)
     assert [n.name for n in c.nodes] == ["a", "b"]
     assert c.node("a").memory_bytes == 2_000_000_000 and c.node("b").threads == 2
