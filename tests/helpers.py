@@ -290,3 +290,35 @@ def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """`python -m edgezmq ARGS` in a subprocess, its output captured as text."""
     return subprocess.run([sys.executable, "-m", "edgezmq", *args], capture_output=True, text=True,
                           timeout=timeout, env=dict(os.environ))
+
+
+def run_cli_here(capsys, *args: str) -> subprocess.CompletedProcess:
+    """`edgezmq ARGS` run in this process, as `run_cli` runs it in a new one, without the new
+    interpreter's torch imports (~8 CPU s on this machine when busy): the same `main` and
+    exit-code policy (an argparse usage error is its exit code 2), stdout and stderr as text
+    from pytest's ``capsys``, log warnings on that stderr as the command's own logging setup
+    puts them there; torch's thread count, which a command may set for its process, restored.
+    A bug (an exception the policy does not turn into a code) propagates and fails the test.
+    `python -m edgezmq` itself, the entry point, runs as a subprocess in test_cli, test_pipeline
+    and test_cluster."""
+    import logging
+
+    import torch
+
+    from edgezmq.cli.main import main
+
+    capsys.readouterr()  # what the test printed before is not the command's output
+    log = logging.StreamHandler(sys.stderr)  # capsys's stderr, now
+    log.setLevel(logging.WARNING)
+    log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(log)
+    threads = torch.get_num_threads()
+    try:
+        code = main(list(args))
+    except SystemExit as e:  # argparse's usage errors
+        code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+    finally:
+        logging.getLogger().removeHandler(log)
+        torch.set_num_threads(threads)
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(["edgezmq", *args], code, out.out, out.err)

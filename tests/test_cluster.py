@@ -22,6 +22,7 @@ from helpers import (
     model_spec,
     monolithic,
     run_cli,
+    run_cli_here,
     slow_link_inventory,
 )
 
@@ -227,10 +228,11 @@ def test_cli_deploy_cluster_needs_a_model(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_profile_a_node_and_netprobe(nodes):
+def test_cli_profile_a_node_and_netprobe(nodes, capsys):
     a, b = nodes.nodes[0].control, nodes.nodes[1].control
-    r = run_cli("profile", "--node", a, "--model", MODEL, "--kwargs", json.dumps(KWARGS),
-             "--microbatch", str(MICROBATCH), "--reps", "1", "--reprofile", "--json")
+    # profile in this process (run_cli_here: it imports torch), netprobe as `python -m edgezmq`
+    r = run_cli_here(capsys, "profile", "--node", a, "--model", MODEL, "--kwargs", json.dumps(KWARGS),
+                     "--microbatch", str(MICROBATCH), "--reps", "1", "--reprofile", "--json")
     assert r.returncode == 0, r.stderr
     prof = json.loads(r.stdout)
     assert len(prof["units"]) == 6 and prof["threads"] == 1
@@ -414,7 +416,7 @@ def test_autodeploy_with_a_budget_encodes_a_slow_client_link(nodes):
 
 
 @pytest.mark.slow
-def test_cli_deploy_with_budgets_dry_run(nodes, tmp_path):
+def test_cli_deploy_with_budgets_dry_run(nodes, tmp_path, capsys):
     """`deploy --max-error --min-agreement --dry-run --plan-out`: the written problem carries the
     measured encodings, the plan the chosen ones; bad flag values are one-line usage errors."""
     inv = tmp_path / "cluster.yaml"
@@ -422,8 +424,8 @@ def test_cli_deploy_with_budgets_dry_run(nodes, tmp_path):
     out = tmp_path / "plan.yaml"
     base = ["deploy", str(inv), "--model", MODEL, "--kwargs", json.dumps(KWARGS), "--microbatch", str(MICROBATCH),
             "--checkpoint", checkpoint(), "--dry-run", "--no-replication", "--no-spot-check"]
-    r = run_cli(*base, "--max-error", "0.01", "--min-agreement", "90", "--encodings", "f16,int8",
-             "--plan-out", str(out), "--json")
+    r = run_cli_here(capsys, *base, "--max-error", "0.01", "--min-agreement", "90", "--encodings", "f16,int8",
+                     "--plan-out", str(out), "--json")
     assert r.returncode == 0, r.stderr
     assert "measuring encodings f16, int8 on" in r.stderr
     d = yaml.safe_load(out.read_text())
@@ -438,5 +440,5 @@ def test_cli_deploy_with_budgets_dry_run(nodes, tmp_path):
                         (["--encodings", "raw"], "--encodings"), (["--encodings", "f16"], "--encodings"),
                         (["--max-error", "0.1", "--calibration-samples", "0"], "--calibration-samples"),
                         (["--max-error", "0.1", "--calibration-npy", str(tmp_path / "none.npy")], "--calibration-npy")):
-        r = run_cli(*base, *flags)
+        r = run_cli_here(capsys, *base, *flags)
         assert r.returncode != 0 and word in r.stderr, (flags, r.stderr)

@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from helpers import free_port, run_cli  # noqa: E402
+from helpers import free_port, run_cli_here  # noqa: E402
 
 from edgezmq.client import Client  # noqa: E402
 from edgezmq.generation import GenerateError, Generator, Sampling, decoder_limits  # noqa: E402
@@ -385,7 +385,7 @@ def _ask(c: Client, gen, xs, session=None, timeout=60.0) -> wire.Message:
 
 
 @pytest.mark.slow
-def test_a_decoder_stage_refuses_what_does_not_continue_its_sequences(node_pool, tmp_path):
+def test_a_decoder_stage_refuses_what_does_not_continue_its_sequences(node_pool, tmp_path, capsys):
     name, kw = "gpt2", MODELS["gpt2"]
     path = models.cached_checkpoint(name, seed=0, **kw)
     n = models.num_units(name, **kw)
@@ -432,7 +432,7 @@ def test_a_decoder_stage_refuses_what_does_not_continue_its_sequences(node_pool,
             finally:
                 unload(plan)
 
-        # the command line, on a plan file
+        # the command line, on a plan file (in this process: run_cli_here)
         pf = tmp_path / "plan.yaml"
         import yaml
 
@@ -441,23 +441,23 @@ def test_a_decoder_stage_refuses_what_does_not_continue_its_sequences(node_pool,
             "nodes": {nd.name: nd.control for nd in cluster.nodes},
             "stages": [{"units": [0, n], "nodes": [cluster.nodes[0].name]}],
             "results": f"tcp://127.0.0.1:{free_port()}"}))
-        r = run_cli("deploy", str(pf))
+        r = run_cli_here(capsys, "deploy", str(pf))
         assert r.returncode == 0, r.stderr
         try:
             prompts = tmp_path / "p.txt"
             prompts.write_text("5 6 7\n\n11 12\n")
-            r = run_cli("generate", str(pf), "--tokens", str(prompts), "--max-new-tokens", "5", "--json")
+            r = run_cli_here(capsys, "generate", str(pf), "--tokens", str(prompts), "--max-new-tokens", "5", "--json")
             assert r.returncode == 0, r.stderr
             out = json.loads(r.stdout.strip().splitlines()[-1])
             assert out["sequences"] == 2 and out["tokens"] == 10
             for row in out["outputs"]:
                 assert row["tokens"] == _reference(name, kw, path, row["prompt"], 5)[0]
             prompts.write_text(f"5 {VOCAB}\n")
-            r = run_cli("generate", str(pf), "--tokens", str(prompts))
+            r = run_cli_here(capsys, "generate", str(pf), "--tokens", str(prompts))
             assert r.returncode == 2 and f"token id {VOCAB} outside the vocabulary" in r.stderr
             assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
         finally:
-            run_cli("undeploy", str(pf))
+            run_cli_here(capsys, "undeploy", str(pf))
 
 
 def test_a_decode_profile_times_each_unit_on_one_token_per_sequence():

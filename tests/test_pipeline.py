@@ -19,6 +19,7 @@ from helpers import (
     model_spec,
     monolithic,
     run_cli,
+    run_cli_here,
 )
 
 from edgezmq.client import Client
@@ -187,7 +188,7 @@ def test_client_refuses_bad_batches():
             c.infer([1, 2])
 
 
-def test_cli_deploy_submit_status_undeploy(cluster, tmp_path):
+def test_cli_deploy_submit_status_undeploy(cluster, tmp_path, capsys):
     from PIL import Image
 
     port_ctx = zmq.Context()
@@ -210,7 +211,8 @@ def test_cli_deploy_submit_status_undeploy(cluster, tmp_path):
 
     x = np.stack(batches(3, seed=9)).reshape(-1, 3, 64, 64)[:5]  # 5 samples: 2 + 2 + 1
     np.save(tmp_path / "in.npy", x)
-    r = run_cli("submit", str(pf), "--npy", str(tmp_path / "in.npy"), "--out", str(tmp_path / "out.npy"), "-q")
+    # the submits in this process (run_cli_here: they import torch), the rest as `python -m edgezmq`
+    r = run_cli_here(capsys, "submit", str(pf), "--npy", str(tmp_path / "in.npy"), "--out", str(tmp_path / "out.npy"), "-q")
     assert r.returncode == 0, r.stderr
     out = np.load(tmp_path / "out.npy")
     ref = np.concatenate(monolithic([x[0:2], x[2:4], x[4:5]]))
@@ -222,7 +224,7 @@ def test_cli_deploy_submit_status_undeploy(cluster, tmp_path):
     rng = np.random.default_rng(0)
     for i in range(3):
         Image.fromarray(rng.integers(0, 255, (80, 90, 3), dtype=np.uint8)).save(img_dir / f"im{i}.png")
-    r = run_cli("submit", str(pf), "--images", str(img_dir), "--out", str(tmp_path / "img.npy"))
+    r = run_cli_here(capsys, "submit", str(pf), "--images", str(img_dir), "--out", str(tmp_path / "img.npy"))
     assert r.returncode == 0, r.stderr
     assert np.load(tmp_path / "img.npy").shape == (3, 1000) and "im2.png:" in r.stdout
 
@@ -287,9 +289,10 @@ def test_demo_json(tmp_path):
     assert all(a[1] == b[0] for a, b in zip(units, units[1:]))
 
 
-def test_demo_even_split_json():
-    r = run_cli("demo", "--model", DEMO_MODEL, "--nodes", "2", "--batches", "2",
-             "--microbatch", "2", "--split", "even", "--json", timeout=600)
+def test_demo_even_split_json(capsys):
+    # in this process (run_cli_here), as the CNN's and BERT's demos: test_demo_json runs `python -m edgezmq demo`
+    r = run_cli_here(capsys, "demo", "--model", DEMO_MODEL, "--nodes", "2", "--batches", "2",
+                     "--microbatch", "2", "--split", "even", "--json")
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert [s["units"] for s in d["stages"]] == [[0, 4], [4, DEMO_UNITS]] and d["max_abs_diff"] <= 1e-4
@@ -363,9 +366,9 @@ def test_a_cnn_cut_inside_residual_blocks_crosses_processes_exactly(cluster):
     assert_close(outs, ref)
 
 
-def test_demo_of_a_cnn_profiles_plans_and_equals_the_model():
-    r = run_cli("demo", "--model", "mobilenetv3_small_050", "--nodes", "2", "--batches", "2",
-             "--microbatch", "2", "--json", timeout=900)
+def test_demo_of_a_cnn_profiles_plans_and_equals_the_model(capsys):
+    r = run_cli_here(capsys, "demo", "--model", "mobilenetv3_small_050", "--nodes", "2", "--batches", "2",
+                     "--microbatch", "2", "--json")
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["max_abs_diff"] == 0.0 and d["split"] == "planner" and d["predicted_samples_per_s"] > 0

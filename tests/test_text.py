@@ -12,7 +12,7 @@ import yaml
 
 pytest.importorskip("transformers")
 
-from helpers import free_port, run_cli  # noqa: E402
+from helpers import free_port, run_cli_here  # noqa: E402
 
 from edgezmq.client import Client, PipelineError, split  # noqa: E402
 from edgezmq.model import chain as models  # noqa: E402
@@ -156,7 +156,7 @@ def test_text_is_tokenized_with_a_local_vocabulary(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_bert_pipeline_on_three_nodes_equals_the_model(node_pool, tmp_path):
+def test_a_bert_pipeline_on_three_nodes_equals_the_model(node_pool, tmp_path, capsys):
     # sublayer cuts: three tensors (activation, residual, mask) cross between processes
     path = str(models.cached_checkpoint(NAME, seed=0, **KW))
     spec = ModelSpec(name=NAME, microbatch=2, granularity="sublayer", checkpoint=path, kwargs=KW)
@@ -182,7 +182,7 @@ def test_a_bert_pipeline_on_three_nodes_equals_the_model(node_pool, tmp_path):
                 assert e.value.stage == 0
                 again = c.infer(xs[0])
 
-                # the CLI: token ids and text, with the same deployment
+                # the CLI (in this process: run_cli_here): token ids and text, with the same deployment
                 pf = tmp_path / "plan.yaml"
                 plan_dict = {"model": {"name": NAME, "checkpoint": path, "microbatch": 2, "granularity": "sublayer",
                                        "kwargs": KW},
@@ -193,28 +193,28 @@ def test_a_bert_pipeline_on_three_nodes_equals_the_model(node_pool, tmp_path):
                 pf.write_text(yaml.safe_dump(plan_dict))
                 c.close()  # the CLI's client binds its own results endpoint: redeploy for it
                 unload(plan)
-                r = run_cli("deploy", str(pf))
+                r = run_cli_here(capsys, "deploy", str(pf))
                 assert r.returncode == 0, r.stderr
                 ids = np.array([[101, 2000, 3000, 102], [101, 999, 102, 0], [101, 5, 6, 102]])
                 np.save(tmp_path / "ids.npy", ids)
-                r = run_cli("submit", str(pf), "--tokens", str(tmp_path / "ids.npy"), "--out", str(tmp_path / "o.npy"), "-q")
+                r = run_cli_here(capsys, "submit", str(pf), "--tokens", str(tmp_path / "ids.npy"), "--out", str(tmp_path / "o.npy"), "-q")
                 assert r.returncode == 2 and "--tokens" in r.stderr and "outside the vocabulary 0..999" in r.stderr
                 assert "Traceback" not in r.stderr
                 np.save(tmp_path / "ids.npy", ids % 1000)
-                r = run_cli("submit", str(pf), "--tokens", str(tmp_path / "ids.npy"), "--out", str(tmp_path / "o.npy"), "-q")
+                r = run_cli_here(capsys, "submit", str(pf), "--tokens", str(tmp_path / "ids.npy"), "--out", str(tmp_path / "o.npy"), "-q")
                 assert r.returncode == 0, r.stderr
                 vocab = tmp_path / "vocab.txt"
                 vocab.write_text("\n".join(VOCAB) + "\n")
                 lines = tmp_path / "in.txt"
                 lines.write_text("the edge pipeline is fast\n\nthe pipeline is slow\n")
-                r = run_cli("submit", str(pf), "--text", str(lines), "--tokenizer", str(vocab),
-                         "--out", str(tmp_path / "t.npy"), "-q")
+                r = run_cli_here(capsys, "submit", str(pf), "--text", str(lines), "--tokenizer", str(vocab),
+                                 "--out", str(tmp_path / "t.npy"), "-q")
                 assert r.returncode == 0, r.stderr
                 assert "the pipeline is slow:" in r.stdout
-                r = run_cli("submit", str(pf), "--npy", str(tmp_path / "ids.npy"), "--out", str(tmp_path / "x.npy"))
+                r = run_cli_here(capsys, "submit", str(pf), "--npy", str(tmp_path / "ids.npy"), "--out", str(tmp_path / "x.npy"))
                 assert r.returncode != 0 and "is a text model" in r.stderr
             finally:
-                run_cli("undeploy", str(pf)) if (tmp_path / "plan.yaml").exists() else None
+                run_cli_here(capsys, "undeploy", str(pf)) if (tmp_path / "plan.yaml").exists() else None
                 unload(plan)
     ref = [_reference([torch.from_numpy(a) for a in x], path).numpy() for x in xs]
     assert len(outs) == 4 and all(np.array_equal(a, b) for a, b in zip(outs, ref))
@@ -229,9 +229,10 @@ def test_a_bert_pipeline_on_three_nodes_equals_the_model(node_pool, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_demo_of_bert_profiles_plans_and_equals_the_model():
-    r = run_cli("demo", "--model", "bert_tiny", "--nodes", "2", "--batches", "2", "--microbatch", "2", "--json",
-             timeout=900)
+def test_the_demo_of_bert_profiles_plans_and_equals_the_model(capsys):
+    # in this process (run_cli_here): tests/test_pipeline.py::test_demo_json runs `python -m edgezmq demo`
+    r = run_cli_here(capsys, "demo", "--model", "bert_tiny", "--nodes", "2", "--batches", "2", "--microbatch", "2",
+                     "--json")
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["max_abs_diff"] == 0.0 and d["split"] == "planner" and d["predicted_samples_per_s"] > 0

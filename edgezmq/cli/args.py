@@ -223,8 +223,10 @@ def npy_path(path: str) -> str:
     return path if path.endswith(".npy") else path + ".npy"
 
 
-def progress_bar(total: int, label: str = "", stream=sys.stderr):
-    """A callback(done, samples) that draws a one-line progress bar."""
+def progress_bar(total: int, label: str = "", stream: Any = None):
+    """A callback(done, samples) that draws a one-line progress bar on `stream` (default: the
+    sys.stderr of the moment it is made, not of the moment this module was imported)."""
+    stream = sys.stderr if stream is None else stream
     t0 = time.time()
 
     def update(done: int, samples: int) -> None:
