@@ -259,6 +259,15 @@ def _with_nics(problem):
     return problem
 
 
+def _with_encodings(problem):
+    """... and a lossy candidate measured at every cut and on the input, with its codec costs."""
+    cuts = len(problem["model"]["units"]) - 1
+    problem["model"]["encodings"] = {"int8": {"ratio": 0.26, "error": [0.001] * cuts, "disagreement": [0.5] * cuts,
+                                              "input": {"ratio": 0.27, "error": 0.002, "disagreement": 0.25}}}
+    problem["device_types"]["rcc-ve"]["codec_ms_per_mb"] = {"int8": {"encode": 16.4, "decode": 5.4}}
+    return problem
+
+
 def _full_files():
     from pathlib import Path
 
@@ -270,7 +279,7 @@ def _full_files():
         ("inventory", load_cluster, ClusterError, yaml.safe_load(FULL_INVENTORY)),
         ("node config", load_node_config, NodeConfigError, yaml.safe_load(FULL_NODE_CONFIG)),
         ("planner problem", load_problem, PlanError,
-         _with_nics(yaml.safe_load((root / "edgepipe-vit-base-block.problem.yaml").read_text()))),
+         _with_encodings(_with_nics(yaml.safe_load((root / "edgepipe-vit-base-block.problem.yaml").read_text())))),
         ("testbed", load_config, ConfigError, yaml.safe_load((root / "testbed-hetero.yaml").read_text())),
     ]
 
