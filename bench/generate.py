@@ -47,6 +47,7 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -63,7 +64,18 @@ MODEL = "tinyllama_1_1b"
 KWARGS = {"depth": 28, "embed_dim": 1024, "num_heads": 16, "mlp_ratio": 2.75, "seq_len": 8}
 DEVICES = [1, 2, 4, 8]
 SEQUENCES = [1, 4, 16, 64]
+# "a model twice one device's memory runs": the same layers, 72 of them (3.43 GB of float32
+# weights, 2.02x an edge device's 1.7 GB cap), on the 8 edge devices
+TWICE_KWARGS = {**KWARGS, "depth": 72}
+TWICE_SEQUENCES = [1, 64]
 TARGET = 0.8  # N devices with >= N sequences: >= 0.8 N x one device's tokens/s (the issue's)
+
+
+def result_name(text: str) -> str:
+    """A results file's name: letters, digits, '-' and '_'."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", text):
+        raise argparse.ArgumentTypeError(f"expected 1..64 letters, digits, '-' or '_', got {text!r}")
+    return text
 
 
 def testbed_config(cpu: float, edge_memory: str, big_memory: str) -> dict[str, Any]:
@@ -117,6 +129,35 @@ def microbatch(sequences: int, devices: int, queued: int) -> int:
 # ---------------------------------------------------------------- the client side (inner)
 def inner(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
+
+    from edgezmq.model import chain as models
+    from edgezmq.orchestrate.inventory import load_cluster
+
+    cluster = load_cluster(args.cluster)
+    vocab = int(models.create_model(MODEL, device="meta", **KWARGS).config.vocab_size)
+    rng = np.random.default_rng(args.seed)
+    prompts = [rng.integers(1, vocab, args.prompt_len).tolist() for _ in range(max([*args.sequences, *TWICE_SEQUENCES]))]
+    out: dict[str, Any] = {"rows": [], "deployments": []}
+    if args.devices:
+        run = _scaling(args, cluster, KWARGS, args.devices, args.sequences, prompts)
+        out.update(rows=run["rows"], deployments=run["deployments"], one_edge_device=run["one_edge_device"],
+                   exact_greedy=run["exact_greedy"], generate_reference=run["generate_reference"],
+                   pipeline_greedy=run["pipeline_greedy"])
+    if args.twice:
+        edge_cap = next(n.memory_bytes for n in cluster.nodes if n.name == "edge-0")
+        assert edge_cap is not None
+        run = _scaling(args, cluster, TWICE_KWARGS, [8], TWICE_SEQUENCES, prompts)
+        param = sum(u.param_bytes for u in models.unit_infos(MODEL, **TWICE_KWARGS))
+        out["twice"] = {"kwargs": TWICE_KWARGS, "param_bytes": param, "edge_memory_bytes": edge_cap,
+                        "times_edge_memory": round(param / edge_cap, 3), **run}
+    return out
+
+
+def _scaling(args: argparse.Namespace, cluster: Any, kwargs: dict[str, Any], devices: list[int],
+             sequences: list[int], prompts: list[list[int]]) -> dict[str, Any]:
+    """The model of `kwargs` deployed on each device count in turn (1: the big device; n > 1:
+    n edge devices), generating for each number of sequences; then the model's own greedy
+    generate on the first 4 prompts, against the largest deployment's tokens."""
     import torch
     from safetensors.torch import load_file
 
@@ -125,24 +166,21 @@ def inner(args: argparse.Namespace) -> dict[str, Any]:
     from edgezmq.model import chain as models
     from edgezmq.orchestrate.address import NodeAddress
     from edgezmq.orchestrate.deploy import DeployError, deploy, unload
-    from edgezmq.orchestrate.inventory import load_cluster
     from edgezmq.orchestrate.planfile import DeployPlan, ModelSpec, StagePlan
 
-    cluster = load_cluster(args.cluster)
     by_name = {n.name: n for n in cluster.nodes}
-    path = str(models.cached_checkpoint(MODEL, seed=0, **KWARGS))
-    infos = models.unit_infos(MODEL, **KWARGS)
+    path = str(models.cached_checkpoint(MODEL, seed=0, **kwargs))
+    infos = models.unit_infos(MODEL, **kwargs)
     sizes = [u.param_bytes for u in infos]
     step_bytes = [0 if u.name == "embed" else b for u, b in zip(infos, sizes)]  # what a decode step reads
-    chunk, positions, _ = decoder_limits(MODEL, KWARGS)
-    vocab = int(models.create_model(MODEL, device="meta", **KWARGS).config.vocab_size)
-    rng = np.random.default_rng(args.seed)
-    prompts = [rng.integers(1, vocab, args.prompt_len).tolist() for _ in range(max(SEQUENCES))]
+    chunk, positions, _ = decoder_limits(MODEL, kwargs)
+    vocab = int(models.create_model(MODEL, device="meta", **kwargs).config.vocab_size)
     out: dict[str, Any] = {"rows": [], "deployments": []}
+    checked = prompts[:min(4, max(sequences))]
 
     def plan_for(nodes: list[str], results: str) -> DeployPlan:
-        spec = ModelSpec(name=MODEL, microbatch=microbatch(max(SEQUENCES), len(nodes), args.queued), checkpoint=path,
-                         kwargs=KWARGS)
+        spec = ModelSpec(name=MODEL, microbatch=microbatch(max(sequences), len(nodes), args.queued), checkpoint=path,
+                         kwargs=kwargs)
         cuts = balanced_cuts(step_bytes, len(nodes))
         return DeployPlan(model=spec, results=results, stages=[
             StagePlan(units=(a, b), nodes=[NodeAddress(n, by_name[n].control, 1)])
@@ -159,10 +197,10 @@ def inner(args: argparse.Namespace) -> dict[str, Any]:
             out["one_edge_device"] = f"refused: {e}"[:600]
     print(f"one edge device: {out['one_edge_device'][:200]}", file=sys.stderr, flush=True)
 
-    for n in DEVICES:
+    for n in devices:
         nodes = ["big"] if n == 1 else [f"edge-{i}" for i in range(n)]
         with Client([], f"tcp://{cluster.client_address}:0", run="",
-                    microbatch=microbatch(max(SEQUENCES), n, args.queued), timeout=600) as c:
+                    microbatch=microbatch(max(sequences), n, args.queued), timeout=600) as c:
             plan = plan_for(nodes, c.results_endpoint)
             t0 = time.time()
             dep = deploy(plan, load_timeout=1200)
@@ -175,7 +213,7 @@ def inner(args: argparse.Namespace) -> dict[str, Any]:
                 g = Generator(c, chunk=chunk, max_positions=positions, vocab_size=vocab)
                 c.window, c.microbatch = window(n, args.queued), 1
                 g.generate(prompts[:1], 2)  # warm: first calls, caches' allocations
-                for s in SEQUENCES:
+                for s in sequences:
                     c.microbatch = microbatch(s, n, args.queued)
                     c.window = window(n, args.queued)
                     t = time.time()
@@ -185,17 +223,18 @@ def inner(args: argparse.Namespace) -> dict[str, Any]:
                     row = {"devices": n, "sequences": s, "tokens_per_s": round(st.tokens / dt, 3),
                            "ms_per_token": round(1e3 * dt / args.new_tokens, 1), "tokens": st.tokens,
                            "seconds": round(dt, 2), "microbatch": c.microbatch, "window": c.window,
+                           "cache_full_waits": st.cache_full,
                            "first_token_s_median": round(sorted(st.first_token_s)[len(st.first_token_s) // 2], 3)}
                     out["rows"].append(row)
                     print(f"{n} device(s), {s} sequence(s): {row['tokens_per_s']} tokens/s, "
                           f"{row['ms_per_token']} ms/token", file=sys.stderr, flush=True)
-                    if n == max(DEVICES) and s == 4:
-                        out["pipeline_greedy"] = {"prompts": prompts[:4], "tokens": toks}
+                    if n == max(devices) and "pipeline_greedy" not in out and s >= len(checked):
+                        out["pipeline_greedy"] = {"prompts": checked, "tokens": toks[:len(checked)]}
             finally:
                 unload(plan)
 
     # the model's own greedy generate, one prompt at a time, on the same weights
-    m = models.create_model(MODEL, **KWARGS)
+    m = models.create_model(MODEL, **kwargs)
     m.load_state_dict(load_file(path), strict=False)
     ref = []
     with torch.inference_mode():
@@ -204,6 +243,7 @@ def inner(args: argparse.Namespace) -> dict[str, Any]:
             r = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens, do_sample=False,
                            eos_token_id=None, pad_token_id=0)
             ref.append(r[0, len(p):].tolist())
+    del m
     out["exact_greedy"] = ref == out["pipeline_greedy"]["tokens"]
     out["generate_reference"] = ref
     return out
@@ -212,12 +252,13 @@ def inner(args: argparse.Namespace) -> dict[str, Any]:
 # ---------------------------------------------------------------- outer
 def analyse(r: dict[str, Any]) -> dict[str, Any]:
     one = {x["sequences"]: x["tokens_per_s"] for x in r["rows"] if x["devices"] == 1}
-    for x in r["rows"]:
+    rows = [x for x in r["rows"] if x["sequences"] in one]  # the rows with a one-device baseline
+    for x in rows:
         x["speedup"] = round(x["tokens_per_s"] / one[x["sequences"]], 3)
         x["efficiency"] = round(x["speedup"] / x["devices"], 3)
     r["target"] = {f"{n}_devices_{s}_sequences": {"speedup": x["speedup"], "needed": TARGET * n,
                                                   "met": x["speedup"] >= TARGET * n}
-                   for x in r["rows"] for n, s in [(x["devices"], x["sequences"])] if n > 1 and s >= n}
+                   for x in rows for n, s in [(x["devices"], x["sequences"])] if n > 1 and s >= n}
     return r
 
 
@@ -226,16 +267,22 @@ def plot(r: dict[str, Any]) -> None:
     if plt is None:
         return
     fig, (a0, a1) = plt.subplots(1, 2, figsize=(12, 4.4))
-    for s in SEQUENCES:
+    sequences = sorted({x["sequences"] for x in r["rows"]})
+    devices = sorted({x["devices"] for x in r["rows"]})
+    if not sequences:
+        return
+    for s in sequences:
         pts = [(x["devices"], x["tokens_per_s"]) for x in r["rows"] if x["sequences"] == s]
         a0.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{s} sequence(s)")
         lat = [(x["devices"], x["ms_per_token"]) for x in r["rows"] if x["sequences"] == s]
         a1.plot([p[0] for p in lat], [p[1] for p in lat], "o-", label=f"{s} sequence(s)")
     base = {x["sequences"]: x["tokens_per_s"] for x in r["rows"] if x["devices"] == 1}
-    a0.plot(DEVICES, [TARGET * n * base[max(SEQUENCES)] for n in DEVICES], "k:", label=f"{TARGET:g} N x 1 device (64)")
+    if max(sequences) in base:
+        a0.plot(devices, [TARGET * n * base[max(sequences)] for n in devices], "k:",
+                label=f"{TARGET:g} N x 1 device ({max(sequences)})")
     for a in (a0, a1):
         a.set_xscale("log", base=2)
-        a.set_xticks(DEVICES, [str(n) for n in DEVICES])
+        a.set_xticks(devices, [str(n) for n in devices])
         a.set_xlabel("devices (1: the big device; 2+: edge devices, pipelined)")
         a.legend(fontsize=7)
     a0.set_ylabel("tokens/s")
@@ -243,7 +290,7 @@ def plot(r: dict[str, Any]) -> None:
     a0.set_title(f"Llama 28 x 1024, vocab 32k, greedy, {r['new_tokens']} new tokens")
     a1.set_title("per-token latency")
     fig.tight_layout()
-    fig.savefig(RESULTS / f"{NAME}.png", dpi=100)
+    fig.savefig(RESULTS / f"{r['out']}.png", dpi=100)
 
 
 def main() -> int:
@@ -258,38 +305,56 @@ def main() -> int:
     ap.add_argument("--seed", type=args_.seed, default=0, help="of the prompts")
     ap.add_argument("--queued", type=args_.int_in(0, 64), default=1,
                     help="microbatches in flight beyond one per stage (window = devices + this)")
+    ap.add_argument("--devices", type=args_.int_list(1, 8), default=DEVICES,
+                    help="device counts, comma-separated (1: the big device; n > 1: n edge devices; '': none)")
+    ap.add_argument("--sequences", type=args_.int_list(1, 1024), default=SEQUENCES,
+                    help="concurrent sequences of each run, comma-separated")
+    ap.add_argument("--twice", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run a model twice an edge device's memory cap on the 8 edge devices")
+    ap.add_argument("--out", type=result_name, default=NAME, help="results name: bench/results/OUT.json and .png")
     ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from the saved JSON")
     ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--cluster", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.plot_only:
-        plot(json.loads((RESULTS / f"{NAME}.json").read_text()))
+        plot({"out": args.out, **json.loads((RESULTS / f"{args.out}.json").read_text())})
         return 0
     if args.inner:
         print(json.dumps(inner(args)))
         return 0
     need_root()
     t0 = time.monotonic()
+    if args.twice:  # written here, at full speed, before the devices' CPU shares apply (3.5 GB)
+        from edgezmq.model import chain as models
+
+        models.cached_checkpoint(MODEL, seed=0, **TWICE_KWARGS)
     cfg = testbed_config(args.cpu, args.edge_memory, args.big_memory)
     with testbed(cfg, TESTBED) as tb:
         argv = [sys.executable, str(Path(__file__).resolve()), "--inner", "--cluster", str(tb.cluster_path),
-                "--queued", str(args.queued),
+                "--queued", str(args.queued), "--devices", ",".join(map(str, args.devices)),
+                "--sequences", ",".join(map(str, args.sequences)), "--twice" if args.twice else "--no-twice",
                 "--new-tokens", str(args.new_tokens), "--prompt-len", str(args.prompt_len), "--seed", str(args.seed)]
         r = tb.exec_in_client(argv, stdout=subprocess.PIPE, text=True, timeout=3 * 3600,
                               env=dict(os.environ, PYTHONPATH=str(ROOT)))
     if r.returncode != 0:
         raise SystemExit(f"the client side failed (exit {r.returncode})")
     result = analyse(json.loads(r.stdout.strip().splitlines()[-1]))
-    result.update(bench=NAME, model=MODEL, kwargs=KWARGS, testbed=cfg, new_tokens=args.new_tokens, queued=args.queued,
+    result.update(bench=NAME, out=args.out, model=MODEL, kwargs=KWARGS, testbed=cfg, new_tokens=args.new_tokens, queued=args.queued,
                   prompt_len=args.prompt_len, wall_s=round(time.monotonic() - t0, 1))
-    save(NAME, result, args.json)
+    save(args.out, result, args.json)
     plot(result)
     if not args.json:
         for x in result["rows"]:
             print(f"{x['devices']} device(s) x {x['sequences']:>2} sequences: {x['tokens_per_s']:8.3f} tokens/s "
                   f"({x['speedup']:.2f}x one device), {x['ms_per_token']:.0f} ms/token")
         print(f"one edge device alone: {result['one_edge_device'][:160]}")
-        print(f"exact greedy (8 devices vs the model's generate): {result['exact_greedy']}")
+        if "exact_greedy" in result:
+            print(f"exact greedy ({max(args.devices)} devices vs the model's generate): {result['exact_greedy']}")
+        if "twice" in result:
+            t = result["twice"]
+            print(f"a model {t['times_edge_memory']}x an edge device's memory cap on 8 edge devices: " + ", ".join(
+                f"{x['sequences']} sequence(s) {x['tokens_per_s']} tokens/s" for x in t["rows"])
+                  + f"; exact greedy {t['exact_greedy']}; one edge device alone: {t['one_edge_device'][:100]}")
     return 0
 
 

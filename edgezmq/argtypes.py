@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from edgezmq.terms import MAX_MICROBATCH, MAX_PORT, MAX_SECONDS, MAX_THREADS
 
-__all__ = ["int_in", "float_in", "count", "count_or_zero", "window", "seed", "threads", "microbatch", "port",
+__all__ = ["int_in", "int_list", "float_in", "count", "count_or_zero", "window", "seed", "threads", "microbatch", "port",
            "seconds", "MAX_COUNT", "MAX_WINDOW", "MAX_LOCAL_NODES", "MAX_SEED", "MAX_MEMORY_BYTES"]
 
 MAX_COUNT = 1_000_000  # batches, images, refreshes, retries
@@ -32,6 +32,17 @@ def int_in(lo: int, hi: int) -> Callable[[str], int]:
         return n
 
     parse.__name__ = "integer"  # argparse says "invalid integer value: 'x'"
+    return parse
+
+
+def int_list(lo: int, hi: int) -> Callable[[str], list[int]]:
+    """An argparse type: comma-separated integers in lo..hi, sorted, without repeats (empty: none)."""
+    one = int_in(lo, hi)
+
+    def parse(text: str) -> list[int]:
+        return sorted({one(t) for t in text.split(",") if t.strip()})
+
+    parse.__name__ = "integer list"
     return parse
 
 
