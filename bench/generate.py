@@ -203,7 +203,12 @@ def _scaling(args: argparse.Namespace, cluster: Any, kwargs: dict[str, Any], dev
                     microbatch=microbatch(max(sequences), n, args.queued), timeout=600) as c:
             plan = plan_for(nodes, c.results_endpoint)
             t0 = time.time()
-            dep = deploy(plan, load_timeout=1200)
+            try:
+                dep = deploy(plan, load_timeout=1200)
+            except DeployError as e:  # e.g. the microbatch's buffers do not fit beside the shard
+                out["deployments"].append({"devices": n, "nodes": nodes, "refused": str(e)[:600]})
+                print(f"{n} device(s): refused: {str(e)[:300]}", file=sys.stderr, flush=True)
+                continue
             out["deployments"].append({"devices": n, "nodes": nodes, "stages": [list(s.units) for s in plan.stages],
                                        "stage_param_mb": [round(sum(sizes[a:b]) / 1e6, 1) for a, b in
                                                           (s.units for s in plan.stages)],
