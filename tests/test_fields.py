@@ -124,3 +124,20 @@ def test_a_good_plan_file_parses():
     assert plan.model.microbatch == 8 and plan.stages[0].nodes[0].threads == 2 and plan.window == 6
     assert parse_plan({k: v for k, v in PLAN.items() if k != "predicted"}).window is None
     assert plan.stages[0].nodes[0].control == "tcp://127.0.0.1:5550" and plan.stages[0].nodes[0].curve is None
+
+
+def test_int_list_flag_parses_sorted_unique_and_refuses_out_of_range(capsys):
+    import argparse
+
+    from edgezmq import argtypes
+
+    ap = argparse.ArgumentParser(prog="x")
+    ap.add_argument("--devices", type=argtypes.int_list(1, 8), default=[1])
+    assert ap.parse_args(["--devices", "8, 1,4,1"]).devices == [1, 4, 8]
+    assert ap.parse_args(["--devices", ""]).devices == []
+    for bad in ("0", "1,9", "2,x", "1e3"):
+        with pytest.raises(SystemExit) as e:
+            ap.parse_args(["--devices", bad])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("x: error: argument --devices:"), err
