@@ -10,9 +10,9 @@ Two measurements behind bench/generate.py's figures (README, "Generating text ac
    stages with S sequences runs microbatches of ceil(S / (N + 1)) rows (N + 1 in flight), one
    device ceil(S / 2) (2 in flight): each stage does 1/N of the layers for every row, so the
    compute bound on N devices' speedup is N x per_row(one device's rows) / per_row(the
-   pipeline's rows). Printed for S = 64 and 256 (`bound`): what the decode steps' arithmetic
+   pipeline's rows). Printed for S = 64, 256 and 512 (`bound`): what the decode steps' arithmetic
    allows, before messages, the head's share, the client's turnaround and prefill.
-2. **Bursts under a CPU quota** (root): the same step at 1 row inside a cgroup holding
+2. **Bursts under a CPU quota** (root): a 1-row step of 2 and of 4 layers inside a cgroup holding
    `--cpu` of a core with the testbed's own period and quota (edgezmq.testbed.cgroups), once
    back to back and once after `--gap` s idle. A step that fits in one period's quota runs at
    the core's full speed after an idle stretch; an emulated device at 0.2 of a core runs a
@@ -39,8 +39,9 @@ from edgezmq import argtypes as args_
 
 NAME = "decode-rows"
 ROWS = [1, 2, 4, 8, 16, 32, 64, 128]
-SEQUENCES = [64, 256]
+SEQUENCES = [64, 256, 512]
 DEVICES = [2, 4, 8]
+BURST_LAYERS = [2, 4]  # a 1-row step of ~12 ms and of ~24 ms at full speed: under and over a 20 ms quota
 CONTEXT = 16  # cached tokens per row: the generate bench's prompts (8) and half its new tokens
 
 
@@ -105,11 +106,14 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     for d in args.join.split(","):
         Path(d, "cgroup.procs").write_text(f"{0}\n")  # 0: this process
     torch.set_num_threads(1)
+    out = []
     with torch.inference_mode():
-        step = step_fn(args.layers, 1)
-        back = timed(step, args.reps)
-        idle = timed(step, args.reps, args.gap)
-    return {"back_to_back_ms": round(back * 1e3, 1), "after_idle_ms": round(idle * 1e3, 1)}
+        for layers in BURST_LAYERS:
+            step = step_fn(layers, 1)
+            back = timed(step, args.reps)
+            idle = timed(step, args.reps, args.gap)
+            out.append({"layers": layers, "back_to_back_ms": round(back * 1e3, 1), "after_idle_ms": round(idle * 1e3, 1)})
+    return {"steps": out}
 
 
 def bursts(args: argparse.Namespace) -> dict[str, Any]:
@@ -119,7 +123,7 @@ def bursts(args: argparse.Namespace) -> dict[str, Any]:
     dirs = cgroups.create_host(ctrls, "decoderows", "device", cpu=args.cpu, memory=None, memory_accounting=False)
     try:
         argv = [sys.executable, str(Path(__file__).resolve()), "--child", "--join", ",".join(map(str, dirs)),
-                "--layers", str(args.layers), "--reps", str(args.reps), "--gap", str(args.gap)]
+                "--reps", str(args.reps), "--gap", str(args.gap)]
         r = subprocess.run(argv, stdout=subprocess.PIPE, text=True, timeout=3600, check=True)
         got = json.loads(r.stdout.strip().splitlines()[-1])
     finally:
