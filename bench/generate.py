@@ -352,7 +352,8 @@ def main() -> int:
         for x in result["rows"]:
             print(f"{x['devices']} device(s) x {x['sequences']:>2} sequences: {x['tokens_per_s']:8.3f} tokens/s "
                   f"({x['speedup']:.2f}x one device), {x['ms_per_token']:.0f} ms/token")
-        print(f"one edge device alone: {result['one_edge_device'][:160]}")
+        if "one_edge_device" in result:
+            print(f"one edge device alone: {result['one_edge_device'][:160]}")
         if "exact_greedy" in result:
             print(f"exact greedy ({max(args.devices)} devices vs the model's generate): {result['exact_greedy']}")
         if "twice" in result:
