@@ -2,6 +2,7 @@
 on 1 device vs a pipeline of 2, 4, 8, for a decoder that does not fit one edge device.
 
     sudo python bench/generate.py [--json] [--new-tokens 16] [--prompt-len 8] [--cpu 0.2]
+        [--devices 1,2,4,8] [--sequences 1,4,16,64] [--no-twice] [--out generate]
 
 The testbed: 8 `edge` devices (CPU share --cpu each, 1 thread, memory --edge-memory) and one
 `big` device of the same CPU share with room for the whole model (the one-device baseline:
@@ -18,26 +19,32 @@ pipeline, not that granularity.
 
 Each device count gets one deployment: stages cut contiguously to balance the bytes a decode
 step reads (each layer's and the head's weights once per microbatch; the embedding only the
-rows of its tokens, counted 0), at the largest microbatch its runs use (ceil(64 / window)): a
+rows of its tokens, counted 0), at the largest microbatch its runs use (ceil(max S / window)): a
 node's load check sizes its message buffers from it and from `seq_len` (8 = the prompts'
 length: a prompt is one message), and whole-sequence logits at a larger microbatch would
 not fit an edge device beside its share of the weights. Each run then
 generates --new-tokens greedily for S random prompts of --prompt-len tokens with at most
 N + --queued microbatches in flight (one per stage, and one more by default to cover the
 client's turnaround) of ceil(S / (N + queued)) sequences each: the generator's continuous
-batching (edgezmq.generation). Why not more in flight: a decode step reads every weight of
-its stage once per microbatch whatever its rows, and on this machine that read costs as much
-as ~6 rows' arithmetic; every microbatch in flight makes each stage read its weights once
-more per round of tokens, so a stage's round costs (messages x weights / N + rows x work / N)
-against one device's (2 x weights + rows x work): pipelining divides the arithmetic by N,
-not the weight reads. Keep the window near N.
+batching (edgezmq.generation). Why not more in flight: a row of a decode step costs less the
+more rows its microbatch has (`bench/decode_rows.py`: on 4 layers, 1 thread, 8.0 ms per row at
+8 rows, 3.6 at 32, 2.6 at 64 and up; at 1 row the step is bound by reading the weights, from 8
+rows on by matrix products that this CPU runs at low efficiency for few rows). N stages need N
+microbatches in flight to be busy, so their rows are S / (N + 1) against one device's S / 2:
+the compute bound on the speedup is N x per_row(S / 2) / per_row(S / (N + 1)), printed by
+decode_rows.py. Every microbatch more in flight lowers it. Keep the window near N.
 
 tokens_per_s = generated tokens / wall time of the run (prefill included); ms_per_token = the run's wall time / --new-tokens (what one sequence waits per
 token). Before timing, one short untimed generation warms the deployment. `exact_greedy`:
-the 8-device pipeline's greedy tokens for 4 prompts equal the model's own `generate`
-(batch 1, same weights) on the client.
+the largest deployment's greedy tokens for 4 prompts equal the model's own `generate`
+(batch 1, same weights) on the client. A deployment refused (e.g. a microbatch whose message
+buffers do not fit beside the shard) is recorded under `deployments` and skipped.
 
-Writes bench/results/generate.json and .png; `--json` prints one object (last line).
+`twice` (unless --no-twice): the same layers, 72 of them (3.43 GB, 2.02x an edge device's
+1.7 GB cap), refused by one edge device, generating on the 8 edge devices for 1 and 64
+sequences, its greedy tokens checked against its own `generate` the same way.
+
+Writes bench/results/OUT.json and .png (OUT: --out, default generate); `--json` prints one object (last line).
 The client side runs inside the testbed's client namespace (``--inner``, started by the outer).
 """
 
