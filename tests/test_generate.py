@@ -19,10 +19,13 @@ from edgezmq.client import Client  # noqa: E402
 from edgezmq.generation import GenerateError, Generator, Sampling, decoder_limits  # noqa: E402
 from edgezmq.model import chain as models  # noqa: E402
 from edgezmq.node.kvcache import GenError, KVStore  # noqa: E402
+from edgezmq.node.stage import BUFFERS_PER_DIRECTION  # noqa: E402
 from edgezmq.orchestrate.address import NodeAddress  # noqa: E402
 from edgezmq.orchestrate.deploy import deploy, unload  # noqa: E402
 from edgezmq.orchestrate.planfile import DeployPlan, ModelSpec, StagePlan  # noqa: E402
 from edgezmq.protocol import wire  # noqa: E402
+from edgezmq.protocol.messages import LoadRequest  # noqa: E402
+from edgezmq.transport.nodeclient import NodeClient  # noqa: E402
 
 VOCAB = 300
 MODELS = {
@@ -369,12 +372,17 @@ class NodeClientStats:
 
 def _ask(c: Client, gen, xs, session=None, timeout=60.0) -> wire.Message:
     """One raw gen message through the deployment; its answer (a result or an error)."""
-    import zmq
-
     seq = c._seq
     c._seq += 1
     frames = wire.encode(wire.Message("act", c.run, seq, -1, xs, session=session or c.session, gen=gen))
     c.send_frames(seq, frames, time.time() + timeout)
+    return _answer(c, seq, timeout)
+
+
+def _answer(c: Client, seq: int, timeout: float = 60.0) -> wire.Message:
+    """The deployment's answer to message `seq` (a result or an error)."""
+    import zmq
+
     deadline = time.time() + timeout
     while time.time() < deadline:
         if c.pull.poll(200, zmq.POLLIN):
@@ -458,6 +466,53 @@ def test_a_decoder_stage_refuses_what_does_not_continue_its_sequences(node_pool,
             assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
         finally:
             run_cli_here(capsys, "undeploy", str(pf))
+
+
+@pytest.mark.slow
+def test_a_generation_only_stage_buffers_next_token_logits_and_refuses_whole_sequences(node_pool):
+    """`generation_only`: the last stage counts (B, V) logits per outgoing buffer, not (B, T, V)
+    (what the planner prices from decode-step profiles), and refuses whole-sequence messages;
+    gen steps go through. A model that is not a decoder is refused it."""
+    name, kw = "gpt2", MODELS["gpt2"]
+    path = models.cached_checkpoint(name, seed=0, **kw)
+    n, mb, seq = models.num_units(name, **kw), 4, kw["seq_len"]
+    with node_pool.take(2) as cluster:
+        node = cluster.nodes[0]
+        load = dict(run="r-gen-only", model=name, units=(2, n), stage=1, last=True, microbatch=mb,
+                    checkpoint=str(path), kwargs=kw)
+        with NodeClient(node.control, timeout=60.0, name=node.name) as nc:
+            counted = {}
+            for only in (False, True):
+                counted[only] = nc.load(LoadRequest(**load, generation_only=only)).buffer_bytes
+                nc.unload()
+            specs = models.boundary_specs(name, "block", mb, **kw)
+            assert specs[n] == [((mb, seq, VOCAB), "float32")]  # whole-sequence logits
+            ins = sum(int(np.prod(shape)) * np.dtype(dt).itemsize for shape, dt in specs[2])
+            assert counted[False] == BUFFERS_PER_DIRECTION * (ins + mb * seq * VOCAB * 4)
+            assert counted[True] == BUFFERS_PER_DIRECTION * (ins + mb * VOCAB * 4)
+            with pytest.raises(Exception, match="generation_only is for a decoder"):
+                nc.load(LoadRequest(**{**load, "model": "vit_tiny_patch16_224", "units": (0, 2), "kwargs": {},
+                                       "checkpoint": str(models.cached_checkpoint("vit_tiny_patch16_224", seed=0))},
+                                    generation_only=True))
+        plan = _deploy(cluster, name, [0, 2, n], path, microbatch=mb)
+        plan.model.generation_only = True
+        with Client([], "tcp://127.0.0.1:0", run="", window=4, microbatch=mb, timeout=60) as c:
+            plan.results = c.results_endpoint
+            dep = deploy(plan, load_timeout=120)
+            try:
+                c.attach(dep.entry, dep.run)
+                r = _ask(c, {"op": "step", "ids": [1], "pos": [0], "lens": [3], "max_len": [8]},
+                         [np.array([[5, 6, 7]], np.int64)])
+                assert r.kind == "result" and r.tensors[0].shape == (1, VOCAB)
+                whole = wire.Message("act", c.run, c._seq, -1, list(models.random_inputs(name, 2, 0, **kw)),
+                                     session=c.session)
+                c._seq += 1
+                c.send_frames(whole.seq, wire.encode(whole), time.time() + 60)
+                got = _answer(c, whole.seq)
+                assert got.kind == "error" and got.error["code"] == "gen_state", got.error
+                assert "generation_only" in got.error["message"]
+            finally:
+                unload(plan)
 
 
 def test_a_decode_profile_times_each_unit_on_one_token_per_sequence():

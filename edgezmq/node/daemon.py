@@ -336,13 +336,20 @@ class Node:
         from edgezmq.planner.cost import shard_memory_bytes
 
         param = sum(u.param_bytes for u in infos[spec.start:spec.end])
-        n_in, n_out = sum(_nbytes(s) for s in specs[spec.start]), sum(_nbytes(s) for s in specs[spec.end])
+        out_specs = specs[spec.end]
+        if spec.generation_only:
+            if not models.text.is_decoder(spec.model):
+                raise control.ControlError(control.LOAD_FAILED, f"node {self.name}: load.generation_only is for "
+                                           f"a decoder language model, {spec.model} is not one")
+            if spec.last:  # a gen step's result: each row's next-token logits (B, V), not (B, T, V)
+                out_specs = [((shape[0], *shape[2:]), dtype) for shape, dtype in out_specs]
+        n_in, n_out = sum(_nbytes(s) for s in specs[spec.start]), sum(_nbytes(s) for s in out_specs)
         work = profile_cache.work_bytes(spec.model, spec.start, spec.end, granularity=spec.granularity,
                                         microbatch=spec.microbatch, threads=spec.threads, kwargs=spec.kwargs)
         need = shard_memory_bytes(param, work or 0, n_in, n_out, BUFFERS_PER_DIRECTION)
+        buffers = shard_memory_bytes(0, 0, n_in, n_out, BUFFERS_PER_DIRECTION)  # the activation buffers' share
         budget = self._memory_budget()
         if need > budget:
-            buffers = need - param - (work or 0)
             working = (f"{work / 1e6:.0f} MB working memory by this node's profile" if work is not None
                        else "working memory unknown: not profiled on this node")
             raise control.ControlError(
@@ -385,6 +392,7 @@ class Node:
         self.runtime, self.state, self.error = rt, "loading", None
         self._load_request, self._start_request = req, None
         self._load_reply = m.LoadReply(state=self.state, data=endpoint, param_bytes=param,
+                                       buffer_bytes=buffers,
                                        public_key=self._public_key())
         self._loader = threading.Thread(target=self._build, args=(rt,), name="loader", daemon=True)
         self._loader.start()

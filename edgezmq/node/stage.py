@@ -96,6 +96,7 @@ class LoadSpec:
     cache_bytes: int | None = None  # a decoder's KV-cache budget (None: the node's default)
     cache_idle_s: float = kvcache.DEFAULT_IDLE_S
     exact_generation: bool = False  # a decoder's generation rows one by one (batch 1)
+    generation_only: bool = False  # a decoder's stage taking gen steps only (buffers sized for them)
 
     @classmethod
     def from_request(cls, req: LoadRequest, threads: int | None = None) -> LoadSpec:
@@ -106,6 +107,7 @@ class LoadSpec:
             kwargs=dict(req.kwargs), checkpoint=req.checkpoint, pretrained=req.pretrained,
             dtype=req.dtype, threads=req.threads if req.threads is not None else threads,
             cache_bytes=req.cache_bytes, exact_generation=req.exact_generation,
+            generation_only=req.generation_only,
             cache_idle_s=req.cache_idle_s if req.cache_idle_s is not None else kvcache.DEFAULT_IDLE_S,
         )
 
@@ -216,6 +218,9 @@ class StageRuntime:
                         raise wire.WireError("gen_state", f"a gen message to a stage of {spec.model}, which is "
                                              "not a decoder", msg.seq)
                     kvcache.check_step_tensors(msg, self.gen_expected, spec.microbatch)
+                elif spec.generation_only:
+                    raise wire.WireError("gen_state", "a whole-sequence message to a stage loaded for generation "
+                                         "only (load.generation_only): send gen steps", msg.seq)
                 else:
                     wire.check_tensors(msg.tensors, self.expected_in, max_batch=spec.microbatch, seq=msg.seq)
                 if len({a.shape[0] for a in msg.tensors}) > 1:

@@ -23,6 +23,7 @@ CPU to spare, where receiving and sending overlap compute.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import statistics
@@ -498,6 +499,8 @@ def autodeploy(
     problem, planned = plan_problem(g.problem, time_limit_s=time_limit_s, budget=budget)
     plan = to_deploy_plan(cluster, planned, model=model, results=results, problem=problem, budget=budget)
     if generation is not None:  # each stage reserves what the plan gave its units' caches
+        # the head's buffers as planned (decode-step profiles): next-token logits, not every position's
+        plan.model = dataclasses.replace(plan.model, generation_only=True)
         for st in plan.stages:
             st.cache_bytes = sum(u.cache_bytes for u in problem.units[st.units[0]:st.units[1]])
         if calibrate:

@@ -150,7 +150,8 @@ def deploy(
             run=run, model=m.name, units=(st.units[0], st.units[1]), stage=i, last=(i == n_stages - 1),
             microbatch=m.microbatch, granularity=m.granularity, kwargs=dict(m.kwargs),
             checkpoint=m.checkpoint, pretrained=m.pretrained, dtype=m.dtype, threads=n.threads or None,
-            cache_bytes=st.cache_bytes, exact_generation=m.exact_generation)
+            cache_bytes=st.cache_bytes, exact_generation=m.exact_generation,
+            generation_only=m.generation_only)
         # a resent load is answered as the first (request id), so it may be retried like any command
         with NodeClient(n.control, timeout=60.0, retries=1, name=n.name, curve=plan.curve(n)) as c:
             r = c.load(req)

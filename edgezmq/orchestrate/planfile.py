@@ -46,6 +46,8 @@ class ModelSpec:
     kwargs: dict = field(default_factory=dict)
     # a decoder's generation: every row on its own, bit for bit `generate` (docs/generate.md)
     exact_generation: bool = False
+    # a decoder deployed to generate only: the last stage's buffers hold next-token logits
+    generation_only: bool = False
 
 
 @dataclass
@@ -92,7 +94,8 @@ class DeployPlan:
         return {
             "model": {"name": m.name, "microbatch": m.microbatch, "granularity": m.granularity,
                       "dtype": m.dtype, "checkpoint": m.checkpoint, "pretrained": m.pretrained,
-                      "kwargs": m.kwargs, **({"exact_generation": True} if m.exact_generation else {})},
+                      "kwargs": m.kwargs, **({"exact_generation": True} if m.exact_generation else {}),
+                      **({"generation_only": True} if m.generation_only else {})},
             "nodes": {n.name: n.control for _, n in self.all_nodes},
             "stages": [{"units": list(s.units), "nodes": [n.name for n in s.nodes],
                         **({"threads": s.nodes[0].threads} if s.nodes[0].threads else {}),
@@ -130,6 +133,7 @@ def parse_plan(d: Any, source: str | None = None) -> DeployPlan:
         pretrained=F.need(m, "pretrained", bool, "model", False),
         kwargs=_model_kwargs(F.need(m, "kwargs", dict, "model", {})),
         exact_generation=F.need(m, "exact_generation", bool, "model", False),
+        generation_only=F.need(m, "generation_only", bool, "model", False),
     )
     F.integer(model.microbatch, "model.microbatch", lo=1, hi=MAX_MICROBATCH)
     F.choice(model.granularity, "model.granularity", GRANULARITIES)

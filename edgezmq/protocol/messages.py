@@ -269,6 +269,10 @@ class LoadRequest(Request):
         "that of the model's `generate` bit for bit; otherwise the decode rows of a microbatch run as one "
         "left-padded batch (the model's own batched forward: the same tokens to rounding, faster)",
         default=False)
+    generation_only: bool = field_(
+        "a decoder's stage that serves `gen` steps only (docs/generate.md): the last stage's outgoing "
+        "buffers are sized for each row's next-token logits (microbatch x vocabulary) instead of every "
+        "position's, and a whole-sequence message is refused (`gen_state`)", default=False)
     cache_idle_s: float | None = field_(
         "a decoder's sequences not stepped for this long are dropped (their client is gone)", default=None,
         lo=1, hi=MAX_SECONDS, unit="s", default_doc=f"{DEFAULT_CACHE_IDLE_S:g}")
@@ -287,6 +291,9 @@ class LoadReply(Reply):
     state: str = field_("`loading` (a repeat of the same load: the node's state now)")
     data: str = field_("the data PULL endpoint the upstream (or the client) connects to")
     param_bytes: int = field_("bytes of the shard's parameters", unit="bytes")
+    buffer_bytes: int = field_("bytes the load check counted for activation buffers: the microbatches in "
+                               "flight each way (the stage's input and its output, at the microbatch)",
+                               unit="bytes", default=0)
     public_key: str | None = field_("as in `info`")
 
 

@@ -140,8 +140,8 @@ ERRORS: dict[str, str] = {
     "compute_failed": "the shard's forward raised on this microbatch",
     "gen_state": "a `gen` step that does not continue a sequence this stage holds (its `pos` beyond the "
                  "tokens cached: a step was lost, or the cache was released or expired), that goes past the "
-                 "sequence's `max_len` or the model's positions, or a `gen` message to a stage that is not a "
-                 "decoder's",
+                 "sequence's `max_len` or the model's positions, a `gen` message to a stage that is not a "
+                 "decoder's, or a whole-sequence message to a stage loaded `generation_only`",
     "cache_full": "a `gen` step starting sequences whose `max_len` does not fit the stage's KV-cache budget "
                   "beside the sequences it holds: nothing was changed; send it again once sequences are released",
     "bad_message": "a message the decoder failed on in a way it does not name (a decoder bug: the stage "
