@@ -21,8 +21,8 @@ Each device count gets one deployment: stages cut contiguously to balance the by
 step reads (each layer's and the head's weights once per microbatch; the embedding only the
 rows of its tokens, counted 0), at the largest microbatch its runs use (ceil(max S / window)): a
 node's load check sizes its message buffers from it and from `seq_len` (8 = the prompts'
-length: a prompt is one message), and whole-sequence logits at a larger microbatch would
-not fit an edge device beside its share of the weights. Each run then
+length: a prompt is one message); deployed `generation_only`, the head's buffers hold each
+row's next-token logits, not every position's. Each run then
 generates --new-tokens greedily for S random prompts of --prompt-len tokens with at most
 N + --queued microbatches in flight (one per stage, and one more by default to cover the
 client's turnaround) of ceil(S / (N + queued)) sequences each: the generator's continuous
@@ -187,7 +187,7 @@ def _scaling(args: argparse.Namespace, cluster: Any, kwargs: dict[str, Any], dev
 
     def plan_for(nodes: list[str], results: str) -> DeployPlan:
         spec = ModelSpec(name=MODEL, microbatch=microbatch(max(sequences), len(nodes), args.queued), checkpoint=path,
-                         kwargs=kwargs)
+                         kwargs=kwargs, generation_only=True)
         cuts = balanced_cuts(step_bytes, len(nodes))
         return DeployPlan(model=spec, results=results, stages=[
             StagePlan(units=(a, b), nodes=[NodeAddress(n, by_name[n].control, 1)])
