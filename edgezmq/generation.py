@@ -24,9 +24,11 @@ appending twice. Under a ``ResilientPipeline`` (failover), a lost node's caches 
 with it: on the new deployment every live sequence starts again from pos 0 with its prompt
 and the tokens generated so far (one prefill rebuilds every stage's caches), and goes on
 from there: no token is lost or given twice, since a token is taken only from a result of
-the deployment in service. A step refused `cache_full` (the stages' KV budget) waits until another
-sequence of this generator finishes and is released; if none is in flight, the sequence
-cannot fit at all and `PipelineError` says so.
+the deployment in service. A step refused `cache_full` (the stages' KV budget) that starts
+several sequences is sent again at once as steps starting half as many each (and so on, down
+to one: the budget may hold some of them); a step starting one waits until another sequence
+of this generator finishes and is released; if none is in flight, the sequence cannot fit at
+all and `PipelineError` says so.
 """
 
 from __future__ import annotations
@@ -151,9 +153,15 @@ class Generator:
             raise GenerateError("the client must know the deployment's microbatch")
         self.client, self.chunk, self.max_positions = client, chunk, max_positions
         self.vocab_size, self.eos_token_id, self.retries = vocab_size, eos_token_id, retries
-        self.microbatch = client.microbatch
         self.stats = GenerateStats()
+        self._starts = 0  # sequences a step may start (0: a microbatch); halved by a cache_full refusal
         self._next_id = 0  # sequence ids on the wire: unique per generator (its session keys them)
+
+    @property
+    def microbatch(self) -> int:
+        """Rows per step: the client's microbatch (at most the deployment's), read at each step."""
+        assert self.client.microbatch is not None  # checked at construction
+        return self.client.microbatch
 
     @classmethod
     def for_model(cls, client: Client, name: str, kwargs: dict[str, Any], *, retries: int = 1) -> Generator:
@@ -226,6 +234,7 @@ class Generator:
                                        sampling.rng(i))
             self._next_id = (self._next_id + 1) % (wire.MAX_SEQUENCE_ID + 1)
         ready: deque[int] = deque(seqs)  # sequence ids ready for their next step
+        self._starts = 0
         waiting: list[int] = []  # refused cache_full: sent again when a sequence is released
         finished: list[int] = []  # to release
         pending: dict[int, _Pending] = {}  # message seq -> what it carries
@@ -261,6 +270,11 @@ class Generator:
                     err = msg.error or {}
                     if err.get("code") == "cache_full":
                         st.cache_full += 1
+                        starting = sum(1 for s in p.rows if s.pos == 0)
+                        if starting > 1:  # fewer at once may fit: try again at once, half as many per step
+                            self._starts = starting // 2
+                            ready.extendleft(reversed([s.sid for s in p.rows]))
+                            continue
                         if not any(not q.release for q in pending.values()) and not finished and not ready:
                             raise PipelineError(msg.seq, "cache_full", f"{err.get('message', '')}; no other "
                                                 "sequence of this generator holds cache: it can never fit", msg.stage)
@@ -317,6 +331,7 @@ class Generator:
             if not s.done:
                 s.pos = 0  # prompt + tokens so far, prefilled again
                 ready.append(s.sid)
+        self._starts = 0  # the new deployment's budget is another
         self.stats.restarted += len(ready)
         log.warning("failed over to run %s: %d sequence(s) started again from their tokens so far", run, len(ready))
 
@@ -326,9 +341,14 @@ class Generator:
         first = seqs[ready[0]]
         prefill = len(first.tokens) - first.pos > 1
         ids: list[int] = []
+        starts = 0
         for sid in list(ready):
             s = seqs[sid]
             if (len(s.tokens) - s.pos > 1) == prefill:
+                if s.pos == 0:
+                    if self._starts and starts == self._starts:  # the cache budget took fewer: they wait
+                        continue
+                    starts += 1
                 ids.append(sid)
                 ready.remove(sid)
                 if len(ids) == self.microbatch:

@@ -469,6 +469,41 @@ def test_a_decoder_stage_refuses_what_does_not_continue_its_sequences(node_pool,
 
 
 @pytest.mark.slow
+def test_a_budget_that_holds_part_of_a_microbatch_admits_that_part(node_pool):
+    """A KV budget of 3 sequences and steps of 4: the first step (4 starts) is refused whole;
+    the generator sends it again as steps starting fewer, the rest wait for releases, and every
+    sequence's tokens are `generate`'s. The generator follows the client's microbatch as it is
+    changed (1: one row per step)."""
+    name, kw = "gpt2", MODELS["gpt2"]
+    path = models.cached_checkpoint(name, seed=0, **kw)
+    n = models.num_units(name, **kw)
+    chunk, positions, _ = decoder_limits(name, kw)
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(1, VOCAB, 5).tolist() for _ in range(6)]
+    new = 4
+    per_sequence = (5 + new) * 2 * 64 * 4 * 4  # max_len x keys and values of 4 layers, 64 wide, float32
+    with node_pool.take(1) as cluster:
+        plan = _deploy(cluster, name, [0, n], path, microbatch=4)
+        plan.stages[0].cache_bytes = 3 * per_sequence
+        with Client([], "tcp://127.0.0.1:0", run="", window=2, microbatch=4, timeout=60) as c:
+            plan.results = c.results_endpoint
+            dep = deploy(plan, load_timeout=120)
+            try:
+                c.attach(dep.entry, dep.run)
+                g = Generator(c, chunk=chunk, max_positions=positions, vocab_size=VOCAB)
+                got = g.generate(prompts, new, stop_at_eos=False)
+                assert g.stats.cache_full >= 2  # the 4 starts, then at least one smaller step
+                assert got == [_reference(name, kw, path, p, new)[0] for p in prompts]
+                c.microbatch = 1
+                again = g.generate(prompts[:2], new, stop_at_eos=False)
+                st = g.stats
+                assert again == got[:2] and st.cache_full == 0
+                assert st.steps == st.prefill_rows + st.decode_rows == 2 * new  # one row per step
+            finally:
+                unload(plan)
+
+
+@pytest.mark.slow
 def test_a_generation_only_stage_buffers_next_token_logits_and_refuses_whole_sequences(node_pool):
     """`generation_only`: the last stage counts (B, V) logits per outgoing buffer, not (B, T, V)
     (what the planner prices from decode-step profiles), and refuses whole-sequence messages;
