@@ -44,7 +44,10 @@ def inventory(local: LocalCluster, keys: dict | None = None) -> Cluster:
                           "measure": {"seconds": PROBE_S, "pings": 3}, "keys": keys_section(keys)})
 
 
-def _run_and_kill(which: str, tmp_path, node_pool: NodePool | None, keys: dict | None = None) -> None:
+def _run_and_kill(which: tuple[str, ...], tmp_path, node_pool: NodePool | None, keys: dict | None = None,
+                  n_batches: int = N_BATCHES) -> None:
+    """SIGKILL one node per deployment, in turn: the node of stage `which[0]` of the first plan
+    three results in, then that of stage `which[1]` of the re-plan once it streams, ..."""
     names = [f"node{i}" for i in range(4)]
     if keys:
         nodes = LocalCluster(4, threads=1, names=names, node_args=secured_node_args(keys, names), log_dir=tmp_path)
@@ -53,38 +56,46 @@ def _run_and_kill(which: str, tmp_path, node_pool: NodePool | None, keys: dict |
         nodes = node_pool.take(4)
     with nodes as local:
         procs = {n.name: n.proc for n in local.nodes}
-        xs = batches(N_BATCHES, seed=21)
+        xs = batches(n_batches, seed=21)
         with ResilientPipeline(inventory(local, keys), model_spec(), window=4, timeout=60, interval=INTERVAL,
                                replication=False) as rp:
-            stages = rp.plan.stages
-            assert len(stages) >= 2, "the test needs a pipeline of several stages"
-            victim = {"first": stages[0], "last": stages[-1], "middle": stages[len(stages) // 2]}[which].nodes[0].name
-            killed = []
+            assert len(rp.plan.stages) >= 2, "the test needs a pipeline of several stages"
+            killed: list[str] = []
+            replayed: list[int] = []  # the client's replay count when each victim was killed
 
-            def kill_after_three(seq: int, _y: np.ndarray) -> None:
-                if seq == 2 and not killed:  # results 0..2 are in; more are in flight
+            def kill_one_per_deployment(seq: int, _y: np.ndarray) -> None:
+                # results 0..2 are in and more are in flight; a later victim: the re-plan streams
+                if len(killed) < len(which) and seq >= 2 and rp.failovers == len(killed):
+                    stages = rp.plan.stages
+                    stage = {"first": stages[0], "last": stages[-1], "middle": stages[len(stages) // 2]}
+                    victim = stage[which[len(killed)]].nodes[0].name
+                    replayed.append(rp.client.replayed)
                     procs[victim].kill()
-                    killed.append(time.time())
+                    killed.append(victim)
 
-            outs = list(rp.stream(xs, on_result=kill_after_three))
-            assert killed and victim in rp.dead and rp.failovers >= 1
-            assert rp.causes[victim].startswith("missed")
-            assert victim not in {ref.name for _, ref in rp.plan.all_nodes}  # re-planned without it
-            assert rp.client.replayed >= 1
-    assert len(outs) == N_BATCHES  # every batch exactly once, in order
+            outs = list(rp.stream(xs, on_result=kill_one_per_deployment))
+            assert len(killed) == len(which) and set(killed) <= rp.dead and rp.failovers >= len(which)
+            for victim in killed:
+                assert rp.causes[victim].startswith("missed")
+                assert victim not in {ref.name for _, ref in rp.plan.all_nodes}  # re-planned without it
+            # each failover replayed what its victim held
+            assert all(b > a for a, b in zip(replayed, [*replayed[1:], rp.client.replayed])), replayed
+    assert len(outs) == n_batches  # every batch exactly once, in order
     for a, b in zip(outs, monolithic(xs)):
         assert float(np.max(np.abs(a - b))) <= 1e-5
 
 
-# a killed middle node: over CurveZMQ below, which covers the plaintext run of the same scenario
-# too (the failover does not depend on the transport; the same assertions, plus security)
-@pytest.mark.parametrize("which", ["first", "last"])
-def test_a_killed_node_loses_nothing(which, tmp_path, node_pool):
-    _run_and_kill(which, tmp_path, node_pool)
+# The first stage's node killed, then the last stage's of the re-plan: one deployment (and one
+# pool refresh) for both, and a second failover after the first. More batches: the second
+# victim must die with work still to come. A killed middle node: over CurveZMQ below, which
+# covers the plaintext run of the same scenario too (the failover does not depend on the
+# transport; the same assertions, plus security).
+def test_a_killed_node_loses_nothing(tmp_path, node_pool):
+    _run_and_kill(("first", "last"), tmp_path, node_pool, n_batches=16)
 
 
 def test_a_killed_node_loses_nothing_over_curve(tmp_path):
-    _run_and_kill("middle", tmp_path, None, keys=make_keys(tmp_path / "keys", [f"node{i}" for i in range(4)]))
+    _run_and_kill(("middle",), tmp_path, None, keys=make_keys(tmp_path / "keys", [f"node{i}" for i in range(4)]))
 
 
 def test_no_survivor_means_a_clear_error_not_a_hang(node_pool):

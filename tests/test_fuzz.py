@@ -34,15 +34,14 @@ OVERSIZE = sockets.CONTROL_MAXMSGSIZE + 1024  # over the control socket's MAXMSG
 
 @pytest.fixture(scope="module")
 def stage(node_pool):
-    """One node process (the session's pool's) serving the whole model; results come to ``sink`` (bound here)."""
+    """One node process (the session's pool's) serving the whole model; results come to the collector."""
     ctx = zmq.Context()
-    sink = sockets.make_socket(ctx, zmq.PULL, sockets.DATA)
-    results = sockets.bind(sink, "tcp://127.0.0.1:0")
-    sink.close(linger=0)  # rebound by the collector thread, which owns its socket
     with node_pool.take(1) as c:
-        plan = DeployPlan(model=model_spec(),
-                    stages=[StagePlan((0, N_UNITS), [NodeAddress("n0", c.nodes[0].control, 1)])], results=results)
-        collector = Collector(ctx, results)
+        # the collector's thread binds a port of its own choosing and owns the socket: a port
+        # bound here, closed and bound again there raced libzmq's asynchronous close (EADDRINUSE)
+        collector = Collector(ctx, "tcp://127.0.0.1:0")
+        plan = DeployPlan(model=model_spec(), stages=[StagePlan((0, N_UNITS), [NodeAddress("n0", c.nodes[0].control, 1)])],
+                          results=collector.endpoint)
         dep = deploy(plan, load_timeout=120)
         try:
             yield {"node": c.nodes[0], "dep": dep, "ctx": ctx, "collector": collector}
@@ -74,7 +73,7 @@ class Collector:
 
     def _run(self) -> None:
         pull = sockets.make_socket(self.ctx, zmq.PULL, sockets.DATA)
-        pull.bind(self.endpoint)
+        self.endpoint = sockets.bind(pull, self.endpoint)  # the port it got, when asked for port 0
         self._bound.set()
         try:
             while not self._stop.is_set():
