@@ -357,8 +357,9 @@ def main() -> int:
     plot(result)
     if not args.json:
         for x in result["rows"]:
+            vs = f"{x['speedup']:.2f}x one device" if "speedup" in x else "no one-device row"
             print(f"{x['devices']} device(s) x {x['sequences']:>2} sequences: {x['tokens_per_s']:8.3f} tokens/s "
-                  f"({x['speedup']:.2f}x one device), {x['ms_per_token']:.0f} ms/token")
+                  f"({vs}), {x['ms_per_token']:.0f} ms/token")
         if "one_edge_device" in result:
             print(f"one edge device alone: {result['one_edge_device'][:160]}")
         if "exact_greedy" in result:
