@@ -204,6 +204,11 @@ def test_kv_store_admission_resend_release_and_expiry():
     # release: idempotent, frees the reservation
     assert store.drop("s", [1, 7]) == 1 and store.drop("s", [1]) == 0
     assert store.reserved_bytes == 400
+    # idle counts from a step's end, not its start: a step admitted long ago that ended now is not idle
+    (s,) = store.admit("s", {"ids": [2], "pos": [1], "lens": [1]}, 1)
+    s.used -= 60  # admitted a minute ago (a long step, or the stage busy with others' steps)
+    store.advanced(s, 1)
+    assert store.expire(now=time.monotonic() + 4) == 0
     assert store.expire(now=time.monotonic() + 6) == 1 and store.reserved_bytes == 0 and store.expired == 1
     with pytest.raises(GenError, match=r"max_len 65 outside 1\.\.64"):
         store.admit("s", {"ids": [9], "pos": [0], "lens": [1], "max_len": [65]}, 1)

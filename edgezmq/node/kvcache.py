@@ -11,7 +11,8 @@ Admission: a sequence starts (pos 0) with the most tokens it will ever hold (`ma
 the stage reserves `max_len` x its bytes per token; a step whose new sequences do not fit
 beside the reservations held is refused whole (`cache_full`), before anything changes.
 Caches leave on a `release`, and when a sequence has not been stepped for `idle_s` (its
-client went away); both free the reservation.
+client went away), counted from the end of its last step (a stage that spends minutes on
+other sequences' steps does not count that against this one); both free the reservation.
 """
 
 from __future__ import annotations
@@ -122,6 +123,7 @@ class KVStore:
 
     def advanced(self, s: Sequence, n: int) -> None:
         s.length += n
+        s.used = time.monotonic()  # idle from the step's end: a long step of others is not the client's absence
 
     def drop(self, session: str, ids: list[int], released: bool = True) -> int:
         """Forget these sequences (unknown ones are fine: a release may be sent again)."""
