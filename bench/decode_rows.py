@@ -58,15 +58,10 @@ def step_fn(layers: int, rows: int) -> Any:
     from generate import KWARGS, MODEL
 
     from edgezmq.model import chain as models
+    from edgezmq.model.profiling import decode_step
 
     shard = models.build_shard(MODEL, 1, 1 + layers, dtype=torch.float32, **KWARGS)
-    x, caches = shard.decode_inputs(rows, CONTEXT, torch.Generator().manual_seed(0))
-
-    def step() -> None:
-        shard.step_batch(x, caches, [CONTEXT] * rows)
-        for c in caches:  # the same context every call
-            c.crop(-1)
-    return step
+    return decode_step(shard, rows, CONTEXT, torch.Generator().manual_seed(0))  # the same context every call
 
 
 def timed(step: Any, reps: int, gap: float = 0.0) -> float:

@@ -65,7 +65,7 @@ from edgezmq.model import chain as models
 from edgezmq.node import device
 from edgezmq.terms import MAX_CONTEXT
 
-__all__ = ["DTYPE", "ProgressFn", "device_identity", "profile_units", "format_profile", "spot_check", "rescale"]
+__all__ = ["DTYPE", "ProgressFn", "device_identity", "profile_units", "decode_step", "format_profile", "spot_check", "rescale"]
 
 log = logging.getLogger(__name__)
 
@@ -314,7 +314,7 @@ def _profile_unit(model: str, i: int, *, granularity: str, specs: list, fixed: l
     return entry
 
 
-def _decode_step(shard: Any, microbatch: int, context: int, gen: torch.Generator) -> Callable[[], Any]:
+def decode_step(shard: Any, microbatch: int, context: int, gen: torch.Generator) -> Callable[[], Any]:
     """One decode step of `shard` at `context` cached tokens, repeatable: each call's new
     token is cut from the caches again, so every call sees the same context."""
     x, caches = shard.decode_inputs(microbatch, context, gen)
@@ -335,7 +335,7 @@ def _profile_decode_unit(model: str, i: int, *, microbatch: int, context: int, w
     t0 = time.perf_counter()
     shard = models.build_shard(model, i, i + 1, checkpoint=checkpoint, dtype=TORCH_DTYPE, **kwargs)
     build_s = time.perf_counter() - t0
-    step = _decode_step(shard, microbatch, context, gen)
+    step = decode_step(shard, microbatch, context, gen)
     with torch.inference_mode():
         x_bytes = sum(t.numel() * t.element_size() for t in [shard.decode_inputs(microbatch, 0, gen)[0]])
         times = _timed_rounds(step, warmup, reps, round_s, stop)
@@ -464,7 +464,7 @@ def spot_check(prof: Mapping[str, Any], *, kwargs: Mapping[str, Any] | None = No
         i = max(range(len(units)), key=lambda j: units[j]["time_s"])
         started = time.perf_counter()
         shard = models.build_shard(prof["model"], i, i + 1, checkpoint=checkpoint, dtype=TORCH_DTYPE, **kw)
-        step = _decode_step(shard, int(prof["microbatch"]), int(prof["context"]), torch.Generator().manual_seed(INPUT_SEED))
+        step = decode_step(shard, int(prof["microbatch"]), int(prof["context"]), torch.Generator().manual_seed(INPUT_SEED))
         with _torch_threads(int(prof["threads"])), torch.inference_mode():
             times = _timed_rounds(step, warmup, reps, round_seconds(), stop)
         del shard, step

@@ -293,7 +293,7 @@ class LoadReply(Reply):
     param_bytes: int = field_("bytes of the shard's parameters", unit="bytes")
     buffer_bytes: int = field_("bytes the load check counted for activation buffers: the microbatches in "
                                "flight each way (the stage's input and its output, at the microbatch)",
-                               unit="bytes", default=0)
+                               lo=0, hi=MAX_BYTES, unit="bytes", default=0)
     public_key: str | None = field_("as in `info`")
 
 
