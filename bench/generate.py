@@ -171,6 +171,7 @@ def _scaling(args: argparse.Namespace, cluster: Any, kwargs: dict[str, Any], dev
     from edgezmq.client import Client
     from edgezmq.generation import Generator, decoder_limits
     from edgezmq.model import chain as models
+    from edgezmq.ops.status import poll
     from edgezmq.orchestrate.address import NodeAddress
     from edgezmq.orchestrate.deploy import DeployError, deploy, unload
     from edgezmq.orchestrate.planfile import DeployPlan, ModelSpec, StagePlan
@@ -220,26 +221,31 @@ def _scaling(args: argparse.Namespace, cluster: Any, kwargs: dict[str, Any], dev
                                        "stage_param_mb": [round(sum(sizes[a:b]) / 1e6, 1) for a, b in
                                                           (s.units for s in plan.stages)],
                                        "deploy_s": round(time.time() - t0, 1)})
+            stage_nodes = [st.nodes[0] for st in plan.stages]
             try:
                 c.attach(dep.entry, dep.run)
                 g = Generator(c, chunk=chunk, max_positions=positions, vocab_size=vocab)
                 c.window, c.microbatch = window(n, args.queued), 1
                 g.generate(prompts[:1], 2)  # warm: first calls, caches' allocations
-                for s in sequences:
+                for s, k in ((s, k) for s in sequences for k in args.step_tokens):
                     c.microbatch = microbatch(s, n, args.queued)
                     c.window = window(n, args.queued)
+                    g.step_tokens = k or None
+                    before = poll(stage_nodes)
                     t = time.time()
                     toks = g.generate(prompts[:s], args.new_tokens, stop_at_eos=False)
                     dt = time.time() - t
                     st = g.stats
-                    row = {"devices": n, "sequences": s, "tokens_per_s": round(st.tokens / dt, 3),
+                    row = {"devices": n, "sequences": s, "step_tokens": k, "tokens_per_s": round(st.tokens / dt, 3),
                            "ms_per_token": round(1e3 * dt / args.new_tokens, 1), "tokens": st.tokens,
                            "seconds": round(dt, 2), "microbatch": c.microbatch, "window": c.window,
-                           "cache_full_waits": st.cache_full,
-                           "first_token_s_median": round(sorted(st.first_token_s)[len(st.first_token_s) // 2], 3)}
+                           "steps": st.steps, "prefill_rows": st.prefill_rows, "cache_full_waits": st.cache_full,
+                           "first_token_s_median": round(sorted(st.first_token_s)[len(st.first_token_s) // 2], 3),
+                           "stage_compute_share": compute_shares(before, poll(stage_nodes), dt)}
                     out["rows"].append(row)
-                    print(f"{n} device(s), {s} sequence(s): {row['tokens_per_s']} tokens/s, "
-                          f"{row['ms_per_token']} ms/token", file=sys.stderr, flush=True)
+                    print(f"{n} device(s), {s} sequence(s), step_tokens {k}: {row['tokens_per_s']} tokens/s, "
+                          f"{row['ms_per_token']} ms/token, stages computing {row['stage_compute_share']}",
+                          file=sys.stderr, flush=True)
                     if n == max(devices) and "pipeline_greedy" not in out and s >= len(checked):
                         out["pipeline_greedy"] = {"prompts": checked, "tokens": toks[:len(checked)]}
             finally:
@@ -261,16 +267,30 @@ def _scaling(args: argparse.Namespace, cluster: Any, kwargs: dict[str, Any], dev
     return out
 
 
+def compute_shares(before: list[Any], after: list[Any], seconds: float) -> list[float | None]:
+    """Each stage's share of a run's `seconds` spent computing (its `stats` before and after
+    the run; None for a node that did not answer)."""
+    return [round((a.stage.compute_s - b.stage.compute_s) / seconds, 3)
+            if not isinstance(a, str) and not isinstance(b, str) and a.stage and b.stage else None
+            for b, a in zip(before, after)]
+
+
 # ---------------------------------------------------------------- outer
 def analyse(r: dict[str, Any]) -> dict[str, Any]:
-    one = {x["sequences"]: x["tokens_per_s"] for x in r["rows"] if x["devices"] == 1}
+    # the one-device baseline of each number of sequences: its best run (step_tokens changes
+    # nothing on one stage but the noise)
+    one: dict[int, float] = {}
+    for x in r["rows"]:
+        if x["devices"] == 1:
+            one[x["sequences"]] = max(one.get(x["sequences"], 0.0), x["tokens_per_s"])
     rows = [x for x in r["rows"] if x["sequences"] in one]  # the rows with a one-device baseline
     for x in rows:
         x["speedup"] = round(x["tokens_per_s"] / one[x["sequences"]], 3)
         x["efficiency"] = round(x["speedup"] / x["devices"], 3)
-    r["target"] = {f"{n}_devices_{s}_sequences": {"speedup": x["speedup"], "needed": TARGET * n,
-                                                  "met": x["speedup"] >= TARGET * n}
-                   for x in rows for n, s in [(x["devices"], x["sequences"])] if n > 1 and s >= n}
+    r["target"] = {f"{n}_devices_{s}_sequences" + (f"_step_tokens_{k}" if k else ""):
+                   {"speedup": x["speedup"], "needed": TARGET * n, "met": x["speedup"] >= TARGET * n}
+                   for x in rows for n, s, k in [(x["devices"], x["sequences"], x.get("step_tokens", 0))]
+                   if n > 1 and s >= n}
     return r
 
 
@@ -321,6 +341,9 @@ def main() -> int:
                     help="device counts, comma-separated (1: the big device; n > 1: n edge devices; '': none)")
     ap.add_argument("--sequences", type=args_.int_list(1, 1024), default=SEQUENCES,
                     help="concurrent sequences of each run, comma-separated")
+    ap.add_argument("--step-tokens", type=args_.int_list(0, 1 << 16), default=[0],
+                    help="the most prompt tokens a prefill step carries (Generator.step_tokens), comma-separated: "
+                         "each gives a run (0: a whole microbatch of prompts)")
     ap.add_argument("--twice", action=argparse.BooleanOptionalAction, default=True,
                     help="also run a model twice an edge device's memory cap on the 8 edge devices")
     ap.add_argument("--out", type=result_name, default=NAME, help="results name: bench/results/OUT.json and .png")
@@ -344,7 +367,8 @@ def main() -> int:
     with testbed(cfg, TESTBED) as tb:
         argv = [sys.executable, str(Path(__file__).resolve()), "--inner", "--cluster", str(tb.cluster_path),
                 "--queued", str(args.queued), "--devices", ",".join(map(str, args.devices)),
-                "--sequences", ",".join(map(str, args.sequences)), "--twice" if args.twice else "--no-twice",
+                "--sequences", ",".join(map(str, args.sequences)),
+                "--step-tokens", ",".join(map(str, args.step_tokens)), "--twice" if args.twice else "--no-twice",
                 "--new-tokens", str(args.new_tokens), "--prompt-len", str(args.prompt_len), "--seed", str(args.seed)]
         r = tb.exec_in_client(argv, stdout=subprocess.PIPE, text=True, timeout=3 * 3600,
                               env=dict(os.environ, PYTHONPATH=str(ROOT)))

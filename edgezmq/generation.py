@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 __all__ = ["Sampling", "Generator", "GenerateError", "decoder_limits"]
 
 MAX_NEW_TOKENS = 1 << 20
+MAX_STEP_TOKENS = 1 << 24
 
 
 class GenerateError(EdgezmqError, ValueError):
@@ -148,11 +149,12 @@ class Generator:
     """Sequences through a deployed decoder pipeline (``client``: a Client of that deployment)."""
 
     def __init__(self, client: Client, *, chunk: int, max_positions: int, vocab_size: int,
-                 eos_token_id: int | None = None, retries: int = 1) -> None:
+                 eos_token_id: int | None = None, retries: int = 1, step_tokens: int | None = None) -> None:
         if client.microbatch is None:
             raise GenerateError("the client must know the deployment's microbatch")
         self.client, self.chunk, self.max_positions = client, chunk, max_positions
         self.vocab_size, self.eos_token_id, self.retries = vocab_size, eos_token_id, retries
+        self.step_tokens = step_tokens
         self.stats = GenerateStats()
         self._starts = 0  # sequences a step may start (0: a microbatch); halved by a cache_full refusal
         self._next_id = 0  # sequence ids on the wire: unique per generator (its session keys them)
@@ -162,6 +164,19 @@ class Generator:
         """Rows per step: the client's microbatch (at most the deployment's), read at each step."""
         assert self.client.microbatch is not None  # checked at construction
         return self.client.microbatch
+
+    @property
+    def step_tokens(self) -> int | None:
+        """The most prompt tokens one prefill step carries (None: a microbatch of whole chunks,
+        the deployment's message). Each row brings a whole chunk of its prompt; a step has at
+        least one row. Decode steps are unaffected (a token per row, a microbatch of rows)."""
+        return self._step_tokens
+
+    @step_tokens.setter
+    def step_tokens(self, n: int | None) -> None:
+        if n is not None and not 1 <= n <= MAX_STEP_TOKENS:
+            raise GenerateError(f"step_tokens must be in 1..{MAX_STEP_TOKENS}, got {n}")
+        self._step_tokens = n
 
     @classmethod
     def for_model(cls, client: Client, name: str, kwargs: dict[str, Any], *, retries: int = 1) -> Generator:
@@ -337,20 +352,26 @@ class Generator:
 
     def _send_step(self, ready: deque[int], seqs: dict[int, _Seq], pending: dict[int, _Pending]) -> None:
         """The next microbatch from the ready queue: its first sequence, and up to a microbatch of
-        the ready ones of the same kind (prompt chunks, or one decode token each)."""
+        the ready ones of the same kind (prompt chunks, or one decode token each), in order;
+        prompt chunks up to `step_tokens` tokens in all."""
         first = seqs[ready[0]]
         prefill = len(first.tokens) - first.pos > 1
+        budget = self.step_tokens if prefill and self.step_tokens is not None else None
         ids: list[int] = []
-        starts = 0
+        starts = tokens = 0
         for sid in list(ready):
             s = seqs[sid]
             if (len(s.tokens) - s.pos > 1) == prefill:
+                n = min(self.chunk, len(s.tokens) - s.pos)
+                if budget is not None and ids and tokens + n > budget:
+                    break
                 if s.pos == 0:
                     if self._starts and starts == self._starts:  # the cache budget took fewer: they wait
                         continue
                     starts += 1
                 ids.append(sid)
                 ready.remove(sid)
+                tokens += n
                 if len(ids) == self.microbatch:
                     break
         rows = [seqs[i] for i in ids]
