@@ -232,6 +232,7 @@ def _scaling(args: argparse.Namespace, cluster: Any, kwargs: dict[str, Any], dev
                     c.window = window(n, args.queued)
                     g.step_tokens = k or None
                     before = poll(stage_nodes)
+                    machine = MachineUse()
                     t = time.time()
                     toks = g.generate(prompts[:s], args.new_tokens, stop_at_eos=False)
                     dt = time.time() - t
@@ -241,10 +242,11 @@ def _scaling(args: argparse.Namespace, cluster: Any, kwargs: dict[str, Any], dev
                            "seconds": round(dt, 2), "microbatch": c.microbatch, "window": c.window,
                            "steps": st.steps, "prefill_rows": st.prefill_rows, "cache_full_waits": st.cache_full,
                            "first_token_s_median": round(sorted(st.first_token_s)[len(st.first_token_s) // 2], 3),
-                           "stage_compute_share": compute_shares(before, poll(stage_nodes), dt)}
+                           **stage_use(before, poll(stage_nodes), dt), "machine_busy": machine.busy()}
                     out["rows"].append(row)
                     print(f"{n} device(s), {s} sequence(s), step_tokens {k}: {row['tokens_per_s']} tokens/s, "
-                          f"{row['ms_per_token']} ms/token, stages computing {row['stage_compute_share']}",
+                          f"{row['ms_per_token']} ms/token, stages computing {row['stage_compute_share']}, "
+                          f"CPU {row['stage_cpu_s']} s, machine busy {row['machine_busy']}",
                           file=sys.stderr, flush=True)
                     if n == max(devices) and "pipeline_greedy" not in out and s >= len(checked):
                         out["pipeline_greedy"] = {"prompts": checked, "tokens": toks[:len(checked)]}
@@ -267,12 +269,32 @@ def _scaling(args: argparse.Namespace, cluster: Any, kwargs: dict[str, Any], dev
     return out
 
 
-def compute_shares(before: list[Any], after: list[Any], seconds: float) -> list[float | None]:
-    """Each stage's share of a run's `seconds` spent computing (its `stats` before and after
-    the run; None for a node that did not answer)."""
-    return [round((a.stage.compute_s - b.stage.compute_s) / seconds, 3)
-            if not isinstance(a, str) and not isinstance(b, str) and a.stage and b.stage else None
-            for b, a in zip(before, after)]
+def stage_use(before: list[Any], after: list[Any], seconds: float) -> dict[str, list[float | None]]:
+    """From each stage's `stats` before and after a run of `seconds`: its share of the run spent
+    computing (wall clock), and the CPU seconds its computing took (None: a node that did not
+    answer). Wall time over CPU time above 1 / --cpu means the stage got less than its share."""
+    ok = [not isinstance(a, str) and not isinstance(b, str) and a.stage and b.stage for b, a in zip(before, after)]
+    return {"stage_compute_share": [round((a.stage.compute_s - b.stage.compute_s) / seconds, 3) if k else None
+                                    for b, a, k in zip(before, after, ok)],
+            "stage_cpu_s": [round(a.stage.compute_cpu_s - b.stage.compute_cpu_s, 2) if k else None
+                            for b, a, k in zip(before, after, ok)]}
+
+
+class MachineUse:
+    """The whole machine's CPU use from now to `busy()` (/proc/stat: not per namespace)."""
+
+    def __init__(self) -> None:
+        self.start = self._read()
+
+    @staticmethod
+    def _read() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            cpu = [int(v) for v in f.readline().split()[1:]]
+        return sum(cpu), cpu[3] + cpu[4]  # all, idle + iowait
+
+    def busy(self) -> float:
+        total, idle = self._read()
+        return round(1 - (idle - self.start[1]) / max(1, total - self.start[0]), 3)
 
 
 # ---------------------------------------------------------------- outer

@@ -124,6 +124,7 @@ class GenerateStats:
     sequences: int = 0
     tokens: int = 0  # generated
     steps: int = 0  # step messages answered
+    prefill_steps: int = 0  # step messages of prompt chunks sent
     prefill_rows: int = 0
     decode_rows: int = 0
     resent: int = 0
@@ -383,6 +384,7 @@ class Generator:
         if any(s.pos == 0 for s in rows):
             gen["max_len"] = [s.max_len for s in rows]
         if prefill:
+            self.stats.prefill_steps += 1
             self.stats.prefill_rows += len(rows)
         else:
             self.stats.decode_rows += len(rows)

@@ -272,6 +272,9 @@ def test_bad_prompts_are_refused_before_anything_is_sent():
             list(g.stream(prompts, new))
     with pytest.raises(GenerateError, match="temperature"):
         Sampling(greedy=False, temperature=0)
+    for bad in (0, -1, (1 << 24) + 1):
+        with pytest.raises(GenerateError, match="step_tokens must be in"):
+            g.step_tokens = bad
     # a replicated stage would get steps of sequences whose caches another replica holds
     spec = ModelSpec(name="gpt2", microbatch=2, checkpoint="x.safetensors", kwargs=MODELS["gpt2"])
     plan = DeployPlan(model=spec, stages=[StagePlan((0, 6), [NodeAddress("a", "tcp://127.0.0.1:1", 1),
@@ -504,6 +507,12 @@ def test_a_budget_that_holds_part_of_a_microbatch_admits_that_part(node_pool):
                 st = g.stats
                 assert again == got[:2] and st.cache_full == 0
                 assert st.steps == st.prefill_rows + st.decode_rows == 2 * new  # one row per step
+                # prompt chunks up to step_tokens a step (here 2 prompts of 5), at least one a step
+                c.microbatch = 4
+                for step_tokens, steps in [(10, 2), (4, 3), (None, 1)]:
+                    g.step_tokens = step_tokens
+                    assert g.generate(prompts[:3], new, stop_at_eos=False) == got[:3]
+                    assert (g.stats.prefill_steps, g.stats.prefill_rows) == (steps, 3), step_tokens
             finally:
                 unload(plan)
 
