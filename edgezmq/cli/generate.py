@@ -8,6 +8,7 @@ from typing import Any
 
 from edgezmq.argtypes import count, float_in, int_in, seconds, seed, window
 from edgezmq.cli.args import FMT, UsageError, node_failures, stderr
+from edgezmq.generation import MAX_STEP_TOKENS
 
 EPILOG = """examples:
   edgezmq generate plan.yaml --random 16 --prompt-len 8 --max-new-tokens 32
@@ -73,6 +74,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                         top_k=args.top_k, seed=args.seed)
     out: list[list[int]] = [[] for _ in prompts]
     with Generator.from_plan(plan, window=args.window, timeout=args.timeout, retries=args.retries) as g:
+        g.step_tokens = args.step_tokens
         for i, t in g.stream(prompts, args.max_new_tokens, sampling, stop_at_eos=not args.no_eos):
             out[i].append(t)
             if args.stream and not args.json:
@@ -114,6 +116,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--seed", type=seed, default=0, help="of --random and of sampling")
     g.add_argument("--no-eos", action="store_true", help="do not stop a sequence at the model's eos token")
     g.add_argument("--window", type=window, default=None, help="microbatches in flight")
+    g.add_argument("--step-tokens", type=int_in(1, MAX_STEP_TOKENS), default=None,
+                   help="the most prompt tokens one prefill step carries (default: a microbatch of prompt chunks; "
+                        "fewer fill the pipeline sooner, at a higher cost per token: docs/generate.md)")
     g.add_argument("--timeout", type=seconds, default=120.0, help="seconds before a step is sent again")
     g.add_argument("--retries", type=int_in(0, 100), default=1, help="resends of a step (0..100)")
     g.add_argument("--stream", action="store_true", help="print each token as it comes (index<TAB>token)")
