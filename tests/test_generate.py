@@ -462,16 +462,20 @@ def test_a_decoder_stage_refuses_what_does_not_continue_its_sequences(node_pool,
         try:
             prompts = tmp_path / "p.txt"
             prompts.write_text("5 6 7\n\n11 12\n")
-            r = run_cli_here(capsys, "generate", str(pf), "--tokens", str(prompts), "--max-new-tokens", "5", "--json")
+            r = run_cli_here(capsys, "generate", str(pf), "--tokens", str(prompts), "--max-new-tokens", "5", "--json",
+                             "--step-tokens", "3")
             assert r.returncode == 0, r.stderr
             out = json.loads(r.stdout.strip().splitlines()[-1])
             assert out["sequences"] == 2 and out["tokens"] == 10
+            assert out["prefill_steps"] == 2  # 3 + 2 prompt tokens: over --step-tokens 3 in one step
             for row in out["outputs"]:
                 assert row["tokens"] == _reference(name, kw, path, row["prompt"], 5)[0]
             prompts.write_text(f"5 {VOCAB}\n")
             r = run_cli_here(capsys, "generate", str(pf), "--tokens", str(prompts))
             assert r.returncode == 2 and f"token id {VOCAB} outside the vocabulary" in r.stderr
             assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+            r = run_cli_here(capsys, "generate", str(pf), "--tokens", str(prompts), "--step-tokens", "0")
+            assert r.returncode == 2 and "--step-tokens" in r.stderr and "Traceback" not in r.stderr
         finally:
             run_cli_here(capsys, "undeploy", str(pf))
 

@@ -85,7 +85,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             for p, o in zip(prompts, out)]
     if args.json:
         print(json.dumps({"sequences": st.sequences, "tokens": st.tokens, "seconds": round(st.seconds, 4),
-                          "tokens_per_s": round(rate, 3), "steps": st.steps, "resent": st.resent,
+                          "tokens_per_s": round(rate, 3), "steps": st.steps, "prefill_steps": st.prefill_steps,
+                          "resent": st.resent,
                           "cache_full": st.cache_full, "outputs": rows}))
         return 0
     for i, r in enumerate(rows):
