@@ -2,7 +2,7 @@
 on 1 device vs a pipeline of 2, 4, 8, for a decoder that does not fit one edge device.
 
     sudo python bench/generate.py [--json] [--new-tokens 16] [--prompt-len 8] [--cpu 0.2]
-        [--devices 1,2,4,8] [--sequences 1,4,16,64] [--no-twice] [--out generate]
+        [--devices 1,2,4,8] [--sequences 1,4,16,64] [--step-tokens 0] [--no-twice] [--out generate]
 
 The testbed: 8 `edge` devices (CPU share --cpu each, 1 thread, memory --edge-memory) and one
 `big` device of the same CPU share with room for the whole model (the one-device baseline:
@@ -33,6 +33,17 @@ rows on by matrix products that this CPU runs at low efficiency for few rows). N
 microbatches in flight to be busy, so their rows are S / (N + 1) against one device's S / 2:
 the compute bound on the speedup is N x per_row(S / 2) / per_row(S / (N + 1)), printed by
 decode_rows.py. Every microbatch more in flight lowers it. Keep the window near N.
+
+--step-tokens caps the prompt tokens of a prefill step (Generator.step_tokens; 0: a whole
+microbatch of prompts, the default); each value is a run. A microbatch of 8-token prompts
+costs up to 8 decode steps, and the last of N stages waits for the first one to pass the
+N - 1 before it: smaller prompt steps fill the pipeline sooner (docs/generate.md).
+Each row also records, from the stages' `stats` before and after the run, each stage's
+share of the run spent computing (wall clock) and the CPU seconds of its computing, and the
+machine's busy share (/proc/stat): the speedup over one device is N x (one device's CPU
+seconds / the stages' sum: the cost of smaller microbatches) x (mean stage CPU / the
+busiest's: balance) x (the busiest stage's computing share: the pipeline's idle time), as
+long as each computing stage gets its CPU share (CPU seconds / computing seconds = --cpu).
 
 tokens_per_s = generated tokens / wall time of the run (prefill included); ms_per_token = the run's wall time / --new-tokens (what one sequence waits per
 token). Before timing, one short untimed generation warms the deployment. `exact_greedy`:

@@ -3,7 +3,8 @@
 One request keeps one stage busy at a time; many sequences keep every stage busy. The
 generator holds a queue of sequences ready for their next step and groups them into
 microbatches (prompts with prompts, single decode tokens with decode tokens) as results
-come back: continuous batching across the pipeline. Each stage keeps every sequence's KV
+come back: continuous batching across the pipeline (`step_tokens` caps a step of prompts: a
+smaller one fills the pipeline sooner; docs/generate.md). Each stage keeps every sequence's KV
 cache for its own layers (edgezmq.node.kvcache); a message names its rows' sequences and
 positions in the wire header's `gen` field (docs/generate.md).
 
