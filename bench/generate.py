@@ -336,11 +336,11 @@ def plot(r: dict[str, Any]) -> None:
     devices = sorted({x["devices"] for x in r["rows"]})
     if not sequences:
         return
-    for s in sequences:
-        pts = [(x["devices"], x["tokens_per_s"]) for x in r["rows"] if x["sequences"] == s]
-        a0.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{s} sequence(s)")
-        lat = [(x["devices"], x["ms_per_token"]) for x in r["rows"] if x["sequences"] == s]
-        a1.plot([p[0] for p in lat], [p[1] for p in lat], "o-", label=f"{s} sequence(s)")
+    for s, k in sorted({(x["sequences"], x.get("step_tokens", 0)) for x in r["rows"]}):
+        runs = [x for x in r["rows"] if x["sequences"] == s and x.get("step_tokens", 0) == k]
+        label = f"{s} sequence(s)" + (f", step_tokens {k}" if k else "")
+        a0.plot([x["devices"] for x in runs], [x["tokens_per_s"] for x in runs], "o-", label=label)
+        a1.plot([x["devices"] for x in runs], [x["ms_per_token"] for x in runs], "o-", label=label)
     base = {x["sequences"]: x["tokens_per_s"] for x in r["rows"] if x["devices"] == 1}
     if max(sequences) in base:
         a0.plot(devices, [TARGET * n * base[max(sequences)] for n in devices], "k:",
