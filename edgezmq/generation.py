@@ -355,13 +355,19 @@ class Generator:
     def _send_step(self, ready: deque[int], seqs: dict[int, _Seq], pending: dict[int, _Pending]) -> None:
         """The next microbatch from the ready queue: its first sequence, and up to a microbatch of
         the ready ones of the same kind (prompt chunks, or one decode token each), in order;
-        prompt chunks up to `step_tokens` tokens in all."""
-        first = seqs[ready[0]]
+        prompt chunks up to `step_tokens` tokens in all. Sequences already started (their caches
+        on the stages, their idle time counting there) go before new prompts once a microbatch of
+        them is ready: so a sequence waits for a few steps, not for every prompt's prefill (which
+        on a slow device can outlast a stage's idle limit, `cache_idle_s`, and lose its caches);
+        with fewer ready, new prompts go first and fill the pipeline."""
+        started = [sid for sid in ready if seqs[sid].pos > 0]
+        order = started if started and (len(started) >= self.microbatch or len(started) == len(ready)) else list(ready)
+        first = seqs[order[0]]
         prefill = len(first.tokens) - first.pos > 1
         budget = self.step_tokens if prefill and self.step_tokens is not None else None
         ids: list[int] = []
         starts = tokens = 0
-        for sid in list(ready):
+        for sid in order:
             s = seqs[sid]
             if (len(s.tokens) - s.pos > 1) == prefill:
                 n = min(self.chunk, len(s.tokens) - s.pos)
