@@ -48,6 +48,7 @@ from edgezmq.client import POLL_MS, Client, PipelineError, ResultTimeout, _Failo
 from edgezmq.errors import EdgezmqError
 from edgezmq.orchestrate.planfile import DeployPlan
 from edgezmq.protocol import wire
+from edgezmq.protocol.messages import DEFAULT_CACHE_IDLE_S
 from edgezmq.transport import sockets
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ class _Seq:
     max_len: int
     rng: np.random.Generator | None
     pos: int = 0  # tokens every stage's cache holds
+    stepped: float = 0.0  # time.time() its last step's result came back
     done: bool = False
 
     @property
@@ -157,6 +159,8 @@ class Generator:
         self.client, self.chunk, self.max_positions = client, chunk, max_positions
         self.vocab_size, self.eos_token_id, self.retries = vocab_size, eos_token_id, retries
         self.step_tokens = step_tokens
+        # a started sequence waiting this long goes before new prompts (half a stage's default idle limit)
+        self.max_wait_s = DEFAULT_CACHE_IDLE_S / 2
         self.stats = GenerateStats()
         self._starts = 0  # sequences a step may start (0: a microbatch); halved by a cache_full refusal
         self._next_id = 0  # sequence ids on the wire: unique per generator (its session keys them)
@@ -300,8 +304,10 @@ class Generator:
                     raise PipelineError(msg.seq, err.get("code", "?"), err.get("message", ""), msg.stage)
                 logits = msg.tensors[0]
                 st.steps += 1
+                now = time.time()
                 for row, (s, n) in enumerate(zip(p.rows, p.lens)):
                     s.pos += n
+                    s.stepped = now
                     if s.pos < len(s.tokens):  # a long prompt's next chunk: no token yet
                         ready.append(s.sid)
                         continue
@@ -355,13 +361,15 @@ class Generator:
     def _send_step(self, ready: deque[int], seqs: dict[int, _Seq], pending: dict[int, _Pending]) -> None:
         """The next microbatch from the ready queue: its first sequence, and up to a microbatch of
         the ready ones of the same kind (prompt chunks, or one decode token each), in order;
-        prompt chunks up to `step_tokens` tokens in all. Sequences already started (their caches
-        on the stages, their idle time counting there) go before new prompts once a microbatch of
-        them is ready: so a sequence waits for a few steps, not for every prompt's prefill (which
-        on a slow device can outlast a stage's idle limit, `cache_idle_s`, and lose its caches);
-        with fewer ready, new prompts go first and fill the pipeline."""
+        prompt chunks up to `step_tokens` tokens in all. The queue is in the order sequences
+        became ready, so new prompts (ready since the start) go before the next steps of started
+        ones; but a started sequence whose last step ended `max_wait_s` ago puts the started
+        ones first: its caches are on the stages, which drop them after `cache_idle_s` idle (on a
+        slow device every prompt's prefill can take longer than that)."""
+        now = time.time()
         started = [sid for sid in ready if seqs[sid].pos > 0]
-        order = started if started and (len(started) >= self.microbatch or len(started) == len(ready)) else list(ready)
+        overdue = any(now - seqs[sid].stepped >= self.max_wait_s for sid in started)
+        order = started if overdue else list(ready)
         first = seqs[order[0]]
         prefill = len(first.tokens) - first.pos > 1
         budget = self.step_tokens if prefill and self.step_tokens is not None else None

@@ -283,12 +283,12 @@ def test_bad_prompts_are_refused_before_anything_is_sent():
         Generator.from_plan(plan)
 
 
-def test_started_sequences_go_before_new_prompts_once_a_microbatch_of_them_is_ready():
-    """Prompts wait since the start, so a plain queue would serve every prompt before any
-    started sequence's next step: with prompt steps capped (`step_tokens`) on a slow device,
-    the first sequences then idled past a stage's `cache_idle_s` and lost their caches (found
-    by bench/generate.py: one device, 512 prompts, steps of 128 tokens). A microbatch of
-    started sequences ready goes first; fewer wait behind the prompts (they fill the pipeline)."""
+def test_a_started_sequence_waiting_long_goes_before_new_prompts():
+    """Prompts wait since the start, so the queue serves every prompt before a started
+    sequence's next step: with prompt steps capped (`step_tokens`) on a slow device, the first
+    sequences idled past a stage's `cache_idle_s` and lost their caches (found by
+    bench/generate.py: one device, 512 prompts, steps of 128 tokens). A started sequence whose
+    last step ended `max_wait_s` ago puts the started ones first; until then the order stands."""
     from collections import deque
 
     from edgezmq.generation import _Seq
@@ -297,19 +297,27 @@ def test_started_sequences_go_before_new_prompts_once_a_microbatch_of_them_is_re
         microbatch = 2
 
     g = Generator(_C(), chunk=4, max_positions=64, vocab_size=VOCAB)  # type: ignore[arg-type]
+    assert g.max_wait_s == 150.0  # half a stage's default idle limit
     sent: list[tuple[list[int], list[int]]] = []
     g._send = lambda gen, xs, rows, lens, pending, release=False: sent.append((gen["ids"], gen["pos"]))  # type: ignore[method-assign]
-    # 0-2 started (prompt of 4 cached, one token generated: a decode step next); 3-5 new prompts
-    seqs = {i: _Seq(i, i, [7] * 4 + ([9] if i < 3 else []), 4, 10, None, pos=4 if i < 3 else 0) for i in range(6)}
-    for ready, step in [([3, 4, 5, 0], ([3, 4], [0, 0])),  # one started: the prompts first
-                        ([5, 0, 1], ([0, 1], [4, 4])),  # a microbatch started: before the prompt
-                        ([5, 0, 1, 2], ([0, 1], [4, 4])),
-                        ([2], ([2], [4]))]:
+    now = time.time()
+    # 0-2 started (prompt of 4 cached, one token generated: a decode step next), 1 s ago; 3-5 new prompts
+    seqs = {i: _Seq(i, i, [7] * 4 + ([9] if i < 3 else []), 4, 10, None, pos=4 if i < 3 else 0, stepped=now - 1)
+            for i in range(6)}
+    cases = [([3, 4, 5, 0, 1], ([3, 4], [0, 0])),  # in time: the prompts first, in order
+             ([0, 5], ([0], [4])),  # a started one first in the queue goes first
+             ([2], ([2], [4]))]
+    for ready, step in cases:
         sent.clear()
         q = deque(ready)
         g._send_step(q, seqs, {})
         assert sent == [step], ready
         assert sorted([*q, *step[0]]) == sorted(ready)  # taken off the queue, the rest kept
+    seqs[1].stepped = now - 151  # waited past max_wait_s: the started ones go first
+    for ready, step in [([3, 4, 5, 0, 1], ([0, 1], [4, 4])), ([3, 1, 4], ([1], [4]))]:
+        sent.clear()
+        g._send_step(deque(ready), seqs, {})
+        assert sent == [step], ready
 
 
 def test_generator_takes_results_through_the_clients_filter():
