@@ -35,7 +35,8 @@ the compute bound on the speedup is N x per_row(S / 2) / per_row(S / (N + 1)), p
 decode_rows.py. Every microbatch more in flight lowers it. Keep the window near N.
 
 --step-tokens caps the prompt tokens of a prefill step (Generator.step_tokens; 0: a whole
-microbatch of prompts, the default); each value is a run. A microbatch of 8-token prompts
+microbatch of prompts, the default); each value is a run of every pipeline (the one device
+runs whole prompt steps: with one stage there is no fill to shorten). A microbatch of 8-token prompts
 costs up to 8 decode steps, and the last of N stages waits for the first one to pass the
 N - 1 before it: smaller prompt steps fill the pipeline sooner (docs/generate.md).
 Each row also records, from the stages' `stats` before and after the run, each stage's
@@ -238,7 +239,8 @@ def _scaling(args: argparse.Namespace, cluster: Any, kwargs: dict[str, Any], dev
                 g = Generator(c, chunk=chunk, max_positions=positions, vocab_size=vocab)
                 c.window, c.microbatch = window(n, args.queued), 1
                 g.generate(prompts[:1], 2)  # warm: first calls, caches' allocations
-                for s, k in ((s, k) for s in sequences for k in args.step_tokens):
+                # one stage has no fill to shorten: a cap there only costs CPU (0.93x, generate-steps.json)
+                for s, k in ((s, k) for s in sequences for k in (args.step_tokens if n > 1 else [0])):
                     c.microbatch = microbatch(s, n, args.queued)
                     c.window = window(n, args.queued)
                     g.step_tokens = k or None
@@ -376,7 +378,7 @@ def main() -> int:
                     help="concurrent sequences of each run, comma-separated")
     ap.add_argument("--step-tokens", type=args_.int_list(0, 1 << 16), default=[0],
                     help="the most prompt tokens a prefill step carries (Generator.step_tokens), comma-separated: "
-                         "each gives a run (0: a whole microbatch of prompts)")
+                         "each gives a run of each pipeline (0: a whole microbatch of prompts; one device: always 0)")
     ap.add_argument("--twice", action=argparse.BooleanOptionalAction, default=True,
                     help="also run a model twice an edge device's memory cap on the 8 edge devices")
     ap.add_argument("--out", type=result_name, default=NAME, help="results name: bench/results/OUT.json and .png")
