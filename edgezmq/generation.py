@@ -49,6 +49,7 @@ from edgezmq.errors import EdgezmqError
 from edgezmq.orchestrate.planfile import DeployPlan
 from edgezmq.protocol import wire
 from edgezmq.protocol.messages import DEFAULT_CACHE_IDLE_S
+from edgezmq.terms import MAX_SECONDS
 from edgezmq.transport import sockets
 
 log = logging.getLogger(__name__)
@@ -159,7 +160,6 @@ class Generator:
         self.client, self.chunk, self.max_positions = client, chunk, max_positions
         self.vocab_size, self.eos_token_id, self.retries = vocab_size, eos_token_id, retries
         self.step_tokens = step_tokens
-        # a started sequence waiting this long goes before new prompts (half a stage's default idle limit)
         self.max_wait_s = DEFAULT_CACHE_IDLE_S / 2
         self.stats = GenerateStats()
         self._starts = 0  # sequences a step may start (0: a microbatch); halved by a cache_full refusal
@@ -183,6 +183,19 @@ class Generator:
         if n is not None and not 1 <= n <= MAX_STEP_TOKENS:
             raise GenerateError(f"step_tokens must be in 1..{MAX_STEP_TOKENS}, got {n}")
         self._step_tokens = n
+
+    @property
+    def max_wait_s(self) -> float:
+        """Seconds a started sequence may wait for its next step before the started sequences
+        go ahead of new prompts; in 0..MAX_SECONDS (default: half a stage's default idle limit,
+        after which the stage drops the sequence's cache)."""
+        return self._max_wait_s
+
+    @max_wait_s.setter
+    def max_wait_s(self, s: float) -> None:
+        if not 0 <= s <= MAX_SECONDS:  # False for NaN too
+            raise GenerateError(f"max_wait_s must be in 0..{MAX_SECONDS:g} s, got {s}")
+        self._max_wait_s = float(s)
 
     @classmethod
     def for_model(cls, client: Client, name: str, kwargs: dict[str, Any], *, retries: int = 1) -> Generator:

@@ -275,6 +275,11 @@ def test_bad_prompts_are_refused_before_anything_is_sent():
     for bad in (0, -1, (1 << 24) + 1):
         with pytest.raises(GenerateError, match="step_tokens must be in"):
             g.step_tokens = bad
+    for wait in (-1.0, float("nan"), float("inf"), 2e6):
+        with pytest.raises(GenerateError, match="max_wait_s must be in"):
+            g.max_wait_s = wait
+    g.max_wait_s = 0  # started sequences always first: allowed
+    assert g.max_wait_s == 0.0
     # a replicated stage would get steps of sequences whose caches another replica holds
     spec = ModelSpec(name="gpt2", microbatch=2, checkpoint="x.safetensors", kwargs=MODELS["gpt2"])
     plan = DeployPlan(model=spec, stages=[StagePlan((0, 6), [NodeAddress("a", "tcp://127.0.0.1:1", 1),

@@ -17,6 +17,7 @@ See docs/model.md.
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import difflib
 import functools
@@ -26,7 +27,7 @@ import logging
 import os
 import uuid
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeGuard
@@ -49,10 +50,21 @@ __all__ = [
     "GRANULARITIES", "HAND_GRANULARITIES", "ModelError", "UnitInfo", "Shard", "create_model", "unit_infos", "num_units",
     "input_shape", "boundary_specs", "boundary_values", "example_inputs", "build_shard", "write_checkpoint", "cached_checkpoint",
     "save_checkpoint", "checkpoint_problem", "cache_root", "unit_names", "run_units", "input_specs",
-    "random_inputs", "reference_forward",
+    "random_inputs", "reference_forward", "torch_threads",
 ]
 
 log = logging.getLogger(__name__)
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to `n` inside the block, the previous setting restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
 
 HAND_GRANULARITIES = ("block", "half", "sublayer")  # a ViT's hand-written chain; others: traced
 EMBED_UNIT = "embed"

@@ -196,17 +196,6 @@ def _check_counts(threads: int | None, warmup: int, reps: int) -> None:
         raise ValueError(f"reps: expected >= 1, got {reps}")
 
 
-@contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    """torch's intra-op threads set to `n` inside the block, the previous setting restored after."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def _timed_rounds(fn: Callable[[], Any], warmup: int, reps: int, round_s: float,
                   stop: StopFn | None = None) -> list[float]:
     """Seconds per call of `fn`: `warmup` untimed calls, then the mean of each of `reps` rounds.
@@ -405,7 +394,7 @@ def profile_units(model: str, *, granularity: str = "block", microbatch: int = 8
     round_s = round_seconds()
     started = time.perf_counter()
     units = []
-    with _torch_threads(used), _frozen_heap():
+    with models.torch_threads(used), _frozen_heap():
         for i in range(n):
             if context is not None:
                 entry = _profile_decode_unit(model, i, microbatch=microbatch, context=context, warmup=warmup,
@@ -465,7 +454,7 @@ def spot_check(prof: Mapping[str, Any], *, kwargs: Mapping[str, Any] | None = No
         started = time.perf_counter()
         shard = models.build_shard(prof["model"], i, i + 1, checkpoint=checkpoint, dtype=TORCH_DTYPE, **kw)
         step = decode_step(shard, int(prof["microbatch"]), int(prof["context"]), torch.Generator().manual_seed(INPUT_SEED))
-        with _torch_threads(int(prof["threads"])), torch.inference_mode():
+        with models.torch_threads(int(prof["threads"])), torch.inference_mode():
             times = _timed_rounds(step, warmup, reps, round_seconds(), stop)
         del shard, step
         gc.collect()
@@ -480,7 +469,7 @@ def spot_check(prof: Mapping[str, Any], *, kwargs: Mapping[str, Any] | None = No
         i = max(range(len(units)), key=lambda j: units[j]["time_s"])
         window, then = (i, i + 1), float(units[i]["time_s"])
     started = time.perf_counter()
-    with _torch_threads(int(prof["threads"])):
+    with models.torch_threads(int(prof["threads"])):
         times = _time_window(prof["model"], window, granularity=prof["granularity"], specs=specs, fixed=fixed, warmup=warmup,
                              reps=reps, kwargs=kw, checkpoint=checkpoint,
                              gen=torch.Generator().manual_seed(INPUT_SEED), round_s=round_seconds(), stop=stop)

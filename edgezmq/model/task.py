@@ -20,7 +20,6 @@ weights (model, kwargs, split, recipe, threads), so a changed recipe trains anew
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -29,7 +28,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,7 @@ from safetensors.torch import load_file
 
 from edgezmq import argtypes
 from edgezmq.errors import EdgezmqError
-from edgezmq.model.chain import checkpoint_problem, create_model, save_checkpoint
+from edgezmq.model.chain import checkpoint_problem, create_model, save_checkpoint, torch_threads
 from edgezmq.paths import checkpoints_dir
 from edgezmq.terms import MAX_THREADS
 
@@ -154,16 +153,6 @@ def digits_split(test_fraction: float = TEST_FRACTION, seed: int = SPLIT_SEED,
     return Split(prepare(images[tr], size), y[tr], prepare(images[te], size), y[te])
 
 
-@contextlib.contextmanager
-def _threads(n: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 @torch.no_grad()
 def top1(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = EVAL_BATCH) -> float:
     """Top-1 accuracy in percent of `model` (put in eval mode) on (x, y)."""
@@ -179,7 +168,7 @@ def train(config: TrainConfig, split: Split,
     `progress(epoch, loss)` is called after each epoch. The global RNG is left as it was.
     """
     steps = config.epochs * math.ceil(len(split.y_train) / config.batch)
-    with _threads(config.threads), torch.random.fork_rng(devices=[]):
+    with torch_threads(config.threads), torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = create_model(TASK_MODEL, **TASK_KWARGS).train()
         opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -237,7 +226,7 @@ def cached_task_checkpoint(config: TrainConfig = TrainConfig(), cache_dir: str |
     wall, cpu = time.monotonic(), time.process_time()
     model = train(config, split, progress)
     wall, cpu = time.monotonic() - wall, time.process_time() - cpu
-    with _threads(config.threads):
+    with torch_threads(config.threads):
         acc = top1(model, split.x_test, split.y_test)
     meta = {**want, "test_top1": f"{acc:.4f}", "test_samples": str(len(split.y_test)),
             "train_wall_s": f"{wall:.1f}", "train_cpu_s": f"{cpu:.1f}",

@@ -168,18 +168,13 @@ def _client_chain_s(model: torch.nn.Module, granularity: str, x: torch.Tensor, t
 
     from edgezmq.model import chain as models
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads))
-    try:
-        with torch.no_grad():
-            times = []
-            for _ in range(TIMING_REPS + 1):
-                t0 = time.perf_counter()
-                models.run_units(model, granularity, x)
-                times.append(time.perf_counter() - t0)
-        return statistics.median(times[1:])
-    finally:
-        torch.set_num_threads(before)
+    with models.torch_threads(max(1, threads)), torch.no_grad():
+        times = []
+        for _ in range(TIMING_REPS + 1):
+            t0 = time.perf_counter()
+            models.run_units(model, granularity, x)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
 
 
 def measure(model: torch.nn.Module, granularity: str, x: torch.Tensor, microbatch: int,
