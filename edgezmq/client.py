@@ -41,8 +41,9 @@ POLL_MS = 50
 Batch = np.ndarray | tuple[np.ndarray, ...] | list[np.ndarray]
 
 
-class _Failover(Exception):
-    """Raised inside the stream loop when the deployment must be replaced (a node died)."""
+class FailoverNeeded(Exception):
+    """Raised by ``send_frames`` (and inside the stream loop) when the deployment must be
+    replaced (a node died) before anything more can be sent; the caller fails over and resends."""
 
 
 class ResultTimeout(EdgezmqError, TimeoutError):
@@ -119,6 +120,12 @@ class Client:
     def next_seq(self) -> int:
         """The sequence number the next microbatch submitted gets (``timestamps`` is keyed by them)."""
         return self._seq
+
+    def take_seq(self) -> int:
+        """The next microbatch's sequence number, taken (each message this client sends has its own)."""
+        seq = self._seq
+        self._seq += 1
+        return seq
 
     def arrivals(self, first_seq: int, n: int) -> list[float]:
         """When the results of microbatches ``first_seq .. first_seq + n - 1`` reached this client
@@ -216,7 +223,7 @@ class Client:
                 return
             except zmq.Again:
                 if self.failed.is_set() and self.recover is not None:
-                    raise _Failover() from None
+                    raise FailoverNeeded() from None
                 if time.time() > deadline:
                     raise ResultTimeout(f"stage 0 did not accept microbatch {seq} within {self.timeout:g}s") from None
 
@@ -248,7 +255,7 @@ class Client:
         while True:
             try:
                 if self.failed.is_set() and self.recover is not None:
-                    raise _Failover()
+                    raise FailoverNeeded()
                 # every result already in, each timestamped as it is taken (Client.arrivals)
                 while (frames := sockets.recv_frames(self.pull, 0)) is not None:
                     self._accept(frames, pending, done)
@@ -261,9 +268,9 @@ class Client:
                         except StopIteration:
                             exhausted = True
                             break
-                        unsent = (self._seq, x, time.time() + self.timeout)
-                        order.append(self._seq)
-                        self._seq += 1
+                        seq = self.take_seq()
+                        unsent = (seq, x, time.time() + self.timeout)
+                        order.append(seq)
                     seq, x, deadline = unsent
                     try:
                         sockets.send_frames(self.push, self._frames(seq, x), zmq.NOBLOCK)
@@ -274,7 +281,7 @@ class Client:
                         break
                     pending[seq] = [x, time.time(), 1]
                     unsent = None
-            except _Failover:
+            except FailoverNeeded:
                 if unsent is not None:  # replayed with the others, to the new deployment
                     pending[unsent[0]] = [unsent[1], time.time(), 1]
                     unsent = None
@@ -312,7 +319,7 @@ class Client:
             entry_[1] = now
             try:
                 self._send(seq, entry_[0], now + self.timeout)
-            except _Failover:  # another node died meanwhile: the loop fails over again
+            except FailoverNeeded:  # another node died meanwhile: the loop fails over again
                 return
         self.replayed += len(pending)
         log.warning("failed over to run %s: replayed %d microbatch(es)", run, len(pending))

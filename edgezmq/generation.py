@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from edgezmq.client import POLL_MS, Client, PipelineError, ResultTimeout, _Failover
+from edgezmq.client import POLL_MS, Client, FailoverNeeded, PipelineError, ResultTimeout
 from edgezmq.errors import EdgezmqError
 from edgezmq.orchestrate.planfile import DeployPlan
 from edgezmq.protocol import wire
@@ -290,7 +290,7 @@ class Generator:
                         finished = []
                         continue
                     self._send_step(ready, seqs, pending)
-            except _Failover:  # a node died while stage 0 would not take a step: fail over first
+            except FailoverNeeded:  # a node died while stage 0 would not take a step: fail over first
                 continue
             events: list[tuple[int, int]] = []
             while (frames := sockets.recv_frames(c.pull, 0)) is not None:
@@ -425,8 +425,7 @@ class Generator:
     def _send(self, gen: dict[str, Any], xs: list[np.ndarray], rows: list[_Seq], lens: list[int],
               pending: dict[int, _Pending], release: bool = False) -> None:
         c = self.client
-        seq = c._seq
-        c._seq += 1
+        seq = c.take_seq()
         frames = wire.encode(wire.Message("act", c.run, seq, -1, xs, t=[[-1, time.time()]], session=c.session,
                                           gen=gen))
         c.send_frames(seq, frames, time.time() + c.timeout)

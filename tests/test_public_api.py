@@ -25,7 +25,7 @@ PUBLIC = [
 IMPORT_TIMEOUT_S = 60.0
 
 # control flow inside one module, never seen by a caller: outside the root on purpose
-INTERNAL = {"edgezmq.client._Failover", "edgezmq.planner.search.Timeout", "edgezmq.planner.search.BudgetExceeded",
+INTERNAL = {"edgezmq.planner.search.Timeout", "edgezmq.planner.search.BudgetExceeded",
             # a yaml.YAMLError: read_yaml turns it into the caller's error like any syntax error
             "edgezmq.fields.ExpansionError",
             # a KeyboardInterrupt: SIGTERM takes Ctrl-C's way out (exit 143)
@@ -35,7 +35,9 @@ INTERNAL = {"edgezmq.client._Failover", "edgezmq.planner.search.Timeout", "edgez
             # ends a shard build that `unload` abandoned; the loader thread catches it
             "edgezmq.node.daemon._LoadAbandoned",
             # a generation step a stage refuses; the compute thread turns it into an error message
-            "edgezmq.node.kvcache.GenError"}
+            "edgezmq.node.kvcache.GenError",
+            # a node died mid-send: the client's stream and the generator fail over and resend
+            "edgezmq.client.FailoverNeeded"}
 
 # every error class, with the builtin its callers catch and the exit code it maps to
 ERRORS = {
