@@ -10,8 +10,11 @@ Two measurements behind bench/generate.py's figures (README, "Generating text ac
    stages with S sequences runs microbatches of ceil(S / (N + 1)) rows (N + 1 in flight), one
    device ceil(S / 2) (2 in flight): each stage does 1/N of the layers for every row, so the
    compute bound on N devices' speedup is N x per_row(one device's rows) / per_row(the
-   pipeline's rows). Printed for S = 64, 256 and 512 (`bound`): what the decode steps' arithmetic
-   allows, before messages, the head's share, the client's turnaround and prefill.
+   pipeline's rows). Printed for S = 64, 256, 512 and 1024 (`bound`): what the decode steps'
+   arithmetic allows, before messages, the head's share, the client's turnaround and prefill.
+   And the same curve in two numbers (`fit`, least squares from 16 rows on): step = fixed +
+   rows x per_row, `fixed` being what every step pays whatever its rows (the layers' weights,
+   read from memory: `weights_gb_per_s` is their size over it).
 2. **Bursts under a CPU quota** (root): a 1-row step of 2 and of 4 layers inside a cgroup holding
    `--cpu` of a core with the testbed's own period and quota (edgezmq.testbed.cgroups), once
    back to back and once after `--gap` s idle. A step that fits in one period's quota runs at
@@ -39,7 +42,8 @@ from edgezmq import argtypes as args_
 
 NAME = "decode-rows"
 ROWS = [1, 2, 4, 8, 16, 32, 64, 128]
-SEQUENCES = [64, 256, 512]
+SEQUENCES = [64, 256, 512, 1024]
+FIT_FROM = 16  # rows: the step's time fitted as fixed + per row from here on (fewer rows: weight-read bound)
 DEVICES = [2, 4, 8]
 BURST_LAYERS = [2, 4]  # a 1-row step of ~12 ms and of ~24 ms at full speed: under and over a 20 ms quota
 CONTEXT = 16  # cached tokens per row: the generate bench's prompts (8) and half its new tokens
@@ -62,6 +66,19 @@ def step_fn(layers: int, rows: int) -> Any:
 
     shard = models.build_shard(MODEL, 1, 1 + layers, dtype=torch.float32, **KWARGS)
     return decode_step(shard, rows, CONTEXT, torch.Generator().manual_seed(0))  # the same context every call
+
+
+def layers_mb(layers: int) -> float:
+    """The float32 weights of `layers` decoder layers of the bench's model, in MB."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from generate import KWARGS, MODEL
+
+    from edgezmq.model import chain as models
+
+    shard = models.build_shard(MODEL, 1, 1 + layers, dtype=torch.float32, **KWARGS)
+    return sum(p.numel() * p.element_size() for p in shard.parameters()) / 1e6
 
 
 def timed(step: Any, reps: int, gap: float = 0.0) -> float:
@@ -91,7 +108,22 @@ def rows_curve(layers: int, reps: int) -> dict[str, Any]:
     bound = {f"{n}_devices_{s}_sequences": round(n * per_row[pipeline_rows(s, 1)] / per_row[pipeline_rows(s, n)], 2)
              for s in SEQUENCES for n in DEVICES}
     return {"step_ms": {m: round(per_row[m] * m * 1e3, 2) for m in need},
-            "per_row_ms": {m: round(per_row[m] * 1e3, 3) for m in need}, "bound": bound}
+            "per_row_ms": {m: round(per_row[m] * 1e3, 3) for m in need}, "bound": bound,
+            "fit": fixed_plus_per_row({m: per_row[m] * m * 1e3 for m in need if m >= FIT_FROM}, layers)}
+
+
+def fixed_plus_per_row(step_ms: dict[int, float], layers: int) -> dict[str, float]:
+    """Least squares step_ms = fixed + rows x per_row over the points given. `fixed` is what
+    every step pays whatever its rows (reading the layers' weights: they do not fit the cache);
+    a pipeline's N stages run N + 1 steps per round where one device runs 2, so each pays it
+    N + 1 times per round: the bound above, in two numbers."""
+    xs, ys = list(step_ms), list(step_ms.values())
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    per_row = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    fixed = my - per_row * mx
+    weights_mb = layers_mb(layers)
+    return {"from_rows": FIT_FROM, "fixed_ms": round(fixed, 1), "per_row_ms": round(per_row, 3),
+            "layers_weights_mb": round(weights_mb, 1), "weights_gb_per_s": round(weights_mb / fixed, 2) if fixed > 0 else None}
 
 
 def child(args: argparse.Namespace) -> dict[str, Any]:
@@ -148,6 +180,7 @@ def main() -> int:
     save(NAME, result, args.json)
     if not args.json:
         print(json.dumps(result["rows"]["bound"]))
+        print(json.dumps(result["rows"]["fit"]))
         print(json.dumps(result["bursts"]))
     return 0
 
