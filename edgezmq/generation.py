@@ -167,9 +167,10 @@ class Generator:
 
     @property
     def microbatch(self) -> int:
-        """Rows per step: the client's microbatch (at most the deployment's), read at each step."""
+        """Rows per step: the client's microbatch (at most the deployment's), read at each step,
+        and at most the rows one gen message carries (``wire.MAX_GEN_ROWS``; a stage refuses more)."""
         assert self.client.microbatch is not None  # checked at construction
-        return self.client.microbatch
+        return min(self.client.microbatch, wire.MAX_GEN_ROWS)
 
     @property
     def step_tokens(self) -> int | None:

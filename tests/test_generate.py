@@ -280,6 +280,9 @@ def test_bad_prompts_are_refused_before_anything_is_sent():
             g.max_wait_s = wait
     g.max_wait_s = 0  # started sequences always first: allowed
     assert g.max_wait_s == 0.0
+    # a deployment's microbatch over what one gen message carries: steps of at most that many rows
+    g.client.microbatch = wire.MAX_GEN_ROWS + 44
+    assert g.microbatch == wire.MAX_GEN_ROWS
     # a replicated stage would get steps of sequences whose caches another replica holds
     spec = ModelSpec(name="gpt2", microbatch=2, checkpoint="x.safetensors", kwargs=MODELS["gpt2"])
     plan = DeployPlan(model=spec, stages=[StagePlan((0, 6), [NodeAddress("a", "tcp://127.0.0.1:1", 1),
