@@ -76,6 +76,7 @@ from typing import Any
 from common import RESULTS, ROOT, need_root, pyplot, save, testbed
 
 from edgezmq import argtypes as args_
+from edgezmq.protocol import wire
 
 NAME = "generate"
 TESTBED = "genbench"
@@ -141,8 +142,9 @@ def window(devices: int, queued: int) -> int:
 
 
 def microbatch(sequences: int, devices: int, queued: int) -> int:
-    """Rows per microbatch: the sequences spread over the microbatches in flight."""
-    return max(1, math.ceil(sequences / window(devices, queued)))
+    """Rows per microbatch: the sequences spread over the microbatches in flight, at most what
+    one gen message carries (the generator's cap: the rest wait their turn)."""
+    return max(1, min(math.ceil(sequences / window(devices, queued)), wire.MAX_GEN_ROWS))
 
 
 # ---------------------------------------------------------------- the client side (inner)

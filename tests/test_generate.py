@@ -252,6 +252,22 @@ def test_hostile_gen_headers_are_refused(gen):
         wire.decode(wire.encode(wire.Message("act", "r", 1, -1, [], gen=good)))
 
 
+def test_a_gen_step_of_the_most_rows_fits_a_header():
+    """MAX_GEN_ROWS rows at their largest ids, positions and lengths, with every timestamp a
+    message may carry: under the header limit, and decoded as sent."""
+    n, big = wire.MAX_GEN_ROWS, wire.MAX_SEQUENCE_ID
+    gen = {"op": "step", "ids": list(range(big - n + 1, big + 1)), "pos": [wire.MAX_POSITION - 1] * n,
+           "lens": [1] * n, "max_len": [wire.MAX_POSITION] * n}
+    t = [[i, 1.7e9, 1.7e9, 1.7e9, 1.7e9] for i in range(wire.MAX_TIMESTAMPS)]
+    m = wire.Message("act", "r" * 64, 2**62, -1, [np.zeros((n, 1), np.int64)], session="s" * wire.MAX_SESSION, gen=gen, t=t)
+    frames = wire.encode(m)
+    assert len(frames[0]) <= wire.MAX_HEADER_BYTES
+    assert wire.decode(frames).gen == gen
+    over = {"op": "release", "ids": list(range(n + 1))}  # one row more: refused
+    with pytest.raises(wire.WireError):
+        wire.decode(wire.encode(wire.Message("act", "r", 1, -1, [], session="abc", gen=over)))
+
+
 def test_bad_prompts_are_refused_before_anything_is_sent():
     seq_len, positions, eos = decoder_limits("gpt2", MODELS["gpt2"])
     assert (seq_len, positions, eos) == (16, 1024, None)  # a shrunk vocabulary has no eos token

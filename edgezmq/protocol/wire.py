@@ -53,7 +53,7 @@ MAX_SESSION = 64  # a client session id: what tells one client's results from an
 GEN_OPS = ("step", "release")
 MAX_SEQUENCE_ID = 2**31 - 1
 MAX_POSITION = 2**31 - 1
-MAX_GEN_ROWS = 256  # rows of one gen message (msgpack's array limit below)
+MAX_GEN_ROWS = 1024  # rows of one gen message (msgpack's array limit below; at its largest ids the header stays under MAX_HEADER_BYTES, tested)
 
 
 class WireError(EdgezmqError, ValueError):
