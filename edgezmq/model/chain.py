@@ -55,6 +55,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+
 @contextlib.contextmanager
 def torch_threads(n: int) -> Iterator[None]:
     """torch's intra-op threads set to `n` inside the block, the previous setting restored after."""
