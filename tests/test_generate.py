@@ -210,6 +210,20 @@ def test_kv_store_admission_resend_release_and_expiry():
     store.advanced(s, 1)
     assert store.expire(now=time.monotonic() + 4) == 0
     assert store.expire(now=time.monotonic() + 6) == 1 and store.reserved_bytes == 0 and store.expired == 1
+    assert store.heard == {}  # a session with nothing left here is forgotten
+    # a client's sequences waiting behind its own long step (others of its session) are not idle:
+    # idle counts from the session's last step here; a session gone quiet loses them all
+    a, b = store.admit("s", {"ids": [4, 5], "pos": [0, 0], "lens": [1, 1], "max_len": [8, 8]}, 1)
+    (c,) = store.admit("t", {"ids": [4], "pos": [0], "lens": [1], "max_len": [8]}, 1)
+    for s_ in (a, b, c):
+        store.advanced(s_, 1)
+        s_.used -= 60  # their last steps ended a minute ago
+    store.heard = {k: t - 60 for k, t in store.heard.items()}
+    (b,) = store.admit("s", {"ids": [5], "pos": [1], "lens": [1]}, 1)
+    store.advanced(b, 1)  # session s heard from now (a step that took a minute, say)
+    assert store.expire() == 1 and set(store.seqs) == {("s", 4), ("s", 5)}  # t's sequence went
+    assert set(store.heard) == {"s"}
+    assert store.expire(now=time.monotonic() + 6) == 2 and not store.seqs and store.heard == {}
     with pytest.raises(GenError, match=r"max_len 65 outside 1\.\.64"):
         store.admit("s", {"ids": [9], "pos": [0], "lens": [1], "max_len": [65]}, 1)
     # a shard without layers (the head alone) holds no cache: a budget of 0 admits everything

@@ -274,7 +274,7 @@ class LoadRequest(Request):
         "buffers are sized for each row's next-token logits (microbatch x vocabulary) instead of every "
         "position's, and a whole-sequence message is refused (`gen_state`)", default=False)
     cache_idle_s: float | None = field_(
-        "a decoder's sequences not stepped for this long are dropped (their client is gone)", default=None,
+        "a decoder's sequences are dropped when no step of their client's session has ended at the stage for this long (the client is gone)", default=None,
         lo=1, hi=MAX_SECONDS, unit="s", default_doc=f"{DEFAULT_CACHE_IDLE_S:g}")
 
     def validate(self) -> None:
