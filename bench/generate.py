@@ -222,7 +222,7 @@ def _scaling(args: argparse.Namespace, cluster: Any, kwargs: dict[str, Any], dev
     for n in devices:
         nodes = ["big"] if n == 1 else [f"edge-{i}" for i in range(n)]
         with Client([], f"tcp://{cluster.client_address}:0", run="",
-                    microbatch=microbatch(max(sequences), n, args.queued), timeout=600) as c:
+                    microbatch=microbatch(max(sequences), n, args.queued), timeout=3600) as c:  # one device's prompt step of 512 x 8 tokens: ~5 min at 0.2 of a core
             plan = plan_for(nodes, c.results_endpoint)
             t0 = time.time()
             try:
