@@ -376,7 +376,7 @@ def main() -> int:
                     help="microbatches in flight beyond one per stage (window = devices + this)")
     ap.add_argument("--devices", type=args_.int_list(1, 8), default=DEVICES,
                     help="device counts, comma-separated (1: the big device; n > 1: n edge devices; '': none)")
-    ap.add_argument("--sequences", type=args_.int_list(1, 1024), default=SEQUENCES,
+    ap.add_argument("--sequences", type=args_.int_list(1, 4096), default=SEQUENCES,
                     help="concurrent sequences of each run, comma-separated")
     ap.add_argument("--step-tokens", type=args_.int_list(0, 1 << 16), default=[0],
                     help="the most prompt tokens a prefill step carries (Generator.step_tokens), comma-separated: "
