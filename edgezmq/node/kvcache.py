@@ -137,6 +137,8 @@ class KVStore:
             if s is not None:
                 self.reserved_tokens -= s.max_len
                 n += 1
+        if n:
+            self._forget_quiet_sessions()
         if released:
             self.released += n
         return n
@@ -150,11 +152,16 @@ class KVStore:
         old = [k for k, s in self.seqs.items() if now - max(s.used, self.heard.get(s.session, 0.0)) > self.idle_s]
         for k in old:
             self.reserved_tokens -= self.seqs.pop(k).max_len
-        live = {s.session for s in self.seqs.values()}
-        if len(self.heard) > len(live):  # sessions with nothing left here (released, expired) are forgotten
-            self.heard = {k: t for k, t in self.heard.items() if k in live}
+        if old:
+            self._forget_quiet_sessions()
         self.expired += len(old)
         return len(old)
+
+    def _forget_quiet_sessions(self) -> None:
+        """Sessions with nothing left here (released, expired) leave `heard`: it stays bounded
+        by the sequences held."""
+        live = {s.session for s in self.seqs.values()}
+        self.heard = {k: t for k, t in self.heard.items() if k in live}
 
     def stats(self) -> dict[str, int]:
         return {"sequences": len(self.seqs), "cache_reserved_bytes": self.reserved_bytes,
