@@ -2,7 +2,8 @@
 on 1 device vs a pipeline of 2, 4, 8, for a decoder that does not fit one edge device.
 
     sudo python bench/generate.py [--json] [--new-tokens 16] [--prompt-len 8] [--cpu 0.2]
-        [--devices 1,2,4,8] [--sequences 1,4,16,64] [--step-tokens 0] [--no-twice] [--out generate]
+        [--devices 1,2,4,8] [--sequences 1,4,16,64] [--step-tokens 0] [--granularity block]
+        [--cut bytes] [--no-twice] [--out generate]
 
 The testbed: 8 `edge` devices (CPU share --cpu each, 1 thread, memory --edge-memory) and one
 `big` device of the same CPU share with room for the whole model (the one-device baseline:
@@ -19,7 +20,10 @@ pipeline, not that granularity.
 
 Each device count gets one deployment: stages cut contiguously to balance the bytes a decode
 step reads (each layer's and the head's weights once per microbatch; the embedding only the
-rows of its tokens, counted 0), at the largest microbatch its runs use (ceil(max S / window)): a
+rows of its tokens, counted 0), or with --cut time the units' decode-step times (profiled on the
+client, 1 thread, at the deployment's microbatch: the head reads 3 layers' bytes but costs less
+than 2 layers' time), at --granularity (block: a unit per layer; half: its attention and its
+MLP, cuts 4x finer in bytes), at the largest microbatch its runs use (ceil(max S / window)): a
 node's load check sizes its message buffers from it and from `seq_len` (8 = the prompts'
 length: a prompt is one message); deployed `generation_only`, the head's buffers hold each
 row's next-token logits, not every position's. Each run then
@@ -76,6 +80,7 @@ from typing import Any
 from common import RESULTS, ROOT, need_root, pyplot, save, testbed
 
 from edgezmq import argtypes as args_
+from edgezmq.model.text import DECODER_GRANULARITIES
 from edgezmq.protocol import wire
 
 NAME = "generate"
@@ -163,7 +168,8 @@ def inner(args: argparse.Namespace) -> dict[str, Any]:
         run = _scaling(args, cluster, KWARGS, args.devices, args.sequences, prompts)
         out.update(rows=run["rows"], deployments=run["deployments"], one_edge_device=run["one_edge_device"],
                    exact_greedy=run["exact_greedy"], generate_reference=run["generate_reference"],
-                   pipeline_greedy=run["pipeline_greedy"])
+                   pipeline_greedy=run["pipeline_greedy"], granularity=run["granularity"], cut=run["cut"],
+                   unit_time_us=run["unit_time_us"])
     if args.twice:
         edge_cap = next(n.memory_bytes for n in cluster.nodes if n.name == "edge-0")
         assert edge_cap is not None
@@ -185,6 +191,7 @@ def _scaling(args: argparse.Namespace, cluster: Any, kwargs: dict[str, Any], dev
     from edgezmq.client import Client
     from edgezmq.generation import Generator, decoder_limits
     from edgezmq.model import chain as models
+    from edgezmq.model.profiling import profile_units
     from edgezmq.ops.status import poll
     from edgezmq.orchestrate.address import NodeAddress
     from edgezmq.orchestrate.deploy import DeployError, deploy, unload
@@ -192,18 +199,32 @@ def _scaling(args: argparse.Namespace, cluster: Any, kwargs: dict[str, Any], dev
 
     by_name = {n.name: n for n in cluster.nodes}
     path = str(models.cached_checkpoint(MODEL, seed=0, **kwargs))
-    infos = models.unit_infos(MODEL, **kwargs)
+    infos = models.unit_infos(MODEL, args.granularity, **kwargs)
     sizes = [u.param_bytes for u in infos]
     step_bytes = [0 if u.name == "embed" else b for u, b in zip(infos, sizes)]  # what a decode step reads
+    out_cut: dict[str, Any] = {"granularity": args.granularity, "cut": args.cut, "unit_time_us": {}}
     chunk, positions, _ = decoder_limits(MODEL, kwargs)
     vocab = int(models.create_model(MODEL, device="meta", **kwargs).config.vocab_size)
-    out: dict[str, Any] = {"rows": [], "deployments": []}
+    out: dict[str, Any] = {"rows": [], "deployments": [], **out_cut}
     checked = prompts[:min(4, max(sequences))]
+
+    def cost(n: int) -> list[int]:
+        """What each unit costs a stage of n: the bytes its decode step reads, or (--cut time) its
+        decode step's time at n devices' microbatch, timed here (1 thread: the devices' own; the
+        client's full core, so only the ratios between units count), in microseconds."""
+        if args.cut == "bytes" or n == 1:
+            return step_bytes
+        mb = microbatch(max(sequences), n, args.queued)
+        if mb not in out["unit_time_us"]:
+            prof = profile_units(MODEL, granularity=args.granularity, microbatch=mb, threads=1, reps=3, kwargs=kwargs,
+                                 checkpoint=path, context=args.prompt_len + args.new_tokens // 2)
+            out["unit_time_us"][mb] = [max(1, round(u["time_s"] * 1e6)) for u in prof["units"]]
+        return out["unit_time_us"][mb]
 
     def plan_for(nodes: list[str], results: str) -> DeployPlan:
         spec = ModelSpec(name=MODEL, microbatch=microbatch(max(sequences), len(nodes), args.queued), checkpoint=path,
-                         kwargs=kwargs, generation_only=True)
-        cuts = balanced_cuts(step_bytes, len(nodes))
+                         kwargs=kwargs, generation_only=True, granularity=args.granularity)
+        cuts = balanced_cuts(cost(len(nodes)), len(nodes))
         return DeployPlan(model=spec, results=results, stages=[
             StagePlan(units=(a, b), nodes=[NodeAddress(n, by_name[n].control, 1)])
             for (a, b), n in zip(zip(cuts, cuts[1:]), nodes)])
@@ -381,6 +402,11 @@ def main() -> int:
     ap.add_argument("--step-tokens", type=args_.int_list(0, 1 << 16), default=[0],
                     help="the most prompt tokens a prefill step carries (Generator.step_tokens), comma-separated: "
                          "each gives a run of each pipeline (0: a whole microbatch of prompts; one device: always 0)")
+    ap.add_argument("--granularity", choices=DECODER_GRANULARITIES, default="block",
+                    help="the decoder's units: a layer each, or its attention and its MLP (finer cuts)")
+    ap.add_argument("--cut", choices=("bytes", "time"), default="bytes",
+                    help="balance the stages' decode-step bytes read, or their units' decode-step times "
+                         "(profiled on the client at the run's microbatch)")
     ap.add_argument("--twice", action=argparse.BooleanOptionalAction, default=True,
                     help="also run a model twice an edge device's memory cap on the 8 edge devices")
     ap.add_argument("--out", type=result_name, default=NAME, help="results name: bench/results/OUT.json and .png")
@@ -406,6 +432,7 @@ def main() -> int:
                 "--queued", str(args.queued), "--devices", ",".join(map(str, args.devices)),
                 "--sequences", ",".join(map(str, args.sequences)),
                 "--step-tokens", ",".join(map(str, args.step_tokens)), "--twice" if args.twice else "--no-twice",
+                "--granularity", args.granularity, "--cut", args.cut,
                 "--new-tokens", str(args.new_tokens), "--prompt-len", str(args.prompt_len), "--seed", str(args.seed)]
         r = tb.exec_in_client(argv, stdout=subprocess.PIPE, text=True, timeout=3 * 3600,
                               env=dict(os.environ, PYTHONPATH=str(ROOT)))

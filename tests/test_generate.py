@@ -52,13 +52,16 @@ def _reference(name: str, kw: dict, path, prompt: list[int], new: int) -> tuple[
     return out.sequences[0, len(prompt):].tolist(), [x[0] for x in out.logits]
 
 
+@pytest.mark.parametrize("granularity", ["block", "half"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_shards_step_by_step_equal_generate(name, tmp_path):
+def test_shards_step_by_step_equal_generate(name, granularity, tmp_path):
+    """At 'half' granularity the cuts fall between a layer's attention and its MLP too."""
     kw = MODELS[name]
     path = models.write_checkpoint(name, tmp_path / "m.safetensors", seed=0, **kw)
-    n = models.num_units(name, **kw)
+    n = models.num_units(name, granularity, **kw)
     cuts = [0, 2, 4, n]
-    shards = [models.build_shard(name, a, b, checkpoint=path, **kw) for a, b in zip(cuts, cuts[1:])]
+    shards = [models.build_shard(name, a, b, granularity=granularity, checkpoint=path, **kw)
+              for a, b in zip(cuts, cuts[1:])]
     assert all(s.is_decoder for s in shards)
     # prompts longer than one message (seq_len 16) go in chunks
     for prompt in _prompts(3, seed=1) + [list(range(1, 40))]:
@@ -84,8 +87,9 @@ def test_shards_step_by_step_equal_generate(name, tmp_path):
         assert tokens == ref_tokens
 
 
+@pytest.mark.parametrize("granularity", ["block", "half"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_a_batched_decode_step_is_the_models_own_batched_forward(name, tmp_path):
+def test_a_batched_decode_step_is_the_models_own_batched_forward(name, granularity, tmp_path):
     """Decode rows of sequences of different lengths as one left-padded batch: bit for bit the
     model's own forward on that batch (its cache, mask and positions), and the tokens of
     `generate` (each sequence alone) to rounding."""
@@ -93,9 +97,9 @@ def test_a_batched_decode_step_is_the_models_own_batched_forward(name, tmp_path)
 
     kw = MODELS[name]
     path = models.write_checkpoint(name, tmp_path / "m.safetensors", seed=0, **kw)
-    n = models.num_units(name, **kw)
-    shards = [models.build_shard(name, a, b, checkpoint=path, **kw) for a, b in [(0, 3), (3, n)]]
-    whole = models.build_shard(name, 0, n, checkpoint=path, **kw)
+    n = models.num_units(name, granularity, **kw)
+    shards = [models.build_shard(name, a, b, granularity=granularity, checkpoint=path, **kw) for a, b in [(0, 3), (3, n)]]
+    whole = models.build_shard(name, 0, n, granularity=granularity, checkpoint=path, **kw)
     prompts = _prompts(4, seed=3)
     refs = [_reference(name, kw, path, p, 6) for p in prompts]
     caches = [[s.new_cache() for s in shards] for _ in prompts]
@@ -115,7 +119,7 @@ def test_a_batched_decode_step_is_the_models_own_batched_forward(name, tmp_path)
             own = [text.new_cache(m) for _ in prompts]
             for o, cs in zip(own, caches):
                 for i in layers:
-                    c = cs[0] if i < 2 else cs[1]
+                    c = next(c for c, s in zip(cs, shards) if i in s._layer_ids())
                     o.layers[i].update(c.layers[i].keys.clone(), c.layers[i].values.clone())
             batch, mask = text.stack_caches(m, own, lengths, layers)
             ref = m(input_ids=ids, attention_mask=mask, cache=batch, position_ids=torch.tensor(lengths).unsqueeze(1),
@@ -644,7 +648,7 @@ def test_a_generation_only_stage_buffers_next_token_logits_and_refuses_whole_seq
 
 
 def test_a_decode_profile_times_each_unit_on_one_token_per_sequence():
-    from edgezmq.model.profiling import profile_units
+    from edgezmq.model.profiling import profile_units, spot_check
 
     kw = MODELS["tinyllama_1_1b"]
     p = profile_units("tinyllama_1_1b", microbatch=3, context=20, threads=1, reps=1, kwargs=kw)
@@ -657,6 +661,15 @@ def test_a_decode_profile_times_each_unit_on_one_token_per_sequence():
     # keys and values of 1 key-value head of 8 (8 heads / 8 = 1 group) x 8 wide, float32, per layer token
     assert [u["cache_bytes_per_token"] for u in p["units"]] == [0] + [2 * 1 * 8 * 4] * kw["depth"] + [0]
     assert all(u["time_s"] > 0 for u in p["units"])
+    # at 'half' granularity the attention halves hold the caches, the MLP halves none
+    h = profile_units("tinyllama_1_1b", granularity="half", microbatch=3, context=20, threads=1, reps=1, kwargs=kw)
+    assert [u["name"] for u in h["units"]] == ["embed", *(f"layer{i}.{x}" for i in range(kw["depth"])
+                                                          for x in ("attn", "ffn")), "head"]
+    assert [u["cache_bytes_per_token"] for u in h["units"]] == [0] + [2 * 1 * 8 * 4, 0] * kw["depth"] + [0]
+    assert sum(u["param_bytes"] for u in h["units"]) == sum(u["param_bytes"] for u in p["units"])
+    # a spot check times the half profile's own slowest unit again (not the block chain's unit of that index)
+    i = max(range(len(h["units"])), key=lambda j: h["units"][j]["time_s"])
+    assert spot_check(h, kwargs=kw, reps=1)["units"] == [i, i + 1]
     with pytest.raises(models.ModelError, match="not a decoder"):
         profile_units("bert_tiny", microbatch=1, context=4)
 

@@ -247,8 +247,10 @@ DECODERS = {"gpt2": {"depth": 2, "embed_dim": 64, "num_heads": 4, "seq_len": 12,
             "llama_3_2_1b": {"depth": 3, "embed_dim": 64, "num_heads": 4, "seq_len": 12, "vocab_size": 300}}
 
 
+@pytest.mark.parametrize("granularity", ["block", "half"])
 @pytest.mark.parametrize("name", list(DECODERS))
-def test_a_decoder_chain_equals_the_model_over_whole_sequences(name, tmp_path):
+def test_a_decoder_chain_equals_the_model_over_whole_sequences(name, granularity, tmp_path):
+    """At 'half' granularity each layer is two units (attention, MLP), a cut can fall between them."""
     kw = DECODERS[name]
     torch.manual_seed(0)
     m = models.create_model(name, **kw)
@@ -256,16 +258,21 @@ def test_a_decoder_chain_equals_the_model_over_whole_sequences(name, tmp_path):
     assert len(xs) == 2 and int(xs[1].sum()) < xs[1].numel()
     with torch.inference_mode():
         ref = models.reference_forward(m, *xs)
-        (y,) = models.run_units(m, "block", *xs)
+        (y,) = models.run_units(m, granularity, *xs)
     assert ref.shape == (3, 12, 300) and torch.equal(y, ref)
-    infos = models.unit_infos(name, "block", **kw)
-    assert [u.name for u in infos] == ["embed", *(f"layer{i}" for i in range(kw["depth"])), "head"]
+    infos = models.unit_infos(name, granularity, **kw)
+    layers = [[f"layer{i}"] if granularity == "block" else [f"layer{i}.attn", f"layer{i}.ffn"] for i in range(kw["depth"])]
+    assert [u.name for u in infos] == ["embed", *(u for x in layers for u in x), "head"]
     # shards from a checkpoint (a tied head is written under both names) chain to the same logits
     path = models.write_checkpoint(name, tmp_path / "m.safetensors", seed=0, **kw)
-    shards = [models.build_shard(name, a, b, checkpoint=path, **kw) for a, b in [(0, 2), (2, len(infos))]]
+    shards = [models.build_shard(name, a, b, granularity=granularity, checkpoint=path, **kw)
+              for a, b in [(0, 2), (2, len(infos))]]
     assert not set(shards[0].state_dict()) & set(shards[1].state_dict())
     with torch.inference_mode():
         (z,) = shards[1](*shards[0](*xs))
     assert torch.equal(z, ref)
-    with pytest.raises(models.ModelError, match="granularity 'block'"):
-        models.unit_infos(name, "half", **kw)
+    if granularity == "half":  # shard 0: the embedding and layer 0's attention, not its MLP
+        keys = list(shards[0].state_dict())
+        assert any("attn" in k for k in keys) and not any("mlp" in k for k in keys)
+    with pytest.raises(models.ModelError, match="granularity 'block'.*or 'half'"):
+        models.unit_infos(name, "sublayer", **kw)

@@ -734,7 +734,7 @@ class Shard(nn.Module):
 
     def cache_bytes_per_token(self) -> int:
         """What one token of one sequence costs this shard's KV cache."""
-        layers = sum(1 for s in self._steps if isinstance(s, text.TextUnit) and s.kind == "dlayer")
+        layers = sum(1 for s in self._steps if isinstance(s, text.TextUnit) and s.kind in text.CACHE_KINDS)
         return text.cache_bytes_per_token(self._extra[0], layers)
 
     def max_positions(self) -> int:
@@ -762,7 +762,7 @@ class Shard(nn.Module):
         return x, caches
 
     def _layer_ids(self) -> list[int]:
-        return [s.index for s in self._steps if isinstance(s, text.TextUnit) and s.kind == "dlayer"]
+        return [s.index for s in self._steps if isinstance(s, text.TextUnit) and s.kind in text.CACHE_KINDS]
 
     def step_batch(self, x: torch.Tensor, caches: list[Any], lengths: list[int]) -> torch.Tensor:
         """T new tokens of each of B sequences (`x`: (B, T) ids or (B, T, D)), each with its cache

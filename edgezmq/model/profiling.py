@@ -318,11 +318,12 @@ def decode_step(shard: Any, microbatch: int, context: int, gen: torch.Generator)
     return step
 
 
-def _profile_decode_unit(model: str, i: int, *, microbatch: int, context: int, warmup: int, reps: int,
+def _profile_decode_unit(model: str, i: int, *, granularity: str, microbatch: int, context: int, warmup: int, reps: int,
                          kwargs: dict[str, Any], checkpoint: str | Path | None, gen: torch.Generator,
                          meter: _PeakMeter, round_s: float, stop: StopFn | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
-    shard = models.build_shard(model, i, i + 1, checkpoint=checkpoint, dtype=TORCH_DTYPE, **kwargs)
+    shard = models.build_shard(model, i, i + 1, granularity=granularity, checkpoint=checkpoint, dtype=TORCH_DTYPE,
+                               **kwargs)
     build_s = time.perf_counter() - t0
     step = decode_step(shard, microbatch, context, gen)
     with torch.inference_mode():
@@ -382,7 +383,7 @@ def profile_units(model: str, *, granularity: str = "block", microbatch: int = 8
         if not models.text.is_decoder(model):
             raise models.ModelError(f"{model} is not a decoder: only a decoder's units take decode steps")
         specs, fixed = [], []
-        n = len(models.unit_infos(model, **kw))
+        n = len(models.unit_infos(model, granularity, **kw))
     else:
         specs = models.boundary_specs(model, granularity, microbatch, dtype=TORCH_DTYPE, **kw)
         fixed = models.boundary_values(model, granularity, microbatch, dtype=TORCH_DTYPE, **kw)
@@ -397,7 +398,7 @@ def profile_units(model: str, *, granularity: str = "block", microbatch: int = 8
     with models.torch_threads(used), _frozen_heap():
         for i in range(n):
             if context is not None:
-                entry = _profile_decode_unit(model, i, microbatch=microbatch, context=context, warmup=warmup,
+                entry = _profile_decode_unit(model, i, granularity=granularity, microbatch=microbatch, context=context, warmup=warmup,
                                              reps=reps, kwargs=kw, checkpoint=checkpoint, gen=gen, meter=meter,
                                              round_s=round_s, stop=stop)
             else:
@@ -452,7 +453,8 @@ def spot_check(prof: Mapping[str, Any], *, kwargs: Mapping[str, Any] | None = No
     if prof.get("phase") == "decode":  # a decode profile: its slowest unit's decode step again
         i = max(range(len(units)), key=lambda j: units[j]["time_s"])
         started = time.perf_counter()
-        shard = models.build_shard(prof["model"], i, i + 1, checkpoint=checkpoint, dtype=TORCH_DTYPE, **kw)
+        shard = models.build_shard(prof["model"], i, i + 1, granularity=prof.get("granularity", "block"),
+                                   checkpoint=checkpoint, dtype=TORCH_DTYPE, **kw)
         step = decode_step(shard, int(prof["microbatch"]), int(prof["context"]), torch.Generator().manual_seed(INPUT_SEED))
         with models.torch_threads(int(prof["threads"])), torch.inference_mode():
             times = _timed_rounds(step, warmup, reps, round_seconds(), stop)

@@ -286,7 +286,7 @@ class TextPiece:
     """One unit of a text chain: its kind, the layer it is in, the dotted names it owns."""
 
     name: str
-    kind: str  # embed | layer | attn | ffn | context | attn_out | inter | out | head; decoders: dembed | dlayer | dhead
+    kind: str  # embed | layer | attn | ffn | context | attn_out | inter | out | head; decoders: dembed | dlayer | dattn | dffn | dhead
     owns: tuple[str, ...]
     layer: int = -1
 
@@ -297,11 +297,16 @@ class TextPiece:
 
 # tensors entering each kind: activations, then the attention mask last
 _ARITY = {"embed": 3, "layer": 2, "attn": 2, "ffn": 2, "context": 2, "attn_out": 3, "inter": 2, "out": 3, "head": 2,
-          "dembed": 2, "dlayer": 2, "dhead": 2}
+          "dembed": 2, "dlayer": 2, "dattn": 2, "dffn": 2, "dhead": 2}
+DECODER_GRANULARITIES = ("block", "half")
+CACHE_KINDS = ("dlayer", "dattn")  # the decoder units that hold a KV cache layer
 # a decoder's members: (embedding modules, layer list, final norm + head, what every layer reads)
 _DECODER = {"llama": (("model.embed_tokens",), "model.layers", ("model.norm", "lm_head"), ("model.rotary_emb",)),
             "gpt2": (("transformer.wte", "transformer.wpe", "transformer.drop"), "transformer.h",
                      ("transformer.ln_f", "lm_head"), ())}
+# a decoder layer's halves (granularity "half"): (pre-norm, attention), (pre-norm, MLP); each adds its residual
+_DECODER_HALVES = {"llama": (("input_layernorm", "self_attn"), ("post_attention_layernorm", "mlp")),
+                   "gpt2": (("ln_1", "attn"), ("ln_2", "mlp"))}
 _SPLITS = {"block": (("", "layer", ""),),
            "half": (("attn", "attn", "attention"), ("ffn", "ffn", "")),
            "sublayer": (("attn.self", "context", "attention.self"), ("attn.out", "attn_out", "attention.output"),
@@ -311,14 +316,22 @@ _SPLITS = {"block": (("", "layer", ""),),
 def pieces(model: Any, granularity: str) -> list[TextPiece]:
     fam = family(model)
     if fam in DECODER_FAMILIES:
-        if granularity != "block":
+        if granularity not in DECODER_GRANULARITIES:
             raise TextModelError(f"{model.pretrained_cfg['architecture']}: a decoder is cut at granularity "
-                                 f"'block' (one unit per layer), not {granularity!r}")
+                                 f"'block' (one unit per layer) or 'half' (attention | MLP), not {granularity!r}")
         embed, layers, head, shared = _DECODER[fam]
         n = len(model.get_submodule(layers))
-        return [TextPiece(EMBED_UNIT, "dembed", embed),
-                *(TextPiece(f"layer{i}", "dlayer", (f"{layers}.{i}", *shared), i) for i in range(n)),
-                TextPiece(HEAD_UNIT, "dhead", head)]
+        units = [TextPiece(EMBED_UNIT, "dembed", embed)]
+        for i in range(n):
+            layer = f"{layers}.{i}"
+            if granularity == "block":
+                units.append(TextPiece(f"layer{i}", "dlayer", (layer, *shared), i))
+                continue
+            (n1, attn), (n2, mlp) = _DECODER_HALVES[fam]
+            _check_halves(model.get_submodule(layer), layer, (n1, attn, n2, mlp))
+            units += [TextPiece(f"layer{i}.attn", "dattn", (f"{layer}.{n1}", f"{layer}.{attn}", *shared), i),
+                      TextPiece(f"layer{i}.ffn", "dffn", (f"{layer}.{n2}", f"{layer}.{mlp}"), i)]
+        return [*units, TextPiece(HEAD_UNIT, "dhead", head)]
     if granularity not in TEXT_GRANULARITIES:
         raise TextModelError(f"{model.pretrained_cfg['architecture']}: granularity {granularity!r} is not "
                              f"one of a text model's {TEXT_GRANULARITIES}")
@@ -332,6 +345,15 @@ def pieces(model: Any, granularity: str) -> list[TextPiece]:
             out.append(TextPiece(f"layer{i}" + (f".{suffix}" if suffix else ""), kind, owns, i))
     out.append(TextPiece(HEAD_UNIT, "head", ("bert.pooler", "dropout", "classifier")))
     return out
+
+
+def _check_halves(layer: nn.Module, name: str, members: tuple[str, ...]) -> None:
+    """A decoder layer cut in halves must hold nothing but the halves' members (every weight has
+    an owner: a shard never runs a layer part it pruned)."""
+    other = sorted({k.split(".")[0] for k, _ in layer.named_parameters()} - set(members))
+    if other:
+        raise TextModelError(f"{name} ({type(layer).__name__}) has {other} beside {list(members)}: "
+                             "it is cut at granularity 'block' only")
 
 
 def _positions(h: torch.Tensor) -> torch.Tensor:
@@ -400,26 +422,44 @@ class TextUnit:
 
     def _decoder(self, h: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """A decoder's units over a whole sequence, as LlamaModel / GPT2Model's forward runs them."""
-        m, layer, kind = self.model, self.layer, self.kind
+        m, kind = self.model, self.kind
         if self.family == "llama":
             if kind == "dembed":
                 return m.model.embed_tokens(h), mask
             if kind == "dhead":
                 return (m.lm_head(m.model.norm(h)),)
-            pos = _positions(h)
-            assert layer is not None
-            return layer(h, attention_mask=_causal(m, h, mask, pos), position_ids=pos,
-                         position_embeddings=m.model.rotary_emb(h, position_ids=pos)), mask
-        t = m.transformer
-        if kind == "dembed":
-            e = t.wte(h)
-            return t.drop(e + t.wpe(_positions(e)).to(e.device)), mask
-        if kind == "dhead":
-            return (m.lm_head(t.ln_f(h)),)
+        else:
+            t = m.transformer
+            if kind == "dembed":
+                e = t.wte(h)
+                return t.drop(e + t.wpe(_positions(e)).to(e.device)), mask
+            if kind == "dhead":
+                return (m.lm_head(t.ln_f(h)),)
         pos = _positions(h)
-        assert layer is not None
-        return layer(h, None, _causal(m, h, mask, pos), None, position_ids=pos), mask
+        causal = _causal(m, h, mask, pos) if kind != "dffn" else None
+        return self._layer(h, causal, pos, None), mask
 
+    def _layer(self, h: torch.Tensor, mask: Any, positions: torch.Tensor, cache: Any) -> torch.Tensor:
+        """This unit's decoder layer (dlayer), or its half (dattn: pre-norm, attention, residual;
+        dffn: pre-norm, MLP, residual), on hidden states `h` with the layer's causal `mask`,
+        reading and extending `cache` (None: a whole sequence, no cache): the layer's own forward,
+        or the same operations in the same order as it runs them (bit for bit its result)."""
+        m, layer, kind = self.model, self.layer, self.kind
+        assert layer is not None
+        use = cache is not None
+        if self.family == "llama":
+            if kind == "dffn":
+                return h + layer.mlp(layer.post_attention_layernorm(h))
+            kw = dict(attention_mask=mask, position_ids=positions, cache=cache, use_cache=use,
+                      position_embeddings=m.model.rotary_emb(h, position_ids=positions))
+            if kind == "dlayer":
+                return layer(h, **kw)
+            return h + layer.self_attn(hidden_states=layer.input_layernorm(h), **kw)[0]
+        if kind == "dffn":
+            return h + layer.mlp(layer.ln_2(h))
+        if kind == "dlayer":
+            return layer(h, cache, mask, None, use_cache=use, position_ids=positions)
+        return layer.attn(layer.ln_1(h), cache=cache, attention_mask=mask, use_cache=use, position_ids=positions)[0] + h
 
     # ---- generation: one sequence, its new tokens, its KV cache (docs/generate.md) ----------
     def step(self, x: torch.Tensor, cache: Any, positions: torch.Tensor) -> torch.Tensor:
@@ -427,44 +467,35 @@ class TextUnit:
         else hidden states (1, T, D)) at `positions` (1, T), reading and extending `cache`
         (a DynamicCache of the whole model's layers: this unit's layer only is touched), as the
         model's forward runs them inside `generate`; the head gives the last token's logits (1, V)."""
-        m, layer, kind = self.model, self.layer, self.kind
+        m, kind = self.model, self.kind
         if self.family == "llama":
             if kind == "dembed":
                 return m.model.embed_tokens(x)
             if kind == "dhead":  # the model normalises every position, then keeps the last one's logits
                 return m.lm_head(m.model.norm(x)[:, -1:, :])[:, 0]
-            assert layer is not None
-            mask = _causal_cached(m, x, cache, positions, self.index)
-            return layer(x, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                         position_embeddings=m.model.rotary_emb(x, position_ids=positions))
-        t = m.transformer
-        if kind == "dembed":
-            e = t.wte(x)
-            return t.drop(e + t.wpe(positions).to(e.device))
-        if kind == "dhead":
-            return m.lm_head(t.ln_f(x)[:, -1:, :])[:, 0]
-        assert layer is not None
-        mask = _causal_cached(m, x, cache, positions, self.index)
-        return layer(x, cache, mask, None, use_cache=True, position_ids=positions)
-
+        else:
+            t = m.transformer
+            if kind == "dembed":
+                e = t.wte(x)
+                return t.drop(e + t.wpe(positions).to(e.device))
+            if kind == "dhead":
+                return m.lm_head(t.ln_f(x)[:, -1:, :])[:, 0]
+        mask = _causal_cached(m, x, cache, positions, self.index) if kind != "dffn" else None
+        return self._layer(x, mask, positions, cache)
 
     def step_batch(self, x: torch.Tensor, cache: Any, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """This unit on T new tokens of each of B sequences (ids (B, T), or hidden states (B, T, D))
         against `cache`, their caches stacked and left-padded (`stack_caches`): the model's own
         forward on that batch, `mask` (B, past + T) marking the padding, `positions` (B, T) each
         sequence's own. The head gives each row's last-token logits (B, V)."""
-        m, layer, kind = self.model, self.layer, self.kind
-        if kind == "dembed" or kind == "dhead":
+        kind = self.kind
+        if kind in ("dembed", "dhead", "dffn"):
             return self.step(x, cache, positions)
-        assert layer is not None
         from transformers.masking_utils import create_causal_mask
 
-        causal = create_causal_mask(config=m.config, inputs_embeds=x, attention_mask=mask, cache=cache,
+        causal = create_causal_mask(config=self.model.config, inputs_embeds=x, attention_mask=mask, cache=cache,
                                     position_ids=positions, layer_idx=self.index)
-        if self.family == "llama":
-            return layer(x, attention_mask=causal, position_ids=positions, cache=cache, use_cache=True,
-                         position_embeddings=m.model.rotary_emb(x, position_ids=positions))
-        return layer(x, cache, causal, None, use_cache=True, position_ids=positions)
+        return self._layer(x, causal, positions, cache)
 
 
 def stack_caches(model: Any, caches: list[Any], lengths: list[int], layers: list[int],
