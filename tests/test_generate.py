@@ -404,25 +404,28 @@ def test_generator_takes_results_through_the_clients_filter():
             push.close(linger=0)
 
 
-def _deploy(cluster, name, cuts, path, microbatch=2, **load):
-    spec = ModelSpec(name=name, microbatch=microbatch, checkpoint=str(path), kwargs=MODELS[name])
+def _deploy(cluster, name, cuts, path, microbatch=2, granularity="block"):
+    spec = ModelSpec(name=name, microbatch=microbatch, checkpoint=str(path), kwargs=MODELS[name],
+                     granularity=granularity)
     return DeployPlan(model=spec, results="tcp://127.0.0.1:0", stages=[
         StagePlan(units=r, nodes=[NodeAddress(nd.name, nd.control, 1)])
         for r, nd in zip(zip(cuts, cuts[1:]), cluster.nodes)])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,exact", [("gpt2", False), ("tinyllama_1_1b", True)])
-def test_pipelined_generation_equals_generate(node_pool, tmp_path, name, exact):
+@pytest.mark.parametrize("name,exact,granularity", [("gpt2", False, "block"), ("tinyllama_1_1b", True, "block"),
+                                                    ("tinyllama_1_1b", False, "half")])
+def test_pipelined_generation_equals_generate(node_pool, tmp_path, name, exact, granularity):
     """Greedy tokens through 3 stages equal `generate`'s: decode rows batched (the default) or
-    each row on its own (`exact_generation`)."""
+    each row on its own (`exact_generation`); at 'half' granularity a stage boundary falls
+    between a layer's attention (and its cache) and its MLP."""
     kw = MODELS[name]
     path = models.cached_checkpoint(name, seed=0, **kw)
-    n = models.num_units(name, **kw)
+    n = models.num_units(name, granularity, **kw)
     chunk, positions, _ = decoder_limits(name, kw)
     prompts = _prompts(7, seed=2)
     with node_pool.take(3) as cluster:
-        plan = _deploy(cluster, name, [0, 2, 4, n], path)
+        plan = _deploy(cluster, name, [0, 2, 4, n], path, granularity=granularity)
         plan.model.exact_generation = exact
         with Client([], "tcp://127.0.0.1:0", run="", window=4, microbatch=2, timeout=60) as c:
             plan.results = c.results_endpoint
