@@ -20,9 +20,9 @@ pipeline, not that granularity.
 
 Each device count gets one deployment: stages cut contiguously to balance the bytes a decode
 step reads (each layer's and the head's weights once per microbatch; the embedding only the
-rows of its tokens, counted 0), or with --cut time the units' decode-step times (profiled on the
-client, 1 thread, at the deployment's microbatch: the head reads 3 layers' bytes but costs less
-than 2 layers' time), at --granularity (block: a unit per layer; half: its attention and its
+rows of its tokens, counted 0), or with --cut time the units' work in this run (`unit_work_us`:
+a prompt step and --new-tokens - 1 decode steps per microbatch, timed on the client, 1 thread:
+the head reads 3 layers' bytes but, taking 1 row per prompt, costs under 2 layers' time), at --granularity (block: a unit per layer; half: its attention and its
 MLP, cuts 4x finer in bytes), at the largest microbatch its runs use (ceil(max S / window)): a
 node's load check sizes its message buffers from it and from `seq_len` (8 = the prompts'
 length: a prompt is one message); deployed `generation_only`, the head's buffers hold each
@@ -191,7 +191,6 @@ def _scaling(args: argparse.Namespace, cluster: Any, kwargs: dict[str, Any], dev
     from edgezmq.client import Client
     from edgezmq.generation import Generator, decoder_limits
     from edgezmq.model import chain as models
-    from edgezmq.model.profiling import profile_units
     from edgezmq.ops.status import poll
     from edgezmq.orchestrate.address import NodeAddress
     from edgezmq.orchestrate.deploy import DeployError, deploy, unload
@@ -209,16 +208,14 @@ def _scaling(args: argparse.Namespace, cluster: Any, kwargs: dict[str, Any], dev
     checked = prompts[:min(4, max(sequences))]
 
     def cost(n: int) -> list[int]:
-        """What each unit costs a stage of n: the bytes its decode step reads, or (--cut time) its
-        decode step's time at n devices' microbatch, timed here (1 thread: the devices' own; the
-        client's full core, so only the ratios between units count), in microseconds."""
+        """What each unit costs a stage of n devices: the bytes its decode step reads, or (--cut
+        time) its share of this run's work (`unit_work_us`) at n devices' microbatch."""
         if args.cut == "bytes" or n == 1:
             return step_bytes
         mb = microbatch(max(sequences), n, args.queued)
         if mb not in out["unit_time_us"]:
-            prof = profile_units(MODEL, granularity=args.granularity, microbatch=mb, threads=1, reps=3, kwargs=kwargs,
-                                 checkpoint=path, context=args.prompt_len + args.new_tokens // 2)
-            out["unit_time_us"][mb] = [max(1, round(u["time_s"] * 1e6)) for u in prof["units"]]
+            out["unit_time_us"][mb] = unit_work_us(path, kwargs, args, mb)
+            print(f"unit work at microbatch {mb} (us): {out['unit_time_us'][mb]}", file=sys.stderr, flush=True)
         return out["unit_time_us"][mb]
 
     def plan_for(nodes: list[str], results: str) -> DeployPlan:
@@ -303,6 +300,47 @@ def _scaling(args: argparse.Namespace, cluster: Any, kwargs: dict[str, Any], dev
     out["exact_greedy"] = ref == out["pipeline_greedy"]["tokens"]
     out["generate_reference"] = ref
     return out
+
+
+def unit_work_us(path: str, kwargs: dict[str, Any], args: argparse.Namespace, mb: int) -> list[int]:
+    """Each unit's work for one microbatch of this run, timed here unit by unit (1 thread, as the
+    devices run; the client's whole core, so only the ratios between units count), in
+    microseconds: its prompt step (mb rows of --prompt-len tokens from empty caches) and
+    --new-tokens - 1 decode steps (at the context halfway). Why not the decode step alone: with
+    short generations the prompt is half a layer's work, and the head (next-token logits of the
+    last position only) takes 1 row per sequence there, not --prompt-len."""
+    import statistics
+
+    import torch
+
+    from edgezmq.model import chain as models
+    from edgezmq.model.profiling import decode_step
+
+    gen = torch.Generator().manual_seed(0)
+    out = []
+
+    def median_s(fn: Any, reps: int = 3) -> float:
+        fn()  # warm
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    with models.torch_threads(1), torch.inference_mode():
+        for i in range(models.num_units(MODEL, args.granularity, **kwargs)):
+            shard = models.build_shard(MODEL, i, i + 1, granularity=args.granularity, checkpoint=path, **kwargs)
+            prompt_s = median_s(prompt_step(shard, mb, args.prompt_len, gen))
+            decode_s = median_s(decode_step(shard, mb, args.prompt_len + args.new_tokens // 2, gen))
+            out.append(max(1, round(1e6 * (prompt_s + (args.new_tokens - 1) * decode_s))))
+    return out
+
+
+def prompt_step(shard: Any, mb: int, tokens: int, gen: Any) -> Any:
+    """A prompt step of `shard`, repeatable: mb sequences' first `tokens` tokens, fresh caches."""
+    x = shard.decode_inputs(mb, 0, gen)[0].repeat_interleave(tokens, dim=1)
+    return lambda: shard.step_batch(x, [shard.new_cache() for _ in range(mb)], [0] * mb)
 
 
 def stage_use(before: list[Any], after: list[Any], seconds: float) -> dict[str, list[float | None]]:

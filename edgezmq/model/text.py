@@ -11,10 +11,12 @@ attention mask crosses every cut next to the activations (a few kB), and each la
 into the additive mask the model's own forward makes, with the same function
 (``create_bidirectional_mask``): the chain's logits equal the model's bit for bit.
 
-A decoder (``gpt2``, ``tinyllama_1_1b``, ``llama_3_2_1b``, ...) is cut into ``embed``, one unit
-per decoder layer, ``head`` (final norm + LM head); it takes token ids and the attention mask,
-and its chain's logits over the whole sequence equal the model's own forward (no KV cache:
-generation with a cache per stage is issue #13's next step). Tied input/output embeddings
+A decoder (``gpt2``, ``tinyllama_1_1b``, ``llama_3_2_1b``, ...) is cut into ``embed``, its decoder
+layers, ``head`` (final norm + LM head): ``block`` = one unit per layer; ``half`` = its
+attention (pre-norm, attention, residual: the unit that holds the layer's KV cache) | its MLP
+(pre-norm, MLP, residual), the layer forward's own operations in its order. It takes token
+ids and the attention mask, and its chain's logits over the whole sequence equal the model's
+own forward; generation steps each unit against its KV cache (docs/generate.md). Tied input/output embeddings
 are written to a checkpoint under both names, so each shard reads its own.
 
 Models are named here, not on the hub: ``bert_base_uncased`` etc. (``TEXT_MODELS``); a peer can
