@@ -17,6 +17,7 @@ import yaml
 
 from edgezmq import testbed as tbm
 from edgezmq.testbed import cgroups, cli, net
+from edgezmq.testbed import core as tbcore
 from edgezmq.testbed.config import CLIENT, ConfigError, load_config, parse_bytes, parse_config
 
 CORES = 2  # parsing tests do not depend on this machine
@@ -726,13 +727,25 @@ def test_up_reclaims_a_half_dead_testbed_of_its_own_name(tmp_path):
     path = _write_testbed(tmp_path, name, SMOKE)
     state = tmp_path / "state"
     net.add_netns(f"{name}-full")  # what a killed run left: one device's namespace
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
     try:
         with pytest.raises(tbm.TestbedError, match="already up.*--reclaim"):
             tbm.Testbed.from_yaml(path, state_dir=state).up()
+        # a testbed brought up by a process still running (a bench) is not a leftover: not reclaimed
+        state.mkdir()
+        (state / tbcore.STATE_FILE).write_text(json.dumps({
+            "version": tbcore.STATE_VERSION, "name": name, "phase": "up", "netns": [f"{name}-full"], "cgroups": [],
+            "hosts": {}, "nodes": {}, "owner": {"pid": holder.pid, "start": tbcore._process_start(holder.pid)}}))
+        with pytest.raises(tbm.TestbedError, match=f"in use by process {holder.pid}"):
+            tbm.Testbed.from_yaml(path, state_dir=state).up(reclaim=True)
+        assert net.netns_exists(f"{name}-full")
+        holder.communicate(b"", timeout=60)  # the holder ends: what it left is reclaimed
         tb = tbm.Testbed.from_yaml(path, state_dir=state)
         cluster = tb.up(reclaim=True)
         assert {n["name"] for n in cluster["nodes"]} == {"full", "quarter"}
         assert all(a["ok"] for a in tb.ping_nodes().values())
     finally:
+        holder.kill()
+        holder.wait()
         tbm.Testbed.from_yaml(path, state_dir=state).down()
     assert leftovers(name) == []

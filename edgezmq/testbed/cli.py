@@ -160,7 +160,8 @@ def _add_commands(parent: argparse.ArgumentParser) -> None:
         if cmd == "up":
             p.add_argument("--timeout", type=seconds, help="seconds for every node to be ready (default 90 + 15 per node)")
             p.add_argument("--reclaim", action="store_true",
-                           help="a testbed of this name is (half) up: take it down first instead of failing")
+                           help="a testbed of this name is (half) up: take it down first instead of failing "
+                                "(not one a running process brought up and holds: a bench's)")
     parent.set_defaults(func=run_cli)
 
 

@@ -118,6 +118,15 @@ def _tail(path: Path) -> str:
         return ""
 
 
+
+def _process_start(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot, /proc/PID/stat field 22); None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
 class Testbed:
     """Emulated edge devices on this machine.
 
@@ -216,6 +225,17 @@ class Testbed:
                                "use another --state-dir")
         return st
 
+    def _holder(self) -> int | None:
+        """The process, other than this one, that brought this testbed up and still runs (a
+        bench holding it), by its state file's owner (pid and start time: a reused pid is
+        not it); None when there is none (down, a CLI `up` that has exited, a killed run)."""
+        st = self._load_state() or {}
+        owner: dict[str, Any] = st["owner"] if isinstance(st.get("owner"), dict) else {}
+        pid, start = owner.get("pid"), owner.get("start")
+        if st.get("phase") == "down" or not isinstance(pid, int) or pid == os.getpid() or start is None:
+            return None
+        return pid if _process_start(pid) == start else None
+
     def _save(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.state_path.with_suffix(".tmp")
@@ -280,6 +300,10 @@ class Testbed:
         is taken down first (a bench reclaiming what a killed run of its own left behind).
         """
         self._ctrls = check_prerequisites()
+        holder = self._holder()
+        if holder is not None:  # not a leftover: reclaiming would pull it from under a running bench
+            raise TestbedError(f"testbed {self.name!r} is in use by process {holder}, which brought it up and "
+                               "is still running: stop that run first (`edgezmq testbed down` takes it down anyway)")
         present = [ns for ns in self.all_namespaces() if net.netns_exists(ns)]
         if present and reclaim:
             log.warning("testbed %s: namespace(s) %s left from an earlier run: taking them down first",
@@ -293,6 +317,7 @@ class Testbed:
         self._state = self._new_state()
         self._state["phase"] = "starting"
         self._state["started_at"] = time.time()
+        self._state["owner"] = {"pid": os.getpid(), "start": _process_start(os.getpid())}
         self._save()
         try:
             for step in (self._make_network, self._make_cgroups, self._start_nodes, self._check_nodes):
