@@ -21,10 +21,12 @@ pipeline, not that granularity.
 Each device count gets one deployment: stages cut contiguously to balance the bytes a decode
 step reads (each layer's and the head's weights once per microbatch; the embedding only the
 rows of its tokens, counted 0), or with --cut time the units' work in this run (`unit_work_us`:
-a prompt step and --new-tokens - 1 decode steps per microbatch, timed on the client, 1 thread:
-the head reads 3 layers' bytes but, taking 1 row per prompt, costs under 2 layers' time), at --granularity (block: a unit per layer; half: its attention and its
-MLP, cuts 4x finer in bytes), at the largest microbatch its runs use (ceil(max S / window)): a
-node's load check sizes its message buffers from it and from `seq_len` (8 = the prompts'
+a prompt step and --new-tokens - 1 decode steps per microbatch, timed on the client, 1
+thread; the head reads 3 layers' bytes but takes 1 row per prompt), at --granularity (block:
+a unit per layer; half: its attention and its MLP), at the largest microbatch its runs use
+(ceil(max S / window)). (--granularity half --cut time did worse than the default at 8
+devices: the client's profile underprices the head's stage; README, "Enough sequences".) A
+node's load check sizes its message buffers from that microbatch and from `seq_len` (8 = the prompts'
 length: a prompt is one message); deployed `generation_only`, the head's buffers hold each
 row's next-token logits, not every position's. Each run then
 generates --new-tokens greedily for S random prompts of --prompt-len tokens with at most
@@ -304,7 +306,7 @@ def _scaling(args: argparse.Namespace, cluster: Any, kwargs: dict[str, Any], dev
 
 def unit_work_us(path: str, kwargs: dict[str, Any], args: argparse.Namespace, mb: int) -> list[int]:
     """Each unit's work for one microbatch of this run, timed here unit by unit (1 thread, as the
-    devices run; the client's whole core, so only the ratios between units count), in
+    devices run; at the client's CPU share, so only the ratios between units count), in
     microseconds: its prompt step (mb rows of --prompt-len tokens from empty caches) and
     --new-tokens - 1 decode steps (at the context halfway). Why not the decode step alone: with
     short generations the prompt is half a layer's work, and the head (next-token logits of the
@@ -443,8 +445,8 @@ def main() -> int:
     ap.add_argument("--granularity", choices=DECODER_GRANULARITIES, default="block",
                     help="the decoder's units: a layer each, or its attention and its MLP (finer cuts)")
     ap.add_argument("--cut", choices=("bytes", "time"), default="bytes",
-                    help="balance the stages' decode-step bytes read, or their units' decode-step times "
-                         "(profiled on the client at the run's microbatch)")
+                    help="balance the stages' decode-step bytes read, or their units' work in the run "
+                         "(a prompt step and the decode steps, timed on the client at the run's microbatch)")
     ap.add_argument("--twice", action=argparse.BooleanOptionalAction, default=True,
                     help="also run a model twice an edge device's memory cap on the 8 edge devices")
     ap.add_argument("--out", type=result_name, default=NAME, help="results name: bench/results/OUT.json and .png")
