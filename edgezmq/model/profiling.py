@@ -318,8 +318,8 @@ def decode_step(shard: Any, microbatch: int, context: int, gen: torch.Generator)
     return step
 
 
-def _profile_decode_unit(model: str, i: int, *, granularity: str, microbatch: int, context: int, warmup: int, reps: int,
-                         kwargs: dict[str, Any], checkpoint: str | Path | None, gen: torch.Generator,
+def _profile_decode_unit(model: str, i: int, *, granularity: str, microbatch: int, context: int, warmup: int,
+                         reps: int, kwargs: dict[str, Any], checkpoint: str | Path | None, gen: torch.Generator,
                          meter: _PeakMeter, round_s: float, stop: StopFn | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     shard = models.build_shard(model, i, i + 1, granularity=granularity, checkpoint=checkpoint, dtype=TORCH_DTYPE,
@@ -398,8 +398,8 @@ def profile_units(model: str, *, granularity: str = "block", microbatch: int = 8
     with models.torch_threads(used), _frozen_heap():
         for i in range(n):
             if context is not None:
-                entry = _profile_decode_unit(model, i, granularity=granularity, microbatch=microbatch, context=context, warmup=warmup,
-                                             reps=reps, kwargs=kw, checkpoint=checkpoint, gen=gen, meter=meter,
+                entry = _profile_decode_unit(model, i, granularity=granularity, microbatch=microbatch, context=context,
+                                             warmup=warmup, reps=reps, kwargs=kw, checkpoint=checkpoint, gen=gen, meter=meter,
                                              round_s=round_s, stop=stop)
             else:
                 entry = _profile_unit(model, i, granularity=granularity, specs=specs, fixed=fixed, warmup=warmup,

@@ -118,7 +118,6 @@ def _tail(path: Path) -> str:
         return ""
 
 
-
 def _process_start(pid: int) -> int | None:
     """When process `pid` started (clock ticks since boot, /proc/PID/stat field 22); None if gone."""
     try:
@@ -126,6 +125,7 @@ def _process_start(pid: int) -> int | None:
     except OSError:
         return None
     return int(stat.rsplit(")", 1)[1].split()[19])
+
 
 class Testbed:
     """Emulated edge devices on this machine.
