@@ -28,7 +28,10 @@ a unit per layer; half: its attention and its MLP), at the largest microbatch it
 devices: the client's profile underprices the head's stage; README, "Enough sequences".) A
 node's load check sizes its message buffers from that microbatch and from `seq_len` (8 = the prompts'
 length: a prompt is one message); deployed `generation_only`, the head's buffers hold each
-row's next-token logits, not every position's. Each run then
+row's next-token logits, not every position's. Each stage reserves its units' KV caches for
+every sequence of the largest run at its longest (--prompt-len + --new-tokens tokens: the
+plan's `cache_bytes`, as autodeploy sets it), so that no step waits for cache room (the
+default, half of what the shard leaves, is short of that at 4,096 sequences). Each run then
 generates --new-tokens greedily for S random prompts of --prompt-len tokens with at most
 N + --queued microbatches in flight (one per stage, and one more by default to cover the
 client's turnaround) of ceil(S / (N + queued)) sequences each: the generator's continuous
@@ -51,6 +54,9 @@ machine's busy share (/proc/stat): the speedup over one device is N x (one devic
 seconds / the stages' sum: the cost of smaller microbatches) x (mean stage CPU / the
 busiest's: balance) x (the busiest stage's computing share: the pipeline's idle time), as
 long as each computing stage gets its CPU share (CPU seconds / computing seconds = --cpu).
+`stage_time` splits each stage's run, from the steps' wire timestamps (edgezmq.ops.trace.idle:
+one host, one clock), into computing and its idle time: `fill` (before its first step: the
+steps ahead of it), `drain` (after its last: the steps behind it), `gaps` (waiting mid-run).
 
 tokens_per_s = generated tokens / wall time of the run (prefill included); ms_per_token = the run's wall time / --new-tokens (what one sequence waits per
 token). Before timing, one short untimed generation warms the deployment. `exact_greedy`:
@@ -193,6 +199,8 @@ def _scaling(args: argparse.Namespace, cluster: Any, kwargs: dict[str, Any], dev
     from edgezmq.client import Client
     from edgezmq.generation import Generator, decoder_limits
     from edgezmq.model import chain as models
+    from edgezmq.model import text
+    from edgezmq.ops import trace
     from edgezmq.ops.status import poll
     from edgezmq.orchestrate.address import NodeAddress
     from edgezmq.orchestrate.deploy import DeployError, deploy, unload
@@ -203,6 +211,11 @@ def _scaling(args: argparse.Namespace, cluster: Any, kwargs: dict[str, Any], dev
     infos = models.unit_infos(MODEL, args.granularity, **kwargs)
     sizes = [u.param_bytes for u in infos]
     step_bytes = [0 if u.name == "embed" else b for u, b in zip(infos, sizes)]  # what a decode step reads
+    meta = models.create_model(MODEL, device="meta", **kwargs)
+    per_token = text.cache_bytes_per_token(meta, 1)  # one layer's keys and values
+    # what each unit's caches hold with every sequence of the largest run at its longest
+    cache = [per_token * max(sequences) * (args.prompt_len + args.new_tokens) if p.kind in text.CACHE_KINDS else 0
+             for p in text.pieces(meta, args.granularity)]
     out_cut: dict[str, Any] = {"granularity": args.granularity, "cut": args.cut, "unit_time_us": {}}
     chunk, positions, _ = decoder_limits(MODEL, kwargs)
     vocab = int(models.create_model(MODEL, device="meta", **kwargs).config.vocab_size)
@@ -225,7 +238,7 @@ def _scaling(args: argparse.Namespace, cluster: Any, kwargs: dict[str, Any], dev
                          kwargs=kwargs, generation_only=True, granularity=args.granularity)
         cuts = balanced_cuts(cost(len(nodes)), len(nodes))
         return DeployPlan(model=spec, results=results, stages=[
-            StagePlan(units=(a, b), nodes=[NodeAddress(n, by_name[n].control, 1)])
+            StagePlan(units=(a, b), nodes=[NodeAddress(n, by_name[n].control, 1)], cache_bytes=sum(cache[a:b]))
             for (a, b), n in zip(zip(cuts, cuts[1:]), nodes)])
 
     # an edge device alone cannot hold the model: its load is refused (the node's memory check)
@@ -268,6 +281,7 @@ def _scaling(args: argparse.Namespace, cluster: Any, kwargs: dict[str, Any], dev
                     g.step_tokens = k or None
                     before = poll(stage_nodes)
                     machine = MachineUse()
+                    first = c.next_seq
                     t = time.time()
                     toks = g.generate(prompts[:s], args.new_tokens, stop_at_eos=False)
                     dt = time.time() - t
@@ -277,7 +291,9 @@ def _scaling(args: argparse.Namespace, cluster: Any, kwargs: dict[str, Any], dev
                            "seconds": round(dt, 2), "microbatch": c.microbatch, "window": c.window,
                            "steps": st.steps, "prefill_rows": st.prefill_rows, "cache_full_waits": st.cache_full,
                            "first_token_s_median": round(sorted(st.first_token_s)[len(st.first_token_s) // 2], 3),
-                           **stage_use(before, poll(stage_nodes), dt), "machine_busy": machine.busy()}
+                           **stage_use(before, poll(stage_nodes), dt), "machine_busy": machine.busy(),
+                           "stage_time": trace.idle(trace.intervals(
+                               {q: c.timestamps[q] for q in range(first, c.next_seq) if q in c.timestamps}), n)}
                     out["rows"].append(row)
                     print(f"{n} device(s), {s} sequence(s), step_tokens {k}: {row['tokens_per_s']} tokens/s, "
                           f"{row['ms_per_token']} ms/token, stages computing {row['stage_compute_share']}, "

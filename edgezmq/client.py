@@ -355,10 +355,15 @@ class Client:
             self.ignored += 1
             return
         pending.pop(msg.seq)
+        self.keep_trace(msg)
+        done[msg.seq] = msg.tensors[0].copy()  # logits are small; give the caller a writable array
+
+    def keep_trace(self, msg: wire.Message) -> None:
+        """Keep a result's per-stage timestamps (its ``t``, plus its receive time here) in
+        ``timestamps``: the latest ``keep_timestamps`` results' only."""
         self.timestamps[msg.seq] = msg.t + [[-1, time.time()]]
         while len(self.timestamps) > self.keep_timestamps:  # the oldest first (insertion order)
             del self.timestamps[next(iter(self.timestamps))]
-        done[msg.seq] = msg.tensors[0].copy()  # logits are small; give the caller a writable array
 
     def _expire(self, pending: dict) -> None:
         now = time.time()

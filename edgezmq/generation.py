@@ -317,6 +317,7 @@ class Generator:
                         continue
                     raise PipelineError(msg.seq, err.get("code", "?"), err.get("message", ""), msg.stage)
                 logits = msg.tensors[0]
+                c.keep_trace(msg)
                 st.steps += 1
                 now = time.time()
                 for row, (s, n) in enumerate(zip(p.rows, p.lens)):

@@ -20,6 +20,7 @@ from edgezmq.generation import GenerateError, Generator, Sampling, decoder_limit
 from edgezmq.model import chain as models  # noqa: E402
 from edgezmq.node.kvcache import GenError, KVStore  # noqa: E402
 from edgezmq.node.stage import BUFFERS_PER_DIRECTION  # noqa: E402
+from edgezmq.ops.trace import idle, intervals  # noqa: E402
 from edgezmq.orchestrate.address import NodeAddress  # noqa: E402
 from edgezmq.orchestrate.deploy import deploy, unload  # noqa: E402
 from edgezmq.orchestrate.planfile import DeployPlan, ModelSpec, StagePlan  # noqa: E402
@@ -433,14 +434,21 @@ def test_pipelined_generation_equals_generate(node_pool, tmp_path, name, exact, 
             try:
                 c.attach(dep.entry, dep.run)
                 g = Generator(c, chunk=chunk, max_positions=positions, vocab_size=VOCAB, eos_token_id=None)
+                first = c.next_seq
                 outs = g.generate(prompts, max_new_tokens=10)
                 st = g.stats
+                # every step's result keeps its wire timestamps: one entry per stage, in order
+                stamps = {q: c.timestamps[q] for q in range(first, c.next_seq) if q in c.timestamps}
                 sampled = g.generate(prompts[:3], 6, Sampling(greedy=False, temperature=0.8, top_k=20, seed=5))
                 again = g.generate(prompts[:3], 6, Sampling(greedy=False, temperature=0.8, top_k=20, seed=5))
                 stats = [NodeClientStats.of(nd) for nd in cluster.nodes]
             finally:
                 unload(plan)
     assert st.tokens == 70 and st.decode_rows == 63 and st.sequences == 7
+    assert len(stamps) == st.steps and all([e[0] for e in t[1:-1]] == [0, 1, 2] for t in stamps.values())
+    shares = idle(intervals(stamps), 3)
+    assert all(x is not None and 0 < x["compute"] < 1 and sum(x.values()) == pytest.approx(1, abs=2e-3)
+               for x in shares), shares
     for p, out in zip(prompts, outs):
         assert out == _reference(name, kw, path, p, 10)[0]
     assert sampled == again and sampled != [o[:6] for o in outs[:3]]

@@ -472,6 +472,24 @@ def test_draw_timeline_lanes_for_overlapping_replicas(tmp_path):
     assert p.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_idle_splits_each_stage_span_into_compute_fill_drain_and_gaps():
+    from edgezmq.ops.trace import idle
+
+    # two stages, three microbatches submitted at 0; stage 0 computes [0,2) [2,4) [5,7),
+    # stage 1 [2,3) [4,5) [7,8); results at 3.5, 5.5, 10 (span 10 s); no stage 2
+    def mb(seq: int, s0: tuple[float, float], s1: tuple[float, float], result: float) -> dict:
+        return {"seq": seq, "submit": 0.0, "result": result,
+                "stages": [{"stage": 0, "recv": 0.0, "start": s0[0], "end": s0[1], "send": s0[1]},
+                           {"stage": 1, "recv": s0[1], "start": s1[0], "end": s1[1], "send": s1[1]}]}
+
+    mbs = [mb(0, (0, 2), (2, 3), 3.5), mb(1, (2, 4), (4, 5), 5.5), mb(2, (5, 7), (7, 8), 10.0)]
+    s0, s1, s2 = idle(mbs, 3)
+    assert s0 == {"compute": 0.6, "fill": 0.0, "drain": 0.3, "gaps": 0.1}
+    assert s1 == {"compute": 0.3, "fill": 0.2, "drain": 0.2, "gaps": 0.3}
+    assert s2 is None
+    assert idle([], 2) == [None, None]
+
+
 def test_trace_of_an_undeployed_plan_is_a_clear_error(tmp_path, capsys):
     d = {"model": {"name": MODEL, "checkpoint": checkpoint(), "microbatch": MICROBATCH, "kwargs": KWARGS},
          "stages": [{"units": [0, N_UNITS], "nodes": [_dead_address()]}]}

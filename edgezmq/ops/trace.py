@@ -110,6 +110,30 @@ def summarize(mbs: list[dict[str, Any]], replicas: list[int]) -> list[dict[str, 
     return out
 
 
+def idle(mbs: list[dict[str, Any]], stages: int) -> list[dict[str, float] | None]:
+    """Where each stage's time went between the first submit and the last result of `mbs`
+    (``intervals``), as shares of that span: ``compute``, and its idle time split into ``fill``
+    (before its first step: the steps ahead of it in the pipeline), ``drain`` (after its last:
+    the steps behind it) and ``gaps`` (between steps: it waited for work mid-run). The four
+    add up to 1 where a stage runs one step at a time (one node). None: a stage in no `mbs`."""
+    if not mbs:
+        return [None] * stages
+    t0, t1 = min(mb["submit"] for mb in mbs), max(mb["result"] for mb in mbs)
+    span = max(t1 - t0, 1e-9)
+    out: list[dict[str, float] | None] = []
+    for k in range(stages):
+        steps = sorted((h["start"], h["end"]) for mb in mbs for h in mb["stages"] if h["stage"] == k)
+        if not steps:
+            out.append(None)
+            continue
+        compute = sum(e - s for s, e in steps)
+        fill, drain = steps[0][0] - t0, t1 - steps[-1][1]
+        gaps = sum(max(0.0, b[0] - a[1]) for a, b in zip(steps, steps[1:]))
+        out.append({"compute": round(compute / span, 4), "fill": round(fill / span, 4),
+                    "drain": round(drain / span, 4), "gaps": round(gaps / span, 4)})
+    return out
+
+
 def collect(
     plan: DeployPlan, n_batches: int, *, window: int | None = None, seed: int = 0,
     timeout: float = DEFAULT_TIMEOUT_S, correct_clocks: bool = True,
