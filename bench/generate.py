@@ -218,7 +218,7 @@ def _scaling(args: argparse.Namespace, cluster: Any, kwargs: dict[str, Any], dev
              for p in text.pieces(meta, args.granularity)]
     out_cut: dict[str, Any] = {"granularity": args.granularity, "cut": args.cut, "unit_time_us": {}}
     chunk, positions, _ = decoder_limits(MODEL, kwargs)
-    vocab = int(models.create_model(MODEL, device="meta", **kwargs).config.vocab_size)
+    vocab = int(meta.config.vocab_size)
     out: dict[str, Any] = {"rows": [], "deployments": [], **out_cut}
     checked = prompts[:min(4, max(sequences))]
 
