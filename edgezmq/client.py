@@ -172,8 +172,8 @@ class Client:
             run = r.run
         kw.setdefault("microbatch", plan.model.microbatch)
         kw.setdefault("input_encoding", plan.input_encoding)
-        if kw.get("window") is None:  # the plan's own (predicted.window, Plan.window), else the default
-            kw["window"] = plan.window or DEFAULT_WINDOW
+        if kw.get("window") is None:  # the plan's own (predicted.window, Plan.window), else from its nodes
+            kw["window"] = plan.in_flight
         if plan.keyring is not None:
             kw.setdefault("keyring", plan.keyring)
             kw.setdefault("entry_keys", [plan.keyring.node_key(r.name) for r in plan.stages[0].nodes])

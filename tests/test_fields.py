@@ -122,7 +122,10 @@ def test_bad_plan_files_name_the_field(path, value, text):
 def test_a_good_plan_file_parses():
     plan = parse_plan(PLAN)
     assert plan.model.microbatch == 8 and plan.stages[0].nodes[0].threads == 2 and plan.window == 6
-    assert parse_plan({k: v for k, v in PLAN.items() if k != "predicted"}).window is None
+    assert plan.in_flight == 6  # the plan's own predicted.window
+    bare = parse_plan({k: v for k, v in PLAN.items() if k != "predicted"})
+    # without one: two per node and two for the client (the planner's rule without its latency term)
+    assert bare.window is None and bare.in_flight == 2 * len(bare.all_nodes) + 2 > len(bare.stages) + 1
     assert plan.stages[0].nodes[0].control == "tcp://127.0.0.1:5550" and plan.stages[0].nodes[0].curve is None
 
 

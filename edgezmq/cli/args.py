@@ -130,7 +130,7 @@ def add_io_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="logits.npy", help="where to write the logits")
     p.add_argument("--window", type=window, default=None,
                    help=f"microbatches in flight (1..{MAX_WINDOW}; default: the plan's predicted.window, "
-                        f"enough to keep its pipeline full, else 4)")
+                        f"enough to keep its pipeline full, else 2 per node + 2)")
     p.add_argument("--timeout", type=seconds, default=120.0,
                    help=f"seconds per microbatch before retry/failure (up to {MAX_SECONDS:g})")
     p.add_argument("--show", type=count_or_zero, default=5, help="print top-5 classes of this many samples")

@@ -16,7 +16,7 @@ EPILOG = """examples:
   edgezmq generate plan.yaml --text prompts.txt --tokenizer ./tokenizer --json
 
 Many prompts at once keep every stage busy (continuous batching); --window sets how many
-microbatches are in flight (default: the plan's, else 4). Greedy by default: the tokens of
+microbatches are in flight (default: the plan's, else 2 per node + 2). Greedy by default: the tokens of
 the model's own generate(do_sample=False) on the same weights (docs/generate.md).
 """
 MAX_PROMPT_LEN = 1 << 20

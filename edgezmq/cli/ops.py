@@ -162,7 +162,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--batches", type=count, required=True, help="random microbatches to send")
     tr.add_argument("--out", default="trace.png", help="timeline PNG (default trace.png)")
     tr.add_argument("--trace-json", help="raw trace JSON (default: --out with .json)")
-    tr.add_argument("--window", type=window, help="microbatches in flight (default: stages + 1)")
+    tr.add_argument("--window", type=window, help="microbatches in flight (default: the plan's, else 2 per node + 2)")
     tr.add_argument("--seed", type=seed, default=0)
     tr.add_argument("--timeout", type=seconds, default=DEFAULT_TIMEOUT_S, help="seconds per microbatch")
     tr.add_argument("--no-clock-offsets", action="store_true", help="do not estimate per-node clock offsets")

@@ -149,13 +149,13 @@ def collect(
     xs = split(models.random_inputs(m.name, n_batches * m.microbatch, seed, **m.kwargs), m.microbatch)
     offsets = clock_offsets(plan) if correct_clocks else {}
     corr = _stage_corrections(plan, offsets) if offsets else {}
-    window = window or plan.window or len(plan.stages) + 1  # the plan's (Plan.window), else one per stage
-    with Client.from_plan(plan, window=window, timeout=timeout,
+    # window None: what any client of the plan keeps in flight (Client.from_plan: DeployPlan.in_flight)
+    with Client.from_plan(plan, window=window or None, timeout=timeout,
                           keep_timestamps=max(n_batches, TIMESTAMPS_KEPT)) as c:
         t0 = time.time()
         samples = sum(len(y) for y in c.stream(xs))
         seconds = time.time() - t0
-        run, ts = c.run, dict(c.timestamps)
+        run, ts, window = c.run, dict(c.timestamps), c.window
     mbs = intervals(ts, corr)
     span = max(mb["result"] for mb in mbs) - min(mb["submit"] for mb in mbs)
     summary = summarize(mbs, [len(s.nodes) for s in plan.stages])

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from edgezmq.argtypes import MAX_WINDOW
+from edgezmq.argtypes import MAX_WINDOW, pipeline_window
 from edgezmq.errors import EdgezmqError
 from edgezmq.fields import Fields, prefixed, read_yaml, shown
 from edgezmq.orchestrate.address import NodeAddress
@@ -88,6 +88,12 @@ class DeployPlan:
     @property
     def all_nodes(self) -> list[tuple[int, NodeAddress]]:
         return [(i, n) for i, st in enumerate(self.stages) for n in st.nodes]
+
+    @property
+    def in_flight(self) -> int:
+        """Microbatches a client keeps in flight: the plan's ``predicted.window``, else two per
+        node and two more (argtypes.pipeline_window, without the latency the planner knows)."""
+        return self.window or pipeline_window(len(self.all_nodes))
 
     def to_dict(self) -> dict[str, Any]:
         m = self.model

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from edgezmq.argtypes import MAX_WINDOW
+from edgezmq.argtypes import pipeline_window
 from edgezmq.terms import CLIENT, ENCODINGS
 
 if TYPE_CHECKING:
@@ -154,7 +154,7 @@ class Plan:
         prediction on 16 emulated boards whose links take as long as the compute (docs/planner.md)."""
         depth = self.latency_s / self.bottleneck_s if 0 < self.bottleneck_s < math.inf else 0.0
         in_service = math.ceil(depth) if math.isfinite(depth) else 0
-        return min(MAX_WINDOW, in_service + 2 * self.num_devices + 2)
+        return pipeline_window(self.num_devices, in_service)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able summary: figures, certificate, stages with their costs, and solver stats."""
