@@ -41,7 +41,12 @@ more rows its microbatch has (`bench/decode_rows.py`: on 4 layers, 1 thread, 8.0
 rows on by matrix products that this CPU runs at low efficiency for few rows). N stages need N
 microbatches in flight to be busy, so their rows are S / (N + 1) against one device's S / 2:
 the compute bound on the speedup is N x per_row(S / 2) / per_row(S / (N + 1)), printed by
-decode_rows.py. Every microbatch more in flight lowers it. Keep the window near N.
+decode_rows.py. Every microbatch more in flight lowers it while the microbatches are small:
+keep the window near N for the default tables (up to 64 sequences). From ~100 rows on a row
+costs the same at any size, and more in flight is free: at 4,096 sequences on 8 devices
+`--queued 8` (window 16, 256-row steps) let the stages (the light head's stage aside) wait
+4-12 % of the run mid-run, against 21-25 % at window 9 (README, "Enough sequences"). The one
+device takes at most one queued.
 
 --step-tokens caps the prompt tokens of a prefill step (Generator.step_tokens; 0: a whole
 microbatch of prompts, the default); each value is a run of every pipeline (the one device
@@ -150,8 +155,11 @@ def balanced_cuts(sizes: list[int], parts: int) -> list[int]:
 
 
 def window(devices: int, queued: int) -> int:
-    """Microbatches in flight: one per stage, and `queued` more (the client's turnaround)."""
-    return devices + queued
+    """Microbatches in flight: one per stage, and `queued` more (the client's turnaround, and the
+    pipeline's slack: steps of unequal work leave a stage waiting unless one is queued at it).
+    One device takes at most one queued: there nothing waits on another stage, and each step
+    more in flight only makes its steps smaller (dearer per row: bench/decode_rows.py)."""
+    return devices + (min(queued, 1) if devices == 1 else queued)
 
 
 def microbatch(sequences: int, devices: int, queued: int) -> int:
@@ -252,7 +260,7 @@ def _scaling(args: argparse.Namespace, cluster: Any, kwargs: dict[str, Any], dev
             out["one_edge_device"] = f"refused: {e}"[:600]
     print(f"one edge device: {out['one_edge_device'][:200]}", file=sys.stderr, flush=True)
 
-    for n in devices:
+    for n in sorted(devices, reverse=True):  # the pipelines first: the one device takes longest
         nodes = ["big"] if n == 1 else [f"edge-{i}" for i in range(n)]
         with Client([], f"tcp://{cluster.client_address}:0", run="",
                     microbatch=microbatch(max(sequences), n, args.queued), timeout=3600) as c:  # one device's prompt step of 512 x 8 tokens: ~5 min at 0.2 of a core
@@ -450,7 +458,7 @@ def main() -> int:
     ap.add_argument("--big-memory", default="3GB", help="the one-device baseline's memory cap")
     ap.add_argument("--seed", type=args_.seed, default=0, help="of the prompts")
     ap.add_argument("--queued", type=args_.int_in(0, 64), default=1,
-                    help="microbatches in flight beyond one per stage (window = devices + this)")
+                    help="microbatches in flight beyond one per stage (window = devices + this; one device: at most 1)")
     ap.add_argument("--devices", type=args_.int_list(1, 8), default=DEVICES,
                     help="device counts, comma-separated (1: the big device; n > 1: n edge devices; '': none)")
     ap.add_argument("--sequences", type=args_.int_list(1, 4096), default=SEQUENCES,
