@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import shaped_rate
 
 from edgezmq import testbed as tbm
 from edgezmq.testbed import cgroups, cli, net
@@ -482,7 +483,8 @@ def test_shaped_link_rate(testbed, src, dst):
     """htb payload rate: configured rate x 1448/1514 (TCP payload per Ethernet frame), within 10%."""
     configured = testbed.config.link(src, dst).mbps
     expected = configured * net.TCP_PAYLOAD_FACTOR
-    r = measure_rate(testbed, src, dst)
+    r = shaped_rate(f"{src}->{dst}", lambda: measure_rate(testbed, src, dst), lambda r: r["bandwidth_mbps"],
+                    expected, RATE_TOLERANCE)
     print(f"{src}->{dst}: configured {configured:g} Mbit/s, expected payload {expected:.2f}, "
           f"measured {r['bandwidth_mbps']:.2f} ({r['bandwidth_mbps'] / configured:.4f}x configured)")
     assert abs(r["bandwidth_mbps"] / expected - 1) < RATE_TOLERANCE, (configured, r)
@@ -516,6 +518,11 @@ def netprobe_cli(tb, host: str, argv: list[str], nbytes: int = NIC_PROBE_BYTES) 
     return json.loads(r.stdout)
 
 
+def nic_rate(r: dict) -> float:
+    """A netprobe's payload rate: its flows' together (several --to or --from), else its own."""
+    return r["together"]["bandwidth_mbps"] if "together" in r else r["bandwidth_mbps"]
+
+
 @pytest.mark.slow
 def test_nic_shapes_a_devices_whole_egress_and_ingress(tmp_path):
     """A device's NIC (nic_mbps) holds all it sends and all it receives to the NIC rate, with one
@@ -531,26 +538,29 @@ def test_nic_shapes_a_devices_whole_egress_and_ingress(tmp_path):
         assert c["client"]["nic_mbps"] == {"down": 30.0}
         nic, peers = tb.control("nic"), [tb.control(f"peer-{i}") for i in range(3)]
         slow = peers[2]
-        got = {
-            "up, 1 peer": netprobe_cli(tb, "nic", ["--to", peers[0]]),
-            "up, slow pair": netprobe_cli(tb, "nic", ["--to", slow]),
+        f = net.TCP_PAYLOAD_FACTOR
+        probes = {  # what: (host, argv, message bytes, expected payload rate)
+            "up, 1 peer": ("nic", ["--to", peers[0]], NIC_PROBE_BYTES, NIC_MBPS * f),
+            "up, slow pair": ("nic", ["--to", slow], NIC_PROBE_BYTES, NIC_PAIR_MBPS * f),
             # 4 MiB messages take 7 s at 5 Mbit/s, over the 5 s reply timeout: they shrink
-            "up, slow pair, 4 MiB asked": netprobe_cli(tb, "nic", ["--to", slow], nbytes=4 << 20),
-            "up, 3 peers": netprobe_cli(tb, "nic", [a for p in peers for a in ("--to", p)]),
-            "down, 1 peer": netprobe_cli(tb, CLIENT, ["--from", peers[0], "--to", nic]),
-            "down, 3 peers": netprobe_cli(tb, CLIENT, [*(a for p in peers for a in ("--from", p)), "--to", nic]),
+            "up, slow pair, 4 MiB asked": ("nic", ["--to", slow], 4 << 20, NIC_PAIR_MBPS * f),
+            "up, 3 peers": ("nic", [a for p in peers for a in ("--to", p)], NIC_PROBE_BYTES, NIC_MBPS * f),
+            "down, 1 peer": (CLIENT, ["--from", peers[0], "--to", nic], NIC_PROBE_BYTES, NIC_MBPS * f),
+            "down, 3 peers": (CLIENT, [*(a for p in peers for a in ("--from", p)), "--to", nic], NIC_PROBE_BYTES,
+                              NIC_MBPS * f),
         }
-        client_down = measure_rate(tb, "peer-0", CLIENT)
+        expected = {k: v[3] for k, v in probes.items()}
+        got = {k: shaped_rate(k, lambda h=host, a=argv, n=nbytes: netprobe_cli(tb, h, a, n), nic_rate, want,
+                              RATE_TOLERANCE)
+               for k, (host, argv, nbytes, want) in probes.items()}
+        client_down = shaped_rate("client down", lambda: measure_rate(tb, "peer-0", CLIENT),
+                                  lambda r: r["bandwidth_mbps"], CLIENT_DOWN_MBPS * f, RATE_TOLERANCE)
     finally:
         tb.down()
     assert leftovers(name) == []
 
-    f = net.TCP_PAYLOAD_FACTOR
-    rate = {k: r["together"]["bandwidth_mbps"] if "together" in r else r["bandwidth_mbps"] for k, r in got.items()}
+    rate = {k: nic_rate(r) for k, r in got.items()}
     assert got["up, slow pair, 4 MiB asked"]["bytes_per_msg"] < 4 << 20
-    expected = {"up, 1 peer": NIC_MBPS * f, "up, slow pair": NIC_PAIR_MBPS * f, "up, 3 peers": NIC_MBPS * f,
-                "up, slow pair, 4 MiB asked": NIC_PAIR_MBPS * f,
-                "down, 1 peer": NIC_MBPS * f, "down, 3 peers": NIC_MBPS * f}
     for k, r in got.items():
         extra = ""
         if "together" in r:

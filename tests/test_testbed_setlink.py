@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import WAIT_S, wait_for
+from helpers import WAIT_S, shaped_rate, wait_for
 
 from edgezmq import testbed as tbm
 from edgezmq.testbed import cli, net
@@ -196,7 +196,8 @@ def test_set_link_changes_the_rate_of_a_running_testbed(tmp_path):
     got: list[tuple[str, float, float]] = []
 
     def check(what: str, src: str, dst: str, configured: float) -> None:
-        got.append((what, rate(tb, src, dst), configured * f))
+        got.append((what, shaped_rate(what, lambda: rate(tb, src, dst), float, configured * f, TOLERANCE),
+                    configured * f))
 
     try:
         tb.up()
