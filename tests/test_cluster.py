@@ -179,6 +179,8 @@ def test_autodeploy_runs_and_equals_monolithic(nodes):
         try:
             assert sum("taking it over" in m for m in said) == 2, said
             assert planned.throughput_per_s > 0 and plan.stages[0].units[0] == 0
+            # the planner's window goes with the plan (its latency term included), as a file's predicted.window
+            assert plan.window == dep.plan.window == plan.in_flight == planned.window
             # calibrated: every deployed node measured serving, and the plan in service is the final one
             cal = g.calibration
             assert cal is not None and 8 <= cal.microbatches <= 32

@@ -284,6 +284,7 @@ def test_demo_json(tmp_path):
         assert key in d
     assert d["max_abs_diff"] <= 1e-4 and d["nodes"] == 2
     assert d["split"] == "planner" and d["predicted_samples_per_s"] > 0
+    assert d["window"] >= 2 * 2 + 2  # the planner's (Plan.window): 2 per device, 2 for the client, the depth
     units = [s["units"] for s in d["stages"]]
     assert units[0][0] == 0 and units[-1][1] == DEMO_UNITS  # the planner's cut covers the model
     assert all(a[1] == b[0] for a, b in zip(units, units[1:]))
@@ -296,6 +297,7 @@ def test_demo_even_split_json(capsys):
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert [s["units"] for s in d["stages"]] == [[0, 4], [4, DEMO_UNITS]] and d["max_abs_diff"] <= 1e-4
+    assert d["window"] == 2 * 2 + 2  # no planner: a plan's default (DeployPlan.in_flight)
 
 
 def test_a_client_never_takes_results_of_a_client_that_gave_up(cluster):

@@ -36,7 +36,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--replication", action="store_true",
                    help="let the planner replicate stages (on identical local nodes it then "
                         "prefers whole-model replicas: data parallelism, not a pipeline)")
-    m.add_argument("--window", type=window, help="microbatches in flight (default: nodes + 1)")
+    m.add_argument("--window", type=window, help="microbatches in flight (default: the plan's: the planner's window, "
+                   "else 2 per node + 2)")
     m.add_argument("--seed", type=seed, default=0)
     m.add_argument("--json", action="store_true", help="print one JSON object")
     m.set_defaults(func=cmd_demo)

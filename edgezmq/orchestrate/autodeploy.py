@@ -415,9 +415,10 @@ def to_deploy_plan(
     cluster: Cluster, planned, *, model: ModelSpec, results: str | None = None, problem: Any = None,
     budget: Budget = EXACT,
 ) -> DeployPlan:
-    """The plan to deploy; with the planner's ``problem``, each stage also gets its outgoing
-    link's rate (``link_mbps``: the nodes size their send buffers by it) and its encoding
-    ladder within ``budget`` (as ``edgezmq plan -o`` writes them, planner.deploy)."""
+    """The plan to deploy, with the planner's window (``predicted.window`` in a file: Plan.window,
+    what its clients keep in flight); with the planner's ``problem``, each stage also gets its
+    outgoing link's rate (``link_mbps``: the nodes size their send buffers by it) and its
+    encoding ladder within ``budget`` (as ``edgezmq plan -o`` writes them, planner.deploy)."""
     from edgezmq.planner.deploy import link_mbps
     from edgezmq.planner.encoded import ladders
 
@@ -435,7 +436,8 @@ def to_deploy_plan(
             st.encodings = [[e] for e in rungs[i]] if rungs and rungs[i] else None
         stages.append(st)
     return DeployPlan(model=model, stages=stages, results=results or cluster.results,
-                      keyring=cluster.keyring, keys=cluster.keys, input_encoding=planned.stages[0].input_encoding)
+                      keyring=cluster.keyring, keys=cluster.keys, window=planned.window,
+                      input_encoding=planned.stages[0].input_encoding)
 
 
 def measure_encodings(g: Gathered, cluster: Cluster, model: ModelSpec, *, encodings: Any = None,

@@ -79,7 +79,6 @@ def _quiet(_: str) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     threads = args.threads or max(1, device.cores() // args.nodes)
-    window = args.window or args.nodes + 1
     infos = models.unit_infos(args.model, args.granularity)
     say(f"checkpoint: seeded {args.model} (seed {args.seed}) ...")
     ckpt = str(models.cached_checkpoint(args.model, seed=args.seed))
@@ -89,7 +88,7 @@ def run_demo(args: argparse.Namespace) -> int:
     spec = ModelSpec(name=args.model, microbatch=args.microbatch, granularity=args.granularity, checkpoint=ckpt)
     predicted = None
     with LocalCluster(args.nodes, threads=threads) as cluster, \
-            Client([], "tcp://127.0.0.1:0", run="", window=window, microbatch=args.microbatch) as client:
+            Client([], "tcp://127.0.0.1:0", run="", window=args.window or 1, microbatch=args.microbatch) as client:
         t0 = time.perf_counter()
         if args.split == "planner":
             inventory = Cluster(nodes=[InventoryNode(n.name, n.control, threads=threads) for n in cluster.nodes],
@@ -105,6 +104,7 @@ def run_demo(args: argparse.Namespace) -> int:
                         stages=[StagePlan(units=r, nodes=[NodeAddress(n.name, n.control, threads)])
                                 for r, n in zip(even_split(len(infos), args.nodes), cluster.nodes)])
             dep = deploy(plan)
+        client.window = window = args.window or plan.in_flight  # the plan's, as any client of it (Client.from_plan)
         say(f"deployed in {time.perf_counter() - t0:.1f}s:")
         say(stage_table(plan, [u.name for u in infos], dep.endpoints))
         client.attach(dep.entry, dep.run)
@@ -113,7 +113,7 @@ def run_demo(args: argparse.Namespace) -> int:
         outs = list(client.stream(batches))
         dt = time.perf_counter() - t0
         pipe_sps = args.batches * args.microbatch / dt
-        say(f"pipeline: {pipe_sps:.2f} samples/s over {args.batches} batches of {args.microbatch}")
+        say(f"pipeline: {pipe_sps:.2f} samples/s over {args.batches} batches of {args.microbatch}, {window} in flight")
         unload(plan)  # free the nodes' cores and memory for the monolithic run
 
     say(f"monolithic timm forward ({threads} thread(s)) ...")
@@ -125,7 +125,7 @@ def run_demo(args: argparse.Namespace) -> int:
     diff = max(float(np.max(np.abs(a - b))) for a, b in zip(outs, ref))
     result: dict[str, Any] = {
         "model": args.model, "nodes": args.nodes, "microbatch": args.microbatch,
-        "batches": args.batches, "granularity": args.granularity, "threads_per_node": threads,
+        "batches": args.batches, "granularity": args.granularity, "threads_per_node": threads, "window": window,
         "pipeline_samples_per_s": round(pipe_sps, 3),
         "monolithic_samples_per_s": round(mono_sps, 3),
         "speedup": round(pipe_sps / mono_sps, 3),
