@@ -15,8 +15,10 @@ positions in the wire header's `gen` field (docs/generate.md).
 
 Greedy decoding gives the tokens of the model's own `generate(do_sample=False)`: each stage
 runs every sequence on its own (batch 1) with the model's cache, masks and positions, and
-the head keeps the last position's logits, as `generate` does. Sampling (temperature,
-top-k) draws from a numpy generator seeded by (seed, the sequence's index): the same
+the head keeps the last position's logits, as `generate` does; the last stage takes their
+argmax itself (torch.argmax, as `generate`) and sends each row's token, 8 bytes, where the
+logits are 4 x vocab (`gen.pick`, docs/generate.md). Sampling (temperature, top-k) takes the
+logits and draws from a numpy generator seeded by (seed, the sequence's index): the same
 tokens whatever the batching, the window or the number of stages.
 
 A step with no answer after `timeout` is sent again (up to `retries`): a stage cuts a
@@ -163,6 +165,7 @@ class Generator:
         self.max_wait_s = DEFAULT_CACHE_IDLE_S / 2
         self.stats = GenerateStats()
         self._starts = 0  # sequences a step may start (0: a microbatch); halved by a cache_full refusal
+        self._pick: str | None = None  # gen.pick of this stream's steps (greedy: argmax, on the last stage)
         self._next_id = 0  # sequence ids on the wire: unique per generator (its session keys them)
 
     @property
@@ -262,6 +265,8 @@ class Generator:
         ends after `max_new_tokens`, or at the model's eos token (`stop_at_eos`, as `generate`)."""
         ps = self._check(prompts, max_new_tokens)
         c = self.client
+        # greedy: the last stage sends each row's token (8 bytes), not its logits (4 x vocab bytes)
+        self._pick = "argmax" if sampling.greedy else None
         eos = self.eos_token_id if stop_at_eos else None
         seqs = {}
         for i, prompt in enumerate(ps):
@@ -316,7 +321,7 @@ class Generator:
                         waiting.extend(s.sid for s in p.rows)
                         continue
                     raise PipelineError(msg.seq, err.get("code", "?"), err.get("message", ""), msg.stage)
-                logits = msg.tensors[0]
+                out = msg.tensors[0]  # (rows,) tokens (gen.pick argmax) or (rows, vocab) logits
                 c.keep_trace(msg)
                 st.steps += 1
                 now = time.time()
@@ -326,7 +331,7 @@ class Generator:
                     if s.pos < len(s.tokens):  # a long prompt's next chunk: no token yet
                         ready.append(s.sid)
                         continue
-                    tok = sampling.choose(logits[row], s.rng)
+                    tok = int(out[row]) if self._pick else sampling.choose(out[row], s.rng)
                     s.tokens.append(tok)
                     if s.generated == 1:
                         st.first_token_s.append(time.time() - t0)
@@ -411,6 +416,8 @@ class Generator:
         for r, (s, n) in enumerate(zip(rows, lens)):
             x[r, :n] = s.tokens[s.pos:s.pos + n]
         gen: dict[str, Any] = {"op": "step", "ids": ids, "pos": [s.pos for s in rows], "lens": lens}
+        if self._pick:
+            gen["pick"] = self._pick
         if any(s.pos == 0 for s in rows):
             gen["max_len"] = [s.max_len for s in rows]
         if prefill:
@@ -439,11 +446,21 @@ class Generator:
         if msg is None:
             return None
         p = pending[msg.seq]
-        if msg.kind == "result" and not p.release and (
-                len(msg.tensors) != 1 or msg.tensors[0].shape != (len(p.rows), self.vocab_size)):
-            c.ignored += 1  # not the logits of this step's rows
+        if msg.kind == "result" and not p.release and not self._answers(p, msg.tensors):
+            c.ignored += 1  # not the logits (or tokens) of this step's rows
             return None
         return msg
+
+    def _answers(self, p: _Pending, tensors: list[np.ndarray]) -> bool:
+        """`tensors` are what the last stage owes for step `p`: each row's logits (rows, vocab),
+        or with gen.pick argmax each row's token, an int64 id in the vocabulary (rows,)."""
+        if len(tensors) != 1:
+            return False
+        y = tensors[0]
+        if not self._pick:
+            return y.shape == (len(p.rows), self.vocab_size)
+        return (y.shape == (len(p.rows),) and y.dtype == wire.GEN_TOKEN_DTYPE
+                and bool(((y >= 0) & (y < self.vocab_size)).all()))
 
     def _expire(self, pending: dict[int, _Pending]) -> None:
         c = self.client

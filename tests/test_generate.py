@@ -258,6 +258,9 @@ class _FakeCache:
     {"op": "step", "ids": [True], "pos": [0], "lens": [1], "max_len": [3]},
     {"op": "release", "ids": [1], "pos": [0]},
     {"op": "step", "ids": [1], "pos": [0], "lens": [1], "max_len": [3], "path": "/etc"},
+    {"op": "step", "ids": [1], "pos": [0], "lens": [1], "max_len": [3], "pick": "sample"},
+    {"op": "step", "ids": [1], "pos": [0], "lens": [1], "max_len": [3], "pick": ["argmax"]},
+    {"op": "release", "ids": [1], "pick": "argmax"},
     [1, 2],
 ])
 def test_hostile_gen_headers_are_refused(gen):
@@ -401,6 +404,14 @@ def test_generator_takes_results_through_the_clients_filter():
             ok = answer(result())
             assert ok is not None and ok.seq == 7 and ok.tensors[0].shape == (2, VOCAB)
             assert (c.ignored, c.foreign) == (4, 1)
+            # greedy (gen.pick argmax): each row's token id, int64, inside the vocabulary
+            g._pick = "argmax"
+            assert answer(result()) is None and c.ignored == 5  # logits where tokens were asked
+            for bad in (np.array([1, VOCAB]), np.array([1, -1]), np.array([1.0, 2.0]), np.array([1])):
+                assert answer(result(tensors=[bad])) is None
+            assert c.ignored == 9
+            tokens = answer(result(tensors=[np.array([0, VOCAB - 1])]))
+            assert tokens is not None and tokens.tensors[0].tolist() == [0, VOCAB - 1]
         finally:
             push.close(linger=0)
 
@@ -515,6 +526,11 @@ def test_a_decoder_stage_refuses_what_does_not_continue_its_sequences(node_pool,
                 y1 = _ask(c, nxt, [np.array([[9]], np.int64)])
                 y1b = _ask(c, nxt, [np.array([[9]], np.int64)])  # resent decode step: same answer
                 assert y1.kind == "result" and np.array_equal(y1.tensors[0], y1b.tensors[0])
+                # the same step picked on the stage (gen.pick argmax, greedy): each row's token
+                # id, the first of equal maxima of those logits, 8 bytes instead of 4 x vocab
+                picked = _ask(c, {**nxt, "pick": "argmax"}, [np.array([[9]], np.int64)])
+                assert picked.kind == "result" and picked.tensors[0].dtype == np.int64
+                assert picked.tensors[0].tolist() == [int(np.argmax(y1.tensors[0][0]))]
                 refused = {
                     "gen_state": ({"op": "step", "ids": [1], "pos": [7], "lens": [1]}, [np.array([[9]], np.int64)], None),
                     "cache_full": ({"op": "step", "ids": [2], "pos": [0], "lens": [1], "max_len": [32]},
@@ -705,6 +721,9 @@ def test_autodeploy_plans_a_decoder_for_generation(node_pool):
                 assert all(p["phase"] == "decode" and p["context"] == 40 for p in g.profiles.values())
                 per_token = 2 * 64 * 4  # one GPT-2 layer's keys and values, 64 wide, float32
                 assert [u.cache_bytes for u in problem.units] == [0] + [6 * 40 * per_token] * kw["depth"] + [0]
+                # greedy (the default): the last link carries a token per row, not the logits (profiled)
+                assert problem.units[-1].out_bytes == 2 * 8 and g.profiles and all(
+                    p["units"][-1]["out_bytes"] == 2 * VOCAB * 4 for p in g.profiles.values())
                 assert not problem.options.replication and all(len(s.devices) == 1 for s in planned.stages)
                 assert [s.cache_bytes for s in plan.stages] == [
                     sum(u.cache_bytes for u in problem.units[s.units[0]:s.units[1]]) for s in plan.stages]

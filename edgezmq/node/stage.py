@@ -308,7 +308,8 @@ class StageRuntime:
     def _gen_step(self, msg: wire.Message, xs: list[Any]) -> list[Any]:
         """A gen message through the shard: each row on its own (batch 1) against its sequence's
         cache; out: hidden states right-padded to the message's tokens, or (last stage) each row's
-        next-token logits (B, V). A release drops the caches and travels on without tensors."""
+        next-token logits (B, V), or with ``pick: argmax`` each row's most likely token (B,) int64
+        (wire.GEN_PICKS). A release drops the caches and travels on without tensors."""
         import torch
 
         g, kv, session = msg.gen, self.kv, msg.session
@@ -339,7 +340,8 @@ class StageRuntime:
             kv.drop(session, g["ids"], released=False)
             raise
         if self.spec.last:
-            return [torch.cat(ys)]
+            logits = torch.cat(ys)
+            return [logits.argmax(-1)] if g.get("pick") == "argmax" else [logits]
         out = torch.zeros((len(ys), x.shape[1], *ys[0].shape[2:]), dtype=ys[0].dtype)
         for i, y in enumerate(ys):
             out[i, :y.shape[1]] = y[0]

@@ -43,7 +43,7 @@ from edgezmq.orchestrate.calibrate import calibrate as run_calibration
 from edgezmq.orchestrate.deploy import DeployError, Deployment, deploy, take_over, unload
 from edgezmq.orchestrate.inventory import Cluster, InventoryNode
 from edgezmq.orchestrate.planfile import DeployPlan, ModelSpec, StagePlan
-from edgezmq.protocol import control
+from edgezmq.protocol import control, wire
 from edgezmq.protocol import messages as m
 from edgezmq.terms import CLIENT
 from edgezmq.transport import netprobe, security
@@ -122,10 +122,17 @@ def _usable_memory(n: InventoryNode, info: dict) -> tuple[int, int]:
 class Generation:
     """Plan a decoder for generation (docs/generate.md): its units timed on decode steps of a
     microbatch of sequences with `context` tokens cached (the most a sequence holds), and every
-    stage holding the KV caches of `sequences` live sequences of that length."""
+    stage holding the KV caches of `sequences` live sequences of that length. `greedy`: the
+    last link carries each row's token (gen.pick argmax, what greedy decoding asks for), not
+    its logits (sampling: greedy False)."""
 
     context: int
     sequences: int
+    greedy: bool = True
+
+    def head_out_bytes(self, microbatch: int, logits_bytes: int) -> int:
+        """What the last stage sends per step: a token per row greedy, else the logits."""
+        return wire.gen_out_bytes(microbatch, logits_bytes, "argmax" if self.greedy else None)
 
 
 def gather(
@@ -328,6 +335,7 @@ def build_problem(
         if generation is not None:
             units[-1]["cache_bytes"] = generation.sequences * generation.context * int(u["cache_bytes_per_token"])
     if generation is not None:
+        units[-1]["out_bytes"] = generation.head_out_bytes(microbatch, units[-1]["out_bytes"])
         replication = False
     device_types, devices = {}, []
     for n in cluster.nodes:

@@ -51,9 +51,20 @@ MAX_TEXT = 4096  # run ids, error messages
 MAX_SESSION = 64  # a client session id: what tells one client's results from another's
 # generation (docs/generate.md): sequence ids and token positions in a `gen` header
 GEN_OPS = ("step", "release")
+# what a decoder's last stage returns for a step's rows: each row's next-token logits (absent:
+# the default, (rows, vocab) float32), or `argmax`: each row's most likely token, (rows,) int64,
+# the first of equal maxima as torch.argmax (greedy decoding: 8 bytes a row, not 4 x vocab)
+GEN_PICKS = ("argmax",)
+GEN_TOKEN_DTYPE = np.dtype(np.int64)  # a picked token as it travels (torch.argmax's dtype)
 MAX_SEQUENCE_ID = 2**31 - 1
 MAX_POSITION = 2**31 - 1
 MAX_GEN_ROWS = 1024  # rows of one gen message (msgpack's array limit below; at its largest ids the header stays under MAX_HEADER_BYTES, tested)
+
+
+def gen_out_bytes(rows: int, logits_bytes: int, pick: str | None) -> int:
+    """Bytes of what a decoder's last stage sends for a step of `rows` rows: their logits
+    (`logits_bytes`: rows x vocab x 4), or with a `pick` one token each."""
+    return rows * GEN_TOKEN_DTYPE.itemsize if pick is not None else logits_bytes
 
 
 class WireError(EdgezmqError, ValueError):
@@ -101,7 +112,7 @@ HEADER: tuple[HeaderField, ...] = (
                 "random per client; every stage copies it onto what it sends for that message (`error` "
                 "messages included), so a client takes only its own results and drops (and counts) the "
                 "rest: run and seq alone do not tell a client from the one before it on the same address"),
-    HeaderField("gen", "{op, ids, pos, lens, max_len}", False, f"a decoder's generation step (docs/generate.md); "
+    HeaderField("gen", "{op, ids, pos, lens, max_len, pick}", False, f"a decoder's generation step (docs/generate.md); "
                 f"requires `session` (each stage keys its KV caches by session and sequence id, so no client "
                 f"reaches another's). `op`: `step` (row i adds `lens[i]` tokens to sequence `ids[i]` after its "
                 f"first `pos[i]`: a resent step re-runs from `pos[i]`) or `release` (drop "
@@ -109,7 +120,9 @@ HEADER: tuple[HeaderField, ...] = (
                 f"0..{MAX_SEQUENCE_ID}, one per batch row; `pos` (step): ints in 0..{MAX_POSITION}; `lens` "
                 f"(step): ints >= 1, at most the tensors' token dimension (rows are right-padded); `max_len` "
                 f"(step, required where `pos` is 0): the sequence's most tokens ever, 1..{MAX_POSITION}, "
-                f"what the stage reserves cache for"),
+                f"what the stage reserves cache for; `pick` (step, optional): what the last stage returns, "
+                f"each row's next-token logits (rows, vocab) float32 when absent, or with `argmax` each "
+                f"row's most likely token id (rows,) int64, the first of equal maxima"),
 )
 
 # code -> when: what a stage refuses a data message with (it sends an `error` message downstream
@@ -320,8 +333,8 @@ def _ints(v: Any, lo: int, hi: int) -> bool:
 def _check_gen(g: Any, seq: int | None, has_session: bool) -> None:
     """The `gen` field's own consistency; whether it fits the tensors and the stage's caches is the
     stage's check (gen_state, cache_full)."""
-    if not isinstance(g, dict) or not set(g) <= {"op", "ids", "pos", "lens", "max_len"}:
-        raise WireError("bad_field", "gen must be a map of op, ids, pos, lens, max_len", seq)
+    if not isinstance(g, dict) or not set(g) <= {"op", "ids", "pos", "lens", "max_len", "pick"}:
+        raise WireError("bad_field", "gen must be a map of op, ids, pos, lens, max_len, pick", seq)
     if not has_session:
         raise WireError("bad_field", "a gen message needs a session (caches are keyed by it)", seq)
     op, ids = g.get("op"), g.get("ids")
@@ -343,6 +356,9 @@ def _check_gen(g: Any, seq: int | None, has_session: bool) -> None:
         raise WireError("bad_field", f"gen.max_len must be {n} ints in 1..{MAX_POSITION}, one per id", seq)
     if max_len is None and 0 in g["pos"]:
         raise WireError("bad_field", "gen.max_len is required when a sequence starts (pos 0)", seq)
+    pick = g.get("pick")
+    if pick is not None and not (isinstance(pick, str) and pick in GEN_PICKS):
+        raise WireError("bad_field", f"gen.pick must be one of {GEN_PICKS} (absent: logits), got {pick!r}", seq)
 
 
 def _check_spec(i: int, spec: Any, seq: int | None) -> None:
