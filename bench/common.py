@@ -41,6 +41,16 @@ def testbed(config: dict | str | Path, name: str):
             tb.down()
 
 
+def result_name(text: str) -> str:
+    """An argparse type: a results file's name, letters, digits, '-' and '_'."""
+    import argparse
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", text):
+        raise argparse.ArgumentTypeError(f"expected 1..64 letters, digits, '-' or '_', got {text!r}")
+    return text
+
+
 def _config_file(config: dict | str | Path, name: str) -> Path:
     path = BENCH_STATE / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -83,14 +83,13 @@ import argparse
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from common import RESULTS, ROOT, need_root, pyplot, save, testbed
+from common import RESULTS, ROOT, need_root, pyplot, result_name, save, testbed
 
 from edgezmq import argtypes as args_
 from edgezmq.model.text import DECODER_GRANULARITIES
@@ -107,13 +106,6 @@ SEQUENCES = [1, 4, 16, 64]
 TWICE_KWARGS = {**KWARGS, "depth": 72}
 TWICE_SEQUENCES = [1, 64]
 TARGET = 0.8  # N devices with >= N sequences: >= 0.8 N x one device's tokens/s (the issue's)
-
-
-def result_name(text: str) -> str:
-    """A results file's name: letters, digits, '-' and '_'."""
-    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", text):
-        raise argparse.ArgumentTypeError(f"expected 1..64 letters, digits, '-' or '_', got {text!r}")
-    return text
 
 
 def testbed_config(cpu: float, edge_memory: str, big_memory: str) -> dict[str, Any]:
