@@ -3,8 +3,8 @@ with the last stage picking each row's token (`gen.pick` argmax: 8 bytes a row) 
 same tokens chosen on the client from each row's logits (sampling at top_k 1: 4 x vocab
 bytes a row), with the last device's link to the client at 10 / 30 / 100 / 1000 Mbit/s.
 
-    sudo python bench/gen_link.py [--json] [--mbps 10,30,100,1000] [--sequences 32]
-        [--new-tokens 8] [--out gen-link]
+    sudo python bench/gen_link.py [--json] [--mbps 10,30,100,1000] [--sequences 64]
+        [--new-tokens 16] [--out gen-link]
 
 The testbed: two devices, `a` and `b` (CPU share --cpu each, 1 thread, 1 GB), and the
 client (0.5 of a core); gigabit links but for b <-> client, set to each rate in turn
@@ -158,8 +158,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--mbps", type=args_.int_list(1, 10000), default=MBPS, help="rates of b <-> client, comma-separated")
-    ap.add_argument("--sequences", type=args_.int_in(1, 1024), default=32, help="concurrent sequences of each run")
-    ap.add_argument("--new-tokens", type=args_.int_in(1, 64), default=8, help="tokens generated per sequence")
+    ap.add_argument("--sequences", type=args_.int_in(1, 1024), default=64, help="concurrent sequences of each run")
+    ap.add_argument("--new-tokens", type=args_.int_in(1, 64), default=16, help="tokens generated per sequence")
     ap.add_argument("--prompt-len", type=args_.int_in(1, 8), default=8, help="tokens of each random prompt")
     ap.add_argument("--cpu", type=args_.float_in(0.05, 0.75), default=0.25, help="CPU share of each device")
     ap.add_argument("--seed", type=args_.seed, default=0, help="of the prompts")
