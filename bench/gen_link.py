@@ -148,6 +148,7 @@ def plot(result: dict[str, Any]) -> None:
         ax.bar([i + off for i in x], [by.get((r, kind), 0) for r in rates], 0.4, label=label)
     ax.set_xticks(list(x), [f"{r} Mbit/s" for r in rates])
     ax.set_ylabel("tokens/s")
+    ax.set_ylim(0, 1.35 * max(by.values()))  # room for the legend above the bars
     ax.set_title(f"2 stages, {result['sequences']} sequences, greedy: the last link's rate")
     ax.legend()
     fig.tight_layout()
