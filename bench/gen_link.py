@@ -1,7 +1,8 @@
 """The last link of a generation pipeline at the EdgePipe testbed's rates: greedy decoding
-with the last stage picking each row's token (`gen.pick` argmax: 8 bytes a row) against the
-same tokens chosen on the client from each row's logits (sampling at top_k 1: 4 x vocab
-bytes a row), with the last device's link to the client at 10 / 30 / 100 / 1000 Mbit/s.
+with the last stage choosing each row's token (`gen.pick` argmax: 8 bytes a row) against the
+same tokens chosen on the client from each row's logits (`Generator.pick_on_stage = False`:
+4 x vocab bytes a row), with the last device's link to the client at 10 / 30 / 100 / 1000
+Mbit/s.
 
     sudo python bench/gen_link.py [--json] [--mbps 10,30,100,1000] [--sequences 64]
         [--new-tokens 16] [--out gen-link]
@@ -61,7 +62,7 @@ def inner(args: argparse.Namespace) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     from edgezmq.client import Client
-    from edgezmq.generation import Generator, Sampling, decoder_limits
+    from edgezmq.generation import Generator, decoder_limits
     from edgezmq.model import chain as models
     from edgezmq.ops.status import poll
     from edgezmq.orchestrate.address import NodeAddress
@@ -78,7 +79,7 @@ def inner(args: argparse.Namespace) -> dict[str, Any]:
     vocab = int(models.create_model(MODEL, device="meta", **KWARGS).config.vocab_size)
     rng = np.random.default_rng(args.seed)
     prompts = [rng.integers(1, vocab, args.prompt_len).tolist() for _ in range(args.sequences)]
-    kinds = {"pick": Sampling(), "logits": Sampling(greedy=False, top_k=1, seed=args.seed)}
+    kinds = {"pick": True, "logits": False}  # Generator.pick_on_stage
     rows: list[dict[str, Any]] = []
     tokens: dict[str, list[list[int]]] = {}
     with Client([], f"tcp://{cluster.client_address}:0", run="", microbatch=MICROBATCH, timeout=600,
@@ -92,14 +93,16 @@ def inner(args: argparse.Namespace) -> dict[str, Any]:
         try:
             c.attach(dep.entry, dep.run)
             g = Generator(c, chunk=chunk, max_positions=positions, vocab_size=vocab)
-            for kind in kinds.values():  # warm: first calls, the caches' allocations, both answers
-                g.generate(prompts[:1], 2, kind)
+            for on_stage in kinds.values():  # warm: first calls, the caches' allocations, both answers
+                g.pick_on_stage = on_stage
+                g.generate(prompts[:1], 2)
             for mbps in args.mbps:
                 tb.set_link("b", "client", mbps=mbps)
-                for kind, sampling in kinds.items():
+                for kind, on_stage in kinds.items():
+                    g.pick_on_stage = on_stage
                     before = poll(last)[0]
                     t = time.time()
-                    toks = g.generate(prompts, args.new_tokens, sampling, stop_at_eos=False)
+                    toks = g.generate(prompts, args.new_tokens, stop_at_eos=False)
                     dt = time.time() - t
                     after = poll(last)[0]
                     sent = after.stage.bytes_out - before.stage.bytes_out  # type: ignore[union-attr]
@@ -144,7 +147,7 @@ def plot(result: dict[str, Any]) -> None:
     by = {(r["mbps"], r["kind"]): r["tokens_per_s"] for r in result["rows"]}
     fig, ax = plt.subplots(figsize=(6, 4))
     x = range(len(rates))
-    for off, kind, label in ((-0.2, "pick", "token picked on the last stage"), (0.2, "logits", "logits to the client")):
+    for off, kind, label in ((-0.2, "pick", "token picked on the last stage"), (0.2, "logits", "logits to the client, token chosen there")):
         ax.bar([i + off for i in x], [by.get((r, kind), 0) for r in rates], 0.4, label=label)
     ax.set_xticks(list(x), [f"{r} Mbit/s" for r in rates])
     ax.set_ylabel("tokens/s")

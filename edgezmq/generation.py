@@ -15,11 +15,13 @@ positions in the wire header's `gen` field (docs/generate.md).
 
 Greedy decoding gives the tokens of the model's own `generate(do_sample=False)`: each stage
 runs every sequence on its own (batch 1) with the model's cache, masks and positions, and
-the head keeps the last position's logits, as `generate` does; the last stage takes their
-argmax itself (torch.argmax, as `generate`) and sends each row's token, 8 bytes, where the
-logits are 4 x vocab (`gen.pick`, docs/generate.md). Sampling (temperature, top-k) takes the
-logits and draws from a numpy generator seeded by (seed, the sequence's index): the same
-tokens whatever the batching, the window or the number of stages.
+the head keeps the last position's logits, as `generate` does. Sampling (temperature, top-k)
+inverts the distribution at a uniform draw from a numpy generator seeded by (seed, the
+sequence's index), one draw per token: the same tokens whatever the window or the number of
+stages (and the batching, to the logits' rounding: docs/generate.md, "Exactness"). The last stage chooses each token itself (torch.argmax, as `generate`,
+or at the draw the client sends with the step: edgezmq.protocol.sampling, the rule both ends
+apply) and sends it, 8 bytes a row where the logits are 4 x vocab (`gen.pick`,
+docs/generate.md; `pick_on_stage = False`: the logits come, the client chooses, the same tokens).
 
 A step with no answer after `timeout` is sent again (up to `retries`): a stage cuts a
 sequence's cache back to the step's `pos` first, so a resent step recomputes instead of
@@ -51,6 +53,7 @@ from edgezmq.errors import EdgezmqError
 from edgezmq.orchestrate.planfile import DeployPlan
 from edgezmq.protocol import wire
 from edgezmq.protocol.messages import DEFAULT_CACHE_IDLE_S
+from edgezmq.protocol.sampling import MAX_TEMPERATURE, MAX_TOP_K, sample
 from edgezmq.terms import MAX_SECONDS
 from edgezmq.transport import sockets
 
@@ -68,8 +71,10 @@ class GenerateError(EdgezmqError, ValueError):
 
 @dataclass(frozen=True)
 class Sampling:
-    """How the next token is chosen from a row's logits: greedy (argmax, the first of equal
-    maxima, as torch.argmax), or drawn at `temperature` from the `top_k` most likely (0: all)."""
+    """How the next token is chosen from a row's logits (edgezmq.protocol.sampling, the rule
+    both ends apply): greedy (argmax, the first of equal maxima, as torch.argmax), or drawn at
+    `temperature` from the `top_k` most likely (0: all), each token at a uniform draw from the
+    sequence's own generator, seeded by (`seed`, its prompt's index)."""
 
     greedy: bool = True
     temperature: float = 1.0
@@ -77,23 +82,25 @@ class Sampling:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not (0 < self.temperature <= 100 and np.isfinite(self.temperature)):
-            raise GenerateError(f"temperature must be in (0, 100], got {self.temperature}")
-        if not 0 <= self.top_k <= 1 << 24:
-            raise GenerateError(f"top_k must be in 0..{1 << 24}, got {self.top_k}")
+        if not (0 < self.temperature <= MAX_TEMPERATURE and np.isfinite(self.temperature)):
+            raise GenerateError(f"temperature must be in (0, {MAX_TEMPERATURE:g}], got {self.temperature}")
+        if not 0 <= self.top_k <= MAX_TOP_K:
+            raise GenerateError(f"top_k must be in 0..{MAX_TOP_K}, got {self.top_k}")
 
     def rng(self, index: int) -> np.random.Generator | None:
         return None if self.greedy else np.random.default_rng([self.seed, index])
 
-    def choose(self, logits: np.ndarray, rng: np.random.Generator | None) -> int:
-        if rng is None:
+    def choose(self, logits: np.ndarray, u: float | None) -> int:
+        """The token of a row's `logits`: the most likely (greedy), else the one at draw `u`."""
+        if self.greedy or u is None:
             return int(np.argmax(logits))
-        z = logits.astype(np.float64) / self.temperature
-        if 0 < self.top_k < z.size:
-            kth = np.partition(z, -self.top_k)[-self.top_k]
-            z = np.where(z >= kth, z, -np.inf)
-        p = np.exp(z - z.max())
-        return int(rng.choice(z.size, p=p / p.sum()))
+        return sample(logits, u, self.temperature, self.top_k)
+
+    def pick(self, us: list[float]) -> dict[str, Any]:
+        """The `gen` members that have the last stage choose a step's tokens (draws `us`, one per row)."""
+        if self.greedy:
+            return {"pick": "argmax"}
+        return {"pick": "sample", "u": us, "temperature": float(self.temperature), "top_k": self.top_k}
 
 
 @dataclass
@@ -107,6 +114,9 @@ class _Seq:
     pos: int = 0  # tokens every stage's cache holds
     stepped: float = 0.0  # time.time() its last step's result came back
     done: bool = False
+    # sampling: the draw of its next token, made once (a resent or re-prefilled step reuses it,
+    # so that no draw is spent on an answer never taken)
+    u: float | None = None
 
     @property
     def generated(self) -> int:
@@ -165,7 +175,10 @@ class Generator:
         self.max_wait_s = DEFAULT_CACHE_IDLE_S / 2
         self.stats = GenerateStats()
         self._starts = 0  # sequences a step may start (0: a microbatch); halved by a cache_full refusal
-        self._pick: str | None = None  # gen.pick of this stream's steps (greedy: argmax, on the last stage)
+        # the last stage picks each token (gen.pick: 8 bytes a row); False: it sends each row's
+        # logits (4 x vocab bytes) and the client picks, by the same rule and draws
+        self.pick_on_stage = True
+        self._sampling = Sampling()  # of the stream in progress
         self._next_id = 0  # sequence ids on the wire: unique per generator (its session keys them)
 
     @property
@@ -265,8 +278,7 @@ class Generator:
         ends after `max_new_tokens`, or at the model's eos token (`stop_at_eos`, as `generate`)."""
         ps = self._check(prompts, max_new_tokens)
         c = self.client
-        # greedy: the last stage sends each row's token (8 bytes), not its logits (4 x vocab bytes)
-        self._pick = "argmax" if sampling.greedy else None
+        self._sampling = sampling
         eos = self.eos_token_id if stop_at_eos else None
         seqs = {}
         for i, prompt in enumerate(ps):
@@ -321,7 +333,7 @@ class Generator:
                         waiting.extend(s.sid for s in p.rows)
                         continue
                     raise PipelineError(msg.seq, err.get("code", "?"), err.get("message", ""), msg.stage)
-                out = msg.tensors[0]  # (rows,) tokens (gen.pick argmax) or (rows, vocab) logits
+                out = msg.tensors[0]  # (rows,) tokens (gen.pick) or (rows, vocab) logits
                 c.keep_trace(msg)
                 st.steps += 1
                 now = time.time()
@@ -331,7 +343,8 @@ class Generator:
                     if s.pos < len(s.tokens):  # a long prompt's next chunk: no token yet
                         ready.append(s.sid)
                         continue
-                    tok = int(out[row]) if self._pick else sampling.choose(out[row], s.rng)
+                    tok = int(out[row]) if self.pick_on_stage else sampling.choose(out[row], s.u)
+                    s.u = None  # spent: the next token draws anew
                     s.tokens.append(tok)
                     if s.generated == 1:
                         st.first_token_s.append(time.time() - t0)
@@ -416,8 +429,11 @@ class Generator:
         for r, (s, n) in enumerate(zip(rows, lens)):
             x[r, :n] = s.tokens[s.pos:s.pos + n]
         gen: dict[str, Any] = {"op": "step", "ids": ids, "pos": [s.pos for s in rows], "lens": lens}
-        if self._pick:
-            gen["pick"] = self._pick
+        for s in rows:  # each row's draw for its next token, kept until that token is taken
+            if s.u is None and s.rng is not None:
+                s.u = float(s.rng.random())
+        if self.pick_on_stage:
+            gen.update(self._sampling.pick([s.u if s.u is not None else 0.0 for s in rows]))
         if any(s.pos == 0 for s in rows):
             gen["max_len"] = [s.max_len for s in rows]
         if prefill:
@@ -452,12 +468,12 @@ class Generator:
         return msg
 
     def _answers(self, p: _Pending, tensors: list[np.ndarray]) -> bool:
-        """`tensors` are what the last stage owes for step `p`: each row's logits (rows, vocab),
-        or with gen.pick argmax each row's token, an int64 id in the vocabulary (rows,)."""
+        """`tensors` are what the last stage owes for step `p`: each row's token, an int64 id in
+        the vocabulary (rows,) (gen.pick, `pick_on_stage`), else each row's logits (rows, vocab)."""
         if len(tensors) != 1:
             return False
         y = tensors[0]
-        if not self._pick:
+        if not self.pick_on_stage:
             return y.shape == (len(p.rows), self.vocab_size)
         return (y.shape == (len(p.rows),) and y.dtype == wire.GEN_TOKEN_DTYPE
                 and bool(((y >= 0) & (y < self.vocab_size)).all()))

@@ -38,8 +38,8 @@ fp32 (the JSON's "units" field). How the problems are derived (docs/planner.md r
   MinnowBoard: the assumption is that a decode step slows down on the boards as ViT compute
   does, which a memory-bound step need not). Every layer keeps the KV caches of 64 sequences
   of 512 tokens (``cache_bytes``); no replication (a sequence's cache lives on one replica).
-  Greedy decoding: the head's stage sends each row's token (8 bytes), not its logits
-  (1,024,000 bytes a step, 0.27 s on a 30 Mbps link; ``wire.gen_out_bytes``).
+  The head's stage sends each row's token (8 bytes: it picks it, greedy or sampled), not its
+  logits (1,024,000 bytes a step, 0.27 s on a 30 Mbps link; ``wire.gen_out_bytes``).
 - Home cluster: a laptop (RCC-VE times / 5, 16 GB, 4 GB reserved: an assumption) running
   the client too, and two Raspberry-Pi-4-class boards (MinnowBoard times, 4 GB, 400 MB
   reserved); Wi-Fi 50 Mbps 3 ms between the laptop and the boards, Ethernet 940 Mbps
@@ -194,7 +194,7 @@ def llm_edgepipe(data: dict[str, Any], arch: str, granularity: str) -> dict[str,
     units = [{"name": u["name"], "out_bytes": int(u["out_bytes"]), "param_bytes": int(u["param_bytes"]),
               "work_bytes": int(u["work_bytes"]), "cache_bytes": cached * int(u["cache_bytes_per_token"])}
              for u in prof["units"]]
-    # greedy decoding: the last stage sends each row's token, not its logits (gen.pick argmax)
+    # the last stage sends each row's token, not its logits (gen.pick, greedy or sampled)
     units[-1]["out_bytes"] = gen_out_bytes(int(prof["microbatch"]), units[-1]["out_bytes"], "argmax")
     times = {t: [round(float(u["time_s"]) * scale[t], 6) for u in prof["units"]] for t in (RCC, MINNOW)}
     problem = edgepipe(data, "vit-large", "block")

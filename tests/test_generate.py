@@ -261,6 +261,22 @@ class _FakeCache:
     {"op": "step", "ids": [1], "pos": [0], "lens": [1], "max_len": [3], "pick": "sample"},
     {"op": "step", "ids": [1], "pos": [0], "lens": [1], "max_len": [3], "pick": ["argmax"]},
     {"op": "release", "ids": [1], "pick": "argmax"},
+    *({"op": "step", "ids": [1, 2], "pos": [3, 3], "lens": [1, 1], **d} for d in (
+        {"pick": "sample", "temperature": 1.0, "top_k": 0},  # no draws
+        {"pick": "sample", "u": [0.5], "temperature": 1.0, "top_k": 0},  # one draw for two rows
+        {"pick": "sample", "u": [0.5, 1.0], "temperature": 1.0, "top_k": 0},  # a draw of 1: outside [0, 1)
+        {"pick": "sample", "u": [0.5, float("nan")], "temperature": 1.0, "top_k": 0},
+        {"pick": "sample", "u": [0.5, True], "temperature": 1.0, "top_k": 0},
+        {"pick": "sample", "u": [0.5, 0.5], "top_k": 0},  # no temperature
+        {"pick": "sample", "u": [0.5, 0.5], "temperature": 0.0, "top_k": 0},
+        {"pick": "sample", "u": [0.5, 0.5], "temperature": float("nan"), "top_k": 0},
+        {"pick": "sample", "u": [0.5, 0.5], "temperature": 101.0, "top_k": 0},
+        {"pick": "sample", "u": [0.5, 0.5], "temperature": 1.0, "top_k": -1},
+        {"pick": "sample", "u": [0.5, 0.5], "temperature": 1.0, "top_k": 2**24 + 1},
+        {"pick": "sample", "u": [0.5, 0.5], "temperature": 1.0, "top_k": 1.5},
+        {"pick": "argmax", "u": [0.5, 0.5]},  # draws without sampling
+        {"u": [0.5, 0.5], "temperature": 1.0, "top_k": 0},
+    )),
     [1, 2],
 ])
 def test_hostile_gen_headers_are_refused(gen):
@@ -274,12 +290,34 @@ def test_hostile_gen_headers_are_refused(gen):
         wire.decode(wire.encode(wire.Message("act", "r", 1, -1, [], gen=good)))
 
 
+def test_sampling_inverts_the_distribution_at_the_draw():
+    """The rule both ends apply (edgezmq.protocol.sampling): over n evenly spaced draws each
+    token comes its probability's share of n, to within one (the inverse of the CDF), only
+    the top_k most likely ever come, and top_k 1 is the argmax whatever the draw."""
+    from edgezmq.protocol.sampling import sample
+
+    logits = np.random.default_rng(3).normal(size=50).astype(np.float32)
+    n = 10_000
+    for temperature, top_k in ((1.0, 0), (0.7, 5), (2.0, 50), (1.0, 1)):
+        z = logits.astype(np.float64) / temperature
+        top = np.argsort(-z, kind="stable")[:top_k or z.size]
+        p = np.zeros_like(z)
+        p[top] = np.exp(z[top] - z.max())
+        p /= p.sum()
+        got = np.bincount([sample(logits, (i + 0.5) / n, temperature, top_k) for i in range(n)], minlength=z.size)
+        assert np.abs(got - p * n).max() <= 1, (temperature, top_k)
+        assert set(np.flatnonzero(got)) <= set(top.tolist())
+    assert {sample(logits, u, 1.0, 1) for u in (0.0, 0.5, 0.999999)} == {int(np.argmax(logits))}
+    assert sample(np.array([0.0, 0.0, -np.inf], np.float32), 0.999999, 1.0, 0) == 1  # never a token of p 0
+
+
 def test_a_gen_step_of_the_most_rows_fits_a_header():
     """MAX_GEN_ROWS rows at their largest ids, positions and lengths, with every timestamp a
     message may carry: under the header limit, and decoded as sent."""
     n, big = wire.MAX_GEN_ROWS, wire.MAX_SEQUENCE_ID
     gen = {"op": "step", "ids": list(range(big - n + 1, big + 1)), "pos": [wire.MAX_POSITION - 1] * n,
-           "lens": [1] * n, "max_len": [wire.MAX_POSITION] * n}
+           "lens": [1] * n, "max_len": [wire.MAX_POSITION] * n, "pick": "sample", "u": [1 / 3] * n,
+           "temperature": 0.7, "top_k": 1 << 24}
     t = [[i, 1.7e9, 1.7e9, 1.7e9, 1.7e9] for i in range(wire.MAX_TIMESTAMPS)]
     m = wire.Message("act", "r" * 64, 2**62, -1, [np.zeros((n, 1), np.int64)], session="s" * wire.MAX_SESSION, gen=gen, t=t)
     frames = wire.encode(m)
@@ -377,6 +415,7 @@ def test_generator_takes_results_through_the_clients_filter():
 
     with Client([], "tcp://127.0.0.1:0", run="r", microbatch=2, timeout=30) as c:
         g = Generator(c, chunk=16, max_positions=32, vocab_size=VOCAB)
+        g.pick_on_stage = False  # logits first; tokens below
         rows = [_Seq(i, i, [1], 1, 4, None) for i in range(2)]
         pending = {7: _Pending([], rows, [1, 1], time.time())}
         push = sockets.make_socket(c.ctx, zmq.PUSH, sockets.DATA)
@@ -404,8 +443,8 @@ def test_generator_takes_results_through_the_clients_filter():
             ok = answer(result())
             assert ok is not None and ok.seq == 7 and ok.tensors[0].shape == (2, VOCAB)
             assert (c.ignored, c.foreign) == (4, 1)
-            # greedy (gen.pick argmax): each row's token id, int64, inside the vocabulary
-            g._pick = "argmax"
+            # picked on the last stage (gen.pick, the default): each row's token id, int64, in the vocabulary
+            g.pick_on_stage = True
             assert answer(result()) is None and c.ignored == 5  # logits where tokens were asked
             for bad in (np.array([1, VOCAB]), np.array([1, -1]), np.array([1.0, 2.0]), np.array([1])):
                 assert answer(result(tensors=[bad])) is None
@@ -451,7 +490,10 @@ def test_pipelined_generation_equals_generate(node_pool, tmp_path, name, exact, 
                 # every step's result keeps its wire timestamps: one entry per stage, in order
                 stamps = {q: c.timestamps[q] for q in range(first, c.next_seq) if q in c.timestamps}
                 sampled = g.generate(prompts[:3], 6, Sampling(greedy=False, temperature=0.8, top_k=20, seed=5))
+                # the same draws, the token chosen on the client from the logits: the same tokens
+                g.pick_on_stage = False
                 again = g.generate(prompts[:3], 6, Sampling(greedy=False, temperature=0.8, top_k=20, seed=5))
+                on_client = g.generate(prompts[:2], 10)
                 stats = [NodeClientStats.of(nd) for nd in cluster.nodes]
             finally:
                 unload(plan)
@@ -462,7 +504,7 @@ def test_pipelined_generation_equals_generate(node_pool, tmp_path, name, exact, 
                for x in shares), shares
     for p, out in zip(prompts, outs):
         assert out == _reference(name, kw, path, p, 10)[0]
-    assert sampled == again and sampled != [o[:6] for o in outs[:3]]
+    assert sampled == again and sampled != [o[:6] for o in outs[:3]] and on_client == outs[:2]
     # every cache was released at the end; nothing expired
     for s in stats:
         assert s["sequences"] == 0 and s["cache_released"] >= 7 and s["cache_expired"] == 0

@@ -145,7 +145,7 @@ def _deploy_cluster(args: argparse.Namespace, d: dict) -> int:
 
         if not text.is_decoder(spec.name):
             raise UsageError(f"--generate: {spec.name} is not a decoder language model")
-        generation = Generation(context=args.context, sequences=args.sequences, greedy=not args.sampled)
+        generation = Generation(context=args.context, sequences=args.sequences)
     t0 = time.time()
     budget = budget_of(args, generate=generation is not None)
     dep, plan, problem, planned, g = autodeploy(
@@ -321,9 +321,6 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    help="with --generate: the most tokens a sequence holds (prompt + generated)")
     g.add_argument("--sequences", type=int_in(1, MAX_CONTEXT), default=64,
                    help="with --generate: sequences live at once (every stage holds their caches)")
-    g.add_argument("--sampled", action="store_true",
-                   help="with --generate: price the last link for sampling (each row's logits) instead of "
-                        "greedy decoding (each row's token: the last stage takes the argmax)")
     g.add_argument("--time-limit", type=seconds, default=20.0, help="planner time limit, seconds")
     add_budget_args(g)
     d.set_defaults(func=cmd_deploy)

@@ -26,7 +26,7 @@ import zmq
 
 from edgezmq.node import kvcache
 from edgezmq.node.adaptive import LinkPolicy
-from edgezmq.protocol import codecs, wire
+from edgezmq.protocol import codecs, sampling, wire
 from edgezmq.protocol.messages import LoadRequest, StageStats
 from edgezmq.transport import security, sockets
 
@@ -308,8 +308,9 @@ class StageRuntime:
     def _gen_step(self, msg: wire.Message, xs: list[Any]) -> list[Any]:
         """A gen message through the shard: each row on its own (batch 1) against its sequence's
         cache; out: hidden states right-padded to the message's tokens, or (last stage) each row's
-        next-token logits (B, V), or with ``pick: argmax`` each row's most likely token (B,) int64
-        (wire.GEN_PICKS). A release drops the caches and travels on without tensors."""
+        next-token logits (B, V), or with a ``pick`` each row's token (B,) int64, the most likely
+        or drawn (wire.GEN_PICKS, edgezmq.protocol.sampling). A release drops the caches and
+        travels on without tensors."""
         import torch
 
         g, kv, session = msg.gen, self.kv, msg.session
@@ -341,7 +342,13 @@ class StageRuntime:
             raise
         if self.spec.last:
             logits = torch.cat(ys)
-            return [logits.argmax(-1)] if g.get("pick") == "argmax" else [logits]
+            if g.get("pick") == "argmax":
+                return [logits.argmax(-1)]
+            if g.get("pick") == "sample":  # at the client's draws, by the rule the client would apply
+                rows = logits.float().numpy()
+                return [torch.tensor([sampling.sample(rows[i], u, g["temperature"], g["top_k"])
+                                      for i, u in enumerate(g["u"])], dtype=torch.int64)]
+            return [logits]
         out = torch.zeros((len(ys), x.shape[1], *ys[0].shape[2:]), dtype=ys[0].dtype)
         for i, y in enumerate(ys):
             out[i, :y.shape[1]] = y[0]

@@ -122,17 +122,12 @@ def _usable_memory(n: InventoryNode, info: dict) -> tuple[int, int]:
 class Generation:
     """Plan a decoder for generation (docs/generate.md): its units timed on decode steps of a
     microbatch of sequences with `context` tokens cached (the most a sequence holds), and every
-    stage holding the KV caches of `sequences` live sequences of that length. `greedy`: the
-    last link carries each row's token (gen.pick argmax, what greedy decoding asks for), not
-    its logits (sampling: greedy False)."""
+    stage holding the KV caches of `sequences` live sequences of that length. The last link
+    carries each row's token, not its logits: the generator has the last stage choose it
+    (gen.pick, greedy or sampled)."""
 
     context: int
     sequences: int
-    greedy: bool = True
-
-    def head_out_bytes(self, microbatch: int, logits_bytes: int) -> int:
-        """What the last stage sends per step: a token per row greedy, else the logits."""
-        return wire.gen_out_bytes(microbatch, logits_bytes, "argmax" if self.greedy else None)
 
 
 def gather(
@@ -335,7 +330,7 @@ def build_problem(
         if generation is not None:
             units[-1]["cache_bytes"] = generation.sequences * generation.context * int(u["cache_bytes_per_token"])
     if generation is not None:
-        units[-1]["out_bytes"] = generation.head_out_bytes(microbatch, units[-1]["out_bytes"])
+        units[-1]["out_bytes"] = wire.gen_out_bytes(microbatch, units[-1]["out_bytes"], "argmax")
         replication = False
     device_types, devices = {}, []
     for n in cluster.nodes:

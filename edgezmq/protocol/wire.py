@@ -25,13 +25,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import msgpack
 import numpy as np
 
 from edgezmq.errors import EdgezmqError
 from edgezmq.protocol import codecs
+from edgezmq.protocol.sampling import MAX_TEMPERATURE, MAX_TOP_K
 from edgezmq.terms import MAX_TENSORS
 
 VERSION = 1
@@ -52,10 +53,13 @@ MAX_SESSION = 64  # a client session id: what tells one client's results from an
 # generation (docs/generate.md): sequence ids and token positions in a `gen` header
 GEN_OPS = ("step", "release")
 # what a decoder's last stage returns for a step's rows: each row's next-token logits (absent:
-# the default, (rows, vocab) float32), or `argmax`: each row's most likely token, (rows,) int64,
-# the first of equal maxima as torch.argmax (greedy decoding: 8 bytes a row, not 4 x vocab)
-GEN_PICKS = ("argmax",)
+# the default, (rows, vocab) float32), or the token it picks from them, (rows,) int64:
+# `argmax` (greedy) or `sample` (at the client's draws; edgezmq.protocol.sampling): 8 bytes a
+# row, not 4 x vocab
+GEN_PICKS = ("argmax", "sample")
 GEN_TOKEN_DTYPE = np.dtype(np.int64)  # a picked token as it travels (torch.argmax's dtype)
+GEN_FIELDS_ORDER = ("op", "ids", "pos", "lens", "max_len", "pick", "u", "temperature", "top_k")
+GEN_FIELDS = frozenset(GEN_FIELDS_ORDER)
 MAX_SEQUENCE_ID = 2**31 - 1
 MAX_POSITION = 2**31 - 1
 MAX_GEN_ROWS = 1024  # rows of one gen message (msgpack's array limit below; at its largest ids the header stays under MAX_HEADER_BYTES, tested)
@@ -112,7 +116,7 @@ HEADER: tuple[HeaderField, ...] = (
                 "random per client; every stage copies it onto what it sends for that message (`error` "
                 "messages included), so a client takes only its own results and drops (and counts) the "
                 "rest: run and seq alone do not tell a client from the one before it on the same address"),
-    HeaderField("gen", "{op, ids, pos, lens, max_len, pick}", False, f"a decoder's generation step (docs/generate.md); "
+    HeaderField("gen", "{op, ids, pos, lens, max_len, pick, u, temperature, top_k}", False, f"a decoder's generation step (docs/generate.md); "
                 f"requires `session` (each stage keys its KV caches by session and sequence id, so no client "
                 f"reaches another's). `op`: `step` (row i adds `lens[i]` tokens to sequence `ids[i]` after its "
                 f"first `pos[i]`: a resent step re-runs from `pos[i]`) or `release` (drop "
@@ -121,8 +125,11 @@ HEADER: tuple[HeaderField, ...] = (
                 f"(step): ints >= 1, at most the tensors' token dimension (rows are right-padded); `max_len` "
                 f"(step, required where `pos` is 0): the sequence's most tokens ever, 1..{MAX_POSITION}, "
                 f"what the stage reserves cache for; `pick` (step, optional): what the last stage returns, "
-                f"each row's next-token logits (rows, vocab) float32 when absent, or with `argmax` each "
-                f"row's most likely token id (rows,) int64, the first of equal maxima"),
+                f"each row's next-token logits (rows, vocab) float32 when absent, else each row's token id "
+                f"(rows,) int64: `argmax` the most likely, the first of equal maxima; `sample` drawn at `u` "
+                f"(one float in [0, 1) per id) from softmax(logits / `temperature`, in (0, "
+                f"{MAX_TEMPERATURE:g}]) over the `top_k` most likely (0..{MAX_TOP_K}, 0: all; "
+                f"edgezmq.protocol.sampling); `u`, `temperature`, `top_k` go with `sample` only"),
 )
 
 # code -> when: what a stage refuses a data message with (it sends an `error` message downstream
@@ -333,8 +340,8 @@ def _ints(v: Any, lo: int, hi: int) -> bool:
 def _check_gen(g: Any, seq: int | None, has_session: bool) -> None:
     """The `gen` field's own consistency; whether it fits the tensors and the stage's caches is the
     stage's check (gen_state, cache_full)."""
-    if not isinstance(g, dict) or not set(g) <= {"op", "ids", "pos", "lens", "max_len", "pick"}:
-        raise WireError("bad_field", "gen must be a map of op, ids, pos, lens, max_len, pick", seq)
+    if not isinstance(g, dict) or not set(g) <= GEN_FIELDS:
+        raise WireError("bad_field", f"gen must be a map of {', '.join(GEN_FIELDS_ORDER)}", seq)
     if not has_session:
         raise WireError("bad_field", "a gen message needs a session (caches are keyed by it)", seq)
     op, ids = g.get("op"), g.get("ids")
@@ -359,6 +366,21 @@ def _check_gen(g: Any, seq: int | None, has_session: bool) -> None:
     pick = g.get("pick")
     if pick is not None and not (isinstance(pick, str) and pick in GEN_PICKS):
         raise WireError("bad_field", f"gen.pick must be one of {GEN_PICKS} (absent: logits), got {pick!r}", seq)
+    if pick != "sample":
+        if set(g) & {"u", "temperature", "top_k"}:
+            raise WireError("bad_field", "gen.u, gen.temperature and gen.top_k go with pick sample only", seq)
+        return
+    u, temp, k = g.get("u"), g.get("temperature"), g.get("top_k")
+    if not (isinstance(u, list) and len(u) == n and all(_number(x) and 0 <= x < 1 for x in u)):
+        raise WireError("bad_field", f"gen.u must be {n} numbers in [0, 1), one per id", seq)
+    if not (_number(temp) and 0 < temp <= MAX_TEMPERATURE):  # NaN fails every comparison
+        raise WireError("bad_field", f"gen.temperature must be a number in (0, {MAX_TEMPERATURE:g}]", seq)
+    if not _ints([k], 0, MAX_TOP_K):
+        raise WireError("bad_field", f"gen.top_k must be an int in 0..{MAX_TOP_K}", seq)
+
+
+def _number(x: Any) -> TypeGuard[int | float]:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def _check_spec(i: int, spec: Any, seq: int | None) -> None:
