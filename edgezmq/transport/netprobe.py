@@ -79,7 +79,11 @@ _U64 = struct.Struct("!Q")
 _F64 = struct.Struct("!d")
 
 # Small HWMs bound memory (a few multi-MB messages per peer); room for the window plus a ping.
-PROBE_SOCKET = sockets.SocketSpec(hwm=MAX_WINDOW + 1, maxmsgsize=MAX_MSG_BYTES + MiB, immediate=True)
+# Not IMMEDIATE: with it libzmq ends a connecting socket's pipe when the peer goes, and a
+# reader between two frames of a reply then aborts the process (`Assertion failed: !_more
+# (src/fq.cpp:80)`, libzmq#3485; seen here once in 40 runs of a server stopped mid-probe).
+# Without it the pipe outlives the connection; an unreachable peer shows as no reply.
+PROBE_SOCKET = sockets.SocketSpec(hwm=MAX_WINDOW + 1, maxmsgsize=MAX_MSG_BYTES + MiB, immediate=False)
 
 
 class ProbeError(EdgezmqError, RuntimeError):
@@ -216,7 +220,8 @@ class _Prober:
         self.sock.close(linger=0)
 
     def send(self, frames: list[Any], what: str) -> None:
-        # IMMEDIATE: not writable until connected, so an unreachable peer times out here
+        # not writable when the peer stopped reading (its queue full); an unreachable peer
+        # takes the message into the queue and times out in recv (PROBE_SOCKET)
         if not self.sock.poll(int(self.timeout * 1000), zmq.POLLOUT):
             raise TimeoutError(f"netprobe: {self.endpoint} unreachable: cannot send {what} "
                                f"within {self.timeout} s (no connection, or the peer stopped reading){self.hint}")
@@ -291,7 +296,8 @@ def _bulk(p: _Prober, payload: memoryview, seconds: float | None, count: int | N
             break
         done = outstanding.pop(0)
         frames = p.recv(ACK, done, f"bulk message {done}")
-        nbytes += _U64.unpack(frames[2].bytes)[0] if len(frames) == 3 else 0
+        # (a reply cut by a lost connection arrives completed with empty frames: counted 0)
+        nbytes += _U64.unpack(frames[2].bytes)[0] if len(frames) == 3 and len(frames[2]) == _U64.size else 0
         acked += 1
     return acked, nbytes, time.perf_counter() - t0
 
