@@ -18,10 +18,11 @@ runs every sequence on its own (batch 1) with the model's cache, masks and posit
 the head keeps the last position's logits, as `generate` does. Sampling (temperature, top-k)
 inverts the distribution at a uniform draw from a numpy generator seeded by (seed, the
 sequence's index), one draw per token: the same tokens whatever the window or the number of
-stages (and the batching, to the logits' rounding: docs/generate.md, "Exactness"). The last stage chooses each token itself (torch.argmax, as `generate`,
-or at the draw the client sends with the step: edgezmq.protocol.sampling, the rule both ends
-apply) and sends it, 8 bytes a row where the logits are 4 x vocab (`gen.pick`,
-docs/generate.md; `pick_on_stage = False`: the logits come, the client chooses, the same tokens).
+stages (and the batching, to the logits' rounding: docs/generate.md, "Exactness"). The last
+stage chooses each token itself (torch.argmax, as `generate`, or at the draw the client
+sends with the step: edgezmq.protocol.sampling, the rule both ends apply) and sends it, 8
+bytes a row where the logits are 4 x vocab (`gen.pick`, docs/generate.md; with
+`pick_on_stage = False` the logits come and the client chooses: the same tokens).
 
 A step with no answer after `timeout` is sent again (up to `retries`): a stage cuts a
 sequence's cache back to the step's `pos` first, so a resent step recomputes instead of
