@@ -311,6 +311,8 @@ def calibrate(
             step["redeployed"] = True
             continue  # the new plan's moved stages ran nowhere yet: calibrate it in turn
         cur = kept
+        # the plan in service at the corrected speeds: its latency, hence its window, may differ
+        dep.plan.window = kept.window
         break
     assert first_devices is not None
     factors_text = ", ".join(f"{t} x{f:.2f}" for t, f in combined.items()) or "none counted"
