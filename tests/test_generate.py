@@ -32,6 +32,8 @@ VOCAB = 300
 MODELS = {
     "gpt2": {"depth": 4, "embed_dim": 64, "num_heads": 4, "vocab_size": VOCAB, "seq_len": 16},
     "tinyllama_1_1b": {"depth": 4, "embed_dim": 64, "num_heads": 8, "vocab_size": VOCAB, "seq_len": 16},
+    "qwen2_5_0_5b": {"depth": 4, "embed_dim": 64, "num_heads": 4, "vocab_size": VOCAB, "seq_len": 16},
+    "mistral_7b_v0_1": {"depth": 4, "embed_dim": 64, "num_heads": 8, "vocab_size": VOCAB, "seq_len": 16},
 }
 
 
@@ -179,6 +181,77 @@ def test_a_batched_prefill_is_the_models_own_batched_forward(name, tmp_path):
             alone = s.step(alone, c, 0)
         torch.testing.assert_close(x[0], alone[0], rtol=0, atol=1e-5)
     assert outs == [r[0] for r in refs]
+
+
+WINDOW = 20  # a sliding window shorter than the test's sequences
+
+
+@pytest.fixture(params=["mistral_7b_v0_1", "qwen2_5_0_5b"])
+def windowed(request, monkeypatch):
+    """A decoder whose layers attend within WINDOW tokens: Mistral's every layer; Qwen2's from
+    layer 1 on (layer 0 attends to all), as its max_window_layers sets them."""
+    from dataclasses import replace
+
+    from edgezmq.model import text
+
+    name = request.param
+    extra = (("sliding_window", WINDOW),) if name.startswith("mistral") else (
+        ("use_sliding_window", True), ("sliding_window", WINDOW), ("max_window_layers", 1))
+    spec = text.TEXT_MODELS[name]
+    monkeypatch.setitem(text.TEXT_MODELS, name, replace(spec, config=(*spec.config, *extra)))
+    return name
+
+
+def test_sliding_window_layers_mask_whole_sequences_and_generate_past_the_window(windowed, tmp_path):
+    """Over 32 tokens (beyond the window) the chain equals the model's forward, each layer masked
+    by its own kind of mask; rows of different lengths, decoded in one stacked batch past the
+    window (each sliding layer's cache then holds its last WINDOW - 1 tokens), give `generate`'s
+    tokens."""
+    from edgezmq.model import text
+
+    name, kw = windowed, {**MODELS[windowed], "seq_len": 32}
+    config, _ = text.model_config(name, kw)
+    assert [text.sliding(config, i) for i in range(4)] == ([True] * 4 if name.startswith("mistral")
+                                                             else [False, True, True, True])
+    assert decoder_limits(name, kw)[1] == 32768
+    path = models.write_checkpoint(name, tmp_path / "m.safetensors", seed=0, **kw)
+    n = models.num_units(name, "half", **kw)
+    shards = [models.build_shard(name, a, b, granularity="half", checkpoint=path, **kw) for a, b in [(0, 4), (4, n)]]
+    ids = torch.from_numpy(np.random.default_rng(4).integers(1, VOCAB, (2, 32)))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    with torch.inference_mode():
+        whole = models.build_shard(name, 0, n, granularity="half", checkpoint=path, **kw)._extra[0]
+        ref = models.reference_forward(whole, ids, mask)
+        (y,) = shards[1](*shards[0](ids, mask))
+    assert torch.equal(y, ref)
+    rng = np.random.default_rng(9)
+    prompts = [rng.integers(1, VOCAB, k).tolist() for k in (3, 9, 14, 24, 24)]
+    total = 32
+    refs = [_reference(name, kw, path, p, total - len(p))[0] for p in prompts]
+    caches = [[s.new_cache() for s in shards] for _ in prompts]
+    with torch.inference_mode():
+        outs = []
+        for p, cs in zip(prompts[:3], caches):  # each alone
+            x = torch.tensor([p])
+            for s, c in zip(shards, cs):
+                x = s.step(x, c, 0)
+            outs.append([int(x[0].argmax())])
+        x = torch.tensor(prompts[3:])  # one batch of 24 new tokens each: more than the window keeps
+        for j, s in enumerate(shards):
+            x = s.step_batch(x, [c[j] for c in caches[3:]], [0, 0])
+        outs += [[int(r.argmax())] for r in x]
+        while live := [r for r, (p, o) in enumerate(zip(prompts, outs)) if len(p) + len(o) < total]:
+            x = torch.tensor([[outs[r][-1]] for r in live])
+            lengths = [len(prompts[r]) + len(outs[r]) - 1 for r in live]
+            for j, s in enumerate(shards):
+                x = s.step_batch(x, [caches[r][j] for r in live], lengths)
+            for r, row in zip(live, x):
+                outs[r].append(int(row.argmax()))
+    assert outs == refs
+    # the last layer slides in both: it keeps WINDOW - 1 tokens, and counts them all
+    assert {c[1].layers[3].keys.shape[-2] for c in caches} == {WINDOW - 1}
+    assert [c[1].layers[3].get_seq_length() for c in caches] == [total - 1] * len(prompts)
 
 
 def test_kv_store_admission_resend_release_and_expiry():
@@ -334,6 +407,7 @@ def test_bad_prompts_are_refused_before_anything_is_sent():
     assert decoder_limits("gpt2", {})[2] == 50256
     # positions by each family's config field: GPT-2's n_positions, Llama's max_position_embeddings
     assert [decoder_limits(n, {})[1] for n in ("gpt2_xl", "tinyllama_1_1b", "llama_3_2_1b")] == [1024, 2048, 131072]
+    assert [decoder_limits(n, {})[1] for n in ("mistral_7b_v0_1", "qwen2_5_0_5b")] == [32768, 32768]
     with pytest.raises(GenerateError, match="not a decoder"):
         decoder_limits("bert_tiny", {})
 
@@ -465,7 +539,8 @@ def _deploy(cluster, name, cuts, path, microbatch=2, granularity="block"):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,exact,granularity", [("gpt2", False, "block"), ("tinyllama_1_1b", True, "block"),
-                                                    ("tinyllama_1_1b", False, "half")])
+                                                    ("tinyllama_1_1b", False, "half"), ("qwen2_5_0_5b", False, "half"),
+                                                    ("mistral_7b_v0_1", False, "block")])
 def test_pipelined_generation_equals_generate(node_pool, tmp_path, name, exact, granularity):
     """Greedy tokens through 3 stages equal `generate`'s: decode rows batched (the default) or
     each row on its own (`exact_generation`); at 'half' granularity a stage boundary falls

@@ -244,7 +244,9 @@ def test_the_demo_of_bert_profiles_plans_and_equals_the_model(capsys):
 DECODERS = {"gpt2": {"depth": 2, "embed_dim": 64, "num_heads": 4, "seq_len": 12, "vocab_size": 300},
             "tinyllama_1_1b": {"depth": 2, "embed_dim": 64, "num_heads": 8, "mlp_ratio": 2.0, "seq_len": 12,
                                "vocab_size": 300},
-            "llama_3_2_1b": {"depth": 3, "embed_dim": 64, "num_heads": 4, "seq_len": 12, "vocab_size": 300}}
+            "llama_3_2_1b": {"depth": 3, "embed_dim": 64, "num_heads": 4, "seq_len": 12, "vocab_size": 300},
+            "qwen2_5_0_5b": {"depth": 2, "embed_dim": 64, "num_heads": 4, "seq_len": 12, "vocab_size": 300},
+            "mistral_7b_v0_1": {"depth": 2, "embed_dim": 64, "num_heads": 8, "seq_len": 12, "vocab_size": 300}}
 
 
 @pytest.mark.parametrize("granularity", ["block", "half"])

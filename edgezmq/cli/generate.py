@@ -101,7 +101,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def add_cli(sub: argparse._SubParsersAction) -> None:
     g = sub.add_parser("generate", help="generate tokens with a deployed decoder language model",
                        epilog=EPILOG, formatter_class=FMT)
-    g.add_argument("plan", help="the deployed plan (a decoder: gpt2*, tinyllama_1_1b, llama_3_2_1b)")
+    g.add_argument("plan", help="the deployed plan (a decoder: gpt2*, tinyllama_1_1b, llama_3_2_1b, qwen2_5_0_5b, mistral_7b_v0_*)")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--random", type=count, metavar="N", help="N random prompts (seeded by --seed)")
     src.add_argument("--tokens", metavar="FILE", help="prompts as token ids: a .npy (prompts x tokens) or a text "

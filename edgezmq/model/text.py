@@ -1,5 +1,5 @@
 """Text models (Hugging Face ``transformers``) as hand-written unit chains: BERT classifiers, and
-decoder-only language models (Llama family, GPT-2) over whole sequences.
+decoder-only language models (Llama, Qwen2, Mistral, GPT-2) over whole sequences.
 
 A BERT sequence classifier is cut like PipeEdge cuts it: ``embed`` (token, position and
 token-type embeddings), the encoder layers at one of three granularities, ``head`` (pooler +
@@ -11,7 +11,7 @@ attention mask crosses every cut next to the activations (a few kB), and each la
 into the additive mask the model's own forward makes, with the same function
 (``create_bidirectional_mask``): the chain's logits equal the model's bit for bit.
 
-A decoder (``gpt2``, ``tinyllama_1_1b``, ``llama_3_2_1b``, ...) is cut into ``embed``, its decoder
+A decoder (``gpt2``, ``tinyllama_1_1b``, ``qwen2_5_0_5b``, ``mistral_7b_v0_1``, ...) is cut into ``embed``, its decoder
 layers, ``head`` (final norm + LM head): ``block`` = one unit per layer; ``half`` = its
 attention (pre-norm, attention, residual: the unit that holds the layer's KV cache) | its MLP
 (pre-norm, MLP, residual), the layer forward's own operations in its order. It takes token
@@ -61,7 +61,7 @@ class TextModel:
     hub_id: str
     config: tuple[tuple[str, Any], ...] = ()  # config fields that differ from the family's defaults
     num_labels: int = 2  # a classifier's (BERT)
-    family: str = "bert"  # bert (sequence classifier) | llama | gpt2 (decoder-only language models)
+    family: str = "bert"  # bert (sequence classifier) | llama | qwen2 | mistral | gpt2 (decoder-only language models)
 
 
 _LARGE = (("hidden_size", 1024), ("num_hidden_layers", 24), ("num_attention_heads", 16), ("intermediate_size", 4096))
@@ -102,15 +102,37 @@ TEXT_MODELS: dict[str, TextModel] = {
         ("rope_parameters", (("rope_type", "llama3"), ("rope_theta", 500000.0), ("factor", 32.0),
                              ("low_freq_factor", 1.0), ("high_freq_factor", 4.0),
                              ("original_max_position_embeddings", 8192)))), family="llama"),
+    # Qwen2: Llama's layout with biased q/k/v projections (and optional sliding-window layers)
+    "qwen2_5_0_5b": TextModel("Qwen/Qwen2.5-0.5B", (
+        ("hidden_size", 896), ("intermediate_size", 4864), ("num_hidden_layers", 24), ("num_attention_heads", 14),
+        ("num_key_value_heads", 2), ("vocab_size", 151936), ("max_position_embeddings", 32768),
+        ("rms_norm_eps", 1e-6), ("bos_token_id", 151643), ("eos_token_id", 151643), ("tie_word_embeddings", True),
+        ("use_sliding_window", False), ("rope_parameters", (("rope_type", "default"), ("rope_theta", 1000000.0)))),
+        family="qwen2"),
+    # Mistral: Llama's layout; v0.1 attends within a 4,096-token sliding window, v0.3 has none
+    "mistral_7b_v0_1": TextModel("mistralai/Mistral-7B-v0.1", (
+        ("hidden_size", 4096), ("intermediate_size", 14336), ("num_hidden_layers", 32), ("num_attention_heads", 32),
+        ("num_key_value_heads", 8), ("vocab_size", 32000), ("max_position_embeddings", 32768), ("rms_norm_eps", 1e-5),
+        ("sliding_window", 4096), ("bos_token_id", 1), ("eos_token_id", 2), ("tie_word_embeddings", False),
+        ("rope_parameters", (("rope_type", "default"), ("rope_theta", 10000.0)))), family="mistral"),
+    "mistral_7b_v0_3": TextModel("mistralai/Mistral-7B-v0.3", (
+        ("hidden_size", 4096), ("intermediate_size", 14336), ("num_hidden_layers", 32), ("num_attention_heads", 32),
+        ("num_key_value_heads", 8), ("vocab_size", 32768), ("max_position_embeddings", 32768), ("rms_norm_eps", 1e-5),
+        ("sliding_window", None), ("bos_token_id", 1), ("eos_token_id", 2), ("tie_word_embeddings", False),
+        ("rope_parameters", (("rope_type", "default"), ("rope_theta", 1000000.0)))), family="mistral"),
 }
-DECODER_FAMILIES = ("llama", "gpt2")
+LLAMA_LIKE = ("llama", "qwen2", "mistral")  # one layout: embed_tokens, layers (self_attn, mlp), norm, lm_head, RoPE
+DECODER_FAMILIES = (*LLAMA_LIKE, "gpt2")
+_CLASSES = {"bert": ("BertConfig", "BertForSequenceClassification"), "llama": ("LlamaConfig", "LlamaForCausalLM"),
+            "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
+            "gpt2": ("GPT2Config", "GPT2LMHeadModel")}
 
 # timm's architecture argument -> each family's config field (edgezmq.protocol.model_kwargs bounds them)
 _FIELDS = {
     "bert": {"depth": "num_hidden_layers", "embed_dim": "hidden_size", "num_heads": "num_attention_heads",
              "num_classes": "num_labels", "vocab_size": "vocab_size", "mlp_ratio": "intermediate_size"},
-    "llama": {"depth": "num_hidden_layers", "embed_dim": "hidden_size", "num_heads": "num_attention_heads",
-              "vocab_size": "vocab_size", "mlp_ratio": "intermediate_size"},
+    **{f: {"depth": "num_hidden_layers", "embed_dim": "hidden_size", "num_heads": "num_attention_heads",
+           "vocab_size": "vocab_size", "mlp_ratio": "intermediate_size"} for f in LLAMA_LIKE},
     "gpt2": {"depth": "n_layer", "embed_dim": "n_embd", "num_heads": "n_head", "vocab_size": "vocab_size",
              "mlp_ratio": "n_inner"},
 }
@@ -160,14 +182,14 @@ def model_config(name: str, kwargs: Mapping[str, Any]) -> tuple[Any, int]:
         fields["num_key_value_heads"] = heads // group if heads % group == 0 else heads
     if "embed_dim" in kwargs or "num_heads" in kwargs:
         fields.pop("head_dim", None)  # derived from the width again
-    cls = {"bert": transformers.BertConfig, "llama": transformers.LlamaConfig, "gpt2": transformers.GPT2Config}
-    defaults = cls[spec.family]()
+    config_cls = getattr(transformers, _CLASSES[spec.family][0])
+    defaults = config_cls()
     vocab = fields.get("vocab_size", defaults.vocab_size)
     for k in ("bos_token_id", "eos_token_id", "pad_token_id"):  # a shrunk vocabulary has no such token
         v = fields.get(k, getattr(defaults, k, None))
         if isinstance(v, int) and v >= vocab:
             fields[k] = None
-    config = cls[spec.family](**fields)
+    config = config_cls(**fields)
     if "mlp_ratio" in kwargs:
         setattr(config, names["mlp_ratio"], max(1, round(config.hidden_size * float(kwargs["mlp_ratio"]))))
     if config.hidden_size % config.num_attention_heads:
@@ -188,8 +210,7 @@ def create_model(name: str, *, pretrained: bool = False, device: str | torch.dev
     import transformers
 
     family = TEXT_MODELS[name].family
-    cls: Any = {"bert": transformers.BertForSequenceClassification, "llama": transformers.LlamaForCausalLM,
-                "gpt2": transformers.GPT2LMHeadModel}[family]
+    cls: Any = getattr(transformers, _CLASSES[family][1])
     model: Any  # transformers' modules are dynamically typed (their attributes come from the config)
     try:
         if pretrained:
@@ -210,7 +231,7 @@ def create_model(name: str, *, pretrained: bool = False, device: str | torch.dev
     if family == "bert":
         emb = model.bert.embeddings
         emb.init_non_persistent_buffers = functools.partial(_init_embedding_buffers, emb)
-    elif family == "llama":
+    elif family in LLAMA_LIKE:
         rot = model.model.rotary_emb
         rot.init_non_persistent_buffers = functools.partial(_init_rotary_buffers, rot)
     return model.eval()
@@ -303,11 +324,12 @@ _ARITY = {"embed": 3, "layer": 2, "attn": 2, "ffn": 2, "context": 2, "attn_out":
 DECODER_GRANULARITIES = ("block", "half")
 CACHE_KINDS = ("dlayer", "dattn")  # the decoder units that hold a KV cache layer
 # a decoder's members: (embedding modules, layer list, final norm + head, what every layer reads)
-_DECODER = {"llama": (("model.embed_tokens",), "model.layers", ("model.norm", "lm_head"), ("model.rotary_emb",)),
+_DECODER = {**{f: (("model.embed_tokens",), "model.layers", ("model.norm", "lm_head"), ("model.rotary_emb",))
+               for f in LLAMA_LIKE},
             "gpt2": (("transformer.wte", "transformer.wpe", "transformer.drop"), "transformer.h",
                      ("transformer.ln_f", "lm_head"), ())}
 # a decoder layer's halves (granularity "half"): (pre-norm, attention), (pre-norm, MLP); each adds its residual
-_DECODER_HALVES = {"llama": (("input_layernorm", "self_attn"), ("post_attention_layernorm", "mlp")),
+_DECODER_HALVES = {**{f: (("input_layernorm", "self_attn"), ("post_attention_layernorm", "mlp")) for f in LLAMA_LIKE},
                    "gpt2": (("ln_1", "attn"), ("ln_2", "mlp"))}
 _SPLITS = {"block": (("", "layer", ""),),
            "half": (("attn", "attn", "attention"), ("ffn", "ffn", "")),
@@ -363,14 +385,30 @@ def _positions(h: torch.Tensor) -> torch.Tensor:
     return torch.arange(h.shape[1], device=h.device).unsqueeze(0)
 
 
-def _causal(model: Any, h: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
-    """The causal mask a decoder's forward gives its layers, by its own function (none on meta)."""
+def sliding(config: Any, layer: int) -> bool:
+    """Whether decoder layer `layer` attends within a sliding window, as the model's forward decides
+    it: Qwen2's ``layer_types`` per layer, else Mistral's ``sliding_window`` for every layer."""
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return bool(types[layer] == "sliding_attention")
+    return getattr(config, "sliding_window", None) is not None
+
+
+def _causal_fn(config: Any, layer: int) -> Any:
+    """The function the model's forward makes layer `layer`'s mask with: causal, or causal within
+    the sliding window."""
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    return create_sliding_window_causal_mask if sliding(config, layer) else create_causal_mask
+
+
+def _causal(model: Any, h: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+            layer: int) -> torch.Tensor | None:
+    """The causal mask a decoder's forward gives layer `layer`, by its own function (none on meta)."""
     if h.is_meta:
         return None
-    from transformers.masking_utils import create_causal_mask
-
-    return create_causal_mask(config=model.config, inputs_embeds=h, attention_mask=mask, cache=None,
-                              position_ids=positions)
+    return _causal_fn(model.config, layer)(config=model.config, inputs_embeds=h, attention_mask=mask, cache=None,
+                                           position_ids=positions)
 
 
 def _mask(model: Any, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
@@ -425,7 +463,7 @@ class TextUnit:
     def _decoder(self, h: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """A decoder's units over a whole sequence, as LlamaModel / GPT2Model's forward runs them."""
         m, kind = self.model, self.kind
-        if self.family == "llama":
+        if self.family in LLAMA_LIKE:
             if kind == "dembed":
                 return m.model.embed_tokens(h), mask
             if kind == "dhead":
@@ -438,7 +476,7 @@ class TextUnit:
             if kind == "dhead":
                 return (m.lm_head(t.ln_f(h)),)
         pos = _positions(h)
-        causal = _causal(m, h, mask, pos) if kind != "dffn" else None
+        causal = _causal(m, h, mask, pos, self.index) if kind != "dffn" else None
         return self._layer(h, causal, pos, None), mask
 
     def _layer(self, h: torch.Tensor, mask: Any, positions: torch.Tensor, cache: Any) -> torch.Tensor:
@@ -449,7 +487,7 @@ class TextUnit:
         m, layer, kind = self.model, self.layer, self.kind
         assert layer is not None
         use = cache is not None
-        if self.family == "llama":
+        if self.family in LLAMA_LIKE:
             if kind == "dffn":
                 return h + layer.mlp(layer.post_attention_layernorm(h))
             kw = dict(attention_mask=mask, position_ids=positions, cache=cache, use_cache=use,
@@ -470,7 +508,7 @@ class TextUnit:
         (a DynamicCache of the whole model's layers: this unit's layer only is touched), as the
         model's forward runs them inside `generate`; the head gives the last token's logits (1, V)."""
         m, kind = self.model, self.kind
-        if self.family == "llama":
+        if self.family in LLAMA_LIKE:
             if kind == "dembed":
                 return m.model.embed_tokens(x)
             if kind == "dhead":  # the model normalises every position, then keeps the last one's logits
@@ -493,10 +531,9 @@ class TextUnit:
         kind = self.kind
         if kind in ("dembed", "dhead", "dffn"):
             return self.step(x, cache, positions)
-        from transformers.masking_utils import create_causal_mask
-
-        causal = create_causal_mask(config=self.model.config, inputs_embeds=x, attention_mask=mask, cache=cache,
-                                    position_ids=positions, layer_idx=self.index)
+        causal = _causal_fn(self.model.config, self.index)(config=self.model.config, inputs_embeds=x,
+                                                           attention_mask=mask, cache=cache, position_ids=positions,
+                                                           layer_idx=self.index)
         return self._layer(x, causal, positions, cache)
 
 
@@ -504,20 +541,40 @@ def stack_caches(model: Any, caches: list[Any], lengths: list[int], layers: list
                  new: int = 1) -> tuple[Any, torch.Tensor]:
     """B sequences' caches as one batch cache of `layers` (left-padded to the longest; empty when
     none holds a token) and the attention mask (B, longest + new) that hides the padding and
-    admits the `new` tokens of every row."""
+    admits the `new` tokens of every row.
+
+    A sliding-window layer's cache holds only its window's last W - 1 tokens (of a row's n:
+    min(n, W - 1)); its batch layer holds them left-padded to min(longest, W - 1), counts the
+    longest row's tokens (its mask's offset into the (B, longest + new) mask, as the model's
+    own layer keeps it), and keeps the new tokens past its window until `unstack_caches` has
+    taken them (``activate_past_recording``: what it attends to is unchanged)."""
     import torch.nn.functional as F
 
     longest = max(lengths)
     batch = new_cache(model)
     heads, size = kv_shape(model)
-    def padded(layer: Any, n: int, which: str) -> torch.Tensor:
-        if not n:  # a sequence starting now: all padding
-            return torch.zeros((1, heads, longest, size))
-        return F.pad(getattr(layer, which), (0, 0, longest - n, 0))
 
-    for i in layers if longest else []:
-        batch.layers[i].update(torch.cat([padded(c.layers[i], n, "keys") for c, n in zip(caches, lengths)]),
-                               torch.cat([padded(c.layers[i], n, "values") for c, n in zip(caches, lengths)]))
+    def padded(layer: Any, n: int, which: str, width: int) -> torch.Tensor:
+        kept = min(n, width)  # a sliding layer stores only its window's last tokens
+        if not kept:  # a sequence starting now: all padding
+            return torch.zeros((1, heads, width, size))
+        t = getattr(layer, which)
+        if t.shape[-2] != kept:
+            raise TextModelError(f"a KV cache layer holds {t.shape[-2]} tokens, its sequence {n} ({kept} kept)")
+        return F.pad(t, (0, 0, width - kept, 0))
+
+    for i in layers:
+        b = batch.layers[i]
+        slides = getattr(b, "is_sliding", False)
+        if slides:
+            b.activate_past_recording()
+        if not longest:
+            continue
+        width = min(longest, b.sliding_window - 1) if slides else longest
+        b.update(torch.cat([padded(c.layers[i], n, "keys", width) for c, n in zip(caches, lengths)]),
+                 torch.cat([padded(c.layers[i], n, "values", width) for c, n in zip(caches, lengths)]))
+        if slides:
+            b.cumulative_length = longest
     mask = torch.zeros(len(caches), longest + new, dtype=torch.long)
     for r, n in enumerate(lengths):
         mask[r, longest - n:] = 1
@@ -536,11 +593,10 @@ def unstack_caches(batch: Any, caches: list[Any], layers: list[int], new: int = 
 def _causal_cached(model: Any, h: torch.Tensor, cache: Any, positions: torch.Tensor, layer_idx: int) -> Any:
     """The causal mask the model's forward makes for new tokens after a cache, as `generate` calls it
     (an all-ones attention mask over past and new tokens), sized against this layer's cache."""
-    from transformers.masking_utils import create_causal_mask
-
     seen = int(positions[0, -1]) + 1
-    return create_causal_mask(config=model.config, inputs_embeds=h, attention_mask=torch.ones(1, seen, dtype=torch.long),
-                              cache=cache, position_ids=positions, layer_idx=layer_idx)
+    return _causal_fn(model.config, layer_idx)(config=model.config, inputs_embeds=h,
+                                               attention_mask=torch.ones(1, seen, dtype=torch.long), cache=cache,
+                                               position_ids=positions, layer_idx=layer_idx)
 
 
 def new_cache(model: Any) -> Any:
